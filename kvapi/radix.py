@@ -1,0 +1,171 @@
+"""`RadixCache`: a prefix tree over full token blocks, with LRU eviction.
+
+Each node is one full KV block: the edge into it is the block's `block_size` token
+ids, so a path from the root spells a token prefix whose KV lives in the path's
+blocks. The tree owns one `BlockPool` reference per node. A block is *pinned* while
+anyone else also holds a reference (a request using it, a transfer ticket); only
+unpinned leaves are evicted, least recently used first.
+
+    root ─ [t0..t15] ─ [t16..t31] ─ [t32..t47]      one node per full block
+                     └ [u16..u31]                   prefixes share nodes
+
+Every node also carries a 64-bit *prefix hash* (a chain over its ancestors' tokens),
+the name under which engines publish "block stored / evicted" events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+from collections.abc import Callable, Sequence
+
+from kvapi.pool import BlockPool
+
+EventHook = Callable[[str, list[int]], None]
+
+
+def chain_hash(parent: int, tokens: Sequence[int]) -> int:
+    """Stable 64-bit hash of a block given its parent's hash (same in every process)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(parent.to_bytes(8, "little"))
+    h.update(b"".join(int(t).to_bytes(4, "little", signed=True) for t in tokens))
+    return int.from_bytes(h.digest(), "little")
+
+
+def prefix_hashes(tokens: Sequence[int], block_size: int) -> list[int]:
+    """Prefix hashes of every full block of `tokens`, in order."""
+    out, parent = [], 0
+    for i in range(len(tokens) // block_size):
+        parent = chain_hash(parent, tokens[i * block_size:(i + 1) * block_size])
+        out.append(parent)
+    return out
+
+
+class _Node:
+    __slots__ = ("block", "children", "hash", "key", "last_access", "parent")
+
+    def __init__(self, key: tuple[int, ...], block: int, hash_: int, parent: _Node | None) -> None:
+        self.key = key
+        self.block = block
+        self.hash = hash_
+        self.parent = parent
+        self.children: dict[tuple[int, ...], _Node] = {}
+        self.last_access = 0
+
+
+class RadixCache:
+    """Prefix cache of full KV blocks over a `BlockPool`.
+
+    Args:
+        pool: the pool whose blocks the tree references.
+        block_size: tokens per block.
+        on_event: optional hook called as `on_event("stored"|"evicted", prefix_hashes)`.
+    """
+
+    def __init__(self, pool: BlockPool, block_size: int, on_event: EventHook | None = None) -> None:
+        self.pool = pool
+        self.block_size = block_size
+        self.on_event = on_event
+        self._root = _Node((), -1, 0, None)
+        self._clock = itertools.count(1)
+        self._num_nodes = 0
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks the tree holds a reference on."""
+        return self._num_nodes
+
+    def _blocks_of(self, tokens: Sequence[int]) -> list[tuple[int, ...]]:
+        bs = self.block_size
+        return [tuple(tokens[i * bs:(i + 1) * bs]) for i in range(len(tokens) // bs)]
+
+    def match(self, tokens: Sequence[int]) -> list[int]:
+        """Block ids of the longest cached full-block prefix of `tokens` (not pinned)."""
+        now, node, out = next(self._clock), self._root, []
+        for key in self._blocks_of(tokens):
+            node = node.children.get(key)
+            if node is None:
+                break
+            node.last_access = now
+            out.append(node.block)
+        return out
+
+    def pin(self, block_ids: Sequence[int]) -> None:
+        """Keep these cached blocks from eviction until `unpin` (one reference each)."""
+        self.pool.incref(block_ids)
+
+    def unpin(self, block_ids: Sequence[int]) -> None:
+        self.pool.free(block_ids)
+
+    def insert(self, tokens: Sequence[int], block_ids: Sequence[int]) -> int:
+        """Cache the full blocks of `tokens` whose KV sits in `block_ids` (in order).
+
+        A block whose prefix is already cached keeps the cached copy; the caller's
+        block stays the caller's. Returns the number of blocks newly adopted.
+        """
+        now, node, stored = next(self._clock), self._root, []
+        for key, block in zip(self._blocks_of(tokens), block_ids):
+            child = node.children.get(key)
+            if child is None:
+                child = _Node(key, block, chain_hash(node.hash, key), node)
+                node.children[key] = child
+                self.pool.incref([block])
+                self._num_nodes += 1
+                stored.append(child.hash)
+            child.last_access = now
+            node = child
+        if stored and self.on_event:
+            self.on_event("stored", stored)
+        return len(stored)
+
+    def _evictable(self, node: _Node) -> bool:
+        return not node.children and self.pool.ref_count(node.block) == 1
+
+    def num_evictable(self) -> int:
+        """Blocks `evict` could free right now (unpinned subtrees count whole)."""
+        count = 0
+
+        def walk(node: _Node) -> bool:  # True when the whole subtree is evictable
+            nonlocal count
+            ok = all([walk(c) for c in node.children.values()])
+            if node is self._root:
+                return ok
+            ok = ok and self.pool.ref_count(node.block) == 1
+            count += ok
+            return ok
+
+        walk(self._root)
+        return count
+
+    def evict(self, n: int) -> int:
+        """Free up to `n` unpinned blocks, least recently used leaves first."""
+        heap = [(x.last_access, id(x), x) for x in self._iter_nodes() if self._evictable(x)]
+        heapq.heapify(heap)
+        evicted: list[int] = []
+        while heap and len(evicted) < n:
+            _, _, node = heapq.heappop(heap)
+            parent = node.parent
+            del parent.children[node.key]
+            self.pool.free([node.block])
+            self._num_nodes -= 1
+            evicted.append(node.hash)
+            if parent is not self._root and self._evictable(parent):
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        if evicted and self.on_event:
+            self.on_event("evicted", evicted)
+        return len(evicted)
+
+    def clear(self) -> int:
+        """Evict every unpinned block; returns how many."""
+        return self.evict(self._num_nodes)
+
+    def _iter_nodes(self):
+        stack = list(self._root.children.values())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            yield node
+
+    def cached_blocks(self) -> set[int]:
+        return {node.block for node in self._iter_nodes()}

@@ -1,0 +1,88 @@
+"""`KVSpec`: the shape of one engine's paged KV cache.
+
+Two engines can exchange KV pages only when their specs agree field by field;
+`KVSpec.check_compatible` says which field differs when they do not.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import torch
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class KVSpecMismatch(ValueError):
+    """Raised when two KV specs cannot exchange pages."""
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """Canonical string name of a torch dtype ('float32', 'bfloat16', ...)."""
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name not in _DTYPES:
+            raise ValueError(f"unsupported KV dtype {dtype!r}; supported: {sorted(_DTYPES)}")
+        return name
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"unsupported KV dtype {dtype}; supported: {sorted(_DTYPES)}")
+
+
+class KVSpec(msgspec.Struct, frozen=True, array_like=True):
+    """Layout of a paged KV cache: `[layers, 2 (k|v), blocks, block_size, kv_heads, head_dim]`.
+
+    One block of one layer holds `block_size` tokens of K (or V) for all KV heads, and
+    is contiguous in memory: that is the unit the transfer layer moves.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        for field in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"KVSpec.{field} must be positive, got {getattr(self, field)}")
+        dtype_name(self.dtype)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.torch_dtype).element_size()
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of K (or of V) of one block in one layer."""
+        return self.block_size * self.num_kv_heads * self.head_dim * self.element_size
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of K and V of one token over all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.element_size
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def check_compatible(self, other: KVSpec) -> None:
+        """Raise `KVSpecMismatch` naming the first field where `other` differs."""
+        for field in self.__struct_fields__:
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if mine != theirs:
+                raise KVSpecMismatch(f"KV spec mismatch on {field}: {mine!r} here vs {theirs!r} at the peer")
+
+    def allocate(self, num_blocks: int, device: str | torch.device = "cpu") -> torch.Tensor:
+        """A zeroed cache tensor `[layers, 2, num_blocks, block_size, kv_heads, head_dim]`."""
+        return torch.zeros(self.cache_shape(num_blocks), dtype=self.torch_dtype, device=device)
+
+    def cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return (self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)

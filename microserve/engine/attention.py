@@ -1,0 +1,91 @@
+"""Paged attention over a `kvapi` block cache, for a flattened (varlen) batch.
+
+A step's tokens are laid out flat, decodes first, then prefill chunks:
+
+    | d0 | d1 | ... | d_{B-1} | p0 chunk .......... | p1 chunk ..... |
+      one token per decode      `num_tokens` per prefill, positions [start, start+n)
+
+Decodes are batched: one gather of their block tables, one SDPA call. Each prefill
+chunk attends to its cached context `[0, start)` plus itself, causally.
+GQA is handled by folding the query heads of one KV head together, so K/V are
+never repeated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    token_start: int  # index of the chunk's first token in the flat batch
+    num_tokens: int
+    start_pos: int  # tokens of this sequence already in the cache
+    block_table: torch.Tensor  # [num_blocks] long, covers [0, start_pos + num_tokens)
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] long: cache slot (block * block_size + offset) per token
+    num_decodes: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] long
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool, True = attend
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store new K/V.  cache: [2, NB, bs, Hkv, D]; k, v: [T, Hkv, D]."""
+    flat = cache.view(2, -1, *cache.shape[-2:])
+    flat[0].index_copy_(0, slots, k)
+    flat[1].index_copy_(0, slots, v)
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's, already written); returns [T, Hq * D]."""
+    num_tokens, num_heads, head_dim = q.shape
+    out = q.new_empty(num_tokens, num_heads * head_dim)
+    if meta.num_decodes:
+        nd = meta.num_decodes
+        out[:nd] = _decode(q[:nd], cache, meta.decode_block_tables, meta.decode_mask, scale)
+    for chunk in meta.prefills:
+        sl = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
+        out[sl] = _prefill(q[sl], k[sl], v[sl], cache, chunk, scale)
+    return out
+
+
+def _decode(
+    q: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    b, hq, d = q.shape
+    hkv = cache.shape[-2]
+    # kv: [2, B, max_blocks, bs, Hkv, D] -> [2, B, Hkv, S, D]
+    kv = cache[:, tables].flatten(2, 3).transpose(2, 3)
+    qg = q.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
+    o = F.scaled_dot_product_attention(qg, kv[0], kv[1], attn_mask=mask, scale=scale)
+    return o.reshape(b, hq * d)
+
+
+def _prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, chunk: PrefillChunk, scale: float
+) -> torch.Tensor:
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    # fold query heads per KV head: [n, Hkv, G, D] -> [Hkv, G * n, D] (rows ordered g-major)
+    qg = q.view(n, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * n, d)
+    ctx = chunk.start_pos + n
+    if chunk.start_pos == 0:
+        keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, n, D]
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril_()
+    else:
+        kv = cache[:, chunk.block_table].flatten(1, 2)[:, :ctx]  # [2, ctx, Hkv, D]
+        keys, values = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
+        mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril_(chunk.start_pos)
+    mask = mask.repeat(g, 1)  # same causal rows for each folded head
+    o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
+    return o.view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq * d)

@@ -1,0 +1,72 @@
+"""`KVCacheManager`: gives sequences KV blocks, with prefix-cache reuse.
+
+It keeps books for the scheduler (which blocks a sequence holds, what is cached) and
+decides nothing: the scheduler chooses who runs and who is preempted.
+"""
+
+from __future__ import annotations
+
+from kvapi import BlockPool, RadixCache
+from kvapi.radix import EventHook
+from microserve.engine.sequence import Sequence
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 on_event: EventHook | None = None) -> None:
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        self.radix = RadixCache(self.pool, block_size, on_event)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.prefix_hit_tokens = 0  # total prompt tokens served from the cache
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    def match_prefix(self, seq: Sequence, limit: int | None = None) -> int:
+        """Pin the cached blocks of `seq`'s longest cached prefix; returns matched tokens.
+
+        At most `limit` tokens (default: all but the last known token, which must be
+        computed to yield logits) are matched.
+        """
+        assert not seq.block_table and seq.num_computed_tokens == 0, "match_prefix on a sequence with KV"
+        if not self.enable_prefix_caching:
+            return 0
+        limit = seq.num_tokens - 1 if limit is None else limit
+        blocks = self.radix.match(seq.token_ids[:limit])
+        self.radix.pin(blocks)
+        seq.block_table = blocks
+        seq.num_cached_blocks = len(blocks)
+        seq.num_computed_tokens = matched = len(blocks) * self.block_size
+        seq.num_cached_tokens = max(seq.num_cached_tokens, matched)
+        self.prefix_hit_tokens += matched
+        return matched
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make `seq` hold blocks for its first `num_tokens` tokens; False if memory is short."""
+        need = self.blocks_needed(seq, num_tokens)
+        if need > self.pool.num_free:
+            self.radix.evict(need - self.pool.num_free)
+            if need > self.pool.num_free:
+                return False
+        seq.block_table.extend(self.pool.allocate(need))
+        return True
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Offer the newly computed full blocks of `seq` to the prefix cache."""
+        full = seq.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or full <= seq.num_cached_blocks:
+            return
+        self.radix.insert(seq.token_ids[:full * self.block_size], seq.block_table[:full])
+        seq.num_cached_blocks = full
+
+    def free(self, seq: Sequence) -> None:
+        """Release `seq`'s blocks (computed full blocks stay in the prefix cache)."""
+        self.cache_computed(seq)
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.num_cached_blocks = 0

@@ -1,0 +1,76 @@
+"""`ModelRunner`: turns a `ScheduledBatch` into tensors, runs the model, samples.
+
+It owns the KV cache tensor `[layers, 2, blocks, block_size, kv_heads, head_dim]`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvapi import KVSpec
+from microserve.engine.attention import AttentionMetadata, PrefillChunk
+from microserve.engine.models.llama import LlamaForCausalLM
+from microserve.engine.sampler import sample
+from microserve.engine.scheduler import ScheduledBatch
+from microserve.engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, spec: KVSpec, num_blocks: int, device: str | torch.device) -> None:
+        self.model = model
+        self.spec = spec
+        self.block_size = spec.block_size
+        self.device = torch.device(device)
+        self.kv_cache = spec.allocate(num_blocks, self.device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.seed()
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> dict[Sequence, int]:
+        """Compute the scheduled tokens; returns the sampled token of each sequence that
+        caught up to its known tokens this step."""
+        decodes = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if n == 1]
+        prefills = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if n > 1]
+        input_ids, positions, meta = self._prepare(decodes, prefills)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta)
+
+        sampled, rows, offset = [], [], 0
+        for seq, n in decodes + prefills:
+            offset += n
+            if seq.num_computed_tokens + n == seq.num_tokens:
+                sampled.append(seq)
+                rows.append(offset - 1)
+        if not sampled:
+            return {}
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        return dict(zip(sampled, sample(logits, sampled, self.generator)))
+
+    def _prepare(self, decodes, prefills) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs, dev = self.block_size, self.device
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        meta = AttentionMetadata(slot_mapping=None, num_decodes=len(decodes))  # type: ignore[arg-type]
+        if decodes:
+            max_blocks = max(s.num_computed_tokens // bs + 1 for s, _ in decodes)
+            tables, ctx = [], []
+            for seq, _ in decodes:
+                p = seq.num_computed_tokens
+                ids.append(seq.token_ids[p])
+                pos.append(p)
+                slots.append(seq.block_table[p // bs] * bs + p % bs)
+                table = seq.block_table[:max_blocks]
+                tables.append(table + [0] * (max_blocks - len(table)))
+                ctx.append(p + 1)
+            meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
+            span = torch.arange(max_blocks * bs, device=dev)
+            meta.decode_mask = (span < torch.tensor(ctx, device=dev).unsqueeze(1))[:, None, None, :]
+        for seq, n in prefills:
+            start = seq.num_computed_tokens
+            table = seq.block_table[:-(-(start + n) // bs)]
+            meta.prefills.append(PrefillChunk(len(ids), n, start, torch.tensor(table, dtype=torch.long, device=dev)))
+            ids.extend(seq.token_ids[start:start + n])
+            pos.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+        meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
+        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev), meta)

@@ -1,0 +1,56 @@
+"""`Sequence`: one request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from microserve.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Token ids (prompt then output), how many of them have KV computed, and the blocks.
+
+        token_ids:  | prompt ............................ | output ..... |
+        KV:         | computed (cached or prefilled) | to compute |
+                                                     ^ num_computed_tokens
+
+    The scheduler's one rule: `num_computed_tokens` catches up to `num_tokens`; when it
+    does, the last position's logits give the next token.
+    """
+
+    def __init__(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        self.request_id = request_id
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.sampling = sampling
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
+        self.num_cached_blocks = 0  # leading blocks already offered to the prefix cache
+        self.finish_reason: str | None = None
+        self.generator: torch.Generator | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

@@ -1,0 +1,92 @@
+"""Offline API, as vLLM's: `LLM(model).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from microserve.demo import resolve_model
+from microserve.engine.config import EngineConfig
+from microserve.engine.engine import LLMEngine
+from microserve.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    num_cached_tokens: int = 0
+
+
+class LLM:
+    """Generate offline with the built-in engine.
+
+    Args:
+        model: checkpoint folder, or "demo" for the tiny random demo model.
+        device: "cpu" or "cuda".
+        dtype: None takes the checkpoint's dtype (float16 becomes float32 on CPU).
+        **engine_kwargs: fields of `EngineConfig` (block_size, num_kv_blocks,
+            max_num_batched_tokens, max_num_seqs, max_model_len, enable_prefix_caching...).
+    """
+
+    def __init__(self, model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None,
+                 **engine_kwargs) -> None:
+        self.engine = LLMEngine(resolve_model(model), device=device, dtype=dtype, config=EngineConfig(**engine_kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run all prompts to completion; outputs come back in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one prompt
+        sampling = sampling or SamplingParams()
+        params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        ids = [self._encode(p) for p in prompts]
+        for p in ids:  # validate all before queueing any
+            self.engine.validate_prompt(p)
+        rids = [f"offline-{next(self._ids)}" for _ in ids]
+        outs = {rid: [] for rid in rids}
+        done: dict[str, tuple[str | None, int]] = {}
+        for rid, p, sp in zip(rids, ids, params):
+            self.engine.add_request(rid, p, sp)
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                outs[out.request_id].extend(out.new_token_ids)
+                if out.finish_reason:
+                    done[out.request_id] = (out.finish_reason, out.num_cached_tokens)
+            self._apply_stop_strings(rids, params, outs, done)
+        return [self._output(rid, p, sp, outs[rid], *done[rid]) for rid, p, sp in zip(rids, ids, params)]
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def _apply_stop_strings(self, rids, params, outs, done) -> None:
+        for rid, sp in zip(rids, params):
+            if sp.stop and rid not in done:
+                text = self.tokenizer.decode(outs[rid])
+                if any(s in text for s in sp.stop):
+                    seq = self.engine.sequence(rid)
+                    cached = seq.num_cached_tokens if seq else 0
+                    self.engine.abort(rid)
+                    done[rid] = ("stop", cached)
+
+    def _output(self, rid, prompt, sp, tokens, reason, cached) -> RequestOutput:
+        text = self.tokenizer.decode(tokens)
+        for s in sp.stop:
+            if s in text:
+                text = text[:text.index(s)]
+        return RequestOutput(rid, prompt, tokens, text, reason, cached)

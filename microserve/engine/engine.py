@@ -77,6 +77,8 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching, on_kv_event)
         self.scheduler = Scheduler(self.config, self.kv)
         self.runner = ModelRunner(model_obj, self.kv_spec, num_blocks, device)
+        # a sequence may not outgrow the context nor the whole KV pool (it would preempt itself forever)
+        self.max_tokens_per_seq = min(self.max_model_len, num_blocks * self.config.block_size)
         eos = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -149,7 +151,7 @@ class LLMEngine:
         sp = seq.sampling
         if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):
             return "stop"
-        if seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= self.max_model_len:
+        if seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= self.max_tokens_per_seq:
             return "length"
         return None
 

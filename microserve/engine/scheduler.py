@@ -73,10 +73,14 @@ class Scheduler:
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table and seq.num_computed_tokens == 0:
+            matched_now = not seq.block_table and seq.num_computed_tokens == 0
+            if matched_now:
                 self.kv.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.kv.allocate(seq, seq.num_computed_tokens + n):
+                if matched_now:  # NOTE: a waiting request must not keep cache blocks pinned
+                    self.kv.free(seq)
+                    seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING

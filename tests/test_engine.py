@@ -1,0 +1,209 @@
+"""Engine behaviour: batching, chunked prefill, prefix cache, preemption, sampling, no leaks."""
+
+import pytest
+from checkpoints import hf_greedy
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from microserve import LLM, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+def _prompts(lengths, salt=0):
+    return [[(11 * i + 5 * j + salt) % 300 + 5 for i in range(n)] for j, n in enumerate(lengths)]
+
+
+def assert_no_leak(llm: LLM) -> None:
+    kv = llm.engine.kv
+    kv.pool.check_invariants()
+    assert not llm.engine.has_unfinished()
+    assert kv.pool.num_used == kv.radix.num_blocks, "blocks held by nobody but the prefix cache leaked"
+
+
+@pytest.fixture(scope="module")
+def reference(llama_ckpt):
+    """Each prompt alone, one at a time."""
+    path, _ = llama_ckpt
+    llm = LLM(path, enable_prefix_caching=False)
+    prompts = _prompts([3, 50, 16, 31, 80, 1, 64])
+    return prompts, [llm.generate([p], GREEDY)[0].token_ids for p in prompts]
+
+
+def test_batch_equals_alone(llama_ckpt, reference):
+    prompts, alone = reference
+    llm = LLM(llama_ckpt[0])
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == alone
+    assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("budget", [1, 7, 16, 33, 200])
+def test_chunked_prefill_any_chunk_size(llama_ckpt, reference, budget):
+    prompts, alone = reference
+    llm = LLM(llama_ckpt[0], max_num_batched_tokens=budget)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == alone
+    assert_no_leak(llm)
+
+
+def test_prefix_cache_hit(llama_ckpt):
+    path, hf = llama_ckpt
+    llm = LLM(path, block_size=16)
+    shared = _prompts([70], salt=3)[0]
+    first = shared + [9, 10, 11]
+    second = shared + [12, 13]
+    a = llm.generate([first], GREEDY)[0]
+    assert a.num_cached_tokens == 0
+    b = llm.generate([second], GREEDY)[0]
+    assert b.num_cached_tokens == 64  # 4 full blocks of the 70 shared tokens
+    assert llm.engine.stats().prefix_cache_hit_tokens == 64
+    assert b.token_ids == hf_greedy(hf, second, GREEDY.max_tokens)
+    # the exact same prompt again hits everything but the last token's block remainder
+    c = llm.generate([second], GREEDY)[0]
+    assert c.num_cached_tokens == 64 and c.token_ids == b.token_ids
+    assert_no_leak(llm)
+
+
+def test_generated_tokens_are_cached_too(llama_ckpt):
+    """A follow-up turn that extends prompt + answer reuses the answer's KV."""
+    llm = LLM(llama_ckpt[0], block_size=8)
+    prompt = _prompts([20])[0]
+    out = llm.generate([prompt], GREEDY)[0]
+    follow = prompt + out.token_ids + [7, 8, 9]
+    again = llm.generate([follow], GREEDY)[0]
+    assert again.num_cached_tokens == (len(prompt) + len(out.token_ids) - 1) // 8 * 8
+
+
+def test_preemption_gives_same_tokens(llama_ckpt, reference):
+    prompts, alone = reference
+    # 24 blocks of 8 tokens: far fewer than the batch needs at once, more than any one request
+    llm = LLM(llama_ckpt[0], block_size=8, num_kv_blocks=24)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == alone
+    assert llm.engine.stats().num_preemptions > 0
+    assert_no_leak(llm)
+
+
+def test_preemption_without_prefix_cache(llama_ckpt, reference):
+    prompts, alone = reference
+    llm = LLM(llama_ckpt[0], block_size=8, num_kv_blocks=24, enable_prefix_caching=False)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == alone
+    assert llm.engine.stats().num_preemptions > 0
+    assert llm.engine.kv.pool.num_used == 0
+
+
+def test_seeded_sampling_is_reproducible(llama_ckpt):
+    llm = LLM(llama_ckpt[0])
+    prompts = _prompts([10, 30, 5])
+    sp = SamplingParams(max_tokens=32, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    alone = llm.generate([prompts[1]], sp)[0].token_ids
+    together = llm.generate(prompts, [SamplingParams(max_tokens=32, temperature=0.7, ignore_eos=True), sp, GREEDY])
+    assert together[1].token_ids == alone
+    other_seed = SamplingParams(max_tokens=32, temperature=1.0, top_p=0.9, top_k=50, seed=99, ignore_eos=True)
+    assert llm.generate([prompts[1]], other_seed)[0].token_ids != alone
+
+
+def test_sampling_limits_reduce_to_greedy(llama_ckpt, reference):
+    prompts, alone = reference
+    llm = LLM(llama_ckpt[0])
+    for sp in (SamplingParams(max_tokens=24, temperature=1.5, top_k=1, ignore_eos=True, seed=1),
+               SamplingParams(max_tokens=24, temperature=1.0, top_p=1e-6, ignore_eos=True, seed=2)):
+        assert llm.generate(prompts[:3], sp)[0].token_ids == alone[0]
+
+
+def test_top_k_restricts_support(llama_ckpt):
+    path, hf = llama_ckpt
+    llm = LLM(path)
+    prompt = _prompts([12])[0]
+    import torch
+
+    with torch.inference_mode():
+        logits = hf(torch.tensor([prompt])).logits[0, -1]
+    allowed = set(logits.topk(3).indices.tolist())
+    for seed in range(20):
+        out = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=2.0, top_k=3, seed=seed))[0]
+        assert out.token_ids[0] in allowed
+
+
+def test_stop_conditions(llama_ckpt, reference):
+    prompts, alone = reference
+    llm = LLM(llama_ckpt[0])
+    target = alone[1][5]
+    out = llm.generate([prompts[1]], SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[target]))[0]
+    assert out.token_ids == alone[1][:alone[1].index(target) + 1] and out.finish_reason == "stop"
+    out = llm.generate([prompts[1]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[0]
+    assert out.token_ids == alone[1][:3] and out.finish_reason == "length"
+    # EOS (id 1 in the test config) stops unless ignore_eos
+    llm.engine.eos_token_ids = frozenset({target})
+    out = llm.generate([prompts[1]], SamplingParams(max_tokens=24, temperature=0))[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == target
+    assert_no_leak(llm)
+
+
+def test_context_limit_ends_generation(llama_ckpt):
+    llm = LLM(llama_ckpt[0], max_model_len=40)
+    out = llm.generate([_prompts([30])[0]], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 10 and out.finish_reason == "length"
+
+
+def test_string_prompts_and_text(demo_path):
+    llm = LLM(demo_path)
+    out = llm.generate("Hello, world", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert out.prompt_token_ids == llm.tokenizer.encode("Hello, world")
+    assert len(out.token_ids) == 8
+    assert out.text == llm.tokenizer.decode(out.token_ids)
+    same = llm.generate([out.prompt_token_ids], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert same.token_ids == out.token_ids
+
+
+def test_abort_frees_blocks(llama_ckpt):
+    llm = LLM(llama_ckpt[0], enable_prefix_caching=False)
+    eng = llm.engine
+    eng.add_request("a", _prompts([40])[0], SamplingParams(max_tokens=50, temperature=0))
+    eng.add_request("b", _prompts([40], salt=1)[0], SamplingParams(max_tokens=50, temperature=0))
+    for _ in range(3):
+        eng.step()
+    assert eng.kv.pool.num_used > 0
+    assert eng.abort("a") and not eng.abort("a") and not eng.abort("nope")
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.kv.pool.num_used == 0
+
+
+_solo_cache: dict = {}
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    prompts=st.lists(st.lists(st.integers(5, 8), min_size=1, max_size=40), min_size=1, max_size=6),
+    abort_at=st.lists(st.integers(0, 30), max_size=3),
+    budget=st.sampled_from([5, 16, 64]),
+)
+def test_random_workload_never_leaks(demo_path, prompts, abort_at, budget):
+    """Tiny pool, shared prefixes, aborts at random steps: finished requests match their solo
+    output and, once all end, the only used blocks are the prefix cache's."""
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    if "solo" not in _solo_cache:
+        _solo_cache["solo"] = LLM(demo_path, enable_prefix_caching=False)
+    solo = _solo_cache["solo"]
+    llm = LLM(demo_path, block_size=4, num_kv_blocks=20, max_num_batched_tokens=budget)
+    eng = llm.engine
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p, sp)
+    got: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    finished, aborted, step = set(), set(), 0
+    while eng.has_unfinished():
+        if step in abort_at:
+            victim = str(step % len(prompts))
+            if eng.abort(victim):
+                aborted.add(victim)
+        for out in eng.step():
+            got[out.request_id] += out.new_token_ids
+            if out.finish_reason:
+                finished.add(out.request_id)
+        step += 1
+    for rid in finished:
+        key = tuple(prompts[int(rid)])
+        if key not in _solo_cache:
+            _solo_cache[key] = solo.generate([list(key)], sp)[0].token_ids
+        assert got[rid] == _solo_cache[key]
+    assert finished | aborted == set(got)
+    assert_no_leak(llm)

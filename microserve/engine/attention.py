@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA's enable_gqa
+
 
 @dataclass
 class PrefillChunk:
@@ -43,6 +45,43 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
     flat[1].index_copy_(0, slots, v)
 
 
+class _Workspace:
+    """One grow-only scratch buffer for gathered pages, reused by every layer and step.
+
+    Layers run one after another and consume the gathered K/V before the next gather,
+    so one buffer suffices. Reuse avoids first-touch page faults on fresh large
+    allocations (3x faster gathers at 640-token contexts on CPU).
+    """
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+
+    def get(self, rows: int, row_numel: int, like: torch.Tensor) -> torch.Tensor:
+        need = rows * row_numel
+        b = self.buf
+        if b is None or b.numel() < need or b.dtype != like.dtype or b.device != like.device:
+            self.buf = b = torch.empty(max(need, 2 * b.numel() if b is not None else 0), dtype=like.dtype,
+                                       device=like.device)
+        return b[:need].view(rows, row_numel)
+
+
+_workspace = _Workspace()
+
+
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Copy whole pages: cache [2, NB, bs, Hkv, D], block_ids [N] -> [2, N, bs, Hkv, D].
+
+    `index_select` on a `[2 * NB, page]` view copies rows with memcpy; advanced indexing
+    of the 5-D tensor is several times slower on CPU. The result lives in a shared
+    workspace: it is valid until the next call.
+    """
+    two, nb = cache.shape[:2]
+    rows = torch.cat((block_ids, block_ids + nb)) if two == 2 else block_ids
+    flat = cache.view(two * nb, -1)
+    pages = torch.index_select(flat, 0, rows, out=_workspace.get(rows.numel(), flat.shape[1], flat))
+    return pages.view(two, block_ids.numel(), *cache.shape[2:])
+
+
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
@@ -63,8 +102,8 @@ def _decode(
 ) -> torch.Tensor:
     b, hq, d = q.shape
     hkv = cache.shape[-2]
-    # kv: [2, B, max_blocks, bs, Hkv, D] -> [2, B, Hkv, S, D]
-    kv = cache[:, tables].flatten(2, 3).transpose(2, 3)
+    # kv: [2, B * max_blocks, bs, Hkv, D] -> [2, B, Hkv, S, D]
+    kv = gather_blocks(cache, tables.flatten()).view(2, b, -1, hkv, d).transpose(2, 3)
     qg = q.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
     o = F.scaled_dot_product_attention(qg, kv[0], kv[1], attn_mask=mask, scale=scale)
     return o.reshape(b, hq * d)
@@ -79,11 +118,15 @@ def _prefill(
     # fold query heads per KV head: [n, Hkv, G, D] -> [Hkv, G * n, D] (rows ordered g-major)
     qg = q.view(n, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * n, d)
     ctx = chunk.start_pos + n
+    if chunk.start_pos == 0 and _HAS_GQA:  # fresh prompt: plain causal attention, fast kernel
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                           is_causal=True, scale=scale, enable_gqa=True)
+        return o.transpose(0, 1).reshape(n, hq * d)
     if chunk.start_pos == 0:
         keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, n, D]
         mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril_()
     else:
-        kv = cache[:, chunk.block_table].flatten(1, 2)[:, :ctx]  # [2, ctx, Hkv, D]
+        kv = gather_blocks(cache, chunk.block_table).flatten(1, 2)[:, :ctx]  # [2, ctx, Hkv, D]
         keys, values = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
         mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril_(chunk.start_pos)
     mask = mask.repeat(g, 1)  # same causal rows for each folded head

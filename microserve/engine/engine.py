@@ -71,7 +71,7 @@ class LLMEngine:
         mc = self.model_config
         self.max_model_len = min(self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.kv_spec = KVSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim,
-                              dtype_name(model_obj.lm_head.weight.dtype), self.config.block_size)
+                              dtype_name(model_obj.model.embed_tokens.weight.dtype), self.config.block_size)
         num_blocks = self.config.num_kv_blocks or max(
             1, int(self.config.kv_cache_memory_gb * 2**30) // (self.kv_spec.bytes_per_token * self.config.block_size))
         self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching, on_kv_event)

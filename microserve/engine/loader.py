@@ -105,4 +105,6 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype |
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings).to(device)
+    if torch.device(device).type == "cpu":
+        model.transpose_weights_()
     return model.eval()

@@ -1,0 +1,106 @@
+"""Built-in engine vs Hugging Face `generate`, same random model, same run.
+
+Workloads (greedy, ignore EOS):
+  uniform        32 prompts x 128 tokens, 64 new tokens: output tokens/s
+  shared-prefix  32 prompts = one 512-token prefix + 16 own tokens, 8 new tokens: mean TTFT
+                 (cold: nothing cached at start; warm: the prefix was served once before)
+
+    python benchmarks/engine_throughput.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from microserve import LLM, SamplingParams
+
+MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048)
+
+
+def build_model(path: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from microserve.demo import write_tokenizer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**MODEL)).eval()
+    model.save_pretrained(path)
+    write_tokenizer(path)
+    return model
+
+
+def hf_run(model, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """One padded static batch (all prompts have equal length here). Returns (seconds, ttft)."""
+    ids = torch.tensor(prompts)
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        total = time.perf_counter() - t0
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return total, ttft
+
+
+def ours_run(llm: LLM, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """All requests arrive at once. Returns (seconds, mean time to first token)."""
+    eng = llm.engine
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        eng.add_request(f"b{time.monotonic_ns()}-{i}", p, sp)
+    first: dict[str, float] = {}
+    produced = 0
+    while eng.has_unfinished():
+        for out in eng.step():
+            first.setdefault(out.request_id, time.perf_counter() - t0)
+            produced += len(out.new_token_ids)
+    total = time.perf_counter() - t0
+    assert produced == len(prompts) * new_tokens
+    return total, sum(first.values()) / len(first)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="8 prompts instead of 32 (smoke run)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    args = ap.parse_args()
+    n = 8 if args.quick else 32
+    g = torch.Generator().manual_seed(1)
+    uniform = torch.randint(5, 32000, (n, 128), generator=g).tolist()
+    prefix = torch.randint(5, 32000, (512,), generator=g).tolist()
+    shared = [prefix + torch.randint(5, 32000, (16,), generator=g).tolist() for _ in range(n)]
+
+    with tempfile.TemporaryDirectory() as path:
+        hf = build_model(path)
+        llm = LLM(path, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=64)
+        ours_run(llm, uniform[:2], 4)  # warm-up (allocator, kernels)
+        hf_run(hf, uniform[:2], 4)
+        rows = []
+        hf_s, _ = hf_run(hf, uniform, 64)
+        our_s, _ = ours_run(llm, uniform, 64)
+        rows.append(("uniform tok/s", n * 64 / hf_s, n * 64 / our_s, hf_s / our_s))
+        llm.engine.kv.radix.clear()
+        hf_s, hf_ttft = hf_run(hf, shared, 8)
+        _, cold = ours_run(llm, shared, 8)
+        llm.engine.kv.radix.clear()
+        llm.generate([prefix + [7]], SamplingParams(max_tokens=1, temperature=0))
+        _, warm = ours_run(llm, shared, 8)
+        rows.append(("shared-prefix mean TTFT s (cold)", hf_ttft, cold, hf_ttft / cold))
+        rows.append(("shared-prefix mean TTFT s (warm)", hf_ttft, warm, hf_ttft / warm))
+
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {n} prompts, float32 CPU")
+    print(f"{'metric':<36}{'HF generate':>14}{'microserve':>14}{'ratio':>10}")
+    for name, a, b, r in rows:
+        print(f"{name:<36}{a:>14.3f}{b:>14.3f}{r:>9.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from microserve.cli import main
+
+sys.exit(main())

@@ -108,7 +108,7 @@ class LLMEngine:
         bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
-        if self.kv.blocks_needed(Sequence("", prompt_ids, SamplingParams()), n + 1) > self.kv.num_blocks:
+        if self.kv_spec.num_blocks_for(n + 1) > self.kv.num_blocks:
             raise InvalidRequestError(
                 f"prompt of {n} tokens needs more KV blocks than the cache has ({self.kv.num_blocks})")
 

@@ -1,8 +1,8 @@
 """`microserve` command line.
 
-Subcommands so far: `generate` (offline generation with the built-in engine) and
-`demo` (write the demo checkpoint). `launch`, `engine`, `router`, `bench` and `sim`
-arrive with the microserving-calls, router and bench issues.
+Subcommands so far: `generate` (offline generation with the built-in engine), `demo`
+(write the demo checkpoint) and `engine` (one engine serving the microserving calls
+over ZeroMQ). `launch`, `router`, `bench` and `sim` arrive with their issues.
 """
 
 from __future__ import annotations
@@ -37,6 +37,27 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine(args: argparse.Namespace) -> int:
+    import logging
+
+    from microserve.demo import resolve_model
+    from microserve.engine.config import EngineConfig
+    from microserve.engine.server import EngineOptions, run_engine
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.backend != "builtin":
+        print("error: --backend vllm is not available yet; use --backend builtin", file=sys.stderr)
+        return 2
+    config = EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+                          kv_cache_memory_gb=args.kv_cache_memory_gb, max_model_len=args.max_model_len,
+                          max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                          enable_prefix_caching=not args.no_prefix_caching)
+    opts = EngineOptions(str(resolve_model(args.model)), args.rpc, args.events, args.device, args.dtype,
+                         args.transport, args.kv_host, args.kv_port, args.engine_id or "", args.lease_seconds,
+                         args.transfer_timeout, config)
+    return run_engine(opts)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from microserve import demo_model
 
@@ -61,6 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
     gen.set_defaults(func=_generate)
+
+    eng = sub.add_parser("engine", help="run one engine serving the microserving calls over ZeroMQ")
+    eng.add_argument("--model", required=True, help="checkpoint folder, or 'demo'")
+    eng.add_argument("--rpc", default="tcp://127.0.0.1:*", help="ZeroMQ address to bind (port * = any free)")
+    eng.add_argument("--events", default="tcp://127.0.0.1:*", help="ZeroMQ PUB address for KV events")
+    eng.add_argument("--backend", default="builtin", choices=["builtin", "vllm"])
+    eng.add_argument("--device", default="cpu")
+    eng.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+    eng.add_argument("--transport", default="auto", choices=["auto", "shm", "ucx", "tcp"])
+    eng.add_argument("--kv-host", default="127.0.0.1", help="address of the KV transfer socket")
+    eng.add_argument("--kv-port", type=int, default=0)
+    eng.add_argument("--engine-id", default=None)
+    eng.add_argument("--lease-seconds", type=float, default=60.0, help="default lease of a receive ticket")
+    eng.add_argument("--transfer-timeout", type=float, default=30.0,
+                     help="how long start_generate waits for KV still in flight")
+    eng.add_argument("--block-size", type=int, default=16)
+    eng.add_argument("--num-kv-blocks", type=int, default=None)
+    eng.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    eng.add_argument("--max-model-len", type=int, default=None)
+    eng.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    eng.add_argument("--max-num-seqs", type=int, default=64)
+    eng.add_argument("--no-prefix-caching", action="store_true")
+    eng.add_argument("--log-level", default="warning")
+    eng.set_defaults(func=_engine)
 
     demo = sub.add_parser("demo", help="write the tiny random demo checkpoint to PATH")
     demo.add_argument("path")

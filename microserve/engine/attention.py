@@ -13,6 +13,7 @@ never repeated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,8 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] long
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool, True = attend
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # called with the layer index once that layer's KV of this step is written (KV streaming)
+    layer_hooks: list[Callable[[int], None]] = field(default_factory=list)
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class EngineStats:
     kv_blocks_cached: int = 0
     prefix_cache_hit_tokens: int = 0
     num_preemptions: int = 0
+    computed_tokens_total: int = 0  # tokens run through the model (prefill + decode)
+    queued_tokens: int = 0  # tokens still to compute over waiting and running requests
 
 
 class LLMEngine:
@@ -59,10 +62,13 @@ class LLMEngine:
         dtype: None takes the checkpoint's (float16 becomes float32 on CPU).
         config: engine knobs (block size, KV pool size, token budget...).
         on_kv_event: hook called with ("stored"|"evicted", prefix hashes).
+        kv_cache_factory: builds the KV cache tensor from (spec, num_blocks), e.g. in
+            shared memory; default: a plain zeroed tensor on `device`.
     """
 
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None,
-                 config: EngineConfig | None = None, on_kv_event: EventHook | None = None) -> None:
+                 config: EngineConfig | None = None, on_kv_event: EventHook | None = None,
+                 kv_cache_factory: Callable[[KVSpec, int], torch.Tensor] | None = None) -> None:
         self.config = config or EngineConfig()
         self.model_path = Path(model)
         self.model_config = ModelConfig.from_pretrained(self.model_path)
@@ -76,7 +82,9 @@ class LLMEngine:
             1, int(self.config.kv_cache_memory_gb * 2**30) // (self.kv_spec.bytes_per_token * self.config.block_size))
         self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching, on_kv_event)
         self.scheduler = Scheduler(self.config, self.kv)
-        self.runner = ModelRunner(model_obj, self.kv_spec, num_blocks, device)
+        kv_cache = kv_cache_factory(self.kv_spec, num_blocks) if kv_cache_factory else None
+        self.runner = ModelRunner(model_obj, self.kv_spec, num_blocks, device, kv_cache)
+        self.computed_tokens_total = 0
         # a sequence may not outgrow the context nor the whole KV pool (it would preempt itself forever)
         self.max_tokens_per_seq = min(self.max_model_len, num_blocks * self.config.block_size)
         eos = set(mc.eos_token_ids)
@@ -96,6 +104,22 @@ class LLMEngine:
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
         return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queue a sequence built by the caller, possibly holding blocks with KV already
+        computed (received from another engine) or marked `prefill_only`."""
+        if seq.request_id in self._seqs:
+            raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
+        self.validate_prompt(seq.token_ids[:seq.num_prompt_tokens])
+        seq.sampling.validate()
+        self._seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Free the blocks of a sequence the caller holds outside the scheduler (a
+        finished prefill-only sequence, a receive ticket); computed full blocks stay cached."""
+        self._seqs.pop(seq.request_id, None)
+        self.kv.free(seq)
 
     def validate_prompt(self, prompt_ids: list[int]) -> None:
         n, vocab = len(prompt_ids), self.model_config.vocab_size
@@ -130,12 +154,18 @@ class LLMEngine:
         if not batch:
             return []
         sampled = self.runner.execute(batch)
+        self.computed_tokens_total += sum(batch.num_new_tokens)
         outputs = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             token = sampled.get(seq)
             if token is None:
                 self.kv.cache_computed(seq)
+                if seq.prefill_only and seq.num_computed_tokens == seq.num_tokens:
+                    # NOTE: keeps its blocks; the caller sends them, then calls `release`
+                    self.scheduler.detach(seq)
+                    self._seqs.pop(seq.request_id, None)
+                    outputs.append(StepOutput(seq.request_id, [], "prefilled", seq.num_cached_tokens))
                 continue
             seq.token_ids.append(token)
             reason = self._finish_reason(seq, token)
@@ -164,6 +194,9 @@ class LLMEngine:
             kv_blocks_cached=self.kv.radix.num_blocks,
             prefix_cache_hit_tokens=self.kv.prefix_hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            computed_tokens_total=self.computed_tokens_total,
+            queued_tokens=sum(s.num_tokens - s.num_computed_tokens
+                              for s in (*self.scheduler.waiting, *self.scheduler.running)),
         )
 
     def sequence(self, request_id: str) -> Sequence | None:

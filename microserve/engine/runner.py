@@ -15,13 +15,19 @@ from microserve.engine.scheduler import ScheduledBatch
 from microserve.engine.sequence import Sequence
 
 
+def batch_items(batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
+    return list(zip(batch.seqs, batch.num_new_tokens))
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, spec: KVSpec, num_blocks: int, device: str | torch.device) -> None:
+    def __init__(self, model: LlamaForCausalLM, spec: KVSpec, num_blocks: int, device: str | torch.device,
+                 kv_cache: torch.Tensor | None = None) -> None:
         self.model = model
         self.spec = spec
         self.block_size = spec.block_size
         self.device = torch.device(device)
-        self.kv_cache = spec.allocate(num_blocks, self.device)
+        # NOTE: a caller-provided cache (e.g. a pool in shared memory) must have `spec`'s shape
+        self.kv_cache = spec.allocate(num_blocks, self.device) if kv_cache is None else kv_cache
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()
 
@@ -32,12 +38,16 @@ class ModelRunner:
         decodes = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if n == 1]
         prefills = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if n > 1]
         input_ids, positions, meta = self._prepare(decodes, prefills)
+        completing = [s for s, n in batch_items(batch) if s.num_computed_tokens + n == s.num_tokens]
+        meta.layer_hooks = [s.layer_hook for s in completing if s.layer_hook is not None]
+        if meta.layer_hooks and self.device.type == "cuda":
+            meta.layer_hooks.insert(0, lambda _: torch.cuda.current_stream().synchronize())
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
 
         sampled, rows, offset = [], [], 0
         for seq, n in decodes + prefills:
             offset += n
-            if seq.num_computed_tokens + n == seq.num_tokens:
+            if seq.num_computed_tokens + n == seq.num_tokens and not seq.prefill_only:
                 sampled.append(seq)
                 rows.append(offset - 1)
         if not sampled:

@@ -95,6 +95,12 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def detach(self, seq: Sequence) -> None:
+        """Take a running sequence out of scheduling without freeing its blocks."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "prefilled"
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """End `seq` (finished or aborted) and release its blocks."""
         if seq.status is SequenceStatus.RUNNING:

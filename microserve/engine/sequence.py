@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 import torch
 
@@ -38,6 +39,11 @@ class Sequence:
         self.num_cached_blocks = 0  # leading blocks already offered to the prefix cache
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None
+        # prefill-only sequences (remote_send) stop once their KV is computed: no sampling
+        self.prefill_only = False
+        # called from the step thread with each layer index when the step that completes
+        # this sequence's prefill has written that layer's KV (lets a transfer start early)
+        self.layer_hook: Callable[[int], None] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -171,8 +171,10 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T]; returns final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, x.dtype)
-        for layer, cache in zip(self.model.layers, kv_cache):
+        for i, (layer, cache) in enumerate(zip(self.model.layers, kv_cache)):
             x = layer(x, rope, cache, meta)
+            for hook in meta.layer_hooks:
+                hook(i)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

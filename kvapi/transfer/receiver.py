@@ -1,0 +1,197 @@
+"""`KVReceiver`: the receiving end of every transport, one per engine.
+
+It listens on a TCP control socket, checks each incoming transfer against the
+tickets the engine opened (live ticket, matching secret, only that ticket's blocks,
+same `KVSpec`), then takes the pages: streamed on the socket (`tcp`) or already
+written by the sender into the shared pool (`shm`, confirmed by a `Commit`).
+
+Threading: one accept thread plus one thread per connection; `open_ticket` and
+`revoke` may be called from any thread. `on_done` runs on the connection thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kvapi.spec import KVSpec, KVSpecMismatch
+from kvapi.transfer import tcp
+from kvapi.transfer.base import Commit, Hello, Reply, TransferError, block_runs, recv_msg, send_msg
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TransferOutcome:
+    """How a transfer into one ticket ended."""
+
+    ticket_id: str
+    ok: bool
+    begin: int = 0
+    end: int = 0
+    nbytes: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class _Ticket:
+    secret: str
+    blocks: frozenset[int]
+    on_done: Callable[[TransferOutcome], None]
+    active: bool = False
+    revoked: bool = False
+    conn: socket.socket | None = None
+
+
+class KVReceiver:
+    """Accept KV pages into `pool` (`[layers, 2, blocks, block_size, heads, dim]`) for open tickets.
+
+    Args:
+        pool: the engine's KV cache tensor.
+        spec: its layout; senders must match it field by field.
+        host, port: where the control socket listens (port 0: any free port).
+        shm_path: the file backing `pool` when it lives in shared memory ("" if not).
+        timeout: seconds a connection may take to introduce itself.
+        stall_timeout: seconds the data of an accepted transfer may stall (the sender
+            may still be prefilling) before the transfer is failed.
+    """
+
+    def __init__(self, pool: torch.Tensor, spec: KVSpec, host: str = "127.0.0.1", port: int = 0,
+                 shm_path: str = "", timeout: float = 30.0, stall_timeout: float = 300.0) -> None:
+        self.pool, self.spec, self.shm_path = pool, spec, shm_path
+        self.timeout, self.stall_timeout = timeout, stall_timeout
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.create_server((host, port), family=family, backlog=128)
+        port = self._sock.getsockname()[1]
+        self.endpoint = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        self._tickets: dict[str, _Ticket] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self.bytes_received = 0
+        threading.Thread(target=self._accept_loop, name="kv-recv-accept", daemon=True).start()
+
+    # -- tickets ------------------------------------------------------------------
+    def open_ticket(self, ticket_id: str, secret: str, block_ids: list[int],
+                    on_done: Callable[[TransferOutcome], None]) -> None:
+        with self._lock:
+            self._tickets[ticket_id] = _Ticket(secret, frozenset(block_ids), on_done)
+
+    def revoke(self, ticket_id: str) -> bool:
+        """Close a ticket. False when a transfer is writing into it right now: that
+        transfer is stopped and its `on_done` (ok=False) tells when the blocks are free."""
+        with self._lock:
+            t = self._tickets.get(ticket_id)
+            if t is not None and t.active:
+                t.revoked = True
+                if t.conn is not None:
+                    with contextlib.suppress(OSError):
+                        t.conn.shutdown(socket.SHUT_RDWR)
+                return False
+            self._tickets.pop(ticket_id, None)
+            return True
+
+    def is_active(self, ticket_id: str) -> bool:
+        with self._lock:
+            t = self._tickets.get(ticket_id)
+            return t is not None and t.active
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    # -- connections ----------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="kv-recv", daemon=True).start()
+
+    def _claim(self, hello: Hello, conn: socket.socket) -> tuple[_Ticket | None, str, str]:
+        bs = self.spec.block_size
+        with self._lock:
+            t = self._tickets.get(hello.ticket_id)
+            if t is None:
+                return None, "not_found", f"unknown or expired ticket {hello.ticket_id!r}"
+            if not hmac.compare_digest(t.secret, hello.secret):
+                return None, "forbidden", "ticket secret does not match"
+            if t.active:
+                return None, "conflict", "this ticket already has a transfer in flight"
+            try:
+                self.spec.check_compatible(hello.spec)
+            except KVSpecMismatch as exc:
+                return None, "kv_spec_mismatch", str(exc)
+            if len(set(hello.block_ids)) != len(hello.block_ids) or not t.blocks.issuperset(hello.block_ids):
+                return None, "forbidden", "the transfer names blocks outside its ticket"
+            if not 0 <= hello.begin < hello.end or len(hello.block_ids) != -(-hello.end // bs) - hello.begin // bs:
+                n = len(hello.block_ids)
+                return None, "bad_request", f"range [{hello.begin}, {hello.end}) does not fit {n} blocks"
+            if hello.mode not in ("tcp", "shm") or (hello.mode == "shm" and not self.shm_path):
+                return None, "bad_request", f"transport {hello.mode!r} is not offered by this receiver"
+            t.active = True
+            t.conn = conn
+            return t, "", ""
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(self.timeout)
+            tcp.tune(conn)
+            try:
+                hello = recv_msg(conn)
+            except (OSError, TransferError) as exc:
+                log.warning("kv receiver: bad hello: %s", exc)
+                return
+            if not isinstance(hello, Hello):
+                send_msg(conn, Reply(False, "bad_request", "expected a hello"))
+                return
+            ticket, code, error = self._claim(hello, conn)
+            with contextlib.suppress(OSError):
+                send_msg(conn, Reply(ticket is not None, code, error))
+            if ticket is not None:
+                conn.settimeout(self.stall_timeout)
+                self._receive(conn, hello, ticket)
+
+    def _receive(self, conn: socket.socket, hello: Hello, ticket: _Ticket) -> None:
+        t0, nbytes = time.perf_counter(), 0
+        expected = len(hello.block_ids) * self.spec.page_bytes * 2 * self.spec.num_layers
+        outcome = TransferOutcome(hello.ticket_id, False, hello.begin, hello.end)
+        try:
+            if hello.mode == "tcp":
+                runs = block_runs(hello.block_ids)
+                for layer in range(self.spec.num_layers):
+                    if ticket.revoked:
+                        raise TransferError("ticket revoked (lease expired or request aborted)", "aborted")
+                    nbytes += tcp.recv_layer(conn, self.pool, layer, runs)
+            else:
+                commit = recv_msg(conn)
+                if not isinstance(commit, Commit) or commit.nbytes != expected:
+                    raise TransferError(f"bad commit {commit!r}, expected {expected} bytes", "bad_request")
+                nbytes = commit.nbytes
+            if ticket.revoked:
+                raise TransferError("ticket revoked (lease expired or request aborted)", "aborted")
+            outcome.ok, outcome.nbytes = True, nbytes
+        except (OSError, TransferError) as exc:
+            outcome.error = str(exc)
+        outcome.seconds = time.perf_counter() - t0
+        with self._lock:
+            self._tickets.pop(hello.ticket_id, None)
+            ticket.active, ticket.conn = False, None
+        if outcome.ok:
+            self.bytes_received += nbytes
+        try:
+            ticket.on_done(outcome)
+        except Exception:  # the engine's hook must not kill the receiver
+            log.exception("kv receiver: on_done hook failed")
+        with contextlib.suppress(OSError):
+            send_msg(conn, Reply(outcome.ok, "" if outcome.ok else "transfer_failed", outcome.error))

@@ -1,0 +1,89 @@
+"""`shm`: same-host transfer. The receiver's page pool is an anonymous shared-memory
+file (`memfd`) mapped into both processes; the sender copies pages straight into the
+reserved blocks (one-sided, one copy), and only the control messages cross a socket.
+
+The pool has no name in /dev/shm: peers open it as `/proc/<pid>/fd/<fd>`, so nothing
+is left behind when the engine exits, however it exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+
+import torch
+
+from kvapi.spec import KVSpec
+from kvapi.transfer.base import TransferError
+
+_POOL_PATH = re.compile(r"^/proc/\d+/fd/\d+$")
+
+
+def shm_available() -> bool:
+    return hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd")
+
+
+class SharedPool:
+    """A zeroed `[layers, 2, blocks, block_size, kv_heads, head_dim]` cache in shared memory.
+
+    Keep the object alive as long as the pool is used; `close()` drops this process's
+    handle (the memory goes once every mapping is gone).
+    """
+
+    def __init__(self, spec: KVSpec, num_blocks: int, name: str = "microserve-kv") -> None:
+        shape = spec.cache_shape(num_blocks)
+        numel = 1
+        for d in shape:
+            numel *= d
+        self.fd = os.memfd_create(name, 0)
+        os.ftruncate(self.fd, numel * spec.element_size)
+        self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
+        self.tensor = torch.from_file(self.path, shared=True, size=numel, dtype=spec.torch_dtype).view(shape)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class PoolMaps:
+    """Mapped views of peers' shared pools, opened once per path."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str, spec: KVSpec) -> torch.Tensor:
+        with self._lock:
+            pool = self._maps.get(path)
+            if pool is None:
+                pool = self._maps[path] = self._open(path, spec)
+            return pool
+
+    @staticmethod
+    def _open(path: str, spec: KVSpec) -> torch.Tensor:
+        try:
+            size = os.path.getsize(path)
+        except OSError as exc:
+            raise TransferError(f"cannot open the receiver's shared KV pool {path}: {exc}", "unavailable") from exc
+        per_block = spec.page_bytes * 2 * spec.num_layers
+        if not _POOL_PATH.match(path) or size % per_block:
+            raise TransferError(f"{path} is not a KV pool of this spec ({size} bytes)", "bad_request")
+        numel = size // spec.element_size
+        return torch.from_file(path, shared=True, size=numel, dtype=spec.torch_dtype).view(
+            spec.cache_shape(size // per_block))
+
+    def forget(self, path: str) -> None:
+        with self._lock:
+            self._maps.pop(path, None)
+
+
+def copy_layer(dst_pool: torch.Tensor, src_pool: torch.Tensor, layer: int, runs: list[tuple[int, int, int]]) -> int:
+    """Copy K and V pages of one layer along `(src, dst, count)` runs; returns bytes."""
+    nbytes = 0
+    for s, d, n in runs:
+        dst = dst_pool[layer, :, d:d + n]
+        dst.copy_(src_pool[layer, :, s:s + n])
+        nbytes += dst.numel() * dst.element_size()
+    return nbytes

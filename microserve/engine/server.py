@@ -1,0 +1,211 @@
+"""`microserve engine`: one engine serving the microserving calls over ZeroMQ.
+
+    ROUTER (--rpc)   [identity, call_id, body] ─> decode_call ─> AsyncEngine ─> [identity, call_id, reply]...
+    PUB (--events)   KVEvent for every batch of blocks stored in / evicted from the prefix cache
+    KVReceiver       TCP control socket (+ shared pool) for incoming KV pages
+
+Every call runs in its own task; a malformed frame or body gets an `RPCError` reply
+and changes nothing. SIGTERM/SIGINT: stop taking calls, abort what runs, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from kvapi.transfer import KVReceiver, host_id
+from kvapi.transfer.shm import SharedPool, shm_available
+from microserve import protocol as P
+from microserve.engine.async_engine import AsyncEngine
+from microserve.engine.config import EngineConfig
+from microserve.engine.engine import LLMEngine
+from microserve.engine.tickets import EngineError
+
+log = logging.getLogger("microserve.engine")
+
+
+@dataclass
+class EngineOptions:
+    model: str
+    rpc: str = "tcp://127.0.0.1:*"
+    events: str = "tcp://127.0.0.1:*"
+    device: str = "cpu"
+    dtype: str | None = None
+    transport: str = "auto"
+    kv_host: str = "127.0.0.1"
+    kv_port: int = 0
+    engine_id: str = ""
+    lease_s: float = 60.0
+    transfer_timeout: float = 30.0
+    config: EngineConfig | None = None
+
+
+def pick_transports(choice: str, device: str) -> list[str]:
+    """Transports this engine offers, fastest first; raises ValueError for an impossible choice."""
+    shm_ok = shm_available() and device == "cpu"
+    if choice == "auto":
+        return (["shm"] if shm_ok else []) + ["tcp"]
+    if choice == "shm" and not shm_ok:
+        raise ValueError("--transport shm needs a CPU KV pool on Linux (memfd); use tcp or auto")
+    if choice == "ucx":
+        raise ValueError("--transport ucx is not available in this build: use auto, shm or tcp "
+                         "(see docs/transfer.md)")
+    if choice not in ("shm", "tcp"):
+        raise ValueError(f"unknown transport {choice!r}; choose auto, shm, ucx or tcp")
+    return [choice] + (["tcp"] if choice == "shm" else [])
+
+
+class EngineServer:
+    def __init__(self, opts: EngineOptions) -> None:
+        self.opts = opts
+        self.engine_id = opts.engine_id or f"engine-{uuid.uuid4().hex[:8]}"
+        self.transports = pick_transports(opts.transport, opts.device)
+        self.pool: SharedPool | None = None
+        self._events: list[tuple[str, list[int]]] = []
+        self._event_seq = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+        def factory(spec, num_blocks):
+            self.pool = SharedPool(spec, num_blocks, f"microserve-kv-{self.engine_id}")
+            return self.pool.tensor
+
+        self.llm = LLMEngine(opts.model, opts.device, opts.dtype, opts.config, on_kv_event=self._on_kv_event,
+                             kv_cache_factory=factory if "shm" in self.transports else None)
+        receiver = KVReceiver(self.llm.runner.kv_cache, self.llm.kv_spec, opts.kv_host, opts.kv_port,
+                              self.pool.path if self.pool else "")
+        self.engine = AsyncEngine(self.llm, self.engine_id, receiver, self.transports, host_id(), opts.lease_s,
+                                  opts.transfer_timeout)
+        self.ctx = zmq.asyncio.Context()
+        self.rpc_addr = self.events_addr = ""
+        self._calls: set[asyncio.Task] = set()
+        self._started = time.time()
+
+    # -- KV events ----------------------------------------------------------------------
+    def _on_kv_event(self, kind: str, hashes: list[int]) -> None:  # any thread
+        self._events.append((kind, list(hashes)))
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._flush_events)
+
+    def _flush_events(self) -> None:
+        events, self._events = self._events, []
+        for kind, hashes in events:
+            self._event_seq += 1
+            self.pub.send(P.encode(P.KVEvent(self.engine_id, kind, hashes, self._event_seq)))
+
+    # -- serving ------------------------------------------------------------------------
+    async def serve(self, stop: asyncio.Event, ready=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.bind(self.opts.rpc)
+        self.rpc_addr = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(self.opts.events)
+        self.events_addr = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        step_task = asyncio.create_task(self.engine.run())
+        recv_task = asyncio.create_task(self._recv_loop())
+        if ready is not None:
+            ready(self)
+        await stop.wait()
+        log.info("engine %s stopping", self.engine_id)
+        recv_task.cancel()
+        for task in list(self._calls):
+            task.cancel()
+        await asyncio.gather(*self._calls, recv_task, return_exceptions=True)
+        self.engine.close()
+        step_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await step_task
+        self.sock.close(0)
+        self.pub.close(0)
+        self.ctx.term()
+        if self.pool is not None:
+            self.pool.close()
+
+    async def _recv_loop(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            if len(frames) != 3:
+                if len(frames) >= 2:
+                    call_id = frames[1] if len(frames) > 2 else b""
+                    await self._send(frames[0], call_id, P.RPCError(
+                        "bad_request", f"expected [call_id, body] frames, got {len(frames) - 1}"))
+                continue
+            ident, call_id, body = frames
+            task = asyncio.create_task(self._handle(ident, call_id, body))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    async def _send(self, ident: bytes, call_id: bytes, reply: msgspec.Struct) -> bool:
+        try:
+            await self.sock.send_multipart([ident, call_id, P.encode(reply)])
+            return True
+        except zmq.ZMQError as exc:  # the caller went away (ROUTER_MANDATORY)
+            log.info("reply to a gone client dropped: %s", exc)
+            return False
+
+    async def _handle(self, ident: bytes, call_id: bytes, body: bytes) -> None:
+        try:
+            call = P.decode_call(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            await self._send(ident, call_id, P.RPCError("bad_request", f"malformed call: {exc}"))
+            return
+        try:
+            if isinstance(call, P.StartGenerate):
+                stream = await self.engine.start_generate(call.req, call.begin, call.sampling)
+                async with contextlib.aclosing(stream):
+                    async for chunk in stream:
+                        if not await self._send(ident, call_id, chunk):
+                            break
+                return
+            reply = await self._call(call)
+        except EngineError as exc:
+            reply = P.RPCError(exc.code, str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("call %s failed", type(call).__name__)
+            reply = P.RPCError("internal", f"{type(exc).__name__}: {exc}")
+        await self._send(ident, call_id, reply)
+
+    async def _call(self, call: P.Call) -> msgspec.Struct:
+        if isinstance(call, P.PrepRecv):
+            return await self.engine.prep_recv(call.req, call.end, call.lease_s)
+        if isinstance(call, P.RemoteSend):
+            return await self.engine.remote_send(call.req, call.kv, call.begin, call.end, call.transport)
+        if isinstance(call, P.Abort):
+            return P.AbortReply(await self.engine.abort(call.request_id))
+        if isinstance(call, P.Stats):
+            return self.engine.stats()
+        return P.HealthReply(True, self.engine_id, self.opts.model, self.llm.kv_spec, self.transports,
+                             self.events_addr, self.llm.max_model_len)
+
+
+def run_engine(opts: EngineOptions) -> int:
+    """Run until SIGTERM/SIGINT; prints one `READY ...` line when serving."""
+    server = EngineServer(opts)
+
+    def ready(s: EngineServer) -> None:
+        print(f"READY engine={s.engine_id} rpc={s.rpc_addr} events={s.events_addr} "
+              f"kv={s.engine.receiver.endpoint} transports={','.join(s.transports)}", flush=True)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await server.serve(stop, ready)
+
+    asyncio.run(main())
+    return 0

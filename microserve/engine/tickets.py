@@ -1,0 +1,138 @@
+"""Books of the microserving calls on one engine: receive tickets and send jobs.
+
+    Ticket (receiver):  seq.block_table = | pinned prefix [0, matched) | reserved [matched, end) |
+                        state: open ──transfer ok──> complete ──start_generate──> (adopted)
+                                 └─expired/aborted/failed──> failed/closed (blocks released)
+    SendJob (sender):   a prefill-only Sequence of prompt[:end]; the sending thread waits on
+                        `wait_layer(l)`, released layer by layer by the step that completes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+from kvapi.transfer import TransferError
+from microserve.engine.kv_manager import KVCacheManager
+from microserve.engine.sequence import Sequence, SequenceStatus
+from microserve.sampling_params import SamplingParams
+
+
+class EngineError(Exception):
+    """A call failed; `code` is the RPC error code (see `protocol.RPCError`)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(eq=False)
+class Ticket:
+    id: str
+    secret: str
+    request_id: str
+    seq: Sequence  # prompt[:end]; holds the pinned prefix and the reserved blocks
+    matched: int
+    end: int
+    blocks: list[int]  # reserved blocks, for logical blocks matched // bs ..
+    state: str = "open"
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    error: str = ""
+    bytes: int = 0
+    expiry: asyncio.TimerHandle | None = None
+
+
+class TicketBook:
+    def __init__(self) -> None:
+        self._tickets: dict[str, Ticket] = {}
+
+    def open(self, request_id: str, seq: Sequence, block_size: int) -> Ticket:
+        matched = seq.num_computed_tokens
+        ticket = Ticket(uuid.uuid4().hex, secrets.token_hex(16), request_id, seq, matched, seq.num_tokens,
+                        seq.block_table[matched // block_size:])
+        self._tickets[ticket.id] = ticket
+        return ticket
+
+    def get(self, ticket_id: str) -> Ticket | None:
+        return self._tickets.get(ticket_id)
+
+    def remove(self, ticket: Ticket) -> None:
+        self._tickets.pop(ticket.id, None)
+        if ticket.expiry is not None:
+            ticket.expiry.cancel()
+
+    def of_request(self, request_id: str) -> list[Ticket]:
+        return [t for t in self._tickets.values() if t.request_id == request_id]
+
+    def latest(self, request_id: str) -> Ticket | None:
+        mine = self.of_request(request_id)
+        return mine[-1] if mine else None
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+
+def adopt_ticket(ticket: Ticket, prompt: list[int], begin: int, sampling: SamplingParams,
+                 kv: KVCacheManager) -> Sequence | None:
+    """Turn a complete ticket into the generating sequence, using its KV for
+    `prompt[:begin]` (at most all but the last prompt token). Returns None, with the
+    ticket's blocks released, when the ticket cannot serve this prompt."""
+    seq, bs = ticket.seq, kv.block_size
+    computed = min(begin, seq.num_computed_tokens, len(prompt) - 1)
+    if seq.token_ids != prompt[:ticket.end] or computed <= 0:
+        kv.free(seq)  # received full blocks stay in the prefix cache for the normal path
+        return None
+    keep = computed // bs
+    if keep < seq.num_cached_blocks:
+        # NOTE: the block where computing resumes is shared with the prefix cache: never
+        # write into it; restart at its first token in a private block instead.
+        kv.pool.free(seq.block_table[keep:])
+        del seq.block_table[keep:]
+        seq.num_cached_blocks = keep
+        computed = keep * bs
+    seq.token_ids = list(prompt)
+    seq.num_prompt_tokens = len(prompt)
+    seq.sampling = sampling
+    seq.status = SequenceStatus.WAITING
+    seq.num_computed_tokens = computed
+    seq.num_cached_tokens = computed
+    if not seq.block_table:
+        return seq if computed == 0 else None
+    return seq
+
+
+class SendJob:
+    """One `remote_send` in flight on the sending engine."""
+
+    def __init__(self, job_id: str, request_id: str, prompt: list[int], num_layers: int) -> None:
+        self.id, self.request_id, self.num_layers = job_id, request_id, num_layers
+        self.seq = Sequence(job_id, prompt, SamplingParams(max_tokens=1))
+        self.seq.prefill_only = True
+        self.seq.layer_hook = self._layer_done
+        self.scheduled = False
+        self.cancel_reason: str | None = None
+        self._ready = 0
+        self._cond = threading.Condition()
+
+    def _layer_done(self, layer: int) -> None:  # step thread
+        with self._cond:
+            self._ready = max(self._ready, layer + 1)
+            self._cond.notify_all()
+
+    def prefilled(self) -> None:
+        self._layer_done(self.num_layers - 1)
+
+    def cancel(self, reason: str) -> None:
+        with self._cond:
+            self.cancel_reason = self.cancel_reason or reason
+            self._cond.notify_all()
+
+    def wait_layer(self, layer: int) -> None:  # sending thread
+        with self._cond:
+            while self._ready <= layer and self.cancel_reason is None:
+                self._cond.wait()
+            if self.cancel_reason is not None:
+                raise TransferError(f"send abandoned: {self.cancel_reason}", "aborted")

@@ -1,0 +1,164 @@
+"""Wire messages of the microserving calls (msgspec, MessagePack over ZeroMQ).
+
+Frames: a client (DEALER) sends `[call_id, body]`; the engine (ROUTER) answers every
+call with one or more `[call_id, body]` frames, `body` a `Reply`. `start_generate`
+streams `GenerateChunk`s until one carries a `finish_reason`; every call may instead
+end with an `RPCError`. Decoding is strict: unknown tags or fields are errors.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from kvapi.spec import KVSpec
+from kvapi.transfer.base import KVAddr
+from microserve.sampling_params import SamplingParams
+
+__all__ = [
+    "Abort", "AbortReply", "Call", "GenerateChunk", "Health", "HealthReply", "KVAddr", "KVEvent", "KVSpec",
+    "PrepRecv", "RPCError", "RecvTicket", "RemoteSend", "Reply", "Request", "SendResult", "StartGenerate",
+    "Stats", "StatsReply", "decode_call", "decode_reply", "encode",
+]
+
+
+class Request(msgspec.Struct, forbid_unknown_fields=True):
+    """One generation request as the engines see it: token ids, not text."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+
+    def split(self, fraction: float) -> int:
+        """The token index `fraction` of the way into the prompt (0.0 → 0, 1.0 → len)."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+        return int(len(self.prompt_ids) * fraction)
+
+
+# -- calls ---------------------------------------------------------------------------
+class PrepRecv(msgspec.Struct, tag="prep_recv", forbid_unknown_fields=True):
+    req: Request
+    end: int
+    lease_s: float | None = None
+
+
+class RemoteSend(msgspec.Struct, tag="remote_send", forbid_unknown_fields=True):
+    req: Request
+    kv: KVAddr
+    begin: int
+    end: int
+    transport: str | None = None  # force one ("shm" | "ucx" | "tcp"); default: the fastest that works
+
+
+class StartGenerate(msgspec.Struct, tag="start_generate", forbid_unknown_fields=True):
+    req: Request
+    begin: int = 0
+    sampling: SamplingParams | None = None  # default: req.sampling
+
+
+class Abort(msgspec.Struct, tag="abort", forbid_unknown_fields=True):
+    request_id: str
+
+
+class Stats(msgspec.Struct, tag="stats", forbid_unknown_fields=True):
+    pass
+
+
+class Health(msgspec.Struct, tag="health", forbid_unknown_fields=True):
+    pass
+
+
+Call = PrepRecv | RemoteSend | StartGenerate | Abort | Stats | Health
+
+
+# -- replies -------------------------------------------------------------------------
+class RecvTicket(msgspec.Struct, tag="recv_ticket", forbid_unknown_fields=True):
+    kv: KVAddr
+    matched: int  # prompt tokens the receiver already had cached (block aligned)
+
+
+class SendResult(msgspec.Struct, tag="send_result", forbid_unknown_fields=True):
+    bytes: int
+    seconds: float
+    transport: str = ""
+    computed_tokens: int = 0  # tokens the sender prefilled for this send (0: all from its cache)
+
+
+class GenerateChunk(msgspec.Struct, tag="chunk", forbid_unknown_fields=True):
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" at the end of the stream
+    num_cached_tokens: int = 0  # prompt tokens that were not recomputed (received or cached)
+
+
+class AbortReply(msgspec.Struct, tag="abort_reply", forbid_unknown_fields=True):
+    found: bool
+
+
+class StatsReply(msgspec.Struct, tag="stats_reply", forbid_unknown_fields=True):
+    engine_id: str
+    running: int
+    waiting: int
+    queued_tokens: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    prefix_cache_hit_tokens: int
+    computed_tokens_total: int
+    num_preemptions: int
+    open_tickets: int
+    active_sends: int
+    kv_bytes_sent: int
+    kv_bytes_received: int
+
+
+class HealthReply(msgspec.Struct, tag="health_reply", forbid_unknown_fields=True):
+    ok: bool
+    engine_id: str
+    model: str
+    kv_spec: KVSpec
+    transports: list[str]
+    events: str  # ZeroMQ PUB address of the KV events
+    max_model_len: int
+
+
+class RPCError(msgspec.Struct, tag="error", forbid_unknown_fields=True):
+    """`code`: bad_request | not_found | forbidden | kv_spec_mismatch | overloaded |
+    timeout | unavailable | transfer_failed | aborted | internal."""
+
+    code: str
+    message: str
+
+
+Reply = RecvTicket | SendResult | GenerateChunk | AbortReply | StatsReply | HealthReply | RPCError
+
+
+class KVEvent(msgspec.Struct, tag="kv_event", forbid_unknown_fields=True):
+    """Published on the engine's PUB socket: blocks entered or left its prefix cache."""
+
+    engine_id: str
+    kind: str  # "stored" | "evicted"
+    hashes: list[int]  # chained prefix hashes (kvapi.radix.prefix_hashes) of the blocks
+    seq: int  # per-engine event counter, to notice drops
+
+
+_encoder = msgspec.msgpack.Encoder()
+_call_decoder = msgspec.msgpack.Decoder(Call)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_event_decoder = msgspec.msgpack.Decoder(KVEvent)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_call(data: bytes) -> Call:
+    """Raises msgspec.DecodeError / msgspec.ValidationError on malformed input."""
+    return _call_decoder.decode(data)
+
+
+def decode_reply(data: bytes) -> Reply:
+    return _reply_decoder.decode(data)
+
+
+def decode_event(data: bytes) -> KVEvent:
+    return _event_decoder.decode(data)

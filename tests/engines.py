@@ -1,0 +1,59 @@
+"""Start real `microserve engine` processes for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineProc:
+    proc: subprocess.Popen
+    rpc: str
+    events: str
+    kv: str
+    engine_id: str
+    transports: list[str] = field(default_factory=list)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def spawn_engine(model: str, *args: str, engine_id: str | None = None, timeout: float = 120.0) -> EngineProc:
+    """Start `microserve engine --model MODEL ARGS` and wait for its READY line."""
+    cmd = [sys.executable, "-m", "microserve", "engine", "--model", str(model), *args]
+    if engine_id:
+        cmd += ["--engine-id", engine_id]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not sel.select(timeout=0.5):
+            if proc.poll() is not None:
+                break
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("READY "):
+            kv = dict(part.split("=", 1) for part in line.split()[1:])
+            return EngineProc(proc, kv["rpc"], kv["events"], kv["kv"], kv["engine"], kv["transports"].split(","))
+    proc.kill()
+    raise RuntimeError(f"engine {cmd} did not become ready (exit code {proc.poll()})")

@@ -34,13 +34,16 @@ class EngineProc:
         self.proc.wait()
 
 
-def spawn_engine(model: str, *args: str, engine_id: str | None = None, timeout: float = 120.0) -> EngineProc:
-    """Start `microserve engine --model MODEL ARGS` and wait for its READY line."""
+def start_engine(model: str, *args: str, engine_id: str | None = None) -> subprocess.Popen:
+    """Start `microserve engine --model MODEL ARGS` (use `wait_engine` for its READY line)."""
     cmd = [sys.executable, "-m", "microserve", "engine", "--model", str(model), *args]
     if engine_id:
         cmd += ["--engine-id", engine_id]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+
+
+def wait_engine(proc: subprocess.Popen, timeout: float = 120.0) -> EngineProc:
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
@@ -56,4 +59,8 @@ def spawn_engine(model: str, *args: str, engine_id: str | None = None, timeout: 
             kv = dict(part.split("=", 1) for part in line.split()[1:])
             return EngineProc(proc, kv["rpc"], kv["events"], kv["kv"], kv["engine"], kv["transports"].split(","))
     proc.kill()
-    raise RuntimeError(f"engine {cmd} did not become ready (exit code {proc.poll()})")
+    raise RuntimeError(f"engine {proc.args} did not become ready (exit code {proc.poll()})")
+
+
+def spawn_engine(model: str, *args: str, engine_id: str | None = None, timeout: float = 120.0) -> EngineProc:
+    return wait_engine(start_engine(model, *args, engine_id=engine_id), timeout)

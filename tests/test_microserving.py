@@ -1,0 +1,377 @@
+"""The microserving calls between real engine processes (ZeroMQ + kvapi.transfer).
+
+Engines: P (sender), D (receiver), C (third engine, migration target), T (offers tcp
+only) and R (reference: prefix caching off, every answer computed from scratch).
+Greedy outputs of every flow must equal R's; no test may leave a block behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import msgspec
+import pytest
+import zmq
+import zmq.asyncio
+from checkpoints import make_checkpoint
+from engines import start_engine, wait_engine
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from kvapi.radix import prefix_hashes
+from microserve import SamplingParams
+from microserve.protocol import Request, decode_event, decode_reply
+from microserve.router import EngineCallError, EngineHandle, EngineTimeout
+
+BS = 16
+VOCAB = 256
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+TRANSPORTS = ["tcp", "shm"]
+COMMON = ["--num-kv-blocks", "400", "--block-size", str(BS), "--log-level", "error"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path, _ = make_checkpoint(tmp_path_factory.mktemp("ms"), "llama", max_position_embeddings=4096)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cluster(model):
+    layout = {"P": [], "D": [], "C": [], "T": ["--transport", "tcp"], "R": ["--no-prefix-caching"]}
+    procs = {name: start_engine(model, *COMMON, *extra, engine_id=name) for name, extra in layout.items()}
+    engines = {name: wait_engine(p) for name, p in procs.items()}
+    yield engines
+    for name, eng in engines.items():
+        assert eng.stop() == 0, f"engine {name} did not exit cleanly on SIGTERM"
+
+
+def handles(cluster, *names, timeout=30.0):
+    return [EngineHandle(cluster[n].rpc, name=n, timeout=timeout) for n in names]
+
+
+_ids = iter(range(10**9))
+
+
+def req(prompt, sampling=GREEDY) -> Request:
+    return Request(f"req-{next(_ids)}", list(prompt), sampling)
+
+
+def rand_prompt(n, seed=None):
+    rng = random.Random(seed)
+    return [rng.randrange(2, VOCAB) for _ in range(n)]
+
+
+async def collect(stream):
+    tokens, last = [], None
+    async for chunk in stream:
+        tokens += chunk.token_ids
+        last = chunk
+    return tokens, last
+
+
+async def reference(cluster, prompt, sampling=GREEDY):
+    (r,) = handles(cluster, "R")
+    try:
+        tokens, _ = await collect(r.start_generate(req(prompt, sampling)))
+        return tokens
+    finally:
+        await r.close()
+
+
+async def assert_no_leaks(cluster, names=("P", "D", "C", "T", "R"), timeout=5.0):
+    """Used blocks == blocks the prefix cache holds; nothing open, nothing running."""
+    hs = handles(cluster, *names)
+    try:
+        deadline = time.monotonic() + timeout
+        for h in hs:
+            while True:
+                s = await h.stats()
+                clean = (s.kv_blocks_used == s.kv_blocks_cached and s.open_tickets == 0 and s.active_sends == 0
+                         and s.running == 0 and s.waiting == 0)
+                if clean:
+                    break
+                assert time.monotonic() < deadline, f"engine {h.name} leaks: {s}"
+                await asyncio.sleep(0.05)
+    finally:
+        for h in hs:
+            await h.close()
+
+
+async def balanced_pd(p, d, r, split, transport):
+    """prep_recv on D up to `split`, the missing part from P, generation on D."""
+    ticket = await d.prep_recv(r, end=split)
+    sent = None
+    if ticket.matched < split:
+        sent = await p.remote_send(r, ticket.kv, begin=ticket.matched, end=split, transport=transport)
+    tokens, last = await collect(d.start_generate(r, begin=split))
+    return ticket, sent, tokens, last
+
+
+# -- PD, balanced PD, migration --------------------------------------------------------
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_pd_matches_one_engine(cluster, transport):
+    p, d = handles(cluster, "P", "D")
+    prompt = rand_prompt(77)
+    r = req(prompt)
+    ticket, sent, tokens, last = await balanced_pd(p, d, r, len(prompt), transport)
+    assert ticket.matched == 0
+    assert sent.transport == transport and sent.computed_tokens == len(prompt)
+    spec = ticket.kv.spec
+    assert sent.bytes == -(-len(prompt) // BS) * spec.page_bytes * 2 * spec.num_layers
+    assert tokens == await reference(cluster, prompt)
+    assert last.finish_reason == "length" and last.num_cached_tokens == len(prompt) - 1
+    await assert_no_leaks(cluster)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_balanced_pd_any_split(cluster, transport):
+    n = 50
+
+    @settings(max_examples=12, deadline=None, database=None)
+    @given(split=st.integers(0, n), seed=st.integers(0, 2**16))
+    @example(split=0, seed=1)
+    @example(split=1, seed=2)
+    @example(split=BS - 1, seed=3)
+    @example(split=BS, seed=4)
+    @example(split=BS + 1, seed=5)
+    @example(split=2 * BS, seed=6)
+    @example(split=n - 1, seed=7)
+    @example(split=n, seed=8)
+    def check(split, seed):
+        async def run():
+            p, d = handles(cluster, "P", "D")
+            prompt = rand_prompt(n, seed)
+            # half the time D already caches a prefix of the prompt
+            if seed % 2:
+                await collect(d.start_generate(req(prompt[:seed % n] + rand_prompt(3))))
+            _, _, tokens, _ = await balanced_pd(p, d, req(prompt), split, transport)
+            assert tokens == await reference(cluster, prompt), f"split={split}"
+            await p.close()
+            await d.close()
+        asyncio.run(run())
+
+    check()
+    asyncio.run(assert_no_leaks(cluster))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_context_migration_reuses_cached_kv(cluster, transport):
+    """A computed a request; its cached prefix moves to C with no compute on A."""
+    a, c = handles(cluster, "P", "C")
+    prompt = rand_prompt(3 * BS + 5)
+    first, _ = await collect(a.start_generate(req(prompt)))
+    end = (len(prompt) // BS) * BS  # what A's prefix cache holds of the prompt
+    before = (await a.stats()).computed_tokens_total
+    r = req(prompt)
+    ticket = await c.prep_recv(r, end=end)
+    sent = await a.remote_send(r, ticket.kv, begin=ticket.matched, end=end, transport=transport)
+    assert sent.computed_tokens == 0 and (await a.stats()).computed_tokens_total == before
+    c_before = (await c.stats()).computed_tokens_total
+    tokens, last = await collect(c.start_generate(r, begin=end))
+    assert tokens == first
+    assert last.num_cached_tokens == end
+    # C computed only the prompt tail and the decodes
+    assert (await c.stats()).computed_tokens_total - c_before == len(prompt) - end + GREEDY.max_tokens - 1
+    await assert_no_leaks(cluster)
+
+
+async def test_prefix_on_receiver_sends_only_the_rest(cluster):
+    p, d = handles(cluster, "P", "D")
+    shared = rand_prompt(2 * BS)
+    await collect(d.start_generate(req(shared + rand_prompt(7))))
+    prompt = shared + rand_prompt(40)
+    r = req(prompt)
+    ticket = await d.prep_recv(r, end=len(prompt))
+    assert ticket.matched == 2 * BS
+    sent = await p.remote_send(r, ticket.kv, begin=ticket.matched, end=len(prompt))
+    spec = ticket.kv.spec
+    blocks = -(-len(prompt) // BS) - 2
+    assert sent.bytes == blocks * spec.page_bytes * 2 * spec.num_layers
+    tokens, _ = await collect(d.start_generate(r, begin=len(prompt)))
+    assert tokens == await reference(cluster, prompt)
+    await assert_no_leaks(cluster)
+
+
+async def test_transport_negotiation(cluster):
+    p, d, t = handles(cluster, "P", "D", "T")
+    for sender, receiver, expected in ((p, d, "shm"), (p, t, "tcp"), (t, d, "tcp")):
+        prompt = rand_prompt(20)
+        r = req(prompt)
+        ticket = await receiver.prep_recv(r)
+        sent = await sender.remote_send(r, ticket.kv)
+        assert sent.transport == expected
+        tokens, _ = await collect(receiver.start_generate(r, begin=len(prompt)))
+        assert tokens == await reference(cluster, prompt)
+    r = req(rand_prompt(20))
+    ticket = await t.prep_recv(r)
+    with pytest.raises(EngineCallError, match="shm") as err:
+        await p.remote_send(r, ticket.kv, transport="shm")
+    assert err.value.code == "bad_request"
+    assert await t.abort(r.request_id)
+    assert not await t.abort("no-such-request")
+    await assert_no_leaks(cluster)
+
+
+# -- leases and aborts -------------------------------------------------------------------
+async def test_lease_expiry_frees_blocks(cluster):
+    p, d = handles(cluster, "P", "D")
+    used_before = (await d.stats()).kv_blocks_used
+    r = req(rand_prompt(70))
+    ticket = await d.prep_recv(r, lease_s=0.3)
+    s = await d.stats()
+    assert s.open_tickets == 1 and s.kv_blocks_used == used_before + 5
+    await asyncio.sleep(0.6)
+    with pytest.raises(EngineCallError) as err:
+        await p.remote_send(r, ticket.kv)
+    assert err.value.code == "not_found" and "expired" in str(err.value)
+    await assert_no_leaks(cluster)
+
+
+async def test_abort_frees_everything(cluster):
+    p, d = handles(cluster, "P", "D")
+    # a reserved ticket
+    r = req(rand_prompt(60))
+    await d.prep_recv(r)
+    assert await d.abort(r.request_id)
+    # mid-generation
+    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    r = req(rand_prompt(30), long)
+    stream = d.start_generate(r)
+    first = await stream.__anext__()
+    assert first.finish_reason is None
+    assert await d.abort(r.request_id)
+    tokens, last = await collect(stream)
+    assert last.finish_reason == "abort"
+    # a consumer that walks away aborts too
+    r = req(rand_prompt(30), long)
+    async for _ in d.start_generate(r):
+        break
+    # mid-transfer: abort on both ends while P is prefilling a long prompt
+    r = req(rand_prompt(1500))
+    ticket = await d.prep_recv(r)
+    send = asyncio.ensure_future(p.remote_send(r, ticket.kv))
+    await asyncio.sleep(0.05)
+    await asyncio.gather(p.abort(r.request_id), d.abort(r.request_id))
+    with pytest.raises(EngineCallError):
+        await send
+    await assert_no_leaks(cluster)
+
+
+# -- bad peers and bad input --------------------------------------------------------------
+async def test_wrong_secret_blocks_spec(cluster):
+    p, d = handles(cluster, "P", "D")
+    prompt = rand_prompt(40)
+    r = req(prompt)
+    ticket = await d.prep_recv(r)
+    kv = ticket.kv
+    bad = [
+        (msgspec.structs.replace(kv, secret="0" * 32), "forbidden", "secret"),
+        (msgspec.structs.replace(kv, block_ids=[b + 1 for b in kv.block_ids]), "forbidden", "blocks"),
+        (msgspec.structs.replace(kv, spec=msgspec.structs.replace(kv.spec, head_dim=kv.spec.head_dim * 2)),
+         "kv_spec_mismatch", "head_dim"),
+        (msgspec.structs.replace(kv, spec=msgspec.structs.replace(kv.spec, block_size=8)),
+         "kv_spec_mismatch", "block_size"),
+    ]
+    for addr, code, words in bad:
+        with pytest.raises(EngineCallError, match=words) as err:
+            await p.remote_send(r, addr, timeout=10)
+        assert err.value.code == code
+    # the genuine ticket still works after the bad attempts
+    await p.remote_send(r, kv)
+    tokens, _ = await collect(d.start_generate(r, begin=len(prompt)))
+    assert tokens == await reference(cluster, prompt)
+    with pytest.raises(EngineCallError) as err:  # a used ticket is gone
+        await p.remote_send(r, kv)
+    assert err.value.code == "not_found"
+    await assert_no_leaks(cluster)
+
+
+async def test_dead_receiver_and_dead_sender(cluster, model):
+    p, d = handles(cluster, "P", "D")
+    victim = wait_engine(start_engine(model, *COMMON, "--max-num-batched-tokens", "8", engine_id="V"))
+    (v,) = [EngineHandle(victim.rpc, name="V", timeout=3.0)]
+    try:
+        # dead receiver: the ticket points at a process that is gone
+        r = req(rand_prompt(40))
+        ticket = await v.prep_recv(r)
+        victim.kill()
+        t0 = time.monotonic()
+        with pytest.raises(EngineCallError) as err:
+            await p.remote_send(r, ticket.kv, timeout=10)
+        assert err.value.code in ("unavailable", "transfer_failed") and time.monotonic() - t0 < 10
+        with pytest.raises(EngineTimeout):
+            await v.stats(timeout=0.5)
+        # dead sender: killed while prefilling (the receiver's ticket has an open transfer)
+        victim = wait_engine(start_engine(model, *COMMON, "--max-num-batched-tokens", "8", engine_id="V"))
+        await v.close()
+        v = EngineHandle(victim.rpc, name="V", timeout=3.0)
+        prompt = rand_prompt(2000)
+        r = req(prompt)
+        ticket = await d.prep_recv(r)
+        send = asyncio.ensure_future(v.remote_send(r, ticket.kv))
+        while (await v.stats()).running == 0:
+            await asyncio.sleep(0.01)
+        victim.kill()
+        with pytest.raises(EngineTimeout):
+            await send
+        # D notices, frees the ticket, and computes the prompt itself
+        tokens, _ = await collect(d.start_generate(r, begin=len(prompt)))
+        assert tokens == await reference(cluster, prompt)
+    finally:
+        victim.kill()
+        await v.close()
+    await assert_no_leaks(cluster)
+
+
+async def test_malformed_rpc_is_answered(cluster):
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster["P"].rpc)
+    try:
+        for frames in ([b"id1", b"\xc1garbage"], [b"id2", msgspec.msgpack.encode({"type": "nope"})],
+                       [b"id3", msgspec.msgpack.encode({"type": "prep_recv", "req": {"request_id": 5}})],
+                       [b"id4", msgspec.msgpack.encode({"type": "start_generate", "req": {
+                           "request_id": "x", "prompt_ids": [1, 2]}, "sampling": {"temperature": -1}})],
+                       [b"id5", b"a", b"b"]):
+            await sock.send_multipart(frames)
+            call_id, body = await asyncio.wait_for(sock.recv_multipart(), 10)
+            reply = decode_reply(body)
+            assert call_id == frames[0] and reply.code == "bad_request", reply
+    finally:
+        sock.close(0)
+        ctx.term()
+    (p,) = handles(cluster, "P")
+    assert (await p.health()).ok
+    with pytest.raises(EngineCallError, match="outside the vocabulary"):
+        await collect(p.start_generate(req([10**7, 3])))
+    with pytest.raises(EngineCallError, match="context"):
+        await p.prep_recv(req(rand_prompt(4096)))
+    with pytest.raises(EngineCallError, match="outside the prompt"):
+        await p.prep_recv(req(rand_prompt(10)), end=11)
+    await assert_no_leaks(cluster, ("P",))
+
+
+async def test_kv_events_published(cluster):
+    ctx = zmq.asyncio.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(cluster["C"].events)
+    await asyncio.sleep(0.3)  # slow joiner
+    (c,) = handles(cluster, "C")
+    prompt = rand_prompt(3 * BS + 2)
+    try:
+        await collect(c.start_generate(req(prompt)))
+        want = set(prefix_hashes(prompt, BS))
+        got = set()
+        while not want <= got:
+            ev = decode_event(await asyncio.wait_for(sub.recv(), 10))
+            assert ev.engine_id == "C"
+            if ev.kind == "stored":
+                got |= set(ev.hashes)
+    finally:
+        sub.close(0)
+        ctx.term()

@@ -44,6 +44,8 @@ def cluster(model):
     procs = {name: start_engine(model, *COMMON, *extra, engine_id=name) for name, extra in layout.items()}
     engines = {name: wait_engine(p) for name, p in procs.items()}
     yield engines
+    for eng in engines.values():
+        eng.proc.terminate()
     for name, eng in engines.items():
         assert eng.stop() == 0, f"engine {name} did not exit cleanly on SIGTERM"
 

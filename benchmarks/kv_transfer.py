@@ -1,0 +1,187 @@
+"""KV transfer between two processes, per transport, against the limits of this host.
+
+Part 1, the transfer layer (`kvapi.transfer`): move the KV of N tokens shaped like
+Llama-3.1-8B (32 layers x 8 KV heads x 128 dims, bfloat16, 128 KiB/token) from this
+process's pool into a receiver process's pool (a `KVReceiver` over a shared `memfd`
+pool). Side by side, same bytes, same run:
+  - `memcpy`: one contiguous copy into the receiver's mapped pool (the limit for shm);
+  - raw socket: one `sendall` / `recv_into` stream into preallocated memory (the limit for tcp).
+Part 2, the engines: two `microserve engine` processes (random Llama, 8 layers); the
+time `remote_send` takes (prefill on P + transfer to D) next to a local prefill of the
+same prompt on P (`start_generate` with max_tokens=1).
+
+    python benchmarks/kv_transfer.py                      # 1k, 8k, 32k tokens
+    python benchmarks/kv_transfer.py --tokens 1024 8192 --skip-engines
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kvapi import KVSpec
+from kvapi.transfer import KVAddr, KVReceiver, KVSender, host_id
+from kvapi.transfer.base import recv_exact
+from kvapi.transfer.shm import PoolMaps, SharedPool
+
+SPEC_8B = KVSpec(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16)
+
+
+def _receiver_main(conn, num_blocks: int) -> None:
+    pool = SharedPool(SPEC_8B, num_blocks)
+    rx = KVReceiver(pool.tensor, SPEC_8B, shm_path=pool.path)
+    raw = socket.create_server(("127.0.0.1", 0))
+    conn.send((rx.endpoint, pool.path, raw.getsockname()[1]))
+    flat = pool.tensor.view(torch.uint8).view(-1).numpy()
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "ticket":
+            _, tid, blocks = cmd
+            done = []
+            rx.open_ticket(tid, "secret", blocks, done.append)
+            conn.send("ok")
+        elif cmd[0] == "raw":  # receive nbytes on a plain socket into the pool memory
+            nbytes = cmd[1]
+            conn.send("ready")
+            s, _ = raw.accept()
+            with s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                recv_exact(s, memoryview(flat)[:nbytes])
+                s.sendall(b"k")
+        else:
+            break
+
+
+def _median_gbps(fn, nbytes: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def bench_size(tokens: int, repeats: int) -> list[tuple]:
+    rows = []
+    nb = tokens // SPEC_8B.block_size
+    parent, child = mp.Pipe()
+    proc = mp.get_context("spawn").Process(target=_receiver_main, args=(child, nb), daemon=True)
+    proc.start()
+    endpoint, shm_path, raw_port = parent.recv()
+    src = torch.randn(SPEC_8B.cache_shape(nb), dtype=torch.bfloat16)
+    nbytes = src.numel() * src.element_size()
+    tx = KVSender(src, SPEC_8B)
+    dst = PoolMaps().get(shm_path, SPEC_8B)
+    blocks = list(range(nb))
+    memcpy = _median_gbps(lambda: dst.copy_(src), nbytes, repeats)
+
+    def raw_send():
+        parent.send(("raw", nbytes))
+        parent.recv()
+        with socket.create_connection(("127.0.0.1", raw_port)) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            s.sendall(memoryview(src.view(torch.uint8).view(-1).numpy()))
+            s.recv(1)
+    raw = _median_gbps(raw_send, nbytes, repeats)
+    counter = iter(range(10**6))
+
+    def send(mode: str) -> None:
+        tid = f"t{next(counter)}"
+        parent.send(("ticket", tid, blocks))
+        parent.recv()
+        addr = KVAddr("rx", endpoint, tid, "secret", 0, tokens, blocks, SPEC_8B, ["shm", "tcp"], host_id(),
+                      shm_path)
+        tx.send(addr, 0, tokens, lambda: blocks, mode)
+    for mode, limit_name, limit in (("shm", "memcpy", memcpy), ("tcp", "raw socket", raw)):
+        gbps = _median_gbps(lambda m=mode: send(m), nbytes, repeats)
+        rows.append((tokens, nbytes / 2**20, mode, gbps, limit_name, limit, gbps / limit))
+    parent.send(("stop",))
+    proc.join(10)
+    return rows
+
+
+def bench_transfer(tokens_list: list[int], repeats: int) -> list[tuple]:
+    return [row for tokens in tokens_list for row in bench_size(tokens, repeats)]
+
+
+async def bench_engines(lengths: list[int], repeats: int) -> list[tuple]:
+    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+    from engine_throughput import build_model
+    from engines import start_engine, wait_engine
+
+    from microserve import SamplingParams
+    from microserve.protocol import Request
+    from microserve.router import EngineHandle
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        build_model(tmp)
+        args = ["--num-kv-blocks", "2048", "--max-num-batched-tokens", "4096", "--log-level", "error"]
+        procs = [start_engine(tmp, *args, engine_id=n) for n in ("P", "D")]
+        engines = [wait_engine(p) for p in procs]
+        p, d = (EngineHandle(e.rpc, name=e.engine_id, timeout=600) for e in engines)
+        try:
+            sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+            gen = torch.Generator().manual_seed(0)
+            for n in lengths:
+                for mode in ("shm", "tcp"):
+                    local, remote, sizes = [], [], []
+                    for i in range(repeats):
+                        prompt = torch.randint(5, 32000, (n,), generator=gen).tolist()
+                        t0 = time.perf_counter()
+                        async for _ in p.start_generate(Request(f"l{n}{mode}{i}", prompt, sp)):
+                            pass
+                        local.append(time.perf_counter() - t0)
+                        prompt = torch.randint(5, 32000, (n,), generator=gen).tolist()
+                        r = Request(f"r{n}{mode}{i}", prompt, sp)
+                        t0 = time.perf_counter()
+                        ticket = await d.prep_recv(r)
+                        sent = await p.remote_send(r, ticket.kv, transport=mode)
+                        remote.append(time.perf_counter() - t0)
+                        sizes.append(sent.bytes)
+                        await d.abort(r.request_id)
+                    lo, re_ = statistics.median(local), statistics.median(remote)
+                    rows.append((n, mode, sizes[0] / 2**20, lo * 1e3, re_ * 1e3, (re_ - lo) * 1e3, re_ / lo))
+        finally:
+            await p.close()
+            await d.close()
+            for e in engines:
+                e.stop()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192, 32768])
+    ap.add_argument("--engine-tokens", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-engines", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+
+    print(f"Part 1: transfer layer, Llama-3.1-8B KV shape {SPEC_8B}, median of {args.repeats}")
+    print(f"{'tokens':>7} {'MiB':>7} {'transport':>9} {'GB/s':>6} {'limit':>11} {'GB/s':>6} {'ratio':>6}")
+    for tokens, mib, mode, gbps, lname, limit, ratio in bench_transfer(args.tokens, args.repeats):
+        print(f"{tokens:>7} {mib:>7.0f} {mode:>9} {gbps:>6.2f} {lname:>11} {limit:>6.2f} {ratio:>6.0%}")
+    if args.skip_engines:
+        return
+    print("\nPart 2: engines (random Llama 8 layers, hidden 512, fp32): remote_send vs local prefill, "
+          f"median of {args.repeats}")
+    print(f"{'tokens':>7} {'transport':>9} {'KV MiB':>7} {'prefill ms':>10} {'remote_send ms':>14} "
+          f"{'added ms':>9} {'ratio':>6}")
+    for n, mode, mib, lo, re_, add, ratio in asyncio.run(bench_engines(args.engine_tokens, args.repeats)):
+        print(f"{n:>7} {mode:>9} {mib:>7.1f} {lo:>10.1f} {re_:>14.1f} {add:>9.1f} {ratio:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()

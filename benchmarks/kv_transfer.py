@@ -163,7 +163,7 @@ async def bench_engines(lengths: list[int], repeats: int) -> list[tuple]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192, 32768])
-    ap.add_argument("--engine-tokens", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--engine-tokens", type=int, nargs="+", default=[512, 1536])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-engines", action="store_true")
     args = ap.parse_args()

@@ -245,7 +245,7 @@ async def test_abort_frees_everything(cluster):
     first = await stream.__anext__()
     assert first.finish_reason is None
     assert await d.abort(r.request_id)
-    tokens, last = await collect(stream)
+    _, last = await collect(stream)
     assert last.finish_reason == "abort"
     # a consumer that walks away aborts too
     r = req(rand_prompt(30), long)

@@ -208,4 +208,6 @@ def run_engine(opts: EngineOptions) -> int:
         await server.serve(stop, ready)
 
     asyncio.run(main())
+    for sig in (signal.SIGTERM, signal.SIGINT):  # NOTE: a repeated signal must not kill the final teardown
+        signal.signal(sig, signal.SIG_IGN)
     return 0

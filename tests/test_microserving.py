@@ -197,6 +197,20 @@ async def test_prefix_on_receiver_sends_only_the_rest(cluster):
     await assert_no_leaks(cluster)
 
 
+async def test_start_generate_waits_for_transfer_in_flight(cluster):
+    """start_generate may be called before remote_send returns: it waits for the KV."""
+    p, d = handles(cluster, "P", "D")
+    prompt = rand_prompt(600)
+    r = req(prompt)
+    ticket = await d.prep_recv(r)
+    send = asyncio.ensure_future(p.remote_send(r, ticket.kv))
+    tokens, last = await collect(d.start_generate(r, begin=len(prompt)))
+    assert (await send).bytes > 0
+    assert last.num_cached_tokens == len(prompt) - 1  # D used the KV, did not recompute it
+    assert tokens == await reference(cluster, prompt)
+    await assert_no_leaks(cluster)
+
+
 async def test_transport_negotiation(cluster):
     p, d, t = handles(cluster, "P", "D", "T")
     for sender, receiver, expected in ((p, d, "shm"), (p, t, "tcp"), (t, d, "tcp")):

@@ -252,6 +252,15 @@ async def test_abort_frees_everything(cluster):
     r = req(rand_prompt(60))
     await d.prep_recv(r)
     assert await d.abort(r.request_id)
+    # while start_generate waits for KV that never comes
+    r = req(rand_prompt(60))
+    await d.prep_recv(r)
+    waiting = asyncio.ensure_future(collect(d.start_generate(r, begin=60)))
+    await asyncio.sleep(0.2)
+    assert await d.abort(r.request_id)
+    with pytest.raises(EngineCallError) as err:
+        await waiting
+    assert err.value.code == "aborted"
     # mid-generation
     long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     r = req(rand_prompt(30), long)

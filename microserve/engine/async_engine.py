@@ -157,7 +157,7 @@ class AsyncEngine:
                 self.engine.kv.cache_computed(ticket.seq)  # received KV enters our prefix cache
                 ticket.state, ticket.bytes = "complete", outcome.nbytes
             else:
-                ticket.error = outcome.error or ticket.error or "transfer failed"
+                ticket.error = ticket.error or outcome.error or "transfer failed"
                 self._drop_locked(ticket)
         ticket.done.set()
 
@@ -279,6 +279,8 @@ class AsyncEngine:
                 await self._close_ticket(ticket, "timed out waiting for the KV transfer")
                 raise EngineError("timeout", f"KV for {rid!r} did not arrive within {self.transfer_timeout}s") \
                     from None
+            if ticket.error == "aborted":  # aborted while we waited: do not start it anyway
+                raise EngineError("aborted", f"request {rid!r} was aborted")
         queue: asyncio.Queue[StepOutput] = asyncio.Queue()
         self._streams[rid] = queue
         try:

@@ -55,7 +55,13 @@ def _engine(args: argparse.Namespace) -> int:
     opts = EngineOptions(str(resolve_model(args.model)), args.rpc, args.events, args.device, args.dtype,
                          args.transport, args.kv_host, args.kv_port, args.engine_id or "", args.lease_seconds,
                          args.transfer_timeout, config)
-    return run_engine(opts)
+    import zmq
+
+    try:
+        return run_engine(opts)
+    except (OSError, zmq.ZMQError) as exc:  # missing checkpoint files, address in use...
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -118,3 +119,20 @@ def test_choose_transport(pair):
     assert choose_transport(["shm", "tcp"], remote) == "tcp"
     with pytest.raises(TransferError, match="another host"):
         choose_transport(["shm", "tcp"], remote, forced="shm")
+
+
+def test_too_many_connections_are_refused():
+    shared = SharedPool(SPEC, 8)
+    rx = KVReceiver(shared.tensor, SPEC, shm_path=shared.path, max_connections=1)
+    try:
+        idle = socket.create_connection(("127.0.0.1", int(rx.endpoint.rsplit(":", 1)[1])))
+        time.sleep(0.2)  # the idle connection holds the only slot
+        rx.open_ticket("t", "s3cret", [1], lambda o: None)
+        tx = KVSender(torch.zeros(SPEC.cache_shape(8)), SPEC)
+        with pytest.raises(TransferError) as err:
+            tx.send(addr(rx, [1], 0, 4), 0, 4, lambda: [0], "tcp")
+        assert err.value.code == "overloaded"
+        idle.close()
+    finally:
+        rx.close()
+        shared.close()

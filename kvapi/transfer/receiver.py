@@ -63,10 +63,12 @@ class KVReceiver:
         timeout: seconds a connection may take to introduce itself.
         stall_timeout: seconds the data of an accepted transfer may stall (the sender
             may still be prefilling) before the transfer is failed.
+        max_connections: connections served at once; more are refused ("overloaded").
     """
 
     def __init__(self, pool: torch.Tensor, spec: KVSpec, host: str = "127.0.0.1", port: int = 0,
-                 shm_path: str = "", timeout: float = 30.0, stall_timeout: float = 300.0) -> None:
+                 shm_path: str = "", timeout: float = 30.0, stall_timeout: float = 300.0,
+                 max_connections: int = 64) -> None:
         self.pool, self.spec, self.shm_path = pool, spec, shm_path
         self.timeout, self.stall_timeout = timeout, stall_timeout
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -76,6 +78,7 @@ class KVReceiver:
         self._tickets: dict[str, _Ticket] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._slots = threading.BoundedSemaphore(max_connections)
         self.bytes_received = 0
         threading.Thread(target=self._accept_loop, name="kv-recv-accept", daemon=True).start()
 
@@ -116,7 +119,19 @@ class KVReceiver:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), name="kv-recv", daemon=True).start()
+            threading.Thread(target=self._serve_slot, args=(conn,), name="kv-recv", daemon=True).start()
+
+    def _serve_slot(self, conn: socket.socket) -> None:
+        if not self._slots.acquire(blocking=False):
+            with conn, contextlib.suppress(OSError, TransferError):
+                conn.settimeout(self.timeout)
+                recv_msg(conn)  # NOTE: read the hello first, or closing resets the reply away
+                send_msg(conn, Reply(False, "overloaded", "too many KV transfers in flight; retry later"))
+            return
+        try:
+            self._serve(conn)
+        finally:
+            self._slots.release()
 
     def _claim(self, hello: Hello, conn: socket.socket) -> tuple[_Ticket | None, str, str]:
         bs = self.spec.block_size

@@ -58,7 +58,7 @@ def pick_transports(choice: str, device: str) -> list[str]:
         raise ValueError("--transport shm needs a CPU KV pool on Linux (memfd); use tcp or auto")
     if choice == "ucx":
         raise ValueError("--transport ucx is not available in this build: use auto, shm or tcp "
-                         "(see docs/transfer.md)")
+                         "(see docs/microserving.md)")
     if choice not in ("shm", "tcp"):
         raise ValueError(f"unknown transport {choice!r}; choose auto, shm, ucx or tcp")
     return [choice] + (["tcp"] if choice == "shm" else [])

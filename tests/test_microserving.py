@@ -21,6 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kvapi.radix import prefix_hashes
+from kvapi.transfer.ucx import ucx_available
 from microserve import SamplingParams
 from microserve.protocol import Request, decode_event, decode_reply
 from microserve.router import EngineCallError, EngineHandle, EngineTimeout
@@ -28,7 +29,8 @@ from microserve.router import EngineCallError, EngineHandle, EngineTimeout
 BS = 16
 VOCAB = 256
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-TRANSPORTS = ["tcp", "shm"]
+TRANSPORTS = ["tcp", "shm", pytest.param("ucx", marks=pytest.mark.skipif(
+    not ucx_available(), reason="ucxx is not installed (pip install 'microserve[ucx]')"))]
 COMMON = ["--num-kv-blocks", "400", "--block-size", str(BS), "--log-level", "error"]
 
 

@@ -14,15 +14,19 @@ from kvapi.spec import KVSpecMismatch
 from kvapi.transfer import KVAddr, KVReceiver, KVSender, TransferError, choose_transport, host_id
 from kvapi.transfer.base import block_runs, page_runs
 from kvapi.transfer.shm import SharedPool
+from kvapi.transfer.ucx import ucx_available
 
 SPEC = KVSpec(num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32", block_size=4)
+
+
+UCX = pytest.mark.skipif(not ucx_available(), reason="ucxx is not installed (pip install 'microserve[ucx]')")
 
 
 @pytest.fixture
 def pair():
     shared = SharedPool(SPEC, 32)
     outcomes = []
-    rx = KVReceiver(shared.tensor, SPEC, shm_path=shared.path)
+    rx = KVReceiver(shared.tensor, SPEC, shm_path=shared.path, ucx=ucx_available())
     src = torch.randn(SPEC.cache_shape(32))
     yield rx, KVSender(src, SPEC), src, shared.tensor, outcomes
     rx.close()
@@ -30,7 +34,8 @@ def pair():
 
 
 def addr(rx, blocks, begin, end, secret="s3cret", ticket="t", spec=SPEC):
-    return KVAddr("rx", rx.endpoint, ticket, secret, begin, end, blocks, spec, ["shm", "tcp"], host_id(), rx.shm_path)
+    return KVAddr("rx", rx.endpoint, ticket, secret, begin, end, blocks, spec, ["shm", "ucx", "tcp"], host_id(),
+                  rx.shm_path, rx.ucx_address)
 
 
 def test_runs():
@@ -38,7 +43,7 @@ def test_runs():
     assert block_runs([3, 4, 5, 9]) == [(3, 3), (9, 1)]
 
 
-@pytest.mark.parametrize("mode", ["tcp", "shm"])
+@pytest.mark.parametrize("mode", ["tcp", "shm", pytest.param("ucx", marks=UCX)])
 def test_pages_land_in_ticket_blocks(pair, mode):
     rx, tx, src, dst, outcomes = pair
     blocks = [20, 21, 5, 30]  # tokens [8, 24): logical blocks 2..5

@@ -54,6 +54,7 @@ class KVAddr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     transports: list[str] = msgspec.field(default_factory=lambda: ["tcp"])
     host_id: str = ""  # machine identity: shm only between engines with the same one
     shm_path: str = ""  # the receiver's page pool file when it lives in shared memory
+    ucx_address: str = ""  # the receiver's UCX worker address (hex) when it offers ucx
 
 
 class Hello(msgspec.Struct, tag="hello", forbid_unknown_fields=True):
@@ -149,7 +150,8 @@ def choose_transport(mine: list[str], addr: KVAddr, forced: str | None = None) -
     Raises TransferError when `forced` (or every option) is not possible.
     """
     same_host = bool(addr.host_id) and addr.host_id == host_id() and bool(addr.shm_path)
-    usable = [t for t in TRANSPORTS if t in mine and t in addr.transports and (t != "shm" or same_host)]
+    usable = [t for t in TRANSPORTS if t in mine and t in addr.transports and (t != "shm" or same_host)
+              and (t != "ucx" or addr.ucx_address)]
     if forced is not None:
         if forced not in usable:
             why = "the receiver is on another host or has no shared pool" if forced == "shm" else \

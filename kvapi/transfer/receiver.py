@@ -11,9 +11,12 @@ Threading: one accept thread plus one thread per connection; `open_ticket` and
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import hmac
 import logging
+import select
 import socket
 import threading
 import time
@@ -23,8 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from kvapi.spec import KVSpec, KVSpecMismatch
-from kvapi.transfer import tcp
+from kvapi.transfer import tcp, ucx
 from kvapi.transfer.base import Commit, Hello, Reply, TransferError, block_runs, recv_msg, send_msg
+from kvapi.transfer.ucx import UCXWorker
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +68,12 @@ class KVReceiver:
         stall_timeout: seconds the data of an accepted transfer may stall (the sender
             may still be prefilling) before the transfer is failed.
         max_connections: connections served at once; more are refused ("overloaded").
+        ucx: also accept pages over UCX (needs `ucxx`).
     """
 
     def __init__(self, pool: torch.Tensor, spec: KVSpec, host: str = "127.0.0.1", port: int = 0,
                  shm_path: str = "", timeout: float = 30.0, stall_timeout: float = 300.0,
-                 max_connections: int = 64) -> None:
+                 max_connections: int = 64, ucx: bool = False) -> None:
         self.pool, self.spec, self.shm_path = pool, spec, shm_path
         self.timeout, self.stall_timeout = timeout, stall_timeout
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -79,6 +84,8 @@ class KVReceiver:
         self._lock = threading.Lock()
         self._closed = False
         self._slots = threading.BoundedSemaphore(max_connections)
+        self.ucx = UCXWorker.get() if ucx else None
+        self.ucx_address = self.ucx.address if self.ucx else ""
         self.bytes_received = 0
         threading.Thread(target=self._accept_loop, name="kv-recv-accept", daemon=True).start()
 
@@ -152,7 +159,8 @@ class KVReceiver:
             if not 0 <= hello.begin < hello.end or len(hello.block_ids) != -(-hello.end // bs) - hello.begin // bs:
                 n = len(hello.block_ids)
                 return None, "bad_request", f"range [{hello.begin}, {hello.end}) does not fit {n} blocks"
-            if hello.mode not in ("tcp", "shm") or (hello.mode == "shm" and not self.shm_path):
+            if hello.mode not in ("tcp", "shm", "ucx") or (hello.mode == "shm" and not self.shm_path) \
+                    or (hello.mode == "ucx" and self.ucx is None):
                 return None, "bad_request", f"transport {hello.mode!r} is not offered by this receiver"
             t.active = True
             t.conn = conn
@@ -177,6 +185,22 @@ class KVReceiver:
                 conn.settimeout(self.stall_timeout)
                 self._receive(conn, hello, ticket)
 
+    def _wait_ucx(self, coro, conn: socket.socket, ticket: _Ticket) -> int:
+        """Wait for a layer's UCX messages; give up when the ticket is revoked, the
+        sender's control connection closes (it died), or the data stalls."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self.ucx.loop)
+        deadline = time.monotonic() + self.stall_timeout
+        while True:
+            try:
+                return fut.result(0.2)
+            except concurrent.futures.TimeoutError:
+                pass
+            gone = select.select([conn], [], [], 0)[0] and not conn.recv(1, socket.MSG_PEEK)
+            if ticket.revoked or gone or time.monotonic() > deadline:
+                fut.cancel()
+                why = "ticket revoked" if ticket.revoked else "sender went away" if gone else "data stalled"
+                raise TransferError(f"UCX transfer stopped: {why}", "aborted")
+
     def _receive(self, conn: socket.socket, hello: Hello, ticket: _Ticket) -> None:
         t0, nbytes = time.perf_counter(), 0
         expected = len(hello.block_ids) * self.spec.page_bytes * 2 * self.spec.num_layers
@@ -188,6 +212,10 @@ class KVReceiver:
                     if ticket.revoked:
                         raise TransferError("ticket revoked (lease expired or request aborted)", "aborted")
                     nbytes += tcp.recv_layer(conn, self.pool, layer, runs)
+            elif hello.mode == "ucx":
+                for layer in range(self.spec.num_layers):
+                    coro = ucx.recv_layer(self.ucx, self.pool, layer, hello.block_ids, hello.ticket_id)
+                    nbytes += self._wait_ucx(coro, conn, ticket)
             else:
                 commit = recv_msg(conn)
                 if not isinstance(commit, Commit) or commit.nbytes != expected:

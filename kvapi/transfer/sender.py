@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from kvapi.spec import KVSpec
-from kvapi.transfer import shm, tcp
+from kvapi.transfer import shm, tcp, ucx
 from kvapi.transfer.base import Commit, Hello, KVAddr, Reply, TransferError, page_runs, recv_msg, send_msg
 
 
@@ -78,7 +78,8 @@ class KVSender:
         send_msg(conn, Hello(addr.ticket_id, addr.secret, mode, self.spec, dst, begin, end))
         _expect_ok(recv_msg(conn), addr)
         dst_pool = self._maps.get(addr.shm_path, self.spec) if mode == "shm" else None
-        nbytes, runs = 0, []
+        worker = ucx.UCXWorker.get() if mode == "ucx" else None
+        nbytes, runs, src = 0, [], []
         for layer in range(self.spec.num_layers):
             if layer_ready is not None:
                 layer_ready(layer)
@@ -86,7 +87,10 @@ class KVSender:
                 bs = self.spec.block_size
                 src = src_blocks()[begin // bs: -(-end // bs)]
                 runs = page_runs(src, dst)
-            if dst_pool is not None:
+            if worker is not None:
+                coro = ucx.send_layer(worker, addr.ucx_address, self.pool, layer, src, dst, addr.ticket_id)
+                nbytes += worker.run(coro, self.timeout)
+            elif dst_pool is not None:
                 nbytes += shm.copy_layer(dst_pool, self.pool, layer, runs)
             else:
                 nbytes += tcp.send_layer(conn, self.pool, layer, [(s, n) for s, _, n in runs])

@@ -129,7 +129,8 @@ class AsyncEngine:
                 raise EngineError("overloaded", f"not enough free KV blocks to receive {end} tokens")
         ticket = self.tickets.open(req.request_id, seq, self.engine.kv_spec.block_size)
         addr = KVAddr(self.engine_id, self.receiver.endpoint, ticket.id, ticket.secret, ticket.matched, end,
-                      ticket.blocks, self.engine.kv_spec, self.transports, self.host_id, self.receiver.shm_path)
+                      ticket.blocks, self.engine.kv_spec, self.transports, self.host_id, self.receiver.shm_path,
+                      self.receiver.ucx_address)
         if ticket.matched < end:
             self.receiver.open_ticket(ticket.id, ticket.secret, ticket.blocks, self._on_transfer_threadsafe)
         else:

@@ -24,6 +24,7 @@ import zmq.asyncio
 
 from kvapi.transfer import KVReceiver, host_id
 from kvapi.transfer.shm import SharedPool, shm_available
+from kvapi.transfer.ucx import ucx_available
 from microserve import protocol as P
 from microserve.engine.async_engine import AsyncEngine
 from microserve.engine.config import EngineConfig
@@ -52,16 +53,20 @@ class EngineOptions:
 def pick_transports(choice: str, device: str) -> list[str]:
     """Transports this engine offers, fastest first; raises ValueError for an impossible choice."""
     shm_ok = shm_available() and device == "cpu"
+    ucx_ok = device == "cpu" and ucx_available()  # NOTE: device pools over UCX are not wired yet
     if choice == "auto":
-        return (["shm"] if shm_ok else []) + ["tcp"]
+        if not ucx_ok:
+            log.info("transport auto: ucx not offered (%s)", "ucxx is not installed" if device == "cpu"
+                     else "KV pool is not on the CPU")
+        return (["shm"] if shm_ok else []) + (["ucx"] if ucx_ok else []) + ["tcp"]
     if choice == "shm" and not shm_ok:
         raise ValueError("--transport shm needs a CPU KV pool on Linux (memfd); use tcp or auto")
-    if choice == "ucx":
-        raise ValueError("--transport ucx is not available in this build: use auto, shm or tcp "
-                         "(see docs/microserving.md)")
-    if choice not in ("shm", "tcp"):
+    if choice == "ucx" and not ucx_ok:
+        raise ValueError("--transport ucx needs the ucxx package (pip install 'microserve[ucx]') "
+                         "and a CPU KV pool; use auto or tcp")
+    if choice not in ("shm", "ucx", "tcp"):
         raise ValueError(f"unknown transport {choice!r}; choose auto, shm, ucx or tcp")
-    return [choice] + (["tcp"] if choice == "shm" else [])
+    return [choice] + (["tcp"] if choice != "tcp" else [])
 
 
 class EngineServer:
@@ -81,7 +86,7 @@ class EngineServer:
         self.llm = LLMEngine(opts.model, opts.device, opts.dtype, opts.config, on_kv_event=self._on_kv_event,
                              kv_cache_factory=factory if "shm" in self.transports else None)
         receiver = KVReceiver(self.llm.runner.kv_cache, self.llm.kv_spec, opts.kv_host, opts.kv_port,
-                              self.pool.path if self.pool else "")
+                              self.pool.path if self.pool else "", ucx="ucx" in self.transports)
         self.engine = AsyncEngine(self.llm, self.engine_id, receiver, self.transports, host_id(), opts.lease_s,
                                   opts.transfer_timeout)
         self.ctx = zmq.asyncio.Context()

@@ -32,15 +32,16 @@ from kvapi import KVSpec
 from kvapi.transfer import KVAddr, KVReceiver, KVSender, host_id
 from kvapi.transfer.base import recv_exact
 from kvapi.transfer.shm import PoolMaps, SharedPool
+from kvapi.transfer.ucx import ucx_available
 
 SPEC_8B = KVSpec(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16)
 
 
 def _receiver_main(conn, num_blocks: int) -> None:
     pool = SharedPool(SPEC_8B, num_blocks)
-    rx = KVReceiver(pool.tensor, SPEC_8B, shm_path=pool.path)
+    rx = KVReceiver(pool.tensor, SPEC_8B, shm_path=pool.path, ucx=ucx_available())
     raw = socket.create_server(("127.0.0.1", 0))
-    conn.send((rx.endpoint, pool.path, raw.getsockname()[1]))
+    conn.send((rx.endpoint, pool.path, raw.getsockname()[1], rx.ucx_address))
     flat = pool.tensor.view(torch.uint8).view(-1).numpy()
     while True:
         cmd = conn.recv()
@@ -67,7 +68,7 @@ def bench_size(tokens: int, repeats: int) -> list[tuple]:
     parent, child = mp.Pipe()
     proc = mp.get_context("spawn").Process(target=_receiver_main, args=(child, nb), daemon=True)
     proc.start()
-    endpoint, shm_path, raw_port = parent.recv()
+    endpoint, shm_path, raw_port, ucx_address = parent.recv()
     src = torch.randn(SPEC_8B.cache_shape(nb), dtype=torch.bfloat16)
     nbytes = src.numel() * src.element_size()
     tx = KVSender(src, SPEC_8B)
@@ -86,8 +87,8 @@ def bench_size(tokens: int, repeats: int) -> list[tuple]:
         tid = f"t{next(counter)}"
         parent.send(("ticket", tid, blocks))
         parent.recv()
-        addr = KVAddr("rx", endpoint, tid, "secret", 0, tokens, blocks, SPEC_8B, ["shm", "tcp"], host_id(),
-                      shm_path)
+        addr = KVAddr("rx", endpoint, tid, "secret", 0, tokens, blocks, SPEC_8B, ["shm", "ucx", "tcp"], host_id(),
+                      shm_path, ucx_address)
         tx.send(addr, 0, tokens, lambda: blocks, mode)
 
     # NOTE: touch every page once first (first touch in this VM costs more than the copy);
@@ -95,6 +96,8 @@ def bench_size(tokens: int, repeats: int) -> list[tuple]:
     dst.copy_(src)
     paths = {"memcpy": lambda: dst.copy_(src), "shm": lambda: send("shm"), "raw socket": raw_send,
              "tcp": lambda: send("tcp")}
+    if ucx_address:
+        paths["ucx"] = lambda: send("ucx")
     times: dict[str, list[float]] = {k: [] for k in paths}
     for _ in range(repeats):
         for name, fn in paths.items():
@@ -102,7 +105,9 @@ def bench_size(tokens: int, repeats: int) -> list[tuple]:
             fn()
             times[name].append(time.perf_counter() - t0)
     gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
-    for mode, limit in (("shm", "memcpy"), ("tcp", "raw socket")):
+    for mode, limit in (("shm", "memcpy"), ("tcp", "raw socket"), ("ucx", "raw socket")):
+        if mode not in gbps:
+            continue
         rows.append((tokens, nbytes / 2**20, mode, gbps[mode], limit, gbps[limit], gbps[mode] / gbps[limit]))
     parent.send(("stop",))
     proc.join(10)

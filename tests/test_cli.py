@@ -25,7 +25,7 @@ def test_generate_reports_bad_input(demo_path):
 def test_engine_reports_bad_setup(demo_path, tmp_path):
     res = _run("engine", "--model", str(tmp_path / "missing"))
     assert res.returncode == 2 and "config.json" in res.stderr and "Traceback" not in res.stderr
-    res = _run("engine", "--model", str(demo_path), "--transport", "ucx")
-    assert res.returncode == 2 and "ucx" in res.stderr
+    res = _run("engine", "--model", str(demo_path), "--backend", "vllm")
+    assert res.returncode == 2 and "vllm" in res.stderr
     res = _run("engine", "--model", str(demo_path), "--rpc", "not-an-address")
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr

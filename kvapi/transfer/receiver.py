@@ -186,7 +186,7 @@ class KVReceiver:
                 self._receive(conn, hello, ticket)
 
     def _wait_ucx(self, coro, conn: socket.socket, ticket: _Ticket) -> int:
-        """Wait for a layer's UCX messages; give up when the ticket is revoked, the
+        """Wait for the UCX messages; give up when the ticket is revoked, the
         sender's control connection closes (it died), or the data stalls."""
         fut = asyncio.run_coroutine_threadsafe(coro, self.ucx.loop)
         deadline = time.monotonic() + self.stall_timeout
@@ -213,9 +213,8 @@ class KVReceiver:
                         raise TransferError("ticket revoked (lease expired or request aborted)", "aborted")
                     nbytes += tcp.recv_layer(conn, self.pool, layer, runs)
             elif hello.mode == "ucx":
-                for layer in range(self.spec.num_layers):
-                    coro = ucx.recv_layer(self.ucx, self.pool, layer, hello.block_ids, hello.ticket_id)
-                    nbytes += self._wait_ucx(coro, conn, ticket)
+                coro = ucx.recv_layers(self.ucx, self.pool, self.spec.num_layers, hello.block_ids, hello.ticket_id)
+                nbytes = self._wait_ucx(coro, conn, ticket)
             else:
                 commit = recv_msg(conn)
                 if not isinstance(commit, Commit) or commit.nbytes != expected:

@@ -89,11 +89,14 @@ def _host_array(t: torch.Tensor):
     return t.view(torch.uint8).numpy()
 
 
-async def recv_layer(worker: UCXWorker, pool: torch.Tensor, layer: int, dst: list[int], ticket_id: str) -> int:
-    """Receive layer `layer` into the receiver blocks `dst` (logical order); returns bytes."""
+async def recv_layers(worker: UCXWorker, pool: torch.Tensor, num_layers: int, dst: list[int],
+                      ticket_id: str) -> int:
+    """Receive every layer into the receiver blocks `dst` (logical order); returns bytes.
+
+    All receives are posted at once, so each message lands as soon as it is sent."""
     runs = block_runs(dst)
-    base = _tag_base(ticket_id) + layer * 2 * len(runs)
-    msgs = _messages(pool, layer, runs)
+    base = _tag_base(ticket_id)
+    msgs = [m for layer in range(num_layers) for m in _messages(pool, layer, runs)]
     await asyncio.gather(*(worker.ucxx.recv(_host_array(m), tag=base + i) for i, m in enumerate(msgs)))
     return sum(m.numel() * m.element_size() for m in msgs)
 

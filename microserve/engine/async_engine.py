@@ -219,10 +219,11 @@ class AsyncEngine:
             self._sends.pop(job.id, None)
 
     async def _run_send(self, job: SendJob, kv: KVAddr, begin: int, end: int, mode: str) -> SendResult:
-        seq, computed_before = job.seq, self.engine.computed_tokens_total
+        seq = job.seq
         async with self._lock:
             if self.engine.kv.enable_prefix_caching:
                 self.engine.kv.match_prefix(seq, limit=end)
+            matched = seq.num_computed_tokens
             if seq.num_computed_tokens < end:
                 self.engine.add_sequence(seq)
                 job.scheduled = True
@@ -242,14 +243,12 @@ class AsyncEngine:
         except TransferError as exc:
             job.cancel(str(exc))
             raise EngineError(exc.code, str(exc)) from exc
-        except KVSpecMismatch as exc:
-            raise EngineError("kv_spec_mismatch", str(exc)) from exc
         finally:
             await self._finish_send(job)
         if job.cancel_reason:
             raise EngineError("aborted", job.cancel_reason)
-        computed = self.engine.computed_tokens_total - computed_before if job.scheduled else 0
-        return SendResult(stats.nbytes, time.perf_counter() - t0, stats.transport, min(computed, end))
+        # NOTE: this send's own prefill, not the engine-wide counter (other requests run meanwhile)
+        return SendResult(stats.nbytes, time.perf_counter() - t0, stats.transport, end - matched)
 
     async def _finish_send(self, job: SendJob) -> None:
         seq = job.seq

@@ -15,10 +15,6 @@ from microserve.engine.scheduler import ScheduledBatch
 from microserve.engine.sequence import Sequence
 
 
-def batch_items(batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
-    return list(zip(batch.seqs, batch.num_new_tokens))
-
-
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, spec: KVSpec, num_blocks: int, device: str | torch.device,
                  kv_cache: torch.Tensor | None = None) -> None:
@@ -38,7 +34,7 @@ class ModelRunner:
         decodes = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if n == 1]
         prefills = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if n > 1]
         input_ids, positions, meta = self._prepare(decodes, prefills)
-        completing = [s for s, n in batch_items(batch) if s.num_computed_tokens + n == s.num_tokens]
+        completing = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
         meta.layer_hooks = [s.layer_hook for s in completing if s.layer_hook is not None]
         if meta.layer_hooks and self.device.type == "cuda":
             meta.layer_hooks.insert(0, lambda _: torch.cuda.current_stream().synchronize())

@@ -99,8 +99,6 @@ def adopt_ticket(ticket: Ticket, prompt: list[int], begin: int, sampling: Sampli
     seq.status = SequenceStatus.WAITING
     seq.num_computed_tokens = computed
     seq.num_cached_tokens = computed
-    if not seq.block_table:
-        return seq if computed == 0 else None
     return seq
 
 

@@ -6,14 +6,14 @@ Two engines can exchange KV pages only when their specs agree field by field;
 
 from __future__ import annotations
 
-import msgspec
-import torch
+from typing import TYPE_CHECKING
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+import msgspec
+
+if TYPE_CHECKING:  # NOTE: torch is imported lazily so router/gateway processes never load it
+    import torch
+
+_ELEMENT_SIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 class KVSpecMismatch(ValueError):
@@ -22,15 +22,10 @@ class KVSpecMismatch(ValueError):
 
 def dtype_name(dtype: torch.dtype | str) -> str:
     """Canonical string name of a torch dtype ('float32', 'bfloat16', ...)."""
-    if isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        if name not in _DTYPES:
-            raise ValueError(f"unsupported KV dtype {dtype!r}; supported: {sorted(_DTYPES)}")
-        return name
-    for name, value in _DTYPES.items():
-        if value == dtype:
-            return name
-    raise ValueError(f"unsupported KV dtype {dtype}; supported: {sorted(_DTYPES)}")
+    name = str(dtype).removeprefix("torch.")
+    if name not in _ELEMENT_SIZE:
+        raise ValueError(f"unsupported KV dtype {dtype!r}; supported: {sorted(_ELEMENT_SIZE)}")
+    return name
 
 
 class KVSpec(msgspec.Struct, frozen=True, array_like=True):
@@ -54,11 +49,13 @@ class KVSpec(msgspec.Struct, frozen=True, array_like=True):
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        import torch
+
+        return getattr(torch, self.dtype)
 
     @property
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.torch_dtype).element_size()
+        return _ELEMENT_SIZE[self.dtype]
 
     @property
     def page_bytes(self) -> int:
@@ -82,6 +79,8 @@ class KVSpec(msgspec.Struct, frozen=True, array_like=True):
 
     def allocate(self, num_blocks: int, device: str | torch.device = "cpu") -> torch.Tensor:
         """A zeroed cache tensor `[layers, 2, num_blocks, block_size, kv_heads, head_dim]`."""
+        import torch
+
         return torch.zeros(self.cache_shape(num_blocks), dtype=self.torch_dtype, device=device)
 
     def cache_shape(self, num_blocks: int) -> tuple[int, ...]:

@@ -1,8 +1,9 @@
 """`microserve` command line.
 
-Subcommands so far: `generate` (offline generation with the built-in engine), `demo`
-(write the demo checkpoint) and `engine` (one engine serving the microserving calls
-over ZeroMQ). `launch`, `router`, `bench` and `sim` arrive with their issues.
+Subcommands: `generate` (offline generation with the built-in engine), `demo` (write
+the demo checkpoint), `engine` (one engine serving the microserving calls over
+ZeroMQ), `launch` (engines + router + OpenAI gateway for a strategy) and `router`
+(router + gateway over engines started elsewhere).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -64,6 +66,94 @@ def _engine(args: argparse.Namespace) -> int:
         return 2
 
 
+def _serve_setup(args: argparse.Namespace, model: str | None):
+    import logging
+
+    from microserve.launch import ServeOptions
+    from microserve.router.strategy import load_strategy
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    strategy_args = {}
+    for item in args.strategy_arg:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--strategy-arg {item!r}: expected NAME=VALUE")
+        strategy_args[key.strip()] = value.strip()
+    strategy = load_strategy(args.strategy, strategy_args)
+    name = args.served_model_name or (model if model in (None, "demo") else Path(model).name) or "model"
+    opts = ServeOptions(args.host, args.port, args.api_key, name, args.request_timeout, args.max_retries,
+                        args.max_pending)
+    return strategy, opts
+
+
+def _forwarded_knobs(args: argparse.Namespace) -> list[str]:
+    """The engine options given on the command line, as `microserve engine` arguments."""
+    out = []
+    for action in _engine_knobs()._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        flag = action.option_strings[0]
+        out += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
+    return out
+
+
+def _launch(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from microserve.launch import launch
+    from microserve.router.strategy import parse_roles
+
+    if args.backend != "builtin":
+        print("error: --backend vllm is not available yet; use --backend builtin", file=sys.stderr)
+        return 2
+    strategy, opts = _serve_setup(args, args.model)
+    roles = type(strategy).roles
+    if args.roles and args.engines:
+        raise ValueError("give --roles or --engines, not both")
+    if args.roles:
+        layout = parse_roles(args.roles)
+    elif args.engines:
+        if len(roles) != 1 or args.engines < 1:
+            raise ValueError(f"--engines N needs a strategy with one role and N >= 1; {type(strategy).__name__} "
+                             f"has roles {', '.join(roles)}: use --roles")
+        layout = {next(iter(roles)): args.engines}
+    else:
+        layout = dict(roles)
+    return asyncio.run(launch(strategy, args.model, layout, _forwarded_knobs(args), opts))
+
+
+def _router(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from microserve.launch import check_layout, load_tokenizer, serve
+    from microserve.router.cluster import Cluster
+
+    strategy, opts = _serve_setup(args, args.model)
+    engines: dict[str, list[str]] = {}
+    for item in args.engine:
+        role, sep, address = item.partition("=")
+        role, address = (role, address) if sep and "://" not in role else ("engine", item)
+        engines.setdefault(role.strip(), []).append(address.strip())
+    check_layout(strategy, {r: len(a) for r, a in engines.items()})
+
+    async def main() -> int:
+        cluster = Cluster(engines)
+        model = args.model
+        if model is None:
+            health = await cluster.handles[0].wait_ready()
+            model = health.model
+            if opts.served_model_name == "model":
+                opts.served_model_name = Path(model).name if model else "model"
+        from microserve.demo import resolve_model
+
+        return await serve(cluster, strategy, load_tokenizer(resolve_model(model)), opts)
+
+    return asyncio.run(main())
+
+
 def _demo(args: argparse.Namespace) -> int:
     from microserve import demo_model
 
@@ -89,34 +179,84 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.set_defaults(func=_generate)
 
-    eng = sub.add_parser("engine", help="run one engine serving the microserving calls over ZeroMQ")
+    knobs = _engine_knobs()
+    eng = sub.add_parser("engine", parents=[knobs], help="run one engine serving the microserving calls over ZeroMQ")
     eng.add_argument("--model", required=True, help="checkpoint folder, or 'demo'")
     eng.add_argument("--rpc", default="tcp://127.0.0.1:*", help="ZeroMQ address to bind (port * = any free)")
     eng.add_argument("--events", default="tcp://127.0.0.1:*", help="ZeroMQ PUB address for KV events")
     eng.add_argument("--backend", default="builtin", choices=["builtin", "vllm"])
-    eng.add_argument("--device", default="cpu")
-    eng.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
-    eng.add_argument("--transport", default="auto", choices=["auto", "shm", "ucx", "tcp"])
     eng.add_argument("--kv-host", default="127.0.0.1", help="address of the KV transfer socket")
     eng.add_argument("--kv-port", type=int, default=0)
     eng.add_argument("--engine-id", default=None)
-    eng.add_argument("--lease-seconds", type=float, default=60.0, help="default lease of a receive ticket")
-    eng.add_argument("--transfer-timeout", type=float, default=30.0,
-                     help="how long start_generate waits for KV still in flight")
-    eng.add_argument("--block-size", type=int, default=16)
-    eng.add_argument("--num-kv-blocks", type=int, default=None)
-    eng.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
-    eng.add_argument("--max-model-len", type=int, default=None)
-    eng.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    eng.add_argument("--max-num-seqs", type=int, default=64)
-    eng.add_argument("--no-prefix-caching", action="store_true")
     eng.add_argument("--log-level", default="warning")
     eng.set_defaults(func=_engine)
+
+    lau = sub.add_parser("launch", parents=[knobs, _serve_options()],
+                         help="start engines, the router and the OpenAI gateway for a strategy")
+    lau.add_argument("--model", required=True, help="checkpoint folder, or 'demo'")
+    lau.add_argument("--roles", default=None, help="engine layout, e.g. prefill=1,decode=2 (default: the strategy's)")
+    lau.add_argument("--engines", type=int, default=None,
+                     help="number of engines, for strategies with one role (data parallel, cache aware...)")
+    lau.add_argument("--backend", default="builtin", choices=["builtin", "vllm"])
+    lau.set_defaults(func=_launch)
+
+    rou = sub.add_parser("router", parents=[_serve_options()],
+                         help="run the router and the OpenAI gateway over engines started elsewhere")
+    rou.add_argument("--engine", action="append", required=True, metavar="[ROLE=]ADDRESS",
+                     help="an engine's --rpc address, e.g. prefill=tcp://10.0.0.1:5601 (repeatable; "
+                          "no role: 'engine')")
+    rou.add_argument("--model", default=None,
+                     help="checkpoint folder with the tokenizer (default: the path the engines report)")
+    rou.set_defaults(func=_router)
 
     demo = sub.add_parser("demo", help="write the tiny random demo checkpoint to PATH")
     demo.add_argument("path")
     demo.set_defaults(func=_demo)
     return ap
+
+
+def _serve_options() -> argparse.ArgumentParser:
+    """Router + gateway options shared by `launch` and `router`."""
+    import os
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("router and gateway options")
+    g.add_argument("--strategy", required=True,
+                   help="strategy file (one microserve.Strategy subclass), or a shipped name: round_robin, pd, "
+                        "balanced_pd, context_migration, cache_aware")
+    g.add_argument("--strategy-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a strategy parameter, e.g. fraction=0.2 (repeatable)")
+    g.add_argument("--host", default="127.0.0.1", help="gateway address to bind")
+    g.add_argument("--port", type=int, default=8000, help="gateway port (0: any free port)")
+    g.add_argument("--api-key", default=os.environ.get("MICROSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $MICROSERVE_API_KEY)")
+    g.add_argument("--served-model-name", default=None, help="model name clients use (default: the folder name)")
+    g.add_argument("--request-timeout", type=float, default=600.0, help="per-request deadline in seconds")
+    g.add_argument("--max-retries", type=int, default=2,
+                   help="restarts on another engine when one fails before the first token")
+    g.add_argument("--max-pending", type=int, default=1024, help="requests in flight before 429s")
+    g.add_argument("--log-level", default="warning")
+    return p
+
+
+def _engine_knobs() -> argparse.ArgumentParser:
+    """Engine options shared by `engine` and `launch` (which forwards them to its engines)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("engine options")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+    g.add_argument("--transport", default="auto", choices=["auto", "shm", "ucx", "tcp"])
+    g.add_argument("--lease-seconds", type=float, default=60.0, help="default lease of a receive ticket")
+    g.add_argument("--transfer-timeout", type=float, default=30.0,
+                   help="how long start_generate waits for KV still in flight")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:

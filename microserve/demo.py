@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+if TYPE_CHECKING:
+    import torch
 
 DEMO_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -62,6 +64,9 @@ def write_tokenizer(path: str | Path, chat_template: str = CHAT_TEMPLATE) -> Non
 
 def demo_model(path: str | Path, seed: int = 0) -> Path:
     """Write the demo checkpoint into `path` (created if needed); returns the path."""
+    import torch  # NOTE: lazy, so resolving "demo" in a router process does not load torch
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = DEMO_CONFIG

@@ -3,24 +3,50 @@
 One DEALER socket per handle; a reader task routes reply frames to the waiting call
 by call id. Every call has a deadline (`timeout`): a dead or wedged engine turns into
 `EngineTimeout`, never a hang. An `RPCError` reply turns into `EngineCallError` with
-the engine's error code.
+the engine's error code. A monitor on the socket notices a lost connection at once
+(the engine process died): the handle is marked down and every call waiting on it
+fails with code "unavailable" instead of waiting for its deadline.
+
+The handle also keeps the router's own view of the engine's load (calls in flight,
+prompt tokens sent to it and not yet prefilled) and records, per router request,
+which engines a request touched (`touched_engines`), so the router can abort it
+everywhere when the client leaves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
+import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from microserve import protocol as P
 from microserve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_TOUCHED: contextvars.ContextVar[set[EngineHandle] | None] = contextvars.ContextVar("touched", default=None)
+
+
+@contextlib.contextmanager
+def touched_engines() -> Iterator[set[EngineHandle]]:
+    """Collect every handle that makes a call inside this block (tasks spawned inside too)."""
+    engines: set[EngineHandle] = set()
+    previous = _TOUCHED.get()
+    _TOUCHED.set(engines)
+    try:
+        yield engines
+    finally:  # NOTE: not Token.reset: an async generator may be closed from another task's context
+        _TOUCHED.set(previous)
 
 
 class EngineCallError(RuntimeError):
@@ -57,6 +83,12 @@ class EngineHandle:
         self._pending: dict[bytes, asyncio.Queue[P.Reply]] = {}
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4)
+        self._monitor: asyncio.Task | None = None
+        self.alive = True  # False from a lost connection or failed health poll until a call succeeds again
+        self.inflight = 0  # start_generate / remote_send calls this process has in flight on the engine
+        self.pending_tokens = 0  # prompt tokens this process asked the engine to prefill, not yet done
+        self.on_send: Callable[[P.SendResult], None] | None = None  # observer of finished remote_sends
+        self.on_state: Callable[[EngineHandle, bool], None] | None = None  # observer of alive changes
 
     # -- plumbing ---------------------------------------------------------------------
     def _socket(self) -> zmq.asyncio.Socket:
@@ -64,9 +96,43 @@ class EngineHandle:
             ctx = self._ctx or zmq.asyncio.Context.instance()
             self._sock = ctx.socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
+            monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             self._sock.connect(self.address)
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+            loop = asyncio.get_running_loop()
+            self._reader = loop.create_task(self._read())
+            self._monitor = loop.create_task(self._watch(monitor))
         return self._sock
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                if event == zmq.EVENT_DISCONNECTED:
+                    self.mark_down("lost the connection to the engine")
+        finally:
+            monitor.close(0)
+
+    def set_alive(self, alive: bool) -> None:
+        if alive != self.alive:
+            self.alive = alive
+            log.warning("engine %s is %s", self.name, "up" if alive else "DOWN")
+            if self.on_state is not None:
+                self.on_state(self, alive)
+
+    def mark_down(self, why: str) -> None:
+        """Mark the engine down and fail every call waiting on it with code "unavailable"."""
+        self.set_alive(False)
+        for queue in self._pending.values():
+            queue.put_nowait(P.RPCError("unavailable", why))
+
+    def _check_alive(self, msg: P.Call) -> None:
+        if not self.alive and not isinstance(msg, P.Health | P.Stats):  # probes find out when it is back
+            raise EngineCallError("unavailable", "the engine is down", self.name)
+
+    def _touch(self) -> None:
+        engines = _TOUCHED.get()
+        if engines is not None:
+            engines.add(self)
 
     async def _read(self) -> None:
         assert self._sock is not None
@@ -100,22 +166,31 @@ class EngineHandle:
 
     async def call(self, msg: P.Call, timeout: float | None = None) -> P.Reply:
         """Send one call and wait for its single reply."""
+        self._check_alive(msg)
         sock = self._socket()
         call_id, queue = self._open()
         try:
             await sock.send_multipart([call_id, P.encode(msg)])
-            return await self._next(queue, type(msg).__name__, timeout)
+            reply = await self._next(queue, type(msg).__name__, timeout)
         finally:
             self._pending.pop(call_id, None)
+        if not self.alive and isinstance(msg, P.Health | P.Stats):
+            self.set_alive(True)  # it answers again (restarted)
+        return reply
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        for task in (self._reader, self._monitor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._sock is not None:
+            self._sock.disable_monitor()
             self._sock.close(0)
-        self._sock = self._reader = None
+        self._sock = self._reader = self._monitor = None
+
+    def __repr__(self) -> str:
+        return f"EngineHandle({self.name!r}, role={self.role!r}, alive={self.alive})"
 
     async def __aenter__(self) -> EngineHandle:
         return self
@@ -128,6 +203,7 @@ class EngineHandle:
                         timeout: float | None = None) -> P.RecvTicket:
         """Reserve blocks for `prompt[matched:end]` (default end: the whole prompt)."""
         end = len(req.prompt_ids) if end is None else end
+        self._touch()
         return await self.call(P.PrepRecv(req, end, lease_s), timeout)  # type: ignore[return-value]
 
     async def remote_send(self, req: P.Request, kv: P.KVAddr, begin: int | None = None, end: int | None = None,
@@ -136,28 +212,50 @@ class EngineHandle:
         (defaults: the ticket's own range)."""
         begin = kv.begin if begin is None else begin
         end = kv.end if end is None else end
-        return await self.call(P.RemoteSend(req, kv, begin, end, transport), timeout)  # type: ignore[return-value]
+        self._touch()
+        work = max(0, (end if end >= 0 else len(req.prompt_ids) + end) - begin)
+        self.inflight += 1
+        self.pending_tokens += work
+        try:
+            result = await self.call(P.RemoteSend(req, kv, begin, end, transport), timeout)
+        finally:
+            self.inflight -= 1
+            self.pending_tokens -= work
+        if self.on_send is not None:
+            self.on_send(result)  # type: ignore[arg-type]
+        return result  # type: ignore[return-value]
 
     async def start_generate(self, req: P.Request, begin: int = 0, sampling: SamplingParams | None = None,
                              *, timeout: float | None = None) -> AsyncIterator[P.GenerateChunk]:
         """Stream `GenerateChunk`s; leaving the loop early aborts the request on the engine."""
+        msg = P.StartGenerate(req, begin, sampling)
+        self._check_alive(msg)
         sock = self._socket()
+        self._touch()
         call_id, queue = self._open()
         finished = False
+        work = max(0, len(req.prompt_ids) - (begin if begin >= 0 else len(req.prompt_ids) + begin))
+        self.inflight += 1
+        self.pending_tokens += work
         try:
-            await sock.send_multipart([call_id, P.encode(P.StartGenerate(req, begin, sampling))])
+            await sock.send_multipart([call_id, P.encode(msg)])
             while not finished:
                 chunk = await self._next(queue, "start_generate", timeout)
                 assert isinstance(chunk, P.GenerateChunk)
                 finished = chunk.finish_reason is not None
+                self.pending_tokens -= work  # the prompt is prefilled once the first chunk is out
+                work = 0
                 yield chunk
         finally:
+            self.inflight -= 1
+            self.pending_tokens -= work
             self._pending.pop(call_id, None)
             if not finished:
                 with contextlib.suppress(EngineCallError, zmq.ZMQError, asyncio.CancelledError):
                     await self.abort(req.request_id, timeout=5.0)
 
     async def abort(self, request_id: str, *, timeout: float | None = None) -> bool:
+        self._touch()
         reply = await self.call(P.Abort(request_id), timeout)
         return reply.found  # type: ignore[union-attr]
 

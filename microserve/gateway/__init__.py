@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP gateway (aiohttp) in front of a router."""

@@ -1,0 +1,273 @@
+"""The OpenAI-compatible gateway: aiohttp in front of a `Router`.
+
+    POST /v1/completions        POST /v1/chat/completions     (stream: SSE, `data: [DONE]`)
+    GET  /v1/models             GET  /health                  GET /metrics (Prometheus text)
+
+Errors use OpenAI's JSON (`{"error": {"message", "type", "param", "code"}}`): 400 bad
+input, 401 missing/wrong API key, 404 unknown model or path, 429 router full
+(Retry-After), 503 no engine / engines overloaded (Retry-After), 504 deadline.
+A streamed response is only started once the first text is ready, so a request that
+fails before producing anything still gets a real HTTP status; a failure after that
+ends the stream with an `error` event. A client that disconnects cancels its handler
+(aiohttp `handler_cancellation`), which aborts the request on every engine it touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from microserve.gateway import openai_protocol as O
+from microserve.router.runtime import Delta, Router, RouterError
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """HTTP front of one router.
+
+    Args:
+        router: the router runtime.
+        model_name: the name clients pass as `model` (also listed by /v1/models).
+        api_key: when set, /v1/* requires `Authorization: Bearer <api_key>`.
+    """
+
+    def __init__(self, router: Router, model_name: str, api_key: str | None = None) -> None:
+        self.router, self.model_name, self.api_key = router, model_name, api_key
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024 * 1024)
+        app.add_routes([
+            web.post("/v1/completions", self.completions),
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.get("/v1/models", self.models),
+            web.get("/health", self.health),
+            web.get("/metrics", self.metrics),
+        ])
+        return app
+
+    # -- middleware ---------------------------------------------------------------------
+    @web.middleware
+    async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
+        if self.api_key and request.path.startswith("/v1/"):
+            auth = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
+                return _error(RouterError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                                          code="invalid_api_key"))
+        try:
+            return await handler(request)
+        except RouterError as exc:
+            return _error(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error(RouterError(exc.status, f"{exc.reason}: {request.method} {request.path}"))
+
+    # -- endpoints ----------------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": O.now(), "owned_by": "microserve",
+            "max_model_len": self.router.max_model_len}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        cluster = self.router.cluster
+        engines = {h.name: "up" if h.alive else "down" for h in cluster.handles}
+        ok = all(any(h.alive for h in hs) for hs in cluster.roles.values())
+        return web.json_response({"status": "ok" if ok else "degraded", "engines": engines}, status=200 if ok else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.router.cluster.poll(), 2.0)
+        return web.Response(body=self.router.metrics.render(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise RouterError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                              code="model_not_found", param="model")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body: O.CompletionRequest = O.decode_body(await request.read(), O.CompletionRequest)
+        self._check_model(body.model)
+        body.check_unsupported()
+        sampling, given = body.sampling(body.max_tokens, 16)
+        prompts = [self.router.tokenize(p) for p in body.prompts()]
+        params = [self.router.check(p, _copy(sampling), given) for p in prompts]
+        rid = self.router.new_request_id("cmpl")
+        streams = [self.router.generate(f"{rid}-{i}" if len(prompts) > 1 else rid, p, sp)
+                   for i, (p, sp) in enumerate(zip(prompts, params))]
+        base = {"id": rid, "object": "text_completion", "created": O.now(), "model": self.model_name}
+
+        def choice(i: int, d: Delta) -> dict[str, Any]:
+            return {"index": i, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason}
+
+        if body.stream:
+            return await self._sse(request, streams, base, choice, _include_usage(body))
+        results = await _collect(streams)
+        return web.json_response(base | {
+            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                        for i, (text, reason, _) in enumerate(results)],
+            "usage": O.usage_json(_sum_usage([u for _, _, u in results]))})
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body: O.ChatCompletionRequest = O.decode_body(await request.read(), O.ChatCompletionRequest)
+        self._check_model(body.model)
+        body.check_unsupported()
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        sampling, given = body.sampling(max_tokens, self.router.max_model_len)
+        prompt = self.router.apply_chat_template(body.chat_messages())
+        sampling = self.router.check(prompt, sampling, given)
+        rid = self.router.new_request_id("chatcmpl")
+        stream = self.router.generate(rid, prompt, sampling)
+        base = {"id": rid, "object": "chat.completion", "created": O.now(), "model": self.model_name}
+        if body.stream:
+            first = [True]
+
+            def choice(i: int, d: Delta) -> dict[str, Any]:
+                delta = {"role": "assistant", "content": d.text} if first[0] else {"content": d.text}
+                first[0] = False
+                if d.finish_reason is not None and not d.text and "role" not in delta:
+                    delta = {}
+                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": d.finish_reason}
+
+            return await self._sse(request, [stream], base | {"object": "chat.completion.chunk"}, choice,
+                                   _include_usage(body))
+        [(text, reason, usage)] = await _collect([stream])
+        return web.json_response(base | {
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": reason}],
+            "usage": O.usage_json(usage)})
+
+    # -- streaming ----------------------------------------------------------------------
+    async def _sse(self, request: web.Request, streams: list[AsyncIterator[Delta]], base: dict[str, Any],
+                   choice, include_usage: bool) -> web.StreamResponse:
+        merged = _merge(streams)
+        usages = []
+        resp: web.StreamResponse | None = None
+        try:
+            async for i, item in merged:
+                if isinstance(item, RouterError):
+                    if resp is None:
+                        raise item  # nothing sent yet: a real HTTP error status
+                    await _send(resp, O.error_body(item.status, item.message, item.code))
+                    break
+                if resp is not None and not item.text and item.finish_reason is None:
+                    continue  # tokens that do not complete a character yet: nothing to show
+                if resp is None:
+                    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                       "Cache-Control": "no-cache", "X-Request-Id": base["id"]})
+                    await resp.prepare(request)
+                if item.usage is not None:
+                    usages.append(item.usage)
+                await _send(resp, base | {"choices": [choice(i, item)]} | ({"usage": None} if include_usage else {}))
+            else:
+                if include_usage and resp is not None:
+                    await _send(resp, base | {"choices": [], "usage": O.usage_json(_sum_usage(usages))})
+            assert resp is not None
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        except (ConnectionResetError, asyncio.CancelledError):
+            log.info("client of %s went away; request aborted", base["id"])
+            raise
+        finally:
+            await merged.aclose()
+
+
+def _copy(sp):
+    import msgspec
+
+    return msgspec.structs.replace(sp)
+
+
+def _include_usage(body: O._Common) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _sum_usage(usages: list) -> Any:
+    from microserve.router.runtime import Usage
+
+    return Usage(sum(u.prompt_tokens for u in usages), sum(u.completion_tokens for u in usages),
+                 sum(u.cached_tokens for u in usages))
+
+
+async def _send(resp: web.StreamResponse, obj: dict[str, Any]) -> None:
+    await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+
+async def _merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta | RouterError]]:
+    """Interleave several requests' deltas as they come (one stream: no tasks at all).
+    A RouterError of one stream is yielded as an item, and ends the merge."""
+    if len(streams) == 1:
+        try:
+            async for d in streams[0]:
+                yield 0, d
+        except RouterError as exc:
+            yield 0, exc
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s: AsyncIterator[Delta]) -> None:
+        try:
+            async for d in s:
+                await queue.put((i, d))
+        except RouterError as exc:
+            await queue.put((i, exc))
+        finally:
+            await s.aclose()
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        live = len(tasks)
+        while live:
+            i, item = await queue.get()
+            if item is None:
+                live -= 1
+                continue
+            yield i, item
+            if isinstance(item, RouterError):
+                return
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _collect(streams: list[AsyncIterator[Delta]]) -> list[tuple[str, str | None, Any]]:
+    """Run requests to the end: (text, finish_reason, usage) per request."""
+    texts: list[list[str]] = [[] for _ in streams]
+    ends: list[tuple[str | None, Any]] = [(None, None)] * len(streams)
+    async for i, item in _merge(streams):
+        if isinstance(item, RouterError):
+            raise item
+        texts[i].append(item.text)
+        if item.finish_reason is not None:
+            ends[i] = (item.finish_reason, item.usage)
+    return [("".join(t), reason, usage) for t, (reason, usage) in zip(texts, ends)]
+
+
+def _error(exc: RouterError) -> web.Response:
+    headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after is not None else None
+    return web.json_response(O.error_body(exc.status, exc.message, exc.code, exc.param), status=exc.status,
+                             headers=headers)
+
+
+async def serve(gateway: Gateway, host: str = "127.0.0.1", port: int = 8000) -> tuple[web.AppRunner, int]:
+    """Start the gateway; returns the runner (call `cleanup()` to stop) and the bound port."""
+    runner = web.AppRunner(gateway.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+    bound = sockets[0].getsockname()[1] if sockets else port
+    return runner, bound

@@ -1,0 +1,67 @@
+"""Incremental detokenization and stop strings, for streaming text out of token ids.
+
+`IncrementalDetokenizer` turns token ids into text deltas as they arrive (as vLLM
+does): it re-decodes a short window of recent tokens and emits only the new text, and
+holds text back while it ends in an incomplete UTF-8 sequence ("\ufffd"), so
+multi-byte characters split across tokens are never emitted half.
+
+`StopChecker` applies stop strings to the text stream: it holds back the last
+`max(len(stop)) - 1` characters (they may be the start of a stop string), and on a
+match truncates the text before the stop string.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class _Decoder(Protocol):
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: _Decoder, skip_special_tokens: bool = True) -> None:
+        self.tok, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = 0  # window start: a token boundary where the decoded text is complete
+        self._read = 0  # tokens whose text has been emitted
+
+    def push(self, new_ids: list[int]) -> str:
+        """Add tokens; return the text they complete (possibly "")."""
+        self.ids.extend(new_ids)
+        prefix_text = self.tok.decode(self.ids[self._prefix:self._read], self.skip)
+        text = self.tok.decode(self.ids[self._prefix:], self.skip)
+        if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """The text still held back (an incomplete character at the end decodes as "\ufffd")."""
+        prefix_text = self.tok.decode(self.ids[self._prefix:self._read], self.skip)
+        text = self.tok.decode(self.ids[self._prefix:], self.skip)
+        self._prefix = self._read = len(self.ids)
+        return text[len(prefix_text):]
+
+
+class StopChecker:
+    def __init__(self, stop: list[str]) -> None:
+        self.stop = [s for s in stop if s]
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
+        self.text = ""  # everything seen so far (truncated at the stop string once hit)
+        self._sent = 0
+        self.hit: str | None = None
+
+    def push(self, delta: str, final: bool = False) -> str:
+        """Add text; return what may be emitted now. After a hit, `hit` is the stop string."""
+        if self.hit is not None:
+            return ""
+        start = max(0, len(self.text) - self._hold)
+        self.text += delta
+        for s in self.stop:
+            i = self.text.find(s, start)
+            if i >= 0:  # a later stop string can only match before an earlier one's cut
+                self.text, self.hit = self.text[:i], s
+        end = len(self.text) if (final or self.hit is not None) else max(self._sent, len(self.text) - self._hold)
+        out, self._sent = self.text[self._sent:end], end
+        return out

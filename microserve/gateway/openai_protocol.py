@@ -1,0 +1,170 @@
+"""OpenAI request bodies (msgspec, validated) and the response/error JSON we send back.
+
+Unknown fields are ignored, as OpenAI-compatible servers do (clients send `user`,
+`metadata`, ...). Fields we cannot honour (`n > 1`, `logprobs`, penalties, tools...)
+are refused with a 400 naming the field, never silently ignored.
+Extensions, as in vLLM: `top_k`, `ignore_eos`, `stop_token_ids`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from microserve.router.runtime import RouterError
+from microserve.sampling_params import SamplingParams
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class _Common(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def sampling(self, max_tokens: int | None, default_max_tokens: int) -> tuple[SamplingParams, bool]:
+        """SamplingParams for this body, and whether max_tokens was given."""
+        if self.n != 1:
+            raise RouterError(400, "only n=1 is supported", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise RouterError(400, f"{name} is not supported", param=name)
+        if self.logit_bias:
+            raise RouterError(400, "logit_bias is not supported", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise RouterError(400, "stream_options is only allowed with stream=true", param="stream_options")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        try:
+            sp = SamplingParams(
+                max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
+                temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p,
+                top_k=-1 if self.top_k is None else self.top_k,
+                seed=self.seed, stop=stop, stop_token_ids=list(self.stop_token_ids or []),
+                ignore_eos=self.ignore_eos)
+        except ValueError as exc:
+            raise RouterError(400, str(exc), param=str(exc).split()[0]) from None
+        return sp, max_tokens is not None
+
+
+class CompletionRequest(_Common, kw_only=True):
+    prompt: str | list[Any]
+    max_tokens: int | None = 16
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s): a string, a list of strings, token ids, or a list of token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise RouterError(400, "prompt is empty", param="prompt")
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+            return [list(p)]
+        if all(isinstance(x, str) for x in p):
+            return list(p)
+        if all(isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in p):
+            return [list(x) for x in p]
+        raise RouterError(400, "prompt must be a string, a list of strings, a list of token ids, or a list of "
+                               "token-id lists", param="prompt")
+
+    def check_unsupported(self) -> None:
+        for name, ok in (("echo", not self.echo), ("logprobs", self.logprobs is None),
+                         ("best_of", self.best_of in (None, 1)), ("suffix", self.suffix is None)):
+            if not ok:
+                raise RouterError(400, f"{name} is not supported", param=name)
+
+
+class ChatMessage(msgspec.Struct):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RouterError(400, f"unsupported content part {part.get('type')!r}: only text parts are "
+                                       "supported", param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Common, kw_only=True):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        if not self.messages:
+            raise RouterError(400, "messages is empty", param="messages")
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def check_unsupported(self) -> None:
+        if self.logprobs or self.top_logprobs:
+            raise RouterError(400, "logprobs is not supported", param="logprobs")
+        if self.tools:
+            raise RouterError(400, "tools are not supported", param="tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise RouterError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
+
+
+def decode_body(body: bytes, kind: type[msgspec.Struct]) -> Any:
+    if not body:
+        raise RouterError(400, "the request body is empty; send a JSON object")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        param = msg.rsplit("$.", 1)[-1].rstrip("`") if "$." in msg else None
+        raise RouterError(400, f"invalid request: {msg}", param=param) from None
+    except msgspec.DecodeError as exc:
+        raise RouterError(400, f"malformed JSON body: {exc}") from None
+
+
+# -- responses ------------------------------------------------------------------------
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param,
+                      "code": code}, "object": "error"}
+
+
+def usage_json(usage) -> dict[str, Any]:
+    out: dict[str, Any] = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                           "total_tokens": usage.total_tokens}
+    if usage.cached_tokens:
+        out["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    return out
+
+
+def now() -> int:
+    return int(time.time())

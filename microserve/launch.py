@@ -1,0 +1,212 @@
+"""`microserve launch` and `microserve router`: engines, router and gateway in one command.
+
+    launch:  spawn `microserve engine` subprocesses (one per role slot) ─┐
+    router:  engines started elsewhere (--engine ROLE=tcp://...) ────────┴─> Cluster ─> Router ─> Gateway
+
+Engine processes get `PR_SET_PDEATHSIG` (Linux), so they die with the launcher even
+when it is SIGKILLed; on SIGTERM/SIGINT the launcher stops the gateway, then
+terminates the engines and waits for them (SIGKILL after a grace period). An engine
+that exits on its own is logged and marked down; the gateway keeps serving with the
+others. One line `READY url=... engines=...` on stdout says the gateway is serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from microserve.router.cluster import Cluster
+from microserve.router.handle import EngineHandle
+from microserve.router.strategy import Strategy, StrategyError
+
+log = logging.getLogger("microserve.launch")
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str = "model"
+    request_timeout: float = 600.0
+    max_retries: int = 2
+    max_pending: int = 1024
+
+
+@dataclass
+class EngineProcess:
+    role: str
+    engine_id: str
+    proc: asyncio.subprocess.Process
+    rpc: str = ""
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def engine_threads(num_engines: int) -> int:
+    """Intra-op threads per engine so that engines on one host do not oversubscribe its cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, num_engines))
+
+
+async def spawn_engines(model: str, layout: Mapping[str, int], engine_args: list[str],
+                        ready_timeout: float = 300.0) -> list[EngineProcess]:
+    """Start one `microserve engine` per role slot; return when all printed READY (or raise)."""
+    n = sum(layout.values())
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(engine_threads(n)))
+    procs: list[EngineProcess] = []
+    for role, count in layout.items():
+        for i in range(count):
+            eid = f"{role}-{i}"
+            cmd = [sys.executable, "-m", "microserve", "engine", "--model", model, "--engine-id", eid,
+                   "--rpc", "tcp://127.0.0.1:*", "--events", "tcp://127.0.0.1:*", *engine_args]
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, stdout=subprocess.PIPE, stderr=None, env=env,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            procs.append(EngineProcess(role, eid, proc))
+    try:
+        await asyncio.wait_for(asyncio.gather(*(_read_ready(p) for p in procs)), ready_timeout)
+    except BaseException:
+        await stop_engines(procs)
+        raise
+    return procs
+
+
+async def _read_ready(p: EngineProcess) -> None:
+    assert p.proc.stdout is not None
+    while True:
+        line = (await p.proc.stdout.readline()).decode()
+        if not line:
+            code = await p.proc.wait()
+            raise RuntimeError(f"engine {p.engine_id} exited with code {code} before it was ready "
+                               "(its error is printed above)")
+        if line.startswith("READY "):
+            p.fields = dict(part.split("=", 1) for part in line.split()[1:])
+            p.rpc = p.fields["rpc"]
+            return
+
+
+async def stop_engines(procs: list[EngineProcess], grace: float = 15.0) -> None:
+    for p in procs:
+        if p.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.proc.terminate()
+    for p in procs:
+        try:
+            await asyncio.wait_for(p.proc.wait(), grace)
+        except TimeoutError:
+            log.warning("engine %s did not stop within %gs; killing it", p.engine_id, grace)
+            with contextlib.suppress(ProcessLookupError):
+                p.proc.kill()
+            await p.proc.wait()
+
+
+async def _watch(p: EngineProcess, handle: EngineHandle, stopping: asyncio.Event) -> None:
+    assert p.proc.stdout is not None
+    while await p.proc.stdout.readline():  # keep the pipe drained
+        pass
+    code = await p.proc.wait()
+    if not stopping.is_set():
+        log.error("engine %s exited with code %s; serving with the other engines", p.engine_id, code)
+        handle.mark_down(f"the engine process exited with code {code}")
+
+
+def check_layout(strategy: Strategy, layout: Mapping[str, int]) -> None:
+    missing = [r for r in type(strategy).roles if r not in layout]
+    if missing:
+        raise StrategyError(f"{type(strategy).__name__} routes to roles {', '.join(type(strategy).roles)}; "
+                            f"the engines have roles {', '.join(layout) or 'none'} (missing: {', '.join(missing)})")
+
+
+def load_tokenizer(model_path: str | Path):
+    from microserve.engine.tokenizer import Tokenizer
+
+    return Tokenizer(model_path)
+
+
+async def serve(cluster: Cluster, strategy: Strategy, tokenizer, opts: ServeOptions,
+                procs: list[EngineProcess] | None = None) -> int:
+    """Run router + gateway over a cluster until SIGTERM/SIGINT; returns the exit code."""
+    from microserve.gateway.app import Gateway
+    from microserve.gateway.app import serve as serve_http
+    from microserve.router.runtime import Router
+
+    procs = procs or []
+    stop = asyncio.Event()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = None
+    watchers: list[asyncio.Task] = []
+    try:
+        await cluster.start()
+        router = Router(cluster, strategy, tokenizer, request_timeout=opts.request_timeout,
+                        max_retries=opts.max_retries, max_pending=opts.max_pending)
+        by_id = {h.name: h for h in cluster.handles}
+        watchers = [asyncio.create_task(_watch(p, by_id[p.engine_id], stopping)) for p in procs
+                    if p.engine_id in by_id]
+        runner, port = await serve_http(Gateway(router, opts.served_model_name, opts.api_key), opts.host, opts.port)
+        engines = ",".join(f"{h.name}@{h.address}" for h in cluster.handles)
+        print(f"READY url=http://{_url_host(opts.host)}:{port} model={opts.served_model_name} "
+              f"strategy={type(strategy).__name__} engines={engines}", flush=True)
+        log.warning("serving %s with %s on http://%s:%d", opts.served_model_name, type(strategy).__name__,
+                    opts.host, port)
+        await stop.wait()
+        return 0
+    finally:
+        stopping.set()
+        if runner is not None:
+            await runner.cleanup()
+        await cluster.close()
+        await stop_engines(procs)
+        for t in watchers:
+            t.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # NOTE: a repeated Ctrl-C must not break the teardown
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def launch(strategy: Strategy, model: str, layout: Mapping[str, int], engine_args: list[str],
+                 opts: ServeOptions) -> int:
+    from microserve.demo import resolve_model
+
+    check_layout(strategy, layout)
+    model_path = str(resolve_model(model))
+    tokenizer = load_tokenizer(model_path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a Ctrl-C while engines load stops them too
+        loop.add_signal_handler(sig, stop.set)
+    spawn = asyncio.ensure_future(spawn_engines(model_path, layout, engine_args))
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([spawn, stopper], return_when=asyncio.FIRST_COMPLETED)
+    if not spawn.done():
+        spawn.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await spawn
+        return 130
+    stopper.cancel()
+    procs = spawn.result()
+    cluster = Cluster({role: [EngineHandle(p.rpc, name=p.engine_id, role=role) for p in procs if p.role == role]
+                       for role in layout})
+    return await serve(cluster, strategy, tokenizer, opts, procs)

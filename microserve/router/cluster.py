@@ -1,0 +1,201 @@
+"""`Cluster`: the engines a strategy routes over, their load, and the global prefix index.
+
+    cluster.engines("decode")        live handles with that role (all live ones without a role)
+    cluster.least_loaded("prefill")  the live engine with the least work, ties taken in turn
+    cluster.load(engine)             Load(requests, running, waiting, queued_tokens, kv_usage)
+    cluster.prefix_index             PrefixIndex fed by every engine's KV events
+
+Load merges two views: what this router itself has in flight on an engine (exact, no
+delay) and the engine's own `stats` polled every `poll_interval` seconds (which also
+counts other routers' work). A failed poll or a lost connection marks the engine
+down; strategies then never see it until it answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from microserve import protocol as P
+from microserve.router.handle import EngineCallError, EngineHandle
+from microserve.router.prefix_index import PrefixIndex
+
+log = logging.getLogger(__name__)
+
+
+class NoEngineAvailable(EngineCallError):
+    """No live engine has the role asked for."""
+
+    def __init__(self, role: str | None) -> None:
+        super().__init__("unavailable", f"no live engine{f' with role {role!r}' if role else ''}")
+
+
+@dataclass
+class Load:
+    """Work on one engine, as the router sees it."""
+
+    requests: int = 0  # max(this router's calls in flight, the engine's running + waiting)
+    running: int = 0
+    waiting: int = 0
+    queued_tokens: int = 0  # prompt tokens waiting for prefill (router's view or engine's, the larger)
+    kv_usage: float = 0.0  # fraction of KV blocks in use
+    stats: P.StatsReply | None = None  # the last polled stats
+
+
+class Cluster:
+    """Engine handles grouped by role.
+
+    Args:
+        engines: `{role: [handle or address, ...]}`, or a flat list of handles/addresses (role "engine").
+        poll_interval: seconds between `stats` polls of each engine.
+        timeout: deadline of each call made through handles created from addresses.
+    """
+
+    def __init__(self, engines: Mapping[str, Sequence[EngineHandle | str]] | Sequence[EngineHandle | str],
+                 *, poll_interval: float = 0.25, timeout: float = 60.0) -> None:
+        if not isinstance(engines, Mapping):
+            engines = {"engine": list(engines)}
+        self.roles: dict[str, list[EngineHandle]] = {}
+        for role, items in engines.items():
+            if isinstance(items, str | EngineHandle):
+                items = [items]
+            handles = [h if isinstance(h, EngineHandle) else EngineHandle(h, role=role, timeout=timeout)
+                       for h in items]
+            for h in handles:
+                h.role = h.role or role
+            self.roles[role] = handles
+        self.handles = [h for hs in self.roles.values() for h in hs]
+        if not self.handles:
+            raise ValueError("a cluster needs at least one engine")
+        self.poll_interval = poll_interval
+        self._by_id: dict[str, EngineHandle] = {}
+        self._loads: dict[EngineHandle, Load] = {h: Load() for h in self.handles}
+        self.prefix_index: PrefixIndex[EngineHandle] = PrefixIndex(self._by_id.get)
+        self.health: dict[EngineHandle, P.HealthReply] = {}
+        self._turn = itertools.count()
+        self._tasks: list[asyncio.Task] = []
+        self._subs: list[zmq.asyncio.Socket] = []
+        for h in self.handles:
+            h.on_state = self._on_state
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self, ready_timeout: float = 120.0) -> Cluster:
+        """Wait until every engine answers, subscribe to KV events, start polling."""
+        replies = await asyncio.gather(*(h.wait_ready(ready_timeout) for h in self.handles))
+        ctx = zmq.asyncio.Context.instance()
+        for h, health in zip(self.handles, replies):
+            self.health[h] = health
+            if health.engine_id in self._by_id:
+                raise ValueError(f"two engines report the same engine id {health.engine_id!r}: "
+                                 f"{self._by_id[health.engine_id].address} and {h.address}")
+            self._by_id[health.engine_id] = h
+            if h.name == h.address:
+                h.name = health.engine_id
+            self.prefix_index.add_engine(health.engine_id, health.kv_spec.block_size)
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(health.events)
+            self._subs.append(sub)
+            self._tasks.append(asyncio.create_task(self._events(sub)))
+        await self.poll()
+        self._tasks.append(asyncio.create_task(self._poll_loop()))
+        return self
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for sub in self._subs:
+            sub.close(0)
+        await asyncio.gather(*(h.close() for h in self.handles))
+        self._tasks, self._subs = [], []
+
+    async def __aenter__(self) -> Cluster:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _events(self, sub: zmq.asyncio.Socket) -> None:
+        while True:
+            data = await sub.recv()
+            try:
+                self.prefix_index.apply(P.decode_event(data))
+            except Exception:  # NOTE: a bad event must not stop the index
+                log.exception("bad KV event")
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            await self.poll()
+
+    async def poll(self) -> None:
+        """Refresh every engine's load now (also revives engines that answer again)."""
+        await asyncio.gather(*(self._poll_one(h) for h in self.handles))
+
+    async def _poll_one(self, h: EngineHandle) -> None:
+        try:
+            stats = await h.stats(timeout=max(2.0, 4 * self.poll_interval))
+        except EngineCallError:
+            h.mark_down("the engine does not answer stats")
+            return
+        load = self._loads[h]
+        load.stats, load.running, load.waiting = stats, stats.running, stats.waiting
+        load.kv_usage = stats.kv_blocks_used / max(1, stats.kv_blocks_total)
+
+    def _on_state(self, h: EngineHandle, alive: bool) -> None:
+        health = self.health.get(h)
+        if health is not None and not alive:
+            self.prefix_index.drop_engine(health.engine_id)
+
+    # -- what strategies use ------------------------------------------------------------
+    def engines(self, role: str | None = None) -> list[EngineHandle]:
+        """Live engines with `role` (every live engine when `role` is None)."""
+        if role is not None and role not in self.roles:
+            raise KeyError(f"no role {role!r} in this cluster; roles: {sorted(self.roles)}")
+        pool = self.handles if role is None else self.roles[role]
+        return [h for h in pool if h.alive]
+
+    def load(self, engine: EngineHandle) -> Load:
+        load = self._loads[engine]
+        polled = load.stats
+        load.requests = max(engine.inflight, load.running + load.waiting)
+        load.queued_tokens = max(engine.pending_tokens, polled.queued_tokens if polled else 0)
+        return load
+
+    def least_loaded(self, role: str | None = None, exclude: Sequence[EngineHandle] = ()) -> EngineHandle:
+        """The live engine with the fewest requests, then queued tokens, then KV usage;
+        equal engines are taken in turn. Raises `NoEngineAvailable`."""
+        pool = [h for h in self.engines(role) if h not in exclude]
+        if not pool:
+            raise NoEngineAvailable(role)
+        turn = next(self._turn)
+        n = len(pool)
+
+        def key(item: tuple[int, EngineHandle]) -> tuple:
+            i, h = item
+            load = self.load(h)
+            return load.requests, load.queued_tokens, round(load.kv_usage, 2), (i - turn) % n
+
+        return min(enumerate(pool), key=key)[1]
+
+    def engine(self, engine_id: str) -> EngineHandle:
+        """The handle of the engine with this engine id (or handle name)."""
+        for h in self.handles:
+            if engine_id in (h.name, self.health[h].engine_id if h in self.health else None):
+                return h
+        raise KeyError(f"no engine {engine_id!r} in this cluster")
+
+    @property
+    def max_model_len(self) -> int:
+        return min((h.max_model_len for h in self.health.values()), default=0)

@@ -1,0 +1,92 @@
+"""Prometheus metrics of a router (names in DESIGN.md, "Metrics").
+
+Request-level series are recorded by the router as requests flow; engine-level series
+(`microserve_engine_*`, `microserve_prefix_cache_hit_tokens_total`) are read from the
+engines' polled `stats` when `/metrics` is scraped, so they are the engines' own
+counters, not the router's guesses.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from microserve import protocol as P
+
+if TYPE_CHECKING:
+    from microserve.router.cluster import Cluster
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
+
+
+class RouterMetrics:
+    """One registry per router (tests run several routers in one process)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("microserve_requests", "Requests by outcome (success, error, aborted, rejected)",
+                                ["status"], registry=r)
+        self.ttft = Histogram("microserve_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY,
+                              registry=r)
+        self.itl = Histogram("microserve_inter_token_latency_seconds", "Time between streamed tokens", buckets=_ITL,
+                             registry=r)
+        self.e2e = Histogram("microserve_e2e_request_latency_seconds", "Request latency, arrival to last token",
+                             buckets=_LATENCY, registry=r)
+        self.prompt_tokens = Counter("microserve_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generation_tokens = Counter("microserve_generation_tokens", "Tokens generated", registry=r)
+        self.retries = Counter("microserve_request_retries", "Requests restarted on another engine", registry=r)
+        self.kv_bytes = Counter("microserve_kv_transfer_bytes", "KV bytes moved by remote_send", registry=r)
+        self.kv_seconds = Histogram("microserve_kv_transfer_seconds", "Duration of remote_send calls",
+                                    buckets=_LATENCY, registry=r)
+        self.routed = Counter("microserve_engine_requests", "start_generate calls routed to each engine",
+                              ["engine"], registry=r)
+        r.register(_EngineCollector(cluster))
+        for h in cluster.handles:
+            h.on_send = self.observe_send
+
+    def observe_send(self, result: P.SendResult) -> None:
+        self.kv_bytes.inc(result.bytes)
+        self.kv_seconds.observe(result.seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    """Engine gauges/counters from the cluster's last polled stats."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def describe(self) -> list:
+        return []  # NOTE: no eager collect at registration (the cluster may not be started yet)
+
+    def collect(self):
+        up = GaugeMetricFamily("microserve_engine_up", "1 while the engine answers", labels=["engine", "role"])
+        running = GaugeMetricFamily("microserve_engine_running_requests", "Requests running on the engine",
+                                    labels=["engine"])
+        waiting = GaugeMetricFamily("microserve_engine_waiting_requests", "Requests queued on the engine",
+                                    labels=["engine"])
+        used = GaugeMetricFamily("microserve_engine_kv_blocks_used", "KV blocks in use (requests + prefix cache)",
+                                 labels=["engine"])
+        total = GaugeMetricFamily("microserve_engine_kv_blocks_total", "KV blocks of the engine", labels=["engine"])
+        hits = CounterMetricFamily("microserve_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
+                                   labels=["engine"])
+        computed = CounterMetricFamily("microserve_engine_computed_tokens", "Tokens the engine computed",
+                                       labels=["engine"])
+        for h in self.cluster.handles:
+            up.add_metric([h.name, h.role or ""], 1.0 if h.alive else 0.0)
+            s = self.cluster.load(h).stats
+            if s is None:
+                continue
+            running.add_metric([h.name], s.running)
+            waiting.add_metric([h.name], s.waiting)
+            used.add_metric([h.name], s.kv_blocks_used)
+            total.add_metric([h.name], s.kv_blocks_total)
+            hits.add_metric([h.name], s.prefix_cache_hit_tokens)
+            computed.add_metric([h.name], s.computed_tokens_total)
+        yield from (up, running, waiting, used, total, hits, computed)

@@ -1,0 +1,81 @@
+"""Start real `microserve launch` / `microserve router` processes for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Deployment:
+    proc: subprocess.Popen
+    url: str
+    engines: dict[str, str] = field(default_factory=dict)  # engine name -> rpc address
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def children(self) -> list[int]:
+        """PIDs of the processes this one started (its engines)."""
+        out = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                    out.append(int(entry.name))
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def _start(args: list[str], timeout: float) -> Deployment:
+    cmd = [sys.executable, "-m", "microserve", *args]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env, cwd=ROOT)
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not sel.select(timeout=0.5):
+            if proc.poll() is not None:
+                break
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("READY "):
+            fields = dict(part.split("=", 1) for part in line.split()[1:])
+            engines = dict(item.split("@", 1) for item in fields["engines"].split(","))
+            return Deployment(proc, fields["url"], engines)
+    proc.kill()
+    raise RuntimeError(f"{' '.join(args)} did not become ready (exit code {proc.poll()})")
+
+
+def start_launch(*args: str, timeout: float = 180.0) -> Deployment:
+    """`microserve launch --port 0 ARGS` (add --strategy, --model...)."""
+    return _start(["launch", "--port", "0", *args], timeout)
+
+
+def start_router(*args: str, timeout: float = 60.0) -> Deployment:
+    """`microserve router --port 0 ARGS` (add --strategy, --engine...)."""
+    return _start(["router", "--port", "0", *args], timeout)

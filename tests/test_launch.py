@@ -1,0 +1,101 @@
+"""`microserve launch` with every shipped strategy, called with the official `openai` client.
+
+Each deployment is real: engine subprocesses, ZeroMQ calls, KV transfers, the router and
+the aiohttp gateway. Greedy outputs must equal `microserve.LLM` on one engine, for
+completions and chat, streamed or not; afterwards no engine may hold a leaked block,
+and SIGTERM must stop every process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import openai
+import pytest
+from deploy import start_launch
+
+from microserve import LLM, SamplingParams
+from microserve.router import EngineHandle
+
+STRATEGIES = ["round_robin", "pd", "balanced_pd", "context_migration", "cache_aware"]
+MAX_TOKENS = 10
+PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over the lazy dog. " * 3,  # several KV blocks
+    "The quick brown fox jumps over the lazy dog. " * 3 + "And then?",  # shares a cached prefix
+    "Serving LLMs is mostly about moving KV caches around efficiently.",
+]
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is a KV cache?"}]
+
+
+@pytest.fixture(scope="module", params=["demo", "llama"])
+def model(request, demo_path, llama_ckpt):
+    path = str(demo_path if request.param == "demo" else llama_ckpt[0])
+    llm = LLM(path)
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    texts = [o.text for o in llm.generate(PROMPTS, greedy)]
+    chat_ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(CHAT), add_special_tokens=False)
+    chat_text = llm.generate([chat_ids], greedy)[0].text
+    return path, texts, chat_text
+
+
+async def assert_no_leaks(engines: dict[str, str]) -> None:
+    """Every engine idle: no request, ticket or send left, used blocks == prefix-cached blocks."""
+    for name, address in engines.items():
+        async with EngineHandle(address, name=name, timeout=10) as h:
+            for _ in range(100):
+                s = await h.stats()
+                if (s.running, s.waiting, s.open_tickets, s.active_sends) == (0, 0, 0, 0) \
+                        and s.kv_blocks_used == s.kv_blocks_cached:
+                    break
+                await asyncio.sleep(0.05)
+            assert (s.running, s.waiting, s.open_tickets, s.active_sends) == (0, 0, 0, 0), (name, s)
+            assert s.kv_blocks_used == s.kv_blocks_cached, (name, s)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_launch_strategy_matches_one_engine(strategy, model):
+    path, texts, chat_text = model
+    dep = start_launch("--strategy", f"strategies/{strategy}.py", "--model", path, "--num-kv-blocks", "256",
+                       "--log-level", "error")
+    children = dep.children()
+    try:
+        assert len(children) == 2
+        client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="unused", max_retries=0)
+        [model_id] = [m.id async for m in client.models.list()]
+        for prompt, want in zip(PROMPTS, texts):  # in order: later prompts hit cached prefixes
+            out = await client.completions.create(model=model_id, prompt=prompt, max_tokens=MAX_TOKENS,
+                                                  temperature=0)
+            assert out.choices[0].text == want, (strategy, prompt)
+            assert out.usage.completion_tokens == MAX_TOKENS or out.choices[0].finish_reason == "stop"
+        streamed = await asyncio.gather(*(_stream_completion(client, model_id, p) for p in PROMPTS))
+        assert streamed == texts
+        chat = await client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=MAX_TOKENS,
+                                                    temperature=0)
+        assert chat.choices[0].message.content == chat_text
+        assert chat.choices[0].message.role == "assistant"
+        stream = await client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=MAX_TOKENS,
+                                                      temperature=0, stream=True,
+                                                      stream_options={"include_usage": True})
+        pieces, usage = [], None
+        async for chunk in stream:
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+            if chunk.usage is not None:
+                usage = chunk.usage
+        assert "".join(pieces) == chat_text
+        assert usage is not None and usage.completion_tokens <= MAX_TOKENS and usage.prompt_tokens > 0
+        await client.close()
+        await assert_no_leaks(dep.engines)
+    finally:
+        assert dep.stop() == 0
+    alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+    assert not alive, f"engine processes left behind: {alive}"
+
+
+async def _stream_completion(client: openai.AsyncOpenAI, model_id: str, prompt: str) -> str:
+    stream = await client.completions.create(model=model_id, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                             stream=True)
+    return "".join([c.choices[0].text async for c in stream if c.choices])

@@ -142,7 +142,12 @@ def decode_body(body: bytes, kind: type[msgspec.Struct]) -> Any:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
         msg = str(exc)
-        param = msg.rsplit("$.", 1)[-1].rstrip("`") if "$." in msg else None
+        if "$." in msg:
+            param = msg.rsplit("$.", 1)[-1].rstrip("`").split("[")[0].split(".")[0]
+        elif "missing required field" in msg:
+            param = msg.rsplit("`", 2)[-2]
+        else:
+            param = None
         raise RouterError(400, f"invalid request: {msg}", param=param) from None
     except msgspec.DecodeError as exc:
         raise RouterError(400, f"malformed JSON body: {exc}") from None

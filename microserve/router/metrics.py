@@ -44,6 +44,8 @@ class RouterMetrics:
                                     buckets=_LATENCY, registry=r)
         self.routed = Counter("microserve_engine_requests", "start_generate calls routed to each engine",
                               ["engine"], registry=r)
+        for status in ("success", "error", "aborted", "rejected"):
+            self.requests.labels(status)  # every series exists from the start (rates need a zero)
         r.register(_EngineCollector(cluster))
         for h in cluster.handles:
             h.on_send = self.observe_send

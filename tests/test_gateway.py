@@ -1,0 +1,245 @@
+"""The gateway under load and abuse: one `launch --strategy strategies/pd.py` deployment
+(with an API key) and a `microserve router` over its engines.
+
+64 concurrent streams, every kind of bad request, client disconnects, /metrics, the SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import openai
+import pytest
+from deploy import start_launch, start_router
+from prometheus_client.parser import text_string_to_metric_families
+from test_launch import assert_no_leaks
+
+import microserve
+from microserve import LLM, SamplingParams
+from microserve.client import APIError
+
+KEY = "sk-test-123"
+MAX_LEN = 1024
+
+
+@pytest.fixture(scope="module")
+def pd(demo_path):
+    dep = start_launch("--strategy", "strategies/pd.py", "--model", str(demo_path), "--api-key", KEY,
+                       "--served-model-name", "demo", "--max-model-len", str(MAX_LEN), "--num-kv-blocks", "512",
+                       "--log-level", "error")
+    yield dep
+    assert dep.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def llm(demo_path):
+    return LLM(demo_path)
+
+
+def client(dep, **kw) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=dep.base_url, api_key=KEY, max_retries=0, **kw)
+
+
+async def metrics(dep) -> dict[str, float]:
+    """Every sample of /metrics as {name{labels}: value} (parsed with prometheus_client's parser)."""
+    async with aiohttp.ClientSession() as s, s.get(dep.url + "/metrics") as r:
+        assert r.status == 200
+        text = await r.text()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+@pytest.mark.slow
+async def test_64_concurrent_streams_pd(pd, llm):
+    prompts = [f"request {i}: " + "lorem ipsum dolor sit amet " * (1 + i % 5) for i in range(64)]
+    want = [o.text for o in llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))]
+    c = client(pd)
+
+    async def one(prompt: str) -> str:
+        stream = await c.completions.create(model="demo", prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
+        return "".join([ch.choices[0].text async for ch in stream if ch.choices])
+
+    before = await metrics(pd)
+    got = await asyncio.wait_for(asyncio.gather(*(one(p) for p in prompts)), 240)
+    assert got == want
+    after = await metrics(pd)
+    assert after["microserve_requests_total{status=success}"] - before["microserve_requests_total{status=success}"] \
+        == 64
+    assert after["microserve_kv_transfer_bytes_total"] > before["microserve_kv_transfer_bytes_total"]
+    await c.close()
+    await assert_no_leaks(pd.engines)
+
+
+async def test_metrics_parse_and_move(pd):
+    before = await metrics(pd)
+    for name in ("microserve_time_to_first_token_seconds_count", "microserve_inter_token_latency_seconds_count",
+                 "microserve_e2e_request_latency_seconds_count", "microserve_kv_transfer_seconds_count",
+                 "microserve_kv_transfer_bytes_total"):
+        assert name in before, name
+    for engine in pd.engines:
+        for name in ("microserve_engine_running_requests", "microserve_engine_kv_blocks_used",
+                     "microserve_prefix_cache_hit_tokens_total"):
+            assert f"{name}{{engine={engine}}}" in before, (name, engine)
+    c = client(pd)
+    await c.completions.create(model="demo", prompt="metrics move " * 4, max_tokens=4, temperature=0)
+    after = await metrics(pd)
+    assert after["microserve_time_to_first_token_seconds_count"] == \
+        before["microserve_time_to_first_token_seconds_count"] + 1
+    assert after["microserve_e2e_request_latency_seconds_count"] == \
+        before["microserve_e2e_request_latency_seconds_count"] + 1
+    assert after["microserve_kv_transfer_bytes_total"] > before["microserve_kv_transfer_bytes_total"]
+    assert after["microserve_engine_computed_tokens_total{engine=prefill-0}"] > \
+        before["microserve_engine_computed_tokens_total{engine=prefill-0}"]
+    await c.close()
+
+
+async def raw(dep, method: str, path: str, body=None, key: str | None = KEY, data: bytes | None = None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession() as s, s.request(method, dep.url + path, json=body, data=data,
+                                                        headers=headers) as r:
+        return r.status, await r.json(content_type=None), r.headers
+
+
+@pytest.mark.parametrize("case,status,param", [
+    ({"data": b"{not json"}, 400, None),
+    ({"data": b""}, 400, None),
+    ({"body": {"model": "demo"}}, 400, "prompt"),
+    ({"body": {"model": "demo", "prompt": "x", "max_tokens": "many"}}, 400, "max_tokens"),
+    ({"body": {"model": "demo", "prompt": "x", "temperature": -1}}, 400, "temperature"),
+    ({"body": {"model": "demo", "prompt": "x", "top_p": 0}}, 400, "top_p"),
+    ({"body": {"model": "demo", "prompt": "x", "max_tokens": 0}}, 400, "max_tokens"),
+    ({"body": {"model": "demo", "prompt": "x", "n": 2}}, 400, "n"),
+    ({"body": {"model": "demo", "prompt": "x", "logprobs": 2}}, 400, "logprobs"),
+    ({"body": {"model": "demo", "prompt": [1, "a"]}}, 400, "prompt"),
+    ({"body": {"model": "demo", "prompt": [100000]}}, 400, "prompt"),
+    ({"body": {"model": "demo", "prompt": ""}}, 400, "prompt"),
+    ({"body": {"model": "demo", "prompt": "y" * (MAX_LEN + 10)}}, 400, "prompt"),
+    ({"body": {"model": "demo", "prompt": "y" * 1000, "max_tokens": 100}}, 400, "max_tokens"),
+    ({"body": {"model": "gpt-4", "prompt": "x"}}, 404, "model"),
+])
+async def test_bad_completion_requests(pd, case, status, param):
+    code, body, _ = await raw(pd, "POST", "/v1/completions", case.get("body"), data=case.get("data"))
+    assert code == status, body
+    assert set(body["error"]) >= {"message", "type", "code", "param"} and body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param, body
+
+
+async def test_bad_chat_requests_and_auth(pd):
+    code, body, _ = await raw(pd, "POST", "/v1/chat/completions", {"model": "demo", "messages": []})
+    assert code == 400 and body["error"]["param"] == "messages"
+    code, body, _ = await raw(pd, "POST", "/v1/chat/completions", {"model": "demo", "messages": [{"content": "x"}]})
+    assert code == 400  # no role
+    code, body, _ = await raw(pd, "POST", "/v1/chat/completions",
+                              {"model": "demo", "messages": [{"role": "user", "content": "x"}], "tools": [{}]})
+    assert code == 400 and body["error"]["param"] == "tools"
+    for key in (None, "wrong"):
+        code, body, _ = await raw(pd, "POST", "/v1/completions", {"model": "demo", "prompt": "x"}, key=key)
+        assert code == 401 and body["error"]["type"] == "authentication_error"
+    code, _, _ = await raw(pd, "GET", "/v1/models", key=None)
+    assert code == 401
+    code, body, _ = await raw(pd, "GET", "/v1/nope")
+    assert code == 404 and "error" in body
+    code, body, _ = await raw(pd, "GET", "/health", key=None)  # health and metrics need no key
+    assert code == 200 and body["status"] == "ok"
+    with pytest.raises(openai.AuthenticationError):
+        await openai.AsyncOpenAI(base_url=pd.base_url, api_key="bad", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError):
+        await client(pd).completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        await client(pd).chat.completions.create(model="demo", messages=[{"role": "user", "content": "z" * 1100}])
+
+
+async def test_stop_strings_and_batch_prompts(pd, llm):
+    base = llm.generate(["stop here"], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0].text
+    stop = base[5:8]
+    assert stop and stop in base
+    want = base[:base.index(stop)]
+    c = client(pd)
+    out = await c.completions.create(model="demo", prompt="stop here", max_tokens=24, temperature=0, stop=[stop],
+                                     extra_body={"ignore_eos": True})
+    assert out.choices[0].text == want and out.choices[0].finish_reason == "stop"
+    stream = await c.completions.create(model="demo", prompt="stop here", max_tokens=24, temperature=0, stop=stop,
+                                        stream=True, extra_body={"ignore_eos": True})
+    chunks = [ch async for ch in stream]
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    batch = await c.completions.create(model="demo", prompt=["stop here", "other"], max_tokens=6, temperature=0)
+    ref = llm.generate(["stop here", "other"], SamplingParams(max_tokens=6, temperature=0))
+    assert [ch.text for ch in sorted(batch.choices, key=lambda ch: ch.index)] == [o.text for o in ref]
+    assert batch.usage.completion_tokens == sum(len(o.token_ids) for o in ref)
+    await c.close()
+    await assert_no_leaks(pd.engines)
+
+
+async def test_client_disconnect_aborts_on_engines(pd):
+    payload = {"model": "demo", "prompt": "disconnect me " * 8, "max_tokens": 900, "temperature": 0,
+               "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
+        async with s.post(pd.url + "/v1/completions", json=payload) as r:
+            assert r.status == 200
+            got = 0
+            async for line in r.content:
+                got += line.startswith(b"data: {")
+                if got >= 3:
+                    break  # leave mid-stream: the connection closes here
+        # non-streaming, too: cancel while the engines work
+        task = asyncio.ensure_future(s.post(pd.url + "/v1/completions", json=payload | {"stream": False}))
+        await asyncio.sleep(0.3)
+        assert not task.done()
+        task.cancel()
+    await assert_no_leaks(pd.engines)
+    m = await metrics(pd)
+    assert m["microserve_requests_total{status=aborted}"] >= 2
+
+
+async def test_router_over_running_engines_and_queue_limit(pd, llm):
+    """`microserve router` over the launch's engines; --max-pending 2 turns the third request into a 429."""
+    args = ["--strategy", "strategies/round_robin.py", "--max-pending", "2", "--log-level", "error"]
+    for address in pd.engines.values():
+        args += ["--engine", f"engine={address}"]
+    dep = start_router(*args)
+    try:
+        async with microserve.AsyncClient(dep.url) as sdk:
+            [name] = await sdk.models()  # the folder name the engines report
+            assert name.startswith("demo")
+            want = llm.generate(["sdk"], SamplingParams(max_tokens=8, temperature=0))[0].text
+            out = await sdk.completions("sdk", max_tokens=8, temperature=0)
+            assert out.text == want and out.usage["completion_tokens"] == 8
+            pieces = [p async for p in sdk.stream_completions("sdk", max_tokens=8, temperature=0)]
+            assert "".join(p.text for p in pieces) == want and pieces[-1].usage["completion_tokens"] == 8
+            chat = await sdk.chat([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+            assert chat.finish_reason == "length"
+            with pytest.raises(APIError) as err:
+                await sdk.completions("x", max_tokens=10**6)
+            assert err.value.status == 400
+
+            long = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}
+            results = await asyncio.gather(*(sdk.completions(f"busy {i}", **long) for i in range(4)),
+                                           return_exceptions=True)
+            refused = [r for r in results if isinstance(r, APIError)]
+            assert refused and all(r.status == 429 for r in refused), results
+            assert any(not isinstance(r, Exception) for r in results)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(dep.url + "/v1/completions", json={"prompt": "a"}) as r:
+                assert r.status == 200
+            tasks = [asyncio.ensure_future(s.post(dep.url + "/v1/completions", json={"prompt": f"b{i}", **long}))
+                     for i in range(3)]
+            statuses = []
+            for t in tasks:
+                r = await t
+                statuses.append(r.status)
+                if r.status == 429:
+                    assert int(r.headers["Retry-After"]) >= 1
+                    assert json.loads(await r.text())["error"]["type"] == "rate_limit_error"
+            assert 429 in statuses
+    finally:
+        assert dep.stop() == 0
+    await assert_no_leaks(pd.engines)

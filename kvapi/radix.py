@@ -167,5 +167,9 @@ class RadixCache:
             stack.extend(node.children.values())
             yield node
 
+    def prefix_hashes(self) -> list[int]:
+        """Prefix hashes of every cached block (what a snapshot of the "stored" events holds)."""
+        return [node.hash for node in self._iter_nodes()]
+
     def cached_blocks(self) -> set[int]:
         return {node.block for node in self._iter_nodes()}

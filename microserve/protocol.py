@@ -15,7 +15,8 @@ from kvapi.transfer.base import KVAddr
 from microserve.sampling_params import SamplingParams
 
 __all__ = [
-    "Abort", "AbortReply", "Call", "GenerateChunk", "Health", "HealthReply", "KVAddr", "KVEvent", "KVSpec",
+    "Abort", "AbortReply", "Call", "GenerateChunk", "Health", "HealthReply", "KVAddr", "KVEvent", "KVSnapshot",
+    "KVSnapshotReply", "KVSpec",
     "PrepRecv", "RPCError", "RecvTicket", "RemoteSend", "Reply", "Request", "SendResult", "StartGenerate",
     "Stats", "StatsReply", "decode_call", "decode_reply", "encode",
 ]
@@ -68,7 +69,11 @@ class Health(msgspec.Struct, tag="health", forbid_unknown_fields=True):
     pass
 
 
-Call = PrepRecv | RemoteSend | StartGenerate | Abort | Stats | Health
+class KVSnapshot(msgspec.Struct, tag="kv_snapshot", forbid_unknown_fields=True):
+    """Ask for every prefix hash in the engine's cache (a router joining late, or one that lost events)."""
+
+
+Call = PrepRecv | RemoteSend | StartGenerate | Abort | Stats | Health | KVSnapshot
 
 
 # -- replies -------------------------------------------------------------------------
@@ -121,6 +126,12 @@ class HealthReply(msgspec.Struct, tag="health_reply", forbid_unknown_fields=True
     max_model_len: int
 
 
+class KVSnapshotReply(msgspec.Struct, tag="kv_snapshot_reply", forbid_unknown_fields=True):
+    engine_id: str
+    hashes: list[int]  # prefix hashes of every block in the prefix cache
+    seq: int  # sequence number of the last KV event published before the snapshot
+
+
 class RPCError(msgspec.Struct, tag="error", forbid_unknown_fields=True):
     """`code`: bad_request | not_found | forbidden | kv_spec_mismatch | overloaded |
     timeout | unavailable | transfer_failed | aborted | internal."""
@@ -129,7 +140,7 @@ class RPCError(msgspec.Struct, tag="error", forbid_unknown_fields=True):
     message: str
 
 
-Reply = RecvTicket | SendResult | GenerateChunk | AbortReply | StatsReply | HealthReply | RPCError
+Reply = RecvTicket | SendResult | GenerateChunk | AbortReply | StatsReply | HealthReply | KVSnapshotReply | RPCError
 
 
 class KVEvent(msgspec.Struct, tag="kv_event", forbid_unknown_fields=True):

@@ -345,6 +345,15 @@ class AsyncEngine:
             found = True
         return found
 
+    async def cached_prefix_hashes(self, before=None) -> list[int]:
+        """Every prefix hash in the prefix cache, read between steps; `before()` runs first under
+        the same lock (the server publishes pending KV events there, so the snapshot and the
+        event sequence number agree)."""
+        async with self._lock:
+            if before is not None:
+                before()
+            return self.engine.kv.radix.prefix_hashes()
+
     def stats(self) -> StatsReply:
         s = self.engine.stats()
         return StatsReply(self.engine_id, s.running, s.waiting, s.queued_tokens, s.kv_blocks_total, s.kv_blocks_used,

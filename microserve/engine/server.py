@@ -193,6 +193,9 @@ class EngineServer:
             return P.AbortReply(await self.engine.abort(call.request_id))
         if isinstance(call, P.Stats):
             return self.engine.stats()
+        if isinstance(call, P.KVSnapshot):
+            hashes = await self.engine.cached_prefix_hashes(before=self._flush_events)
+            return P.KVSnapshotReply(self.engine_id, hashes, self._event_seq)
         return P.HealthReply(True, self.engine_id, self.opts.model, self.llm.kv_spec, self.transports,
                              self.events_addr, self.llm.max_model_len)
 

@@ -77,7 +77,7 @@ class Cluster:
         self.poll_interval = poll_interval
         self._by_id: dict[str, EngineHandle] = {}
         self._loads: dict[EngineHandle, Load] = {h: Load() for h in self.handles}
-        self.prefix_index: PrefixIndex[EngineHandle] = PrefixIndex(self._by_id.get)
+        self.prefix_index: PrefixIndex[EngineHandle] = PrefixIndex(self._by_id.get, self._on_gap)
         self.health: dict[EngineHandle, P.HealthReply] = {}
         self._turn = itertools.count()
         self._tasks: list[asyncio.Task] = []
@@ -106,6 +106,7 @@ class Cluster:
             self._subs.append(sub)
             self._tasks.append(asyncio.create_task(self._events(sub)))
         await self.poll()
+        await asyncio.gather(*(self._snapshot(h) for h in self.handles))  # what the engines cached before us
         self._tasks.append(asyncio.create_task(self._poll_loop()))
         return self
 
@@ -153,9 +154,32 @@ class Cluster:
         load.stats, load.running, load.waiting = stats, stats.running, stats.waiting
         load.kv_usage = stats.kv_blocks_used / max(1, stats.kv_blocks_total)
 
+    async def _snapshot(self, h: EngineHandle) -> None:
+        try:
+            snap = await h.call(P.KVSnapshot(), timeout=10.0)
+        except EngineCallError as exc:
+            log.warning("no KV snapshot from %s (%s); its prefix index fills from events only", h.name, exc)
+            return
+        assert isinstance(snap, P.KVSnapshotReply)
+        self.prefix_index.apply_snapshot(snap.engine_id, snap.hashes, snap.seq)
+
+    def _background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: t in self._tasks and self._tasks.remove(t))
+
+    def _on_gap(self, engine_id: str) -> None:
+        h = self._by_id.get(engine_id)
+        if h is not None:
+            self._background(self._snapshot(h))
+
     def _on_state(self, h: EngineHandle, alive: bool) -> None:
         health = self.health.get(h)
-        if health is not None and not alive:
+        if health is None:
+            return
+        if alive:  # back (maybe restarted): learn its cache again
+            self._background(self._snapshot(h))
+        else:
             self.prefix_index.drop_engine(health.engine_id)
 
     # -- what strategies use ------------------------------------------------------------

@@ -88,6 +88,7 @@ class EngineHandle:
         self.inflight = 0  # start_generate / remote_send calls this process has in flight on the engine
         self.pending_tokens = 0  # prompt tokens this process asked the engine to prefill, not yet done
         self.on_send: Callable[[P.SendResult], None] | None = None  # observer of finished remote_sends
+        self.on_generate: Callable[[EngineHandle], None] | None = None  # observer of start_generate calls
         self.on_state: Callable[[EngineHandle, bool], None] | None = None  # observer of alive changes
 
     # -- plumbing ---------------------------------------------------------------------
@@ -237,6 +238,8 @@ class EngineHandle:
         work = max(0, len(req.prompt_ids) - (begin if begin >= 0 else len(req.prompt_ids) + begin))
         self.inflight += 1
         self.pending_tokens += work
+        if self.on_generate is not None:
+            self.on_generate(self)
         try:
             await sock.send_multipart([call_id, P.encode(msg)])
             while not finished:

@@ -49,10 +49,15 @@ class RouterMetrics:
         r.register(_EngineCollector(cluster))
         for h in cluster.handles:
             h.on_send = self.observe_send
+            h.on_generate = self.observe_generate
+            self.routed.labels(h.name)
 
     def observe_send(self, result: P.SendResult) -> None:
         self.kv_bytes.inc(result.bytes)
         self.kv_seconds.observe(result.seconds)
+
+    def observe_generate(self, handle) -> None:
+        self.routed.labels(handle.name).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -34,8 +34,8 @@ class PrefixIndex(Generic[E]):
             (the cluster passes its handles); unknown ids are ignored.
     """
 
-    def __init__(self, resolve: Callable[[str], E | None]) -> None:
-        self._resolve = resolve
+    def __init__(self, resolve: Callable[[str], E | None], on_gap: Callable[[str], None] | None = None) -> None:
+        self._resolve, self._on_gap = resolve, on_gap
         self._holders: dict[int, set[str]] = {}  # prefix hash -> engine ids
         self._blocks: dict[str, set[int]] = {}  # engine id -> its hashes
         self._block_size: dict[str, int] = {}
@@ -64,11 +64,15 @@ class PrefixIndex(Generic[E]):
             return
         last = self._seq.get(eid)
         if last is not None and event.seq != last + 1:
-            if event.seq <= last:  # the engine restarted: its cache is empty now
+            if event.seq == 1:  # the engine restarted: its cache is new
                 self.drop_engine(eid)
+            elif event.seq <= last:  # already in a snapshot
+                return
             else:
                 self.dropped_events += event.seq - last - 1
                 log.debug("engine %s: %d KV events lost", eid, event.seq - last - 1)
+                if self._on_gap is not None:
+                    self._on_gap(eid)  # NOTE: the cluster asks that engine for a snapshot
         self._seq[eid] = event.seq
         mine = self._blocks[eid]
         if event.kind == "stored":
@@ -83,6 +87,17 @@ class PrefixIndex(Generic[E]):
                     holders.discard(eid)
                     if not holders:
                         del self._holders[h]
+
+    def apply_snapshot(self, engine_id: str, hashes: list[int], seq: int) -> None:
+        """Replace what an engine holds by a snapshot taken after its event `seq`."""
+        if engine_id not in self._block_size:
+            return
+        self.drop_engine(engine_id)
+        mine = self._blocks[engine_id]
+        for h in hashes:
+            self._holders.setdefault(h, set()).add(engine_id)
+            mine.add(h)
+        self._seq[engine_id] = seq
 
     def matches(self, req: Request | list[int]) -> dict[E, int]:
         """Prompt tokens each engine holds in its prefix cache (engines with none are left out)."""

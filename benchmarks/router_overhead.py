@@ -1,0 +1,116 @@
+"""What the router + gateway add on top of the engine: latency per request and requests/s.
+
+Same engine process, same short requests, one run:
+  direct   EngineHandle.start_generate on the engine (ZeroMQ, no router, no HTTP)
+  gateway  POST /v1/completions through `microserve router --strategy round_robin` (HTTP + router)
+
+Sequential requests give the added latency (p50 / p99 of gateway minus direct,
+interleaved in rounds because this machine is noisy); `--concurrency` clients give
+requests/s of both paths.
+
+    python benchmarks/router_overhead.py [--requests 200] [--concurrency 64] [--max-tokens 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from deploy import start_router
+from engines import spawn_engine
+
+from microserve.protocol import Request
+from microserve.router import EngineHandle
+from microserve.sampling_params import SamplingParams
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def direct_one(h: EngineHandle, i: int, prompt: list[int], sp: SamplingParams) -> float:
+    t = time.perf_counter()
+    async for _ in h.start_generate(Request(f"direct-{i}-{time.monotonic_ns()}", prompt, sp)):
+        pass
+    return time.perf_counter() - t
+
+
+async def gateway_one(s: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int) -> float:
+    t = time.perf_counter()
+    async with s.post(url, json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                 "ignore_eos": True}) as r:
+        assert r.status == 200, await r.text()
+        await r.read()
+    return time.perf_counter() - t
+
+
+async def main(args: argparse.Namespace) -> None:
+    engine = spawn_engine(args.model, "--log-level", "error", engine_id="E")
+    dep = start_router("--strategy", "round_robin", "--engine", engine.rpc, "--log-level", "error")
+    url = dep.url + "/v1/completions"
+    prompt = list(range(10, 10 + args.prompt_tokens))
+    sp = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    try:
+        async with EngineHandle(engine.rpc) as h, aiohttp.ClientSession() as s:
+            for i in range(10):  # warm up both paths
+                await direct_one(h, i, prompt, sp)
+                await gateway_one(s, url, prompt, args.max_tokens)
+            direct, gateway = [], []
+            rounds = 4
+            per = args.requests // rounds
+            for r in range(rounds):
+                for i in range(per):
+                    direct.append(await direct_one(h, r * per + i, prompt, sp))
+                for _ in range(per):
+                    gateway.append(await gateway_one(s, url, prompt, args.max_tokens))
+
+            async def rate(fn) -> float:
+                n = args.requests
+                todo = iter(range(n))
+
+                async def client() -> None:
+                    for i in todo:
+                        await fn(i)
+
+                t = time.perf_counter()
+                await asyncio.gather(*(client() for _ in range(args.concurrency)))
+                return n / (time.perf_counter() - t)
+
+            conn = aiohttp.TCPConnector(limit=args.concurrency)
+            async with aiohttp.ClientSession(connector=conn) as cs:
+                rps_direct = await rate(lambda i: direct_one(h, 10**6 + i, prompt, sp))
+                rps_gateway = await rate(lambda i: gateway_one(cs, url, prompt, args.max_tokens))
+    finally:
+        dep.stop()
+        engine.stop()
+
+    ms = 1000.0
+    print(f"\n{args.requests} requests, prompt {args.prompt_tokens} tokens, {args.max_tokens} output tokens, "
+          f"model {args.model}\n")
+    print(f"{'path':<10}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{f'req/s @{args.concurrency}':>14}")
+    print(f"{'direct':<10}{pct(direct, .5) * ms:>10.2f}{pct(direct, .99) * ms:>10.2f}"
+          f"{statistics.mean(direct) * ms:>10.2f}{rps_direct:>14.1f}")
+    print(f"{'gateway':<10}{pct(gateway, .5) * ms:>10.2f}{pct(gateway, .99) * ms:>10.2f}"
+          f"{statistics.mean(gateway) * ms:>10.2f}{rps_gateway:>14.1f}")
+    print(f"{'added':<10}{(pct(gateway, .5) - pct(direct, .5)) * ms:>10.2f}"
+          f"{(pct(gateway, .99) - pct(direct, .99)) * ms:>10.2f}"
+          f"{(statistics.mean(gateway) - statistics.mean(direct)) * ms:>10.2f}"
+          f"{rps_gateway / rps_direct:>13.2f}x")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=4)
+    asyncio.run(main(ap.parse_args()))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import time
 
 import openai
 import pytest
@@ -93,6 +95,26 @@ async def test_launch_strategy_matches_one_engine(strategy, model):
         assert dep.stop() == 0
     alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
     assert not alive, f"engine processes left behind: {alive}"
+
+
+def test_killed_launcher_takes_its_engines_along(demo_path):
+    """Engines carry a parent-death signal: even SIGKILL on `launch` leaves no engine running."""
+    dep = start_launch("--strategy", "round_robin", "--model", str(demo_path), "--log-level", "error")
+    children = dep.children()
+    assert len(children) == 2
+    dep.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_running(pid) for pid in children):
+        time.sleep(0.1)
+    assert not [pid for pid in children if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 async def _stream_completion(client: openai.AsyncOpenAI, model_id: str, prompt: str) -> str:

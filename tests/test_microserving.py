@@ -346,8 +346,9 @@ async def test_dead_receiver_and_dead_sender(cluster, model):
         with pytest.raises(EngineCallError) as err:  # the lost connection fails the call at once
             await send
         assert err.value.code == "unavailable" and time.monotonic() - t0 < 2.0
-        # D notices, frees the ticket, and computes the prompt itself
-        tokens, _ = await collect(d.start_generate(r, begin=len(prompt)))
+        # D notices (the connection drops, or, if V died before connecting, the 30 s transfer timeout
+        # passes), frees the ticket, and computes the prompt itself
+        tokens, _ = await collect(d.start_generate(r, begin=len(prompt), timeout=45))
         assert tokens == await reference(cluster, prompt)
     finally:
         victim.kill()

@@ -86,6 +86,16 @@ async def test_engine_failures_retry_then_error_and_keep_serving(demo_path, llm)
             health = await r.json()
         assert health["engines"] == {"A": "up", "B": "down", "C": "down"}
         await assert_no_leaks({"A": a.rpc})
+
+        # 3. no engine left: 503 with Retry-After, and /health says so
+        a.kill()
+        await asyncio.sleep(0.5)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(dep.base_url + "/completions", json={"prompt": "anyone?"}) as r:
+                assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
+                assert (await r.json())["error"]["code"] == "unavailable"
+            async with s.get(dep.url + "/health") as r:
+                assert r.status == 503
     finally:
         await client.close()
         assert dep.stop() == 0

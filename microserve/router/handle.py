@@ -97,7 +97,9 @@ class EngineHandle:
             ctx = self._ctx or zmq.asyncio.Context.instance()
             self._sock = ctx.socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
-            monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            # NOTE: an explicit endpoint: pyzmq's default is named after the socket's fd, which is reused
+            monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED,
+                                                    f"inproc://microserve-handle-{id(self):x}-{self._prefix.hex()}")
             self._sock.connect(self.address)
             loop = asyncio.get_running_loop()
             self._reader = loop.create_task(self._read())

@@ -3,9 +3,13 @@
 One DEALER socket per handle; a reader task routes reply frames to the waiting call
 by call id. Every call has a deadline (`timeout`): a dead or wedged engine turns into
 `EngineTimeout`, never a hang. An `RPCError` reply turns into `EngineCallError` with
-the engine's error code. A monitor on the socket notices a lost connection at once
-(the engine process died): the handle is marked down and every call waiting on it
-fails with code "unavailable" instead of waiting for its deadline.
+the engine's error code. Whoever learns that the engine is gone (the cluster's health
+polls, `launch` seeing the process exit) calls `mark_down`: every call waiting on the
+engine then fails with code "unavailable" instead of waiting for its deadline.
+
+NOTE: no ZeroMQ socket monitor here on purpose: libzmq writes monitor events from its
+I/O thread with a blocking send, so one handle whose monitor is never read (a handle
+the user did not close) can stall every socket of the process.
 
 The handle also keeps the router's own view of the engine's load (calls in flight,
 prompt tokens sent to it and not yet prefilled) and records, per router request,
@@ -27,7 +31,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import msgspec
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from microserve import protocol as P
 from microserve.sampling_params import SamplingParams
@@ -83,7 +86,6 @@ class EngineHandle:
         self._pending: dict[bytes, asyncio.Queue[P.Reply]] = {}
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4)
-        self._monitor: asyncio.Task | None = None
         self.alive = True  # False from a lost connection or failed health poll until a call succeeds again
         self.inflight = 0  # start_generate / remote_send calls this process has in flight on the engine
         self.pending_tokens = 0  # prompt tokens this process asked the engine to prefill, not yet done
@@ -97,23 +99,9 @@ class EngineHandle:
             ctx = self._ctx or zmq.asyncio.Context.instance()
             self._sock = ctx.socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
-            # NOTE: an explicit endpoint: pyzmq's default is named after the socket's fd, which is reused
-            monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED,
-                                                    f"inproc://microserve-handle-{id(self):x}-{self._prefix.hex()}")
             self._sock.connect(self.address)
-            loop = asyncio.get_running_loop()
-            self._reader = loop.create_task(self._read())
-            self._monitor = loop.create_task(self._watch(monitor))
+            self._reader = asyncio.get_running_loop().create_task(self._read())
         return self._sock
-
-    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        try:
-            while True:
-                event = parse_monitor_message(await monitor.recv_multipart())["event"]
-                if event == zmq.EVENT_DISCONNECTED:
-                    self.mark_down("lost the connection to the engine")
-        finally:
-            monitor.close(0)
 
     def set_alive(self, alive: bool) -> None:
         if alive != self.alive:
@@ -182,15 +170,13 @@ class EngineHandle:
         return reply
 
     async def close(self) -> None:
-        for task in (self._reader, self._monitor):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
         if self._sock is not None:
-            self._sock.disable_monitor()
             self._sock.close(0)
-        self._sock = self._reader = self._monitor = None
+        self._sock = self._reader = None
 
     def __repr__(self) -> str:
         return f"EngineHandle({self.name!r}, role={self.role!r}, alive={self.alive})"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from engines import read_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,23 +52,12 @@ def _start(args: list[str], timeout: float) -> Deployment:
     cmd = [sys.executable, "-m", "microserve", *args]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env, cwd=ROOT)
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not sel.select(timeout=0.5):
-            if proc.poll() is not None:
-                break
-            continue
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith("READY "):
-            fields = dict(part.split("=", 1) for part in line.split()[1:])
-            engines = dict(item.split("@", 1) for item in fields["engines"].split(","))
-            return Deployment(proc, fields["url"], engines)
-    proc.kill()
-    raise RuntimeError(f"{' '.join(args)} did not become ready (exit code {proc.poll()})")
+    fields = read_ready(proc, timeout)
+    if fields is None:
+        proc.kill()
+        raise RuntimeError(f"{' '.join(args)} did not become ready (exit code {proc.poll()})")
+    engines = dict(item.split("@", 1) for item in fields["engines"].split(","))
+    return Deployment(proc, fields["url"], engines)
 
 
 def start_launch(*args: str, timeout: float = 180.0) -> Deployment:

@@ -43,23 +43,30 @@ def start_engine(model: str, *args: str, engine_id: str | None = None) -> subpro
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
 
 
-def wait_engine(proc: subprocess.Popen, timeout: float = 120.0) -> EngineProc:
+def read_ready(proc: subprocess.Popen, timeout: float = 120.0) -> dict[str, str] | None:
+    """Fields of the process's `READY k=v ...` stdout line (None if it exits or times out first)."""
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not sel.select(timeout=0.5):
             if proc.poll() is not None:
-                break
+                return None
             continue
         line = proc.stdout.readline()
         if not line:
-            break
+            return None
         if line.startswith("READY "):
-            kv = dict(part.split("=", 1) for part in line.split()[1:])
-            return EngineProc(proc, kv["rpc"], kv["events"], kv["kv"], kv["engine"], kv["transports"].split(","))
-    proc.kill()
-    raise RuntimeError(f"engine {proc.args} did not become ready (exit code {proc.poll()})")
+            return dict(part.split("=", 1) for part in line.split()[1:])
+    return None
+
+
+def wait_engine(proc: subprocess.Popen, timeout: float = 120.0) -> EngineProc:
+    kv = read_ready(proc, timeout)
+    if kv is None:
+        proc.kill()
+        raise RuntimeError(f"engine {proc.args} did not become ready (exit code {proc.poll()})")
+    return EngineProc(proc, kv["rpc"], kv["events"], kv["kv"], kv["engine"], kv["transports"].split(","))
 
 
 def spawn_engine(model: str, *args: str, engine_id: str | None = None, timeout: float = 120.0) -> EngineProc:

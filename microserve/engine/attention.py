@@ -5,7 +5,9 @@ A step's tokens are laid out flat, decodes first, then prefill chunks:
     | d0 | d1 | ... | d_{B-1} | p0 chunk .......... | p1 chunk ..... |
       one token per decode      `num_tokens` per prefill, positions [start, start+n)
 
-Decodes are batched: one gather of their block tables, one SDPA call. Each prefill
+Decodes are batched: on CPU a native kernel (`csrc/cpu_kernels.cpp`) reads K/V
+straight from the pages through the block tables; otherwise (CUDA, or no compiler) one
+gather of their block tables and one SDPA call. Each prefill
 chunk attends to its cached context `[0, start)` plus itself, causally.
 GQA is handled by folding the query heads of one KV head together, so K/V are
 never repeated.
@@ -36,6 +38,9 @@ class AttentionMetadata:
     num_decodes: int = 0
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] long
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool, True = attend
+    decode_lens: torch.Tensor | None = None  # [B] long: context length incl. this token
+    # native kernel (q, cache, tables, lens, scale) -> [B, Hq, D]; None = gather + SDPA
+    native_decode: Callable[..., torch.Tensor] | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
     # called with the layer index once that layer's KV of this step is written (KV streaming)
     layer_hooks: list[Callable[[int], None]] = field(default_factory=list)
@@ -93,7 +98,10 @@ def paged_attention(
     out = q.new_empty(num_tokens, num_heads * head_dim)
     if meta.num_decodes:
         nd = meta.num_decodes
-        out[:nd] = _decode(q[:nd], cache, meta.decode_block_tables, meta.decode_mask, scale)
+        if meta.native_decode is not None:
+            out[:nd] = meta.native_decode(q[:nd], cache, meta.decode_block_tables, meta.decode_lens, scale).view(nd, -1)
+        else:
+            out[:nd] = _decode(q[:nd], cache, meta.decode_block_tables, meta.decode_mask, scale)
     for chunk in meta.prefills:
         sl = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
         out[sl] = _prefill(q[sl], k[sl], v[sl], cache, chunk, scale)
@@ -122,8 +130,9 @@ def _prefill(
     qg = q.view(n, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * n, d)
     ctx = chunk.start_pos + n
     if chunk.start_pos == 0 and _HAS_GQA:  # fresh prompt: plain causal attention, fast kernel
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                           is_causal=True, scale=scale, enable_gqa=True)
+        # NOTE: 4-D inputs ([1, H, n, D]); with 3-D ones CPU SDPA falls back to its slow math path
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                           is_causal=True, scale=scale, enable_gqa=True)[0]
         return o.transpose(0, 1).reshape(n, hq * d)
     if chunk.start_pos == 0:
         keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, n, D]
@@ -133,5 +142,5 @@ def _prefill(
         keys, values = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
         mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril_(chunk.start_pos)
     mask = mask.repeat(g, 1)  # same causal rows for each folded head
-    o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
+    o = F.scaled_dot_product_attention(qg[None], keys[None], values[None], attn_mask=mask, scale=scale)
     return o.view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq * d)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from kvapi import KVSpec
+from microserve.engine import native
 from microserve.engine.attention import AttentionMetadata, PrefillChunk
 from microserve.engine.models.llama import LlamaForCausalLM
 from microserve.engine.sampler import sample
@@ -26,6 +27,10 @@ class ModelRunner:
         self.kv_cache = spec.allocate(num_blocks, self.device) if kv_cache is None else kv_cache
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()
+        # NOTE: built (or found in torch's extension cache) here, not in the middle of serving
+        kernels = native.load() if self.device.type == "cpu" else None
+        self.native_decode = kernels.paged_decode if kernels is not None else None
+        model.use_native(kernels)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> dict[Sequence, int]:
@@ -56,7 +61,8 @@ class ModelRunner:
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
-        meta = AttentionMetadata(slot_mapping=None, num_decodes=len(decodes))  # type: ignore[arg-type]
+        meta = AttentionMetadata(slot_mapping=None, num_decodes=len(decodes),  # type: ignore[arg-type]
+                                 native_decode=self.native_decode)
         if decodes:
             max_blocks = max(s.num_computed_tokens // bs + 1 for s, _ in decodes)
             tables, ctx = [], []
@@ -69,8 +75,10 @@ class ModelRunner:
                 tables.append(table + [0] * (max_blocks - len(table)))
                 ctx.append(p + 1)
             meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
-            span = torch.arange(max_blocks * bs, device=dev)
-            meta.decode_mask = (span < torch.tensor(ctx, device=dev).unsqueeze(1))[:, None, None, :]
+            meta.decode_lens = torch.tensor(ctx, dtype=torch.long, device=dev)
+            if self.native_decode is None:
+                span = torch.arange(max_blocks * bs, device=dev)
+                meta.decode_mask = (span < meta.decode_lens.unsqueeze(1))[:, None, None, :]
         for seq, n in prefills:
             start = seq.num_computed_tokens
             table = seq.block_table[:-(-(start + n) // bs)]

@@ -80,13 +80,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of `positions`, [T, 1, D]: looked up once per step, used by every layer."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of `positions`, [T, D] float32: looked up once per step, used by every layer."""
+        return self.cos[positions], self.sin[positions]
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    # q: [T, Hq, D], k: [T, Hkv, D], cos/sin: [T, 1, D]
+    # q: [T, Hq, D], k: [T, Hkv, D], cos/sin: [T, D] float32
+    cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -96,6 +97,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    kernels = None  # native CPU kernels (`microserve.engine.native`), set by `use_native`
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -112,24 +115,33 @@ class Attention(nn.Module):
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        fused_rope = self.kernels is not None and not self.qk_norm
+        if fused_rope:  # one in-place pass over the q and k heads of each row
+            self.kernels.rope_(qkv, self.num_heads + self.num_kv_heads, self.head_dim, *rope)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, k, *rope)
+        if not fused_rope:
+            q, k = apply_rope(q, k, *rope)
         write_kv(cache, k, v, meta.slot_mapping)
         return self.o_proj(paged_attention(q, k, v, cache, meta, self.scale))
 
 
 class MLP(nn.Module):
+    kernels = None  # native CPU kernels, set by `use_native`
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -170,7 +182,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T]; returns final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
-        rope = self.rotary.lookup(positions, x.dtype)
+        rope = self.rotary.lookup(positions)
         for i, (layer, cache) in enumerate(zip(self.model.layers, kv_cache)):
             x = layer(x, rope, cache, meta)
             for hook in meta.layer_hooks:
@@ -179,6 +191,12 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    def use_native(self, kernels) -> None:
+        """Route RoPE and the MLP's SiLU product through native CPU kernels (None: torch ops)."""
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP)):
+                module.kernels = kernels
 
     def transpose_weights_(self) -> None:
         """Keep every projection's weight as `[in, out]` (faster GEMMs on CPU)."""

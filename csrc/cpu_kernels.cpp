@@ -1,0 +1,195 @@
+// Native CPU kernels (pure-torch twins in microserve/engine: attention.py, models/llama.py).
+//
+// Paged-attention decode: one query token per sequence, K/V read straight from
+// the block pool through the block table (no gather into a contiguous buffer).
+//
+//   q      [B, Hq, D]                      this step's queries (RoPE applied)
+//   cache  [2, NB, bs, Hkv, D]             one layer's pool: cache[0] = K, cache[1] = V
+//   tables [B, max_blocks] int64           block ids, position p lives in tables[b][p / bs]
+//   lens   [B] int64                       context length (keys 0 .. lens[b]-1, incl. this token)
+//   out    [B, Hq, D]
+//
+// Work item = one sequence: its pages are read front to back (a token's row holds every KV
+// head), each K/V row once for all Hq query heads (GQA: head hq reads KV head hq / G). Scores are computed in
+// float32, softmax is exact (max-subtracted), accumulation in float32.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float to_f(T x) { return static_cast<float>(x); }
+
+template <typename T>
+void decode_kernel(const T* __restrict q, const T* __restrict kbase, const T* __restrict vbase,
+                   const int64_t* __restrict tables, const int64_t* __restrict lens, T* __restrict out,
+                   int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float scale) {
+  const int64_t G = Hq / Hkv;
+  const int64_t row = Hkv * D;        // elements between consecutive tokens of one page
+  const int64_t page = bs * row;      // elements per page: read front to back
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(Hq * D), acc(Hq * D), scores;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t ctx = lens[b];
+      const int64_t* table = tables + b * max_blocks;
+      scores.resize(Hq * ctx);  // [Hq, ctx]
+      const T* qb = q + b * Hq * D;
+      for (int64_t i = 0; i < Hq * D; ++i) qf[i] = to_f(qb[i]) * scale;
+      // scores[hq, t] = q_hq . k_t[hq / G]
+      for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
+        const T* kp = kbase + table[t0 / bs] * page;
+        const int64_t n = std::min(bs, ctx - t0);
+        for (int64_t j = 0; j < n; ++j) {
+          for (int64_t hq = 0; hq < Hq; ++hq) {
+            const T* k = kp + j * row + (hq / G) * D;
+            const float* qh = qf.data() + hq * D;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t d = 0; d < D; ++d) s += qh[d] * to_f(k[d]);
+            scores[hq * ctx + t0 + j] = s;
+          }
+        }
+      }
+      // exact softmax over t, per query head
+      for (int64_t hq = 0; hq < Hq; ++hq) {
+        float* sh = scores.data() + hq * ctx;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < ctx; ++t) m = std::max(m, sh[t]);
+        float sum = 0.f;
+        for (int64_t t = 0; t < ctx; ++t) {
+          sh[t] = std::exp(sh[t] - m);
+          sum += sh[t];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < ctx; ++t) sh[t] *= inv;
+      }
+      // acc[hq] = sum_t p[hq, t] * v_t[hq / G]
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
+        const T* vp = vbase + table[t0 / bs] * page;
+        const int64_t n = std::min(bs, ctx - t0);
+        for (int64_t j = 0; j < n; ++j) {
+          for (int64_t hq = 0; hq < Hq; ++hq) {
+            const T* v = vp + j * row + (hq / G) * D;
+            const float p = scores[hq * ctx + t0 + j];
+            float* a = acc.data() + hq * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) a[d] += p * to_f(v[d]);
+          }
+        }
+      }
+      T* ob = out + b * Hq * D;
+      for (int64_t i = 0; i < Hq * D; ++i) ob[i] = static_cast<T>(acc[i]);
+    }
+  });
+}
+
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor cache, torch::Tensor tables, torch::Tensor lens,
+                           double scale) {
+  TORCH_CHECK(q.device().is_cpu() && cache.device().is_cpu(), "paged_decode: CPU tensors only");
+  TORCH_CHECK(q.dim() == 3 && cache.dim() == 5 && cache.size(0) == 2, "paged_decode: bad shapes");
+  TORCH_CHECK(cache.is_contiguous(), "paged_decode: cache must be contiguous");
+  q = q.contiguous();  // a view into the fused qkv row; [B, Hq, D] is small
+  TORCH_CHECK(q.scalar_type() == cache.scalar_type(), "paged_decode: q and cache dtypes differ");
+  TORCH_CHECK(tables.scalar_type() == torch::kLong && lens.scalar_type() == torch::kLong,
+              "paged_decode: tables and lens must be int64");
+  tables = tables.contiguous();
+  lens = lens.contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t NB = cache.size(1), bs = cache.size(2), Hkv = cache.size(3);
+  TORCH_CHECK(cache.size(4) == D && Hq % Hkv == 0, "paged_decode: head layout mismatch");
+  TORCH_CHECK(tables.size(0) == B && lens.size(0) == B, "paged_decode: batch mismatch");
+  // NOTE: bounds are checked here (cheap: B * max_blocks ints) so a bad table is an error, not a wild read
+  const int64_t max_blocks = tables.size(1);
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= max_blocks * bs, "paged_decode: context length ", lp[b], " out of range");
+    for (int64_t i = 0; i < (lp[b] + bs - 1) / bs; ++i)
+      TORCH_CHECK(tp[b * max_blocks + i] >= 0 && tp[b * max_blocks + i] < NB, "paged_decode: block id ",
+                  tp[b * max_blocks + i], " out of range");
+  }
+  auto out = torch::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_decode", [&] {
+    const scalar_t* k = cache.data_ptr<scalar_t>();
+    decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k, k + NB * bs * Hkv * D, tables.data_ptr<int64_t>(),
+                            lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, Hq, Hkv, D, bs, tables.size(1),
+                            static_cast<float>(scale));
+  });
+  return out;
+}
+
+template <typename T>
+void silu_and_mul_kernel(const T* __restrict src, T* __restrict dst, int64_t T_, int64_t I) {
+  at::parallel_for(0, T_, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* g = src + t * 2 * I;
+      const T* u = g + I;
+      T* o = dst + t * I;
+#pragma omp simd
+      for (int64_t i = 0; i < I; ++i) {
+        const float a = to_f(g[i]);
+        o[i] = static_cast<T>(a / (1.f + std::exp(-a)) * to_f(u[i]));
+      }
+    }
+  });
+}
+
+// out[t, i] = silu(x[t, i]) * x[t, I + i]: the MLP's gate/up product in one pass (x = [T, 2I]).
+torch::Tensor silu_and_mul(torch::Tensor x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) % 2 == 0, "silu_and_mul: expects CPU [T, 2I]");
+  x = x.contiguous();
+  const int64_t T = x.size(0), I = x.size(1) / 2;
+  auto out = torch::empty({T, I}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "silu_and_mul", [&] {
+    silu_and_mul_kernel<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), T, I);
+  });
+  return out;
+}
+
+template <typename T>
+void rope_kernel(T* base, const float* cb, const float* sb, int64_t T_, int64_t ld, int64_t heads, int64_t D) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, T_, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cb + t * D;
+      const float* s = sb + t * D;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* x = base + t * ld + h * D;
+#pragma omp simd
+        for (int64_t d = 0; d < half; ++d) {
+          const float x1 = to_f(x[d]), x2 = to_f(x[d + half]);
+          x[d] = static_cast<T>(x1 * c[d] - x2 * s[d]);
+          x[d + half] = static_cast<T>(x2 * c[d + half] + x1 * s[d + half]);
+        }
+      }
+    }
+  });
+}
+
+// Rotate-half RoPE in place on the first `heads` heads of each row of qkv [T, >= heads * D]
+// (q heads then k heads of the fused projection); cos, sin: [T, D] float32.
+void rope_(torch::Tensor qkv, int64_t heads, int64_t D, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) >= heads * D &&
+              D % 2 == 0, "rope_: expects CPU [T, >= heads * D] with unit inner stride");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat && cos.is_contiguous() &&
+              sin.is_contiguous() && cos.size(0) == qkv.size(0) && cos.size(-1) == D && sin.sizes() == cos.sizes(),
+              "rope_: cos/sin must be [T, D] float32");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "rope_", [&] {
+    rope_kernel<scalar_t>(qkv.data_ptr<scalar_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(), qkv.size(0),
+                          qkv.stride(0), heads, D);
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "paged attention, one query token per sequence (CPU)");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over a fused [T, 2I] projection (CPU)");
+  m.def("rope_", &rope_, "rotate-half RoPE in place on the leading heads of a fused qkv row (CPU)");
+}

@@ -1,0 +1,101 @@
+"""Native CPU kernels (`csrc/cpu_kernels.cpp`) against their pure-torch twins, and the whole
+engine on the fast path against the plain path: same tokens."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from microserve import LLM, SamplingParams
+from microserve.engine import attention, native
+from microserve.engine.models.llama import apply_rope
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    mod = native.load()
+    # NOTE: no skip: CI and every developer machine have a C++ compiler; a broken build must fail here
+    assert mod is not None, "native kernels failed to build (see the warning log)"
+    return mod
+
+
+def _tol(dtype):
+    return {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 6), group=st.sampled_from([1, 2, 4]), kv_heads=st.sampled_from([1, 2]),
+       head_dim=st.sampled_from([8, 64, 80]), block=st.sampled_from([1, 4, 16]), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_paged_decode_matches_gather_sdpa(kernels, batch, group, kv_heads, head_dim, block, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = 40
+    cache = torch.randn(2, num_blocks, block, kv_heads, head_dim, generator=g).to(dtype)
+    lens = torch.randint(1, 6 * block + 1, (batch,), generator=g)
+    max_blocks = int(-(-lens.max() // block))
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:max_blocks] for _ in range(batch)])
+    q = torch.randn(batch, kv_heads * group, head_dim, generator=g).to(dtype)
+    mask = (torch.arange(max_blocks * block) < lens[:, None])[:, None, None, :]
+    scale = head_dim**-0.5
+    ref = attention._decode(q, cache, tables, mask, scale).view_as(q)
+    got = kernels.paged_decode(q, cache, tables, lens, scale)
+    torch.testing.assert_close(got.float(), ref.float(), atol=_tol(dtype), rtol=_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_and_rope(kernels, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 2 * 24, generator=g).to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_and_mul(x).float(), (torch.nn.functional.silu(gate) * up).float(),
+                               atol=_tol(dtype), rtol=_tol(dtype))
+    hq, hkv, d, t = 4, 2, 16, 9
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    angles = torch.rand(t, d // 2, generator=g) * 6
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    rq, rk = apply_rope(q.reshape(t, hq, d), k.reshape(t, hkv, d), cos, sin)
+    v_before = v.clone()
+    kernels.rope_(qkv, hq + hkv, d, cos, sin)
+    torch.testing.assert_close(qkv[:, :hq * d].float(), rq.reshape(t, -1).float(), atol=_tol(dtype), rtol=_tol(dtype))
+    torch.testing.assert_close(qkv[:, hq * d:(hq + hkv) * d].float(), rk.reshape(t, -1).float(),
+                               atol=_tol(dtype), rtol=_tol(dtype))
+    assert torch.equal(qkv[:, (hq + hkv) * d:], v_before), "rope_ must leave the v heads alone"
+
+
+def test_bad_input_is_an_error_not_a_crash(kernels):
+    cache = torch.zeros(2, 4, 16, 2, 8)
+    with pytest.raises(RuntimeError, match="int64"):
+        kernels.paged_decode(torch.zeros(1, 2, 8), cache, torch.zeros(1, 1, dtype=torch.int32),
+                             torch.ones(1, dtype=torch.long), 1.0)
+    with pytest.raises(RuntimeError, match="head layout"):
+        kernels.paged_decode(torch.zeros(1, 3, 8), cache, torch.zeros(1, 1, dtype=torch.long),
+                             torch.ones(1, dtype=torch.long), 1.0)
+    with pytest.raises(RuntimeError, match="block id 9 out of range"):
+        kernels.paged_decode(torch.zeros(1, 2, 8), cache, torch.full((1, 1), 9), torch.ones(1, dtype=torch.long), 1.0)
+    with pytest.raises(RuntimeError, match="context length 17 out of range"):
+        kernels.paged_decode(torch.zeros(1, 2, 8), cache, torch.zeros(1, 1, dtype=torch.long),
+                             torch.full((1,), 17), 1.0)
+    with pytest.raises(RuntimeError, match="silu_and_mul"):
+        kernels.silu_and_mul(torch.zeros(3, 5))
+
+
+def _plain(llm: LLM) -> LLM:
+    """Switch one engine to the pure-torch path."""
+    llm.engine.runner.native_decode = None
+    llm.engine.runner.model.use_native(None)
+    return llm
+
+
+@pytest.mark.parametrize("variant_fixture", ["llama_ckpt", "demo_path"])
+def test_fast_path_equals_plain_path(kernels, request, variant_fixture):
+    path = request.getfixturevalue(variant_fixture)
+    path = path[0] if isinstance(path, tuple) else path
+    fast = LLM(path)
+    assert fast.engine.runner.native_decode is not None, "CPU engine should take the native decode path"
+    plain = _plain(LLM(path))
+    prompts = [[(7 * i + 3 * j) % 250 + 5 for i in range(n)] for j, n in enumerate([1, 5, 17, 40, 63, 100])]
+    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    assert [o.token_ids for o in fast.generate(prompts, sp)] == [o.token_ids for o in plain.generate(prompts, sp)]
+    seeded = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    assert fast.generate(prompts[:3], seeded)[0].token_ids == plain.generate(prompts[:3], seeded)[0].token_ids

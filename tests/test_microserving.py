@@ -8,7 +8,9 @@ Greedy outputs of every flow must equal R's; no test may leave a block behind.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import time
 
 import msgspec
@@ -276,12 +278,19 @@ async def test_abort_frees_everything(cluster):
     r = req(rand_prompt(30), long)
     async for _ in d.start_generate(r):
         break
-    # mid-transfer: abort on both ends while P is prefilling a long prompt
+    # mid-transfer: D is stopped after its ticket, so P's send is surely in flight (waiting on
+    # D's receiver) when both ends abort; a send that could finish first would prove nothing
     r = req(rand_prompt(1500))
     ticket = await d.prep_recv(r)
-    send = asyncio.ensure_future(p.remote_send(r, ticket.kv))
-    await asyncio.sleep(0.05)
-    await asyncio.gather(p.abort(r.request_id), d.abort(r.request_id))
+    os.kill(cluster["D"].proc.pid, signal.SIGSTOP)
+    try:
+        send = asyncio.ensure_future(p.remote_send(r, ticket.kv))
+        await asyncio.sleep(0.5)
+        assert not send.done(), "the send cannot finish while its receiver is stopped"
+        assert await p.abort(r.request_id)
+    finally:
+        os.kill(cluster["D"].proc.pid, signal.SIGCONT)
+    assert await d.abort(r.request_id)
     with pytest.raises(EngineCallError):
         await send
     await assert_no_leaks(cluster)

@@ -37,8 +37,9 @@ def test_paged_decode_matches_gather_sdpa(kernels, batch, group, kv_heads, head_
     q = torch.randn(batch, kv_heads * group, head_dim, generator=g).to(dtype)
     mask = (torch.arange(max_blocks * block) < lens[:, None])[:, None, None, :]
     scale = head_dim**-0.5
-    ref = attention._decode(q, cache, tables, mask, scale).view_as(q)
-    got = kernels.paged_decode(q, cache, tables, lens, scale)
+    with torch.inference_mode():  # as in the engine (the gather workspace is an inference tensor)
+        ref = attention._decode(q, cache, tables, mask, scale).view_as(q)
+        got = kernels.paged_decode(q, cache, tables, lens, scale)
     torch.testing.assert_close(got.float(), ref.float(), atol=_tol(dtype), rtol=_tol(dtype))
 
 

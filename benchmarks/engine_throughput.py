@@ -84,17 +84,24 @@ def main() -> None:
         llm = LLM(path, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=64)
         ours_run(llm, uniform[:2], 4)  # warm-up (allocator, kernels)
         hf_run(hf, uniform[:2], 4)
+        plain = LLM(path, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=64)
+        plain.engine.runner.native_decode = None  # the pure-torch path, for the kernels' share
+        plain.engine.runner.model.use_native(None)
+        ours_run(plain, uniform[:2], 4)
         rows = []
         rounds = []
-        for _ in range(args.repeats):  # interleaved, so machine noise hits both sides alike
+        for _ in range(args.repeats):  # interleaved, so machine noise hits every side alike
             hf_s, _ = hf_run(hf, uniform, 64)
             llm.engine.kv.radix.clear()  # no prefix-cache hits from warm-up or earlier rounds
             our_s, _ = ours_run(llm, uniform, 64)
-            rounds.append((n * 64 / hf_s, n * 64 / our_s))
-            print(f"  round: HF {rounds[-1][0]:.1f} tok/s, microserve {rounds[-1][1]:.1f} tok/s, "
-                  f"ratio {rounds[-1][1] / rounds[-1][0]:.2f}x", flush=True)
-        hf_tps, our_tps = sorted(rounds, key=lambda r: r[1] / r[0])[len(rounds) // 2]
+            plain.engine.kv.radix.clear()
+            plain_s, _ = ours_run(plain, uniform, 64)
+            rounds.append((n * 64 / hf_s, n * 64 / our_s, n * 64 / plain_s))
+            print(f"  round: HF {rounds[-1][0]:.1f} tok/s, microserve {rounds[-1][1]:.1f} tok/s "
+                  f"(torch path {rounds[-1][2]:.1f}), ratio {rounds[-1][1] / rounds[-1][0]:.2f}x", flush=True)
+        hf_tps, our_tps, plain_tps = sorted(rounds, key=lambda r: r[1] / r[0])[len(rounds) // 2]
         rows.append(("uniform tok/s (median round)", hf_tps, our_tps, our_tps / hf_tps))
+        rows.append(("  same round, torch path (no csrc)", hf_tps, plain_tps, plain_tps / hf_tps))
         llm.engine.kv.radix.clear()
         hf_s, hf_ttft = hf_run(hf, shared, 8)
         _, cold = ours_run(llm, shared, 8)

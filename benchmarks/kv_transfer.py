@@ -98,6 +98,8 @@ def bench_size(tokens: int, repeats: int) -> list[tuple]:
              "tcp": lambda: send("tcp")}
     if ucx_address:
         paths["ucx"] = lambda: send("ucx")
+    for fn in paths.values():  # NOTE: one untimed round: connections / UCX endpoints are set up once per pair
+        fn()
     times: dict[str, list[float]] = {k: [] for k in paths}
     for _ in range(repeats):
         for name, fn in paths.items():

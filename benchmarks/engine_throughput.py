@@ -4,6 +4,9 @@ Workloads (greedy, ignore EOS):
   uniform        32 prompts x 128 tokens, 64 new tokens: output tokens/s
   shared-prefix  32 prompts = one 512-token prefix + 16 own tokens, 8 new tokens: mean TTFT
                  (cold: nothing cached at start; warm: the prefix was served once before)
+  single         one 128-token prompt, 64 new tokens: output tokens/s at batch 1
+Ours runs twice where it matters: with the native CPU kernels of csrc/ and without
+(`native_kernels=False`, the pure-torch path), in the same rounds.
 
     python benchmarks/engine_throughput.py [--quick]
 """
@@ -84,9 +87,8 @@ def main() -> None:
         llm = LLM(path, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=64)
         ours_run(llm, uniform[:2], 4)  # warm-up (allocator, kernels)
         hf_run(hf, uniform[:2], 4)
-        plain = LLM(path, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=64)
-        plain.engine.runner.native_decode = None  # the pure-torch path, for the kernels' share
-        plain.engine.runner.model.use_native(None)
+        # the pure-torch path (no csrc/ kernels), for the kernels' share
+        plain = LLM(path, max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=64, native_kernels=False)
         ours_run(plain, uniform[:2], 4)
         rows = []
         rounds = []
@@ -110,6 +112,17 @@ def main() -> None:
         _, warm = ours_run(llm, shared, 8)
         rows.append(("shared-prefix mean TTFT s (cold)", hf_ttft, cold, hf_ttft / cold))
         rows.append(("shared-prefix mean TTFT s (warm)", hf_ttft, warm, hf_ttft / warm))
+        single = []  # one request alone: decode latency at batch 1 (interactive use)
+        for _ in range(args.repeats):
+            hf_s, _ = hf_run(hf, uniform[:1], 64)
+            for engine in (llm, plain):
+                engine.engine.kv.radix.clear()
+            our_s, _ = ours_run(llm, uniform[:1], 64)
+            plain_s, _ = ours_run(plain, uniform[:1], 64)
+            single.append((64 / hf_s, 64 / our_s, 64 / plain_s))
+        hf_tps, our_tps, plain_tps = sorted(single, key=lambda r: r[1] / r[0])[len(single) // 2]
+        rows.append(("single request tok/s (median round)", hf_tps, our_tps, our_tps / hf_tps))
+        rows.append(("  same round, torch path (no csrc)", hf_tps, plain_tps, plain_tps / hf_tps))
 
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {n} prompts, float32 CPU")
     print(f"{'metric':<36}{'HF generate':>14}{'microserve':>14}{'ratio':>10}")

@@ -15,6 +15,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -186,10 +190,96 @@ void rope_(torch::Tensor qkv, int64_t heads, int64_t D, torch::Tensor cos, torch
   });
 }
 
+// ---------------------------------------------------------------------------------------
+// Skinny GEMM for decode: y[M, N] = x[M, K] @ w[K, N] (+ bias), float32, M small (<= ~32).
+// MKL's sgemm is slow for 2 <= M <= 32 on this shape class (an lm_head at M = 8 costs 3x
+// M = 1). Here every thread owns a range of 16-column tiles of w and streams each tile
+// once per group of <= 6 rows, with the 6 x 16 outputs in 12 AVX2 registers: w is read
+// from memory once per 6 rows, and the k-loop is one broadcast + 2 FMAs per row.
+template <int R>
+inline void tile16(const float* __restrict x, int64_t K, const float* __restrict w, int64_t ldw, int64_t N,
+                   float* __restrict y, const float* __restrict bias) {
+#ifdef __AVX2__
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(w + k * ldw), w1 = _mm256_loadu_ps(w + k * ldw + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+      acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+    }
+  }
+  const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+  const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(y + r * N, _mm256_add_ps(acc[r][0], b0));
+    _mm256_storeu_ps(y + r * N + 8, _mm256_add_ps(acc[r][1], b1));
+  }
+#else
+  float acc[R][16] = {};
+  for (int64_t k = 0; k < K; ++k)
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 16; ++j) acc[r][j] += x[r * K + k] * w[k * ldw + j];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 16; ++j) y[r * N + j] = acc[r][j] + (bias ? bias[j] : 0.f);
+#endif
+}
+
+inline void rows_tile16(const float* x, int64_t rows, int64_t K, const float* w, int64_t ldw, int64_t N, float* y,
+                        const float* bias) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 6) {
+    const float* xr = x + r0 * K;
+    float* yr = y + r0 * N;
+    switch (std::min<int64_t>(6, rows - r0)) {
+      case 6: tile16<6>(xr, K, w, ldw, N, yr, bias); break;
+      case 5: tile16<5>(xr, K, w, ldw, N, yr, bias); break;
+      case 4: tile16<4>(xr, K, w, ldw, N, yr, bias); break;
+      case 3: tile16<3>(xr, K, w, ldw, N, yr, bias); break;
+      case 2: tile16<2>(xr, K, w, ldw, N, yr, bias); break;
+      default: tile16<1>(xr, K, w, ldw, N, yr, bias); break;
+    }
+  }
+}
+
+// w: [K, N] row-major, or packed [N / 16, K, 16] (each 16-column tile contiguous: the k-loop
+// then reads memory front to back instead of one 64-byte piece per row of w).
+torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "skinny_linear: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat,
+              "skinny_linear: float32 only");
+  const bool packed = w.dim() == 3;
+  TORCH_CHECK(x.dim() == 2 && (w.dim() == 2 || (packed && w.size(2) == 16)) && x.size(1) == w.size(packed ? 1 : 0),
+              "skinny_linear: shapes [M, K] @ [K, N] or packed [N / 16, K, 16]");
+  TORCH_CHECK(w.is_contiguous() && (packed || w.size(1) % 16 == 0),
+              "skinny_linear: w must be contiguous, N a multiple of 16");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = packed ? w.size(0) * 16 : w.size(1);
+  const int64_t ldw = packed ? 16 : N, tile_stride = packed ? K * 16 : 16;
+  const float* bp = nullptr;
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.scalar_type() == torch::kFloat && b.numel() == N, "skinny_linear: bias must be float32 [N]");
+    bp = b.data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N / 16, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      rows_tile16(xp, M, K, wp + t * tile_stride, ldw, N, yp + t * 16, bp ? bp + t * 16 : nullptr);
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged attention, one query token per sequence (CPU)");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over a fused [T, 2I] projection (CPU)");
+  m.def("skinny_linear", &skinny_linear, "x[M, K] @ w[K, N] (+ bias) for small M, float32 (CPU)",
+        py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
   m.def("rope_", &rope_, "rotate-half RoPE in place on the leading heads of a fused qkv row (CPU)");
 }

@@ -64,6 +64,28 @@ def test_silu_and_mul_and_rope(kernels, dtype):
     assert torch.equal(qkv[:, (hq + hkv) * d:], v_before), "rope_ must leave the v heads alone"
 
 
+@pytest.mark.parametrize("rows", [1, 3, 6, 7, 8, 13])
+@pytest.mark.parametrize("n", [16, 48, 320, 100])
+def test_skinny_linear_and_packed_head(kernels, rows, n):
+    from microserve.engine.models.llama import Linear
+
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    lin = Linear(40, n, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, 40, generator=g))
+        lin.bias.copy_(torch.randn(n, generator=g))
+    x = torch.randn(rows, 40, generator=g)
+    ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    lin.transpose_weight_()
+    lin.kernels = kernels
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)  # skinny or MKL, by rows and n % 16
+        lin.pack_weight_()  # n = 100: padded to 112 columns, sliced back
+        torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)
+        lin.kernels = None  # packed weight, torch only: one batched matmul
+        torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)
+
+
 def test_bad_input_is_an_error_not_a_crash(kernels):
     cache = torch.zeros(2, 4, 16, 2, 8)
     with pytest.raises(RuntimeError, match="int64"):
@@ -77,15 +99,12 @@ def test_bad_input_is_an_error_not_a_crash(kernels):
     with pytest.raises(RuntimeError, match="context length 17 out of range"):
         kernels.paged_decode(torch.zeros(1, 2, 8), cache, torch.zeros(1, 1, dtype=torch.long),
                              torch.full((1,), 17), 1.0)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        kernels.skinny_linear(torch.zeros(2, 8), torch.zeros(8, 20))
+    with pytest.raises(RuntimeError, match="float32 only"):
+        kernels.skinny_linear(torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(8, 16, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="silu_and_mul"):
         kernels.silu_and_mul(torch.zeros(3, 5))
-
-
-def _plain(llm: LLM) -> LLM:
-    """Switch one engine to the pure-torch path."""
-    llm.engine.runner.native_decode = None
-    llm.engine.runner.model.use_native(None)
-    return llm
 
 
 @pytest.mark.parametrize("variant_fixture", ["llama_ckpt", "demo_path"])
@@ -94,7 +113,9 @@ def test_fast_path_equals_plain_path(kernels, request, variant_fixture):
     path = path[0] if isinstance(path, tuple) else path
     fast = LLM(path)
     assert fast.engine.runner.native_decode is not None, "CPU engine should take the native decode path"
-    plain = _plain(LLM(path))
+    assert fast.engine.runner.model.lm_head.weight_packed is not None
+    plain = LLM(path, native_kernels=False)
+    assert plain.engine.runner.native_decode is None and plain.engine.runner.model.lm_head.weight_packed is None
     prompts = [[(7 * i + 3 * j) % 250 + 5 for i in range(n)] for j, n in enumerate([1, 5, 17, 40, 63, 100])]
     sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     assert [o.token_ids for o in fast.generate(prompts, sp)] == [o.token_ids for o in plain.generate(prompts, sp)]

@@ -156,6 +156,8 @@ class EngineConfig:
         max_num_seqs: most requests running at once.
         max_model_len: context limit; None takes the model's.
         enable_prefix_caching: reuse KV of shared prefixes through the radix cache.
+        native_kernels: on CPU, use the native kernels of `csrc/` when they build (the
+            environment variable MICROSERVE_NATIVE=0 also turns them off); False = torch ops only.
     """
 
     block_size: int = 16
@@ -165,6 +167,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
+    native_kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_num_batched_tokens <= 0 or self.max_num_seqs <= 0:

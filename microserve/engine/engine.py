@@ -83,7 +83,7 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching, on_kv_event)
         self.scheduler = Scheduler(self.config, self.kv)
         kv_cache = kv_cache_factory(self.kv_spec, num_blocks) if kv_cache_factory else None
-        self.runner = ModelRunner(model_obj, self.kv_spec, num_blocks, device, kv_cache)
+        self.runner = ModelRunner(model_obj, self.kv_spec, num_blocks, device, kv_cache, self.config.native_kernels)
         self.computed_tokens_total = 0
         # a sequence may not outgrow the context nor the whole KV pool (it would preempt itself forever)
         self.max_tokens_per_seq = min(self.max_model_len, num_blocks * self.config.block_size)

@@ -18,7 +18,7 @@ from microserve.engine.sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, spec: KVSpec, num_blocks: int, device: str | torch.device,
-                 kv_cache: torch.Tensor | None = None) -> None:
+                 kv_cache: torch.Tensor | None = None, native_kernels: bool = True) -> None:
         self.model = model
         self.spec = spec
         self.block_size = spec.block_size
@@ -28,7 +28,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()
         # NOTE: built (or found in torch's extension cache) here, not in the middle of serving
-        kernels = native.load() if self.device.type == "cpu" else None
+        kernels = native.load() if native_kernels and self.device.type == "cpu" else None
         self.native_decode = kernels.paged_decode if kernels is not None else None
         model.use_native(kernels)
 

@@ -17,26 +17,56 @@ from torch import nn
 from microserve.engine.attention import AttentionMetadata, paged_attention, write_kv
 from microserve.engine.config import ModelConfig, RopeConfig
 
+SKINNY_MAX_ROWS = 8  # up to this many rows the native skinny GEMM beats MKL (docs/benchmarks.md)
+
 
 class Linear(nn.Linear):
-    """`nn.Linear` that can keep its weight transposed (`[in, out]`, contiguous).
+    """`nn.Linear` that can keep its weight transposed (`[in, out]`, contiguous), or packed.
 
     On CPU (MKL), `x @ W_t` with a pre-transposed weight is ~2x faster than `F.linear`
     for decode-sized inputs and on par for prefill. `transpose_weight_()` switches.
+    With native kernels (`use_native`), batches of <= `SKINNY_MAX_ROWS` rows (decode at low
+    concurrency) go through `skinny_linear`, which streams the weight once for all rows.
+    `pack_weight_()` (the lm_head: only ever sees a few rows) replaces `W_t` by 16-column
+    tiles `[ceil(N / 16), in, 16]`, read front to back by the skinny kernel and by one
+    batched matmul for larger batches: faster than MKL on `W_t` for every batch up to ~128.
     """
 
     weight_t: torch.Tensor | None = None
+    weight_packed: torch.Tensor | None = None
+    kernels = None  # native CPU kernels, set by `LlamaForCausalLM.use_native`
 
     def transpose_weight_(self) -> None:
         self.weight_t = self.weight.detach().t().contiguous()
         self.weight = None  # the [out, in] copy is no longer needed
 
+    def pack_weight_(self) -> None:
+        assert self.weight_t is not None, "pack_weight_ needs transpose_weight_ first"
+        w = self.weight_t  # [K, N]
+        w = F.pad(w, (0, -w.shape[1] % 16))  # NOTE: zero columns up to a whole tile, sliced off after
+        self.weight_packed = w.view(w.shape[0], -1, 16).transpose(0, 1).contiguous()  # [T, K, 16]
+        self.weight_t = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_packed is not None:
+            return self._packed(x)
         if self.weight_t is None:
             return F.linear(x, self.weight, self.bias)
+        if (self.kernels is not None and x.shape[0] <= SKINNY_MAX_ROWS and x.dtype == torch.float32
+                and self.out_features % 16 == 0):
+            return self.kernels.skinny_linear(x, self.weight_t, self.bias)
         if self.bias is None:
             return x @ self.weight_t
         return torch.addmm(self.bias, x, self.weight_t)
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        m, n = x.shape[0], self.out_features
+        if self.kernels is not None and m <= SKINNY_MAX_ROWS:
+            y = self.kernels.skinny_linear(x, self.weight_packed, None)
+        else:  # [T, m, 16] -> [m, T * 16]
+            y = torch.matmul(x, self.weight_packed).transpose(0, 1).reshape(m, -1)
+        y = y[:, :n]
+        return y if self.bias is None else y + self.bias
 
 
 class RMSNorm(nn.Module):
@@ -193,10 +223,14 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def use_native(self, kernels) -> None:
-        """Route RoPE and the MLP's SiLU product through native CPU kernels (None: torch ops)."""
+        """Route RoPE, the MLP's SiLU product and skinny (decode) GEMMs through native CPU
+        kernels (None: torch ops); with kernels, a float32 lm_head is also packed."""
         for module in self.modules():
-            if isinstance(module, (Attention, MLP)):
+            if isinstance(module, (Attention, MLP, Linear)):
                 module.kernels = kernels
+        head = self.lm_head
+        if kernels is not None and head.weight_t is not None and head.weight_t.dtype == torch.float32:
+            head.pack_weight_()
 
     def transpose_weights_(self) -> None:
         """Keep every projection's weight as `[in, out]` (faster GEMMs on CPU)."""

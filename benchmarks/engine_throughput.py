@@ -5,6 +5,8 @@ Workloads (greedy, ignore EOS):
   shared-prefix  32 prompts = one 512-token prefix + 16 own tokens, 8 new tokens: mean TTFT
                  (cold: nothing cached at start; warm: the prefix was served once before)
   single         one 128-token prompt, 64 new tokens: output tokens/s at batch 1
+  mixed          32 prompts of 16-512 tokens, 8-128 new tokens each (seeded): useful output
+                 tokens/s; HF serves it as one left-padded batch of max(new) steps
 Ours runs twice where it matters: with the native CPU kernels of csrc/ and without
 (`native_kernels=False`, the pure-torch path), in the same rounds.
 
@@ -52,13 +54,27 @@ def hf_run(model, prompts: list[list[int]], new_tokens: int) -> tuple[float, flo
     return total, ttft
 
 
-def ours_run(llm: LLM, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+def hf_mixed_run(model, prompts: list[list[int]], new_tokens: list[int]) -> float:
+    """One left-padded static batch decoding max(new_tokens) steps (HF's way to serve a
+    mixed batch); only each prompt's own new tokens count as useful. Returns seconds."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    n = max(new_tokens)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=0, eos_token_id=None)
+        return time.perf_counter() - t0
+
+
+def ours_run(llm: LLM, prompts: list[list[int]], new_tokens: int | list[int]) -> tuple[float, float]:
     """All requests arrive at once. Returns (seconds, mean time to first token)."""
     eng = llm.engine
-    sp = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    counts = new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(prompts)
     t0 = time.perf_counter()
-    for i, p in enumerate(prompts):
-        eng.add_request(f"b{time.monotonic_ns()}-{i}", p, sp)
+    for i, (p, n) in enumerate(zip(prompts, counts)):
+        eng.add_request(f"b{time.monotonic_ns()}-{i}", p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
     first: dict[str, float] = {}
     produced = 0
     while eng.has_unfinished():
@@ -66,7 +82,7 @@ def ours_run(llm: LLM, prompts: list[list[int]], new_tokens: int) -> tuple[float
             first.setdefault(out.request_id, time.perf_counter() - t0)
             produced += len(out.new_token_ids)
     total = time.perf_counter() - t0
-    assert produced == len(prompts) * new_tokens
+    assert produced == sum(counts)
     return total, sum(first.values()) / len(first)
 
 
@@ -81,6 +97,9 @@ def main() -> None:
     uniform = torch.randint(5, 32000, (n, 128), generator=g).tolist()
     prefix = torch.randint(5, 32000, (512,), generator=g).tolist()
     shared = [prefix + torch.randint(5, 32000, (16,), generator=g).tolist() for _ in range(n)]
+    lengths = torch.randint(16, 513, (n,), generator=g).tolist()
+    mixed_prompts = [torch.randint(5, 32000, (k,), generator=g).tolist() for k in lengths]
+    mixed_new = torch.randint(8, 129, (n,), generator=g).tolist()
 
     with tempfile.TemporaryDirectory() as path:
         hf = build_model(path)
@@ -122,6 +141,18 @@ def main() -> None:
             single.append((64 / hf_s, 64 / our_s, 64 / plain_s))
         hf_tps, our_tps, plain_tps = sorted(single, key=lambda r: r[1] / r[0])[len(single) // 2]
         rows.append(("single request tok/s (median round)", hf_tps, our_tps, our_tps / hf_tps))
+        rows.append(("  same round, torch path (no csrc)", hf_tps, plain_tps, plain_tps / hf_tps))
+        mixed = []
+        useful = sum(mixed_new)
+        for _ in range(args.repeats):
+            hf_s = hf_mixed_run(hf, mixed_prompts, mixed_new)
+            for engine in (llm, plain):
+                engine.engine.kv.radix.clear()
+            our_s, _ = ours_run(llm, mixed_prompts, mixed_new)
+            plain_s, _ = ours_run(plain, mixed_prompts, mixed_new)
+            mixed.append((useful / hf_s, useful / our_s, useful / plain_s))
+        hf_tps, our_tps, plain_tps = sorted(mixed, key=lambda r: r[1] / r[0])[len(mixed) // 2]
+        rows.append(("mixed useful tok/s (median round)", hf_tps, our_tps, our_tps / hf_tps))
         rows.append(("  same round, torch path (no csrc)", hf_tps, plain_tps, plain_tps / hf_tps))
 
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {n} prompts, float32 CPU")

@@ -1,9 +1,10 @@
 """The GEMM floor of the engine-throughput benchmark's model on this machine.
 
 Times, outside any engine, the GEMMs one decode step must run (8 layers x qkv, o,
-gate_up, down + the lm_head, batch 32, weights `[in, out]` as the engine stores them)
-and a 2048-token prefill's layer GEMMs, then prints the best exact-float32 ratio any
-engine could reach against the HF time you pass (both GEMM-bound):
+gate_up, down with MKL on `[in, out]` weights + the lm_head as the engine runs it: one
+batched matmul over 16-column tiles; MKL's time for it is printed too), batch 32, and a
+2048-token prefill's layer GEMMs, then prints the best exact-float32 ratio our engine
+could reach against the HF time you pass (both GEMM-bound):
 
     python benchmarks/gemm_floor.py [--hf-seconds 5.08]
 """
@@ -34,6 +35,7 @@ def main() -> None:
     shapes = [(HIDDEN, Q + 2 * KV), (Q, HIDDEN), (HIDDEN, 2 * INTER), (INTER, HIDDEN)]
     layers = [[torch.randn(k, n) for k, n in shapes] for _ in range(LAYERS)]
     lm_head = torch.randn(HIDDEN, VOCAB)
+    packed = lm_head.view(HIDDEN, -1, 16).transpose(0, 1).contiguous()  # [T, K, 16], as Linear.pack_weight_
 
     def step(m: int, with_head: bool) -> None:
         x = torch.randn(m, INTER)
@@ -41,17 +43,19 @@ def main() -> None:
             for w in ws:
                 x[:, :w.shape[0]] @ w
         if with_head:
-            x[:, :HIDDEN] @ lm_head
+            torch.matmul(x[:, :HIDDEN], packed).transpose(0, 1).reshape(m, -1)
 
     with torch.inference_mode():
         decode = timed(lambda: step(32, True), 20)
-        head = timed(lambda: torch.randn(32, HIDDEN) @ lm_head, 20)
+        head = timed(lambda: torch.matmul(torch.randn(32, HIDDEN), packed).transpose(0, 1).reshape(32, -1), 20)
+        head_mkl = timed(lambda: torch.randn(32, HIDDEN) @ lm_head, 20)
         prefill = timed(lambda: step(2048, False), 3)
     total = 2 * prefill + 64 * decode  # uniform workload: 4096 prompt tokens, 64 decode steps
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
     print(f"{'piece':<44}{'seconds':>10}")
     print(f"{'decode step GEMMs (32 seqs, 8 layers + lm_head)':<44}{decode:>10.4f}")
-    print(f"{'  of which lm_head':<44}{head:>10.4f}")
+    print(f"{'  of which lm_head (packed tiles)':<44}{head:>10.4f}")
+    print(f"{'  lm_head with MKL on [in, out] instead':<44}{head_mkl:>10.4f}")
     print(f"{'prefill GEMMs, 2048 tokens (no lm_head)':<44}{prefill:>10.4f}")
     print(f"{'uniform workload, GEMMs only':<44}{total:>10.3f}")
     if args.hf_seconds:

@@ -141,3 +141,38 @@ def test_too_many_connections_are_refused():
     finally:
         rx.close()
         shared.close()
+
+
+@UCX
+def test_ucx_revoked_receive_never_writes_into_freed_blocks():
+    """UCX cannot cancel one posted receive: a receiver that gives up reports its blocks
+    free only once no receive can write into them, and a message that comes later (a slow
+    or paused sender) must not land there."""
+    from kvapi.transfer import ucx
+    from kvapi.transfer.base import Hello, Reply, recv_msg, send_msg
+    from kvapi.transfer.sender import split_endpoint
+
+    shared = SharedPool(SPEC, 8)
+    rx = KVReceiver(shared.tensor, SPEC, shm_path=shared.path, ucx=True, timeout=1.0)
+    done = threading.Event()
+    outcomes = []
+    rx.open_ticket("t", "s3cret", [2, 3], lambda o: (outcomes.append(o), done.set()))
+    try:
+        with socket.create_connection(split_endpoint(rx.endpoint)) as conn:
+            send_msg(conn, Hello("t", "s3cret", "ucx", SPEC, [2, 3], 0, 8))
+            assert isinstance(recv_msg(conn), Reply)  # accepted: receives are posted, no data comes
+            t0 = time.monotonic()
+            assert not rx.revoke("t"), "an active transfer is stopped, not dropped"
+            assert done.wait(10)
+            waited = time.monotonic() - t0
+        assert not outcomes[0].ok and "revoked" in outcomes[0].error
+        assert waited >= 0.9, f"blocks reported free after {waited:.2f}s, while receives were still posted"
+        # a late message with the ticket's tags finds no receive: the freed blocks stay as they were
+        worker = ucx.UCXWorker.get()
+        late = torch.ones(SPEC.cache_shape(8))[0, 0, :2]
+        worker.send(worker.endpoint(rx.ucx_address), late, ucx.tag_base("t", "s3cret"))
+        time.sleep(0.3)
+        assert shared.tensor.abs().sum() == 0
+    finally:
+        rx.close()
+        shared.close()

@@ -11,8 +11,6 @@ Threading: one accept thread plus one thread per connection; `open_ticket` and
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import hmac
 import logging
@@ -185,21 +183,29 @@ class KVReceiver:
                 conn.settimeout(self.stall_timeout)
                 self._receive(conn, hello, ticket)
 
-    def _wait_ucx(self, coro, conn: socket.socket, ticket: _Ticket) -> int:
-        """Wait for the UCX messages; give up when the ticket is revoked, the
-        sender's control connection closes (it died), or the data stalls."""
-        fut = asyncio.run_coroutine_threadsafe(coro, self.ucx.loop)
-        deadline = time.monotonic() + self.stall_timeout
-        while True:
-            try:
-                return fut.result(0.2)
-            except concurrent.futures.TimeoutError:
-                pass
-            gone = select.select([conn], [], [], 0)[0] and not conn.recv(1, socket.MSG_PEEK)
-            if ticket.revoked or gone or time.monotonic() > deadline:
-                fut.cancel()
-                why = "ticket revoked" if ticket.revoked else "sender went away" if gone else "data stalled"
-                raise TransferError(f"UCX transfer stopped: {why}", "aborted")
+    def _receive_ucx(self, conn: socket.socket, hello: Hello, ticket: _Ticket) -> int:
+        """Post every receive, wait for them; give up when the ticket is revoked, the
+        sender's control connection closes (it died), or the data stalls. Giving up drains
+        the posted receives first: the blocks are reported free only when nothing can
+        write into them any more."""
+        assert self.ucx is not None
+        base = ucx.tag_base(hello.ticket_id, ticket.secret)
+        reqs, nbytes = ucx.post_receives(self.ucx, self.pool, self.spec.num_layers, hello.block_ids, base)
+
+        def stop() -> str | None:
+            if ticket.revoked:
+                return "ticket revoked"
+            with contextlib.suppress(OSError):
+                if select.select([conn], [], [], 0)[0] and not conn.recv(1, socket.MSG_PEEK):
+                    return "sender went away"
+            return None
+
+        try:
+            ucx.wait(reqs, self.stall_timeout, stop)
+        except TransferError:
+            ucx.drain(self.ucx, reqs, grace=self.timeout)
+            raise
+        return nbytes
 
     def _receive(self, conn: socket.socket, hello: Hello, ticket: _Ticket) -> None:
         t0, nbytes = time.perf_counter(), 0
@@ -213,8 +219,7 @@ class KVReceiver:
                         raise TransferError("ticket revoked (lease expired or request aborted)", "aborted")
                     nbytes += tcp.recv_layer(conn, self.pool, layer, runs)
             elif hello.mode == "ucx":
-                coro = ucx.recv_layers(self.ucx, self.pool, self.spec.num_layers, hello.block_ids, hello.ticket_id)
-                nbytes = self._wait_ucx(coro, conn, ticket)
+                nbytes = self._receive_ucx(conn, hello, ticket)
             else:
                 commit = recv_msg(conn)
                 if not isinstance(commit, Commit) or commit.nbytes != expected:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 from collections.abc import Callable
@@ -80,7 +79,8 @@ class KVSender:
         _expect_ok(recv_msg(conn), addr)
         dst_pool = self._maps.get(addr.shm_path, self.spec) if mode == "shm" else None
         worker = ucx.UCXWorker.get() if mode == "ucx" else None
-        nbytes, runs, src, pending = 0, [], [], []
+        base = ucx.tag_base(addr.ticket_id, addr.secret) if worker is not None else 0
+        nbytes, runs, src, reqs, staged = 0, [], [], [], []
         try:
             for layer in range(self.spec.num_layers):
                 if layer_ready is not None:
@@ -89,23 +89,23 @@ class KVSender:
                     bs = self.spec.block_size
                     src = src_blocks()[begin // bs: -(-end // bs)]
                     runs = page_runs(src, dst)
-                if worker is not None:  # NOTE: not awaited here: layer l+1 may compute while l is on the wire
-                    coro = ucx.send_layer(worker, addr.ucx_address, self.pool, layer, src, dst, addr.ticket_id)
-                    pending.append(asyncio.run_coroutine_threadsafe(coro, worker.loop))
+                if worker is not None:  # NOTE: not waited for here: layer l+1 may compute while l is on the wire
+                    layer_reqs, layer_staged, n = ucx.send_layer(worker, addr.ucx_address, self.pool, layer, src,
+                                                                 dst, base)
+                    reqs += layer_reqs
+                    staged += layer_staged
+                    nbytes += n
                 elif dst_pool is not None:
                     nbytes += shm.copy_layer(dst_pool, self.pool, layer, runs)
                 else:
                     nbytes += tcp.send_layer(conn, self.pool, layer, [(s, n) for s, _, n in runs])
-            for fut in pending:
-                try:
-                    nbytes += fut.result(self.timeout)
-                except TimeoutError:
-                    fut.cancel()
-                    why = f"UCX send to {addr.engine_id} stalled for {self.timeout}s"
-                    raise TransferError(why, "timeout") from None
-        except BaseException:
-            for fut in pending:  # NOTE: never leave sends reading blocks the caller frees next
-                fut.cancel()
+            if worker is not None:
+                ucx.wait(reqs, self.timeout)
+        except BaseException as exc:
+            if worker is not None:  # NOTE: sends cannot be cancelled: staged copies live until UCX is done
+                worker.keep_alive(reqs, staged)
+                if isinstance(exc, TransferError) and exc.code == "transfer_failed":
+                    worker.forget(addr.ucx_address)  # the peer's endpoint failed: open a new one next time
             raise
         if dst_pool is not None:
             send_msg(conn, Commit(nbytes))

@@ -4,23 +4,40 @@ TCP otherwise, chosen by UCX itself.
 No UCX listener (it would bind every interface): the receiver publishes its *worker
 address* in `KVAddr.ucx_address`; the sender opens an endpoint from it and sends one
 tag-matched message per (layer, K|V, run of consecutive receiver blocks). Both sides
-derive the same message list from the receiver's blocks, so tags match without any
-extra exchange. The control messages (`Hello`, `Reply`) still go over the receiver's
-TCP control socket. All ucxx calls run on one asyncio loop in a dedicated thread.
+derive the same message list from the receiver's blocks, and the tags from the ticket id
+*and secret*, so tags match without any extra exchange and nobody without the secret can
+aim a message at a ticket's blocks. The control messages (`Hello`, `Reply`) still go over
+the receiver's TCP control socket.
+
+We use ucxx's low-level API: one context and worker per process, progressed by UCXX's
+own progress thread (epoll, idle when nothing moves), requests submitted from any thread
+(delayed submission hands them to the progress thread) and their completion polled with
+short sleeps. ucxx's asyncio layer ("thread" mode with a notifier thread) stalled ~300 ms
+on about every other transfer here, and its "blocking" mode spins a core while idle
+(docs/benchmarks.md).
+
+NOTE: UCX cannot cancel one posted receive. A receiver that gives up on a transfer must
+not hand the blocks back while a receive into them is posted: `drain` waits for them
+(the live sender's messages still land, into blocks nobody uses yet) and, as a last
+resort, cancels every in-flight request of the worker.
 """
 
 from __future__ import annotations
 
-import asyncio
+import atexit
 import hashlib
+import logging
 import os
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from kvapi.transfer.base import TransferError, block_runs
+
+log = logging.getLogger(__name__)
 
 # NOTE: without these UCX keeps its shared-memory transports off under error handling
 os.environ.setdefault("UCX_MM_ERROR_HANDLING", "y")
@@ -37,19 +54,26 @@ def ucx_available() -> bool:
 
 
 class UCXWorker:
-    """The process's UCX worker and the loop thread that drives it."""
+    """The process's UCX context and worker, and the endpoints it opened."""
 
     _instance: UCXWorker | None = None
     _lock = threading.Lock()
 
     def __init__(self) -> None:
-        import ucxx
+        from ucxx._lib import libucxx
+        from ucxx._lib.arr import Array
+        from ucxx.types import Tag
 
-        self.ucxx = ucxx
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, name="ucx-worker", daemon=True).start()
-        self.address = self.run(self._address()).hex()
+        self._lib, self._array, self._tag = libucxx, Array, Tag
+        self.context = libucxx.UCXContext({}, feature_flags=(libucxx.Feature.TAG, libucxx.Feature.WAKEUP))
+        self.worker = libucxx.UCXWorker(self.context, enable_delayed_submission=True, enable_python_future=False)
+        self.worker.start_progress_thread(polling_mode=False, epoll_timeout=1)
+        atexit.register(self.worker.stop_progress_thread)  # NOTE: never let destructors run on that thread
+        self.address = libucxx.UCXAddress.create_from_worker(self.worker).tobytes().hex()
         self._endpoints: dict[str, Any] = {}
+        self._ep_lock = threading.Lock()
+        # sends whose staged buffers must outlive them (a failed send cannot be cancelled)
+        self._inflight: list[tuple[list[Any], list[torch.Tensor]]] = []
 
     @classmethod
     def get(cls) -> UCXWorker:
@@ -58,27 +82,74 @@ class UCXWorker:
                 cls._instance = UCXWorker()
             return cls._instance
 
-    def run(self, coro: Coroutine, timeout: float | None = None) -> Any:
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+    def endpoint(self, address: str) -> Any:
+        with self._ep_lock:
+            ep = self._endpoints.get(address)
+            if ep is None or not ep.alive:
+                addr = self._lib.UCXAddress.create_from_buffer(bytes.fromhex(address))
+                ep = self._endpoints[address] = self._lib.UCXEndpoint.create_from_worker_address(
+                    self.worker, addr, True)
+            return ep
+
+    def forget(self, address: str) -> None:
+        """Drop a cached endpoint (its peer failed); the next send opens a new one."""
+        with self._ep_lock:
+            self._endpoints.pop(address, None)
+
+    def send(self, ep: Any, t: torch.Tensor, tag: int) -> Any:
+        return ep.tag_send(self._array(_host_array(t)), self._tag(tag))
+
+    def recv(self, t: torch.Tensor, tag: int) -> Any:
+        return self.worker.tag_recv(self._array(_host_array(t)), self._tag(tag))
+
+    def keep_alive(self, reqs: list[Any], buffers: list[torch.Tensor]) -> None:
+        """Hold staged buffers of abandoned sends until UCX is done reading them."""
+        with self._ep_lock:
+            self._inflight = [(r, b) for r, b in self._inflight if not all(x.completed for x in r)]
+            if buffers:
+                self._inflight.append((reqs, buffers))
+
+    def cancel_all(self) -> None:
+        log.warning("ucx: cancelling every in-flight request of this worker (a receive would not finish)")
+        self.worker.cancel_inflight_requests(3_000_000_000, 3)
+
+
+def wait(reqs: list[Any], timeout: float, stop: Callable[[], str | None] | None = None) -> None:
+    """Poll until every request completed; raise TransferError on a failed request, after
+    `timeout` seconds, or when `stop()` names a reason to give up."""
+    deadline, pause = time.monotonic() + timeout, 0.0001
+    pending = list(reqs)
+    while pending:
+        pending = [r for r in pending if not r.completed]
+        if not pending:
+            break
+        why = stop() if stop is not None else None
+        if why:
+            raise TransferError(f"UCX transfer stopped: {why}", "aborted")
+        if time.monotonic() > deadline:
+            raise TransferError(f"UCX transfer stalled for {timeout}s", "timeout")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.002)
+    for r in reqs:
         try:
-            return fut.result(timeout)
-        except TimeoutError:
-            fut.cancel()
-            raise TransferError(f"UCX operation stalled for {timeout}s", "timeout") from None
-
-    async def _address(self) -> bytes:
-        return bytes(self.ucxx.get_worker_address())
-
-    async def endpoint(self, address: str) -> Any:
-        ep = self._endpoints.get(address)
-        if ep is None or ep.closed:
-            addr = self.ucxx.get_ucx_address_from_buffer(bytes.fromhex(address))
-            ep = self._endpoints[address] = await self.ucxx.create_endpoint_from_worker_address(addr)
-        return ep
+            r.check_error()
+        except Exception as exc:  # ucxx raises its own exception types
+            raise TransferError(f"UCX transfer failed: {exc}", "transfer_failed") from exc
 
 
-def _tag_base(ticket_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(ticket_id.encode(), digest_size=5).digest(), "little") << 20
+def drain(worker: UCXWorker, reqs: list[Any], grace: float) -> None:
+    """After a failed receive: wait until no posted receive can still write, so the blocks
+    may be reused; cancel everything in flight if one is still pending after `grace`."""
+    try:
+        wait(reqs, grace)
+    except TransferError:
+        if any(not r.completed for r in reqs):
+            worker.cancel_all()
+
+
+def tag_base(ticket_id: str, secret: str) -> int:
+    digest = hashlib.blake2b(f"{ticket_id}\0{secret}".encode(), digest_size=5).digest()
+    return int.from_bytes(digest, "little") << 20
 
 
 def _messages(pool: torch.Tensor, layer: int, runs: list[tuple[int, int]]) -> list[torch.Tensor]:
@@ -89,26 +160,27 @@ def _host_array(t: torch.Tensor):
     return t.view(torch.uint8).numpy()
 
 
-async def recv_layers(worker: UCXWorker, pool: torch.Tensor, num_layers: int, dst: list[int],
-                      ticket_id: str) -> int:
-    """Receive every layer into the receiver blocks `dst` (logical order); returns bytes.
-
-    All receives are posted at once, so each message lands as soon as it is sent."""
+def post_receives(worker: UCXWorker, pool: torch.Tensor, num_layers: int, dst: list[int],
+                  base: int) -> tuple[list[Any], int]:
+    """Post a receive for every message of every layer into the receiver blocks `dst`;
+    returns (requests, bytes expected). Posting all up front lets each message land as
+    soon as it is sent."""
     runs = block_runs(dst)
-    base = _tag_base(ticket_id)
     msgs = [m for layer in range(num_layers) for m in _messages(pool, layer, runs)]
-    await asyncio.gather(*(worker.ucxx.recv(_host_array(m), tag=base + i) for i, m in enumerate(msgs)))
-    return sum(m.numel() * m.element_size() for m in msgs)
+    reqs = [worker.recv(m, base + i) for i, m in enumerate(msgs)]
+    return reqs, sum(m.numel() * m.element_size() for m in msgs)
 
 
-async def send_layer(worker: UCXWorker, address: str, pool: torch.Tensor, layer: int, src: list[int],
-                     dst: list[int], ticket_id: str) -> int:
-    """Send layer `layer` of this engine's blocks `src` to the receiver's `dst`; returns bytes."""
-    ep = await worker.endpoint(address)
+def send_layer(worker: UCXWorker, address: str, pool: torch.Tensor, layer: int, src: list[int],
+               dst: list[int], base: int) -> tuple[list[Any], list[torch.Tensor], int]:
+    """Send layer `layer` of this engine's blocks `src` to the receiver's `dst`.
+
+    Returns (requests, staged buffers to keep alive until they complete, bytes)."""
+    ep = worker.endpoint(address)
     runs = block_runs(dst)
-    base = _tag_base(ticket_id) + layer * 2 * len(runs)
+    first = base + layer * 2 * len(runs)
     index = {d: s for s, d in zip(src, dst, strict=True)}
-    msgs = []
+    msgs, staged = [], []
     for kv in (0, 1):
         for d0, n in runs:
             s = [index[d] for d in range(d0, d0 + n)]
@@ -116,5 +188,6 @@ async def send_layer(worker: UCXWorker, address: str, pool: torch.Tensor, layer:
                 msgs.append(pool[layer, kv, s[0]:s[0] + n])
             else:  # NOTE: the source is scattered: stage one contiguous message
                 msgs.append(pool[layer, kv].index_select(0, torch.tensor(s)))
-    await asyncio.gather(*(ep.send(_host_array(m), tag=base + i, force_tag=True) for i, m in enumerate(msgs)))
-    return sum(m.numel() * m.element_size() for m in msgs)
+                staged.append(msgs[-1])
+    reqs = [worker.send(ep, m, first + i) for i, m in enumerate(msgs)]
+    return reqs, staged, sum(m.numel() * m.element_size() for m in msgs)

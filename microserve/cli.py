@@ -209,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="checkpoint folder with the tokenizer (default: the path the engines report)")
     rou.set_defaults(func=_router)
 
+    from microserve import bench
+
+    ben = sub.add_parser("bench", help="load an OpenAI-compatible endpoint with a workload; TTFT, TPOT, JCT, "
+                                       "throughput, goodput")
+    bench.add_arguments(ben)
+    ben.set_defaults(func=bench.run)
+
     demo = sub.add_parser("demo", help="write the tiny random demo checkpoint to PATH")
     demo.add_argument("path")
     demo.set_defaults(func=_demo)

@@ -74,7 +74,9 @@ def run_vllm(path: str, rounds: int) -> dict[str, list[tuple[float, float]]]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # NOTE: on CPU this fraction of node memory is reserved (default 0.92 fails beside other processes)
     llm = LLM(model=path, dtype="float32", skip_tokenizer_init=True, enable_prefix_caching=True, max_model_len=2048,
+              gpu_memory_utilization=0.2,
               **ENGINE_ARGS)
     eng = llm.llm_engine
 
@@ -107,7 +109,7 @@ def main() -> None:
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:  # inside the vLLM virtualenv: no microserve import here
-        print(json.dumps(run_vllm(args.model, args.repeats)))
+        print("RESULT " + json.dumps(run_vllm(args.model, args.repeats)), flush=True)
         return
     import statistics
 
@@ -126,7 +128,8 @@ def main() -> None:
             sys.stderr.write(proc.stderr[-3000:])
             if proc.returncode != 0:
                 raise SystemExit(f"vLLM worker failed ({proc.returncode})")
-            theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+            # NOTE: vLLM writes its own lines to stdout too
+            theirs = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     med = lambda rows, k: statistics.median(r[k] for r in rows)
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, float32 CPU, median of {args.repeats}")
     print(f"{'workload':<16}{'metric':<12}{'microserve':>12}{'vLLM':>12}{'ratio':>9}")

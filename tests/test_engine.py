@@ -207,3 +207,22 @@ def test_random_workload_never_leaks(demo_path, prompts, abort_at, budget):
         assert got[rid] == _solo_cache[key]
     assert finished | aborted == set(got)
     assert_no_leak(llm)
+
+
+def test_in_batch_prefix_sharing_computes_the_prefix_once(llama_ckpt):
+    """Requests arriving together with a shared prefix: one computes it, the rest wait a
+    step and hit the cache (SGLang-style), with the same tokens as each prompt alone."""
+    path, _ = llama_ckpt
+    prefix = [(7 * i) % 300 + 5 for i in range(64)]  # 4 full blocks
+    prompts = [prefix + [(13 * j + i) % 300 + 5 for i in range(5)] for j in range(8)]
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    alone = LLM(path, enable_prefix_caching=False)
+    expected = [alone.generate([p], sp)[0].token_ids for p in prompts]
+    llm = LLM(path)
+    outs = llm.generate(prompts, sp)
+    assert [o.token_ids for o in outs] == expected
+    stats = llm.engine.stats()
+    assert stats.prefix_cache_hit_tokens == 7 * 64, "each waiting request counts its hit once"
+    # prompts once each, the shared prefix once, plus the decode steps (the last token of each is sampled)
+    assert stats.computed_tokens_total == 64 + 8 * 5 + 8 * 5
+    assert_no_leak(llm)

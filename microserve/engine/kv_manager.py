@@ -46,6 +46,13 @@ class KVCacheManager:
         self.prefix_hit_tokens += matched
         return matched
 
+    def unmatch(self, seq: Sequence) -> None:
+        """Undo `match_prefix` for a sequence that goes back to waiting: unpin, uncount."""
+        self.prefix_hit_tokens -= seq.num_computed_tokens
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.num_cached_blocks = seq.num_computed_tokens = 0
+
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Make `seq` hold blocks for its first `num_tokens` tokens; False if memory is short."""
         need = self.blocks_needed(seq, num_tokens)

@@ -6,6 +6,12 @@ A decode is a catch-up of one token; a prompt longer than the leftover budget is
 prefilled in chunks; a cached prefix just starts the sequence further along. When
 blocks run out, the newest running sequence is preempted (its blocks freed, its
 computed full blocks left in the prefix cache) and recomputed later.
+
+In-batch prefix sharing (as SGLang does): a waiting request whose next uncached prompt
+block is being computed right now by a running request (32 prompts sharing a long system
+prompt, arriving together) waits a step and then hits the cache, instead of computing the
+same prefix again in parallel. Only the first uncached block is compared, by its chained
+hash; a collision costs one step of waiting, never a wrong answer.
 """
 
 from __future__ import annotations
@@ -71,22 +77,46 @@ class Scheduler:
         return preempted
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        computing = self._computing() if self.kv.enable_prefix_caching else None
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self.waiting.popleft()
             matched_now = not seq.block_table and seq.num_computed_tokens == 0
             if matched_now:
                 self.kv.match_prefix(seq)
+                if computing is not None and self._next_block_hash(seq) in computing:
+                    self.kv.unmatch(seq)  # NOTE: a waiting request must not keep cache blocks pinned
+                    deferred.append(seq)
+                    continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.kv.allocate(seq, seq.num_computed_tokens + n):
-                if matched_now:  # NOTE: a waiting request must not keep cache blocks pinned
-                    self.kv.free(seq)
-                    seq.num_computed_tokens = 0
+                if matched_now:
+                    self.kv.unmatch(seq)
+                self.waiting.appendleft(seq)
                 break
-            self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.add(seq, n)
             budget -= n
+            if computing is not None:
+                computing.update(self._uncomputed_hashes(seq))
+        self.waiting.extendleft(reversed(deferred))
+
+    def _computing(self) -> set[int]:
+        """Hashes of prompt blocks that running requests have yet to compute."""
+        out: set[int] = set()
+        for seq in self.running:
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                out.update(self._uncomputed_hashes(seq))
+        return out
+
+    def _uncomputed_hashes(self, seq: Sequence) -> list[int]:
+        return seq.prompt_block_hashes(self.kv.block_size)[seq.num_computed_tokens // self.kv.block_size:]
+
+    def _next_block_hash(self, seq: Sequence) -> int | None:
+        hashes = seq.prompt_block_hashes(self.kv.block_size)
+        k = seq.num_computed_tokens // self.kv.block_size
+        return hashes[k] if k < len(hashes) else None
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)

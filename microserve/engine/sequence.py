@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from kvapi.radix import prefix_hashes
 from microserve.sampling_params import SamplingParams
 
 
@@ -44,6 +45,13 @@ class Sequence:
         # called from the step thread with each layer index when the step that completes
         # this sequence's prefill has written that layer's KV (lets a transfer start early)
         self.layer_hook: Callable[[int], None] | None = None
+        self._prompt_hashes: list[int] | None = None
+
+    def prompt_block_hashes(self, block_size: int) -> list[int]:
+        """Chained hashes of the prompt's full blocks (computed once)."""
+        if self._prompt_hashes is None:
+            self._prompt_hashes = prefix_hashes(self.token_ids[:self.num_prompt_tokens], block_size)
+        return self._prompt_hashes
 
     @property
     def num_tokens(self) -> int:

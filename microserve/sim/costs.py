@@ -1,0 +1,176 @@
+"""Roofline cost model for `microserve sim`: how long an engine step and a KV transfer take.
+
+One engine step runs every scheduled token through the model once:
+
+    step = max(FLOPs / (peak x efficiency), bytes / (HBM bandwidth x efficiency)) / tp
+           + all-reduce (tensor parallel) + fixed per-step overhead
+
+    FLOPs  = 2 x linear params x tokens            (projections + MLP, every layer)
+           + 2 x lm_head params x sampled rows     (only rows that yield a token)
+           + 4 x heads x head_dim x layers x attended (query, key) pairs
+    bytes  = weights (read once per step) + KV read by attention + KV written
+
+A prefill chunk of n tokens starting at position s attends n*s + n(n+1)/2 pairs and reads
+the KV of s + n tokens once (flash-attention style); a decode with context c attends c
+pairs and reads c tokens of KV. Tensor parallelism splits FLOPs and bytes over `tp` GPUs
+and adds two ring all-reduces per layer of tokens x hidden activations over the TP link.
+
+A KV transfer of t tokens between engines: link latency + t x KV bytes per token /
+(link bandwidth x efficiency x tp): with TP, each GPU sends its own KV heads over its own
+link, in parallel.
+
+Profiles (`profiles/*.json`) hold the hardware and model numbers with their sources.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+PROFILES = Path(__file__).parent / "profiles"
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    peak_tflops: float
+    hbm_tb_s: float
+    memory_gb: float
+    compute_efficiency: float = 0.6
+    memory_efficiency: float = 0.8
+    step_overhead_ms: float = 2.0
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    bandwidth_gb_s: float
+    latency_us: float
+    efficiency: float = 0.8
+
+    def seconds(self, nbytes: float, parallel: int = 1) -> float:
+        return self.latency_us * 1e-6 + nbytes / (self.bandwidth_gb_s * 1e9 * self.efficiency * parallel)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    bytes_per_param: float = 2.0
+
+    @property
+    def layer_params(self) -> int:
+        attn = self.hidden * self.heads * self.head_dim * 2 + self.hidden * self.kv_heads * self.head_dim * 2
+        return attn + 3 * self.hidden * self.intermediate
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * self.layer_params
+
+    @property
+    def lm_head_params(self) -> int:
+        return self.hidden * self.vocab
+
+    @property
+    def total_params(self) -> int:  # + input embedding (untied)
+        return self.linear_params + 2 * self.lm_head_params
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes read per step: every layer and the lm_head (the embedding is a lookup)."""
+        return (self.linear_params + self.lm_head_params) * self.bytes_per_param
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_param
+
+
+def _load(kind: str, spec: str) -> tuple[str, dict]:
+    path = Path(spec)
+    if path.suffix == ".json" and path.is_file():
+        return path.stem, json.loads(path.read_text())
+    table = json.loads((PROFILES / f"{kind}.json").read_text())
+    if spec not in table or spec.startswith("_"):
+        names = ", ".join(k for k in table if not k.startswith("_"))
+        raise ValueError(f"unknown {kind[:-1]} {spec!r}: choose one of {names}, or a JSON file")
+    return spec, table[spec]
+
+
+def load_gpu(spec: str) -> GPU:
+    name, d = _load("gpus", spec)
+    return GPU(name, d["peak_tflops"], d["hbm_tb_s"], d["memory_gb"], d.get("compute_efficiency", 0.6),
+               d.get("memory_efficiency", 0.8), d.get("step_overhead_ms", 2.0))
+
+
+def load_link(spec: str) -> Link:
+    name, d = _load("links", spec)
+    return Link(name, d["bandwidth_gb_s"], d["latency_us"], d.get("efficiency", 0.8))
+
+
+def load_model(spec: str) -> ModelShape:
+    """A profile name, or a Hugging Face config.json (bfloat16 unless `bytes_per_param`)."""
+    name, d = _load("models", spec)
+    heads = d["num_attention_heads"]
+    return ModelShape(name, d["num_hidden_layers"], d["hidden_size"], heads, d.get("num_key_value_heads", heads),
+                      d.get("head_dim") or d["hidden_size"] // heads, d["intermediate_size"], d["vocab_size"],
+                      d.get("bytes_per_param", 2.0))
+
+
+@dataclass(frozen=True)
+class CostModel:
+    model: ModelShape
+    gpu: GPU
+    tp: int = 1
+    tp_link: Link | None = None  # all-reduce link (None: NVLink-class, from the profiles)
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ValueError("tp must be >= 1")
+        if self.tp > 1 and self.tp_link is None:
+            object.__setattr__(self, "tp_link", load_link("nvlink"))
+
+    def step_seconds(self, prefill: list[tuple[int, int]] = (), decode_contexts: list[int] = (),
+                     sampled: int | None = None) -> float:
+        """Time of one step: `prefill` chunks (start position, tokens), decodes by context
+        length (including the new token); `sampled` rows reach the lm_head (default: one
+        per decode and per chunk)."""
+        m = self.model
+        tokens = sum(n for _, n in prefill) + len(decode_contexts)
+        if tokens == 0:
+            return 0.0
+        sampled = len(decode_contexts) + len(prefill) if sampled is None else sampled
+        pairs = sum(n * s + n * (n + 1) // 2 for s, n in prefill) + sum(decode_contexts)
+        flops = 2 * m.linear_params * tokens + 2 * m.lm_head_params * sampled \
+            + 4 * m.heads * m.head_dim * m.layers * pairs
+        kv_read = sum(s + n for s, n in prefill) + sum(decode_contexts)
+        nbytes = m.weight_bytes + m.kv_bytes_per_token * (kv_read + tokens)
+        compute = flops / (self.gpu.peak_tflops * 1e12 * self.gpu.compute_efficiency)
+        memory = nbytes / (self.gpu.hbm_tb_s * 1e12 * self.gpu.memory_efficiency)
+        return max(compute, memory) / self.tp + self.allreduce_seconds(tokens) + self.gpu.step_overhead_ms * 1e-3
+
+    def allreduce_seconds(self, tokens: int) -> float:
+        """Two ring all-reduces per layer of [tokens, hidden] activations."""
+        if self.tp == 1:
+            return 0.0
+        assert self.tp_link is not None
+        per = 2 * (self.tp - 1) / self.tp * tokens * self.model.hidden * self.model.bytes_per_param
+        return 2 * self.model.layers * self.tp_link.seconds(per)
+
+    def transfer_seconds(self, tokens: int, link: Link) -> float:
+        """KV of `tokens` tokens from one engine to another (TP shards move in parallel)."""
+        return link.seconds(tokens * self.model.kv_bytes_per_token, parallel=self.tp)
+
+    def kv_capacity_tokens(self, memory_fraction: float = 0.9) -> int:
+        """Tokens of KV that fit beside the weights on the engine's `tp` GPUs."""
+        free = self.gpu.memory_gb * 1e9 * self.tp * memory_fraction - self.model.total_params * \
+            self.model.bytes_per_param
+        if free <= 0:
+            raise ValueError(f"{self.model.name} does not fit on {self.tp} x {self.gpu.name}")
+        return int(free // self.model.kv_bytes_per_token)

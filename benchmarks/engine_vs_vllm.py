@@ -39,26 +39,19 @@ def workloads(seed: int = 1) -> dict[str, list[tuple[list[int], int]]]:
             "shared-prefix": [(prefix + ids(16), 8) for _ in range(32)]}
 
 
-def _measure(add, step, reset, reqs) -> tuple[float, float]:
-    """(output tok/s, mean TTFT s) of one round: add all requests, step until done."""
+def _measure(add, step, done, reset, reqs) -> tuple[float, float]:
+    """(output tok/s, mean TTFT s) of one round: add all requests, step until done.
+    `step()` returns the ids of requests that have output tokens after that step."""
     reset()
     t0 = time.perf_counter()
     for i, (prompt, n) in enumerate(reqs):
         add(f"r{time.monotonic_ns()}-{i}", prompt, n)
     first: dict[str, float] = {}
-    while len(first) < len(reqs) or not step.done():
+    while len(first) < len(reqs) or not done():
         for rid in step():
             first.setdefault(rid, time.perf_counter() - t0)
     total = time.perf_counter() - t0
     return sum(n for _, n in reqs) / total, sum(first.values()) / len(first)
-
-
-class _Stepper:
-    def __init__(self, fn, done):
-        self.fn, self.done = fn, done
-
-    def __call__(self):
-        return self.fn()
 
 
 def run_ours(path: str, rounds: int) -> dict[str, list[tuple[float, float]]]:
@@ -66,8 +59,8 @@ def run_ours(path: str, rounds: int) -> dict[str, list[tuple[float, float]]]:
 
     eng = LLM(path, **ENGINE_ARGS).engine
     add = lambda rid, p, n: eng.add_request(rid, p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-    step = _Stepper(lambda: [o.request_id for o in eng.step() if o.new_token_ids], lambda: not eng.has_unfinished())
-    return _rounds(add, step, eng.kv.radix.clear, rounds)
+    step = lambda: [o.request_id for o in eng.step() if o.new_token_ids]
+    return _rounds(add, step, lambda: not eng.has_unfinished(), eng.kv.radix.clear, rounds)
 
 
 def run_vllm(path: str, rounds: int) -> dict[str, list[tuple[float, float]]]:
@@ -84,19 +77,18 @@ def run_vllm(path: str, rounds: int) -> dict[str, list[tuple[float, float]]]:
         eng.add_request(rid, TokensPrompt(prompt_token_ids=p),
                         SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, detokenize=False))
 
-    step = _Stepper(lambda: [o.request_id for o in eng.step() if o.outputs and o.outputs[0].token_ids],
-                    lambda: not eng.has_unfinished_requests())
-    return _rounds(add, step, llm.reset_prefix_cache, rounds)
+    step = lambda: [o.request_id for o in eng.step() if o.outputs and o.outputs[0].token_ids]
+    return _rounds(add, step, lambda: not eng.has_unfinished_requests(), llm.reset_prefix_cache, rounds)
 
 
-def _rounds(add, step, reset, rounds: int) -> dict[str, list[tuple[float, float]]]:
+def _rounds(add, step, done, reset, rounds: int) -> dict[str, list[tuple[float, float]]]:
     loads = workloads()
     for reqs in loads.values():  # warm-up: kernels, allocator
-        _measure(add, step, reset, reqs[:2])
+        _measure(add, step, done, reset, reqs[:2])
     out: dict[str, list[tuple[float, float]]] = {name: [] for name in loads}
     for _ in range(rounds):
         for name, reqs in loads.items():
-            out[name].append(_measure(add, step, reset, reqs))
+            out[name].append(_measure(add, step, done, reset, reqs))
             print(f"  {name}: {out[name][-1][0]:.1f} tok/s, TTFT {out[name][-1][1]:.3f} s", file=sys.stderr, flush=True)
     return out
 

@@ -124,14 +124,7 @@ class AsyncClient:
         async with self._http().post(self.base_url + path, json=payload) as resp:
             if resp.status != 200:
                 await _json_or_raise(resp)
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                obj = json.loads(data)
+            async for obj in sse_events(resp):
                 if "error" in obj:
                     err = obj["error"]
                     raise APIError(0, err.get("message", ""), err.get("type"), err.get("code"))
@@ -146,6 +139,18 @@ class AsyncClient:
                 last = Completion(obj["id"], text, choice.get("finish_reason"), None, obj)
         if last is not None:
             yield last
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of an OpenAI-style server-sent event stream, up to `data: [DONE]`."""
+    async for raw in resp.content:
+        line = raw.decode().strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
 
 
 async def _json_or_raise(resp: aiohttp.ClientResponse) -> dict[str, Any]:

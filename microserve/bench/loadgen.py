@@ -10,7 +10,6 @@ previous one ends (a closed loop). Requests of one multi-turn session go in orde
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import sys
 import time
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from microserve.bench.workloads import BenchRequest
+from microserve.client import sse_events
 
 
 @dataclass
@@ -89,14 +89,7 @@ async def _one(session: aiohttp.ClientSession, cfg: LoadConfig, req: BenchReques
             if resp.status != 200:
                 res.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
                 return
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
+            async for event in sse_events(resp):
                 if "error" in event:
                     res.error = str(event["error"].get("message", event["error"]))[:300]
                     return

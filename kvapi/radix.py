@@ -70,6 +70,9 @@ class RadixCache:
         self._root = _Node((), -1, 0, None)
         self._clock = itertools.count(1)
         self._num_nodes = 0
+        # NOTE: eviction looks at leaves only, so it costs O(leaves), not O(cached blocks):
+        # a cache of long prompts has one leaf per prompt and hundreds of blocks behind it
+        self._leaves: set[_Node] = set()
 
     @property
     def num_blocks(self) -> int:
@@ -110,6 +113,8 @@ class RadixCache:
             if child is None:
                 child = _Node(key, block, chain_hash(node.hash, key), node)
                 node.children[key] = child
+                self._leaves.discard(node)
+                self._leaves.add(child)
                 self.pool.incref([block])
                 self._num_nodes += 1
                 stored.append(child.hash)
@@ -140,18 +145,23 @@ class RadixCache:
 
     def evict(self, n: int) -> int:
         """Free up to `n` unpinned blocks, least recently used leaves first."""
-        heap = [(x.last_access, id(x), x) for x in self._iter_nodes() if self._evictable(x)]
+        if n <= 0:
+            return 0
+        heap = [(x.last_access, id(x), x) for x in self._leaves if self.pool.ref_count(x.block) == 1]
         heapq.heapify(heap)
         evicted: list[int] = []
         while heap and len(evicted) < n:
             _, _, node = heapq.heappop(heap)
             parent = node.parent
             del parent.children[node.key]
+            self._leaves.discard(node)
             self.pool.free([node.block])
             self._num_nodes -= 1
             evicted.append(node.hash)
-            if parent is not self._root and self._evictable(parent):
-                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+            if parent is not self._root and not parent.children:
+                self._leaves.add(parent)
+                if self._evictable(parent):
+                    heapq.heappush(heap, (parent.last_access, id(parent), parent))
         if evicted and self.on_event:
             self.on_event("evicted", evicted)
         return len(evicted)

@@ -216,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(ben)
     ben.set_defaults(func=bench.run)
 
+    from microserve.sim import cli as sim_cli
+
+    sim = sub.add_parser("sim", help="run a strategy on simulated engines (GPUs, models, links from profiles) in "
+                                     "virtual time; bench's metrics and JSON. --calibrate profiles this machine")
+    sim_cli.add_arguments(sim)
+    sim.set_defaults(func=sim_cli.main)
+
     demo = sub.add_parser("demo", help="write the tiny random demo checkpoint to PATH")
     demo.add_argument("path")
     demo.set_defaults(func=_demo)

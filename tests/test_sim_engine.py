@@ -5,33 +5,40 @@ import random
 import pytest
 
 from microserve.engine.config import EngineConfig
+from microserve.engine.core import InvalidRequestError
+from microserve.sampling_params import SamplingParams
 from microserve.sim.costs import CostModel, load_gpu, load_model
 from microserve.sim.engine import SimEngine
 
 COST = CostModel(load_model("llama-3.1-8b"), load_gpu("h100"))
 
 
+def add(engine: SimEngine, rid: str, prompt: list[int], max_tokens: int) -> None:
+    engine.add_request(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+
+
 def run(engine: SimEngine) -> list[tuple[float, list]]:
     steps = []
     while engine.has_unfinished():
-        steps.append(engine.step())
+        outs = engine.step()
+        steps.append((engine.last_step_seconds, outs))
     return steps
 
 
 def test_one_request_alone_matches_the_cost_model_exactly():
     eng = SimEngine(COST)
-    eng.add_request("a", list(range(1000)), max_tokens=5)
+    add(eng, "a", list(range(1000)), 5)
     steps = run(eng)
-    assert [sum(o.num_new_tokens for o in outs) for _, outs in steps] == [1] * 5
+    assert [sum(len(o.new_token_ids) for o in outs) for _, outs in steps] == [1] * 5
     assert steps[0][0] == COST.step_seconds([(0, 1000)], [], 1)  # TTFT = the prefill step
     for k, (seconds, _) in enumerate(steps[1:], start=1):
         assert seconds == COST.step_seconds([], [1000 + k], 1)
-    assert steps[-1][1][0].finished
+    assert steps[-1][1][0].finish_reason == "length"
 
 
 def test_long_prompt_is_chunked_by_the_token_budget():
     eng = SimEngine(COST, EngineConfig(max_num_batched_tokens=2048))
-    eng.add_request("a", list(range(3000)), max_tokens=1)
+    add(eng, "a", list(range(3000)), 1)
     steps = run(eng)
     assert [s for s, _ in steps] == [COST.step_seconds([(0, 2048)], [], 0), COST.step_seconds([(2048, 952)], [], 1)]
 
@@ -45,13 +52,13 @@ def test_conservation_and_prefix_reuse():
         prompt = system + [rng.randrange(1000) for _ in range(rng.randint(1, 300))]
         prompt_tokens += len(prompt)
         want[f"r{i}"] = rng.randint(1, 64)
-        eng.add_request(f"r{i}", prompt, want[f"r{i}"])
+        add(eng, f"r{i}", prompt, want[f"r{i}"])
     got = {rid: 0 for rid in want}
     finished = set()
     for _, outs in run(eng):
         for o in outs:
-            got[o.request_id] += o.num_new_tokens
-            if o.finished:
+            got[o.request_id] += len(o.new_token_ids)
+            if o.finish_reason:
                 finished.add(o.request_id)
     assert got == want and finished == set(want), "every request ends with exactly its tokens"
     eng.kv.pool.check_invariants()
@@ -65,12 +72,12 @@ def test_deterministic_and_bad_input():
     def durations():
         eng = SimEngine(COST)
         for i in range(10):
-            eng.add_request(str(i), [i] * (100 + 37 * i), 8)
+            add(eng, str(i), [i] * (100 + 37 * i), 8)
         return [s for s, _ in run(eng)]
 
     assert durations() == durations()
     eng = SimEngine(COST, EngineConfig(num_kv_blocks=4))
-    with pytest.raises(ValueError, match="does not fit"):
-        eng.add_request("x", list(range(100)), 1)
+    with pytest.raises(InvalidRequestError, match="more KV blocks than the cache has"):
+        add(eng, "x", list(range(100)), 1)
     with pytest.raises(ValueError, match="max_tokens"):
-        eng.add_request("y", [1], 0)
+        add(eng, "y", [1], 0)

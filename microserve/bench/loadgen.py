@@ -13,6 +13,7 @@ import asyncio
 import random
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -112,48 +113,62 @@ async def _one(session: aiohttp.ClientSession, cfg: LoadConfig, req: BenchReques
         res.error = f"{type(exc).__name__}: {exc}"[:300]
 
 
+async def drive(reqs: list[BenchRequest], rate: float | None, concurrency: int, seed: int,
+                go: Callable[[int], Awaitable[None]]) -> None:
+    """Run `go(i)` for every request: at the points of a seeded Poisson process of `rate`
+    (open loop) or by `concurrency` workers (closed loop); a session's turns in order.
+    Times come from the event loop's clock, so a virtual-time loop (`microserve sim`) works."""
+    loop = asyncio.get_running_loop()
+    done_events = [asyncio.Event() for _ in reqs]
+    previous: dict[int, int] = {}
+    after: list[int | None] = [None] * len(reqs)
+    for i, r in enumerate(reqs):
+        if r.session is not None:
+            after[i] = previous.get(r.session)
+            previous[r.session] = i
+
+    async def one(i: int) -> None:
+        if after[i] is not None:
+            await done_events[after[i]].wait()
+        try:
+            await go(i)
+        finally:
+            done_events[i].set()
+
+    if rate is not None:
+        rng, at, tasks, t0 = random.Random(seed), 0.0, [], loop.time()
+        for i in range(len(reqs)):
+            delay = at - (loop.time() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+            at += rng.expovariate(rate)
+        await asyncio.gather(*tasks)
+    else:
+        queue = iter(range(len(reqs)))
+
+        async def worker() -> None:
+            for i in queue:
+                await one(i)
+
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+
+
 async def run_load(cfg: LoadConfig, reqs: list[BenchRequest], progress: bool = False) -> tuple[list[RequestResult],
                                                                                                  float]:
     """Send every request; returns (results in workload order, wall seconds)."""
     results = [RequestResult(i, 0.0) for i in range(len(reqs))]
     bar = Progress(len(reqs), progress)
-    # NOTE: a session's turns go in order: turn k+1 waits for turn k
-    done_events = [asyncio.Event() for _ in reqs]
-    previous: dict[int, int] = {}
-    after = [None] * len(reqs)
-    for i, r in enumerate(reqs):
-        if r.session is not None:
-            after[i] = previous.get(r.session)
-            previous[r.session] = i
     timeout = aiohttp.ClientTimeout(total=cfg.timeout)
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         t0 = time.perf_counter()
 
         async def go(i: int) -> None:
-            if after[i] is not None:
-                await done_events[after[i]].wait()
             await _one(session, cfg, reqs[i], results[i], t0)
-            done_events[i].set()
             bar.update(results[i].ok)
 
-        if cfg.rate is not None:
-            rng, at, tasks = random.Random(cfg.seed), 0.0, []
-            for i in range(len(reqs)):
-                delay = at - (time.perf_counter() - t0)
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(go(i)))
-                at += rng.expovariate(cfg.rate)
-            await asyncio.gather(*tasks)
-        else:
-            queue = iter(range(len(reqs)))
-
-            async def worker() -> None:
-                for i in queue:
-                    await go(i)
-
-            await asyncio.gather(*(worker() for _ in range(max(1, cfg.concurrency))))
+        await drive(reqs, cfg.rate, cfg.concurrency, cfg.seed, go)
         return results, time.perf_counter() - t0
 
 

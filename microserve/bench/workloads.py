@@ -15,6 +15,7 @@ shows, so a rough `tokens_per_word` only shifts the workload, never the numbers.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -33,9 +34,16 @@ class BenchRequest:
     session: int | None = None  # multi-turn: requests of one session share a growing prefix
 
 
+# every word of 1-3 syllables; a word's length is uniform in 1..3, its syllables uniform
+_WORDS = [a + b + c for n in (1, 2, 3) for a in _SYLLABLES for b in (_SYLLABLES if n > 1 else [""])
+          for c in (_SYLLABLES if n > 2 else [""])]
+_CUM_WEIGHTS = list(itertools.accumulate(1 / 3 / len(_SYLLABLES) ** (1 + (i >= 24) + (i >= 24 + 24 ** 2))
+                                         for i in range(len(_WORDS))))
+
+
 def _text(rng: random.Random, tokens: int, tokens_per_word: float) -> str:
     words = max(1, round(tokens / tokens_per_word))
-    return " ".join("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(words))
+    return " ".join(rng.choices(_WORDS, cum_weights=_CUM_WEIGHTS, k=words))
 
 
 def _lognormal(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:

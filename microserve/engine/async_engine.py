@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from kvapi.spec import KVSpecMismatch
 from kvapi.transfer import KVAddr, KVReceiver, KVSender, TransferError, TransferOutcome, choose_transport
-from microserve.engine.engine import InvalidRequestError, LLMEngine, StepOutput
+from kvapi.transfer.sender import SendStats
+from microserve.engine.core import EngineCore, InvalidRequestError, StepOutput
+from microserve.engine.engine import LLMEngine
 from microserve.engine.sequence import Sequence
 from microserve.engine.tickets import EngineError, SendJob, Ticket, TicketBook, adopt_ticket
 from microserve.protocol import GenerateChunk, RecvTicket, Request, SendResult, StatsReply
@@ -38,34 +39,66 @@ def _norm(pos: int, n: int, what: str) -> int:
     return p
 
 
-class AsyncEngine:
-    """Serve `prep_recv` / `remote_send` / `start_generate` / `abort` / `stats` for one engine.
+class MicroservingEngine:
+    """Serve `prep_recv` / `remote_send` / `start_generate` / `abort` / `stats` for one engine,
+    whatever moves the KV bytes and runs the step: `AsyncEngine` below (a model stepped in a
+    thread, `kvapi.transfer`) or `microserve.sim.server.SimServer` (virtual time, a link model).
 
     Args:
-        engine: the synchronous engine (its KV pool must be `receiver.pool`).
+        engine: the engine's books and step (`EngineCore`).
         engine_id: name used in tickets and errors.
-        receiver: accepts KV into this engine's pool.
         transports: what this engine offers/uses, fastest first.
         lease_s: default lease of a receive ticket.
         transfer_timeout: how long `start_generate` waits for an in-flight transfer.
     """
 
-    def __init__(self, engine: LLMEngine, engine_id: str, receiver: KVReceiver, transports: list[str],
-                 host_id: str = "", lease_s: float = 60.0, transfer_timeout: float = 30.0) -> None:
-        self.engine, self.engine_id, self.receiver = engine, engine_id, receiver
-        self.transports, self.host_id = transports, host_id
+    send_job_class: type[SendJob] = SendJob
+
+    def __init__(self, engine: EngineCore, engine_id: str, transports: list[str], lease_s: float = 60.0,
+                 transfer_timeout: float = 30.0) -> None:
+        self.engine, self.engine_id, self.transports = engine, engine_id, transports
         self.lease_s, self.transfer_timeout = lease_s, transfer_timeout
-        self.sender = KVSender(engine.runner.kv_cache, engine.kv_spec)
         self.tickets = TicketBook()
         self._sends: dict[str, SendJob] = {}
         self._streams: dict[str, asyncio.Queue[StepOutput]] = {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
-        self._send_pool = ThreadPoolExecutor(8, thread_name_prefix="kv-send")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._tasks: set[asyncio.Future] = set()
+
+    # -- what a transport layer provides ------------------------------------------------
+    async def _step(self) -> list[StepOutput]:
+        """Run one engine step (under the lock)."""
+        raise NotImplementedError
+
+    def _recv_addr(self, ticket: Ticket) -> KVAddr:
+        """Where senders write into `ticket`."""
+        raise NotImplementedError
+
+    def _open_receive(self, ticket: Ticket) -> None:
+        """Accept KV into `ticket`; the outcome comes back through `_on_transfer`."""
+
+    def _receiving(self, ticket_id: str) -> bool:
+        """Whether a transfer is writing into the ticket right now."""
+        return False
+
+    def _revoke(self, ticket_id: str) -> bool:
+        """Refuse further writes into the ticket; False while a transfer is still writing
+        (it stops and reports through `_on_transfer`)."""
+        return True
+
+    def _transport_for(self, kv: KVAddr, forced: str | None) -> str:
+        raise NotImplementedError
+
+    async def _transfer(self, job: SendJob, kv: KVAddr, begin: int, end: int, mode: str) -> SendStats:
+        """Send `[begin, end)` of `job`'s KV into `kv` as its layers are computed.
+        Raises `TransferError`."""
+        raise NotImplementedError
+
+    def kv_bytes(self) -> tuple[int, int]:
+        """(bytes sent, bytes received) so far."""
+        return 0, 0
 
     # -- the step loop ------------------------------------------------------------------
     async def run(self) -> None:
@@ -77,7 +110,7 @@ class AsyncEngine:
                 continue
             async with self._lock:
                 try:
-                    outputs = await self._loop.run_in_executor(self._step_pool, self.engine.step)
+                    outputs = await self._step()
                 except Exception:  # NOTE: a bug in one step must not take the engine down silently
                     log.exception("engine step failed; aborting the running requests")
                     outputs = self._fail_all_running()
@@ -109,8 +142,6 @@ class AsyncEngine:
         self._wake.set()
         for job in self._sends.values():
             job.cancel("engine shutting down")
-        self.receiver.close()
-        self._send_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- prep_recv ----------------------------------------------------------------------
     async def prep_recv(self, req: Request, end: int, lease_s: float | None = None) -> RecvTicket:
@@ -127,12 +158,10 @@ class AsyncEngine:
             if not kv.allocate(seq, end):
                 kv.free(seq)
                 raise EngineError("overloaded", f"not enough free KV blocks to receive {end} tokens")
-        ticket = self.tickets.open(req.request_id, seq, self.engine.kv_spec.block_size)
-        addr = KVAddr(self.engine_id, self.receiver.endpoint, ticket.id, ticket.secret, ticket.matched, end,
-                      ticket.blocks, self.engine.kv_spec, self.transports, self.host_id, self.receiver.shm_path,
-                      self.receiver.ucx_address)
+        ticket = self.tickets.open(req.request_id, seq, self.engine.block_size)
+        addr = self._recv_addr(ticket)
         if ticket.matched < end:
-            self.receiver.open_ticket(ticket.id, ticket.secret, ticket.blocks, self._on_transfer_threadsafe)
+            self._open_receive(ticket)
         else:
             ticket.state = "complete"
             ticket.done.set()
@@ -166,14 +195,14 @@ class AsyncEngine:
         ticket = self.tickets.get(ticket_id)
         if ticket is None:
             return
-        if ticket.state == "open" and self.receiver.is_active(ticket_id):  # in use: the lease holds
+        if ticket.state == "open" and self._receiving(ticket_id):  # in use: the lease holds
             ticket.expiry = asyncio.get_running_loop().call_later(1.0, self._expire, ticket_id)
             return
         self._spawn(self._close_ticket(ticket, "lease expired"))
 
     async def _close_ticket(self, ticket: Ticket, why: str) -> None:
         """Give back a ticket's blocks; a transfer writing into it is stopped first."""
-        if ticket.state == "open" and not self.receiver.revoke(ticket.id):
+        if ticket.state == "open" and not self._revoke(ticket.id):
             ticket.error = why  # the receiver thread stops and reports through _on_transfer
             return
         async with self._lock:
@@ -197,7 +226,7 @@ class AsyncEngine:
         begin, end = _norm(begin, n, "begin"), _norm(end, n, "end")
         try:
             self.engine.kv_spec.check_compatible(kv.spec)
-            mode = choose_transport(self.transports, kv, transport)
+            mode = self._transport_for(kv, transport)
         except KVSpecMismatch as exc:
             raise EngineError("kv_spec_mismatch", str(exc)) from exc
         except TransferError as exc:
@@ -208,8 +237,8 @@ class AsyncEngine:
                               "send from the receiver's `matched` up to at most the ticket's end")
         if begin >= end:
             return SendResult(0, 0.0, mode)
-        job = SendJob(f"{req.request_id}\x00send\x00{kv.ticket_id}", req.request_id, prompt[:end],
-                      self.engine.kv_spec.num_layers)
+        job = self.send_job_class(f"{req.request_id}\x00send\x00{kv.ticket_id}", req.request_id, prompt[:end],
+                                  self.engine.kv_spec.num_layers)
         if job.id in self._sends:
             raise EngineError("bad_request", f"ticket {kv.ticket_id} is already being sent")
         self._sends[job.id] = job
@@ -230,16 +259,9 @@ class AsyncEngine:
             else:
                 job.prefilled()
         self._wake.set()
-        loop = asyncio.get_running_loop()
-        t0 = time.perf_counter()
-        fut = loop.run_in_executor(self._send_pool, lambda: self.sender.send(
-            kv, begin, end, lambda: seq.block_table, mode, job.wait_layer))
+        t0 = asyncio.get_running_loop().time()
         try:
-            stats = await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            job.cancel("remote_send cancelled")
-            await asyncio.wait([fut])
-            raise
+            stats = await self._transfer(job, kv, begin, end, mode)
         except TransferError as exc:
             job.cancel(str(exc))
             raise EngineError(exc.code, str(exc)) from exc
@@ -248,7 +270,7 @@ class AsyncEngine:
         if job.cancel_reason:
             raise EngineError("aborted", job.cancel_reason)
         # NOTE: this send's own prefill, not the engine-wide counter (other requests run meanwhile)
-        return SendResult(stats.nbytes, time.perf_counter() - t0, stats.transport, end - matched)
+        return SendResult(stats.nbytes, asyncio.get_running_loop().time() - t0, stats.transport, end - matched)
 
     async def _finish_send(self, job: SendJob) -> None:
         seq = job.seq
@@ -358,7 +380,7 @@ class AsyncEngine:
         s = self.engine.stats()
         return StatsReply(self.engine_id, s.running, s.waiting, s.queued_tokens, s.kv_blocks_total, s.kv_blocks_used,
                           s.kv_blocks_cached, s.prefix_cache_hit_tokens, s.computed_tokens_total, s.num_preemptions,
-                          len(self.tickets), len(self._sends), self.sender.bytes_sent, self.receiver.bytes_received)
+                          len(self.tickets), len(self._sends), *self.kv_bytes())
 
     def _validated(self, req: Request) -> list[int]:
         try:
@@ -366,3 +388,64 @@ class AsyncEngine:
         except InvalidRequestError as exc:
             raise EngineError("bad_request", str(exc)) from exc
         return req.prompt_ids
+
+
+class AsyncEngine(MicroservingEngine):
+    """The microserving calls of a real engine: the step runs in a worker thread and KV
+    bytes move through `kvapi.transfer` (`receiver` accepts them into this engine's pool).
+
+    Args:
+        engine: the model engine (its KV pool must be `receiver.pool`).
+        receiver: accepts KV into this engine's pool.
+        host_id: this machine's identity (shm only between engines with the same one).
+        others: as `MicroservingEngine`.
+    """
+
+    def __init__(self, engine: LLMEngine, engine_id: str, receiver: KVReceiver, transports: list[str],
+                 host_id: str = "", lease_s: float = 60.0, transfer_timeout: float = 30.0) -> None:
+        super().__init__(engine, engine_id, transports, lease_s, transfer_timeout)
+        self.engine: LLMEngine = engine
+        self.receiver, self.host_id = receiver, host_id
+        self.sender = KVSender(engine.runner.kv_cache, engine.kv_spec)
+        self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
+        self._send_pool = ThreadPoolExecutor(8, thread_name_prefix="kv-send")
+
+    async def _step(self) -> list[StepOutput]:
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._step_pool, self.engine.step)
+
+    def _recv_addr(self, ticket: Ticket) -> KVAddr:
+        return KVAddr(self.engine_id, self.receiver.endpoint, ticket.id, ticket.secret, ticket.matched, ticket.end,
+                      ticket.blocks, self.engine.kv_spec, self.transports, self.host_id, self.receiver.shm_path,
+                      self.receiver.ucx_address)
+
+    def _open_receive(self, ticket: Ticket) -> None:
+        self.receiver.open_ticket(ticket.id, ticket.secret, ticket.blocks, self._on_transfer_threadsafe)
+
+    def _receiving(self, ticket_id: str) -> bool:
+        return self.receiver.is_active(ticket_id)
+
+    def _revoke(self, ticket_id: str) -> bool:
+        return self.receiver.revoke(ticket_id)
+
+    def _transport_for(self, kv: KVAddr, forced: str | None) -> str:
+        return choose_transport(self.transports, kv, forced)
+
+    async def _transfer(self, job: SendJob, kv: KVAddr, begin: int, end: int, mode: str) -> SendStats:
+        seq = job.seq
+        fut = asyncio.get_running_loop().run_in_executor(self._send_pool, lambda: self.sender.send(
+            kv, begin, end, lambda: seq.block_table, mode, job.wait_layer))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            job.cancel("remote_send cancelled")
+            await asyncio.wait([fut])
+            raise
+
+    def kv_bytes(self) -> tuple[int, int]:
+        return self.sender.bytes_sent, self.receiver.bytes_received
+
+    def close(self) -> None:
+        super().close()
+        self.receiver.close()
+        self._send_pool.shutdown(wait=False, cancel_futures=True)

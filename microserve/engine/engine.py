@@ -1,14 +1,9 @@
-"""`LLMEngine`: the step loop tying scheduler, KV manager and model runner together.
-
-    add_request ─> Scheduler.waiting ─ schedule() ─> ScheduledBatch ─> ModelRunner.execute
-                                          ^                                 │ sampled tokens
-                                          └──── _postprocess (finish / cache blocks) ┘
-"""
+"""`LLMEngine`: a Hugging Face checkpoint served with continuous batching (`EngineCore`
+plus the model runner)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,43 +12,17 @@ from kvapi import KVSpec
 from kvapi.radix import EventHook
 from kvapi.spec import dtype_name
 from microserve.engine.config import EngineConfig, ModelConfig
-from microserve.engine.kv_manager import KVCacheManager
+from microserve.engine.core import EngineCore, EngineStats, InvalidRequestError, StepOutput
 from microserve.engine.loader import load_model
 from microserve.engine.runner import ModelRunner
-from microserve.engine.scheduler import Scheduler
+from microserve.engine.scheduler import ScheduledBatch
 from microserve.engine.sequence import Sequence
 from microserve.engine.tokenizer import Tokenizer
-from microserve.sampling_params import SamplingParams
+
+__all__ = ["EngineStats", "InvalidRequestError", "LLMEngine", "StepOutput"]
 
 
-class InvalidRequestError(ValueError):
-    """The request cannot be served as given (empty prompt, too long, bad token ids...)."""
-
-
-@dataclass
-class StepOutput:
-    """What one step produced for one request."""
-
-    request_id: str
-    new_token_ids: list[int]
-    finish_reason: str | None = None
-    num_cached_tokens: int = 0
-
-
-@dataclass
-class EngineStats:
-    running: int = 0
-    waiting: int = 0
-    kv_blocks_total: int = 0
-    kv_blocks_used: int = 0
-    kv_blocks_cached: int = 0
-    prefix_cache_hit_tokens: int = 0
-    num_preemptions: int = 0
-    computed_tokens_total: int = 0  # tokens run through the model (prefill + decode)
-    queued_tokens: int = 0  # tokens still to compute over waiting and running requests
-
-
-class LLMEngine:
+class LLMEngine(EngineCore):
     """One model, one KV pool, continuous batching.
 
     Args:
@@ -75,129 +44,18 @@ class LLMEngine:
         self.tokenizer = Tokenizer(self.model_path)
         model_obj = load_model(self.model_path, device=device, dtype=dtype)
         mc = self.model_config
-        self.max_model_len = min(self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.kv_spec = KVSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim,
                               dtype_name(model_obj.model.embed_tokens.weight.dtype), self.config.block_size)
         num_blocks = self.config.num_kv_blocks or max(
             1, int(self.config.kv_cache_memory_gb * 2**30) // (self.kv_spec.bytes_per_token * self.config.block_size))
-        self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching, on_kv_event)
-        self.scheduler = Scheduler(self.config, self.kv)
-        kv_cache = kv_cache_factory(self.kv_spec, num_blocks) if kv_cache_factory else None
-        self.runner = ModelRunner(model_obj, self.kv_spec, num_blocks, device, kv_cache, self.config.native_kernels)
-        self.computed_tokens_total = 0
-        # a sequence may not outgrow the context nor the whole KV pool (it would preempt itself forever)
-        self.max_tokens_per_seq = min(self.max_model_len, num_blocks * self.config.block_size)
         eos = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
-        self._seqs: dict[str, Sequence] = {}
+        max_model_len = min(self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self._init_books(self.config, num_blocks, max_model_len, mc.vocab_size, frozenset(eos), on_kv_event)
+        kv_cache = kv_cache_factory(self.kv_spec, num_blocks) if kv_cache_factory else None
+        self.runner = ModelRunner(model_obj, self.kv_spec, num_blocks, device, kv_cache, self.config.native_kernels)
 
-    # -- requests -------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> Sequence:
-        """Queue a request; raises InvalidRequestError for input that cannot be served."""
-        if request_id in self._seqs:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        self.validate_prompt(prompt_ids)
-        sampling.validate()
-        seq = Sequence(request_id, prompt_ids, sampling)
-        self._seqs[request_id] = seq
-        self.scheduler.add(seq)
-        return seq
+    def _execute(self, batch: ScheduledBatch) -> dict[Sequence, int]:
+        return self.runner.execute(batch)
 
-    def add_sequence(self, seq: Sequence) -> None:
-        """Queue a sequence built by the caller, possibly holding blocks with KV already
-        computed (received from another engine) or marked `prefill_only`."""
-        if seq.request_id in self._seqs:
-            raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
-        self.validate_prompt(seq.token_ids[:seq.num_prompt_tokens])
-        seq.sampling.validate()
-        self._seqs[seq.request_id] = seq
-        self.scheduler.add(seq)
-
-    def release(self, seq: Sequence) -> None:
-        """Free the blocks of a sequence the caller holds outside the scheduler (a
-        finished prefill-only sequence, a receive ticket); computed full blocks stay cached."""
-        self._seqs.pop(seq.request_id, None)
-        self.kv.free(seq)
-
-    def validate_prompt(self, prompt_ids: list[int]) -> None:
-        n, vocab = len(prompt_ids), self.model_config.vocab_size
-        if n == 0:
-            raise InvalidRequestError("prompt is empty")
-        if n >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt has {n} tokens; this model's context is {self.max_model_len} "
-                f"(prompt must leave room for at least one generated token)")
-        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
-        if self.kv_spec.num_blocks_for(n + 1) > self.kv.num_blocks:
-            raise InvalidRequestError(
-                f"prompt of {n} tokens needs more KV blocks than the cache has ({self.kv.num_blocks})")
-
-    def abort(self, request_id: str) -> bool:
-        """Cancel a request and free its blocks; False if it is unknown or already done."""
-        seq = self._seqs.pop(request_id, None)
-        if seq is None or seq.is_finished:
-            return False
-        self.scheduler.finish(seq, "abort")
-        return True
-
-    def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
-
-    # -- the loop ---------------------------------------------------------------------
-    def step(self) -> list[StepOutput]:
-        """Run one scheduling step; returns outputs of the requests that got tokens or ended."""
-        batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        sampled = self.runner.execute(batch)
-        self.computed_tokens_total += sum(batch.num_new_tokens)
-        outputs = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            token = sampled.get(seq)
-            if token is None:
-                self.kv.cache_computed(seq)
-                if seq.prefill_only and seq.num_computed_tokens == seq.num_tokens:
-                    # NOTE: keeps its blocks; the caller sends them, then calls `release`
-                    self.scheduler.detach(seq)
-                    self._seqs.pop(seq.request_id, None)
-                    outputs.append(StepOutput(seq.request_id, [], "prefilled", seq.num_cached_tokens))
-                continue
-            seq.token_ids.append(token)
-            reason = self._finish_reason(seq, token)
-            if reason:
-                self.scheduler.finish(seq, reason)
-                self._seqs.pop(seq.request_id, None)
-            else:
-                self.kv.cache_computed(seq)
-            outputs.append(StepOutput(seq.request_id, [token], reason, seq.num_cached_tokens))
-        return outputs
-
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        sp = seq.sampling
-        if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):
-            return "stop"
-        if seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= self.max_tokens_per_seq:
-            return "length"
-        return None
-
-    def stats(self) -> EngineStats:
-        return EngineStats(
-            running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting),
-            kv_blocks_total=self.kv.num_blocks,
-            kv_blocks_used=self.kv.pool.num_used,
-            kv_blocks_cached=self.kv.radix.num_blocks,
-            prefix_cache_hit_tokens=self.kv.prefix_hit_tokens,
-            num_preemptions=self.scheduler.num_preemptions,
-            computed_tokens_total=self.computed_tokens_total,
-            queued_tokens=sum(s.num_tokens - s.num_computed_tokens
-                              for s in (*self.scheduler.waiting, *self.scheduler.running)),
-        )
-
-    def sequence(self, request_id: str) -> Sequence | None:
-        return self._seqs.get(request_id)

@@ -89,7 +89,6 @@ class Cluster:
     async def start(self, ready_timeout: float = 120.0) -> Cluster:
         """Wait until every engine answers, subscribe to KV events, start polling."""
         replies = await asyncio.gather(*(h.wait_ready(ready_timeout) for h in self.handles))
-        ctx = zmq.asyncio.Context.instance()
         for h, health in zip(self.handles, replies):
             self.health[h] = health
             if health.engine_id in self._by_id:
@@ -99,12 +98,7 @@ class Cluster:
             if h.name == h.address:
                 h.name = health.engine_id
             self.prefix_index.add_engine(health.engine_id, health.kv_spec.block_size)
-            sub = ctx.socket(zmq.SUB)
-            sub.setsockopt(zmq.LINGER, 0)
-            sub.setsockopt(zmq.SUBSCRIBE, b"")
-            sub.connect(health.events)
-            self._subs.append(sub)
-            self._tasks.append(asyncio.create_task(self._events(sub)))
+            self._subscribe(h, health)
         await self.poll()
         await asyncio.gather(*(self._snapshot(h) for h in self.handles))  # what the engines cached before us
         self._tasks.append(asyncio.create_task(self._poll_loop()))
@@ -126,6 +120,15 @@ class Cluster:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def _subscribe(self, h: EngineHandle, health: P.HealthReply) -> None:
+        """Feed the engine's KV events into the prefix index."""
+        sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(health.events)
+        self._subs.append(sub)
+        self._tasks.append(asyncio.create_task(self._events(sub)))
 
     async def _events(self, sub: zmq.asyncio.Socket) -> None:
         while True:

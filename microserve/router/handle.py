@@ -158,16 +158,35 @@ class EngineHandle:
     async def call(self, msg: P.Call, timeout: float | None = None) -> P.Reply:
         """Send one call and wait for its single reply."""
         self._check_alive(msg)
+        reply = await self._roundtrip(msg, timeout)
+        if not self.alive and isinstance(msg, P.Health | P.Stats):
+            self.set_alive(True)  # it answers again (restarted)
+        return reply
+
+    async def _roundtrip(self, msg: P.Call, timeout: float | None) -> P.Reply:
+        """The transport of `call` (a simulated handle replaces it)."""
         sock = self._socket()
         call_id, queue = self._open()
         try:
             await sock.send_multipart([call_id, P.encode(msg)])
-            reply = await self._next(queue, type(msg).__name__, timeout)
+            return await self._next(queue, type(msg).__name__, timeout)
         finally:
             self._pending.pop(call_id, None)
-        if not self.alive and isinstance(msg, P.Health | P.Stats):
-            self.set_alive(True)  # it answers again (restarted)
-        return reply
+
+    async def _stream(self, msg: P.StartGenerate, timeout: float | None) -> AsyncIterator[P.GenerateChunk]:
+        """The transport of `start_generate`: its chunks, up to the one with a finish reason."""
+        sock = self._socket()
+        call_id, queue = self._open()
+        try:
+            await sock.send_multipart([call_id, P.encode(msg)])
+            while True:
+                chunk = await self._next(queue, "start_generate", timeout)
+                assert isinstance(chunk, P.GenerateChunk)
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            self._pending.pop(call_id, None)
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -219,28 +238,24 @@ class EngineHandle:
         """Stream `GenerateChunk`s; leaving the loop early aborts the request on the engine."""
         msg = P.StartGenerate(req, begin, sampling)
         self._check_alive(msg)
-        sock = self._socket()
         self._touch()
-        call_id, queue = self._open()
         finished = False
         work = max(0, len(req.prompt_ids) - (begin if begin >= 0 else len(req.prompt_ids) + begin))
         self.inflight += 1
         self.pending_tokens += work
         if self.on_generate is not None:
             self.on_generate(self)
+        stream = self._stream(msg, timeout)
         try:
-            await sock.send_multipart([call_id, P.encode(msg)])
-            while not finished:
-                chunk = await self._next(queue, "start_generate", timeout)
-                assert isinstance(chunk, P.GenerateChunk)
+            async for chunk in stream:
                 finished = chunk.finish_reason is not None
                 self.pending_tokens -= work  # the prompt is prefilled once the first chunk is out
                 work = 0
                 yield chunk
         finally:
+            await stream.aclose()
             self.inflight -= 1
             self.pending_tokens -= work
-            self._pending.pop(call_id, None)
             if not finished:
                 with contextlib.suppress(EngineCallError, zmq.ZMQError, asyncio.CancelledError):
                     await self.abort(req.request_id, timeout=5.0)

@@ -3,7 +3,7 @@
 One engine step runs every scheduled token through the model once:
 
     step = max(FLOPs / (peak x efficiency), bytes / (HBM bandwidth x efficiency)) / tp
-           + all-reduce (tensor parallel) + fixed per-step overhead
+           + all-reduce (tensor parallel) + per-step overhead + per-sequence overhead x sequences
 
     FLOPs  = 2 x linear params x tokens            (projections + MLP, every layer)
            + 2 x lm_head params x sampled rows     (only rows that yield a token)
@@ -40,6 +40,7 @@ class GPU:
     compute_efficiency: float = 0.6
     memory_efficiency: float = 0.8
     step_overhead_ms: float = 2.0
+    seq_overhead_us: float = 0.0  # host work per scheduled sequence (batch building, sampling)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ class ModelShape:
     intermediate: int
     vocab: int
     bytes_per_param: float = 2.0
+    max_position_embeddings: int = 131072
+
+    @property
+    def dtype(self) -> str:
+        return {4: "float32", 2: "bfloat16"}.get(int(self.bytes_per_param), "bfloat16")
 
     @property
     def layer_params(self) -> int:
@@ -106,7 +112,7 @@ def _load(kind: str, spec: str) -> tuple[str, dict]:
 def load_gpu(spec: str) -> GPU:
     name, d = _load("gpus", spec)
     return GPU(name, d["peak_tflops"], d["hbm_tb_s"], d["memory_gb"], d.get("compute_efficiency", 0.6),
-               d.get("memory_efficiency", 0.8), d.get("step_overhead_ms", 2.0))
+               d.get("memory_efficiency", 0.8), d.get("step_overhead_ms", 2.0), d.get("seq_overhead_us", 0.0))
 
 
 def load_link(spec: str) -> Link:
@@ -114,13 +120,26 @@ def load_link(spec: str) -> Link:
     return Link(name, d["bandwidth_gb_s"], d["latency_us"], d.get("efficiency", 0.8))
 
 
+_DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}
+
+
 def load_model(spec: str) -> ModelShape:
-    """A profile name, or a Hugging Face config.json (bfloat16 unless `bytes_per_param`)."""
-    name, d = _load("models", spec)
+    """A profile name, a Hugging Face config.json or a checkpoint folder holding one (its
+    `torch_dtype`, bfloat16 when absent, unless `bytes_per_param` says otherwise)."""
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{spec} has no config.json")
+        spec = str(path / "config.json")
+        name = path.name
+    else:
+        name = None
+    name_, d = _load("models", spec)
     heads = d["num_attention_heads"]
-    return ModelShape(name, d["num_hidden_layers"], d["hidden_size"], heads, d.get("num_key_value_heads", heads),
-                      d.get("head_dim") or d["hidden_size"] // heads, d["intermediate_size"], d["vocab_size"],
-                      d.get("bytes_per_param", 2.0))
+    nbytes = d.get("bytes_per_param") or _DTYPE_BYTES.get(d.get("torch_dtype") or d.get("dtype") or "", 2.0)
+    return ModelShape(name or name_, d["num_hidden_layers"], d["hidden_size"], heads,
+                      d.get("num_key_value_heads") or heads, d.get("head_dim") or d["hidden_size"] // heads,
+                      d["intermediate_size"], d["vocab_size"], nbytes, d.get("max_position_embeddings", 131072))
 
 
 @dataclass(frozen=True)
@@ -137,10 +156,10 @@ class CostModel:
             object.__setattr__(self, "tp_link", load_link("nvlink"))
 
     def step_seconds(self, prefill: list[tuple[int, int]] = (), decode_contexts: list[int] = (),
-                     sampled: int | None = None) -> float:
+                     sampled: int | None = None, num_seqs: int | None = None) -> float:
         """Time of one step: `prefill` chunks (start position, tokens), decodes by context
         length (including the new token); `sampled` rows reach the lm_head (default: one
-        per decode and per chunk)."""
+        per decode and per chunk); `num_seqs` sequences in the batch (default: chunks + decodes)."""
         m = self.model
         tokens = sum(n for _, n in prefill) + len(decode_contexts)
         if tokens == 0:
@@ -153,7 +172,9 @@ class CostModel:
         nbytes = m.weight_bytes + m.kv_bytes_per_token * (kv_read + tokens)
         compute = flops / (self.gpu.peak_tflops * 1e12 * self.gpu.compute_efficiency)
         memory = nbytes / (self.gpu.hbm_tb_s * 1e12 * self.gpu.memory_efficiency)
-        return max(compute, memory) / self.tp + self.allreduce_seconds(tokens) + self.gpu.step_overhead_ms * 1e-3
+        num_seqs = len(decode_contexts) + len(prefill) if num_seqs is None else num_seqs
+        return max(compute, memory) / self.tp + self.allreduce_seconds(tokens) + self.gpu.step_overhead_ms * 1e-3 \
+            + self.gpu.seq_overhead_us * 1e-6 * num_seqs
 
     def allreduce_seconds(self, tokens: int) -> float:
         """Two ring all-reduces per layer of [tokens, hidden] activations."""

@@ -1,0 +1,192 @@
+"""`EngineCore`: the scheduler, the KV books and the step loop of one engine, model aside.
+
+    add_request ─> Scheduler.waiting ─ schedule() ─> ScheduledBatch ─> _execute (the model)
+                                          ^                                 │ sampled tokens
+                                          └──── step(): finish / cache blocks ┘
+
+`LLMEngine` (engine.py) runs a real model in `_execute`; `SimEngine` (microserve.sim)
+only times the step with a cost model. Everything else is shared, so the simulator
+schedules exactly as the engine does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvapi import KVSpec
+from kvapi.radix import EventHook
+from microserve.engine.config import EngineConfig
+from microserve.engine.kv_manager import KVCacheManager
+from microserve.engine.scheduler import ScheduledBatch, Scheduler
+from microserve.engine.sequence import Sequence
+from microserve.sampling_params import SamplingParams
+
+
+class InvalidRequestError(ValueError):
+    """The request cannot be served as given (empty prompt, too long, bad token ids...)."""
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_cached: int = 0
+    prefix_cache_hit_tokens: int = 0
+    num_preemptions: int = 0
+    computed_tokens_total: int = 0  # tokens run through the model (prefill + decode)
+    queued_tokens: int = 0  # tokens still to compute over waiting and running requests
+
+
+class EngineCore:
+    """Scheduler and KV books of one engine, and the step loop around a model.
+
+    Subclasses set the attributes below in `__init__` and implement `_execute`:
+    `LLMEngine` runs the real model; `microserve.sim.engine.SimEngine` only times the step.
+    """
+
+    config: EngineConfig
+    kv: KVCacheManager
+    scheduler: Scheduler
+    block_size: int
+    vocab_size: int
+    max_model_len: int
+    max_tokens_per_seq: int
+    eos_token_ids: frozenset[int]
+    kv_spec: KVSpec  # the KV layout peers must match to exchange pages
+
+    def _init_books(self, config: EngineConfig, num_blocks: int, max_model_len: int, vocab_size: int,
+                    eos_token_ids: frozenset[int], on_kv_event: EventHook | None = None) -> None:
+        self.config = config
+        self.block_size = config.block_size
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, on_kv_event)
+        self.scheduler = Scheduler(config, self.kv)
+        self.max_model_len, self.vocab_size, self.eos_token_ids = max_model_len, vocab_size, eos_token_ids
+        self.computed_tokens_total = 0
+        # a sequence may not outgrow the context nor the whole KV pool (it would preempt itself forever)
+        self.max_tokens_per_seq = min(max_model_len, num_blocks * config.block_size)
+        self._seqs: dict[str, Sequence] = {}
+
+    def _execute(self, batch: ScheduledBatch) -> dict[Sequence, int]:
+        """Compute the batch; the sampled token of each sequence that caught up this step."""
+        raise NotImplementedError
+
+    # -- requests -------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> Sequence:
+        """Queue a request; raises InvalidRequestError for input that cannot be served."""
+        if request_id in self._seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self.validate_prompt(prompt_ids)
+        sampling.validate()
+        seq = Sequence(request_id, prompt_ids, sampling)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queue a sequence built by the caller, possibly holding blocks with KV already
+        computed (received from another engine) or marked `prefill_only`."""
+        if seq.request_id in self._seqs:
+            raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
+        self.validate_prompt(seq.token_ids[:seq.num_prompt_tokens])
+        seq.sampling.validate()
+        self._seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Free the blocks of a sequence the caller holds outside the scheduler (a
+        finished prefill-only sequence, a receive ticket); computed full blocks stay cached."""
+        self._seqs.pop(seq.request_id, None)
+        self.kv.free(seq)
+
+    def validate_prompt(self, prompt_ids: list[int]) -> None:
+        n, vocab = len(prompt_ids), self.vocab_size
+        if n == 0:
+            raise InvalidRequestError("prompt is empty")
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {n} tokens; this model's context is {self.max_model_len} "
+                f"(prompt must leave room for at least one generated token)")
+        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if -(-(n + 1) // self.block_size) > self.kv.num_blocks:
+            raise InvalidRequestError(
+                f"prompt of {n} tokens needs more KV blocks than the cache has ({self.kv.num_blocks})")
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request and free its blocks; False if it is unknown or already done."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None or seq.is_finished:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ---------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """Run one scheduling step; returns outputs of the requests that got tokens or ended."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        sampled = self._execute(batch)
+        self.computed_tokens_total += sum(batch.num_new_tokens)
+        outputs = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            token = sampled.get(seq)
+            if token is None:
+                self.kv.cache_computed(seq)
+                if seq.prefill_only and seq.num_computed_tokens == seq.num_tokens:
+                    # NOTE: keeps its blocks; the caller sends them, then calls `release`
+                    self.scheduler.detach(seq)
+                    self._seqs.pop(seq.request_id, None)
+                    outputs.append(StepOutput(seq.request_id, [], "prefilled", seq.num_cached_tokens))
+                continue
+            seq.token_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                self._seqs.pop(seq.request_id, None)
+            else:
+                self.kv.cache_computed(seq)
+            outputs.append(StepOutput(seq.request_id, [token], reason, seq.num_cached_tokens))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        sp = seq.sampling
+        if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= self.max_tokens_per_seq:
+            return "length"
+        return None
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_total=self.kv.num_blocks,
+            kv_blocks_used=self.kv.pool.num_used,
+            kv_blocks_cached=self.kv.radix.num_blocks,
+            prefix_cache_hit_tokens=self.kv.prefix_hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            computed_tokens_total=self.computed_tokens_total,
+            queued_tokens=sum(s.num_tokens - s.num_computed_tokens
+                              for s in (*self.scheduler.waiting, *self.scheduler.running)),
+        )
+
+    def sequence(self, request_id: str) -> Sequence | None:
+        return self._seqs.get(request_id)

@@ -1,0 +1,52 @@
+"""Arguments of `microserve sim` (kept free of heavy imports: the CLI builds every parser)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from microserve.bench import workloads
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", help="strategy file, or a shipped name (pd, balanced_pd, round_robin, ...)")
+    p.add_argument("--strategy-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a strategy parameter (repeatable)")
+    p.add_argument("--model", default="llama-3.1-8b",
+                   help="llama-3.1-8b | llama-3.1-70b | a config.json | a checkpoint folder | demo")
+    p.add_argument("--gpu", default="h100", help="h100 | h200 | a100 | a profile JSON (e.g. from --calibrate)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per engine")
+    p.add_argument("--roles", default=None, help="engine layout, e.g. prefill=1,decode=1 (default: the strategy's)")
+    p.add_argument("--link", default="nvlink", help="nvlink | ib400 | pcie5 | a link JSON: KV between engines")
+    p.add_argument("--workload", default=None, help=f"{', '.join(workloads.WORKLOADS)} or a JSONL file")
+    arrivals = p.add_mutually_exclusive_group()
+    arrivals.add_argument("--rate", type=float, help="Poisson arrivals, requests per (virtual) second")
+    arrivals.add_argument("--concurrency", type=int, help="requests in flight at once (closed loop)")
+    p.add_argument("--num-requests", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens-per-word", type=float, default=1.3, help="as in `microserve bench`")
+    p.add_argument("--max-output-tokens", type=int, default=None, help="cap every request's max_tokens")
+    p.add_argument("--slo-ttft-ms", type=float, default=None)
+    p.add_argument("--slo-tpot-ms", type=float, default=None)
+    p.add_argument("--slo-e2e-ms", type=float, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget of one step")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool per engine (default: what fits)")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--out", type=Path, default=None, help="results JSON (bench's schema)")
+    p.add_argument("--plot", type=Path, default=None, help="PNG plot (needs matplotlib)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--calibrate", action="store_true",
+                   help="profile the real engine on this machine with --model and write a --gpu profile to --out")
+    p.add_argument("--device", default="cpu", help="--calibrate: where the real engine runs")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.calibrate:
+        from microserve.sim import calibrate
+
+        return calibrate.run(args)
+    from microserve.sim import run
+
+    return run.run(args)

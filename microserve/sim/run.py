@@ -1,0 +1,212 @@
+"""`microserve sim`: run a strategy file on simulated engines, in virtual time.
+
+    microserve sim --strategy pd --model llama-3.1-70b --gpu h100 --tp 4 --roles prefill=1,decode=1 \\
+        --link nvlink --workload sonnet --rate 3.6 --num-requests 500 --out pd.json --plot pd.png
+
+The workload, arrivals (`microserve.bench.loadgen.drive`), metrics, table, JSON and plot
+are `microserve bench`'s, so a simulated run and a real one compare field by field.
+Each request runs `strategy.generate(req, cluster)` as the router does (every engine it
+touched gets an abort if it ends early); timestamps are virtual seconds. See docs/sim.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from microserve.bench import loadgen, report, workloads
+from microserve.bench.loadgen import RequestResult
+from microserve.engine.config import EngineConfig
+from microserve.protocol import Request
+from microserve.router.handle import EngineCallError, touched_engines
+from microserve.router.strategy import Strategy, load_strategy, parse_roles
+from microserve.sampling_params import SamplingParams
+from microserve.sim import clock
+from microserve.sim.cluster import SimCluster, build_cluster
+from microserve.sim.costs import CostModel, load_gpu, load_link, load_model
+
+
+# -- prompts as token ids -------------------------------------------------------------------
+def prompt_encoder(model: str, vocab: int, tokens_per_word: float) -> Callable[[str], list[int]]:
+    """The checkpoint's own tokenizer when `model` is a folder that has one (`demo` too), so
+    prompt lengths match a real run; otherwise a synthetic one: word i of a prompt becomes
+    floor((i+1)t) - floor(it) tokens (t = tokens_per_word), ids hashed from the word, so equal
+    text gives equal ids and shared prefixes stay shared."""
+    from microserve.demo import resolve_model
+
+    path = resolve_model(model) if model == "demo" else Path(model)
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        from microserve.engine.tokenizer import Tokenizer
+
+        return Tokenizer(path).encode
+    cache: dict[tuple[str, int], int] = {}
+
+    def encode(text: str) -> list[int]:
+        ids: list[int] = []
+        for i, word in enumerate(text.split()):
+            for k in range(math.floor((i + 1) * tokens_per_word) - math.floor(i * tokens_per_word)):
+                key = (word, k)
+                tid = cache.get(key)
+                if tid is None:
+                    tid = cache[key] = zlib.crc32(f"{word}#{k}".encode()) % vocab
+                ids.append(tid)
+        return ids or [0]
+
+    return encode
+
+
+# -- one simulated run ------------------------------------------------------------------------
+@dataclass
+class SimRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    session: int | None = None
+
+
+async def _serve(i: int, sreq: SimRequest, strategy: Strategy, cluster: SimCluster, res: RequestResult,
+                 t0: float) -> None:
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
+    res.start, res.prompt_tokens = sent - t0, len(sreq.prompt_ids)
+    req = Request(f"sim-{i}", sreq.prompt_ids, SamplingParams(max_tokens=sreq.max_tokens, ignore_eos=True))
+    last = sent
+    with touched_engines() as touched:
+        chunks = strategy.generate(req, cluster)
+        finished = False
+        try:
+            async for chunk in chunks:
+                if chunk.token_ids:
+                    now = loop.time()
+                    if res.ttft is None:
+                        res.ttft = now - sent
+                    else:
+                        res.itl.append(now - last)
+                    last = now
+                    res.chunks += 1
+                    res.output_tokens += len(chunk.token_ids)
+                if chunk.finish_reason is not None:
+                    finished = True
+                    if chunk.finish_reason == "abort":
+                        res.error = "aborted on the engine"
+                    break
+            else:
+                res.error = f"strategy {type(strategy).__name__} ended the stream without a finish reason"
+        except EngineCallError as exc:
+            res.error = str(exc)
+        finally:
+            await chunks.aclose()
+            if not finished:
+                await asyncio.gather(*(h.abort(req.request_id) for h in touched if h.alive), return_exceptions=True)
+    res.e2e = loop.time() - sent
+    res.ok = finished and not res.error
+
+
+async def simulate(strategy: Strategy, cluster: SimCluster, reqs: list[SimRequest], rate: float | None = None,
+                   concurrency: int = 1, seed: int = 0, progress: bool = False) -> tuple[list[RequestResult], float]:
+    """Run every request through `strategy` on the (not yet started) `cluster`; call inside
+    `clock.run`. Returns (results in workload order, virtual seconds from first arrival to last finish)."""
+    results = [RequestResult(i, 0.0) for i in range(len(reqs))]
+    bar = loadgen.Progress(len(reqs), progress)
+    await cluster.start()
+    try:
+        t0 = asyncio.get_running_loop().time()
+
+        async def go(i: int) -> None:
+            await _serve(i, reqs[i], strategy, cluster, results[i], t0)
+            bar.update(results[i].ok)
+
+        await loadgen.drive(reqs, rate, concurrency, seed, go)  # type: ignore[arg-type]
+        return results, asyncio.get_running_loop().time() - t0
+    finally:
+        await cluster.close()
+
+
+def engine_report(cluster: SimCluster) -> list[dict[str, Any]]:
+    """Per-engine totals after a run (what a conservation check reads)."""
+    out = []
+    for s in cluster.servers:
+        e = s.engine
+        out.append({"engine_id": s.engine_id, "role": next(h.role for h in cluster.handles if h.name == s.engine_id),
+                    "computed_tokens": e.computed_tokens_total, "prefix_hit_tokens": e.kv.prefix_hit_tokens,
+                    "preemptions": e.scheduler.num_preemptions, "kv_bytes_sent": s.bytes_sent,
+                    "kv_bytes_received": s.bytes_received, "kv_blocks_total": e.kv.num_blocks,
+                    "kv_blocks_used": e.kv.pool.num_used, "kv_blocks_cached": e.kv.radix.num_blocks,
+                    "open_tickets": len(s.tickets), "unfinished": e.has_unfinished()})
+    return out
+
+
+@dataclass
+class SimSetup:
+    cost: CostModel
+    layout: dict[str, int]
+    config: EngineConfig
+    link_name: str
+
+
+def setup_from_args(args: argparse.Namespace, strategy_roles: dict[str, int]) -> SimSetup:
+    from microserve.demo import resolve_model
+
+    model = load_model(str(resolve_model(args.model)) if args.model == "demo" else args.model)
+    cost = CostModel(model, load_gpu(args.gpu), args.tp)
+    layout = parse_roles(args.roles) if args.roles else dict(strategy_roles)
+    config = EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+                          max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                          enable_prefix_caching=not args.no_prefix_caching, native_kernels=False)
+    return SimSetup(cost, layout, config, args.link)
+
+
+def run(args: argparse.Namespace) -> int:
+    missing = [f"--{n.replace('_', '-')}" for n in ("strategy", "workload", "num_requests")
+               if getattr(args, n) is None]
+    if missing or (args.rate is None and args.concurrency is None):
+        raise ValueError(f"microserve sim needs {', '.join(missing or ['--rate or --concurrency'])}")
+    if args.num_requests < 1 or (args.rate is not None and args.rate <= 0) or \
+            (args.concurrency is not None and args.concurrency < 1) or args.tp < 1:
+        raise ValueError("--num-requests, --rate, --concurrency and --tp must be positive")
+    strategy_args = dict(a.split("=", 1) for a in args.strategy_arg if "=" in a)
+    strategy = load_strategy(args.strategy, strategy_args)
+    setup = setup_from_args(args, type(strategy).roles)
+    link = load_link(args.link)
+    encode = prompt_encoder(args.model, setup.cost.model.vocab, args.tokens_per_word)
+    bench_reqs = workloads.load(args.workload, args.num_requests, args.seed, args.tokens_per_word,
+                                args.max_output_tokens)
+    reqs = [SimRequest(encode(r.prompt), r.max_tokens, r.session) for r in bench_reqs]
+    cluster = build_cluster(setup.layout, setup.cost, link, setup.config)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    wall = time.perf_counter()
+    results, duration = clock.run(simulate(strategy, cluster, reqs, args.rate, args.concurrency or 1, args.seed,
+                                           progress))
+    wall = time.perf_counter() - wall
+    slo = {k: v / 1e3 for k, v in (("ttft_s", args.slo_ttft_ms), ("tpot_s", args.slo_tpot_ms),
+                                   ("e2e_s", args.slo_e2e_ms)) if v is not None}
+    summary = report.summarize(results, duration, slo)
+    config = {"mode": "sim", "strategy": args.strategy, "strategy_args": strategy_args, "model": setup.cost.model.name,
+              "gpu": setup.cost.gpu.name, "tp": args.tp, "roles": setup.layout, "link": link.name,
+              "workload": args.workload, "rate": args.rate, "concurrency": args.concurrency,
+              "num_requests": args.num_requests, "seed": args.seed, "tokens_per_word": args.tokens_per_word,
+              "max_output_tokens": args.max_output_tokens, "max_num_batched_tokens": args.max_num_batched_tokens,
+              "max_num_seqs": args.max_num_seqs, "block_size": args.block_size}
+    data = report.to_json(config, results, duration, summary)
+    data["sim"] = {"wall_s": wall, "engines": engine_report(cluster)}
+    arrivals = f"rate {args.rate} req/s" if args.rate is not None else f"concurrency {args.concurrency}"
+    layout = ",".join(f"{r}={n}" for r, n in setup.layout.items())
+    print(f"sim: {args.strategy} on {layout} x {setup.cost.model.name} ({args.tp} x {setup.cost.gpu.name}, "
+          f"link {link.name}), {args.workload}, {arrivals}, {args.num_requests} requests "
+          f"({duration:.1f} s simulated in {wall:.1f} s)")
+    print(report.table(summary))
+    for r in results:
+        if not r.ok:
+            print(f"request {r.index} failed: {r.error}", file=sys.stderr)
+    if args.out:
+        report.write_json(args.out, data)
+    if args.plot:
+        report.plot(args.plot, data, f"sim: {args.strategy}, {args.workload}, {arrivals}")
+    return 0 if summary["failed"] == 0 else 1

@@ -1,0 +1,160 @@
+"""`SimServer`: the microserving calls of one simulated engine, in virtual time.
+
+It is the real engine's call layer (`MicroservingEngine`: tickets, leases, prefill-only
+sends, adoption of received KV, aborts) over a `SimEngine`, with two things replaced:
+
+* a step takes the cost model's time (`asyncio.sleep` on the virtual clock) instead of
+  running a model in a thread;
+* KV bytes do not move: a send waits until its prefill is done, then occupies the
+  sender's link for `CostModel.transfer_seconds` (sends from one engine queue behind
+  each other, FIFO), then completes the receiver's ticket through the same
+  `_on_transfer` path a real transfer takes.
+
+NOTE: the real engine streams KV layer by layer while the last prefill step runs, so
+part of the transfer hides behind compute; here the whole transfer comes after the
+prefill (conservative by at most one transfer time, small on NVLink/IB next to prefill).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from kvapi.transfer import KVAddr, TransferError, TransferOutcome
+from kvapi.transfer.sender import SendStats
+from microserve import protocol as P
+from microserve.engine.async_engine import MicroservingEngine
+from microserve.engine.core import StepOutput
+from microserve.engine.tickets import EngineError, SendJob, Ticket
+from microserve.sim.costs import Link
+from microserve.sim.engine import SimEngine
+
+TRANSPORT = "sim"
+
+
+class SimSendJob(SendJob):
+    """A send whose prefill completion is awaited on the loop (no sending thread)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.settled = asyncio.Event()
+
+    def prefilled(self) -> None:
+        super().prefilled()
+        self.settled.set()
+
+    def cancel(self, reason: str) -> None:
+        super().cancel(reason)
+        self.settled.set()
+
+
+class SimServer(MicroservingEngine):
+    """One simulated engine serving the microserving calls.
+
+    Args:
+        engine: the simulated engine.
+        peers: engine id -> `SimServer` of every engine on the fabric (shared dict).
+        link: the link KV crosses between engines.
+        lease_s, transfer_timeout: as the real engine's (virtual seconds).
+    """
+
+    send_job_class = SimSendJob
+
+    def __init__(self, engine: SimEngine, peers: dict[str, SimServer], link: Link, lease_s: float = 60.0,
+                 transfer_timeout: float = 30.0) -> None:
+        super().__init__(engine, engine.engine_id, [TRANSPORT], lease_s, transfer_timeout)
+        self.engine: SimEngine = engine
+        self.peers, self.link = peers, link
+        peers[engine.engine_id] = self
+        self.link_free_at = 0.0  # the sender's link is busy until then (virtual time)
+        self.bytes_sent = self.bytes_received = 0
+        self.event_seq = 0
+        self._incoming: set[str] = set()  # tickets a transfer is writing into
+        self._task: asyncio.Task | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self.run())
+
+    async def stop(self) -> None:
+        self.close()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    # -- what MicroservingEngine needs --------------------------------------------------
+    async def _step(self) -> list[StepOutput]:
+        outputs = self.engine.step()
+        # NOTE: a step that schedules nothing (every waiting request short of blocks) still
+        # lets virtual time pass, so leases can expire and free blocks
+        await asyncio.sleep(self.engine.last_step_seconds or self.engine.cost.gpu.step_overhead_ms * 1e-3 or 1e-3)
+        return outputs
+
+    def _recv_addr(self, ticket: Ticket) -> KVAddr:
+        return KVAddr(self.engine_id, f"sim:{self.engine_id}", ticket.id, ticket.secret, ticket.matched, ticket.end,
+                      ticket.blocks, self.engine.kv_spec, [TRANSPORT])
+
+    def _receiving(self, ticket_id: str) -> bool:
+        return ticket_id in self._incoming
+
+    def _transport_for(self, kv: KVAddr, forced: str | None) -> str:
+        if kv.engine_id not in self.peers:
+            raise TransferError(f"no simulated engine {kv.engine_id!r}", "bad_request")
+        if forced not in (None, TRANSPORT):
+            raise TransferError(f"transport {forced!r} is not simulated (only {TRANSPORT!r})", "bad_request")
+        return TRANSPORT
+
+    async def _transfer(self, job: SendJob, kv: KVAddr, begin: int, end: int, mode: str) -> SendStats:
+        assert isinstance(job, SimSendJob)
+        await job.settled.wait()
+        if job.cancel_reason is not None:
+            raise TransferError(f"send abandoned: {job.cancel_reason}", "aborted")
+        peer = self.peers[kv.engine_id]
+        peer._incoming.add(kv.ticket_id)
+        try:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            self.link_free_at = max(t0, self.link_free_at) + self.engine.cost.transfer_seconds(end - begin, self.link)
+            await asyncio.sleep(self.link_free_at - t0)
+        finally:
+            peer._incoming.discard(kv.ticket_id)
+        if job.cancel_reason is not None:
+            raise TransferError(f"send abandoned: {job.cancel_reason}", "aborted")
+        ticket = peer.tickets.get(kv.ticket_id)
+        if ticket is None or ticket.secret != kv.secret or ticket.state != "open":
+            raise TransferError("the receiver's ticket is gone (expired, aborted or already filled)", "transfer_failed")
+        nbytes = (end - begin) * self.engine.kv_spec.bytes_per_token
+        self.bytes_sent += nbytes
+        peer.bytes_received += nbytes
+        await peer._on_transfer(TransferOutcome(kv.ticket_id, True, begin, end, nbytes, loop.time() - t0))
+        return SendStats(nbytes, loop.time() - t0, TRANSPORT)
+
+    def kv_bytes(self) -> tuple[int, int]:
+        return self.bytes_sent, self.bytes_received
+
+    # -- the calls, as the RPC server dispatches them -------------------------------------
+    async def handle(self, msg: P.Call) -> P.Reply:
+        """Answer one call (raises `EngineError`)."""
+        if isinstance(msg, P.PrepRecv):
+            return await self.prep_recv(msg.req, msg.end, msg.lease_s)
+        if isinstance(msg, P.RemoteSend):
+            return await self.remote_send(msg.req, msg.kv, msg.begin, msg.end, msg.transport)
+        if isinstance(msg, P.Abort):
+            return P.AbortReply(await self.abort(msg.request_id))
+        if isinstance(msg, P.Stats):
+            return self.stats()
+        if isinstance(msg, P.Health):
+            return P.HealthReply(True, self.engine_id, self.engine.cost.model.name, self.engine.kv_spec,
+                                 list(self.transports), "", self.engine.max_model_len)
+        if isinstance(msg, P.KVSnapshot):
+            return P.KVSnapshotReply(self.engine_id, self.engine.kv.radix.prefix_hashes(), self.event_seq)
+        raise EngineError("bad_request", f"{type(msg).__name__} is not a single-reply call")
+
+    def publish_events(self, sink: Callable[[P.KVEvent], None]) -> None:
+        """Deliver the engine's KV events (numbered, as on the real event socket) to `sink` at once."""
+
+        def hook(kind: str, hashes: list[int]) -> None:
+            self.event_seq += 1
+            sink(P.KVEvent(self.engine_id, kind, list(hashes), self.event_seq))
+
+        self.engine.kv.radix.on_event = hook

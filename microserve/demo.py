@@ -62,14 +62,15 @@ def write_tokenizer(path: str | Path, chat_template: str = CHAT_TEMPLATE) -> Non
     }, indent=2))
 
 
-def demo_model(path: str | Path, seed: int = 0) -> Path:
-    """Write the demo checkpoint into `path` (created if needed); returns the path."""
+def demo_model(path: str | Path, seed: int = 0, **config: int) -> Path:
+    """Write the demo checkpoint into `path` (created if needed); returns the path.
+    `config` overrides fields of `DEMO_CONFIG` (e.g. `hidden_size=512` for a heavier model)."""
     import torch  # NOTE: lazy, so resolving "demo" in a router process does not load torch
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = DEMO_CONFIG
+    cfg = {**DEMO_CONFIG, **config}
     h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     head_dim = h // cfg["num_attention_heads"]
     kv = cfg["num_key_value_heads"] * head_dim

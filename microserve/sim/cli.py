@@ -30,8 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-tpot-ms", type=float, default=None)
     p.add_argument("--slo-e2e-ms", type=float, default=None)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget of one step")
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one step (default: 8192 to simulate, the engine's 2048 to calibrate)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="running requests per engine (default: 256 to simulate, the engine's 64 to calibrate)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool per engine (default: what fits)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="results JSON (bench's schema)")
@@ -40,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="profile the real engine on this machine with --model and write a --gpu profile to --out")
     p.add_argument("--device", default="cpu", help="--calibrate: where the real engine runs")
+    p.add_argument("--threads", type=int, default=None,
+                   help="--calibrate: torch threads (match what each engine gets when serving: launch gives "
+                        "cores / engines)")
+    p.add_argument("--quick", action="store_true", help="--calibrate: a shorter ladder of batches")
 
 
 def main(args: argparse.Namespace) -> int:

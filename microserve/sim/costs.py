@@ -160,21 +160,26 @@ class CostModel:
         """Time of one step: `prefill` chunks (start position, tokens), decodes by context
         length (including the new token); `sampled` rows reach the lm_head (default: one
         per decode and per chunk); `num_seqs` sequences in the batch (default: chunks + decodes)."""
-        m = self.model
         tokens = sum(n for _, n in prefill) + len(decode_contexts)
         if tokens == 0:
             return 0.0
         sampled = len(decode_contexts) + len(prefill) if sampled is None else sampled
+        num_seqs = len(decode_contexts) + len(prefill) if num_seqs is None else num_seqs
+        flops, nbytes = self.work(prefill, decode_contexts, sampled)
+        compute = flops / (self.gpu.peak_tflops * 1e12 * self.gpu.compute_efficiency)
+        memory = nbytes / (self.gpu.hbm_tb_s * 1e12 * self.gpu.memory_efficiency)
+        return max(compute, memory) / self.tp + self.allreduce_seconds(tokens) + self.gpu.step_overhead_ms * 1e-3 \
+            + self.gpu.seq_overhead_us * 1e-6 * num_seqs
+
+    def work(self, prefill: list[tuple[int, int]], decode_contexts: list[int], sampled: int) -> tuple[float, float]:
+        """(FLOPs, bytes moved) of one step over all `tp` GPUs."""
+        m = self.model
+        tokens = sum(n for _, n in prefill) + len(decode_contexts)
         pairs = sum(n * s + n * (n + 1) // 2 for s, n in prefill) + sum(decode_contexts)
         flops = 2 * m.linear_params * tokens + 2 * m.lm_head_params * sampled \
             + 4 * m.heads * m.head_dim * m.layers * pairs
         kv_read = sum(s + n for s, n in prefill) + sum(decode_contexts)
-        nbytes = m.weight_bytes + m.kv_bytes_per_token * (kv_read + tokens)
-        compute = flops / (self.gpu.peak_tflops * 1e12 * self.gpu.compute_efficiency)
-        memory = nbytes / (self.gpu.hbm_tb_s * 1e12 * self.gpu.memory_efficiency)
-        num_seqs = len(decode_contexts) + len(prefill) if num_seqs is None else num_seqs
-        return max(compute, memory) / self.tp + self.allreduce_seconds(tokens) + self.gpu.step_overhead_ms * 1e-3 \
-            + self.gpu.seq_overhead_us * 1e-6 * num_seqs
+        return flops, m.weight_bytes + m.kv_bytes_per_token * (kv_read + tokens)
 
     def allreduce_seconds(self, tokens: int) -> float:
         """Two ring all-reduces per layer of [tokens, hidden] activations."""

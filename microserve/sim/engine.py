@@ -22,6 +22,20 @@ from microserve.sim.costs import CostModel
 PLACEHOLDER_TOKEN = 0
 
 
+def batch_shape(batch: ScheduledBatch) -> tuple[list[tuple[int, int]], list[int], list[Sequence]]:
+    """What the cost model needs of a batch: prefill chunks (start, tokens), decode context
+    lengths (with the new token), and the sequences that sample a token this step."""
+    prefill, decodes, sampled = [], [], []
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
+            decodes.append(seq.num_computed_tokens + 1)
+        else:
+            prefill.append((seq.num_computed_tokens, n))
+        if seq.num_computed_tokens + n == seq.num_tokens and not seq.prefill_only:
+            sampled.append(seq)
+    return prefill, decodes, sampled
+
+
 class SimEngine(EngineCore):
     """Args:
         cost: the engine's cost model (model, GPU, TP).
@@ -43,14 +57,7 @@ class SimEngine(EngineCore):
         self.last_step_seconds = 0.0
 
     def _execute(self, batch: ScheduledBatch) -> dict[Sequence, int]:
-        prefill, decodes, sampled = [], [], []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
-                decodes.append(seq.num_computed_tokens + 1)
-            else:
-                prefill.append((seq.num_computed_tokens, n))
-            if seq.num_computed_tokens + n == seq.num_tokens and not seq.prefill_only:
-                sampled.append(seq)
+        prefill, decodes, sampled = batch_shape(batch)
         self.last_step_seconds = self.cost.step_seconds(prefill, decodes, len(sampled), len(batch.seqs))
         return dict.fromkeys(sampled, PLACEHOLDER_TOKEN)
 

@@ -99,8 +99,8 @@ async def _serve(i: int, sreq: SimRequest, strategy: Strategy, cluster: SimClust
                     break
             else:
                 res.error = f"strategy {type(strategy).__name__} ended the stream without a finish reason"
-        except EngineCallError as exc:
-            res.error = str(exc)
+        except Exception as exc:  # NOTE: a strategy bug fails its request, not the whole simulation
+            res.error = str(exc) if isinstance(exc, EngineCallError) else f"{type(exc).__name__}: {exc}"
         finally:
             await chunks.aclose()
             if not finished:
@@ -143,6 +143,11 @@ def engine_report(cluster: SimCluster) -> list[dict[str, Any]]:
     return out
 
 
+# scheduler defaults of a GPU engine (vLLM's for online serving are in this range)
+GPU_MAX_BATCHED_TOKENS = 8192
+GPU_MAX_NUM_SEQS = 256
+
+
 @dataclass
 class SimSetup:
     cost: CostModel
@@ -158,7 +163,8 @@ def setup_from_args(args: argparse.Namespace, strategy_roles: dict[str, int]) ->
     cost = CostModel(model, load_gpu(args.gpu), args.tp)
     layout = parse_roles(args.roles) if args.roles else dict(strategy_roles)
     config = EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-                          max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens or GPU_MAX_BATCHED_TOKENS,
+                          max_num_seqs=args.max_num_seqs or GPU_MAX_NUM_SEQS,
                           enable_prefix_caching=not args.no_prefix_caching, native_kernels=False)
     return SimSetup(cost, layout, config, args.link)
 
@@ -192,8 +198,9 @@ def run(args: argparse.Namespace) -> int:
               "gpu": setup.cost.gpu.name, "tp": args.tp, "roles": setup.layout, "link": link.name,
               "workload": args.workload, "rate": args.rate, "concurrency": args.concurrency,
               "num_requests": args.num_requests, "seed": args.seed, "tokens_per_word": args.tokens_per_word,
-              "max_output_tokens": args.max_output_tokens, "max_num_batched_tokens": args.max_num_batched_tokens,
-              "max_num_seqs": args.max_num_seqs, "block_size": args.block_size}
+              "max_output_tokens": args.max_output_tokens,
+              "max_num_batched_tokens": setup.config.max_num_batched_tokens,
+              "max_num_seqs": setup.config.max_num_seqs, "block_size": args.block_size}
     data = report.to_json(config, results, duration, summary)
     data["sim"] = {"wall_s": wall, "engines": engine_report(cluster)}
     arrivals = f"rate {args.rate} req/s" if args.rate is not None else f"concurrency {args.concurrency}"

@@ -70,9 +70,11 @@ class RadixCache:
         self._root = _Node((), -1, 0, None)
         self._clock = itertools.count(1)
         self._num_nodes = 0
-        # NOTE: eviction looks at leaves only, so it costs O(leaves), not O(cached blocks):
-        # a cache of long prompts has one leaf per prompt and hundreds of blocks behind it
-        self._leaves: set[_Node] = set()
+        # Eviction candidates: a min-heap of (last_access, id, node) over leaves, checked lazily
+        # when popped (a stale access time is re-queued, a node that gained children or left
+        # the tree is dropped, a pinned leaf is put back), so one eviction costs O(log n)
+        # instead of a walk over every cached block.
+        self._heap: list[tuple[int, int, _Node]] = []
 
     @property
     def num_blocks(self) -> int:
@@ -112,9 +114,9 @@ class RadixCache:
             child = node.children.get(key)
             if child is None:
                 child = _Node(key, block, chain_hash(node.hash, key), node)
+                child.last_access = now
                 node.children[key] = child
-                self._leaves.discard(node)
-                self._leaves.add(child)
+                heapq.heappush(self._heap, (now, id(child), child))
                 self.pool.incref([block])
                 self._num_nodes += 1
                 stored.append(child.hash)
@@ -145,23 +147,30 @@ class RadixCache:
 
     def evict(self, n: int) -> int:
         """Free up to `n` unpinned blocks, least recently used leaves first."""
-        if n <= 0:
-            return 0
-        heap = [(x.last_access, id(x), x) for x in self._leaves if self.pool.ref_count(x.block) == 1]
-        heapq.heapify(heap)
         evicted: list[int] = []
+        pinned: list[tuple[int, int, _Node]] = []
+        heap = self._heap
         while heap and len(evicted) < n:
-            _, _, node = heapq.heappop(heap)
+            entry = heapq.heappop(heap)
+            access, _, node = entry
+            if node.parent is None or node.children:  # gone, or not a leaf (queued again when it is)
+                continue
+            if access != node.last_access:  # used since it was queued
+                heapq.heappush(heap, (node.last_access, id(node), node))
+                continue
+            if self.pool.ref_count(node.block) != 1:
+                pinned.append(entry)
+                continue
             parent = node.parent
             del parent.children[node.key]
-            self._leaves.discard(node)
+            node.parent = None
             self.pool.free([node.block])
             self._num_nodes -= 1
             evicted.append(node.hash)
             if parent is not self._root and not parent.children:
-                self._leaves.add(parent)
-                if self._evictable(parent):
-                    heapq.heappush(heap, (parent.last_access, id(parent), parent))
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        for entry in pinned:
+            heapq.heappush(heap, entry)
         if evicted and self.on_event:
             self.on_event("evicted", evicted)
         return len(evicted)

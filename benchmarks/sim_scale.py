@@ -1,0 +1,56 @@
+"""How fast `microserve sim` runs: 10 000 simulated requests on 16 engines, wall time.
+
+Target (issue 5): under a minute of wall time. Two layouts, one run each:
+  dp    round_robin on 16 engines
+  pd    1P1D-style pd on prefill=8,decode=8
+Llama-3.1-8B on H100s (TP1), the `chat` workload at a rate that keeps the cluster busy.
+
+    python benchmarks/sim_scale.py [--num-requests 10000] [--rate 100] [--workload chat]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from microserve.cli import build_parser
+
+LAYOUTS = {"dp": ("round_robin", "engine=16"), "pd": ("pd", "prefill=8,decode=8")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-requests", type=int, default=10000)
+    ap.add_argument("--rate", type=float, default=100.0)
+    ap.add_argument("--workload", default="chat")
+    opts = ap.parse_args()
+    rows = []
+    for name, (strategy, roles) in LAYOUTS.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "r.json"
+            args = build_parser().parse_args([
+                "sim", "--strategy", strategy, "--roles", roles, "--model", "llama-3.1-8b", "--gpu", "h100",
+                "--workload", opts.workload, "--rate", str(opts.rate), "--num-requests", str(opts.num_requests),
+                "--out", str(out), "--no-progress"])
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                rc = args.func(args)
+            wall = time.perf_counter() - t0  # workload generation, tokenization and the simulation
+            data = json.loads(out.read_text())
+        s = data["summary"]
+        rows.append((name, roles, s["ok"], data["duration_s"], wall, s["e2e_s"]["mean"], rc))
+    print(f"{opts.num_requests} requests, {opts.workload}, rate {opts.rate} req/s, llama-3.1-8b on h100")
+    print(f"{'layout':<8}{'engines':<22}{'ok':>7}{'simulated s':>13}{'wall s':>9}{'sim/wall':>10}{'mean JCT ms':>13}")
+    for name, roles, ok, sim_s, wall, jct, _ in rows:
+        print(f"{name:<8}{roles:<22}{ok:>7}{sim_s:>13.1f}{wall:>9.1f}{sim_s / wall:>9.1f}x{jct * 1e3:>13.0f}")
+    if any(r[-1] != 0 for r in rows):
+        raise SystemExit("some simulated requests failed")
+
+
+if __name__ == "__main__":
+    main()

@@ -237,7 +237,7 @@ def _serve_options() -> argparse.ArgumentParser:
     g = p.add_argument_group("router and gateway options")
     g.add_argument("--strategy", required=True,
                    help="strategy file (one microserve.Strategy subclass), or a shipped name: round_robin, pd, "
-                        "balanced_pd, context_migration, cache_aware")
+                        "balanced_pd, adaptive_pd, context_migration, cache_aware")
     g.add_argument("--strategy-arg", action="append", default=[], metavar="NAME=VALUE",
                    help="override a strategy parameter, e.g. fraction=0.2 (repeatable)")
     g.add_argument("--host", default="127.0.0.1", help="gateway address to bind")

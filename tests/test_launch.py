@@ -20,7 +20,7 @@ from deploy import start_launch
 from microserve import LLM, SamplingParams
 from microserve.router import EngineHandle
 
-STRATEGIES = ["round_robin", "pd", "balanced_pd", "context_migration", "cache_aware"]
+STRATEGIES = ["round_robin", "pd", "balanced_pd", "adaptive_pd", "context_migration", "cache_aware"]
 MAX_TOKENS = 10
 PROMPTS = [
     "Hello",

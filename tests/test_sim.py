@@ -84,7 +84,8 @@ def test_pd_conservation_bytes_and_tokens():
         assert 0 < r.ttft <= r.e2e
 
 
-@pytest.mark.parametrize("strategy", ["round_robin", "pd", "balanced_pd", "cache_aware", "context_migration",
+@pytest.mark.parametrize("strategy", ["round_robin", "pd", "balanced_pd", "adaptive_pd", "cache_aware",
+                                      "context_migration",
                                       str(ROOT / "examples" / "my_strategy.py")])
 def test_every_shipped_strategy_runs_unchanged(strategy):
     from microserve.bench import workloads

@@ -68,12 +68,4 @@ def run(args: argparse.Namespace) -> int:
     data = report.to_json(config, results, duration, summary)
     arrivals = f"rate {args.rate} req/s" if args.rate is not None else f"concurrency {args.concurrency}"
     print(f"{args.workload}, {arrivals}, {args.num_requests} requests against {args.url} ({model})")
-    print(report.table(summary))
-    for r in results:
-        if not r.ok:
-            print(f"request {r.index} failed: {r.error}", file=sys.stderr)
-    if args.out:
-        report.write_json(args.out, data)
-    if args.plot:
-        report.plot(args.plot, data, f"{args.workload}, {arrivals}")
-    return 0 if summary["failed"] == 0 else 1
+    return report.emit(data, results, args.out, args.plot, f"{args.workload}, {arrivals}")

@@ -34,6 +34,16 @@ class RequestResult:
     output_tokens: int = 0
     chunks: int = 0  # streamed events that carried text
     itl: list[float] = field(default_factory=list)  # gaps between text events
+    last_at: float = field(default=0.0, repr=False)  # clock time of the last text event
+
+    def text_event(self, now: float, sent: float) -> None:
+        """Record a streamed event that carried output at clock time `now` (sent at `sent`)."""
+        if self.ttft is None:
+            self.ttft = now - sent
+        else:
+            self.itl.append(now - self.last_at)
+        self.last_at = now
+        self.chunks += 1
 
     @property
     def tpot(self) -> float | None:
@@ -84,7 +94,6 @@ async def _one(session: aiohttp.ClientSession, cfg: LoadConfig, req: BenchReques
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     sent = time.perf_counter()
     res.start = sent - t0
-    last = sent
     try:
         async with session.post(cfg.url.rstrip("/") + "/v1/completions", json=body, headers=headers) as resp:
             if resp.status != 200:
@@ -95,13 +104,7 @@ async def _one(session: aiohttp.ClientSession, cfg: LoadConfig, req: BenchReques
                     res.error = str(event["error"].get("message", event["error"]))[:300]
                     return
                 if any(c.get("text") for c in event.get("choices", [])):
-                    now = time.perf_counter()
-                    if res.ttft is None:
-                        res.ttft = now - sent
-                    else:
-                        res.itl.append(now - last)
-                    last = now
-                    res.chunks += 1
+                    res.text_event(time.perf_counter(), sent)
                 if event.get("usage"):
                     res.prompt_tokens = event["usage"]["prompt_tokens"]
                     res.output_tokens = event["usage"]["completion_tokens"]

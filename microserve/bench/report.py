@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,19 @@ def table(summary: dict[str, Any]) -> str:
         s = summary[name]
         lines.append(f"{label:<14}{ms(s['mean']):>10}{ms(s['p50']):>10}{ms(s['p90']):>10}{ms(s['p99']):>10}")
     return "\n".join(lines)
+
+
+def emit(data: dict[str, Any], results: list[RequestResult], out: Path | None, png: Path | None, title: str) -> int:
+    """Print the table and the failures, write the JSON and the plot; the exit status."""
+    print(table(data["summary"]))
+    for r in results:
+        if not r.ok:
+            print(f"request {r.index} failed: {r.error}", file=sys.stderr)
+    if out:
+        write_json(out, data)
+    if png:
+        plot(png, data, title)
+    return 0 if data["summary"]["failed"] == 0 else 1
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

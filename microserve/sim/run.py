@@ -77,20 +77,13 @@ async def _serve(i: int, sreq: SimRequest, strategy: Strategy, cluster: SimClust
     sent = loop.time()
     res.start, res.prompt_tokens = sent - t0, len(sreq.prompt_ids)
     req = Request(f"sim-{i}", sreq.prompt_ids, SamplingParams(max_tokens=sreq.max_tokens, ignore_eos=True))
-    last = sent
     with touched_engines() as touched:
         chunks = strategy.generate(req, cluster)
         finished = False
         try:
             async for chunk in chunks:
                 if chunk.token_ids:
-                    now = loop.time()
-                    if res.ttft is None:
-                        res.ttft = now - sent
-                    else:
-                        res.itl.append(now - last)
-                    last = now
-                    res.chunks += 1
+                    res.text_event(loop.time(), sent)
                     res.output_tokens += len(chunk.token_ids)
                 if chunk.finish_reason is not None:
                     finished = True
@@ -208,12 +201,4 @@ def run(args: argparse.Namespace) -> int:
     print(f"sim: {args.strategy} on {layout} x {setup.cost.model.name} ({args.tp} x {setup.cost.gpu.name}, "
           f"link {link.name}), {args.workload}, {arrivals}, {args.num_requests} requests "
           f"({duration:.1f} s simulated in {wall:.1f} s)")
-    print(report.table(summary))
-    for r in results:
-        if not r.ok:
-            print(f"request {r.index} failed: {r.error}", file=sys.stderr)
-    if args.out:
-        report.write_json(args.out, data)
-    if args.plot:
-        report.plot(args.plot, data, f"sim: {args.strategy}, {args.workload}, {arrivals}")
-    return 0 if summary["failed"] == 0 else 1
+    return report.emit(data, results, args.out, args.plot, f"sim: {args.strategy}, {args.workload}, {arrivals}")

@@ -130,6 +130,10 @@ def test_bad_input_is_a_clear_error():
     proc = sim_cli("--strategy", "pd", "--model", "llama-3.1-70b", "--gpu", "a100", "--tp", "1", "--workload", "chat",
                    "--rate", "1", "--num-requests", "2")
     assert proc.returncode == 2 and "does not fit" in proc.stderr
+    # a deployment calibration needs the deployment's strategy and a load, asked before the ladder runs
+    proc = sim_cli("--calibrate", "--model", "demo", "--url", "http://127.0.0.1:9", "--workload", "chat",
+                   "--rate", "1", "--num-requests", "2", "--out", "/dev/null")
+    assert proc.returncode == 2 and "give --strategy" in proc.stderr
 
 
 def test_a_strategy_that_fails_fails_its_requests_not_the_run():

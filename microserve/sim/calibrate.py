@@ -15,12 +15,26 @@ measured times:
 non-negative). F and B are written as `peak_tflops` and `hbm_tb_s` with efficiencies 1.0,
 and `memory_gb` is set so the simulated KV pool has the real engine's number of blocks.
 The fit's error over the measured steps is printed and stored in the profile.
+
+The ladder times the model alone. A deployment also spends host time outside it: the
+engine's step loop (handing the step to its thread, streaming tokens over ZeroMQ), and
+per request the client, gateway, router and RPCs; on a CPU host those share the cores
+with the model. With `--url` the calibration also runs the workload (`--workload`,
+`--rate`/`--concurrency`, `--num-requests`) against a running deployment of the same
+model, strategy and roles, simulates the same requests, and fits two host terms:
+
+    step_overhead_ms  += what makes the simulated mean TPOT equal the measured one
+    frontend_ms        = what then remains of the mean TTFT (a per-request delay)
+
+Calibrate at one load and check the simulator at another (tests/test_sim_vs_real.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import platform
 import random
 import statistics
@@ -135,6 +149,74 @@ def memory_for_pool(model: ModelShape, num_blocks: int, block_size: int) -> floa
     return (kv + model.total_params * model.bytes_per_param) / 0.9 / 1e9 * (1 + 1e-9)
 
 
+def _means(results) -> dict[str, float]:
+    ok = [r for r in results if r.ok]
+    tpots = [r.tpot for r in ok if r.tpot is not None]
+    return {"ttft_ms": statistics.fmean(r.ttft for r in ok) * 1e3, "tpot_ms": statistics.fmean(tpots) * 1e3,
+            "e2e_ms": statistics.fmean(r.e2e for r in ok) * 1e3}
+
+
+def _check_deployment_args(args: argparse.Namespace) -> None:
+    missing = [f"--{n.replace('_', '-')}" for n in ("strategy", "workload", "num_requests") if getattr(args, n) is None]
+    if missing or (args.rate is None and args.concurrency is None):
+        raise ValueError("--calibrate --url runs a workload against the deployment: give "
+                         f"{', '.join(missing or ['--rate or --concurrency'])} (the deployment's strategy and roles)")
+
+
+def fit_deployment(args: argparse.Namespace, path: Path, model: ModelShape, gpu: GPU,
+                   config: EngineConfig) -> tuple[GPU, dict]:
+    """Time the workload against the deployment at `args.url`, simulate the same requests
+    with `gpu`, and fit its host terms (`step_overhead_ms`, `frontend_ms`) to the measured
+    mean TPOT and TTFT. Returns the fitted profile and a record of the fit."""
+    from microserve.bench import loadgen, workloads
+    from microserve.router.strategy import load_strategy, parse_roles
+    from microserve.sim.costs import load_link
+    from microserve.sim.run import SimRequest, prompt_encoder, simulate_workload
+
+    _check_deployment_args(args)
+    strategy = load_strategy(args.strategy, dict(a.split("=", 1) for a in args.strategy_arg if "=" in a))
+    layout = parse_roles(args.roles) if args.roles else dict(type(strategy).roles)
+    link = load_link(args.link)
+    bench_reqs = workloads.load(args.workload, args.num_requests, args.seed, args.tokens_per_word,
+                                args.max_output_tokens)
+    encode = prompt_encoder(str(path), model.vocab, args.tokens_per_word)
+    reqs = [SimRequest(encode(r.prompt), r.max_tokens, r.session) for r in bench_reqs]
+    api_key = os.environ.get("OPENAI_API_KEY")
+    try:
+        served = asyncio.run(loadgen.first_model(args.url, api_key))
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise ValueError(f"cannot reach {args.url}: {exc}") from None
+    cfg = loadgen.LoadConfig(args.url, served, api_key, args.rate, args.concurrency or 1, args.seed)
+    real_results, _ = asyncio.run(loadgen.run_load(cfg, bench_reqs))
+    failed = [r for r in real_results if not r.ok]
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(real_results)} requests failed against {args.url}: {failed[0].error}")
+    if [r.prompt_tokens for r in real_results] != [len(r.prompt_ids) for r in reqs]:
+        raise ValueError(f"{args.url} tokenizes the prompts differently from {path}: is it serving that model?")
+    sim_config = replace(config, native_kernels=False)
+
+    def simulated(g: GPU) -> dict[str, float]:
+        results, _, _ = simulate_workload(strategy, layout, CostModel(model, g), link, sim_config, reqs, args.rate,
+                                          args.concurrency or 1, args.seed)
+        return _means(results)
+
+    real, engines_only = _means(real_results), simulated(gpu)
+    fitted, got = gpu, engines_only
+    for _ in range(6):  # TPOT grows ~1:1 with the per-step overhead; a few rounds settle batching effects
+        gap = real["tpot_ms"] - got["tpot_ms"]
+        if abs(gap) <= 0.01 * real["tpot_ms"] or (gap < 0 and fitted.step_overhead_ms == 0):
+            break
+        fitted = replace(fitted, step_overhead_ms=max(0.0, fitted.step_overhead_ms + gap))
+        got = simulated(fitted)
+    fitted = replace(fitted, frontend_ms=max(0.0, real["ttft_ms"] - got["ttft_ms"]))
+    record = {"url": args.url, "strategy": args.strategy, "roles": layout, "workload": args.workload,
+              "rate": args.rate, "concurrency": args.concurrency, "num_requests": args.num_requests,
+              "seed": args.seed, "real": real, "simulated_engines_only": engines_only,
+              "simulated_fitted": simulated(fitted),
+              "step_overhead_added_ms": fitted.step_overhead_ms - gpu.step_overhead_ms}
+    return fitted, record
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -142,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out is None:
         raise ValueError("--calibrate writes a profile: give --out PATH.json")
+    if args.url:
+        _check_deployment_args(args)  # before the ladder, not after it
     path = resolve_model(args.model)
     if not (path / "config.json").is_file():
         raise ValueError(f"--calibrate needs a real checkpoint (a folder or demo), not {args.model!r}")
@@ -157,10 +241,13 @@ def run(args: argparse.Namespace) -> int:
     points, num_blocks = measure(path, config, args.device, args.seed, quick=args.quick)
     gpu, err = fit(points, model)
     gpu = replace(gpu, memory_gb=memory_for_pool(model, num_blocks, config.block_size))
+    deployment = None
+    if args.url:
+        gpu, deployment = fit_deployment(args, path, model, gpu, config)
     profile = {
         "peak_tflops": gpu.peak_tflops, "hbm_tb_s": gpu.hbm_tb_s, "memory_gb": gpu.memory_gb,
         "compute_efficiency": 1.0, "memory_efficiency": 1.0, "step_overhead_ms": gpu.step_overhead_ms,
-        "seq_overhead_us": gpu.seq_overhead_us,
+        "seq_overhead_us": gpu.seq_overhead_us, "frontend_ms": gpu.frontend_ms,
         "source": f"microserve sim --calibrate on {platform.processor() or platform.machine()} "
                   f"({torch.get_num_threads()} threads, {args.device}) with {path.name}, "
                   f"{time.strftime('%Y-%m-%d')}: {len(points)} timed steps",
@@ -168,12 +255,22 @@ def run(args: argparse.Namespace) -> int:
         "engine": {"block_size": config.block_size, "num_kv_blocks": num_blocks,
                    "max_num_batched_tokens": config.max_num_batched_tokens, "max_num_seqs": config.max_num_seqs},
     }
+    if deployment is not None:
+        profile["deployment"] = deployment
     Path(args.out).write_text(json.dumps(profile, indent=1))
     print(f"calibrated {path.name} on {args.device} ({torch.get_num_threads()} threads): {len(points)} steps in "
           f"{time.perf_counter() - t0:.1f} s")
     print(f"  effective compute {gpu.peak_tflops * 1e3:.2f} GFLOP/s, memory {gpu.hbm_tb_s * 1e3:.1f} GB/s, "
           f"step overhead {gpu.step_overhead_ms:.3f} ms, per sequence {gpu.seq_overhead_us:.1f} us")
     print(f"  fit error: {err:.1%} mean absolute (relative) over the measured steps")
+    if deployment is not None:
+        print(f"  deployment at {args.url} ({args.workload}, {deployment['num_requests']} requests): step overhead "
+              f"{deployment['step_overhead_added_ms']:+.3f} ms, front-end {gpu.frontend_ms:.1f} ms per request")
+        print("    mean (ms)            TTFT     TPOT      JCT")
+        for label, key in (("real", "real"), ("sim, engines only", "simulated_engines_only"),
+                           ("sim, fitted", "simulated_fitted")):
+            m = deployment[key]
+            print(f"    {label:<18}{m['ttft_ms']:>8.1f}{m['tpot_ms']:>9.2f}{m['e2e_ms']:>9.1f}")
     print(f"  wrote {args.out}; use it with: microserve sim --gpu {args.out} --model {args.model} "
           f"--max-num-batched-tokens {config.max_num_batched_tokens} --max-num-seqs {config.max_num_seqs} ...")
     return 0

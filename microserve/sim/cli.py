@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--calibrate: torch threads (match what each engine gets when serving: launch gives "
                         "cores / engines)")
     p.add_argument("--quick", action="store_true", help="--calibrate: a shorter ladder of batches")
+    p.add_argument("--url", default=None,
+                   help="--calibrate: also run the workload against this running deployment of --model (same "
+                        "strategy and roles) and fit the host costs outside the model (step loop, front-end)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -41,6 +41,7 @@ class GPU:
     memory_efficiency: float = 0.8
     step_overhead_ms: float = 2.0
     seq_overhead_us: float = 0.0  # host work per scheduled sequence (batch building, sampling)
+    frontend_ms: float = 0.0  # per request, outside the engines: client, gateway, router, RPCs
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,8 @@ def _load(kind: str, spec: str) -> tuple[str, dict]:
 def load_gpu(spec: str) -> GPU:
     name, d = _load("gpus", spec)
     return GPU(name, d["peak_tflops"], d["hbm_tb_s"], d["memory_gb"], d.get("compute_efficiency", 0.6),
-               d.get("memory_efficiency", 0.8), d.get("step_overhead_ms", 2.0), d.get("seq_overhead_us", 0.0))
+               d.get("memory_efficiency", 0.8), d.get("step_overhead_ms", 2.0), d.get("seq_overhead_us", 0.0),
+               d.get("frontend_ms", 0.0))
 
 
 def load_link(spec: str) -> Link:

@@ -31,7 +31,7 @@ from microserve.router.strategy import Strategy, load_strategy, parse_roles
 from microserve.sampling_params import SamplingParams
 from microserve.sim import clock
 from microserve.sim.cluster import SimCluster, build_cluster
-from microserve.sim.costs import CostModel, load_gpu, load_link, load_model
+from microserve.sim.costs import CostModel, Link, load_gpu, load_link, load_model
 
 
 # -- prompts as token ids -------------------------------------------------------------------
@@ -72,10 +72,12 @@ class SimRequest:
 
 
 async def _serve(i: int, sreq: SimRequest, strategy: Strategy, cluster: SimCluster, res: RequestResult,
-                 t0: float) -> None:
+                 t0: float, frontend_s: float) -> None:
     loop = asyncio.get_running_loop()
     sent = loop.time()
     res.start, res.prompt_tokens = sent - t0, len(sreq.prompt_ids)
+    if frontend_s > 0:  # the client -> gateway -> router -> engine path and back, as one delay
+        await asyncio.sleep(frontend_s)
     req = Request(f"sim-{i}", sreq.prompt_ids, SamplingParams(max_tokens=sreq.max_tokens, ignore_eos=True))
     with touched_engines() as touched:
         chunks = strategy.generate(req, cluster)
@@ -103,9 +105,11 @@ async def _serve(i: int, sreq: SimRequest, strategy: Strategy, cluster: SimClust
 
 
 async def simulate(strategy: Strategy, cluster: SimCluster, reqs: list[SimRequest], rate: float | None = None,
-                   concurrency: int = 1, seed: int = 0, progress: bool = False) -> tuple[list[RequestResult], float]:
+                   concurrency: int = 1, seed: int = 0, progress: bool = False,
+                   frontend_s: float = 0.0) -> tuple[list[RequestResult], float]:
     """Run every request through `strategy` on the (not yet started) `cluster`; call inside
-    `clock.run`. Returns (results in workload order, virtual seconds from first arrival to last finish)."""
+    `clock.run`. Each request first waits `frontend_s` (the serving path outside the engines).
+    Returns (results in workload order, virtual seconds from first arrival to last finish)."""
     results = [RequestResult(i, 0.0) for i in range(len(reqs))]
     bar = loadgen.Progress(len(reqs), progress)
     await cluster.start()
@@ -113,13 +117,23 @@ async def simulate(strategy: Strategy, cluster: SimCluster, reqs: list[SimReques
         t0 = asyncio.get_running_loop().time()
 
         async def go(i: int) -> None:
-            await _serve(i, reqs[i], strategy, cluster, results[i], t0)
+            await _serve(i, reqs[i], strategy, cluster, results[i], t0, frontend_s)
             bar.update(results[i].ok)
 
         await loadgen.drive(reqs, rate, concurrency, seed, go)  # type: ignore[arg-type]
         return results, asyncio.get_running_loop().time() - t0
     finally:
         await cluster.close()
+
+
+def simulate_workload(strategy: Strategy, layout: dict[str, int], cost: CostModel, link: Link, config: EngineConfig,
+                      reqs: list[SimRequest], rate: float | None, concurrency: int, seed: int,
+                      progress: bool = False) -> tuple[list[RequestResult], float, SimCluster]:
+    """One whole simulation on fresh engines: (results, virtual seconds, the cluster after it)."""
+    cluster = build_cluster(layout, cost, link, config)
+    results, duration = clock.run(simulate(strategy, cluster, reqs, rate, concurrency, seed, progress,
+                                           cost.gpu.frontend_ms * 1e-3))
+    return results, duration, cluster
 
 
 def engine_report(cluster: SimCluster) -> list[dict[str, Any]]:
@@ -178,11 +192,10 @@ def run(args: argparse.Namespace) -> int:
     bench_reqs = workloads.load(args.workload, args.num_requests, args.seed, args.tokens_per_word,
                                 args.max_output_tokens)
     reqs = [SimRequest(encode(r.prompt), r.max_tokens, r.session) for r in bench_reqs]
-    cluster = build_cluster(setup.layout, setup.cost, link, setup.config)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     wall = time.perf_counter()
-    results, duration = clock.run(simulate(strategy, cluster, reqs, args.rate, args.concurrency or 1, args.seed,
-                                           progress))
+    results, duration, cluster = simulate_workload(strategy, setup.layout, setup.cost, link, setup.config, reqs,
+                                                   args.rate, args.concurrency or 1, args.seed, progress)
     wall = time.perf_counter() - wall
     slo = {k: v / 1e3 for k, v in (("ttft_s", args.slo_ttft_ms), ("tpot_s", args.slo_tpot_ms),
                                    ("e2e_s", args.slo_e2e_ms)) if v is not None}

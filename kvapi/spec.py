@@ -40,6 +40,9 @@ class KVSpec(msgspec.Struct, frozen=True, array_like=True):
     head_dim: int
     dtype: str = "float32"
     block_size: int = 16
+    # what one page is: "nhd" = K (or V) of one block of one layer, [block_size, kv_heads, head_dim]
+    # (the built-in engine); "vllm-cpu-block" = a whole block of one layer, K and V together
+    layout: str = "nhd"
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
@@ -71,8 +74,9 @@ class KVSpec(msgspec.Struct, frozen=True, array_like=True):
         return -(-num_tokens // self.block_size)
 
     def check_compatible(self, other: KVSpec) -> None:
-        """Raise `KVSpecMismatch` naming the first field where `other` differs."""
-        for field in self.__struct_fields__:
+        """Raise `KVSpecMismatch` naming the first field where `other` differs (the layout first:
+        pages of different layouts cannot be exchanged whatever the sizes)."""
+        for field in ("layout", *self.__struct_fields__):
             mine, theirs = getattr(self, field), getattr(other, field)
             if mine != theirs:
                 raise KVSpecMismatch(f"KV spec mismatch on {field}: {mine!r} here vs {theirs!r} at the peer")

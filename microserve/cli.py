@@ -47,16 +47,16 @@ def _engine(args: argparse.Namespace) -> int:
     from microserve.engine.server import EngineOptions, run_engine
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.backend != "builtin":
-        print("error: --backend vllm is not available yet; use --backend builtin", file=sys.stderr)
-        return 2
-    config = EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+    block_size = args.block_size
+    if args.backend == "vllm" and block_size == 16:  # the built-in default; vLLM's CPU kernels need multiples of 32
+        block_size = 32
+    config = EngineConfig(block_size=block_size, num_kv_blocks=args.num_kv_blocks,
                           kv_cache_memory_gb=args.kv_cache_memory_gb, max_model_len=args.max_model_len,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                           enable_prefix_caching=not args.no_prefix_caching)
     opts = EngineOptions(str(resolve_model(args.model)), args.rpc, args.events, args.device, args.dtype,
                          args.transport, args.kv_host, args.kv_port, args.engine_id or "", args.lease_seconds,
-                         args.transfer_timeout, config)
+                         args.transfer_timeout, config, args.backend)
     import zmq
 
     try:
@@ -106,9 +106,6 @@ def _launch(args: argparse.Namespace) -> int:
     from microserve.launch import launch
     from microserve.router.strategy import parse_roles
 
-    if args.backend != "builtin":
-        print("error: --backend vllm is not available yet; use --backend builtin", file=sys.stderr)
-        return 2
     strategy, opts = _serve_setup(args, args.model)
     roles = type(strategy).roles
     if args.roles and args.engines:
@@ -122,7 +119,8 @@ def _launch(args: argparse.Namespace) -> int:
         layout = {next(iter(roles)): args.engines}
     else:
         layout = dict(roles)
-    return asyncio.run(launch(strategy, args.model, layout, _forwarded_knobs(args), opts))
+    backend = ["--backend", args.backend] if args.backend != "builtin" else []
+    return asyncio.run(launch(strategy, args.model, layout, [*_forwarded_knobs(args), *backend], opts))
 
 
 def _router(args: argparse.Namespace) -> int:

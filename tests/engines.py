@@ -34,9 +34,9 @@ class EngineProc:
         self.proc.wait()
 
 
-def start_engine(model: str, *args: str, engine_id: str | None = None) -> subprocess.Popen:
+def start_engine(model: str, *args: str, engine_id: str | None = None, python: str | None = None) -> subprocess.Popen:
     """Start `microserve engine --model MODEL ARGS` (use `wait_engine` for its READY line)."""
-    cmd = [sys.executable, "-m", "microserve", "engine", "--model", str(model), *args]
+    cmd = [python or sys.executable, "-m", "microserve", "engine", "--model", str(model), *args]
     if engine_id:
         cmd += ["--engine-id", engine_id]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -69,5 +69,6 @@ def wait_engine(proc: subprocess.Popen, timeout: float = 120.0) -> EngineProc:
     return EngineProc(proc, kv["rpc"], kv["events"], kv["kv"], kv["engine"], kv["transports"].split(","))
 
 
-def spawn_engine(model: str, *args: str, engine_id: str | None = None, timeout: float = 120.0) -> EngineProc:
-    return wait_engine(start_engine(model, *args, engine_id=engine_id), timeout)
+def spawn_engine(model: str, *args: str, engine_id: str | None = None, timeout: float = 120.0,
+                 python: str | None = None) -> EngineProc:
+    return wait_engine(start_engine(model, *args, engine_id=engine_id, python=python), timeout)

@@ -230,6 +230,9 @@ class KVReceiver:
             outcome.ok, outcome.nbytes = True, nbytes
         except (OSError, TransferError) as exc:
             outcome.error = str(exc)
+        except Exception as exc:  # NOTE: a bug here must still end the ticket, or its blocks stay held forever
+            log.exception("kv receiver: transfer into ticket %s failed", hello.ticket_id)
+            outcome.error = f"{type(exc).__name__}: {exc}"
         outcome.seconds = time.perf_counter() - t0
         with self._lock:
             self._tickets.pop(hello.ticket_id, None)

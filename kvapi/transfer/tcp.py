@@ -25,6 +25,8 @@ def send_layer(sock: socket.socket, pool: torch.Tensor, layer: int, runs: list[t
     for kv in (0, 1):
         for s, n in runs:
             pages = pool[layer, kv, s:s + n]
+            if pages.numel() == 0:  # a layout whose page holds K and V together has no separate V
+                continue
             if pages.device.type != "cpu":
                 pages = pages.cpu()
             view = _bytes_view(pages)
@@ -39,6 +41,8 @@ def recv_layer(sock: socket.socket, pool: torch.Tensor, layer: int, runs: list[t
     for kv in (0, 1):
         for s, n in runs:
             pages = pool[layer, kv, s:s + n]
+            if pages.numel() == 0:
+                continue
             if pages.device.type == "cpu":
                 view = _bytes_view(pages)
                 recv_exact(sock, view)

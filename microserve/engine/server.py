@@ -17,6 +17,7 @@ import signal
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
@@ -30,6 +31,9 @@ from microserve.engine.async_engine import AsyncEngine
 from microserve.engine.config import EngineConfig
 from microserve.engine.engine import LLMEngine
 from microserve.engine.tickets import EngineError
+
+if TYPE_CHECKING:
+    from microserve.engine.vllm_engine import VLLMEngine
 
 log = logging.getLogger("microserve.engine")
 
@@ -48,6 +52,7 @@ class EngineOptions:
     lease_s: float = 60.0
     transfer_timeout: float = 30.0
     config: EngineConfig | None = None
+    backend: str = "builtin"  # or "vllm" (microserve.engine.vllm_engine)
 
 
 def pick_transports(choice: str, device: str) -> list[str]:
@@ -73,26 +78,53 @@ class EngineServer:
     def __init__(self, opts: EngineOptions) -> None:
         self.opts = opts
         self.engine_id = opts.engine_id or f"engine-{uuid.uuid4().hex[:8]}"
-        self.transports = pick_transports(opts.transport, opts.device)
         self.pool: SharedPool | None = None
         self._events: list[tuple[str, list[int]]] = []
         self._event_seq = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        if opts.backend == "vllm":
+            self._start_vllm(opts)
+        elif opts.backend == "builtin":
+            self._start_builtin(opts)
+        else:
+            raise ValueError(f"unknown backend {opts.backend!r}; choose builtin or vllm")
+        self.ctx = zmq.asyncio.Context()
+        self.rpc_addr = self.events_addr = ""
+        self._calls: set[asyncio.Task] = set()
+        self._started = time.time()
+
+    def _start_builtin(self, opts: EngineOptions) -> None:
+        self.transports = pick_transports(opts.transport, opts.device)
 
         def factory(spec, num_blocks):
             self.pool = SharedPool(spec, num_blocks, f"microserve-kv-{self.engine_id}")
             return self.pool.tensor
 
-        self.llm = LLMEngine(opts.model, opts.device, opts.dtype, opts.config, on_kv_event=self._on_kv_event,
-                             kv_cache_factory=factory if "shm" in self.transports else None)
-        receiver = KVReceiver(self.llm.runner.kv_cache, self.llm.kv_spec, opts.kv_host, opts.kv_port,
+        llm = LLMEngine(opts.model, opts.device, opts.dtype, opts.config, on_kv_event=self._on_kv_event,
+                        kv_cache_factory=factory if "shm" in self.transports else None)
+        receiver = KVReceiver(llm.runner.kv_cache, llm.kv_spec, opts.kv_host, opts.kv_port,
                               self.pool.path if self.pool else "", ucx="ucx" in self.transports)
-        self.engine = AsyncEngine(self.llm, self.engine_id, receiver, self.transports, host_id(), opts.lease_s,
-                                  opts.transfer_timeout)
-        self.ctx = zmq.asyncio.Context()
-        self.rpc_addr = self.events_addr = ""
-        self._calls: set[asyncio.Task] = set()
-        self._started = time.time()
+        self.engine: AsyncEngine | VLLMEngine = AsyncEngine(llm, self.engine_id, receiver, self.transports, host_id(),
+                                                            opts.lease_s, opts.transfer_timeout)
+        self.kv_spec, self.max_model_len = llm.kv_spec, llm.max_model_len
+
+    def _start_vllm(self, opts: EngineOptions) -> None:
+        from microserve.engine.vllm_engine import VLLMEngine, vllm_available
+
+        if not vllm_available():
+            raise ValueError("--backend vllm needs vLLM in this environment: pip install 'microserve[vllm]' "
+                             "(CPU: see docs/vllm.md)")
+        if opts.device != "cpu":
+            log.warning("the vLLM backend picks its own device (its build's platform); --device is ignored")
+        if opts.transport not in ("auto", "tcp"):
+            raise ValueError("the vLLM backend moves KV over tcp only (vLLM owns its KV memory); use auto or tcp")
+        cfg = opts.config or EngineConfig()
+        self.engine = VLLMEngine(opts.model, self.engine_id, opts.dtype, block_size=cfg.block_size,
+                                 num_kv_blocks=cfg.num_kv_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
+                                 kv_host=opts.kv_host, kv_port=opts.kv_port, lease_s=opts.lease_s,
+                                 transfer_timeout=opts.transfer_timeout)
+        self.transports = self.engine.transports
+        self.kv_spec, self.max_model_len = self.engine.kv_spec, self.engine.max_model_len
 
     # -- KV events ----------------------------------------------------------------------
     def _on_kv_event(self, kind: str, hashes: list[int]) -> None:  # any thread
@@ -196,8 +228,8 @@ class EngineServer:
         if isinstance(call, P.KVSnapshot):
             hashes = await self.engine.cached_prefix_hashes(before=self._flush_events)
             return P.KVSnapshotReply(self.engine_id, hashes, self._event_seq)
-        return P.HealthReply(True, self.engine_id, self.opts.model, self.llm.kv_spec, self.transports,
-                             self.events_addr, self.llm.max_model_len)
+        return P.HealthReply(True, self.engine_id, self.opts.model, self.kv_spec, self.transports,
+                             self.events_addr, self.max_model_len)
 
 
 def run_engine(opts: EngineOptions) -> int:

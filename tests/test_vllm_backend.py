@@ -1,0 +1,249 @@
+"""The microserving calls on real vLLM engines (`microserve engine --backend vllm`), KV through
+`kvapi.transfer` and the microserve KV connector.
+
+vLLM lives in its own environment (its CPU build pins its own packages): the engines run
+under `$MICROSERVE_VLLM_PYTHON` (`.ci/run` builds that environment), or under this
+interpreter when it can import vLLM. The tests talk to them over ZeroMQ like the router does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import struct
+import subprocess
+import sys
+import threading
+
+import msgspec
+import pytest
+from engines import start_engine, wait_engine
+
+from microserve.demo import demo_model
+from microserve.protocol import Request
+from microserve.router.handle import EngineCallError, EngineHandle
+from microserve.sampling_params import SamplingParams
+
+
+def _vllm_python() -> str | None:
+    env = os.environ.get("MICROSERVE_VLLM_PYTHON")
+    if env:
+        return env
+    probe = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True)
+    return sys.executable if probe.returncode == 0 else None
+
+
+VLLM_PYTHON = _vllm_python()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    VLLM_PYTHON is None, reason="vLLM cannot be imported here and MICROSERVE_VLLM_PYTHON is not set "
+    "(see docs/vllm.md; .ci/run builds that environment)")]
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+BS = 32
+VLLM = ["--backend", "vllm", "--dtype", "float32", "--num-kv-blocks", "256", "--log-level", "warning"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    # head_dim 64: vLLM's CPU attention supports 32, 64, 80, 96, 112, 128, ...
+    return str(demo_model(tmp_path_factory.mktemp("vllm") / "m", hidden_size=256, intermediate_size=512,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+
+
+@pytest.fixture(scope="module")
+def cluster(model):
+    procs = {name: start_engine(model, *VLLM, engine_id=name, python=VLLM_PYTHON) for name in ("A", "B")}
+    procs["C"] = start_engine(model, "--block-size", str(BS), "--num-kv-blocks", "256", "--log-level", "error",
+                              engine_id="C")  # the built-in engine
+    engines = {name: wait_engine(p, timeout=300) for name, p in procs.items()}
+    yield engines
+    for eng in engines.values():
+        eng.proc.terminate()
+    for name, eng in engines.items():
+        assert eng.proc.wait(60) == 0, f"engine {name} did not exit cleanly on SIGTERM"
+
+
+_ids = iter(range(10**9))
+
+
+def req(prompt, sampling=GREEDY) -> Request:
+    return Request(f"req-{next(_ids)}", list(prompt), sampling)
+
+
+def rand_prompt(n, seed):
+    rng = random.Random(seed)
+    return [rng.randrange(2, 320) for _ in range(n)]
+
+
+async def collect(stream):
+    tokens, last = [], None
+    async for chunk in stream:
+        tokens += chunk.token_ids
+        last = chunk
+    return tokens, last
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def alone(h: EngineHandle, prompt) -> list[int]:
+    tokens, last = await collect(h.start_generate(req(prompt)))
+    assert last.finish_reason == "length" and len(tokens) == GREEDY.max_tokens
+    return tokens
+
+
+def test_pd_and_balanced_pd_give_the_tokens_of_one_engine_alone(cluster):
+    async def go():
+        async with EngineHandle(cluster["A"].rpc, name="A", timeout=60) as a, \
+                EngineHandle(cluster["B"].rpc, name="B", timeout=60) as b:
+            health = await b.health()
+            assert health.kv_spec.layout == "vllm-cpu-block" and health.kv_spec.block_size == BS
+            received0 = (await b.stats()).kv_bytes_received
+            for n, seed in ((40, 1), (100, 2), (150, 3)):
+                prompt = rand_prompt(n, seed)
+                ref = await alone(a, prompt)
+                for split in (n - 1, n // 2):  # PD (everything but the last token), balanced PD
+                    r = req(prompt)
+                    ticket = await b.prep_recv(r, split)
+                    # what B had cached (the previous split received some), or all of it
+                    assert ticket.matched % BS == 0 or ticket.matched == split
+                    sent = await a.remote_send(r, ticket.kv, ticket.matched, split)
+                    spec = health.kv_spec
+                    blocks = 0 if ticket.matched >= split else -(-split // BS) - ticket.matched // BS
+                    assert sent.bytes == spec.num_layers * blocks * 2 * spec.page_bytes
+                    tokens, last = await collect(b.start_generate(r, begin=split))
+                    assert tokens == ref, f"n={n} split={split}"
+                    # the received tokens were used, not recomputed: vLLM counts them as cached
+                    assert last.num_cached_tokens >= split
+                    # a second time: only what B does not have cached is sent
+                    r2 = req(prompt)
+                    again = await b.prep_recv(r2, split)
+                    assert (again.matched % BS == 0 or again.matched == split) and again.matched <= split
+                    if again.matched < split:
+                        await a.remote_send(r2, again.kv, again.matched, split)
+                    assert (await collect(b.start_generate(r2, begin=split)))[0] == ref
+            stats = await b.stats()
+            assert stats.kv_bytes_received > received0 and stats.open_tickets == 0
+            assert stats.prefix_cache_hit_tokens > 0
+    run(go())
+
+
+class CorruptingProxy:
+    """Forwards one TCP connection at a time to `target`; after the sender's first control
+    frame (Hello), flips every byte it forwards from the sender: KV corrupted in transit."""
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self.target = (host, int(port))
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket, corrupt: bool) -> None:
+        skip = None  # bytes of the first frame still to pass unchanged
+        head = b""
+        try:
+            while data := src.recv(1 << 16):
+                if corrupt:
+                    if skip is None:
+                        head += data
+                        if len(head) < 4:
+                            continue
+                        skip = 4 + struct.unpack("!I", head[:4])[0]
+                        data, head = head, b""
+                    keep = min(skip, len(data))
+                    data = data[:keep] + bytes(b ^ 0x5A for b in data[keep:])
+                    skip -= keep
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_kv_corrupted_in_transit_changes_the_output(cluster):
+    async def go():
+        async with EngineHandle(cluster["A"].rpc, name="A", timeout=60) as a, \
+                EngineHandle(cluster["B"].rpc, name="B", timeout=60) as b:
+            prompt = rand_prompt(96, 11)
+            ref = await alone(a, prompt)
+            r = req(prompt)
+            ticket = await b.prep_recv(r, len(prompt) - 1)
+            proxy = CorruptingProxy(ticket.kv.endpoint)
+            try:
+                await a.remote_send(r, msgspec.structs.replace(ticket.kv, endpoint=proxy.endpoint), 0, len(prompt) - 1)
+                tokens, last = await collect(b.start_generate(r, begin=len(prompt) - 1))
+            finally:
+                proxy.close()
+            assert last.num_cached_tokens >= len(prompt) - 1  # the corrupted pages were used as received
+            assert tokens != ref
+    run(go())
+
+
+def test_abort_and_lease_expiry_free_the_blocks_vllm_holds(cluster):
+    async def go():
+        async with EngineHandle(cluster["B"].rpc, name="B", timeout=60) as b:
+            base = (await b.stats()).kv_blocks_used
+            r = req(rand_prompt(200, 21))
+            ticket = await b.prep_recv(r, 199, lease_s=1.0)
+            held = await b.stats()
+            assert held.kv_blocks_used >= base + len(ticket.kv.block_ids) and held.open_tickets == 1
+            await asyncio.sleep(2.5)
+            after = await b.stats()
+            assert after.kv_blocks_used == base and after.open_tickets == 0, "lease expiry freed the blocks"
+            # as on the built-in engine, a start after the lease computes the prompt itself
+            tokens, last = await collect(b.start_generate(r, begin=199))
+            assert len(tokens) == GREEDY.max_tokens and last.num_cached_tokens < 199
+            assert (await b.stats()).kv_blocks_used == base
+
+            r = req(rand_prompt(200, 22))
+            await b.prep_recv(r, 199)
+            assert (await b.stats()).kv_blocks_used > base
+            assert await b.abort(r.request_id)
+            after = await b.stats()
+            assert after.kv_blocks_used == base and after.open_tickets == 0, "abort freed the blocks"
+    run(go())
+
+
+def test_mixed_vllm_and_builtin_engines_are_refused_clearly(cluster):
+    async def go():
+        async with EngineHandle(cluster["A"].rpc, name="A", timeout=60) as a, \
+                EngineHandle(cluster["C"].rpc, name="C", timeout=60) as c:
+            prompt = rand_prompt(64, 31)
+            r = req(prompt)
+            ticket = await c.prep_recv(r, 63)
+            with pytest.raises(EngineCallError) as err:
+                await a.remote_send(r, ticket.kv, ticket.matched, 63)
+            assert err.value.code == "kv_spec_mismatch" and "layout" in str(err.value)
+            await c.abort(r.request_id)
+            r = req(prompt)
+            ticket = await a.prep_recv(r, 63)
+            with pytest.raises(EngineCallError) as err:
+                await c.remote_send(r, ticket.kv, ticket.matched, 63)
+            assert err.value.code == "kv_spec_mismatch" and "layout" in str(err.value)
+            await a.abort(r.request_id)
+            # both still serve
+            assert len(await alone(a, prompt)) == GREEDY.max_tokens
+            assert len(await alone(c, prompt)) == GREEDY.max_tokens
+    run(go())

@@ -48,8 +48,8 @@ class Deployment:
         return self.proc.returncode
 
 
-def _start(args: list[str], timeout: float) -> Deployment:
-    cmd = [sys.executable, "-m", "microserve", *args]
+def _start(args: list[str], timeout: float, python: str | None = None) -> Deployment:
+    cmd = [python or sys.executable, "-m", "microserve", *args]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env, cwd=ROOT)
     fields = read_ready(proc, timeout)
@@ -60,9 +60,9 @@ def _start(args: list[str], timeout: float) -> Deployment:
     return Deployment(proc, fields["url"], engines)
 
 
-def start_launch(*args: str, timeout: float = 180.0) -> Deployment:
-    """`microserve launch --port 0 ARGS` (add --strategy, --model...)."""
-    return _start(["launch", "--port", "0", *args], timeout)
+def start_launch(*args: str, timeout: float = 180.0, python: str | None = None) -> Deployment:
+    """`microserve launch --port 0 ARGS` (add --strategy, --model...); `python` runs it (and its engines)."""
+    return _start(["launch", "--port", "0", *args], timeout, python)
 
 
 def start_router(*args: str, timeout: float = 60.0) -> Deployment:

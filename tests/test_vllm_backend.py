@@ -9,6 +9,7 @@ interpreter when it can import vLLM. The tests talk to them over ZeroMQ like the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -19,6 +20,7 @@ import threading
 
 import msgspec
 import pytest
+from deploy import start_launch
 from engines import start_engine, wait_engine
 
 from microserve.demo import demo_model
@@ -74,7 +76,7 @@ def req(prompt, sampling=GREEDY) -> Request:
 
 def rand_prompt(n, seed):
     rng = random.Random(seed)
-    return [rng.randrange(2, 320) for _ in range(n)]
+    return [rng.randrange(2, 256) for _ in range(n)]  # byte tokens: the gateway takes them too
 
 
 async def collect(stream):
@@ -173,10 +175,8 @@ class CorruptingProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def close(self) -> None:
         self.sock.close()
@@ -247,3 +247,27 @@ def test_mixed_vllm_and_builtin_engines_are_refused_clearly(cluster):
             assert len(await alone(a, prompt)) == GREEDY.max_tokens
             assert len(await alone(c, prompt)) == GREEDY.max_tokens
     run(go())
+
+
+def test_launch_backend_vllm_serves_pd_through_the_openai_gateway(cluster, model):
+    from openai import OpenAI
+
+    from microserve.engine.tokenizer import Tokenizer
+
+    prompt = rand_prompt(120, 41)
+
+    async def reference():
+        async with EngineHandle(cluster["A"].rpc, name="A", timeout=60) as a:
+            return await alone(a, prompt)
+
+    want = Tokenizer(model).decode(run(reference()))
+    dep = start_launch("--backend", "vllm", "--strategy", "pd", "--model", model, "--dtype", "float32",
+                       "--num-kv-blocks", "256", python=VLLM_PYTHON, timeout=300)
+    try:
+        client = OpenAI(base_url=dep.base_url, api_key="none")
+        out = client.completions.create(model="m", prompt=prompt, max_tokens=GREEDY.max_tokens, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].text == want
+        assert out.usage.completion_tokens == GREEDY.max_tokens
+    finally:
+        assert dep.stop() == 0

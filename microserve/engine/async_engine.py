@@ -19,24 +19,16 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-from kvapi.spec import KVSpecMismatch
 from kvapi.transfer import KVAddr, KVReceiver, KVSender, TransferError, TransferOutcome, choose_transport
 from kvapi.transfer.sender import SendStats
 from microserve.engine.core import EngineCore, InvalidRequestError, StepOutput
 from microserve.engine.engine import LLMEngine
 from microserve.engine.sequence import Sequence
-from microserve.engine.tickets import EngineError, SendJob, Ticket, TicketBook, adopt_ticket
+from microserve.engine.tickets import EngineError, SendJob, Ticket, TicketBook, adopt_ticket, check_send, norm_pos
 from microserve.protocol import GenerateChunk, RecvTicket, Request, SendResult, StatsReply
 from microserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-def _norm(pos: int, n: int, what: str) -> int:
-    p = pos + n if pos < 0 else pos
-    if not 0 <= p <= n:
-        raise EngineError("bad_request", f"{what}={pos} is outside the prompt of {n} tokens")
-    return p
 
 
 class MicroservingEngine:
@@ -146,7 +138,7 @@ class MicroservingEngine:
     # -- prep_recv ----------------------------------------------------------------------
     async def prep_recv(self, req: Request, end: int, lease_s: float | None = None) -> RecvTicket:
         prompt = self._validated(req)
-        end = _norm(end, len(prompt), "end")
+        end = norm_pos(end, len(prompt), "end")
         lease = self.lease_s if lease_s is None else lease_s
         if not 0 < lease <= 3600:
             raise EngineError("bad_request", f"lease_s must be in (0, 3600], got {lease}")
@@ -222,19 +214,8 @@ class MicroservingEngine:
     async def remote_send(self, req: Request, kv: KVAddr, begin: int, end: int,
                           transport: str | None = None) -> SendResult:
         prompt = self._validated(req)
-        n = len(prompt)
-        begin, end = _norm(begin, n, "begin"), _norm(end, n, "end")
-        try:
-            self.engine.kv_spec.check_compatible(kv.spec)
-            mode = self._transport_for(kv, transport)
-        except KVSpecMismatch as exc:
-            raise EngineError("kv_spec_mismatch", str(exc)) from exc
-        except TransferError as exc:
-            raise EngineError(exc.code, str(exc)) from exc
-        begin = max(begin, kv.begin)
-        if begin > kv.begin or end > kv.end:
-            raise EngineError("bad_request", f"[{begin}, {end}) does not match the ticket's [{kv.begin}, {kv.end}): "
-                              "send from the receiver's `matched` up to at most the ticket's end")
+        begin, end, mode = check_send(self.engine.kv_spec, kv, begin, end, len(prompt),
+                                      lambda: self._transport_for(kv, transport))
         if begin >= end:
             return SendResult(0, 0.0, mode)
         job = self.send_job_class(f"{req.request_id}\x00send\x00{kv.ticket_id}", req.request_id, prompt[:end],
@@ -284,7 +265,7 @@ class MicroservingEngine:
     async def start_generate(self, req: Request, begin: int = 0,
                              sampling: SamplingParams | None = None) -> AsyncIterator[GenerateChunk]:
         prompt = self._validated(req)
-        begin = _norm(begin, len(prompt), "begin")
+        begin = norm_pos(begin, len(prompt), "begin")
         sampling = sampling or req.sampling
         try:
             sampling.validate()

@@ -15,7 +15,8 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 
-from kvapi.transfer import TransferError
+from kvapi.spec import KVSpec, KVSpecMismatch
+from kvapi.transfer import KVAddr, TransferError
 from microserve.engine.kv_manager import KVCacheManager
 from microserve.engine.sequence import Sequence, SequenceStatus
 from microserve.sampling_params import SamplingParams
@@ -27,6 +28,32 @@ class EngineError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def norm_pos(pos: int, n: int, what: str) -> int:
+    """A prompt position (negative: from the end) checked against a prompt of `n` tokens."""
+    p = pos + n if pos < 0 else pos
+    if not 0 <= p <= n:
+        raise EngineError("bad_request", f"{what}={pos} is outside the prompt of {n} tokens")
+    return p
+
+
+def check_send(spec: KVSpec, kv: KVAddr, begin: int, end: int, n: int, pick) -> tuple[int, int, str]:
+    """`remote_send`'s checks, whatever the backend: positions, KV spec, transport (`pick()`),
+    and the range against the receiver's ticket. Returns (begin, end, transport)."""
+    begin, end = norm_pos(begin, n, "begin"), norm_pos(end, n, "end")
+    try:
+        spec.check_compatible(kv.spec)
+        mode = pick()
+    except KVSpecMismatch as exc:
+        raise EngineError("kv_spec_mismatch", str(exc)) from exc
+    except TransferError as exc:
+        raise EngineError(exc.code, str(exc)) from exc
+    begin = max(begin, kv.begin)
+    if begin > kv.begin or end > kv.end:
+        raise EngineError("bad_request", f"[{begin}, {end}) does not match the ticket's [{kv.begin}, {kv.end}): "
+                          "send from the receiver's `matched` up to at most the ticket's end")
+    return begin, end, mode
 
 
 @dataclass(eq=False)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from kvapi.spec import KVSpec, KVSpecMismatch, dtype_name
 from kvapi.transfer import KVAddr, KVReceiver, KVSender, TransferError, TransferOutcome, choose_transport
 from kvapi.transfer.base import new_secret
-from microserve.engine.tickets import EngineError
+from microserve.engine.tickets import EngineError, check_send, norm_pos
 from microserve.protocol import GenerateChunk, RecvTicket, Request, SendResult, StatsReply
 from microserve.sampling_params import SamplingParams
 
@@ -189,7 +189,7 @@ class VLLMEngine:
         from microserve.engine.vllm_connector import Recv
 
         prompt = self._validated(req)
-        end = _norm(end, len(prompt), "end")
+        end = norm_pos(end, len(prompt), "end")
         end = min(end, len(prompt) - 1)  # vLLM computes at least the last prompt token itself
         lease = self.lease_s if lease_s is None else lease_s
         if not 0 < lease <= 3600:
@@ -292,19 +292,8 @@ class VLLMEngine:
         from microserve.engine.vllm_connector import Send
 
         prompt = self._validated(req)
-        n = len(prompt)
-        begin, end = _norm(begin, n, "begin"), _norm(end, n, "end")
-        try:
-            self.kv_spec.check_compatible(kv.spec)
-            mode = choose_transport(self.transports, kv, transport)
-        except KVSpecMismatch as exc:
-            raise EngineError("kv_spec_mismatch", str(exc)) from exc
-        except TransferError as exc:
-            raise EngineError(exc.code, str(exc)) from exc
-        begin = max(begin, kv.begin)
-        if begin > kv.begin or end > kv.end:
-            raise EngineError("bad_request", f"[{begin}, {end}) does not match the ticket's [{kv.begin}, {kv.end}): "
-                              "send from the receiver's `matched` up to at most the ticket's end")
+        begin, end, mode = check_send(self.kv_spec, kv, begin, end, len(prompt),
+                                      lambda: choose_transport(self.transports, kv, transport))
         if begin >= end:
             return SendResult(0, 0.0, mode)
         loop = asyncio.get_running_loop()
@@ -367,7 +356,7 @@ class VLLMEngine:
     async def start_generate(self, req: Request, begin: int = 0,
                              sampling: SamplingParams | None = None) -> AsyncIterator[GenerateChunk]:
         prompt = self._validated(req)
-        _norm(begin, len(prompt), "begin")
+        norm_pos(begin, len(prompt), "begin")
         rid = req.request_id
         if rid in self._streams:
             raise EngineError("bad_request", f"request id {rid!r} is already generating on this engine")
@@ -470,10 +459,3 @@ class VLLMEngine:
 def _layer_index(name: str) -> int:
     m = re.search(r"\.(\d+)\.", name)
     return int(m.group(1)) if m else 0
-
-
-def _norm(pos: int, n: int, what: str) -> int:
-    p = pos + n if pos < 0 else pos
-    if not 0 <= p <= n:
-        raise EngineError("bad_request", f"{what}={pos} is outside the prompt of {n} tokens")
-    return p

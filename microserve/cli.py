@@ -53,7 +53,7 @@ def _engine(args: argparse.Namespace) -> int:
     config = EngineConfig(block_size=block_size, num_kv_blocks=args.num_kv_blocks,
                           kv_cache_memory_gb=args.kv_cache_memory_gb, max_model_len=args.max_model_len,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                          enable_prefix_caching=not args.no_prefix_caching)
+                          enable_prefix_caching=not args.no_prefix_caching, cuda_graphs=not args.enforce_eager)
     opts = EngineOptions(str(resolve_model(args.model)), args.rpc, args.events, args.device, args.dtype,
                          args.transport, args.kv_host, args.kv_port, args.engine_id or "", args.lease_seconds,
                          args.transfer_timeout, config, args.backend)
@@ -268,6 +268,7 @@ def _engine_knobs() -> argparse.ArgumentParser:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--enforce-eager", action="store_true", help="on CUDA, no CUDA graphs for decode steps")
     return p
 
 

@@ -43,12 +43,13 @@ def make_checkpoint(path: Path, variant: str = "llama", seed: int = 0, **overrid
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """Plain greedy decoding with the transformers model and its own KV cache (no EOS handling)."""
-    out, past, ids = [], None, torch.tensor([prompt])
+    dev = next(model.parameters()).device
+    out, past, ids = [], None, torch.tensor([prompt], device=dev)
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             res = model(input_ids=ids, past_key_values=past, use_cache=True)
             past = res.past_key_values
             nxt = int(res.logits[0, -1].argmax())
             out.append(nxt)
-            ids = torch.tensor([[nxt]])
+            ids = torch.tensor([[nxt]], device=dev)
     return out

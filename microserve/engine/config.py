@@ -158,6 +158,8 @@ class EngineConfig:
         enable_prefix_caching: reuse KV of shared prefixes through the radix cache.
         native_kernels: on CPU, use the native kernels of `csrc/` when they build (the
             environment variable MICROSERVE_NATIVE=0 also turns them off); False = torch ops only.
+        cuda_graphs: on CUDA, replay decode steps from CUDA graphs captured at start-up, one per
+            batch-size bucket up to `max_num_seqs` (needs Triton); False = eager (`--enforce-eager`).
     """
 
     block_size: int = 16
@@ -168,6 +170,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     native_kernels: bool = True
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_num_batched_tokens <= 0 or self.max_num_seqs <= 0:

@@ -54,7 +54,9 @@ class LLMEngine(EngineCore):
         max_model_len = min(self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self._init_books(self.config, num_blocks, max_model_len, mc.vocab_size, frozenset(eos), on_kv_event)
         kv_cache = kv_cache_factory(self.kv_spec, num_blocks) if kv_cache_factory else None
-        self.runner = ModelRunner(model_obj, self.kv_spec, num_blocks, device, kv_cache, self.config.native_kernels)
+        self.runner = ModelRunner(model_obj, self.kv_spec, num_blocks, device, kv_cache, self.config.native_kernels,
+                                  cuda_graphs=self.config.cuda_graphs, max_num_seqs=self.config.max_num_seqs,
+                                  max_model_len=max_model_len)
 
     def _execute(self, batch: ScheduledBatch) -> dict[Sequence, int]:
         return self.runner.execute(batch)

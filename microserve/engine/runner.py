@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from kvapi import KVSpec
+from microserve.engine import cuda_graphs as cuda_graphs_mod
 from microserve.engine import native
 from microserve.engine.attention import AttentionMetadata, PrefillChunk
 from microserve.engine.models.llama import LlamaForCausalLM
@@ -18,19 +19,29 @@ from microserve.engine.sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, spec: KVSpec, num_blocks: int, device: str | torch.device,
-                 kv_cache: torch.Tensor | None = None, native_kernels: bool = True) -> None:
+                 kv_cache: torch.Tensor | None = None, native_kernels: bool = True, *, cuda_graphs: bool = False,
+                 max_num_seqs: int = 64, max_model_len: int = 0) -> None:
         self.model = model
         self.spec = spec
         self.block_size = spec.block_size
         self.device = torch.device(device)
-        # NOTE: a caller-provided cache (e.g. a pool in shared memory) must have `spec`'s shape
-        self.kv_cache = spec.allocate(num_blocks, self.device) if kv_cache is None else kv_cache
+        on_cuda = self.device.type == "cuda" and cuda_graphs_mod.triton_available()
+        graphs = on_cuda and cuda_graphs and kv_cache is None and max_model_len > 0
+        # NOTE: a caller-provided cache (e.g. a pool in shared memory) must have `spec`'s shape. With CUDA
+        # graphs the cache has one more block than the pool hands out: padding rows write there
+        self.kv_cache = spec.allocate(num_blocks + graphs, self.device) if kv_cache is None else kv_cache
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()
         # NOTE: built (or found in torch's extension cache) here, not in the middle of serving
         kernels = native.load() if native_kernels and self.device.type == "cpu" else None
         self.native_decode = kernels.paged_decode if kernels is not None else None
+        if on_cuda:
+            self.native_decode = cuda_graphs_mod.paged_decode
         model.use_native(kernels)
+        self.graphs = None
+        if graphs:
+            width = -(-max_model_len // self.block_size)  # blocks of the longest context
+            self.graphs = cuda_graphs_mod.DecodeGraphs(model, self.kv_cache, max_num_seqs, width)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> dict[Sequence, int]:
@@ -38,6 +49,8 @@ class ModelRunner:
         caught up to its known tokens this step."""
         decodes = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if n == 1]
         prefills = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if n > 1]
+        if self.graphs is not None and decodes and not prefills and self._graph_step(decodes):
+            return self._replay(decodes)
         input_ids, positions, meta = self._prepare(decodes, prefills)
         completing = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
         meta.layer_hooks = [s.layer_hook for s in completing if s.layer_hook is not None]
@@ -55,6 +68,22 @@ class ModelRunner:
             return {}
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         return dict(zip(sampled, sample(logits, sampled, self.generator)))
+
+    def _graph_step(self, decodes) -> bool:
+        """Can this decode-only step replay a CUDA graph? (every row decodes to a sample, no layer hooks)"""
+        seqs = [s for s, _ in decodes]
+        return (all(s.num_computed_tokens + 1 == s.num_tokens and not s.prefill_only and s.layer_hook is None
+                    for s in seqs)
+                and self.graphs.fits(len(seqs), max(s.num_computed_tokens for s in seqs) // self.block_size + 1))
+
+    def _replay(self, decodes) -> dict[Sequence, int]:
+        bs = self.block_size
+        seqs = [s for s, _ in decodes]
+        pos = [s.num_computed_tokens for s in seqs]
+        logits = self.graphs.run([s.token_ids[p] for s, p in zip(seqs, pos)], pos,
+                                 [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)],
+                                 [s.block_table[:p // bs + 1] for s, p in zip(seqs, pos)])
+        return dict(zip(seqs, sample(logits, seqs, self.generator)))
 
     def _prepare(self, decodes, prefills) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         bs, dev = self.block_size, self.device

@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 
 from microserve import LLM, SamplingParams
 from microserve.engine import attention
-from microserve.engine.cuda_graphs import batch_buckets, paged_decode
+from microserve.engine.cuda_graphs import batch_buckets
+from microserve.engine.models.llama import RMSNorm, apply_rope
+from microserve.engine.triton_ops import TritonOps, add_rms_norm, paged_decode, rope_, silu_and_mul
 from microserve.protocol import Request
 from microserve.router import EngineHandle
 
@@ -198,3 +200,46 @@ def test_cuda_graphs_equal_eager(ckpt):
     assert graphs.replays > 20
     kv = fast.engine.kv
     assert kv.pool.num_used == kv.radix.num_blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_fused_ops_match_torch(dtype):
+    """add + RMSNorm, SiLU·up and in-place RoPE (Triton) against the model's torch ops."""
+    g = torch.Generator(device=DEV).manual_seed(3)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, device=DEV).to(dtype)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    x, r = rnd(7, 2000), rnd(7, 2000)  # not a power of two: masked tails
+    norm = RMSNorm(2000, 1e-6).to(DEV, dtype)
+    norm.weight.data = rnd(2000)
+    out, res = add_rms_norm(x, r, norm.weight, 1e-6)
+    torch.testing.assert_close(res, r + x, atol=0, rtol=0)  # the residual stream: rounded as torch adds
+    torch.testing.assert_close(out, norm(r + x), atol=tol, rtol=tol)
+    out, same = add_rms_norm(x, None, norm.weight, 1e-6)
+    assert same is x
+    torch.testing.assert_close(out, norm(x), atol=tol, rtol=tol)
+    gu = rnd(5, 2 * 1376)
+    gate, up = gu.chunk(2, dim=-1)
+    torch.testing.assert_close(silu_and_mul(gu), torch.nn.functional.silu(gate) * up, atol=tol, rtol=tol)
+    hq, hkv, d = 8, 2, 80
+    qkv = rnd(6, (hq + 2 * hkv) * d)
+    angles = torch.rand(6, d // 2, generator=g, device=DEV) * 100
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    want_q, want_k = apply_rope(q.view(6, hq, d).float(), k.view(6, hkv, d).float(), cos, sin)
+    v_before = v.clone()
+    rope_(qkv, hq + hkv, d, cos, sin)
+    torch.testing.assert_close(q.view(6, hq, d).float(), want_q, atol=tol, rtol=tol)
+    torch.testing.assert_close(k.view(6, hkv, d).float(), want_k, atol=tol, rtol=tol)
+    assert torch.equal(v, v_before), "RoPE touched the v heads"
+
+
+def test_cuda_fast_path_equals_torch_path(ckpt):
+    """Triton ops + CUDA graphs against plain torch ops, eager: the same float32 tokens."""
+    path, _ = ckpt
+    prompts = _prompts([3, 50, 16, 31, 80, 1, 64], salt=9)
+    plain = LLM(path, device=DEV, native_kernels=False, cuda_graphs=False)
+    assert plain.engine.runner.native_decode is None and plain.engine.runner.graphs is None
+    fast = LLM(path, device=DEV)
+    assert fast.engine.runner.model.model.norm.kernels is TritonOps
+    assert [o.token_ids for o in fast.generate(prompts, GREEDY)] == \
+        [o.token_ids for o in plain.generate(prompts, GREEDY)]

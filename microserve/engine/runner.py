@@ -9,7 +9,7 @@ import torch
 
 from kvapi import KVSpec
 from microserve.engine import cuda_graphs as cuda_graphs_mod
-from microserve.engine import native
+from microserve.engine import native, triton_ops
 from microserve.engine.attention import AttentionMetadata, PrefillChunk
 from microserve.engine.models.llama import LlamaForCausalLM
 from microserve.engine.sampler import sample
@@ -25,7 +25,7 @@ class ModelRunner:
         self.spec = spec
         self.block_size = spec.block_size
         self.device = torch.device(device)
-        on_cuda = self.device.type == "cuda" and cuda_graphs_mod.triton_available()
+        on_cuda = self.device.type == "cuda" and triton_ops.triton_available()
         graphs = on_cuda and cuda_graphs and kv_cache is None and max_model_len > 0
         # NOTE: a caller-provided cache (e.g. a pool in shared memory) must have `spec`'s shape. With CUDA
         # graphs the cache has one more block than the pool hands out: padding rows write there
@@ -33,10 +33,10 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()
         # NOTE: built (or found in torch's extension cache) here, not in the middle of serving
-        kernels = native.load() if native_kernels and self.device.type == "cpu" else None
+        kernels = None
+        if native_kernels:
+            kernels = native.load() if self.device.type == "cpu" else triton_ops.TritonOps if on_cuda else None
         self.native_decode = kernels.paged_decode if kernels is not None else None
-        if on_cuda:
-            self.native_decode = cuda_graphs_mod.paged_decode
         model.use_native(kernels)
         self.graphs = None
         if graphs:

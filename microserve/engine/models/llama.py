@@ -52,9 +52,10 @@ class Linear(nn.Linear):
             return self._packed(x)
         if self.weight_t is None:
             return F.linear(x, self.weight, self.bias)
-        if (self.kernels is not None and x.shape[0] <= SKINNY_MAX_ROWS and x.dtype == torch.float32
+        skinny = getattr(self.kernels, "skinny_linear", None)
+        if (skinny is not None and x.shape[0] <= SKINNY_MAX_ROWS and x.dtype == torch.float32
                 and self.out_features % 16 == 0):
-            return self.kernels.skinny_linear(x, self.weight_t, self.bias)
+            return skinny(x, self.weight_t, self.bias)
         if self.bias is None:
             return x @ self.weight_t
         return torch.addmm(self.bias, x, self.weight_t)
@@ -70,6 +71,8 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
+    kernels = None  # set by `use_native`; used when they have `add_rms_norm` (CUDA: `triton_ops`)
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -82,6 +85,16 @@ class RMSNorm(nn.Module):
         y = x.float()
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * y.to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual), x + residual), in one kernel where there is one; no residual:
+        (RMSNorm(x), x)."""
+        fused = getattr(self.kernels, "add_rms_norm", None)
+        if fused is not None:
+            return fused(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = residual + x
+        return self(x), x
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -184,9 +197,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it); the next layer's
+        input norm adds the two (pre-norm residual, as vLLM lays it out, so add + norm fuse)."""
+        h, residual = self.input_layernorm.add_forward(x, residual)
+        h, residual = self.post_attention_layernorm.add_forward(self.self_attn(h, rope, cache, meta), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -211,25 +227,27 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """input_ids, positions: [T]; returns final hidden states [T, hidden]."""
-        x = self.model.embed_tokens(input_ids)
+        x, residual = self.model.embed_tokens(input_ids), None
         rope = self.rotary.lookup(positions)
         for i, (layer, cache) in enumerate(zip(self.model.layers, kv_cache)):
-            x = layer(x, rope, cache, meta)
+            x, residual = layer(x, residual, rope, cache, meta)
             for hook in meta.layer_hooks:
                 hook(i)
-        return self.model.norm(x)
+        return self.model.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
     def use_native(self, kernels) -> None:
-        """Route RoPE, the MLP's SiLU product and skinny (decode) GEMMs through native CPU
-        kernels (None: torch ops); with kernels, a float32 lm_head is also packed."""
+        """Route RoPE, the MLP's SiLU product, skinny (decode) GEMMs and, where the kernels have it,
+        residual add + RMSNorm through native kernels: `csrc/` on CPU, `triton_ops.TritonOps` on
+        CUDA (None: torch ops). With CPU kernels, a float32 lm_head is also packed."""
         for module in self.modules():
-            if isinstance(module, (Attention, MLP, Linear)):
+            if isinstance(module, (Attention, MLP, Linear, RMSNorm)):
                 module.kernels = kernels
         head = self.lm_head
-        if kernels is not None and head.weight_t is not None and head.weight_t.dtype == torch.float32:
+        if getattr(kernels, "skinny_linear", None) is not None and head.weight_t is not None \
+                and head.weight_t.dtype == torch.float32:
             head.pack_weight_()
 
     def transpose_weights_(self) -> None:

@@ -113,6 +113,8 @@ def test_fast_path_equals_plain_path(kernels, request, variant_fixture):
     path = path[0] if isinstance(path, tuple) else path
     fast = LLM(path)
     assert fast.engine.runner.native_decode is not None, "CPU engine should take the native decode path"
+    mlp = fast.engine.runner.model.model.layers[0].mlp
+    assert mlp.gate_up_proj.weight_dnn is not None and mlp.gate_up_proj.weight_t is None, "projections in oneDNN layout"
     assert fast.engine.runner.model.lm_head.weight_packed is not None
     plain = LLM(path, native_kernels=False)
     assert plain.engine.runner.native_decode is None and plain.engine.runner.model.lm_head.weight_packed is None

@@ -46,8 +46,17 @@ class KVCacheManager:
         self.prefix_hit_tokens += matched
         return matched
 
+    def share(self, seq: Sequence, blocks: list[int]) -> None:
+        """Extend `seq`'s table with `blocks` that another sequence computes in this very step
+        (same tokens, checked by the caller): counted as prefix-cache hits, as `match_prefix` does."""
+        self.pool.incref(blocks)
+        seq.block_table.extend(blocks)
+        seq.num_computed_tokens += len(blocks) * self.block_size
+        seq.num_cached_tokens = max(seq.num_cached_tokens, seq.num_computed_tokens)
+        self.prefix_hit_tokens += len(blocks) * self.block_size
+
     def unmatch(self, seq: Sequence) -> None:
-        """Undo `match_prefix` for a sequence that goes back to waiting: unpin, uncount."""
+        """Undo `match_prefix` (and `share`) for a sequence that goes back to waiting: unpin, uncount."""
         self.prefix_hit_tokens -= seq.num_computed_tokens
         self.pool.free(seq.block_table)
         seq.block_table = []

@@ -7,11 +7,15 @@ prefilled in chunks; a cached prefix just starts the sequence further along. Whe
 blocks run out, the newest running sequence is preempted (its blocks freed, its
 computed full blocks left in the prefix cache) and recomputed later.
 
-In-batch prefix sharing (as SGLang does): a waiting request whose next uncached prompt
-block is being computed right now by a running request (32 prompts sharing a long system
-prompt, arriving together) waits a step and then hits the cache, instead of computing the
-same prefix again in parallel. Only the first uncached block is compared, by its chained
-hash; a collision costs one step of waiting, never a wrong answer.
+In-batch prefix sharing (32 prompts sharing a long system prompt, arriving together): the
+prefix is computed once. A waiting request whose next uncached prompt blocks are completed
+in this very step by a request scheduled before it shares those blocks at once (as vLLM's
+scheduler does): a layer writes the K/V of every token of the step before any token
+attends, so its chunk reads the prefix written earlier in the same layer. Shared blocks
+are matched by chained hash and then by their tokens. A request whose next block is being
+computed but not finished this step (a prefix longer than the budget) waits a step and
+then hits the cache (as SGLang does); a hash collision there costs one step, never a
+wrong answer.
 """
 
 from __future__ import annotations
@@ -77,13 +81,17 @@ class Scheduler:
         return preempted
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        computing = self._computing() if self.kv.enable_prefix_caching else None
+        caching = self.kv.enable_prefix_caching
+        computing = self._computing() if caching else None
+        producing = self._producing(batch) if caching else None
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting.popleft()
             matched_now = not seq.block_table and seq.num_computed_tokens == 0
             if matched_now:
                 self.kv.match_prefix(seq)
+                if producing:
+                    self._share(seq, producing)
                 if computing is not None and self._next_block_hash(seq) in computing:
                     self.kv.unmatch(seq)  # NOTE: a waiting request must not keep cache blocks pinned
                     deferred.append(seq)
@@ -100,7 +108,36 @@ class Scheduler:
             budget -= n
             if computing is not None:
                 computing.update(self._uncomputed_hashes(seq))
+                producing.update(self._completed_blocks(seq, n))
         self.waiting.extendleft(reversed(deferred))
+
+    def _producing(self, batch: ScheduledBatch) -> dict[int, tuple[Sequence, int]]:
+        """Prompt blocks the batch completes this step: chained hash -> (sequence, block index)."""
+        out: dict[int, tuple[Sequence, int]] = {}
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            out.update(self._completed_blocks(seq, n))
+        return out
+
+    def _completed_blocks(self, seq: Sequence, n: int) -> dict[int, tuple[Sequence, int]]:
+        bs = self.kv.block_size
+        hashes = seq.prompt_block_hashes(bs)
+        last = min(seq.num_computed_tokens + n, seq.num_prompt_tokens) // bs
+        return {hashes[k]: (seq, k) for k in range(seq.num_computed_tokens // bs, last)}
+
+    def _share(self, seq: Sequence, producing: dict[int, tuple[Sequence, int]]) -> None:
+        """Give `seq` the blocks after its cached prefix that the batch completes this step."""
+        bs = self.kv.block_size
+        hashes = seq.prompt_block_hashes(bs)
+        k = seq.num_computed_tokens // bs
+        blocks: list[int] = []
+        while k < (seq.num_tokens - 1) // bs and hashes[k] in producing:  # NOTE: the last token is computed
+            owner, j = producing[hashes[k]]
+            if j != k or owner.token_ids[k * bs:(k + 1) * bs] != seq.token_ids[k * bs:(k + 1) * bs]:
+                break
+            blocks.append(owner.block_table[k])
+            k += 1
+        if blocks:
+            self.kv.share(seq, blocks)
 
     def _computing(self) -> set[int]:
         """Hashes of prompt blocks that running requests have yet to compute."""

@@ -247,12 +247,15 @@ async def _collect(streams: list[AsyncIterator[Delta]]) -> list[tuple[str, str |
     """Run requests to the end: (text, finish_reason, usage) per request."""
     texts: list[list[str]] = [[] for _ in streams]
     ends: list[tuple[str | None, Any]] = [(None, None)] * len(streams)
-    async for i, item in _merge(streams):
-        if isinstance(item, RouterError):
-            raise item
-        texts[i].append(item.text)
-        if item.finish_reason is not None:
-            ends[i] = (item.finish_reason, item.usage)
+    # NOTE: closed on the spot when the handler is cancelled (client gone), not whenever the
+    # garbage collector finalises the generator: that is what aborts the request and counts it
+    async with contextlib.aclosing(_merge(streams)) as merged:
+        async for i, item in merged:
+            if isinstance(item, RouterError):
+                raise item
+            texts[i].append(item.text)
+            if item.finish_reason is not None:
+                ends[i] = (item.finish_reason, item.usage)
     return [("".join(t), reason, usage) for t, (reason, usage) in zip(texts, ends)]
 
 

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 from checkpoints import VARIANTS, hf_greedy, make_checkpoint
+from deploy import start_launch
 from engines import spawn_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -243,3 +244,23 @@ def test_cuda_fast_path_equals_torch_path(ckpt):
     assert fast.engine.runner.model.model.norm.kernels is TritonOps
     assert [o.token_ids for o in fast.generate(prompts, GREEDY)] == \
         [o.token_ids for o in plain.generate(prompts, GREEDY)]
+
+
+def test_cuda_launch_pd_through_the_openai_gateway(ckpt):
+    """`microserve launch --device cuda --strategy pd`, the official openai client: the text one
+    offline CUDA engine gives (graphs on in both)."""
+    from openai import OpenAI
+
+    path, _ = ckpt
+    prompt = [(13 * i) % 250 + 5 for i in range(90)]
+    want = LLM(path, device=DEV).generate([prompt], GREEDY)[0].text
+    dep = start_launch("--strategy", "pd", "--model", str(path), "--device", DEV, "--num-kv-blocks", "256",
+                       timeout=300)
+    try:
+        client = OpenAI(base_url=dep.base_url, api_key="none")
+        out = client.completions.create(model=path.name, prompt=prompt, max_tokens=GREEDY.max_tokens,
+                                        temperature=0, extra_body={"ignore_eos": True})
+        assert out.choices[0].text == want
+        assert out.usage.completion_tokens == GREEDY.max_tokens
+    finally:
+        assert dep.stop() == 0

@@ -1,9 +1,11 @@
 """CUDA graphs of the decode step (the kernels they replay are in `triton_ops.py`).
 
 A decode step of a small batch is launch-bound in eager PyTorch (hundreds of small kernels,
-each waiting on Python). `DecodeGraphs` captures the whole decode forward (embedding, every
-layer, the final norm and the lm_head) once per batch-size bucket and replays it: the
-host work of a step becomes a few copies into static buffers and one graph launch.
+each waiting on Python). `DecodeGraphs` captures the decode forward (embedding, every layer,
+the final norm) once per batch-size bucket and replays it: the host work of a step becomes
+a few copies into static buffers and one graph launch. The lm_head runs after the replay,
+on the real rows only (as vLLM does): one GEMM, and no `[bucket, vocab]` logits buffer kept
+alive per bucket (with 35 buckets and a 128k vocabulary those would hold gigabytes).
 
 What a graph can hold: shapes fixed at capture, inputs read from static buffers. So the
 decode attention reads K/V through the block table with each sequence's length read from
@@ -35,7 +37,7 @@ class DecodeGraphs:
     """The decode forward captured once per batch bucket; `run` pads, copies, replays.
 
     Args:
-        model: the model (its forward and `compute_logits`).
+        model: the model (its forward; `compute_logits` runs outside the graphs).
         kv_cache: [L, 2, NB + 1, bs, Hkv, D]; block NB (the last) is the scratch block.
         max_batch: the largest bucket (the engine's `max_num_seqs`).
         max_blocks: block-table width (blocks of the longest context).
@@ -57,15 +59,14 @@ class DecodeGraphs:
         self.lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.replays = 0  # decode steps served by a graph (tests, stats)
-        self.logits: dict[int, torch.Tensor] = {}
+        self.hidden: dict[int, torch.Tensor] = {}  # each graph's output: final hidden states [b, H]
         self._meta = AttentionMetadata
         self._capture()
 
     def _forward(self, b: int) -> torch.Tensor:
         meta = self._meta(slot_mapping=self.slots[:b], num_decodes=b, decode_block_tables=self.tables[:b],
                           decode_lens=self.lens[:b], native_decode=TritonOps.paged_decode)
-        hidden = self.model(self.ids[:b], self.pos[:b], self.kv_cache, meta)
-        return self.model.compute_logits(hidden)
+        return self.model(self.ids[:b], self.pos[:b], self.kv_cache, meta)
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -79,7 +80,7 @@ class DecodeGraphs:
         for b in reversed(self.buckets):  # largest first: the smaller ones reuse its memory pool
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                self.logits[b] = self._forward(b)
+                self.hidden[b] = self._forward(b)
             pool = g.pool()
             self.graphs[b] = g
         torch.cuda.synchronize()
@@ -89,7 +90,7 @@ class DecodeGraphs:
         return num_seqs <= self.buckets[-1] and max_blocks <= self.tables.shape[1]
 
     def run(self, ids: list[int], pos: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """Logits [B, V] of one decode step (a view into the graph's output: use before the next run)."""
+        """Logits [B, V] float32 of one decode step."""
         n = len(ids)
         b = next(s for s in self.buckets if s >= n)
         pad, scratch = b - n, self.scratch
@@ -104,4 +105,4 @@ class DecodeGraphs:
         self.lens[:b].copy_(torch.tensor([p + 1 for p in pos] + [1] * pad, dtype=torch.int32), non_blocking=True)
         self.graphs[b].replay()
         self.replays += 1
-        return self.logits[b][:n]
+        return self.model.compute_logits(self.hidden[b][:n])

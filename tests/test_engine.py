@@ -226,3 +226,43 @@ def test_in_batch_prefix_sharing_computes_the_prefix_once(llama_ckpt):
     # prompts once each, the shared prefix once, plus the decode steps (the last token of each is sampled)
     assert stats.computed_tokens_total == 64 + 8 * 5 + 8 * 5
     assert_no_leak(llm)
+
+
+def test_same_step_prefix_sharing(llama_ckpt):
+    """Requests arriving together with a shared prefix all get their first token in the first
+    step: the first computes the prefix, the others share its blocks in the same step."""
+    path, hf = llama_ckpt
+    prefix = [(7 * i) % 300 + 5 for i in range(64)]  # 4 full blocks
+    prompts = [prefix + [(13 * j + i) % 300 + 5 for i in range(5)] for j in range(8)]
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    llm = LLM(path)
+    eng = llm.engine
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p, sp)
+    first = {o.request_id for o in eng.step() if o.new_token_ids}
+    assert first == {str(i) for i in range(8)}, "every request should have its first token after one step"
+    got = {str(i): [] for i in range(8)}
+    while eng.has_unfinished():
+        for o in eng.step():
+            got[o.request_id] += o.new_token_ids
+    assert eng.stats().prefix_cache_hit_tokens == 7 * 64
+    assert eng.stats().computed_tokens_total == 64 + 8 * 5 + 8 * 5
+    assert_no_leak(llm)
+    assert len(got["3"]) == 5  # 6 tokens in all, the first one came from the first step
+    assert llm.generate([prompts[3]], sp)[0].token_ids[1:] == got["3"]
+    assert hf_greedy(hf, prompts[3], 6)[1:] == got["3"]
+
+
+@pytest.mark.parametrize("budget", [24, 40, 100])
+def test_prefix_longer_than_the_budget_is_shared_exactly(llama_ckpt, budget):
+    """The prefix's producer is chunked over several steps: others share the blocks it completes
+    in a step, wait for the rest, and every output equals the prompt alone."""
+    path, _ = llama_ckpt
+    prefix = [(5 * i) % 300 + 5 for i in range(150)]
+    prompts = [prefix + [(17 * j + i) % 300 + 5 for i in range(3 + j)] for j in range(5)]
+    alone = LLM(path, enable_prefix_caching=False)
+    want = [alone.generate([p], GREEDY)[0].token_ids for p in prompts]
+    llm = LLM(path, max_num_batched_tokens=budget)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
+    assert llm.engine.stats().prefix_cache_hit_tokens >= 4 * 144  # 9 full blocks of 16, for each sharer
+    assert_no_leak(llm)

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -157,6 +158,68 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
 }
 
 template <typename T>
+void add_rms_norm_kernel(const T* __restrict x, const T* __restrict res, const T* __restrict w, T* __restrict out,
+                         T* __restrict res_out, int64_t T_, int64_t N, float eps) {
+  // small inputs (a decode batch) on one thread: waking the pool costs more than the work
+  const int64_t grain = std::max<int64_t>(1, 32768 / N);
+  at::parallel_for(0, T_, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(N);
+    for (int64_t t = begin; t < end; ++t) {
+      const T* xr = x + t * N;
+      float ss = 0.f;
+      if (res != nullptr) {
+        const T* rr = res + t * N;
+        T* ro = res_out + t * N;
+        for (int64_t i = 0; i < N; ++i) {
+          const T v = static_cast<T>(to_f(xr[i]) + to_f(rr[i]));  // rounded like torch's add in T
+          ro[i] = v;
+          row[i] = to_f(v);
+        }
+      } else {
+        for (int64_t i = 0; i < N; ++i) row[i] = to_f(xr[i]);
+      }
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < N; ++i) ss += row[i] * row[i];
+      const float rstd = 1.f / std::sqrt(ss / static_cast<float>(N) + eps);
+      T* o = out + t * N;
+      if (std::is_same<T, float>::value) {
+#pragma omp simd
+        for (int64_t i = 0; i < N; ++i) o[i] = static_cast<T>(to_f(w[i]) * (row[i] * rstd));
+      } else {  // half precision: normalise in float32, round, then scale (as transformers does)
+        for (int64_t i = 0; i < N; ++i) o[i] = static_cast<T>(to_f(w[i]) * to_f(static_cast<T>(row[i] * rstd)));
+      }
+    }
+  });
+}
+
+// (RMSNorm(x + residual), x + residual) in one pass over each row; without a residual,
+// (RMSNorm(x), x). x, residual: [T, N]; weight: [N].
+std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight,
+                                        double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1) &&
+                  weight.scalar_type() == x.scalar_type(),
+              "add_rms_norm: expects CPU x [T, N] and weight [N] of x's dtype");
+  x = x.contiguous();
+  weight = weight.contiguous();
+  const bool has_res = residual.has_value() && residual->defined();
+  torch::Tensor res;
+  if (has_res) {
+    res = residual->contiguous();
+    TORCH_CHECK(res.sizes() == x.sizes() && res.scalar_type() == x.scalar_type(),
+                "add_rms_norm: residual must match x");
+  }
+  auto out = torch::empty_like(x);
+  auto res_out = has_res ? torch::empty_like(x) : x;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_rms_norm", [&] {
+    add_rms_norm_kernel<scalar_t>(x.data_ptr<scalar_t>(), has_res ? res.data_ptr<scalar_t>() : nullptr,
+                                  weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                  has_res ? res_out.data_ptr<scalar_t>() : nullptr, x.size(0), x.size(1),
+                                  static_cast<float>(eps));
+  });
+  return {out, res_out};
+}
+
+template <typename T>
 void rope_kernel(T* base, const float* cb, const float* sb, int64_t T_, int64_t ld, int64_t heads, int64_t D) {
   const int64_t half = D / 2;
   at::parallel_for(0, T_, 16, [&](int64_t begin, int64_t end) {
@@ -282,4 +345,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "x[M, K] @ w[K, N] (+ bias) for small M, float32 (CPU)",
         py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
   m.def("rope_", &rope_, "rotate-half RoPE in place on the leading heads of a fused qkv row (CPU)");
+  m.def("add_rms_norm", &add_rms_norm, "(RMSNorm(x + residual), x + residual) in one pass (CPU)", py::arg("x"),
+        py::arg("residual"), py::arg("weight"), py::arg("eps"));
 }

@@ -64,6 +64,26 @@ def test_silu_and_mul_and_rope(kernels, dtype):
     assert torch.equal(qkv[:, (hq + hkv) * d:], v_before), "rope_ must leave the v heads alone"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 32, 300])  # one thread, and several
+def test_add_rms_norm(kernels, dtype, rows):
+    from microserve.engine.models.llama import RMSNorm
+
+    g = torch.Generator().manual_seed(rows)
+    x, r = torch.randn(rows, 200, generator=g).to(dtype), torch.randn(rows, 200, generator=g).to(dtype)
+    norm = RMSNorm(200, 1e-6).to(dtype)
+    norm.weight.data = torch.randn(200, generator=g).to(dtype)
+    with torch.inference_mode():
+        out, res = kernels.add_rms_norm(x, r, norm.weight, 1e-6)
+        assert torch.equal(res, r + x), "the residual stream is rounded as torch adds"
+        torch.testing.assert_close(out.float(), norm(r + x).float(), atol=_tol(dtype), rtol=_tol(dtype))
+        out, same = kernels.add_rms_norm(x, None, norm.weight, 1e-6)
+        assert same.data_ptr() == x.data_ptr()
+        torch.testing.assert_close(out.float(), norm(x).float(), atol=_tol(dtype), rtol=_tol(dtype))
+    with pytest.raises(RuntimeError, match="residual must match"):
+        kernels.add_rms_norm(x, r[:, :100], norm.weight, 1e-6)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 6, 7, 8, 13])
 @pytest.mark.parametrize("n", [16, 48, 320, 100])
 def test_skinny_linear_and_packed_head(kernels, rows, n):
@@ -113,6 +133,7 @@ def test_fast_path_equals_plain_path(kernels, request, variant_fixture):
     path = path[0] if isinstance(path, tuple) else path
     fast = LLM(path)
     assert fast.engine.runner.native_decode is not None, "CPU engine should take the native decode path"
+    assert fast.engine.runner.model.model.norm.kernels is not None  # fused add + RMSNorm
     mlp = fast.engine.runner.model.model.layers[0].mlp
     assert mlp.gate_up_proj.weight_dnn is not None and mlp.gate_up_proj.weight_t is None, "projections in oneDNN layout"
     assert fast.engine.runner.model.lm_head.weight_packed is not None

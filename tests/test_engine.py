@@ -266,3 +266,19 @@ def test_prefix_longer_than_the_budget_is_shared_exactly(llama_ckpt, budget):
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
     assert llm.engine.stats().prefix_cache_hit_tokens >= 4 * 144  # 9 full blocks of 16, for each sharer
     assert_no_leak(llm)
+
+
+def test_chunks_of_one_shape_attend_in_one_call(llama_ckpt):
+    """Prompts of equal length (fresh, and sharing a cached prefix), interleaved with others so
+    same-shape chunks are not adjacent in the batch: batched attention gives each prompt's tokens."""
+    path, _ = llama_ckpt
+    prompts = _prompts([40, 17, 40, 40, 17, 40], salt=21)
+    prefix = _prompts([48], salt=2)[0]
+    shared = [prefix + p[:9] for p in prompts]
+    alone = LLM(path, enable_prefix_caching=False)
+    want = [alone.generate([p], GREEDY)[0].token_ids for p in prompts + shared]
+    llm = LLM(path)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want[:6]
+    llm.generate([prefix + [7]], GREEDY)  # caches the prefix: the next batch attends to it
+    assert [o.token_ids for o in llm.generate(shared, GREEDY)] == want[6:]
+    assert_no_leak(llm)

@@ -130,7 +130,10 @@ class Scheduler:
         hashes = seq.prompt_block_hashes(bs)
         k = seq.num_computed_tokens // bs
         blocks: list[int] = []
-        while k < (seq.num_tokens - 1) // bs and hashes[k] in producing:  # NOTE: the last token is computed
+        # NOTE: full prompt blocks only (a preempted request's generated tokens have no hashes), and
+        # never the block of the last known token, which must be computed to yield logits
+        end = min((seq.num_tokens - 1) // bs, len(hashes))
+        while k < end and hashes[k] in producing:
             owner, j = producing[hashes[k]]
             if j != k or owner.token_ids[k * bs:(k + 1) * bs] != seq.token_ids[k * bs:(k + 1) * bs]:
                 break

@@ -282,3 +282,27 @@ def test_chunks_of_one_shape_attend_in_one_call(llama_ckpt):
     llm.generate([prefix + [7]], GREEDY)  # caches the prefix: the next batch attends to it
     assert [o.token_ids for o in llm.generate(shared, GREEDY)] == want[6:]
     assert_no_leak(llm)
+
+
+def test_cascade_attention_over_a_long_shared_prefix(llama_ckpt):
+    """Requests sharing a cached prefix of >= 256 tokens with tails of one length: the prefix is
+    attended once for all of them (cascade), merged exactly with each tail's own attention."""
+    from microserve.engine import attention
+
+    path, hf = llama_ckpt
+    prefix = _prompts([300], salt=8)[0]
+    prompts = [prefix + q for q in _prompts([11] * 6, salt=30)]
+    alone = LLM(path, enable_prefix_caching=False)
+    want = [alone.generate([p], GREEDY)[0].token_ids for p in prompts]
+    llm = LLM(path, block_size=16)
+    llm.generate([prefix + [3]], GREEDY)  # caches 18 blocks of the prefix
+    calls = []
+    orig = attention._cascade
+    attention._cascade = lambda *a: calls.append(a[3]) or orig(*a)
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
+    finally:
+        attention._cascade = orig
+    assert calls and all(m == 18 for m in calls), calls
+    assert hf_greedy(hf, prompts[2], GREEDY.max_tokens) == want[2]
+    assert_no_leak(llm)

@@ -180,9 +180,61 @@ def _prefill_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: t
         out[rows] = o.transpose(1, 2).reshape(c * n, hq * d)
         return
     ctx = start + n
+    qg = qs.view(c, n, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(c, hkv, g * n, d)
+    # NOTE: CPU float32 only for now (the CUDA and half-precision paths keep the SDPA below)
+    shared = _shared_blocks(chunks, cache.shape[2]) if qg.dtype == torch.float32 and qg.device.type == "cpu" else 0
+    if shared:
+        out[rows] = _cascade(qg, cache, chunks, shared, scale).view(c, hkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(
+            c * n, hq * d)
+        return
     kv = gather_blocks(cache, torch.cat([ch.block_table for ch in chunks]))  # [2, c * nb, bs, Hkv, D]
     kv = kv.view(2, c, -1, hkv, d)[:, :, :ctx]
-    qg = qs.view(c, n, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(c, hkv, g * n, d)
     mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril_(start).repeat(g, 1)
     o = F.scaled_dot_product_attention(qg, kv[0].transpose(1, 2), kv[1].transpose(1, 2), attn_mask=mask, scale=scale)
     out[rows] = o.view(c, hkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(c * n, hq * d)
+
+
+CASCADE_MIN_TOKENS = 256  # shared context worth attending once for all chunks
+CASCADE_MAX_SCORES = 1 << 24  # most query rows x shared keys in one cascade call (float32 scores)
+
+
+def _shared_blocks(chunks: list[PrefillChunk], block_size: int) -> int:
+    """Leading blocks every chunk's table holds at the same place (one cached prefix), all before
+    the chunks' start; 0 when too few to be worth a cascade."""
+    start = chunks[0].start_pos
+    tables = torch.stack([ch.block_table for ch in chunks])
+    same = (tables == tables[0]).all(dim=0)
+    m = min(int(same.cumprod(0).sum()), start // block_size)
+    rows = len(chunks) * chunks[0].num_tokens
+    return m if m * block_size >= CASCADE_MIN_TOKENS and rows * m * block_size <= CASCADE_MAX_SCORES else 0
+
+
+def _cascade(qg: torch.Tensor, cache: torch.Tensor, chunks: list[PrefillChunk], m: int, scale: float) -> torch.Tensor:
+    """Cascade attention (as FlashInfer's): the queries of all chunks attend to the shared prefix
+    (`m` blocks) in one pass, each chunk to its own rest (causal), and the two softmaxes merge by
+    their maxima and sums, exactly. qg: [c, Hkv, G * n, D] -> [c, Hkv, G * n, D]."""
+    c, hkv, rows, d = qg.shape
+    n, start = chunks[0].num_tokens, chunks[0].start_pos
+    bs = cache.shape[2]
+    shared = gather_blocks(cache, chunks[0].block_table[:m]).flatten(1, 2)  # [2, m * bs, Hkv, D]
+    ks, vs = shared[0].transpose(0, 1), shared[1].transpose(0, 1)  # [Hkv, L1, D]
+    q_all = qg.transpose(0, 1).reshape(hkv, c * rows, d)
+    s1 = torch.bmm(q_all, ks.transpose(1, 2)).mul_(scale)  # [Hkv, c * rows, L1]
+    m1 = s1.amax(dim=-1, keepdim=True)
+    p1 = s1.sub_(m1).exp_()
+    l1 = p1.sum(dim=-1, keepdim=True)
+    o1 = torch.bmm(p1, vs)  # [Hkv, c * rows, D]
+    m1, l1, o1 = (t.view(hkv, c, rows, -1).transpose(0, 1) for t in (m1, l1, o1))  # [c, Hkv, rows, .]
+    own = start + n - m * bs  # keys after the shared blocks: the chunks' own context and tokens
+    kv = gather_blocks(cache, torch.cat([ch.block_table[m:] for ch in chunks]))  # [2, c * nb2, bs, Hkv, D]
+    kv = kv.view(2, c, -1, hkv, d)[:, :, :own]
+    s2 = torch.matmul(qg, kv[0].permute(0, 2, 3, 1)).mul_(scale)  # [c, Hkv, rows, own]
+    mask = torch.ones(n, own, dtype=torch.bool, device=qg.device).tril_(start - m * bs).repeat(rows // n, 1)
+    s2.masked_fill_(~mask, float("-inf"))
+    m2 = s2.amax(dim=-1, keepdim=True)  # finite: each query sees at least its own token
+    p2 = s2.sub_(m2).exp_()
+    l2 = p2.sum(dim=-1, keepdim=True)
+    o2 = torch.matmul(p2, kv[1].transpose(1, 2))  # [c, Hkv, rows, D]
+    mx = torch.maximum(m1, m2)
+    w1, w2 = (m1 - mx).exp_(), (m2 - mx).exp_()
+    return (o1 * w1 + o2 * w2) / (l1 * w1 + l2 * w2)

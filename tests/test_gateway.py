@@ -20,6 +20,7 @@ from test_launch import assert_no_leaks
 import microserve
 from microserve import LLM, SamplingParams
 from microserve.client import APIError
+from microserve.router import EngineHandle
 
 KEY = "sk-test-123"
 MAX_LEN = 1024
@@ -180,6 +181,18 @@ async def test_stop_strings_and_batch_prompts(pd, llm):
     await assert_no_leaks(pd.engines)
 
 
+async def wait_running(engines: dict[str, str], timeout: float = 20.0) -> None:
+    """Until some engine runs a request (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for name, address in engines.items():
+            async with EngineHandle(address, name=name, timeout=10) as h:
+                if (await h.stats()).running:
+                    return
+        assert time.monotonic() < deadline, "no engine ever ran the request"
+        await asyncio.sleep(0.02)
+
+
 async def test_client_disconnect_aborts_on_engines(pd):
     payload = {"model": "demo", "prompt": "disconnect me " * 8, "max_tokens": 900, "temperature": 0,
                "ignore_eos": True, "stream": True}
@@ -191,17 +204,19 @@ async def test_client_disconnect_aborts_on_engines(pd):
                 got += line.startswith(b"data: {")
                 if got >= 3:
                     break  # leave mid-stream: the connection closes here
-        # non-streaming, too: cancel while the engines work
+        await assert_no_leaks(pd.engines)
+        # non-streaming, too: cancel while an engine runs it (a fixed sleep could cancel it
+        # before the gateway even read it, and such a request never counts)
         task = asyncio.ensure_future(s.post(pd.url + "/v1/completions", json=payload | {"stream": False}))
-        await asyncio.sleep(0.3)
+        await wait_running(pd.engines)
         assert not task.done()
         task.cancel()
     await assert_no_leaks(pd.engines)
     # NOTE: the router counts a request when its cleanup ends, just after the engines' aborts are
     # answered: the count may trail the engines by a moment, so wait for it (bounded)
     deadline = time.monotonic() + 10
-    while (await metrics(pd)).get("microserve_requests_total{status=aborted}", 0) < 2:
-        assert time.monotonic() < deadline, "two client disconnects should count two aborted requests"
+    while (m := await metrics(pd)).get("microserve_requests_total{status=aborted}", 0) < 2:
+        assert time.monotonic() < deadline, {k: v for k, v in m.items() if k.startswith("microserve_requests_total")}
         await asyncio.sleep(0.1)
 
 
@@ -220,7 +235,7 @@ async def test_router_over_running_engines_and_queue_limit(pd, llm):
             assert out.text == want and out.usage["completion_tokens"] == 8
             pieces = [p async for p in sdk.stream_completions("sdk", max_tokens=8, temperature=0)]
             assert "".join(p.text for p in pieces) == want and pieces[-1].usage["completion_tokens"] == 8
-            chat = await sdk.chat([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+            chat = await sdk.chat([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, ignore_eos=True)
             assert chat.finish_reason == "length"
             with pytest.raises(APIError) as err:
                 await sdk.completions("x", max_tokens=10**6)

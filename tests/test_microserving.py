@@ -290,7 +290,9 @@ async def test_abort_frees_everything(cluster):
         assert await p.abort(r.request_id)
     finally:
         os.kill(cluster["D"].proc.pid, signal.SIGCONT)
-    assert await d.abort(r.request_id)
+    # D may already have dropped the ticket on its own, seeing P's send break off (then there is
+    # nothing left to abort): either way the ticket must be gone, which assert_no_leaks checks
+    await d.abort(r.request_id)
     with pytest.raises(EngineCallError):
         await send
     await assert_no_leaks(cluster)

@@ -84,8 +84,10 @@ def test_add_rms_norm(kernels, dtype, rows):
         kernels.add_rms_norm(x, r[:, :100], norm.weight, 1e-6)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 6, 7, 8, 13])
-@pytest.mark.parametrize("n", [16, 48, 320, 100])
+# rows: groups of 1-4 (near-equal splits of 5, 7, 9, 13, 33 rows), and past PACKED_MAX_ROWS (bmm);
+# n = 1000: many tiles per thread, so the next-tile prefetch runs across chunk boundaries
+@pytest.mark.parametrize("rows", [1, 3, 5, 6, 7, 8, 9, 13, 33, 300])
+@pytest.mark.parametrize("n", [16, 48, 320, 100, 1000])
 def test_skinny_linear_and_packed_head(kernels, rows, n):
     from microserve.engine.models.llama import Linear
 

@@ -18,6 +18,7 @@ from microserve.engine.attention import AttentionMetadata, paged_attention, writ
 from microserve.engine.config import ModelConfig, RopeConfig
 
 SKINNY_MAX_ROWS = 8  # up to this many rows the native skinny GEMM beats MKL (docs/benchmarks.md)
+PACKED_MAX_ROWS = 256  # the lm_head's tiles go through the native kernel up to this many rows (then bmm)
 DNN_BATCH_HINT = 32  # oneDNN picks its weight layout for this many rows; it serves any batch
 
 
@@ -32,9 +33,9 @@ class Linear(nn.Linear):
     for decode-sized inputs and on par for prefill. `transpose_weight_()` switches.
     With native kernels (`use_native`), batches of <= `SKINNY_MAX_ROWS` rows (decode at low
     concurrency) go through `skinny_linear`, which streams the weight once for all rows.
-    `pack_weight_()` (the lm_head: only ever sees a few rows) replaces `W_t` by 16-column
-    tiles `[ceil(N / 16), in, 16]`, read front to back by the skinny kernel and by one
-    batched matmul for larger batches: faster than MKL on `W_t` for every batch up to ~128.
+    `pack_weight_()` (the lm_head: sees one row per sampled sequence) replaces `W_t` by 16-column
+    tiles `[ceil(N / 16), in, 16]`, read front to back by the native kernel: 1.2-1.9x faster
+    than oneDNN from 1 to 32 rows on a 32000 x 512 head, on par at 64-128 (docs/benchmarks.md).
     `prepack_dnn_()` (the other projections, with native kernels) replaces `W_t` by oneDNN's
     blocked layout, run by torch's own `mkldnn._linear_pointwise`: 1.2-1.8x faster than MKL
     on `W_t` from 4 to 64 rows and up to 1.25x on 2048-row prefill chunks (docs/benchmarks.md).
@@ -91,7 +92,7 @@ class Linear(nn.Linear):
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         m, n = x.shape[0], self.out_features
-        if self.kernels is not None and m <= SKINNY_MAX_ROWS:
+        if self.kernels is not None and m <= PACKED_MAX_ROWS and x.dtype == torch.float32:
             y = self.kernels.skinny_linear(x, self.weight_packed, None)
         else:  # [T, m, 16] -> [m, T * 16]
             y = torch.matmul(x, self.weight_packed).transpose(0, 1).reshape(m, -1)

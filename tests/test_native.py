@@ -64,6 +64,31 @@ def test_silu_and_mul_and_rope(kernels, dtype):
     assert torch.equal(qkv[:, (hq + hkv) * d:], v_before), "rope_ must leave the v heads alone"
 
 
+def test_vectorised_exp_over_the_whole_range(kernels):
+    """SiLU and the decode softmax use an 8-lane exp (clamped polynomial): against float64
+    over [-100, 100], the clamp's edges, a width with a scalar tail, and NaN/inf propagation."""
+    a = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor([-87.5, -87.3, 88.3, 88.5, 0.0, -0.0, 1e-30])])
+    x = torch.cat([a, torch.ones_like(a)]).view(1, -1)  # up = 1: the output is silu(a)
+    got = kernels.silu_and_mul(x)[0].double()
+    want = a.double() * torch.sigmoid(a.double())
+    # NOTE: below -87.3 exp's input is clamped: silu is then ~1e-36 instead of ~1e-42, hence the atol
+    err = (got - want).abs() - 1e-6 * want.abs()
+    assert err.max() < 1e-30, (err.max(), a[err.argmax()])
+    odd = kernels.silu_and_mul(torch.tensor([[float("nan"), float("inf"), 5.0, 1.0, 1.0, 1.0]]))[0]
+    assert odd[0].isnan() and odd[1] == float("inf") and abs(odd[2] - 5 * torch.sigmoid(torch.tensor(5.0))) < 1e-6
+    # softmax: one query over a context whose scores span ~170 (exp's whole range after the max shift)
+    ctx, d = 37, 8
+    q = torch.ones(1, 1, d)
+    keys = torch.linspace(-12, 9, ctx).view(ctx, 1).expand(ctx, d)  # scores -96 .. 72
+    cache = torch.zeros(2, 1, ctx, 1, d)
+    cache[0, 0, :, 0] = keys
+    cache[1, 0, :, 0] = torch.arange(ctx, dtype=torch.float32).view(ctx, 1)
+    out = kernels.paged_decode(q, cache, torch.zeros(1, 1, dtype=torch.long), torch.tensor([ctx]), 1.0)
+    p = torch.softmax((keys @ q.view(d)).double(), 0)
+    torch.testing.assert_close(out.view(d).double(), (p * torch.arange(ctx).double()).sum().expand(d),
+                               atol=1e-5, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 32, 300])  # one thread, and several
 def test_add_rms_norm(kernels, dtype, rows):

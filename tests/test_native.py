@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from microserve import LLM, SamplingParams
 from microserve.engine import attention, native
-from microserve.engine.models.llama import apply_rope
+from microserve.engine.models.llama import Linear, apply_rope
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +109,11 @@ def test_add_rms_norm(kernels, dtype, rows):
         kernels.add_rms_norm(x, r[:, :100], norm.weight, 1e-6)
 
 
-# rows: groups of 1-4 (near-equal splits of 5, 7, 9, 13, 33 rows), and past PACKED_MAX_ROWS (bmm);
+# rows: groups of 1-4 (near-equal splits of 5, 7, 9, 13, 33 rows), and past one 64-row block (300);
 # n = 1000: many tiles per thread, so the next-tile prefetch runs across chunk boundaries
 @pytest.mark.parametrize("rows", [1, 3, 5, 6, 7, 8, 9, 13, 33, 300])
 @pytest.mark.parametrize("n", [16, 48, 320, 100, 1000])
 def test_skinny_linear_and_packed_head(kernels, rows, n):
-    from microserve.engine.models.llama import Linear
 
     g = torch.Generator().manual_seed(rows * 1000 + n)
     lin = Linear(40, n, bias=True)
@@ -126,11 +125,16 @@ def test_skinny_linear_and_packed_head(kernels, rows, n):
     lin.transpose_weight_()
     lin.kernels = kernels
     with torch.inference_mode():
-        torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)  # skinny or MKL, by rows and n % 16
-        lin.pack_weight_()  # n = 100: padded to 112 columns, sliced back
+        torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)  # MKL on W_t
+        w_t = lin.weight_t
+        lin.pack_weight_()  # n = 100: padded to 112 columns, sliced back (bias added after)
         torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)
         lin.kernels = None  # packed weight, torch only: one batched matmul
         torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)
+        lin.weight_packed, lin.weight_t = None, w_t  # the oneDNN layout (kernels without AVX2)
+        if lin.prepack_dnn_():
+            assert lin.weight_t is None
+            torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_bad_input_is_an_error_not_a_crash(kernels):
@@ -162,8 +166,11 @@ def test_fast_path_equals_plain_path(kernels, request, variant_fixture):
     assert fast.engine.runner.native_decode is not None, "CPU engine should take the native decode path"
     assert fast.engine.runner.model.model.norm.kernels is not None  # fused add + RMSNorm
     mlp = fast.engine.runner.model.model.layers[0].mlp
-    assert mlp.gate_up_proj.weight_dnn is not None and mlp.gate_up_proj.weight_t is None, "projections in oneDNN layout"
-    assert fast.engine.runner.model.lm_head.weight_packed is not None
+    if kernels.simd():  # every float32 projection in the native GEMM's tiles, one copy each
+        assert all(lin.weight_packed is not None and lin.weight_t is None and lin.weight_dnn is None
+                   for lin in fast.engine.runner.model.modules() if isinstance(lin, Linear))
+    else:
+        assert mlp.gate_up_proj.weight_dnn is not None and mlp.gate_up_proj.weight_t is None, "oneDNN layout"
     plain = LLM(path, native_kernels=False)
     assert plain.engine.runner.native_decode is None and plain.engine.runner.model.lm_head.weight_packed is None
     prompts = [[(7 * i + 3 * j) % 250 + 5 for i in range(n)] for j, n in enumerate([1, 5, 17, 40, 63, 100])]

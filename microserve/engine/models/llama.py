@@ -17,8 +17,6 @@ from torch import nn
 from microserve.engine.attention import AttentionMetadata, paged_attention, write_kv
 from microserve.engine.config import ModelConfig, RopeConfig
 
-SKINNY_MAX_ROWS = 8  # up to this many rows the native skinny GEMM beats MKL (docs/benchmarks.md)
-PACKED_MAX_ROWS = 256  # the lm_head's tiles go through the native kernel up to this many rows (then bmm)
 DNN_BATCH_HINT = 32  # oneDNN picks its weight layout for this many rows; it serves any batch
 
 
@@ -27,18 +25,18 @@ def _dnn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` that can keep its weight transposed (`[in, out]`, contiguous), or packed.
+    """`nn.Linear` that can keep its weight transposed (`[in, out]`, contiguous), packed, or in
+    oneDNN's layout; exactly one of these copies is kept.
 
-    On CPU (MKL), `x @ W_t` with a pre-transposed weight is ~2x faster than `F.linear`
-    for decode-sized inputs and on par for prefill. `transpose_weight_()` switches.
-    With native kernels (`use_native`), batches of <= `SKINNY_MAX_ROWS` rows (decode at low
-    concurrency) go through `skinny_linear`, which streams the weight once for all rows.
-    `pack_weight_()` (the lm_head: sees one row per sampled sequence) replaces `W_t` by 16-column
-    tiles `[ceil(N / 16), in, 16]`, read front to back by the native kernel: 1.2-1.9x faster
-    than oneDNN from 1 to 32 rows on a 32000 x 512 head, on par at 64-128 (docs/benchmarks.md).
-    `prepack_dnn_()` (the other projections, with native kernels) replaces `W_t` by oneDNN's
-    blocked layout, run by torch's own `mkldnn._linear_pointwise`: 1.2-1.8x faster than MKL
-    on `W_t` from 4 to 64 rows and up to 1.25x on 2048-row prefill chunks (docs/benchmarks.md).
+    `transpose_weight_()`: on CPU (MKL), `x @ W_t` with a pre-transposed weight is ~2x faster
+    than `F.linear` for decode-sized inputs and on par for prefill.
+    `pack_weight_()` (float32 on CPU with the native AVX2 kernels: every projection and the
+    lm_head) replaces `W_t` by 16-column tiles `[ceil(N / 16), in, 16]`, which the native GEMM
+    (`skinny_linear`) reads front to back: 1.3-2.4x faster than oneDNN at 1-8 rows (decode: the
+    weights stream at ~35 GB/s), 1.0-1.2x at 32, on par on 2048-row prefill chunks
+    (docs/engine.md, CPU notes).
+    `prepack_dnn_()` (float32, native kernels built without AVX2, e.g. on ARM) replaces `W_t` by
+    oneDNN's blocked layout, run by torch's own `mkldnn._linear_pointwise`.
     """
 
     weight_t: torch.Tensor | None = None
@@ -76,28 +74,29 @@ class Linear(nn.Linear):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_dnn is not None:
-            return _dnn_linear(x, self.weight_dnn, self.bias)
         if self.weight_packed is not None:
             return self._packed(x)
+        if self.weight_dnn is not None:
+            return _dnn_linear(x, self.weight_dnn, self.bias)
         if self.weight_t is None:
             return F.linear(x, self.weight, self.bias)
-        skinny = getattr(self.kernels, "skinny_linear", None)
-        if (skinny is not None and x.shape[0] <= SKINNY_MAX_ROWS and x.dtype == torch.float32
-                and self.out_features % 16 == 0):
-            return skinny(x, self.weight_t, self.bias)
         if self.bias is None:
             return x @ self.weight_t
         return torch.addmm(self.bias, x, self.weight_t)
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         m, n = x.shape[0], self.out_features
-        if self.kernels is not None and m <= PACKED_MAX_ROWS and x.dtype == torch.float32:
-            y = self.kernels.skinny_linear(x, self.weight_packed, None)
+        bias = self.bias
+        if self.kernels is not None and x.dtype == torch.float32:
+            fused = bias is not None and n % 16 == 0  # no padding columns: the kernel adds the bias
+            y = self.kernels.skinny_linear(x, self.weight_packed, bias if fused else None)
+            if fused:
+                return y
         else:  # [T, m, 16] -> [m, T * 16]
             y = torch.matmul(x, self.weight_packed).transpose(0, 1).reshape(m, -1)
-        y = y[:, :n]
-        return y if self.bias is None else y + self.bias
+        if y.shape[1] != n:
+            y = y[:, :n]
+        return y if bias is None else y + bias
 
 
 class RMSNorm(nn.Module):
@@ -269,19 +268,23 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def use_native(self, kernels) -> None:
-        """Route RoPE, the MLP's SiLU product, skinny (decode) GEMMs and, where the kernels have it,
-        residual add + RMSNorm through native kernels: `csrc/` on CPU, `triton_ops.TritonOps` on
-        CUDA (None: torch ops). With CPU kernels, a float32 lm_head is also packed into tiles and
-        the other float32 projections into oneDNN's layout."""
+        """Route RoPE, the MLP's SiLU product, residual add + RMSNorm and, on CPU, the float32
+        projections through native kernels: `csrc/` on CPU, `triton_ops.TritonOps` on CUDA
+        (None: torch ops). With the AVX2 CPU kernels every float32 projection (lm_head included)
+        is packed into 16-column tiles for the native GEMM; with kernels built without AVX2 the
+        projections go to oneDNN's layout instead (the scalar GEMM would be slower)."""
         for module in self.modules():
             if isinstance(module, (Attention, MLP, Linear, RMSNorm)):
                 module.kernels = kernels
-        head = self.lm_head
-        if getattr(kernels, "skinny_linear", None) is not None and head.weight_t is not None \
-                and head.weight_t.dtype == torch.float32:
-            head.pack_weight_()
-            for module in self.model.modules():
-                if isinstance(module, Linear):
+        if getattr(kernels, "skinny_linear", None) is None:
+            return
+        simd = kernels.simd()
+        for module in self.modules():
+            if isinstance(module, Linear) and module.weight_t is not None and module.weight_t.dtype == torch.float32 \
+                    and module.weight_t.device.type == "cpu":
+                if simd:
+                    module.pack_weight_()
+                else:
                     module.prepack_dnn_()
 
     def transpose_weights_(self) -> None:

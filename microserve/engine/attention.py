@@ -56,22 +56,27 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
 
 
 class _Workspace:
-    """One grow-only scratch buffer for gathered pages, reused by every layer and step.
+    """Grow-only scratch buffers for gathered pages, one per (dtype, device), reused by every
+    layer and step.
 
     Layers run one after another and consume the gathered K/V before the next gather,
-    so one buffer suffices. Reuse avoids first-touch page faults on fresh large
+    so one buffer per dtype suffices. Reuse avoids first-touch page faults on fresh large
     allocations (3x faster gathers at 640-token contexts on CPU).
+    NOTE: keyed by dtype, not replaced on a dtype change: engines of different dtypes in one
+    process (tests, a bf16 and a float32 model side by side) once made a single buffer double
+    on every switch, up to a 37 GB allocation.
     """
 
     def __init__(self) -> None:
-        self.buf: torch.Tensor | None = None
+        self.bufs: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     def get(self, rows: int, row_numel: int, like: torch.Tensor) -> torch.Tensor:
         need = rows * row_numel
-        b = self.buf
-        if b is None or b.numel() < need or b.dtype != like.dtype or b.device != like.device:
-            self.buf = b = torch.empty(max(need, 2 * b.numel() if b is not None else 0), dtype=like.dtype,
-                                       device=like.device)
+        key = (like.dtype, like.device)
+        b = self.bufs.get(key)
+        if b is None or b.numel() < need:
+            self.bufs[key] = b = torch.empty(max(need, 2 * b.numel() if b is not None else 0), dtype=like.dtype,
+                                             device=like.device)
         return b[:need].view(rows, row_numel)
 
 

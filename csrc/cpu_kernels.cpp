@@ -76,6 +76,84 @@ inline float exp_sub_sum(float* __restrict x, int64_t n, float m) {
   return sum;
 }
 
+// Half precision rows are widened to float32 scratch rows, computed on in float32 and
+// narrowed back, 8 lanes at a time: bf16 by a 16-bit shift (narrowing rounds to nearest
+// even, NaN to the quiet NaN, bit for bit as c10::BFloat16), fp16 by F16C. Per-element
+// c10::Half conversions are scalar bit twiddling: an fp16 decode step ran 4.5x slower than
+// bf16 before this.
+template <typename T>  // any other dtype (float64): element by element
+inline void widen(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+inline void narrow(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+inline void widen(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+
+inline void widen(const c10::BFloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX2__
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline void widen(const c10::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline void narrow(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+
+inline void narrow(const float* src, c10::BFloat16* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX2__
+  const __m256i lsb = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7FFF), qnan = _mm256_set1_epi32(0x7FC0);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(src + i);
+    const __m256i u = _mm256_castps_si256(x);
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), lsb)));
+    r = _mm256_srli_epi32(r, 16);
+    r = _mm256_blendv_epi8(r, qnan, _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(src[i]);
+}
+
+inline void narrow(const float* src, c10::Half* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+
+// src as float32: itself for float (no copy), else widened into buf (>= n floats)
+template <typename T>
+inline const float* as_float(const T* src, float* buf, int64_t n) {
+  if constexpr (std::is_same<T, float>::value) {
+    (void)buf, (void)n;
+    return src;
+  } else {
+    widen(src, buf, n);
+    return buf;
+  }
+}
+
 template <typename T>
 void decode_kernel(const T* __restrict q, const T* __restrict kbase, const T* __restrict vbase,
                    const int64_t* __restrict tables, const int64_t* __restrict lens, T* __restrict out,
@@ -84,24 +162,25 @@ void decode_kernel(const T* __restrict q, const T* __restrict kbase, const T* __
   const int64_t row = Hkv * D;        // elements between consecutive tokens of one page
   const int64_t page = bs * row;      // elements per page: read front to back
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(Hq * D), acc(Hq * D), scores;
+    std::vector<float> qf(Hq * D), acc(Hq * D), scores, pagef(std::is_same<T, float>::value ? 0 : page);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t ctx = lens[b];
       const int64_t* table = tables + b * max_blocks;
       scores.resize(Hq * ctx);  // [Hq, ctx]
       const T* qb = q + b * Hq * D;
-      for (int64_t i = 0; i < Hq * D; ++i) qf[i] = to_f(qb[i]) * scale;
+      widen(qb, qf.data(), Hq * D);
+      for (int64_t i = 0; i < Hq * D; ++i) qf[i] *= scale;
       // scores[hq, t] = q_hq . k_t[hq / G]
       for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
-        const T* kp = kbase + table[t0 / bs] * page;
         const int64_t n = std::min(bs, ctx - t0);
+        const float* kp = as_float(kbase + table[t0 / bs] * page, pagef.data(), n * row);
         for (int64_t j = 0; j < n; ++j) {
           for (int64_t hq = 0; hq < Hq; ++hq) {
-            const T* k = kp + j * row + (hq / G) * D;
+            const float* k = kp + j * row + (hq / G) * D;
             const float* qh = qf.data() + hq * D;
             float s = 0.f;
 #pragma omp simd reduction(+ : s)
-            for (int64_t d = 0; d < D; ++d) s += qh[d] * to_f(k[d]);
+            for (int64_t d = 0; d < D; ++d) s += qh[d] * k[d];
             scores[hq * ctx + t0 + j] = s;
           }
         }
@@ -117,20 +196,19 @@ void decode_kernel(const T* __restrict q, const T* __restrict kbase, const T* __
       // acc[hq] = sum_t p[hq, t] * v_t[hq / G]
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
-        const T* vp = vbase + table[t0 / bs] * page;
         const int64_t n = std::min(bs, ctx - t0);
+        const float* vp = as_float(vbase + table[t0 / bs] * page, pagef.data(), n * row);
         for (int64_t j = 0; j < n; ++j) {
           for (int64_t hq = 0; hq < Hq; ++hq) {
-            const T* v = vp + j * row + (hq / G) * D;
+            const float* v = vp + j * row + (hq / G) * D;
             const float p = scores[hq * ctx + t0 + j];
             float* a = acc.data() + hq * D;
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) a[d] += p * to_f(v[d]);
+            for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
           }
         }
       }
-      T* ob = out + b * Hq * D;
-      for (int64_t i = 0; i < Hq * D; ++i) ob[i] = static_cast<T>(acc[i]);
+      narrow(acc.data(), out + b * Hq * D, Hq * D);
     }
   });
 }
@@ -172,26 +250,25 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor cache, torch::Tensor t
 
 template <typename T>
 void silu_and_mul_kernel(const T* __restrict src, T* __restrict dst, int64_t T_, int64_t I) {
+  constexpr bool f32 = std::is_same<T, float>::value;
   at::parallel_for(0, T_, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(f32 ? 0 : 3 * I);  // half precision: [gate | up] widened, then the output
     for (int64_t t = begin; t < end; ++t) {
-      const T* g = src + t * 2 * I;
-      const T* u = g + I;
-      T* o = dst + t * I;
+      const float* g = as_float(src + t * 2 * I, buf.data(), 2 * I);
+      const float* u = g + I;
+      float* o;
+      if constexpr (f32) o = dst + t * I; else o = buf.data() + 2 * I;
       int64_t i = 0;
 #ifdef __AVX2__
-      if constexpr (std::is_same<T, float>::value) {
-        const __m256 one = _mm256_set1_ps(1.f);
-        for (; i + 8 <= I; i += 8) {
-          const __m256 a = _mm256_loadu_ps(g + i);
-          const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), a));
-          _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
-        }
+      const __m256 one = _mm256_set1_ps(1.f);
+      for (; i + 8 <= I; i += 8) {
+        const __m256 a = _mm256_loadu_ps(g + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), a));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
       }
 #endif
-      for (; i < I; ++i) {
-        const float a = to_f(g[i]);
-        o[i] = static_cast<T>(a / (1.f + std::exp(-a)) * to_f(u[i]));
-      }
+      for (; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      if constexpr (!f32) narrow(o, dst + t * I, I);
     }
   });
 }
@@ -211,34 +288,37 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
 template <typename T>
 void add_rms_norm_kernel(const T* __restrict x, const T* __restrict res, const T* __restrict w, T* __restrict out,
                          T* __restrict res_out, int64_t T_, int64_t N, float eps) {
+  constexpr bool f32 = std::is_same<T, float>::value;
   // small inputs (a decode batch) on one thread: waking the pool costs more than the work
   const int64_t grain = std::max<int64_t>(1, 32768 / N);
   at::parallel_for(0, T_, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(N);
+    std::vector<float> row(N), tmp(f32 ? 0 : N), wf(N);
+    std::vector<T> rounded(f32 ? 0 : N);
+    widen(w, wf.data(), N);
     for (int64_t t = begin; t < end; ++t) {
-      const T* xr = x + t * N;
-      float ss = 0.f;
       if (res != nullptr) {
-        const T* rr = res + t * N;
-        T* ro = res_out + t * N;
-        for (int64_t i = 0; i < N; ++i) {
-          const T v = static_cast<T>(to_f(xr[i]) + to_f(rr[i]));  // rounded like torch's add in T
-          ro[i] = v;
-          row[i] = to_f(v);
-        }
+        const float* xr = as_float(x + t * N, row.data(), N);
+        const float* rr = as_float(res + t * N, tmp.data(), N);
+#pragma omp simd
+        for (int64_t i = 0; i < N; ++i) row[i] = xr[i] + rr[i];
+        narrow(row.data(), res_out + t * N, N);
+        if constexpr (!f32) widen(res_out + t * N, row.data(), N);  // rounded like torch's add in T
       } else {
-        for (int64_t i = 0; i < N; ++i) row[i] = to_f(xr[i]);
+        widen(x + t * N, row.data(), N);
       }
+      float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
       for (int64_t i = 0; i < N; ++i) ss += row[i] * row[i];
       const float rstd = 1.f / std::sqrt(ss / static_cast<float>(N) + eps);
-      T* o = out + t * N;
-      if (std::is_same<T, float>::value) {
 #pragma omp simd
-        for (int64_t i = 0; i < N; ++i) o[i] = static_cast<T>(to_f(w[i]) * (row[i] * rstd));
-      } else {  // half precision: normalise in float32, round, then scale (as transformers does)
-        for (int64_t i = 0; i < N; ++i) o[i] = static_cast<T>(to_f(w[i]) * to_f(static_cast<T>(row[i] * rstd)));
+      for (int64_t i = 0; i < N; ++i) row[i] *= rstd;
+      if constexpr (!f32) {  // half precision: normalise in float32, round, then scale (as transformers does)
+        narrow(row.data(), rounded.data(), N);
+        widen(rounded.data(), row.data(), N);
       }
+#pragma omp simd
+      for (int64_t i = 0; i < N; ++i) row[i] *= wf[i];
+      narrow(row.data(), out + t * N, N);
     }
   });
 }
@@ -274,18 +354,22 @@ template <typename T>
 void rope_kernel(T* base, const float* cb, const float* sb, int64_t T_, int64_t ld, int64_t heads, int64_t D) {
   const int64_t half = D / 2;
   at::parallel_for(0, T_, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> xf(heads * D);
     for (int64_t t = begin; t < end; ++t) {
       const float* c = cb + t * D;
       const float* s = sb + t * D;
+      T* row = base + t * ld;  // the q and k heads: contiguous
+      widen(row, xf.data(), heads * D);
       for (int64_t h = 0; h < heads; ++h) {
-        T* x = base + t * ld + h * D;
+        float* x = xf.data() + h * D;
 #pragma omp simd
         for (int64_t d = 0; d < half; ++d) {
-          const float x1 = to_f(x[d]), x2 = to_f(x[d + half]);
-          x[d] = static_cast<T>(x1 * c[d] - x2 * s[d]);
-          x[d + half] = static_cast<T>(x2 * c[d + half] + x1 * s[d + half]);
+          const float x1 = x[d], x2 = x[d + half];
+          x[d] = x1 * c[d] - x2 * s[d];
+          x[d + half] = x2 * c[d + half] + x1 * s[d + half];
         }
       }
+      narrow(xf.data(), row, heads * D);
     }
   });
 }
@@ -305,7 +389,7 @@ void rope_(torch::Tensor qkv, int64_t heads, int64_t D, torch::Tensor cos, torch
 }
 
 // ---------------------------------------------------------------------------------------
-// GEMM for float32 projections: y[M, N] = x[M, K] @ w[K, N] (+ bias). Named for where it
+// GEMM for the projections: y[M, N] = x[M, K] @ w[K, N] (+ bias). Named for where it
 // began (decode's few rows); with rows in blocks of 64 it matches oneDNN on prefill chunks.
 // MKL's sgemm is slow for 2 <= M <= 32 on this shape class (an lm_head at M = 8 costs 3x
 // M = 1). Here every thread owns a range of 16-column tiles of w and streams each tile
@@ -314,15 +398,53 @@ void rope_(torch::Tensor qkv, int64_t heads, int64_t D, torch::Tensor cos, torch
 // the speed on Zen (an lm_head at M = 32: 16.7 vs 7.7 ms); rows are split into near-equal
 // groups, so no group is a lone row. While the second group runs, the next tile is
 // prefetched into L2: the first group of the next tile then does not wait on memory.
-template <int R>
-inline void tile16(const float* __restrict x, int64_t K, const float* __restrict w, int64_t ldw, int64_t N,
-                   float* __restrict y, const float* __restrict bias, const float* prefetch) {
+//
+// Weights may be float32, bfloat16 or float16 (W); x, the accumulators and the bias are
+// float32 (the caller converts), and the caller rounds y to the model's dtype: a half
+// precision GEMM with float32 accumulation, as MKL's and cuBLAS's are. Half weights are
+// widened in registers (bf16: a 16-bit shift; fp16: F16C), so decode streams half the bytes.
+// NOTE: torch's own bf16 / fp16 GEMMs on CPUs without AVX512-BF16 / AMX run at scalar
+// speed (38 ms for one [32, 512] x [512, 2752] product on this 2-core AVX2 machine).
+
+#ifdef __AVX2__
+inline void load16(const float* p, __m256& a, __m256& b) {
+  a = _mm256_loadu_ps(p);
+  b = _mm256_loadu_ps(p + 8);
+}
+
+inline __m256 bf16x8(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+
+inline void load16(const c10::BFloat16* p, __m256& a, __m256& b) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  a = bf16x8(_mm256_castsi256_si128(h));
+  b = bf16x8(_mm256_extracti128_si256(h, 1));
+}
+
+inline void load16(const c10::Half* p, __m256& a, __m256& b) {
+#ifdef __F16C__
+  a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+#else
+  alignas(32) float f[16];
+  for (int j = 0; j < 16; ++j) f[j] = static_cast<float>(p[j]);
+  a = _mm256_load_ps(f);
+  b = _mm256_load_ps(f + 8);
+#endif
+}
+#endif
+
+template <int R, typename W>
+inline void tile16(const float* __restrict x, int64_t K, const W* __restrict w, int64_t ldw, int64_t N,
+                   float* __restrict y, const float* __restrict bias, const W* prefetch) {
 #ifdef __AVX2__
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(prefetch + k * 16), _MM_HINT_T1);
-    const __m256 w0 = _mm256_loadu_ps(w + k * ldw), w1 = _mm256_loadu_ps(w + k * ldw + 8);
+    // NOTE: one 64-byte line holds 16 float32 weights (one k) or 32 halves (two k)
+    if (prefetch && (sizeof(W) == 4 || (k & 1) == 0))
+      _mm_prefetch(reinterpret_cast<const char*>(prefetch + k * 16), _MM_HINT_T1);
+    __m256 w0, w1;
+    load16(w + k * ldw, w0, w1);
     for (int r = 0; r < R; ++r) {
       const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
       acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
@@ -340,21 +462,22 @@ inline void tile16(const float* __restrict x, int64_t K, const float* __restrict
   float acc[R][16] = {};
   for (int64_t k = 0; k < K; ++k)
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < 16; ++j) acc[r][j] += x[r * K + k] * w[k * ldw + j];
+      for (int j = 0; j < 16; ++j) acc[r][j] += x[r * K + k] * to_f(w[k * ldw + j]);
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 16; ++j) y[r * N + j] = acc[r][j] + (bias ? bias[j] : 0.f);
 #endif
 }
 
 // `next`: the next tile (packed layout only; nullptr: no prefetch)
-inline void rows_tile16(const float* x, int64_t rows, int64_t K, const float* w, int64_t ldw, int64_t N, float* y,
-                        const float* bias, const float* next) {
+template <typename W>
+inline void rows_tile16(const float* x, int64_t rows, int64_t K, const W* w, int64_t ldw, int64_t N, float* y,
+                        const float* bias, const W* next) {
   const int64_t groups = (rows + 3) / 4;
   for (int64_t g = 0, r0 = 0; g < groups; ++g) {
     const int64_t n = (rows - r0) / (groups - g);
     const float* xr = x + r0 * K;
     float* yr = y + r0 * N;
-    const float* pf = g == 1 ? next : nullptr;
+    const W* pf = g == 1 ? next : nullptr;
     switch (n) {
       case 4: tile16<4>(xr, K, w, ldw, N, yr, bias, pf); break;
       case 3: tile16<3>(xr, K, w, ldw, N, yr, bias, pf); break;
@@ -366,43 +489,53 @@ inline void rows_tile16(const float* x, int64_t rows, int64_t K, const float* w,
 }
 
 // w: [K, N] row-major, or packed [N / 16, K, 16] (each 16-column tile contiguous: the k-loop
-// then reads memory front to back instead of one 64-byte piece per row of w).
+// then reads memory front to back instead of one 64-byte piece per row of w). x, w and the
+// bias share one dtype: float32, bfloat16 or float16; y has it too.
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "skinny_linear: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat,
-              "skinny_linear: float32 only");
+  const auto dtype = w.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16 || dtype == torch::kHalf,
+              "skinny_linear: float32, bfloat16 or float16 only, got ", dtype);
+  TORCH_CHECK(x.scalar_type() == dtype, "skinny_linear: x is ", x.scalar_type(), ", w is ", dtype);
   const bool packed = w.dim() == 3;
   TORCH_CHECK(x.dim() == 2 && (w.dim() == 2 || (packed && w.size(2) == 16)) && x.size(1) == w.size(packed ? 1 : 0),
               "skinny_linear: shapes [M, K] @ [K, N] or packed [N / 16, K, 16]");
   TORCH_CHECK(w.is_contiguous() && (packed || w.size(1) % 16 == 0),
               "skinny_linear: w must be contiguous, N a multiple of 16");
-  x = x.contiguous();
+  x = x.to(torch::kFloat).contiguous();  // no copy for float32; [M, K] is small next to w
   const int64_t M = x.size(0), K = x.size(1), N = packed ? w.size(0) * 16 : w.size(1);
   const int64_t ldw = packed ? 16 : N, tile_stride = packed ? K * 16 : 16;
   const float* bp = nullptr;
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) {
-    b = bias->contiguous();
-    TORCH_CHECK(b.scalar_type() == torch::kFloat && b.numel() == N, "skinny_linear: bias must be float32 [N]");
+    TORCH_CHECK(bias->scalar_type() == dtype && bias->numel() == N, "skinny_linear: bias must be ", dtype, " [N]");
+    b = bias->to(torch::kFloat).contiguous();
     bp = b.data_ptr<float>();
   }
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // NOTE: rows in blocks of 64 (x's block stays in L2 while the thread's tiles stream past it
   // from L3): a 2048-row prefill chunk runs at oneDNN's speed, ~150 GFLOP/s on 2 AVX2 cores
   constexpr int64_t kRowBlock = 64;
   const int64_t tiles = N / 16;
-  at::parallel_for(0, tiles, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
-      const int64_t rows = std::min(kRowBlock, M - r0);
-      for (int64_t t = begin; t < end; ++t)
-        rows_tile16(xp + r0 * K, rows, K, wp + t * tile_stride, ldw, N, yp + r0 * N + t * 16,
-                    bp ? bp + t * 16 : nullptr, packed && t + 1 < end ? wp + (t + 1) * tile_stride : nullptr);
-    }
-  });
-  return y;
+  const auto run = [&](const auto* wp) {
+    at::parallel_for(0, tiles, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, M - r0);
+        for (int64_t t = begin; t < end; ++t)
+          rows_tile16(xp + r0 * K, rows, K, wp + t * tile_stride, ldw, N, yp + r0 * N + t * 16,
+                      bp ? bp + t * 16 : nullptr, packed && t + 1 < end ? wp + (t + 1) * tile_stride : nullptr);
+      }
+    });
+  };
+  if (dtype == torch::kFloat)
+    run(w.data_ptr<float>());
+  else if (dtype == torch::kBFloat16)
+    run(w.data_ptr<c10::BFloat16>());
+  else
+    run(w.data_ptr<c10::Half>());
+  return dtype == torch::kFloat ? y : y.to(dtype);
 }
 
 }  // namespace
@@ -417,7 +550,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "whether the kernels were built with AVX2 + FMA (else scalar loops: the GEMM is then not worth using)");
-  m.def("skinny_linear", &skinny_linear, "x[M, K] @ w[K, N] (+ bias) for small M, float32 (CPU)",
+  m.def("skinny_linear", &skinny_linear, "x[M, K] @ w[K, N] (+ bias): float32 accumulation, float32 / bf16 / fp16 weights (CPU)",
         py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
   m.def("rope_", &rope_, "rotate-half RoPE in place on the leading heads of a fused qkv row (CPU)");
   m.def("add_rms_norm", &add_rms_norm, "(RMSNorm(x + residual), x + residual) in one pass (CPU)", py::arg("x"),

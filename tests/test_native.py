@@ -3,6 +3,7 @@ engine on the fast path against the plain path: same tokens."""
 
 import pytest
 import torch
+from checkpoints import assert_follows_reference, make_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,6 +42,21 @@ def test_paged_decode_matches_gather_sdpa(kernels, batch, group, kv_heads, head_
         ref = attention._decode(q, cache, tables, mask, scale).view_as(q)
         got = kernels.paged_decode(q, cache, tables, lens, scale)
     torch.testing.assert_close(got.float(), ref.float(), atol=_tol(dtype), rtol=_tol(dtype))
+
+
+def test_gather_workspace_stays_bounded_across_dtypes(monkeypatch):
+    """Engines of several dtypes in one process share the gather workspace: it keeps one buffer
+    per dtype (a single buffer once doubled on every dtype switch, to a 37 GB allocation)."""
+    monkeypatch.setattr(attention, "_workspace", attention._Workspace())
+    cache = torch.randn(2, 8, 4, 2, 8)
+    ids = torch.tensor([5, 1, 3])
+    with torch.inference_mode():
+        for _ in range(40):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                c = cache.to(dtype)
+                assert torch.equal(attention.gather_blocks(c, ids), c[:, ids])
+    page = 4 * 2 * 8
+    assert sorted(b.numel() for b in attention._workspace.bufs.values()) == [2 * 3 * page] * 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -137,6 +153,58 @@ def test_skinny_linear_and_packed_head(kernels, rows, n):
             torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5, 33, 300])
+@pytest.mark.parametrize("n", [48, 100])
+def test_skinny_linear_half_precision(kernels, dtype, rows, n):
+    """bf16 / fp16 weights widened in registers, float32 accumulation, one rounding of y to the
+    dtype: within an ulp or two of the exact product of the rounded inputs (torch's own CPU
+    GEMM in these dtypes is the slow path this replaces)."""
+    g = torch.Generator().manual_seed(rows * 7 + n)
+    lin = Linear(96, n, bias=True).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, 96, generator=g))
+        lin.bias.copy_(torch.randn(n, generator=g))
+    x = torch.randn(rows, 96, generator=g).to(dtype)
+    exact = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+    lin.transpose_weight_()
+    lin.kernels = kernels
+    lin.pack_weight_()
+    assert lin.weight_packed.dtype == dtype
+    with torch.inference_mode():
+        got = lin(x)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10  # relative spacing of the dtype
+    # n = 100 pads to 112 columns: y is rounded, then the bias is added in the dtype (two roundings,
+    # each within an ulp of the magnitudes involved, not of a result that cancels)
+    scale = torch.nn.functional.linear(x.double().abs(), lin.weight_packed.double().abs().transpose(0, 1)
+                                       .reshape(96, -1)[:, :n].t()) + lin.bias.double().abs()
+    assert bool(((got.double() - exact).abs() <= ulp * scale).all())
+    # the same with x in float32 rows of the dtype's values: the kernel widens exactly
+    if n % 16 == 0:
+        assert torch.equal(got, kernels.skinny_linear(x, lin.weight_packed, lin.bias))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("variant", ["qwen3", "llama-mha-bias"])
+def test_half_precision_engine_follows_the_reference(kernels, tmp_path, dtype, variant):
+    """A bf16 / fp16 model on CPU runs every projection in the native GEMM (weights kept in the
+    dtype) and every token is transformers' choice up to half-precision rounding; the plain torch
+    path is held to the same check."""
+    path, hf = make_checkpoint(tmp_path, variant)
+    hf = hf.to(getattr(torch, dtype))
+    prompts = [[(11 * i + 5 * j) % 300 + 5 for i in range(n)] for j, n in enumerate([5, 40, 100])]
+    sp = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    fast = LLM(path, dtype=dtype)
+    assert fast.engine.runner.kv_cache.dtype == getattr(torch, dtype)
+    if kernels.simd():
+        assert all(lin.weight_packed is not None and lin.weight_packed.dtype == getattr(torch, dtype)
+                   for lin in fast.engine.runner.model.modules() if isinstance(lin, Linear))
+    assert_follows_reference(hf, prompts, fast.generate(prompts, sp), f"{variant} {dtype} native")
+    plain = LLM(path, dtype=dtype, native_kernels=False)
+    assert_follows_reference(hf, prompts, plain.generate(prompts, sp), f"{variant} {dtype} torch")
+
+
 def test_bad_input_is_an_error_not_a_crash(kernels):
     cache = torch.zeros(2, 4, 16, 2, 8)
     with pytest.raises(RuntimeError, match="int64"):
@@ -152,8 +220,13 @@ def test_bad_input_is_an_error_not_a_crash(kernels):
                              torch.full((1,), 17), 1.0)
     with pytest.raises(RuntimeError, match="multiple of 16"):
         kernels.skinny_linear(torch.zeros(2, 8), torch.zeros(8, 20))
-    with pytest.raises(RuntimeError, match="float32 only"):
-        kernels.skinny_linear(torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(8, 16, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16 only"):
+        kernels.skinny_linear(torch.zeros(2, 8, dtype=torch.float64), torch.zeros(8, 16, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="x is Float, w is BFloat16"):
+        kernels.skinny_linear(torch.zeros(2, 8), torch.zeros(8, 16, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="bias must be BFloat16"):
+        kernels.skinny_linear(torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(8, 16, dtype=torch.bfloat16),
+                              torch.zeros(16))
     with pytest.raises(RuntimeError, match="silu_and_mul"):
         kernels.silu_and_mul(torch.zeros(3, 5))
 

@@ -18,6 +18,8 @@ from microserve.engine.attention import AttentionMetadata, paged_attention, writ
 from microserve.engine.config import ModelConfig, RopeConfig
 
 DNN_BATCH_HINT = 32  # oneDNN picks its weight layout for this many rows; it serves any batch
+# weight dtypes the native GEMM reads (half precision widened to float32 in registers)
+PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _dnn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -30,11 +32,12 @@ class Linear(nn.Linear):
 
     `transpose_weight_()`: on CPU (MKL), `x @ W_t` with a pre-transposed weight is ~2x faster
     than `F.linear` for decode-sized inputs and on par for prefill.
-    `pack_weight_()` (float32 on CPU with the native AVX2 kernels: every projection and the
-    lm_head) replaces `W_t` by 16-column tiles `[ceil(N / 16), in, 16]`, which the native GEMM
-    (`skinny_linear`) reads front to back: 1.3-2.4x faster than oneDNN at 1-8 rows (decode: the
-    weights stream at ~35 GB/s), 1.0-1.2x at 32, on par on 2048-row prefill chunks
-    (docs/engine.md, CPU notes).
+    `pack_weight_()` (on CPU with the native AVX2 kernels: every projection and the lm_head,
+    float32, bfloat16 or float16) replaces `W_t` by 16-column tiles `[ceil(N / 16), in, 16]`,
+    which the native GEMM (`skinny_linear`) reads front to back: float32 1.3-2.4x faster than
+    oneDNN at 1-8 rows (decode: the weights stream at ~35 GB/s), 1.0-1.2x at 32, on par on
+    2048-row prefill chunks; half precision accumulates in float32 and is 8-40x faster than
+    torch's bf16 / fp16 GEMMs on CPUs without AVX512-BF16 (docs/engine.md, CPU notes).
     `prepack_dnn_()` (float32, native kernels built without AVX2, e.g. on ARM) replaces `W_t` by
     oneDNN's blocked layout, run by torch's own `mkldnn._linear_pointwise`.
     """
@@ -87,7 +90,7 @@ class Linear(nn.Linear):
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         m, n = x.shape[0], self.out_features
         bias = self.bias
-        if self.kernels is not None and x.dtype == torch.float32:
+        if self.kernels is not None and x.dtype == self.weight_packed.dtype:
             fused = bias is not None and n % 16 == 0  # no padding columns: the kernel adds the bias
             y = self.kernels.skinny_linear(x, self.weight_packed, bias if fused else None)
             if fused:
@@ -268,11 +271,12 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def use_native(self, kernels) -> None:
-        """Route RoPE, the MLP's SiLU product, residual add + RMSNorm and, on CPU, the float32
+        """Route RoPE, the MLP's SiLU product, residual add + RMSNorm and, on CPU, the
         projections through native kernels: `csrc/` on CPU, `triton_ops.TritonOps` on CUDA
-        (None: torch ops). With the AVX2 CPU kernels every float32 projection (lm_head included)
-        is packed into 16-column tiles for the native GEMM; with kernels built without AVX2 the
-        projections go to oneDNN's layout instead (the scalar GEMM would be slower)."""
+        (None: torch ops). With the AVX2 CPU kernels every projection (lm_head included; float32,
+        bfloat16 or float16) is packed into 16-column tiles for the native GEMM; with kernels
+        built without AVX2 the float32 projections go to oneDNN's layout instead (the scalar
+        GEMM would be slower) and half precision ones stay on torch's GEMM."""
         for module in self.modules():
             if isinstance(module, (Attention, MLP, Linear, RMSNorm)):
                 module.kernels = kernels
@@ -280,12 +284,11 @@ class LlamaForCausalLM(nn.Module):
             return
         simd = kernels.simd()
         for module in self.modules():
-            if isinstance(module, Linear) and module.weight_t is not None and module.weight_t.dtype == torch.float32 \
-                    and module.weight_t.device.type == "cpu":
-                if simd:
+            if isinstance(module, Linear) and module.weight_t is not None and module.weight_t.device.type == "cpu":
+                if simd and module.weight_t.dtype in PACKED_DTYPES:
                     module.pack_weight_()
                 else:
-                    module.prepack_dnn_()
+                    module.prepack_dnn_()  # float32 only; half precision stays on torch's GEMM
 
     def transpose_weights_(self) -> None:
         """Keep every projection's weight as `[in, out]` (faster GEMMs on CPU)."""

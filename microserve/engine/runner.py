@@ -5,6 +5,8 @@ It owns the KV cache tensor `[layers, 2, blocks, block_size, kv_heads, head_dim]
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from kvapi import KVSpec
@@ -15,6 +17,8 @@ from microserve.engine.models.llama import LlamaForCausalLM
 from microserve.engine.sampler import sample
 from microserve.engine.scheduler import ScheduledBatch
 from microserve.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -38,6 +42,11 @@ class ModelRunner:
             kernels = native.load() if self.device.type == "cpu" else triton_ops.TritonOps if on_cuda else None
         self.native_decode = kernels.paged_decode if kernels is not None else None
         model.use_native(kernels)
+        half = self.kv_cache.dtype in (torch.bfloat16, torch.float16)
+        if half and self.device.type == "cpu" and not (kernels is not None and kernels.simd()):
+            log.warning("%s on CPU without the native AVX2 kernels runs torch's own half-precision GEMMs, which are "
+                        "10-80x slower than float32 on CPUs without AVX512-BF16 or AMX; consider dtype='float32'",
+                        self.kv_cache.dtype)
         self.graphs = None
         if graphs:
             width = -(-max_model_len // self.block_size)  # blocks of the longest context

@@ -251,3 +251,15 @@ def test_fast_path_equals_plain_path(kernels, request, variant_fixture):
     assert [o.token_ids for o in fast.generate(prompts, sp)] == [o.token_ids for o in plain.generate(prompts, sp)]
     seeded = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
     assert fast.generate(prompts[:3], seeded)[0].token_ids == plain.generate(prompts[:3], seeded)[0].token_ids
+
+
+def test_half_precision_without_the_kernels_warns(demo_path, caplog):
+    """torch's own bf16 GEMMs are scalar-speed on most CPUs: a model that would run them says so."""
+    with caplog.at_level("WARNING", logger="microserve.engine.runner"):
+        LLM(demo_path, dtype="bfloat16", native_kernels=False)
+    assert any("without the native AVX2 kernels" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="microserve.engine.runner"):
+        LLM(demo_path, dtype="bfloat16")
+        LLM(demo_path, native_kernels=False)  # float32: MKL, nothing to say
+    assert not [r for r in caplog.records if "native AVX2" in r.getMessage()]

@@ -7,6 +7,9 @@ Workloads (greedy, ignore EOS):
   single         one 128-token prompt, 64 new tokens: output tokens/s at batch 1
   mixed          32 prompts of 16-512 tokens, 8-128 new tokens each (seeded): useful output
                  tokens/s; HF serves it as one left-padded batch of max(new) steps
+  bf16           the same model in bfloat16 on both sides: one 128-token prompt with 32 new
+                 tokens, and 8 such prompts with 16 new tokens (tokens/s; small, because torch's
+                 bf16 GEMM, which HF runs, is scalar-speed on CPUs without AVX512-BF16)
 Ours runs twice where it matters: with the native CPU kernels of csrc/ and without
 (`native_kernels=False`, the pure-torch path), in the same rounds.
 
@@ -86,11 +89,33 @@ def ours_run(llm: LLM, prompts: list[list[int]], new_tokens: int | list[int]) ->
     return total, sum(first.values()) / len(first)
 
 
+def bf16_rows(hf, path: str, prompts: list[list[int]], args) -> list[tuple[str, float, float, float]]:
+    """HF and ours, both in bfloat16: one request (32 new tokens) and a batch of 8 (16 new)."""
+    import copy
+
+    hf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    ours = LLM(path, dtype="bfloat16", max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=64)
+    ours_run(ours, prompts[:1], 2)  # warm-up
+    rows = []
+    for label, batch, new in (("bf16 single request tok/s", 1, 32), ("bf16 batch 8 tok/s", 8, 16)):
+        rounds = []
+        for _ in range(args.repeats):
+            hf_s, _ = hf_run(hf16, prompts[:batch], new)
+            ours.engine.kv.radix.clear()
+            our_s, _ = ours_run(ours, prompts[:batch], new)
+            rounds.append((batch * new / hf_s, batch * new / our_s))
+            print(f"  {label}: HF {rounds[-1][0]:.1f}, microserve {rounds[-1][1]:.1f}", flush=True)
+        hf_tps, our_tps = sorted(rounds, key=lambda r: r[1] / r[0])[len(rounds) // 2]
+        rows.append((label + " (median)", hf_tps, our_tps, our_tps / hf_tps))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="8 prompts instead of 32 (smoke run)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved HF/ours rounds; the median is reported")
+    ap.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 rows")
     args = ap.parse_args()
     n = 8 if args.quick else 32
     g = torch.Generator().manual_seed(1)
@@ -154,8 +179,11 @@ def main() -> None:
         hf_tps, our_tps, plain_tps = sorted(mixed, key=lambda r: r[1] / r[0])[len(mixed) // 2]
         rows.append(("mixed useful tok/s (median round)", hf_tps, our_tps, our_tps / hf_tps))
         rows.append(("  same round, torch path (no csrc)", hf_tps, plain_tps, plain_tps / hf_tps))
+        if not args.no_bf16:
+            rows += bf16_rows(hf, path, uniform, args)
 
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {n} prompts, float32 CPU")
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {n} prompts, float32 CPU "
+          f"(bf16 rows: bfloat16)")
     print(f"{'metric':<36}{'HF generate':>14}{'microserve':>14}{'ratio':>10}")
     for name, a, b, r in rows:
         print(f"{name:<36}{a:>14.3f}{b:>14.3f}{r:>9.2f}x")

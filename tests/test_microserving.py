@@ -12,12 +12,14 @@ import os
 import random
 import signal
 import time
+from types import SimpleNamespace
 
 import msgspec
 import pytest
+import torch
 import zmq
 import zmq.asyncio
-from checkpoints import make_checkpoint
+from checkpoints import assert_follows_reference, make_checkpoint
 from engines import start_engine, wait_engine
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -414,3 +416,29 @@ async def test_kv_events_published(cluster):
     finally:
         sub.close(0)
         ctx.term()
+
+
+async def test_pd_in_bfloat16(tmp_path):
+    """PD between two bfloat16 engines: half-precision pages move at their own size over tcp and
+    shm, D decodes from them (the prompt is not recomputed), and every token is transformers'
+    bf16 choice up to rounding."""
+    path, hf = make_checkpoint(tmp_path, "llama", max_position_embeddings=4096)
+    names = ("P16", "D16")
+    engines = [wait_engine(start_engine(str(path), *COMMON, "--dtype", "bfloat16", engine_id=n)) for n in names]
+    p, d = (EngineHandle(e.rpc, name=n, timeout=30) for e, n in zip(engines, names))
+    try:
+        prompts, outs = [rand_prompt(77, seed=1), rand_prompt(150, seed=2)], []
+        for prompt, transport in zip(prompts, ("tcp", "shm")):
+            r = req(prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+            ticket, sent, tokens, last = await balanced_pd(p, d, r, len(prompt), transport)
+            spec = ticket.kv.spec
+            assert spec.dtype == "bfloat16" and sent.transport == transport
+            assert sent.bytes == -(-len(prompt) // BS) * spec.page_bytes * 2 * spec.num_layers
+            assert last.num_cached_tokens == len(prompt) - 1 and len(tokens) == 16
+            outs.append(SimpleNamespace(token_ids=tokens))
+        assert_follows_reference(hf.to(torch.bfloat16), prompts, outs, "PD in bfloat16")
+    finally:
+        await p.close()
+        await d.close()
+        for e in engines:
+            assert e.stop() == 0

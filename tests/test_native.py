@@ -44,6 +44,28 @@ def test_paged_decode_matches_gather_sdpa(kernels, batch, group, kv_heads, head_
     torch.testing.assert_close(got.float(), ref.float(), atol=_tol(dtype), rtol=_tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_narrowing_rounds_as_torch(kernels, dtype):
+    """The kernels' vectorised float32 -> bf16 / fp16 narrowing, seen through the residual sum
+    of `add_rms_norm` (x + r in float32, rounded once): bit for bit torch's rounding, ties to
+    even, overflow to inf, subnormals, signed zeros; NaN stays NaN."""
+    g = torch.Generator().manual_seed(3)
+    big = 3.0e38 if dtype == torch.bfloat16 else 6.0e4
+    x = torch.randn(256, 64, generator=g) * torch.logspace(-8, 8, 64)  # spread exponents: ties, cancellations
+    r = torch.randn(256, 64, generator=g) * torch.logspace(8, -8, 64)
+    specials = torch.tensor([1.0, 1.0 + 2**-7, big, -big, float("inf"), float("nan"), 0.0, -0.0, 6e-8, 1e-40,
+                             -1.0, 2**-8, 2**-24, 65519.0, float("-inf"), 3.0])
+    x[:4, :16], r[:4, :16] = specials, specials.flip(0)
+    x[4, :16], r[4, :16] = specials, specials  # doubles: overflow, subnormals
+    x, r = x.to(dtype), r.to(dtype)
+    with torch.inference_mode():
+        _, got = kernels.add_rms_norm(x, r, torch.ones(64, dtype=dtype), 1e-6)
+    want = (r.float() + x.float()).to(dtype)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+
+
 def test_gather_workspace_stays_bounded_across_dtypes(monkeypatch):
     """Engines of several dtypes in one process share the gather workspace: it keeps one buffer
     per dtype (a single buffer once doubled on every dtype switch, to a 37 GB allocation)."""

@@ -1,6 +1,10 @@
 """Native CPU kernels (`csrc/cpu_kernels.cpp`) against their pure-torch twins, and the whole
 engine on the fast path against the plain path: same tokens."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from checkpoints import assert_follows_reference, make_checkpoint
@@ -285,3 +289,38 @@ def test_half_precision_without_the_kernels_warns(demo_path, caplog):
         LLM(demo_path, dtype="bfloat16")
         LLM(demo_path, native_kernels=False)  # float32: MKL, nothing to say
     assert not [r for r in caplog.records if "native AVX2" in r.getMessage()]
+
+
+PORTABLE_CHECK = """
+import sys
+import torch
+from microserve import LLM, SamplingParams
+from microserve.engine import native
+from microserve.engine.models.llama import Linear
+
+kernels = native.load()
+assert kernels is not None and not kernels.simd(), "expected the scalar build"
+path = sys.argv[1]
+prompts = [[(7 * i + 3 * j) % 250 + 5 for i in range(n)] for j, n in enumerate([1, 17, 63])]
+sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+fast = LLM(path)
+lins = [m for m in fast.engine.runner.model.modules() if isinstance(m, Linear)]
+assert all(m.weight_packed is None for m in lins), "no packed tiles without AVX2"
+assert any(m.weight_dnn is not None for m in lins) or not torch.backends.mkldnn.is_available()
+assert fast.engine.runner.native_decode is not None
+plain = LLM(path, native_kernels=False)
+assert [o.token_ids for o in fast.generate(prompts, sp)] == [o.token_ids for o in plain.generate(prompts, sp)]
+half = LLM(path, dtype="bfloat16")  # torch's GEMMs, the scalar kernels for the rest
+assert all(len(o.token_ids) == 24 for o in half.generate(prompts, sp))
+print("portable ok")
+"""
+
+
+@pytest.mark.slow
+def test_portable_build_without_simd(llama_ckpt):
+    """The build a CPU without AVX2 gets (`MICROSERVE_NATIVE_SIMD=0`, compiled on first use): scalar
+    kernels, oneDNN projections, same tokens as the torch path."""
+    env = dict(os.environ, MICROSERVE_NATIVE_SIMD="0")
+    out = subprocess.run([sys.executable, "-c", PORTABLE_CHECK, str(llama_ckpt[0])], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0 and "portable ok" in out.stdout, out.stderr[-3000:]

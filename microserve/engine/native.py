@@ -30,7 +30,10 @@ def enabled() -> bool:
 
 def _cpu_flags() -> list[str]:
     """Vector ISA flags this CPU has (the build is cached per flag set, so a cache shared
-    between machines never hands a CPU code it cannot run)."""
+    between machines never hands a CPU code it cannot run). `MICROSERVE_NATIVE_SIMD=0`: none,
+    the portable scalar build that CPUs without AVX2 get (e.g. to test that fallback on x86)."""
+    if os.environ.get("MICROSERVE_NATIVE_SIMD", "1").strip().lower() in ("0", "false", "no", "off"):
+        return []
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

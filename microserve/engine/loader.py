@@ -27,7 +27,7 @@ class CheckpointError(ValueError):
 
 
 def resolve_dtype(requested: str | torch.dtype | None, cfg: ModelConfig, device: str) -> torch.dtype:
-    """`None` takes the checkpoint's dtype; float16 on CPU becomes float32 (slow/unsupported there)."""
+    """`None` takes the checkpoint's dtype; float16 on CPU becomes float32 (docs/engine.md, Checkpoints)."""
     name = requested if requested is not None else cfg.torch_dtype
     if isinstance(name, torch.dtype):
         return name

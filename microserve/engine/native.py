@@ -24,15 +24,19 @@ _module: ModuleType | None = None
 _tried = False
 
 
+def _switched_off(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def enabled() -> bool:
-    return os.environ.get("MICROSERVE_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return not _switched_off("MICROSERVE_NATIVE")
 
 
 def _cpu_flags() -> list[str]:
     """Vector ISA flags this CPU has (the build is cached per flag set, so a cache shared
     between machines never hands a CPU code it cannot run). `MICROSERVE_NATIVE_SIMD=0`: none,
     the portable scalar build that CPUs without AVX2 get (e.g. to test that fallback on x86)."""
-    if os.environ.get("MICROSERVE_NATIVE_SIMD", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _switched_off("MICROSERVE_NATIVE_SIMD"):
         return []
     try:
         text = Path("/proc/cpuinfo").read_text()

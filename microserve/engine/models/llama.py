@@ -36,8 +36,9 @@ class Linear(nn.Linear):
     float32, bfloat16 or float16) replaces `W_t` by 16-column tiles `[ceil(N / 16), in, 16]`,
     which the native GEMM (`skinny_linear`) reads front to back: float32 1.3-2.4x faster than
     oneDNN at 1-8 rows (decode: the weights stream at ~35 GB/s), 1.0-1.2x at 32, on par on
-    2048-row prefill chunks; half precision accumulates in float32 and is 8-40x faster than
-    torch's bf16 / fp16 GEMMs on CPUs without AVX512-BF16 (docs/engine.md, CPU notes).
+    2048-row prefill chunks; half precision accumulates in float32 and makes a bf16 / fp16
+    model 14-77x faster than on torch's own CPU GEMMs without AVX512-BF16 (docs/engine.md,
+    CPU notes).
     `prepack_dnn_()` (float32, native kernels built without AVX2, e.g. on ARM) replaces `W_t` by
     oneDNN's blocked layout, run by torch's own `mkldnn._linear_pointwise`.
     """

@@ -40,10 +40,19 @@ CHAT_TEMPLATE = (
 )
 
 
+def byte_alphabet() -> list[str]:
+    """The 256 byte-level characters in byte order: entry `b` stands for the byte `b`
+    (GPT-2's `bytes_to_unicode`: printable Latin-1 bytes map to themselves, the rest to 256+)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+
+
 def byte_level_tokenizer() -> Tokenizer:
-    """A tokenizer with one token per byte (ids 5..260) after the special tokens (0..4)."""
+    """A tokenizer with one token per byte after the special tokens (0..4): byte `b` is id 5 + b.
+    NOTE: not `ByteLevel.alphabet()`, which comes in hash-set order, a different vocabulary per process."""
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
+    for ch in byte_alphabet():
         vocab[ch] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

@@ -1,5 +1,8 @@
 """Engine behaviour: batching, chunked prefill, prefix cache, preemption, sampling, no leaks."""
 
+import subprocess
+import sys
+
 import pytest
 from checkpoints import hf_greedy
 from hypothesis import HealthCheck, given, settings
@@ -153,6 +156,21 @@ def test_string_prompts_and_text(demo_path):
     same = llm.generate([out.prompt_token_ids], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
     assert same.token_ids == out.token_ids
 
+
+
+def test_demo_model_is_the_same_in_every_process(demo_path, tmp_path):
+    """Byte `b` is token 5 + b, and two processes write byte-identical checkpoints (the tokenizers
+    library hands out its byte alphabet in hash order: building the vocabulary from it gave every
+    process its own vocabulary, so `--model demo` depended on which process wrote the cache)."""
+    tok = LLM(demo_path).tokenizer
+    text = "héllo, 世界\n\x00~"
+    assert tok.encode(text) == [5 + b for b in text.encode()]
+    assert tok.decode(tok.encode(text)) == text
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-c", "import sys, microserve; microserve.demo_model(sys.argv[1])",
+                        str(tmp_path / name)], check=True, timeout=120)
+    for f in ("tokenizer.json", "model.safetensors", "config.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() == (demo_path / f).read_bytes()
 
 def test_abort_frees_blocks(llama_ckpt):
     llm = LLM(llama_ckpt[0], enable_prefix_caching=False)

@@ -157,7 +157,6 @@ def test_string_prompts_and_text(demo_path):
     assert same.token_ids == out.token_ids
 
 
-
 def test_demo_model_is_the_same_in_every_process(demo_path, tmp_path):
     """Byte `b` is token 5 + b, and two processes write byte-identical checkpoints (the tokenizers
     library hands out its byte alphabet in hash order: building the vocabulary from it gave every
@@ -171,6 +170,7 @@ def test_demo_model_is_the_same_in_every_process(demo_path, tmp_path):
                         str(tmp_path / name)], check=True, timeout=120)
     for f in ("tokenizer.json", "model.safetensors", "config.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() == (demo_path / f).read_bytes()
+
 
 def test_abort_frees_blocks(llama_ckpt):
     llm = LLM(llama_ckpt[0], enable_prefix_caching=False)

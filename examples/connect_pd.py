@@ -9,7 +9,7 @@ import asyncio
 
 import microserve
 from microserve.demo import resolve_model
-from microserve.engine.tokenizer import Tokenizer
+from microserve.engine.model.tokenizer import Tokenizer
 
 
 async def main() -> None:

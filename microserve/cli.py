@@ -44,7 +44,7 @@ def _engine(args: argparse.Namespace) -> int:
 
     from microserve.demo import resolve_model
     from microserve.engine.config import EngineConfig
-    from microserve.engine.server import EngineOptions, run_engine
+    from microserve.serving.zmq_server import EngineOptions, run_engine
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     block_size = args.block_size

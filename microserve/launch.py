@@ -134,7 +134,7 @@ def check_layout(strategy: Strategy, layout: Mapping[str, int]) -> None:
 
 
 def load_tokenizer(model_path: str | Path):
-    from microserve.engine.tokenizer import Tokenizer
+    from microserve.engine.model.tokenizer import Tokenizer
 
     return Tokenizer(model_path)
 

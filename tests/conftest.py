@@ -10,7 +10,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from checkpoints import make_checkpoint  # noqa: E402
 
-from microserve.engine import native  # noqa: E402
+from microserve.engine.model import native  # noqa: E402
 
 # NOTE: build the native kernels once, up front, so engine processes started by tests find
 # them in torch's extension cache instead of each waiting on the build lock at start-up

@@ -19,10 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from microserve import LLM, SamplingParams
-from microserve.engine import attention
-from microserve.engine.cuda_graphs import batch_buckets
-from microserve.engine.models.llama import RMSNorm, apply_rope
-from microserve.engine.triton_ops import TritonOps, add_rms_norm, paged_decode, rope_, silu_and_mul
+from microserve.engine.model import attention
+from microserve.engine.model.cuda_graphs import batch_buckets
+from microserve.engine.model.models.llama import RMSNorm, apply_rope
+from microserve.engine.model.triton_ops import TritonOps, add_rms_norm, paged_decode, rope_, silu_and_mul
 from microserve.protocol import Request
 from microserve.router import EngineHandle
 

@@ -305,7 +305,7 @@ def test_chunks_of_one_shape_attend_in_one_call(llama_ckpt):
 def test_cascade_attention_over_a_long_shared_prefix(llama_ckpt):
     """Requests sharing a cached prefix of >= 256 tokens with tails of one length: the prefix is
     attended once for all of them (cascade), merged exactly with each tail's own attention."""
-    from microserve.engine import attention
+    from microserve.engine.model import attention
 
     path, hf = llama_ckpt
     prefix = _prompts([300], salt=8)[0]

@@ -8,7 +8,7 @@ import pytest
 
 from microserve import LLM, InvalidRequestError, SamplingParams
 from microserve.engine.config import ModelConfig, UnsupportedModelError
-from microserve.engine.loader import CheckpointError
+from microserve.engine.model.loader import CheckpointError
 
 OK = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from microserve import LLM, SamplingParams
-from microserve.engine import attention, native
-from microserve.engine.models.llama import Linear, apply_rope
+from microserve.engine.model import attention, native
+from microserve.engine.model.models.llama import Linear, apply_rope
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_vectorised_exp_over_the_whole_range(kernels):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 32, 300])  # one thread, and several
 def test_add_rms_norm(kernels, dtype, rows):
-    from microserve.engine.models.llama import RMSNorm
+    from microserve.engine.model.models.llama import RMSNorm
 
     g = torch.Generator().manual_seed(rows)
     x, r = torch.randn(rows, 200, generator=g).to(dtype), torch.randn(rows, 200, generator=g).to(dtype)
@@ -281,11 +281,11 @@ def test_fast_path_equals_plain_path(kernels, request, variant_fixture):
 
 def test_half_precision_without_the_kernels_warns(demo_path, caplog):
     """torch's own bf16 GEMMs are scalar-speed on most CPUs: a model that would run them says so."""
-    with caplog.at_level("WARNING", logger="microserve.engine.runner"):
+    with caplog.at_level("WARNING", logger="microserve.engine.model.runner"):
         LLM(demo_path, dtype="bfloat16", native_kernels=False)
     assert any("without the native AVX2 kernels" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="microserve.engine.runner"):
+    with caplog.at_level("WARNING", logger="microserve.engine.model.runner"):
         LLM(demo_path, dtype="bfloat16")
         LLM(demo_path, native_kernels=False)  # float32: MKL, nothing to say
     assert not [r for r in caplog.records if "native AVX2" in r.getMessage()]
@@ -295,8 +295,8 @@ PORTABLE_CHECK = """
 import sys
 import torch
 from microserve import LLM, SamplingParams
-from microserve.engine import native
-from microserve.engine.models.llama import Linear
+from microserve.engine.model import native
+from microserve.engine.model.models.llama import Linear
 
 kernels = native.load()
 assert kernels is not None and not kernels.simd(), "expected the scalar build"

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from microserve.engine.config import EngineConfig
-from microserve.engine.core import InvalidRequestError
+from microserve.engine.core.engine_core import InvalidRequestError
 from microserve.sampling_params import SamplingParams
 from microserve.sim.costs import CostModel, load_gpu, load_model
 from microserve.sim.engine import SimEngine

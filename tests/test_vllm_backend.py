@@ -252,7 +252,7 @@ def test_mixed_vllm_and_builtin_engines_are_refused_clearly(cluster):
 def test_launch_backend_vllm_serves_pd_through_the_openai_gateway(cluster, model):
     from openai import OpenAI
 
-    from microserve.engine.tokenizer import Tokenizer
+    from microserve.engine.model.tokenizer import Tokenizer
 
     prompt = rand_prompt(120, 41)
 

@@ -12,12 +12,12 @@ from kvapi import KVSpec
 from kvapi.radix import EventHook
 from kvapi.spec import dtype_name
 from microserve.engine.config import EngineConfig, ModelConfig
-from microserve.engine.core import EngineCore, EngineStats, InvalidRequestError, StepOutput
-from microserve.engine.loader import load_model
-from microserve.engine.runner import ModelRunner
-from microserve.engine.scheduler import ScheduledBatch
-from microserve.engine.sequence import Sequence
-from microserve.engine.tokenizer import Tokenizer
+from microserve.engine.core.engine_core import EngineCore, EngineStats, InvalidRequestError, StepOutput
+from microserve.engine.core.scheduler import ScheduledBatch
+from microserve.engine.core.sequence import Sequence
+from microserve.engine.model.loader import load_model
+from microserve.engine.model.runner import ModelRunner
+from microserve.engine.model.tokenizer import Tokenizer
 
 __all__ = ["EngineStats", "InvalidRequestError", "LLMEngine", "StepOutput"]
 

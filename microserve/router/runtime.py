@@ -25,13 +25,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from microserve.gateway.detokenize import IncrementalDetokenizer, StopChecker
 from microserve.protocol import GenerateChunk, Request
 from microserve.router.cluster import Cluster
 from microserve.router.handle import EngineCallError, EngineHandle, touched_engines
 from microserve.router.metrics import RouterMetrics
 from microserve.router.strategy import Strategy
 from microserve.sampling_params import SamplingParams
+from microserve.text import IncrementalDetokenizer, StopChecker
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Router:
     Args:
         cluster: started `Cluster`.
         strategy: the strategy instance.
-        tokenizer: `microserve.engine.tokenizer.Tokenizer` of the served model.
+        tokenizer: `microserve.engine.model.tokenizer.Tokenizer` of the served model.
         max_model_len: context limit (prompt + output); default: the engines' smallest.
         request_timeout: per-request deadline in seconds (arrival to last token).
         max_retries: restarts on another engine when one fails before the first token.

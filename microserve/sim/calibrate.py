@@ -43,7 +43,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from microserve.engine.config import EngineConfig
-from microserve.engine.scheduler import ScheduledBatch
+from microserve.engine.core.scheduler import ScheduledBatch
 from microserve.sampling_params import SamplingParams
 from microserve.sim.costs import GPU, CostModel, ModelShape, load_model
 from microserve.sim.engine import batch_shape

@@ -19,12 +19,12 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 from microserve import protocol as P
 from microserve.engine.config import EngineConfig
-from microserve.engine.tickets import EngineError
 from microserve.router.cluster import Cluster
 from microserve.router.handle import EngineCallError, EngineHandle
+from microserve.serving.tickets import EngineError
 from microserve.sim.costs import CostModel, Link
 from microserve.sim.engine import SimEngine
-from microserve.sim.server import SimServer
+from microserve.sim.service import SimServer
 
 
 class SimHandle(EngineHandle):

@@ -14,9 +14,9 @@ from __future__ import annotations
 from kvapi import KVSpec
 from kvapi.radix import EventHook
 from microserve.engine.config import EngineConfig
-from microserve.engine.core import EngineCore
-from microserve.engine.scheduler import ScheduledBatch
-from microserve.engine.sequence import Sequence
+from microserve.engine.core.engine_core import EngineCore
+from microserve.engine.core.scheduler import ScheduledBatch
+from microserve.engine.core.sequence import Sequence
 from microserve.sim.costs import CostModel
 
 PLACEHOLDER_TOKEN = 0

@@ -44,7 +44,7 @@ def prompt_encoder(model: str, vocab: int, tokens_per_word: float) -> Callable[[
 
     path = resolve_model(model) if model == "demo" else Path(model)
     if path.is_dir() and (path / "tokenizer.json").is_file():
-        from microserve.engine.tokenizer import Tokenizer
+        from microserve.engine.model.tokenizer import Tokenizer
 
         return Tokenizer(path).encode
     cache: dict[tuple[str, int], int] = {}

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from microserve.engine.attention import AttentionMetadata, paged_attention, write_kv
 from microserve.engine.config import ModelConfig, RopeConfig
+from microserve.engine.model.attention import AttentionMetadata, paged_attention, write_kv
 
 DNN_BATCH_HINT = 32  # oneDNN picks its weight layout for this many rows; it serves any batch
 # weight dtypes the native GEMM reads (half precision widened to float32 in registers)
@@ -173,7 +173,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    kernels = None  # native CPU kernels (`microserve.engine.native`), set by `use_native`
+    kernels = None  # native CPU kernels (`microserve.engine.model.native`), set by `use_native`
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -1,6 +1,6 @@
 """The microserve KV connector for vLLM (V1): receive tickets and prefill-only sends in vLLM's own paged KV.
 
-vLLM loads it by name (`kv_connector_module_path="microserve.engine.vllm_connector"`,
+vLLM loads it by name (`kv_connector_module_path="microserve.serving.vllm.connector"`,
 `kv_connector="MicroserveConnector"`). The engine runs in one process (in-process engine core,
 one in-process worker), so the scheduler-side and the worker-side instances meet the serving
 code through a `Bridge` registered under the engine's id (`kv_connector_extra_config`).

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from microserve.engine.config import ModelConfig
-from microserve.engine.models.llama import LlamaForCausalLM, RotaryEmbedding
+from microserve.engine.model.models.llama import LlamaForCausalLM, RotaryEmbedding
 
 _FUSED = {  # our name -> the Hugging Face names concatenated (dim 0) into it
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

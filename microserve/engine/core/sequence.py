@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvapi.radix import prefix_hashes
 from microserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # NOTE: the core stays torch-free (the simulator and routers import it)
+    import torch
 
 
 class SequenceStatus(enum.Enum):

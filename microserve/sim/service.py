@@ -23,9 +23,9 @@ from collections.abc import Callable
 from kvapi.transfer import KVAddr, TransferError, TransferOutcome
 from kvapi.transfer.sender import SendStats
 from microserve import protocol as P
-from microserve.engine.async_engine import MicroservingEngine
-from microserve.engine.core import StepOutput
-from microserve.engine.tickets import EngineError, SendJob, Ticket
+from microserve.engine.core.engine_core import StepOutput
+from microserve.serving.builtin import MicroservingEngine
+from microserve.serving.tickets import EngineError, SendJob, Ticket
 from microserve.sim.costs import Link
 from microserve.sim.engine import SimEngine
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from kvapi.spec import KVSpec, KVSpecMismatch
 from kvapi.transfer import KVAddr, TransferError
-from microserve.engine.kv_manager import KVCacheManager
-from microserve.engine.sequence import Sequence, SequenceStatus
+from microserve.engine.core.kv_manager import KVCacheManager
+from microserve.engine.core.sequence import Sequence, SequenceStatus
 from microserve.sampling_params import SamplingParams
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from microserve.engine.sequence import Sequence
+from microserve.engine.core.sequence import Sequence
 
 
 def _generator(seq: Sequence, device: torch.device, fallback: torch.Generator) -> torch.Generator:

@@ -22,7 +22,7 @@ import logging
 
 import torch
 
-from microserve.engine.triton_ops import TritonOps
+from microserve.engine.model.triton_ops import TritonOps
 
 log = logging.getLogger("microserve.engine")
 
@@ -44,7 +44,7 @@ class DecodeGraphs:
     """
 
     def __init__(self, model, kv_cache: torch.Tensor, max_batch: int, max_blocks: int) -> None:
-        from microserve.engine.attention import AttentionMetadata
+        from microserve.engine.model.attention import AttentionMetadata
 
         self.model, self.kv_cache = model, kv_cache
         dev = kv_cache.device

@@ -24,8 +24,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from microserve.engine.config import EngineConfig
-from microserve.engine.kv_manager import KVCacheManager
-from microserve.engine.sequence import Sequence, SequenceStatus
+from microserve.engine.core.kv_manager import KVCacheManager
+from microserve.engine.core.sequence import Sequence, SequenceStatus
 
 
 @dataclass

@@ -10,13 +10,13 @@ import logging
 import torch
 
 from kvapi import KVSpec
-from microserve.engine import cuda_graphs as cuda_graphs_mod
-from microserve.engine import native, triton_ops
-from microserve.engine.attention import AttentionMetadata, PrefillChunk
-from microserve.engine.models.llama import LlamaForCausalLM
-from microserve.engine.sampler import sample
-from microserve.engine.scheduler import ScheduledBatch
-from microserve.engine.sequence import Sequence
+from microserve.engine.core.scheduler import ScheduledBatch
+from microserve.engine.core.sequence import Sequence
+from microserve.engine.model import cuda_graphs as cuda_graphs_mod
+from microserve.engine.model import native, triton_ops
+from microserve.engine.model.attention import AttentionMetadata, PrefillChunk
+from microserve.engine.model.models.llama import LlamaForCausalLM
+from microserve.engine.model.sampler import sample
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "cpu_kernels.cpp"
+_SOURCE = Path(__file__).resolve().parents[3] / "csrc" / "cpu_kernels.cpp"
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _tried = False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from kvapi import BlockPool, RadixCache
 from kvapi.radix import EventHook
-from microserve.engine.sequence import Sequence
+from microserve.engine.core.sequence import Sequence
 
 
 class KVCacheManager:

@@ -21,12 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kvapi.transfer import KVAddr, KVReceiver, KVSender, TransferError, TransferOutcome, choose_transport
 from kvapi.transfer.sender import SendStats
-from microserve.engine.core import EngineCore, InvalidRequestError, StepOutput
+from microserve.engine.core.engine_core import EngineCore, InvalidRequestError, StepOutput
+from microserve.engine.core.sequence import Sequence
 from microserve.engine.engine import LLMEngine
-from microserve.engine.sequence import Sequence
-from microserve.engine.tickets import EngineError, SendJob, Ticket, TicketBook, adopt_ticket, check_send, norm_pos
 from microserve.protocol import GenerateChunk, RecvTicket, Request, SendResult, StatsReply
 from microserve.sampling_params import SamplingParams
+from microserve.serving.tickets import EngineError, SendJob, Ticket, TicketBook, adopt_ticket, check_send, norm_pos
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class MicroservingEngine:
     """Serve `prep_recv` / `remote_send` / `start_generate` / `abort` / `stats` for one engine,
     whatever moves the KV bytes and runs the step: `AsyncEngine` below (a model stepped in a
-    thread, `kvapi.transfer`) or `microserve.sim.server.SimServer` (virtual time, a link model).
+    thread, `kvapi.transfer`) or `microserve.sim.service.SimServer` (virtual time, a link model).
 
     Args:
         engine: the engine's books and step (`EngineCore`).

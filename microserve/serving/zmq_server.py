@@ -27,13 +27,13 @@ from kvapi.transfer import KVReceiver, host_id
 from kvapi.transfer.shm import SharedPool, shm_available
 from kvapi.transfer.ucx import ucx_available
 from microserve import protocol as P
-from microserve.engine.async_engine import AsyncEngine
 from microserve.engine.config import EngineConfig
 from microserve.engine.engine import LLMEngine
-from microserve.engine.tickets import EngineError
+from microserve.serving.builtin import AsyncEngine
+from microserve.serving.tickets import EngineError
 
 if TYPE_CHECKING:
-    from microserve.engine.vllm_engine import VLLMEngine
+    from microserve.serving.vllm.engine import VLLMEngine
 
 log = logging.getLogger("microserve.engine")
 
@@ -52,7 +52,7 @@ class EngineOptions:
     lease_s: float = 60.0
     transfer_timeout: float = 30.0
     config: EngineConfig | None = None
-    backend: str = "builtin"  # or "vllm" (microserve.engine.vllm_engine)
+    backend: str = "builtin"  # or "vllm" (microserve.serving.vllm.engine)
 
 
 def pick_transports(choice: str, device: str) -> list[str]:
@@ -109,7 +109,7 @@ class EngineServer:
         self.kv_spec, self.max_model_len = llm.kv_spec, llm.max_model_len
 
     def _start_vllm(self, opts: EngineOptions) -> None:
-        from microserve.engine.vllm_engine import VLLMEngine, vllm_available
+        from microserve.serving.vllm.engine import VLLMEngine, vllm_available
 
         if not vllm_available():
             raise ValueError("--backend vllm needs vLLM in this environment: pip install 'microserve[vllm]' "

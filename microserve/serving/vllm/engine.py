@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from kvapi.spec import KVSpec, KVSpecMismatch, dtype_name
 from kvapi.transfer import KVAddr, KVReceiver, KVSender, TransferError, TransferOutcome, choose_transport
 from kvapi.transfer.base import new_secret
-from microserve.engine.tickets import EngineError, check_send, norm_pos
 from microserve.protocol import GenerateChunk, RecvTicket, Request, SendResult, StatsReply
 from microserve.sampling_params import SamplingParams
+from microserve.serving.tickets import EngineError, check_send, norm_pos
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class VLLMEngine:
         from vllm import EngineArgs, LLMEngine
         from vllm.config import KVTransferConfig
 
-        from microserve.engine.vllm_connector import BlockPages, bridge_for
+        from microserve.serving.vllm.connector import BlockPages, bridge_for
 
         self.engine_id, self.model = engine_id, model
         self.lease_s, self.transfer_timeout = lease_s, transfer_timeout
@@ -91,7 +91,7 @@ class VLLMEngine:
             num_gpu_blocks_override=num_kv_blocks,
             kv_transfer_config=KVTransferConfig(
                 kv_connector="MicroserveConnector", kv_role="kv_both",
-                kv_connector_module_path="microserve.engine.vllm_connector",
+                kv_connector_module_path="microserve.serving.vllm.connector",
                 kv_connector_extra_config={"engine_id": engine_id}))
         self.llm = LLMEngine.from_engine_args(args)
         core = self.llm.engine_core
@@ -186,7 +186,7 @@ class VLLMEngine:
 
     # -- prep_recv ---------------------------------------------------------------------
     async def prep_recv(self, req: Request, end: int, lease_s: float | None = None) -> RecvTicket:
-        from microserve.engine.vllm_connector import Recv
+        from microserve.serving.vllm.connector import Recv
 
         prompt = self._validated(req)
         end = norm_pos(end, len(prompt), "end")
@@ -289,7 +289,7 @@ class VLLMEngine:
     # -- remote_send -------------------------------------------------------------------
     async def remote_send(self, req: Request, kv: KVAddr, begin: int, end: int,
                           transport: str | None = None) -> SendResult:
-        from microserve.engine.vllm_connector import Send
+        from microserve.serving.vllm.connector import Send
 
         prompt = self._validated(req)
         begin, end, mode = check_send(self.kv_spec, kv, begin, end, len(prompt),

@@ -1,0 +1,152 @@
+"""`EngineAPI`: the engine side of the microserving calls, one interface for every backend.
+
+    wire (ZeroMQ, msgspec) ─> decode_call ─> dispatch(api, call) ─> EngineAPI method ─> Reply | chunks
+    in-process (simulator)  ─────────────────> dispatch(api, call) ─┘
+
+Three backends implement it, all on `serving.base.EngineService`: the built-in engine
+(`serving.builtin.BuiltinService`), a vLLM engine (`serving.vllm.engine.VLLMService`) and a
+simulated one (`sim.service.SimService`). A call fails with `EngineError(code, message)`;
+`code` is an `ErrorCode`, and it crosses the wire unchanged as `protocol.RPCError.code`.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from collections.abc import AsyncIterator
+from typing import Protocol, runtime_checkable
+
+from microserve import protocol as P
+from microserve.sampling_params import SamplingParams
+
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # pragma: no cover - Python 3.10
+    class StrEnum(str, enum.Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
+
+class ErrorCode(StrEnum):
+    """Why a call or a request failed. The engine-side codes travel as `RPCError.code`;
+    the router adds its own; `gateway.app.HTTP_STATUS` maps every code to an HTTP status.
+
+    Members compare equal to their wire strings, so a code decoded from the wire is `ErrorCode.of(code)`.
+    """
+
+    # engine side (the calls)
+    BAD_REQUEST = "bad_request"  # malformed call, bad positions, bad sampling, prompt the engine cannot serve
+    NOT_FOUND = "not_found"  # an unknown ticket or request
+    FORBIDDEN = "forbidden"  # a wrong ticket secret
+    KV_SPEC_MISMATCH = "kv_spec_mismatch"  # sender and receiver KV layouts differ
+    OVERLOADED = "overloaded"  # not enough free KV blocks
+    TIMEOUT = "timeout"  # a deadline passed (an engine's answer, KV that did not arrive)
+    UNAVAILABLE = "unavailable"  # the engine (or its peer) is down or unreachable
+    TRANSFER_FAILED = "transfer_failed"  # a KV transfer broke off
+    ABORTED = "aborted"  # the request was aborted while the call ran
+    INTERNAL = "internal"  # a bug: the engine failed while serving the call
+    # router and gateway side
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    INVALID_API_KEY = "invalid_api_key"
+    MODEL_NOT_FOUND = "model_not_found"
+    TOO_MANY_REQUESTS = "too_many_requests"
+    STRATEGY_ERROR = "strategy_error"
+    INVALID_REQUEST = "invalid_request_error"  # an HTTP-level error (bad path, method)
+
+    @classmethod
+    def of(cls, code: str) -> ErrorCode:
+        """The member for a wire string; unknown strings (a newer peer) become INTERNAL."""
+        try:
+            return cls(code)
+        except ValueError:
+            return cls.INTERNAL
+
+
+class EngineError(Exception):
+    """The one server-side failure of a call: `code` says why, the message says what."""
+
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        super().__init__(message)
+        self.code = ErrorCode.of(code)
+
+
+@runtime_checkable
+class EngineAPI(Protocol):
+    """Every call an engine serves. Positions are token indices into `req.prompt_ids`
+    (negative: from the end, as in Python). Every method may raise `EngineError`."""
+
+    engine_id: str
+
+    async def prep_recv(self, req: P.Request, end: int, lease_s: float | None = None) -> P.RecvTicket:
+        """Called by a strategy on the engine that will decode (D), before the sender runs.
+
+        Matches the local prefix cache on `prompt[:end]` (pinning the matched blocks) and
+        reserves blocks for `[matched, end)` under a lease of `lease_s` seconds (default:
+        the engine's). The blocks are held until `start_generate` adopts them, the request
+        is aborted or the lease expires; only a sender holding the ticket's secret writes
+        into them. Raises BAD_REQUEST (positions, lease, prompt), OVERLOADED (no blocks)."""
+        ...
+
+    async def remote_send(self, req: P.Request, kv: P.KVAddr, begin: int, end: int,
+                          transport: str | None = None) -> P.SendResult:
+        """Called by a strategy on the engine that prefills (P).
+
+        Makes sure KV for `prompt[:end]` exists here (prefix cache, then a prefill of the
+        rest through the normal scheduler) and writes `[begin, end)` into the receiver's
+        ticket `kv`, layer by layer as they are computed; returns when the receiver has it
+        all. Raises BAD_REQUEST (positions, range outside the ticket, transport),
+        KV_SPEC_MISMATCH, TRANSFER_FAILED / UNAVAILABLE / TIMEOUT (the transfer), ABORTED."""
+        ...
+
+    async def start_generate(self, req: P.Request, begin: int = 0,
+                             sampling: SamplingParams | None = None) -> AsyncIterator[P.GenerateChunk]:
+        """Called by a strategy on the engine that decodes.
+
+        Uses KV received into this request's ticket (waiting for a transfer in flight) or
+        cached here for `prompt[:begin]`, prefills the rest (at least the last prompt
+        token) and decodes. Returns the stream of chunks; the last carries the finish
+        reason. Leaving the stream early aborts the request. Raises BAD_REQUEST, TIMEOUT
+        (the ticket's KV did not arrive), ABORTED; the stream raises INTERNAL if the
+        engine fails while running the request."""
+        ...
+
+    async def abort(self, request_id: str) -> bool:
+        """Called by the router when a request ends early (client gone, stop string, error).
+        Cancels everything of the request here (tickets, sends, the running sequence) and
+        frees its blocks. Returns whether anything was found. Never raises for an unknown id."""
+        ...
+
+    def stats(self) -> P.StatsReply:
+        """Called by the router's load polls and `/metrics`: counters, read between steps."""
+        ...
+
+    def health(self) -> P.HealthReply:
+        """Called by the router when it connects and to probe a down engine: liveness,
+        model, KV spec, transports, the KV-event address, the context limit."""
+        ...
+
+    async def kv_snapshot(self) -> P.KVSnapshotReply:
+        """Called by a router that joins late or lost KV events: every prefix hash cached
+        here and the sequence number of the last event published before the snapshot."""
+        ...
+
+
+async def dispatch(api: EngineAPI, call: P.Call) -> P.Reply | AsyncIterator[P.GenerateChunk]:
+    """The single place a decoded call becomes a method call: a reply, or for
+    `StartGenerate` the chunk stream. Raises `EngineError`."""
+    if isinstance(call, P.StartGenerate):
+        return await api.start_generate(call.req, call.begin, call.sampling)
+    if isinstance(call, P.PrepRecv):
+        return await api.prep_recv(call.req, call.end, call.lease_s)
+    if isinstance(call, P.RemoteSend):
+        return await api.remote_send(call.req, call.kv, call.begin, call.end, call.transport)
+    if isinstance(call, P.Abort):
+        return P.AbortReply(await api.abort(call.request_id))
+    if isinstance(call, P.Stats):
+        return api.stats()
+    if isinstance(call, P.Health):
+        return api.health()
+    if isinstance(call, P.KVSnapshot):
+        return await api.kv_snapshot()
+    raise EngineError(ErrorCode.BAD_REQUEST, f"unknown call {type(call).__name__}")

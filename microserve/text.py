@@ -1,4 +1,8 @@
-"""Incremental detokenization and stop strings, for streaming text out of token ids.
+"""Text around the token ids, shared by the router, the offline `LLM` and the engines:
+prompt checks, incremental detokenization and stop strings.
+
+`check_prompt` is the one check of a prompt's token ids (non-empty, inside the vocabulary,
+room for one generated token); every engine backend and the router call it.
 
 `IncrementalDetokenizer` turns token ids into text deltas as they arrive (as vLLM
 does): it re-decodes a short window of recent tokens and emits only the new text, and
@@ -12,7 +16,32 @@ match truncates the text before the stop string.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
+
+
+class InvalidRequestError(ValueError):
+    """The request cannot be served as given (empty prompt, too long, bad token ids...)."""
+
+
+def check_prompt(prompt_ids: Sequence[int], vocab_size: int, max_model_len: int) -> None:
+    """Raise `InvalidRequestError` unless `prompt_ids` can be served by a model with this
+    vocabulary and context (the prompt must leave room for at least one generated token)."""
+    n = len(prompt_ids)
+    if n == 0:
+        raise InvalidRequestError("prompt is empty")
+    if n >= max_model_len:
+        raise InvalidRequestError(f"prompt has {n} tokens; this model's context is {max_model_len} "
+                                  "(prompt must leave room for at least one generated token)")
+    check_token_ids(prompt_ids, vocab_size)
+
+
+def check_token_ids(prompt_ids: Sequence[int], vocab_size: int) -> None:
+    """Raise `InvalidRequestError` unless every id is an int inside the vocabulary."""
+    bad = next((t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size),
+               None)
+    if bad is not None:
+        raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab_size})")
 
 
 class _Decoder(Protocol):

@@ -26,8 +26,20 @@ from aiohttp import web
 
 from microserve.gateway import openai_protocol as O
 from microserve.router.runtime import Delta, Router, RouterError
+from microserve.serving.api import ErrorCode
 
 log = logging.getLogger(__name__)
+
+# the one code -> HTTP status table (engine failures after the first token still end the stream
+# with an `error` event carrying the code)
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.BAD_REQUEST: 400, ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400, ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.INVALID_API_KEY: 401, ErrorCode.FORBIDDEN: 403, ErrorCode.NOT_FOUND: 404,
+    ErrorCode.MODEL_NOT_FOUND: 404, ErrorCode.TOO_MANY_REQUESTS: 429,
+    ErrorCode.INTERNAL: 502, ErrorCode.TRANSFER_FAILED: 502, ErrorCode.KV_SPEC_MISMATCH: 502,
+    ErrorCode.STRATEGY_ERROR: 502, ErrorCode.OVERLOADED: 503, ErrorCode.UNAVAILABLE: 503, ErrorCode.ABORTED: 503,
+    ErrorCode.TIMEOUT: 504,
+}
 
 
 class Gateway:
@@ -59,8 +71,8 @@ class Gateway:
         if self.api_key and request.path.startswith("/v1/"):
             auth = request.headers.get("Authorization", "")
             if not hmac.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
-                return _error(RouterError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                                          code="invalid_api_key"))
+                return _error(RouterError(ErrorCode.INVALID_API_KEY,
+                                          "missing or wrong API key (send 'Authorization: Bearer KEY')"))
         try:
             return await handler(request)
         except RouterError as exc:
@@ -68,7 +80,8 @@ class Gateway:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return _error(RouterError(exc.status, f"{exc.reason}: {request.method} {request.path}"))
+            code = ErrorCode.NOT_FOUND if exc.status == 404 else ErrorCode.INVALID_REQUEST
+            return _error(RouterError(code, f"{exc.reason}: {request.method} {request.path}"), exc.status)
 
     # -- endpoints ----------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
@@ -90,8 +103,8 @@ class Gateway:
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise RouterError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                              code="model_not_found", param="model")
+            raise RouterError(ErrorCode.MODEL_NOT_FOUND, f"the model {model!r} does not exist; this server serves "
+                              f"{self.model_name!r}", param="model")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body: O.CompletionRequest = O.decode_body(await request.read(), O.CompletionRequest)
@@ -156,7 +169,7 @@ class Gateway:
                 if isinstance(item, RouterError):
                     if resp is None:
                         raise item  # nothing sent yet: a real HTTP error status
-                    await _send(resp, O.error_body(item.status, item.message, item.code))
+                    await _send(resp, O.error_body(HTTP_STATUS[item.code], item.message, item.code))
                     break
                 if resp is not None and not item.text and item.finish_reason is None:
                     continue  # tokens that do not complete a character yet: nothing to show
@@ -259,10 +272,10 @@ async def _collect(streams: list[AsyncIterator[Delta]]) -> list[tuple[str, str |
     return [("".join(t), reason, usage) for t, (reason, usage) in zip(texts, ends)]
 
 
-def _error(exc: RouterError) -> web.Response:
+def _error(exc: RouterError, status: int | None = None) -> web.Response:
+    status = status or HTTP_STATUS[exc.code]
     headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after is not None else None
-    return web.json_response(O.error_body(exc.status, exc.message, exc.code, exc.param), status=exc.status,
-                             headers=headers)
+    return web.json_response(O.error_body(status, exc.message, exc.code, exc.param), status=status, headers=headers)
 
 
 async def serve(gateway: Gateway, host: str = "127.0.0.1", port: int = 8000) -> tuple[web.AppRunner, int]:

@@ -15,6 +15,9 @@ import msgspec
 
 from microserve.router.runtime import RouterError
 from microserve.sampling_params import SamplingParams
+from microserve.serving.api import ErrorCode
+
+BAD = ErrorCode.BAD_REQUEST  # every refusal here is a 400
 
 
 class StreamOptions(msgspec.Struct):
@@ -41,14 +44,14 @@ class _Common(msgspec.Struct, kw_only=True):
     def sampling(self, max_tokens: int | None, default_max_tokens: int) -> tuple[SamplingParams, bool]:
         """SamplingParams for this body, and whether max_tokens was given."""
         if self.n != 1:
-            raise RouterError(400, "only n=1 is supported", param="n")
+            raise RouterError(BAD, "only n=1 is supported", param="n")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
-                raise RouterError(400, f"{name} is not supported", param=name)
+                raise RouterError(BAD, f"{name} is not supported", param=name)
         if self.logit_bias:
-            raise RouterError(400, "logit_bias is not supported", param="logit_bias")
+            raise RouterError(BAD, "logit_bias is not supported", param="logit_bias")
         if self.stream_options is not None and not self.stream:
-            raise RouterError(400, "stream_options is only allowed with stream=true", param="stream_options")
+            raise RouterError(BAD, "stream_options is only allowed with stream=true", param="stream_options")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         try:
             sp = SamplingParams(
@@ -59,7 +62,7 @@ class _Common(msgspec.Struct, kw_only=True):
                 seed=self.seed, stop=stop, stop_token_ids=list(self.stop_token_ids or []),
                 ignore_eos=self.ignore_eos)
         except ValueError as exc:
-            raise RouterError(400, str(exc), param=str(exc).split()[0]) from None
+            raise RouterError(BAD, str(exc), param=str(exc).split()[0]) from None
         return sp, max_tokens is not None
 
 
@@ -77,21 +80,21 @@ class CompletionRequest(_Common, kw_only=True):
         if isinstance(p, str):
             return [p]
         if not p:
-            raise RouterError(400, "prompt is empty", param="prompt")
+            raise RouterError(BAD, "prompt is empty", param="prompt")
         if all(isinstance(x, int) and not isinstance(x, bool) for x in p):
             return [list(p)]
         if all(isinstance(x, str) for x in p):
             return list(p)
         if all(isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in p):
             return [list(x) for x in p]
-        raise RouterError(400, "prompt must be a string, a list of strings, a list of token ids, or a list of "
+        raise RouterError(BAD, "prompt must be a string, a list of strings, a list of token ids, or a list of "
                                "token-id lists", param="prompt")
 
     def check_unsupported(self) -> None:
         for name, ok in (("echo", not self.echo), ("logprobs", self.logprobs is None),
                          ("best_of", self.best_of in (None, 1)), ("suffix", self.suffix is None)):
             if not ok:
-                raise RouterError(400, f"{name} is not supported", param=name)
+                raise RouterError(BAD, f"{name} is not supported", param=name)
 
 
 class ChatMessage(msgspec.Struct):
@@ -105,7 +108,7 @@ class ChatMessage(msgspec.Struct):
         parts = []
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RouterError(400, f"unsupported content part {part.get('type')!r}: only text parts are "
+                raise RouterError(BAD, f"unsupported content part {part.get('type')!r}: only text parts are "
                                        "supported", param="messages")
             parts.append(part["text"])
         return "".join(parts)
@@ -123,21 +126,21 @@ class ChatCompletionRequest(_Common, kw_only=True):
 
     def chat_messages(self) -> list[dict[str, str]]:
         if not self.messages:
-            raise RouterError(400, "messages is empty", param="messages")
+            raise RouterError(BAD, "messages is empty", param="messages")
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
     def check_unsupported(self) -> None:
         if self.logprobs or self.top_logprobs:
-            raise RouterError(400, "logprobs is not supported", param="logprobs")
+            raise RouterError(BAD, "logprobs is not supported", param="logprobs")
         if self.tools:
-            raise RouterError(400, "tools are not supported", param="tools")
+            raise RouterError(BAD, "tools are not supported", param="tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
-            raise RouterError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
+            raise RouterError(BAD, "only response_format {\"type\": \"text\"} is supported", param="response_format")
 
 
 def decode_body(body: bytes, kind: type[msgspec.Struct]) -> Any:
     if not body:
-        raise RouterError(400, "the request body is empty; send a JSON object")
+        raise RouterError(BAD, "the request body is empty; send a JSON object")
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
@@ -148,9 +151,9 @@ def decode_body(body: bytes, kind: type[msgspec.Struct]) -> Any:
             param = msg.rsplit("`", 2)[-2]
         else:
             param = None
-        raise RouterError(400, f"invalid request: {msg}", param=param) from None
+        raise RouterError(BAD, f"invalid request: {msg}", param=param) from None
     except msgspec.DecodeError as exc:
-        raise RouterError(400, f"malformed JSON body: {exc}") from None
+        raise RouterError(BAD, f"malformed JSON body: {exc}") from None
 
 
 # -- responses ------------------------------------------------------------------------

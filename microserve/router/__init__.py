@@ -1,4 +1,4 @@
-"""Router side: handles on engines (and, with the router issue, the cluster and strategies)."""
+"""Router side: handles on engines and their transports, the cluster, strategies, the request loop."""
 
 from microserve.router.handle import EngineCallError, EngineHandle, EngineTimeout
 

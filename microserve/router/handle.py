@@ -1,15 +1,11 @@
 """`EngineHandle`: the microserving calls of one engine, as async Python methods.
 
-One DEALER socket per handle; a reader task routes reply frames to the waiting call
-by call id. Every call has a deadline (`timeout`): a dead or wedged engine turns into
-`EngineTimeout`, never a hang. An `RPCError` reply turns into `EngineCallError` with
+Calls travel over the handle's `Transport` (`router/transport.py`: a ZeroMQ DEALER socket,
+or an in-process service for simulated engines). Every call has a deadline (`timeout`): a
+dead or wedged engine turns into `EngineTimeout`, never a hang. An `RPCError` reply turns into `EngineCallError` with
 the engine's error code. Whoever learns that the engine is gone (the cluster's health
 polls, `launch` seeing the process exit) calls `mark_down`: every call waiting on the
 engine then fails with code "unavailable" instead of waiting for its deadline.
-
-NOTE: no ZeroMQ socket monitor here on purpose: libzmq writes monitor events from its
-I/O thread with a blocking send, so one handle whose monitor is never read (a handle
-the user did not close) can stall every socket of the process.
 
 The handle also keeps the router's own view of the engine's load (calls in flight,
 prompt tokens sent to it and not yet prefilled) and records, per router request,
@@ -22,18 +18,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import itertools
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
-import msgspec
 import zmq
 import zmq.asyncio
 
 from microserve import protocol as P
+from microserve.router.transport import CallTimeout, Transport, ZMQTransport
 from microserve.sampling_params import SamplingParams
+from microserve.serving.api import ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +36,10 @@ _TOUCHED: contextvars.ContextVar[set[EngineHandle] | None] = contextvars.Context
 
 
 @contextlib.contextmanager
-def touched_engines() -> Iterator[set[EngineHandle]]:
-    """Collect every handle that makes a call inside this block (tasks spawned inside too)."""
-    engines: set[EngineHandle] = set()
+def touched_engines(engines: set[EngineHandle] | None = None) -> Iterator[set[EngineHandle]]:
+    """Collect every handle that makes a call inside this block (tasks spawned inside too)
+    into `engines` (default: a new set)."""
+    engines = set() if engines is None else engines
     previous = _TOUCHED.get()
     _TOUCHED.set(engines)
     try:
@@ -53,18 +49,18 @@ def touched_engines() -> Iterator[set[EngineHandle]]:
 
 
 class EngineCallError(RuntimeError):
-    """An engine answered a call with an error; `code` as in `protocol.RPCError`."""
+    """An engine answered a call with an error (`code`: the engine's `ErrorCode`), or did not answer."""
 
-    def __init__(self, code: str, message: str, engine: str = "") -> None:
+    def __init__(self, code: ErrorCode | str, message: str, engine: str = "") -> None:
         super().__init__(f"[{code}] {message}" + (f" (engine {engine})" if engine else ""))
-        self.code, self.message, self.engine = code, message, engine
+        self.code, self.message, self.engine = ErrorCode.of(code), message, engine
 
 
 class EngineTimeout(EngineCallError):
     """The engine did not answer within the call's deadline (dead, wedged or overloaded)."""
 
     def __init__(self, message: str, engine: str = "") -> None:
-        super().__init__("timeout", message, engine)
+        super().__init__(ErrorCode.TIMEOUT, message, engine)
 
 
 class EngineHandle:
@@ -78,14 +74,10 @@ class EngineHandle:
     """
 
     def __init__(self, address: str, *, name: str | None = None, role: str | None = None,
-                 timeout: float = 60.0, context: zmq.asyncio.Context | None = None) -> None:
+                 timeout: float = 60.0, context: zmq.asyncio.Context | None = None,
+                 transport: Transport | None = None) -> None:
         self.address, self.name, self.role, self.timeout = address, name or address, role, timeout
-        self._ctx = context
-        self._sock: zmq.asyncio.Socket | None = None
-        self._reader: asyncio.Task | None = None
-        self._pending: dict[bytes, asyncio.Queue[P.Reply]] = {}
-        self._ids = itertools.count(1)
-        self._prefix = os.urandom(4)
+        self.transport: Transport = transport or ZMQTransport(address, context)
         self.alive = True  # False from a lost connection or failed health poll until a call succeeds again
         self.inflight = 0  # start_generate / remote_send calls this process has in flight on the engine
         self.pending_tokens = 0  # prompt tokens this process asked the engine to prefill, not yet done
@@ -94,15 +86,6 @@ class EngineHandle:
         self.on_state: Callable[[EngineHandle, bool], None] | None = None  # observer of alive changes
 
     # -- plumbing ---------------------------------------------------------------------
-    def _socket(self) -> zmq.asyncio.Socket:
-        if self._sock is None:
-            ctx = self._ctx or zmq.asyncio.Context.instance()
-            self._sock = ctx.socket(zmq.DEALER)
-            self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.connect(self.address)
-            self._reader = asyncio.get_running_loop().create_task(self._read())
-        return self._sock
-
     def set_alive(self, alive: bool) -> None:
         if alive != self.alive:
             self.alive = alive
@@ -113,44 +96,18 @@ class EngineHandle:
     def mark_down(self, why: str) -> None:
         """Mark the engine down and fail every call waiting on it with code "unavailable"."""
         self.set_alive(False)
-        for queue in self._pending.values():
-            queue.put_nowait(P.RPCError("unavailable", why))
+        self.transport.fail_pending(why)
 
     def _check_alive(self, msg: P.Call) -> None:
         if not self.alive and not isinstance(msg, P.Health | P.Stats):  # probes find out when it is back
-            raise EngineCallError("unavailable", "the engine is down", self.name)
+            raise EngineCallError(ErrorCode.UNAVAILABLE, "the engine is down", self.name)
 
     def _touch(self) -> None:
         engines = _TOUCHED.get()
         if engines is not None:
             engines.add(self)
 
-    async def _read(self) -> None:
-        assert self._sock is not None
-        while True:
-            frames = await self._sock.recv_multipart()
-            if len(frames) != 2:
-                continue
-            queue = self._pending.get(frames[0])
-            if queue is None:
-                continue  # a late reply to a call that gave up
-            try:
-                queue.put_nowait(P.decode_reply(frames[1]))
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                queue.put_nowait(P.RPCError("internal", f"undecodable reply from the engine: {exc}"))
-
-    def _open(self) -> tuple[bytes, asyncio.Queue[P.Reply]]:
-        call_id = self._prefix + next(self._ids).to_bytes(8, "little")
-        queue: asyncio.Queue[P.Reply] = asyncio.Queue()
-        self._pending[call_id] = queue
-        return call_id, queue
-
-    async def _next(self, queue: asyncio.Queue[P.Reply], what: str, timeout: float | None) -> P.Reply:
-        timeout = self.timeout if timeout is None else timeout
-        try:
-            reply = await asyncio.wait_for(queue.get(), timeout)
-        except TimeoutError:
-            raise EngineTimeout(f"no answer to {what} within {timeout:g}s", self.name) from None
+    def _checked(self, reply: P.Reply) -> P.Reply:
         if isinstance(reply, P.RPCError):
             raise EngineCallError(reply.code, reply.message, self.name)
         return reply
@@ -158,44 +115,31 @@ class EngineHandle:
     async def call(self, msg: P.Call, timeout: float | None = None) -> P.Reply:
         """Send one call and wait for its single reply."""
         self._check_alive(msg)
-        reply = await self._roundtrip(msg, timeout)
+        limit = self.timeout if timeout is None else timeout
+        try:
+            reply = self._checked(await self.transport.roundtrip(msg, limit))
+        except CallTimeout:
+            raise EngineTimeout(f"no answer to {type(msg).__name__} within {limit:g}s", self.name) from None
         if not self.alive and isinstance(msg, P.Health | P.Stats):
             self.set_alive(True)  # it answers again (restarted)
         return reply
 
-    async def _roundtrip(self, msg: P.Call, timeout: float | None) -> P.Reply:
-        """The transport of `call` (a simulated handle replaces it)."""
-        sock = self._socket()
-        call_id, queue = self._open()
-        try:
-            await sock.send_multipart([call_id, P.encode(msg)])
-            return await self._next(queue, type(msg).__name__, timeout)
-        finally:
-            self._pending.pop(call_id, None)
-
     async def _stream(self, msg: P.StartGenerate, timeout: float | None) -> AsyncIterator[P.GenerateChunk]:
-        """The transport of `start_generate`: its chunks, up to the one with a finish reason."""
-        sock = self._socket()
-        call_id, queue = self._open()
+        """`start_generate`'s chunks, up to the one with a finish reason."""
+        limit = self.timeout if timeout is None else timeout
+        replies = self.transport.stream(msg, limit)
         try:
-            await sock.send_multipart([call_id, P.encode(msg)])
-            while True:
-                chunk = await self._next(queue, "start_generate", timeout)
+            async for reply in replies:
+                chunk = self._checked(reply)
                 assert isinstance(chunk, P.GenerateChunk)
                 yield chunk
-                if chunk.finish_reason is not None:
-                    return
+        except CallTimeout:
+            raise EngineTimeout(f"no answer to start_generate within {limit:g}s", self.name) from None
         finally:
-            self._pending.pop(call_id, None)
+            await replies.aclose()
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        if self._sock is not None:
-            self._sock.close(0)
-        self._sock = self._reader = None
+        await self.transport.close()
 
     def __repr__(self) -> str:
         return f"EngineHandle({self.name!r}, role={self.role!r}, alive={self.alive})"

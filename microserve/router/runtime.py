@@ -13,6 +13,9 @@ For one request the router
 
 Whatever ends a request (finish, stop string, error, deadline, client gone), every
 engine the request touched gets an `abort`, so no ticket, send or sequence outlives it.
+
+    Router.generate ─> run_request (retries, deadline) ─> run_attempt (one strategy run, aborts) ─> chunks
+    sim.run._serve  ─> run_request ─┘           (the simulator runs the very same code, in virtual time)
 """
 
 from __future__ import annotations
@@ -31,21 +34,120 @@ from microserve.router.handle import EngineCallError, EngineHandle, touched_engi
 from microserve.router.metrics import RouterMetrics
 from microserve.router.strategy import Strategy
 from microserve.sampling_params import SamplingParams
-from microserve.text import IncrementalDetokenizer, StopChecker
+from microserve.serving.api import ErrorCode
+from microserve.text import IncrementalDetokenizer, InvalidRequestError, StopChecker, check_token_ids
 
 log = logging.getLogger(__name__)
 
 # engine failures worth restarting the request elsewhere (before its first token)
-RETRYABLE = frozenset({"unavailable", "timeout", "internal", "transfer_failed", "overloaded"})
+RETRYABLE = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT, ErrorCode.INTERNAL, ErrorCode.TRANSFER_FAILED,
+                       ErrorCode.OVERLOADED})
 
 
 class RouterError(Exception):
-    """A request the router refuses or cannot finish; `status` is the HTTP status to answer with."""
+    """A request the router refuses or cannot finish. `code` says why; the gateway maps it to an
+    HTTP status (`gateway.app.HTTP_STATUS`)."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+    def __init__(self, code: ErrorCode | str, message: str, *, param: str | None = None,
                  retry_after: float | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.code, self.param, self.retry_after = status, message, code, param, retry_after
+        self.code, self.message, self.param, self.retry_after = ErrorCode.of(code), message, param, retry_after
+
+
+# -- one request, on any cluster (real or simulated) -------------------------------------------
+async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request,
+                      deadline: float | None = None) -> AsyncIterator[GenerateChunk]:
+    """One run of `strategy.generate(req, cluster)`: its chunks, up to the one with a finish
+    reason. Unless the engines finished it themselves, every engine the run touched gets an
+    abort when it ends (error, deadline, the caller closing early, cancellation).
+
+    `deadline` is in the loop's clock (`loop.time()`, virtual in the simulator); past it the
+    attempt raises `RouterError(TIMEOUT)`. A strategy that ends without a finish reason raises
+    `RouterError(STRATEGY_ERROR)`; engine failures raise `EngineCallError`."""
+    touched: set[EngineHandle] = set()
+    with touched_engines(touched):
+        chunks = strategy.generate(req, cluster)
+    clean = False  # the engine itself finished the request: nothing left to abort
+    try:
+        while True:
+            with touched_engines(touched):
+                chunk = await _next_chunk(chunks, deadline, req.request_id)
+            if chunk is None:
+                raise RouterError(ErrorCode.STRATEGY_ERROR, f"strategy {type(strategy).__name__} ended the stream "
+                                  "without a finish reason")
+            clean = chunk.finish_reason is not None
+            yield chunk
+            if clean:
+                return
+    finally:
+        with touched_engines(touched):
+            await chunks.aclose()
+        if not clean:
+            abort_everywhere(req.request_id, touched)
+
+
+async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max_retries: int = 0,
+                      deadline: float | None = None, on_retry=None) -> AsyncIterator[GenerateChunk]:
+    """`run_attempt`, restarted (as `<id>~<n>`, on other engines: the failed one is marked down)
+    when an engine fails with a `RETRYABLE` code before the first token, at most `max_retries`
+    times. `on_retry(exc)` observes each restart."""
+    streamed = False
+    for attempt in range(max_retries + 1):
+        areq = req if attempt == 0 else Request(f"{req.request_id}~{attempt}", req.prompt_ids, req.sampling)
+        chunks = run_attempt(strategy, cluster, areq, deadline)
+        try:
+            async for chunk in chunks:
+                streamed = streamed or bool(chunk.token_ids)
+                yield chunk
+            return
+        except EngineCallError as exc:
+            if streamed or exc.code not in RETRYABLE or attempt >= max_retries:
+                raise
+            log.warning("request %s: %s; restarting it on another engine", req.request_id, exc)
+            _mark_failed(cluster, exc)
+            if on_retry is not None:
+                on_retry(exc)
+        finally:
+            await chunks.aclose()
+
+
+async def _next_chunk(chunks: AsyncIterator[GenerateChunk], deadline: float | None,
+                      rid: str) -> GenerateChunk | None:
+    try:
+        if deadline is None:
+            return await chunks.__anext__()
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise TimeoutError
+        return await asyncio.wait_for(chunks.__anext__(), remaining)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise RouterError(ErrorCode.TIMEOUT, f"request {rid} did not finish within its deadline") from None
+
+
+def _mark_failed(cluster: Cluster, exc: EngineCallError) -> None:
+    if exc.code in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT):
+        for h in cluster.handles:
+            if h.name == exc.engine:
+                h.mark_down(str(exc))
+
+
+_CLEANUP: set[asyncio.Future] = set()
+
+
+def abort_everywhere(request_id: str, engines: set[EngineHandle]) -> None:
+    """Abort on every live engine of `engines`, in the background (also when the caller is cancelled)."""
+    engines = {h for h in engines if h.alive}
+    if not engines:
+        return
+
+    async def run() -> None:
+        await asyncio.gather(*(h.abort(request_id, timeout=5.0) for h in engines), return_exceptions=True)
+
+    task = asyncio.ensure_future(run())
+    _CLEANUP.add(task)
+    task.add_done_callback(_CLEANUP.discard)
 
 
 @dataclass
@@ -99,39 +201,42 @@ class Router:
         self.pending = 0
         self._ids = itertools.count()
         self._prefix = os.urandom(3).hex()
-        self._cleanup: set[asyncio.Task] = set()
 
     # -- input --------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         vocab = self.tokenizer.vocab_size
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt):
-            raise RouterError(400, f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        try:
+            check_token_ids(prompt, vocab)
+        except InvalidRequestError as exc:
+            raise RouterError(ErrorCode.BAD_REQUEST, f"prompt token ids must be integers in [0, {vocab}): {exc}",
+                              param="prompt") from None
         return list(prompt)
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(messages)
         except Exception as exc:  # template errors (raise_exception in the template, bad roles...)
-            raise RouterError(400, f"cannot apply the chat template: {exc}", param="messages") from None
+            raise RouterError(ErrorCode.BAD_REQUEST, f"cannot apply the chat template: {exc}",
+                              param="messages") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def check(self, prompt_ids: list[int], sampling: SamplingParams, max_tokens_given: bool = True) -> SamplingParams:
         """Validate a request against the context limit; fill in max_tokens when not given."""
         n, limit = len(prompt_ids), self.max_model_len
         if n == 0:
-            raise RouterError(400, "the prompt is empty", param="prompt")
+            raise RouterError(ErrorCode.BAD_REQUEST, "the prompt is empty", param="prompt")
         if n >= limit:
-            raise RouterError(400, f"this model's maximum context length is {limit} tokens; the prompt has {n} "
-                                   "tokens (no room left for output)", code="context_length_exceeded", param="prompt")
+            raise RouterError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, f"this model's maximum context length is {limit} "
+                              f"tokens; the prompt has {n} tokens (no room left for output)", param="prompt")
         if not max_tokens_given:
             sampling.max_tokens = min(sampling.max_tokens, limit - n) if sampling.max_tokens else limit - n
         elif n + sampling.max_tokens > limit:
-            raise RouterError(400, f"this model's maximum context length is {limit} tokens; the prompt has {n} "
-                                   f"tokens and max_tokens is {sampling.max_tokens} ({n + sampling.max_tokens} in "
-                                   "total): shorten the prompt or lower max_tokens",
-                              code="context_length_exceeded", param="max_tokens")
+            raise RouterError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, f"this model's maximum context length is {limit} "
+                              f"tokens; the prompt has {n} tokens and max_tokens is {sampling.max_tokens} "
+                              f"({n + sampling.max_tokens} in total): shorten the prompt or lower max_tokens",
+                              param="max_tokens")
         return sampling
 
     def new_request_id(self, kind: str = "cmpl") -> str:
@@ -143,14 +248,14 @@ class Router:
         Raises `RouterError` (refused, failed, deadline)."""
         if self.pending >= self.max_pending:
             self.metrics.requests.labels("rejected").inc()
-            raise RouterError(429, f"the router has {self.pending} requests in flight (limit {self.max_pending})",
-                              code="too_many_requests", retry_after=1)
+            raise RouterError(ErrorCode.TOO_MANY_REQUESTS, f"the router has {self.pending} requests in flight "
+                              f"(limit {self.max_pending})", retry_after=1)
         if not self.cluster.engines():
             self.metrics.requests.labels("rejected").inc()
-            raise RouterError(503, "no engine is available", code="unavailable", retry_after=5)
+            raise RouterError(ErrorCode.UNAVAILABLE, "no engine is available", retry_after=5)
         self.pending += 1
         t0 = time.perf_counter()
-        deadline = time.monotonic() + self.request_timeout
+        deadline = asyncio.get_running_loop().time() + self.request_timeout
         status = "aborted"
         try:
             async for delta in self._generate(request_id, prompt_ids, sampling, t0, deadline):
@@ -172,51 +277,28 @@ class Router:
         stops = StopChecker(sampling.stop)
         progress = _Progress()
         self.metrics.prompt_tokens.inc(len(prompt_ids))
-        for attempt in range(self.max_retries + 1):
-            req = Request(rid if attempt == 0 else f"{rid}~{attempt}", prompt_ids, sampling)
-            with touched_engines() as touched:
-                chunks = self.strategy.generate(req, self.cluster)
-                clean = False  # the engine itself finished the request: nothing left to abort
-                try:
-                    while True:
-                        chunk = await self._next_chunk(chunks, deadline, rid)
-                        if chunk is None:
-                            raise RouterError(502, f"strategy {type(self.strategy).__name__} ended the stream "
-                                                   "without a finish reason", code="strategy_error")
-                        delta = self._on_chunk(chunk, progress, detok, stops, t0)
-                        if delta is not None:
-                            if delta.finish_reason is not None:
-                                clean = stops.hit is None
-                                delta.usage = Usage(len(prompt_ids), len(progress.tokens), progress.cached)
-                                self.metrics.generation_tokens.inc(len(progress.tokens))
-                                yield delta
-                                return
-                            yield delta
-                except EngineCallError as exc:
-                    if progress.first_at is None and exc.code in RETRYABLE and attempt < self.max_retries:
-                        log.warning("request %s: %s; restarting it on another engine", rid, exc)
-                        self.metrics.retries.inc()
-                        self._mark_failed(exc)
-                        continue
-                    raise self._as_router_error(exc, streamed=progress.first_at is not None) from None
-                finally:
-                    await chunks.aclose()
-                    if not clean:
-                        self._abort_everywhere(req.request_id, touched)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _next_chunk(self, chunks: AsyncIterator[GenerateChunk], deadline: float,
-                          rid: str) -> GenerateChunk | None:
-        remaining = deadline - time.monotonic()
+        chunks = run_request(self.strategy, self.cluster, Request(rid, prompt_ids, sampling),
+                             max_retries=self.max_retries, deadline=deadline,
+                             on_retry=lambda exc: self.metrics.retries.inc())
         try:
-            if remaining <= 0:
-                raise TimeoutError
-            return await asyncio.wait_for(chunks.__anext__(), remaining)
-        except StopAsyncIteration:
-            return None
-        except TimeoutError:
-            raise RouterError(504, f"request {rid} did not finish within its deadline of {self.request_timeout:g}s",
-                              code="timeout") from None
+            async for chunk in chunks:
+                delta = self._on_chunk(chunk, progress, detok, stops, t0)
+                if delta is None:
+                    continue
+                if delta.finish_reason is not None:
+                    delta.usage = Usage(len(prompt_ids), len(progress.tokens), progress.cached)
+                    self.metrics.generation_tokens.inc(len(progress.tokens))
+                    yield delta
+                    return  # a stop string: closing `chunks` aborts the request everywhere
+                yield delta
+        except EngineCallError as exc:
+            raise self._as_router_error(exc) from None
+        except RouterError as exc:
+            if exc.code == ErrorCode.TIMEOUT:
+                exc.message = f"request {rid} did not finish within its deadline of {self.request_timeout:g}s"
+            raise
+        finally:
+            await chunks.aclose()
 
     def _on_chunk(self, chunk: GenerateChunk, progress: _Progress, detok: IncrementalDetokenizer,
                   stops: StopChecker, t0: float) -> Delta | None:
@@ -240,33 +322,14 @@ class Router:
         if final:
             reason = "stop" if chunk.finish_reason == "stop" else chunk.finish_reason
             if reason == "abort":
-                raise RouterError(503, "the request was aborted on the engine", code="aborted")
+                raise RouterError(ErrorCode.ABORTED, "the request was aborted on the engine")
             return Delta(text, chunk.token_ids, reason)
         return Delta(text, chunk.token_ids) if (text or chunk.token_ids) else None
 
-    def _mark_failed(self, exc: EngineCallError) -> None:
-        if exc.code in ("unavailable", "timeout"):
-            for h in self.cluster.handles:
-                if h.name == exc.engine:
-                    h.mark_down(str(exc))
-
-    def _abort_everywhere(self, request_id: str, engines: set[EngineHandle]) -> None:
-        """Abort on every engine the attempt touched, in the background (also when we are cancelled)."""
-        engines = {h for h in engines if h.alive}
-        if not engines:
-            return
-
-        async def run() -> None:
-            await asyncio.gather(*(h.abort(request_id, timeout=5.0) for h in engines), return_exceptions=True)
-
-        task = asyncio.ensure_future(run())
-        self._cleanup.add(task)
-        task.add_done_callback(self._cleanup.discard)
-
     @staticmethod
-    def _as_router_error(exc: EngineCallError, streamed: bool) -> RouterError:
-        if exc.code == "bad_request":
-            return RouterError(400, exc.message, code="bad_request")
-        if exc.code in ("overloaded", "unavailable") and not streamed:
-            return RouterError(503, str(exc), code=exc.code, retry_after=2)
-        return RouterError(502 if exc.code != "timeout" else 504, f"engine failure: {exc}", code=exc.code)
+    def _as_router_error(exc: EngineCallError) -> RouterError:
+        if exc.code == ErrorCode.BAD_REQUEST:
+            return RouterError(ErrorCode.BAD_REQUEST, exc.message)
+        if exc.code in (ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE):
+            return RouterError(exc.code, str(exc), retry_after=2)
+        return RouterError(exc.code, f"engine failure: {exc}")

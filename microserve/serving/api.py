@@ -19,7 +19,6 @@ from typing import Protocol, runtime_checkable
 from microserve import protocol as P
 from microserve.sampling_params import SamplingParams
 
-
 if sys.version_info >= (3, 11):
     from enum import StrEnum
 else:  # pragma: no cover - Python 3.10

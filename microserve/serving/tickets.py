@@ -1,6 +1,6 @@
-"""Books of the microserving calls on one engine: receive tickets and send jobs.
+"""Books of the microserving calls on one engine, every backend: receive tickets and send jobs.
 
-    Ticket (receiver):  seq.block_table = | pinned prefix [0, matched) | reserved [matched, end) |
+    Ticket (receiver):  blocks held = | pinned prefix [0, matched) | reserved [matched, end) |
                         state: open ──transfer ok──> complete ──start_generate──> (adopted)
                                  └─expired/aborted/failed──> failed/closed (blocks released)
     SendJob (sender):   a prefill-only Sequence of prompt[:end]; the sending thread waits on
@@ -13,32 +13,27 @@ import asyncio
 import secrets
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvapi.spec import KVSpec, KVSpecMismatch
 from kvapi.transfer import KVAddr, TransferError
-from microserve.engine.core.kv_manager import KVCacheManager
-from microserve.engine.core.sequence import Sequence, SequenceStatus
+from microserve.engine.core.sequence import Sequence
 from microserve.sampling_params import SamplingParams
-
-
-class EngineError(Exception):
-    """A call failed; `code` is the RPC error code (see `protocol.RPCError`)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+from microserve.serving.api import EngineError, ErrorCode
 
 
 def norm_pos(pos: int, n: int, what: str) -> int:
     """A prompt position (negative: from the end) checked against a prompt of `n` tokens."""
     p = pos + n if pos < 0 else pos
     if not 0 <= p <= n:
-        raise EngineError("bad_request", f"{what}={pos} is outside the prompt of {n} tokens")
+        raise EngineError(ErrorCode.BAD_REQUEST, f"{what}={pos} is outside the prompt of {n} tokens")
     return p
 
 
-def check_send(spec: KVSpec, kv: KVAddr, begin: int, end: int, n: int, pick) -> tuple[int, int, str]:
+def check_send(spec: KVSpec, kv: KVAddr, begin: int, end: int, n: int,
+               pick: Callable[[], str]) -> tuple[int, int, str]:
     """`remote_send`'s checks, whatever the backend: positions, KV spec, transport (`pick()`),
     and the range against the receiver's ticket. Returns (begin, end, transport)."""
     begin, end = norm_pos(begin, n, "begin"), norm_pos(end, n, "end")
@@ -46,40 +41,48 @@ def check_send(spec: KVSpec, kv: KVAddr, begin: int, end: int, n: int, pick) -> 
         spec.check_compatible(kv.spec)
         mode = pick()
     except KVSpecMismatch as exc:
-        raise EngineError("kv_spec_mismatch", str(exc)) from exc
+        raise EngineError(ErrorCode.KV_SPEC_MISMATCH, str(exc)) from exc
     except TransferError as exc:
         raise EngineError(exc.code, str(exc)) from exc
     begin = max(begin, kv.begin)
     if begin > kv.begin or end > kv.end:
-        raise EngineError("bad_request", f"[{begin}, {end}) does not match the ticket's [{kv.begin}, {kv.end}): "
-                          "send from the receiver's `matched` up to at most the ticket's end")
+        raise EngineError(ErrorCode.BAD_REQUEST, f"[{begin}, {end}) does not match the ticket's "
+                          f"[{kv.begin}, {kv.end}): send from the receiver's `matched` up to at most the ticket's end")
     return begin, end, mode
 
 
 @dataclass(eq=False)
 class Ticket:
+    """A receive ticket: blocks reserved for `[matched, end)` of one request's prompt.
+
+    `hold` is what the backend keeps the blocks with: the built-in and simulated engines a
+    `Sequence` of `prompt[:end]` (pinned prefix + reserved blocks), vLLM its bridge key.
+    """
+
     id: str
     secret: str
     request_id: str
-    seq: Sequence  # prompt[:end]; holds the pinned prefix and the reserved blocks
     matched: int
     end: int
     blocks: list[int]  # reserved blocks, for logical blocks matched // bs ..
+    hold: Any = None
     state: str = "open"
     done: asyncio.Event = field(default_factory=asyncio.Event)
     error: str = ""
     bytes: int = 0
     expiry: asyncio.TimerHandle | None = None
 
+    def complete(self, nbytes: int = 0) -> None:
+        self.state, self.bytes = "complete", nbytes
+        self.done.set()
+
 
 class TicketBook:
     def __init__(self) -> None:
         self._tickets: dict[str, Ticket] = {}
 
-    def open(self, request_id: str, seq: Sequence, block_size: int) -> Ticket:
-        matched = seq.num_computed_tokens
-        ticket = Ticket(uuid.uuid4().hex, secrets.token_hex(16), request_id, seq, matched, seq.num_tokens,
-                        seq.block_table[matched // block_size:])
+    def open(self, request_id: str, matched: int, end: int, blocks: list[int], hold: Any = None) -> Ticket:
+        ticket = Ticket(uuid.uuid4().hex, secrets.token_hex(16), request_id, matched, end, list(blocks), hold)
         self._tickets[ticket.id] = ticket
         return ticket
 
@@ -100,33 +103,6 @@ class TicketBook:
 
     def __len__(self) -> int:
         return len(self._tickets)
-
-
-def adopt_ticket(ticket: Ticket, prompt: list[int], begin: int, sampling: SamplingParams,
-                 kv: KVCacheManager) -> Sequence | None:
-    """Turn a complete ticket into the generating sequence, using its KV for
-    `prompt[:begin]` (at most all but the last prompt token). Returns None, with the
-    ticket's blocks released, when the ticket cannot serve this prompt."""
-    seq, bs = ticket.seq, kv.block_size
-    computed = min(begin, seq.num_computed_tokens, len(prompt) - 1)
-    if seq.token_ids != prompt[:ticket.end] or computed <= 0:
-        kv.free(seq)  # received full blocks stay in the prefix cache for the normal path
-        return None
-    keep = computed // bs
-    if keep < seq.num_cached_blocks:
-        # NOTE: the block where computing resumes is shared with the prefix cache: never
-        # write into it; restart at its first token in a private block instead.
-        kv.pool.free(seq.block_table[keep:])
-        del seq.block_table[keep:]
-        seq.num_cached_blocks = keep
-        computed = keep * bs
-    seq.token_ids = list(prompt)
-    seq.num_prompt_tokens = len(prompt)
-    seq.sampling = sampling
-    seq.status = SequenceStatus.WAITING
-    seq.num_computed_tokens = computed
-    seq.num_cached_tokens = computed
-    return seq
 
 
 class SendJob:

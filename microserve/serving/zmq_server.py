@@ -1,6 +1,6 @@
 """`microserve engine`: one engine serving the microserving calls over ZeroMQ.
 
-    ROUTER (--rpc)   [identity, call_id, body] ─> decode_call ─> AsyncEngine ─> [identity, call_id, reply]...
+    ROUTER (--rpc)   [identity, call_id, body] ─> decode_call ─> dispatch(service) ─> [identity, call_id, reply]...
     PUB (--events)   KVEvent for every batch of blocks stored in / evicted from the prefix cache
     KVReceiver       TCP control socket (+ shared pool) for incoming KV pages
 
@@ -16,6 +16,7 @@ import logging
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,11 +30,14 @@ from kvapi.transfer.ucx import ucx_available
 from microserve import protocol as P
 from microserve.engine.config import EngineConfig
 from microserve.engine.engine import LLMEngine
-from microserve.serving.builtin import AsyncEngine
-from microserve.serving.tickets import EngineError
+from microserve.serving.api import EngineError, ErrorCode, dispatch
+from microserve.serving.base import EngineService
+from microserve.serving.builtin import BuiltinService
 
 if TYPE_CHECKING:
-    from microserve.serving.vllm.engine import VLLMEngine
+    import torch
+
+    from kvapi.spec import KVSpec
 
 log = logging.getLogger("microserve.engine")
 
@@ -79,9 +83,6 @@ class EngineServer:
         self.opts = opts
         self.engine_id = opts.engine_id or f"engine-{uuid.uuid4().hex[:8]}"
         self.pool: SharedPool | None = None
-        self._events: list[tuple[str, list[int]]] = []
-        self._event_seq = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
         if opts.backend == "vllm":
             self._start_vllm(opts)
         elif opts.backend == "builtin":
@@ -96,20 +97,19 @@ class EngineServer:
     def _start_builtin(self, opts: EngineOptions) -> None:
         self.transports = pick_transports(opts.transport, opts.device)
 
-        def factory(spec, num_blocks):
+        def factory(spec: KVSpec, num_blocks: int) -> torch.Tensor:
             self.pool = SharedPool(spec, num_blocks, f"microserve-kv-{self.engine_id}")
             return self.pool.tensor
 
-        llm = LLMEngine(opts.model, opts.device, opts.dtype, opts.config, on_kv_event=self._on_kv_event,
+        llm = LLMEngine(opts.model, opts.device, opts.dtype, opts.config,
                         kv_cache_factory=factory if "shm" in self.transports else None)
         receiver = KVReceiver(llm.runner.kv_cache, llm.kv_spec, opts.kv_host, opts.kv_port,
                               self.pool.path if self.pool else "", ucx="ucx" in self.transports)
-        self.engine: AsyncEngine | VLLMEngine = AsyncEngine(llm, self.engine_id, receiver, self.transports, host_id(),
-                                                            opts.lease_s, opts.transfer_timeout)
-        self.kv_spec, self.max_model_len = llm.kv_spec, llm.max_model_len
+        self.service: EngineService = BuiltinService(llm, self.engine_id, receiver, self.transports, host_id(),
+                                                     opts.lease_s, opts.transfer_timeout)
 
     def _start_vllm(self, opts: EngineOptions) -> None:
-        from microserve.serving.vllm.engine import VLLMEngine, vllm_available
+        from microserve.serving.vllm.engine import VLLMService, vllm_available
 
         if not vllm_available():
             raise ValueError("--backend vllm needs vLLM in this environment: pip install 'microserve[vllm]' "
@@ -119,28 +119,15 @@ class EngineServer:
         if opts.transport not in ("auto", "tcp"):
             raise ValueError("the vLLM backend moves KV over tcp only (vLLM owns its KV memory); use auto or tcp")
         cfg = opts.config or EngineConfig()
-        self.engine = VLLMEngine(opts.model, self.engine_id, opts.dtype, block_size=cfg.block_size,
+        self.service = VLLMService(opts.model, self.engine_id, opts.dtype, block_size=cfg.block_size,
                                  num_kv_blocks=cfg.num_kv_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
                                  kv_host=opts.kv_host, kv_port=opts.kv_port, lease_s=opts.lease_s,
                                  transfer_timeout=opts.transfer_timeout)
-        self.transports = self.engine.transports
-        self.kv_spec, self.max_model_len = self.engine.kv_spec, self.engine.max_model_len
-
-    # -- KV events ----------------------------------------------------------------------
-    def _on_kv_event(self, kind: str, hashes: list[int]) -> None:  # any thread
-        self._events.append((kind, list(hashes)))
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._flush_events)
-
-    def _flush_events(self) -> None:
-        events, self._events = self._events, []
-        for kind, hashes in events:
-            self._event_seq += 1
-            self.pub.send(P.encode(P.KVEvent(self.engine_id, kind, hashes, self._event_seq)))
+        self.transports = self.service.transports
 
     # -- serving ------------------------------------------------------------------------
-    async def serve(self, stop: asyncio.Event, ready=None) -> None:
-        self._loop = asyncio.get_running_loop()
+    async def serve(self, stop: asyncio.Event, ready: Callable[[EngineServer], None] | None = None) -> None:
+        self.service.model_name = self.opts.model
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -149,8 +136,9 @@ class EngineServer:
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.bind(self.opts.events)
-        self.events_addr = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        step_task = asyncio.create_task(self.engine.run())
+        self.events_addr = self.service.events_addr = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.service.event_sink = lambda event: self.pub.send(P.encode(event))
+        step_task = asyncio.create_task(self.service.run())
         recv_task = asyncio.create_task(self._recv_loop())
         if ready is not None:
             ready(self)
@@ -160,7 +148,7 @@ class EngineServer:
         for task in list(self._calls):
             task.cancel()
         await asyncio.gather(*self._calls, recv_task, return_exceptions=True)
-        self.engine.close()
+        self.service.close()
         step_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await step_task
@@ -177,7 +165,7 @@ class EngineServer:
                 if len(frames) >= 2:
                     call_id = frames[1] if len(frames) > 2 else b""
                     await self._send(frames[0], call_id, P.RPCError(
-                        "bad_request", f"expected [call_id, body] frames, got {len(frames) - 1}"))
+                        ErrorCode.BAD_REQUEST, f"expected [call_id, body] frames, got {len(frames) - 1}"))
                 continue
             ident, call_id, body = frames
             task = asyncio.create_task(self._handle(ident, call_id, body))
@@ -196,40 +184,24 @@ class EngineServer:
         try:
             call = P.decode_call(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            await self._send(ident, call_id, P.RPCError("bad_request", f"malformed call: {exc}"))
+            await self._send(ident, call_id, P.RPCError(ErrorCode.BAD_REQUEST, f"malformed call: {exc}"))
             return
         try:
-            if isinstance(call, P.StartGenerate):
-                stream = await self.engine.start_generate(call.req, call.begin, call.sampling)
-                async with contextlib.aclosing(stream):
-                    async for chunk in stream:
+            reply = await dispatch(self.service, call)
+            if isinstance(reply, AsyncIterator):
+                async with contextlib.aclosing(reply):
+                    async for chunk in reply:
                         if not await self._send(ident, call_id, chunk):
                             break
                 return
-            reply = await self._call(call)
         except EngineError as exc:
             reply = P.RPCError(exc.code, str(exc))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("call %s failed", type(call).__name__)
-            reply = P.RPCError("internal", f"{type(exc).__name__}: {exc}")
+            reply = P.RPCError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         await self._send(ident, call_id, reply)
-
-    async def _call(self, call: P.Call) -> msgspec.Struct:
-        if isinstance(call, P.PrepRecv):
-            return await self.engine.prep_recv(call.req, call.end, call.lease_s)
-        if isinstance(call, P.RemoteSend):
-            return await self.engine.remote_send(call.req, call.kv, call.begin, call.end, call.transport)
-        if isinstance(call, P.Abort):
-            return P.AbortReply(await self.engine.abort(call.request_id))
-        if isinstance(call, P.Stats):
-            return self.engine.stats()
-        if isinstance(call, P.KVSnapshot):
-            hashes = await self.engine.cached_prefix_hashes(before=self._flush_events)
-            return P.KVSnapshotReply(self.engine_id, hashes, self._event_seq)
-        return P.HealthReply(True, self.engine_id, self.opts.model, self.kv_spec, self.transports,
-                             self.events_addr, self.max_model_len)
 
 
 def run_engine(opts: EngineOptions) -> int:
@@ -238,7 +210,7 @@ def run_engine(opts: EngineOptions) -> int:
 
     def ready(s: EngineServer) -> None:
         print(f"READY engine={s.engine_id} rpc={s.rpc_addr} events={s.events_addr} "
-              f"kv={s.engine.receiver.endpoint} transports={','.join(s.transports)}", flush=True)
+              f"kv={s.service.receiver.endpoint} transports={','.join(s.transports)}", flush=True)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -1,4 +1,4 @@
-"""`microserve sim`: strategies on simulated clusters in virtual time (in progress).
+"""`microserve sim`: strategies on simulated clusters in virtual time.
 
 `costs` is the roofline cost model and its hardware / model profiles (`profiles/*.json`).
 """

@@ -1,13 +1,14 @@
-"""Simulated engines behind the real router interface: `SimHandle` and `SimCluster`.
+"""Simulated engines behind the real router interface: `SimCluster`.
 
-A `SimHandle` is an `EngineHandle` whose transport is a direct call into a `SimServer`
-instead of a ZeroMQ socket, so everything above it is the real code: the handle's
-load bookkeeping, `Cluster` (least-loaded choice, stats polling, the prefix index fed by
-KV events) and the strategy files, unchanged.
+Each simulated engine gets a plain `EngineHandle` whose transport is an `InProcessTransport`
+into its `SimService` (through `serving.api.dispatch`, as the ZeroMQ server does), so
+everything above it is the real code: the handle's load bookkeeping, `Cluster`
+(least-loaded choice, stats polling, the prefix index fed by KV events), the router's
+`run_attempt` and the strategy files, unchanged.
 
-    strategy.generate ─> SimCluster / SimHandle ─> SimServer (MicroservingEngine) ─> SimEngine
-                                                        │ link model                   │ cost model
-                                                        └─> peer SimServer._on_transfer └─> virtual time
+    strategy.generate ─> Cluster / EngineHandle ─> InProcessTransport ─> SimService ─> SimEngine
+                                                                             │ link model   │ cost model
+                                                                             └─> peer SimService._on_transfer
 
 Calls never time out in a simulation (an engine cannot hang), so call deadlines are not
 enforced; everything else, errors included, behaves as against real engines.
@@ -15,60 +16,42 @@ enforced; everything else, errors included, behaves as against real engines.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from microserve import protocol as P
 from microserve.engine.config import EngineConfig
 from microserve.router.cluster import Cluster
-from microserve.router.handle import EngineCallError, EngineHandle
-from microserve.serving.tickets import EngineError
+from microserve.router.handle import EngineHandle
+from microserve.router.transport import InProcessTransport
 from microserve.sim.costs import CostModel, Link
 from microserve.sim.engine import SimEngine
-from microserve.sim.service import SimServer
+from microserve.sim.service import SimService
 
 
-class SimHandle(EngineHandle):
+def sim_handle(service: SimService, role: str | None = None) -> EngineHandle:
     """The handle of one simulated engine."""
+    return EngineHandle(f"sim://{service.engine_id}", name=service.engine_id, role=role,
+                        transport=InProcessTransport(service))
 
-    def __init__(self, server: SimServer, role: str | None = None) -> None:
-        super().__init__(f"sim://{server.engine_id}", name=server.engine_id, role=role)
-        self.server = server
 
-    async def _roundtrip(self, msg: P.Call, timeout: float | None) -> P.Reply:
-        try:
-            return await self.server.handle(msg)
-        except EngineError as exc:
-            raise EngineCallError(exc.code, str(exc), self.name) from None
-
-    async def _stream(self, msg: P.StartGenerate, timeout: float | None) -> AsyncIterator[P.GenerateChunk]:
-        try:
-            chunks = await self.server.start_generate(msg.req, msg.begin, msg.sampling)
-        except EngineError as exc:
-            raise EngineCallError(exc.code, str(exc), self.name) from None
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except EngineError as exc:
-            raise EngineCallError(exc.code, str(exc), self.name) from None
-        finally:
-            await chunks.aclose()
+def service_of(h: EngineHandle) -> SimService:
+    transport = h.transport
+    assert isinstance(transport, InProcessTransport) and isinstance(transport.api, SimService), h
+    return transport.api
 
 
 class SimCluster(Cluster):
-    """A `Cluster` of simulated engines: `{role: [SimServer, ...]}`."""
+    """A `Cluster` of simulated engines: `{role: [SimService, ...]}`."""
 
-    def __init__(self, servers: Mapping[str, Sequence[SimServer]], *, poll_interval: float = 0.25) -> None:
-        super().__init__({role: [SimHandle(s, role) for s in group] for role, group in servers.items()},
+    def __init__(self, servers: Mapping[str, Sequence[SimService]], *, poll_interval: float = 0.25) -> None:
+        super().__init__({role: [sim_handle(s, role) for s in group] for role, group in servers.items()},
                          poll_interval=poll_interval)
-        self.servers = [h.server for h in self.handles]  # type: ignore[attr-defined]
+        self.servers = [service_of(h) for h in self.handles]
 
     def _subscribe(self, h: EngineHandle, health: P.HealthReply) -> None:
-        assert isinstance(h, SimHandle)
-        h.server.publish_events(self._on_event)
-        h.server.start()
-
-    def _on_event(self, event: P.KVEvent) -> None:
-        self.prefix_index.apply(event)
+        service = service_of(h)
+        service.event_sink = self.prefix_index.apply  # events arrive at once, numbered as on the socket
+        service.start()
 
     async def close(self) -> None:
         await super().close()
@@ -79,7 +62,7 @@ class SimCluster(Cluster):
 def build_cluster(layout: Mapping[str, int], cost: CostModel, link: Link, config: EngineConfig | None = None,
                   poll_interval: float = 0.25, lease_s: float = 60.0) -> SimCluster:
     """`{role: count}` engines, all with the same cost model, KV moving over `link`."""
-    peers: dict[str, SimServer] = {}
-    servers = {role: [SimServer(SimEngine(cost, config, f"{role}-{i}"), peers, link, lease_s) for i in range(n)]
+    peers: dict[str, SimService] = {}
+    servers = {role: [SimService(SimEngine(cost, config, f"{role}-{i}"), peers, link, lease_s) for i in range(n)]
                for role, n in layout.items()}
     return SimCluster(servers, poll_interval=poll_interval)

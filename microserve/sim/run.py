@@ -26,7 +26,8 @@ from microserve.bench import loadgen, report, workloads
 from microserve.bench.loadgen import RequestResult
 from microserve.engine.config import EngineConfig
 from microserve.protocol import Request
-from microserve.router.handle import EngineCallError, touched_engines
+from microserve.router.handle import EngineCallError
+from microserve.router.runtime import RouterError, run_request
 from microserve.router.strategy import Strategy, load_strategy, parse_roles
 from microserve.sampling_params import SamplingParams
 from microserve.sim import clock
@@ -72,34 +73,31 @@ class SimRequest:
 
 
 async def _serve(i: int, sreq: SimRequest, strategy: Strategy, cluster: SimCluster, res: RequestResult,
-                 t0: float, frontend_s: float) -> None:
+                 t0: float, frontend_s: float, max_retries: int = 2) -> None:
     loop = asyncio.get_running_loop()
     sent = loop.time()
     res.start, res.prompt_tokens = sent - t0, len(sreq.prompt_ids)
     if frontend_s > 0:  # the client -> gateway -> router -> engine path and back, as one delay
         await asyncio.sleep(frontend_s)
     req = Request(f"sim-{i}", sreq.prompt_ids, SamplingParams(max_tokens=sreq.max_tokens, ignore_eos=True))
-    with touched_engines() as touched:
-        chunks = strategy.generate(req, cluster)
-        finished = False
-        try:
-            async for chunk in chunks:
-                if chunk.token_ids:
-                    res.text_event(loop.time(), sent)
-                    res.output_tokens += len(chunk.token_ids)
-                if chunk.finish_reason is not None:
-                    finished = True
-                    if chunk.finish_reason == "abort":
-                        res.error = "aborted on the engine"
-                    break
-            else:
-                res.error = f"strategy {type(strategy).__name__} ended the stream without a finish reason"
-        except Exception as exc:  # NOTE: a strategy bug fails its request, not the whole simulation
-            res.error = str(exc) if isinstance(exc, EngineCallError) else f"{type(exc).__name__}: {exc}"
-        finally:
-            await chunks.aclose()
-            if not finished:
-                await asyncio.gather(*(h.abort(req.request_id) for h in touched if h.alive), return_exceptions=True)
+    finished = False
+    # the router's own request loop: retries before the first token, aborts on every touched engine
+    chunks = run_request(strategy, cluster, req, max_retries=max_retries)
+    try:
+        async for chunk in chunks:
+            if chunk.token_ids:
+                res.text_event(loop.time(), sent)
+                res.output_tokens += len(chunk.token_ids)
+            if chunk.finish_reason is not None:
+                finished = True
+                if chunk.finish_reason == "abort":
+                    res.error = "aborted on the engine"
+    except (EngineCallError, RouterError) as exc:
+        res.error = str(exc)
+    except Exception as exc:  # NOTE: a strategy bug fails its request, not the whole simulation
+        res.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        await chunks.aclose()
     res.e2e = loop.time() - sent
     res.ok = finished and not res.error
 
@@ -137,16 +135,16 @@ def simulate_workload(strategy: Strategy, layout: dict[str, int], cost: CostMode
 
 
 def engine_report(cluster: SimCluster) -> list[dict[str, Any]]:
-    """Per-engine totals after a run (what a conservation check reads)."""
+    """Per-engine totals after a run (what a conservation check reads), from each engine's `stats`."""
     out = []
-    for s in cluster.servers:
-        e = s.engine
-        out.append({"engine_id": s.engine_id, "role": next(h.role for h in cluster.handles if h.name == s.engine_id),
-                    "computed_tokens": e.computed_tokens_total, "prefix_hit_tokens": e.kv.prefix_hit_tokens,
-                    "preemptions": e.scheduler.num_preemptions, "kv_bytes_sent": s.bytes_sent,
-                    "kv_bytes_received": s.bytes_received, "kv_blocks_total": e.kv.num_blocks,
-                    "kv_blocks_used": e.kv.pool.num_used, "kv_blocks_cached": e.kv.radix.num_blocks,
-                    "open_tickets": len(s.tickets), "unfinished": e.has_unfinished()})
+    for h, s in zip(cluster.handles, cluster.servers):
+        st = s.stats()
+        out.append({"engine_id": s.engine_id, "role": h.role, "computed_tokens": st.computed_tokens_total,
+                    "prefix_hit_tokens": st.prefix_cache_hit_tokens, "preemptions": st.num_preemptions,
+                    "kv_bytes_sent": st.kv_bytes_sent, "kv_bytes_received": st.kv_bytes_received,
+                    "kv_blocks_total": st.kv_blocks_total, "kv_blocks_used": st.kv_blocks_used,
+                    "kv_blocks_cached": st.kv_blocks_cached, "open_tickets": st.open_tickets,
+                    "unfinished": s.engine.has_unfinished()})
     return out
 
 

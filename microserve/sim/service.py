@@ -1,7 +1,7 @@
-"""`SimServer`: the microserving calls of one simulated engine, in virtual time.
+"""`SimService`: the microserving calls of one simulated engine, in virtual time.
 
-It is the real engine's call layer (`MicroservingEngine`: tickets, leases, prefill-only
-sends, adoption of received KV, aborts) over a `SimEngine`, with two things replaced:
+It is the real engine's call layer (`CoreService`: tickets, leases, prefill-only sends,
+adoption of received KV, aborts) over a `SimEngine`, with two things replaced:
 
 * a step takes the cost model's time (`asyncio.sleep` on the virtual clock) instead of
   running a model in a thread;
@@ -9,6 +9,9 @@ sends, adoption of received KV, aborts) over a `SimEngine`, with two things repl
   sender's link for `CostModel.transfer_seconds` (sends from one engine queue behind
   each other, FIFO), then completes the receiver's ticket through the same
   `_on_transfer` path a real transfer takes.
+
+Routers reach it in-process: `InProcessTransport` (sim/cluster.py) hands each call to
+`serving.api.dispatch`, as the ZeroMQ server does for a real engine.
 
 NOTE: the real engine streams KV layer by layer while the last prefill step runs, so
 part of the transfer hides behind compute; here the whole transfer comes after the
@@ -18,14 +21,11 @@ prefill (conservative by at most one transfer time, small on NVLink/IB next to p
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 from kvapi.transfer import KVAddr, TransferError, TransferOutcome
-from kvapi.transfer.sender import SendStats
-from microserve import protocol as P
 from microserve.engine.core.engine_core import StepOutput
-from microserve.serving.builtin import MicroservingEngine
-from microserve.serving.tickets import EngineError, SendJob, Ticket
+from microserve.serving.core import CoreService
+from microserve.serving.tickets import SendJob, Ticket
 from microserve.sim.costs import Link
 from microserve.sim.engine import SimEngine
 
@@ -48,27 +48,25 @@ class SimSendJob(SendJob):
         self.settled.set()
 
 
-class SimServer(MicroservingEngine):
+class SimService(CoreService):
     """One simulated engine serving the microserving calls.
 
     Args:
         engine: the simulated engine.
-        peers: engine id -> `SimServer` of every engine on the fabric (shared dict).
+        peers: engine id -> `SimService` of every engine on the fabric (shared dict).
         link: the link KV crosses between engines.
         lease_s, transfer_timeout: as the real engine's (virtual seconds).
     """
 
-    send_job_class = SimSendJob
-
-    def __init__(self, engine: SimEngine, peers: dict[str, SimServer], link: Link, lease_s: float = 60.0,
+    def __init__(self, engine: SimEngine, peers: dict[str, SimService], link: Link, lease_s: float = 60.0,
                  transfer_timeout: float = 30.0) -> None:
         super().__init__(engine, engine.engine_id, [TRANSPORT], lease_s, transfer_timeout)
         self.engine: SimEngine = engine
+        self.model_name = engine.cost.model.name
         self.peers, self.link = peers, link
         peers[engine.engine_id] = self
         self.link_free_at = 0.0  # the sender's link is busy until then (virtual time)
         self.bytes_sent = self.bytes_received = 0
-        self.event_seq = 0
         self._incoming: set[str] = set()  # tickets a transfer is writing into
         self._task: asyncio.Task | None = None
 
@@ -82,7 +80,10 @@ class SimServer(MicroservingEngine):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    # -- what MicroservingEngine needs --------------------------------------------------
+    # -- what CoreService needs ----------------------------------------------------------
+    def _new_job(self, job_id: str, request_id: str, prompt: list[int]) -> SendJob:
+        return SimSendJob(job_id, request_id, prompt, self.kv_spec.num_layers)
+
     async def _step(self) -> list[StepOutput]:
         outputs = self.engine.step()
         # NOTE: a step that schedules nothing (every waiting request short of blocks) still
@@ -104,7 +105,7 @@ class SimServer(MicroservingEngine):
             raise TransferError(f"transport {forced!r} is not simulated (only {TRANSPORT!r})", "bad_request")
         return TRANSPORT
 
-    async def _transfer(self, job: SendJob, kv: KVAddr, begin: int, end: int, mode: str) -> SendStats:
+    async def _push(self, job: SendJob, kv: KVAddr, begin: int, end: int, mode: str) -> tuple[int, str]:
         assert isinstance(job, SimSendJob)
         await job.settled.wait()
         if job.cancel_reason is not None:
@@ -127,34 +128,7 @@ class SimServer(MicroservingEngine):
         self.bytes_sent += nbytes
         peer.bytes_received += nbytes
         await peer._on_transfer(TransferOutcome(kv.ticket_id, True, begin, end, nbytes, loop.time() - t0))
-        return SendStats(nbytes, loop.time() - t0, TRANSPORT)
+        return nbytes, TRANSPORT
 
     def kv_bytes(self) -> tuple[int, int]:
         return self.bytes_sent, self.bytes_received
-
-    # -- the calls, as the RPC server dispatches them -------------------------------------
-    async def handle(self, msg: P.Call) -> P.Reply:
-        """Answer one call (raises `EngineError`)."""
-        if isinstance(msg, P.PrepRecv):
-            return await self.prep_recv(msg.req, msg.end, msg.lease_s)
-        if isinstance(msg, P.RemoteSend):
-            return await self.remote_send(msg.req, msg.kv, msg.begin, msg.end, msg.transport)
-        if isinstance(msg, P.Abort):
-            return P.AbortReply(await self.abort(msg.request_id))
-        if isinstance(msg, P.Stats):
-            return self.stats()
-        if isinstance(msg, P.Health):
-            return P.HealthReply(True, self.engine_id, self.engine.cost.model.name, self.engine.kv_spec,
-                                 list(self.transports), "", self.engine.max_model_len)
-        if isinstance(msg, P.KVSnapshot):
-            return P.KVSnapshotReply(self.engine_id, self.engine.kv.radix.prefix_hashes(), self.event_seq)
-        raise EngineError("bad_request", f"{type(msg).__name__} is not a single-reply call")
-
-    def publish_events(self, sink: Callable[[P.KVEvent], None]) -> None:
-        """Deliver the engine's KV events (numbered, as on the real event socket) to `sink` at once."""
-
-        def hook(kind: str, hashes: list[int]) -> None:
-            self.event_seq += 1
-            sink(P.KVEvent(self.engine_id, kind, list(hashes), self.event_seq))
-
-        self.engine.kv.radix.on_event = hook

@@ -20,10 +20,9 @@ from microserve.engine.core.kv_manager import KVCacheManager
 from microserve.engine.core.scheduler import ScheduledBatch, Scheduler
 from microserve.engine.core.sequence import Sequence, SequenceStatus
 from microserve.sampling_params import SamplingParams
+from microserve.text import InvalidRequestError, check_prompt
 
-
-class InvalidRequestError(ValueError):
-    """The request cannot be served as given (empty prompt, too long, bad token ids...)."""
+__all__ = ["EngineCore", "EngineStats", "InvalidRequestError", "StepOutput"]
 
 
 @dataclass
@@ -111,16 +110,8 @@ class EngineCore:
         self.kv.free(seq)
 
     def validate_prompt(self, prompt_ids: list[int]) -> None:
-        n, vocab = len(prompt_ids), self.vocab_size
-        if n == 0:
-            raise InvalidRequestError("prompt is empty")
-        if n >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt has {n} tokens; this model's context is {self.max_model_len} "
-                f"(prompt must leave room for at least one generated token)")
-        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        check_prompt(prompt_ids, self.vocab_size, self.max_model_len)
+        n = len(prompt_ids)
         if -(-(n + 1) // self.block_size) > self.kv.num_blocks:
             raise InvalidRequestError(
                 f"prompt of {n} tokens needs more KV blocks than the cache has ({self.kv.num_blocks})")

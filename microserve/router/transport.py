@@ -1,0 +1,173 @@
+"""How an `EngineHandle` reaches its engine: a `Transport` carries calls and brings replies back.
+
+    EngineHandle.call ─> Transport.roundtrip(msg) ─> Reply            (RPCError replies included)
+    EngineHandle.start_generate ─> Transport.stream(msg) ─> GenerateChunk ... | RPCError
+
+`ZMQTransport` is the wire: one DEALER socket, a reader task routing `[call_id, body]`
+frames to the waiting call, a deadline on every reply. `InProcessTransport` calls a service
+in this process through `serving.api.dispatch` (the simulator's engines). Failures come back
+as `RPCError` replies either way, so the handle turns them into `EngineCallError` in one place.
+
+NOTE: no ZeroMQ socket monitor here on purpose: libzmq writes monitor events from its
+I/O thread with a blocking send, so one handle whose monitor is never read (a handle
+the user did not close) can stall every socket of the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from microserve import protocol as P
+from microserve.serving.api import EngineError, dispatch
+
+
+class CallTimeout(Exception):
+    """No reply within the deadline."""
+
+
+class Transport(Protocol):
+    async def roundtrip(self, msg: P.Call, timeout: float) -> P.Reply:
+        """Send one call; its single reply (an `RPCError` for a failure). Raises `CallTimeout`."""
+        ...
+
+    def stream(self, msg: P.StartGenerate, timeout: float) -> AsyncIterator[P.Reply]:
+        """Send `start_generate`; its chunks up to one with a finish reason, or an `RPCError`.
+        `timeout` bounds the wait for each chunk (raises `CallTimeout`)."""
+        ...
+
+    def fail_pending(self, why: str) -> None:
+        """Answer every waiting call with `RPCError("unavailable", why)`."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class ZMQTransport:
+    """The engine's `--rpc` socket (DEALER), shared by every call of one handle."""
+
+    def __init__(self, address: str, context: zmq.asyncio.Context | None = None) -> None:
+        self.address, self._ctx = address, context
+        self._sock: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task | None = None
+        self._pending: dict[bytes, asyncio.Queue[P.Reply]] = {}
+        self._ids = itertools.count(1)
+        self._prefix = os.urandom(4)
+
+    def _socket(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            ctx = self._ctx or zmq.asyncio.Context.instance()
+            self._sock = ctx.socket(zmq.DEALER)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.connect(self.address)
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        return self._sock
+
+    async def _read(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart()
+            if len(frames) != 2:
+                continue
+            queue = self._pending.get(frames[0])
+            if queue is None:
+                continue  # a late reply to a call that gave up
+            try:
+                queue.put_nowait(P.decode_reply(frames[1]))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                queue.put_nowait(P.RPCError("internal", f"undecodable reply from the engine: {exc}"))
+
+    async def _send(self, msg: P.Call) -> tuple[bytes, asyncio.Queue[P.Reply]]:
+        sock = self._socket()
+        call_id = self._prefix + next(self._ids).to_bytes(8, "little")
+        queue: asyncio.Queue[P.Reply] = asyncio.Queue()
+        self._pending[call_id] = queue
+        await sock.send_multipart([call_id, P.encode(msg)])
+        return call_id, queue
+
+    @staticmethod
+    async def _next(queue: asyncio.Queue[P.Reply], timeout: float) -> P.Reply:
+        try:
+            return await asyncio.wait_for(queue.get(), timeout)
+        except TimeoutError:
+            raise CallTimeout from None
+
+    async def roundtrip(self, msg: P.Call, timeout: float) -> P.Reply:
+        call_id = b""
+        try:
+            call_id, queue = await self._send(msg)
+            return await self._next(queue, timeout)
+        finally:
+            self._pending.pop(call_id, None)
+
+    async def stream(self, msg: P.StartGenerate, timeout: float) -> AsyncIterator[P.Reply]:
+        call_id = b""
+        try:
+            call_id, queue = await self._send(msg)
+            while True:
+                reply = await self._next(queue, timeout)
+                yield reply
+                if not isinstance(reply, P.GenerateChunk) or reply.finish_reason is not None:
+                    return
+        finally:
+            self._pending.pop(call_id, None)
+
+    def fail_pending(self, why: str) -> None:
+        for queue in self._pending.values():
+            queue.put_nowait(P.RPCError("unavailable", why))
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._sock is not None:
+            self._sock.close(0)
+        self._sock = self._reader = None
+
+
+class InProcessTransport:
+    """Calls into an `EngineAPI` object of this process (a simulated engine).
+
+    Calls never time out here (an in-process engine cannot hang on a network), so the
+    deadline is not enforced; everything else behaves as over the wire.
+    """
+
+    def __init__(self, api) -> None:
+        self.api = api
+
+    async def roundtrip(self, msg: P.Call, timeout: float) -> P.Reply:
+        try:
+            reply = await dispatch(self.api, msg)
+        except EngineError as exc:
+            return P.RPCError(exc.code, str(exc))
+        assert not isinstance(reply, AsyncIterator), "start_generate goes through stream()"
+        return reply
+
+    async def stream(self, msg: P.StartGenerate, timeout: float) -> AsyncIterator[P.Reply]:
+        try:
+            chunks = await dispatch(self.api, msg)
+        except EngineError as exc:
+            yield P.RPCError(exc.code, str(exc))
+            return
+        assert isinstance(chunks, AsyncIterator)
+        async with contextlib.aclosing(chunks):
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except EngineError as exc:
+                yield P.RPCError(exc.code, str(exc))
+
+    def fail_pending(self, why: str) -> None:
+        """Nothing waits on a wire here."""
+
+    async def close(self) -> None:
+        """Nothing to close."""

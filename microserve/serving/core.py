@@ -1,0 +1,158 @@
+"""`CoreService`: the hooks of `EngineService` over an `EngineCore` (our own scheduler and KV
+books), shared by the built-in engine (`serving.builtin`) and the simulated one (`sim.service`).
+
+    _reserve        Sequence prompt[:end]: pinned cached prefix [0, matched) + reserved [matched, end)
+    _send           SendJob: a prefill-only Sequence prompt[:end] through the normal scheduler;
+                    `_push` (the backend) moves [begin, end) as its layers are computed
+    _submit         adopts a complete ticket's blocks (`EngineCore.adopt`) or queues a new request
+
+What differs between the two backends is only how a step runs (`_step`) and how KV bytes
+move (`_recv_addr`, `_open_receive`, `_push`, ...).
+"""
+
+from __future__ import annotations
+
+from kvapi.transfer import KVAddr, TransferError
+from microserve import protocol as P
+from microserve.engine.core.engine_core import EngineCore, EngineStats, InvalidRequestError, StepOutput
+from microserve.engine.core.sequence import Sequence
+from microserve.sampling_params import SamplingParams
+from microserve.serving.api import EngineError, ErrorCode
+from microserve.serving.base import EngineService
+from microserve.serving.tickets import SendJob, Ticket
+
+
+class CoreService(EngineService):
+    """The calls over one `EngineCore`.
+
+    Args:
+        engine: the engine's books and step.
+        others: as `EngineService`.
+    """
+
+    def __init__(self, engine: EngineCore, engine_id: str, transports: list[str], lease_s: float = 60.0,
+                 transfer_timeout: float = 30.0) -> None:
+        super().__init__(engine_id, transports, lease_s, transfer_timeout)
+        self.engine = engine
+        self.kv_spec, self.max_model_len, self.vocab_size = engine.kv_spec, engine.max_model_len, engine.vocab_size
+        self._jobs: dict[str, SendJob] = {}
+        engine.set_kv_event_hook(self._on_kv_event)
+
+    # -- what the backend provides ----------------------------------------------------------
+    def _new_job(self, job_id: str, request_id: str, prompt: list[int]) -> SendJob:
+        return SendJob(job_id, request_id, prompt, self.kv_spec.num_layers)
+
+    async def _push(self, job: SendJob, kv: KVAddr, begin: int, end: int, mode: str) -> tuple[int, str]:
+        """Move `[begin, end)` of `job`'s KV into `kv` as its layers are computed: (bytes, transport)."""
+        raise NotImplementedError
+
+    # -- the step ----------------------------------------------------------------------------
+    def _has_work(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def _fail_running(self) -> list[StepOutput]:
+        return self.engine.fail_running()
+
+    def _deliver(self, out: StepOutput) -> None:
+        job = self._jobs.get(out.request_id)
+        if job is None:
+            super()._deliver(out)
+        elif out.finish_reason == "prefilled":
+            job.prefilled()
+        else:
+            job.cancel(f"the sender's prefill ended with {out.finish_reason!r}")
+
+    def close(self) -> None:
+        super().close()
+        for job in self._jobs.values():
+            job.cancel("engine shutting down")
+
+    # -- receiving -----------------------------------------------------------------------------
+    async def _reserve(self, req: P.Request, prompt: list[int], end: int) -> Ticket:
+        seq = Sequence(req.request_id, prompt[:end], SamplingParams(max_tokens=1))
+        async with self._lock:
+            if not self.engine.reserve(seq, end):
+                raise EngineError(ErrorCode.OVERLOADED, f"not enough free KV blocks to receive {end} tokens")
+        matched = seq.num_computed_tokens
+        return self.tickets.open(req.request_id, matched, end, seq.block_table[matched // self.engine.block_size:],
+                                 seq)
+
+    async def _received(self, ticket: Ticket, outcome) -> None:
+        async with self._lock:
+            self.engine.mark_received(ticket.hold, outcome.end)  # received KV enters our prefix cache
+
+    async def _release_ticket(self, ticket: Ticket) -> None:
+        async with self._lock:
+            valid = ticket.matched if ticket.state == "open" else ticket.hold.num_computed_tokens
+            self.engine.drop_received(ticket.hold, valid)  # partial pages are garbage
+
+    # -- sending ---------------------------------------------------------------------------------
+    async def _send(self, job_id: str, prompt: list[int], kv: KVAddr, begin: int, end: int,
+                    mode: str) -> tuple[int, str, int]:
+        job = self._new_job(job_id, self._sends[job_id], prompt)
+        self._jobs[job_id] = job
+        try:
+            async with self._lock:
+                matched = self.engine.match_cached(job.seq, end)
+                if matched < end:
+                    self.engine.add_sequence(job.seq)
+                    job.scheduled = True
+                else:
+                    job.prefilled()
+            self._wake.set()
+            try:
+                nbytes, used = await self._push(job, kv, begin, end, mode)
+            except TransferError:
+                job.cancel("the transfer failed")
+                raise
+            finally:
+                await self._finish_send(job)
+        finally:
+            self._jobs.pop(job_id, None)
+        if job.cancel_reason:
+            raise EngineError(ErrorCode.ABORTED, job.cancel_reason)
+        return nbytes, used, end - matched
+
+    async def _finish_send(self, job: SendJob) -> None:
+        seq = job.seq
+        async with self._lock:
+            if not job.scheduled or seq.finish_reason == "prefilled":  # blocks held outside the scheduler
+                self.engine.release(seq)
+            elif not seq.is_finished:
+                self.engine.abort(seq.request_id)
+
+    async def _abort_send(self, job_id: str) -> None:
+        job = self._jobs.get(job_id)
+        if job is not None:
+            job.cancel("aborted")
+
+    # -- generating --------------------------------------------------------------------------------
+    async def _submit(self, req: P.Request, prompt: list[int], begin: int, sampling: SamplingParams,
+                      ticket: Ticket | None) -> None:
+        async with self._lock:
+            seq = None
+            if ticket is not None and ticket.state == "complete":
+                seq = self.engine.adopt(ticket.hold, prompt, begin, sampling)
+            try:
+                if seq is not None:
+                    self.engine.add_sequence(seq)
+                else:
+                    self.engine.add_request(req.request_id, prompt, sampling)
+            except InvalidRequestError as exc:
+                if seq is not None:
+                    self.engine.release(seq)
+                raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from exc
+
+    async def _abort_request(self, request_id: str) -> bool:
+        async with self._lock:
+            return self.engine.abort(request_id)
+
+    # -- books ---------------------------------------------------------------------------------------
+    def _engine_stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def _cached_hashes(self) -> list[int]:
+        return self.engine.cached_prefix_hashes()
+
+    def _check_prompt(self, prompt: list[int]) -> None:
+        self.engine.validate_prompt(prompt)

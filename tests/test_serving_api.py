@@ -1,0 +1,151 @@
+"""The call layer's contract: one interface (`EngineAPI`) that every backend implements through
+one base class, one dispatch point, one error-code enum and one code -> HTTP table; and the
+simulator runs the router's own request loop (`run_request`: retries, deadlines, aborts)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import pytest
+
+from microserve import protocol as P
+from microserve.engine.config import EngineConfig
+from microserve.router.handle import EngineCallError
+from microserve.router.runtime import RouterError, run_request
+from microserve.router.strategy import Strategy
+from microserve.sampling_params import SamplingParams
+from microserve.serving.api import EngineAPI, EngineError, ErrorCode, dispatch
+from microserve.serving.base import EngineService
+from microserve.sim import clock
+from microserve.sim.cluster import build_cluster
+from microserve.sim.costs import CostModel, load_gpu, load_link, load_model
+from microserve.sim.run import SimRequest, engine_report, simulate
+
+COST = CostModel(load_model("llama-3.1-8b"), load_gpu("h100"))
+CONFIG = EngineConfig(max_num_batched_tokens=8192, max_num_seqs=256, num_kv_blocks=256)
+CALLS = [name for name, fn in inspect.getmembers(EngineAPI) if not name.startswith("_") and callable(fn)]
+
+
+def test_every_call_is_documented_with_its_caller_and_errors():
+    assert set(CALLS) == {"prep_recv", "remote_send", "start_generate", "abort", "stats", "health", "kv_snapshot"}
+    for name in CALLS:
+        doc = inspect.getdoc(getattr(EngineAPI, name)) or ""
+        assert "Called by" in doc, f"EngineAPI.{name} does not say who calls it"
+    for name in ("prep_recv", "remote_send", "start_generate"):
+        assert "Raises" in inspect.getdoc(getattr(EngineAPI, name)), name
+
+
+@pytest.mark.parametrize("backend", ["microserve.serving.builtin:BuiltinService",
+                                     "microserve.serving.vllm.engine:VLLMService",
+                                     "microserve.sim.service:SimService"])
+def test_every_backend_is_a_small_subclass_of_the_one_base(backend):
+    import importlib
+
+    module, name = backend.split(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except ImportError as exc:  # pragma: no cover - vLLM's module needs only torch to import
+        pytest.fail(f"{backend} does not import: {exc}")
+    assert issubclass(cls, EngineService)
+    for call in CALLS:  # the calls live in the base; a backend implements hooks, never a call
+        assert getattr(cls, call) is getattr(EngineService, call), f"{name} overrides the call {call}"
+
+
+def test_error_codes_are_one_enum_and_the_gateway_maps_every_one():
+    from microserve.gateway.app import HTTP_STATUS
+
+    assert set(HTTP_STATUS) == set(ErrorCode)
+    assert ErrorCode.BAD_REQUEST == "bad_request" and f"{ErrorCode.TIMEOUT}" == "timeout"
+    assert EngineError("overloaded", "x").code is ErrorCode.OVERLOADED
+    assert EngineError("a-code-from-a-newer-peer", "x").code is ErrorCode.INTERNAL
+    assert RouterError("unavailable", "x").code is ErrorCode.UNAVAILABLE
+    # the wire keeps plain strings: an RPCError with an enum code decodes to the same string
+    reply = P.decode_reply(P.encode(P.RPCError(ErrorCode.KV_SPEC_MISMATCH, "m")))
+    assert isinstance(reply, P.RPCError) and reply.code == "kv_spec_mismatch"
+
+
+def one_engine():
+    cluster = build_cluster({"engine": 1}, COST, load_link("nvlink"), CONFIG)
+    return cluster, cluster.servers[0]
+
+
+def test_dispatch_is_the_one_entry_and_errors_cross_the_in_process_transport():
+    async def go():
+        cluster, service = one_engine()
+        await cluster.start()
+        try:
+            assert isinstance(service, EngineAPI)
+            health = await dispatch(service, P.Health())
+            assert isinstance(health, P.HealthReply) and health.engine_id == service.engine_id
+            with pytest.raises(EngineError) as err:
+                await dispatch(service, P.PrepRecv(P.Request("r", [1, 2, 3]), 2, lease_s=-1))
+            assert err.value.code is ErrorCode.BAD_REQUEST and "lease_s" in str(err.value)
+            with pytest.raises(EngineError) as err:
+                await dispatch(service, object())  # type: ignore[arg-type]
+            assert err.value.code is ErrorCode.BAD_REQUEST
+            # the same failure through a handle: one translation, the code intact
+            (h,) = cluster.handles
+            with pytest.raises(EngineCallError) as call_err:
+                await h.prep_recv(P.Request("r2", []), 0)
+            assert call_err.value.code is ErrorCode.BAD_REQUEST and call_err.value.engine == h.name
+            stream = h.start_generate(P.Request("r3", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True)))
+            chunks = [c async for c in stream]
+            assert sum(len(c.token_ids) for c in chunks) == 3 and chunks[-1].finish_reason == "length"
+            snap = await dispatch(service, P.KVSnapshot())
+            assert isinstance(snap, P.KVSnapshotReply) and snap.seq >= 0
+        finally:
+            await cluster.close()
+
+    clock.run(go())
+
+
+class FailsFirst(Strategy):
+    """Every first attempt fails as an overloaded engine would; the retry succeeds."""
+
+    roles = {"engine": 1}
+
+    async def generate(self, req, cluster):
+        h = cluster.least_loaded("engine")
+        if "~" not in req.request_id:
+            await h.prep_recv(req, end=len(req.prompt_ids) - 1)  # holds blocks: the abort must free them
+            raise EngineCallError(ErrorCode.OVERLOADED, "no blocks (simulated)", h.name)
+        async for chunk in h.start_generate(req):
+            yield chunk
+
+
+def test_the_simulator_runs_the_routers_retry_loop():
+    reqs = [SimRequest(list(range(1, 200)), 4) for _ in range(3)]
+    cluster = build_cluster({"engine": 1}, COST, load_link("nvlink"), CONFIG)
+    results, _ = clock.run(simulate(FailsFirst(), cluster, reqs, None, 1, 0))
+    assert all(r.ok and r.output_tokens == 4 for r in results), [r.error for r in results]
+    (engine,) = engine_report(cluster)
+    # the failed attempts' tickets were aborted: every used block is a prefix-cache block
+    assert engine["open_tickets"] == 0 and engine["kv_blocks_used"] == engine["kv_blocks_cached"]
+
+
+def test_run_request_deadline_in_virtual_time_aborts_everywhere():
+    async def go():
+        cluster, service = one_engine()
+        await cluster.start()
+        try:
+            from strategies.round_robin import RoundRobin
+
+            req = P.Request("slow", list(range(1, 100)), SamplingParams(max_tokens=200, ignore_eos=True))
+            loop = asyncio.get_running_loop()
+            chunks = run_request(RoundRobin(), cluster, req, deadline=loop.time() + 0.05)
+            got = 0
+            with pytest.raises(RouterError) as err:
+                async for chunk in chunks:
+                    got += len(chunk.token_ids)
+            assert err.value.code is ErrorCode.TIMEOUT and 0 < got < 200
+            for _ in range(100):  # the abort runs in the background
+                await asyncio.sleep(0.01)
+                if not service.engine.has_unfinished():
+                    break
+            stats = service.stats()
+            assert stats.running == 0 and stats.kv_blocks_used == stats.kv_blocks_cached
+        finally:
+            await cluster.close()
+
+    clock.run(go())

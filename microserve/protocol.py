@@ -114,6 +114,7 @@ class StatsReply(msgspec.Struct, tag="stats_reply", forbid_unknown_fields=True):
     active_sends: int
     kv_bytes_sent: int
     kv_bytes_received: int
+    kernels: str = ""  # which kernels the model runs ("native", "native-scalar", "torch", "triton", "vllm")
 
 
 class HealthReply(msgspec.Struct, tag="health_reply", forbid_unknown_fields=True):

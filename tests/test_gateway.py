@@ -89,6 +89,8 @@ async def test_metrics_parse_and_move(pd):
         for name in ("microserve_engine_running_requests", "microserve_engine_kv_blocks_used",
                      "microserve_prefix_cache_hit_tokens_total"):
             assert f"{name}{{engine={engine}}}" in before, (name, engine)
+        kernels = [k for k in before if k.startswith(f"microserve_engine_info{{engine={engine},")]
+        assert kernels and "kernels=native" in kernels[0] and before[kernels[0]] == 1, kernels
     c = client(pd)
     await c.completions.create(model="demo", prompt="metrics move " * 4, max_tokens=4, temperature=0)
     after = await metrics(pd)

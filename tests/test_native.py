@@ -272,6 +272,9 @@ def test_fast_path_equals_plain_path(kernels, request, variant_fixture):
         assert mlp.gate_up_proj.weight_dnn is not None and mlp.gate_up_proj.weight_t is None, "oneDNN layout"
     plain = LLM(path, native_kernels=False)
     assert plain.engine.runner.native_decode is None and plain.engine.runner.model.lm_head.weight_packed is None
+    # which path runs is never a guess: stats() names it
+    assert fast.engine.stats().kernels == ("native" if kernels.simd() else "native-scalar")
+    assert plain.engine.stats().kernels == "torch"
     prompts = [[(7 * i + 3 * j) % 250 + 5 for i in range(n)] for j, n in enumerate([1, 5, 17, 40, 63, 100])]
     sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     assert [o.token_ids for o in fast.generate(prompts, sp)] == [o.token_ids for o in plain.generate(prompts, sp)]
@@ -289,6 +292,27 @@ def test_half_precision_without_the_kernels_warns(demo_path, caplog):
         LLM(demo_path, dtype="bfloat16")
         LLM(demo_path, native_kernels=False)  # float32: MKL, nothing to say
     assert not [r for r in caplog.records if "native AVX2" in r.getMessage()]
+
+
+def test_a_missing_kernel_source_warns_once_with_the_cause_and_the_cost(monkeypatch, tmp_path, caplog):
+    """An install without the kernels' source (a broken wheel) is never silent."""
+    monkeypatch.setattr(native, "_SOURCE", tmp_path / "cpu_kernels.cpp")
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_module", None)
+    with caplog.at_level("WARNING", logger="microserve.engine.model.native"):
+        assert native.load() is None and native.load() is None
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "is missing from this install" in warnings[0] and "1.7-1.8x" in warnings[0]
+    assert native.path(None) == "torch"
+
+
+def test_the_kernel_source_ships_inside_the_package():
+    from pathlib import Path
+
+    import microserve
+
+    assert Path(microserve.__file__).resolve().parent / "csrc" / "cpu_kernels.cpp" == native._SOURCE
+    assert native._SOURCE.is_file()
 
 
 PORTABLE_CHECK = """

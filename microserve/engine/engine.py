@@ -4,6 +4,7 @@ plus the model runner)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -60,4 +61,7 @@ class LLMEngine(EngineCore):
 
     def _execute(self, batch: ScheduledBatch) -> dict[Sequence, int]:
         return self.runner.execute(batch)
+
+    def stats(self) -> EngineStats:
+        return replace(super().stats(), kernels=self.runner.kernels)
 

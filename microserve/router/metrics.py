@@ -85,6 +85,8 @@ class _EngineCollector:
                                    labels=["engine"])
         computed = CounterMetricFamily("microserve_engine_computed_tokens", "Tokens the engine computed",
                                        labels=["engine"])
+        info = GaugeMetricFamily("microserve_engine_info", "Which kernels the engine runs (native, native-scalar, "
+                                 "torch, triton, vllm); always 1", labels=["engine", "kernels"])
         for h in self.cluster.handles:
             up.add_metric([h.name, h.role or ""], 1.0 if h.alive else 0.0)
             s = self.cluster.load(h).stats
@@ -96,4 +98,5 @@ class _EngineCollector:
             total.add_metric([h.name], s.kv_blocks_total)
             hits.add_metric([h.name], s.prefix_cache_hit_tokens)
             computed.add_metric([h.name], s.computed_tokens_total)
-        yield from (up, running, waiting, used, total, hits, computed)
+            info.add_metric([h.name, s.kernels or "none"], 1.0)
+        yield from (up, running, waiting, used, total, hits, computed, info)

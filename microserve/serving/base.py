@@ -368,7 +368,7 @@ class EngineService:
             kv_blocks_total=s.kv_blocks_total, kv_blocks_used=s.kv_blocks_used, kv_blocks_cached=s.kv_blocks_cached,
             prefix_cache_hit_tokens=s.prefix_cache_hit_tokens, computed_tokens_total=s.computed_tokens_total,
             num_preemptions=s.num_preemptions, open_tickets=len(self.tickets), active_sends=len(self._sends),
-            kv_bytes_sent=sent, kv_bytes_received=received)
+            kv_bytes_sent=sent, kv_bytes_received=received, kernels=s.kernels)
 
     def health(self) -> P.HealthReply:
         return P.HealthReply(True, self.engine_id, self.model_name, self.kv_spec, list(self.transports),

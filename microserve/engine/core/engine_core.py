@@ -46,6 +46,7 @@ class EngineStats:
     num_preemptions: int = 0
     computed_tokens_total: int = 0  # tokens run through the model (prefill + decode)
     queued_tokens: int = 0  # tokens still to compute over waiting and running requests
+    kernels: str = ""  # which kernels the model runs: "native", "native-scalar", "torch", "triton" ("" no model)
 
 
 class EngineCore:

@@ -1,10 +1,17 @@
-"""Optional native CPU kernels from `csrc/`, built on first use with torch's C++ extension JIT.
+"""Optional native CPU kernels from `microserve/csrc/` (the top-level `csrc/` links there), built
+on first use with torch's C++ extension JIT. The source ships inside the package (wheel, sdist,
+editable install alike), so every install can build them.
 
 Every kernel here has a pure-torch twin that stays the reference; the native one is used
 only when it builds and loads. `MICROSERVE_NATIVE=0` turns it off (the plain path), e.g.
 to compare the two. The build (~30 s, once per machine and source version) lands in
 torch's extension cache (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`);
 concurrent processes wait on torch's file lock instead of building twice.
+
+Without them the engine runs the torch path at about half the speed (docs/benchmarks.md:
+1.0-1.05x Hugging Face decode instead of 1.7-1.8x): that is never silent. `load()` logs one
+WARNING naming the cause, and `path()` names what the engine runs (`stats().kernels`,
+`/metrics` `microserve_engine_info{kernels=...}`).
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).resolve().parents[3] / "csrc" / "cpu_kernels.cpp"
+_SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "cpu_kernels.cpp"
+_COST = ("the torch path decodes at about 1.0x Hugging Face instead of 1.7-1.8x with the kernels "
+         "(docs/benchmarks.md)")
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _tried = False
@@ -56,9 +65,12 @@ def load() -> ModuleType | None:
             return _module
         _tried = True
         if not _SOURCE.is_file():
-            log.info("native kernels: %s not found (installed without csrc/); using the torch path", _SOURCE)
+            log.warning("native CPU kernels unavailable: %s is missing from this install; %s", _SOURCE, _COST)
             return None
         flags = _cpu_flags()
+        if "-mavx2" not in flags and not _switched_off("MICROSERVE_NATIVE_SIMD"):
+            log.warning("native CPU kernels built without AVX2/FMA (this CPU lacks them): portable scalar kernels, "
+                        "projections on oneDNN; slower than the AVX2 build")
         tag = hashlib.sha1((_SOURCE.read_text() + " ".join(flags)).encode()).hexdigest()[:10]
         try:
             from torch.utils import cpp_extension
@@ -67,6 +79,15 @@ def load() -> ModuleType | None:
                 name=f"microserve_native_{tag}", sources=[str(_SOURCE)],
                 extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as exc:  # any build failure means: use the torch path
-            log.warning("native kernels unavailable (%s: %s); using the torch path", type(exc).__name__, exc)
+            log.warning("native CPU kernels unavailable: the build failed (%s: %s; needs a C++ compiler and "
+                        "ninja); %s", type(exc).__name__, exc, _COST)
             _module = None
     return _module
+
+
+def path(module: ModuleType | None) -> str:
+    """Which kernels a CPU engine runs: "native" (AVX2 build), "native-scalar" (portable
+    build, CPUs without AVX2) or "torch" (no kernels)."""
+    if module is None:
+        return "torch"
+    return "native" if module.simd() else "native-scalar"

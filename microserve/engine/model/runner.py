@@ -41,6 +41,9 @@ class ModelRunner:
         if native_kernels:
             kernels = native.load() if self.device.type == "cpu" else triton_ops.TritonOps if on_cuda else None
         self.native_decode = kernels.paged_decode if kernels is not None else None
+        # which kernels run (stats().kernels, /metrics microserve_engine_info{kernels})
+        self.kernels = "triton" if on_cuda and kernels is not None else \
+            native.path(kernels) if self.device.type == "cpu" else "torch"
         model.use_native(kernels)
         half = self.kv_cache.dtype in (torch.bfloat16, torch.float16)
         if half and self.device.type == "cpu" and not (kernels is not None and kernels.simd()):

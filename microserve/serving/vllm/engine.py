@@ -348,7 +348,7 @@ class VLLMService(EngineService):
         return EngineStats(running=len(s.running), waiting=len(s.waiting), kv_blocks_total=total,
                            kv_blocks_used=total - pool.get_num_free_blocks(), kv_blocks_cached=cached,
                            prefix_cache_hit_tokens=self._cached, computed_tokens_total=self._computed,
-                           queued_tokens=sum(r.num_tokens - r.num_computed_tokens for r in reqs))
+                           queued_tokens=sum(r.num_tokens - r.num_computed_tokens for r in reqs), kernels="vllm")
 
     def kv_bytes(self) -> tuple[int, int]:
         return self.sender.bytes_sent, self.receiver.bytes_received

@@ -54,9 +54,12 @@ def _engine(args: argparse.Namespace) -> int:
                           kv_cache_memory_gb=args.kv_cache_memory_gb, max_model_len=args.max_model_len,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                           enable_prefix_caching=not args.no_prefix_caching, cuda_graphs=not args.enforce_eager)
+    from microserve.security import resolve
+
     opts = EngineOptions(str(resolve_model(args.model)), args.rpc, args.events, args.device, args.dtype,
                          args.transport, args.kv_host, args.kv_port, args.engine_id or "", args.lease_seconds,
-                         args.transfer_timeout, config, args.backend)
+                         args.transfer_timeout, config, args.backend,
+                         resolve(args.cluster_key), args.insecure, args.max_lease_seconds)
     import zmq
 
     try:
@@ -82,7 +85,7 @@ def _serve_setup(args: argparse.Namespace, model: str | None):
     strategy = load_strategy(args.strategy, strategy_args)
     name = args.served_model_name or (model if model in (None, "demo") else Path(model).name) or "model"
     opts = ServeOptions(args.host, args.port, args.api_key, name, args.request_timeout, args.max_retries,
-                        args.max_pending)
+                        args.max_pending, args.cluster_key)
     return strategy, opts
 
 
@@ -138,7 +141,7 @@ def _router(args: argparse.Namespace) -> int:
     check_layout(strategy, {r: len(a) for r, a in engines.items()})
 
     async def main() -> int:
-        cluster = Cluster(engines)
+        cluster = Cluster(engines, cluster_key=opts.cluster_key)
         model = args.model
         if model is None:
             health = await cluster.handles[0].wait_ready()
@@ -150,6 +153,18 @@ def _router(args: argparse.Namespace) -> int:
         return await serve(cluster, strategy, load_tokenizer(resolve_model(model)), opts)
 
     return asyncio.run(main())
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from microserve.security import ClusterKey
+
+    try:
+        path = ClusterKey.generate().write(args.path)
+    except FileExistsError:
+        raise ValueError(f"{args.path} exists; a cluster key is never overwritten (remove it first)") from None
+    print(f"wrote a cluster key to {path} (mode 0600): give it to every engine and router of the deployment "
+          "with --cluster-key, or set MICROSERVE_CLUSTER_KEY")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -186,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--kv-host", default="127.0.0.1", help="address of the KV transfer socket")
     eng.add_argument("--kv-port", type=int, default=0)
     eng.add_argument("--engine-id", default=None)
+    eng.add_argument("--cluster-key", default=None, metavar="FILE",
+                     help="the deployment's key (microserve keygen); default $MICROSERVE_CLUSTER_KEY")
+    eng.add_argument("--insecure", action="store_true",
+                     help="serve without a cluster key: loopback addresses only, for local tests")
     eng.add_argument("--log-level", default="warning")
     eng.set_defaults(func=_engine)
 
@@ -221,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim_cli.add_arguments(sim)
     sim.set_defaults(func=sim_cli.main)
 
+    key = sub.add_parser("keygen", help="write a new cluster key to FILE (mode 0600)")
+    key.add_argument("path", metavar="FILE")
+    key.set_defaults(func=_keygen)
+
     demo = sub.add_parser("demo", help="write the tiny random demo checkpoint to PATH")
     demo.add_argument("path")
     demo.set_defaults(func=_demo)
@@ -247,6 +270,9 @@ def _serve_options() -> argparse.ArgumentParser:
     g.add_argument("--max-retries", type=int, default=2,
                    help="restarts on another engine when one fails before the first token")
     g.add_argument("--max-pending", type=int, default=1024, help="requests in flight before 429s")
+    g.add_argument("--cluster-key", default=None, metavar="FILE",
+                   help="the deployment's key (microserve keygen); default $MICROSERVE_CLUSTER_KEY; launch makes "
+                        "a fresh one per run when neither is given")
     g.add_argument("--log-level", default="warning")
     return p
 
@@ -259,6 +285,8 @@ def _engine_knobs() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
     g.add_argument("--transport", default="auto", choices=["auto", "shm", "ucx", "tcp"])
     g.add_argument("--lease-seconds", type=float, default=60.0, help="default lease of a receive ticket")
+    g.add_argument("--max-lease-seconds", type=float, default=120.0,
+                   help="longest lease prep_recv grants (a peer cannot lock blocks for longer)")
     g.add_argument("--transfer-timeout", type=float, default=30.0,
                    help="how long start_generate waits for KV still in flight")
     g.add_argument("--block-size", type=int, default=16)

@@ -165,15 +165,19 @@ async def _json_or_raise(resp: aiohttp.ClientResponse) -> dict[str, Any]:
 
 
 async def connect(engines: Mapping[str, Sequence[str] | str] | Sequence[str], *, timeout: float = 60.0,
-                  ready_timeout: float = 120.0) -> Cluster:
+                  ready_timeout: float = 120.0, cluster_key=None) -> Cluster:
     """A started `Cluster` over running engines: `{"prefill": ["tcp://..."], "decode": [...]}`
-    (or a list of addresses, role "engine"). Close it with `await cluster.close()`."""
+    (or a list of addresses, role "engine"). `cluster_key`: the deployment's key file (default:
+    `$MICROSERVE_CLUSTER_KEY`). Close it with `await cluster.close()`."""
+    from microserve.security import resolve
+
+    key = resolve(cluster_key)
     if isinstance(engines, Mapping):
-        spec = {role: [EngineHandle(a, role=role, timeout=timeout) for a in ([v] if isinstance(v, str) else v)]
-                for role, v in engines.items()}
+        spec = {role: [EngineHandle(a, role=role, timeout=timeout, cluster_key=key)
+                       for a in ([v] if isinstance(v, str) else v)] for role, v in engines.items()}
         cluster = Cluster(spec)
     else:
-        cluster = Cluster([EngineHandle(a, role="engine", timeout=timeout) for a in engines])
+        cluster = Cluster([EngineHandle(a, role="engine", timeout=timeout, cluster_key=key) for a in engines])
     try:
         return await cluster.start(ready_timeout)
     except BaseException:

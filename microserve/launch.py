@@ -40,6 +40,7 @@ class ServeOptions:
     request_timeout: float = 600.0
     max_retries: int = 2
     max_pending: int = 1024
+    cluster_key: str | None = None  # key file; launch makes a fresh one per run when None
 
 
 @dataclass
@@ -188,11 +189,34 @@ def _url_host(host: str) -> str:
 
 async def launch(strategy: Strategy, model: str, layout: Mapping[str, int], engine_args: list[str],
                  opts: ServeOptions) -> int:
+    """Engines as subprocesses, then the router and gateway over them, until SIGINT/SIGTERM.
+    Every process shares one cluster key: `opts.cluster_key`, `$MICROSERVE_CLUSTER_KEY`, or a
+    fresh key for this run in a private directory (removed at exit)."""
+    import shutil
+    import tempfile
+
     from microserve.demo import resolve_model
+    from microserve.security import ClusterKey, resolve
 
     check_layout(strategy, layout)
     model_path = str(resolve_model(model))
     tokenizer = load_tokenizer(model_path)
+    key = resolve(opts.cluster_key)
+    private = None
+    if key is None:
+        private = tempfile.mkdtemp(prefix="microserve-key-")  # mode 0700
+        key = ClusterKey.generate()
+        key.write(Path(private) / "cluster.key")
+    try:
+        return await _launch(strategy, model_path, layout, [*engine_args, "--cluster-key", key.source], opts,
+                             tokenizer, key)
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+
+
+async def _launch(strategy: Strategy, model_path: str, layout: Mapping[str, int], engine_args: list[str],
+                  opts: ServeOptions, tokenizer, key) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a Ctrl-C while engines load stops them too
@@ -207,6 +231,6 @@ async def launch(strategy: Strategy, model: str, layout: Mapping[str, int], engi
         return 130
     stopper.cancel()
     procs = spawn.result()
-    cluster = Cluster({role: [EngineHandle(p.rpc, name=p.engine_id, role=role) for p in procs if p.role == role]
-                       for role in layout})
+    cluster = Cluster({role: [EngineHandle(p.rpc, name=p.engine_id, role=role, cluster_key=key)
+                              for p in procs if p.role == role] for role in layout})
     return await serve(cluster, strategy, tokenizer, opts, procs)

@@ -139,6 +139,7 @@ class RPCError(msgspec.Struct, tag="error", forbid_unknown_fields=True):
 
     code: str
     message: str
+    peer: str = ""  # the engine at fault when it is not the one answering (a transfer's receiver)
 
 
 Reply = RecvTicket | SendResult | GenerateChunk | AbortReply | StatsReply | HealthReply | KVSnapshotReply | RPCError

@@ -25,10 +25,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kvapi.radix import prefix_hashes
+from kvapi.transfer.base import sign_addr
 from kvapi.transfer.ucx import ucx_available
 from microserve import SamplingParams
 from microserve.protocol import Request, decode_event, decode_reply
 from microserve.router import EngineCallError, EngineHandle, EngineTimeout
+from microserve.security import resolve as resolve_key
 
 BS = 16
 VOCAB = 256
@@ -307,9 +309,16 @@ async def test_wrong_secret_blocks_spec(cluster):
     r = req(prompt)
     ticket = await d.prep_recv(r)
     kv = ticket.kv
+    key = resolve_key(None).kv_key
     bad = [
-        (msgspec.structs.replace(kv, secret="0" * 32), "forbidden", "secret"),
-        (msgspec.structs.replace(kv, block_ids=[b + 1 for b in kv.block_ids]), "forbidden", "blocks"),
+        # changed without the cluster key: the sender refuses before it connects anywhere
+        (msgspec.structs.replace(kv, secret="0" * 32), "forbidden", "not signed"),
+        (msgspec.structs.replace(kv, block_ids=[b + 1 for b in kv.block_ids]), "forbidden", "not signed"),
+        # changed by a holder of the key: the receiver's own checks still refuse
+        (sign_addr(msgspec.structs.replace(kv, secret="0" * 32), key), "forbidden", "secret"),
+        (sign_addr(msgspec.structs.replace(kv, secret="é" * 32), key), "forbidden", "secret"),
+        (sign_addr(msgspec.structs.replace(kv, block_ids=[b + 1 for b in kv.block_ids]), key), "forbidden",
+         "blocks"),
         (msgspec.structs.replace(kv, spec=msgspec.structs.replace(kv.spec, head_dim=kv.spec.head_dim * 2)),
          "kv_spec_mismatch", "head_dim"),
         (msgspec.structs.replace(kv, spec=msgspec.structs.replace(kv.spec, block_size=8)),
@@ -371,6 +380,7 @@ async def test_malformed_rpc_is_answered(cluster):
     ctx = zmq.asyncio.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    resolve_key(None).secure_client(sock)  # a peer with the cluster key, sending garbage
     sock.connect(cluster["P"].rpc)
     try:
         for frames in ([b"id1", b"\xc1garbage"], [b"id2", msgspec.msgpack.encode({"type": "nope"})],
@@ -400,6 +410,7 @@ async def test_kv_events_published(cluster):
     ctx = zmq.asyncio.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
+    resolve_key(None).secure_client(sub)
     sub.connect(cluster["C"].events)
     await asyncio.sleep(0.3)  # slow joiner
     (c,) = handles(cluster, "C")

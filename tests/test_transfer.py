@@ -126,19 +126,45 @@ def test_choose_transport(pair):
         choose_transport(["shm", "tcp"], remote, forced="shm")
 
 
-def test_too_many_connections_are_refused():
+def test_idle_connections_take_no_transfer_slot_but_real_transfers_are_capped():
+    """Slots go only to transfers whose hello names a live ticket with its secret: 64 idle
+    connections (and garbage) change nothing; a second real transfer beyond the cap is refused."""
     shared = SharedPool(SPEC, 8)
-    rx = KVReceiver(shared.tensor, SPEC, shm_path=shared.path, max_connections=1)
+    rx = KVReceiver(shared.tensor, SPEC, shm_path=shared.path, max_connections=1, handshake_timeout=1.0)
+    port = int(rx.endpoint.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(64)]
+    garbage = socket.create_connection(("127.0.0.1", port))
+    garbage.sendall(b"\xff\xff\xff\xff")  # a 4 GiB length prefix: refused before any allocation
     try:
-        idle = socket.create_connection(("127.0.0.1", int(rx.endpoint.rsplit(":", 1)[1])))
-        time.sleep(0.2)  # the idle connection holds the only slot
+        time.sleep(0.2)
+        tx = KVSender(torch.randn(SPEC.cache_shape(8)), SPEC)
         rx.open_ticket("t", "s3cret", [1], lambda o: None)
-        tx = KVSender(torch.zeros(SPEC.cache_shape(8)), SPEC)
+        assert tx.send(addr(rx, [1], 0, 4), 0, 4, lambda: [0], "tcp").nbytes > 0
+        # one transfer in flight (held at layer 0) has the only slot: a second one is refused
+        gate, started = threading.Event(), threading.Event()
+        rx.open_ticket("t1", "s3cret", [2], lambda o: None)
+        rx.open_ticket("t2", "s3cret", [3], lambda o: None)
+
+        def held(layer: int) -> None:
+            started.set()
+            gate.wait(10)
+
+        first = threading.Thread(target=lambda: tx.send(addr(rx, [2], 0, 4, ticket="t1"), 0, 4, lambda: [0], "tcp",
+                                                        held))
+        first.start()
+        assert started.wait(10)
         with pytest.raises(TransferError) as err:
-            tx.send(addr(rx, [1], 0, 4), 0, 4, lambda: [0], "tcp")
+            tx.send(addr(rx, [3], 0, 4, ticket="t2"), 0, 4, lambda: [0], "tcp")
         assert err.value.code == "overloaded"
-        idle.close()
+        gate.set()
+        first.join(10)
+        # idle connections are cut after the handshake deadline
+        time.sleep(1.5)
+        idle[0].settimeout(2)
+        assert idle[0].recv(1) == b""
     finally:
+        for sock in [*idle, garbage]:
+            sock.close()
         rx.close()
         shared.close()
 

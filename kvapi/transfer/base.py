@@ -15,24 +15,30 @@ from the sender's block pool into blocks the receiver reserved for it:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import socket
 import struct
+import time
 import uuid
 
 import msgspec
 
 from kvapi.spec import KVSpec
 
+__all__ = ["TRANSPORTS", "KVAddr", "TransferError", "check_addr", "choose_transport", "host_id", "sign_addr"]
+
 TRANSPORTS = ("shm", "ucx", "tcp")
 
 
 class TransferError(RuntimeError):
-    """A KV transfer could not be done; `code` says why in one word."""
+    """A KV transfer could not be done; `code` says why in one word, `peer` names the other
+    engine when the failure is its (unreachable, stalled, gone)."""
 
-    def __init__(self, message: str, code: str = "transfer_failed") -> None:
+    def __init__(self, message: str, code: str = "transfer_failed", peer: str = "") -> None:
         super().__init__(message)
-        self.code = code
+        self.code, self.peer = code, peer
 
 
 class KVAddr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -55,6 +61,31 @@ class KVAddr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host_id: str = ""  # machine identity: shm only between engines with the same one
     shm_path: str = ""  # the receiver's page pool file when it lives in shared memory
     ucx_address: str = ""  # the receiver's UCX worker address (hex) when it offers ucx
+    expiry: float = 0.0  # unix time the ticket's lease ends (0: not stated)
+    signature: str = ""  # HMAC-SHA256 of every other field with the cluster's KV key (`sign_addr`)
+
+
+def _addr_digest(addr: KVAddr, key: bytes) -> str:
+    body = _encoder.encode(msgspec.structs.replace(addr, signature=""))
+    return hmac.new(key, b"microserve-kvaddr-v1\x00" + body, hashlib.sha256).hexdigest()
+
+
+def sign_addr(addr: KVAddr, key: bytes) -> KVAddr:
+    """`addr` signed by a receiver holding the cluster's KV key."""
+    return msgspec.structs.replace(addr, signature=_addr_digest(addr, key))
+
+
+def check_addr(addr: KVAddr, key: bytes | None, now: float | None = None) -> None:
+    """What a sender checks before it connects anywhere: the receiver signed `addr` with the
+    cluster's KV key (so its endpoint, shm path and blocks are the receiver's own), and the lease
+    has not ended. Without a key (an --insecure engine) nothing is checked. Raises TransferError."""
+    if key is None:
+        return
+    if not addr.signature or not hmac.compare_digest(addr.signature.encode(), _addr_digest(addr, key).encode()):
+        raise TransferError(f"the KV address of ticket {addr.ticket_id!r} is not signed with this cluster's key: "
+                            "refused before any byte was written", "forbidden")
+    if addr.expiry and (time.time() if now is None else now) > addr.expiry:
+        raise TransferError(f"ticket {addr.ticket_id!r} has expired (its lease ended)", "not_found")
 
 
 class Hello(msgspec.Struct, tag="hello", forbid_unknown_fields=True):
@@ -75,13 +106,14 @@ class Reply(msgspec.Struct, tag="reply", forbid_unknown_fields=True):
     ok: bool
     code: str = ""
     error: str = ""
+    shm_path: str = ""  # the pool this receiver serves (the sender writes only into the one it answered for)
 
 
 Message = Hello | Commit | Reply
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 _LEN = struct.Struct("!I")
-MAX_MESSAGE = 1 << 24
+MAX_MESSAGE = 1 << 20  # a Hello names at most ~200k blocks; nothing bigger is allocated
 
 
 def send_msg(sock: socket.socket, msg: Message) -> None:
@@ -99,11 +131,12 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += k
 
 
-def recv_msg(sock: socket.socket) -> Message:
+def recv_msg(sock: socket.socket, limit: int = MAX_MESSAGE) -> Message:
+    """One framed control message; a length over `limit` is refused before anything is allocated."""
     head = bytearray(_LEN.size)
     recv_exact(sock, memoryview(head))
     (n,) = _LEN.unpack(head)
-    if n > MAX_MESSAGE:
+    if n > limit:
         raise TransferError(f"control message of {n} bytes is too large", "bad_request")
     body = bytearray(n)
     recv_exact(sock, memoryview(body))

@@ -7,6 +7,11 @@ written by the sender into the shared pool (`shm`, confirmed by a `Commit`).
 
 Threading: one accept thread plus one thread per connection; `open_ticket` and
 `revoke` may be called from any thread. `on_done` runs on the connection thread.
+
+Hostile peers: a connection must introduce itself (`Hello`, at most `HELLO_LIMIT` bytes) within
+`handshake_timeout`, and at most `max_handshakes` connections may be doing so at once (more are
+closed at once); a transfer slot (`max_connections`) is taken only once the hello names a live
+ticket with its secret. So idle or garbage connections never starve real transfers.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ import torch
 from kvapi.spec import KVSpec, KVSpecMismatch
 from kvapi.transfer import tcp, ucx
 from kvapi.transfer.base import Commit, Hello, Reply, TransferError, block_runs, recv_msg, send_msg
-from kvapi.transfer.ucx import UCXWorker
+from kvapi.transfer.ucx import UCXWorker, confine_to
 
 log = logging.getLogger(__name__)
+
+HELLO_LIMIT = 1 << 20  # bytes: a hello of ~200k block ids
 
 
 @dataclass
@@ -65,15 +72,19 @@ class KVReceiver:
         timeout: seconds a connection may take to introduce itself.
         stall_timeout: seconds the data of an accepted transfer may stall (the sender
             may still be prefilling) before the transfer is failed.
-        max_connections: connections served at once; more are refused ("overloaded").
+        max_connections: transfers served at once; more are refused ("overloaded").
         ucx: also accept pages over UCX (needs `ucxx`).
+        handshake_timeout: seconds a new connection has to send its hello.
+        max_handshakes: connections allowed to be introducing themselves at once.
     """
 
     def __init__(self, pool: torch.Tensor, spec: KVSpec, host: str = "127.0.0.1", port: int = 0,
                  shm_path: str = "", timeout: float = 30.0, stall_timeout: float = 300.0,
-                 max_connections: int = 64, ucx: bool = False) -> None:
+                 max_connections: int = 64, ucx: bool = False, handshake_timeout: float = 5.0,
+                 max_handshakes: int = 256) -> None:
         self.pool, self.spec, self.shm_path = pool, spec, shm_path
-        self.timeout, self.stall_timeout = timeout, stall_timeout
+        self.timeout, self.stall_timeout, self.handshake_timeout = timeout, stall_timeout, handshake_timeout
+        self._handshakes = threading.BoundedSemaphore(max_handshakes)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.create_server((host, port), family=family, backlog=128)
         port = self._sock.getsockname()[1]
@@ -82,6 +93,8 @@ class KVReceiver:
         self._lock = threading.Lock()
         self._closed = False
         self._slots = threading.BoundedSemaphore(max_connections)
+        if ucx:
+            confine_to(host)  # NOTE: UCX's tcp transport listens on every interface unless told
         self.ucx = UCXWorker.get() if ucx else None
         self.ucx_address = self.ucx.address if self.ucx else ""
         self.bytes_received = 0
@@ -124,19 +137,27 @@ class KVReceiver:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
+            if not self._handshakes.acquire(blocking=False):  # a flood of connections: drop the newest
+                with contextlib.suppress(OSError):
+                    conn.close()
+                continue
             threading.Thread(target=self._serve_slot, args=(conn,), name="kv-recv", daemon=True).start()
 
     def _serve_slot(self, conn: socket.socket) -> None:
-        if not self._slots.acquire(blocking=False):
-            with conn, contextlib.suppress(OSError, TransferError):
-                conn.settimeout(self.timeout)
-                recv_msg(conn)  # NOTE: read the hello first, or closing resets the reply away
-                send_msg(conn, Reply(False, "overloaded", "too many KV transfers in flight; retry later"))
-            return
-        try:
-            self._serve(conn)
-        finally:
-            self._slots.release()
+        with conn:
+            try:
+                conn.settimeout(self.handshake_timeout)
+                hello = recv_msg(conn, HELLO_LIMIT)
+            except (OSError, TransferError) as exc:
+                log.info("kv receiver: no valid hello (%s); connection closed", exc)
+                return
+            finally:
+                self._handshakes.release()
+            if not isinstance(hello, Hello):
+                with contextlib.suppress(OSError):
+                    send_msg(conn, Reply(False, "bad_request", "expected a hello"))
+                return
+            self._serve(conn, hello)
 
     def _claim(self, hello: Hello, conn: socket.socket) -> tuple[_Ticket | None, str, str]:
         bs = self.spec.block_size
@@ -144,7 +165,7 @@ class KVReceiver:
             t = self._tickets.get(hello.ticket_id)
             if t is None:
                 return None, "not_found", f"unknown or expired ticket {hello.ticket_id!r}"
-            if not hmac.compare_digest(t.secret, hello.secret):
+            if not hmac.compare_digest(t.secret.encode(), hello.secret.encode()):
                 return None, "forbidden", "ticket secret does not match"
             if t.active:
                 return None, "conflict", "this ticket already has a transfer in flight"
@@ -164,24 +185,22 @@ class KVReceiver:
             t.conn = conn
             return t, "", ""
 
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(self.timeout)
+    def _serve(self, conn: socket.socket, hello: Hello) -> None:
+        ticket, code, error = self._claim(hello, conn)
+        if ticket is not None and not self._slots.acquire(blocking=False):
+            with self._lock:
+                ticket.active, ticket.conn = False, None
+            ticket, code, error = None, "overloaded", "too many KV transfers in flight; retry later"
+        with contextlib.suppress(OSError):
+            send_msg(conn, Reply(ticket is not None, code, error, self.shm_path))
+        if ticket is None:
+            return
+        try:
+            conn.settimeout(self.stall_timeout)
             tcp.tune(conn)
-            try:
-                hello = recv_msg(conn)
-            except (OSError, TransferError) as exc:
-                log.warning("kv receiver: bad hello: %s", exc)
-                return
-            if not isinstance(hello, Hello):
-                send_msg(conn, Reply(False, "bad_request", "expected a hello"))
-                return
-            ticket, code, error = self._claim(hello, conn)
-            with contextlib.suppress(OSError):
-                send_msg(conn, Reply(ticket is not None, code, error))
-            if ticket is not None:
-                conn.settimeout(self.stall_timeout)
-                self._receive(conn, hello, ticket)
+            self._receive(conn, hello, ticket)
+        finally:
+            self._slots.release()
 
     def _receive_ucx(self, conn: socket.socket, hello: Hello, ticket: _Ticket) -> int:
         """Post every receive, wait for them; give up when the ticket is revoked, the

@@ -11,7 +11,17 @@ import torch
 
 from kvapi.spec import KVSpec
 from kvapi.transfer import shm, tcp, ucx
-from kvapi.transfer.base import Commit, Hello, KVAddr, Reply, TransferError, page_runs, recv_msg, send_msg
+from kvapi.transfer.base import (
+    Commit,
+    Hello,
+    KVAddr,
+    Reply,
+    TransferError,
+    check_addr,
+    page_runs,
+    recv_msg,
+    send_msg,
+)
 
 
 @dataclass
@@ -33,10 +43,12 @@ class KVSender:
         pool: the engine's KV cache tensor `[layers, 2, blocks, block_size, heads, dim]`.
         spec: its layout.
         timeout: seconds any single socket operation may stall.
+        sign_key: the cluster's KV key: only addresses signed with it are written into
+            (None: an --insecure engine, which checks nothing).
     """
 
-    def __init__(self, pool: torch.Tensor, spec: KVSpec, timeout: float = 30.0) -> None:
-        self.pool, self.spec, self.timeout = pool, spec, timeout
+    def __init__(self, pool: torch.Tensor, spec: KVSpec, timeout: float = 30.0, sign_key: bytes | None = None) -> None:
+        self.pool, self.spec, self.timeout, self.sign_key = pool, spec, timeout, sign_key
         self._maps = shm.PoolMaps()
         self.bytes_sent = 0
 
@@ -49,6 +61,7 @@ class KVSender:
         engine's blocks for the logical blocks `begin // bs ..`. Blocking: call it from
         a worker thread. Raises TransferError (with `.code`) or KVSpecMismatch.
         """
+        check_addr(addr, self.sign_key)
         self.spec.check_compatible(addr.spec)
         bs = self.spec.block_size
         first, count = begin // bs - addr.begin // bs, -(-end // bs) - begin // bs
@@ -61,22 +74,28 @@ class KVSender:
             conn = socket.create_connection(split_endpoint(addr.endpoint), timeout=self.timeout)
         except OSError as exc:
             raise TransferError(f"receiver {addr.engine_id} at {addr.endpoint} is not reachable: {exc}",
-                                "unavailable") from exc
+                                "unavailable", peer=addr.engine_id) from exc
         with conn:
             tcp.tune(conn)
             try:
                 nbytes = self._stream(conn, addr, begin, end, dst, src_blocks, mode, layer_ready)
             except TimeoutError as exc:
-                raise TransferError(f"receiver {addr.engine_id} stalled for {self.timeout}s", "timeout") from exc
+                raise TransferError(f"receiver {addr.engine_id} stalled for {self.timeout}s", "timeout",
+                                    peer=addr.engine_id) from exc
             except (ConnectionError, BrokenPipeError) as exc:
-                raise TransferError(f"connection to receiver {addr.engine_id} lost: {exc}", "unavailable") from exc
+                raise TransferError(f"connection to receiver {addr.engine_id} lost: {exc}", "unavailable",
+                                    peer=addr.engine_id) from exc
         self.bytes_sent += nbytes
         return SendStats(nbytes, time.perf_counter() - t0, mode)
 
     def _stream(self, conn: socket.socket, addr: KVAddr, begin: int, end: int, dst: list[int],
                 src_blocks: Callable[[], list[int]], mode: str, layer_ready: Callable[[int], None] | None) -> int:
         send_msg(conn, Hello(addr.ticket_id, addr.secret, mode, self.spec, dst, begin, end))
-        _expect_ok(recv_msg(conn), addr)
+        hello_reply = recv_msg(conn)
+        _expect_ok(hello_reply, addr)
+        if mode == "shm" and hello_reply.shm_path != addr.shm_path:  # type: ignore[union-attr]
+            raise TransferError(f"receiver {addr.engine_id} serves another shared pool than its ticket names",
+                                "forbidden")
         dst_pool = self._maps.get(addr.shm_path, self.spec) if mode == "shm" else None
         worker = ucx.UCXWorker.get() if mode == "ucx" else None
         base = ucx.tag_base(addr.ticket_id, addr.secret) if worker is not None else 0

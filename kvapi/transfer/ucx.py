@@ -25,6 +25,7 @@ resort, cancels every in-flight request of the worker.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import logging
 import os
@@ -51,6 +52,39 @@ def ucx_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def confine_to(host: str) -> None:
+    """Keep UCX's own sockets on the interface that carries `host` (`lo` for loopback): its tcp
+    transport otherwise listens on every interface. Call before the first `UCXWorker.get()`;
+    an explicit `UCX_NET_DEVICES` wins."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        ip = None
+    if host == "localhost" or (ip is not None and ip.is_loopback):
+        os.environ.setdefault("UCX_NET_DEVICES", "lo")
+        return
+    name = _interface_of(host)
+    if name:
+        os.environ.setdefault("UCX_NET_DEVICES", name)
+
+
+def _interface_of(host: str) -> str:
+    """The network interface whose IPv4 address is `host` ("" if none or not Linux)."""
+    import fcntl
+    import socket
+    import struct
+
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            with contextlib.suppress(OSError):
+                raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+                if socket.inet_ntoa(raw[20:24]) == host:
+                    return name
+    return ""
 
 
 class UCXWorker:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import zmq
@@ -28,6 +29,21 @@ from microserve.router.handle import EngineCallError, EngineHandle
 from microserve.router.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
+
+
+_AVOID: contextvars.ContextVar[frozenset[EngineHandle]] = contextvars.ContextVar("avoid", default=frozenset())
+
+
+@contextlib.contextmanager
+def avoiding(engines: frozenset[EngineHandle]) -> Iterator[None]:
+    """Inside this block `least_loaded` passes over `engines` while another engine of the role is live
+    (a retried request goes to a different engine)."""
+    previous = _AVOID.get()
+    _AVOID.set(engines)
+    try:
+        yield
+    finally:
+        _AVOID.set(previous)
 
 
 class NoEngineAvailable(EngineCallError):
@@ -56,18 +72,19 @@ class Cluster:
         engines: `{role: [handle or address, ...]}`, or a flat list of handles/addresses (role "engine").
         poll_interval: seconds between `stats` polls of each engine.
         timeout: deadline of each call made through handles created from addresses.
+        cluster_key: the key of handles created from addresses (default: `$MICROSERVE_CLUSTER_KEY`).
     """
 
     def __init__(self, engines: Mapping[str, Sequence[EngineHandle | str]] | Sequence[EngineHandle | str],
-                 *, poll_interval: float = 0.25, timeout: float = 60.0) -> None:
+                 *, poll_interval: float = 0.25, timeout: float = 60.0, cluster_key=None) -> None:
         if not isinstance(engines, Mapping):
             engines = {"engine": list(engines)}
         self.roles: dict[str, list[EngineHandle]] = {}
         for role, items in engines.items():
             if isinstance(items, str | EngineHandle):
                 items = [items]
-            handles = [h if isinstance(h, EngineHandle) else EngineHandle(h, role=role, timeout=timeout)
-                       for h in items]
+            handles = [h if isinstance(h, EngineHandle) else
+                       EngineHandle(h, role=role, timeout=timeout, cluster_key=cluster_key) for h in items]
             for h in handles:
                 h.role = h.role or role
             self.roles[role] = handles
@@ -79,7 +96,7 @@ class Cluster:
         self._loads: dict[EngineHandle, Load] = {h: Load() for h in self.handles}
         self.prefix_index: PrefixIndex[EngineHandle] = PrefixIndex(self._by_id.get, self._on_gap)
         self.health: dict[EngineHandle, P.HealthReply] = {}
-        self._turn = itertools.count()
+        self._turns: dict[str | None, itertools.count] = {}  # per role: xPyD spreads over each role
         self._tasks: list[asyncio.Task] = []
         self._subs: list[zmq.asyncio.Socket] = []
         for h in self.handles:
@@ -126,6 +143,8 @@ class Cluster:
         sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        if h.cluster_key is not None:  # the engine's PUB admits only holders of the key
+            h.cluster_key.secure_client(sub)
         sub.connect(health.events)
         self._subs.append(sub)
         self._tasks.append(asyncio.create_task(self._events(sub)))
@@ -202,11 +221,13 @@ class Cluster:
 
     def least_loaded(self, role: str | None = None, exclude: Sequence[EngineHandle] = ()) -> EngineHandle:
         """The live engine with the fewest requests, then queued tokens, then KV usage;
-        equal engines are taken in turn. Raises `NoEngineAvailable`."""
+        equal engines are taken in turn (one turn counter per role). Raises `NoEngineAvailable`."""
         pool = [h for h in self.engines(role) if h not in exclude]
         if not pool:
             raise NoEngineAvailable(role)
-        turn = next(self._turn)
+        avoid = _AVOID.get()  # engines that failed this request's earlier attempts: others first
+        pool = [h for h in pool if h not in avoid] or pool
+        turn = next(self._turns.setdefault(role, itertools.count()))
         n = len(pool)
 
         def key(item: tuple[int, EngineHandle]) -> tuple:

@@ -21,16 +21,21 @@ import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import zmq
 import zmq.asyncio
 
 from microserve import protocol as P
-from microserve.router.transport import CallTimeout, Transport, ZMQTransport
+from microserve.router.transport import CallTimeout, CallUnavailable, Transport, ZMQTransport
 from microserve.sampling_params import SamplingParams
+from microserve.security import ClusterKey
+from microserve.security import resolve as resolve_key
 from microserve.serving.api import ErrorCode
 
 log = logging.getLogger(__name__)
+
+MAX_DEFERRED_ABORTS = 10_000
 
 _TOUCHED: contextvars.ContextVar[set[EngineHandle] | None] = contextvars.ContextVar("touched", default=None)
 
@@ -49,11 +54,15 @@ def touched_engines(engines: set[EngineHandle] | None = None) -> Iterator[set[En
 
 
 class EngineCallError(RuntimeError):
-    """An engine answered a call with an error (`code`: the engine's `ErrorCode`), or did not answer."""
+    """A call failed. `remote`: the engine answered with this error (so it is alive; `peer`, if
+    set, names another engine the failure is charged to, e.g. a receiver it could not reach);
+    otherwise the handle gave up on it (no answer in time, marked down)."""
 
-    def __init__(self, code: ErrorCode | str, message: str, engine: str = "") -> None:
+    def __init__(self, code: ErrorCode | str, message: str, engine: str = "", *, peer: str = "",
+                 remote: bool = False) -> None:
         super().__init__(f"[{code}] {message}" + (f" (engine {engine})" if engine else ""))
         self.code, self.message, self.engine = ErrorCode.of(code), message, engine
+        self.peer, self.remote = peer, remote
 
 
 class EngineTimeout(EngineCallError):
@@ -71,27 +80,51 @@ class EngineHandle:
         name: label used in errors and by the router (default: the address).
         role: router label ("prefill", "decode", ...); engines serve every call whatever it is.
         timeout: default deadline of a call, in seconds (for `start_generate`: of each chunk).
+        cluster_key: the deployment's key (a `ClusterKey` or its file); default `$MICROSERVE_CLUSTER_KEY`
+            when set. Engines with a key answer only handles that hold it.
     """
 
     def __init__(self, address: str, *, name: str | None = None, role: str | None = None,
                  timeout: float = 60.0, context: zmq.asyncio.Context | None = None,
-                 transport: Transport | None = None) -> None:
+                 transport: Transport | None = None, cluster_key: ClusterKey | str | Path | None = None) -> None:
         self.address, self.name, self.role, self.timeout = address, name or address, role, timeout
-        self.transport: Transport = transport or ZMQTransport(address, context)
+        self.cluster_key = resolve_key(cluster_key) if transport is None else None
+        self.transport: Transport = transport or ZMQTransport(address, context, self.cluster_key)
         self.alive = True  # False from a lost connection or failed health poll until a call succeeds again
         self.inflight = 0  # start_generate / remote_send calls this process has in flight on the engine
         self.pending_tokens = 0  # prompt tokens this process asked the engine to prefill, not yet done
         self.on_send: Callable[[P.SendResult], None] | None = None  # observer of finished remote_sends
         self.on_generate: Callable[[EngineHandle], None] | None = None  # observer of start_generate calls
         self.on_state: Callable[[EngineHandle, bool], None] | None = None  # observer of alive changes
+        self._deferred_aborts: dict[str, None] = {}  # aborts for when the engine is back (insertion order)
+        self._cleanup: asyncio.Future | None = None
 
     # -- plumbing ---------------------------------------------------------------------
     def set_alive(self, alive: bool) -> None:
         if alive != self.alive:
             self.alive = alive
             log.warning("engine %s is %s", self.name, "up" if alive else "DOWN")
+            if alive and self._deferred_aborts:
+                self._send_deferred_aborts()
             if self.on_state is not None:
                 self.on_state(self, alive)
+
+    def abort_when_back(self, request_id: str) -> None:
+        """Abort `request_id` once this (down) engine answers again: a stalled engine that comes
+        back must not run requests nobody waits for. Bounded: the oldest are dropped first."""
+        self._deferred_aborts[request_id] = None
+        while len(self._deferred_aborts) > MAX_DEFERRED_ABORTS:
+            self._deferred_aborts.pop(next(iter(self._deferred_aborts)))
+
+    def _send_deferred_aborts(self) -> None:
+        rids, self._deferred_aborts = list(self._deferred_aborts), {}
+
+        async def run() -> None:
+            for rid in rids:
+                with contextlib.suppress(EngineCallError):
+                    await self.abort(rid, timeout=5.0)
+
+        self._cleanup = asyncio.ensure_future(run())
 
     def mark_down(self, why: str) -> None:
         """Mark the engine down and fail every call waiting on it with code "unavailable"."""
@@ -109,7 +142,7 @@ class EngineHandle:
 
     def _checked(self, reply: P.Reply) -> P.Reply:
         if isinstance(reply, P.RPCError):
-            raise EngineCallError(reply.code, reply.message, self.name)
+            raise EngineCallError(reply.code, reply.message, self.name, peer=reply.peer, remote=True)
         return reply
 
     async def call(self, msg: P.Call, timeout: float | None = None) -> P.Reply:
@@ -120,6 +153,8 @@ class EngineHandle:
             reply = self._checked(await self.transport.roundtrip(msg, limit))
         except CallTimeout:
             raise EngineTimeout(f"no answer to {type(msg).__name__} within {limit:g}s", self.name) from None
+        except CallUnavailable as exc:
+            raise EngineCallError(ErrorCode.UNAVAILABLE, str(exc), self.name) from None
         if not self.alive and isinstance(msg, P.Health | P.Stats):
             self.set_alive(True)  # it answers again (restarted)
         return reply
@@ -135,6 +170,8 @@ class EngineHandle:
                 yield chunk
         except CallTimeout:
             raise EngineTimeout(f"no answer to start_generate within {limit:g}s", self.name) from None
+        except CallUnavailable as exc:
+            raise EngineCallError(ErrorCode.UNAVAILABLE, str(exc), self.name) from None
         finally:
             await replies.aclose()
 
@@ -200,7 +237,9 @@ class EngineHandle:
             await stream.aclose()
             self.inflight -= 1
             self.pending_tokens -= work
-            if not finished:
+            if not finished and not self.alive:
+                self.abort_when_back(req.request_id)
+            elif not finished:
                 with contextlib.suppress(EngineCallError, zmq.ZMQError, asyncio.CancelledError):
                     await self.abort(req.request_id, timeout=5.0)
 
@@ -223,4 +262,6 @@ class EngineHandle:
                 return await self.health(timeout=min(1.0, max(0.05, deadline - time.monotonic())))
             except EngineTimeout:
                 if time.monotonic() >= deadline:
-                    raise EngineTimeout(f"not ready within {timeout:g}s", self.name) from None
+                    hint = "" if self.cluster_key else " (an engine with a cluster key ignores handles without it: " \
+                        "pass cluster_key= / --cluster-key, or set $MICROSERVE_CLUSTER_KEY)"
+                    raise EngineTimeout(f"not ready within {timeout:g}s{hint}", self.name) from None

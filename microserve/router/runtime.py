@@ -21,15 +21,14 @@ engine the request touched gets an `abort`, so no ticket, send or sequence outli
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from microserve.protocol import GenerateChunk, Request
-from microserve.router.cluster import Cluster
+from microserve.router.cluster import Cluster, avoiding
 from microserve.router.handle import EngineCallError, EngineHandle, touched_engines
 from microserve.router.metrics import RouterMetrics
 from microserve.router.strategy import Strategy
@@ -55,22 +54,23 @@ class RouterError(Exception):
 
 
 # -- one request, on any cluster (real or simulated) -------------------------------------------
-async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request,
-                      deadline: float | None = None) -> AsyncIterator[GenerateChunk]:
+async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadline: float | None = None,
+                      avoid: frozenset[EngineHandle] = frozenset()) -> AsyncIterator[GenerateChunk]:
     """One run of `strategy.generate(req, cluster)`: its chunks, up to the one with a finish
     reason. Unless the engines finished it themselves, every engine the run touched gets an
     abort when it ends (error, deadline, the caller closing early, cancellation).
 
     `deadline` is in the loop's clock (`loop.time()`, virtual in the simulator); past it the
     attempt raises `RouterError(TIMEOUT)`. A strategy that ends without a finish reason raises
-    `RouterError(STRATEGY_ERROR)`; engine failures raise `EngineCallError`."""
+    `RouterError(STRATEGY_ERROR)`; engine failures raise `EngineCallError`. `least_loaded` passes
+    over the engines in `avoid` while others of their role are live."""
     touched: set[EngineHandle] = set()
     with touched_engines(touched):
         chunks = strategy.generate(req, cluster)
     clean = False  # the engine itself finished the request: nothing left to abort
     try:
         while True:
-            with touched_engines(touched):
+            with touched_engines(touched), avoiding(avoid):
                 chunk = await _next_chunk(chunks, deadline, req.request_id)
             if chunk is None:
                 raise RouterError(ErrorCode.STRATEGY_ERROR, f"strategy {type(strategy).__name__} ended the stream "
@@ -88,13 +88,15 @@ async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request,
 
 async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max_retries: int = 0,
                       deadline: float | None = None, on_retry=None) -> AsyncIterator[GenerateChunk]:
-    """`run_attempt`, restarted (as `<id>~<n>`, on other engines: the failed one is marked down)
-    when an engine fails with a `RETRYABLE` code before the first token, at most `max_retries`
-    times. `on_retry(exc)` observes each restart."""
+    """`run_attempt`, restarted (as `<id>~<n>`) when an engine fails with a `RETRYABLE` code
+    before the first token, at most `max_retries` times. The failure is charged to the engine at
+    fault (`culprit`: one that did not answer is marked down; one that answered is alive, but the
+    peer it names may not be), and the retry prefers other engines. `on_retry(exc)` observes it."""
     streamed = False
+    avoid: set[EngineHandle] = set()
     for attempt in range(max_retries + 1):
         areq = req if attempt == 0 else Request(f"{req.request_id}~{attempt}", req.prompt_ids, req.sampling)
-        chunks = run_attempt(strategy, cluster, areq, deadline)
+        chunks = run_attempt(strategy, cluster, areq, deadline, frozenset(avoid))
         try:
             async for chunk in chunks:
                 streamed = streamed or bool(chunk.token_ids)
@@ -104,11 +106,30 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
             if streamed or exc.code not in RETRYABLE or attempt >= max_retries:
                 raise
             log.warning("request %s: %s; restarting it on another engine", req.request_id, exc)
-            _mark_failed(cluster, exc)
+            culprit = _charge(cluster, exc)
+            avoid.update(h for h in (culprit, _handle(cluster, exc.engine)) if h is not None)
             if on_retry is not None:
                 on_retry(exc)
         finally:
             await chunks.aclose()
+
+
+def _handle(cluster: Cluster, name: str) -> EngineHandle | None:
+    try:
+        return cluster.engine(name) if name else None
+    except KeyError:
+        return None
+
+
+def _charge(cluster: Cluster, exc: EngineCallError) -> EngineHandle | None:
+    """The engine a failure is charged to; marked down when it looks dead (the health poll
+    revives it when it answers again). An engine that answered an error is alive."""
+    if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT):
+        return None
+    culprit = _handle(cluster, exc.peer) if exc.remote else _handle(cluster, exc.engine)
+    if culprit is not None:
+        culprit.mark_down(str(exc))
+    return culprit
 
 
 async def _next_chunk(chunks: AsyncIterator[GenerateChunk], deadline: float | None,
@@ -126,18 +147,15 @@ async def _next_chunk(chunks: AsyncIterator[GenerateChunk], deadline: float | No
         raise RouterError(ErrorCode.TIMEOUT, f"request {rid} did not finish within its deadline") from None
 
 
-def _mark_failed(cluster: Cluster, exc: EngineCallError) -> None:
-    if exc.code in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT):
-        for h in cluster.handles:
-            if h.name == exc.engine:
-                h.mark_down(str(exc))
-
-
 _CLEANUP: set[asyncio.Future] = set()
 
 
 def abort_everywhere(request_id: str, engines: set[EngineHandle]) -> None:
-    """Abort on every live engine of `engines`, in the background (also when the caller is cancelled)."""
+    """Abort on every engine of `engines`, in the background (also when the caller is cancelled);
+    an engine that is down gets it when it answers again."""
+    for h in engines:
+        if not h.alive:
+            h.abort_when_back(request_id)
     engines = {h for h in engines if h.alive}
     if not engines:
         return
@@ -199,8 +217,6 @@ class Router:
         self.request_timeout, self.max_retries, self.max_pending = request_timeout, max_retries, max_pending
         self.metrics = RouterMetrics(cluster)
         self.pending = 0
-        self._ids = itertools.count()
-        self._prefix = os.urandom(3).hex()
 
     # -- input --------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -240,7 +256,8 @@ class Router:
         return sampling
 
     def new_request_id(self, kind: str = "cmpl") -> str:
-        return f"{kind}-{self._prefix}{next(self._ids):x}"
+        """A random 128-bit id: nobody can guess another client's request to abort it."""
+        return f"{kind}-{uuid.uuid4().hex}"
 
     # -- running a request ----------------------------------------------------------------
     async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> AsyncIterator[Delta]:

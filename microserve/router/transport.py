@@ -27,6 +27,7 @@ import zmq
 import zmq.asyncio
 
 from microserve import protocol as P
+from microserve.security import ClusterKey
 from microserve.serving.api import EngineError, dispatch
 
 
@@ -34,9 +35,14 @@ class CallTimeout(Exception):
     """No reply within the deadline."""
 
 
+class CallUnavailable(Exception):
+    """The call was failed locally: its engine was marked down while it waited."""
+
+
 class Transport(Protocol):
     async def roundtrip(self, msg: P.Call, timeout: float) -> P.Reply:
-        """Send one call; its single reply (an `RPCError` for a failure). Raises `CallTimeout`."""
+        """Send one call; its single reply (an `RPCError` for the engine's failure). Raises
+        `CallTimeout` (no reply in time) or `CallUnavailable` (`fail_pending`)."""
         ...
 
     def stream(self, msg: P.StartGenerate, timeout: float) -> AsyncIterator[P.Reply]:
@@ -45,20 +51,22 @@ class Transport(Protocol):
         ...
 
     def fail_pending(self, why: str) -> None:
-        """Answer every waiting call with `RPCError("unavailable", why)`."""
+        """Fail every waiting call with `CallUnavailable(why)`."""
         ...
 
     async def close(self) -> None: ...
 
 
 class ZMQTransport:
-    """The engine's `--rpc` socket (DEALER), shared by every call of one handle."""
+    """The engine's `--rpc` socket (DEALER), shared by every call of one handle; a CURVE
+    client when the deployment has a cluster key (an engine with a key ignores peers without it)."""
 
-    def __init__(self, address: str, context: zmq.asyncio.Context | None = None) -> None:
-        self.address, self._ctx = address, context
+    def __init__(self, address: str, context: zmq.asyncio.Context | None = None,
+                 cluster_key: ClusterKey | None = None) -> None:
+        self.address, self._ctx, self.cluster_key = address, context, cluster_key
         self._sock: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task | None = None
-        self._pending: dict[bytes, asyncio.Queue[P.Reply]] = {}
+        self._pending: dict[bytes, asyncio.Queue[P.Reply | CallUnavailable]] = {}
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4)
 
@@ -67,6 +75,8 @@ class ZMQTransport:
             ctx = self._ctx or zmq.asyncio.Context.instance()
             self._sock = ctx.socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
+            if self.cluster_key is not None:
+                self.cluster_key.secure_client(self._sock)
             self._sock.connect(self.address)
             self._reader = asyncio.get_running_loop().create_task(self._read())
         return self._sock
@@ -85,20 +95,23 @@ class ZMQTransport:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 queue.put_nowait(P.RPCError("internal", f"undecodable reply from the engine: {exc}"))
 
-    async def _send(self, msg: P.Call) -> tuple[bytes, asyncio.Queue[P.Reply]]:
+    async def _send(self, msg: P.Call) -> tuple[bytes, asyncio.Queue[P.Reply | CallUnavailable]]:
         sock = self._socket()
         call_id = self._prefix + next(self._ids).to_bytes(8, "little")
-        queue: asyncio.Queue[P.Reply] = asyncio.Queue()
+        queue: asyncio.Queue[P.Reply | CallUnavailable] = asyncio.Queue()
         self._pending[call_id] = queue
         await sock.send_multipart([call_id, P.encode(msg)])
         return call_id, queue
 
     @staticmethod
-    async def _next(queue: asyncio.Queue[P.Reply], timeout: float) -> P.Reply:
+    async def _next(queue: asyncio.Queue[P.Reply | CallUnavailable], timeout: float) -> P.Reply:
         try:
-            return await asyncio.wait_for(queue.get(), timeout)
+            reply = await asyncio.wait_for(queue.get(), timeout)
         except TimeoutError:
             raise CallTimeout from None
+        if isinstance(reply, CallUnavailable):
+            raise reply
+        return reply
 
     async def roundtrip(self, msg: P.Call, timeout: float) -> P.Reply:
         call_id = b""
@@ -122,7 +135,7 @@ class ZMQTransport:
 
     def fail_pending(self, why: str) -> None:
         for queue in self._pending.values():
-            queue.put_nowait(P.RPCError("unavailable", why))
+            queue.put_nowait(CallUnavailable(why))
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -148,7 +161,7 @@ class InProcessTransport:
         try:
             reply = await dispatch(self.api, msg)
         except EngineError as exc:
-            return P.RPCError(exc.code, str(exc))
+            return P.RPCError(exc.code, str(exc), exc.peer)
         assert not isinstance(reply, AsyncIterator), "start_generate goes through stream()"
         return reply
 
@@ -156,7 +169,7 @@ class InProcessTransport:
         try:
             chunks = await dispatch(self.api, msg)
         except EngineError as exc:
-            yield P.RPCError(exc.code, str(exc))
+            yield P.RPCError(exc.code, str(exc), exc.peer)
             return
         assert isinstance(chunks, AsyncIterator)
         async with contextlib.aclosing(chunks):
@@ -164,7 +177,7 @@ class InProcessTransport:
                 async for chunk in chunks:
                     yield chunk
             except EngineError as exc:
-                yield P.RPCError(exc.code, str(exc))
+                yield P.RPCError(exc.code, str(exc), exc.peer)
 
     def fail_pending(self, why: str) -> None:
         """Nothing waits on a wire here."""

@@ -63,11 +63,12 @@ class ErrorCode(StrEnum):
 
 
 class EngineError(Exception):
-    """The one server-side failure of a call: `code` says why, the message says what."""
+    """The one server-side failure of a call: `code` says why, the message says what; `peer`
+    names the other engine when the failure is its (a receiver that is unreachable or stalled)."""
 
-    def __init__(self, code: ErrorCode | str, message: str) -> None:
+    def __init__(self, code: ErrorCode | str, message: str, peer: str = "") -> None:
         super().__init__(message)
-        self.code = ErrorCode.of(code)
+        self.code, self.peer = ErrorCode.of(code), peer
 
 
 @runtime_checkable

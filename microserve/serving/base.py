@@ -18,11 +18,15 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
+
 from kvapi.spec import KVSpec
 from kvapi.transfer import KVAddr, TransferError
+from kvapi.transfer.base import sign_addr
 from microserve import protocol as P
 from microserve.engine.core.engine_core import EngineStats, StepOutput
 from microserve.sampling_params import SamplingParams
@@ -32,7 +36,7 @@ from microserve.text import InvalidRequestError, check_prompt
 
 log = logging.getLogger(__name__)
 
-MAX_LEASE_S = 3600.0
+MAX_LEASE_S = 120.0  # default cap of a ticket's lease (`--max-lease-seconds`)
 
 
 class EngineService:
@@ -43,6 +47,7 @@ class EngineService:
         transports: what this engine offers and uses for KV, fastest first.
         lease_s: default lease of a receive ticket.
         transfer_timeout: how long `start_generate` waits for KV in flight into its ticket.
+        max_lease_s: the longest lease `prep_recv` grants (longer asks are refused).
     """
 
     model_name: str = ""
@@ -52,9 +57,12 @@ class EngineService:
     idle_poll_s: float | None = None  # step again after this long when a busy step produced nothing
 
     def __init__(self, engine_id: str, transports: list[str], lease_s: float = 60.0,
-                 transfer_timeout: float = 30.0) -> None:
+                 transfer_timeout: float = 30.0, max_lease_s: float = MAX_LEASE_S) -> None:
+        if not 0 < lease_s <= max_lease_s:
+            raise ValueError(f"the default lease ({lease_s:g}s) must be in (0, max lease {max_lease_s:g}s]")
         self.engine_id, self.transports = engine_id, list(transports)
-        self.lease_s, self.transfer_timeout = lease_s, transfer_timeout
+        self.lease_s, self.transfer_timeout, self.max_lease_s = lease_s, transfer_timeout, max_lease_s
+        self.kv_sign_key: bytes | None = None  # the cluster's KV key: every KVAddr handed out is signed
         self.tickets = TicketBook()
         self.events_addr = ""  # where KV events are published (the transport sets it)
         self.event_sink: Callable[[P.KVEvent], Any] | None = None
@@ -148,6 +156,10 @@ class EngineService:
     def _check_prompt(self, prompt: list[int]) -> None:
         check_prompt(prompt, self.vocab_size, self.max_model_len)
 
+    def use_kv_key(self, key: bytes) -> None:
+        """Sign every KVAddr with the cluster's KV key, and (backends that send) refuse unsigned ones."""
+        self.kv_sign_key = key
+
     # -- the step loop -------------------------------------------------------------------------
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -206,10 +218,14 @@ class EngineService:
         prompt = self._validated(req)
         end = norm_pos(end, len(prompt), "end")
         lease = self.lease_s if lease_s is None else lease_s
-        if not 0 < lease <= MAX_LEASE_S:
-            raise EngineError(ErrorCode.BAD_REQUEST, f"lease_s must be in (0, {MAX_LEASE_S:g}], got {lease}")
+        if not 0 < lease <= self.max_lease_s:
+            raise EngineError(ErrorCode.BAD_REQUEST, f"lease_s must be in (0, {self.max_lease_s:g}] "
+                              f"(this engine's --max-lease-seconds), got {lease}")
         ticket = await self._reserve(req, prompt, end)
-        addr = self._recv_addr(ticket)
+        ticket.expires_at = time.time() + lease
+        addr = msgspec.structs.replace(self._recv_addr(ticket), expiry=ticket.expires_at)
+        if self.kv_sign_key is not None:
+            addr = sign_addr(addr, self.kv_sign_key)
         if ticket.matched < ticket.end:
             self._open_receive(ticket, addr)
         else:
@@ -274,7 +290,7 @@ class EngineService:
         try:
             nbytes, used, computed = await self._send(job_id, prompt[:end], kv, begin, end, mode)
         except TransferError as exc:
-            raise EngineError(exc.code, str(exc)) from exc
+            raise EngineError(exc.code, str(exc), exc.peer) from exc
         finally:
             self._sends.pop(job_id, None)
         # NOTE: this send's own prefill, not the engine-wide counter (other requests run meanwhile)

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from kvapi.transfer import KVAddr, KVReceiver, KVSender, choose_transport
 from microserve.engine.core.engine_core import StepOutput
 from microserve.engine.engine import LLMEngine
+from microserve.serving.base import MAX_LEASE_S
 from microserve.serving.core import CoreService
 from microserve.serving.tickets import SendJob, Ticket
 
@@ -35,8 +36,9 @@ class BuiltinService(CoreService):
     """
 
     def __init__(self, engine: LLMEngine, engine_id: str, receiver: KVReceiver, transports: list[str],
-                 host_id: str = "", lease_s: float = 60.0, transfer_timeout: float = 30.0) -> None:
-        super().__init__(engine, engine_id, transports, lease_s, transfer_timeout)
+                 host_id: str = "", lease_s: float = 60.0, transfer_timeout: float = 30.0,
+                 max_lease_s: float = MAX_LEASE_S) -> None:
+        super().__init__(engine, engine_id, transports, lease_s, transfer_timeout, max_lease_s)
         self.engine: LLMEngine = engine
         self.model_name = str(engine.model_path)
         self.receiver, self.host_id = receiver, host_id
@@ -76,6 +78,10 @@ class BuiltinService(CoreService):
             await asyncio.wait([fut])
             raise
         return stats.nbytes, stats.transport
+
+    def use_kv_key(self, key: bytes) -> None:
+        super().use_kv_key(key)
+        self.sender.sign_key = key
 
     def kv_bytes(self) -> tuple[int, int]:
         return self.sender.bytes_sent, self.receiver.bytes_received

@@ -18,7 +18,7 @@ from microserve.engine.core.engine_core import EngineCore, EngineStats, InvalidR
 from microserve.engine.core.sequence import Sequence
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
-from microserve.serving.base import EngineService
+from microserve.serving.base import MAX_LEASE_S, EngineService
 from microserve.serving.tickets import SendJob, Ticket
 
 
@@ -31,8 +31,8 @@ class CoreService(EngineService):
     """
 
     def __init__(self, engine: EngineCore, engine_id: str, transports: list[str], lease_s: float = 60.0,
-                 transfer_timeout: float = 30.0) -> None:
-        super().__init__(engine_id, transports, lease_s, transfer_timeout)
+                 transfer_timeout: float = 30.0, max_lease_s: float = MAX_LEASE_S) -> None:
+        super().__init__(engine_id, transports, lease_s, transfer_timeout, max_lease_s)
         self.engine = engine
         self.kv_spec, self.max_model_len, self.vocab_size = engine.kv_spec, engine.max_model_len, engine.vocab_size
         self._jobs: dict[str, SendJob] = {}

@@ -43,7 +43,7 @@ def check_send(spec: KVSpec, kv: KVAddr, begin: int, end: int, n: int,
     except KVSpecMismatch as exc:
         raise EngineError(ErrorCode.KV_SPEC_MISMATCH, str(exc)) from exc
     except TransferError as exc:
-        raise EngineError(exc.code, str(exc)) from exc
+        raise EngineError(exc.code, str(exc), exc.peer) from exc
     begin = max(begin, kv.begin)
     if begin > kv.begin or end > kv.end:
         raise EngineError(ErrorCode.BAD_REQUEST, f"[{begin}, {end}) does not match the ticket's "
@@ -71,6 +71,7 @@ class Ticket:
     error: str = ""
     bytes: int = 0
     expiry: asyncio.TimerHandle | None = None
+    expires_at: float = 0.0  # unix time the lease ends (signed into the KVAddr)
 
     def complete(self, nbytes: int = 0) -> None:
         self.state, self.bytes = "complete", nbytes

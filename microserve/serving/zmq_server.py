@@ -30,8 +30,9 @@ from kvapi.transfer.ucx import ucx_available
 from microserve import protocol as P
 from microserve.engine.config import EngineConfig
 from microserve.engine.engine import LLMEngine
+from microserve.security import ClusterKey, is_loopback
 from microserve.serving.api import EngineError, ErrorCode, dispatch
-from microserve.serving.base import EngineService
+from microserve.serving.base import MAX_LEASE_S, EngineService
 from microserve.serving.builtin import BuiltinService
 
 if TYPE_CHECKING:
@@ -57,6 +58,22 @@ class EngineOptions:
     transfer_timeout: float = 30.0
     config: EngineConfig | None = None
     backend: str = "builtin"  # or "vllm" (microserve.serving.vllm.engine)
+    cluster_key: ClusterKey | None = None  # CURVE on the RPC and event sockets; None: --insecure
+    insecure: bool = False  # serve without a key (loopback only)
+    max_lease_s: float = MAX_LEASE_S
+
+
+def check_security(opts: EngineOptions) -> None:
+    """An engine serves only with the cluster key, or with --insecure on loopback (ValueError)."""
+    if opts.cluster_key is not None:
+        return
+    if not opts.insecure:
+        raise ValueError("microserve engine needs the cluster key: --cluster-key FILE (or $MICROSERVE_CLUSTER_KEY; "
+                         "make one with `microserve keygen FILE`), or --insecure for a loopback-only test engine")
+    public = [a for a in (opts.rpc, opts.events, opts.kv_host) if not is_loopback(a)]
+    if public:
+        raise ValueError(f"--insecure binds loopback only; {', '.join(public)} is not a loopback address")
+    log.warning("engine runs WITHOUT the cluster key (--insecure): any local process can drive it")
 
 
 def pick_transports(choice: str, device: str) -> list[str]:
@@ -80,6 +97,7 @@ def pick_transports(choice: str, device: str) -> list[str]:
 
 class EngineServer:
     def __init__(self, opts: EngineOptions) -> None:
+        check_security(opts)
         self.opts = opts
         self.engine_id = opts.engine_id or f"engine-{uuid.uuid4().hex[:8]}"
         self.pool: SharedPool | None = None
@@ -89,6 +107,8 @@ class EngineServer:
             self._start_builtin(opts)
         else:
             raise ValueError(f"unknown backend {opts.backend!r}; choose builtin or vllm")
+        if opts.cluster_key is not None:
+            self.service.use_kv_key(opts.cluster_key.kv_key)
         self.ctx = zmq.asyncio.Context()
         self.rpc_addr = self.events_addr = ""
         self._calls: set[asyncio.Task] = set()
@@ -106,7 +126,7 @@ class EngineServer:
         receiver = KVReceiver(llm.runner.kv_cache, llm.kv_spec, opts.kv_host, opts.kv_port,
                               self.pool.path if self.pool else "", ucx="ucx" in self.transports)
         self.service: EngineService = BuiltinService(llm, self.engine_id, receiver, self.transports, host_id(),
-                                                     opts.lease_s, opts.transfer_timeout)
+                                                     opts.lease_s, opts.transfer_timeout, opts.max_lease_s)
 
     def _start_vllm(self, opts: EngineOptions) -> None:
         from microserve.serving.vllm.engine import VLLMService, vllm_available
@@ -122,19 +142,25 @@ class EngineServer:
         self.service = VLLMService(opts.model, self.engine_id, opts.dtype, block_size=cfg.block_size,
                                  num_kv_blocks=cfg.num_kv_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
                                  kv_host=opts.kv_host, kv_port=opts.kv_port, lease_s=opts.lease_s,
-                                 transfer_timeout=opts.transfer_timeout)
+                                 transfer_timeout=opts.transfer_timeout, max_lease_s=opts.max_lease_s)
         self.transports = self.service.transports
 
     # -- serving ------------------------------------------------------------------------
     async def serve(self, stop: asyncio.Event, ready: Callable[[EngineServer], None] | None = None) -> None:
         self.service.model_name = self.opts.model
+        key = self.opts.cluster_key
+        auth = key.authenticator(self.ctx) if key is not None else None
         self.sock = self.ctx.socket(zmq.ROUTER)
+        if key is not None:
+            key.secure_server(self.sock)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.bind(self.opts.rpc)
         self.rpc_addr = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
+        if key is not None:
+            key.secure_server(self.pub)
         self.pub.bind(self.opts.events)
         self.events_addr = self.service.events_addr = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.service.event_sink = lambda event: self.pub.send(P.encode(event))
@@ -154,6 +180,8 @@ class EngineServer:
             await step_task
         self.sock.close(0)
         self.pub.close(0)
+        if auth is not None:
+            auth.stop()
         self.ctx.term()
         if self.pool is not None:
             self.pool.close()
@@ -195,7 +223,7 @@ class EngineServer:
                             break
                 return
         except EngineError as exc:
-            reply = P.RPCError(exc.code, str(exc))
+            reply = P.RPCError(exc.code, str(exc), exc.peer)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

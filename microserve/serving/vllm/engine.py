@@ -34,7 +34,7 @@ from microserve import protocol as P
 from microserve.engine.core.engine_core import EngineStats, StepOutput
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
-from microserve.serving.base import EngineService
+from microserve.serving.base import MAX_LEASE_S, EngineService
 from microserve.serving.tickets import Ticket
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ class VLLMService(EngineService):
     def __init__(self, model: str, engine_id: str, dtype: str | None = None, block_size: int = 32,
                  num_kv_blocks: int | None = None, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, kv_host: str = "127.0.0.1", kv_port: int = 0,
-                 lease_s: float = 60.0, transfer_timeout: float = 30.0, seed: int = 0) -> None:
+                 lease_s: float = 60.0, transfer_timeout: float = 30.0, seed: int = 0,
+                 max_lease_s: float = MAX_LEASE_S) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # scheduler + worker in this process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default takes most of the RAM
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only our READY line
@@ -72,7 +73,7 @@ class VLLMService(EngineService):
 
         from microserve.serving.vllm.connector import BlockPages, bridge_for
 
-        super().__init__(engine_id, ["tcp"], lease_s, transfer_timeout)
+        super().__init__(engine_id, ["tcp"], lease_s, transfer_timeout, max_lease_s)
         self.model_name = model
         self.bridge = bridge_for(engine_id)
         args = EngineArgs(
@@ -301,6 +302,8 @@ class VLLMService(EngineService):
             raise
         finally:
             self._send_outs.pop(job_id, None)
+        if isinstance(result, TransferError):
+            raise result
         if isinstance(result, KVSpecMismatch):
             raise EngineError(ErrorCode.KV_SPEC_MISMATCH, str(result))
         if isinstance(result, Exception):
@@ -349,6 +352,10 @@ class VLLMService(EngineService):
                            kv_blocks_used=total - pool.get_num_free_blocks(), kv_blocks_cached=cached,
                            prefix_cache_hit_tokens=self._cached, computed_tokens_total=self._computed,
                            queued_tokens=sum(r.num_tokens - r.num_computed_tokens for r in reqs), kernels="vllm")
+
+    def use_kv_key(self, key: bytes) -> None:
+        super().use_kv_key(key)
+        self.sender.sign_key = key
 
     def kv_bytes(self) -> tuple[int, int]:
         return self.sender.bytes_sent, self.receiver.bytes_received

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import msgspec
 
+# bounded list fields: a request cannot make every step of its engine slow (vLLM has no bound;
+# OpenAI allows 4 stop strings)
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
     """Decoding options of one request, as in vLLM.
@@ -43,8 +49,14 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
             raise ValueError(f"top_k must be -1 (off), 0 (off) or positive, got {self.top_k!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed!r}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids may list at most {MAX_STOP_TOKEN_IDS} ids, "
+                             f"got {len(self.stop_token_ids)}")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative, got {self.stop_token_ids!r}")
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise ValueError(f"stop may list at most {MAX_STOP_STRINGS} strings of at most "
+                             f"{MAX_STOP_STRING_CHARS} characters")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 

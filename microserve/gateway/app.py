@@ -30,6 +30,10 @@ from microserve.serving.api import ErrorCode
 
 log = logging.getLogger(__name__)
 
+MAX_PROMPTS = 256  # prompts in one /v1/completions request
+MAX_CONCURRENT_UPLOADS = 64  # request bodies being read at once
+BODY_TIMEOUT_S = 30.0  # to read one request body
+
 # the one code -> HTTP status table (engine failures after the first token still end the stream
 # with an `error` event carrying the code)
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -53,6 +57,20 @@ class Gateway:
 
     def __init__(self, router: Router, model_name: str, api_key: str | None = None) -> None:
         self.router, self.model_name, self.api_key = router, model_name, api_key
+        self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
+
+    async def _read(self, request: web.Request) -> bytes:
+        """The body, read within `BODY_TIMEOUT_S`, by at most `MAX_CONCURRENT_UPLOADS` requests at
+        once (slow or huge uploads cannot hold the gateway's memory or starve other clients)."""
+        if self._uploads.locked():
+            raise RouterError(ErrorCode.TOO_MANY_REQUESTS, "too many request bodies are being uploaded at once",
+                              retry_after=1)
+        async with self._uploads:
+            try:
+                return await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
+            except TimeoutError:
+                raise RouterError(ErrorCode.BAD_REQUEST, f"the request body did not arrive within {BODY_TIMEOUT_S:g}s"
+                                  ) from None
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024 * 1024)
@@ -70,7 +88,8 @@ class Gateway:
     async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
         if self.api_key and request.path.startswith("/v1/"):
             auth = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
+            # NOTE: bytes compare (a non-ASCII header is a 401, not a 500)
+            if not hmac.compare_digest(auth.encode("utf-8", "surrogateescape"), f"Bearer {self.api_key}".encode()):
                 return _error(RouterError(ErrorCode.INVALID_API_KEY,
                                           "missing or wrong API key (send 'Authorization: Bearer KEY')"))
         try:
@@ -107,11 +126,16 @@ class Gateway:
                               f"{self.model_name!r}", param="model")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body: O.CompletionRequest = O.decode_body(await request.read(), O.CompletionRequest)
+        body: O.CompletionRequest = O.decode_body(await self._read(request), O.CompletionRequest)
         self._check_model(body.model)
         body.check_unsupported()
         sampling, given = body.sampling(body.max_tokens, 16)
-        prompts = [self.router.tokenize(p) for p in body.prompts()]
+        texts = body.prompts()
+        if len(texts) > MAX_PROMPTS:
+            raise RouterError(ErrorCode.BAD_REQUEST, f"at most {MAX_PROMPTS} prompts per request, got {len(texts)}",
+                              param="prompt")
+        self.router.admit(len(texts))  # --max-pending counts prompts, not HTTP requests
+        prompts = [await self.router.encode(p) for p in texts]
         params = [self.router.check(p, _copy(sampling), given) for p in prompts]
         rid = self.router.new_request_id("cmpl")
         streams = [self.router.generate(f"{rid}-{i}" if len(prompts) > 1 else rid, p, sp)
@@ -130,12 +154,12 @@ class Gateway:
             "usage": O.usage_json(_sum_usage([u for _, _, u in results]))})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body: O.ChatCompletionRequest = O.decode_body(await request.read(), O.ChatCompletionRequest)
+        body: O.ChatCompletionRequest = O.decode_body(await self._read(request), O.ChatCompletionRequest)
         self._check_model(body.model)
         body.check_unsupported()
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         sampling, given = body.sampling(max_tokens, self.router.max_model_len)
-        prompt = self.router.apply_chat_template(body.chat_messages())
+        prompt = await self.router.encode_chat(body.chat_messages())
         sampling = self.router.check(prompt, sampling, given)
         rid = self.router.new_request_id("chatcmpl")
         stream = self.router.generate(rid, prompt, sampling)

@@ -27,6 +27,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import msgspec
+
 from microserve.protocol import GenerateChunk, Request
 from microserve.router.cluster import Cluster, avoiding
 from microserve.router.handle import EngineCallError, EngineHandle, touched_engines
@@ -88,24 +90,33 @@ async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadli
 
 async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max_retries: int = 0,
                       deadline: float | None = None, on_retry=None) -> AsyncIterator[GenerateChunk]:
-    """`run_attempt`, restarted (as `<id>~<n>`) when an engine fails with a `RETRYABLE` code
-    before the first token, at most `max_retries` times. The failure is charged to the engine at
-    fault (`culprit`: one that did not answer is marked down; one that answered is alive, but the
-    peer it names may not be), and the retry prefers other engines. `on_retry(exc)` observes it."""
-    streamed = False
+    """`run_attempt`, restarted (as `<id>~<n>`) when an engine fails with a `RETRYABLE` code, at
+    most `max_retries` times. Before the first token the request starts over; after it, only an
+    engine that died (`unavailable`, `timeout`) is failed over: the next attempt's prompt is the
+    prompt plus the tokens streamed so far, with the rest of `max_tokens`, so the client's
+    stream goes on without a gap or a repeat (greedy output is the same as without the failure).
+
+    The failure is charged to the engine at fault (`_charge`: one that did not answer is marked
+    down; one that answered is alive, but the peer it names may not be), and the retry prefers
+    other engines. `on_retry(exc)` observes each restart."""
+    generated: list[int] = []
     avoid: set[EngineHandle] = set()
     for attempt in range(max_retries + 1):
-        areq = req if attempt == 0 else Request(f"{req.request_id}~{attempt}", req.prompt_ids, req.sampling)
+        areq = req if attempt == 0 else Request(
+            f"{req.request_id}~{attempt}", req.prompt_ids + generated,
+            msgspec.structs.replace(req.sampling, max_tokens=req.sampling.max_tokens - len(generated)))
         chunks = run_attempt(strategy, cluster, areq, deadline, frozenset(avoid))
         try:
             async for chunk in chunks:
-                streamed = streamed or bool(chunk.token_ids)
+                generated += chunk.token_ids
                 yield chunk
             return
         except EngineCallError as exc:
-            if streamed or exc.code not in RETRYABLE or attempt >= max_retries:
+            died = exc.code in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT)
+            if exc.code not in RETRYABLE or attempt >= max_retries or (generated and not died):
                 raise
-            log.warning("request %s: %s; restarting it on another engine", req.request_id, exc)
+            log.warning("request %s: %s; %s on another engine", req.request_id, exc,
+                        f"continuing after {len(generated)} tokens" if generated else "restarting it")
             culprit = _charge(cluster, exc)
             avoid.update(h for h in (culprit, _handle(cluster, exc.engine)) if h is not None)
             if on_retry is not None:
@@ -237,6 +248,34 @@ class Router:
             raise RouterError(ErrorCode.BAD_REQUEST, f"cannot apply the chat template: {exc}",
                               param="messages") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _check_chars(self, text: str, param: str) -> None:
+        """Refuse text that cannot fit the context whatever it encodes to, before encoding it."""
+        per_token = getattr(self.tokenizer, "max_token_chars", 0)
+        if per_token and len(text) > self.max_model_len * per_token:
+            raise RouterError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, f"this model's maximum context length is "
+                              f"{self.max_model_len} tokens; the prompt has {len(text)} characters, more than "
+                              f"that many tokens can hold", param=param)
+
+    async def encode(self, prompt: str | list[int]) -> list[int]:
+        """`tokenize`, with text encoded off the event loop after a length pre-check (a huge
+        prompt is refused at once and never stalls other requests)."""
+        if not isinstance(prompt, str):
+            return self.tokenize(prompt)
+        self._check_chars(prompt, "prompt")
+        return await asyncio.get_running_loop().run_in_executor(None, self.tokenize, prompt)
+
+    async def encode_chat(self, messages: list[dict]) -> list[int]:
+        """`apply_chat_template` off the event loop, after the same pre-check on the messages' text."""
+        self._check_chars("".join(str(m.get("content") or "") for m in messages), "messages")
+        return await asyncio.get_running_loop().run_in_executor(None, self.apply_chat_template, messages)
+
+    def admit(self, n: int) -> None:
+        """Refuse (429) a request of `n` prompts that would take the router past `max_pending`."""
+        if self.pending + n > self.max_pending:
+            self.metrics.requests.labels("rejected").inc(n)
+            raise RouterError(ErrorCode.TOO_MANY_REQUESTS, f"the router has {self.pending} requests in flight; "
+                              f"{n} more would pass its limit of {self.max_pending}", retry_after=1)
 
     def check(self, prompt_ids: list[int], sampling: SamplingParams, max_tokens_given: bool = True) -> SamplingParams:
         """Validate a request against the context limit; fill in max_tokens when not given."""

@@ -95,12 +95,16 @@ class ZMQTransport:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 queue.put_nowait(P.RPCError("internal", f"undecodable reply from the engine: {exc}"))
 
-    async def _send(self, msg: P.Call) -> tuple[bytes, asyncio.Queue[P.Reply | CallUnavailable]]:
+    async def _send(self, msg: P.Call, timeout: float) -> tuple[bytes, asyncio.Queue[P.Reply | CallUnavailable]]:
         sock = self._socket()
         call_id = self._prefix + next(self._ids).to_bytes(8, "little")
         queue: asyncio.Queue[P.Reply | CallUnavailable] = asyncio.Queue()
         self._pending[call_id] = queue
-        await sock.send_multipart([call_id, P.encode(msg)])
+        try:  # NOTE: a DEALER without a connected peer (refused handshake, reconnecting) blocks on send
+            await asyncio.wait_for(sock.send_multipart([call_id, P.encode(msg)]), timeout)
+        except TimeoutError:
+            self._pending.pop(call_id, None)
+            raise CallTimeout from None
         return call_id, queue
 
     @staticmethod
@@ -116,7 +120,7 @@ class ZMQTransport:
     async def roundtrip(self, msg: P.Call, timeout: float) -> P.Reply:
         call_id = b""
         try:
-            call_id, queue = await self._send(msg)
+            call_id, queue = await self._send(msg, timeout)
             return await self._next(queue, timeout)
         finally:
             self._pending.pop(call_id, None)
@@ -124,7 +128,7 @@ class ZMQTransport:
     async def stream(self, msg: P.StartGenerate, timeout: float) -> AsyncIterator[P.Reply]:
         call_id = b""
         try:
-            call_id, queue = await self._send(msg)
+            call_id, queue = await self._send(msg, timeout)
             while True:
                 reply = await self._next(queue, timeout)
                 yield reply

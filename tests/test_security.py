@@ -1,0 +1,301 @@
+"""Cluster security and fault handling, tried as a hostile local user and an unlucky operator
+would, against real engine processes on loopback (docs/security.md):
+
+- without the cluster key nothing reaches an engine (calls, aborts, KV events);
+- a forged KV address is refused before any byte is written; idle connections to a KV port
+  take no transfer slot;
+- 1P2D: an equal load spreads over both decode engines; one decode killed mid-run costs
+  (almost) nothing, the prefill engine stays up, and no block leaks;
+- the gateway refuses a 50 MB prompt at once without stalling other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import openai
+import pytest
+import zmq
+import zmq.asyncio
+from deploy import start_launch
+from engines import start_engine, wait_engine
+
+from microserve import SamplingParams
+from microserve.protocol import Request, decode_event
+from microserve.router import EngineCallError, EngineHandle, EngineTimeout
+from microserve.security import ENV, ClusterKey
+from microserve.security import resolve as resolve_key
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+ENGINE = ["--num-kv-blocks", "256", "--log-level", "error"]
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "microserve", *args], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+def test_keygen_writes_a_private_key_and_never_overwrites(tmp_path):
+    path = tmp_path / "cluster.key"
+    res = cli("keygen", str(path))
+    assert res.returncode == 0, res.stderr
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(path.read_text().strip()) == 64
+    key = ClusterKey.load(path)
+    assert cli("keygen", str(path)).returncode == 2 and ClusterKey.load(path).kv_key == key.kv_key
+    assert "secret" not in repr(key) and path.read_text().strip() not in repr(key)
+
+
+def test_an_engine_refuses_to_start_without_the_key(demo_path, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    res = cli("engine", "--model", str(demo_path), env=env)
+    assert res.returncode == 2 and "needs the cluster key" in res.stderr
+    res = cli("engine", "--model", str(demo_path), "--insecure", "--rpc", "tcp://0.0.0.0:*", env=env)
+    assert res.returncode == 2 and "loopback" in res.stderr
+    res = cli("engine", "--model", str(demo_path), "--cluster-key", str(tmp_path / "missing.key"), env=env)
+    assert res.returncode == 2 and "cannot read the cluster key" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    from microserve import demo_model
+
+    model = demo_model(tmp_path_factory.mktemp("sec"))
+    procs = {name: start_engine(model, *ENGINE, engine_id=name) for name in ("P", "D")}
+    ready = {name: wait_engine(p) for name, p in procs.items()}
+    yield ready
+    for e in ready.values():
+        e.proc.terminate()
+        e.proc.wait(30)
+
+
+async def collect(stream) -> list[int]:
+    return [t async for chunk in stream for t in chunk.token_ids]
+
+
+async def no_leaks(h: EngineHandle) -> None:
+    for _ in range(50):
+        s = await h.stats()
+        if s.running == s.waiting == s.open_tickets == s.active_sends == 0 and s.kv_blocks_used == s.kv_blocks_cached:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"blocks leaked on {h.name}: {s}")
+
+
+@pytest.mark.parametrize("attacker", ["no key", "another key"])
+async def test_without_the_key_nothing_reaches_an_engine(engines, attacker, monkeypatch):
+    d = engines["D"]
+    async with EngineHandle(d.rpc, name="D", timeout=30) as owner:
+        victim = Request(os.urandom(16).hex(), list(range(5, 60)), SamplingParams(max_tokens=40, temperature=0,
+                                                                                   ignore_eos=True))
+        used = (await owner.stats()).kv_blocks_used
+        stream = asyncio.ensure_future(collect(owner.start_generate(victim)))
+        if attacker == "no key":
+            monkeypatch.delenv(ENV)
+            bad = EngineHandle(d.rpc, name="bad", timeout=1.0)
+            assert bad.cluster_key is None
+        else:
+            bad = EngineHandle(d.rpc, name="bad", timeout=1.0, cluster_key=ClusterKey.generate())
+        ctx = zmq.asyncio.Context()
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        if attacker == "another key":
+            bad.cluster_key.secure_client(sub)
+        sub.connect(d.events)
+        try:
+            for call in (lambda: bad.abort(victim.request_id), lambda: bad.health(),
+                         lambda: bad.prep_recv(Request("lock", list(range(5, 200))), lease_s=100),
+                         lambda: collect(bad.start_generate(Request("free-ride", [5, 6, 7], GREEDY)))):
+                with pytest.raises(EngineTimeout):
+                    await call()
+            tokens = await asyncio.wait_for(stream, 60)
+            assert len(tokens) == 40  # the victim's stream was never aborted
+            with pytest.raises(TimeoutError):  # and its prompt hashes never reached the attacker
+                await asyncio.wait_for(sub.recv(), 1.0)
+        finally:
+            sub.close(0)
+            ctx.term()
+            await bad.close()
+        s = await owner.stats()
+        assert s.open_tickets == 0 and s.running == 0 and s.kv_blocks_used >= used
+        await no_leaks(owner)
+
+
+async def test_the_owner_reads_kv_events(engines):
+    """The same subscription with the key does receive events (so the refusal above is the key's)."""
+    p = engines["P"]
+    ctx = zmq.asyncio.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    resolve_key(None).secure_client(sub)
+    sub.connect(p.events)
+    await asyncio.sleep(0.3)
+    try:
+        async with EngineHandle(p.rpc, name="P") as h:
+            await collect(h.start_generate(Request("ev", list(range(7, 80)), GREEDY)))
+        event = decode_event(await asyncio.wait_for(sub.recv(), 10))
+        assert event.engine_id == "P"
+    finally:
+        sub.close(0)
+        ctx.term()
+
+
+async def test_a_forged_kv_address_is_refused_before_any_byte_is_written(engines):
+    p_proc, d_proc = engines["P"], engines["D"]
+    listener = socket.create_server(("127.0.0.1", 0))  # a fake receiver that would take the handshake
+    listener.settimeout(0.5)
+    async with EngineHandle(p_proc.rpc, name="P") as p, EngineHandle(d_proc.rpc, name="D") as d:
+        r = Request("forge", list(range(5, 69)), GREEDY)
+        ticket = await d.prep_recv(r)
+        before_p, before_d = await p.stats(), await d.stats()
+        fake = f"127.0.0.1:{listener.getsockname()[1]}"
+        forged = [
+            msgspec.structs.replace(ticket.kv, block_ids=list(range(len(ticket.kv.block_ids)))),  # blocks of others
+            msgspec.structs.replace(ticket.kv, endpoint=fake),  # the victim's shm path behind a fake receiver
+            msgspec.structs.replace(ticket.kv, expiry=ticket.kv.expiry + 3600),  # a longer lease
+            msgspec.structs.replace(ticket.kv, signature=""),
+        ]
+        for kv in forged:
+            with pytest.raises(EngineCallError) as err:
+                await p.remote_send(r, kv)
+            assert err.value.code == "forbidden" and "not signed" in err.value.message
+        with pytest.raises(TimeoutError):
+            listener.accept()  # nobody ever connected to the fake receiver
+        after_p, after_d = await p.stats(), await d.stats()
+        assert after_p.kv_bytes_sent == before_p.kv_bytes_sent
+        assert after_d.kv_bytes_received == before_d.kv_bytes_received
+        # the genuine address still works, and the request generates the engine's own tokens
+        await p.remote_send(r, ticket.kv)
+        got = await collect(d.start_generate(r, begin=len(r.prompt_ids)))
+        assert got == await collect(p.start_generate(Request("forge-ref", r.prompt_ids, GREEDY)))
+        await no_leaks(p)
+        await no_leaks(d)
+    listener.close()
+
+
+async def test_idle_connections_to_a_kv_port_leave_pd_working(engines):
+    p_proc, d_proc = engines["P"], engines["D"]
+    host, port = d_proc.kv.rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port))) for _ in range(64)]
+    try:
+        await asyncio.sleep(0.2)
+        async with EngineHandle(p_proc.rpc, name="P") as p, EngineHandle(d_proc.rpc, name="D") as d:
+            r = Request("idle", list(range(9, 90)), GREEDY)
+            t0 = time.monotonic()
+            ticket = await d.prep_recv(r)
+            sent = await p.remote_send(r, ticket.kv)
+            got = await collect(d.start_generate(r, begin=len(r.prompt_ids)))
+            assert sent.bytes > 0 and len(got) == GREEDY.max_tokens and time.monotonic() - t0 < 10
+            await no_leaks(d)
+    finally:
+        for s in idle:
+            s.close()
+
+
+# -- a 1P2D deployment: balance, a dead decode engine, the gateway's limits ------------------------
+@pytest.fixture(scope="module")
+def pd12():
+    dep = start_launch("--strategy", "pd", "--roles", "prefill=1,decode=2", "--model", "demo", "--num-kv-blocks",
+                       "512", "--max-retries", "2", "--log-level", "error", timeout=240)
+    yield dep
+    dep.stop()
+
+
+async def metric(dep, name: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as s, s.get(dep.url + "/metrics") as resp:
+        text = await resp.text()
+    return {str(sample.labels.get("engine")): sample.value for fam in text_string_to_metric_families(text)
+            for sample in fam.samples if sample.name == name}
+
+
+def client(dep) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=dep.base_url, api_key="none", max_retries=0, timeout=60)
+
+
+async def test_1p2d_spreads_an_equal_load_over_both_decode_engines(pd12):
+    before = await metric(pd12, "microserve_engine_requests_total")
+    c = client(pd12)
+    for i in range(20):  # one at a time, each after the engines' load was polled again: every choice is a tie
+        await c.completions.create(model="demo", prompt=f"balance {i}", max_tokens=2, temperature=0)
+        await asyncio.sleep(0.35)
+    after = await metric(pd12, "microserve_engine_requests_total")
+    share = {e: after[e] - before.get(e, 0) for e in ("decode-0", "decode-1")}
+    assert sum(share.values()) == 20 and all(8 <= n <= 12 for n in share.values()), share
+
+
+async def test_the_gateway_refuses_a_huge_prompt_at_once_and_keeps_serving(pd12):
+    c = client(pd12)
+    small = asyncio.ensure_future(c.completions.create(model="demo", prompt="still here", max_tokens=4,
+                                                       temperature=0, extra_body={"ignore_eos": True}))
+    t0 = time.monotonic()
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        await c.completions.create(model="demo", prompt="x" * (50 << 20), max_tokens=4)
+    assert time.monotonic() - t0 < 1.5
+    assert (await asyncio.wait_for(small, 10)).usage.completion_tokens == 4
+    for body, words in ((dict(prompt=["a"] * 5000), "at most 256 prompts"),
+                        (dict(prompt="a", extra_body={"stop_token_ids": list(range(2_000))}), "stop_token_ids"),
+                        (dict(prompt="a", stop=["x"] * 100), "stop")):
+        extra = body.pop("extra_body", None)
+        with pytest.raises(openai.BadRequestError, match=words):
+            await c.completions.create(model="demo", max_tokens=2, extra_body=extra, **body)
+    # a non-UTF-8 Authorization header is not a 500
+    async with aiohttp.ClientSession() as s, s.get(pd12.url + "/v1/models",
+                                                   headers={"Authorization": "Bearer \xff\xfe"}) as resp:
+        assert resp.status in (200, 401)
+
+
+def _engine_pid(dep, engine_id: str) -> int:
+    for pid in dep.children():
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if engine_id.encode() in cmd:
+            return pid
+    raise AssertionError(f"no process of {engine_id}")
+
+
+@pytest.mark.slow
+async def test_1p2d_a_decode_engine_killed_mid_run_costs_almost_nothing(pd12):
+    c = client(pd12)
+    n, out = 20, 48
+    first = asyncio.Event()
+    counts = [0] * n
+
+    async def one(i: int) -> str:
+        stream = await c.completions.create(model="demo", prompt=f"request {i} " * 6, max_tokens=out, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+        text = []
+        async for ev in stream:
+            counts[i] += 1
+            first.set()
+            text.append(ev.choices[0].text if ev.choices else "")
+        return "".join(text)
+
+    retries = (await metric(pd12, "microserve_request_retries_total")).get("None", 0)
+    tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
+    await asyncio.wait_for(first.wait(), 60)
+    os.kill(_engine_pid(pd12, "decode-1"), signal.SIGKILL)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    ok = [r for r in results if isinstance(r, str)]
+    assert len(ok) >= 0.9 * n, [r for r in results if not isinstance(r, str)]
+    assert (await metric(pd12, "microserve_request_retries_total")).get("None", 0) > retries  # it did fail over
+    # greedy: a request that failed over mid-stream reads exactly as one served by one engine
+    again = [(await c.completions.create(model="demo", prompt=f"request {i} " * 6, max_tokens=out, temperature=0,
+                                         extra_body={"ignore_eos": True})).choices[0].text
+             for i in range(n) if isinstance(results[i], str)]
+    assert again == ok
+    async with aiohttp.ClientSession() as s, s.get(pd12.url + "/health") as resp:
+        health = await resp.json(content_type=None)
+    assert health["engines"]["prefill-0"] == "up" and health["engines"]["decode-0"] == "up"
+    for engine in ("prefill-0", "decode-0"):
+        async with EngineHandle(pd12.engines[engine], name=engine) as h:
+            await no_leaks(h)

@@ -66,19 +66,17 @@ async def test_engine_failures_retry_then_error_and_keep_serving(demo_path, llm)
         assert m["microserve_engine_up{engine=B,role=engine}"] == 0
         b.kill()
 
-        # 2. C dies while streaming: its streams end with an error, A's finish, the gateway keeps serving
+        # 2. C dies while streaming: its streams go on, on A (prompt + the tokens so far), without a gap or
+        # a repeat; every stream ends as it would have on one engine, the gateway keeps serving
+        retried = (await metrics(dep))["microserve_request_retries_total"]
         streams = [await client.completions.create(model="demo", prompt=f"long {i}", max_tokens=600, temperature=0,
                                                    stream=True, extra_body={"ignore_eos": True}) for i in range(4)]
         firsts = [await s.__anext__() for s in streams]
         assert all(f.choices for f in firsts)
         c.kill()
         results = await asyncio.gather(*(_drain(s) for s in streams), return_exceptions=True)
-        failed = [r for r in results if isinstance(r, Exception)]
-        assert failed and all(isinstance(r, openai.APIError) for r in failed), results
-        assert any(not isinstance(r, Exception) for r in results)
-        for r in results:
-            if not isinstance(r, Exception):
-                assert r == "length"
+        assert results == ["length"] * 4, results
+        assert (await metrics(dep))["microserve_request_retries_total"] > retried  # C's streams failed over
         out = await client.completions.create(model="demo", prompt="still serving", max_tokens=8, temperature=0,
                                               extra_body={"ignore_eos": True})
         assert out.choices[0].text == want(llm, "still serving")

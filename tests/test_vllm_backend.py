@@ -23,10 +23,12 @@ import pytest
 from deploy import start_launch
 from engines import start_engine, wait_engine
 
+from kvapi.transfer.base import sign_addr
 from microserve.demo import demo_model
 from microserve.protocol import Request
 from microserve.router.handle import EngineCallError, EngineHandle
 from microserve.sampling_params import SamplingParams
+from microserve.security import resolve as resolve_key
 
 
 def _vllm_python() -> str | None:
@@ -192,7 +194,10 @@ def test_kv_corrupted_in_transit_changes_the_output(cluster):
             ticket = await b.prep_recv(r, len(prompt) - 1)
             proxy = CorruptingProxy(ticket.kv.endpoint)
             try:
-                await a.remote_send(r, msgspec.structs.replace(ticket.kv, endpoint=proxy.endpoint), 0, len(prompt) - 1)
+                # a holder of the cluster key re-signs the address (without it the sender refuses the proxy)
+                via_proxy = sign_addr(msgspec.structs.replace(ticket.kv, endpoint=proxy.endpoint),
+                                      resolve_key(None).kv_key)
+                await a.remote_send(r, via_proxy, 0, len(prompt) - 1)
                 tokens, last = await collect(b.start_generate(r, begin=len(prompt) - 1))
             finally:
                 proxy.close()

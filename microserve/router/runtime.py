@@ -7,9 +7,9 @@ For one request the router
    aborts it on every engine it touched);
 4. counts usage and records metrics;
 5. enforces the request's deadline;
-6. restarts the request on other engines (the strategy runs again; the dead engine is
-   marked down so `least_loaded` skips it) when an engine fails before the first token
-   arrived; after that, the failure is reported to the client.
+6. restarts the request on other engines (the strategy runs again; the engine at fault is
+   marked down so `least_loaded` skips it) when an engine fails before the first token, and
+   continues it on another engine (prompt + tokens so far) when its engine dies mid-stream.
 
 Whatever ends a request (finish, stop string, error, deadline, client gone), every
 engine the request touched gets an `abort`, so no ticket, send or sequence outlives it.

@@ -17,9 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -31,6 +30,7 @@ from microserve import protocol as P
 from microserve.engine.core.engine_core import EngineStats, StepOutput
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
+from microserve.serving.events import KVEventLog
 from microserve.serving.tickets import Ticket, TicketBook, check_send, norm_pos
 from microserve.text import InvalidRequestError, check_prompt
 
@@ -65,17 +65,14 @@ class EngineService:
         self.kv_sign_key: bytes | None = None  # the cluster's KV key: every KVAddr handed out is signed
         self.tickets = TicketBook()
         self.events_addr = ""  # where KV events are published (the transport sets it)
-        self.event_sink: Callable[[P.KVEvent], Any] | None = None
+        self.events = KVEventLog(engine_id)  # its `sink` is set by the transport
         self._sends: dict[str, str] = {}  # send job id -> request id
         self._streams: dict[str, asyncio.Queue[StepOutput]] = {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0
         self._closed = False
         self._tasks: set[asyncio.Future] = set()
-        self._events: list[tuple[str, list[int]]] = []
-        self._event_seq = 0
 
     # -- hooks of a backend ----------------------------------------------------------------
     def _has_work(self) -> bool:
@@ -163,7 +160,7 @@ class EngineService:
     # -- the step loop -------------------------------------------------------------------------
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
+        self.events.bind(self._loop)
         while not self._closed:
             if not self._has_work():
                 self._wake.clear()
@@ -198,20 +195,8 @@ class EngineService:
         self._closed = True
         self._wake.set()
 
-    # -- KV events -------------------------------------------------------------------------------
-    def _on_kv_event(self, kind: str, hashes: list[int]) -> None:  # any thread
-        self._events.append((kind, list(hashes)))
-        if self._loop is None or threading.get_ident() == self._loop_thread:
-            self._flush_events()
-        else:
-            self._loop.call_soon_threadsafe(self._flush_events)
-
-    def _flush_events(self) -> None:
-        events, self._events = self._events, []
-        for kind, hashes in events:
-            self._event_seq += 1
-            if self.event_sink is not None:
-                self.event_sink(P.KVEvent(self.engine_id, kind, hashes, self._event_seq))
+    def _on_kv_event(self, kind: str, hashes: list[int]) -> None:  # any thread: the engine's hook
+        self.events.record(kind, hashes)
 
     # -- prep_recv ---------------------------------------------------------------------------------
     async def prep_recv(self, req: P.Request, end: int, lease_s: float | None = None) -> P.RecvTicket:
@@ -392,9 +377,9 @@ class EngineService:
 
     async def kv_snapshot(self) -> P.KVSnapshotReply:
         async with self._lock:  # between steps: the snapshot and the event number agree
-            self._flush_events()
+            self.events.flush()
             hashes = self._cached_hashes()
-        return P.KVSnapshotReply(self.engine_id, hashes, self._event_seq)
+        return P.KVSnapshotReply(self.engine_id, hashes, self.events.seq)
 
     def _validated(self, req: P.Request) -> list[int]:
         try:

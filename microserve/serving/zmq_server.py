@@ -163,7 +163,7 @@ class EngineServer:
             key.secure_server(self.pub)
         self.pub.bind(self.opts.events)
         self.events_addr = self.service.events_addr = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.service.event_sink = lambda event: self.pub.send(P.encode(event))
+        self.service.events.sink = lambda event: self.pub.send(P.encode(event))
         step_task = asyncio.create_task(self.service.run())
         recv_task = asyncio.create_task(self._recv_loop())
         if ready is not None:

@@ -50,7 +50,7 @@ class SimCluster(Cluster):
 
     def _subscribe(self, h: EngineHandle, health: P.HealthReply) -> None:
         service = service_of(h)
-        service.event_sink = self.prefix_index.apply  # events arrive at once, numbered as on the socket
+        service.events.sink = self.prefix_index.apply  # events arrive at once, numbered as on the socket
         service.start()
 
     async def close(self) -> None:

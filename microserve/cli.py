@@ -115,7 +115,7 @@ def _launch(args: argparse.Namespace) -> int:
         raise ValueError("give --roles or --engines, not both")
     if args.roles:
         layout = parse_roles(args.roles)
-    elif args.engines:
+    elif args.engines is not None:
         if len(roles) != 1 or args.engines < 1:
             raise ValueError(f"--engines N needs a strategy with one role and N >= 1; {type(strategy).__name__} "
                              f"has roles {', '.join(roles)}: use --roles")
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per stdin line")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+    gen.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -282,7 +282,7 @@ def _engine_knobs() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("engine options")
     g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     g.add_argument("--transport", default="auto", choices=["auto", "shm", "ucx", "tcp"])
     g.add_argument("--lease-seconds", type=float, default=60.0, help="default lease of a receive ticket")
     g.add_argument("--max-lease-seconds", type=float, default=120.0,
@@ -304,7 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:  # bad sampling values, unsupported checkpoint...
+    except (ValueError, OSError) as exc:  # bad values, unsupported checkpoint, a port in use...
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # NOTE: engines that never answer, ...: one line, not a traceback
+        from microserve.router.handle import EngineCallError
+
+        if not isinstance(exc, EngineCallError):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -18,6 +18,7 @@ microserving calls directly (a notebook, a test, a custom driver):
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,8 +83,17 @@ class AsyncClient:
             self._session = aiohttp.ClientSession(headers=headers, timeout=self._timeout)
         return self._session
 
+    @contextlib.asynccontextmanager
+    async def _call(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One HTTP call; a server that cannot be reached is an `APIError` too (status 0)."""
+        try:
+            async with self._http().request(method, self.base_url + path, **kwargs) as resp:
+                yield resp
+        except aiohttp.ClientConnectionError as exc:
+            raise APIError(0, f"cannot reach {self.base_url}: {exc}", "connection_error", None) from None
+
     async def models(self) -> list[str]:
-        async with self._http().get(f"{self.base_url}/v1/models") as resp:
+        async with self._call("GET", "/v1/models") as resp:
             body = await _json_or_raise(resp)
         return [m["id"] for m in body["data"]]
 
@@ -114,14 +124,14 @@ class AsyncClient:
 
     async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         payload = {"model": await self._model(), **payload}
-        async with self._http().post(self.base_url + path, json=payload) as resp:
+        async with self._call("POST", path, json=payload) as resp:
             return await _json_or_raise(resp)
 
     async def _stream(self, path: str, payload: dict[str, Any], chat: bool) -> AsyncIterator[Completion]:
         payload = {"model": await self._model(), **payload, "stream": True,
                    "stream_options": {"include_usage": True}}
         last: Completion | None = None
-        async with self._http().post(self.base_url + path, json=payload) as resp:
+        async with self._call("POST", path, json=payload) as resp:
             if resp.status != 200:
                 await _json_or_raise(resp)
             async for obj in sse_events(resp):

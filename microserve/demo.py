@@ -109,7 +109,11 @@ def demo_model(path: str | Path, seed: int = 0, **config: int) -> Path:
 def resolve_model(model: str | Path) -> Path:
     """`"demo"` -> the demo checkpoint (written once under $MICROSERVE_CACHE or ~/.cache); else the path."""
     if str(model) != "demo":
-        return Path(model)
+        path = Path(model)
+        if not path.exists():
+            raise FileNotFoundError(f"model {str(model)!r}: no such checkpoint folder (give a Hugging Face "
+                                    "checkpoint folder, or 'demo')")
+        return path
     root = Path(os.environ.get("MICROSERVE_CACHE", Path.home() / ".cache" / "microserve"))
     target = root / "demo"
     if not (target / "tokenizer_config.json").is_file():

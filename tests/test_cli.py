@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def _run(*args, **kw):
     cmd = [sys.executable, "-m", "microserve", *args]
@@ -24,8 +26,37 @@ def test_generate_reports_bad_input(demo_path):
 
 def test_engine_reports_bad_setup(demo_path, tmp_path):
     res = _run("engine", "--model", str(tmp_path / "missing"))
+    assert res.returncode == 2 and "no such checkpoint folder" in res.stderr and "Traceback" not in res.stderr
+    (tmp_path / "empty").mkdir()
+    res = _run("engine", "--model", str(tmp_path / "empty"))
     assert res.returncode == 2 and "config.json" in res.stderr and "Traceback" not in res.stderr
     res = _run("engine", "--model", str(demo_path), "--backend", "vllm")
     assert res.returncode == 2 and "vllm" in res.stderr
     res = _run("engine", "--model", str(demo_path), "--rpc", "not-an-address")
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["launch", "--strategy", "round_robin", "--model", "demo", "--engines", "0"], "--engines N needs"),
+    (["launch", "--strategy", "round_robin", "--model", "/nonexistent/ckpt"], "no such checkpoint folder"),
+    (["engine", "--model", "demo", "--rpc", "tcp://127.0.0.1:99999"], "port must be in 1-65535"),
+    (["engine", "--model", "demo", "--rpc", "ipc:///tmp/x"], "expected tcp://"),
+    (["sim", "--strategy", "pd", "--roles", "engine=2", "--workload", "chat", "--rate", "1", "--num-requests", "2"],
+     "needs role(s) prefill"),
+    (["sim", "--strategy", "pd", "--engines", "2", "--workload", "chat", "--rate", "1", "--num-requests", "2"],
+     "--engines N needs"),
+])
+def test_impossible_layouts_and_addresses_are_one_line_errors(args, words):
+    res = subprocess.run([sys.executable, "-m", "microserve", *args], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and words in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_sim_takes_engines_as_launch_does(tmp_path):
+    out = tmp_path / "o.json"
+    res = subprocess.run([sys.executable, "-m", "microserve", "sim", "--strategy", "round_robin", "--engines", "3",
+                          "--workload", "chat", "--rate", "4", "--num-requests", "6", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    import json
+
+    assert json.loads(out.read_text())["config"]["roles"] == {"engine": 3}

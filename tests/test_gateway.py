@@ -267,3 +267,31 @@ async def test_router_over_running_engines_and_queue_limit(pd, llm):
     finally:
         assert dep.stop() == 0
     await assert_no_leaks(pd.engines)
+
+
+async def test_models_tokenize_and_detokenize_as_vllm(pd, llm):
+    status, body, _ = await raw(pd, "GET", "/v1/models")
+    (entry,) = body["data"]
+    assert status == 200 and entry["root"] and entry["parent"] is None and entry["permission"][0]["allow_view"]
+    status, body, _ = await raw(pd, "POST", "/tokenize", {"prompt": "Hello, tokens"})
+    assert status == 200 and body["tokens"] == llm.tokenizer.encode("Hello, tokens") and body["count"] == len(
+        body["tokens"]) and body["max_model_len"] > 0
+    status, back, _ = await raw(pd, "POST", "/detokenize", {"tokens": body["tokens"]})
+    assert status == 200 and back["prompt"].endswith("Hello, tokens")
+    status, chat, _ = await raw(pd, "POST", "/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and chat["count"] > 0
+    for path, bad in (("/tokenize", {}), ("/detokenize", {"tokens": [10**9]}), ("/tokenize", {"prompt": 3})):
+        assert (await raw(pd, "POST", path, bad))[0] == 400, (path, bad)
+    assert (await raw(pd, "POST", "/tokenize", {"prompt": "x"}, key=None))[0] == 401  # guarded like /v1
+
+
+async def test_a_closed_port_is_an_api_error_in_the_sdk():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with microserve.AsyncClient(f"http://127.0.0.1:{port}", model="demo") as c:
+        with pytest.raises(APIError, match="cannot reach") as err:
+            await c.completions("hi")
+    assert err.value.status == 0

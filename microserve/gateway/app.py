@@ -2,6 +2,7 @@
 
     POST /v1/completions        POST /v1/chat/completions     (stream: SSE, `data: [DONE]`)
     GET  /v1/models             GET  /health                  GET /metrics (Prometheus text)
+    POST /tokenize              POST /detokenize              (vLLM's token endpoints)
 
 Errors use OpenAI's JSON (`{"error": {"message", "type", "param", "code"}}`): 400 bad
 input, 401 missing/wrong API key, 404 unknown model or path, 429 router full
@@ -78,6 +79,8 @@ class Gateway:
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
             web.get("/v1/models", self.models),
+            web.post("/tokenize", self.tokenize),
+            web.post("/detokenize", self.detokenize),
             web.get("/health", self.health),
             web.get("/metrics", self.metrics),
         ])
@@ -86,7 +89,7 @@ class Gateway:
     # -- middleware ---------------------------------------------------------------------
     @web.middleware
     async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
-        if self.api_key and request.path.startswith("/v1/"):
+        if self.api_key and (request.path.startswith("/v1/") or request.path in ("/tokenize", "/detokenize")):
             auth = request.headers.get("Authorization", "")
             # NOTE: bytes compare (a non-ASCII header is a 401, not a 500)
             if not hmac.compare_digest(auth.encode("utf-8", "surrogateescape"), f"Bearer {self.api_key}".encode()):
@@ -104,9 +107,39 @@ class Gateway:
 
     # -- endpoints ----------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
+        """As vLLM's: `root` is the checkpoint the engines serve, `parent` None, one permission."""
+        health = next(iter(self.router.cluster.health.values()), None)
+        created = O.now()
         return web.json_response({"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": O.now(), "owned_by": "microserve",
-            "max_model_len": self.router.max_model_len}]})
+            "id": self.model_name, "object": "model", "created": created, "owned_by": "microserve",
+            "root": health.model if health is not None else self.model_name, "parent": None,
+            "max_model_len": self.router.max_model_len,
+            "permission": [{"id": f"modelperm-{self.model_name}", "object": "model_permission", "created": created,
+                            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": False,
+                            "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                            "organization": "*", "group": None, "is_blocking": False}]}]})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's `/tokenize`: `prompt` (text) or chat `messages` -> token ids."""
+        body: O.TokenizeRequest = O.decode_body(await self._read(request), O.TokenizeRequest)
+        self._check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise RouterError(ErrorCode.BAD_REQUEST, "give exactly one of prompt and messages", param="prompt")
+        if body.prompt is not None:
+            self.router._check_chars(body.prompt, "prompt")
+            tokens = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self.router.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+        else:
+            tokens = await self.router.encode_chat(O.ChatCompletionRequest(messages=body.messages).chat_messages())
+        return web.json_response({"count": len(tokens), "max_model_len": self.router.max_model_len,
+                                  "tokens": tokens, "token_strs": None})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's `/detokenize`: token ids -> text."""
+        body: O.DetokenizeRequest = O.decode_body(await self._read(request), O.DetokenizeRequest)
+        self._check_model(body.model)
+        tokens = self.router.tokenize(body.tokens) if body.tokens else []
+        return web.json_response({"prompt": self.router.tokenizer.decode(tokens, skip_special_tokens=False)})
 
     async def health(self, request: web.Request) -> web.Response:
         cluster = self.router.cluster

@@ -138,6 +138,18 @@ class ChatCompletionRequest(_Common, kw_only=True):
             raise RouterError(BAD, "only response_format {\"type\": \"text\"} is supported", param="response_format")
 
 
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    tokens: list[int]
+
+
 def decode_body(body: bytes, kind: type[msgspec.Struct]) -> Any:
     if not body:
         raise RouterError(BAD, "the request body is empty; send a JSON object")

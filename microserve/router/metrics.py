@@ -80,7 +80,9 @@ class _EngineCollector:
                                     labels=["engine"])
         used = GaugeMetricFamily("microserve_engine_kv_blocks_used", "KV blocks in use (requests + prefix cache)",
                                  labels=["engine"])
-        total = GaugeMetricFamily("microserve_engine_kv_blocks_total", "KV blocks of the engine", labels=["engine"])
+        # NOTE: not `..._kv_blocks_total`: a `_total` suffix is reserved for counters (promtool)
+        total = GaugeMetricFamily("microserve_engine_kv_blocks_capacity", "KV blocks of the engine",
+                                  labels=["engine"])
         hits = CounterMetricFamily("microserve_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
                                    labels=["engine"])
         computed = CounterMetricFamily("microserve_engine_computed_tokens", "Tokens the engine computed",

@@ -45,6 +45,9 @@ RETRYABLE = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT, ErrorCode.INTER
                        ErrorCode.OVERLOADED})
 
 
+_NO_CAPACITY = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.OVERLOADED, ErrorCode.TOO_MANY_REQUESTS})
+
+
 class RouterError(Exception):
     """A request the router refuses or cannot finish. `code` says why; the gateway maps it to an
     HTTP status (`gateway.app.HTTP_STATUS`)."""
@@ -312,14 +315,16 @@ class Router:
         self.pending += 1
         t0 = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + self.request_timeout
-        status = "aborted"
+        status, streamed = "aborted", False
         try:
             async for delta in self._generate(request_id, prompt_ids, sampling, t0, deadline):
+                streamed = True
                 if delta.finish_reason is not None:
                     status = "success"
                 yield delta
-        except RouterError:
-            status = "error"
+        except RouterError as exc:
+            # no capacity (no live engine, overloaded) before any output: refused, not failed
+            status = "rejected" if not streamed and exc.code in _NO_CAPACITY else "error"
             raise
         finally:
             self.pending -= 1

@@ -63,6 +63,19 @@ class EngineOptions:
     max_lease_s: float = MAX_LEASE_S
 
 
+def check_addresses(opts: EngineOptions) -> None:
+    """Addresses an engine can bind, or a ValueError naming the flag (not a port picked by chance)."""
+    for flag, addr in (("--rpc", opts.rpc), ("--events", opts.events)):
+        scheme, sep, rest = addr.partition("://")
+        if scheme != "tcp" or not sep or ":" not in rest:
+            raise ValueError(f"{flag} {addr!r}: expected tcp://HOST:PORT (PORT may be *)")
+        port = rest.rsplit(":", 1)[1]
+        if port != "*" and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"{flag} {addr!r}: the port must be in 1-65535 or *")
+    if not 0 <= opts.kv_port < 65536:
+        raise ValueError(f"--kv-port {opts.kv_port}: must be in 0-65535 (0: any free port)")
+
+
 def check_security(opts: EngineOptions) -> None:
     """An engine serves only with the cluster key, or with --insecure on loopback (ValueError)."""
     if opts.cluster_key is not None:
@@ -97,6 +110,7 @@ def pick_transports(choice: str, device: str) -> list[str]:
 
 class EngineServer:
     def __init__(self, opts: EngineOptions) -> None:
+        check_addresses(opts)
         check_security(opts)
         self.opts = opts
         self.engine_id = opts.engine_id or f"engine-{uuid.uuid4().hex[:8]}"

@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", default="h100", help="h100 | h200 | a100 | a profile JSON (e.g. from --calibrate)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per engine")
     p.add_argument("--roles", default=None, help="engine layout, e.g. prefill=1,decode=1 (default: the strategy's)")
+    p.add_argument("--engines", type=int, default=None, help="N engines of a one-role strategy (as in launch)")
     p.add_argument("--link", default="nvlink", help="nvlink | ib400 | pcie5 | a link JSON: KV between engines")
     p.add_argument("--workload", default=None, help=f"{', '.join(workloads.WORKLOADS)} or a JSONL file")
     arrivals = p.add_mutually_exclusive_group()

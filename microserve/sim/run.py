@@ -166,7 +166,18 @@ def setup_from_args(args: argparse.Namespace, strategy_roles: dict[str, int]) ->
 
     model = load_model(str(resolve_model(args.model)) if args.model == "demo" else args.model)
     cost = CostModel(model, load_gpu(args.gpu), args.tp)
-    layout = parse_roles(args.roles) if args.roles else dict(strategy_roles)
+    if getattr(args, "roles", None) and getattr(args, "engines", None) is not None:
+        raise ValueError("give --roles or --engines, not both")
+    if getattr(args, "engines", None) is not None:
+        if len(strategy_roles) != 1 or args.engines < 1:
+            raise ValueError(f"--engines N needs a strategy with one role and N >= 1; this one has roles "
+                             f"{', '.join(strategy_roles)}: use --roles")
+        layout = {next(iter(strategy_roles)): args.engines}
+    else:
+        layout = parse_roles(args.roles) if args.roles else dict(strategy_roles)
+    missing = [r for r in strategy_roles if r not in layout]
+    if missing:  # as `launch` does: refused before anything runs
+        raise ValueError(f"the strategy needs role(s) {', '.join(missing)}; --roles gives {', '.join(layout)}")
     config = EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                           max_num_batched_tokens=args.max_num_batched_tokens or GPU_MAX_BATCHED_TOKENS,
                           max_num_seqs=args.max_num_seqs or GPU_MAX_NUM_SEQS,

@@ -343,15 +343,13 @@ class Router:
                              on_retry=lambda exc: self.metrics.retries.inc())
         try:
             async for chunk in chunks:
-                delta = self._on_chunk(chunk, progress, detok, stops, t0)
-                if delta is None:
-                    continue
-                if delta.finish_reason is not None:
-                    delta.usage = Usage(len(prompt_ids), len(progress.tokens), progress.cached)
-                    self.metrics.generation_tokens.inc(len(progress.tokens))
+                for delta in self._on_chunk(chunk, progress, detok, stops, t0):
+                    if delta.finish_reason is not None:
+                        delta.usage = Usage(len(prompt_ids), len(progress.tokens), progress.cached)
+                        self.metrics.generation_tokens.inc(len(progress.tokens))
+                        yield delta
+                        return  # a stop string: closing `chunks` aborts the request everywhere
                     yield delta
-                    return  # a stop string: closing `chunks` aborts the request everywhere
-                yield delta
         except EngineCallError as exc:
             raise self._as_router_error(exc) from None
         except RouterError as exc:
@@ -362,7 +360,9 @@ class Router:
             await chunks.aclose()
 
     def _on_chunk(self, chunk: GenerateChunk, progress: _Progress, detok: IncrementalDetokenizer,
-                  stops: StopChecker, t0: float) -> Delta | None:
+                  stops: StopChecker, t0: float) -> list[Delta]:
+        """The chunk's deltas, one per token (an engine may coalesce tokens that piled up; a
+        client sees one SSE event per token, as from vLLM, so per-event ITL is TPOT)."""
         now = time.perf_counter()
         if chunk.token_ids:
             if progress.first_at is None:
@@ -375,17 +375,22 @@ class Router:
             progress.last_at = now
         progress.tokens.extend(chunk.token_ids)
         progress.cached = max(progress.cached, chunk.num_cached_tokens)
-        final = chunk.finish_reason is not None
-        text = detok.push(chunk.token_ids) + (detok.flush() if final else "")
-        text = stops.push(text, final=final)
-        if stops.hit is not None:
-            return Delta(text, chunk.token_ids, "stop")
-        if final:
-            reason = "stop" if chunk.finish_reason == "stop" else chunk.finish_reason
-            if reason == "abort":
-                raise RouterError(ErrorCode.ABORTED, "the request was aborted on the engine")
-            return Delta(text, chunk.token_ids, reason)
-        return Delta(text, chunk.token_ids) if (text or chunk.token_ids) else None
+        pieces = [[t] for t in chunk.token_ids] or [[]]
+        deltas = []
+        for i, ids in enumerate(pieces):
+            final = chunk.finish_reason is not None and i == len(pieces) - 1
+            text = stops.push(detok.push(ids) + (detok.flush() if final else ""), final=final)
+            if stops.hit is not None:
+                deltas.append(Delta(text, ids, "stop"))
+                break
+            if final:
+                reason = "stop" if chunk.finish_reason == "stop" else chunk.finish_reason
+                if reason == "abort":
+                    raise RouterError(ErrorCode.ABORTED, "the request was aborted on the engine")
+                deltas.append(Delta(text, ids, reason))
+            elif text or ids:
+                deltas.append(Delta(text, ids))
+        return deltas
 
     @staticmethod
     def _as_router_error(exc: EngineCallError) -> RouterError:

@@ -1,8 +1,9 @@
 """Script the three microserving calls yourself: prefill on one engine, decode on another.
 
+    microserve keygen cluster.key && export MICROSERVE_CLUSTER_KEY=$PWD/cluster.key
     microserve engine --model demo --rpc tcp://127.0.0.1:5601 &
     microserve engine --model demo --rpc tcp://127.0.0.1:5602 &
-    python examples/connect_pd.py
+    python examples/connect_pd.py          # the handles read the same $MICROSERVE_CLUSTER_KEY
 """
 
 import asyncio

@@ -13,6 +13,7 @@ from microserve.demo import resolve_model
 from microserve.engine.config import EngineConfig
 from microserve.engine.engine import LLMEngine
 from microserve.sampling_params import SamplingParams
+from microserve.text import TextStream
 
 Prompt = str | list[int]
 
@@ -57,36 +58,28 @@ class LLM:
         for p in ids:  # validate all before queueing any
             self.engine.validate_prompt(p)
         rids = [f"offline-{next(self._ids)}" for _ in ids]
-        outs = {rid: [] for rid in rids}
+        outs: dict[str, list[int]] = {rid: [] for rid in rids}
+        texts = {rid: TextStream(self.tokenizer, sp) for rid, sp in zip(rids, params)}
         done: dict[str, tuple[str | None, int]] = {}
         for rid, p, sp in zip(rids, ids, params):
             self.engine.add_request(rid, p, sp)
         while self.engine.has_unfinished():
             for out in self.engine.step():
-                outs[out.request_id].extend(out.new_token_ids)
+                rid = out.request_id
+                if rid in done:
+                    continue
+                outs[rid].extend(out.new_token_ids)
+                texts[rid].push(out.new_token_ids, out.finish_reason is not None, out.finish_reason)
                 if out.finish_reason:
-                    done[out.request_id] = (out.finish_reason, out.num_cached_tokens)
-            self._apply_stop_strings(rids, params, outs, done)
-        return [self._output(rid, p, sp, outs[rid], *done[rid]) for rid, p, sp in zip(rids, ids, params)]
+                    done[rid] = (out.finish_reason, out.num_cached_tokens)
+                elif texts[rid].hit is not None:  # a stop string: the request ends here
+                    seq = self.engine.sequence(rid)
+                    done[rid] = ("stop", seq.num_cached_tokens if seq else 0)
+                    self.engine.abort(rid)
+        return [RequestOutput(rid, p, outs[rid], texts[rid].text, *done[rid]) for rid, p in zip(rids, ids)]
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def _apply_stop_strings(self, rids, params, outs, done) -> None:
-        for rid, sp in zip(rids, params):
-            if sp.stop and rid not in done:
-                text = self.tokenizer.decode(outs[rid])
-                if any(s in text for s in sp.stop):
-                    seq = self.engine.sequence(rid)
-                    cached = seq.num_cached_tokens if seq else 0
-                    self.engine.abort(rid)
-                    done[rid] = ("stop", cached)
-
-    def _output(self, rid, prompt, sp, tokens, reason, cached) -> RequestOutput:
-        text = self.tokenizer.decode(tokens)
-        for s in sp.stop:
-            if s in text:
-                text = text[:text.index(s)]
-        return RequestOutput(rid, prompt, tokens, text, reason, cached)

@@ -20,9 +20,10 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
         top_p: nucleus sampling mass in (0, 1].
         top_k: keep the k most likely tokens; 0 or -1 disables.
         seed: per-request seed; the same seed gives the same tokens whatever the batch.
-        stop_token_ids: tokens that end generation (the stop token is kept in the output).
+        stop_token_ids: tokens that end generation (the token id is in the output ids; its text is not).
         stop: strings that end generation (applied on text by the router/offline API).
         ignore_eos: keep going past the model's EOS token.
+        include_stop_str_in_output: keep the stop string (or the stop token's text) in the text.
     """
 
     max_tokens: int = 16
@@ -33,6 +34,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     stop_token_ids: list[int] = msgspec.field(default_factory=list)
     stop: list[str] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

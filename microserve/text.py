@@ -74,8 +74,9 @@ class IncrementalDetokenizer:
 
 
 class StopChecker:
-    def __init__(self, stop: list[str]) -> None:
+    def __init__(self, stop: list[str], include: bool = False) -> None:
         self.stop = [s for s in stop if s]
+        self.include = include  # keep the stop string itself in the text (vLLM's include_stop_str_in_output)
         self._hold = max((len(s) for s in self.stop), default=1) - 1
         self.text = ""  # everything seen so far (truncated at the stop string once hit)
         self._sent = 0
@@ -90,7 +91,36 @@ class StopChecker:
         for s in self.stop:
             i = self.text.find(s, start)
             if i >= 0:  # a later stop string can only match before an earlier one's cut
-                self.text, self.hit = self.text[:i], s
+                self.text, self.hit = self.text[:i + len(s) if self.include else i], s
         end = len(self.text) if (final or self.hit is not None) else max(self._sent, len(self.text) - self._hold)
         out, self._sent = self.text[self._sent:end], end
         return out
+
+
+class TextStream:
+    """One request's text from its token ids, as a client sees it (the router and the offline
+    `LLM` both use it): incremental detokenization, stop strings (the text ends before the stop
+    string, or after it with `include_stop_str_in_output`), and the text of a stop token
+    (`stop_token_ids`, EOS) left out unless `include_stop_str_in_output`, as vLLM does."""
+
+    def __init__(self, tokenizer: _Decoder, sampling) -> None:
+        self.include = bool(getattr(sampling, "include_stop_str_in_output", False))
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stops = StopChecker(list(sampling.stop), self.include)
+        self.stop_ids = frozenset(sampling.stop_token_ids)
+
+    def push(self, ids: list[int], final: bool = False, reason: str | None = None) -> str:
+        """Text completed by `ids` (the last ones of the request when `final`)."""
+        if final and reason == "stop" and ids and ids[-1] in self.stop_ids and not self.include:
+            ids = ids[:-1]
+        text = self.detok.push(ids) + (self.detok.flush() if final else "")
+        return self.stops.push(text, final=final)
+
+    @property
+    def hit(self) -> str | None:
+        """The stop string that ended the text, if one did."""
+        return self.stops.hit
+
+    @property
+    def text(self) -> str:
+        return self.stops.text

@@ -9,17 +9,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from checkpoints import make_checkpoint  # noqa: E402
+from engines import ensure_cluster_key  # noqa: E402
 
 from microserve.engine.model import native  # noqa: E402
-from microserve.security import ENV, ClusterKey  # noqa: E402
 
 # NOTE: every engine, router and handle the tests start shares one cluster key (CURVE on every
 # ZeroMQ socket, signed KV addresses), as a deployment does; tests of the refusals make their own
-if not os.environ.get(ENV):
-    import tempfile
-
-    _KEY_DIR = tempfile.mkdtemp(prefix="microserve-test-key-")
-    os.environ[ENV] = str(ClusterKey.generate().write(Path(_KEY_DIR) / "cluster.key"))
+ensure_cluster_key()
 
 # NOTE: build the native kernels once, up front, so engine processes started by tests find
 # them in torch's extension cache instead of each waiting on the build lock at start-up

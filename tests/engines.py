@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -34,8 +35,23 @@ class EngineProc:
         self.proc.wait()
 
 
+def ensure_cluster_key() -> str:
+    """The cluster key file of this process's engines and handles: `$MICROSERVE_CLUSTER_KEY`,
+    or a fresh key in a private temporary directory that this call puts there."""
+    from microserve.security import ENV, ClusterKey
+
+    if not os.environ.get(ENV):
+        import tempfile
+
+        path = Path(tempfile.mkdtemp(prefix="microserve-test-key-")) / "cluster.key"
+        os.environ[ENV] = str(ClusterKey.generate().write(path))
+    return os.environ[ENV]
+
+
 def start_engine(model: str, *args: str, engine_id: str | None = None, python: str | None = None) -> subprocess.Popen:
-    """Start `microserve engine --model MODEL ARGS` (use `wait_engine` for its READY line)."""
+    """Start `microserve engine --model MODEL ARGS` (use `wait_engine` for its READY line), with
+    the cluster key of `ensure_cluster_key` (benchmarks and tests share this helper)."""
+    ensure_cluster_key()
     cmd = [python or sys.executable, "-m", "microserve", "engine", "--model", str(model), *args]
     if engine_id:
         cmd += ["--engine-id", engine_id]

@@ -324,3 +324,21 @@ def test_cascade_attention_over_a_long_shared_prefix(llama_ckpt):
     assert calls and all(m == 18 for m in calls), calls
     assert hf_greedy(hf, prompts[2], GREEDY.max_tokens) == want[2]
     assert_no_leak(llm)
+
+
+def test_generation_config_eos_list_stops_generation(demo_path, tmp_path):
+    """A checkpoint whose generation_config.json lists several EOS ids (every Llama-3 instruct model:
+    end of text and end of turn) stops at any of them, as vLLM does."""
+    import json
+    import shutil
+
+    from microserve.engine.config import ModelConfig
+
+    ckpt = tmp_path / "gen"
+    shutil.copytree(demo_path, ckpt)
+    free = LLM(ckpt).generate([[5, 6, 7, 8]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    target = free.token_ids[4]
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, target]}))
+    assert target in ModelConfig.from_pretrained(ckpt).eos_token_ids
+    out = LLM(ckpt).generate([[5, 6, 7, 8]], SamplingParams(max_tokens=12, temperature=0))[0]
+    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[:free.token_ids.index(target) + 1]

@@ -295,3 +295,40 @@ async def test_a_closed_port_is_an_api_error_in_the_sdk():
         with pytest.raises(APIError, match="cannot reach") as err:
             await c.completions("hi")
     assert err.value.status == 0
+
+
+async def test_vllm_fields_stop_strings_kept_stop_tokens_dropped_temperature_range(pd, llm):
+    c = client(pd)
+    base = llm.generate(["stop here"], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    stop = base.text[5:8]
+    out = await c.completions.create(model="demo", prompt="stop here", max_tokens=24, temperature=0, stop=[stop],
+                                     extra_body={"ignore_eos": True, "include_stop_str_in_output": True})
+    assert out.choices[0].text == base.text[:base.text.index(stop) + len(stop)]
+    # a stop token ends the request; its text is not in the output unless asked for
+    target = base.token_ids[6]
+    upto = base.token_ids[:base.token_ids.index(target) + 1]
+    for include in (False, True):
+        out = await c.completions.create(model="demo", prompt="stop here", max_tokens=24, temperature=0,
+                                         extra_body={"stop_token_ids": [target], "ignore_eos": True,
+                                                     "include_stop_str_in_output": include})
+        want = llm.tokenizer.decode(upto if include else upto[:-1])
+        assert out.choices[0].text == want and out.choices[0].finish_reason == "stop", include
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        await c.completions.create(model="demo", prompt="x", max_tokens=2, temperature=3)
+    await c.close()
+
+
+async def test_chat_template_options(pd, demo_path):
+    from microserve.engine.model.tokenizer import Tokenizer
+
+    tok = Tokenizer(demo_path)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is"}]
+    open_text = tok.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert open_text.endswith("The answer is")
+    status, body, _ = await raw(pd, "POST", "/v1/chat/completions", {
+        "model": "demo", "messages": messages, "max_tokens": 2, "add_generation_prompt": False,
+        "continue_final_message": True})
+    assert status == 200 and body["usage"]["prompt_tokens"] == len(tok.encode(open_text, add_special_tokens=False))
+    status, body, _ = await raw(pd, "POST", "/v1/chat/completions", {
+        "model": "demo", "messages": messages, "max_tokens": 2, "continue_final_message": True})
+    assert status == 400 and body["error"]["param"] == "continue_final_message"

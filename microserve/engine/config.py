@@ -7,6 +7,7 @@ the Hub's long-standing one (`rope_theta`, `rope_scaling`) and transformers 5's
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,15 @@ class ModelConfig:
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"checkpoint {path} has no config.json")
-        return cls.from_dict(json.loads(cfg_file.read_text()))
+        config = cls.from_dict(json.loads(cfg_file.read_text()))
+        gen_file = path / "generation_config.json"
+        if gen_file.is_file():  # NOTE: Llama-3 instruct lists its end-of-turn token only here
+            try:
+                extra = _ids(json.loads(gen_file.read_text()).get("eos_token_id"))
+            except (ValueError, AttributeError):
+                extra = ()
+            config = dataclasses.replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + extra)))
+        return config
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:

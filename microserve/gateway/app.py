@@ -192,7 +192,7 @@ class Gateway:
         body.check_unsupported()
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         sampling, given = body.sampling(max_tokens, self.router.max_model_len)
-        prompt = await self.router.encode_chat(body.chat_messages())
+        prompt = await self.router.encode_chat(body.chat_messages(), body.template_options())
         sampling = self.router.check(prompt, sampling, given)
         rid = self.router.new_request_id("chatcmpl")
         stream = self.router.generate(rid, prompt, sampling)

@@ -40,6 +40,7 @@ class _Common(msgspec.Struct, kw_only=True):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    include_stop_str_in_output: bool = False
 
     def sampling(self, max_tokens: int | None, default_max_tokens: int) -> tuple[SamplingParams, bool]:
         """SamplingParams for this body, and whether max_tokens was given."""
@@ -50,6 +51,8 @@ class _Common(msgspec.Struct, kw_only=True):
                 raise RouterError(BAD, f"{name} is not supported", param=name)
         if self.logit_bias:
             raise RouterError(BAD, "logit_bias is not supported", param="logit_bias")
+        if self.temperature is not None and not 0.0 <= self.temperature <= 2.0:
+            raise RouterError(BAD, f"temperature must be in [0, 2], got {self.temperature}", param="temperature")
         if self.stream_options is not None and not self.stream:
             raise RouterError(BAD, "stream_options is only allowed with stream=true", param="stream_options")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -60,7 +63,7 @@ class _Common(msgspec.Struct, kw_only=True):
                 top_p=1.0 if self.top_p is None else self.top_p,
                 top_k=-1 if self.top_k is None else self.top_k,
                 seed=self.seed, stop=stop, stop_token_ids=list(self.stop_token_ids or []),
-                ignore_eos=self.ignore_eos)
+                ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output)
         except ValueError as exc:
             raise RouterError(BAD, str(exc), param=str(exc).split()[0]) from None
         return sp, max_tokens is not None
@@ -123,6 +126,19 @@ class ChatCompletionRequest(_Common, kw_only=True):
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_options(self) -> dict[str, Any]:
+        """How to render the chat template (vLLM's fields)."""
+        if self.continue_final_message and self.add_generation_prompt:
+            raise RouterError(BAD, "continue_final_message needs add_generation_prompt=false",
+                              param="continue_final_message")
+        if self.continue_final_message and (not self.messages or self.messages[-1].role != "assistant"):
+            raise RouterError(BAD, "continue_final_message needs a final assistant message", param="messages")
+        return {"add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message, "kwargs": dict(self.chat_template_kwargs or {})}
 
     def chat_messages(self) -> list[dict[str, str]]:
         if not self.messages:

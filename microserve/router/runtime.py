@@ -36,7 +36,7 @@ from microserve.router.metrics import RouterMetrics
 from microserve.router.strategy import Strategy
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import ErrorCode
-from microserve.text import IncrementalDetokenizer, InvalidRequestError, StopChecker, check_token_ids
+from microserve.text import InvalidRequestError, TextStream, check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -244,9 +244,13 @@ class Router:
                               param="prompt") from None
         return list(prompt)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], options: dict | None = None) -> list[int]:
+        """Token ids of the rendered chat; `options`: add_generation_prompt, continue_final_message,
+        kwargs (the template's extra variables)."""
+        opts = dict(options or {})
+        kwargs = opts.pop("kwargs", {})
         try:
-            text = self.tokenizer.apply_chat_template(messages)
+            text = self.tokenizer.apply_chat_template(messages, **opts, **kwargs)
         except Exception as exc:  # template errors (raise_exception in the template, bad roles...)
             raise RouterError(ErrorCode.BAD_REQUEST, f"cannot apply the chat template: {exc}",
                               param="messages") from None
@@ -268,10 +272,10 @@ class Router:
         self._check_chars(prompt, "prompt")
         return await asyncio.get_running_loop().run_in_executor(None, self.tokenize, prompt)
 
-    async def encode_chat(self, messages: list[dict]) -> list[int]:
+    async def encode_chat(self, messages: list[dict], options: dict | None = None) -> list[int]:
         """`apply_chat_template` off the event loop, after the same pre-check on the messages' text."""
         self._check_chars("".join(str(m.get("content") or "") for m in messages), "messages")
-        return await asyncio.get_running_loop().run_in_executor(None, self.apply_chat_template, messages)
+        return await asyncio.get_running_loop().run_in_executor(None, self.apply_chat_template, messages, options)
 
     def admit(self, n: int) -> None:
         """Refuse (429) a request of `n` prompts that would take the router past `max_pending`."""
@@ -334,8 +338,7 @@ class Router:
 
     async def _generate(self, rid: str, prompt_ids: list[int], sampling: SamplingParams, t0: float,
                         deadline: float) -> AsyncIterator[Delta]:
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopChecker(sampling.stop)
+        text = TextStream(self.tokenizer, sampling)
         progress = _Progress()
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         chunks = run_request(self.strategy, self.cluster, Request(rid, prompt_ids, sampling),
@@ -343,7 +346,7 @@ class Router:
                              on_retry=lambda exc: self.metrics.retries.inc())
         try:
             async for chunk in chunks:
-                for delta in self._on_chunk(chunk, progress, detok, stops, t0):
+                for delta in self._on_chunk(chunk, progress, text, t0):
                     if delta.finish_reason is not None:
                         delta.usage = Usage(len(prompt_ids), len(progress.tokens), progress.cached)
                         self.metrics.generation_tokens.inc(len(progress.tokens))
@@ -359,8 +362,7 @@ class Router:
         finally:
             await chunks.aclose()
 
-    def _on_chunk(self, chunk: GenerateChunk, progress: _Progress, detok: IncrementalDetokenizer,
-                  stops: StopChecker, t0: float) -> list[Delta]:
+    def _on_chunk(self, chunk: GenerateChunk, progress: _Progress, stream: TextStream, t0: float) -> list[Delta]:
         """The chunk's deltas, one per token (an engine may coalesce tokens that piled up; a
         client sees one SSE event per token, as from vLLM, so per-event ITL is TPOT)."""
         now = time.perf_counter()
@@ -379,8 +381,8 @@ class Router:
         deltas = []
         for i, ids in enumerate(pieces):
             final = chunk.finish_reason is not None and i == len(pieces) - 1
-            text = stops.push(detok.push(ids) + (detok.flush() if final else ""), final=final)
-            if stops.hit is not None:
+            text = stream.push(ids, final, chunk.finish_reason if final else None)
+            if stream.hit is not None:
                 deltas.append(Delta(text, ids, "stop"))
                 break
             if final:

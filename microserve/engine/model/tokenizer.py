@@ -57,20 +57,27 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render `messages` with the checkpoint's Jinja chat template."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, **kwargs: Any) -> str:
+        """Render `messages` with the checkpoint's Jinja chat template. `continue_final_message`:
+        the text ends with the last message's content, left open for the model to continue;
+        `kwargs` reach the template (vLLM's `chat_template_kwargs`)."""
         if not self.chat_template:
             raise ValueError("this model has no chat template (tokenizer_config.json has no chat_template)")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
-        return env.from_string(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        values = {**kwargs, "messages": messages, "add_generation_prompt": add_generation_prompt,
+                  "bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
+        text = env.from_string(self.chat_template).render(**values)
+        if continue_final_message:
+            content = str(messages[-1].get("content") or "")
+            end = text.rfind(content) if content else -1
+            if end < 0:
+                raise ValueError("continue_final_message: the template does not render the final message verbatim")
+            text = text[:end + len(content)]
+        return text
 
 
 def _raise(message: str) -> None:

@@ -31,6 +31,7 @@ import msgspec
 
 from microserve.protocol import GenerateChunk, Request
 from microserve.router.cluster import Cluster, avoiding
+from microserve.router.errors import NO_CAPACITY, RETRYABLE, RouterError
 from microserve.router.handle import EngineCallError, EngineHandle, touched_engines
 from microserve.router.metrics import RouterMetrics
 from microserve.router.strategy import Strategy
@@ -39,24 +40,6 @@ from microserve.serving.api import ErrorCode
 from microserve.text import InvalidRequestError, TextStream, check_token_ids
 
 log = logging.getLogger(__name__)
-
-# engine failures worth restarting the request elsewhere (before its first token)
-RETRYABLE = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT, ErrorCode.INTERNAL, ErrorCode.TRANSFER_FAILED,
-                       ErrorCode.OVERLOADED})
-
-
-_NO_CAPACITY = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.OVERLOADED, ErrorCode.TOO_MANY_REQUESTS})
-
-
-class RouterError(Exception):
-    """A request the router refuses or cannot finish. `code` says why; the gateway maps it to an
-    HTTP status (`gateway.app.HTTP_STATUS`)."""
-
-    def __init__(self, code: ErrorCode | str, message: str, *, param: str | None = None,
-                 retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.param, self.retry_after = ErrorCode.of(code), message, param, retry_after
-
 
 # -- one request, on any cluster (real or simulated) -------------------------------------------
 async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadline: float | None = None,
@@ -328,7 +311,7 @@ class Router:
                 yield delta
         except RouterError as exc:
             # no capacity (no live engine, overloaded) before any output: refused, not failed
-            status = "rejected" if not streamed and exc.code in _NO_CAPACITY else "error"
+            status = "rejected" if not streamed and exc.code in NO_CAPACITY else "error"
             raise
         finally:
             self.pending -= 1

@@ -4,6 +4,8 @@ engine on the fast path against the plain path: same tokens."""
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -348,3 +350,34 @@ def test_portable_build_without_simd(llama_ckpt):
     out = subprocess.run([sys.executable, "-c", PORTABLE_CHECK, str(llama_ckpt[0])], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0 and "portable ok" in out.stdout, out.stderr[-3000:]
+
+
+STALE_LOCK_CHECK = """
+import sys
+from microserve.engine.model import native
+sys.exit(0 if native.load() is not None else 3)
+"""
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_later_engines(tmp_path):
+    """torch's build lock has no owner: a build killed mid-way left `lock` behind and every later
+    process waited on it forever. A lock older than any build is removed (with a warning)."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    built = [p for pattern in ("microserve_native_*", "*/microserve_native_*") for p in root.glob(pattern)
+             if any(p.glob("*.so"))]
+    assert built, "the session's native build (conftest) is not in torch's extension cache"
+    ext = tmp_path / "ext"
+    for b in built:  # a copy of the finished builds: nothing to compile, only the lock to get past
+        shutil.copytree(b, ext / b.name)  # NOTE: under $TORCH_EXTENSIONS_DIR, no python/cuda subfolder
+        lock = ext / b.name / "lock"
+        lock.touch()
+        os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext))
+    res = subprocess.run([sys.executable, "-c", STALE_LOCK_CHECK], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "removing a build lock left" in res.stderr

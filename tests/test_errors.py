@@ -118,3 +118,43 @@ def test_both_config_dialects():
     assert hub.rope == v5.rope and hub.rope.rope_type == "llama3" and hub.rope.theta == 500000.0
     with pytest.raises(UnsupportedModelError, match="rope type"):
         ModelConfig.from_dict({**base, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+
+
+def _sentencepiece_folder(path):
+    import sentencepiece as spm  # a test dependency (pyproject [test])
+    path.mkdir()
+    corpus = path / "corpus.txt"
+    corpus.write_text("\n".join([f"the quick brown fox jumps over the lazy dog {i} times" for i in range(200)]
+                                + ["hello world, hello tokens"] * 50))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(path / "tokenizer"), vocab_size=320,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True,
+                                   minloglevel=2, normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   add_dummy_prefix=True, split_digits=True)
+    corpus.unlink()
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
+                                                            "eos_token": "</s>", "add_bos_token": True}))
+    return spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+
+
+def test_a_sentencepiece_only_checkpoint_is_read(tmp_path):
+    from microserve.engine.model.tokenizer import Tokenizer
+
+    sp = _sentencepiece_folder(tmp_path / "spm")
+    tok = Tokenizer(tmp_path / "spm")
+    for text in ["hello world, the fox é", "the lazy dog 17 times\nnew line", "日本"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == sp.encode(text) and tok.decode(ids) == sp.decode(ids), text
+    assert tok.encode("hello")[0] == 1 and tok.eos_token_id == 2  # <s> added, </s> known
+
+
+def test_a_sentencepiece_checkpoint_without_the_converter_names_the_fix(tmp_path, monkeypatch):
+    import sys
+
+    from microserve.engine.model.tokenizer import Tokenizer
+
+    _sentencepiece_folder(tmp_path / "spm")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if transformers were not installed
+    with pytest.raises(FileNotFoundError, match="pip install transformers sentencepiece protobuf"):
+        Tokenizer(tmp_path / "spm")
+    with pytest.raises(FileNotFoundError, match=r"nor a sentencepiece tokenizer\.model"):
+        Tokenizer(tmp_path)

@@ -23,9 +23,12 @@ class Tokenizer:
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         file = path / "tokenizer.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"checkpoint {path} has no tokenizer.json")
-        self._tok = _HFTokenizer.from_file(str(file))
+        if file.is_file():
+            self._tok = _HFTokenizer.from_file(str(file))
+        elif (path / "tokenizer.model").is_file():
+            self._tok = _from_sentencepiece(path)
+        else:
+            raise FileNotFoundError(f"checkpoint {path} has no tokenizer.json (nor a sentencepiece tokenizer.model)")
         cfg_file = path / "tokenizer_config.json"
         cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
         self.chat_template: str | None = cfg.get("chat_template")
@@ -78,6 +81,23 @@ class Tokenizer:
                 raise ValueError("continue_final_message: the template does not render the final message verbatim")
             text = text[:end + len(content)]
         return text
+
+
+def _from_sentencepiece(path: Path) -> _HFTokenizer:
+    """The `tokenizers` form of a sentencepiece `tokenizer.model`, converted as transformers' fast
+    tokenizers do (local files only; needs `transformers`, `sentencepiece` and `protobuf`)."""
+    fix = ("pip install transformers sentencepiece protobuf, or write tokenizer.json once with transformers: "
+           f"AutoTokenizer.from_pretrained('{path}').save_pretrained('{path}')")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise FileNotFoundError(f"checkpoint {path} has only a sentencepiece tokenizer.model; to read it: {fix}") \
+            from None
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True).backend_tokenizer
+    except Exception as exc:  # a missing sentencepiece/protobuf, or a model the converter does not know
+        raise FileNotFoundError(f"cannot convert {path}/tokenizer.model ({type(exc).__name__}: {exc}); {fix}") \
+            from None
 
 
 def _raise(message: str) -> None:

@@ -126,9 +126,7 @@ class Gateway:
         if (body.prompt is None) == (body.messages is None):
             raise RouterError(ErrorCode.BAD_REQUEST, "give exactly one of prompt and messages", param="prompt")
         if body.prompt is not None:
-            self.router._check_chars(body.prompt, "prompt")
-            tokens = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: self.router.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+            tokens = await self.router.encode(body.prompt, body.add_special_tokens)
         else:
             tokens = await self.router.encode_chat(O.ChatCompletionRequest(messages=body.messages).chat_messages())
         return web.json_response({"count": len(tokens), "max_model_len": self.router.max_model_len,

@@ -216,9 +216,9 @@ class Router:
         self.pending = 0
 
     # -- input --------------------------------------------------------------------------
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
+    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         vocab = self.tokenizer.vocab_size
         try:
             check_token_ids(prompt, vocab)
@@ -247,13 +247,13 @@ class Router:
                               f"{self.max_model_len} tokens; the prompt has {len(text)} characters, more than "
                               f"that many tokens can hold", param=param)
 
-    async def encode(self, prompt: str | list[int]) -> list[int]:
+    async def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         """`tokenize`, with text encoded off the event loop after a length pre-check (a huge
         prompt is refused at once and never stalls other requests)."""
         if not isinstance(prompt, str):
             return self.tokenize(prompt)
         self._check_chars(prompt, "prompt")
-        return await asyncio.get_running_loop().run_in_executor(None, self.tokenize, prompt)
+        return await asyncio.get_running_loop().run_in_executor(None, self.tokenize, prompt, add_special_tokens)
 
     async def encode_chat(self, messages: list[dict], options: dict | None = None) -> list[int]:
         """`apply_chat_template` off the event loop, after the same pre-check on the messages' text."""

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from kvapi.pool import BlockPool
 
 EventHook = Callable[[str, list[int]], None]
+StoreHook = Callable[[list[int], list[int]], None]  # (prefix hashes, block ids) of newly cached blocks
 
 
 def chain_hash(parent: int, tokens: Sequence[int]) -> int:
@@ -67,6 +68,7 @@ class RadixCache:
         self.pool = pool
         self.block_size = block_size
         self.on_event = on_event
+        self.on_store: StoreHook | None = None  # the KV store's writer (kvapi.store), told of new blocks
         self._root = _Node((), -1, 0, None)
         self._clock = itertools.count(1)
         self._num_nodes = 0
@@ -109,7 +111,7 @@ class RadixCache:
         A block whose prefix is already cached keeps the cached copy; the caller's
         block stays the caller's. Returns the number of blocks newly adopted.
         """
-        now, node, stored = next(self._clock), self._root, []
+        now, node, stored, blocks = next(self._clock), self._root, [], []
         for key, block in zip(self._blocks_of(tokens), block_ids):
             child = node.children.get(key)
             if child is None:
@@ -120,10 +122,13 @@ class RadixCache:
                 self.pool.incref([block])
                 self._num_nodes += 1
                 stored.append(child.hash)
+                blocks.append(block)
             child.last_access = now
             node = child
         if stored and self.on_event:
             self.on_event("stored", stored)
+        if stored and self.on_store:
+            self.on_store(stored, blocks)
         return len(stored)
 
     def _evictable(self, node: _Node) -> bool:

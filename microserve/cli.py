@@ -59,7 +59,7 @@ def _engine(args: argparse.Namespace) -> int:
     opts = EngineOptions(str(resolve_model(args.model)), args.rpc, args.events, args.device, args.dtype,
                          args.transport, args.kv_host, args.kv_port, args.engine_id or "", args.lease_seconds,
                          args.transfer_timeout, config, args.backend,
-                         resolve(args.cluster_key), args.insecure, args.max_lease_seconds)
+                         resolve(args.cluster_key), args.insecure, args.max_lease_seconds, args.kv_store)
     import zmq
 
     try:
@@ -99,6 +99,9 @@ def _forwarded_knobs(args: argparse.Namespace) -> list[str]:
         if value == action.default:
             continue
         flag = action.option_strings[0]
+        if isinstance(action, argparse._AppendAction):
+            out += [part for v in value for part in (flag, str(v))]
+            continue
         out += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
     return out
 
@@ -297,7 +300,21 @@ def _engine_knobs() -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--enforce-eager", action="store_true", help="on CUDA, no CUDA graphs for decode steps")
+    g.add_argument("--kv-store", action="append", default=[], type=_kv_store_spec, metavar="SPEC",
+                   help="a KV store tier below the page pool, repeatable, fastest first: host:SIZE, "
+                        "disk:PATH[:SIZE], valkey://HOST:PORT[/DB] (launch: `valkey` starts a local server)")
     return p
+
+
+def _kv_store_spec(text: str) -> str:
+    from kvapi.store import check_spec
+
+    if text != "valkey":  # NOTE: `launch` turns a bare `valkey` into the URL of the server it starts
+        try:
+            check_spec(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -207,12 +207,35 @@ async def launch(strategy: Strategy, model: str, layout: Mapping[str, int], engi
         private = tempfile.mkdtemp(prefix="microserve-key-")  # mode 0700
         key = ClusterKey.generate()
         key.write(Path(private) / "cluster.key")
-    try:
+    with contextlib.ExitStack() as stack:
+        if private is not None:
+            stack.callback(shutil.rmtree, private, ignore_errors=True)
+        engine_args = _kv_store_args(engine_args, opts.host, key, stack)
         return await _launch(strategy, model_path, layout, [*engine_args, "--cluster-key", key.source], opts,
                              tokenizer, key)
-    finally:
-        if private is not None:
-            shutil.rmtree(private, ignore_errors=True)
+
+
+def _kv_store_args(engine_args: list[str], host: str, key, stack: contextlib.ExitStack) -> list[str]:
+    """`--kv-store valkey`: a local Valkey server for this run (stopped at exit), requiring the cluster's
+    store password. `host:SIZE`: the tier's shared-memory file lives in a directory of this run."""
+    import shutil
+    import tempfile
+
+    out = list(engine_args)
+    specs = [out[i + 1] for i, a in enumerate(out[:-1]) if a == "--kv-store"]
+    if "valkey" in specs:
+        from kvapi.store.server import ValkeyProcess
+
+        server = stack.enter_context(ValkeyProcess(host, key.store_password))
+        out = [server.url if a == "valkey" and i and out[i - 1] == "--kv-store" else a for i, a in enumerate(out)]
+        log.warning("KV store: a local Valkey server at %s", server.url)
+    if any(s.startswith("host:") for s in specs) and not os.environ.get("MICROSERVE_KV_HOST_DIR"):
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        run_dir = tempfile.mkdtemp(prefix="microserve-kv-", dir=shm)
+        stack.callback(shutil.rmtree, run_dir, ignore_errors=True)
+        os.environ["MICROSERVE_KV_HOST_DIR"] = run_dir  # NOTE: the engines inherit it
+        stack.callback(os.environ.pop, "MICROSERVE_KV_HOST_DIR", None)
+    return out
 
 
 async def _launch(strategy: Strategy, model_path: str, layout: Mapping[str, int], engine_args: list[str],

@@ -99,6 +99,17 @@ class AbortReply(msgspec.Struct, tag="abort_reply", forbid_unknown_fields=True):
     found: bool
 
 
+class StoreTierStats(msgspec.Struct, array_like=True):
+    """One KV store tier of one engine (`microserve_kv_store_*` metrics)."""
+
+    tier: str
+    hit_tokens: int
+    bytes_read: int
+    bytes_written: int
+    errors: int
+    dropped_writes: int
+
+
 class StatsReply(msgspec.Struct, tag="stats_reply", forbid_unknown_fields=True):
     engine_id: str
     running: int
@@ -115,6 +126,7 @@ class StatsReply(msgspec.Struct, tag="stats_reply", forbid_unknown_fields=True):
     kv_bytes_sent: int
     kv_bytes_received: int
     kernels: str = ""  # which kernels the model runs ("native", "native-scalar", "torch", "triton", "vllm")
+    kv_store: list[StoreTierStats] = []  # the engine's KV store tiers (--kv-store), fastest first
 
 
 class HealthReply(msgspec.Struct, tag="health_reply", forbid_unknown_fields=True):
@@ -152,6 +164,8 @@ class KVEvent(msgspec.Struct, tag="kv_event", forbid_unknown_fields=True):
     kind: str  # "stored" | "evicted"
     hashes: list[int]  # chained prefix hashes (kvapi.radix.prefix_hashes) of the blocks
     seq: int  # per-engine event counter, to notice drops
+    tier: str = ""  # where: "" the engine's page pool, else a KV store tier ("host", "disk", "valkey")
+    shared: bool = False  # the tier is shared by every engine of the cluster (a remote store)
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -48,6 +48,10 @@ class ClusterKey:
         self.client_secret = z85.encode(self._derive(b"curve-client"))
         self.client_public = zmq.curve_public(self.client_secret)
         self.kv_key = self._derive(b"kv-plane")
+        # the KV store: mixed into every entry's namespace (another cluster never reads ours) and the
+        # password of a Valkey/Redis tier that `launch` starts
+        self.store_key = self._derive(b"kv-store")
+        self.store_password = self._derive(b"kv-store-password").hex()
 
     def _derive(self, label: bytes) -> bytes:
         return hashlib.sha256(b"microserve-cluster-key/" + label + b"/" + self._secret).digest()

@@ -89,6 +89,14 @@ class _EngineCollector:
                                        labels=["engine"])
         info = GaugeMetricFamily("microserve_engine_info", "Which kernels the engine runs (native, native-scalar, "
                                  "torch, triton, vllm); always 1", labels=["engine", "kernels"])
+        store_hits = CounterMetricFamily("microserve_kv_store_hit_tokens", "Prompt tokens loaded from a KV store tier "
+                                         "instead of computed", labels=["engine", "tier"])
+        store_bytes = CounterMetricFamily("microserve_kv_store_bytes", "Bytes read from / written to a KV store tier",
+                                          labels=["engine", "tier", "direction"])
+        store_errors = CounterMetricFamily("microserve_kv_store_errors", "Failed KV store operations and corrupt "
+                                           "entries (each a miss)", labels=["engine", "tier"])
+        store_dropped = CounterMetricFamily("microserve_kv_store_dropped_writes", "Blocks not written to the KV store "
+                                            "because its write queue was full", labels=["engine"])
         for h in self.cluster.handles:
             up.add_metric([h.name, h.role or ""], 1.0 if h.alive else 0.0)
             s = self.cluster.load(h).stats
@@ -101,4 +109,12 @@ class _EngineCollector:
             hits.add_metric([h.name], s.prefix_cache_hit_tokens)
             computed.add_metric([h.name], s.computed_tokens_total)
             info.add_metric([h.name, s.kernels or "none"], 1.0)
-        yield from (up, running, waiting, used, total, hits, computed, info)
+            for t in s.kv_store:
+                store_hits.add_metric([h.name, t.tier], t.hit_tokens)
+                store_bytes.add_metric([h.name, t.tier, "read"], t.bytes_read)
+                store_bytes.add_metric([h.name, t.tier, "write"], t.bytes_written)
+                store_errors.add_metric([h.name, t.tier], t.errors)
+            if s.kv_store:
+                store_dropped.add_metric([h.name], s.kv_store[0].dropped_writes)
+        yield from (up, running, waiting, used, total, hits, computed, info, store_hits, store_bytes, store_errors,
+                    store_dropped)

@@ -7,6 +7,11 @@ Because a hash covers its whole prefix, the tokens an engine has cached for a pr
 are found by walking the prompt's hashes until the engine is missing one, with no
 token comparisons at all (as MemServe's global prompt tree and Dynamo's KV router).
 
+With a KV store (`--kv-store`), events also say which tier a block reached or left: an
+engine's own tiers (host, disk: it loads from them, others on the host may too) and the
+shared tier (a Valkey every engine reads). `locate` answers, per engine, how far a prompt
+reaches in its pool, then with its own tiers, then with the shared tier as well.
+
 The index is a routing hint, not a lock: an engine may evict a block a moment after
 the router looked. Strategies must stay correct when a match turns out smaller
 (`prep_recv` and `start_generate` re-match on the engine itself).
@@ -15,8 +20,9 @@ the router looked. Strategies must stay correct when a match turns out smaller
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from kvapi.radix import prefix_hashes
 from microserve.protocol import KVEvent, Request
@@ -24,6 +30,17 @@ from microserve.protocol import KVEvent, Request
 log = logging.getLogger(__name__)
 
 E = TypeVar("E", bound=Hashable)
+
+MAX_SHARED = 1 << 22  # shared-tier hashes remembered (the server evicts without telling: oldest forgotten first)
+
+
+class Reach(NamedTuple):
+    """How many leading prompt tokens an engine has without computing them, cumulatively: in its page
+    pool; in its pool and its own store tiers; in those and the cluster's shared tier."""
+
+    pool: int = 0
+    local: int = 0
+    shared: int = 0
 
 
 class PrefixIndex(Generic[E]):
@@ -40,6 +57,8 @@ class PrefixIndex(Generic[E]):
         self._blocks: dict[str, set[int]] = {}  # engine id -> its hashes
         self._block_size: dict[str, int] = {}
         self._seq: dict[str, int] = {}
+        self._tiers: dict[str, dict[str, set[int]]] = {}  # engine id -> its own tier -> hashes
+        self._shared: OrderedDict[int, None] = OrderedDict()  # hashes in the shared tier
         self.dropped_events = 0  # sequence gaps seen (events lost: the index may be stale)
 
     def add_engine(self, engine_id: str, block_size: int) -> None:
@@ -48,6 +67,10 @@ class PrefixIndex(Generic[E]):
 
     def drop_engine(self, engine_id: str) -> None:
         """Forget everything an engine held (it died or restarted)."""
+        self._tiers.pop(engine_id, None)
+        self._drop_pool(engine_id)
+
+    def _drop_pool(self, engine_id: str) -> None:
         for h in self._blocks.pop(engine_id, set()):
             holders = self._holders.get(h)
             if holders is not None:
@@ -74,6 +97,9 @@ class PrefixIndex(Generic[E]):
                 if self._on_gap is not None:
                     self._on_gap(eid)  # NOTE: the cluster asks that engine for a snapshot
         self._seq[eid] = event.seq
+        if event.tier:
+            self._apply_tier(event)
+            return
         mine = self._blocks[eid]
         if event.kind == "stored":
             for h in event.hashes:
@@ -88,11 +114,29 @@ class PrefixIndex(Generic[E]):
                     if not holders:
                         del self._holders[h]
 
+    def _apply_tier(self, event: KVEvent) -> None:
+        if event.shared:
+            shared = self._shared
+            for h in event.hashes:
+                if event.kind == "stored":
+                    shared[h] = None
+                    shared.move_to_end(h)
+                else:
+                    shared.pop(h, None)
+            while len(shared) > MAX_SHARED:
+                shared.popitem(last=False)
+            return
+        held = self._tiers.setdefault(event.engine_id, {}).setdefault(event.tier, set())
+        if event.kind == "stored":
+            held.update(event.hashes)
+        else:
+            held.difference_update(event.hashes)
+
     def apply_snapshot(self, engine_id: str, hashes: list[int], seq: int) -> None:
-        """Replace what an engine holds by a snapshot taken after its event `seq`."""
+        """Replace what an engine holds in its pool by a snapshot taken after its event `seq`."""
         if engine_id not in self._block_size:
             return
-        self.drop_engine(engine_id)
+        self._drop_pool(engine_id)
         mine = self._blocks[engine_id]
         for h in hashes:
             self._holders.setdefault(h, set()).add(engine_id)
@@ -113,6 +157,31 @@ class PrefixIndex(Generic[E]):
                     engine = self._resolve(eid)
                     if engine is not None:
                         out[engine] = (i + 1) * block_size
+        return out
+
+    def locate(self, req: Request | list[int]) -> dict[E, Reach]:
+        """Per engine, how far the prompt reaches in its pool, its own tiers and the shared tier
+        (`Reach`, cumulative tokens); engines that reach nothing are left out."""
+        prompt = req.prompt_ids if isinstance(req, Request) else req
+        out: dict[E, Reach] = {}
+        by_size: dict[int, list[int]] = {}
+        for eid, bs in self._block_size.items():
+            hashes = by_size.setdefault(bs, prefix_hashes(prompt, bs))
+            pool = local = shared = 0
+            mine = self._blocks.get(eid, set())
+            tiers = list(self._tiers.get(eid, {}).values())
+            level = 0  # 0: in the pool, 1: in its own tiers, 2: in the shared tier, 3: nowhere (the run ends)
+            for h in hashes:
+                here = 0 if h in mine else 1 if any(h in t for t in tiers) else 2 if h in self._shared else 3
+                level = max(level, here)  # NOTE: past the pool's run, a pool block is loaded as the rest is
+                if level == 3:
+                    break
+                pool += bs * (level == 0)
+                local += bs * (level <= 1)
+                shared += bs
+            engine = self._resolve(eid)
+            if shared and engine is not None:
+                out[engine] = Reach(pool, local, shared)
         return out
 
     def longest_match(self, req: Request | list[int]) -> tuple[E | None, int]:

@@ -150,6 +150,9 @@ class EngineService:
         """(bytes sent, bytes received) so far."""
         return 0, 0
 
+    def _store_stats(self) -> list[P.StoreTierStats]:
+        return []
+
     def _check_prompt(self, prompt: list[int]) -> None:
         check_prompt(prompt, self.vocab_size, self.max_model_len)
 
@@ -369,7 +372,7 @@ class EngineService:
             kv_blocks_total=s.kv_blocks_total, kv_blocks_used=s.kv_blocks_used, kv_blocks_cached=s.kv_blocks_cached,
             prefix_cache_hit_tokens=s.prefix_cache_hit_tokens, computed_tokens_total=s.computed_tokens_total,
             num_preemptions=s.num_preemptions, open_tickets=len(self.tickets), active_sends=len(self._sends),
-            kv_bytes_sent=sent, kv_bytes_received=received, kernels=s.kernels)
+            kv_bytes_sent=sent, kv_bytes_received=received, kernels=s.kernels, kv_store=self._store_stats())
 
     def health(self) -> P.HealthReply:
         return P.HealthReply(True, self.engine_id, self.model_name, self.kv_spec, list(self.transports),

@@ -5,6 +5,8 @@ books), shared by the built-in engine (`serving.builtin`) and the simulated one 
     _send           SendJob: a prefill-only Sequence prompt[:end] through the normal scheduler;
                     `_push` (the backend) moves [begin, end) as its layers are computed
     _submit         adopts a complete ticket's blocks (`EngineCore.adopt`) or queues a new request
+    _extend_from_store   before each of the three prefills: the prompt's longest stored continuation
+                    of its cached prefix is loaded into fresh blocks (off the step) and enters the cache
 
 What differs between the two backends is only how a step runs (`_step`) and how KV bytes
 move (`_recv_addr`, `_open_receive`, `_push`, ...).
@@ -12,6 +14,9 @@ move (`_recv_addr`, `_open_receive`, `_push`, ...).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from kvapi.radix import prefix_hashes
 from kvapi.transfer import KVAddr, TransferError
 from microserve import protocol as P
 from microserve.engine.core.engine_core import EngineCore, EngineStats, InvalidRequestError, StepOutput
@@ -20,6 +25,9 @@ from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.base import MAX_LEASE_S, EngineService
 from microserve.serving.tickets import SendJob, Ticket
+
+if TYPE_CHECKING:  # NOTE: torch-free here (the simulator runs these hooks)
+    from microserve.serving.kv_store import StoreLink
 
 
 class CoreService(EngineService):
@@ -36,7 +44,42 @@ class CoreService(EngineService):
         self.engine = engine
         self.kv_spec, self.max_model_len, self.vocab_size = engine.kv_spec, engine.max_model_len, engine.vocab_size
         self._jobs: dict[str, SendJob] = {}
+        self.store: StoreLink | None = None  # --kv-store tiers (`use_store`)
         engine.set_kv_event_hook(self._on_kv_event)
+
+    def use_store(self, store: StoreLink) -> None:
+        """Load prompts' stored continuations from `store` and write newly cached blocks to it."""
+        self.store = store
+        self.engine.set_store_hook(store.capture)
+
+    def _store_stats(self) -> list[P.StoreTierStats]:
+        return self.store.stats() if self.store is not None else []
+
+    async def _extend_from_store(self, prompt: list[int], limit: int) -> None:
+        """Before a prefill of `prompt[:limit]`: load the longest stored continuation of its cached
+        prefix into fresh blocks, off the step loop, and put them in the prefix cache. Whatever goes
+        wrong (a tier down, no free blocks, a corrupt entry) ends the load there: the rest is computed."""
+        engine, store = self.engine, self.store
+        if store is None or not engine.kv.enable_prefix_caching:
+            return
+        bs = engine.block_size
+        limit = min(limit, len(prompt))
+        async with self._lock:
+            prefix = engine.kv.pin_prefix(prompt[:limit])
+        hashes = prefix_hashes(prompt[:limit // bs * bs], bs)[len(prefix):]
+        fresh: list[int] = []
+        ok = 0
+        try:
+            segments = await store.lookup(hashes) if hashes else []
+            found = sum(n for _, n in segments)
+            if found:
+                async with self._lock:
+                    fresh = engine.kv.take_blocks(found) or []
+                if fresh:
+                    ok = await store.load(hashes[:found], segments, fresh)
+        finally:
+            async with self._lock:
+                engine.kv.insert_loaded(prompt, prefix, fresh, ok)
 
     # -- what the backend provides ----------------------------------------------------------
     def _new_job(self, job_id: str, request_id: str, prompt: list[int]) -> SendJob:
@@ -66,10 +109,13 @@ class CoreService(EngineService):
         super().close()
         for job in self._jobs.values():
             job.cancel("engine shutting down")
+        if self.store is not None:
+            self.store.close()
 
     # -- receiving -----------------------------------------------------------------------------
     async def _reserve(self, req: P.Request, prompt: list[int], end: int) -> Ticket:
         seq = Sequence(req.request_id, prompt[:end], SamplingParams(max_tokens=1))
+        await self._extend_from_store(prompt, end)  # NOTE: stored KV counts as matched: senders skip it
         async with self._lock:
             if not self.engine.reserve(seq, end):
                 raise EngineError(ErrorCode.OVERLOADED, f"not enough free KV blocks to receive {end} tokens")
@@ -92,6 +138,7 @@ class CoreService(EngineService):
         job = self._new_job(job_id, self._sends[job_id], prompt)
         self._jobs[job_id] = job
         try:
+            await self._extend_from_store(prompt, end)
             async with self._lock:
                 matched = self.engine.match_cached(job.seq, end)
                 if matched < end:
@@ -129,6 +176,8 @@ class CoreService(EngineService):
     # -- generating --------------------------------------------------------------------------------
     async def _submit(self, req: P.Request, prompt: list[int], begin: int, sampling: SamplingParams,
                       ticket: Ticket | None) -> None:
+        if ticket is None or ticket.state != "complete":
+            await self._extend_from_store(prompt, len(prompt) - 1)
         async with self._lock:
             seq = None
             if ticket is not None and ticket.state == "complete":

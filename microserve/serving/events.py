@@ -1,6 +1,6 @@
 """`KVEventLog`: an engine's prefix-cache events, numbered, carried from the step thread to a sink.
 
-    EngineCore (any thread) ─ record("stored"|"evicted", hashes) ─> loop: flush ─> KVEvent(seq=n) ─> sink
+    EngineCore (any thread) ─ record("stored"|"evicted", hashes[, tier]) ─> loop: flush ─> KVEvent(seq=n) ─> sink
                                                                   (the ZeroMQ PUB socket, or the simulator's index)
 
 Numbers count every event, delivered or not, so a subscriber notices a gap and asks for a
@@ -22,7 +22,7 @@ class KVEventLog:
         self.engine_id = engine_id
         self.sink: Callable[[P.KVEvent], Any] | None = None  # where events go (set by the transport)
         self.seq = 0  # number of the last event flushed
-        self._pending: list[tuple[str, list[int]]] = []
+        self._pending: list[tuple[str, list[int], str, bool]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
 
@@ -30,8 +30,8 @@ class KVEventLog:
         """Flush on `loop` (called from it): events recorded in other threads are handed over."""
         self._loop, self._loop_thread = loop, threading.get_ident()
 
-    def record(self, kind: str, hashes: list[int]) -> None:  # any thread
-        self._pending.append((kind, list(hashes)))
+    def record(self, kind: str, hashes: list[int], tier: str = "", shared: bool = False) -> None:  # any thread
+        self._pending.append((kind, list(hashes), tier, shared))
         if self._loop is None or threading.get_ident() == self._loop_thread:
             self.flush()
         else:
@@ -39,7 +39,7 @@ class KVEventLog:
 
     def flush(self) -> None:
         events, self._pending = self._pending, []
-        for kind, hashes in events:
+        for kind, hashes, tier, shared in events:
             self.seq += 1
             if self.sink is not None:
-                self.sink(P.KVEvent(self.engine_id, kind, hashes, self.seq))
+                self.sink(P.KVEvent(self.engine_id, kind, hashes, self.seq, tier, shared))

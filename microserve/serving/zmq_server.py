@@ -17,7 +17,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -61,6 +61,7 @@ class EngineOptions:
     cluster_key: ClusterKey | None = None  # CURVE on the RPC and event sockets; None: --insecure
     insecure: bool = False  # serve without a key (loopback only)
     max_lease_s: float = MAX_LEASE_S
+    kv_store: list[str] = field(default_factory=list)  # --kv-store tiers, fastest first (kvapi.store)
 
 
 def check_addresses(opts: EngineOptions) -> None:
@@ -141,6 +142,23 @@ class EngineServer:
                               self.pool.path if self.pool else "", ucx="ucx" in self.transports)
         self.service: EngineService = BuiltinService(llm, self.engine_id, receiver, self.transports, host_id(),
                                                      opts.lease_s, opts.transfer_timeout, opts.max_lease_s)
+        if opts.kv_store:
+            self._open_store(llm, opts)
+
+    def _open_store(self, llm: LLMEngine, opts: EngineOptions) -> None:
+        from microserve.engine.model.loader import checkpoint_fingerprint
+        from microserve.serving.kv_store import StoreLink
+
+        if not llm.config.enable_prefix_caching:
+            raise ValueError("--kv-store needs the prefix cache (drop --no-prefix-caching)")
+        service = self.service
+        assert isinstance(service, BuiltinService)
+        key = opts.cluster_key
+        link = StoreLink.open(opts.kv_store, llm.runner.kv_cache, llm.kv_spec, checkpoint_fingerprint(opts.model),
+                              key.store_key if key else b"", key.store_password if key else None,
+                              lambda kind, hashes, tier: service.events.record(kind, hashes, tier, tier == "valkey"))
+        service.use_store(link)
+        log.warning("engine %s: KV store %s", self.engine_id, link.describe())
 
     def _start_vllm(self, opts: EngineOptions) -> None:
         from microserve.serving.vllm.engine import VLLMService, vllm_available
@@ -150,6 +168,9 @@ class EngineServer:
                              "(CPU: see docs/vllm.md)")
         if opts.device != "cpu":
             log.warning("the vLLM backend picks its own device (its build's platform); --device is ignored")
+        if opts.kv_store:
+            raise ValueError("--kv-store is served by the built-in engine; a vLLM engine offloads KV with its own "
+                             "connectors (LMCache, its CPU offloading): docs/kv-store.md")
         if opts.transport not in ("auto", "tcp"):
             raise ValueError("the vLLM backend moves KV over tcp only (vLLM owns its KV memory); use auto or tcp")
         cfg = opts.config or EngineConfig()

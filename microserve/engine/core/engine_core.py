@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvapi import KVSpec
-from kvapi.radix import EventHook
+from kvapi.radix import EventHook, StoreHook
 from microserve.engine.config import EngineConfig
 from microserve.engine.core.kv_manager import KVCacheManager
 from microserve.engine.core.scheduler import ScheduledBatch, Scheduler
@@ -198,6 +198,10 @@ class EngineCore:
     def set_kv_event_hook(self, hook: EventHook | None) -> None:
         """Where ("stored" | "evicted", prefix hashes) events of the prefix cache go."""
         self.kv.radix.on_event = hook
+
+    def set_store_hook(self, hook: StoreHook | None) -> None:
+        """Who is told (prefix hashes, block ids) of every block newly cached (the KV store's writer)."""
+        self.kv.radix.on_store = hook
 
     # -- the loop ---------------------------------------------------------------------
     def step(self) -> list[StepOutput]:

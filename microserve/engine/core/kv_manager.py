@@ -72,6 +72,29 @@ class KVCacheManager:
         seq.block_table.extend(self.pool.allocate(need))
         return True
 
+    # -- blocks loaded from the KV store (kvapi.store) -------------------------------------------
+    def pin_prefix(self, tokens: list[int]) -> list[int]:
+        """Pin and return the cached blocks of the longest cached full-block prefix of `tokens`."""
+        blocks = self.radix.match(tokens)
+        self.radix.pin(blocks)
+        return blocks
+
+    def take_blocks(self, n: int) -> list[int] | None:
+        """`n` private blocks (evicting unpinned cache if needed), or None when they are not there."""
+        if n > self.pool.num_free:
+            self.radix.evict(n - self.pool.num_free)
+            if n > self.pool.num_free:
+                return None
+        return self.pool.allocate(n)
+
+    def insert_loaded(self, tokens: list[int], prefix: list[int], loaded: list[int], ok: int) -> None:
+        """The first `ok` of `loaded` now hold the KV of the blocks after the pinned `prefix`:
+        they enter the prefix cache; every block `pin_prefix` / `take_blocks` gave is let go."""
+        if ok and self.enable_prefix_caching:
+            blocks = prefix + loaded[:ok]
+            self.radix.insert(tokens[:len(blocks) * self.block_size], blocks)
+        self.pool.free(prefix + loaded)
+
     def cache_computed(self, seq: Sequence) -> None:
         """Offer the newly computed full blocks of `seq` to the prefix cache."""
         full = seq.num_computed_tokens // self.block_size

@@ -108,3 +108,22 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype |
     if torch.device(device).type == "cpu":
         model.transpose_weights_()
     return model.eval()
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """A name for a checkpoint's weights that is the same on every host that has a copy of it
+    (not its path): config.json, and per safetensors file its size, header and 16 spread-out
+    64 KiB samples of its bytes. KV store entries are namespaced by it (kvapi.store)."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.blake2b(digest_size=16)
+    h.update((path / "config.json").read_bytes())
+    for file in sorted(path.glob("*.safetensors")):
+        size = file.stat().st_size
+        h.update(f"|{file.name}|{size}|".encode())
+        with open(file, "rb") as f:
+            for k in range(16):
+                f.seek(size * k // 16)
+                h.update(f.read(1 << 16))
+    return h.hexdigest()

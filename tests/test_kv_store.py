@@ -428,3 +428,102 @@ async def test_a_read_only_disk_tier_costs_hits_never_requests(engines, models):
         for p in frozen:
             thaw(p)
         await h.close()
+
+
+async def test_the_routers_prefix_index_knows_the_tiers(engines):
+    """Events say which tier a block reached: the router's index sees V1's blocks in the shared tier
+    (so V2 reaches them too) and H1's in its own host tier."""
+    import microserve
+
+    cluster = await microserve.connect({"engine": [engines[n].rpc for n in ("V1", "V2", "H1")]})
+    try:
+        v1, v2, h1 = cluster.handles
+        g = prompt(75, seed=51)
+        await generate(v1, g)
+        await generate(h1, g)
+        deadline = time.monotonic() + 10
+        while (reach := cluster.prefix_index.locate(g)).get(v2, (0, 0, 0))[2] < 64:
+            assert time.monotonic() < deadline, f"the index never saw the shared tier: {reach}"
+            await asyncio.sleep(0.05)
+        assert reach[v1].pool == 64 and reach[v2].pool == 0 and reach[v2].shared == 64
+        while cluster.prefix_index.locate(g)[h1].local < 64:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        await cluster.close()
+
+
+def test_locate_walks_pool_then_own_tiers_then_the_shared_tier():
+    from kvapi.radix import prefix_hashes
+    from microserve.protocol import KVEvent
+    from microserve.router.prefix_index import PrefixIndex, Reach
+
+    index = PrefixIndex(lambda eid: eid)
+    for eid in ("a", "b"):
+        index.add_engine(eid, 4)
+    toks = list(range(2, 22))  # 5 blocks of 4
+    hs = prefix_hashes(toks, 4)
+    index.apply(KVEvent("a", "stored", hs[:2], 1))
+    index.apply(KVEvent("a", "stored", hs[2:3], 2, "host"))
+    index.apply(KVEvent("a", "stored", hs[3:4], 3, "valkey", True))
+    assert index.locate(toks) == {"a": Reach(8, 12, 16)}  # b reaches nothing: left out
+    index.apply(KVEvent("b", "stored", hs[:3], 1, "valkey", True))
+    assert index.locate(toks) == {"a": Reach(8, 12, 16), "b": Reach(0, 0, 16)}
+    index.apply(KVEvent("a", "evicted", hs[2:3], 4, "host"))
+    assert index.locate(toks)["a"] == Reach(8, 8, 16)  # the shared tier still has that block
+    index.drop_engine("a")
+    assert index.locate(toks) == {"a": Reach(0, 0, 16), "b": Reach(0, 0, 16)}
+
+
+# -- a deployment: launch --kv-store valkey, the official openai client ------------------------------------
+LAUNCH_PROMPTS = ["The quick brown fox jumps over the lazy dog. " * 4, "Serving LLMs moves KV caches around. " * 5,
+                  "Three prompts on two engines: each lands on both. " * 3]
+
+
+@pytest.fixture(scope="module")
+def reference(demo_path):
+    from microserve import LLM
+
+    llm = LLM(str(demo_path))
+    return [o.text for o in llm.generate(LAUNCH_PROMPTS, SamplingParams(max_tokens=8, temperature=0.0))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,transport", [("round_robin", "shm"), ("pd", "tcp"), ("cache_aware", "auto")])
+async def test_launch_with_a_valkey_tier_serves_identical_greedy_output(strategy, transport, demo_path, reference):
+    import openai
+    from deploy import start_launch
+    from test_launch import assert_no_leaks
+
+    dep = start_launch("--strategy", f"strategies/{strategy}.py", "--model", str(demo_path), "--num-kv-blocks",
+                       "64", "--transport", transport, "--kv-store", "host:8MiB", "--kv-store", "valkey", "--served-model-name", "demo",
+                       "--log-level", "error")
+    children = dep.children()
+    try:
+        assert len(children) == 3  # two engines and the Valkey server
+        client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="unused", max_retries=0)
+        for _ in range(3):  # the later rounds land on the other engine too: served from the tiers
+            for text, want in zip(LAUNCH_PROMPTS, reference):
+                out = await client.completions.create(model="demo", prompt=text, max_tokens=8, temperature=0)
+                assert out.choices[0].text == want, strategy
+        await assert_no_leaks(dep.engines)
+        store_hits = 0
+        for name, address in dep.engines.items():
+            async with EngineHandle(address, name=name, timeout=10) as h:
+                stats = await h.stats()
+                assert [t.tier for t in stats.kv_store] == ["host", "valkey"]
+                assert all(t.errors == 0 for t in stats.kv_store)
+                store_hits += sum(t.hit_tokens for t in stats.kv_store)
+        if strategy == "round_robin":  # NOTE: the others send a repeat where the pool has it (cache_aware: the
+            assert store_hits > 0  # engine that ran it; pd: the decode engine received it)
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s, s.get(dep.url + "/metrics") as r:
+            metrics = await r.text()
+        assert 'microserve_kv_store_bytes_total{direction="write"' in metrics
+        assert "microserve_kv_store_hit_tokens_total" in metrics
+    finally:
+        assert dep.stop() == 0
+    left = [pid for pid in children if Path(f"/proc/{pid}").exists()
+            and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
+    assert not left, "a process of the deployment (an engine or the Valkey server) outlived it"

@@ -158,7 +158,7 @@ class EngineServer:
                               key.store_key if key else b"", key.store_password if key else None,
                               lambda kind, hashes, tier: service.events.record(kind, hashes, tier, tier == "valkey"))
         service.use_store(link)
-        log.warning("engine %s: KV store %s", self.engine_id, link.describe())
+        log.info("engine %s: KV store %s", self.engine_id, link.describe())
 
     def _start_vllm(self, opts: EngineOptions) -> None:
         from microserve.serving.vllm.engine import VLLMService, vllm_available

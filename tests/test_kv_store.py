@@ -496,7 +496,8 @@ async def test_launch_with_a_valkey_tier_serves_identical_greedy_output(strategy
     from test_launch import assert_no_leaks
 
     dep = start_launch("--strategy", f"strategies/{strategy}.py", "--model", str(demo_path), "--num-kv-blocks",
-                       "64", "--transport", transport, "--kv-store", "host:8MiB", "--kv-store", "valkey", "--served-model-name", "demo",
+                       "64", "--transport", transport, "--kv-store", "host:8MiB", "--kv-store", "valkey",
+                       "--served-model-name", "demo",
                        "--log-level", "error")
     children = dep.children()
     try:

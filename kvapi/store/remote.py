@@ -15,7 +15,6 @@ server `launch --kv-store valkey` starts requires it).
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import logging
 from urllib.parse import urlsplit, urlunsplit
 

@@ -241,6 +241,21 @@ def test_valkey_down_then_back_and_a_full_write_queue(valkey):
         server.close()
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--kv-store", "memory:1GiB"], "expected host:SIZE"),
+    (["--kv-store", "host:lots"], "size 'lots'"),
+    (["--kv-store", "valkey"], "is for `microserve launch`"),
+    (["--kv-store", "host:1MiB", "--kv-store", "host:2MiB"], "the host tier is given twice"),
+    (["--kv-store", "host:1MiB", "--no-prefix-caching"], "needs the prefix cache"),
+    (["--kv-store", "host:1MiB", "--backend", "vllm"], "served by the built-in engine"),
+])
+def test_engine_refuses_bad_kv_store_flags(args, message, demo_path):
+    proc = subprocess.run([os.sys.executable, "-m", "microserve", "engine", "--model", str(demo_path), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 # -- engines --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):

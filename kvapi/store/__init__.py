@@ -42,6 +42,9 @@ def parse_size(text: str) -> int:
 
 def check_spec(spec: str) -> str:
     """The tier a `--kv-store` SPEC names, or a ValueError that shows the accepted forms."""
+    if spec == "valkey":
+        raise ValueError("--kv-store valkey (a local server for the deployment) is for `microserve launch`; "
+                         "an engine takes valkey://HOST:PORT")
     if spec.startswith("host:"):
         parse_size(spec[5:])
         return "host"

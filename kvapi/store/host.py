@@ -22,6 +22,7 @@ import logging
 import mmap
 import os
 import struct
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -40,8 +41,12 @@ _ALIGN = 64
 
 
 def host_dir() -> Path:
-    """Where host tiers live: `$MICROSERVE_KV_HOST_DIR` (launch's run directory) or /dev/shm."""
-    return Path(os.environ.get("MICROSERVE_KV_HOST_DIR") or "/dev/shm")
+    """Where host tiers live: `$MICROSERVE_KV_HOST_DIR` (launch's run directory), else /dev/shm
+    (else the temporary folder, on systems without /dev/shm)."""
+    given = os.environ.get("MICROSERVE_KV_HOST_DIR")
+    if given:
+        return Path(given)
+    return Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
 
 
 def _round_up(n: int, to: int) -> int:
@@ -102,8 +107,8 @@ class HostStore(KVStore):
 
     def _find(self, key: int) -> int:
         base = (key % self.num_sets) * WAYS
-        hits = np.flatnonzero(self._meta[base:base + WAYS, 0] == np.uint64(key))
-        return base + int(hits[0]) if len(hits) else -1
+        keys = self._meta[base:base + WAYS, 0].tolist()  # NOTE: a list scan beats numpy on 8 entries
+        return base + keys.index(key) if key in keys else -1
 
     def contains(self, hashes: list[int]) -> int:
         for i, h in enumerate(hashes):

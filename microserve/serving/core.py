@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvapi.radix import prefix_hashes
 from kvapi.transfer import KVAddr, TransferError
 from microserve import protocol as P
 from microserve.engine.core.engine_core import EngineCore, EngineStats, InvalidRequestError, StepOutput
@@ -62,15 +61,13 @@ class CoreService(EngineService):
         engine, store = self.engine, self.store
         if store is None or not engine.kv.enable_prefix_caching:
             return
-        bs = engine.block_size
         limit = min(limit, len(prompt))
         async with self._lock:
             prefix = engine.kv.pin_prefix(prompt[:limit])
-        hashes = prefix_hashes(prompt[:limit // bs * bs], bs)[len(prefix):]
         fresh: list[int] = []
         ok = 0
         try:
-            segments = await store.lookup(hashes) if hashes else []
+            hashes, segments = await store.lookup(prompt[:limit], len(prefix))
             found = sum(n for _, n in segments)
             if found:
                 async with self._lock:

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from kvapi.radix import prefix_hashes
 from kvapi.spec import KVSpec
 from kvapi.store import TieredStore, entry_bytes, namespace, open_store
 from microserve import protocol as P
@@ -59,8 +60,15 @@ class StoreLink:
             store.offer(h, memoryview(row))
 
     # -- into the pool --------------------------------------------------------------------------------
-    async def lookup(self, hashes: list[int]) -> list[tuple[int, int]]:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.store.lookup, hashes)
+    async def lookup(self, tokens: list[int], skip: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """The prefix hashes of `tokens`' full blocks after the first `skip`, and where the longest
+        stored run of them is (`TieredStore.lookup`), computed in a store thread."""
+        def run() -> tuple[list[int], list[tuple[int, int]]]:
+            bs = self.spec.block_size
+            hashes = prefix_hashes(tokens[:len(tokens) // bs * bs], bs)[skip:]
+            return hashes, (self.store.lookup(hashes) if hashes else [])
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
 
     async def load(self, hashes: list[int], segments: list[tuple[int, int]], blocks: list[int]) -> int:
         """Fill `blocks` (private to the caller) with the stored entries; how many leading ones arrived."""

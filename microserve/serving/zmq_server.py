@@ -163,14 +163,14 @@ class EngineServer:
     def _start_vllm(self, opts: EngineOptions) -> None:
         from microserve.serving.vllm.engine import VLLMService, vllm_available
 
+        if opts.kv_store:
+            raise ValueError("--kv-store is served by the built-in engine; a vLLM engine offloads KV with its own "
+                             "connectors (LMCache, its CPU offloading): docs/kv-store.md")
         if not vllm_available():
             raise ValueError("--backend vllm needs vLLM in this environment: pip install 'microserve[vllm]' "
                              "(CPU: see docs/vllm.md)")
         if opts.device != "cpu":
             log.warning("the vLLM backend picks its own device (its build's platform); --device is ignored")
-        if opts.kv_store:
-            raise ValueError("--kv-store is served by the built-in engine; a vLLM engine offloads KV with its own "
-                             "connectors (LMCache, its CPU offloading): docs/kv-store.md")
         if opts.transport not in ("auto", "tcp"):
             raise ValueError("the vLLM backend moves KV over tcp only (vLLM owns its KV memory); use auto or tcp")
         cfg = opts.config or EngineConfig()

@@ -26,6 +26,8 @@ class RequestOutput:
     text: str
     finish_reason: str | None
     num_cached_tokens: int = 0
+    # with SamplingParams(logprobs=k): per token, (its logprob, [(token id, logprob)] top k alternatives)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 class LLM:
@@ -54,11 +56,14 @@ class LLM:
         params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        if any(sp.n != 1 or sp.best_of is not None for sp in params):
+            raise ValueError("n / best_of are served by the gateway; offline, repeat the prompt with one seed each")
         ids = [self._encode(p) for p in prompts]
         for p in ids:  # validate all before queueing any
             self.engine.validate_prompt(p)
         rids = [f"offline-{next(self._ids)}" for _ in ids]
         outs: dict[str, list[int]] = {rid: [] for rid in rids}
+        lps: dict[str, list] = {rid: [] for rid in rids}
         texts = {rid: TextStream(self.tokenizer, sp) for rid, sp in zip(rids, params)}
         done: dict[str, tuple[str | None, int]] = {}
         for rid, p, sp in zip(rids, ids, params):
@@ -69,6 +74,7 @@ class LLM:
                 if rid in done:
                     continue
                 outs[rid].extend(out.new_token_ids)
+                lps[rid].extend(out.logprobs or ())
                 texts[rid].push(out.new_token_ids, out.finish_reason is not None, out.finish_reason)
                 if out.finish_reason:
                     done[rid] = (out.finish_reason, out.num_cached_tokens)
@@ -76,7 +82,9 @@ class LLM:
                     seq = self.engine.sequence(rid)
                     done[rid] = ("stop", seq.num_cached_tokens if seq else 0)
                     self.engine.abort(rid)
-        return [RequestOutput(rid, p, outs[rid], texts[rid].text, *done[rid]) for rid, p in zip(rids, ids)]
+        return [RequestOutput(rid, p, outs[rid], texts[rid].text, *done[rid],
+                              lps[rid] if sp.logprobs is not None else None)
+                for rid, p, sp in zip(rids, ids, params)]
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -89,10 +89,18 @@ class SendResult(msgspec.Struct, tag="send_result", forbid_unknown_fields=True):
     computed_tokens: int = 0  # tokens the sender prefilled for this send (0: all from its cache)
 
 
+class TokenLogprob(msgspec.Struct, array_like=True):
+    """One generated token's logprob (of the model's raw logits) and its top alternatives."""
+
+    logprob: float
+    top: list[tuple[int, float]] = []  # (token id, logprob), most likely first
+
+
 class GenerateChunk(msgspec.Struct, tag="chunk", forbid_unknown_fields=True):
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" at the end of the stream
     num_cached_tokens: int = 0  # prompt tokens that were not recomputed (received or cached)
+    logprobs: list[TokenLogprob] | None = None  # one per token, when sampling.logprobs is set
 
 
 class AbortReply(msgspec.Struct, tag="abort_reply", forbid_unknown_fields=True):

@@ -9,6 +9,8 @@ import msgspec
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+MAX_LOGPROBS = 20  # top alternatives per token (vLLM's default --max-logprobs; OpenAI's top_logprobs cap)
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
@@ -24,6 +26,17 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
         stop: strings that end generation (applied on text by the router/offline API).
         ignore_eos: keep going past the model's EOS token.
         include_stop_str_in_output: keep the stop string (or the stop token's text) in the text.
+        presence_penalty: subtracted from the logit of every token already generated (OpenAI).
+        frequency_penalty: subtracted once per time a token was generated (OpenAI).
+        repetition_penalty: > 1 discourages every token of the prompt and the output (transformers:
+            a positive logit is divided by it, a negative one multiplied).
+        logit_bias: token id -> bias added to its logit (clamped to [-100, 100]).
+        min_tokens: EOS and `stop_token_ids` cannot be sampled before this many tokens.
+        min_p: drop tokens less likely than `min_p` times the most likely one (after temperature).
+        logprobs: with each token, its logprob and this many top alternatives (0..20); None: none.
+        n: choices per request (the router runs n requests that share the prompt's KV; choice i
+            uses `seed + i` when a seed is given).
+        best_of: generate this many choices and return the `n` of highest cumulative logprob.
     """
 
     max_tokens: int = 16
@@ -35,6 +48,15 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     stop: list[str] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
+    min_tokens: int = 0
+    min_p: float = 0.0
+    logprobs: int | None = None
+    n: int = 1
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -61,6 +83,23 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
                              f"{MAX_STOP_STRING_CHARS} characters")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS or any(t < 0 for t in self.logit_bias):
+            raise ValueError(f"logit_bias maps at most {MAX_LOGIT_BIAS} non-negative token ids to biases")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if not isinstance(self.n, int) or not 1 <= self.n <= 128:
+            raise ValueError(f"n must be in [1, 128], got {self.n!r}")
+        if self.best_of is not None and not self.n <= self.best_of <= 128:
+            raise ValueError(f"best_of must be in [n={self.n}, 128], got {self.best_of!r}")
 
     @property
     def greedy(self) -> bool:

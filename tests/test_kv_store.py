@@ -194,17 +194,19 @@ def test_disk_tier_lru_crash_safety_and_read_only_folder(tmp_path, caplog):
 
 def test_host_tier_is_shared_between_processes_and_evicts_lru_within_a_set(tmp_path, monkeypatch):
     monkeypatch.setenv("MICROSERVE_KV_HOST_DIR", str(tmp_path))
-    a = open_tier("host:64KiB", NS, SIZE)  # 8 ways per set
+    from kvapi.store.host import WAYS
+
+    a = open_tier("host:128KiB", NS, SIZE)
     b = open_tier("host:1MiB", NS, SIZE)  # the file exists: its size wins
     assert a.path == b.path and b.num_slots == a.num_slots
-    same_set = [s * a.num_sets + 5 for s in range(1, 10)]  # 9 hashes, one set of 8
-    for h in same_set[:8]:
+    same_set = [s * a.num_sets + 5 for s in range(1, WAYS + 2)]  # one more than a set holds
+    for h in same_set[:WAYS]:
         a.put([(h, payload(h))])
     b.get(same_set[:1], bufs(1))  # touch the first from the other mapping
-    assert a.put([(same_set[8], payload(same_set[8]))]) == [same_set[1]]
+    assert a.put([(same_set[WAYS], payload(same_set[WAYS]))]) == [same_set[1]]
     assert b.contains(same_set[:1]) == 1 and b.contains(same_set[1:2]) == 0
     code = ("import sys; from kvapi.store import open_tier, namespace, entry_bytes; from kvapi.spec import KVSpec; "
-            "s = KVSpec(2, 2, 8, 'float32', 4); t = open_tier('host:64KiB', namespace('model-a', s), entry_bytes(s)); "
+            "s = KVSpec(2, 2, 8, 'float32', 4); t = open_tier('host:128KiB', namespace('model-a', s), entry_bytes(s)); "
             f"sys.exit(0 if t.contains([{same_set[0]}]) == 1 else 1)")
     assert subprocess.run([os.sys.executable, "-c", code], env=dict(os.environ)).returncode == 0
     a.close()

@@ -23,10 +23,16 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from microserve.gateway import openai_protocol as O
+from microserve.gateway.choices import best as _best
+from microserve.gateway.choices import collect as _collect
+from microserve.gateway.choices import merge as _merge
+from microserve.gateway.choices import sum_usage as _sum_usage
 from microserve.router.runtime import Delta, Router, RouterError
+from microserve.sampling_params import SamplingParams
 from microserve.serving.api import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -156,66 +162,96 @@ class Gateway:
             raise RouterError(ErrorCode.MODEL_NOT_FOUND, f"the model {model!r} does not exist; this server serves "
                               f"{self.model_name!r}", param="model")
 
+    def _choices(self, rid: str, prompts: list[list[int]], params: list[SamplingParams]) -> list[AsyncIterator[Delta]]:
+        """One stream per (prompt, choice): n (or best_of) requests per prompt sharing its KV through
+        the prefix cache; choice j of a seeded request uses seed + j (as vLLM)."""
+        streams = []
+        for i, (prompt, sp) in enumerate(zip(prompts, params)):
+            count = max(sp.n, sp.best_of or 1)
+            for j in range(count):
+                one = msgspec.structs.replace(sp, n=1, best_of=None,
+                                              seed=None if sp.seed is None else sp.seed + j)
+                if count > sp.n and one.logprobs is None:
+                    one.logprobs = 0  # best_of ranks the choices by their cumulative logprob
+                k = i * count + j
+                streams.append(self.router.generate(f"{rid}-{k}" if len(prompts) * count > 1 else rid, prompt, one))
+        return streams
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body: O.CompletionRequest = O.decode_body(await self._read(request), O.CompletionRequest)
         self._check_model(body.model)
         body.check_unsupported()
-        sampling, given = body.sampling(body.max_tokens, 16)
+        sampling, given = body.sampling(body.max_tokens, 16, body.logprobs)
         texts = body.prompts()
-        if len(texts) > MAX_PROMPTS:
-            raise RouterError(ErrorCode.BAD_REQUEST, f"at most {MAX_PROMPTS} prompts per request, got {len(texts)}",
-                              param="prompt")
-        self.router.admit(len(texts))  # --max-pending counts prompts, not HTTP requests
+        choices = len(texts) * max(sampling.n, sampling.best_of or 1)
+        if choices > MAX_PROMPTS:
+            raise RouterError(ErrorCode.BAD_REQUEST, f"at most {MAX_PROMPTS} prompts x choices per request, got "
+                              f"{choices}", param="prompt" if len(texts) > 1 else "n")
+        self.router.admit(choices)  # --max-pending counts choices, not HTTP requests
         prompts = [await self.router.encode(p) for p in texts]
         params = [self.router.check(p, _copy(sampling), given) for p in prompts]
         rid = self.router.new_request_id("cmpl")
-        streams = [self.router.generate(f"{rid}-{i}" if len(prompts) > 1 else rid, p, sp)
-                   for i, (p, sp) in enumerate(zip(prompts, params))]
+        streams = self._choices(rid, prompts, params)
         base = {"id": rid, "object": "text_completion", "created": O.now(), "model": self.model_name}
+        tok = self.router.tokenizer
+        echo = [tok.decode(p) if body.echo else "" for p in prompts for _ in range(sampling.n)]
+        offsets = [0] * len(streams)
 
         def choice(i: int, d: Delta) -> dict[str, Any]:
-            return {"index": i, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason}
+            lp = None
+            if body.logprobs is not None and d.logprobs:
+                lp = O.completion_logprobs(tok, d.token_ids, d.logprobs, offsets[i])
+            offsets[i] += len(d.text)
+            text, echo[i] = echo[i] + d.text, ""
+            return {"index": i, "text": text, "logprobs": lp, "finish_reason": d.finish_reason}
 
         if body.stream:
-            return await self._sse(request, streams, base, choice, _include_usage(body))
-        results = await _collect(streams)
+            return await self._sse(request, streams, base, choice, _include_usage(body), sampling.n)
+        results = _best(await _collect(streams), len(prompts), sampling)
         return web.json_response(base | {
-            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                        for i, (text, reason, _) in enumerate(results)],
-            "usage": O.usage_json(_sum_usage([u for _, _, u in results]))})
+            "choices": [{"index": i, "text": echo[i] + r.text, "finish_reason": r.reason,
+                         "logprobs": O.completion_logprobs(tok, r.ids, r.logprobs, 0)
+                         if body.logprobs is not None else None} for i, r in enumerate(results)],
+            "usage": O.usage_json(_sum_usage([r.usage for r in results], sampling.n))})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body: O.ChatCompletionRequest = O.decode_body(await self._read(request), O.ChatCompletionRequest)
         self._check_model(body.model)
         body.check_unsupported()
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        sampling, given = body.sampling(max_tokens, self.router.max_model_len)
+        sampling, given = body.sampling(max_tokens, self.router.max_model_len, body.logprobs_k())
+        if sampling.n > MAX_PROMPTS:
+            raise RouterError(ErrorCode.BAD_REQUEST, f"n may be at most {MAX_PROMPTS}", param="n")
+        self.router.admit(sampling.n)
         prompt = await self.router.encode_chat(body.chat_messages(), body.template_options())
         sampling = self.router.check(prompt, sampling, given)
         rid = self.router.new_request_id("chatcmpl")
-        stream = self.router.generate(rid, prompt, sampling)
+        streams = self._choices(rid, [prompt], [sampling])
         base = {"id": rid, "object": "chat.completion", "created": O.now(), "model": self.model_name}
+        tok = self.router.tokenizer
         if body.stream:
-            first = [True]
+            first = [True] * len(streams)
 
             def choice(i: int, d: Delta) -> dict[str, Any]:
-                delta = {"role": "assistant", "content": d.text} if first[0] else {"content": d.text}
-                first[0] = False
+                delta = {"role": "assistant", "content": d.text} if first[i] else {"content": d.text}
+                first[i] = False
                 if d.finish_reason is not None and not d.text and "role" not in delta:
                     delta = {}
-                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": d.finish_reason}
+                lp = O.chat_logprobs(tok, d.token_ids, d.logprobs) if body.logprobs and d.logprobs else None
+                return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}
 
-            return await self._sse(request, [stream], base | {"object": "chat.completion.chunk"}, choice,
-                                   _include_usage(body))
-        [(text, reason, usage)] = await _collect([stream])
+            return await self._sse(request, streams, base | {"object": "chat.completion.chunk"}, choice,
+                                   _include_usage(body), sampling.n)
+        results = await _collect(streams)
         return web.json_response(base | {
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": reason}],
-            "usage": O.usage_json(usage)})
+            "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.reason,
+                         "logprobs": O.chat_logprobs(tok, r.ids, r.logprobs) if body.logprobs else None}
+                        for i, r in enumerate(results)],
+            "usage": O.usage_json(_sum_usage([r.usage for r in results], sampling.n))})
 
     # -- streaming ----------------------------------------------------------------------
     async def _sse(self, request: web.Request, streams: list[AsyncIterator[Delta]], base: dict[str, Any],
-                   choice, include_usage: bool) -> web.StreamResponse:
+                   choice, include_usage: bool, n: int = 1) -> web.StreamResponse:
         merged = _merge(streams)
         usages = []
         resp: web.StreamResponse | None = None
@@ -226,7 +262,7 @@ class Gateway:
                         raise item  # nothing sent yet: a real HTTP error status
                     await _send(resp, O.error_body(HTTP_STATUS[item.code], item.message, item.code))
                     break
-                if resp is not None and not item.text and item.finish_reason is None:
+                if resp is not None and not item.text and item.finish_reason is None and not item.logprobs:
                     continue  # tokens that do not complete a character yet: nothing to show
                 if resp is None:
                     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
@@ -237,7 +273,7 @@ class Gateway:
                 await _send(resp, base | {"choices": [choice(i, item)]} | ({"usage": None} if include_usage else {}))
             else:
                 if include_usage and resp is not None:
-                    await _send(resp, base | {"choices": [], "usage": O.usage_json(_sum_usage(usages))})
+                    await _send(resp, base | {"choices": [], "usage": O.usage_json(_sum_usage(usages, n))})
             assert resp is not None
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
@@ -259,72 +295,8 @@ def _include_usage(body: O._Common) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-def _sum_usage(usages: list) -> Any:
-    from microserve.router.runtime import Usage
-
-    return Usage(sum(u.prompt_tokens for u in usages), sum(u.completion_tokens for u in usages),
-                 sum(u.cached_tokens for u in usages))
-
-
 async def _send(resp: web.StreamResponse, obj: dict[str, Any]) -> None:
     await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
-
-
-async def _merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta | RouterError]]:
-    """Interleave several requests' deltas as they come (one stream: no tasks at all).
-    A RouterError of one stream is yielded as an item, and ends the merge."""
-    if len(streams) == 1:
-        try:
-            async for d in streams[0]:
-                yield 0, d
-        except RouterError as exc:
-            yield 0, exc
-        finally:
-            await streams[0].aclose()
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, s: AsyncIterator[Delta]) -> None:
-        try:
-            async for d in s:
-                await queue.put((i, d))
-        except RouterError as exc:
-            await queue.put((i, exc))
-        finally:
-            await s.aclose()
-            queue.put_nowait((i, None))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        live = len(tasks)
-        while live:
-            i, item = await queue.get()
-            if item is None:
-                live -= 1
-                continue
-            yield i, item
-            if isinstance(item, RouterError):
-                return
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _collect(streams: list[AsyncIterator[Delta]]) -> list[tuple[str, str | None, Any]]:
-    """Run requests to the end: (text, finish_reason, usage) per request."""
-    texts: list[list[str]] = [[] for _ in streams]
-    ends: list[tuple[str | None, Any]] = [(None, None)] * len(streams)
-    # NOTE: closed on the spot when the handler is cancelled (client gone), not whenever the
-    # garbage collector finalises the generator: that is what aborts the request and counts it
-    async with contextlib.aclosing(_merge(streams)) as merged:
-        async for i, item in merged:
-            if isinstance(item, RouterError):
-                raise item
-            texts[i].append(item.text)
-            if item.finish_reason is not None:
-                ends[i] = (item.finish_reason, item.usage)
-    return [("".join(t), reason, usage) for t, (reason, usage) in zip(texts, ends)]
 
 
 def _error(exc: RouterError, status: int | None = None) -> web.Response:

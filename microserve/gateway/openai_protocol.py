@@ -1,9 +1,10 @@
 """OpenAI request bodies (msgspec, validated) and the response/error JSON we send back.
 
 Unknown fields are ignored, as OpenAI-compatible servers do (clients send `user`,
-`metadata`, ...). Fields we cannot honour (`n > 1`, `logprobs`, penalties, tools...)
-are refused with a 400 naming the field, never silently ignored.
-Extensions, as in vLLM: `top_k`, `ignore_eos`, `stop_token_ids`.
+`metadata`, ...). Fields we cannot honour (`prompt_logprobs`, `echo` with `logprobs`, tools,
+structured outputs...) are refused with a 400 naming the field, never silently ignored.
+Extensions, as in vLLM: `top_k`, `min_p`, `min_tokens`, `repetition_penalty`, `ignore_eos`,
+`stop_token_ids`, `include_stop_str_in_output`.
 """
 
 from __future__ import annotations
@@ -36,21 +37,29 @@ class _Common(msgspec.Struct, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    min_tokens: int = 0
+    min_p: float | None = None
+    prompt_logprobs: int | None = None
     user: str | None = None
     include_stop_str_in_output: bool = False
 
-    def sampling(self, max_tokens: int | None, default_max_tokens: int) -> tuple[SamplingParams, bool]:
+    def _logit_bias(self) -> dict[int, float]:
+        out = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise RouterError(BAD, f"logit_bias keys are token ids, got {key!r}", param="logit_bias")
+            out[int(key)] = bias
+        return out
+
+    def sampling(self, max_tokens: int | None, default_max_tokens: int,
+                 logprobs: int | None = None) -> tuple[SamplingParams, bool]:
         """SamplingParams for this body, and whether max_tokens was given."""
-        if self.n != 1:
-            raise RouterError(BAD, "only n=1 is supported", param="n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise RouterError(BAD, f"{name} is not supported", param=name)
-        if self.logit_bias:
-            raise RouterError(BAD, "logit_bias is not supported", param="logit_bias")
+        if self.prompt_logprobs is not None:
+            raise RouterError(BAD, "prompt_logprobs is not supported yet", param="prompt_logprobs")
         if self.temperature is not None and not 0.0 <= self.temperature <= 2.0:
             raise RouterError(BAD, f"temperature must be in [0, 2], got {self.temperature}", param="temperature")
         if self.stream_options is not None and not self.stream:
@@ -63,7 +72,11 @@ class _Common(msgspec.Struct, kw_only=True):
                 top_p=1.0 if self.top_p is None else self.top_p,
                 top_k=-1 if self.top_k is None else self.top_k,
                 seed=self.seed, stop=stop, stop_token_ids=list(self.stop_token_ids or []),
-                ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output)
+                ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
+                presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                logit_bias=self._logit_bias(), min_tokens=self.min_tokens, min_p=self.min_p or 0.0,
+                logprobs=logprobs, n=self.n, best_of=getattr(self, "best_of", None))
         except ValueError as exc:
             raise RouterError(BAD, str(exc), param=str(exc).split()[0]) from None
         return sp, max_tokens is not None
@@ -94,10 +107,12 @@ class CompletionRequest(_Common, kw_only=True):
                                "token-id lists", param="prompt")
 
     def check_unsupported(self) -> None:
-        for name, ok in (("echo", not self.echo), ("logprobs", self.logprobs is None),
-                         ("best_of", self.best_of in (None, 1)), ("suffix", self.suffix is None)):
-            if not ok:
-                raise RouterError(BAD, f"{name} is not supported", param=name)
+        if self.suffix is not None:
+            raise RouterError(BAD, "suffix is not supported", param="suffix")
+        if self.echo and self.logprobs is not None:
+            raise RouterError(BAD, "echo with logprobs (the prompt's logprobs) is not supported yet", param="echo")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise RouterError(BAD, "best_of > n cannot be streamed", param="best_of")
 
 
 class ChatMessage(msgspec.Struct):
@@ -145,9 +160,13 @@ class ChatCompletionRequest(_Common, kw_only=True):
             raise RouterError(BAD, "messages is empty", param="messages")
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
+    def logprobs_k(self) -> int | None:
+        """SamplingParams.logprobs for this body (OpenAI: top_logprobs needs logprobs=true)."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RouterError(BAD, "top_logprobs needs logprobs=true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def check_unsupported(self) -> None:
-        if self.logprobs or self.top_logprobs:
-            raise RouterError(BAD, "logprobs is not supported", param="logprobs")
         if self.tools:
             raise RouterError(BAD, "tools are not supported", param="tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -204,3 +223,26 @@ def usage_json(usage) -> dict[str, Any]:
 
 def now() -> int:
     return int(time.time())
+
+
+# -- logprobs, as OpenAI's two formats -----------------------------------------------------
+def completion_logprobs(tokenizer, ids: list[int], lps, offset: int) -> dict[str, Any]:
+    """/v1/completions: tokens, token_logprobs, top_logprobs (token text -> logprob), text_offset."""
+    texts = [tokenizer.decode([t]) for t in ids]
+    offsets, pos = [], offset
+    for t in texts:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": texts, "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{tokenizer.decode([t]): v for t, v in lp.top} for lp in lps],
+            "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, ids: list[int], lps) -> dict[str, Any]:
+    """/v1/chat/completions: content = [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
+    def entry(t: int, v: float) -> dict[str, Any]:
+        text = tokenizer.decode([t])
+        return {"token": text, "logprob": v, "bytes": list(text.encode())}
+
+    return {"content": [entry(t, lp.logprob) | {"top_logprobs": [entry(a, v) for a, v in lp.top]}
+                        for t, lp in zip(ids, lps)]}

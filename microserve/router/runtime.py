@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from microserve.protocol import GenerateChunk, Request
+from microserve.protocol import GenerateChunk, Request, TokenLogprob
 from microserve.router.cluster import Cluster, avoiding
 from microserve.router.errors import NO_CAPACITY, RETRYABLE, RouterError
 from microserve.router.handle import EngineCallError, EngineHandle, touched_engines
@@ -90,7 +90,8 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
     for attempt in range(max_retries + 1):
         areq = req if attempt == 0 else Request(
             f"{req.request_id}~{attempt}", req.prompt_ids + generated,
-            msgspec.structs.replace(req.sampling, max_tokens=req.sampling.max_tokens - len(generated)))
+            msgspec.structs.replace(req.sampling, max_tokens=req.sampling.max_tokens - len(generated),
+                                    min_tokens=max(0, req.sampling.min_tokens - len(generated))))
         chunks = run_attempt(strategy, cluster, areq, deadline, frozenset(avoid))
         try:
             async for chunk in chunks:
@@ -173,6 +174,7 @@ class Delta:
     token_ids: list[int]
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
 
 
 @dataclass
@@ -361,20 +363,22 @@ class Router:
         progress.tokens.extend(chunk.token_ids)
         progress.cached = max(progress.cached, chunk.num_cached_tokens)
         pieces = [[t] for t in chunk.token_ids] or [[]]
+        lps = chunk.logprobs or []
         deltas = []
         for i, ids in enumerate(pieces):
             final = chunk.finish_reason is not None and i == len(pieces) - 1
             text = stream.push(ids, final, chunk.finish_reason if final else None)
+            lp = lps[i:i + 1] if ids and i < len(lps) else None
             if stream.hit is not None:
-                deltas.append(Delta(text, ids, "stop"))
+                deltas.append(Delta(text, ids, "stop", logprobs=lp))
                 break
             if final:
                 reason = "stop" if chunk.finish_reason == "stop" else chunk.finish_reason
                 if reason == "abort":
                     raise RouterError(ErrorCode.ABORTED, "the request was aborted on the engine")
-                deltas.append(Delta(text, ids, reason))
+                deltas.append(Delta(text, ids, reason, logprobs=lp))
             elif text or ids:
-                deltas.append(Delta(text, ids))
+                deltas.append(Delta(text, ids, logprobs=lp))
         return deltas
 
     @staticmethod

@@ -294,6 +294,9 @@ class EngineService:
             sampling.validate()
         except ValueError as exc:
             raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from exc
+        if sampling.n != 1 or sampling.best_of is not None:
+            raise EngineError(ErrorCode.BAD_REQUEST, "an engine generates one choice per request: the router "
+                              "fans n / best_of out into n requests")
         rid = req.request_id
         if rid in self._streams:
             raise EngineError(ErrorCode.BAD_REQUEST, f"request id {rid!r} is already generating on this engine")
@@ -333,15 +336,17 @@ class EngineService:
             while not finished:
                 out = await queue.get()
                 tokens, reason, cached = list(out.new_token_ids), out.finish_reason, out.num_cached_tokens
+                logprobs = [P.TokenLogprob(lp, top) for lp, top in out.logprobs or ()]
                 while reason is None and not queue.empty():  # coalesce what piled up
                     more = queue.get_nowait()
                     tokens += more.new_token_ids
+                    logprobs += [P.TokenLogprob(lp, top) for lp, top in more.logprobs or ()]
                     reason, cached = more.finish_reason, more.num_cached_tokens or cached
                 finished = reason is not None
                 if reason == "error":
                     raise EngineError(ErrorCode.INTERNAL, "the engine failed while running this request")
                 if tokens or finished:
-                    yield P.GenerateChunk(tokens, reason, cached)
+                    yield P.GenerateChunk(tokens, reason, cached, logprobs or None)
         finally:
             self._streams.pop(rid, None)
             if not finished:

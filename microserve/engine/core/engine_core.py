@@ -33,6 +33,7 @@ class StepOutput:
     new_token_ids: list[int]
     finish_reason: str | None = None
     num_cached_tokens: int = 0
+    logprobs: list | None = None  # per new token (logprob, top alternatives), when the request asked
 
 
 @dataclass
@@ -90,6 +91,7 @@ class EngineCore:
         self.validate_prompt(prompt_ids)
         sampling.validate()
         seq = Sequence(request_id, prompt_ids, sampling)
+        seq.eos_ids = self.eos_token_ids
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -101,6 +103,7 @@ class EngineCore:
             raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
         self.validate_prompt(seq.token_ids[:seq.num_prompt_tokens])
         seq.sampling.validate()
+        seq.eos_ids = self.eos_token_ids
         self._seqs[seq.request_id] = seq
         self.scheduler.add(seq)
 
@@ -230,12 +233,14 @@ class EngineCore:
                 self._seqs.pop(seq.request_id, None)
             else:
                 self.kv.cache_computed(seq)
-            outputs.append(StepOutput(seq.request_id, [token], reason, seq.num_cached_tokens))
+            logprobs, seq.logprobs = (seq.logprobs or None), []
+            outputs.append(StepOutput(seq.request_id, [token], reason, seq.num_cached_tokens, logprobs))
         return outputs
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         sp = seq.sampling
-        if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):
+        if seq.num_output_tokens > sp.min_tokens and (  # NOTE: the first min_tokens tokens never stop
+                token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids)):
             return "stop"
         if seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= self.max_tokens_per_seq:
             return "length"

@@ -48,6 +48,10 @@ class Sequence:
         # this sequence's prefill has written that layer's KV (lets a transfer start early)
         self.layer_hook: Callable[[int], None] | None = None
         self._prompt_hashes: list[int] | None = None
+        self.eos_ids: frozenset[int] = frozenset()  # the engine's EOS ids (min_tokens bans them early)
+        # (logprob of the sampled token, [(token id, logprob), ...] top alternatives) per token sampled
+        # since the last step output, when sampling.logprobs is set
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
 
     def prompt_block_hashes(self, block_size: int) -> list[int]:
         """Chained hashes of the prompt's full blocks (computed once)."""

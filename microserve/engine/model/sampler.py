@@ -1,8 +1,14 @@
-"""Token sampling: greedy fast path, else temperature / top-k / top-p with per-request seeds.
+"""Token sampling for one batch: logits processors, then greedy or temperature / top-k / top-p / min-p.
 
-Sampling uses the exponential-race trick (argmax of probs / Exp(1) noise), with noise
-drawn from the request's own generator, so a seeded request gives the same tokens
-whatever else shares its batch.
+    raw logits ──> logprobs (log_softmax of the raw logits, as vLLM's default `raw_logprobs`)
+        └─> processors, only on the rows that ask: logit_bias, min_tokens (EOS and stop ids
+            banned), repetition (prompt + output, as transformers), frequency / presence (output,
+            as OpenAI) ──> greedy argmax, or temperature, top-k, top-p, min-p and a seeded draw
+
+Sampling uses the exponential-race trick (argmax of probs / Exp(1) noise), with noise drawn
+from the request's own generator, so a seeded request gives the same tokens whatever else
+shares its batch. Rows that ask for nothing special take the fast path (one argmax), so a batch
+of greedy requests pays nothing for the others' processors.
 """
 
 from __future__ import annotations
@@ -20,28 +26,83 @@ def _generator(seq: Sequence, device: torch.device, fallback: torch.Generator) -
     return seq.generator
 
 
+def _needs_processing(seq: Sequence) -> bool:
+    sp = seq.sampling
+    return bool(sp.logit_bias or sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0
+                or (sp.min_tokens and seq.num_output_tokens < sp.min_tokens))
+
+
+def process(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+    """Apply each row's logits processors in place (rows: indices into `logits` and `seqs`)."""
+    vocab, dev = logits.shape[-1], logits.device
+    for i in rows:
+        seq, row = seqs[i], logits[i]
+        sp = seq.sampling
+        if sp.logit_bias:
+            ids = [t for t in sp.logit_bias if t < vocab]
+            row[torch.tensor(ids, device=dev, dtype=torch.long)] += torch.tensor(
+                [max(-100.0, min(100.0, sp.logit_bias[t])) for t in ids], device=dev, dtype=row.dtype)
+        if sp.min_tokens and seq.num_output_tokens < sp.min_tokens:
+            banned = [t for t in {*sp.stop_token_ids, *(() if sp.ignore_eos else seq.eos_ids)} if t < vocab]
+            if banned:
+                row[torch.tensor(banned, device=dev, dtype=torch.long)] = float("-inf")
+        if sp.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), device=dev, dtype=torch.long)
+            score = row[seen]
+            row[seen] = torch.where(score > 0, score / sp.repetition_penalty, score * sp.repetition_penalty)
+        if (sp.presence_penalty or sp.frequency_penalty) and seq.num_output_tokens:
+            out = torch.tensor(seq.output_token_ids, device=dev, dtype=torch.long)
+            counts = torch.bincount(out[out < vocab], minlength=vocab).to(row.dtype)
+            row -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _logprobs(raw: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> None:
+    """Record, per sequence that asked, the sampled token's logprob and its `logprobs` top alternatives."""
+    rows = [i for i, s in enumerate(seqs) if s.sampling.logprobs is not None]
+    if not rows:
+        return
+    logp = raw[rows].float().log_softmax(dim=-1)
+    k = max(seqs[i].sampling.logprobs for i in rows)
+    top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=logp.device)).squeeze(1).tolist()
+    top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+    for j, i in enumerate(rows):
+        n = seqs[i].sampling.logprobs
+        seqs[i].logprobs.append((chosen[j], list(zip(top_ids[j][:n], top_lp[j][:n]))))
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], fallback: torch.Generator) -> list[int]:
-    """logits: [B, V] float32, one row per sequence; returns one token id per row."""
+    """logits: [B, V] float32, one row per sequence; returns one token id per row (and records the
+    logprobs of the rows that ask for them on their sequences)."""
+    special = [i for i, s in enumerate(seqs) if _needs_processing(s)]
+    raw = logits
+    if special:
+        if any(s.sampling.logprobs is not None for s in seqs):
+            logits = logits.clone()  # NOTE: logprobs are of the raw logits
+        process(logits, seqs, special)
     greedy = [s.sampling.greedy for s in seqs]
-    if all(greedy):
-        return logits.argmax(dim=-1).tolist()
     out = logits.argmax(dim=-1)
-    rows = [i for i, g in enumerate(greedy) if not g]
-    sub = logits[rows]
-    vocab = sub.shape[-1]
-    temps = torch.tensor([seqs[i].sampling.temperature for i in rows], device=sub.device).unsqueeze(1)
+    if not all(greedy):
+        rows = [i for i, g in enumerate(greedy) if not g]
+        out[rows] = _draw(logits[rows], [seqs[i] for i in rows], fallback)
+    tokens = out.tolist()
+    _logprobs(raw, seqs, tokens)
+    return tokens
+
+
+def _draw(sub: torch.Tensor, seqs: list[Sequence], fallback: torch.Generator) -> torch.Tensor:
+    vocab, dev = sub.shape[-1], sub.device
+    temps = torch.tensor([s.sampling.temperature for s in seqs], device=dev).unsqueeze(1)
     sorted_logits, order = (sub / temps).sort(dim=-1, descending=True)
-    ks = [seqs[i].sampling.top_k if seqs[i].sampling.top_k > 0 else vocab for i in rows]
-    rank = torch.arange(vocab, device=sub.device).unsqueeze(0)
-    sorted_logits.masked_fill_(rank >= torch.tensor(ks, device=sub.device).unsqueeze(1), float("-inf"))
+    ks = [s.sampling.top_k if s.sampling.top_k > 0 else vocab for s in seqs]
+    rank = torch.arange(vocab, device=dev).unsqueeze(0)
+    sorted_logits.masked_fill_(rank >= torch.tensor(ks, device=dev).unsqueeze(1), float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
-    top_p = torch.tensor([seqs[i].sampling.top_p for i in rows], device=sub.device).unsqueeze(1)
+    top_p = torch.tensor([s.sampling.top_p for s in seqs], device=dev).unsqueeze(1)
     beyond = probs.cumsum(dim=-1) - probs > top_p  # mass before this token already covers top_p
     probs.masked_fill_(beyond, 0.0)
-    noise = torch.stack([
-        torch.empty(vocab, device=sub.device).exponential_(generator=_generator(seqs[i], sub.device, fallback))
-        for i in rows
-    ])
-    picked = order.gather(1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(1)
-    out[rows] = picked
-    return out.tolist()
+    min_p = torch.tensor([s.sampling.min_p for s in seqs], device=dev).unsqueeze(1)
+    probs.masked_fill_(probs < min_p * probs[:, :1], 0.0)  # NOTE: column 0 is each row's most likely token
+    noise = torch.stack([torch.empty(vocab, device=dev).exponential_(generator=_generator(s, dev, fallback))
+                         for s in seqs])
+    return order.gather(1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(1)

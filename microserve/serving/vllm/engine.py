@@ -112,6 +112,7 @@ class VLLMService(EngineService):
         self._send_outs: dict[str, asyncio.Queue[StepOutput]] = {}  # prefill-only requests of sends
         self._keys: dict[str, str] = {}  # ticket id -> bridge key, until its transfer reported
         self._prompt_lens: dict[str, int] = {}  # generating requests not yet counted in the stats
+        self._logprob_k: dict[str, int] = {}  # requests that asked for logprobs: how many alternatives
         self._computed = self._cached = 0
 
     # -- the step --------------------------------------------------------------------------
@@ -134,7 +135,10 @@ class VLLMService(EngineService):
             self._computed += n - cached
         if out.request_id not in self._send_outs:
             self._computed += len(tokens)
-        return StepOutput(out.request_id, tokens, reason, cached)
+        k = self._logprob_k.get(out.request_id)
+        if out.finished:
+            self._logprob_k.pop(out.request_id, None)
+        return StepOutput(out.request_id, tokens, reason, cached, _logprobs(out, tokens, k))
 
     def _call(self, fn, *args):
         assert self._loop is not None
@@ -157,9 +161,14 @@ class VLLMService(EngineService):
         params = VSP(n=1, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                      top_k=sampling.top_k if sampling.top_k > 0 else 0, seed=sampling.seed,
                      stop_token_ids=list(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos,
+                     presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
+                     repetition_penalty=sampling.repetition_penalty, logit_bias=dict(sampling.logit_bias) or None,
+                     min_tokens=sampling.min_tokens, min_p=sampling.min_p, logprobs=sampling.logprobs,
                      output_kind=RequestOutputKind.DELTA, detokenize=False,
                      extra_args={"kv_transfer_params": {"microserve": extra}} if extra else None)
         self._loop = self._loop or asyncio.get_running_loop()
+        if sampling.logprobs is not None:
+            self._logprob_k[rid] = sampling.logprobs
         return self._call(self.llm.add_request, rid, {"prompt_token_ids": list(prompt)}, params)
 
     async def _abort_vllm(self, rid: str) -> None:
@@ -335,6 +344,7 @@ class VLLMService(EngineService):
                               "parameters given to prep_recv; pass the same ones to start_generate")
 
     async def _abort_request(self, request_id: str) -> bool:
+        self._logprob_k.pop(request_id, None)
         if request_id in self._streams or self._pending.pop(request_id, None) is not None:
             await self._abort_vllm(request_id)
             return True
@@ -364,3 +374,15 @@ class VLLMService(EngineService):
 def _layer_index(name: str) -> int:
     m = re.search(r"\.(\d+)\.", name)
     return int(m.group(1)) if m else 0
+
+
+
+def _logprobs(out, tokens: list[int], k: int | None) -> list | None:
+    """vLLM's per-token {token id: Logprob(logprob, rank, ...)} (the top `k` and the sampled token) as
+    ours: (the sampled token's logprob, [(token id, logprob)] of ranks 1..k)."""
+    per_token = out.outputs[0].logprobs if out.outputs and k is not None else None
+    if not per_token:
+        return None
+    return [(entry[token].logprob, sorted(((t, lp.logprob) for t, lp in entry.items() if lp.rank <= k),
+                                          key=lambda item: -item[1]))
+            for token, entry in zip(tokens, per_token)]

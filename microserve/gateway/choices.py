@@ -1,0 +1,110 @@
+"""The choices of one OpenAI request as streams: merged as they come, collected to the end, and
+best_of's pick of the `n` most likely.
+
+    prompts x n (or best_of) Router.generate streams ─ merge ─> (choice index, Delta) as they arrive
+                                                      ─ collect ─> one result per choice ─ best ─> n per prompt
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from microserve.router.runtime import Delta, RouterError
+from microserve.sampling_params import SamplingParams
+
+
+def sum_usage(usages: list, n: int = 1) -> Any:
+    """Usage of several choices: each prompt's tokens once (its `n` choices share it), every
+    choice's completion tokens."""
+    from microserve.router.runtime import Usage
+
+    return Usage(sum(u.prompt_tokens for u in usages) // n, sum(u.completion_tokens for u in usages),
+                 sum(u.cached_tokens for u in usages) // n)
+
+
+async def merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int, Delta | RouterError]]:
+    """Interleave several requests' deltas as they come (one stream: no tasks at all).
+    A RouterError of one stream is yielded as an item, and ends the merge."""
+    if len(streams) == 1:
+        try:
+            async for d in streams[0]:
+                yield 0, d
+        except RouterError as exc:
+            yield 0, exc
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, s: AsyncIterator[Delta]) -> None:
+        try:
+            async for d in s:
+                await queue.put((i, d))
+        except RouterError as exc:
+            await queue.put((i, exc))
+        finally:
+            await s.aclose()
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        live = len(tasks)
+        while live:
+            i, item = await queue.get()
+            if item is None:
+                live -= 1
+                continue
+            yield i, item
+            if isinstance(item, RouterError):
+                return
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class _Result:
+    text: str = ""
+    reason: str | None = None
+    usage: Any = None
+    ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+
+
+async def collect(streams: list[AsyncIterator[Delta]]) -> list[_Result]:
+    """Run requests to the end: text, finish reason, usage, token ids and logprobs per request."""
+    results = [_Result() for _ in streams]
+    texts: list[list[str]] = [[] for _ in streams]
+    # NOTE: closed on the spot when the handler is cancelled (client gone), not whenever the
+    # garbage collector finalises the generator: that is what aborts the request and counts it
+    async with contextlib.aclosing(merge(streams)) as merged:
+        async for i, item in merged:
+            if isinstance(item, RouterError):
+                raise item
+            texts[i].append(item.text)
+            results[i].ids += item.token_ids
+            results[i].logprobs += item.logprobs or []
+            if item.finish_reason is not None:
+                results[i].reason, results[i].usage = item.finish_reason, item.usage
+    for r, t in zip(results, texts):
+        r.text = "".join(t)
+    return results
+
+
+def best(results: list[_Result], prompts: int, sp: SamplingParams) -> list[_Result]:
+    """best_of: per prompt, the n choices of highest cumulative logprob (their usage counts every choice)."""
+    count = max(sp.n, sp.best_of or 1)
+    if count == sp.n:
+        return results
+    out = []
+    for i in range(prompts):
+        group = results[i * count:(i + 1) * count]
+        out += sorted(group, key=lambda r: -sum(lp.logprob for lp in r.logprobs))[:sp.n]
+    return out
+
+

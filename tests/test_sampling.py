@@ -1,0 +1,180 @@
+"""Engine-side sampling against transformers: logprobs, penalties, logit_bias, min_tokens, min_p;
+then the same fields through a real PD deployment and the official `openai` client (n, best_of,
+echo, logprobs in both OpenAI formats, streamed and not)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import openai
+import pytest
+import torch
+from checkpoints import make_checkpoint
+from deploy import start_launch
+
+from microserve import LLM, SamplingParams
+
+PROMPT = [random.Random(3).randrange(2, 300) for _ in range(40)]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("sampling"), "llama")
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt):
+    return LLM(str(ckpt[0]))
+
+
+def hf_loop(model, prompt: list[int], steps: int, process=None) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy with transformers' logits, after `process(input_ids, logits)`; returns tokens and raw logits."""
+    ids, raw = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            raw.append(logits.clone())
+            if process is not None:
+                logits = process(torch.tensor([ids]), logits.unsqueeze(0))[0]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):], raw
+
+
+def test_logprobs_match_transformers_log_softmax(llm, ckpt):
+    _, hf = ckpt
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=5))[0]
+    tokens, raw = hf_loop(hf, PROMPT, 6)
+    assert out.token_ids == tokens
+    for (lp, top), token, logits in zip(out.logprobs, tokens, raw):
+        ref = logits.log_softmax(-1)
+        assert abs(lp - float(ref[token])) < 1e-4
+        want = ref.topk(5)
+        assert [t for t, _ in top] == want.indices.tolist()
+        assert max(abs(a - b) for (_, a), b in zip(top, want.values.tolist())) < 1e-4
+    # logprobs=0: the sampled token's own logprob and no alternatives
+    zero = llm.generate([PROMPT], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logprobs=0))[0]
+    assert [top for _, top in zero.logprobs] == [[], []]
+    assert llm.generate([PROMPT], SamplingParams(max_tokens=2, temperature=0.0))[0].logprobs is None
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_as_transformers(llm, ckpt, penalty):
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    _, hf = ckpt
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                                                repetition_penalty=penalty))[0]
+    want, _ = hf_loop(hf, PROMPT, 12, RepetitionPenaltyLogitsProcessor(penalty))
+    assert out.token_ids == want
+
+
+def test_presence_frequency_penalties_and_logit_bias_as_openai_defines_them(llm, ckpt):
+    _, hf = ckpt
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, presence_penalty=1.5,
+                        frequency_penalty=0.8, logit_bias={7: 3.0, 11: -100.0})
+    out = llm.generate([PROMPT], sp)[0]
+
+    def openai_penalties(ids, logits):
+        out_ids = ids[0, len(PROMPT):]
+        counts = torch.bincount(out_ids, minlength=logits.shape[-1]).float()
+        logits = logits.clone()
+        logits[0, 7] += 3.0
+        logits[0, 11] -= 100.0
+        return logits - 0.8 * counts - 1.5 * (counts > 0).float()
+
+    want, _ = hf_loop(hf, PROMPT, 12, openai_penalties)
+    assert out.token_ids == want
+    plain = llm.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+    assert plain.token_ids != out.token_ids  # the penalties changed something
+    forced = llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0.0, logit_bias={9: 100.0}))[0]
+    assert forced.token_ids == [9, 9, 9, 9]
+
+
+def test_min_tokens_bans_stop_tokens_until_reached(llm):
+    first = llm.generate([PROMPT], SamplingParams(max_tokens=1, temperature=0.0))[0].token_ids[0]
+    stopped = llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[first]))[0]
+    assert stopped.token_ids == [first] and stopped.finish_reason == "stop"
+    held = llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[first],
+                                                 min_tokens=3))[0]
+    assert first not in held.token_ids[:3] and len(held.token_ids) >= 3
+
+
+def test_min_p_keeps_only_tokens_near_the_most_likely(llm):
+    outs = llm.generate([PROMPT] * 4, [SamplingParams(max_tokens=16, temperature=1.0, seed=s, min_p=0.3,
+                                                      ignore_eos=True, logprobs=1) for s in range(4)])
+    for out in outs:
+        for lp, top in out.logprobs:  # temperature 1: the raw logprobs are the sampling distribution
+            assert math.exp(lp) >= 0.3 * math.exp(top[0][1]) - 1e-6
+
+
+def test_offline_refuses_n_and_bad_values(llm):
+    with pytest.raises(ValueError, match="n / best_of"):
+        llm.generate([PROMPT], SamplingParams(n=2))
+    for bad in ({"logprobs": 21}, {"min_p": 1.5}, {"presence_penalty": 3.0}, {"repetition_penalty": 0.0},
+                {"min_tokens": 9, "max_tokens": 4}, {"logit_bias": {-1: 1.0}}, {"best_of": 1, "n": 2}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
+
+
+# -- through a deployment (PD: the numbers come from the decode engine after a KV transfer) ------------------
+@pytest.fixture(scope="module")
+def pd(demo_path):
+    dep = start_launch("--strategy", "strategies/pd.py", "--model", str(demo_path), "--served-model-name", "demo",
+                       "--log-level", "error")
+    yield dep
+    dep.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_llm(demo_path):
+    return LLM(str(demo_path))
+
+
+async def test_logprobs_through_pd_equal_one_engine(pd, demo_llm):
+    client = openai.AsyncOpenAI(base_url=pd.base_url, api_key="x", max_retries=0)
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = demo_llm.tokenizer.encode(prompt)
+    ref = demo_llm.generate([ids], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3))[0]
+    out = await client.completions.create(model="demo", prompt=prompt, max_tokens=6, temperature=0, logprobs=3,
+                                          extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    assert max(abs(a - b) for a, (b, _) in zip(lp.token_logprobs, ref.logprobs)) < 1e-5
+    # NOTE: OpenAI's top_logprobs is a dict by token text: ids that decode alike (partial bytes) collapse
+    assert all(1 <= len(t) <= 3 for t in lp.top_logprobs) and len(lp.top_logprobs) == 6 and lp.text_offset[0] == 0
+    assert "".join(lp.tokens) == out.choices[0].text
+    streamed = []
+    async for event in await client.completions.create(model="demo", prompt=prompt, max_tokens=6, temperature=0,
+                                                       logprobs=3, stream=True, extra_body={"ignore_eos": True}):
+        if event.choices and event.choices[0].logprobs:
+            streamed += event.choices[0].logprobs.token_logprobs
+    assert streamed == lp.token_logprobs
+    chat = await client.chat.completions.create(model="demo", messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+
+
+async def test_n_choices_are_the_seeded_single_requests(pd):
+    client = openai.AsyncOpenAI(base_url=pd.base_url, api_key="x", max_retries=0)
+    kw = dict(model="demo", prompt="Once upon a time", max_tokens=8, temperature=1.0)
+    many = await client.completions.create(n=4, seed=100, **kw)
+    singles = [(await client.completions.create(seed=100 + j, **kw)).choices[0].text for j in range(4)]
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert [c.text for c in many.choices] == singles and len(set(singles)) > 1
+    assert many.usage.prompt_tokens == (await client.completions.create(seed=1, **kw)).usage.prompt_tokens
+    chat = await client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], n=3,
+                                                max_tokens=5, temperature=1.0, seed=7)
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+
+
+async def test_best_of_returns_the_most_likely_choice_and_echo(pd):
+    client = openai.AsyncOpenAI(base_url=pd.base_url, api_key="x", max_retries=0)
+    kw = dict(model="demo", prompt="In the beginning", max_tokens=6, temperature=1.0, logprobs=0)
+    cands = [(await client.completions.create(seed=40 + j, **kw)).choices[0] for j in range(3)]
+    best = max(cands, key=lambda c: sum(c.logprobs.token_logprobs))
+    out = await client.completions.create(best_of=3, n=1, seed=40, **kw)
+    assert out.choices[0].text == best.text
+    echoed = await client.completions.create(model="demo", prompt="Echo me", max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text.startswith("Echo me")

@@ -13,6 +13,33 @@ MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 MAX_LOGPROBS = 20  # top alternatives per token (vLLM's default --max-logprobs; OpenAI's top_logprobs cap)
 
 
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+MAX_GRAMMAR_CHARS = 1 << 20
+
+
+class StructuredOutput(msgspec.Struct, forbid_unknown_fields=True):
+    """A grammar the output must follow (vLLM's `structured_outputs`).
+
+    Args:
+        kind: "json" (a JSON schema), "json_object" (any JSON object), "regex", "choice" (one of a
+            JSON list of strings) or "grammar" (a Lark / GBNF grammar, as llguidance reads it).
+        spec: the schema / regex / JSON list / grammar text ("" for json_object).
+        done: tokens an earlier engine already generated under this grammar (a failover).
+        compact: JSON without optional whitespace (vLLM's `disable_any_whitespace`).
+    """
+
+    kind: str
+    spec: str = ""
+    done: list[int] = msgspec.field(default_factory=list)
+    compact: bool = False
+
+    def validate(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"structured output kind must be one of {', '.join(STRUCTURED_KINDS)}, got {self.kind!r}")
+        if len(self.spec) > MAX_GRAMMAR_CHARS:
+            raise ValueError(f"structured output spec is longer than {MAX_GRAMMAR_CHARS} characters")
+
+
 class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
     """Decoding options of one request, as in vLLM.
 
@@ -37,6 +64,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
         n: choices per request (the router runs n requests that share the prompt's KV; choice i
             uses `seed + i` when a seed is given).
         best_of: generate this many choices and return the `n` of highest cumulative logprob.
+        structured: a grammar the output follows (`StructuredOutput`).
     """
 
     max_tokens: int = 16
@@ -57,6 +85,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     logprobs: int | None = None
     n: int = 1
     best_of: int | None = None
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -100,6 +129,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
             raise ValueError(f"n must be in [1, 128], got {self.n!r}")
         if self.best_of is not None and not self.n <= self.best_of <= 128:
             raise ValueError(f"best_of must be in [n={self.n}, 128], got {self.best_of!r}")
+        if self.structured is not None:
+            self.structured.validate()
 
     @property
     def greedy(self) -> bool:

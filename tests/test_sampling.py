@@ -178,3 +178,78 @@ async def test_best_of_returns_the_most_likely_choice_and_echo(pd):
     assert out.choices[0].text == best.text
     echoed = await client.completions.create(model="demo", prompt="Echo me", max_tokens=3, temperature=0, echo=True)
     assert echoed.choices[0].text.startswith("Echo me")
+
+
+# -- structured outputs (llguidance) --------------------------------------------------------------------------
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "b": {"enum": ["x", "yes"]}},
+          "required": ["a", "b"], "additionalProperties": False}
+
+
+def check_schema(text: str) -> None:
+    import json
+
+    obj = json.loads(text)
+    assert set(obj) == {"a", "b"} and isinstance(obj["a"], int) and 0 <= obj["a"] <= 99 and obj["b"] in ("x", "yes")
+
+
+def test_structured_outputs_offline_and_unconstrained_neighbours_unchanged(llm):
+    import json
+    import re
+
+    from microserve.sampling_params import StructuredOutput
+
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    alone = llm.generate([PROMPT], greedy)[0].token_ids
+    cases = [StructuredOutput("regex", "[0-9]{3}-[a-c]{2}"), StructuredOutput("choice", json.dumps(["alpha", "beta"])),
+             StructuredOutput("json", json.dumps(SCHEMA), compact=True), StructuredOutput("json_object", compact=True)]
+    outs = llm.generate([PROMPT] * 5, [SamplingParams(max_tokens=60, temperature=t, seed=1, structured=c)
+                                       for c, t in zip(cases, (0.0, 0.0, 1.0, 0.0))] + [greedy])
+    assert re.fullmatch("[0-9]{3}-[a-c]{2}", outs[0].text) and outs[0].finish_reason == "stop"
+    assert outs[1].text in ("alpha", "beta")
+    check_schema(outs[2].text)
+    assert isinstance(json.loads(outs[3].text), dict) or outs[3].finish_reason == "length"
+    assert outs[4].token_ids == alone  # a constrained batch does not change an unconstrained neighbour
+    with pytest.raises(ValueError, match="structured output"):
+        llm.generate([PROMPT], SamplingParams(structured=StructuredOutput("regex", "[0-9")))
+    # a failover: the next engine's grammar has read what the first one generated
+    done = llm.tokenizer.encode("12", add_special_tokens=False)
+    rest = llm.generate([PROMPT + done], SamplingParams(max_tokens=20, temperature=0.0, structured=StructuredOutput(
+        "regex", "[0-9]{3}-[a-c]{2}", done=done)))[0]
+    assert re.fullmatch("[0-9]-[a-c]{2}", rest.text), rest.text
+
+
+async def test_structured_outputs_through_pd_with_vllms_field_names(pd):
+    import json
+    import re
+
+    client = openai.AsyncOpenAI(base_url=pd.base_url, api_key="x", max_retries=0)
+    chat = await client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "give me json"}], max_tokens=60, temperature=0.8, seed=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}},
+        extra_body={"structured_outputs": {"disable_any_whitespace": True}})
+    check_schema(chat.choices[0].message.content)
+    comp = await client.completions.create(model="demo", prompt="json:", max_tokens=60, temperature=0.8, seed=4,
+                                           extra_body={"response_format": {"type": "json_schema",
+                                                                           "json_schema": {"schema": SCHEMA}},
+                                                       "structured_outputs": {"disable_any_whitespace": True}})
+    check_schema(comp.choices[0].text)
+    regex = await client.completions.create(model="demo", prompt="code:", max_tokens=20, temperature=1.0,
+                                            extra_body={"structured_outputs": {"regex": "[A-Z]{2}[0-9]{2}"}})
+    assert re.fullmatch("[A-Z]{2}[0-9]{2}", regex.choices[0].text)
+    choice = await client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "?"}],
+                                                  max_tokens=10, extra_body={"guided_choice": ["left", "right"]})
+    assert choice.choices[0].message.content in ("left", "right")
+    many = await client.completions.create(model="demo", prompt="n:", max_tokens=20, n=3, temperature=1.0, seed=5,
+                                           extra_body={"structured_outputs": {"choice": ["a1", "b2", "c3"]}})
+    assert all(c.text in ("a1", "b2", "c3") for c in many.choices)
+    for bad, param in (({"structured_outputs": {"regex": "[0-9"}}, "structured_outputs"),
+                       ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}},
+                        "response_format"),
+                       ({"response_format": {"type": "yaml"}}, "response_format"),
+                       ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+                       ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs")):
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.completions.create(model="demo", prompt="x", max_tokens=5, extra_body=bad)
+        assert info.value.body["param"] == param, (bad, info.value.body)
+    assert json.loads(chat.choices[0].message.content)

@@ -18,6 +18,7 @@ from microserve.engine.core.scheduler import ScheduledBatch
 from microserve.engine.core.sequence import Sequence
 from microserve.engine.model.loader import load_model
 from microserve.engine.model.runner import ModelRunner
+from microserve.engine.model.structured import Grammars
 from microserve.engine.model.tokenizer import Tokenizer
 
 __all__ = ["EngineStats", "InvalidRequestError", "LLMEngine", "StepOutput"]
@@ -54,10 +55,17 @@ class LLMEngine(EngineCore):
             eos.add(self.tokenizer.eos_token_id)
         max_model_len = min(self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self._init_books(self.config, num_blocks, max_model_len, mc.vocab_size, frozenset(eos), on_kv_event)
+        self._grammars: Grammars | None = None  # built on the first structured-output request
         kv_cache = kv_cache_factory(self.kv_spec, num_blocks) if kv_cache_factory else None
         self.runner = ModelRunner(model_obj, self.kv_spec, num_blocks, device, kv_cache, self.config.native_kernels,
                                   cuda_graphs=self.config.cuda_graphs, max_num_seqs=self.config.max_num_seqs,
                                   max_model_len=max_model_len)
+
+    def _attach(self, seq: Sequence) -> None:
+        if seq.sampling.structured is not None and not seq.prefill_only:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer.to_json(), self.vocab_size, self.eos_token_ids)
+            seq.matcher = self._grammars.matcher(seq.sampling.structured)
 
     def _execute(self, batch: ScheduledBatch) -> dict[Sequence, int]:
         return self.runner.execute(batch)

@@ -9,14 +9,17 @@ Extensions, as in vLLM: `top_k`, `min_p`, `min_tokens`, `repetition_penalty`, `i
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import msgspec
 
+from microserve.engine.model.structured import check as check_grammar
 from microserve.router.runtime import RouterError
-from microserve.sampling_params import SamplingParams
+from microserve.sampling_params import SamplingParams, StructuredOutput
 from microserve.serving.api import ErrorCode
+from microserve.text import InvalidRequestError
 
 BAD = ErrorCode.BAD_REQUEST  # every refusal here is a 400
 
@@ -46,6 +49,64 @@ class _Common(msgspec.Struct, kw_only=True):
     prompt_logprobs: int | None = None
     user: str | None = None
     include_stop_str_in_output: bool = False
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None  # vLLM's older names for structured_outputs' fields
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def _structured(self) -> StructuredOutput | None:
+        """The grammar asked for, from `response_format`, vLLM's `structured_outputs` or `guided_*`."""
+        found: list[tuple[str, StructuredOutput]] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type", "text")
+            if kind == "json_object":
+                found.append(("response_format", StructuredOutput("json_object")))
+            elif kind == "json_schema":
+                schema = (rf.get("json_schema") or {}).get("schema")
+                if not isinstance(schema, dict):
+                    raise RouterError(BAD, "response_format json_schema needs json_schema.schema (an object)",
+                                      param="response_format")
+                found.append(("response_format", StructuredOutput("json", json.dumps(schema))))
+            elif kind != "text":
+                raise RouterError(BAD, f"response_format type {kind!r} is not supported (text, json_object, "
+                                  "json_schema)", param="response_format")
+        so = dict(self.structured_outputs or {})
+        compact = bool(so.pop("disable_any_whitespace", False))
+        for name, value in (("json", self.guided_json), ("regex", self.guided_regex),
+                            ("choice", self.guided_choice), ("grammar", self.guided_grammar)):
+            if value is not None:
+                so[name] = value
+        for name, value in so.items():
+            if value in (None, False):
+                continue
+            if name == "json":
+                spec = value if isinstance(value, str) else json.dumps(value)
+                found.append((name, StructuredOutput("json", spec)))
+            elif name == "json_object":
+                found.append((name, StructuredOutput("json_object")))
+            elif name in ("regex", "grammar") and isinstance(value, str):
+                found.append((name, StructuredOutput(name, value)))
+            elif name == "choice" and isinstance(value, list) and value and all(isinstance(c, str) for c in value):
+                found.append((name, StructuredOutput("choice", json.dumps(value))))
+            else:
+                raise RouterError(BAD, f"structured_outputs.{name} is not supported (json, json_object, regex, "
+                                  "choice: a list of strings, grammar)", param="structured_outputs")
+        if len(found) > 1:
+            raise RouterError(BAD, f"give one structured output, got {', '.join(n for n, _ in found)}",
+                              param="structured_outputs")
+        if not found:
+            return None
+        name, spec = found[0]
+        spec.compact = compact
+        try:
+            check_grammar(spec)
+        except InvalidRequestError as exc:
+            raise RouterError(BAD, str(exc), param="response_format" if name == "response_format"
+                              else "structured_outputs") from None
+        return spec
 
     def _logit_bias(self) -> dict[int, float]:
         out = {}
@@ -76,7 +137,7 @@ class _Common(msgspec.Struct, kw_only=True):
                 presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
                 logit_bias=self._logit_bias(), min_tokens=self.min_tokens, min_p=self.min_p or 0.0,
-                logprobs=logprobs, n=self.n, best_of=getattr(self, "best_of", None))
+                logprobs=logprobs, n=self.n, best_of=getattr(self, "best_of", None), structured=self._structured())
         except ValueError as exc:
             raise RouterError(BAD, str(exc), param=str(exc).split()[0]) from None
         return sp, max_tokens is not None
@@ -140,7 +201,6 @@ class ChatCompletionRequest(_Common, kw_only=True):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
@@ -169,8 +229,6 @@ class ChatCompletionRequest(_Common, kw_only=True):
     def check_unsupported(self) -> None:
         if self.tools:
             raise RouterError(BAD, "tools are not supported", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise RouterError(BAD, "only response_format {\"type\": \"text\"} is supported", param="response_format")
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):

@@ -90,8 +90,7 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
     for attempt in range(max_retries + 1):
         areq = req if attempt == 0 else Request(
             f"{req.request_id}~{attempt}", req.prompt_ids + generated,
-            msgspec.structs.replace(req.sampling, max_tokens=req.sampling.max_tokens - len(generated),
-                                    min_tokens=max(0, req.sampling.min_tokens - len(generated))))
+            _continued(req.sampling, generated))
         chunks = run_attempt(strategy, cluster, areq, deadline, frozenset(avoid))
         try:
             async for chunk in chunks:
@@ -110,6 +109,14 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
                 on_retry(exc)
         finally:
             await chunks.aclose()
+
+
+def _continued(sp: SamplingParams, generated: list[int]) -> SamplingParams:
+    """The sampling of a request continued after `generated` tokens (a failover): the rest of
+    max_tokens and min_tokens, and a grammar that has already read them."""
+    structured = sp.structured and msgspec.structs.replace(sp.structured, done=sp.structured.done + generated)
+    return msgspec.structs.replace(sp, max_tokens=sp.max_tokens - len(generated),
+                                   min_tokens=max(0, sp.min_tokens - len(generated)), structured=structured)
 
 
 def _handle(cluster: Cluster, name: str) -> EngineHandle | None:

@@ -79,6 +79,10 @@ class EngineCore:
         self.max_tokens_per_seq = min(max_model_len, num_blocks * config.block_size)
         self._seqs: dict[str, Sequence] = {}
 
+    def _attach(self, seq: Sequence) -> None:
+        """Set up what sampling `seq` needs beyond its params (the model engine: its grammar);
+        raises InvalidRequestError when that cannot be done. The simulator samples nothing."""
+
     def _execute(self, batch: ScheduledBatch) -> dict[Sequence, int]:
         """Compute the batch; the sampled token of each sequence that caught up this step."""
         raise NotImplementedError
@@ -92,6 +96,7 @@ class EngineCore:
         sampling.validate()
         seq = Sequence(request_id, prompt_ids, sampling)
         seq.eos_ids = self.eos_token_ids
+        self._attach(seq)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -104,6 +109,7 @@ class EngineCore:
         self.validate_prompt(seq.token_ids[:seq.num_prompt_tokens])
         seq.sampling.validate()
         seq.eos_ids = self.eos_token_ids
+        self._attach(seq)
         self._seqs[seq.request_id] = seq
         self.scheduler.add(seq)
 
@@ -239,6 +245,8 @@ class EngineCore:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         sp = seq.sampling
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete: nothing may follow
+            return "stop"
         if seq.num_output_tokens > sp.min_tokens and (  # NOTE: the first min_tokens tokens never stop
                 token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids)):
             return "stop"

@@ -3,7 +3,8 @@
     raw logits ──> logprobs (log_softmax of the raw logits, as vLLM's default `raw_logprobs`)
         └─> processors, only on the rows that ask: logit_bias, min_tokens (EOS and stop ids
             banned), repetition (prompt + output, as transformers), frequency / presence (output,
-            as OpenAI) ──> greedy argmax, or temperature, top-k, top-p, min-p and a seeded draw
+            as OpenAI), the grammar's token mask (structured outputs) ──> greedy argmax, or
+            temperature, top-k, top-p, min-p and a seeded draw ──> the grammar consumes the token
 
 Sampling uses the exponential-race trick (argmax of probs / Exp(1) noise), with noise drawn
 from the request's own generator, so a seeded request gives the same tokens whatever else
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from microserve.engine.core.sequence import Sequence
+from microserve.engine.model.structured import apply_masks
 
 
 def _generator(seq: Sequence, device: torch.device, fallback: torch.Generator) -> torch.Generator:
@@ -28,8 +30,8 @@ def _generator(seq: Sequence, device: torch.device, fallback: torch.Generator) -
 
 def _needs_processing(seq: Sequence) -> bool:
     sp = seq.sampling
-    return bool(sp.logit_bias or sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0
-                or (sp.min_tokens and seq.num_output_tokens < sp.min_tokens))
+    return bool(seq.matcher is not None or sp.logit_bias or sp.presence_penalty or sp.frequency_penalty
+                or sp.repetition_penalty != 1.0 or (sp.min_tokens and seq.num_output_tokens < sp.min_tokens))
 
 
 def process(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
@@ -80,12 +82,18 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], fallback: torch.Generator
         if any(s.sampling.logprobs is not None for s in seqs):
             logits = logits.clone()  # NOTE: logprobs are of the raw logits
         process(logits, seqs, special)
+        constrained = [i for i in special if seqs[i].matcher is not None]
+        if constrained:
+            apply_masks(logits, constrained, [seqs[i].matcher for i in constrained])
     greedy = [s.sampling.greedy for s in seqs]
     out = logits.argmax(dim=-1)
     if not all(greedy):
         rows = [i for i, g in enumerate(greedy) if not g]
         out[rows] = _draw(logits[rows], [seqs[i] for i in rows], fallback)
     tokens = out.tolist()
+    for seq, token in zip(seqs, tokens):
+        if seq.matcher is not None:
+            seq.matcher.consume_token(token)
     _logprobs(raw, seqs, tokens)
     return tokens
 

@@ -57,6 +57,10 @@ class Tokenizer:
             ids = [self.bos_token_id, *ids]
         return ids
 
+    def to_json(self) -> str:
+        """The `tokenizers` JSON of this tokenizer (what grammar engines build their vocabulary from)."""
+        return self._tok.to_str()
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 

@@ -36,6 +36,7 @@ from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.base import MAX_LEASE_S, EngineService
 from microserve.serving.tickets import Ticket
+from microserve.serving.vllm.params import logprobs_of, to_vllm
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class VLLMService(EngineService):
         k = self._logprob_k.get(out.request_id)
         if out.finished:
             self._logprob_k.pop(out.request_id, None)
-        return StepOutput(out.request_id, tokens, reason, cached, _logprobs(out, tokens, k))
+        return StepOutput(out.request_id, tokens, reason, cached, logprobs_of(out, tokens, k))
 
     def _call(self, fn, *args):
         assert self._loop is not None
@@ -155,17 +156,7 @@ class VLLMService(EngineService):
         self.receiver.close()
 
     def _add(self, rid: str, prompt: list[int], sampling: SamplingParams, extra: dict | None = None):
-        from vllm import SamplingParams as VSP
-        from vllm.sampling_params import RequestOutputKind
-
-        params = VSP(n=1, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                     top_k=sampling.top_k if sampling.top_k > 0 else 0, seed=sampling.seed,
-                     stop_token_ids=list(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos,
-                     presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
-                     repetition_penalty=sampling.repetition_penalty, logit_bias=dict(sampling.logit_bias) or None,
-                     min_tokens=sampling.min_tokens, min_p=sampling.min_p, logprobs=sampling.logprobs,
-                     output_kind=RequestOutputKind.DELTA, detokenize=False,
-                     extra_args={"kv_transfer_params": {"microserve": extra}} if extra else None)
+        params = to_vllm(sampling, extra)
         self._loop = self._loop or asyncio.get_running_loop()
         if sampling.logprobs is not None:
             self._logprob_k[rid] = sampling.logprobs
@@ -376,13 +367,3 @@ def _layer_index(name: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-
-def _logprobs(out, tokens: list[int], k: int | None) -> list | None:
-    """vLLM's per-token {token id: Logprob(logprob, rank, ...)} (the top `k` and the sampled token) as
-    ours: (the sampled token's logprob, [(token id, logprob)] of ranks 1..k)."""
-    per_token = out.outputs[0].logprobs if out.outputs and k is not None else None
-    if not per_token:
-        return None
-    return [(entry[token].logprob, sorted(((t, lp.logprob) for t, lp in entry.items() if lp.rank <= k),
-                                          key=lambda item: -item[1]))
-            for token, entry in zip(tokens, per_token)]

@@ -65,6 +65,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
             uses `seed + i` when a seed is given).
         best_of: generate this many choices and return the `n` of highest cumulative logprob.
         structured: a grammar the output follows (`StructuredOutput`).
+        allowed_token_ids: only these tokens may be generated (vLLM's).
     """
 
     max_tokens: int = 16
@@ -86,6 +87,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     n: int = 1
     best_of: int | None = None
     structured: StructuredOutput | None = None
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -131,6 +133,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
             raise ValueError(f"best_of must be in [n={self.n}, 128], got {self.best_of!r}")
         if self.structured is not None:
             self.structured.validate()
+        if self.allowed_token_ids is not None and (not self.allowed_token_ids or len(self.allowed_token_ids) > 1 << 18
+                                                   or any(t < 0 for t in self.allowed_token_ids)):
+            raise ValueError("allowed_token_ids must list 1 to 262144 non-negative token ids")
 
     @property
     def greedy(self) -> bool:

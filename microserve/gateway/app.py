@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from microserve.gateway import choices
 from microserve.gateway import openai_protocol as O
 from microserve.gateway.choices import best as _best
 from microserve.gateway.choices import collect as _collect
@@ -183,35 +184,42 @@ class Gateway:
         body.check_unsupported()
         sampling, given = body.sampling(body.max_tokens, 16, body.logprobs)
         texts = body.prompts()
-        choices = len(texts) * max(sampling.n, sampling.best_of or 1)
-        if choices > MAX_PROMPTS:
+        count = len(texts) * max(sampling.n, sampling.best_of or 1)
+        if count > MAX_PROMPTS:
             raise RouterError(ErrorCode.BAD_REQUEST, f"at most {MAX_PROMPTS} prompts x choices per request, got "
-                              f"{choices}", param="prompt" if len(texts) > 1 else "n")
-        self.router.admit(choices)  # --max-pending counts choices, not HTTP requests
-        prompts = [await self.router.encode(p) for p in texts]
+                              f"{count}", param="prompt" if len(texts) > 1 else "n")
+        self.router.admit(count)  # --max-pending counts choices, not HTTP requests
+        special = body.add_special_tokens is not False
+        prompts = [body.truncate(await self.router.encode(p, special)) for p in texts]
         params = [self.router.check(p, _copy(sampling), given) for p in prompts]
         rid = self.router.new_request_id("cmpl")
         streams = self._choices(rid, prompts, params)
-        base = {"id": rid, "object": "text_completion", "created": O.now(), "model": self.model_name}
+        base = {"id": body.request_id or rid, "object": "text_completion", "created": O.now(),
+                "model": self.model_name}
         tok = self.router.tokenizer
+        name = choices.token_namer(tok, body.return_tokens_as_token_ids)
         echo = [tok.decode(p) if body.echo else "" for p in prompts for _ in range(sampling.n)]
         offsets = [0] * len(streams)
+        ids_of = [p for p in prompts for _ in range(sampling.n)]
 
         def choice(i: int, d: Delta) -> dict[str, Any]:
             lp = None
             if body.logprobs is not None and d.logprobs:
-                lp = O.completion_logprobs(tok, d.token_ids, d.logprobs, offsets[i])
+                lp = choices.completion_logprobs(name, d.token_ids, d.logprobs, offsets[i])
             offsets[i] += len(d.text)
             text, echo[i] = echo[i] + d.text, ""
-            return {"index": i, "text": text, "logprobs": lp, "finish_reason": d.finish_reason}
+            return {"index": i, "text": text, "logprobs": lp, "finish_reason": d.finish_reason} | (
+                {"token_ids": d.token_ids} if body.return_token_ids else {})
 
         if body.stream:
             return await self._sse(request, streams, base, choice, _include_usage(body), sampling.n)
         results = _best(await _collect(streams), len(prompts), sampling)
         return web.json_response(base | {
             "choices": [{"index": i, "text": echo[i] + r.text, "finish_reason": r.reason,
-                         "logprobs": O.completion_logprobs(tok, r.ids, r.logprobs, 0)
-                         if body.logprobs is not None else None} for i, r in enumerate(results)],
+                         "logprobs": choices.completion_logprobs(name, r.ids, r.logprobs, 0)
+                         if body.logprobs is not None else None}
+                        | ({"token_ids": r.ids, "prompt_token_ids": ids_of[i]} if body.return_token_ids else {})
+                        for i, r in enumerate(results)],
             "usage": O.usage_json(_sum_usage([r.usage for r in results], sampling.n))})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -223,31 +231,39 @@ class Gateway:
         if sampling.n > MAX_PROMPTS:
             raise RouterError(ErrorCode.BAD_REQUEST, f"n may be at most {MAX_PROMPTS}", param="n")
         self.router.admit(sampling.n)
-        prompt = await self.router.encode_chat(body.chat_messages(), body.template_options())
+        messages = body.chat_messages()
+        prompt = body.truncate(await self.router.encode_chat(messages, body.template_options()))
         sampling = self.router.check(prompt, sampling, given)
         rid = self.router.new_request_id("chatcmpl")
         streams = self._choices(rid, [prompt], [sampling])
-        base = {"id": rid, "object": "chat.completion", "created": O.now(), "model": self.model_name}
-        tok = self.router.tokenizer
+        base = {"id": body.request_id or rid, "object": "chat.completion", "created": O.now(),
+                "model": self.model_name}
+        name = choices.token_namer(self.router.tokenizer, body.return_tokens_as_token_ids)
+        # vLLM's chat echo: the reply starts with the last message when it is the assistant's
+        echo = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
         if body.stream:
             first = [True] * len(streams)
 
             def choice(i: int, d: Delta) -> dict[str, Any]:
-                delta = {"role": "assistant", "content": d.text} if first[i] else {"content": d.text}
+                delta = {"role": "assistant", "content": echo + d.text} if first[i] else {"content": d.text}
                 first[i] = False
                 if d.finish_reason is not None and not d.text and "role" not in delta:
                     delta = {}
-                lp = O.chat_logprobs(tok, d.token_ids, d.logprobs) if body.logprobs and d.logprobs else None
-                return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}
+                lp = choices.chat_logprobs(name, d.token_ids, d.logprobs) if body.logprobs and d.logprobs else None
+                return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason} | (
+                    {"token_ids": d.token_ids} if body.return_token_ids else {})
 
             return await self._sse(request, streams, base | {"object": "chat.completion.chunk"}, choice,
                                    _include_usage(body), sampling.n)
         results = await _collect(streams)
         return web.json_response(base | {
-            "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.reason,
-                         "logprobs": O.chat_logprobs(tok, r.ids, r.logprobs) if body.logprobs else None}
+            "choices": [{"index": i, "message": {"role": "assistant", "content": echo + r.text},
+                         "finish_reason": r.reason,
+                         "logprobs": choices.chat_logprobs(name, r.ids, r.logprobs) if body.logprobs else None}
+                        | ({"token_ids": r.ids} if body.return_token_ids else {})
                         for i, r in enumerate(results)],
-            "usage": O.usage_json(_sum_usage([r.usage for r in results], sampling.n))})
+            "usage": O.usage_json(_sum_usage([r.usage for r in results], sampling.n))}
+            | ({"prompt_token_ids": prompt} if body.return_token_ids else {}))
 
     # -- streaming ----------------------------------------------------------------------
     async def _sse(self, request: web.Request, streams: list[AsyncIterator[Delta]], base: dict[str, Any],

@@ -1,5 +1,5 @@
 """The choices of one OpenAI request as streams: merged as they come, collected to the end, and
-best_of's pick of the `n` most likely.
+best_of's pick of the `n` most likely; a choice's logprobs in OpenAI's two formats.
 
     prompts x n (or best_of) Router.generate streams ─ merge ─> (choice index, Delta) as they arrive
                                                       ─ collect ─> one result per choice ─ best ─> n per prompt
@@ -108,3 +108,29 @@ def best(results: list[_Result], prompts: int, sp: SamplingParams) -> list[_Resu
     return out
 
 
+# -- logprobs, as OpenAI's two formats -----------------------------------------------------
+def token_namer(tokenizer, as_ids: bool | None):
+    """How logprobs name a token: its text, or `token_id:N` (vLLM's return_tokens_as_token_ids)."""
+    return (lambda t: f"token_id:{t}") if as_ids else (lambda t: tokenizer.decode([t]))
+
+
+def completion_logprobs(name, ids: list[int], lps, offset: int) -> dict[str, Any]:
+    """/v1/completions: tokens, token_logprobs, top_logprobs (token text -> logprob), text_offset."""
+    texts = [name(t) for t in ids]
+    offsets, pos = [], offset
+    for t in texts:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": texts, "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{name(t): v for t, v in lp.top} for lp in lps],
+            "text_offset": offsets}
+
+
+def chat_logprobs(name, ids: list[int], lps) -> dict[str, Any]:
+    """/v1/chat/completions: content = [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
+    def entry(t: int, v: float) -> dict[str, Any]:
+        text = name(t)
+        return {"token": text, "logprob": v, "bytes": list(text.encode())}
+
+    return {"content": [entry(t, lp.logprob) | {"top_logprobs": [entry(a, v) for a, v in lp.top]}
+                        for t, lp in zip(ids, lps)]}

@@ -23,6 +23,41 @@ from microserve.text import InvalidRequestError
 
 BAD = ErrorCode.BAD_REQUEST  # every refusal here is a 400
 
+# Fields of vLLM's CompletionRequest / ChatCompletionRequest we do not serve: any value but the
+# default is refused with a 400 that names the field (tests/test_openai_fields.py walks them all).
+REFUSED: dict[str, tuple[Any, str]] = {
+    "bad_words": ([], "bad_words is not supported"),
+    "cache_salt": (None, "cache_salt is not supported (the prefix cache is shared by every request)"),
+    "kv_transfer_params": (None, "kv_transfer_params is not accepted: KV moves through the microserving calls"),
+    "ec_transfer_params": (None, "ec_transfer_params is not supported"),
+    "length_penalty": (1.0, "length_penalty needs beam search, which is not supported"),
+    "use_beam_search": (False, "beam search is not supported"),
+    "logprob_token_ids": (None, "logprob_token_ids is not supported"),
+    "priority": (0, "request priority is not supported yet"),
+    "prompt_embeds": (None, "prompt_embeds are not supported"),
+    "repetition_detection": (None, "repetition_detection is not supported"),
+    "return_mm_kwargs": (None, "multimodal inputs are not supported"),
+    "return_token_offsets": (False, "return_token_offsets is not supported"),
+    "routed_experts_prompt_start": (0, "routed_experts_prompt_start is not supported"),
+    "session_id": (None, "session_id is not supported"),
+    "skip_special_tokens": (True, "skip_special_tokens=false is not supported"),
+    "spaces_between_special_tokens": (True, "spaces_between_special_tokens=false is not supported"),
+    "stream_interval": (None, "stream_interval is not supported (streams send one token per event)"),
+    "thinking_token_budget": (None, "thinking_token_budget is not supported"),
+    "vllm_xargs": (None, "vllm_xargs is not supported"),
+    "watermarking": (None, "watermarking is not supported"),
+    "chat_template": (None, "a request may not replace the server's chat template"),
+    "documents": (None, "documents are not supported"),
+    "media_io_kwargs": (None, "multimodal inputs are not supported"),
+    "mm_processor_kwargs": (None, "multimodal inputs are not supported"),
+    "reasoning_effort": (None, "reasoning_effort is not supported"),
+    "return_prompt_text": (None, "return_prompt_text is not supported"),
+    "prompt_logprobs": (None, "prompt_logprobs is not supported yet"),
+    "suffix": (None, "suffix is not supported"),
+}
+# Accepted with no effect on a text-only server without a reasoning parser (as vLLM with none):
+# "user", "mm_payload", "include_reasoning", "parallel_tool_calls".
+
 
 class StreamOptions(msgspec.Struct):
     include_usage: bool = False
@@ -51,6 +86,34 @@ class _Common(msgspec.Struct, kw_only=True):
     include_stop_str_in_output: bool = False
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
+    request_id: str | None = None  # the response's id (the engines' ids stay random)
+    add_special_tokens: bool | None = None  # completions: True, chat: False (as vLLM)
+    truncate_prompt_tokens: int | None = None
+    truncation_side: str | None = None
+    allowed_token_ids: list[int] | None = None
+    return_token_ids: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
+    mm_payload: Any = None
+    bad_words: Any = None
+    cache_salt: Any = None
+    kv_transfer_params: Any = None
+    ec_transfer_params: Any = None
+    length_penalty: Any = None
+    use_beam_search: Any = None
+    logprob_token_ids: Any = None
+    priority: Any = None
+    prompt_embeds: Any = None
+    repetition_detection: Any = None
+    return_mm_kwargs: Any = None
+    return_token_offsets: Any = None
+    routed_experts_prompt_start: Any = None
+    session_id: Any = None
+    skip_special_tokens: Any = None
+    spaces_between_special_tokens: Any = None
+    stream_interval: Any = None
+    thinking_token_budget: Any = None
+    vllm_xargs: Any = None
+    watermarking: Any = None
     guided_json: Any = None  # vLLM's older names for structured_outputs' fields
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
@@ -116,11 +179,29 @@ class _Common(msgspec.Struct, kw_only=True):
             out[int(key)] = bias
         return out
 
+    def check_refused(self) -> None:
+        """A 400 naming the first field (of vLLM's) we do not serve that has a value other than its default."""
+        for name, (default, why) in REFUSED.items():
+            value = getattr(self, name, None)
+            if value is not None and value != default and not (default == [] and value in ((), [])):
+                raise RouterError(BAD, why, param=name)
+        if self.truncation_side not in (None, "left", "right"):
+            raise RouterError(BAD, "truncation_side must be left or right", param="truncation_side")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise RouterError(BAD, "truncate_prompt_tokens must be >= 1", param="truncate_prompt_tokens")
+
+    def truncate(self, prompt: list[int]) -> list[int]:
+        """vLLM's `truncate_prompt_tokens`: keep that many prompt tokens (the last ones, or the first
+        with truncation_side=right)."""
+        k = self.truncate_prompt_tokens
+        if k is None or len(prompt) <= k:
+            return prompt
+        return prompt[:k] if self.truncation_side == "right" else prompt[-k:]
+
     def sampling(self, max_tokens: int | None, default_max_tokens: int,
                  logprobs: int | None = None) -> tuple[SamplingParams, bool]:
         """SamplingParams for this body, and whether max_tokens was given."""
-        if self.prompt_logprobs is not None:
-            raise RouterError(BAD, "prompt_logprobs is not supported yet", param="prompt_logprobs")
+        self.check_refused()
         if self.temperature is not None and not 0.0 <= self.temperature <= 2.0:
             raise RouterError(BAD, f"temperature must be in [0, 2], got {self.temperature}", param="temperature")
         if self.stream_options is not None and not self.stream:
@@ -137,7 +218,8 @@ class _Common(msgspec.Struct, kw_only=True):
                 presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
                 logit_bias=self._logit_bias(), min_tokens=self.min_tokens, min_p=self.min_p or 0.0,
-                logprobs=logprobs, n=self.n, best_of=getattr(self, "best_of", None), structured=self._structured())
+                logprobs=logprobs, n=self.n, best_of=getattr(self, "best_of", None), structured=self._structured(),
+                allowed_token_ids=self.allowed_token_ids)
         except ValueError as exc:
             raise RouterError(BAD, str(exc), param=str(exc).split()[0]) from None
         return sp, max_tokens is not None
@@ -168,8 +250,6 @@ class CompletionRequest(_Common, kw_only=True):
                                "token-id lists", param="prompt")
 
     def check_unsupported(self) -> None:
-        if self.suffix is not None:
-            raise RouterError(BAD, "suffix is not supported", param="suffix")
         if self.echo and self.logprobs is not None:
             raise RouterError(BAD, "echo with logprobs (the prompt's logprobs) is not supported yet", param="echo")
         if self.best_of is not None and self.best_of > self.n and self.stream:
@@ -201,6 +281,15 @@ class ChatCompletionRequest(_Common, kw_only=True):
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    echo: bool = False  # vLLM: the reply starts with the last message when that is the assistant's
+    chat_template: Any = None
+    documents: Any = None
+    media_io_kwargs: Any = None
+    mm_processor_kwargs: Any = None
+    reasoning_effort: Any = None
+    return_prompt_text: Any = None
+    include_reasoning: Any = None
+    parallel_tool_calls: Any = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
@@ -228,7 +317,13 @@ class ChatCompletionRequest(_Common, kw_only=True):
 
     def check_unsupported(self) -> None:
         if self.tools:
-            raise RouterError(BAD, "tools are not supported", param="tools")
+            raise RouterError(BAD, "tools are not supported: the served chat template has no tool calling "
+                              "(docs/serving.md)", param="tools")
+        if self.add_special_tokens:
+            raise RouterError(BAD, "add_special_tokens=true is not supported on chat (the template adds them)",
+                              param="add_special_tokens")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise RouterError(BAD, "tool_choice needs tools, which are not supported", param="tool_choice")
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
@@ -281,26 +376,3 @@ def usage_json(usage) -> dict[str, Any]:
 
 def now() -> int:
     return int(time.time())
-
-
-# -- logprobs, as OpenAI's two formats -----------------------------------------------------
-def completion_logprobs(tokenizer, ids: list[int], lps, offset: int) -> dict[str, Any]:
-    """/v1/completions: tokens, token_logprobs, top_logprobs (token text -> logprob), text_offset."""
-    texts = [tokenizer.decode([t]) for t in ids]
-    offsets, pos = [], offset
-    for t in texts:
-        offsets.append(pos)
-        pos += len(t)
-    return {"tokens": texts, "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{tokenizer.decode([t]): v for t, v in lp.top} for lp in lps],
-            "text_offset": offsets}
-
-
-def chat_logprobs(tokenizer, ids: list[int], lps) -> dict[str, Any]:
-    """/v1/chat/completions: content = [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
-    def entry(t: int, v: float) -> dict[str, Any]:
-        text = tokenizer.decode([t])
-        return {"token": text, "logprob": v, "bytes": list(text.encode())}
-
-    return {"content": [entry(t, lp.logprob) | {"top_logprobs": [entry(a, v) for a, v in lp.top]}
-                        for t, lp in zip(ids, lps)]}

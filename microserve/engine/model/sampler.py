@@ -30,8 +30,9 @@ def _generator(seq: Sequence, device: torch.device, fallback: torch.Generator) -
 
 def _needs_processing(seq: Sequence) -> bool:
     sp = seq.sampling
-    return bool(seq.matcher is not None or sp.logit_bias or sp.presence_penalty or sp.frequency_penalty
-                or sp.repetition_penalty != 1.0 or (sp.min_tokens and seq.num_output_tokens < sp.min_tokens))
+    return bool(seq.matcher is not None or sp.allowed_token_ids or sp.logit_bias or sp.presence_penalty
+                or sp.frequency_penalty or sp.repetition_penalty != 1.0
+                or (sp.min_tokens and seq.num_output_tokens < sp.min_tokens))
 
 
 def process(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
@@ -40,6 +41,11 @@ def process(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None
     for i in rows:
         seq, row = seqs[i], logits[i]
         sp = seq.sampling
+        if sp.allowed_token_ids:
+            keep = torch.full_like(row, float("-inf"))
+            ids = torch.tensor([t for t in sp.allowed_token_ids if t < vocab], device=dev, dtype=torch.long)
+            keep[ids] = 0.0
+            row += keep
         if sp.logit_bias:
             ids = [t for t in sp.logit_bias if t < vocab]
             row[torch.tensor(ids, device=dev, dtype=torch.long)] += torch.tensor(

@@ -52,7 +52,8 @@ async def metrics(dep) -> dict[str, float]:
     out = {}
     for fam in text_string_to_metric_families(text):
         for sample in fam.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            assert sample.labels.get("model_name") == "demo", sample  # every series, as vLLM's
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "model_name")
             out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return out
 
@@ -77,6 +78,37 @@ async def test_64_concurrent_streams_pd(pd, llm):
     assert after["microserve_kv_transfer_bytes_total"] > before["microserve_kv_transfer_bytes_total"]
     await c.close()
     await assert_no_leaks(pd.engines)
+
+
+async def test_metrics_pass_promtools_rules(pd):
+    """`promtool check metrics`'s rules (promtool itself is a Go binary we do not ship): HELP and TYPE on
+    every family, counters and only counters end in `_total`, histograms have buckets, `_sum`, `_count`
+    and a `+Inf` bucket, names and label names are well formed, no duplicate series."""
+    import re
+
+    async with aiohttp.ClientSession() as s, s.get(pd.url + "/metrics") as r:
+        text = await r.text()
+    helps = set(re.findall(r"^# HELP (\S+) \S", text, re.M))
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)", text, re.M))
+    assert helps == set(types), "every family has HELP and TYPE"
+    seen = set()
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? \S+$", line)
+        assert m, line
+        assert line.rsplit(" ", 1)[0] not in seen, f"duplicate series {line}"
+        seen.add(line.rsplit(" ", 1)[0])
+        for label in re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)=", m.group(2) or ""):
+            assert not label.startswith("__"), line
+    for name, kind in types.items():
+        assert name == name.lower() and re.fullmatch(r"[a-z_:][a-z0-9_:]*", name), name
+        if kind == "counter":
+            assert name.endswith("_total"), f"the counter {name} does not end in _total"
+        else:
+            assert not name.endswith("_total"), f"{name} is a {kind} named like a counter"
+        if kind == "histogram":
+            assert f'{name}_bucket{{le="+Inf"' in text and f"{name}_sum" in text and f"{name}_count" in text, name
 
 
 async def test_metrics_parse_and_move(pd):

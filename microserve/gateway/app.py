@@ -155,7 +155,7 @@ class Gateway:
     async def metrics(self, request: web.Request) -> web.Response:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.router.cluster.poll(), 2.0)
-        return web.Response(body=self.router.metrics.render(),
+        return web.Response(body=self.router.metrics.render(self.model_name),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     def _check_model(self, model: str | None) -> None:

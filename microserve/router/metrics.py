@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from microserve import protocol as P
 
@@ -59,8 +59,30 @@ class RouterMetrics:
     def observe_generate(self, handle) -> None:
         self.routed.labels(handle.name).inc()
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, model_name: str = "") -> bytes:
+        """The exposition text; every series carries `model_name` (as vLLM's) when one is given."""
+        if not model_name:
+            return generate_latest(self.registry)
+        outer = CollectorRegistry()
+        outer.register(_ModelLabel(self.registry, model_name))
+        return generate_latest(outer)
+
+
+class _ModelLabel:
+    """Every family of `inner`, each sample labelled `model_name` (dashboards built for vLLM filter on it)."""
+
+    def __init__(self, inner: CollectorRegistry, model_name: str) -> None:
+        self.inner, self.model_name = inner, model_name
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        for family in self.inner.collect():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            for s in family.samples:
+                out.add_sample(s.name, {**s.labels, "model_name": self.model_name}, s.value, s.timestamp, s.exemplar)
+            yield out
 
 
 class _EngineCollector:

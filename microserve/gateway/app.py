@@ -26,7 +26,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from microserve.gateway import choices
+from microserve.engine.model.structured import check as check_grammar
+from microserve.gateway import choices, tools
 from microserve.gateway import openai_protocol as O
 from microserve.gateway.choices import best as _best
 from microserve.gateway.choices import collect as _collect
@@ -35,6 +36,7 @@ from microserve.gateway.choices import sum_usage as _sum_usage
 from microserve.router.runtime import Delta, Router, RouterError
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import ErrorCode
+from microserve.text import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +234,21 @@ class Gateway:
             raise RouterError(ErrorCode.BAD_REQUEST, f"n may be at most {MAX_PROMPTS}", param="n")
         self.router.admit(sampling.n)
         messages = body.chat_messages()
-        prompt = body.truncate(await self.router.encode_chat(messages, body.template_options()))
+        mode, fname = tools.plan(body.tools, body.tool_choice, self.router.tokenizer.chat_template, body.stream)
+        options = body.template_options()
+        if body.tools:
+            options["kwargs"]["tools"] = body.tools
+        if mode in ("named", "required"):
+            if sampling.structured is not None:
+                raise RouterError(ErrorCode.BAD_REQUEST, "a named or required tool_choice already constrains the "
+                                  "output: drop the structured output", param="tool_choice")
+            sampling.structured = tools.constraint(mode, fname, body.tools)
+            try:
+                check_grammar(sampling.structured)
+            except InvalidRequestError as exc:
+                raise RouterError(ErrorCode.BAD_REQUEST, f"the tools' schemas do not compile: {exc}",
+                                  param="tools") from None
+        prompt = body.truncate(await self.router.encode_chat(messages, options))
         sampling = self.router.check(prompt, sampling, given)
         rid = self.router.new_request_id("chatcmpl")
         streams = self._choices(rid, [prompt], [sampling])
@@ -256,9 +272,10 @@ class Gateway:
             return await self._sse(request, streams, base | {"object": "chat.completion.chunk"}, choice,
                                    _include_usage(body), sampling.n)
         results = await _collect(streams)
+        finished = [tools.message(mode, fname, r.text, r.reason) if mode else
+                    ({"role": "assistant", "content": echo + r.text}, r.reason) for r in results]
         return web.json_response(base | {
-            "choices": [{"index": i, "message": {"role": "assistant", "content": echo + r.text},
-                         "finish_reason": r.reason,
+            "choices": [{"index": i, "message": finished[i][0], "finish_reason": finished[i][1],
                          "logprobs": choices.chat_logprobs(name, r.ids, r.logprobs) if body.logprobs else None}
                         | ({"token_ids": r.ids} if body.return_token_ids else {})
                         for i, r in enumerate(results)],

@@ -260,6 +260,8 @@ class ChatMessage(msgspec.Struct):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a "tool" message answers this call
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -307,7 +309,14 @@ class ChatCompletionRequest(_Common, kw_only=True):
     def chat_messages(self) -> list[dict[str, str]]:
         if not self.messages:
             raise RouterError(BAD, "messages is empty", param="messages")
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        out = []
+        for m in self.messages:
+            msg: dict[str, Any] = {"role": m.role, "content": m.text()}
+            for key in ("name", "tool_calls", "tool_call_id"):
+                if getattr(m, key) is not None:
+                    msg[key] = getattr(m, key)
+            out.append(msg)
+        return out
 
     def logprobs_k(self) -> int | None:
         """SamplingParams.logprobs for this body (OpenAI: top_logprobs needs logprobs=true)."""
@@ -316,14 +325,10 @@ class ChatCompletionRequest(_Common, kw_only=True):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def check_unsupported(self) -> None:
-        if self.tools:
-            raise RouterError(BAD, "tools are not supported: the served chat template has no tool calling "
-                              "(docs/serving.md)", param="tools")
         if self.add_special_tokens:
             raise RouterError(BAD, "add_special_tokens=true is not supported on chat (the template adds them)",
                               param="add_special_tokens")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise RouterError(BAD, "tool_choice needs tools, which are not supported", param="tool_choice")
+
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):

@@ -53,7 +53,8 @@ def _engine(args: argparse.Namespace) -> int:
     config = EngineConfig(block_size=block_size, num_kv_blocks=args.num_kv_blocks,
                           kv_cache_memory_gb=args.kv_cache_memory_gb, max_model_len=args.max_model_len,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                          enable_prefix_caching=not args.no_prefix_caching, cuda_graphs=not args.enforce_eager)
+                          enable_prefix_caching=not args.no_prefix_caching, cuda_graphs=not args.enforce_eager,
+                          skip_tokenizer_init=args.skip_tokenizer_init)
     from microserve.security import resolve
 
     opts = EngineOptions(str(resolve_model(args.model)), args.rpc, args.events, args.device, args.dtype,
@@ -134,6 +135,7 @@ def _router(args: argparse.Namespace) -> int:
 
     from microserve.launch import check_layout, load_tokenizer, serve
     from microserve.router.cluster import Cluster
+    from microserve.text import NoTokenizer
 
     strategy, opts = _serve_setup(args, args.model)
     engines: dict[str, list[str]] = {}
@@ -153,7 +155,8 @@ def _router(args: argparse.Namespace) -> int:
                 opts.served_model_name = Path(model).name if model else "model"
         from microserve.demo import resolve_model
 
-        return await serve(cluster, strategy, load_tokenizer(resolve_model(model)), opts)
+        tokenizer = NoTokenizer() if args.skip_tokenizer_init else load_tokenizer(resolve_model(model))
+        return await serve(cluster, strategy, tokenizer, opts)
 
     return asyncio.run(main())
 
@@ -222,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rou = sub.add_parser("router", parents=[_serve_options()],
                          help="run the router and the OpenAI gateway over engines started elsewhere")
+    rou.add_argument("--skip-tokenizer-init", action="store_true",
+                     help="no tokenizer in the router: token-id prompts only (start the engines with it too)")
     rou.add_argument("--engine", action="append", required=True, metavar="[ROLE=]ADDRESS",
                      help="an engine's --rpc address, e.g. prefill=tcp://10.0.0.1:5601 (repeatable; "
                           "no role: 'engine')")
@@ -300,6 +305,8 @@ def _engine_knobs() -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--enforce-eager", action="store_true", help="on CUDA, no CUDA graphs for decode steps")
+    g.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="load no tokenizer (vLLM's): token-id prompts only, outputs as token ids")
     g.add_argument("--kv-store", action="append", default=[], type=_kv_store_spec, metavar="SPEC",
                    help="a KV store tier below the page pool, repeatable, fastest first: host:SIZE, "
                         "disk:PATH[:SIZE], valkey://HOST:PORT[/DB] (launch: `valkey` starts a local server)")

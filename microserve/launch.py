@@ -27,6 +27,7 @@ from pathlib import Path
 from microserve.router.cluster import Cluster
 from microserve.router.handle import EngineHandle
 from microserve.router.strategy import Strategy, StrategyError
+from microserve.text import NoTokenizer
 
 log = logging.getLogger("microserve.launch")
 
@@ -200,7 +201,7 @@ async def launch(strategy: Strategy, model: str, layout: Mapping[str, int], engi
 
     check_layout(strategy, layout)
     model_path = str(resolve_model(model))
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = NoTokenizer() if "--skip-tokenizer-init" in engine_args else load_tokenizer(model_path)
     key = resolve(opts.cluster_key)
     private = None
     if key is None:

@@ -13,7 +13,7 @@ from microserve.demo import resolve_model
 from microserve.engine.config import EngineConfig
 from microserve.engine.engine import LLMEngine
 from microserve.sampling_params import SamplingParams
-from microserve.text import TextStream
+from microserve.text import NoTokenizer, TextStream
 
 Prompt = str | list[int]
 
@@ -38,7 +38,8 @@ class LLM:
         device: "cpu" or "cuda".
         dtype: None takes the checkpoint's dtype (float16 becomes float32 on CPU).
         **engine_kwargs: fields of `EngineConfig` (block_size, num_kv_blocks,
-            max_num_batched_tokens, max_num_seqs, max_model_len, enable_prefix_caching...).
+            max_num_batched_tokens, max_num_seqs, max_model_len, enable_prefix_caching,
+            skip_tokenizer_init: token-id prompts, outputs as token ids with empty text...).
     """
 
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None,
@@ -56,6 +57,8 @@ class LLM:
         params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        if isinstance(self.tokenizer, NoTokenizer) and any(sp.stop for sp in params):
+            raise ValueError("stop strings need the tokenizer (LLM(..., skip_tokenizer_init=True) has none)")
         if any(sp.n != 1 or sp.best_of is not None for sp in params):
             raise ValueError("n / best_of are served by the gateway; offline, repeat the prompt with one seed each")
         ids = [self._encode(p) for p in prompts]

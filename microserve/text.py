@@ -97,6 +97,26 @@ class StopChecker:
         return out
 
 
+class NoTokenizer:
+    """What stands in for a tokenizer when a server or `LLM` runs without one (vLLM's
+    `skip_tokenizer_init`): prompts are token ids, outputs are token ids and empty text."""
+
+    vocab_size = 1 << 31  # NOTE: the engine checks ids against the model's vocabulary
+    max_token_chars = 0
+    chat_template = None
+    eos_token_id = bos_token_id = None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise InvalidRequestError("this server runs without a tokenizer (skip_tokenizer_init): send token ids")
+
+    def apply_chat_template(self, messages, **kwargs) -> str:
+        raise InvalidRequestError("this server runs without a tokenizer (skip_tokenizer_init): chat needs one; "
+                                  "send token ids to /v1/completions")
+
+
 class TextStream:
     """One request's text from its token ids, as a client sees it (the router and the offline
     `LLM` both use it): incremental detokenization, stop strings (the text ends before the stop

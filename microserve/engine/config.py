@@ -169,6 +169,8 @@ class EngineConfig:
             environment variable MICROSERVE_NATIVE=0 also turns them off); False = torch ops only.
         cuda_graphs: on CUDA, replay decode steps from CUDA graphs captured at start-up, one per
             batch-size bucket up to `max_num_seqs` (needs Triton); False = eager (`--enforce-eager`).
+        skip_tokenizer_init: load no tokenizer (vLLM's): token-id prompts only, outputs as token ids;
+            the checkpoint may have no tokenizer files at all.
     """
 
     block_size: int = 16
@@ -180,6 +182,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     native_kernels: bool = True
     cuda_graphs: bool = True
+    skip_tokenizer_init: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_num_batched_tokens <= 0 or self.max_num_seqs <= 0:

@@ -20,6 +20,7 @@ from microserve.engine.model.loader import load_model
 from microserve.engine.model.runner import ModelRunner
 from microserve.engine.model.structured import Grammars
 from microserve.engine.model.tokenizer import Tokenizer
+from microserve.text import NoTokenizer
 
 __all__ = ["EngineStats", "InvalidRequestError", "LLMEngine", "StepOutput"]
 
@@ -43,7 +44,7 @@ class LLMEngine(EngineCore):
         self.config = config or EngineConfig()
         self.model_path = Path(model)
         self.model_config = ModelConfig.from_pretrained(self.model_path)
-        self.tokenizer = Tokenizer(self.model_path)
+        self.tokenizer = NoTokenizer() if self.config.skip_tokenizer_init else Tokenizer(self.model_path)
         model_obj = load_model(self.model_path, device=device, dtype=dtype)
         mc = self.model_config
         self.kv_spec = KVSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim,
@@ -63,6 +64,8 @@ class LLMEngine(EngineCore):
 
     def _attach(self, seq: Sequence) -> None:
         if seq.sampling.structured is not None and not seq.prefill_only:
+            if isinstance(self.tokenizer, NoTokenizer):
+                raise InvalidRequestError("structured outputs need the tokenizer (the engine runs without one)")
             if self._grammars is None:
                 self._grammars = Grammars(self.tokenizer.to_json(), self.vocab_size, self.eos_token_ids)
             seq.matcher = self._grammars.matcher(seq.sampling.structured)

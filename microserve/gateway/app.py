@@ -36,7 +36,7 @@ from microserve.gateway.choices import sum_usage as _sum_usage
 from microserve.router.runtime import Delta, Router, RouterError
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import ErrorCode
-from microserve.text import InvalidRequestError
+from microserve.text import InvalidRequestError, NoTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class Gateway:
 
     def __init__(self, router: Router, model_name: str, api_key: str | None = None) -> None:
         self.router, self.model_name, self.api_key = router, model_name, api_key
+        # no tokenizer (skip_tokenizer_init): token-id prompts, every choice carries its token ids
+        self.ids_only = isinstance(router.tokenizer, NoTokenizer)
         self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
 
     async def _read(self, request: web.Request) -> bytes:
@@ -145,6 +147,9 @@ class Gateway:
         """vLLM's `/detokenize`: token ids -> text."""
         body: O.DetokenizeRequest = O.decode_body(await self._read(request), O.DetokenizeRequest)
         self._check_model(body.model)
+        if self.ids_only:
+            raise RouterError(ErrorCode.BAD_REQUEST, "this server runs without a tokenizer (--skip-tokenizer-init)",
+                              param="tokens")
         tokens = self.router.tokenize(body.tokens) if body.tokens else []
         return web.json_response({"prompt": self.router.tokenizer.decode(tokens, skip_special_tokens=False)})
 
@@ -159,6 +164,11 @@ class Gateway:
             await asyncio.wait_for(self.router.cluster.poll(), 2.0)
         return web.Response(body=self.router.metrics.render(self.model_name),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    def _check_ids_only(self, sampling: SamplingParams) -> None:
+        if self.ids_only and sampling.stop:
+            raise RouterError(ErrorCode.BAD_REQUEST, "stop strings need the tokenizer, and this server runs without "
+                              "one (--skip-tokenizer-init): use stop_token_ids", param="stop")
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -185,6 +195,7 @@ class Gateway:
         self._check_model(body.model)
         body.check_unsupported()
         sampling, given = body.sampling(body.max_tokens, 16, body.logprobs)
+        self._check_ids_only(sampling)
         texts = body.prompts()
         count = len(texts) * max(sampling.n, sampling.best_of or 1)
         if count > MAX_PROMPTS:
@@ -199,7 +210,7 @@ class Gateway:
         base = {"id": body.request_id or rid, "object": "text_completion", "created": O.now(),
                 "model": self.model_name}
         tok = self.router.tokenizer
-        name = choices.token_namer(tok, body.return_tokens_as_token_ids)
+        name = choices.token_namer(tok, body.return_tokens_as_token_ids or self.ids_only)
         echo = [tok.decode(p) if body.echo else "" for p in prompts for _ in range(sampling.n)]
         offsets = [0] * len(streams)
         ids_of = [p for p in prompts for _ in range(sampling.n)]
@@ -211,7 +222,7 @@ class Gateway:
             offsets[i] += len(d.text)
             text, echo[i] = echo[i] + d.text, ""
             return {"index": i, "text": text, "logprobs": lp, "finish_reason": d.finish_reason} | (
-                {"token_ids": d.token_ids} if body.return_token_ids else {})
+                {"token_ids": d.token_ids} if body.return_token_ids or self.ids_only else {})
 
         if body.stream:
             return await self._sse(request, streams, base, choice, _include_usage(body), sampling.n)
@@ -220,7 +231,8 @@ class Gateway:
             "choices": [{"index": i, "text": echo[i] + r.text, "finish_reason": r.reason,
                          "logprobs": choices.completion_logprobs(name, r.ids, r.logprobs, 0)
                          if body.logprobs is not None else None}
-                        | ({"token_ids": r.ids, "prompt_token_ids": ids_of[i]} if body.return_token_ids else {})
+                        | ({"token_ids": r.ids, "prompt_token_ids": ids_of[i]}
+                           if body.return_token_ids or self.ids_only else {})
                         for i, r in enumerate(results)],
             "usage": O.usage_json(_sum_usage([r.usage for r in results], sampling.n))})
 
@@ -230,6 +242,7 @@ class Gateway:
         body.check_unsupported()
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         sampling, given = body.sampling(max_tokens, self.router.max_model_len, body.logprobs_k())
+        self._check_ids_only(sampling)
         if sampling.n > MAX_PROMPTS:
             raise RouterError(ErrorCode.BAD_REQUEST, f"n may be at most {MAX_PROMPTS}", param="n")
         self.router.admit(sampling.n)
@@ -254,7 +267,7 @@ class Gateway:
         streams = self._choices(rid, [prompt], [sampling])
         base = {"id": body.request_id or rid, "object": "chat.completion", "created": O.now(),
                 "model": self.model_name}
-        name = choices.token_namer(self.router.tokenizer, body.return_tokens_as_token_ids)
+        name = choices.token_namer(self.router.tokenizer, body.return_tokens_as_token_ids or self.ids_only)
         # vLLM's chat echo: the reply starts with the last message when it is the assistant's
         echo = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
         if body.stream:
@@ -267,7 +280,7 @@ class Gateway:
                     delta = {}
                 lp = choices.chat_logprobs(name, d.token_ids, d.logprobs) if body.logprobs and d.logprobs else None
                 return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason} | (
-                    {"token_ids": d.token_ids} if body.return_token_ids else {})
+                    {"token_ids": d.token_ids} if body.return_token_ids or self.ids_only else {})
 
             return await self._sse(request, streams, base | {"object": "chat.completion.chunk"}, choice,
                                    _include_usage(body), sampling.n)
@@ -277,10 +290,10 @@ class Gateway:
         return web.json_response(base | {
             "choices": [{"index": i, "message": finished[i][0], "finish_reason": finished[i][1],
                          "logprobs": choices.chat_logprobs(name, r.ids, r.logprobs) if body.logprobs else None}
-                        | ({"token_ids": r.ids} if body.return_token_ids else {})
+                        | ({"token_ids": r.ids} if body.return_token_ids or self.ids_only else {})
                         for i, r in enumerate(results)],
             "usage": O.usage_json(_sum_usage([r.usage for r in results], sampling.n))}
-            | ({"prompt_token_ids": prompt} if body.return_token_ids else {}))
+            | ({"prompt_token_ids": prompt} if body.return_token_ids or self.ids_only else {}))
 
     # -- streaming ----------------------------------------------------------------------
     async def _sse(self, request: web.Request, streams: list[AsyncIterator[Delta]], base: dict[str, Any],
@@ -295,7 +308,8 @@ class Gateway:
                         raise item  # nothing sent yet: a real HTTP error status
                     await _send(resp, O.error_body(HTTP_STATUS[item.code], item.message, item.code))
                     break
-                if resp is not None and not item.text and item.finish_reason is None and not item.logprobs:
+                if resp is not None and not item.text and item.finish_reason is None and not item.logprobs \
+                        and not (self.ids_only and item.token_ids):
                     continue  # tokens that do not complete a character yet: nothing to show
                 if resp is None:
                     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",

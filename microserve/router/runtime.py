@@ -227,7 +227,10 @@ class Router:
     # -- input --------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+            try:
+                return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+            except InvalidRequestError as exc:  # NOTE: no tokenizer (skip_tokenizer_init)
+                raise RouterError(ErrorCode.BAD_REQUEST, str(exc), param="prompt") from None
         vocab = self.tokenizer.vocab_size
         try:
             check_token_ids(prompt, vocab)

@@ -28,6 +28,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # with SamplingParams(logprobs=k): per token, (its logprob, [(token id, logprob)] top k alternatives)
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # prompt tokens 1..
 
 
 class LLM:
@@ -67,6 +68,7 @@ class LLM:
         rids = [f"offline-{next(self._ids)}" for _ in ids]
         outs: dict[str, list[int]] = {rid: [] for rid in rids}
         lps: dict[str, list] = {rid: [] for rid in rids}
+        plps: dict[str, list | None] = {rid: None for rid in rids}
         texts = {rid: TextStream(self.tokenizer, sp) for rid, sp in zip(rids, params)}
         done: dict[str, tuple[str | None, int]] = {}
         for rid, p, sp in zip(rids, ids, params):
@@ -78,6 +80,7 @@ class LLM:
                     continue
                 outs[rid].extend(out.new_token_ids)
                 lps[rid].extend(out.logprobs or ())
+                plps[rid] = plps[rid] or out.prompt_logprobs
                 texts[rid].push(out.new_token_ids, out.finish_reason is not None, out.finish_reason)
                 if out.finish_reason:
                     done[rid] = (out.finish_reason, out.num_cached_tokens)
@@ -86,7 +89,7 @@ class LLM:
                     done[rid] = ("stop", seq.num_cached_tokens if seq else 0)
                     self.engine.abort(rid)
         return [RequestOutput(rid, p, outs[rid], texts[rid].text, *done[rid],
-                              lps[rid] if sp.logprobs is not None else None)
+                              lps[rid] if sp.logprobs is not None else None, plps[rid])
                 for rid, p, sp in zip(rids, ids, params)]
 
     def _encode(self, prompt: Prompt) -> list[int]:

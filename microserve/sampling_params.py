@@ -61,6 +61,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
         min_tokens: EOS and `stop_token_ids` cannot be sampled before this many tokens.
         min_p: drop tokens less likely than `min_p` times the most likely one (after temperature).
         logprobs: with each token, its logprob and this many top alternatives (0..20); None: none.
+        prompt_logprobs: the same for every prompt token after the first (the whole prompt is
+            computed: no prefix cache, no received KV).
         n: choices per request (the router runs n requests that share the prompt's KV; choice i
             uses `seed + i` when a seed is given).
         best_of: generate this many choices and return the `n` of highest cumulative logprob.
@@ -84,6 +86,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     min_tokens: int = 0
     min_p: float = 0.0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     n: int = 1
     best_of: int | None = None
     structured: StructuredOutput | None = None
@@ -125,8 +128,10 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
             raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {k!r}")
         if not isinstance(self.n, int) or not 1 <= self.n <= 128:
             raise ValueError(f"n must be in [1, 128], got {self.n!r}")
         if self.best_of is not None and not self.n <= self.best_of <= 128:
@@ -136,6 +141,13 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
         if self.allowed_token_ids is not None and (not self.allowed_token_ids or len(self.allowed_token_ids) > 1 << 18
                                                    or any(t < 0 for t in self.allowed_token_ids)):
             raise ValueError("allowed_token_ids must list 1 to 262144 non-negative token ids")
+
+    def after(self, generated: list[int]) -> SamplingParams:
+        """The sampling of this request continued after `generated` tokens (a failover): the rest of
+        max_tokens and min_tokens, and a grammar that has already read them."""
+        structured = self.structured and msgspec.structs.replace(self.structured, done=self.structured.done + generated)
+        return msgspec.structs.replace(self, max_tokens=self.max_tokens - len(generated),
+                                       min_tokens=max(0, self.min_tokens - len(generated)), structured=structured)
 
     @property
     def greedy(self) -> bool:

@@ -58,6 +58,20 @@ def test_logprobs_match_transformers_log_softmax(llm, ckpt):
     assert llm.generate([PROMPT], SamplingParams(max_tokens=2, temperature=0.0))[0].logprobs is None
 
 
+def test_prompt_logprobs_match_transformers_in_chunks_and_bypass_the_cache(ckpt):
+    path, hf = ckpt
+    llm = LLM(str(path), max_num_batched_tokens=16)  # the 40-token prompt is prefilled in 3 chunks
+    with torch.inference_mode():
+        ref = hf(input_ids=torch.tensor([PROMPT])).logits[0].float().log_softmax(-1)
+    for _ in range(2):  # the second run would hit the prefix cache: prompt logprobs must bypass it
+        out = llm.generate([PROMPT], SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2))[0]
+        assert len(out.prompt_logprobs) == len(PROMPT) - 1
+        for j, (lp, top) in enumerate(out.prompt_logprobs):
+            assert abs(lp - float(ref[j, PROMPT[j + 1]])) < 1e-4
+            assert [t for t, _ in top] == ref[j].topk(2).indices.tolist()
+    assert llm.generate([PROMPT], SamplingParams(max_tokens=2))[0].prompt_logprobs is None
+
+
 @pytest.mark.parametrize("penalty", [1.3, 0.7])
 def test_repetition_penalty_as_transformers(llm, ckpt, penalty):
     from transformers import RepetitionPenaltyLogitsProcessor
@@ -154,6 +168,24 @@ async def test_logprobs_through_pd_equal_one_engine(pd, demo_llm):
     content = chat.choices[0].logprobs.content
     assert len(content) == 4 and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
     assert "".join(c.token for c in content) == chat.choices[0].message.content
+
+
+async def test_echo_with_logprobs_and_prompt_logprobs_through_pd(pd, demo_llm):
+    client = openai.AsyncOpenAI(base_url=pd.base_url, api_key="x", max_retries=0)
+    prompt = "Prompt logprobs, please"
+    ids = demo_llm.tokenizer.encode(prompt)
+    ref = demo_llm.generate([ids], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=1,
+                                                  prompt_logprobs=1))[0]
+    out = await client.completions.create(model="demo", prompt=prompt, max_tokens=3, temperature=0, logprobs=1,
+                                          echo=True, extra_body={"ignore_eos": True, "prompt_logprobs": 1})
+    choice = out.choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith(prompt) and len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None
+    want = [a for a, _ in ref.prompt_logprobs] + [a for a, _ in ref.logprobs]
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:], want)) < 1e-5
+    vllm_style = choice.model_extra["prompt_logprobs"]
+    assert vllm_style[0] is None and len(vllm_style) == len(ids)
+    assert abs(vllm_style[1][str(ids[1])]["logprob"] - ref.prompt_logprobs[0][0]) < 1e-5
 
 
 async def test_n_choices_are_the_seeded_single_requests(pd):

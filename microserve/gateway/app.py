@@ -216,12 +216,16 @@ class Gateway:
         ids_of = [p for p in prompts for _ in range(sampling.n)]
 
         def choice(i: int, d: Delta) -> dict[str, Any]:
-            lp = None
-            if body.logprobs is not None and d.logprobs:
-                lp = choices.completion_logprobs(name, d.token_ids, d.logprobs, offsets[i])
-            offsets[i] += len(d.text)
+            lp, extra = None, {}
+            if body.logprobs is not None and d.prompt_logprobs is not None and body.echo:
+                lp = choices.echo_logprobs(name, ids_of[i], d.prompt_logprobs, d.token_ids, d.logprobs or [])
+            elif body.logprobs is not None and d.logprobs:
+                lp = choices.completion_logprobs(name, d.token_ids, d.logprobs, offsets[i] + len(echo[i]))
+            if body.prompt_logprobs is not None and d.prompt_logprobs is not None:
+                extra["prompt_logprobs"] = choices.vllm_prompt_logprobs(name, ids_of[i], d.prompt_logprobs)
+            offsets[i] += len(echo[i]) + len(d.text)
             text, echo[i] = echo[i] + d.text, ""
-            return {"index": i, "text": text, "logprobs": lp, "finish_reason": d.finish_reason} | (
+            return {"index": i, "text": text, "logprobs": lp, "finish_reason": d.finish_reason} | extra | (
                 {"token_ids": d.token_ids} if body.return_token_ids or self.ids_only else {})
 
         if body.stream:
@@ -229,8 +233,9 @@ class Gateway:
         results = _best(await _collect(streams), len(prompts), sampling)
         return web.json_response(base | {
             "choices": [{"index": i, "text": echo[i] + r.text, "finish_reason": r.reason,
-                         "logprobs": choices.completion_logprobs(name, r.ids, r.logprobs, 0)
-                         if body.logprobs is not None else None}
+                         "logprobs": _completion_logprobs(body, name, ids_of[i], r)}
+                        | ({"prompt_logprobs": choices.vllm_prompt_logprobs(name, ids_of[i], r.prompt_logprobs or [])}
+                           if body.prompt_logprobs is not None else {})
                         | ({"token_ids": r.ids, "prompt_token_ids": ids_of[i]}
                            if body.return_token_ids or self.ids_only else {})
                         for i, r in enumerate(results)],
@@ -293,7 +298,9 @@ class Gateway:
                         | ({"token_ids": r.ids} if body.return_token_ids or self.ids_only else {})
                         for i, r in enumerate(results)],
             "usage": O.usage_json(_sum_usage([r.usage for r in results], sampling.n))}
-            | ({"prompt_token_ids": prompt} if body.return_token_ids or self.ids_only else {}))
+            | ({"prompt_token_ids": prompt} if body.return_token_ids or self.ids_only else {})
+            | ({"prompt_logprobs": choices.vllm_prompt_logprobs(name, prompt, results[0].prompt_logprobs or [])}
+               if body.prompt_logprobs is not None else {}))
 
     # -- streaming ----------------------------------------------------------------------
     async def _sse(self, request: web.Request, streams: list[AsyncIterator[Delta]], base: dict[str, Any],
@@ -330,6 +337,14 @@ class Gateway:
             raise
         finally:
             await merged.aclose()
+
+
+def _completion_logprobs(body, name, prompt: list[int], r) -> dict[str, Any] | None:
+    if body.logprobs is None:
+        return None
+    if body.echo:
+        return choices.echo_logprobs(name, prompt, r.prompt_logprobs or [], r.ids, r.logprobs)
+    return choices.completion_logprobs(name, r.ids, r.logprobs, 0)
 
 
 def _copy(sp):

@@ -74,6 +74,7 @@ class _Result:
     usage: Any = None
     ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None
 
 
 async def collect(streams: list[AsyncIterator[Delta]]) -> list[_Result]:
@@ -89,6 +90,8 @@ async def collect(streams: list[AsyncIterator[Delta]]) -> list[_Result]:
             texts[i].append(item.text)
             results[i].ids += item.token_ids
             results[i].logprobs += item.logprobs or []
+            if item.prompt_logprobs is not None:
+                results[i].prompt_logprobs = item.prompt_logprobs
             if item.finish_reason is not None:
                 results[i].reason, results[i].usage = item.finish_reason, item.usage
     for r, t in zip(results, texts):
@@ -134,3 +137,24 @@ def chat_logprobs(name, ids: list[int], lps) -> dict[str, Any]:
 
     return {"content": [entry(t, lp.logprob) | {"top_logprobs": [entry(a, v) for a, v in lp.top]}
                         for t, lp in zip(ids, lps)]}
+
+
+def vllm_prompt_logprobs(name, prompt: list[int], lps) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: None for the first token, then {token id: {logprob, rank, decoded_token}}
+    holding the prompt token and its top alternatives (rank: 1-based among those shown, else null)."""
+    out: list[dict[str, Any] | None] = [None]
+    for token, lp in zip(prompt[1:], lps):
+        ranks = {t: r for r, (t, _) in enumerate(lp.top, 1)}
+        entry = {str(t): {"logprob": v, "rank": ranks[t], "decoded_token": name(t)} for t, v in lp.top}
+        entry.setdefault(str(token), {"logprob": lp.logprob, "rank": ranks.get(token), "decoded_token": name(token)})
+        out.append(entry)
+    return out
+
+
+def echo_logprobs(name, prompt: list[int], prompt_lps, ids: list[int], lps) -> dict[str, Any]:
+    """Completions' `echo` with `logprobs`: the prompt's tokens first (the first one has none), then the output's."""
+    head = completion_logprobs(name, prompt, prompt_lps, 0)
+    head["token_logprobs"] = [None, *head["token_logprobs"]]
+    head["top_logprobs"] = [None, *head["top_logprobs"]]
+    tail = completion_logprobs(name, ids, lps, head["text_offset"][-1] + len(head["tokens"][-1]) if prompt else 0)
+    return {key: head[key] + tail[key] for key in head}

@@ -52,7 +52,6 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "mm_processor_kwargs": (None, "multimodal inputs are not supported"),
     "reasoning_effort": (None, "reasoning_effort is not supported"),
     "return_prompt_text": (None, "return_prompt_text is not supported"),
-    "prompt_logprobs": (None, "prompt_logprobs is not supported yet"),
     "suffix": (None, "suffix is not supported"),
 }
 # Accepted with no effect on a text-only server without a reasoning parser (as vLLM with none):
@@ -190,6 +189,12 @@ class _Common(msgspec.Struct, kw_only=True):
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
             raise RouterError(BAD, "truncate_prompt_tokens must be >= 1", param="truncate_prompt_tokens")
 
+    def _prompt_logprobs(self, logprobs: int | None) -> int | None:
+        """vLLM's prompt_logprobs; completions' echo with logprobs needs the prompt's too."""
+        if getattr(self, "echo", False) and isinstance(logprobs, int) and not isinstance(self, ChatCompletionRequest):
+            return max(logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
+
     def truncate(self, prompt: list[int]) -> list[int]:
         """vLLM's `truncate_prompt_tokens`: keep that many prompt tokens (the last ones, or the first
         with truncation_side=right)."""
@@ -219,6 +224,7 @@ class _Common(msgspec.Struct, kw_only=True):
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
                 logit_bias=self._logit_bias(), min_tokens=self.min_tokens, min_p=self.min_p or 0.0,
                 logprobs=logprobs, n=self.n, best_of=getattr(self, "best_of", None), structured=self._structured(),
+                prompt_logprobs=self._prompt_logprobs(logprobs),
                 allowed_token_ids=self.allowed_token_ids)
         except ValueError as exc:
             raise RouterError(BAD, str(exc), param=str(exc).split()[0]) from None
@@ -250,8 +256,6 @@ class CompletionRequest(_Common, kw_only=True):
                                "token-id lists", param="prompt")
 
     def check_unsupported(self) -> None:
-        if self.echo and self.logprobs is not None:
-            raise RouterError(BAD, "echo with logprobs (the prompt's logprobs) is not supported yet", param="echo")
         if self.best_of is not None and self.best_of > self.n and self.stream:
             raise RouterError(BAD, "best_of > n cannot be streamed", param="best_of")
 

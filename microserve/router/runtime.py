@@ -27,8 +27,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import msgspec
-
 from microserve.protocol import GenerateChunk, Request, TokenLogprob
 from microserve.router.cluster import Cluster, avoiding
 from microserve.router.errors import NO_CAPACITY, RETRYABLE, RouterError
@@ -90,7 +88,7 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
     for attempt in range(max_retries + 1):
         areq = req if attempt == 0 else Request(
             f"{req.request_id}~{attempt}", req.prompt_ids + generated,
-            _continued(req.sampling, generated))
+            req.sampling.after(generated))
         chunks = run_attempt(strategy, cluster, areq, deadline, frozenset(avoid))
         try:
             async for chunk in chunks:
@@ -109,14 +107,6 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
                 on_retry(exc)
         finally:
             await chunks.aclose()
-
-
-def _continued(sp: SamplingParams, generated: list[int]) -> SamplingParams:
-    """The sampling of a request continued after `generated` tokens (a failover): the rest of
-    max_tokens and min_tokens, and a grammar that has already read them."""
-    structured = sp.structured and msgspec.structs.replace(sp.structured, done=sp.structured.done + generated)
-    return msgspec.structs.replace(sp, max_tokens=sp.max_tokens - len(generated),
-                                   min_tokens=max(0, sp.min_tokens - len(generated)), structured=structured)
 
 
 def _handle(cluster: Cluster, name: str) -> EngineHandle | None:
@@ -182,6 +172,7 @@ class Delta:
     finish_reason: str | None = None
     usage: Usage | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.., on the first delta when asked
 
 
 @dataclass
@@ -374,7 +365,7 @@ class Router:
         progress.cached = max(progress.cached, chunk.num_cached_tokens)
         pieces = [[t] for t in chunk.token_ids] or [[]]
         lps = chunk.logprobs or []
-        deltas = []
+        deltas: list[Delta] = []
         for i, ids in enumerate(pieces):
             final = chunk.finish_reason is not None and i == len(pieces) - 1
             text = stream.push(ids, final, chunk.finish_reason if final else None)
@@ -389,6 +380,8 @@ class Router:
                 deltas.append(Delta(text, ids, reason, logprobs=lp))
             elif text or ids:
                 deltas.append(Delta(text, ids, logprobs=lp))
+        if chunk.prompt_logprobs is not None and deltas:
+            deltas[0].prompt_logprobs = chunk.prompt_logprobs
         return deltas
 
     @staticmethod

@@ -337,16 +337,19 @@ class EngineService:
                 out = await queue.get()
                 tokens, reason, cached = list(out.new_token_ids), out.finish_reason, out.num_cached_tokens
                 logprobs = [P.TokenLogprob(lp, top) for lp, top in out.logprobs or ()]
+                prompt_lps = out.prompt_logprobs
                 while reason is None and not queue.empty():  # coalesce what piled up
                     more = queue.get_nowait()
                     tokens += more.new_token_ids
                     logprobs += [P.TokenLogprob(lp, top) for lp, top in more.logprobs or ()]
+                    prompt_lps = prompt_lps or more.prompt_logprobs
                     reason, cached = more.finish_reason, more.num_cached_tokens or cached
                 finished = reason is not None
                 if reason == "error":
                     raise EngineError(ErrorCode.INTERNAL, "the engine failed while running this request")
                 if tokens or finished:
-                    yield P.GenerateChunk(tokens, reason, cached, logprobs or None)
+                    yield P.GenerateChunk(tokens, reason, cached, logprobs or None, None if prompt_lps is None
+                                          else [P.TokenLogprob(lp, top) for lp, top in prompt_lps])
         finally:
             self._streams.pop(rid, None)
             if not finished:

@@ -178,7 +178,9 @@ class CoreService(EngineService):
         async with self._lock:
             seq = None
             if ticket is not None and ticket.state == "complete":
-                seq = self.engine.adopt(ticket.hold, prompt, begin, sampling)
+                # NOTE: prompt logprobs need the whole prompt computed here: the received KV is let go
+                start = 0 if sampling.prompt_logprobs is not None else begin
+                seq = self.engine.adopt(ticket.hold, prompt, start, sampling)
             try:
                 if seq is not None:
                     self.engine.add_sequence(seq)

@@ -34,6 +34,7 @@ class StepOutput:
     finish_reason: str | None = None
     num_cached_tokens: int = 0
     logprobs: list | None = None  # per new token (logprob, top alternatives), when the request asked
+    prompt_logprobs: list | None = None  # with the first token: the same for prompt tokens 1.., when asked
 
 
 @dataclass
@@ -240,7 +241,9 @@ class EngineCore:
             else:
                 self.kv.cache_computed(seq)
             logprobs, seq.logprobs = (seq.logprobs or None), []
-            outputs.append(StepOutput(seq.request_id, [token], reason, seq.num_cached_tokens, logprobs))
+            asked = seq.num_output_tokens == 1 and seq.sampling.prompt_logprobs is not None
+            prompt_lps = seq.prompt_logprobs if asked else None
+            outputs.append(StepOutput(seq.request_id, [token], reason, seq.num_cached_tokens, logprobs, prompt_lps))
         return outputs
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:

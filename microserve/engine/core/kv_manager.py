@@ -34,8 +34,8 @@ class KVCacheManager:
         computed to yield logits) are matched.
         """
         assert not seq.block_table and seq.num_computed_tokens == 0, "match_prefix on a sequence with KV"
-        if not self.enable_prefix_caching:
-            return 0
+        if not self.enable_prefix_caching or seq.sampling.prompt_logprobs is not None:
+            return 0  # NOTE: prompt logprobs need every prompt position computed
         limit = seq.num_tokens - 1 if limit is None else limit
         blocks = self.radix.match(seq.token_ids[:limit])
         self.radix.pin(blocks)

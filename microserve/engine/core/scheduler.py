@@ -90,7 +90,7 @@ class Scheduler:
             matched_now = not seq.block_table and seq.num_computed_tokens == 0
             if matched_now:
                 self.kv.match_prefix(seq)
-                if producing:
+                if producing and seq.sampling.prompt_logprobs is None:
                     self._share(seq, producing)
                 if computing is not None and self._next_block_hash(seq) in computing:
                     self.kv.unmatch(seq)  # NOTE: a waiting request must not keep cache blocks pinned

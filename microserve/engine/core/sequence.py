@@ -52,6 +52,7 @@ class Sequence:
         # (logprob of the sampled token, [(token id, logprob), ...] top alternatives) per token sampled
         # since the last step output, when sampling.logprobs is set
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # tokens 1.. of the prompt
         self.matcher = None  # the grammar of sampling.structured (engine.model.structured), set by the engine
 
     def prompt_block_hashes(self, block_size: int) -> list[int]:

@@ -16,7 +16,7 @@ from microserve.engine.model import cuda_graphs as cuda_graphs_mod
 from microserve.engine.model import native, triton_ops
 from microserve.engine.model.attention import AttentionMetadata, PrefillChunk
 from microserve.engine.model.models.llama import LlamaForCausalLM
-from microserve.engine.model.sampler import sample
+from microserve.engine.model.sampler import prompt_logprobs, sample
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class ModelRunner:
         if meta.layer_hooks and self.device.type == "cuda":
             meta.layer_hooks.insert(0, lambda _: torch.cuda.current_stream().synchronize())
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        prompt_logprobs(self.model, hidden, decodes + prefills)
 
         sampled, rows, offset = [], [], 0
         for seq, n in decodes + prefills:

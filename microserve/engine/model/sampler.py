@@ -120,3 +120,21 @@ def _draw(sub: torch.Tensor, seqs: list[Sequence], fallback: torch.Generator) ->
     noise = torch.stack([torch.empty(vocab, device=dev).exponential_(generator=_generator(s, dev, fallback))
                          for s in seqs])
     return order.gather(1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(1)
+
+
+def prompt_logprobs(model, hidden: torch.Tensor, scheduled: list[tuple[Sequence, int]]) -> None:
+    """For sequences that asked, the logprob of each prompt token after the first (and its top
+    alternatives), from the hidden states of this step's chunk: position j predicts token j + 1."""
+    offset = 0
+    for seq, n in scheduled:
+        k, start = seq.sampling.prompt_logprobs, seq.num_computed_tokens
+        first = max(start + 1, len(seq.prompt_logprobs) + 1)  # NOTE: a recompute (preemption) adds nothing twice
+        last = min(start + n, seq.num_prompt_tokens - 1)  # predicted token indices [first, last]
+        if k is not None and first <= last:
+            rows = hidden[offset + first - 1 - start:offset + last - start]
+            logp = model.compute_logits(rows).float().log_softmax(dim=-1)
+            targets = torch.tensor(seq.token_ids[first:last + 1], device=logp.device).unsqueeze(1)
+            chosen = logp.gather(1, targets).squeeze(1).tolist()
+            top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+            seq.prompt_logprobs += [(c, list(zip(i, v))) for c, i, v in zip(chosen, top_ids.tolist(), top_lp.tolist())]
+        offset += n

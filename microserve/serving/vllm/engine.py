@@ -36,7 +36,7 @@ from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.base import MAX_LEASE_S, EngineService
 from microserve.serving.tickets import Ticket
-from microserve.serving.vllm.params import logprobs_of, to_vllm
+from microserve.serving.vllm.params import logprobs_of, prompt_logprobs_of, to_vllm
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class VLLMService(EngineService):
         self._keys: dict[str, str] = {}  # ticket id -> bridge key, until its transfer reported
         self._prompt_lens: dict[str, int] = {}  # generating requests not yet counted in the stats
         self._logprob_k: dict[str, int] = {}  # requests that asked for logprobs: how many alternatives
+        self._prompt_k: dict[str, int] = {}  # ... and prompt logprobs, until their first output
         self._computed = self._cached = 0
 
     # -- the step --------------------------------------------------------------------------
@@ -137,9 +138,11 @@ class VLLMService(EngineService):
         if out.request_id not in self._send_outs:
             self._computed += len(tokens)
         k = self._logprob_k.get(out.request_id)
+        pk = self._prompt_k.pop(out.request_id, None)
         if out.finished:
             self._logprob_k.pop(out.request_id, None)
-        return StepOutput(out.request_id, tokens, reason, cached, logprobs_of(out, tokens, k))
+        return StepOutput(out.request_id, tokens, reason, cached, logprobs_of(out, tokens, k),
+                          prompt_logprobs_of(out, pk))
 
     def _call(self, fn, *args):
         assert self._loop is not None
@@ -160,6 +163,8 @@ class VLLMService(EngineService):
         self._loop = self._loop or asyncio.get_running_loop()
         if sampling.logprobs is not None:
             self._logprob_k[rid] = sampling.logprobs
+        if sampling.prompt_logprobs is not None:
+            self._prompt_k[rid] = sampling.prompt_logprobs
         return self._call(self.llm.add_request, rid, {"prompt_token_ids": list(prompt)}, params)
 
     async def _abort_vllm(self, rid: str) -> None:
@@ -336,6 +341,7 @@ class VLLMService(EngineService):
 
     async def _abort_request(self, request_id: str) -> bool:
         self._logprob_k.pop(request_id, None)
+        self._prompt_k.pop(request_id, None)
         if request_id in self._streams or self._pending.pop(request_id, None) is not None:
             await self._abort_vllm(request_id)
             return True

@@ -24,6 +24,7 @@ def to_vllm(sampling: SamplingParams, extra: dict | None = None):
                presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
                repetition_penalty=sampling.repetition_penalty, logit_bias=dict(sampling.logit_bias) or None,
                min_tokens=sampling.min_tokens, min_p=sampling.min_p, logprobs=sampling.logprobs,
+               prompt_logprobs=sampling.prompt_logprobs,
                structured_outputs=_structured(sampling),
                output_kind=RequestOutputKind.DELTA, detokenize=False,
                extra_args={"kv_transfer_params": {"microserve": extra}} if extra else None)
@@ -53,3 +54,14 @@ def _structured(sampling: SamplingParams):
     value = {"json": lambda: json.loads(spec.spec), "json_object": lambda: True, "regex": lambda: spec.spec,
              "choice": lambda: json.loads(spec.spec), "grammar": lambda: spec.spec}[spec.kind]()
     return StructuredOutputsParams(**{spec.kind: value}, disable_any_whitespace=spec.compact)
+
+
+def prompt_logprobs_of(out, k: int | None) -> list | None:
+    """vLLM's prompt_logprobs (None, then {token id: Logprob} per prompt token) as ours, for tokens 1.."""
+    entries = getattr(out, "prompt_logprobs", None)
+    if k is None or not entries:
+        return None
+    prompt = out.prompt_token_ids or []
+    return [(entry[token].logprob, sorted(((t, lp.logprob) for t, lp in entry.items() if lp.rank <= k),
+                                          key=lambda item: -item[1]))
+            for token, entry in zip(prompt[1:], entries[1:])]

@@ -25,6 +25,7 @@ from kvapi.store.base import (
 from kvapi.store.tiers import EventHook, TieredStore
 
 __all__ = ["CorruptEntry", "KVStore", "StoreError", "TierStats", "TieredStore", "check_frame", "check_spec",
+           "check_specs",
            "entry_bytes", "namespace", "open_store", "open_tier", "pack_header", "parse_size"]
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -78,13 +79,18 @@ def open_tier(spec: str, ns: bytes, size: int, password: str | None = None, time
     return RemoteStore(ns, size, spec, password=password, timeout=timeout)
 
 
+def check_specs(specs: list[str]) -> None:
+    """Every SPEC well formed and each tier at most once (ValueError), before anything is opened."""
+    kinds = [check_spec(s) for s in specs]
+    for kind in sorted(set(kinds)):
+        if kinds.count(kind) > 1:
+            raise ValueError(f"--kv-store: the {kind} tier is given twice")
+
+
 def open_store(specs: list[str], ns: bytes, size: int, password: str | None = None,
                on_event: EventHook | None = None, queue_bytes: int = 256 << 20) -> TieredStore:
     """The engine's tiers in `specs` order (duplicated tiers are refused)."""
-    kinds = [check_spec(s) for s in specs]
-    for kind in set(kinds):
-        if kinds.count(kind) > 1:
-            raise ValueError(f"--kv-store: the {kind} tier is given twice")
+    check_specs(specs)
     tiers: list[KVStore] = []
     try:
         for spec in specs:

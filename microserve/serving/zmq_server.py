@@ -90,6 +90,20 @@ def check_security(opts: EngineOptions) -> None:
     log.warning("engine runs WITHOUT the cluster key (--insecure): any local process can drive it")
 
 
+def check_store(opts: EngineOptions) -> None:
+    """`--kv-store` flags an engine can serve, checked before the model loads (ValueError)."""
+    if not opts.kv_store:
+        return
+    from kvapi.store import check_specs
+
+    check_specs(opts.kv_store)
+    if opts.backend == "vllm":
+        raise ValueError("--kv-store is served by the built-in engine; a vLLM engine offloads KV with its own "
+                         "connectors (LMCache, its CPU offloading): docs/kv-store.md")
+    if opts.config is not None and not opts.config.enable_prefix_caching:
+        raise ValueError("--kv-store needs the prefix cache (drop --no-prefix-caching)")
+
+
 def pick_transports(choice: str, device: str) -> list[str]:
     """Transports this engine offers, fastest first; raises ValueError for an impossible choice."""
     shm_ok = shm_available() and device == "cpu"
@@ -113,6 +127,7 @@ class EngineServer:
     def __init__(self, opts: EngineOptions) -> None:
         check_addresses(opts)
         check_security(opts)
+        check_store(opts)
         self.opts = opts
         self.engine_id = opts.engine_id or f"engine-{uuid.uuid4().hex[:8]}"
         self.pool: SharedPool | None = None
@@ -149,8 +164,6 @@ class EngineServer:
         from microserve.engine.model.loader import checkpoint_fingerprint
         from microserve.serving.kv_store import StoreLink
 
-        if not llm.config.enable_prefix_caching:
-            raise ValueError("--kv-store needs the prefix cache (drop --no-prefix-caching)")
         service = self.service
         assert isinstance(service, BuiltinService)
         key = opts.cluster_key
@@ -163,9 +176,6 @@ class EngineServer:
     def _start_vllm(self, opts: EngineOptions) -> None:
         from microserve.serving.vllm.engine import VLLMService, vllm_available
 
-        if opts.kv_store:
-            raise ValueError("--kv-store is served by the built-in engine; a vLLM engine offloads KV with its own "
-                             "connectors (LMCache, its CPU offloading): docs/kv-store.md")
         if not vllm_available():
             raise ValueError("--backend vllm needs vLLM in this environment: pip install 'microserve[vllm]' "
                              "(CPU: see docs/vllm.md)")

@@ -201,6 +201,35 @@ async def test_n_choices_are_the_seeded_single_requests(pd):
     assert [c.index for c in chat.choices] == [0, 1, 2]
 
 
+async def test_n_choices_share_one_prefill_on_any_strategy(demo_path):
+    """Round robin over two engines: the 4 choices of one prompt still prefill it once (the others
+    follow the first to its engine and hit its prefix cache)."""
+    from microserve.router import EngineHandle
+
+    dep = start_launch("--strategy", "strategies/round_robin.py", "--model", str(demo_path), "--engines", "2",
+                       "--served-model-name", "demo", "--log-level", "error")
+    try:
+        async def computed() -> int:
+            total = 0
+            for name, address in dep.engines.items():
+                async with EngineHandle(address, name=name, timeout=10) as h:
+                    total += (await h.stats()).computed_tokens_total
+            return total
+
+        client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="x", max_retries=0)
+        prompt = "A long shared prompt for four choices. " * 8  # ~320 tokens with the byte-level tokenizer
+        before = await computed()
+        out = await client.completions.create(model="demo", prompt=prompt, n=4, max_tokens=4, temperature=1.0,
+                                              seed=9, extra_body={"ignore_eos": True})
+        used = await computed() - before
+        n_prompt = out.usage.prompt_tokens
+        assert len(out.choices) == 4 and n_prompt > 300
+        # one prefill, 3 x at most a partial block re-run, 4 x 4 decode steps (4 prefills would be > 1200)
+        assert used <= n_prompt + 3 * 16 + 4 * 4, (used, n_prompt)
+    finally:
+        assert dep.stop() == 0
+
+
 async def test_best_of_returns_the_most_likely_choice_and_echo(pd):
     client = openai.AsyncOpenAI(base_url=pd.base_url, api_key="x", max_retries=0)
     kw = dict(model="demo", prompt="In the beginning", max_tokens=6, temperature=1.0, logprobs=0)

@@ -33,6 +33,7 @@ from microserve.gateway.choices import best as _best
 from microserve.gateway.choices import collect as _collect
 from microserve.gateway.choices import merge as _merge
 from microserve.gateway.choices import sum_usage as _sum_usage
+from microserve.router.choices import ChoiceGroup
 from microserve.router.runtime import Delta, Router, RouterError
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import ErrorCode
@@ -181,13 +182,15 @@ class Gateway:
         streams = []
         for i, (prompt, sp) in enumerate(zip(prompts, params)):
             count = max(sp.n, sp.best_of or 1)
+            group = ChoiceGroup() if count > 1 else None  # NOTE: one prefill for all of them (router/choices.py)
             for j in range(count):
                 one = msgspec.structs.replace(sp, n=1, best_of=None,
                                               seed=None if sp.seed is None else sp.seed + j)
                 if count > sp.n and one.logprobs is None:
                     one.logprobs = 0  # best_of ranks the choices by their cumulative logprob
                 k = i * count + j
-                streams.append(self.router.generate(f"{rid}-{k}" if len(prompts) * count > 1 else rid, prompt, one))
+                streams.append(self.router.generate(f"{rid}-{k}" if len(prompts) * count > 1 else rid, prompt, one,
+                                                    group, j == 0))
         return streams
 
     async def completions(self, request: web.Request) -> web.StreamResponse:

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 MAX_DEFERRED_ABORTS = 10_000
 
 _TOUCHED: contextvars.ContextVar[set[EngineHandle] | None] = contextvars.ContextVar("touched", default=None)
+# handles append themselves when they start generating a request (router/choices.py reads the last one)
+GENERATING: contextvars.ContextVar[list[EngineHandle] | None] = contextvars.ContextVar("generating", default=None)
 
 
 @contextlib.contextmanager
@@ -226,6 +228,9 @@ class EngineHandle:
         self.pending_tokens += work
         if self.on_generate is not None:
             self.on_generate(self)
+        generating = GENERATING.get()
+        if generating is not None:  # NOTE: the router learns where a request's KV is (router/choices.py)
+            generating.append(self)
         stream = self._stream(msg, timeout)
         try:
             async for chunk in stream:

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from microserve.protocol import GenerateChunk, Request, TokenLogprob
+from microserve.router.choices import ChoiceGroup, route
 from microserve.router.cluster import Cluster, avoiding
 from microserve.router.errors import NO_CAPACITY, RETRYABLE, RouterError
 from microserve.router.handle import EngineCallError, EngineHandle, touched_engines
@@ -292,9 +293,10 @@ class Router:
         return f"{kind}-{uuid.uuid4().hex}"
 
     # -- running a request ----------------------------------------------------------------
-    async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> AsyncIterator[Delta]:
-        """Serve one request; yields text deltas, the last with `finish_reason` and `usage`.
-        Raises `RouterError` (refused, failed, deadline)."""
+    async def generate(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                       group: ChoiceGroup | None = None, lead: bool = False) -> AsyncIterator[Delta]:
+        """Serve one request; yields text deltas, the last with `finish_reason` and `usage`. Raises `RouterError`
+        (refused, failed, deadline). `group`: the choices of one prompt (router/choices.py), `lead` the first."""
         if self.pending >= self.max_pending:
             self.metrics.requests.labels("rejected").inc()
             raise RouterError(ErrorCode.TOO_MANY_REQUESTS, f"the router has {self.pending} requests in flight "
@@ -307,7 +309,7 @@ class Router:
         deadline = asyncio.get_running_loop().time() + self.request_timeout
         status, streamed = "aborted", False
         try:
-            async for delta in self._generate(request_id, prompt_ids, sampling, t0, deadline):
+            async for delta in self._generate(request_id, prompt_ids, sampling, t0, deadline, group, lead):
                 streamed = True
                 if delta.finish_reason is not None:
                     status = "success"
@@ -323,15 +325,18 @@ class Router:
                 self.metrics.e2e.observe(time.perf_counter() - t0)
 
     async def _generate(self, rid: str, prompt_ids: list[int], sampling: SamplingParams, t0: float,
-                        deadline: float) -> AsyncIterator[Delta]:
+                        deadline: float, group: ChoiceGroup | None, lead: bool) -> AsyncIterator[Delta]:
         text = TextStream(self.tokenizer, sampling)
         progress = _Progress()
         self.metrics.prompt_tokens.inc(len(prompt_ids))
-        chunks = run_request(self.strategy, self.cluster, Request(rid, prompt_ids, sampling),
+        strategy, generating = await route(group, lead, self.strategy, deadline)
+        chunks = run_request(strategy, self.cluster, Request(rid, prompt_ids, sampling),
                              max_retries=self.max_retries, deadline=deadline,
                              on_retry=lambda exc: self.metrics.retries.inc())
         try:
             async for chunk in chunks:
+                if generating is not None:
+                    group.led(generating[-1] if generating else None)
                 for delta in self._on_chunk(chunk, progress, text, t0):
                     if delta.finish_reason is not None:
                         delta.usage = Usage(len(prompt_ids), len(progress.tokens), progress.cached)
@@ -346,6 +351,8 @@ class Router:
                 exc.message = f"request {rid} did not finish within its deadline of {self.request_timeout:g}s"
             raise
         finally:
+            if generating is not None:
+                group.led(None)  # NOTE: no-op once led; a lead that failed first lets the others route freely
             await chunks.aclose()
 
     def _on_chunk(self, chunk: GenerateChunk, progress: _Progress, stream: TextStream, t0: float) -> list[Delta]:

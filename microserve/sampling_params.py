@@ -68,6 +68,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
         best_of: generate this many choices and return the `n` of highest cumulative logprob.
         structured: a grammar the output follows (`StructuredOutput`).
         allowed_token_ids: only these tokens may be generated (vLLM's).
+        priority: scheduling priority, lower first (vLLM's): the engine admits waiting requests in
+            priority order and preempts the lowest-priority running one first.
     """
 
     max_tokens: int = 16
@@ -91,6 +93,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     best_of: int | None = None
     structured: StructuredOutput | None = None
     allowed_token_ids: list[int] | None = None
+    priority: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -138,6 +141,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
             raise ValueError(f"best_of must be in [n={self.n}, 128], got {self.best_of!r}")
         if self.structured is not None:
             self.structured.validate()
+        if not isinstance(self.priority, int) or not -(2**31) <= self.priority < 2**31:
+            raise ValueError(f"priority must be a 32-bit integer, got {self.priority!r}")
         if self.allowed_token_ids is not None and (not self.allowed_token_ids or len(self.allowed_token_ids) > 1 << 18
                                                    or any(t < 0 for t in self.allowed_token_ids)):
             raise ValueError("allowed_token_ids must list 1 to 262144 non-negative token ids")

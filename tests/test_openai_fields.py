@@ -42,7 +42,7 @@ COMMON = {
     "model": ({"model": "demo"}, OK),
     "n": ({"n": 2}, OK),
     "presence_penalty": ({"presence_penalty": 0.5}, OK),
-    "priority": ({"priority": 1}, REFUSED),
+    "priority": ({"priority": 1}, OK),
     "prompt_logprobs": ({"prompt_logprobs": 1}, OK),
     "repetition_detection": ({"repetition_detection": {"max_pattern_size": 2}}, REFUSED),
     "repetition_penalty": ({"repetition_penalty": 1.1}, OK),

@@ -33,7 +33,6 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "length_penalty": (1.0, "length_penalty needs beam search, which is not supported"),
     "use_beam_search": (False, "beam search is not supported"),
     "logprob_token_ids": (None, "logprob_token_ids is not supported"),
-    "priority": (0, "request priority is not supported yet"),
     "prompt_embeds": (None, "prompt_embeds are not supported"),
     "repetition_detection": (None, "repetition_detection is not supported"),
     "return_mm_kwargs": (None, "multimodal inputs are not supported"),
@@ -100,7 +99,7 @@ class _Common(msgspec.Struct, kw_only=True):
     length_penalty: Any = None
     use_beam_search: Any = None
     logprob_token_ids: Any = None
-    priority: Any = None
+    priority: int = 0
     prompt_embeds: Any = None
     repetition_detection: Any = None
     return_mm_kwargs: Any = None
@@ -225,7 +224,7 @@ class _Common(msgspec.Struct, kw_only=True):
                 logit_bias=self._logit_bias(), min_tokens=self.min_tokens, min_p=self.min_p or 0.0,
                 logprobs=logprobs, n=self.n, best_of=getattr(self, "best_of", None), structured=self._structured(),
                 prompt_logprobs=self._prompt_logprobs(logprobs),
-                allowed_token_ids=self.allowed_token_ids)
+                allowed_token_ids=self.allowed_token_ids, priority=self.priority)
         except ValueError as exc:
             raise RouterError(BAD, str(exc), param=str(exc).split()[0]) from None
         return sp, max_tokens is not None

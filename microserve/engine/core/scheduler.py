@@ -50,6 +50,14 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        """Queue `seq` behind every waiting request of its priority or a lower number (FCFS within one)."""
+        self._insert(seq, lambda other: other.sampling.priority > seq.sampling.priority)
+
+    def _insert(self, seq: Sequence, before) -> None:
+        for i, other in enumerate(self.waiting):
+            if before(other):
+                self.waiting.insert(i, seq)
+                return
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -70,7 +78,10 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv.allocate(seq, seq.num_computed_tokens + n):
-                victim = self.running.pop()
+                # NOTE: the victim is the lowest priority (highest number) not yet in this batch, newest first
+                rest = self.running[i:]
+                victim = max(reversed(rest), key=lambda s: s.sampling.priority)
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -162,7 +173,8 @@ class Scheduler:
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        # back at the front of its priority class: it was running before anything waiting there
+        self._insert(seq, lambda other: other.sampling.priority >= seq.sampling.priority)
         self.num_preemptions += 1
 
     def detach(self, seq: Sequence) -> None:

@@ -18,6 +18,9 @@ def to_vllm(sampling: SamplingParams, extra: dict | None = None):
     from vllm import SamplingParams as VSP
     from vllm.sampling_params import RequestOutputKind
 
+    if sampling.priority:
+        raise EngineError(ErrorCode.BAD_REQUEST, "the vLLM backend schedules first come, first served: "
+                          "priority is served by the built-in engine")
     return VSP(n=1, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                top_k=sampling.top_k if sampling.top_k > 0 else 0, seed=sampling.seed,
                stop_token_ids=list(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos,

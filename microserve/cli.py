@@ -86,7 +86,7 @@ def _serve_setup(args: argparse.Namespace, model: str | None):
     strategy = load_strategy(args.strategy, strategy_args)
     name = args.served_model_name or (model if model in (None, "demo") else Path(model).name) or "model"
     opts = ServeOptions(args.host, args.port, args.api_key, name, args.request_timeout, args.max_retries,
-                        args.max_pending, args.cluster_key)
+                        args.max_pending, args.cluster_key, args.admin_key)
     return strategy, opts
 
 
@@ -248,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim_cli.add_arguments(sim)
     sim.set_defaults(func=sim_cli.main)
 
+    ctl = sub.add_parser("ctl", help="the admin API from the shell: engines, add, role, remove, strategy")
+    from microserve.control import ctl as ctl_mod
+
+    ctl_mod.add_arguments(ctl)
+    ctl.set_defaults(func=ctl_mod.main)
     key = sub.add_parser("keygen", help="write a new cluster key to FILE (mode 0600)")
     key.add_argument("path", metavar="FILE")
     key.set_defaults(func=_keygen)
@@ -273,6 +278,8 @@ def _serve_options() -> argparse.ArgumentParser:
     g.add_argument("--port", type=int, default=8000, help="gateway port (0: any free port)")
     g.add_argument("--api-key", default=os.environ.get("MICROSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MICROSERVE_API_KEY)")
+    g.add_argument("--admin-key", default=os.environ.get("MICROSERVE_ADMIN_KEY"),
+                   help="bearer key of the admin API, /admin/* (default: --api-key; neither: the admin API is off)")
     g.add_argument("--served-model-name", default=None, help="model name clients use (default: the folder name)")
     g.add_argument("--request-timeout", type=float, default=600.0, help="per-request deadline in seconds")
     g.add_argument("--max-retries", type=int, default=2,

@@ -42,6 +42,7 @@ class ServeOptions:
     max_retries: int = 2
     max_pending: int = 1024
     cluster_key: str | None = None  # key file; launch makes a fresh one per run when None
+    admin_key: str | None = None  # the admin API's key (default: api_key; neither: the admin API is off)
 
 
 @dataclass
@@ -163,7 +164,8 @@ async def serve(cluster: Cluster, strategy: Strategy, tokenizer, opts: ServeOpti
         by_id = {h.name: h for h in cluster.handles}
         watchers = [asyncio.create_task(_watch(p, by_id[p.engine_id], stopping)) for p in procs
                     if p.engine_id in by_id]
-        runner, port = await serve_http(Gateway(router, opts.served_model_name, opts.api_key), opts.host, opts.port)
+        gateway = Gateway(router, opts.served_model_name, opts.api_key, opts.admin_key)
+        runner, port = await serve_http(gateway, opts.host, opts.port)
         engines = ",".join(f"{h.name}@{h.address}" for h in cluster.handles)
         print(f"READY url=http://{_url_host(opts.host)}:{port} model={opts.served_model_name} "
               f"strategy={type(strategy).__name__} engines={engines}", flush=True)

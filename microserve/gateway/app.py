@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from microserve.control.admin import Admin
 from microserve.engine.model.structured import check as check_grammar
 from microserve.gateway import choices, tools
 from microserve.gateway import openai_protocol as O
@@ -66,8 +67,10 @@ class Gateway:
         api_key: when set, /v1/* requires `Authorization: Bearer <api_key>`.
     """
 
-    def __init__(self, router: Router, model_name: str, api_key: str | None = None) -> None:
+    def __init__(self, router: Router, model_name: str, api_key: str | None = None,
+                 admin_key: str | None = None) -> None:
         self.router, self.model_name, self.api_key = router, model_name, api_key
+        self.admin = Admin(router, admin_key or api_key)  # /admin/*: microserve/control/admin.py
         # no tokenizer (skip_tokenizer_init): token-id prompts, every choice carries its token ids
         self.ids_only = isinstance(router.tokenizer, NoTokenizer)
         self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
@@ -96,6 +99,7 @@ class Gateway:
             web.get("/health", self.health),
             web.get("/metrics", self.metrics),
         ])
+        self.admin.add_routes(app)
         return app
 
     # -- middleware ---------------------------------------------------------------------

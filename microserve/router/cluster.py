@@ -98,7 +98,11 @@ class Cluster:
         self.health: dict[EngineHandle, P.HealthReply] = {}
         self._turns: dict[str | None, itertools.count] = {}  # per role: xPyD spreads over each role
         self._tasks: list[asyncio.Task] = []
-        self._subs: list[zmq.asyncio.Socket] = []
+        self._subs: dict[EngineHandle, zmq.asyncio.Socket] = {}
+        self.draining: set[EngineHandle] = set()  # leaving: strategies no longer see them
+        self.on_join: list = []  # callbacks told of every engine added while serving (metrics)
+        self._cluster_key = cluster_key
+        self._timeout = timeout
         for h in self.handles:
             h.on_state = self._on_state
 
@@ -127,10 +131,10 @@ class Cluster:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for sub in self._subs:
+        for sub in self._subs.values():
             sub.close(0)
         await asyncio.gather(*(h.close() for h in self.handles))
-        self._tasks, self._subs = [], []
+        self._tasks, self._subs = [], {}
 
     async def __aenter__(self) -> Cluster:
         return await self.start()
@@ -146,7 +150,7 @@ class Cluster:
         if h.cluster_key is not None:  # the engine's PUB admits only holders of the key
             h.cluster_key.secure_client(sub)
         sub.connect(health.events)
-        self._subs.append(sub)
+        self._subs[h] = sub
         self._tasks.append(asyncio.create_task(self._events(sub)))
 
     async def _events(self, sub: zmq.asyncio.Socket) -> None:
@@ -210,7 +214,7 @@ class Cluster:
         if role is not None and role not in self.roles:
             raise KeyError(f"no role {role!r} in this cluster; roles: {sorted(self.roles)}")
         pool = self.handles if role is None else self.roles[role]
-        return [h for h in pool if h.alive]
+        return [h for h in pool if h.alive and h not in self.draining]
 
     def load(self, engine: EngineHandle) -> Load:
         load = self._loads[engine]
@@ -243,6 +247,56 @@ class Cluster:
             if engine_id in (h.name, self.health[h].engine_id if h in self.health else None):
                 return h
         raise KeyError(f"no engine {engine_id!r} in this cluster")
+
+    # -- membership while serving (microserve/control/admin.py) ------------------------------
+    async def add_engine(self, address: str, role: str, ready_timeout: float = 60.0) -> EngineHandle:
+        """Add a running engine under `role`: it takes traffic once it answers (ValueError if it is
+        already here; EngineCallError if it does not answer)."""
+        h = EngineHandle(address, role=role, timeout=self._timeout, cluster_key=self._cluster_key)
+        try:
+            health = await h.wait_ready(ready_timeout)
+            if health.engine_id in self._by_id or any(x.address == address for x in self.handles):
+                raise ValueError(f"engine {health.engine_id} ({address}) is already in the cluster")
+        except BaseException:
+            await h.close()
+            raise
+        h.name, h.on_state = health.engine_id, self._on_state
+        self.health[h], self._by_id[health.engine_id], self._loads[h] = health, h, Load()
+        self.prefix_index.add_engine(health.engine_id, health.kv_spec.block_size)
+        self._subscribe(h, health)
+        await self._snapshot(h)
+        self.roles.setdefault(role, []).append(h)
+        self.handles.append(h)
+        for hook in self.on_join:
+            hook(h)
+        return h
+
+    def set_role(self, h: EngineHandle, role: str) -> None:
+        """Move an engine to another role (the next request sees it there)."""
+        if h.role == role:
+            return
+        self.roles[h.role].remove(h)
+        self.roles.setdefault(role, []).append(h)
+        h.role = role
+
+    async def remove_engine(self, h: EngineHandle, timeout: float = 300.0) -> None:
+        """Drain an engine (no new request goes there; its requests in flight finish), then forget it."""
+        self.draining.add(h)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while h.inflight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        self.roles[h.role].remove(h)
+        self.handles.remove(h)
+        self.draining.discard(h)
+        self._loads.pop(h, None)
+        health = self.health.pop(h, None)
+        if health is not None:
+            self._by_id.pop(health.engine_id, None)
+            self.prefix_index.drop_engine(health.engine_id)
+        sub = self._subs.pop(h, None)
+        if sub is not None:
+            sub.close(0)
+        await h.close()
 
     @property
     def max_model_len(self) -> int:

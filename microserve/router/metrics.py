@@ -46,11 +46,18 @@ class RouterMetrics:
                               ["engine"], registry=r)
         for status in ("success", "error", "aborted", "rejected"):
             self.requests.labels(status)  # every series exists from the start (rates need a zero)
+        self.admin = Counter("microserve_admin_changes", "Changes made through the admin API, by action",
+                             ["action"], registry=r)
         r.register(_EngineCollector(cluster))
         for h in cluster.handles:
-            h.on_send = self.observe_send
-            h.on_generate = self.observe_generate
-            self.routed.labels(h.name)
+            self.attach(h)
+        cluster.on_join.append(self.attach)
+
+    def attach(self, h) -> None:
+        """Count an engine's sends and routed requests (every engine, those that join later too)."""
+        h.on_send = self.observe_send
+        h.on_generate = self.observe_generate
+        self.routed.labels(h.name)
 
     def observe_send(self, result: P.SendResult) -> None:
         self.kv_bytes.inc(result.bytes)

@@ -1,0 +1,169 @@
+"""The admin API, on the gateway: the cluster changes shape while it serves.
+
+    GET    /admin/engines              {"engines": [{id, address, role, alive, running, waiting, kv_blocks_used}]}
+    POST   /admin/engines              {"address", "role"}: a running engine joins (takes traffic once it answers)
+    PATCH  /admin/engines/{id}         {"role"}: the next request sees it in that role
+    DELETE /admin/engines/{id}         drain (no new request goes there, its requests finish), then forget it
+    GET    /admin/strategy             {"name", "args"}
+    PUT    /admin/strategy             {"path"} or {"source"}, with "args": new requests use it, requests in
+                                       flight finish under the old one
+
+Every call needs `Authorization: Bearer <admin key>` (`--admin-key`, default the API key); without a
+key configured, the admin API is off (403). Each change is logged and counted
+(`microserve_admin_changes_total{action}`). Requests in flight on a drained engine finish there;
+moving them (live migration) is not built yet.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from microserve.router.handle import EngineCallError
+from microserve.router.runtime import Router
+from microserve.router.strategy import StrategyError, load_strategy
+
+log = logging.getLogger("microserve.admin")
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": "admin_error"}}, status=status)
+
+
+class Admin:
+    def __init__(self, router: Router, admin_key: str | None) -> None:
+        self.router, self.key = router, admin_key
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/admin/engines", self.list_engines)
+        app.router.add_post("/admin/engines", self.add_engine)
+        app.router.add_patch("/admin/engines/{id}", self.set_role)
+        app.router.add_delete("/admin/engines/{id}", self.remove_engine)
+        app.router.add_get("/admin/strategy", self.get_strategy)
+        app.router.add_put("/admin/strategy", self.put_strategy)
+
+    def _refused(self, request: web.Request) -> web.Response | None:
+        if not self.key:
+            return _error(403, "the admin API is off: start the gateway with --admin-key (or --api-key)")
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self.key.encode()):
+            return _error(401, "the admin API needs Authorization: Bearer <admin key>")
+        return None
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise web.HTTPBadRequest(text="malformed JSON body") from None
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(text="the body must be a JSON object")
+        return body
+
+    def _done(self, action: str, what: str) -> None:
+        self.router.metrics.admin.labels(action).inc()
+        log.warning("admin: %s", what)
+
+    def _leaving(self, h, new_role: str | None) -> web.Response | None:
+        """A 409 when this would take the last engine out of a role the strategy routes to."""
+        roles = type(self.router.strategy).roles
+        left = [x for x in self.router.cluster.roles.get(h.role, []) if x is not h]
+        if h.role in roles and new_role != h.role and not left:
+            return _error(409, f"{h.name} is the last {h.role} engine of {type(self.router.strategy).__name__}; "
+                          f"add another {h.role} engine first")
+        return None
+
+    def _handle(self, request: web.Request):
+        try:
+            return self.router.cluster.engine(request.match_info["id"])
+        except KeyError:
+            raise web.HTTPNotFound(text=f"no engine {request.match_info['id']!r}") from None
+
+    async def list_engines(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        cluster = self.router.cluster
+        out = []
+        for h in cluster.handles:
+            load = cluster.load(h)
+            s = load.stats
+            out.append({"id": h.name, "address": h.address, "role": h.role, "alive": h.alive,
+                        "draining": h in cluster.draining, "running": s.running if s else 0,
+                        "waiting": s.waiting if s else 0, "kv_blocks_used": s.kv_blocks_used if s else 0})
+        return web.json_response({"engines": out})
+
+    async def add_engine(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        body = await self._body(request)
+        address, role = body.get("address"), body.get("role")
+        if not isinstance(address, str) or not isinstance(role, str) or not role:
+            return _error(400, "POST /admin/engines needs {\"address\": \"tcp://HOST:PORT\", \"role\": ROLE}")
+        try:
+            h = await self.router.cluster.add_engine(address, role, ready_timeout=float(body.get("timeout", 30)))
+        except ValueError as exc:
+            return _error(409, str(exc))
+        except (EngineCallError, OSError) as exc:
+            return _error(502, f"the engine at {address} did not answer: {exc}")
+        self._done("add", f"engine {h.name} ({address}) joined as {role}")
+        return web.json_response({"id": h.name, "address": address, "role": role}, status=201)
+
+    async def set_role(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        h, role = self._handle(request), (await self._body(request)).get("role")
+        if not isinstance(role, str) or not role:
+            return _error(400, "PATCH /admin/engines/{id} needs {\"role\": ROLE}")
+        old = h.role
+        if (refused := self._leaving(h, role)) is not None:
+            return refused
+        self.router.cluster.set_role(h, role)
+        self._done("role", f"engine {h.name}: role {old} -> {role}")
+        return web.json_response({"id": h.name, "role": role})
+
+    async def remove_engine(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        h = self._handle(request)
+        if (refused := self._leaving(h, None)) is not None:
+            return refused
+        await self.router.cluster.remove_engine(h)
+        self._done("remove", f"engine {h.name} drained and removed")
+        return web.json_response({"id": h.name, "removed": True})
+
+    async def get_strategy(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        s = self.router.strategy
+        return web.json_response({"name": type(s).__name__,
+                                  "args": {k: getattr(s, k) for k in type(s).parameters()}})
+
+    async def put_strategy(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        body = await self._body(request)
+        args = body.get("args") or {}
+        try:
+            if isinstance(body.get("source"), str):
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "strategy_from_admin.py"
+                    path.write_text(body["source"])
+                    strategy = load_strategy(path, args)
+            elif isinstance(body.get("path"), str):
+                strategy = load_strategy(body["path"], args)
+            else:
+                return _error(400, "PUT /admin/strategy needs {\"path\": FILE} or {\"source\": PYTHON}")
+        except (StrategyError, OSError, ValueError) as exc:
+            return _error(400, f"cannot load the strategy: {exc}")
+        roles = self.router.cluster.roles
+        missing = [r for r in type(strategy).roles if not roles.get(r)]
+        if missing:
+            return _error(409, f"{type(strategy).__name__} routes to roles {', '.join(type(strategy).roles)}; the "
+                          f"cluster has no engine with role {', '.join(missing)}")
+        old, self.router.strategy = type(self.router.strategy).__name__, strategy
+        self._done("strategy", f"strategy {old} -> {type(strategy).__name__} (requests in flight keep {old})")
+        return web.json_response({"name": type(strategy).__name__})

@@ -1,0 +1,81 @@
+"""`microserve ctl`: the admin API from the shell (microserve/control/admin.py).
+
+    microserve ctl --url http://127.0.0.1:8000 engines
+    microserve ctl --url URL add tcp://10.0.0.3:5601 --role decode
+    microserve ctl --url URL role decode-1 prefill
+    microserve ctl --url URL remove decode-1
+    microserve ctl --url URL strategy strategies/balanced_pd.py --strategy-arg fraction=0.2
+
+The key comes from `--admin-key` or `$MICROSERVE_ADMIN_KEY`. Prints the JSON answer; a refused or
+failed call prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", required=True, help="the gateway, e.g. http://127.0.0.1:8000")
+    p.add_argument("--admin-key", default=os.environ.get("MICROSERVE_ADMIN_KEY"))
+    sub = p.add_subparsers(dest="action", required=True)
+    sub.add_parser("engines", help="list the engines with their load")
+    add = sub.add_parser("add", help="add a running engine")
+    add.add_argument("address")
+    add.add_argument("--role", required=True)
+    role = sub.add_parser("role", help="change an engine's role")
+    role.add_argument("id")
+    role.add_argument("role")
+    rm = sub.add_parser("remove", help="drain an engine and remove it")
+    rm.add_argument("id")
+    st = sub.add_parser("strategy", help="replace the strategy (requests in flight keep the old one)")
+    st.add_argument("path")
+    st.add_argument("--strategy-arg", action="append", default=[], metavar="NAME=VALUE")
+
+
+def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(args.url.rstrip("/") + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {args.admin_key}"} if args.admin_key else {})})
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # NOTE: straight to the gateway
+        with opener.open(req, timeout=600) as resp:
+            return json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        text = exc.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            text = json.loads(text)["error"]["message"]
+        raise SystemExit(f"error: {method} {path}: {exc.code} {text}") from None
+    except urllib.error.URLError as exc:
+        raise SystemExit(f"error: cannot reach {args.url}: {exc.reason}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "engines":
+        out = _call(args, "GET", "/admin/engines")
+    elif args.action == "add":
+        out = _call(args, "POST", "/admin/engines", {"address": args.address, "role": args.role})
+    elif args.action == "role":
+        out = _call(args, "PATCH", f"/admin/engines/{args.id}", {"role": args.role})
+    elif args.action == "remove":
+        out = _call(args, "DELETE", f"/admin/engines/{args.id}")
+    else:
+        strategy_args = dict(item.split("=", 1) for item in args.strategy_arg if "=" in item)
+        out = _call(args, "PUT", "/admin/strategy", {"path": args.path, "args": strategy_args})
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return run(args)
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return 2

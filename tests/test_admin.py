@@ -1,0 +1,106 @@
+"""The admin API and `microserve ctl` on a real deployment: an engine joins while serving, changes
+role, is drained with streams in flight, and the strategy is replaced under load; every call needs
+the admin key."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import aiohttp
+import openai
+import pytest
+from deploy import start_launch
+from engines import spawn_engine
+
+from microserve.router import EngineHandle
+
+KEY = "admin-secret"
+
+
+@pytest.fixture(scope="module")
+def setup(demo_path):
+    dep = start_launch("--strategy", "strategies/round_robin.py", "--model", str(demo_path), "--engines", "1",
+                       "--api-key", KEY, "--served-model-name", "demo", "--log-level", "error")
+    extra = spawn_engine(str(demo_path), "--num-kv-blocks", "256", "--log-level", "error", engine_id="joiner")
+    yield dep, extra
+    dep.stop()
+    extra.stop()
+
+
+def ctl(dep, *args: str, key: str | None = KEY) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "microserve", "ctl", "--url", dep.url, *(["--admin-key", key] if key else []), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+
+
+async def stream_all(client, n: int, max_tokens: int = 24) -> list[str]:
+    async def one(i: int) -> str:
+        text = ""
+        async for event in await client.completions.create(model="demo", prompt=f"stream {i} " * 3, stream=True,
+                                                           max_tokens=max_tokens, temperature=0,
+                                                           extra_body={"ignore_eos": True}):
+            text += event.choices[0].text if event.choices else ""
+        return text
+
+    return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def computed(address: str) -> int:
+    async with EngineHandle(address, timeout=10) as h:
+        return (await h.stats()).computed_tokens_total
+
+
+async def test_the_admin_api_needs_its_key(setup):
+    dep, _ = setup
+    async with aiohttp.ClientSession() as s:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            async with s.get(dep.url + "/admin/engines", headers=headers) as r:
+                assert r.status == 401
+    assert ctl(dep, "engines", key="wrong").returncode == 2
+
+
+async def test_join_role_strategy_and_drain_while_serving(setup):
+    dep, extra = setup
+    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key=KEY, max_retries=0)
+    listed = json.loads(ctl(dep, "engines").stdout)["engines"]
+    assert [e["role"] for e in listed] == ["engine"]
+    # an engine joins and takes a share of new requests at once
+    added = ctl(dep, "add", extra.rpc, "--role", "engine")
+    assert added.returncode == 0, added.stderr
+    before = await computed(extra.rpc)
+    await stream_all(client, 6)
+    assert await computed(extra.rpc) > before, "the joined engine got no request"
+    assert ctl(dep, "add", extra.rpc, "--role", "engine").returncode == 2  # already in
+    # a role change shows at once; the last engine of a role cannot leave it
+    assert ctl(dep, "role", "joiner", "spare").returncode == 0
+    assert {e["id"]: e["role"] for e in json.loads(ctl(dep, "engines").stdout)["engines"]}["joiner"] == "spare"
+    first = listed[0]["id"]
+    bad = ctl(dep, "role", first, "spare")
+    assert bad.returncode == 2 and "last engine" in bad.stderr
+    assert ctl(dep, "role", "joiner", "engine").returncode == 0
+    # the strategy is replaced under load: nothing fails, the new one serves what comes next
+    load = asyncio.ensure_future(stream_all(client, 8))
+    await asyncio.sleep(0.2)
+    swapped = ctl(dep, "strategy", "strategies/shortest_first.py", "--strategy-arg", "bucket=8")
+    assert swapped.returncode == 0, swapped.stderr
+    assert all(await load)
+    async with aiohttp.ClientSession() as s, s.get(dep.url + "/admin/strategy",
+                                                   headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert (await r.json()) == {"name": "ShortestFirst", "args": {"bucket": 8}}
+    refused = ctl(dep, "strategy", "strategies/pd.py")  # no prefill / decode engines here
+    assert refused.returncode == 2 and "no engine with role" in refused.stderr
+    # drain the joined engine with streams running: every stream completes, then it is gone
+    load = asyncio.ensure_future(stream_all(client, 8, max_tokens=48))
+    await asyncio.sleep(0.3)
+    removed = ctl(dep, "remove", "joiner")
+    assert removed.returncode == 0, removed.stderr
+    texts = await load
+    assert len(texts) == 8 and all(texts)
+    assert [e["id"] for e in json.loads(ctl(dep, "engines").stdout)["engines"]] == [first]
+    async with aiohttp.ClientSession() as s, s.get(dep.url + "/metrics") as r:
+        metrics = await r.text()
+    for action in ("add", "role", "strategy", "remove"):
+        assert f'microserve_admin_changes_total{{action="{action}"' in metrics

@@ -60,7 +60,8 @@ def _engine(args: argparse.Namespace) -> int:
     opts = EngineOptions(str(resolve_model(args.model)), args.rpc, args.events, args.device, args.dtype,
                          args.transport, args.kv_host, args.kv_port, args.engine_id or "", args.lease_seconds,
                          args.transfer_timeout, config, args.backend,
-                         resolve(args.cluster_key), args.insecure, args.max_lease_seconds, args.kv_store)
+                         resolve(args.cluster_key), args.insecure, args.max_lease_seconds, args.kv_store,
+                         args.join or "", args.role)
     import zmq
 
     try:
@@ -207,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--kv-host", default="127.0.0.1", help="address of the KV transfer socket")
     eng.add_argument("--kv-port", type=int, default=0)
     eng.add_argument("--engine-id", default=None)
+    eng.add_argument("--join", default=None, metavar="URL",
+                     help="add this engine to the deployment whose gateway is at URL; on SIGTERM it drains and "
+                          "leaves first (the cluster key authorizes it)")
+    eng.add_argument("--role", default="engine", help="the role it joins as (with --join)")
     eng.add_argument("--cluster-key", default=None, metavar="FILE",
                      help="the deployment's key (microserve keygen); default $MICROSERVE_CLUSTER_KEY")
     eng.add_argument("--insecure", action="store_true",

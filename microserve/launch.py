@@ -258,5 +258,5 @@ async def _launch(strategy: Strategy, model_path: str, layout: Mapping[str, int]
     stopper.cancel()
     procs = spawn.result()
     cluster = Cluster({role: [EngineHandle(p.rpc, name=p.engine_id, role=role, cluster_key=key)
-                              for p in procs if p.role == role] for role in layout})
+                              for p in procs if p.role == role] for role in layout}, cluster_key=key)
     return await serve(cluster, strategy, tokenizer, opts, procs)

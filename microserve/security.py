@@ -52,6 +52,8 @@ class ClusterKey:
         # password of a Valkey/Redis tier that `launch` starts
         self.store_key = self._derive(b"kv-store")
         self.store_password = self._derive(b"kv-store-password").hex()
+        # what `microserve engine --join` shows the gateway's admin API to add or remove itself
+        self.join_token = self._derive(b"join").hex()
 
     def _derive(self, label: bytes) -> bytes:
         return hashlib.sha256(b"microserve-cluster-key/" + label + b"/" + self._secret).digest()

@@ -104,3 +104,33 @@ async def test_join_role_strategy_and_drain_while_serving(setup):
         metrics = await r.text()
     for action in ("add", "role", "strategy", "remove"):
         assert f'microserve_admin_changes_total{{action="{action}"' in metrics
+
+
+async def test_an_engine_joins_with_the_cluster_key_and_leaves_on_sigterm(setup, demo_path):
+    """`microserve engine --join URL`: no admin key needed (the cluster key authorizes it); it takes
+    traffic, and on SIGTERM it drains its streams and deregisters before it exits."""
+    from engines import start_engine, wait_engine
+
+    dep, _ = setup
+    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key=KEY, max_retries=0)
+    eng = wait_engine(start_engine(str(demo_path), "--num-kv-blocks", "256", "--log-level", "warning",
+                                   "--join", dep.url, "--role", "engine", engine_id="volunteer"))
+    try:
+        for _ in range(100):
+            ids = [e["id"] for e in json.loads(ctl(dep, "engines").stdout)["engines"]]
+            if "volunteer" in ids:
+                break
+            await asyncio.sleep(0.1)
+        assert "volunteer" in ids
+        before = await computed(eng.rpc)
+        await stream_all(client, 6)
+        assert await computed(eng.rpc) > before
+        load = asyncio.ensure_future(stream_all(client, 8, max_tokens=48))
+        await asyncio.sleep(0.3)
+        eng.proc.terminate()  # SIGTERM: drain, deregister, exit
+        texts = await load
+        assert len(texts) == 8 and all(texts)
+        assert eng.proc.wait(60) == 0
+        assert "volunteer" not in [e["id"] for e in json.loads(ctl(dep, "engines").stdout)["engines"]]
+    finally:
+        eng.stop()

@@ -27,6 +27,7 @@ from aiohttp import web
 from microserve.router.handle import EngineCallError
 from microserve.router.runtime import Router
 from microserve.router.strategy import StrategyError, load_strategy
+from microserve.security import resolve
 
 log = logging.getLogger("microserve.admin")
 
@@ -47,11 +48,16 @@ class Admin:
         app.router.add_get("/admin/strategy", self.get_strategy)
         app.router.add_put("/admin/strategy", self.put_strategy)
 
-    def _refused(self, request: web.Request) -> web.Response | None:
+    def _refused(self, request: web.Request, join: bool = False) -> web.Response | None:
+        """None when the caller holds the admin key (or, to add or remove an engine, the cluster's join
+        token: `microserve engine --join`); else the error to answer."""
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
+        cluster_key = resolve(self.router.cluster.cluster_key) if join else None
+        if cluster_key is not None and hmac.compare_digest(given, cluster_key.join_token.encode()):
+            return None
         if not self.key:
             return _error(403, "the admin API is off: start the gateway with --admin-key (or --api-key)")
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), self.key.encode()):
+        if not hmac.compare_digest(given, self.key.encode()):
             return _error(401, "the admin API needs Authorization: Bearer <admin key>")
         return None
 
@@ -97,7 +103,7 @@ class Admin:
         return web.json_response({"engines": out})
 
     async def add_engine(self, request: web.Request) -> web.Response:
-        if (refused := self._refused(request)) is not None:
+        if (refused := self._refused(request, join=True)) is not None:
             return refused
         body = await self._body(request)
         address, role = body.get("address"), body.get("role")
@@ -126,7 +132,7 @@ class Admin:
         return web.json_response({"id": h.name, "role": role})
 
     async def remove_engine(self, request: web.Request) -> web.Response:
-        if (refused := self._refused(request)) is not None:
+        if (refused := self._refused(request, join=True)) is not None:
             return refused
         h = self._handle(request)
         if (refused := self._leaving(h, None)) is not None:

@@ -101,7 +101,7 @@ class Cluster:
         self._subs: dict[EngineHandle, zmq.asyncio.Socket] = {}
         self.draining: set[EngineHandle] = set()  # leaving: strategies no longer see them
         self.on_join: list = []  # callbacks told of every engine added while serving (metrics)
-        self._cluster_key = cluster_key
+        self.cluster_key = cluster_key
         self._timeout = timeout
         for h in self.handles:
             h.on_state = self._on_state
@@ -252,7 +252,7 @@ class Cluster:
     async def add_engine(self, address: str, role: str, ready_timeout: float = 60.0) -> EngineHandle:
         """Add a running engine under `role`: it takes traffic once it answers (ValueError if it is
         already here; EngineCallError if it does not answer)."""
-        h = EngineHandle(address, role=role, timeout=self._timeout, cluster_key=self._cluster_key)
+        h = EngineHandle(address, role=role, timeout=self._timeout, cluster_key=self.cluster_key)
         try:
             health = await h.wait_ready(ready_timeout)
             if health.engine_id in self._by_id or any(x.address == address for x in self.handles):

@@ -16,7 +16,7 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -62,6 +62,8 @@ class EngineOptions:
     insecure: bool = False  # serve without a key (loopback only)
     max_lease_s: float = MAX_LEASE_S
     kv_store: list[str] = field(default_factory=list)  # --kv-store tiers, fastest first (kvapi.store)
+    join: str = ""  # a gateway URL to join (and leave on SIGTERM): microserve/control/join.py
+    role: str = "engine"
 
 
 def check_addresses(opts: EngineOptions) -> None:
@@ -191,7 +193,8 @@ class EngineServer:
         self.transports = self.service.transports
 
     # -- serving ------------------------------------------------------------------------
-    async def serve(self, stop: asyncio.Event, ready: Callable[[EngineServer], None] | None = None) -> None:
+    async def serve(self, stop: asyncio.Event, ready: Callable[[EngineServer], None] | None = None,
+                    before_stop: Callable[[], Awaitable[None]] | None = None) -> None:
         self.service.model_name = self.opts.model
         key = self.opts.cluster_key
         auth = key.authenticator(self.ctx) if key is not None else None
@@ -214,6 +217,8 @@ class EngineServer:
         if ready is not None:
             ready(self)
         await stop.wait()
+        if before_stop is not None:  # NOTE: still serving: a deployment it joined drains it first
+            await before_stop()
         log.info("engine %s stopping", self.engine_id)
         recv_task.cancel()
         for task in list(self._calls):
@@ -290,7 +295,25 @@ def run_engine(opts: EngineOptions) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await server.serve(stop, ready)
+        joined: list[asyncio.Task] = []
+
+        def up(s: EngineServer) -> None:
+            ready(s)
+            if opts.join:
+                from microserve.control.join import join
+
+                token = opts.cluster_key.join_token if opts.cluster_key else ""
+                joined.append(asyncio.ensure_future(join(opts.join, s.rpc_addr, opts.role, token)))
+
+        async def before_stop() -> None:
+            if joined:
+                from microserve.control.join import leave
+
+                if joined[0].done() and not joined[0].cancelled() and joined[0].exception() is None:
+                    await leave(opts.join, server.engine_id, opts.cluster_key.join_token if opts.cluster_key else "")
+                joined[0].cancel()
+
+        await server.serve(stop, up, before_stop)
 
     asyncio.run(main())
     for sig in (signal.SIGTERM, signal.SIGINT):  # NOTE: a repeated signal must not kill the final teardown

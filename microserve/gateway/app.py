@@ -236,7 +236,8 @@ class Gateway:
                 {"token_ids": d.token_ids} if body.return_token_ids or self.ids_only else {})
 
         if body.stream:
-            return await self._sse(request, streams, base, choice, _include_usage(body), sampling.n)
+            return await self._sse(request, streams, base, choice, _include_usage(body), sampling.n,
+                                   bool(body.return_token_ids))
         results = _best(await _collect(streams), len(prompts), sampling)
         return web.json_response(base | {
             "choices": [{"index": i, "text": echo[i] + r.text, "finish_reason": r.reason,
@@ -295,7 +296,7 @@ class Gateway:
                     {"token_ids": d.token_ids} if body.return_token_ids or self.ids_only else {})
 
             return await self._sse(request, streams, base | {"object": "chat.completion.chunk"}, choice,
-                                   _include_usage(body), sampling.n)
+                                   _include_usage(body), sampling.n, bool(body.return_token_ids))
         results = await _collect(streams)
         finished = [tools.message(mode, fname, r.text, r.reason) if mode else
                     ({"role": "assistant", "content": echo + r.text}, r.reason) for r in results]
@@ -311,7 +312,7 @@ class Gateway:
 
     # -- streaming ----------------------------------------------------------------------
     async def _sse(self, request: web.Request, streams: list[AsyncIterator[Delta]], base: dict[str, Any],
-                   choice, include_usage: bool, n: int = 1) -> web.StreamResponse:
+                   choice, include_usage: bool, n: int = 1, keep_ids: bool = False) -> web.StreamResponse:
         merged = _merge(streams)
         usages = []
         resp: web.StreamResponse | None = None
@@ -323,7 +324,7 @@ class Gateway:
                     await _send(resp, O.error_body(HTTP_STATUS[item.code], item.message, item.code))
                     break
                 if resp is not None and not item.text and item.finish_reason is None and not item.logprobs \
-                        and not (self.ids_only and item.token_ids):
+                        and not ((keep_ids or self.ids_only) and item.token_ids):
                     continue  # tokens that do not complete a character yet: nothing to show
                 if resp is None:
                     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",

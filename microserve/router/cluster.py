@@ -18,7 +18,7 @@ import contextlib
 import contextvars
 import itertools
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import zmq
@@ -247,6 +247,14 @@ class Cluster:
             if engine_id in (h.name, self.health[h].engine_id if h in self.health else None):
                 return h
         raise KeyError(f"no engine {engine_id!r} in this cluster")
+
+    def migrate(self, req: P.Request, generated: list[int], source: EngineHandle,
+                to: EngineHandle) -> AsyncIterator[P.GenerateChunk]:
+        """Continue a running request on `to` with its KV moved from `source` (router/migration.py):
+        close the source's stream first, then yield these chunks after the source's."""
+        from microserve.router.migration import migrate
+
+        return migrate(req, generated, source, to)
 
     # -- membership while serving (microserve/control/admin.py) ------------------------------
     async def add_engine(self, address: str, role: str, ready_timeout: float = 60.0) -> EngineHandle:

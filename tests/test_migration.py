@@ -71,3 +71,26 @@ async def test_a_migrated_stream_equals_an_unmigrated_run(demo_path, tmp_path, r
         assert 0 < used <= 16 + (MAX - after), (after, used)
     finally:
         assert dep.stop() == 0
+
+
+async def test_rebalance_moves_a_long_decode_and_keeps_its_output(demo_path, reference):
+    # thresholds that always hold, so the shipped strategy's move path runs on every request
+    dep = start_launch("--strategy", "strategies/rebalance.py", "--strategy-arg", "high=-1",
+                       "--strategy-arg", "margin=-2", "--strategy-arg", "min_tokens=4", "--model", str(demo_path),
+                       "--served-model-name", "demo", "--num-kv-blocks", "256", "--log-level", "error")
+    try:
+        client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="x", max_retries=0)
+        before = {}
+        for name, address in dep.engines.items():
+            async with EngineHandle(address, name=name, timeout=10) as h:
+                before[name] = (await h.stats()).kv_bytes_sent
+        out = await client.completions.create(model="demo", prompt=PROMPT, max_tokens=MAX, temperature=0,
+                                              extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert out.choices[0].model_extra["token_ids"] == reference.token_ids
+        sent = 0
+        for name, address in dep.engines.items():
+            async with EngineHandle(address, name=name, timeout=10) as h:
+                sent += (await h.stats()).kv_bytes_sent - before[name]
+        assert sent > 0, "no KV moved: the request was not migrated"
+    finally:
+        assert dep.stop() == 0

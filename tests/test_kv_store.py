@@ -545,3 +545,16 @@ async def test_launch_with_a_valkey_tier_serves_identical_greedy_output(strategy
     left = [pid for pid in children if Path(f"/proc/{pid}").exists()
             and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
     assert not left, "a process of the deployment (an engine or the Valkey server) outlived it"
+
+
+def test_the_valkey_server_dies_with_a_killed_launcher():
+    code = ("from kvapi.store.server import ValkeyProcess; import time; v = ValkeyProcess(); "
+            "print(v.proc.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([os.sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower():
+        assert time.monotonic() < deadline, "the Valkey server outlived a SIGKILLed parent"
+        time.sleep(0.05)

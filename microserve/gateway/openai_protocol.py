@@ -181,7 +181,7 @@ class _Common(msgspec.Struct, kw_only=True):
         """A 400 naming the first field (of vLLM's) we do not serve that has a value other than its default."""
         for name, (default, why) in REFUSED.items():
             value = getattr(self, name, None)
-            if value is not None and value != default and not (default == [] and value in ((), [])):
+            if value is not None and value != default:
                 raise RouterError(BAD, why, param=name)
         if self.truncation_side not in (None, "left", "right"):
             raise RouterError(BAD, "truncation_side must be left or right", param="truncation_side")
@@ -189,9 +189,7 @@ class _Common(msgspec.Struct, kw_only=True):
             raise RouterError(BAD, "truncate_prompt_tokens must be >= 1", param="truncate_prompt_tokens")
 
     def _prompt_logprobs(self, logprobs: int | None) -> int | None:
-        """vLLM's prompt_logprobs; completions' echo with logprobs needs the prompt's too."""
-        if getattr(self, "echo", False) and isinstance(logprobs, int) and not isinstance(self, ChatCompletionRequest):
-            return max(logprobs, self.prompt_logprobs or 0)
+        """vLLM's prompt_logprobs (completions widen it for `echo` with `logprobs`)."""
         return self.prompt_logprobs
 
     def truncate(self, prompt: list[int]) -> list[int]:
@@ -253,6 +251,11 @@ class CompletionRequest(_Common, kw_only=True):
             return [list(x) for x in p]
         raise RouterError(BAD, "prompt must be a string, a list of strings, a list of token ids, or a list of "
                                "token-id lists", param="prompt")
+
+    def _prompt_logprobs(self, logprobs: int | None) -> int | None:
+        if self.echo and logprobs is not None:  # NOTE: echo with logprobs lists the prompt's logprobs too
+            return max(logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
 
     def check_unsupported(self) -> None:
         if self.best_of is not None and self.best_of > self.n and self.stream:

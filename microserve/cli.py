@@ -87,7 +87,7 @@ def _serve_setup(args: argparse.Namespace, model: str | None):
     strategy = load_strategy(args.strategy, strategy_args)
     name = args.served_model_name or (model if model in (None, "demo") else Path(model).name) or "model"
     opts = ServeOptions(args.host, args.port, args.api_key, name, args.request_timeout, args.max_retries,
-                        args.max_pending, args.cluster_key, args.admin_key)
+                        args.max_pending, args.cluster_key, args.admin_key, args.evict_after)
     return strategy, opts
 
 
@@ -128,7 +128,15 @@ def _launch(args: argparse.Namespace) -> int:
     else:
         layout = dict(roles)
     backend = ["--backend", args.backend] if args.backend != "builtin" else []
-    return asyncio.run(launch(strategy, args.model, layout, [*_forwarded_knobs(args), *backend], opts))
+    ray = None
+    if args.ray is not None:
+        from microserve.control.on_ray import RayOptions, import_ray
+
+        import_ray()  # NOTE: without Ray: exit 2 with the install command, before anything starts
+        if args.engine_cpus <= 0:
+            raise ValueError("--engine-cpus must be > 0")
+        ray = RayOptions(args.ray, args.placement, args.engine_cpus, args.engine_restarts)
+    return asyncio.run(launch(strategy, args.model, layout, [*_forwarded_knobs(args), *backend], opts, ray))
 
 
 def _router(args: argparse.Namespace) -> int:
@@ -226,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     lau.add_argument("--engines", type=int, default=None,
                      help="number of engines, for strategies with one role (data parallel, cache aware...)")
     lau.add_argument("--backend", default="builtin", choices=["builtin", "vllm"])
+    ray = lau.add_argument_group("on Ray (docs/multi-host.md)")
+    ray.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                     help="engines as Ray actors on a Ray cluster: its ADDRESS, or auto/none (this host's cluster, "
+                          "else a new local one); needs pip install 'microserve[ray]'")
+    ray.add_argument("--placement", default="spread", choices=["spread", "pack"], help="engines across nodes")
+    ray.add_argument("--engine-cpus", type=float, default=1.0, help="CPUs per engine actor (its threads too)")
+    ray.add_argument("--engine-restarts", type=int, default=3,
+                     help="Ray restarts of a failed engine actor (-1: no limit); a restarted engine re-joins")
     lau.set_defaults(func=_launch)
 
     rou = sub.add_parser("router", parents=[_serve_options()],
@@ -290,6 +306,9 @@ def _serve_options() -> argparse.ArgumentParser:
     g.add_argument("--max-retries", type=int, default=2,
                    help="restarts on another engine when one fails before the first token")
     g.add_argument("--max-pending", type=int, default=1024, help="requests in flight before 429s")
+    g.add_argument("--evict-after", type=float, default=30.0, metavar="SECONDS",
+                   help="an engine that joined (engine --join) and stops answering leaves the cluster after this; "
+                        "it re-joins when it is back")
     g.add_argument("--cluster-key", default=None, metavar="FILE",
                    help="the deployment's key (microserve keygen); default $MICROSERVE_CLUSTER_KEY; launch makes "
                         "a fresh one per run when neither is given")

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from microserve.control.provision import Names, Provisioner, Started
 from microserve.router.cluster import Cluster
 from microserve.router.handle import EngineHandle
 from microserve.router.strategy import Strategy, StrategyError
@@ -43,6 +44,7 @@ class ServeOptions:
     max_pending: int = 1024
     cluster_key: str | None = None  # key file; launch makes a fresh one per run when None
     admin_key: str | None = None  # the admin API's key (default: api_key; neither: the admin API is off)
+    evict_after: float = 30.0  # seconds a joined engine may stay down before it leaves the cluster
 
 
 @dataclass
@@ -67,15 +69,16 @@ def engine_threads(num_engines: int) -> int:
 
 
 async def spawn_engines(model: str, layout: Mapping[str, int], engine_args: list[str],
-                        ready_timeout: float = 300.0) -> list[EngineProcess]:
+                        ready_timeout: float = 300.0, names: Names | None = None) -> list[EngineProcess]:
     """Start one `microserve engine` per role slot; return when all printed READY (or raise)."""
     n = sum(layout.values())
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(engine_threads(n)))
+    names = names or Names()
     procs: list[EngineProcess] = []
     for role, count in layout.items():
-        for i in range(count):
-            eid = f"{role}-{i}"
+        for _ in range(count):
+            eid = names.new(role)
             cmd = [sys.executable, "-m", "microserve", "engine", "--model", model, "--engine-id", eid,
                    "--rpc", "tcp://127.0.0.1:*", "--events", "tcp://127.0.0.1:*", *engine_args]
             proc = await asyncio.create_subprocess_exec(
@@ -119,14 +122,48 @@ async def stop_engines(procs: list[EngineProcess], grace: float = 15.0) -> None:
             await p.proc.wait()
 
 
-async def _watch(p: EngineProcess, handle: EngineHandle, stopping: asyncio.Event) -> None:
-    assert p.proc.stdout is not None
-    while await p.proc.stdout.readline():  # keep the pipe drained
-        pass
-    code = await p.proc.wait()
-    if not stopping.is_set():
-        log.error("engine %s exited with code %s; serving with the other engines", p.engine_id, code)
-        handle.mark_down(f"the engine process exited with code {code}")
+class LocalEngines:
+    """The engine subprocesses of `launch` (a `Provisioner`: `ctl scale` starts and stops more)."""
+
+    def __init__(self, model: str, engine_args: list[str], procs: list[EngineProcess], names: Names) -> None:
+        self.model, self.engine_args, self.procs, self.names = model, engine_args, procs, names
+        self.cluster: Cluster | None = None
+        self._stopping = False
+        self._watchers: list[asyncio.Task] = []
+
+    def attach(self, cluster: Cluster, url: str = "") -> None:
+        self.cluster = cluster
+        self._watchers += [asyncio.create_task(self._watch(p)) for p in self.procs]
+
+    async def _watch(self, p: EngineProcess) -> None:
+        assert p.proc.stdout is not None
+        while await p.proc.stdout.readline():  # keep the pipe drained
+            pass
+        code = await p.proc.wait()
+        if not self._stopping and p in self.procs and self.cluster is not None:
+            log.error("engine %s exited with code %s; serving with the other engines", p.engine_id, code)
+            with contextlib.suppress(KeyError):
+                self.cluster.engine(p.engine_id).mark_down(f"the engine process exited with code {code}")
+
+    async def start(self, role: str, count: int) -> list[Started]:
+        new = await spawn_engines(self.model, {role: count}, self.engine_args, names=self.names)
+        self.procs += new
+        self._watchers += [asyncio.create_task(self._watch(p)) for p in new]
+        return [Started(p.engine_id, p.rpc) for p in new]
+
+    async def stop(self, engine_id: str) -> None:
+        gone = [p for p in self.procs if p.engine_id == engine_id]
+        self.procs = [p for p in self.procs if p.engine_id != engine_id]
+        await stop_engines(gone)
+
+    def owns(self, engine_id: str) -> bool:
+        return any(p.engine_id == engine_id for p in self.procs)
+
+    async def close(self) -> None:
+        self._stopping = True
+        await stop_engines(self.procs)
+        for t in self._watchers:
+            t.cancel()
 
 
 def check_layout(strategy: Strategy, layout: Mapping[str, int]) -> None:
@@ -143,44 +180,42 @@ def load_tokenizer(model_path: str | Path):
 
 
 async def serve(cluster: Cluster, strategy: Strategy, tokenizer, opts: ServeOptions,
-                procs: list[EngineProcess] | None = None) -> int:
-    """Run router + gateway over a cluster until SIGTERM/SIGINT; returns the exit code."""
+                engines: Provisioner | None = None, ready_extra: str = "") -> int:
+    """Run router + gateway over a cluster until SIGTERM/SIGINT; returns the exit code. `engines`: the
+    engines this deployment started (stopped at exit; `ctl scale` starts and stops more)."""
     from microserve.gateway.app import Gateway
     from microserve.gateway.app import serve as serve_http
     from microserve.router.runtime import Router
 
-    procs = procs or []
     stop = asyncio.Event()
-    stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner = None
-    watchers: list[asyncio.Task] = []
     try:
+        cluster.evict_after = opts.evict_after
         await cluster.start()
         router = Router(cluster, strategy, tokenizer, request_timeout=opts.request_timeout,
                         max_retries=opts.max_retries, max_pending=opts.max_pending)
-        by_id = {h.name: h for h in cluster.handles}
-        watchers = [asyncio.create_task(_watch(p, by_id[p.engine_id], stopping)) for p in procs
-                    if p.engine_id in by_id]
+        router.engines = engines
         gateway = Gateway(router, opts.served_model_name, opts.api_key, opts.admin_key)
         runner, port = await serve_http(gateway, opts.host, opts.port)
-        engines = ",".join(f"{h.name}@{h.address}" for h in cluster.handles)
-        print(f"READY url=http://{_url_host(opts.host)}:{port} model={opts.served_model_name} "
-              f"strategy={type(strategy).__name__} engines={engines}", flush=True)
+        url = f"http://{_url_host(opts.host)}:{port}"
+        if engines is not None:
+            engines.attach(cluster, url)
+        listed = ",".join(f"{h.name}@{h.address}" for h in cluster.handles)
+        print(f"READY url={url} model={opts.served_model_name} "
+              f"strategy={type(strategy).__name__} engines={listed}{ready_extra}", flush=True)
         log.warning("serving %s with %s on http://%s:%d", opts.served_model_name, type(strategy).__name__,
                     opts.host, port)
         await stop.wait()
         return 0
     finally:
-        stopping.set()
         if runner is not None:
             await runner.cleanup()
         await cluster.close()
-        await stop_engines(procs)
-        for t in watchers:
-            t.cancel()
+        if engines is not None:
+            await engines.close()
         for sig in (signal.SIGTERM, signal.SIGINT):  # NOTE: a repeated Ctrl-C must not break the teardown
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
@@ -191,8 +226,8 @@ def _url_host(host: str) -> str:
 
 
 async def launch(strategy: Strategy, model: str, layout: Mapping[str, int], engine_args: list[str],
-                 opts: ServeOptions) -> int:
-    """Engines as subprocesses, then the router and gateway over them, until SIGINT/SIGTERM.
+                 opts: ServeOptions, ray=None) -> int:
+    """Engines as subprocesses (or Ray actors: `ray`), then the router and gateway over them, until SIGINT/SIGTERM.
     Every process shares one cluster key: `opts.cluster_key`, `$MICROSERVE_CLUSTER_KEY`, or a
     fresh key for this run in a private directory (removed at exit)."""
     import shutil
@@ -214,6 +249,10 @@ async def launch(strategy: Strategy, model: str, layout: Mapping[str, int], engi
         if private is not None:
             stack.callback(shutil.rmtree, private, ignore_errors=True)
         engine_args = _kv_store_args(engine_args, opts.host, key, stack)
+        if ray is not None:  # `--ray`: a `RayOptions` (microserve/control/on_ray.py)
+            from microserve.control.on_ray import launch_on_ray
+
+            return await launch_on_ray(strategy, model, layout, engine_args, opts, tokenizer, key, ray)
         return await _launch(strategy, model_path, layout, [*engine_args, "--cluster-key", key.source], opts,
                              tokenizer, key)
 
@@ -247,7 +286,8 @@ async def _launch(strategy: Strategy, model_path: str, layout: Mapping[str, int]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a Ctrl-C while engines load stops them too
         loop.add_signal_handler(sig, stop.set)
-    spawn = asyncio.ensure_future(spawn_engines(model_path, layout, engine_args))
+    names = Names()
+    spawn = asyncio.ensure_future(spawn_engines(model_path, layout, engine_args, names=names))
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait([spawn, stopper], return_when=asyncio.FIRST_COMPLETED)
     if not spawn.done():
@@ -259,4 +299,4 @@ async def _launch(strategy: Strategy, model_path: str, layout: Mapping[str, int]
     procs = spawn.result()
     cluster = Cluster({role: [EngineHandle(p.rpc, name=p.engine_id, role=role, cluster_key=key)
                               for p in procs if p.role == role] for role in layout}, cluster_key=key)
-    return await serve(cluster, strategy, tokenizer, opts, procs)
+    return await serve(cluster, strategy, tokenizer, opts, LocalEngines(model_path, engine_args, procs, names))

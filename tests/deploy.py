@@ -19,6 +19,7 @@ class Deployment:
     proc: subprocess.Popen
     url: str
     engines: dict[str, str] = field(default_factory=dict)  # engine name -> rpc address
+    ready: dict[str, str] = field(default_factory=dict)  # the fields of its READY line
 
     @property
     def base_url(self) -> str:
@@ -57,7 +58,7 @@ def _start(args: list[str], timeout: float, python: str | None = None) -> Deploy
         proc.kill()
         raise RuntimeError(f"{' '.join(args)} did not become ready (exit code {proc.poll()})")
     engines = dict(item.split("@", 1) for item in fields["engines"].split(","))
-    return Deployment(proc, fields["url"], engines)
+    return Deployment(proc, fields["url"], engines, fields)
 
 
 def start_launch(*args: str, timeout: float = 180.0, python: str | None = None) -> Deployment:

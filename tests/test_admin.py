@@ -134,3 +134,80 @@ async def test_an_engine_joins_with_the_cluster_key_and_leaves_on_sigterm(setup,
         assert "volunteer" not in [e["id"] for e in json.loads(ctl(dep, "engines").stdout)["engines"]]
     finally:
         eng.stop()
+
+
+@pytest.fixture(scope="module")
+def elastic(demo_path):
+    dep = start_launch("--strategy", "strategies/round_robin.py", "--model", str(demo_path), "--engines", "1",
+                       "--api-key", KEY, "--served-model-name", "demo", "--log-level", "error",
+                       "--evict-after", "2")
+    yield dep
+    dep.stop()
+
+
+def engine_ids(dep) -> list[str]:
+    return [e["id"] for e in json.loads(ctl(dep, "engines").stdout)["engines"]]
+
+
+async def test_ctl_scale_starts_and_drains_launch_engines(elastic):
+    """`ctl scale ROLE=N` on a plain `launch`: new engine subprocesses take requests; scaling down
+    drains the newest and stops its process; a role the strategy needs cannot go to 0."""
+    dep = elastic
+    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key=KEY, max_retries=0)
+    load = asyncio.ensure_future(stream_all(client, 6))
+    up = ctl(dep, "scale", "engine=2")
+    assert up.returncode == 0, up.stderr
+    assert all(await load)
+    assert sorted(engine_ids(dep)) == ["engine-0", "engine-1"]
+    new = next(e for e in json.loads(ctl(dep, "engines").stdout)["engines"] if e["id"] == "engine-1")
+    before = await computed(new["address"])
+    assert all(await stream_all(client, 6))
+    assert await computed(new["address"]) > before, "the new engine got no request"
+    assert len(dep.children()) == 2
+    load = asyncio.ensure_future(stream_all(client, 8, max_tokens=48))
+    await asyncio.sleep(0.3)
+    down = ctl(dep, "scale", "engine=1")
+    assert down.returncode == 0, down.stderr
+    texts = await load
+    assert len(texts) == 8 and all(texts)
+    assert engine_ids(dep) == ["engine-0"]
+    for _ in range(50):
+        if len(dep.children()) == 1:
+            break
+        await asyncio.sleep(0.1)
+    assert len(dep.children()) == 1, "the drained engine's process is still running"
+    zero = ctl(dep, "scale", "engine=0")
+    assert zero.returncode == 2 and "at least one engine" in zero.stderr
+    bad = ctl(dep, "scale", "engine=two")
+    assert bad.returncode == 2
+
+
+async def test_a_joined_engine_that_stops_answering_is_evicted_and_rejoins(elastic, demo_path):
+    import signal
+
+    from engines import start_engine, wait_engine
+
+    dep = elastic
+    eng = wait_engine(start_engine(str(demo_path), "--num-kv-blocks", "256", "--log-level", "warning",
+                                   "--join", dep.url, "--role", "engine", engine_id="flaky"))
+    try:
+        async def until(pred, seconds: float) -> bool:
+            for _ in range(int(seconds * 10)):
+                if pred(engine_ids(dep)):
+                    return True
+                await asyncio.sleep(0.1)
+            return False
+
+        assert await until(lambda ids: "flaky" in ids, 10)
+        eng.proc.send_signal(signal.SIGSTOP)  # it stops answering (a hung host, a partition)
+        assert await until(lambda ids: "flaky" not in ids, 15), "not evicted"
+        client = openai.AsyncOpenAI(base_url=dep.base_url, api_key=KEY, max_retries=0)
+        assert all(await stream_all(client, 4))  # served by the other engine meanwhile
+        eng.proc.send_signal(signal.SIGCONT)
+        assert await until(lambda ids: "flaky" in ids, 15), "did not re-join"
+        before = await computed(eng.rpc)
+        assert all(await stream_all(client, 6))
+        assert await computed(eng.rpc) > before
+    finally:
+        eng.proc.send_signal(signal.SIGCONT)
+        eng.stop()

@@ -205,6 +205,32 @@ async def test_prefix_on_receiver_sends_only_the_rest(cluster):
     await assert_no_leaks(cluster)
 
 
+async def test_host_id_override_keeps_shm_within_a_node(model, monkeypatch):
+    """`$MICROSERVE_HOST_ID` (launch --ray sets the Ray node id): engines of two nodes on one machine
+    move KV over the network (ucx when installed, else tcp) with `--transport auto`; engines of one
+    node over shm."""
+    engines = {}
+    for name, node in (("N1a", "node-1"), ("N1b", "node-1"), ("N2", "node-2")):
+        monkeypatch.setenv("MICROSERVE_HOST_ID", node)
+        engines[name] = start_engine(model, *COMMON, engine_id=name)
+    monkeypatch.delenv("MICROSERVE_HOST_ID")
+    procs = {name: wait_engine(p) for name, p in engines.items()}
+    try:
+        a, b, c = (EngineHandle(procs[n].rpc, name=n, timeout=30.0) for n in ("N1a", "N1b", "N2"))
+        network = "ucx" if ucx_available() else "tcp"
+        for sender, receiver, expected in ((a, b, "shm"), (a, c, network)):
+            prompt = rand_prompt(40)
+            r = req(prompt)
+            ticket = await receiver.prep_recv(r)
+            assert (await sender.remote_send(r, ticket.kv)).transport == expected
+            await collect(receiver.start_generate(r, begin=len(prompt)))
+        for h in (a, b, c):
+            await h.close()
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
 async def test_start_generate_waits_for_transfer_in_flight(cluster):
     """start_generate may be called before remote_send returns: it waits for the KV."""
     p, d = handles(cluster, "P", "D")

@@ -164,7 +164,10 @@ def block_runs(blocks: list[int]) -> list[tuple[int, int]]:
 
 
 def host_id() -> str:
-    """Identity of this machine (and boot): shared memory works only between equals."""
+    """Identity of this machine (and boot): shared memory works only between equals.
+    `$MICROSERVE_HOST_ID` overrides it (`launch --ray` sets the Ray node id: shm only within a node)."""
+    if os.environ.get("MICROSERVE_HOST_ID"):
+        return os.environ["MICROSERVE_HOST_ID"]
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()

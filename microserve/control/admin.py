@@ -1,7 +1,11 @@
 """The admin API, on the gateway: the cluster changes shape while it serves.
 
     GET    /admin/engines              {"engines": [{id, address, role, alive, running, waiting, kv_blocks_used}]}
-    POST   /admin/engines              {"address", "role"}: a running engine joins (takes traffic once it answers)
+    POST   /admin/engines              {"address", "role"[, "id"]}: a running engine joins (takes traffic once it
+                                       answers); with the join token and an "id" already here at that address,
+                                       a 200 no-op (`engine --join` re-posts to re-join after an eviction)
+    PUT    /admin/scale                {ROLE: N, ...}: start or drain-and-stop engines the deployment owns
+                                       (launch's subprocesses, launch --ray's actors: control/provision.py)
     PATCH  /admin/engines/{id}         {"role"}: the next request sees it in that role
     DELETE /admin/engines/{id}         drain (no new request goes there, its requests finish), then forget it
     GET    /admin/strategy             {"name", "args"}
@@ -10,8 +14,7 @@
 
 Every call needs `Authorization: Bearer <admin key>` (`--admin-key`, default the API key); without a
 key configured, the admin API is off (403). Each change is logged and counted
-(`microserve_admin_changes_total{action}`). Requests in flight on a drained engine finish there;
-moving them (live migration) is not built yet.
+(`microserve_admin_changes_total{action}`). Requests in flight on a drained engine finish there.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
+from microserve.control.provision import ScaleError, scale
 from microserve.router.handle import EngineCallError
 from microserve.router.runtime import Router
 from microserve.router.strategy import StrategyError, load_strategy
@@ -47,19 +51,25 @@ class Admin:
         app.router.add_delete("/admin/engines/{id}", self.remove_engine)
         app.router.add_get("/admin/strategy", self.get_strategy)
         app.router.add_put("/admin/strategy", self.put_strategy)
+        app.router.add_put("/admin/scale", self.scale)
 
     def _refused(self, request: web.Request, join: bool = False) -> web.Response | None:
         """None when the caller holds the admin key (or, to add or remove an engine, the cluster's join
         token: `microserve engine --join`); else the error to answer."""
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
-        cluster_key = resolve(self.router.cluster.cluster_key) if join else None
-        if cluster_key is not None and hmac.compare_digest(given, cluster_key.join_token.encode()):
+        if join and self._joining(request):
             return None
         if not self.key:
             return _error(403, "the admin API is off: start the gateway with --admin-key (or --api-key)")
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
         if not hmac.compare_digest(given, self.key.encode()):
             return _error(401, "the admin API needs Authorization: Bearer <admin key>")
         return None
+
+    def _joining(self, request: web.Request) -> bool:
+        """Whether the caller holds the cluster's join token (an engine of the cluster)."""
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
+        cluster_key = resolve(self.router.cluster.cluster_key)
+        return cluster_key is not None and hmac.compare_digest(given, cluster_key.join_token.encode())
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
@@ -109,8 +119,13 @@ class Admin:
         address, role = body.get("address"), body.get("role")
         if not isinstance(address, str) or not isinstance(role, str) or not role:
             return _error(400, "POST /admin/engines needs {\"address\": \"tcp://HOST:PORT\", \"role\": ROLE}")
+        joining = self._joining(request)
+        here = [h for h in self.router.cluster.handles if h.name == body.get("id") and h.address == address]
+        if joining and here:  # a joined engine checking that it is still a member
+            return web.json_response({"id": here[0].name, "address": address, "role": here[0].role})
         try:
-            h = await self.router.cluster.add_engine(address, role, ready_timeout=float(body.get("timeout", 30)))
+            h = await self.router.cluster.add_engine(address, role, ready_timeout=float(body.get("timeout", 30)),
+                                                     joined=joining)
         except ValueError as exc:
             return _error(409, str(exc))
         except (EngineCallError, OSError) as exc:
@@ -173,3 +188,18 @@ class Admin:
         old, self.router.strategy = type(self.router.strategy).__name__, strategy
         self._done("strategy", f"strategy {old} -> {type(strategy).__name__} (requests in flight keep {old})")
         return web.json_response({"name": type(strategy).__name__})
+
+    async def scale(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        body = await self._body(request)
+        try:
+            roles = await scale(self.router, self.router.engines, body)
+        except ScaleError as exc:
+            return _error(409, str(exc))
+        except ValueError as exc:
+            return _error(400, str(exc))
+        except (EngineCallError, OSError, RuntimeError, TimeoutError) as exc:
+            return _error(502, f"scaling failed: {exc}")
+        self._done("scale", "scale " + ", ".join(f"{r}={n}" for r, n in body.items()))
+        return web.json_response({"roles": roles})

@@ -5,6 +5,7 @@
     microserve ctl --url URL role decode-1 prefill
     microserve ctl --url URL remove decode-1
     microserve ctl --url URL strategy strategies/balanced_pd.py --strategy-arg fraction=0.2
+    microserve ctl --url URL scale decode=3 prefill=1      (engines `launch` / `launch --ray` starts itself)
 
 The key comes from `--admin-key` or `$MICROSERVE_ADMIN_KEY`. Prints the JSON answer; a refused or
 failed call prints one line and exits 2.
@@ -37,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     st = sub.add_parser("strategy", help="replace the strategy (requests in flight keep the old one)")
     st.add_argument("path")
     st.add_argument("--strategy-arg", action="append", default=[], metavar="NAME=VALUE")
+    sc = sub.add_parser("scale", help="start or drain-and-stop engines until each role has N")
+    sc.add_argument("counts", nargs="+", metavar="ROLE=N")
 
 
 def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> dict:
@@ -66,6 +69,14 @@ def run(args: argparse.Namespace) -> int:
         out = _call(args, "PATCH", f"/admin/engines/{args.id}", {"role": args.role})
     elif args.action == "remove":
         out = _call(args, "DELETE", f"/admin/engines/{args.id}")
+    elif args.action == "scale":
+        counts = {}
+        for item in args.counts:
+            role, sep, n = item.partition("=")
+            if not sep or not n.strip().isdigit():
+                raise SystemExit(f"error: scale {item!r}: expected ROLE=N with N >= 0")
+            counts[role.strip()] = int(n)
+        out = _call(args, "PUT", "/admin/scale", counts)
     else:
         strategy_args = dict(item.split("=", 1) for item in args.strategy_arg if "=" in item)
         out = _call(args, "PUT", "/admin/strategy", {"path": args.path, "args": strategy_args})

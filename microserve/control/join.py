@@ -1,7 +1,9 @@
 """`microserve engine --join URL --role R`: an engine adds itself to a running deployment, and on
 SIGTERM drains and removes itself before it exits.
 
-    READY ─> POST URL/admin/engines {"address": its RPC address, "role"}   (retried until the gateway answers)
+    READY ─> POST URL/admin/engines {"address": its RPC address, "role", "id"}  (retried until the gateway answers)
+          ─> every 5 s the same POST: a no-op while it is a member; after an eviction (it did not answer
+             for a while) or a gateway restart, it joins again
     SIGTERM ─> DELETE URL/admin/engines/{engine id}: the router stops sending it requests and waits
                for those in flight, which the engine keeps serving ─> the engine stops
 
@@ -19,23 +21,32 @@ import aiohttp
 log = logging.getLogger("microserve.join")
 
 
-async def join(url: str, address: str, role: str, token: str, timeout: float = 60.0) -> None:
-    """Register with the gateway at `url`, retrying while it is not up yet (RuntimeError when refused)."""
-    deadline = asyncio.get_running_loop().time() + timeout
+async def join(url: str, address: str, role: str, token: str, engine_id: str = "", timeout: float = 60.0,
+               interval: float = 5.0) -> None:
+    """Register with the gateway at `url`, retrying while it is not up yet (RuntimeError when refused
+    or unreachable for `timeout`), then keep checking membership every `interval` seconds (re-joins
+    after an eviction). Runs until cancelled."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     headers = {"Authorization": f"Bearer {token}"}
+    body = {"address": address, "role": role, "id": engine_id}
+    member = False
     async with aiohttp.ClientSession(trust_env=False) as s:
         while True:
             try:
-                async with s.post(f"{url.rstrip('/')}/admin/engines", json={"address": address, "role": role},
-                                  headers=headers) as r:
+                async with s.post(f"{url.rstrip('/')}/admin/engines", json=body, headers=headers) as r:
                     if r.status == 201:
-                        log.warning("joined %s as %s", url, role)
-                        return
-                    raise RuntimeError(f"{url} refused to add this engine: {r.status} {await r.text()}")
+                        log.warning("%s %s as %s", "re-joined" if member else "joined", url, role)
+                    elif r.status != 200:
+                        raise RuntimeError(f"{url} refused to add this engine: {r.status} {await r.text()}")
+                    member = True
             except aiohttp.ClientError as exc:
-                if asyncio.get_running_loop().time() > deadline:
+                if not member and loop.time() > deadline:
                     raise RuntimeError(f"cannot reach {url} to join: {exc}") from None
-                await asyncio.sleep(0.5)
+                log.info("membership check at %s: %s", url, exc)
+                await asyncio.sleep(0.5 if not member else interval)
+                continue
+            await asyncio.sleep(interval)
 
 
 async def leave(url: str, engine_id: str, token: str) -> None:

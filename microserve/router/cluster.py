@@ -101,6 +101,9 @@ class Cluster:
         self._subs: dict[EngineHandle, zmq.asyncio.Socket] = {}
         self.draining: set[EngineHandle] = set()  # leaving: strategies no longer see them
         self.on_join: list = []  # callbacks told of every engine added while serving (metrics)
+        self.on_evict: list = []  # callbacks told of every joined engine evicted for not answering
+        self.evict_after = 30.0  # seconds a joined engine may stay down before it is evicted
+        self._down_since: dict[EngineHandle, float] = {}
         self.cluster_key = cluster_key
         self._timeout = timeout
         for h in self.handles:
@@ -175,10 +178,24 @@ class Cluster:
             stats = await h.stats(timeout=max(2.0, 4 * self.poll_interval))
         except EngineCallError:
             h.mark_down("the engine does not answer stats")
+            self._maybe_evict(h)
             return
+        self._down_since.pop(h, None)
         load = self._loads[h]
         load.stats, load.running, load.waiting = stats, stats.running, stats.waiting
         load.kv_usage = stats.kv_blocks_used / max(1, stats.kv_blocks_total)
+
+    def _maybe_evict(self, h: EngineHandle) -> None:
+        """A joined engine down for `evict_after` seconds leaves the cluster (it re-joins when back)."""
+        now = asyncio.get_running_loop().time()
+        since = self._down_since.setdefault(h, now)
+        if h.joined and now - since >= self.evict_after and h in self._loads:
+            log.warning("engine %s has not answered for %.0f s: evicted (it re-joins when it is back)",
+                        h.name, now - since)
+            self._down_since.pop(h, None)
+            for hook in self.on_evict:
+                hook(h)
+            self._background(self.remove_engine(h, timeout=0.0))
 
     async def _snapshot(self, h: EngineHandle) -> None:
         try:
@@ -257,18 +274,26 @@ class Cluster:
         return migrate(req, generated, source, to)
 
     # -- membership while serving (microserve/control/admin.py) ------------------------------
-    async def add_engine(self, address: str, role: str, ready_timeout: float = 60.0) -> EngineHandle:
+    async def add_engine(self, address: str, role: str, ready_timeout: float = 60.0,
+                         joined: bool = False) -> EngineHandle:
         """Add a running engine under `role`: it takes traffic once it answers (ValueError if it is
-        already here; EngineCallError if it does not answer)."""
+        already here; EngineCallError if it does not answer). An engine that reports the id of one
+        here that does not answer (a restart on a new address) replaces it. `joined`: it registered
+        itself (`engine --join`), so it is evicted when it stays down (`evict_after`) and re-joins."""
         h = EngineHandle(address, role=role, timeout=self._timeout, cluster_key=self.cluster_key)
         try:
             health = await h.wait_ready(ready_timeout)
-            if health.engine_id in self._by_id or any(x.address == address for x in self.handles):
+            old = self._by_id.get(health.engine_id)
+            if old is not None and old.address != address and not await self._answers(old):
+                log.warning("engine %s is back at %s (was %s): it replaces the old one", health.engine_id,
+                            address, old.address)
+                await self.remove_engine(old, timeout=0.0)
+            elif old is not None or any(x.address == address for x in self.handles):
                 raise ValueError(f"engine {health.engine_id} ({address}) is already in the cluster")
         except BaseException:
             await h.close()
             raise
-        h.name, h.on_state = health.engine_id, self._on_state
+        h.name, h.on_state, h.joined = health.engine_id, self._on_state, joined
         self.health[h], self._by_id[health.engine_id], self._loads[h] = health, h, Load()
         self.prefix_index.add_engine(health.engine_id, health.kv_spec.block_size)
         self._subscribe(h, health)
@@ -278,6 +303,14 @@ class Cluster:
         for hook in self.on_join:
             hook(h)
         return h
+
+    @staticmethod
+    async def _answers(h: EngineHandle) -> bool:
+        try:
+            await h.health(timeout=2.0)
+            return True
+        except EngineCallError:
+            return False
 
     def set_role(self, h: EngineHandle, role: str) -> None:
         """Move an engine to another role (the next request sees it there)."""
@@ -289,12 +322,17 @@ class Cluster:
 
     async def remove_engine(self, h: EngineHandle, timeout: float = 300.0) -> None:
         """Drain an engine (no new request goes there; its requests in flight finish), then forget it."""
+        if h not in self._loads:  # already gone (evicted, replaced)
+            return
         self.draining.add(h)
         deadline = asyncio.get_running_loop().time() + timeout
         while h.inflight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
+        if h not in self._loads:
+            return
         self.roles[h.role].remove(h)
         self.handles.remove(h)
+        self._down_since.pop(h, None)
         self.draining.discard(h)
         self._loads.pop(h, None)
         health = self.health.pop(h, None)

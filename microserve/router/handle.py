@@ -93,6 +93,7 @@ class EngineHandle:
         self.cluster_key = resolve_key(cluster_key) if transport is None else None
         self.transport: Transport = transport or ZMQTransport(address, context, self.cluster_key)
         self.alive = True  # False from a lost connection or failed health poll until a call succeeds again
+        self.joined = False  # it registered itself (engine --join): evicted when it stays down, re-joins
         self.inflight = 0  # start_generate / remote_send calls this process has in flight on the engine
         self.pending_tokens = 0  # prompt tokens this process asked the engine to prefill, not yet done
         self.on_send: Callable[[P.SendResult], None] | None = None  # observer of finished remote_sends

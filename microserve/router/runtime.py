@@ -213,8 +213,8 @@ class Router:
         self.cluster, self.strategy, self.tokenizer = cluster, strategy, tokenizer
         self.max_model_len = max_model_len or cluster.max_model_len
         self.request_timeout, self.max_retries, self.max_pending = request_timeout, max_retries, max_pending
-        self.metrics = RouterMetrics(cluster)
-        self.pending = 0
+        self.metrics, self.pending = RouterMetrics(cluster), 0
+        self.engines = None  # the engines this deployment starts itself (control/provision.py), if any
 
     # -- input --------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:

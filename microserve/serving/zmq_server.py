@@ -303,13 +303,14 @@ def run_engine(opts: EngineOptions) -> int:
                 from microserve.control.join import join
 
                 token = opts.cluster_key.join_token if opts.cluster_key else ""
-                joined.append(asyncio.ensure_future(join(opts.join, s.rpc_addr, opts.role, token)))
+                joined.append(asyncio.ensure_future(join(opts.join, s.rpc_addr, opts.role, token, s.engine_id)))
 
         async def before_stop() -> None:
             if joined:
                 from microserve.control.join import leave
 
-                if joined[0].done() and not joined[0].cancelled() and joined[0].exception() is None:
+                if not joined[0].done():  # NOTE: still a member (a failed join ended the task)
+                    joined[0].cancel()
                     await leave(opts.join, server.engine_id, opts.cluster_key.join_token if opts.cluster_key else "")
                 joined[0].cancel()
 

@@ -1,0 +1,108 @@
+"""Engines a deployment starts and stops by itself, so that `microserve ctl scale ROLE=N` can change
+how many it has while it serves.
+
+    PUT /admin/scale {"decode": 3} ─> scale(router, engines, {"decode": 3})
+        more wanted: engines.start(role, k) ─> their RPC addresses ─> cluster.add_engine
+        fewer:       the newest engines of that role this deployment owns ─> cluster.remove_engine
+                     (drain: their requests finish) ─> engines.stop(id)
+
+`LocalEngines`: `microserve engine` subprocesses of `launch` on this host (microserve/launch.py).
+`RayEngines`: Ray actors that own one engine process each, on any node (microserve/control/on_ray.py).
+Engines added by address (`ctl add`, `engine --join`) count toward a role but are never stopped here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger("microserve.provision")
+
+
+@dataclass
+class Started:
+    engine_id: str
+    rpc: str
+    node: str = ""  # where it runs (a Ray node id; "" for this host)
+
+
+class Provisioner(Protocol):
+    """What `scale` needs from a deployment that owns its engines."""
+
+    def attach(self, cluster, url: str = "") -> None:
+        """The gateway serves `cluster` at `url` (watch the engines; where a restarted engine joins)."""
+        ...
+
+    async def start(self, role: str, count: int) -> list[Started]:
+        """Start `count` engines for `role`; return when each serves (or raise and stop them)."""
+        ...
+
+    async def stop(self, engine_id: str) -> None:
+        """Stop an engine this deployment started (after the router drained it)."""
+        ...
+
+    def owns(self, engine_id: str) -> bool:
+        ...
+
+    async def close(self) -> None:
+        """Stop every engine (the deployment is shutting down)."""
+        ...
+
+
+class ScaleError(ValueError):
+    """A scale request that cannot be done (answered 409)."""
+
+
+class Names:
+    """Engine ids `ROLE-N`, never reused within a deployment (a restarted engine keeps its own)."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}
+
+    def new(self, role: str) -> str:
+        n = self._next.get(role, 0)
+        self._next[role] = n + 1
+        return f"{role}-{n}"
+
+
+async def scale(router, engines: Provisioner | None, want: Mapping[str, int]) -> dict[str, list[str]]:
+    """Bring each role to the wanted count of engines; returns {role: [engine ids]} after the change."""
+    if engines is None:
+        raise ScaleError("this deployment does not start its own engines (microserve router): add engines with "
+                         "`ctl add` or `engine --join`, remove them with `ctl remove`")
+    cluster, used = router.cluster, type(router.strategy).roles
+    for role, n in want.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"scale: {role}={n!r} is not a count (an integer >= 0)")
+        if n == 0 and role in used:
+            raise ScaleError(f"{type(router.strategy).__name__} routes to {role}: it needs at least one engine")
+    for role, n in want.items():
+        serving = [h for h in cluster.roles.get(role, []) if h not in cluster.draining]
+        if n > len(serving):
+            started = await engines.start(role, n - len(serving))
+            for s in started:
+                try:
+                    await cluster.add_engine(s.rpc, role)
+                except BaseException:
+                    await asyncio.gather(*(engines.stop(x.engine_id) for x in started), return_exceptions=True)
+                    raise
+                log.warning("scale: engine %s started as %s%s", s.engine_id, role, f" on node {s.node}" if s.node
+                            else "")
+        elif n < len(serving):
+            owned = [h for h in serving if engines.owns(h.name)]
+            if len(serving) - len(owned) > n:
+                raise ScaleError(f"{role} has {len(serving) - len(owned)} engines this deployment did not start; "
+                                 f"remove those with `ctl remove` to go below that")
+            victims = sorted(owned, key=_order, reverse=True)[:len(serving) - n]
+            await asyncio.gather(*(cluster.remove_engine(h) for h in victims))
+            await asyncio.gather(*(engines.stop(h.name) for h in victims))
+            log.warning("scale: %s drained and stopped", ", ".join(h.name for h in victims))
+    return {role: [h.name for h in hs if h not in cluster.draining] for role, hs in cluster.roles.items()}
+
+
+def _order(h) -> tuple:
+    _, _, n = h.name.rpartition("-")
+    return (int(n) if n.isdigit() else -1, h.name)

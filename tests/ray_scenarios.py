@@ -1,0 +1,199 @@
+"""`launch --ray` on a real local multi-node Ray cluster, run inside a private network namespace (only
+loopback exists there: Ray and the engines can send nothing off the machine). tests/test_ray.py runs
+
+    unshare -n sh -c 'ip link set lo up && python tests/ray_scenarios.py MODEL OUT.json'
+
+and checks the facts this script writes to OUT.json; this script asserts nothing itself, so that a
+failure shows up as a named fact in the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import openai
+from deploy import ROOT, start_launch
+
+KEY = "ray-admin"
+PROMPTS = [f"Request {i}: the quick brown fox jumps over the lazy dog and" for i in range(8)]
+TOKENS = 12
+
+
+def engine_pids() -> dict[str, int]:
+    """`microserve engine` processes on this machine by engine id."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"engine" in argv and b"--engine-id" in argv and b"microserve" in argv:
+            out[argv[argv.index(b"--engine-id") + 1].decode()] = int(entry.name)
+    return out
+
+
+def actor_procs() -> list[str]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"EngineActor" in (entry / "cmdline").read_bytes():
+                    out.append(entry.name)
+            except OSError:
+                pass
+    return out
+
+
+def port_open(address: str) -> bool:
+    host, port = re.match(r"tcp://\[?([^\]]+?)\]?:(\d+)$", address).groups()
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, int(port))) == 0
+
+
+def admin(url: str, method: str = "GET", path: str = "/admin/engines", body: dict | None = None) -> dict:
+    req = urllib.request.Request(url + path, method=method, data=json.dumps(body).encode() if body else None,
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(req, timeout=300) as r:
+        return json.loads(r.read())
+
+
+def metric(url: str, name: str) -> float:
+    text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url + "/metrics", timeout=10).read()
+    total = 0.0
+    for line in text.decode().splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def complete(client: openai.OpenAI, prompts: list[str], stream: bool = False) -> list[str | None]:
+    """Greedy completions in threads (one per prompt); None for a failed request."""
+    out: list[str | None] = [None] * len(prompts)
+
+    def one(i: int) -> None:
+        try:
+            if stream:
+                chunks = client.completions.create(model="demo", prompt=prompts[i], max_tokens=TOKENS,
+                                                   temperature=0, stream=True)
+                out[i] = "".join(c.choices[0].text for c in chunks)
+            else:
+                out[i] = client.completions.create(model="demo", prompt=prompts[i], max_tokens=TOKENS,
+                                                   temperature=0).choices[0].text
+        except Exception as exc:
+            print(f"request {i} failed: {exc}", file=sys.stderr)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def drain(dep) -> None:
+    """Keep reading the launcher's stdout after READY (Ray forwards its workers' output there)."""
+    threading.Thread(target=lambda: [None for _ in dep.proc.stdout], daemon=True).start()
+
+
+def stop_and_check(dep, facts: dict, tag: str) -> None:
+    addresses = list(dep.engines.values()) + [e["address"] for e in admin(dep.url)["engines"]]
+    facts[f"{tag}_exit"] = dep.stop(signal.SIGINT, timeout=90)
+    time.sleep(1.0)
+    facts[f"{tag}_engines_left"] = sorted(engine_pids())
+    facts[f"{tag}_actors_left"] = actor_procs()
+    facts[f"{tag}_ports_left"] = [a for a in set(addresses) if port_open(a)]
+
+
+def main(model: str, out: str) -> None:
+    from ray.cluster_utils import Cluster
+
+    from microserve import LLM, SamplingParams
+
+    facts: dict = {}
+    t0 = time.time()
+    llm = LLM(model)
+    ref = [o.text for o in llm.generate(PROMPTS, SamplingParams(max_tokens=TOKENS, temperature=0))]
+    del llm
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    facts["ray_nodes"] = len(nodes) + 1
+    facts["cluster_up_s"] = round(time.time() - t0, 1)
+    try:
+        # 1. PD across nodes, scale decode to 2 under load, kill -9 an engine with streams in flight
+        dep = start_launch("--ray", cluster.address, "--strategy", str(ROOT / "strategies/pd.py"), "--model", model,
+                           "--api-key", KEY, "--served-model-name", "demo", "--log-level", "warning", timeout=240)
+        facts["pd_ready_s"] = round(time.time() - t0, 1)
+        drain(dep)
+        facts["pd_nodes"] = dict(item.split("@") for item in dep.ready["nodes"].split(","))
+        client = openai.OpenAI(base_url=dep.base_url, api_key=KEY, max_retries=0, timeout=120)
+        facts["pd_equal"] = complete(client, PROMPTS) == ref
+        facts["pd_kv_bytes"] = metric(dep.url, "microserve_kv_transfer_bytes_total")
+
+        load: list = []
+        loader = threading.Thread(target=lambda: load.extend(complete(client, PROMPTS * 2, stream=True)))
+        loader.start()
+        time.sleep(0.5)
+        scaled = subprocess.run([sys.executable, "-m", "microserve", "ctl", "--url", dep.url, "--admin-key", KEY,
+                                 "scale", "decode=2"], capture_output=True, text=True, timeout=240)
+        loader.join()
+        facts["scale_rc"], facts["scale_err"] = scaled.returncode, scaled.stderr[-400:]
+        facts["scale_load_equal"] = load == ref * 2
+        after = complete(client, PROMPTS)
+        facts["scale_after_equal"] = after == ref
+        routed = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(dep.url + "/metrics").read()
+        facts["decode1_routed"] = sum(float(line.rsplit(" ", 1)[1]) for line in routed.decode().splitlines()
+                                      if line.startswith('microserve_engine_requests_total{engine="decode-1"'))
+        engines = {e["id"]: e for e in admin(dep.url)["engines"]}
+        facts["engines_after_scale"] = sorted(engines)
+
+        old = engines["decode-0"]["address"]
+        streams: list = []
+        runner = threading.Thread(target=lambda: streams.extend(complete(client, PROMPTS, stream=True)))
+        runner.start()
+        time.sleep(0.3)
+        os.kill(engine_pids()["decode-0"], signal.SIGKILL)
+        runner.join()
+        facts["kill_streams_equal"] = streams == ref
+        deadline, rejoined = time.time() + 120, None
+        while time.time() < deadline and rejoined is None:
+            found = {e["id"]: e for e in admin(dep.url)["engines"]}.get("decode-0")
+            if found and found["alive"] and found["address"] != old:
+                rejoined = round(time.time() - (deadline - 120), 1)
+            time.sleep(0.5)
+        facts["rejoin_s"] = rejoined
+        facts["after_rejoin_equal"] = complete(client, PROMPTS) == ref
+        stop_and_check(dep, facts, "pd")
+
+        # 2. round robin, two engines spread over the nodes
+        dep = start_launch("--ray", cluster.address, "--strategy", str(ROOT / "strategies/round_robin.py"),
+                           "--engines", "2", "--placement", "spread", "--model", model, "--api-key", KEY,
+                           "--served-model-name", "demo", "--log-level", "warning", timeout=240)
+        drain(dep)
+        facts["rr_nodes"] = dict(item.split("@") for item in dep.ready["nodes"].split(","))
+        client = openai.OpenAI(base_url=dep.base_url, api_key=KEY, max_retries=0, timeout=120)
+        facts["rr_equal"] = complete(client, PROMPTS) == ref
+        stop_and_check(dep, facts, "rr")
+    finally:
+        cluster.shutdown()
+        facts["total_s"] = round(time.time() - t0, 1)
+        Path(out).write_text(json.dumps(facts, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

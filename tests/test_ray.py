@@ -1,0 +1,75 @@
+"""`microserve launch --ray` on a real local multi-node Ray cluster (`ray.cluster_utils.Cluster`, three
+nodes), inside a private network namespace so that nothing leaves loopback. The scenario itself is
+tests/ray_scenarios.py (it writes facts; the assertions are here):
+
+- pd and round_robin: the engines land on two different Ray nodes; greedy output equals one engine's;
+  KV moves between the nodes (the PD transfer counter);
+- `ctl scale decode=2` under a bounded load of streams: none fails, the new engine takes requests;
+- kill -9 of an engine with streams in flight: every stream completes with the same text, Ray restarts
+  the actor, the engine re-joins on a new address and later requests succeed;
+- Ctrl-C: the launcher exits 0 and leaves no engine process, no engine actor and no open engine port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def in_netns(cmd: str) -> list[str]:
+    """Run `cmd` in a new network namespace with only loopback up (as root: unshare -n; else a user
+    namespace too)."""
+    unshare = shutil.which("unshare")
+    assert unshare, "util-linux unshare is needed to confine the Ray tests to loopback"
+    flags = "-n" if os.geteuid() == 0 else "-rn"
+    return [unshare, flags, "sh", "-c", f"ip link set lo up && exec {cmd}"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_launch_on_a_three_node_ray_cluster(demo_path, tmp_path):
+    out = tmp_path / "facts.json"
+    cmd = f"{sys.executable} {ROOT / 'tests/ray_scenarios.py'} {demo_path} {out}"
+    run = subprocess.run(in_netns(cmd), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.exists(), f"the scenario wrote nothing (exit {run.returncode}):\n{run.stderr[-4000:]}"
+    f = json.loads(out.read_text())
+    log = run.stderr[-4000:]
+    assert f["ray_nodes"] == 3
+    # pd: two nodes, exact output, KV between them
+    assert len(set(f["pd_nodes"].values())) == 2, f["pd_nodes"]
+    assert f["pd_equal"], log
+    assert f["pd_kv_bytes"] > 0
+    # scale under load
+    assert f["scale_rc"] == 0, f["scale_err"]
+    assert f["scale_load_equal"], log
+    assert f["scale_after_equal"], log
+    assert f["engines_after_scale"] == ["decode-0", "decode-1", "prefill-0"]
+    assert f["decode1_routed"] > 0
+    # kill -9: failover, Ray restart, re-join
+    assert f["kill_streams_equal"], log
+    assert f["rejoin_s"] is not None and f["rejoin_s"] < 60, log
+    assert f["after_rejoin_equal"], log
+    # round robin spread over two nodes
+    assert len(set(f["rr_nodes"].values())) == 2, f["rr_nodes"]
+    assert f["rr_equal"], log
+    # Ctrl-C leaves nothing behind
+    for tag in ("pd", "rr"):
+        assert f[f"{tag}_exit"] == 0, log
+        assert f[f"{tag}_engines_left"] == [] and f[f"{tag}_actors_left"] == [] and f[f"{tag}_ports_left"] == []
+
+
+def test_launch_ray_without_ray_exits_2_with_the_install_command():
+    code = ("import sys; sys.modules['ray'] = None; from microserve.cli import main; "
+            "sys.exit(main(['launch', '--ray', '--strategy', 'strategies/round_robin.py', '--model', 'demo']))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "pip install 'microserve[ray]'" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr

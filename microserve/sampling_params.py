@@ -70,6 +70,10 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
         allowed_token_ids: only these tokens may be generated (vLLM's).
         priority: scheduling priority, lower first (vLLM's): the engine admits waiting requests in
             priority order and preempts the lowest-priority running one first.
+        resumed: set by the router, not by users: how many tokens at the end of the prompt this
+            request already generated elsewhere (a failover or a live migration continues it). The
+            seeded generator skips their draws and presence/frequency penalties count them as
+            output, so a continued request samples exactly as if it had not moved.
     """
 
     max_tokens: int = 16
@@ -94,6 +98,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     structured: StructuredOutput | None = None
     allowed_token_ids: list[int] | None = None
     priority: int = 0
+    resumed: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -120,6 +125,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
                              f"{MAX_STOP_STRING_CHARS} characters")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if not isinstance(self.resumed, int) or self.resumed < 0:
+            raise ValueError(f"resumed must be an integer >= 0, got {self.resumed!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
@@ -148,11 +155,13 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
             raise ValueError("allowed_token_ids must list 1 to 262144 non-negative token ids")
 
     def after(self, generated: list[int]) -> SamplingParams:
-        """The sampling of this request continued after `generated` tokens (a failover): the rest of
-        max_tokens and min_tokens, and a grammar that has already read them."""
+        """The sampling of this request continued after `generated` tokens (a failover, a migration):
+        the rest of max_tokens and min_tokens, a grammar that has already read them, and `resumed`
+        (the seeded draws to skip, the output the penalties count)."""
         structured = self.structured and msgspec.structs.replace(self.structured, done=self.structured.done + generated)
         return msgspec.structs.replace(self, max_tokens=self.max_tokens - len(generated),
-                                       min_tokens=max(0, self.min_tokens - len(generated)), structured=structured)
+                                       min_tokens=max(0, self.min_tokens - len(generated)), structured=structured,
+                                       resumed=self.resumed + len(generated))
 
     @property
     def greedy(self) -> bool:

@@ -4,6 +4,9 @@ only what was not moved."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import aiohttp
 import openai
 import pytest
 from deploy import start_launch
@@ -42,9 +45,19 @@ def reference(demo_path):
     return LLM(str(demo_path)).generate([PROMPT], SamplingParams(max_tokens=MAX, temperature=0, ignore_eos=True))[0]
 
 
-# after the first token, early, mid-decode, one token before the end; over shm and tcp
-@pytest.mark.parametrize("transport,after", [("shm", 1), ("tcp", 3), ("shm", 12), ("tcp", MAX - 1)])
-async def test_a_migrated_stream_equals_an_unmigrated_run(demo_path, tmp_path, reference, transport, after):
+SEEDED = {"temperature": 0.9, "top_p": 0.95, "seed": 77, "presence_penalty": 0.5}
+
+
+@pytest.fixture(scope="module")
+def seeded_reference(demo_path):
+    return LLM(str(demo_path)).generate([PROMPT], SamplingParams(max_tokens=MAX, ignore_eos=True, **SEEDED))[0]
+
+
+# after the first token, early, mid-decode, one token before the end; over shm and tcp; greedy and seeded
+@pytest.mark.parametrize("transport,after,seeded", [("shm", 1, False), ("tcp", 3, False), ("shm", 12, False),
+                                                    ("tcp", MAX - 1, False), ("shm", 5, True), ("tcp", 17, True)])
+async def test_a_migrated_stream_equals_an_unmigrated_run(demo_path, tmp_path, reference, seeded_reference,
+                                                          transport, after, seeded):
     strategy = tmp_path / "move_after.py"
     strategy.write_text(MOVE)
     dep = start_launch("--strategy", str(strategy), "--strategy-arg", f"after={after}", "--model", str(demo_path),
@@ -58,17 +71,68 @@ async def test_a_migrated_stream_equals_an_unmigrated_run(demo_path, tmp_path, r
             async with EngineHandle(address, name=name, timeout=10) as h:
                 computed[name] = (await h.stats()).computed_tokens_total
         ids = []
+        sampling = dict(SEEDED) if seeded else {"temperature": 0}
         async for event in await client.completions.create(
-                model="demo", prompt=PROMPT, max_tokens=MAX, temperature=0, stream=True,
+                model="demo", prompt=PROMPT, max_tokens=MAX, stream=True, **sampling,
                 extra_body={"ignore_eos": True, "return_token_ids": True}):
             ids += event.choices[0].model_extra.get("token_ids") or [] if event.choices else []
-        assert ids == reference.token_ids, (transport, after)
+        assert ids == (seeded_reference if seeded else reference).token_ids, (transport, after)
         target_name, target_address = engines[1]
         async with EngineHandle(target_address, name=target_name, timeout=10) as h:
             used = (await h.stats()).computed_tokens_total - computed[target_name]
         # the target computed at most a partial block and the last token, then its decode steps
         # (a recompute would be the whole prompt, over 200 tokens)
         assert 0 < used <= 16 + (MAX - after), (after, used)
+    finally:
+        assert dep.stop() == 0
+
+
+MOVE_IN_PREFILL = '''
+import asyncio
+
+from microserve import Strategy
+
+
+class MoveInPrefill(Strategy):
+    roles = {"engine": 2}
+    cached = 256  # move once the source has this many prompt tokens in its prefix cache
+
+    async def generate(self, req, cluster):
+        source, target = sorted(cluster.engines(), key=lambda e: e.name)
+        stream = source.start_generate(req)
+        first = asyncio.ensure_future(stream.__anext__())
+        while not first.done() and cluster.prefix_index.matches(req).get(source, 0) < self.cached:
+            await asyncio.sleep(0.002)
+        if first.done():
+            raise RuntimeError("the prefill ended before the move")
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await stream.aclose()
+        async for chunk in cluster.migrate(req, [], source, to=target):
+            yield chunk
+'''
+
+
+async def test_a_request_moves_during_its_prefill_with_what_was_computed(demo_path, tmp_path):
+    """Before its first token, a request moves with the prompt blocks the source has computed; the
+    target computes only the rest, and the output equals an unmigrated run."""
+    prompt = "".join(chr(97 + (j * j + 3 * j) % 26) for j in range(1500))
+    ref = LLM(str(demo_path)).generate([prompt], SamplingParams(max_tokens=MAX, temperature=0, ignore_eos=True))[0]
+    strategy = tmp_path / "move_in_prefill.py"
+    strategy.write_text(MOVE_IN_PREFILL)
+    dep = start_launch("--strategy", str(strategy), "--model", str(demo_path), "--served-model-name", "demo",
+                       "--num-kv-blocks", "512", "--max-num-batched-tokens", "32", "--log-level", "error")
+    try:
+        client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="x", max_retries=0)
+        engines = sorted(dep.engines.items())
+        before = [(await stats(a)).computed_tokens_total for _, a in engines]
+        out = await client.completions.create(model="demo", prompt=prompt, max_tokens=MAX, temperature=0,
+                                              extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert out.choices[0].model_extra["token_ids"] == ref.token_ids
+        src, dst = [(await stats(a)).computed_tokens_total - b for (_, a), b in zip(engines, before)]
+        n = len(ref.prompt_token_ids)
+        assert 256 <= src < n, src  # the source computed part of the prompt and stopped
+        assert dst <= n - 256 + MAX + 32, (dst, n)  # the target did not compute the moved part again
     finally:
         assert dep.stop() == 0
 
@@ -94,3 +158,101 @@ async def test_rebalance_moves_a_long_decode_and_keeps_its_output(demo_path, ref
         assert sent > 0, "no KV moved: the request was not migrated"
     finally:
         assert dep.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def pair(demo_path):
+    dep = start_launch("--strategy", "strategies/round_robin.py", "--engines", "2", "--model", str(demo_path),
+                       "--api-key", "k", "--served-model-name", "demo", "--num-kv-blocks", "1600",
+                       "--max-num-seqs", "32", "--log-level", "error")
+    yield dep
+    dep.stop()
+
+
+def long_prompts(n: int) -> list[str]:
+    return [f"{i:03d} " + "".join(chr(97 + (i * 7 + j * j) % 26) for j in range(296)) for i in range(n)]
+
+
+async def stream(client, prompt: str, max_tokens: int, **sampling) -> list[int]:
+    ids = []
+    async for event in await client.completions.create(
+            model="demo", prompt=prompt, max_tokens=max_tokens, stream=True, **(sampling or {"temperature": 0}),
+            extra_body={"ignore_eos": True, "return_token_ids": True}):
+        ids += event.choices[0].model_extra.get("token_ids") or [] if event.choices else []
+    return ids
+
+
+async def stats(address: str):
+    async with EngineHandle(address, timeout=10) as h:
+        return await h.stats()
+
+
+async def test_drain_moves_16_running_streams_with_their_kv(pair):
+    """`ctl remove` (DELETE /admin/engines/{id}) with 16 streams running on two engines: the drained
+    engine's streams move with their KV to the other one and every stream equals an undrained run
+    (greedy and seeded); the drain ends long before the streams would; no block leaks anywhere; the
+    target computes no moved prompt again."""
+    import asyncio
+    import time
+
+    dep = pair
+    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="k", max_retries=0, timeout=120)
+    prompts, tokens = long_prompts(16), 768
+    sampled = [dict(SEEDED, seed=i) if i % 2 else {} for i in range(16)]
+    ref = await asyncio.gather(*(stream(client, p, tokens, **s) for p, s in zip(prompts, sampled)))
+    # fresh prompts of the same shape, so nothing is in a prefix cache; their reference comes after
+    prompts = [p.replace(" ", "#", 1) for p in prompts]
+    keep, drained = dep.engines["engine-0"], dep.engines["engine-1"]
+    before, sent_before = await stats(keep), (await stats(drained)).kv_bytes_sent
+    t0 = time.monotonic()
+    load = asyncio.gather(*(stream(client, p, tokens, **s) for p, s in zip(prompts, sampled)))
+    await asyncio.sleep(0.5)
+    async with aiohttp.ClientSession() as s, s.delete(dep.url + "/admin/engines/engine-1",
+                                                       headers={"Authorization": "Bearer k"}) as r:
+        assert r.status == 200, await r.text()
+    drain_s = time.monotonic() - t0
+    got = await load
+    total_s = time.monotonic() - t0
+    after = await stats(keep)
+    ref = await asyncio.gather(*(stream(client, p, tokens, **s) for p, s in zip(prompts, sampled)))
+    assert got == ref
+    assert all(len(ids) == tokens for ids in got)
+    assert drain_s < 0.6 * total_s, (drain_s, total_s)
+    assert (await stats(drained)).kv_bytes_sent > sent_before, "no KV moved"
+    # engine-0's own 8 requests cost at most prompt + tokens each; the 8 moved ones at most a partial block
+    # and their remaining decode steps (a recompute would add ~300 prompt tokens each)
+    prompt_len = len(prompts[0]) + 1
+    assert after.computed_tokens_total - before.computed_tokens_total <= 8 * (prompt_len + tokens) + 8 * (16 + tokens)
+    for address in (keep, drained):
+        s = await stats(address)
+        assert s.running == 0 and s.kv_blocks_used == s.kv_blocks_cached, s
+
+
+async def test_kill_9_with_streams_in_flight_every_stream_completes_exactly(demo_path):
+    """An engine SIGKILLed mid-stream: each of its requests continues on the other engine (prompt +
+    tokens so far, `sampling.resumed`); every stream, greedy or seeded, equals a run without the kill."""
+    import asyncio
+    import os
+    import signal
+
+    dep = start_launch("--strategy", "strategies/round_robin.py", "--engines", "2", "--model", str(demo_path),
+                       "--api-key", "k", "--served-model-name", "demo", "--num-kv-blocks", "1600",
+                       "--max-retries", "3", "--log-level", "critical")
+    try:
+        client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="k", max_retries=0, timeout=120)
+        prompts = [p.replace(" ", "!", 1) for p in long_prompts(12)]
+        sampled = [dict(SEEDED, seed=100 + i) if i % 2 else {} for i in range(12)]
+        ref = await asyncio.gather(*(stream(client, p, 512, **s) for p, s in zip(prompts, sampled)))
+        victim = next(pid for pid in dep.children() if b"engine-1" in Path(f"/proc/{pid}/cmdline").read_bytes())
+        load = asyncio.gather(*(stream(client, p, 512, **s) for p, s in zip(prompts, sampled)))
+        await asyncio.sleep(0.8)
+        os.kill(victim, signal.SIGKILL)
+        got = await load
+        assert [len(ids) for ids in got] == [512] * 12
+        assert got == ref
+        async with aiohttp.ClientSession() as s, s.get(dep.url + "/metrics") as r:
+            retries = [line for line in (await r.text()).splitlines()
+                       if line.startswith("microserve_request_retries_total")]
+        assert retries and float(retries[0].split()[-1]) >= 1, "no request was failed over"
+    finally:
+        dep.stop()

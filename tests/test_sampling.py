@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import random
 
+import msgspec
 import openai
 import pytest
 import torch
@@ -120,6 +121,32 @@ def test_min_p_keeps_only_tokens_near_the_most_likely(llm):
     for out in outs:
         for lp, top in out.logprobs:  # temperature 1: the raw logprobs are the sampling distribution
             assert math.exp(lp) >= 0.3 * math.exp(top[0][1]) - 1e-6
+
+
+@pytest.mark.parametrize("k", [1, 7, 19])
+def test_a_resumed_request_samples_exactly_as_if_it_had_not_moved(llm, k):
+    """A failover or a migration continues a request as prompt + its first k tokens with
+    `sampling.after(first k)`: with a seed and penalties, the rest equals the unmoved run."""
+    prompt = [random.Random(k).randrange(5, 200) for _ in range(12)]
+    sp = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=1234, presence_penalty=0.7,
+                        frequency_penalty=0.4, ignore_eos=True)
+    whole = llm.generate([prompt], sp)[0].token_ids
+    rest = llm.generate([prompt + whole[:k]], sp.after(whole[:k]))[0].token_ids
+    assert rest == whole[k:]
+    fresh = llm.generate([prompt + whole[:k]], msgspec.structs.replace(sp.after(whole[:k]), resumed=0))[0]
+    assert fresh.token_ids != whole[k:]  # without `resumed` it would not be (the test can fail)
+
+
+def test_bulk_skip_of_the_seeded_generator_equals_single_draws():
+    for vocab, n in ((261, 5), (32000, 3), (151936, 70)):
+        single = torch.Generator().manual_seed(9)
+        for _ in range(n):
+            torch.empty(vocab).exponential_(generator=single)
+        bulk = torch.Generator().manual_seed(9)
+        for start in range(0, n, 64):
+            torch.empty(min(64, n - start), vocab).exponential_(generator=bulk)
+        assert torch.equal(torch.empty(vocab).exponential_(generator=single),
+                           torch.empty(vocab).exponential_(generator=bulk))
 
 
 def test_offline_refuses_n_and_bad_values(llm):

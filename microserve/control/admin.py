@@ -7,14 +7,16 @@
     PUT    /admin/scale                {ROLE: N, ...}: start or drain-and-stop engines the deployment owns
                                        (launch's subprocesses, launch --ray's actors: control/provision.py)
     PATCH  /admin/engines/{id}         {"role"}: the next request sees it in that role
-    DELETE /admin/engines/{id}         drain (no new request goes there, its requests finish), then forget it
+    DELETE /admin/engines/{id}         drain, then forget it: no new request goes there, and each request
+                                       streaming from it moves with its KV to another engine of its role
+                                       (`?migrate=0`: they finish there instead)
     GET    /admin/strategy             {"name", "args"}
     PUT    /admin/strategy             {"path"} or {"source"}, with "args": new requests use it, requests in
                                        flight finish under the old one
 
 Every call needs `Authorization: Bearer <admin key>` (`--admin-key`, default the API key); without a
 key configured, the admin API is off (403). Each change is logged and counted
-(`microserve_admin_changes_total{action}`). Requests in flight on a drained engine finish there.
+(`microserve_admin_changes_total{action}`).
 """
 
 from __future__ import annotations
@@ -152,8 +154,9 @@ class Admin:
         h = self._handle(request)
         if (refused := self._leaving(h, None)) is not None:
             return refused
-        await self.router.cluster.remove_engine(h)
-        self._done("remove", f"engine {h.name} drained and removed")
+        migrate = request.query.get("migrate", "1") not in ("0", "false", "no")
+        await self.router.cluster.remove_engine(h, migrate=migrate)
+        self._done("remove", f"engine {h.name} drained{' by migration' if migrate else ''} and removed")
         return web.json_response({"id": h.name, "removed": True})
 
     async def get_strategy(self, request: web.Request) -> web.Response:

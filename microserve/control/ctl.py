@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     role = sub.add_parser("role", help="change an engine's role")
     role.add_argument("id")
     role.add_argument("role")
-    rm = sub.add_parser("remove", help="drain an engine and remove it")
+    rm = sub.add_parser("remove", help="drain an engine (its streams move away) and remove it")
     rm.add_argument("id")
+    rm.add_argument("--no-migrate", action="store_true", help="let its requests finish there instead of moving")
     st = sub.add_parser("strategy", help="replace the strategy (requests in flight keep the old one)")
     st.add_argument("path")
     st.add_argument("--strategy-arg", action="append", default=[], metavar="NAME=VALUE")
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "role":
         out = _call(args, "PATCH", f"/admin/engines/{args.id}", {"role": args.role})
     elif args.action == "remove":
-        out = _call(args, "DELETE", f"/admin/engines/{args.id}")
+        out = _call(args, "DELETE", f"/admin/engines/{args.id}" + ("?migrate=0" if args.no_migrate else ""))
     elif args.action == "scale":
         counts = {}
         for item in args.counts:

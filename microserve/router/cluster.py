@@ -268,10 +268,12 @@ class Cluster:
     def migrate(self, req: P.Request, generated: list[int], source: EngineHandle,
                 to: EngineHandle) -> AsyncIterator[P.GenerateChunk]:
         """Continue a running request on `to` with its KV moved from `source` (router/migration.py):
-        close the source's stream first, then yield these chunks after the source's."""
+        close the source's stream first, then yield these chunks after the source's. With no token
+        generated yet (during its prefill), what the source computed so far moves."""
         from microserve.router.migration import migrate
 
-        return migrate(req, generated, source, to)
+        cached = None if generated else self.prefix_index.matches(req).get(source, 0)
+        return migrate(req, generated, source, to, cached)
 
     # -- membership while serving (microserve/control/admin.py) ------------------------------
     async def add_engine(self, address: str, role: str, ready_timeout: float = 60.0,
@@ -320,14 +322,23 @@ class Cluster:
         self.roles.setdefault(role, []).append(h)
         h.role = role
 
-    async def remove_engine(self, h: EngineHandle, timeout: float = 300.0) -> None:
-        """Drain an engine (no new request goes there; its requests in flight finish), then forget it."""
+    async def remove_engine(self, h: EngineHandle, timeout: float = 300.0, migrate: bool = True) -> None:
+        """Drain an engine, then forget it. No new request goes there; with `migrate`, each request
+        streaming from it moves with its KV to another engine of its role after its next token
+        (router/migration.py), else they finish there. Waits at most `timeout` seconds."""
         if h not in self._loads:  # already gone (evicted, replaced)
             return
         self.draining.add(h)
-        deadline = asyncio.get_running_loop().time() + timeout
-        while h.inflight and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        h.evacuating = migrate and h.alive
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        moves_until = None  # NOTE: a stopped stream whose move never starts (a strategy that swallowed it)
+        while loop.time() < deadline and (h.inflight or h.moving):
+            if not h.inflight:
+                moves_until = moves_until or loop.time() + 10.0
+                if loop.time() > moves_until:
+                    break
+            await asyncio.sleep(0.02)
         if h not in self._loads:
             return
         self.roles[h.role].remove(h)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from microserve.serving.api import ErrorCode
 
-# engine failures worth restarting the request elsewhere (`runtime.run_request`)
+# engine failures worth restarting the request elsewhere (`attempts.run_request`)
 RETRYABLE = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT, ErrorCode.INTERNAL, ErrorCode.TRANSFER_FAILED,
                        ErrorCode.OVERLOADED})
 # refusals for lack of capacity: counted as `rejected`, not `error`, when nothing was streamed

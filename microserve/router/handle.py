@@ -67,6 +67,17 @@ class EngineCallError(RuntimeError):
         self.peer, self.remote = peer, remote
 
 
+class Evacuated(EngineCallError):
+    """The engine is being drained by migration: its stream stops after a chunk, and the router moves
+    the request with its KV to another engine (`attempts.run_request`). Code "unavailable", so code that
+    does not know it restarts the request elsewhere instead."""
+
+    def __init__(self, handle: EngineHandle) -> None:
+        super().__init__(ErrorCode.UNAVAILABLE, "the engine is draining: the request moves to another engine",
+                         handle.name)
+        self.handle = handle  # its `moving` count includes this request until the move takes it over
+
+
 class EngineTimeout(EngineCallError):
     """The engine did not answer within the call's deadline (dead, wedged or overloaded)."""
 
@@ -94,6 +105,8 @@ class EngineHandle:
         self.transport: Transport = transport or ZMQTransport(address, context, self.cluster_key)
         self.alive = True  # False from a lost connection or failed health poll until a call succeeds again
         self.joined = False  # it registered itself (engine --join): evicted when it stays down, re-joins
+        self.evacuating = False  # drained by migration: streams stop after their next chunk (`Evacuated`)
+        self.moving = 0  # requests stopped here whose move (remote_send from here) has not started yet
         self.inflight = 0  # start_generate / remote_send calls this process has in flight on the engine
         self.pending_tokens = 0  # prompt tokens this process asked the engine to prefill, not yet done
         self.on_send: Callable[[P.SendResult], None] | None = None  # observer of finished remote_sends
@@ -239,6 +252,9 @@ class EngineHandle:
                 self.pending_tokens -= work  # the prompt is prefilled once the first chunk is out
                 work = 0
                 yield chunk
+                if self.evacuating and not finished:
+                    self.moving += 1  # NOTE: before the abort below yields: the drain must not end in between
+                    raise Evacuated(self)
         finally:
             await stream.aclose()
             self.inflight -= 1

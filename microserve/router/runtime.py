@@ -16,6 +16,8 @@ engine the request touched gets an `abort`, so no ticket, send or sequence outli
 
     Router.generate ─> run_request (retries, deadline) ─> run_attempt (one strategy run, aborts) ─> chunks
     sim.run._serve  ─> run_request ─┘           (the simulator runs the very same code, in virtual time)
+
+`run_attempt` and `run_request` live in router/attempts.py (imported here too).
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from microserve.protocol import GenerateChunk, Request, TokenLogprob
+from microserve.router.attempts import abort_everywhere, run_attempt, run_request  # noqa: F401 (re-exported)
 from microserve.router.choices import ChoiceGroup, route
-from microserve.router.cluster import Cluster, avoiding
-from microserve.router.errors import NO_CAPACITY, RETRYABLE, RouterError
-from microserve.router.handle import EngineCallError, EngineHandle, touched_engines
+from microserve.router.cluster import Cluster
+from microserve.router.errors import NO_CAPACITY, RouterError
+from microserve.router.handle import EngineCallError
 from microserve.router.metrics import RouterMetrics
 from microserve.router.strategy import Strategy
 from microserve.sampling_params import SamplingParams
@@ -39,129 +42,6 @@ from microserve.serving.api import ErrorCode
 from microserve.text import InvalidRequestError, TextStream, check_token_ids
 
 log = logging.getLogger(__name__)
-
-# -- one request, on any cluster (real or simulated) -------------------------------------------
-async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadline: float | None = None,
-                      avoid: frozenset[EngineHandle] = frozenset()) -> AsyncIterator[GenerateChunk]:
-    """One run of `strategy.generate(req, cluster)`: its chunks, up to the one with a finish
-    reason. Unless the engines finished it themselves, every engine the run touched gets an
-    abort when it ends (error, deadline, the caller closing early, cancellation).
-
-    `deadline` is in the loop's clock (`loop.time()`, virtual in the simulator); past it the
-    attempt raises `RouterError(TIMEOUT)`. A strategy that ends without a finish reason raises
-    `RouterError(STRATEGY_ERROR)`; engine failures raise `EngineCallError`. `least_loaded` passes
-    over the engines in `avoid` while others of their role are live."""
-    touched: set[EngineHandle] = set()
-    with touched_engines(touched):
-        chunks = strategy.generate(req, cluster)
-    clean = False  # the engine itself finished the request: nothing left to abort
-    try:
-        while True:
-            with touched_engines(touched), avoiding(avoid):
-                chunk = await _next_chunk(chunks, deadline, req.request_id)
-            if chunk is None:
-                raise RouterError(ErrorCode.STRATEGY_ERROR, f"strategy {type(strategy).__name__} ended the stream "
-                                  "without a finish reason")
-            clean = chunk.finish_reason is not None
-            yield chunk
-            if clean:
-                return
-    finally:
-        with touched_engines(touched):
-            await chunks.aclose()
-        if not clean:
-            abort_everywhere(req.request_id, touched)
-
-
-async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max_retries: int = 0,
-                      deadline: float | None = None, on_retry=None) -> AsyncIterator[GenerateChunk]:
-    """`run_attempt`, restarted (as `<id>~<n>`) when an engine fails with a `RETRYABLE` code, at
-    most `max_retries` times. Before the first token the request starts over; after it, only an
-    engine that died (`unavailable`, `timeout`) is failed over: the next attempt's prompt is the
-    prompt plus the tokens streamed so far, with the rest of `max_tokens`, so the client's
-    stream goes on without a gap or a repeat (greedy output is the same as without the failure).
-
-    The failure is charged to the engine at fault (`_charge`: one that did not answer is marked
-    down; one that answered is alive, but the peer it names may not be), and the retry prefers
-    other engines. `on_retry(exc)` observes each restart."""
-    generated: list[int] = []
-    avoid: set[EngineHandle] = set()
-    for attempt in range(max_retries + 1):
-        areq = req if attempt == 0 else Request(
-            f"{req.request_id}~{attempt}", req.prompt_ids + generated,
-            req.sampling.after(generated))
-        chunks = run_attempt(strategy, cluster, areq, deadline, frozenset(avoid))
-        try:
-            async for chunk in chunks:
-                generated += chunk.token_ids
-                yield chunk
-            return
-        except EngineCallError as exc:
-            died = exc.code in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT)
-            if exc.code not in RETRYABLE or attempt >= max_retries or (generated and not died):
-                raise
-            log.warning("request %s: %s; %s on another engine", req.request_id, exc,
-                        f"continuing after {len(generated)} tokens" if generated else "restarting it")
-            culprit = _charge(cluster, exc)
-            avoid.update(h for h in (culprit, _handle(cluster, exc.engine)) if h is not None)
-            if on_retry is not None:
-                on_retry(exc)
-        finally:
-            await chunks.aclose()
-
-
-def _handle(cluster: Cluster, name: str) -> EngineHandle | None:
-    try:
-        return cluster.engine(name) if name else None
-    except KeyError:
-        return None
-
-
-def _charge(cluster: Cluster, exc: EngineCallError) -> EngineHandle | None:
-    """The engine a failure is charged to; marked down when it looks dead (the health poll
-    revives it when it answers again). An engine that answered an error is alive."""
-    if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT):
-        return None
-    culprit = _handle(cluster, exc.peer) if exc.remote else _handle(cluster, exc.engine)
-    if culprit is not None:
-        culprit.mark_down(str(exc))
-    return culprit
-
-
-async def _next_chunk(chunks: AsyncIterator[GenerateChunk], deadline: float | None,
-                      rid: str) -> GenerateChunk | None:
-    try:
-        if deadline is None:
-            return await chunks.__anext__()
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
-            raise TimeoutError
-        return await asyncio.wait_for(chunks.__anext__(), remaining)
-    except StopAsyncIteration:
-        return None
-    except TimeoutError:
-        raise RouterError(ErrorCode.TIMEOUT, f"request {rid} did not finish within its deadline") from None
-
-
-_CLEANUP: set[asyncio.Future] = set()
-
-
-def abort_everywhere(request_id: str, engines: set[EngineHandle]) -> None:
-    """Abort on every engine of `engines`, in the background (also when the caller is cancelled);
-    an engine that is down gets it when it answers again."""
-    for h in engines:
-        if not h.alive:
-            h.abort_when_back(request_id)
-    engines = {h for h in engines if h.alive}
-    if not engines:
-        return
-
-    async def run() -> None:
-        await asyncio.gather(*(h.abort(request_id, timeout=5.0) for h in engines), return_exceptions=True)
-
-    task = asyncio.ensure_future(run())
-    _CLEANUP.add(task)
-    task.add_done_callback(_CLEANUP.discard)
 
 
 @dataclass

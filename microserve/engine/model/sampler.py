@@ -20,11 +20,18 @@ from microserve.engine.core.sequence import Sequence
 from microserve.engine.model.structured import apply_masks
 
 
-def _generator(seq: Sequence, device: torch.device, fallback: torch.Generator) -> torch.Generator:
+def _generator(seq: Sequence, device: torch.device, fallback: torch.Generator, vocab: int) -> torch.Generator:
     if seq.sampling.seed is None:
         return fallback
     if seq.generator is None:
         seq.generator = torch.Generator(device=device).manual_seed(seq.sampling.seed)
+        skip = seq.sampling.resumed  # NOTE: draws of the tokens generated before a move: one `vocab` draw each
+        if device.type == "cpu":  # one bulk draw equals `skip` single ones on the CPU generator (a test checks)
+            for start in range(0, skip, 64):
+                torch.empty(min(64, skip - start), vocab).exponential_(generator=seq.generator)
+        else:
+            for _ in range(skip):
+                torch.empty(vocab, device=device).exponential_(generator=seq.generator)
     return seq.generator
 
 
@@ -58,8 +65,8 @@ def process(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None
             seen = torch.tensor(sorted(set(seq.token_ids)), device=dev, dtype=torch.long)
             score = row[seen]
             row[seen] = torch.where(score > 0, score / sp.repetition_penalty, score * sp.repetition_penalty)
-        if (sp.presence_penalty or sp.frequency_penalty) and seq.num_output_tokens:
-            out = torch.tensor(seq.output_token_ids, device=dev, dtype=torch.long)
+        if (sp.presence_penalty or sp.frequency_penalty) and seq.num_output_tokens + sp.resumed:
+            out = torch.tensor(seq.token_ids[max(0, seq.num_prompt_tokens - sp.resumed):], device=dev, dtype=torch.long)
             counts = torch.bincount(out[out < vocab], minlength=vocab).to(row.dtype)
             row -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0).to(row.dtype)
 
@@ -117,7 +124,7 @@ def _draw(sub: torch.Tensor, seqs: list[Sequence], fallback: torch.Generator) ->
     probs.masked_fill_(beyond, 0.0)
     min_p = torch.tensor([s.sampling.min_p for s in seqs], device=dev).unsqueeze(1)
     probs.masked_fill_(probs < min_p * probs[:, :1], 0.0)  # NOTE: column 0 is each row's most likely token
-    noise = torch.stack([torch.empty(vocab, device=dev).exponential_(generator=_generator(s, dev, fallback))
+    noise = torch.stack([torch.empty(vocab, device=dev).exponential_(generator=_generator(s, dev, fallback, vocab))
                          for s in seqs])
     return order.gather(1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(1)
 

@@ -1,0 +1,156 @@
+"""One request on any cluster (real or simulated): `run_attempt` (one strategy run, aborts on every
+engine it touched) and `run_request` (retries, failover mid-stream, moves off a draining engine,
+deadline). `Router` (router/runtime.py) and `microserve sim` (sim/run.py) both run them.
+
+    run_request ─> run_attempt(strategy) ─> chunks          an engine fails: run_attempt again, elsewhere
+                └> run_attempt(Moved)    ─> chunks          its engine drains: the request moves with its KV
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from microserve.protocol import GenerateChunk, Request
+from microserve.router.cluster import Cluster, avoiding
+from microserve.router.errors import RETRYABLE, RouterError
+from microserve.router.handle import EngineCallError, EngineHandle, Evacuated, touched_engines
+from microserve.router.migration import Moved, evacuation
+from microserve.router.strategy import Strategy
+from microserve.serving.api import ErrorCode
+
+log = logging.getLogger(__name__)
+
+
+async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadline: float | None = None,
+                      avoid: frozenset[EngineHandle] = frozenset()) -> AsyncIterator[GenerateChunk]:
+    """One run of `strategy.generate(req, cluster)`: its chunks, up to the one with a finish
+    reason. Unless the engines finished it themselves, every engine the run touched gets an
+    abort when it ends (error, deadline, the caller closing early, cancellation).
+
+    `deadline` is in the loop's clock (`loop.time()`, virtual in the simulator); past it the
+    attempt raises `RouterError(TIMEOUT)`. A strategy that ends without a finish reason raises
+    `RouterError(STRATEGY_ERROR)`; engine failures raise `EngineCallError`. `least_loaded` passes
+    over the engines in `avoid` while others of their role are live."""
+    touched: set[EngineHandle] = set()
+    with touched_engines(touched):
+        chunks = strategy.generate(req, cluster)
+    clean = False  # the engine itself finished the request: nothing left to abort
+    try:
+        while True:
+            with touched_engines(touched), avoiding(avoid):
+                chunk = await _next_chunk(chunks, deadline, req.request_id)
+            if chunk is None:
+                raise RouterError(ErrorCode.STRATEGY_ERROR, f"strategy {type(strategy).__name__} ended the stream "
+                                  "without a finish reason")
+            clean = chunk.finish_reason is not None
+            yield chunk
+            if clean:
+                return
+    finally:
+        with touched_engines(touched):
+            await chunks.aclose()
+        if not clean:
+            abort_everywhere(req.request_id, touched)
+
+
+async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max_retries: int = 0,
+                      deadline: float | None = None, on_retry=None) -> AsyncIterator[GenerateChunk]:
+    """`run_attempt`, restarted (as `<id>~<n>`) when an engine fails with a `RETRYABLE` code, at
+    most `max_retries` times. Before the first token the request starts over; after it, only an
+    engine that died (`unavailable`, `timeout`) is failed over: the next attempt's prompt is the
+    prompt plus the tokens streamed so far, with the rest of `max_tokens`, so the client's
+    stream goes on without a gap or a repeat (greedy output is the same as without the failure).
+
+    The failure is charged to the engine at fault (`_charge`: one that did not answer is marked
+    down; one that answered is alive, but the peer it names may not be), and the retry prefers
+    other engines. `on_retry(exc)` observes each restart."""
+    generated: list[int] = []
+    avoid: set[EngineHandle] = set()
+    attempt = moves = 0
+    move: Moved | None = None  # set when the engine streaming it is drained by migration
+    while True:
+        n = attempt + moves
+        areq = req if n == 0 else Request(f"{req.request_id}~{n}", req.prompt_ids + generated,
+                                          req.sampling.after(generated))
+        current, move = move, None
+        chunks = run_attempt(current or strategy, cluster, areq, deadline, frozenset(avoid))
+        try:
+            async for chunk in chunks:
+                generated += chunk.token_ids
+                yield chunk
+            return
+        except EngineCallError as exc:
+            move = evacuation(cluster, exc) if generated and moves < 8 else None
+            if move is not None:
+                moves += 1
+                continue
+            died = exc.code in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT)
+            if exc.code not in RETRYABLE or attempt >= max_retries or (generated and not died):
+                raise
+            log.warning("request %s: %s; %s on another engine", req.request_id, exc,
+                        f"continuing after {len(generated)} tokens" if generated else "restarting it")
+            culprit = None if isinstance(exc, Evacuated) else _charge(cluster, exc)
+            avoid.update(h for h in (culprit, _handle(cluster, exc.engine)) if h is not None)
+            attempt += 1
+            if on_retry is not None:
+                on_retry(exc)
+        finally:
+            await chunks.aclose()
+            if current is not None:
+                current.release()
+
+
+def _handle(cluster: Cluster, name: str) -> EngineHandle | None:
+    try:
+        return cluster.engine(name) if name else None
+    except KeyError:
+        return None
+
+
+def _charge(cluster: Cluster, exc: EngineCallError) -> EngineHandle | None:
+    """The engine a failure is charged to; marked down when it looks dead (the health poll
+    revives it when it answers again). An engine that answered an error is alive."""
+    if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT):
+        return None
+    culprit = _handle(cluster, exc.peer) if exc.remote else _handle(cluster, exc.engine)
+    if culprit is not None:
+        culprit.mark_down(str(exc))
+    return culprit
+
+
+async def _next_chunk(chunks: AsyncIterator[GenerateChunk], deadline: float | None,
+                      rid: str) -> GenerateChunk | None:
+    try:
+        if deadline is None:
+            return await chunks.__anext__()
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise TimeoutError
+        return await asyncio.wait_for(chunks.__anext__(), remaining)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise RouterError(ErrorCode.TIMEOUT, f"request {rid} did not finish within its deadline") from None
+
+
+_CLEANUP: set[asyncio.Future] = set()
+
+
+def abort_everywhere(request_id: str, engines: set[EngineHandle]) -> None:
+    """Abort on every engine of `engines`, in the background (also when the caller is cancelled);
+    an engine that is down gets it when it answers again."""
+    for h in engines:
+        if not h.alive:
+            h.abort_when_back(request_id)
+    engines = {h for h in engines if h.alive}
+    if not engines:
+        return
+
+    async def run() -> None:
+        await asyncio.gather(*(h.abort(request_id, timeout=5.0) for h in engines), return_exceptions=True)
+
+    task = asyncio.ensure_future(run())
+    _CLEANUP.add(task)
+    task.add_done_callback(_CLEANUP.discard)

@@ -13,7 +13,7 @@ import msgspec
 if TYPE_CHECKING:  # NOTE: torch is imported lazily so router/gateway processes never load it
     import torch
 
-_ELEMENT_SIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
+_ELEMENT_SIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 
 
 class KVSpecMismatch(ValueError):

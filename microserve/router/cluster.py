@@ -258,6 +258,11 @@ class Cluster:
 
         return min(enumerate(pool), key=key)[1]
 
+    def profile(self, engine: EngineHandle) -> dict:
+        """What is known of the engine's hardware: in `microserve sim`, {gpu, tp, dtype, kv_dtype,
+        peak_tflops, hbm_tb_s (both for all its GPUs), kv_capacity_tokens}; {} for a real engine."""
+        return dict(engine.profile or {})
+
     def engine(self, engine_id: str) -> EngineHandle:
         """The handle of the engine with this engine id (or handle name)."""
         for h in self.handles:

@@ -107,6 +107,7 @@ class EngineHandle:
         self.joined = False  # it registered itself (engine --join): evicted when it stays down, re-joins
         self.evacuating = False  # drained by migration: streams stop after their next chunk (`Evacuated`)
         self.moving = 0  # requests stopped here whose move (remote_send from here) has not started yet
+        self.profile: dict | None = None  # the engine's hardware, when known (simulated engines: sim/cluster.py)
         self.inflight = 0  # start_generate / remote_send calls this process has in flight on the engine
         self.pending_tokens = 0  # prompt tokens this process asked the engine to prefill, not yet done
         self.on_send: Callable[[P.SendResult], None] | None = None  # observer of finished remote_sends

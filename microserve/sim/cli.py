@@ -14,11 +14,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a strategy parameter (repeatable)")
     p.add_argument("--model", default="llama-3.1-8b",
                    help="llama-3.1-8b | llama-3.1-70b | a config.json | a checkpoint folder | demo")
-    p.add_argument("--gpu", default="h100", help="h100 | h200 | a100 | a profile JSON (e.g. from --calibrate)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per engine")
+    p.add_argument("--gpu", default="h100",
+                   help="h100 | h200 | a100 | a profile JSON (from --calibrate); per role: prefill=h100,decode=a100")
+    p.add_argument("--tp", default="1", help="tensor-parallel GPUs per engine; per role: prefill=4,decode=2")
+    p.add_argument("--dtype", default=None, choices=["fp8", "bfloat16", "float16", "float32"],
+                   help="weights' precision (default: the model profile's); fp8 uses the GPU's FP8 peak")
+    p.add_argument("--kv-dtype", default=None, choices=["auto", "fp8", "bfloat16", "float16", "float32"],
+                   help="KV cache precision (auto: 2 bytes with fp8 weights, else as the weights)")
     p.add_argument("--roles", default=None, help="engine layout, e.g. prefill=1,decode=1 (default: the strategy's)")
     p.add_argument("--engines", type=int, default=None, help="N engines of a one-role strategy (as in launch)")
-    p.add_argument("--link", default="nvlink", help="nvlink | ib400 | pcie5 | a link JSON: KV between engines")
+    p.add_argument("--link", default="nvlink", help="nvlink | ib400 | pcie5 | a link JSON: KV between engines; per "
+                   "pair of roles: nvlink,prefill:decode=ib400")
     p.add_argument("--workload", default=None, help=f"{', '.join(workloads.WORKLOADS)} or a JSONL file")
     arrivals = p.add_mutually_exclusive_group()
     arrivals.add_argument("--rate", type=float, help="Poisson arrivals, requests per (virtual) second")
@@ -47,6 +53,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--calibrate: torch threads (match what each engine gets when serving: launch gives "
                         "cores / engines)")
     p.add_argument("--quick", action="store_true", help="--calibrate: a shorter ladder of batches")
+    g = p.add_argument_group("layout search (--search, microserve/sim/search.py)")
+    g.add_argument("--search", action="store_true",
+                   help="rank layouts (DP, xPyD, balanced PD; TP degrees) of --gpus GPUs by goodput per GPU")
+    g.add_argument("--gpus", type=int, default=8, help="--search: the GPU budget every layout uses")
+    g.add_argument("--rates", default=None, help="--search: request rates to try, e.g. 1.6,2.6,3.6,4.6,5.6")
+    g.add_argument("--tp-choices", default="1,2,4,8", help="--search: tensor parallel degrees to try")
+    g.add_argument("--fractions", default="0.1", help="--search: balanced PD fractions to try")
+    g.add_argument("--attainment", type=float, default=0.9,
+                   help="--search: share of requests that must meet the SLOs for a rate to count as met")
     p.add_argument("--url", default=None,
                    help="--calibrate: also run the workload against this running deployment of --model (same "
                         "strategy and roles) and fit the host costs outside the model (step loop, front-end)")
@@ -57,6 +72,10 @@ def main(args: argparse.Namespace) -> int:
         from microserve.sim import calibrate
 
         return calibrate.run(args)
+    if args.search:
+        from microserve.sim import search
+
+        return search.run(args)
     from microserve.sim import run
 
     return run.run(args)

@@ -29,9 +29,15 @@ from microserve.sim.service import SimService
 
 
 def sim_handle(service: SimService, role: str | None = None) -> EngineHandle:
-    """The handle of one simulated engine."""
-    return EngineHandle(f"sim://{service.engine_id}", name=service.engine_id, role=role,
-                        transport=InProcessTransport(service))
+    """The handle of one simulated engine; `profile` tells strategies its hardware (`Cluster.profile`)."""
+    h = EngineHandle(f"sim://{service.engine_id}", name=service.engine_id, role=role,
+                     transport=InProcessTransport(service))
+    cost = service.engine.cost
+    peak, _ = cost.gpu.peak(cost.model.dtype)
+    h.profile = {"gpu": cost.gpu.name, "tp": cost.tp, "dtype": cost.model.dtype, "kv_dtype": cost.model.kv_dtype,
+                 "peak_tflops": peak * cost.tp, "hbm_tb_s": cost.gpu.hbm_tb_s * cost.tp,
+                 "kv_capacity_tokens": service.engine.kv.num_blocks * service.engine.kv_spec.block_size}
+    return h
 
 
 def service_of(h: EngineHandle) -> SimService:
@@ -59,10 +65,18 @@ class SimCluster(Cluster):
             await server.stop()
 
 
-def build_cluster(layout: Mapping[str, int], cost: CostModel, link: Link, config: EngineConfig | None = None,
-                  poll_interval: float = 0.25, lease_s: float = 60.0) -> SimCluster:
-    """`{role: count}` engines, all with the same cost model, KV moving over `link`."""
+def build_cluster(layout: Mapping[str, int], cost: CostModel | Mapping[str, CostModel], link: Link,
+                  config: EngineConfig | None = None, poll_interval: float = 0.25, lease_s: float = 60.0,
+                  links: Mapping[tuple[str, str], Link] | None = None) -> SimCluster:
+    """`{role: count}` engines with the cost model of their role (one for all, or `{role: CostModel}`),
+    KV moving over `link`, or `links[(sender role, receiver role)]` for that pair of roles."""
+    costs = {role: cost[role] if isinstance(cost, Mapping) else cost for role in layout}
     peers: dict[str, SimService] = {}
-    servers = {role: [SimService(SimEngine(cost, config, f"{role}-{i}"), peers, link, lease_s) for i in range(n)]
-               for role, n in layout.items()}
+    ids = {role: [f"{role}-{i}" for i in range(n)] for role, n in layout.items()}
+    servers = {}
+    for role in layout:
+        servers[role] = []
+        for eid in ids[role]:
+            pair = {other: links[(role, r)] for r in layout if (role, r) in (links or {}) for other in ids[r]}
+            servers[role].append(SimService(SimEngine(costs[role], config, eid), peers, link, lease_s, links=pair))
     return SimCluster(servers, poll_interval=poll_interval)

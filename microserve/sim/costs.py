@@ -17,7 +17,12 @@ and adds two ring all-reduces per layer of tokens x hidden activations over the 
 
 A KV transfer of t tokens between engines: link latency + t x KV bytes per token /
 (link bandwidth x efficiency x tp): with TP, each GPU sends its own KV heads over its own
-link, in parallel.
+link, in parallel (the smaller TP of the two engines when they differ).
+
+Precision (`with_precision`, `microserve sim --dtype fp8 --kv-dtype fp8`): weights take
+`bytes_per_param` bytes, KV `kv_bytes` per element, activations 2 bytes (4 in float32); the
+compute peak is the GPU's for the weights' precision (`peak_tflops_fp8` for fp8; a GPU
+without FP8 tensor cores, such as the A100, is refused).
 
 Profiles (`profiles/*.json`) hold the hardware and model numbers with their sources.
 """
@@ -42,6 +47,17 @@ class GPU:
     step_overhead_ms: float = 2.0
     seq_overhead_us: float = 0.0  # host work per scheduled sequence (batch building, sampling)
     frontend_ms: float = 0.0  # per request, outside the engines: client, gateway, router, RPCs
+    peak_tflops_fp8: float | None = None  # dense FP8 tensor-core peak (None: no FP8 tensor cores)
+    compute_efficiency_fp8: float | None = None  # default: compute_efficiency
+
+    def peak(self, dtype: str) -> tuple[float, float]:
+        """(peak TFLOPS, compute efficiency) for matrix math in `dtype`."""
+        if dtype != "fp8":
+            return self.peak_tflops, self.compute_efficiency
+        if self.peak_tflops_fp8 is None:
+            raise ValueError(f"{self.name} has no FP8 tensor cores: simulate it with --dtype bfloat16 (or give its "
+                             "profile a peak_tflops_fp8)")
+        return self.peak_tflops_fp8, self.compute_efficiency_fp8 or self.compute_efficiency
 
 
 @dataclass(frozen=True)
@@ -67,10 +83,25 @@ class ModelShape:
     vocab: int
     bytes_per_param: float = 2.0
     max_position_embeddings: int = 131072
+    kv_bytes: float | None = None  # bytes per KV element (None: as the weights, 2 when they are fp8)
 
     @property
     def dtype(self) -> str:
-        return {4: "float32", 2: "bfloat16"}.get(int(self.bytes_per_param), "bfloat16")
+        """The weights' precision: float32, bfloat16 or fp8."""
+        return {4: "float32", 2: "bfloat16", 1: "fp8"}.get(int(self.bytes_per_param), "bfloat16")
+
+    @property
+    def kv_element_bytes(self) -> float:
+        return self.kv_bytes or (2.0 if self.bytes_per_param < 2 else self.bytes_per_param)
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV cache's dtype as a `KVSpec` names it."""
+        return {4: "float32", 2: "bfloat16", 1: "float8_e4m3fn"}.get(int(self.kv_element_bytes), "bfloat16")
+
+    @property
+    def activation_bytes(self) -> float:
+        return 4.0 if self.bytes_per_param >= 4 else 2.0
 
     @property
     def layer_params(self) -> int:
@@ -96,7 +127,7 @@ class ModelShape:
 
     @property
     def kv_bytes_per_token(self) -> float:
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.bytes_per_param
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.kv_element_bytes
 
 
 def _load(kind: str, spec: str) -> tuple[str, dict]:
@@ -114,7 +145,7 @@ def load_gpu(spec: str) -> GPU:
     name, d = _load("gpus", spec)
     return GPU(name, d["peak_tflops"], d["hbm_tb_s"], d["memory_gb"], d.get("compute_efficiency", 0.6),
                d.get("memory_efficiency", 0.8), d.get("step_overhead_ms", 2.0), d.get("seq_overhead_us", 0.0),
-               d.get("frontend_ms", 0.0))
+               d.get("frontend_ms", 0.0), d.get("peak_tflops_fp8"), d.get("compute_efficiency_fp8"))
 
 
 def load_link(spec: str) -> Link:
@@ -122,7 +153,23 @@ def load_link(spec: str) -> Link:
     return Link(name, d["bandwidth_gb_s"], d["latency_us"], d.get("efficiency", 0.8))
 
 
-_DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}
+_DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "fp8": 1.0}
+
+
+def with_precision(model: ModelShape, dtype: str | None = None, kv_dtype: str | None = None) -> ModelShape:
+    """The model with weights in `dtype` (fp8 | bfloat16 | float16 | float32; None: as it is) and KV
+    in `kv_dtype` (fp8 | bfloat16 | float16 | float32; None or auto: 2 bytes for fp8 weights, else as
+    the weights), as vLLM's `--quantization fp8 --kv-cache-dtype fp8` would serve it."""
+    from dataclasses import replace
+
+    for what, value in (("--dtype", dtype), ("--kv-dtype", kv_dtype)):
+        if value not in (None, "auto") and value not in _DTYPE_BYTES:
+            raise ValueError(f"{what} {value!r}: choose one of {', '.join(_DTYPE_BYTES)}")
+    if dtype == "auto":
+        dtype = None
+    weights = _DTYPE_BYTES[dtype] if dtype else model.bytes_per_param
+    kv = _DTYPE_BYTES[kv_dtype] if kv_dtype not in (None, "auto") else (None if dtype else model.kv_bytes)
+    return replace(model, bytes_per_param=weights, kv_bytes=kv)
 
 
 def load_model(spec: str) -> ModelShape:
@@ -154,6 +201,7 @@ class CostModel:
     def __post_init__(self) -> None:
         if self.tp < 1:
             raise ValueError("tp must be >= 1")
+        self.gpu.peak(self.model.dtype)  # NOTE: refuses fp8 on a GPU without FP8 tensor cores, up front
         if self.tp > 1 and self.tp_link is None:
             object.__setattr__(self, "tp_link", load_link("nvlink"))
 
@@ -168,7 +216,8 @@ class CostModel:
         sampled = len(decode_contexts) + len(prefill) if sampled is None else sampled
         num_seqs = len(decode_contexts) + len(prefill) if num_seqs is None else num_seqs
         flops, nbytes = self.work(prefill, decode_contexts, sampled)
-        compute = flops / (self.gpu.peak_tflops * 1e12 * self.gpu.compute_efficiency)
+        peak, efficiency = self.gpu.peak(self.model.dtype)
+        compute = flops / (peak * 1e12 * efficiency)
         memory = nbytes / (self.gpu.hbm_tb_s * 1e12 * self.gpu.memory_efficiency)
         return max(compute, memory) / self.tp + self.allreduce_seconds(tokens) + self.gpu.step_overhead_ms * 1e-3 \
             + self.gpu.seq_overhead_us * 1e-6 * num_seqs
@@ -188,12 +237,13 @@ class CostModel:
         if self.tp == 1:
             return 0.0
         assert self.tp_link is not None
-        per = 2 * (self.tp - 1) / self.tp * tokens * self.model.hidden * self.model.bytes_per_param
+        per = 2 * (self.tp - 1) / self.tp * tokens * self.model.hidden * self.model.activation_bytes
         return 2 * self.model.layers * self.tp_link.seconds(per)
 
-    def transfer_seconds(self, tokens: int, link: Link) -> float:
-        """KV of `tokens` tokens from one engine to another (TP shards move in parallel)."""
-        return link.seconds(tokens * self.model.kv_bytes_per_token, parallel=self.tp)
+    def transfer_seconds(self, tokens: int, link: Link, peer_tp: int | None = None) -> float:
+        """KV of `tokens` tokens from one engine to another (TP shards move in parallel: as many as the
+        smaller TP of the two)."""
+        return link.seconds(tokens * self.model.kv_bytes_per_token, parallel=min(self.tp, peer_tp or self.tp))
 
     def kv_capacity_tokens(self, memory_fraction: float = 0.9) -> int:
         """Tokens of KV that fit beside the weights on the engine's `tp` GPUs."""

@@ -53,7 +53,7 @@ class SimEngine(EngineCore):
         self._init_books(config, num_blocks, max_model_len or cost.model.max_position_embeddings, cost.model.vocab,
                          frozenset(), on_kv_event)
         m = cost.model
-        self.kv_spec = KVSpec(m.layers, m.kv_heads, m.head_dim, cost.model.dtype, bs)
+        self.kv_spec = KVSpec(m.layers, m.kv_heads, m.head_dim, m.kv_dtype, bs)
         self.last_step_seconds = 0.0
 
     def _execute(self, batch: ScheduledBatch) -> dict[Sequence, int]:

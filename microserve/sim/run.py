@@ -18,7 +18,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from microserve.router.strategy import Strategy, load_strategy, parse_roles
 from microserve.sampling_params import SamplingParams
 from microserve.sim import clock
 from microserve.sim.cluster import SimCluster, build_cluster
-from microserve.sim.costs import CostModel, Link, load_gpu, load_link, load_model
+from microserve.sim.costs import CostModel, Link, load_gpu, load_link, load_model, with_precision
 
 
 # -- prompts as token ids -------------------------------------------------------------------
@@ -124,13 +124,16 @@ async def simulate(strategy: Strategy, cluster: SimCluster, reqs: list[SimReques
         await cluster.close()
 
 
-def simulate_workload(strategy: Strategy, layout: dict[str, int], cost: CostModel, link: Link, config: EngineConfig,
-                      reqs: list[SimRequest], rate: float | None, concurrency: int, seed: int,
-                      progress: bool = False) -> tuple[list[RequestResult], float, SimCluster]:
-    """One whole simulation on fresh engines: (results, virtual seconds, the cluster after it)."""
-    cluster = build_cluster(layout, cost, link, config)
+def simulate_workload(strategy: Strategy, layout: dict[str, int], cost: CostModel | dict[str, CostModel], link: Link,
+                      config: EngineConfig, reqs: list[SimRequest], rate: float | None, concurrency: int, seed: int,
+                      progress: bool = False, links: dict[tuple[str, str], Link] | None = None,
+                      ) -> tuple[list[RequestResult], float, SimCluster]:
+    """One whole simulation on fresh engines: (results, virtual seconds, the cluster after it).
+    `cost`: one cost model, or one per role (mixed hardware); `links`: per (sender, receiver) role pair."""
+    cluster = build_cluster(layout, cost, link, config, links=links)
+    first = next(iter(cost.values())) if isinstance(cost, dict) else cost
     results, duration = clock.run(simulate(strategy, cluster, reqs, rate, concurrency, seed, progress,
-                                           cost.gpu.frontend_ms * 1e-3))
+                                           first.gpu.frontend_ms * 1e-3))
     return results, duration, cluster
 
 
@@ -155,17 +158,50 @@ GPU_MAX_NUM_SEQS = 256
 
 @dataclass
 class SimSetup:
-    cost: CostModel
+    cost: CostModel  # the first role's (all roles' without mixed hardware)
     layout: dict[str, int]
     config: EngineConfig
     link_name: str
+    costs: dict[str, CostModel] = field(default_factory=dict)  # per role
+    link: Link | None = None
+    links: dict[tuple[str, str], Link] = field(default_factory=dict)  # per (sender role, receiver role)
+
+
+def per_role(text: str | int | None, roles: list[str], what: str) -> dict[str, str]:
+    """`h100` (every role) or `prefill=h100,decode=a100` (roles not named: the first unnamed item, else
+    an error) -> {role: value}."""
+    items = [x.strip() for x in str(text).split(",") if x.strip()] if text is not None else []
+    named = dict(x.split("=", 1) for x in items if "=" in x)
+    plain = [x for x in items if "=" not in x]
+    unknown = [r for r in named if r not in roles]
+    if unknown:
+        raise ValueError(f"{what} names role(s) {', '.join(unknown)}; the layout has {', '.join(roles)}")
+    missing = [r for r in roles if r not in named and not plain]
+    if missing:
+        raise ValueError(f"{what} gives nothing for role(s) {', '.join(missing)}: add ROLE=VALUE or a default")
+    return {r: named.get(r, plain[0] if plain else "") for r in roles}
+
+
+def parse_links(text: str, roles: list[str]) -> tuple[Link, dict[tuple[str, str], Link]]:
+    """`nvlink` (every pair) or `nvlink,prefill:decode=ib400` (a default and per sender:receiver pair)."""
+    default, pairs = None, {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        if "=" not in item:
+            default = load_link(item)
+            continue
+        pair, name = item.split("=", 1)
+        src, sep, dst = pair.partition(":")
+        if not sep or src not in roles or dst not in roles:
+            raise ValueError(f"--link {item!r}: expected SENDER:RECEIVER=LINK with roles of {', '.join(roles)}")
+        pairs[(src, dst)] = load_link(name)
+    return default or load_link("nvlink"), pairs
 
 
 def setup_from_args(args: argparse.Namespace, strategy_roles: dict[str, int]) -> SimSetup:
     from microserve.demo import resolve_model
 
     model = load_model(str(resolve_model(args.model)) if args.model == "demo" else args.model)
-    cost = CostModel(model, load_gpu(args.gpu), args.tp)
+    model = with_precision(model, getattr(args, "dtype", None), getattr(args, "kv_dtype", None))
     if getattr(args, "roles", None) and getattr(args, "engines", None) is not None:
         raise ValueError("give --roles or --engines, not both")
     if getattr(args, "engines", None) is not None:
@@ -178,11 +214,19 @@ def setup_from_args(args: argparse.Namespace, strategy_roles: dict[str, int]) ->
     missing = [r for r in strategy_roles if r not in layout]
     if missing:  # as `launch` does: refused before anything runs
         raise ValueError(f"the strategy needs role(s) {', '.join(missing)}; --roles gives {', '.join(layout)}")
+    roles = list(layout)
+    gpus, tps = per_role(args.gpu, roles, "--gpu"), per_role(args.tp, roles, "--tp")
+    costs = {}
+    for r in roles:
+        if not tps[r].isdigit() or int(tps[r]) < 1:
+            raise ValueError(f"--tp {args.tp!r}: tensor parallel degrees are integers >= 1")
+        costs[r] = CostModel(model, load_gpu(gpus[r]), int(tps[r]))
     config = EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                           max_num_batched_tokens=args.max_num_batched_tokens or GPU_MAX_BATCHED_TOKENS,
                           max_num_seqs=args.max_num_seqs or GPU_MAX_NUM_SEQS,
                           enable_prefix_caching=not args.no_prefix_caching, native_kernels=False)
-    return SimSetup(cost, layout, config, args.link)
+    link, links = parse_links(args.link, roles)
+    return SimSetup(costs[roles[0]], layout, config, args.link, costs, link, links)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -191,26 +235,28 @@ def run(args: argparse.Namespace) -> int:
     if missing or (args.rate is None and args.concurrency is None):
         raise ValueError(f"microserve sim needs {', '.join(missing or ['--rate or --concurrency'])}")
     if args.num_requests < 1 or (args.rate is not None and args.rate <= 0) or \
-            (args.concurrency is not None and args.concurrency < 1) or args.tp < 1:
-        raise ValueError("--num-requests, --rate, --concurrency and --tp must be positive")
+            (args.concurrency is not None and args.concurrency < 1):
+        raise ValueError("--num-requests, --rate and --concurrency must be positive")
     strategy_args = dict(a.split("=", 1) for a in args.strategy_arg if "=" in a)
     strategy = load_strategy(args.strategy, strategy_args)
     setup = setup_from_args(args, type(strategy).roles)
-    link = load_link(args.link)
+    link = setup.link
     encode = prompt_encoder(args.model, setup.cost.model.vocab, args.tokens_per_word)
     bench_reqs = workloads.load(args.workload, args.num_requests, args.seed, args.tokens_per_word,
                                 args.max_output_tokens)
     reqs = [SimRequest(encode(r.prompt), r.max_tokens, r.session) for r in bench_reqs]
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     wall = time.perf_counter()
-    results, duration, cluster = simulate_workload(strategy, setup.layout, setup.cost, link, setup.config, reqs,
-                                                   args.rate, args.concurrency or 1, args.seed, progress)
+    results, duration, cluster = simulate_workload(strategy, setup.layout, setup.costs, link, setup.config, reqs,
+                                                   args.rate, args.concurrency or 1, args.seed, progress, setup.links)
     wall = time.perf_counter() - wall
     slo = {k: v / 1e3 for k, v in (("ttft_s", args.slo_ttft_ms), ("tpot_s", args.slo_tpot_ms),
                                    ("e2e_s", args.slo_e2e_ms)) if v is not None}
     summary = report.summarize(results, duration, slo)
     config = {"mode": "sim", "strategy": args.strategy, "strategy_args": strategy_args, "model": setup.cost.model.name,
-              "gpu": setup.cost.gpu.name, "tp": args.tp, "roles": setup.layout, "link": link.name,
+              "gpu": {r: c.gpu.name for r, c in setup.costs.items()}, "tp": {r: c.tp for r, c in setup.costs.items()},
+              "dtype": setup.cost.model.dtype, "kv_dtype": setup.cost.model.kv_dtype, "roles": setup.layout,
+              "link": args.link,
               "workload": args.workload, "rate": args.rate, "concurrency": args.concurrency,
               "num_requests": args.num_requests, "seed": args.seed, "tokens_per_word": args.tokens_per_word,
               "max_output_tokens": args.max_output_tokens,
@@ -220,7 +266,8 @@ def run(args: argparse.Namespace) -> int:
     data["sim"] = {"wall_s": wall, "engines": engine_report(cluster)}
     arrivals = f"rate {args.rate} req/s" if args.rate is not None else f"concurrency {args.concurrency}"
     layout = ",".join(f"{r}={n}" for r, n in setup.layout.items())
-    print(f"sim: {args.strategy} on {layout} x {setup.cost.model.name} ({args.tp} x {setup.cost.gpu.name}, "
-          f"link {link.name}), {args.workload}, {arrivals}, {args.num_requests} requests "
+    hardware = ", ".join(f"{r}: {c.tp} x {c.gpu.name}" for r, c in setup.costs.items())
+    print(f"sim: {args.strategy} on {layout} x {setup.cost.model.name} {setup.cost.model.dtype} ({hardware}, "
+          f"link {args.link}), {args.workload}, {arrivals}, {args.num_requests} requests "
           f"({duration:.1f} s simulated in {wall:.1f} s)")
     return report.emit(data, results, args.out, args.plot, f"sim: {args.strategy}, {args.workload}, {arrivals}")

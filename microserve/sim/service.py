@@ -54,16 +54,16 @@ class SimService(CoreService):
     Args:
         engine: the simulated engine.
         peers: engine id -> `SimService` of every engine on the fabric (shared dict).
-        link: the link KV crosses between engines.
+        link: the link KV crosses between engines; `links` overrides it per receiving engine id.
         lease_s, transfer_timeout: as the real engine's (virtual seconds).
     """
 
     def __init__(self, engine: SimEngine, peers: dict[str, SimService], link: Link, lease_s: float = 60.0,
-                 transfer_timeout: float = 30.0) -> None:
+                 transfer_timeout: float = 30.0, links: dict[str, Link] | None = None) -> None:
         super().__init__(engine, engine.engine_id, [TRANSPORT], lease_s, transfer_timeout)
         self.engine: SimEngine = engine
         self.model_name = engine.cost.model.name
-        self.peers, self.link = peers, link
+        self.peers, self.link, self.links = peers, link, links or {}
         peers[engine.engine_id] = self
         self.link_free_at = 0.0  # the sender's link is busy until then (virtual time)
         self.bytes_sent = self.bytes_received = 0
@@ -115,7 +115,9 @@ class SimService(CoreService):
         try:
             loop = asyncio.get_running_loop()
             t0 = loop.time()
-            self.link_free_at = max(t0, self.link_free_at) + self.engine.cost.transfer_seconds(end - begin, self.link)
+            link = self.links.get(kv.engine_id, self.link)
+            self.link_free_at = max(t0, self.link_free_at) + self.engine.cost.transfer_seconds(
+                end - begin, link, peer.engine.cost.tp)
             await asyncio.sleep(self.link_free_at - t0)
         finally:
             peer._incoming.discard(kv.ticket_id)

@@ -1,0 +1,113 @@
+"""`microserve sim` as a planning tool: precision (FP8 weights and KV), mixed hardware per role
+(GPU, TP, links per pair of roles), profiles visible to strategies, and the layout search. Each
+has a case whose answer is known in closed form and a conservation check."""
+
+from __future__ import annotations
+
+import pytest
+from test_sim import CONFIG, assert_conserved, chat_requests, sim_cli
+
+from microserve.router.strategy import load_strategy
+from microserve.sim import clock
+from microserve.sim.cluster import build_cluster
+from microserve.sim.costs import CostModel, load_gpu, load_link, load_model, with_precision
+from microserve.sim.run import SimRequest, engine_report, simulate
+
+M70 = load_model("llama-3.1-70b")
+H100, A100 = load_gpu("h100"), load_gpu("a100")
+
+
+def test_fp8_weights_and_kv_in_closed_form():
+    bf16, fp8 = M70, with_precision(M70, "fp8")
+    kv8 = with_precision(M70, "fp8", "fp8")
+    assert fp8.bytes_per_param == 1 and fp8.kv_bytes_per_token == bf16.kv_bytes_per_token  # auto: bf16 KV
+    assert kv8.kv_bytes_per_token == bf16.kv_bytes_per_token / 2 and kv8.kv_dtype == "float8_e4m3fn"
+    # a lone decode is memory-bound: its weight reads halve
+    a, b = CostModel(bf16, H100, tp=4), CostModel(fp8, H100, tp=4)
+    overhead = H100.step_overhead_ms * 1e-3 + a.allreduce_seconds(1)
+    mem = lambda c, m: (m.weight_bytes + m.kv_bytes_per_token * 101) / (H100.hbm_tb_s * 1e12 * 0.8) / 4
+    assert a.step_seconds([], [100], 1) == pytest.approx(mem(a, bf16) + overhead, rel=1e-9)
+    assert b.step_seconds([], [100], 1) == pytest.approx(mem(b, fp8) + overhead, rel=1e-9)
+    # a long prefill is compute-bound: FP8's own peak and efficiency
+    flops, _ = b.work([(0, 8192)], [], 1)
+    peak, eff = H100.peak("fp8")
+    assert peak == 1979.0
+    assert b.step_seconds([(0, 8192)], [], 1) == pytest.approx(
+        flops / (peak * 1e12 * eff) / 4 + b.allreduce_seconds(8192) + 2e-3, rel=1e-9)
+    # the all-reduce moves bf16 activations whatever the weights
+    assert a.allreduce_seconds(1000) == b.allreduce_seconds(1000)
+    # KV transfer with FP8 KV takes half the bytes
+    link = load_link("ib400")
+    full, half = CostModel(bf16, H100, 4).transfer_seconds(3000, link), CostModel(kv8, H100, 4).transfer_seconds(
+        3000, link)
+    assert half - link.latency_us * 1e-6 == pytest.approx((full - link.latency_us * 1e-6) / 2, rel=1e-9)
+
+
+def test_fp8_on_a_gpu_without_fp8_is_refused():
+    with pytest.raises(ValueError, match="a100 has no FP8 tensor cores"):
+        CostModel(with_precision(M70, "fp8"), A100, tp=4)
+    proc = sim_cli("--strategy", "pd", "--model", "llama-3.1-70b", "--gpu", "prefill=h100,decode=a100", "--tp", "4",
+                   "--dtype", "fp8", "--workload", "chat", "--rate", "1", "--num-requests", "2")
+    assert proc.returncode == 2 and "a100 has no FP8 tensor cores" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_mixed_hardware_one_request_in_closed_form():
+    """Prefill on H100 TP4, decode on A100 TP2, KV over InfiniBand between them (NVLink otherwise):
+    TTFT = P's prefill step + the transfer (2 shards in parallel: the smaller TP) + D's last-token step."""
+    p_cost, d_cost = CostModel(M70, H100, 4), CostModel(M70, A100, 2)
+    ib = load_link("ib400")
+    cluster = build_cluster({"prefill": 1, "decode": 1}, {"prefill": p_cost, "decode": d_cost}, load_link("nvlink"),
+                            CONFIG, links={("prefill", "decode"): ib})
+    n, out = 3000, 4
+    (r,), _ = clock.run(simulate(load_strategy("pd"), cluster, [SimRequest(list(range(1, n + 1)), out)], None, 1, 0))
+    ttft = p_cost.step_seconds([(0, n - 1)], [], 0) + ib.seconds((n - 1) * M70.kv_bytes_per_token, parallel=2) + \
+        d_cost.step_seconds([(n - 1, 1)], [], 1)
+    assert r.ok and r.ttft == pytest.approx(ttft, rel=1e-12)
+    decodes = sum(d_cost.step_seconds([], [n + k], 1) for k in range(1, out))
+    assert r.e2e == pytest.approx(ttft + decodes, rel=1e-12)
+    # strategies see each engine's hardware
+    by_role = {h.role: cluster.profile(h) for h in cluster.handles}
+    assert by_role["prefill"]["gpu"] == "h100" and by_role["prefill"]["tp"] == 4
+    assert by_role["decode"]["gpu"] == "a100" and by_role["decode"]["peak_tflops"] == 2 * 312.0
+
+
+def test_mixed_hardware_and_fp8_conserve_requests_and_blocks():
+    fp8 = with_precision(load_model("llama-3.1-8b"), "fp8", "fp8")
+    costs = {"prefill": CostModel(fp8, load_gpu("h200"), 1), "decode": CostModel(fp8, H100, 2)}
+    cluster = build_cluster({"prefill": 2, "decode": 1}, costs, load_link("nvlink"), CONFIG,
+                            links={("prefill", "decode"): load_link("ib400")})
+    reqs = chat_requests(60)
+    results, _ = clock.run(simulate(load_strategy("balanced_pd", {"fraction": "0.2"}), cluster, reqs, 20.0, 1, 0))
+    engines = engine_report(cluster)
+    assert_conserved(results, engines)
+    assert all(r.output_tokens == q.max_tokens for r, q in zip(results, reqs))
+
+
+def test_per_role_flags_and_their_errors():
+    ok = sim_cli("--strategy", "pd", "--model", "llama-3.1-8b", "--gpu", "prefill=h200,decode=h100",
+                 "--tp", "prefill=2,decode=1", "--link", "nvlink,prefill:decode=ib400", "--dtype", "fp8",
+                 "--workload", "chat", "--rate", "4", "--num-requests", "20", "--no-progress")
+    assert ok.returncode == 0, ok.stderr
+    assert "prefill: 2 x h200, decode: 1 x h100" in ok.stdout and "fp8" in ok.stdout
+    for args, message in ((["--gpu", "prefill=h100,verifier=a100"], "verifier"),
+                          (["--tp", "prefill=2"], "decode"), (["--tp", "two"], "integers"),
+                          (["--link", "prefill:nowhere=ib400"], "SENDER:RECEIVER")):
+        bad = sim_cli("--strategy", "pd", "--model", "llama-3.1-8b", *args, "--workload", "chat", "--rate", "1",
+                      "--num-requests", "2")
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
+
+
+def test_layout_search_ranks_layouts_by_goodput_per_gpu(tmp_path):
+    proc = sim_cli("--search", "--model", "llama-3.1-8b", "--gpu", "h100", "--gpus", "4", "--tp-choices", "1,2",
+                   "--workload", "sonnet", "--rates", "4,16", "--slo-ttft-ms", "1500", "--slo-tpot-ms", "40",
+                   "--num-requests", "60", "--no-progress", "--plot", str(tmp_path / "search.png"))
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line[:1].isdigit()]
+    names = [" ".join(r[1:r.index(next(x for x in r if x.endswith("/s")))]) for r in rows]
+    assert "DP 4 x TP1" in names and "1P3D TP1" in names and "2P1D TP1/TP2" in names
+    per_gpu = [float(next(x for x in r if x.endswith("/s"))[:-2]) for r in rows]
+    assert per_gpu == sorted(per_gpu, reverse=True) and per_gpu[0] > 0
+    assert (tmp_path / "search.png").stat().st_size > 0
+    bad = sim_cli("--search", "--model", "llama-3.1-8b", "--workload", "sonnet", "--rates", "4")
+    assert bad.returncode == 2 and "SLO" in bad.stderr

@@ -1,8 +1,8 @@
-"""How fast `microserve sim` runs: 10 000 simulated requests on 16 engines, wall time.
+"""How fast `microserve sim` runs: 10 000 simulated requests on 64 engines, wall time.
 
-Target (issue 5): under a minute of wall time. Two layouts, one run each:
-  dp    round_robin on 16 engines
-  pd    1P1D-style pd on prefill=8,decode=8
+Target: under a minute of wall time, through the real router path (`run_request`). Two layouts:
+  dp    round_robin on 64 engines
+  pd    xPyD pd on prefill=32,decode=32
 Llama-3.1-8B on H100s (TP1), the `chat` workload at a rate that keeps the cluster busy.
 
     python benchmarks/sim_scale.py [--num-requests 10000] [--rate 100] [--workload chat]
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from microserve.cli import build_parser
 
-LAYOUTS = {"dp": ("round_robin", "engine=16"), "pd": ("pd", "prefill=8,decode=8")}
+LAYOUTS = {"dp": ("round_robin", "engine=64"), "pd": ("pd", "prefill=32,decode=32")}
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from microserve.cli import build_parser
 
 STRATEGIES = {  # label: (strategy, extra args)
     "data parallel": ("round_robin", ["--roles", "engine=2"]),
+    "TP8 (one engine)": ("round_robin", ["--roles", "engine=1", "--tp", "8"]),
     "1P1D (pd)": ("pd", []),
     "balanced PD 0.1": ("balanced_pd", ["--strategy-arg", "fraction=0.1"]),
     "adaptive PD": ("adaptive_pd", ["--strategy-arg", "max_prefill_queue=6000"]),
@@ -27,11 +28,12 @@ STRATEGIES = {  # label: (strategy, extra args)
 RATES = (1.6, 2.6, 3.6, 4.6, 5.6)
 
 
-def run_one(strategy: str, extra: list[str], rate: float, n: int, seed: int) -> dict:
+def run_one(strategy: str, extra: list[str], rate: float, n: int, seed: int, dtype: str, gpu: str = "h100") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
+        tp = [] if "--tp" in extra else ["--tp", "4"]
         args = build_parser().parse_args([
-            "sim", "--strategy", strategy, *extra, "--model", "llama-3.1-70b", "--gpu", "h100", "--tp", "4",
+            "sim", "--strategy", strategy, *extra, "--model", "llama-3.1-70b", "--gpu", gpu, *tp, "--dtype", dtype,
             "--link", "nvlink", "--workload", "sonnet", "--rate", str(rate), "--num-requests", str(n),
             "--seed", str(seed), "--out", str(out), "--no-progress"])
         with contextlib.redirect_stdout(io.StringIO()):
@@ -44,10 +46,12 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--dtype", default="fp8", help="fp8 (the paper's setup) or bfloat16")
+    ap.add_argument("--gpu", default="h100", help="h100, or a profile JSON")
     opts = ap.parse_args()
-    res = {(label, rate): run_one(s, extra, rate, opts.num_requests, opts.seed)
+    res = {(label, rate): run_one(s, extra, rate, opts.num_requests, opts.seed, opts.dtype, opts.gpu)
            for label, (s, extra) in STRATEGIES.items() for rate in RATES}
-    print(f"llama-3.1-70b, 2 engines x TP4 on H100 (NVLink), sonnet, {opts.num_requests} requests per point")
+    print(f"llama-3.1-70b {opts.dtype}, 8 x H100 (NVLink), sonnet, {opts.num_requests} requests per point")
     print(f"{'strategy':<18}{'rate':>6}{'JCT mean':>10}{'JCT p99':>10}{'TTFT mean':>11}{'TPOT mean':>11}"
           f"{'vs DP mean':>12}{'vs DP p99':>11}")
     for label in STRATEGIES:
@@ -72,8 +76,10 @@ def main() -> None:
             ax.set(xlabel="request rate (req/s)", title=title)
             ax.grid(alpha=0.3)
         axes[0].legend()
-        fig.suptitle("simulated: Llama-3.1-70B, 8 x H100 as two TP4 engines, sonnet (3000 in / 100 out)")
+        fig.suptitle(f"simulated: Llama-3.1-70B {opts.dtype}, 8 x H100 (two TP4 engines; TP8: one), sonnet "
+                     "(3000 in / 100 out)")
         fig.tight_layout()
+        opts.plot.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(opts.plot, dpi=90)
 
 

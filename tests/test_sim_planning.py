@@ -148,3 +148,53 @@ def test_the_papers_setup_short():
     # at a moderate rate both PD layouts beat data parallel; at 5.6 req/s 1P1D's prefill engine saturates
     assert jct(low, "pd") < jct(low, "dp") and jct(low, "bal") < jct(low, "dp")
     assert jct(high, "pd") > jct(high, "dp") and jct(high, "bal") < jct(high, "pd")
+
+
+def test_a_shared_store_tier_in_closed_form():
+    """Round robin over two engines sharing a simulated Valkey tier: the second request for a prompt lands
+    on the other engine and loads its stored blocks instead of computing them. TTFT = the load over the
+    tier's link + one prefill step of the rest."""
+    from microserve.sim.costs import CostModel as CM
+    from microserve.sim.store import LINKS
+
+    cost = CM(load_model("llama-3.1-8b"), H100)
+    cluster = build_cluster({"engine": 2}, cost, load_link("nvlink"), CONFIG, kv_store=["host:1GiB", "valkey"])
+    n, bs = 3200, CONFIG.block_size
+    prompt = list(range(7, n + 7))
+    reqs = [SimRequest(prompt, 3), SimRequest(prompt, 3)]
+    results, _ = clock.run(simulate(load_strategy("round_robin"), cluster, reqs, None, 1, 0))
+    engines = engine_report(cluster)
+    assert_conserved(results, engines)
+    first, second = results
+    hit = engines[1]["kv_store"]["valkey"]["hit_tokens"]
+    assert (n - 1) // bs * bs == hit  # every full block of the prompt but its last token's
+    block_bytes = cost.model.kv_bytes_per_token * bs
+    link = load_link(LINKS["valkey"])
+    expect = link.seconds(hit // bs * block_bytes) + cost.step_seconds([(hit, n - hit)], [], 1)
+    assert second.ttft == pytest.approx(expect, rel=1e-9)
+    assert first.ttft == pytest.approx(cost.step_seconds([(0, n)], [], 1), rel=1e-9)
+    assert engines[0]["kv_store"]["valkey"]["hit_tokens"] == 0
+    assert engines[1]["kv_store"]["host"]["hit_tokens"] == 0  # its own host tier had nothing
+
+
+def test_store_tiers_conserve_and_raise_hits_under_a_small_pool():
+    """40 prompts of 1500 tokens, then the same 40 again, on two engines whose pools hold about 6: the
+    second pass computes what the pool evicted unless a tier kept it. In the same order each prompt comes
+    back to its engine (its host tier serves it); swapped, only a shared tier does."""
+    prompts = [[1000 * i + j for j in range(1500)] for i in range(40)]
+    small = CONFIG.__class__(max_num_batched_tokens=8192, max_num_seqs=256, num_kv_blocks=600)
+    computed = {}
+    for order, second in (("same", prompts), ("swapped", prompts[1:] + prompts[:1])):
+        for tiers in ((), ("host:64GiB",), ("host:64GiB", "disk:/unused:1TiB", "valkey")):
+            cluster = build_cluster({"engine": 2}, CostModel(load_model("llama-3.1-8b"), H100), load_link("nvlink"),
+                                    small, kv_store=tiers)
+            reqs = [SimRequest(p, 4) for p in prompts + second]
+            results, _ = clock.run(simulate(load_strategy("round_robin"), cluster, reqs, 10.0, 1, 0))
+            engines = engine_report(cluster)
+            assert_conserved(results, engines)
+            computed[order, len(tiers)] = sum(e["computed_tokens"] for e in engines)
+    assert computed["same", 1] < 0.75 * computed["same", 0]
+    assert computed["swapped", 3] < 0.75 * computed["swapped", 1]
+    bad = sim_cli("--strategy", "round_robin", "--model", "llama-3.1-8b", "--kv-store", "tape:1GiB",
+                  "--workload", "chat", "--rate", "1", "--num-requests", "2")
+    assert bad.returncode == 2 and "host:SIZE" in bad.stderr

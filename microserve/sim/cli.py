@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="running requests per engine (default: 256 to simulate, the engine's 64 to calibrate)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool per engine (default: what fits)")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--kv-store", action="append", default=[], metavar="SPEC",
+                   help="KV store tiers of every engine, fastest first: host:SIZE, disk:PATH[:SIZE], valkey (one "
+                        "shared tier); loads cost virtual time on pcie5 / nvme / eth100 (sim/store.py)")
     p.add_argument("--out", type=Path, default=None, help="results JSON (bench's schema)")
     p.add_argument("--plot", type=Path, default=None, help="PNG plot (needs matplotlib)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)

@@ -23,9 +23,11 @@ from microserve.engine.config import EngineConfig
 from microserve.router.cluster import Cluster
 from microserve.router.handle import EngineHandle
 from microserve.router.transport import InProcessTransport
+from microserve.sim import store
 from microserve.sim.costs import CostModel, Link
 from microserve.sim.engine import SimEngine
 from microserve.sim.service import SimService
+from microserve.sim.store import SimStoreLink
 
 
 def sim_handle(service: SimService, role: str | None = None) -> EngineHandle:
@@ -67,16 +69,25 @@ class SimCluster(Cluster):
 
 def build_cluster(layout: Mapping[str, int], cost: CostModel | Mapping[str, CostModel], link: Link,
                   config: EngineConfig | None = None, poll_interval: float = 0.25, lease_s: float = 60.0,
-                  links: Mapping[tuple[str, str], Link] | None = None) -> SimCluster:
+                  links: Mapping[tuple[str, str], Link] | None = None,
+                  kv_store: Sequence[str] = ()) -> SimCluster:
     """`{role: count}` engines with the cost model of their role (one for all, or `{role: CostModel}`),
-    KV moving over `link`, or `links[(sender role, receiver role)]` for that pair of roles."""
+    KV moving over `link`, or `links[(sender role, receiver role)]` for that pair of roles; `kv_store`:
+    `--kv-store` specs of every engine (sim/store.py)."""
     costs = {role: cost[role] if isinstance(cost, Mapping) else cost for role in layout}
     peers: dict[str, SimService] = {}
+    shared: dict[str, store.SimTier] = {}  # the tiers every engine shares (valkey)
     ids = {role: [f"{role}-{i}" for i in range(n)] for role, n in layout.items()}
     servers = {}
     for role in layout:
         servers[role] = []
         for eid in ids[role]:
             pair = {other: links[(role, r)] for r in layout if (role, r) in (links or {}) for other in ids[r]}
-            servers[role].append(SimService(SimEngine(costs[role], config, eid), peers, link, lease_s, links=pair))
+            service = SimService(SimEngine(costs[role], config, eid), peers, link, lease_s, links=pair)
+            if kv_store:
+                spec = service.engine.kv_spec
+                block_bytes = spec.bytes_per_token * spec.block_size
+                service.use_store(SimStoreLink(store.parse(list(kv_store), block_bytes, shared), spec.block_size,
+                                               block_bytes))
+            servers[role].append(service)
     return SimCluster(servers, poll_interval=poll_interval)

@@ -127,10 +127,10 @@ async def simulate(strategy: Strategy, cluster: SimCluster, reqs: list[SimReques
 def simulate_workload(strategy: Strategy, layout: dict[str, int], cost: CostModel | dict[str, CostModel], link: Link,
                       config: EngineConfig, reqs: list[SimRequest], rate: float | None, concurrency: int, seed: int,
                       progress: bool = False, links: dict[tuple[str, str], Link] | None = None,
-                      ) -> tuple[list[RequestResult], float, SimCluster]:
+                      kv_store: list[str] | None = None) -> tuple[list[RequestResult], float, SimCluster]:
     """One whole simulation on fresh engines: (results, virtual seconds, the cluster after it).
     `cost`: one cost model, or one per role (mixed hardware); `links`: per (sender, receiver) role pair."""
-    cluster = build_cluster(layout, cost, link, config, links=links)
+    cluster = build_cluster(layout, cost, link, config, links=links, kv_store=kv_store or ())
     first = next(iter(cost.values())) if isinstance(cost, dict) else cost
     results, duration = clock.run(simulate(strategy, cluster, reqs, rate, concurrency, seed, progress,
                                            first.gpu.frontend_ms * 1e-3))
@@ -147,7 +147,9 @@ def engine_report(cluster: SimCluster) -> list[dict[str, Any]]:
                     "kv_bytes_sent": st.kv_bytes_sent, "kv_bytes_received": st.kv_bytes_received,
                     "kv_blocks_total": st.kv_blocks_total, "kv_blocks_used": st.kv_blocks_used,
                     "kv_blocks_cached": st.kv_blocks_cached, "open_tickets": st.open_tickets,
-                    "unfinished": s.engine.has_unfinished()})
+                    "unfinished": s.engine.has_unfinished(),
+                    "kv_store": {t.tier: {"hit_tokens": t.hit_tokens, "bytes_read": t.bytes_read}
+                                 for t in st.kv_store}})
     return out
 
 
@@ -248,14 +250,16 @@ def run(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     wall = time.perf_counter()
     results, duration, cluster = simulate_workload(strategy, setup.layout, setup.costs, link, setup.config, reqs,
-                                                   args.rate, args.concurrency or 1, args.seed, progress, setup.links)
+                                                   args.rate, args.concurrency or 1, args.seed, progress, setup.links,
+                                                   args.kv_store)
     wall = time.perf_counter() - wall
     slo = {k: v / 1e3 for k, v in (("ttft_s", args.slo_ttft_ms), ("tpot_s", args.slo_tpot_ms),
                                    ("e2e_s", args.slo_e2e_ms)) if v is not None}
     summary = report.summarize(results, duration, slo)
     config = {"mode": "sim", "strategy": args.strategy, "strategy_args": strategy_args, "model": setup.cost.model.name,
               "gpu": {r: c.gpu.name for r, c in setup.costs.items()}, "tp": {r: c.tp for r, c in setup.costs.items()},
-              "dtype": setup.cost.model.dtype, "kv_dtype": setup.cost.model.kv_dtype, "roles": setup.layout,
+              "kv_store": args.kv_store, "dtype": setup.cost.model.dtype, "kv_dtype": setup.cost.model.kv_dtype,
+              "roles": setup.layout,
               "link": args.link,
               "workload": args.workload, "rate": args.rate, "concurrency": args.concurrency,
               "num_requests": args.num_requests, "seed": args.seed, "tokens_per_word": args.tokens_per_word,

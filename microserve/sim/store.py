@@ -1,0 +1,136 @@
+"""KV store tiers in `microserve sim` (`--kv-store`, as on `engine` / `launch`; docs/kv-store.md):
+which prefixes each tier holds, and how long a load takes, in virtual time.
+
+    host:SIZE              per engine, LRU by blocks, loaded over `pcie5` (host DRAM -> GPU)
+    disk:PATH[:SIZE]       per engine (PATH is ignored), LRU, loaded over `nvme` (default size 1 TiB)
+    valkey / valkey://...  one tier every engine shares, LRU (default size 1 TiB), loaded over `eth100`
+
+`SimStoreLink` serves `CoreService` the same four calls as the real `StoreLink` (capture, lookup,
+load, stats), so `_extend_from_store` runs unchanged before every prefill: the longest stored
+continuation of a prompt's cached prefix is "loaded" (the engine waits `link.seconds(bytes)` of
+virtual time per tier segment, off its step loop) and enters the prefix cache. Writes are free
+(the real engine writes asynchronously) and always succeed; a hit is promoted into the faster tiers.
+Tiers do not publish KV events here, so `cache_aware` sees only the engines' pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from kvapi.radix import prefix_hashes
+from microserve import protocol as P
+from microserve.sim.costs import Link, load_link
+
+DEFAULT_SIZE = 1 << 40
+LINKS = {"host": "pcie5", "disk": "nvme", "valkey": "eth100"}
+
+
+@dataclass
+class SimTier:
+    """One tier: the prefix hashes it holds (LRU) and the link a load crosses."""
+
+    tier: str
+    capacity: int  # blocks
+    link: Link
+    held: OrderedDict[int, None] = field(default_factory=OrderedDict)
+
+    def add(self, h: int) -> None:
+        self.held[h] = None
+        self.held.move_to_end(h)
+        while len(self.held) > self.capacity:
+            self.held.popitem(last=False)
+
+    def run(self, hashes: list[int]) -> int:
+        n = 0
+        for h in hashes:
+            if h not in self.held:
+                break
+            self.held.move_to_end(h)
+            n += 1
+        return n
+
+
+@dataclass
+class TierBooks:
+    hit_tokens: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+def parse(specs: list[str], block_bytes: int, shared: dict[str, SimTier]) -> list[SimTier]:
+    """`--kv-store` specs -> tiers (a `valkey` tier is the one in `shared`, made on first use)."""
+    from kvapi.store import parse_size
+
+    out = []
+    for spec in specs:
+        kind, _, rest = spec.partition(":")
+        if spec == "valkey" or kind in ("valkey", "redis", "rediss"):
+            kind, size = "valkey", DEFAULT_SIZE
+        elif kind == "host":
+            size = parse_size(rest)
+        elif kind == "disk":
+            _, _, size_text = rest.partition(":")
+            size = parse_size(size_text) if size_text else DEFAULT_SIZE
+        else:
+            raise ValueError(f"--kv-store {spec!r}: the simulator has host:SIZE, disk:PATH[:SIZE] and valkey")
+        capacity = max(1, size // block_bytes)
+        if kind == "valkey":
+            tier = shared.setdefault("valkey", SimTier("valkey", capacity, load_link(LINKS["valkey"])))
+        else:
+            tier = SimTier(kind, capacity, load_link(LINKS[kind]))
+        out.append(tier)
+    return out
+
+
+class SimStoreLink:
+    """The store calls of one simulated engine (the real one: `microserve.serving.kv_store.StoreLink`)."""
+
+    def __init__(self, tiers: list[SimTier], block_size: int, block_bytes: int) -> None:
+        self.tiers, self.block_size, self.block_bytes = tiers, block_size, block_bytes
+        self.books = [TierBooks() for _ in tiers]
+
+    def capture(self, hashes: list[int], blocks: list[int]) -> None:
+        for tier, books in zip(self.tiers, self.books):
+            for h in hashes:
+                if h not in tier.held:
+                    books.bytes_written += self.block_bytes
+                tier.add(h)
+
+    async def lookup(self, tokens: list[int], skip: int) -> tuple[list[int], list[tuple[int, int]]]:
+        bs = self.block_size
+        hashes = prefix_hashes(tokens[:len(tokens) // bs * bs], bs)[skip:]
+        out, pos = [], 0
+        for i, tier in enumerate(self.tiers):
+            n = tier.run(hashes[pos:])
+            if n:
+                out.append((i, n))
+                pos += n
+        return hashes, out
+
+    async def load(self, hashes: list[int], segments: list[tuple[int, int]], blocks: list[int]) -> int:
+        pos, seconds = 0, 0.0
+        for i, n in segments:
+            n = min(n, len(blocks) - pos)
+            if n <= 0:
+                break
+            seconds += self.tiers[i].link.seconds(n * self.block_bytes)
+            self.books[i].hit_tokens += n * self.block_size
+            self.books[i].bytes_read += n * self.block_bytes
+            for faster in self.tiers[:i]:  # promotion, as TieredStore does
+                for h in hashes[pos:pos + n]:
+                    faster.add(h)
+            pos += n
+        await asyncio.sleep(seconds)
+        return pos
+
+    def stats(self) -> list[P.StoreTierStats]:
+        return [P.StoreTierStats(t.tier, b.hit_tokens, b.bytes_read, b.bytes_written, 0, 0)
+                for t, b in zip(self.tiers, self.books)]
+
+    def describe(self) -> str:
+        return ", ".join(f"{t.tier} ({t.capacity} blocks)" for t in self.tiers)
+
+    def close(self) -> None:
+        pass

@@ -198,3 +198,35 @@ def test_store_tiers_conserve_and_raise_hits_under_a_small_pool():
     bad = sim_cli("--strategy", "round_robin", "--model", "llama-3.1-8b", "--kv-store", "tape:1GiB",
                   "--workload", "chat", "--rate", "1", "--num-requests", "2")
     assert bad.returncode == 2 and "host:SIZE" in bad.stderr
+
+
+def test_live_migration_in_closed_form_and_at_scale(tmp_path):
+    """A request moved after k tokens (`cluster.migrate`, the calls of router/migration.py) on simulated
+    engines: the gap between token k and k+1 is the source's last partial block (prefill-only), the
+    transfer of the KV, and the target's last-token step; the target computes nothing else."""
+    from test_migration import MOVE
+    from test_sim import COST, NVLINK
+
+    path = tmp_path / "move_after.py"
+    path.write_text(MOVE)
+    n, out, k = 3000, 8, 3
+    cluster = build_cluster({"engine": 2}, COST, NVLINK, CONFIG)
+    (r,), _ = clock.run(simulate(load_strategy(str(path), {"after": str(k)}), cluster,
+                                 [SimRequest(list(range(1, n + 1)), out)], None, 1, 0))
+    engines = engine_report(cluster)
+    assert_conserved([r], engines)
+    cached = (n + k - 1) // CONFIG.block_size * CONFIG.block_size
+    gap = COST.step_seconds([(cached, n + k - 1 - cached)], [], 0) + COST.transfer_seconds(n + k - 1, NVLINK) + \
+        COST.step_seconds([(n + k - 1, 1)], [], 1)
+    assert r.output_tokens == out and r.itl[k - 1] == pytest.approx(gap, rel=1e-12)
+    assert engines[1]["computed_tokens"] == out - k  # the last prompt token, then its decode steps
+    assert engines[1]["kv_bytes_received"] == (n + k - 1) * COST.model.kv_bytes_per_token
+    # the shipped rebalance strategy, moving on every chance, over a chat workload: nothing lost
+    reqs = chat_requests(60)
+    cluster = build_cluster({"engine": 3}, COST, NVLINK, CONFIG)
+    strategy = load_strategy("rebalance", {"high": "-1", "margin": "-2", "min_tokens": "4"})
+    results, _ = clock.run(simulate(strategy, cluster, reqs, 20.0, 1, 0))
+    engines = engine_report(cluster)
+    assert_conserved(results, engines)
+    assert all(r.output_tokens == q.max_tokens for r, q in zip(results, reqs))
+    assert sum(e["kv_bytes_sent"] for e in engines) > 0

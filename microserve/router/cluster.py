@@ -18,7 +18,7 @@ import contextlib
 import contextvars
 import itertools
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import zmq
@@ -34,16 +34,21 @@ log = logging.getLogger(__name__)
 _AVOID: contextvars.ContextVar[frozenset[EngineHandle]] = contextvars.ContextVar("avoid", default=frozenset())
 
 
-@contextlib.contextmanager
-def avoiding(engines: frozenset[EngineHandle]) -> Iterator[None]:
+class avoiding:
     """Inside this block `least_loaded` passes over `engines` while another engine of the role is live
     (a retried request goes to a different engine)."""
-    previous = _AVOID.get()
-    _AVOID.set(engines)
-    try:
-        yield
-    finally:
-        _AVOID.set(previous)
+
+    __slots__ = ("_previous", "engines")
+
+    def __init__(self, engines: frozenset[EngineHandle]) -> None:
+        self.engines = engines
+
+    def __enter__(self) -> None:
+        self._previous = _AVOID.get()
+        _AVOID.set(self.engines)
+
+    def __exit__(self, *exc: object) -> None:
+        _AVOID.set(self._previous)
 
 
 class NoEngineAvailable(EngineCallError):

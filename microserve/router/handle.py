@@ -20,7 +20,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import zmq
@@ -42,17 +42,22 @@ _TOUCHED: contextvars.ContextVar[set[EngineHandle] | None] = contextvars.Context
 GENERATING: contextvars.ContextVar[list[EngineHandle] | None] = contextvars.ContextVar("generating", default=None)
 
 
-@contextlib.contextmanager
-def touched_engines(engines: set[EngineHandle] | None = None) -> Iterator[set[EngineHandle]]:
+class touched_engines:
     """Collect every handle that makes a call inside this block (tasks spawned inside too)
-    into `engines` (default: a new set)."""
-    engines = set() if engines is None else engines
-    previous = _TOUCHED.get()
-    _TOUCHED.set(engines)
-    try:
-        yield engines
-    finally:  # NOTE: not Token.reset: an async generator may be closed from another task's context
-        _TOUCHED.set(previous)
+    into `engines` (default: a new set). A class, not a generator: the router enters it once per chunk."""
+
+    __slots__ = ("_previous", "engines")
+
+    def __init__(self, engines: set[EngineHandle] | None = None) -> None:
+        self.engines = set() if engines is None else engines
+
+    def __enter__(self) -> set[EngineHandle]:
+        self._previous = _TOUCHED.get()
+        _TOUCHED.set(self.engines)
+        return self.engines
+
+    def __exit__(self, *exc: object) -> None:
+        _TOUCHED.set(self._previous)  # NOTE: not Token.reset: an async generator may be closed from another task
 
 
 class EngineCallError(RuntimeError):

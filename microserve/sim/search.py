@@ -139,8 +139,13 @@ def print_table(ranked, rates: list[float], args, model: str, gpu: str, slo: dic
         att = "".join(f"{lay.points[r]['attainment']:>7.0%}" for r in rates)
         print(f"{i:<5}{lay.name:<28}{per_gpu:>10.3f}/s{(f'{jct:.2f}s' if jct else '-'):>10}"
               f"{'':>27}{att}")
-    for s in skipped:
-        print(f"skipped: {s}")
+    if skipped:
+        reasons: dict[str, list[str]] = {}
+        for item in skipped:
+            name, _, why = item.rpartition(" (")
+            reasons.setdefault(why.rstrip(")"), []).append(name)
+        for why, names in reasons.items():
+            print(f"skipped ({why}): {', '.join(names)}")
 
 
 def plot(ranked, rates: list[float], path, attainment: float, top: int = 8) -> None:

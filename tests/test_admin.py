@@ -48,6 +48,16 @@ async def stream_all(client, n: int, max_tokens: int = 24) -> list[str]:
     return await asyncio.gather(*(one(i) for i in range(n)))
 
 
+async def ctl_under_load(dep, client, *args: str) -> None:
+    """`microserve ctl ARGS` while 8 streams run: it succeeds and every stream completes."""
+    load = asyncio.ensure_future(stream_all(client, 8, max_tokens=48))
+    await asyncio.sleep(0.3)
+    done = ctl(dep, *args)
+    assert done.returncode == 0, done.stderr
+    texts = await load
+    assert len(texts) == 8 and all(texts)
+
+
 async def computed(address: str) -> int:
     async with EngineHandle(address, timeout=10) as h:
         return (await h.stats()).computed_tokens_total
@@ -93,12 +103,7 @@ async def test_join_role_strategy_and_drain_while_serving(setup):
     refused = ctl(dep, "strategy", "strategies/pd.py")  # no prefill / decode engines here
     assert refused.returncode == 2 and "no engine with role" in refused.stderr
     # drain the joined engine with streams running: every stream completes, then it is gone
-    load = asyncio.ensure_future(stream_all(client, 8, max_tokens=48))
-    await asyncio.sleep(0.3)
-    removed = ctl(dep, "remove", "joiner")
-    assert removed.returncode == 0, removed.stderr
-    texts = await load
-    assert len(texts) == 8 and all(texts)
+    await ctl_under_load(dep, client, "remove", "joiner")
     assert [e["id"] for e in json.loads(ctl(dep, "engines").stdout)["engines"]] == [first]
     async with aiohttp.ClientSession() as s, s.get(dep.url + "/metrics") as r:
         metrics = await r.text()
@@ -164,12 +169,7 @@ async def test_ctl_scale_starts_and_drains_launch_engines(elastic):
     assert all(await stream_all(client, 6))
     assert await computed(new["address"]) > before, "the new engine got no request"
     assert len(dep.children()) == 2
-    load = asyncio.ensure_future(stream_all(client, 8, max_tokens=48))
-    await asyncio.sleep(0.3)
-    down = ctl(dep, "scale", "engine=1")
-    assert down.returncode == 0, down.stderr
-    texts = await load
-    assert len(texts) == 8 and all(texts)
+    await ctl_under_load(dep, client, "scale", "engine=1")
     assert engine_ids(dep) == ["engine-0"]
     for _ in range(50):
         if len(dep.children()) == 1:

@@ -21,6 +21,9 @@ def to_vllm(sampling: SamplingParams, extra: dict | None = None):
     if sampling.priority:
         raise EngineError(ErrorCode.BAD_REQUEST, "the vLLM backend schedules first come, first served: "
                           "priority is served by the built-in engine")
+    # NOTE: `sampling.resumed` (a moved or failed-over request) has no vLLM equivalent: vLLM's sampler cannot
+    # skip seeded draws nor count prompt tokens as output, so seeded output and penalties restart here
+    # (greedy output stays exact; docs/elastic.md, "Not built")
     return VSP(n=1, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                top_k=sampling.top_k if sampling.top_k > 0 else 0, seed=sampling.seed,
                stop_token_ids=list(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos,

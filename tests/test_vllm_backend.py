@@ -276,3 +276,30 @@ def test_launch_backend_vllm_serves_pd_through_the_openai_gateway(cluster, model
         assert out.usage.completion_tokens == GREEDY.max_tokens
     finally:
         assert dep.stop() == 0
+
+
+def test_live_migration_between_vllm_engines(cluster):
+    """`router/migration.migrate` over vLLM engines: a request stopped on A after k tokens continues on B
+    with its KV (A's prefix cache sends it); the tokens equal A's unmigrated run. The drain by migration
+    of the router is these same calls."""
+    from microserve.router.migration import migrate
+
+    async def go():
+        async with EngineHandle(cluster["A"].rpc, name="A", timeout=60) as a, \
+                EngineHandle(cluster["B"].rpc, name="B", timeout=60) as b:
+            for n, k, seed in ((90, 1, 11), (130, 5, 12)):
+                prompt = rand_prompt(n, seed)
+                ref = await alone(a, prompt)
+                r = req(prompt)
+                generated, stream = [], a.start_generate(r)
+                async for chunk in stream:
+                    generated += chunk.token_ids
+                    if len(generated) >= k:
+                        break
+                await stream.aclose()
+                received = (await b.stats()).kv_bytes_received
+                rest, last = await collect(migrate(r, generated, a, b))
+                assert generated + rest == ref, (n, k)
+                assert (await b.stats()).kv_bytes_received > received  # the KV moved, it was not recomputed
+                assert last.num_cached_tokens >= n
+    run(go())

@@ -85,6 +85,7 @@ class EngineActor:
         self.node, self.ip, self.spec = ctx.get_node_id(), ray.util.get_node_ip_address(), spec
         self.stopping = False
         self.dir = tempfile.mkdtemp(prefix="microserve-ray-")  # mode 0700
+        self.cleanup = [self.dir]
         key = Path(self.dir) / "cluster.key"
         fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -99,6 +100,10 @@ class EngineActor:
         if restarted:  # Ray restarted this actor: its engine joins the gateway again
             cmd += ["--join", ray.get(ray.get_actor(registry).url.remote()), "--role", spec.role]
         env = {**os.environ, **spec.env, "MICROSERVE_HOST_ID": self.node, "OMP_NUM_THREADS": str(spec.threads)}
+        if any(a.startswith("host:") for a in spec.engine_args):  # the host KV tier: a private file on this node
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            env["MICROSERVE_KV_HOST_DIR"] = tempfile.mkdtemp(prefix="kv-", dir=shm or self.dir)
+            self.cleanup.append(env["MICROSERVE_KV_HOST_DIR"])
         from microserve.launch import _die_with_parent
 
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True, preexec_fn=_die_with_parent)
@@ -110,7 +115,7 @@ class EngineActor:
                 break
         else:
             code = self.proc.wait()
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self._remove()
             raise RuntimeError(f"engine {spec.engine_id} on node {self.node} exited with code {code} before it was "
                                "ready (its error is in the lines above)")
         threading.Thread(target=self._watch, daemon=True).start()
@@ -123,8 +128,12 @@ class EngineActor:
         if not self.stopping:  # the engine died: so does this actor, and Ray restarts it (max_restarts)
             print(f"engine {self.spec.engine_id} exited with code {code}; its actor exits for Ray to restart it",
                   file=sys.stderr, flush=True)
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self._remove()
             os._exit(1)
+
+    def _remove(self) -> None:
+        for path in self.cleanup:
+            shutil.rmtree(path, ignore_errors=True)
 
     def info(self) -> dict[str, str]:
         return {"engine_id": self.spec.engine_id, "rpc": self.fields["rpc"], "node": self.node, "ip": self.ip,
@@ -138,7 +147,7 @@ class EngineActor:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self._remove()
         return self.proc.wait()
 
 
@@ -172,7 +181,8 @@ class RayEngines:
 
     def _actor(self, role: str, engine_id: str, **scheduling):
         gpus = 1 if self.device.startswith("cuda") else 0
-        env = {k: v for k, v in os.environ.items() if k.startswith("MICROSERVE_") and k != "MICROSERVE_CLUSTER_KEY"}
+        env = {k: v for k, v in os.environ.items() if k.startswith("MICROSERVE_")
+               and k not in ("MICROSERVE_CLUSTER_KEY", "MICROSERVE_KV_HOST_DIR")}  # NOTE: paths of this host
         spec = EngineSpec(self.model, engine_id, role, self.engine_args, self.key_text, self.threads, env)
         actor = self._cls.options(num_cpus=self.opts.engine_cpus, num_gpus=gpus, max_restarts=self.opts.restarts,
                             max_task_retries=0, **scheduling).remote(spec, self.registry_name)

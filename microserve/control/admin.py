@@ -42,6 +42,10 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"message": message, "type": "admin_error"}}, status=status)
 
 
+def _bearer(request: web.Request) -> bytes:
+    return request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
+
+
 class Admin:
     def __init__(self, router: Router, admin_key: str | None) -> None:
         self.router, self.key = router, admin_key
@@ -62,16 +66,14 @@ class Admin:
             return None
         if not self.key:
             return _error(403, "the admin API is off: start the gateway with --admin-key (or --api-key)")
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
-        if not hmac.compare_digest(given, self.key.encode()):
+        if not hmac.compare_digest(_bearer(request), self.key.encode()):
             return _error(401, "the admin API needs Authorization: Bearer <admin key>")
         return None
 
     def _joining(self, request: web.Request) -> bool:
         """Whether the caller holds the cluster's join token (an engine of the cluster)."""
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
         cluster_key = resolve(self.router.cluster.cluster_key)
-        return cluster_key is not None and hmac.compare_digest(given, cluster_key.join_token.encode())
+        return cluster_key is not None and hmac.compare_digest(_bearer(request), cluster_key.join_token.encode())
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:

@@ -82,7 +82,7 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
                 yield chunk
             return
         except EngineCallError as exc:
-            move = evacuation(cluster, exc) if generated and moves < 8 else None
+            move = evacuation(cluster, exc, allowed=bool(generated) and moves < 8)
             if move is not None:
                 moves += 1
                 continue

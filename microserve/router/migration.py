@@ -72,16 +72,18 @@ class Moved:
             self.release()
 
 
-def evacuation(cluster, exc: EngineCallError) -> Moved | None:
-    """The move for a request whose stream an `Evacuated` stopped (None: not one, or nowhere to go;
-    the request then fails over through its strategy)."""
+def evacuation(cluster, exc: EngineCallError, allowed: bool = True) -> Moved | None:
+    """The move for a request whose stream an `Evacuated` stopped (None: not one, not `allowed`, or
+    nowhere to go; the request then fails over through its strategy). Settles the source's `moving`
+    count either way."""
     if not isinstance(exc, Evacuated):
         return None
-    source = exc.handle
+    source, target = exc.handle, None
     try:
-        target = cluster.least_loaded(source.role) if source.role in cluster.roles else None
+        if allowed and source.role in cluster.roles:
+            target = cluster.least_loaded(source.role)
     except EngineCallError:  # NoEngineAvailable
-        target = None
+        pass
     if target is None or target is source:
         source.moving -= 1
         return None

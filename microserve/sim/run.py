@@ -199,6 +199,14 @@ def parse_links(text: str, roles: list[str]) -> tuple[Link, dict[tuple[str, str]
     return default or load_link("nvlink"), pairs
 
 
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """Each simulated engine's scheduler knobs (GPU-serving defaults where a flag is not given)."""
+    return EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+                        max_num_batched_tokens=args.max_num_batched_tokens or GPU_MAX_BATCHED_TOKENS,
+                        max_num_seqs=args.max_num_seqs or GPU_MAX_NUM_SEQS,
+                        enable_prefix_caching=not args.no_prefix_caching, native_kernels=False)
+
+
 def setup_from_args(args: argparse.Namespace, strategy_roles: dict[str, int]) -> SimSetup:
     from microserve.demo import resolve_model
 
@@ -223,10 +231,7 @@ def setup_from_args(args: argparse.Namespace, strategy_roles: dict[str, int]) ->
         if not tps[r].isdigit() or int(tps[r]) < 1:
             raise ValueError(f"--tp {args.tp!r}: tensor parallel degrees are integers >= 1")
         costs[r] = CostModel(model, load_gpu(gpus[r]), int(tps[r]))
-    config = EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-                          max_num_batched_tokens=args.max_num_batched_tokens or GPU_MAX_BATCHED_TOKENS,
-                          max_num_seqs=args.max_num_seqs or GPU_MAX_NUM_SEQS,
-                          enable_prefix_caching=not args.no_prefix_caching, native_kernels=False)
+    config = engine_config(args)
     link, links = parse_links(args.link, roles)
     return SimSetup(costs[roles[0]], layout, config, args.link, costs, link, links)
 

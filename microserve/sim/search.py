@@ -26,7 +26,7 @@ from typing import Any
 from microserve.bench import loadgen, report, workloads
 from microserve.router.strategy import load_strategy
 from microserve.sim.costs import CostModel, load_gpu, load_link, load_model, with_precision
-from microserve.sim.run import GPU_MAX_BATCHED_TOKENS, GPU_MAX_NUM_SEQS, SimRequest, prompt_encoder, simulate_workload
+from microserve.sim.run import SimRequest, engine_config, prompt_encoder, simulate_workload
 
 
 @dataclass
@@ -80,11 +80,7 @@ def run(args: argparse.Namespace) -> int:
     encode = prompt_encoder(args.model, model.vocab, args.tokens_per_word)
     reqs = [SimRequest(encode(r.prompt), r.max_tokens, r.session) for r in bench]
     longest = max(len(r.prompt_ids) + r.max_tokens for r in reqs)
-    from microserve.engine.config import EngineConfig
-
-    config = EngineConfig(block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens or
-                          GPU_MAX_BATCHED_TOKENS, max_num_seqs=args.max_num_seqs or GPU_MAX_NUM_SEQS,
-                          enable_prefix_caching=not args.no_prefix_caching, native_kernels=False)
+    config = engine_config(args)
     layouts, skipped = [], []
     for lay in candidates(args.gpus, tps, fractions):
         try:

@@ -265,15 +265,26 @@ def test_launch_backend_vllm_serves_pd_through_the_openai_gateway(cluster, model
         async with EngineHandle(cluster["A"].rpc, name="A", timeout=60) as a:
             return await alone(a, prompt)
 
-    want = Tokenizer(model).decode(run(reference()))
+    ref = run(reference())
+    want = Tokenizer(model).decode(ref)
+    # NOTE: --stream-interval 5 on vLLM engines: the text is the same, streamed in fewer events
     dep = start_launch("--backend", "vllm", "--strategy", "pd", "--model", model, "--dtype", "float32",
-                       "--num-kv-blocks", "256", python=VLLM_PYTHON, timeout=300)
+                       "--num-kv-blocks", "256", "--stream-interval", "5", python=VLLM_PYTHON, timeout=300)
     try:
         client = OpenAI(base_url=dep.base_url, api_key="none")
         out = client.completions.create(model="m", prompt=prompt, max_tokens=GREEDY.max_tokens, temperature=0,
                                         extra_body={"ignore_eos": True})
         assert out.choices[0].text == want
         assert out.usage.completion_tokens == GREEDY.max_tokens
+
+        async def chunks():  # the decode engine's own stream: the first token, then 5 at a time
+            async with EngineHandle(dep.engines["decode-0"], name="d", timeout=60) as d:
+                return [c.token_ids async for c in d.start_generate(req(prompt))]
+
+        got = run(chunks())
+        assert [t for c in got for t in c] == ref
+        # (more per chunk only when this reader fell behind)
+        assert len(got[0]) == 1 and all(len(c) >= 5 for c in got[1:-1]) and 2 <= len(got) <= 4, got
     finally:
         assert dep.stop() == 0
 

@@ -41,7 +41,8 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "session_id": (None, "session_id is not supported"),
     "skip_special_tokens": (True, "skip_special_tokens=false is not supported"),
     "spaces_between_special_tokens": (True, "spaces_between_special_tokens=false is not supported"),
-    "stream_interval": (None, "stream_interval is not supported (streams send one token per event)"),
+    "stream_interval": (None, "stream_interval is not a per-request option here: the engines' --stream-interval "
+                               "sets it for every stream"),
     "thinking_token_budget": (None, "thinking_token_budget is not supported"),
     "vllm_xargs": (None, "vllm_xargs is not supported"),
     "watermarking": (None, "watermarking is not supported"),

@@ -40,7 +40,10 @@ async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadli
     try:
         while True:
             with touched_engines(touched), avoiding(avoid):
-                chunk = await _next_chunk(chunks, deadline, req.request_id)
+                if deadline is None:  # NOTE: no extra coroutine frame per token on the common path
+                    chunk = await anext(chunks, None)
+                else:
+                    chunk = await _next_chunk(chunks, deadline, req.request_id)
             if chunk is None:
                 raise RouterError(ErrorCode.STRATEGY_ERROR, f"strategy {type(strategy).__name__} ended the stream "
                                   "without a finish reason")

@@ -181,22 +181,6 @@ class EngineHandle:
             self.set_alive(True)  # it answers again (restarted)
         return reply
 
-    async def _stream(self, msg: P.StartGenerate, timeout: float | None) -> AsyncIterator[P.GenerateChunk]:
-        """`start_generate`'s chunks, up to the one with a finish reason."""
-        limit = self.timeout if timeout is None else timeout
-        replies = self.transport.stream(msg, limit)
-        try:
-            async for reply in replies:
-                chunk = self._checked(reply)
-                assert isinstance(chunk, P.GenerateChunk)
-                yield chunk
-        except CallTimeout:
-            raise EngineTimeout(f"no answer to start_generate within {limit:g}s", self.name) from None
-        except CallUnavailable as exc:
-            raise EngineCallError(ErrorCode.UNAVAILABLE, str(exc), self.name) from None
-        finally:
-            await replies.aclose()
-
     async def close(self) -> None:
         await self.transport.close()
 
@@ -251,18 +235,28 @@ class EngineHandle:
         generating = GENERATING.get()
         if generating is not None:  # NOTE: the router learns where a request's KV is (router/choices.py)
             generating.append(self)
-        stream = self._stream(msg, timeout)
+        limit = self.timeout if timeout is None else timeout
+        replies = self.transport.stream(msg, limit)
         try:
-            async for chunk in stream:
-                finished = chunk.finish_reason is not None
-                self.pending_tokens -= work  # the prompt is prefilled once the first chunk is out
-                work = 0
-                yield chunk
-                if self.evacuating and not finished:
-                    self.moving += 1  # NOTE: before the abort below yields: the drain must not end in between
-                    raise Evacuated(self)
+            # NOTE: one generator frame per token between the router and the wire (the simulator
+            # pushes millions of tokens through here)
+            try:
+                async for reply in replies:
+                    chunk = self._checked(reply)
+                    assert isinstance(chunk, P.GenerateChunk)
+                    finished = chunk.finish_reason is not None
+                    self.pending_tokens -= work  # the prompt is prefilled once the first chunk is out
+                    work = 0
+                    yield chunk
+                    if self.evacuating and not finished:
+                        self.moving += 1  # NOTE: before the abort below yields: the drain must not end in between
+                        raise Evacuated(self)
+            except CallTimeout:
+                raise EngineTimeout(f"no answer to start_generate within {limit:g}s", self.name) from None
+            except CallUnavailable as exc:
+                raise EngineCallError(ErrorCode.UNAVAILABLE, str(exc), self.name) from None
         finally:
-            await stream.aclose()
+            await replies.aclose()
             self.inflight -= 1
             self.pending_tokens -= work
             if not finished and not self.alive:

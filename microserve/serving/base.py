@@ -9,7 +9,8 @@
 A backend (`BuiltinService`, `SimService`, `VLLMService`) implements the hooks and its step
 (`_has_work`, `_step`). Every hook runs on the service's asyncio loop; `self._lock` makes a
 backend's touches of engine state exclusive with its step where the step runs elsewhere.
-Outputs of a step reach their request as `StepOutput`s through `_deliver`.
+Outputs of a step reach their request as `StepOutput`s through `_deliver` (and the engine's
+stream interval, serving/streams.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from microserve.engine.core.engine_core import EngineStats, StepOutput
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.events import KVEventLog
+from microserve.serving.streams import StreamHold
 from microserve.serving.tickets import Ticket, TicketBook, check_send, norm_pos
 from microserve.text import InvalidRequestError, check_prompt
 
@@ -68,8 +70,8 @@ class EngineService:
         self.events = KVEventLog(engine_id)  # its `sink` is set by the transport
         self._sends: dict[str, str] = {}  # send job id -> request id
         self._streams: dict[str, asyncio.Queue[StepOutput]] = {}
-        self._lock = asyncio.Lock()
-        self._wake = asyncio.Event()
+        self.hold = StreamHold()  # the engine's stream interval (EngineConfig.stream_interval)
+        self._lock, self._wake = asyncio.Lock(), asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._tasks: set[asyncio.Future] = set()
@@ -186,7 +188,7 @@ class EngineService:
 
     def _deliver(self, out: StepOutput) -> None:
         queue = self._streams.get(out.request_id)
-        if queue is not None:
+        if queue is not None and (out := self.hold.take(out)) is not None:
             queue.put_nowait(out)
 
     def _spawn(self, coro) -> None:
@@ -352,6 +354,7 @@ class EngineService:
                                           else [P.TokenLogprob(lp, top) for lp, top in prompt_lps])
         finally:
             self._streams.pop(rid, None)
+            self.hold.drop(rid)
             if not finished:
                 await self.abort(rid)
 
@@ -364,13 +367,10 @@ class EngineService:
         for ticket in self.tickets.of_request(request_id):
             await self._close_ticket(ticket, "aborted")
             found = True
-        if await self._abort_request(request_id):
-            found = True
-        queue = self._streams.get(request_id)
-        if queue is not None:
+        found = await self._abort_request(request_id) or found
+        if (queue := self._streams.get(request_id)) is not None:
             queue.put_nowait(StepOutput(request_id, [], "abort"))
-            found = True
-        return found
+        return found or queue is not None
 
     def stats(self) -> P.StatsReply:
         s = self._engine_stats()

@@ -42,6 +42,7 @@ class CoreService(EngineService):
         super().__init__(engine_id, transports, lease_s, transfer_timeout, max_lease_s)
         self.engine = engine
         self.kv_spec, self.max_model_len, self.vocab_size = engine.kv_spec, engine.max_model_len, engine.vocab_size
+        self.hold.interval = engine.config.stream_interval
         self._jobs: dict[str, SendJob] = {}
         self.store: StoreLink | None = None  # --kv-store tiers (`use_store`)
         engine.set_kv_event_hook(self._on_kv_event)

@@ -190,6 +190,7 @@ class EngineServer:
                                  num_kv_blocks=cfg.num_kv_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
                                  kv_host=opts.kv_host, kv_port=opts.kv_port, lease_s=opts.lease_s,
                                  transfer_timeout=opts.transfer_timeout, max_lease_s=opts.max_lease_s)
+        self.service.hold.interval = cfg.stream_interval
         self.transports = self.service.transports
 
     # -- serving ------------------------------------------------------------------------

@@ -36,6 +36,16 @@ class StepOutput:
     logprobs: list | None = None  # per new token (logprob, top alternatives), when the request asked
     prompt_logprobs: list | None = None  # with the first token: the same for prompt tokens 1.., when asked
 
+    def after(self, earlier: StepOutput | None) -> StepOutput:
+        """This output with an `earlier` one of the same request (held back) in front of it."""
+        if earlier is None:
+            return self
+        logprobs = None if earlier.logprobs is None and self.logprobs is None \
+            else (earlier.logprobs or []) + (self.logprobs or [])
+        return StepOutput(self.request_id, earlier.new_token_ids + self.new_token_ids, self.finish_reason,
+                          self.num_cached_tokens or earlier.num_cached_tokens, logprobs,
+                          earlier.prompt_logprobs or self.prompt_logprobs)
+
 
 @dataclass
 class EngineStats:

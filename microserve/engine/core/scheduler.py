@@ -92,6 +92,8 @@ class Scheduler:
         return preempted
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        if not self.waiting:
+            return
         caching = self.kv.enable_prefix_caching
         computing = self._computing() if caching else None
         producing = self._producing(batch) if caching else None

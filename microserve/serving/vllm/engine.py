@@ -150,7 +150,10 @@ class VLLMService(EngineService):
 
     def _deliver(self, out: StepOutput) -> None:
         rid = out.request_id
-        queue = self._streams.get(rid) or self._pending.get(rid) or self._send_outs.get(rid)
+        if rid in self._streams:
+            super()._deliver(out)  # the stream interval applies
+            return
+        queue = self._pending.get(rid) or self._send_outs.get(rid)
         if queue is not None:
             queue.put_nowait(out)
 
@@ -328,8 +331,8 @@ class VLLMService(EngineService):
         rid = req.request_id
         pending = self._pending.pop(rid, None)
         if ticket is not None and ticket.state == "complete" and pending is not None:
-            while not pending.empty():  # what vLLM produced since the pages arrived
-                self._streams[rid].put_nowait(pending.get_nowait())
+            while not pending.empty():  # what vLLM produced since the pages arrived (through the stream interval)
+                self._deliver(pending.get_nowait())
             return
         self._prompt_lens[rid] = len(prompt)
         await self._add(rid, prompt, sampling)

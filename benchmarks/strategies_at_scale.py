@@ -10,9 +10,11 @@ JCT relative to data parallel.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import io
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -28,14 +30,15 @@ STRATEGIES = {  # label: (strategy, extra args)
 RATES = (1.6, 2.6, 3.6, 4.6, 5.6)
 
 
-def run_one(strategy: str, extra: list[str], rate: float, n: int, seed: int, dtype: str, gpu: str = "h100") -> dict:
+def run_one(strategy: str, extra: list[str], rate: float, n: int, seed: int, dtype: str, gpu: str = "h100",
+            engine: tuple[str, ...] = ()) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
         tp = [] if "--tp" in extra else ["--tp", "4"]
         args = build_parser().parse_args([
             "sim", "--strategy", strategy, *extra, "--model", "llama-3.1-70b", "--gpu", gpu, *tp, "--dtype", dtype,
             "--link", "nvlink", "--workload", "sonnet", "--rate", str(rate), "--num-requests", str(n),
-            "--seed", str(seed), "--out", str(out), "--no-progress"])
+            "--seed", str(seed), "--out", str(out), "--no-progress", *engine])
         with contextlib.redirect_stdout(io.StringIO()):
             args.func(args)
         return json.loads(out.read_text())["summary"]
@@ -48,10 +51,19 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--dtype", default="fp8", help="fp8 (the paper's setup) or bfloat16")
     ap.add_argument("--gpu", default="h100", help="h100, or a profile JSON")
+    ap.add_argument("--mixed-batches", action="store_true",
+                    help="engines batch prompt chunks with decodes (vLLM-style); default: MLC-LLM's scheduling, "
+                         "the paper's engine (a step that prefills carries no decodes)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="simulations run in parallel")
     opts = ap.parse_args()
-    res = {(label, rate): run_one(s, extra, rate, opts.num_requests, opts.seed, opts.dtype, opts.gpu)
-           for label, (s, extra) in STRATEGIES.items() for rate in RATES}
-    print(f"llama-3.1-70b {opts.dtype}, 8 x H100 (NVLink), sonnet, {opts.num_requests} requests per point")
+    engine = () if opts.mixed_batches else ("--no-mixed-batches",)
+    points = [(label, rate) for label in STRATEGIES for rate in RATES]
+    with concurrent.futures.ProcessPoolExecutor(opts.jobs) as pool:
+        futures = {p: pool.submit(run_one, *STRATEGIES[p[0]], p[1], opts.num_requests, opts.seed, opts.dtype,
+                                  opts.gpu, engine) for p in points}
+        res = {p: f.result() for p, f in futures.items()}
+    print(f"llama-3.1-70b {opts.dtype}, 8 x H100 (NVLink), sonnet, {opts.num_requests} requests per point, "
+          f"{'mixed' if opts.mixed_batches else 'prefill-first (MLC-LLM)'} batches")
     print(f"{'strategy':<18}{'rate':>6}{'JCT mean':>10}{'JCT p99':>10}{'TTFT mean':>11}{'TPOT mean':>11}"
           f"{'vs DP mean':>12}{'vs DP p99':>11}")
     for label in STRATEGIES:

@@ -54,7 +54,8 @@ def _engine(args: argparse.Namespace) -> int:
                           kv_cache_memory_gb=args.kv_cache_memory_gb, max_model_len=args.max_model_len,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                           enable_prefix_caching=not args.no_prefix_caching, cuda_graphs=not args.enforce_eager,
-                          skip_tokenizer_init=args.skip_tokenizer_init, stream_interval=args.stream_interval)
+                          skip_tokenizer_init=args.skip_tokenizer_init, stream_interval=args.stream_interval,
+                          mixed_batches=not args.no_mixed_batches)
     from microserve.security import resolve
 
     opts = EngineOptions(str(resolve_model(args.model)), args.rpc, args.events, args.device, args.dtype,
@@ -338,6 +339,8 @@ def _engine_knobs() -> argparse.ArgumentParser:
     g.add_argument("--enforce-eager", action="store_true", help="on CUDA, no CUDA graphs for decode steps")
     g.add_argument("--skip-tokenizer-init", action="store_true",
                    help="load no tokenizer (vLLM's): token-id prompts only, outputs as token ids")
+    g.add_argument("--no-mixed-batches", action="store_true",
+                   help="a step that prefills carries no decodes (MLC-LLM's and SGLang's default scheduling)")
     g.add_argument("--stream-interval", type=positive_int, default=1, metavar="N",
                    help="after a request's first token, stream its tokens N at a time (the last chunk at once)")
     g.add_argument("--kv-store", action="append", default=[], type=_kv_store_spec, metavar="SPEC",

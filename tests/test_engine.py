@@ -48,6 +48,26 @@ def test_chunked_prefill_any_chunk_size(llama_ckpt, reference, budget):
     assert_no_leak(llm)
 
 
+@pytest.mark.parametrize("budget", [7, 200])
+def test_prefill_steps_apart_from_decodes_give_the_same_tokens(llama_ckpt, reference, budget):
+    """`mixed_batches=False` (MLC-LLM's scheduling): prompts first, no step mixes prompt work and decodes."""
+    prompts, alone = reference
+    llm = LLM(llama_ckpt[0], max_num_batched_tokens=budget, mixed_batches=False)
+    schedule = llm.engine.scheduler.schedule
+    shapes = []
+
+    def watched():
+        batch = schedule()
+        shapes.append([(n > 1 or s.num_computed_tokens < s.num_prompt_tokens) for s, n in
+                       zip(batch.seqs, batch.num_new_tokens)])
+        return batch
+
+    llm.engine.scheduler.schedule = watched
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == alone
+    assert all(len(set(kinds)) <= 1 for kinds in shapes), "a step mixed prompt work and decodes"
+    assert_no_leak(llm)
+
+
 def test_prefix_cache_hit(llama_ckpt):
     path, hf = llama_ckpt
     llm = LLM(path, block_size=16)

@@ -81,3 +81,35 @@ def test_deterministic_and_bad_input():
         add(eng, "x", list(range(100)), 1)
     with pytest.raises(ValueError, match="max_tokens"):
         add(eng, "y", [1], 0)
+
+
+def test_without_mixed_batches_a_prefill_step_carries_no_decodes():
+    """MLC-LLM's scheduling (`mixed_batches=False`): a step that prefills stalls the decodes; times in closed form."""
+    mixed, apart = SimEngine(COST), SimEngine(COST, EngineConfig(mixed_batches=False))
+    for eng in (mixed, apart):
+        add(eng, "a", list(range(500)), 4)
+        eng.step()  # a's prefill (its first token)
+        add(eng, "b", list(range(1000, 1800)), 2)
+    steps = run(apart)
+    assert [sorted(o.request_id for o in outs) for _, outs in steps] == [["b"], ["a", "b"], ["a"], ["a"]]
+    assert steps[0][0] == COST.step_seconds([(0, 800)], [], 1)  # b's prompt alone: a waits
+    assert steps[1][0] == COST.step_seconds([], [501, 801], 2)
+    together = run(mixed)
+    assert together[0][0] == COST.step_seconds([(0, 800)], [501], 2)  # mixed: a decodes in b's prefill step
+    assert len(together) == 3 and sum(s for s, _ in steps) > sum(s for s, _ in together)
+    # a long prompt is chunked by the budget, and every chunk step is prompt work only
+    eng = SimEngine(COST, EngineConfig(max_num_batched_tokens=1024, mixed_batches=False))
+    add(eng, "a", list(range(100)), 3)
+    eng.step()
+    add(eng, "c", list(range(5000, 8000)), 1)
+    shapes = []
+    while eng.has_unfinished():
+        batch = eng.scheduler.schedule()
+        shapes.append([n for n in batch.num_new_tokens])
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):  # run it as the engine would
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.token_ids.append(0)
+                if seq.num_output_tokens >= seq.sampling.max_tokens:
+                    eng.scheduler.finish(seq, "length")
+    assert shapes[:3] == [[1024], [1024], [952]] and all(n == 1 for s in shapes[3:] for n in s)

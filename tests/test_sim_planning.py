@@ -114,8 +114,9 @@ def test_layout_search_ranks_layouts_by_goodput_per_gpu(tmp_path):
 
 
 def test_the_papers_setup_short():
-    """Llama-3.1-70B FP8 on 8 x H100 (two TP4 engines, NVLink), sonnet, as the microserving blog ran it,
-    with few requests: what the simulator reproduces of its figure (docs/strategies-at-scale.md)."""
+    """Llama-3.1-70B FP8 on 8 x H100 (two TP4 engines, NVLink), sonnet, MLC-LLM's scheduling (prefill steps
+    apart from decodes), as the microserving blog ran it, with fewer requests: the ordering of its figure
+    (docs/strategies-at-scale.md)."""
     import contextlib
     import io
     import json
@@ -129,8 +130,8 @@ def test_the_papers_setup_short():
             out = Path(tmp) / "r.json"
             args = build_parser().parse_args([
                 "sim", "--strategy", strategy, *extra, "--model", "llama-3.1-70b", "--gpu", "h100", "--tp", "4",
-                "--dtype", "fp8", "--workload", "sonnet", "--rate", str(rate), "--num-requests", "120",
-                "--out", str(out), "--no-progress"])
+                "--dtype", "fp8", "--workload", "sonnet", "--rate", str(rate), "--num-requests", "300",
+                "--no-mixed-batches", "--out", str(out), "--no-progress"])
             with contextlib.redirect_stdout(io.StringIO()):
                 assert args.func(args) == 0
             return json.loads(out.read_text())["summary"]
@@ -145,9 +146,10 @@ def test_the_papers_setup_short():
     for r in (low, high):
         assert 0.011 < tpot(r, "pd") < 0.015 and 0.011 < tpot(r, "bal") < 0.015
     assert tpot(high, "dp") > 1.6 * tpot(low, "pd")
-    # at a moderate rate both PD layouts beat data parallel; at 5.6 req/s 1P1D's prefill engine saturates
+    # at a moderate rate both PD layouts beat data parallel; at 5.6 req/s 1P1D's prefill engine saturates and
+    # falls behind data parallel, while balanced PD (10% of each prompt on the decode engine) stays ahead
     assert jct(low, "pd") < jct(low, "dp") and jct(low, "bal") < jct(low, "dp")
-    assert jct(high, "pd") > jct(high, "dp") and jct(high, "bal") < jct(high, "pd")
+    assert jct(high, "bal") < jct(high, "dp") < jct(high, "pd")
 
 
 def test_a_shared_store_tier_in_closed_form():

@@ -186,6 +186,8 @@ class EngineServer:
         if opts.transport not in ("auto", "tcp"):
             raise ValueError("the vLLM backend moves KV over tcp only (vLLM owns its KV memory); use auto or tcp")
         cfg = opts.config or EngineConfig()
+        if not cfg.mixed_batches:
+            raise ValueError("--no-mixed-batches: vLLM always batches prompt chunks with decodes (chunked prefill)")
         self.service = VLLMService(opts.model, self.engine_id, opts.dtype, block_size=cfg.block_size,
                                  num_kv_blocks=cfg.num_kv_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
                                  kv_host=opts.kv_host, kv_port=opts.kv_port, lease_s=opts.lease_s,

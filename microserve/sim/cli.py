@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool per engine (default: what fits)")
     from microserve.cli import positive_int
 
+    p.add_argument("--no-mixed-batches", action="store_true",
+                   help="a step that prefills carries no decodes: prompts first, decodes wait (MLC-LLM's engine, "
+                        "the microserving paper's; SGLang without --enable-mixed-chunk)")
     p.add_argument("--stream-interval", type=positive_int, default=1, metavar="N",
                    help="engines stream tokens N at a time after the first (as `engine --stream-interval`): "
                         "TTFT, TPOT and JCT are unchanged, the run is faster, gaps under N tokens are not seen")

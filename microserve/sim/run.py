@@ -205,7 +205,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         max_num_batched_tokens=args.max_num_batched_tokens or GPU_MAX_BATCHED_TOKENS,
                         max_num_seqs=args.max_num_seqs or GPU_MAX_NUM_SEQS,
                         enable_prefix_caching=not args.no_prefix_caching, native_kernels=False,
-                        stream_interval=getattr(args, "stream_interval", 1))
+                        stream_interval=getattr(args, "stream_interval", 1),
+                        mixed_batches=not getattr(args, "no_mixed_batches", False))
 
 
 def setup_from_args(args: argparse.Namespace, strategy_roles: dict[str, int]) -> SimSetup:

@@ -64,6 +64,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        if not self.config.mixed_batches and (batch := self._schedule_prefills()):
+            return batch
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         preempted = self._schedule_running(batch, budget)
@@ -90,6 +92,24 @@ class Scheduler:
             budget -= n
             i += 1
         return preempted
+
+    def _schedule_prefills(self) -> ScheduledBatch:
+        """Without mixed batches: a step of prompt work only (running chunked prompts, then waiting
+        requests); empty when there is none, or when a running prompt is short of blocks (the mixed
+        path then preempts as usual)."""
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        for seq in self.running:
+            left = seq.num_tokens - seq.num_computed_tokens
+            if budget <= 0 or (left == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens):  # a decode
+                continue
+            n = min(left, budget)
+            if not self.kv.allocate(seq, seq.num_computed_tokens + n):
+                return ScheduledBatch()
+            batch.add(seq, n)
+            budget -= n
+        self._schedule_waiting(batch, budget)
+        return batch
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         if not self.waiting:

@@ -201,9 +201,13 @@ class CostModel:
     def __post_init__(self) -> None:
         if self.tp < 1:
             raise ValueError("tp must be >= 1")
-        self.gpu.peak(self.model.dtype)  # NOTE: refuses fp8 on a GPU without FP8 tensor cores, up front
+        peak, efficiency = self.gpu.peak(self.model.dtype)  # NOTE: refuses fp8 without FP8 tensor cores, up front
         if self.tp > 1 and self.tp_link is None:
             object.__setattr__(self, "tp_link", load_link("nvlink"))
+        m = self.model  # NOTE: the per-step constants, once (the simulator evaluates millions of steps)
+        object.__setattr__(self, "_k", (2 * m.linear_params, 2 * m.lm_head_params, 4 * m.heads * m.head_dim * m.layers,
+                                        m.weight_bytes, m.kv_bytes_per_token, peak * 1e12 * efficiency,
+                                        self.gpu.hbm_tb_s * 1e12 * self.gpu.memory_efficiency))
 
     def step_seconds(self, prefill: list[tuple[int, int]] = (), decode_contexts: list[int] = (),
                      sampled: int | None = None, num_seqs: int | None = None) -> float:
@@ -216,21 +220,19 @@ class CostModel:
         sampled = len(decode_contexts) + len(prefill) if sampled is None else sampled
         num_seqs = len(decode_contexts) + len(prefill) if num_seqs is None else num_seqs
         flops, nbytes = self.work(prefill, decode_contexts, sampled)
-        peak, efficiency = self.gpu.peak(self.model.dtype)
-        compute = flops / (peak * 1e12 * efficiency)
-        memory = nbytes / (self.gpu.hbm_tb_s * 1e12 * self.gpu.memory_efficiency)
+        compute, memory = flops / self._k[5], nbytes / self._k[6]
         return max(compute, memory) / self.tp + self.allreduce_seconds(tokens) + self.gpu.step_overhead_ms * 1e-3 \
             + self.gpu.seq_overhead_us * 1e-6 * num_seqs
 
     def work(self, prefill: list[tuple[int, int]], decode_contexts: list[int], sampled: int) -> tuple[float, float]:
         """(FLOPs, bytes moved) of one step over all `tp` GPUs."""
-        m = self.model
+        linear2, head2, attn4, weight_bytes, kv_bytes, _, _ = self._k
+        decoded = sum(decode_contexts)
         tokens = sum(n for _, n in prefill) + len(decode_contexts)
-        pairs = sum(n * s + n * (n + 1) // 2 for s, n in prefill) + sum(decode_contexts)
-        flops = 2 * m.linear_params * tokens + 2 * m.lm_head_params * sampled \
-            + 4 * m.heads * m.head_dim * m.layers * pairs
-        kv_read = sum(s + n for s, n in prefill) + sum(decode_contexts)
-        return flops, m.weight_bytes + m.kv_bytes_per_token * (kv_read + tokens)
+        pairs = sum(n * s + n * (n + 1) // 2 for s, n in prefill) + decoded
+        flops = linear2 * tokens + head2 * sampled + attn4 * pairs
+        kv_read = sum(s + n for s, n in prefill) + decoded
+        return flops, weight_bytes + kv_bytes * (kv_read + tokens)
 
     def allreduce_seconds(self, tokens: int) -> float:
         """Two ring all-reduces per layer of [tokens, hidden] activations."""

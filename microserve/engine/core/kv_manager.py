@@ -65,6 +65,8 @@ class KVCacheManager:
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Make `seq` hold blocks for its first `num_tokens` tokens; False if memory is short."""
         need = self.blocks_needed(seq, num_tokens)
+        if need == 0:  # most decode steps
+            return True
         if need > self.pool.num_free:
             self.radix.evict(need - self.pool.num_free)
             if need > self.pool.num_free:

@@ -2,7 +2,8 @@
 the python of a fresh venv that has only the built wheel (and torch, openai) installed.
 
 1. offline generate from the `demo` checkpoint, with the native CPU kernels loaded;
-2. `microserve launch --strategy pd --model demo --kv-store host:64MiB` answering the official `openai` client;
+2. `microserve launch --strategy pd --model demo --kv-store host:64MiB --stream-interval 3` answering the
+   official `openai` client (a streamed request too);
 3. `microserve sim` finding its hardware / model profiles and the shipped strategies.
 Exits non-zero, saying why, when any of it fails (e.g. a wheel without microserve/csrc/).
 """
@@ -56,7 +57,8 @@ def main() -> None:
     # 2. launch --strategy pd with a host KV store tier, through the official openai client
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "microserve", "launch", "--strategy", "pd", "--model", "demo",
-                             "--port", "0", "--kv-store", "host:64MiB"], stdout=subprocess.PIPE, text=True, env=env)
+                             "--port", "0", "--kv-store", "host:64MiB", "--stream-interval", "3"],
+                            stdout=subprocess.PIPE, text=True, env=env)
     try:
         url = ready_line(proc, 180)["url"]
         import openai
@@ -66,6 +68,10 @@ def main() -> None:
                                          extra_body={"ignore_eos": True})
         check(resp.usage.completion_tokens == 8 and resp.choices[0].finish_reason == "length",
               "launch --strategy pd --model demo --kv-store host:64MiB answers the openai client")
+        streamed = client.completions.create(model="demo", prompt="Hello, wheel", max_tokens=8, temperature=0,
+                                             stream=True, extra_body={"ignore_eos": True})
+        check("".join(e.choices[0].text for e in streamed if e.choices) == resp.choices[0].text,
+              "the same request streamed (engines at --stream-interval 3) gives the same text")
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(60)

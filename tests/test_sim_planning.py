@@ -202,6 +202,31 @@ def test_store_tiers_conserve_and_raise_hits_under_a_small_pool():
     assert bad.returncode == 2 and "host:SIZE" in bad.stderr
 
 
+def test_store_tiers_publish_their_events_to_the_prefix_index():
+    """As a real engine's store, a simulated tier tells the router what it stored and evicted (the shared
+    tier only what it stored: Valkey evicts without telling), so `locate` sees the tiers at scale too."""
+    small = CONFIG.__class__(max_num_batched_tokens=8192, max_num_seqs=256, num_kv_blocks=200)  # ~2 prompts
+    cost = CostModel(load_model("llama-3.1-8b"), H100)
+    block_mib = cost.model.kv_bytes_per_token * small.block_size / 2**20
+    host = f"host:{int(285 * block_mib)}MiB"  # three prompts of 93 full blocks
+    cluster = build_cluster({"engine": 1}, cost, load_link("nvlink"), small, kv_store=[host, "valkey"])
+    prompts = [[1000 * i + j for j in range(1500)] for i in range(5)]  # one after another
+    results, _ = clock.run(simulate(load_strategy("round_robin"), cluster, [SimRequest(p, 3) for p in prompts],
+                                    None, 1, 0))
+    assert all(r.ok for r in results)
+    reach = lambda p: cluster.prefix_index.locate(p)[cluster.engines("engine")[0]]
+    full = 1500 // 16 * 16
+    # prompts 0 and 1 left the pool and then the host tier (its evicted events); the shared tier has them
+    assert reach(prompts[0]) == reach(prompts[1]) == (0, 0, full)
+    # prompt 2 left the pool (all or most of it) and is whole in the host tier (its stored events)
+    assert reach(prompts[2]).pool < full and reach(prompts[2])[1:] == (full, full)
+    # the last one is in the pool
+    assert reach(prompts[4]) == (full, full, full)
+    # the index's view of the host tier is the tier (stored minus evicted), full to its capacity
+    host_tier = cluster.servers[0].store.tiers[0]
+    assert len(host_tier.held) == 285 and cluster.prefix_index._tiers["engine-0"]["host"] == set(host_tier.held)
+
+
 def test_live_migration_in_closed_form_and_at_scale(tmp_path):
     """A request moved after k tokens (`cluster.migrate`, the calls of router/migration.py) on simulated
     engines: the gap between token k and k+1 is the source's last partial block (prefill-only), the

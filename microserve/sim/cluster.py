@@ -87,7 +87,9 @@ def build_cluster(layout: Mapping[str, int], cost: CostModel | Mapping[str, Cost
             if kv_store:
                 spec = service.engine.kv_spec
                 block_bytes = spec.bytes_per_token * spec.block_size
+                events = service.events  # NOTE: tier events as the real engine publishes them (zmq_server)
                 service.use_store(SimStoreLink(store.parse(list(kv_store), block_bytes, shared), spec.block_size,
-                                               block_bytes))
+                                               block_bytes, lambda kind, hashes, tier, events=events:
+                                               events.record(kind, hashes, tier, tier == "valkey")))
             servers[role].append(service)
     return SimCluster(servers, poll_interval=poll_interval)

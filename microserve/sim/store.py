@@ -10,7 +10,9 @@ load, stats), so `_extend_from_store` runs unchanged before every prefill: the l
 continuation of a prompt's cached prefix is "loaded" (the engine waits `link.seconds(bytes)` of
 virtual time per tier segment, off its step loop) and enters the prefix cache. Writes are free
 (the real engine writes asynchronously) and always succeed; a hit is promoted into the faster tiers.
-Tiers do not publish KV events here, so `cache_aware` sees only the engines' pools.
+Each write and eviction is published as the real engine's tier events (`on_event`, the engine's
+`KVEventLog`), so the router's prefix index, and `cache_aware`, see the tiers as in serving; the
+shared tier, like a Valkey server, evicts without telling.
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ class SimTier:
     link: Link
     held: OrderedDict[int, None] = field(default_factory=OrderedDict)
 
-    def add(self, h: int) -> None:
+    def add(self, h: int) -> list[int]:
+        """Hold `h` (most recently used); returns the hashes that fell out."""
         self.held[h] = None
         self.held.move_to_end(h)
+        evicted = []
         while len(self.held) > self.capacity:
-            self.held.popitem(last=False)
+            evicted.append(self.held.popitem(last=False)[0])
+        return evicted
 
     def run(self, hashes: list[int]) -> int:
         n = 0
@@ -85,18 +90,29 @@ def parse(specs: list[str], block_bytes: int, shared: dict[str, SimTier]) -> lis
 
 
 class SimStoreLink:
-    """The store calls of one simulated engine (the real one: `microserve.serving.kv_store.StoreLink`)."""
+    """The store calls of one simulated engine (the real one: `microserve.serving.kv_store.StoreLink`).
+    `on_event(kind, hashes, tier)`: where its tier events go (the engine's `KVEventLog`)."""
 
-    def __init__(self, tiers: list[SimTier], block_size: int, block_bytes: int) -> None:
+    def __init__(self, tiers: list[SimTier], block_size: int, block_bytes: int, on_event=None) -> None:
         self.tiers, self.block_size, self.block_bytes = tiers, block_size, block_bytes
         self.books = [TierBooks() for _ in tiers]
+        self.on_event = on_event
+
+    def _put(self, tier: SimTier, hashes: list[int]) -> int:
+        """Store `hashes` in `tier`, publishing what it stored and evicted; returns the blocks new to it."""
+        new, evicted = 0, []
+        for h in hashes:
+            new += h not in tier.held
+            evicted += tier.add(h)
+        if self.on_event is not None and hashes:
+            if evicted and tier.tier != "valkey":  # NOTE: a Valkey server evicts without telling
+                self.on_event("evicted", evicted, tier.tier)
+            self.on_event("stored", list(hashes), tier.tier)
+        return new
 
     def capture(self, hashes: list[int], blocks: list[int]) -> None:
         for tier, books in zip(self.tiers, self.books):
-            for h in hashes:
-                if h not in tier.held:
-                    books.bytes_written += self.block_bytes
-                tier.add(h)
+            books.bytes_written += self._put(tier, hashes) * self.block_bytes
 
     async def lookup(self, tokens: list[int], skip: int) -> tuple[list[int], list[tuple[int, int]]]:
         bs = self.block_size
@@ -119,8 +135,7 @@ class SimStoreLink:
             self.books[i].hit_tokens += n * self.block_size
             self.books[i].bytes_read += n * self.block_bytes
             for faster in self.tiers[:i]:  # promotion, as TieredStore does
-                for h in hashes[pos:pos + n]:
-                    faster.add(h)
+                self._put(faster, hashes[pos:pos + n])
             pos += n
         await asyncio.sleep(seconds)
         return pos

@@ -51,19 +51,19 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--dtype", default="fp8", help="fp8 (the paper's setup) or bfloat16")
     ap.add_argument("--gpu", default="h100", help="h100, or a profile JSON")
-    ap.add_argument("--mixed-batches", action="store_true",
-                    help="engines batch prompt chunks with decodes (vLLM-style); default: MLC-LLM's scheduling, "
-                         "the paper's engine (a step that prefills carries no decodes)")
+    ap.add_argument("--no-mixed-batches", action="store_true",
+                    help="a step that prefills carries no decodes (MLC-LLM's prefill_mode=chunked, SGLang's "
+                         "default); default: MLC-LLM's default hybrid prefill (decodes ride along prompt chunks)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="simulations run in parallel")
     opts = ap.parse_args()
-    engine = () if opts.mixed_batches else ("--no-mixed-batches",)
+    engine = ("--no-mixed-batches",) if opts.no_mixed_batches else ()
     points = [(label, rate) for label in STRATEGIES for rate in RATES]
     with concurrent.futures.ProcessPoolExecutor(opts.jobs) as pool:
         futures = {p: pool.submit(run_one, *STRATEGIES[p[0]], p[1], opts.num_requests, opts.seed, opts.dtype,
                                   opts.gpu, engine) for p in points}
         res = {p: f.result() for p, f in futures.items()}
     print(f"llama-3.1-70b {opts.dtype}, 8 x H100 (NVLink), sonnet, {opts.num_requests} requests per point, "
-          f"{'mixed' if opts.mixed_batches else 'prefill-first (MLC-LLM)'} batches")
+          f"{'prefill-only steps' if opts.no_mixed_batches else 'mixed batches (MLC-LLM hybrid prefill)'}")
     print(f"{'strategy':<18}{'rate':>6}{'JCT mean':>10}{'JCT p99':>10}{'TTFT mean':>11}{'TPOT mean':>11}"
           f"{'vs DP mean':>12}{'vs DP p99':>11}")
     for label in STRATEGIES:

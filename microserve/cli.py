@@ -340,7 +340,8 @@ def _engine_knobs() -> argparse.ArgumentParser:
     g.add_argument("--skip-tokenizer-init", action="store_true",
                    help="load no tokenizer (vLLM's): token-id prompts only, outputs as token ids")
     g.add_argument("--no-mixed-batches", action="store_true",
-                   help="a step that prefills carries no decodes (MLC-LLM's and SGLang's default scheduling)")
+                   help="a step that prefills carries no decodes (SGLang's default scheduling; MLC-LLM's "
+                        "prefill_mode=chunked)")
     g.add_argument("--stream-interval", type=positive_int, default=1, metavar="N",
                    help="after a request's first token, stream its tokens N at a time (the last chunk at once)")
     g.add_argument("--kv-store", action="append", default=[], type=_kv_store_spec, metavar="SPEC",

@@ -50,7 +50,7 @@ def test_chunked_prefill_any_chunk_size(llama_ckpt, reference, budget):
 
 @pytest.mark.parametrize("budget", [7, 200])
 def test_prefill_steps_apart_from_decodes_give_the_same_tokens(llama_ckpt, reference, budget):
-    """`mixed_batches=False` (MLC-LLM's scheduling): prompts first, no step mixes prompt work and decodes."""
+    """`mixed_batches=False` (SGLang's default scheduling): prompts first, no step mixes prompt work and decodes."""
     prompts, alone = reference
     llm = LLM(llama_ckpt[0], max_num_batched_tokens=budget, mixed_batches=False)
     schedule = llm.engine.scheduler.schedule

@@ -84,7 +84,8 @@ def test_deterministic_and_bad_input():
 
 
 def test_without_mixed_batches_a_prefill_step_carries_no_decodes():
-    """MLC-LLM's scheduling (`mixed_batches=False`): a step that prefills stalls the decodes; times in closed form."""
+    """SGLang's default scheduling (`mixed_batches=False`): a step that prefills stalls the decodes; times in
+    closed form."""
     mixed, apart = SimEngine(COST), SimEngine(COST, EngineConfig(mixed_batches=False))
     for eng in (mixed, apart):
         add(eng, "a", list(range(500)), 4)

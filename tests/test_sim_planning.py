@@ -114,9 +114,9 @@ def test_layout_search_ranks_layouts_by_goodput_per_gpu(tmp_path):
 
 
 def test_the_papers_setup_short():
-    """Llama-3.1-70B FP8 on 8 x H100 (two TP4 engines, NVLink), sonnet, MLC-LLM's scheduling (prefill steps
-    apart from decodes), as the microserving blog ran it, with fewer requests: the ordering of its figure
-    (docs/strategies-at-scale.md)."""
+    """Llama-3.1-70B FP8 on 8 x H100 (two TP4 engines, NVLink), sonnet, MLC-LLM's default scheduling (its
+    "hybrid" prefill: decodes ride along prompt chunks), as the microserving blog ran it, with fewer
+    requests: the ordering of its figure (docs/strategies-at-scale.md)."""
     import contextlib
     import io
     import json
@@ -131,7 +131,7 @@ def test_the_papers_setup_short():
             args = build_parser().parse_args([
                 "sim", "--strategy", strategy, *extra, "--model", "llama-3.1-70b", "--gpu", "h100", "--tp", "4",
                 "--dtype", "fp8", "--workload", "sonnet", "--rate", str(rate), "--num-requests", "300",
-                "--no-mixed-batches", "--out", str(out), "--no-progress"])
+                "--out", str(out), "--no-progress"])
             with contextlib.redirect_stdout(io.StringIO()):
                 assert args.func(args) == 0
             return json.loads(out.read_text())["summary"]

@@ -172,8 +172,9 @@ class EngineConfig:
         skip_tokenizer_init: load no tokenizer (vLLM's): token-id prompts only, outputs as token ids;
             the checkpoint may have no tokenizer files at all.
         mixed_batches: a step carries prompt chunks and decodes together (vLLM's chunked prefill);
-            False: a step that prefills carries no decodes, prompts first (MLC-LLM's one action per
-            step, SGLang without `--enable-mixed-chunk`), which stalls decodes behind every prefill.
+            False: a step that prefills carries no decodes, prompts first (SGLang's default, without
+            `--enable-mixed-chunk`; MLC-LLM's `prefill_mode="chunked"`), which stalls decodes behind
+            every prefill.
         stream_interval: after a request's first token, stream its tokens this many at a time (the
             last chunk goes at once), as SGLang's and vLLM's `--stream-interval`: fewer messages and
             wake-ups per token under high concurrency; 1 streams every token.

@@ -45,8 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from microserve.cli import positive_int
 
     p.add_argument("--no-mixed-batches", action="store_true",
-                   help="a step that prefills carries no decodes: prompts first, decodes wait (MLC-LLM's engine, "
-                        "the microserving paper's; SGLang without --enable-mixed-chunk)")
+                   help="a step that prefills carries no decodes: prompts first, decodes wait (SGLang without "
+                        "--enable-mixed-chunk; MLC-LLM's prefill_mode=chunked)")
     p.add_argument("--stream-interval", type=positive_int, default=1, metavar="N",
                    help="engines stream tokens N at a time after the first (as `engine --stream-interval`): "
                         "TTFT, TPOT and JCT are unchanged, the run is faster, gaps under N tokens are not seen")

@@ -1,7 +1,7 @@
 """Strategies at cluster scale, simulated: Llama-3.1-70B on 8 x H100 as two TP4 engines,
 the `sonnet` workload (~3000 in / 100 out) at 1.6-5.6 req/s (docs/strategies-at-scale.md).
 
-    python benchmarks/strategies_at_scale.py [--num-requests 500] [--plot docs/img/strategies-at-scale.png]
+    python benchmarks/strategies_at_scale.py [--num-requests 500] [--workload sonnet-llmperf] [--plot FILE]
 
 Prints mean / p99 JCT, mean TTFT and TPOT per strategy and rate, and each strategy's
 JCT relative to data parallel.
@@ -31,13 +31,13 @@ RATES = (1.6, 2.6, 3.6, 4.6, 5.6)
 
 
 def run_one(strategy: str, extra: list[str], rate: float, n: int, seed: int, dtype: str, gpu: str = "h100",
-            engine: tuple[str, ...] = ()) -> dict:
+            engine: tuple[str, ...] = (), workload: str = "sonnet") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
         tp = [] if "--tp" in extra else ["--tp", "4"]
         args = build_parser().parse_args([
             "sim", "--strategy", strategy, *extra, "--model", "llama-3.1-70b", "--gpu", gpu, *tp, "--dtype", dtype,
-            "--link", "nvlink", "--workload", "sonnet", "--rate", str(rate), "--num-requests", str(n),
+            "--link", "nvlink", "--workload", workload, "--rate", str(rate), "--num-requests", str(n),
             "--seed", str(seed), "--out", str(out), "--no-progress", *engine])
         with contextlib.redirect_stdout(io.StringIO()):
             args.func(args)
@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--dtype", default="fp8", help="fp8 (the paper's setup) or bfloat16")
     ap.add_argument("--gpu", default="h100", help="h100, or a profile JSON")
+    ap.add_argument("--workload", default="sonnet",
+                    help="sonnet (100 output tokens each) or sonnet-llmperf (LLMPerf's default spread, sd 80)")
     ap.add_argument("--no-mixed-batches", action="store_true",
                     help="a step that prefills carries no decodes (MLC-LLM's prefill_mode=chunked, SGLang's "
                          "default); default: MLC-LLM's default hybrid prefill (decodes ride along prompt chunks)")
@@ -60,9 +62,9 @@ def main() -> None:
     points = [(label, rate) for label in STRATEGIES for rate in RATES]
     with concurrent.futures.ProcessPoolExecutor(opts.jobs) as pool:
         futures = {p: pool.submit(run_one, *STRATEGIES[p[0]], p[1], opts.num_requests, opts.seed, opts.dtype,
-                                  opts.gpu, engine) for p in points}
+                                  opts.gpu, engine, opts.workload) for p in points}
         res = {p: f.result() for p, f in futures.items()}
-    print(f"llama-3.1-70b {opts.dtype}, 8 x H100 (NVLink), sonnet, {opts.num_requests} requests per point, "
+    print(f"llama-3.1-70b {opts.dtype}, 8 x H100 (NVLink), {opts.workload}, {opts.num_requests} requests per point, "
           f"{'prefill-only steps' if opts.no_mixed_batches else 'mixed batches (MLC-LLM hybrid prefill)'}")
     print(f"{'strategy':<18}{'rate':>6}{'JCT mean':>10}{'JCT p99':>10}{'TTFT mean':>11}{'TPOT mean':>11}"
           f"{'vs DP mean':>12}{'vs DP p99':>11}")
@@ -88,8 +90,8 @@ def main() -> None:
             ax.set(xlabel="request rate (req/s)", title=title)
             ax.grid(alpha=0.3)
         axes[0].legend()
-        fig.suptitle(f"simulated: Llama-3.1-70B {opts.dtype}, 8 x H100 (two TP4 engines; TP8: one), sonnet "
-                     "(3000 in / 100 out)")
+        fig.suptitle(f"simulated: Llama-3.1-70B {opts.dtype}, 8 x H100 (two TP4 engines; TP8: one), "
+                     f"{opts.workload}")
         fig.tight_layout()
         opts.plot.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(opts.plot, dpi=90)

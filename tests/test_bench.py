@@ -80,6 +80,12 @@ def test_workloads_are_seeded_and_shaped():
     sonnet = workloads.synthetic("sonnet", 50, seed=0, tokens_per_word=1.0)
     words = [len(r.prompt.split()) for r in sonnet]
     assert 2500 < np.mean(words) < 3500 and all(r.max_tokens == 100 for r in sonnet)
+    # sonnet-llmperf: the same prompts, outputs drawn as LLMPerf draws them (normal(100, 80), drawn again
+    # until positive: a truncated normal of mean 116 and sd 67)
+    spread = workloads.synthetic("sonnet-llmperf", 400, seed=0, tokens_per_word=1.0)
+    assert [r.prompt for r in spread[:50]] == [r.prompt for r in sonnet]
+    outs = [r.max_tokens for r in spread]
+    assert min(outs) >= 1 and 108 < np.mean(outs) < 124 and 58 < np.std(outs) < 76
     turns = workloads.synthetic("multi-turn", 12, seed=0)
     for a, b in itertools.pairwise(turns):
         if a.session == b.session:

@@ -8,6 +8,7 @@ shows, so a rough `tokens_per_word` only shifts the workload, never the numbers.
 | name | input tokens | output tokens | shape |
 |---|---|---|---|
 | `sonnet` | ~3000 (normal, sd 150) | 100 | the microserving paper's evaluation |
+| `sonnet-llmperf` | as `sonnet` | normal(100, sd 80), redrawn until > 0 | LLMPerf's default spread |
 | `chat` | lognormal, median 200 | lognormal, median 180 | ShareGPT-like turns |
 | `long-doc` | 8000–16000 | lognormal, median 50 | LooGLE-like documents |
 | `multi-turn` | each turn adds ~120 to its session's prompt | lognormal, median 120 | shared growing prefixes |
@@ -24,7 +25,7 @@ from pathlib import Path
 
 _SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "pe", "da", "ge", "hu", "ji", "wa", "zo", "be",
               "fa", "ko", "li", "mo", "nu", "ra", "se", "to"]
-WORKLOADS = ("sonnet", "chat", "long-doc", "multi-turn")
+WORKLOADS = ("sonnet", "sonnet-llmperf", "chat", "long-doc", "multi-turn")
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,22 @@ def _lognormal(rng: random.Random, median: float, sigma: float, lo: int, hi: int
     return int(min(hi, max(lo, round(rng.lognormvariate(math.log(median), sigma)))))
 
 
+def _positive_gauss(rng: random.Random, mean: float, sd: float) -> int:
+    """LLMPerf's `sample_random_positive_int`: a normal draw, drawn again until positive."""
+    while (value := int(rng.gauss(mean, sd))) <= 0:
+        pass
+    return value
+
+
 def synthetic(name: str, n: int, seed: int = 0, tokens_per_word: float = 1.3) -> list[BenchRequest]:
     """`n` requests of the built-in workload `name` (deterministic for a seed)."""
     rng = random.Random(seed)
-    if name == "sonnet":
-        return [BenchRequest(_text(rng, int(max(100, rng.gauss(3000, 150))), tokens_per_word), 100)
-                for _ in range(n)]
+    if name in ("sonnet", "sonnet-llmperf"):
+        # NOTE: sonnet-llmperf: LLMPerf's token_benchmark_ray draws every request's max_tokens from
+        # normal(mean, --stddev-output-tokens = 80 by default); the prompts are the same as sonnet's
+        spread = random.Random(seed + 1) if name == "sonnet-llmperf" else None
+        return [BenchRequest(_text(rng, int(max(100, rng.gauss(3000, 150))), tokens_per_word),
+                             100 if spread is None else _positive_gauss(spread, 100, 80)) for _ in range(n)]
     if name == "chat":
         return [BenchRequest(_text(rng, _lognormal(rng, 200, 0.8, 8, 2048), tokens_per_word),
                              _lognormal(rng, 180, 0.7, 8, 1024)) for _ in range(n)]

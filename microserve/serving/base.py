@@ -32,7 +32,7 @@ from microserve.engine.core.engine_core import EngineStats, StepOutput
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.events import KVEventLog
-from microserve.serving.streams import StreamHold
+from microserve.serving.streams import StreamHold, StreamQueue
 from microserve.serving.tickets import Ticket, TicketBook, check_send, norm_pos
 from microserve.text import InvalidRequestError, check_prompt
 
@@ -69,7 +69,7 @@ class EngineService:
         self.events_addr = ""  # where KV events are published (the transport sets it)
         self.events = KVEventLog(engine_id)  # its `sink` is set by the transport
         self._sends: dict[str, str] = {}  # send job id -> request id
-        self._streams: dict[str, asyncio.Queue[StepOutput]] = {}
+        self._streams: dict[str, StreamQueue] = {}
         self.hold = StreamHold()  # the engine's stream interval (EngineConfig.stream_interval)
         self._lock, self._wake = asyncio.Lock(), asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -306,8 +306,7 @@ class EngineService:
         if ticket is not None:
             self._check_adoption(req, sampling)
             await self._await_ticket(ticket)
-        queue: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self._streams[rid] = queue
+        queue = self._streams[rid] = StreamQueue()
         try:
             await self._submit(req, prompt, begin, sampling, ticket)
         except BaseException:
@@ -332,7 +331,7 @@ class EngineService:
         else:
             self.tickets.remove(ticket)  # the backend adopts its blocks in _submit
 
-    async def _stream(self, rid: str, queue: asyncio.Queue[StepOutput]) -> AsyncIterator[P.GenerateChunk]:
+    async def _stream(self, rid: str, queue: StreamQueue) -> AsyncIterator[P.GenerateChunk]:
         finished = False
         try:
             while not finished:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+import struct
 from collections.abc import Callable, Sequence
 
 from kvapi.pool import BlockPool
@@ -28,9 +29,8 @@ StoreHook = Callable[[list[int], list[int]], None]  # (prefix hashes, block ids)
 
 def chain_hash(parent: int, tokens: Sequence[int]) -> int:
     """Stable 64-bit hash of a block given its parent's hash (same in every process)."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(parent.to_bytes(8, "little"))
-    h.update(b"".join(int(t).to_bytes(4, "little", signed=True) for t in tokens))
+    h = hashlib.blake2b(parent.to_bytes(8, "little"), digest_size=8)
+    h.update(struct.pack(f"<{len(tokens)}i", *tokens))  # each token as 4 little-endian signed bytes
     return int.from_bytes(h.digest(), "little")
 
 
@@ -53,6 +53,21 @@ class _Node:
         self.parent = parent
         self.children: dict[tuple[int, ...], _Node] = {}
         self.last_access = 0
+
+
+class RadixCursor:
+    """Where one sequence's last `RadixCache.insert` ended (its deepest path node, and how many
+    blocks deep that is), so a sequence offering its blocks as they fill walks only the new ones
+    instead of its whole prefix again: O(new blocks) per insert, not O(all blocks)."""
+
+    __slots__ = ("depth", "node")
+
+    def __init__(self) -> None:
+        self.node: _Node | None = None
+        self.depth = 0
+
+    def reset(self) -> None:
+        self.node, self.depth = None, 0
 
 
 class RadixCache:
@@ -105,18 +120,29 @@ class RadixCache:
     def unpin(self, block_ids: Sequence[int]) -> None:
         self.pool.free(block_ids)
 
-    def insert(self, tokens: Sequence[int], block_ids: Sequence[int]) -> int:
+    def insert(self, tokens: Sequence[int], block_ids: Sequence[int], cursor: RadixCursor | None = None) -> int:
         """Cache the full blocks of `tokens` whose KV sits in `block_ids` (in order).
 
         A block whose prefix is already cached keeps the cached copy; the caller's
         block stays the caller's. Returns the number of blocks newly adopted.
+
+        `cursor` (one per sequence) resumes the walk where that sequence's last insert ended, when
+        its node is still in the tree and still spells these tokens; the result is the same.
         """
-        now, node, stored, blocks = next(self._clock), self._root, [], []
-        for key, block in zip(self._blocks_of(tokens), block_ids):
+        now, node, start, bs = next(self._clock), self._root, 0, self.block_size
+        n = min(len(tokens) // bs, len(block_ids))
+        if cursor is not None and (at := cursor.node) is not None and at.parent is not None \
+                and cursor.depth <= n and at.key == tuple(tokens[(cursor.depth - 1) * bs:cursor.depth * bs]):
+            node, start = at, cursor.depth
+            while at.parent is not None:  # NOTE: the path is touched as a walk from the root touches it
+                at.last_access = now
+                at = at.parent
+        stored, blocks = [], []
+        for i in range(start, n):
+            key, block = tuple(tokens[i * bs:(i + 1) * bs]), block_ids[i]
             child = node.children.get(key)
             if child is None:
                 child = _Node(key, block, chain_hash(node.hash, key), node)
-                child.last_access = now
                 node.children[key] = child
                 heapq.heappush(self._heap, (now, id(child), child))
                 self.pool.incref([block])
@@ -125,6 +151,8 @@ class RadixCache:
                 blocks.append(block)
             child.last_access = now
             node = child
+        if cursor is not None and n > start:
+            cursor.node, cursor.depth = node, n
         if stored and self.on_event:
             self.on_event("stored", stored)
         if stored and self.on_store:

@@ -38,6 +38,8 @@ def check_prompt(prompt_ids: Sequence[int], vocab_size: int, max_model_len: int)
 
 def check_token_ids(prompt_ids: Sequence[int], vocab_size: int) -> None:
     """Raise `InvalidRequestError` unless every id is an int inside the vocabulary."""
+    if prompt_ids and set(map(type, prompt_ids)) == {int} and min(prompt_ids) >= 0 and max(prompt_ids) < vocab_size:
+        return  # NOTE: the common case in C loops (every prompt of every request passes here)
     bad = next((t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size),
                None)
     if bad is not None:

@@ -1,11 +1,15 @@
 """Property tests for kvapi: the block pool and the radix prefix cache."""
 
+import hashlib
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvapi import BlockPool, KVSpec, KVSpecMismatch, OutOfBlocks, RadixCache, prefix_hashes
+from kvapi import BlockPool, KVSpec, KVSpecMismatch, OutOfBlocks, RadixCache, chain_hash, prefix_hashes
+from kvapi.radix import RadixCursor
 
 BS = 4
 
@@ -140,6 +144,60 @@ def test_prefix_hashes_are_chained():
     h2 = prefix_hashes([9, 9, 9, 9, 5, 6, 7, 8], 4)
     assert len(h1) == 2 and h1[1] != h2[1]  # same block tokens, different prefix
     assert prefix_hashes([1, 2, 3, 4, 5], 4) == h1[:1]
+
+
+def test_chain_hash_is_blake2b_over_little_endian_int32_tokens():
+    """The prefix hash is a wire name (KV events, the store's keys): its definition must not drift."""
+    for parent, tokens in ((0, [1, 2, 3, 4]), (2**64 - 1, [-5, 2**31 - 1, 0, 7]), (12345, [])):
+        h = hashlib.blake2b(digest_size=8)
+        h.update(parent.to_bytes(8, "little"))
+        h.update(b"".join(t.to_bytes(4, "little", signed=True) for t in tokens))
+        assert chain_hash(parent, tokens) == int.from_bytes(h.digest(), "little")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32))
+def test_insert_with_a_cursor_is_insert_from_the_root(seed):
+    """Sequences that grow a token at a time offer their blocks with a cursor (the engine's path): the
+    tree, its events and its eviction order are those of inserts that walk from the root, through
+    evictions under the cursor, shared prefixes and a cursor that went stale."""
+    rng = random.Random(seed)
+    logs: tuple[list, list] = ([], [])
+    pools = (BlockPool(40), BlockPool(40))
+    trees = tuple(RadixCache(pool, BS, on_event=lambda kind, h, log=log: log.append((kind, h)))
+                  for pool, log in zip(pools, logs))
+    seqs = []  # (tokens, blocks, cursor)
+    for _ in range(120):
+        op = rng.random()
+        if op < 0.15 or not seqs:
+            seqs.append(([rng.randrange(3) for _ in range(rng.randrange(1, 6))], [], RadixCursor()))
+        elif op < 0.85:
+            tokens, blocks, cursor = rng.choice(seqs)
+            tokens.append(rng.randrange(3))
+            if len(tokens) // BS > len(blocks):
+                if not pools[0].can_allocate(1):
+                    for tree in trees:
+                        tree.evict(1)
+                if not pools[0].can_allocate(1):
+                    continue
+                new = [pool.allocate(1)[0] for pool in pools]
+                assert new[0] == new[1]
+                blocks.append(new[0])
+            full = len(tokens) // BS
+            assert trees[0].insert(tokens, blocks[:full], cursor) == trees[1].insert(tokens[:full * BS], blocks[:full])
+        elif op < 0.95:
+            n = rng.randrange(1, 4)
+            for tree in trees:
+                tree.evict(n)
+        else:
+            tokens, blocks, cursor = seqs.pop(rng.randrange(len(seqs)))
+            for pool in pools:
+                pool.free(blocks)
+        assert logs[0] == logs[1]
+        assert sorted(trees[0].prefix_hashes()) == sorted(trees[1].prefix_hashes())
+    for tree in trees:
+        tree.clear()
+    assert logs[0] == logs[1]
 
 
 def test_kvspec_mismatch_names_field():

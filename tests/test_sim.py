@@ -122,6 +122,21 @@ def test_deterministic_for_a_seed_and_cli_json(tmp_path):
     assert other.returncode == 0
 
 
+def test_the_simulator_never_imports_torch(tmp_path):
+    """A planning machine needs no GPU stack, and importing torch is most of a short run's wall time:
+    the simulator, its engines' core and the router stay torch-free (the transfer layer loads lazily)."""
+    code = ("import sys; from microserve.cli import main; "
+            "sys.argv = ['microserve', 'sim', '--strategy', 'pd', '--roles', 'prefill=1,decode=1', "
+            "'--model', 'llama-3.1-8b', '--gpu', 'h100', '--workload', 'chat', '--rate', '4', '--num-requests', '12', "
+            "'--no-progress', "
+            f"'--out', {str(tmp_path / 'r.json')!r}]\n"
+            "assert main() == 0\n"
+            "assert 'torch' not in sys.modules, 'the simulator imported torch'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["ok"] == 12
+
+
 def test_bad_input_is_a_clear_error():
     proc = sim_cli("--strategy", "pd", "--workload", "chat", "--rate", "1", "--num-requests", "2", "--gpu", "tpu9")
     assert proc.returncode == 2 and "unknown gpu 'tpu9'" in proc.stderr

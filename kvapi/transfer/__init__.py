@@ -13,9 +13,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from kvapi.transfer.base import TRANSPORTS, KVAddr, TransferError, choose_transport, host_id
+from kvapi.transfer.base import TRANSPORTS, KVAddr, TransferError, TransferOutcome, choose_transport, host_id
 
-_LAZY = {"KVReceiver": "receiver", "TransferOutcome": "receiver", "KVSender": "sender", "SendStats": "sender"}
+_LAZY = {"KVReceiver": "receiver", "KVSender": "sender", "SendStats": "sender"}
 
 __all__ = ["TRANSPORTS", "KVAddr", "KVReceiver", "KVSender", "SendStats", "TransferError", "TransferOutcome",
            "choose_transport", "host_id"]

@@ -22,6 +22,7 @@ import socket
 import struct
 import time
 import uuid
+from dataclasses import dataclass
 
 import msgspec
 
@@ -39,6 +40,19 @@ class TransferError(RuntimeError):
     def __init__(self, message: str, code: str = "transfer_failed", peer: str = "") -> None:
         super().__init__(message)
         self.code, self.peer = code, peer
+
+
+@dataclass
+class TransferOutcome:
+    """How a transfer into one ticket ended."""
+
+    ticket_id: str
+    ok: bool
+    begin: int = 0
+    end: int = 0
+    nbytes: int = 0
+    seconds: float = 0.0
+    error: str = ""
 
 
 class KVAddr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

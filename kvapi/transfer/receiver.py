@@ -30,25 +30,12 @@ import torch
 
 from kvapi.spec import KVSpec, KVSpecMismatch
 from kvapi.transfer import tcp, ucx
-from kvapi.transfer.base import Commit, Hello, Reply, TransferError, block_runs, recv_msg, send_msg
+from kvapi.transfer.base import Commit, Hello, Reply, TransferError, TransferOutcome, block_runs, recv_msg, send_msg
 from kvapi.transfer.ucx import UCXWorker, confine_to
 
 log = logging.getLogger(__name__)
 
 HELLO_LIMIT = 1 << 20  # bytes: a hello of ~200k block ids
-
-
-@dataclass
-class TransferOutcome:
-    """How a transfer into one ticket ended."""
-
-    ticket_id: str
-    ok: bool
-    begin: int = 0
-    end: int = 0
-    nbytes: int = 0
-    seconds: float = 0.0
-    error: str = ""
 
 
 @dataclass

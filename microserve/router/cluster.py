@@ -44,11 +44,13 @@ class avoiding:
         self.engines = engines
 
     def __enter__(self) -> None:
-        self._previous = _AVOID.get()
-        _AVOID.set(self.engines)
+        self._previous = previous = _AVOID.get()
+        if previous or self.engines:  # NOTE: most attempts avoid nothing; the router enters this once per chunk
+            _AVOID.set(self.engines)
 
     def __exit__(self, *exc: object) -> None:
-        _AVOID.set(self._previous)
+        if self._previous or self.engines:
+            _AVOID.set(self._previous)
 
 
 class NoEngineAvailable(EngineCallError):

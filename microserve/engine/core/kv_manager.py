@@ -61,6 +61,7 @@ class KVCacheManager:
         self.pool.free(seq.block_table)
         seq.block_table = []
         seq.num_cached_blocks = seq.num_computed_tokens = 0
+        seq.radix_cursor.reset()
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Make `seq` hold blocks for its first `num_tokens` tokens; False if memory is short."""
@@ -102,7 +103,7 @@ class KVCacheManager:
         full = seq.num_computed_tokens // self.block_size
         if not self.enable_prefix_caching or full <= seq.num_cached_blocks:
             return
-        self.radix.insert(seq.token_ids[:full * self.block_size], seq.block_table[:full])
+        self.radix.insert(seq.token_ids, seq.block_table[:full], seq.radix_cursor)
         seq.num_cached_blocks = full
 
     def free(self, seq: Sequence) -> None:
@@ -111,3 +112,4 @@ class KVCacheManager:
         self.pool.free(seq.block_table)
         seq.block_table = []
         seq.num_cached_blocks = 0
+        seq.radix_cursor.reset()

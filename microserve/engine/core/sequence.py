@@ -6,7 +6,7 @@ import enum
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kvapi.radix import prefix_hashes
+from kvapi.radix import RadixCursor, prefix_hashes
 from microserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # NOTE: the core stays torch-free (the simulator and routers import it)
@@ -40,6 +40,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.num_cached_blocks = 0  # leading blocks already offered to the prefix cache
+        self.radix_cursor = RadixCursor()  # where the last offer ended in the prefix cache
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None
         # prefill-only sequences (remote_send) stop once their KV is computed: no sampling

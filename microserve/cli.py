@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from kvapi.transfer.base import TRANSPORTS
+
 
 def _generate(args: argparse.Namespace) -> int:
     from microserve import LLM, SamplingParams
@@ -129,6 +131,10 @@ def _launch(args: argparse.Namespace) -> int:
     else:
         layout = dict(roles)
     backend = ["--backend", args.backend] if args.backend != "builtin" else []
+    if args.transport != "auto" and args.ray is None:  # NOTE: a missing extra exits 2 here, before engines start
+        from microserve.serving.kv_plane import pick_transports
+
+        pick_transports(args.transport, args.device)
     ray = None
     if args.ray is not None:
         from microserve.control.on_ray import RayOptions, import_ray
@@ -323,7 +329,8 @@ def _engine_knobs() -> argparse.ArgumentParser:
     g = p.add_argument_group("engine options")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--transport", default="auto", choices=["auto", "shm", "ucx", "tcp"])
+    g.add_argument("--transport", default="auto", choices=["auto", *TRANSPORTS],
+                   help="how KV moves between engines (auto: shm on one host, then nixl, ucx, tcp)")
     g.add_argument("--lease-seconds", type=float, default=60.0, help="default lease of a receive ticket")
     g.add_argument("--max-lease-seconds", type=float, default=120.0,
                    help="longest lease prep_recv grants (a peer cannot lock blocks for longer)")

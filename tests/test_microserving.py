@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from kvapi.radix import prefix_hashes
 from kvapi.transfer.base import sign_addr
+from kvapi.transfer.nixl import nixl_available
 from kvapi.transfer.ucx import ucx_available
 from microserve import SamplingParams
 from microserve.protocol import Request, decode_event, decode_reply
@@ -36,7 +37,9 @@ BS = 16
 VOCAB = 256
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 TRANSPORTS = ["tcp", "shm", pytest.param("ucx", marks=pytest.mark.skipif(
-    not ucx_available(), reason="ucxx is not installed (pip install 'microserve[ucx]')"))]
+    not ucx_available(), reason="ucxx is not installed (pip install 'microserve[ucx]')")),
+    pytest.param("nixl", marks=pytest.mark.skipif(
+        not nixl_available(), reason="nixl is not installed (pip install 'microserve[nixl]')"))]
 COMMON = ["--num-kv-blocks", "400", "--block-size", str(BS), "--log-level", "error"]
 
 
@@ -207,8 +210,8 @@ async def test_prefix_on_receiver_sends_only_the_rest(cluster):
 
 async def test_host_id_override_keeps_shm_within_a_node(model, monkeypatch):
     """`$MICROSERVE_HOST_ID` (launch --ray sets the Ray node id): engines of two nodes on one machine
-    move KV over the network (ucx when installed, else tcp) with `--transport auto`; engines of one
-    node over shm."""
+    move KV over the network (nixl when installed, then ucx, else tcp) with `--transport auto`; engines of
+    one node over shm."""
     engines = {}
     for name, node in (("N1a", "node-1"), ("N1b", "node-1"), ("N2", "node-2")):
         monkeypatch.setenv("MICROSERVE_HOST_ID", node)
@@ -217,7 +220,7 @@ async def test_host_id_override_keeps_shm_within_a_node(model, monkeypatch):
     procs = {name: wait_engine(p) for name, p in engines.items()}
     try:
         a, b, c = (EngineHandle(procs[n].rpc, name=n, timeout=30.0) for n in ("N1a", "N1b", "N2"))
-        network = "ucx" if ucx_available() else "tcp"
+        network = "nixl" if nixl_available() else "ucx" if ucx_available() else "tcp"
         for sender, receiver, expected in ((a, b, "shm"), (a, c, network)):
             prompt = rand_prompt(40)
             r = req(prompt)

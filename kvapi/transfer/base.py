@@ -1,36 +1,58 @@
-"""Shared pieces of the KV transfer layer: the address of a receive ticket, the wire
+"""The seam of the KV data plane: the address of a receive ticket, the `Transport`
+interface every way of moving pages implements, the registry of transports, the wire
 messages of the control channel, framing, and page-run arithmetic.
 
 One transfer moves the K and V pages of a token range `[begin, end)` of every layer
 from the sender's block pool into blocks the receiver reserved for it:
 
     receiver (prep_recv)                     sender (remote_send)
-    reserve blocks, open ticket ── KVAddr ──> connect to KVAddr.endpoint
+    reserve blocks, open ticket ── KVAddr ──> check its signature, connect to KVAddr.endpoint
                                   <── Hello   (ticket id, secret, blocks, spec, mode)
-    check ticket/secret/blocks/spec ─ Reply ─> per layer: send pages (tcp) or copy
-                                               them into the shared pool (shm)
-                                  <── Commit  (shm only)
-    all bytes in: ticket complete ── Reply ──> done
+    check ticket/secret/blocks/spec ─ Reply ─> Transport.writer(): per layer, as it is computed,
+                                               Writer.write_layer() (tcp: stream the pages;
+                                               shm/nixl: write them into the receiver's pool;
+                                               ucx: tagged messages), then Writer.finish()
+    Transport.receive() returns   <── (tcp: the last byte; shm: Commit; nixl: a notification
+                                       bound to the ticket; ucx: the last message)
+    ticket complete  ── Reply ──> done
+
+The control connection is the fence of one-sided transports (shm, nixl): the receiver
+gives a ticket's blocks back only once the sender's connection closed or the sender
+reported the transfer finished, and a sender writes nothing after it saw the receiver
+close its side (see docs/microserving.md, "The KV data plane").
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import importlib
 import os
 import socket
 import struct
 import time
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import msgspec
 
 from kvapi.spec import KVSpec
 
-__all__ = ["TRANSPORTS", "KVAddr", "TransferError", "check_addr", "choose_transport", "host_id", "sign_addr"]
+__all__ = ["TRANSPORTS", "KVAddr", "TransferError", "Transport", "Writer", "check_addr", "choose_transport",
+           "host_id", "sign_addr", "transport_class"]
 
-TRANSPORTS = ("shm", "ucx", "tcp")
+# The registry: one line per transport, "module:class", in the order `--transport auto` prefers
+# them. Adding a transport is one module (a `Transport` subclass) plus one line here.
+_REGISTRY = {
+    "shm": "kvapi.transfer.shm:SharedMemoryTransport",
+    "nixl": "kvapi.transfer.nixl:NixlTransport",
+    "ucx": "kvapi.transfer.ucx:UCXTransport",
+    "tcp": "kvapi.transfer.tcp:TCPTransport",
+}
+TRANSPORTS = tuple(_REGISTRY)
 
 
 class TransferError(RuntimeError):
@@ -76,6 +98,7 @@ class KVAddr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shm_path: str = ""  # the receiver's page pool file when it lives in shared memory
     ucx_address: str = ""  # the receiver's UCX worker address (hex) when it offers ucx
     expiry: float = 0.0  # unix time the ticket's lease ends (0: not stated)
+    offers: dict[str, bytes] = {}  # what other transports need to reach the receiver, by name (nixl)
     signature: str = ""  # HMAC-SHA256 of every other field with the cluster's KV key (`sign_addr`)
 
 
@@ -160,6 +183,14 @@ def recv_msg(sock: socket.socket, limit: int = MAX_MESSAGE) -> Message:
         raise TransferError(f"malformed control message: {exc}", "bad_request") from exc
 
 
+def tune(sock: socket.socket) -> None:
+    """Settings of every KV connection: no Nagle delay, large buffers."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+
+
 def page_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
     """Coalesce block pairs into `(src_start, dst_start, count)` runs that are
     consecutive on both sides, so each run is one contiguous copy per layer."""
@@ -194,20 +225,107 @@ def new_secret() -> str:
     return uuid.uuid4().hex + os.urandom(8).hex()
 
 
+def transport_class(name: str) -> type[Transport]:
+    """The `Transport` subclass registered as `name` (imported on first use)."""
+    try:
+        module, _, cls = _REGISTRY[name].partition(":")
+    except KeyError:
+        raise TransferError(f"unknown transport {name!r}; choose one of {', '.join(TRANSPORTS)}",
+                            "bad_request") from None
+    return getattr(importlib.import_module(module), cls)
+
+
 def choose_transport(mine: list[str], addr: KVAddr, forced: str | None = None) -> str:
-    """Pick the transport for sending to `addr`: the fastest both ends offer.
+    """Pick the transport for sending to `addr`: the first in registry order that both ends
+    offer and that can reach the receiver from here (`Transport.reachable`).
 
     Raises TransferError when `forced` (or every option) is not possible.
     """
-    same_host = bool(addr.host_id) and addr.host_id == host_id() and bool(addr.shm_path)
-    usable = [t for t in TRANSPORTS if t in mine and t in addr.transports and (t != "shm" or same_host)
-              and (t != "ucx" or addr.ucx_address)]
+    offered = [t for t in TRANSPORTS if t in mine and t in addr.transports]
     if forced is not None:
-        if forced not in usable:
-            why = "the receiver is on another host or has no shared pool" if forced == "shm" else \
-                f"sender offers {mine}, receiver offers {list(addr.transports)}"
+        if forced not in offered:
+            raise TransferError(f"transport {forced!r} is not usable for this pair: sender offers {mine}, "
+                                f"receiver offers {list(addr.transports)}", "bad_request")
+        why = transport_class(forced).unreachable(addr)
+        if why:
             raise TransferError(f"transport {forced!r} is not usable for this pair: {why}", "bad_request")
         return forced
+    usable = [t for t in offered if not transport_class(t).unreachable(addr)]
     if not usable:
         raise TransferError(f"no common transport: sender {mine}, receiver {list(addr.transports)}", "bad_request")
     return usable[0]
+
+
+class Writer(ABC):
+    """The sending side of one transfer (made by `Transport.writer` after the receiver accepted
+    the hello). `KVSender` calls `write_layer` for every layer in order, as soon as the layer is
+    computed, then `finish`; on any failure or cancellation it calls `abandon` instead."""
+
+    @abstractmethod
+    def write_layer(self, layer: int, src: list[int], dst: list[int]) -> int:
+        """Move the K and V pages of `layer` from this engine's blocks `src` into the receiver's
+        `dst` (same length, logical order). May return before the bytes landed (the next layer
+        computes meanwhile). Returns the bytes it moves; raises TransferError."""
+
+    @abstractmethod
+    def finish(self, nbytes: int) -> None:
+        """Every layer is written: wait for them to land and tell the receiver (`nbytes` in all).
+        Raises TransferError."""
+
+    @abstractmethod
+    def abandon(self) -> None:
+        """Give up: return only once nothing this writer started can still land in the
+        receiver's blocks (or the transport has no way to stop it: then say so in its docs)."""
+
+
+class Transport(ABC):
+    """One way of moving KV pages between two engines' pools; one instance per pool and side.
+
+    The receiver's instance says what it offers in its `KVAddr` (`offer`) and takes the pages
+    of one accepted transfer (`receive`); the sender's instance opens a `Writer` per transfer.
+    Completion and failure: `receive` returns the bytes it took once every page is in, or
+    raises `TransferError` (`code` one word) when the sender fails, goes away, stalls past
+    `link.stall_timeout`, or the ticket is revoked (lease expiry, abort). Before it returns or
+    raises, nothing may write into the ticket's blocks any more: the receiver hands them back
+    right after. Implementations must never touch blocks outside `hello.block_ids`.
+
+    Args:
+        pool: the engine's KV pages (`[layers, 2, blocks, block_size, heads, dim]`, or an
+            object with the same `pool[layer, kv, first:last]` indexing, e.g. vLLM's pages).
+        spec: its layout.
+        host: the address this engine's KV listeners bind (transports with their own sockets
+            stay on its interface).
+        shm_path: the file backing `pool` when it lives in shared memory ("" if not).
+    """
+
+    name: ClassVar[str]
+    needs_shared_pool: ClassVar[bool] = False  # the receiver's pool must live in shared memory
+    timeout = 30.0  # seconds a sender waits for what it posted to land
+
+    def __init__(self, pool: Any, spec: KVSpec, host: str = "127.0.0.1", shm_path: str = "") -> None:
+        self.pool, self.spec, self.host, self.shm_path = pool, spec, host, shm_path
+
+    @classmethod
+    def unavailable(cls, device: str) -> str | None:
+        """Why this transport cannot run in this process for a pool on `device` (None: it can)."""
+        return None
+
+    @classmethod
+    def unreachable(cls, addr: KVAddr) -> str | None:
+        """Why a sender here cannot reach the receiver of `addr` this way (None: it can)."""
+        return None
+
+    def offer(self) -> dict[str, Any]:
+        """`KVAddr` fields this receiver fills in for this transport (`offers[name]` for new ones)."""
+        return {}
+
+    @abstractmethod
+    def receive(self, link: Any) -> int:
+        """Take the pages of one accepted transfer (`link`: `kvapi.transfer.receiver.Incoming`)."""
+
+    @abstractmethod
+    def writer(self, conn: socket.socket, addr: KVAddr, reply: Reply, begin: int, end: int) -> Writer:
+        """Open one transfer into `addr`'s ticket whose hello `reply` accepted."""
+
+    def close(self) -> None:  # noqa: B027 (optional: most transports hold nothing of their own)
+        """Release what this instance holds (registrations, mappings)."""

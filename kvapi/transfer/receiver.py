@@ -2,8 +2,9 @@
 
 It listens on a TCP control socket, checks each incoming transfer against the
 tickets the engine opened (live ticket, matching secret, only that ticket's blocks,
-same `KVSpec`), then takes the pages: streamed on the socket (`tcp`) or already
-written by the sender into the shared pool (`shm`, confirmed by a `Commit`).
+same `KVSpec`, a transport it offers), then lets that `Transport` take the pages
+(`Transport.receive`): streamed on the socket (`tcp`), written by the sender into the
+pool (`shm`, `nixl`) or tagged UCX messages (`ucx`).
 
 Threading: one accept thread plus one thread per connection; `open_ticket` and
 `revoke` may be called from any thread. `on_done` runs on the connection thread.
@@ -29,9 +30,17 @@ from dataclasses import dataclass
 import torch
 
 from kvapi.spec import KVSpec, KVSpecMismatch
-from kvapi.transfer import tcp, ucx
-from kvapi.transfer.base import Commit, Hello, Reply, TransferError, TransferOutcome, block_runs, recv_msg, send_msg
-from kvapi.transfer.ucx import UCXWorker, confine_to
+from kvapi.transfer.base import (
+    Hello,
+    Reply,
+    TransferError,
+    TransferOutcome,
+    Transport,
+    recv_msg,
+    send_msg,
+    transport_class,
+    tune,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,41 @@ class _Ticket:
     active: bool = False
     revoked: bool = False
     conn: socket.socket | None = None
+
+
+@dataclass
+class Incoming:
+    """One accepted transfer, as a `Transport.receive` sees it."""
+
+    conn: socket.socket  # the sender's control connection (closes when the sender dies or gives up)
+    hello: Hello
+    ticket: _Ticket
+    expected: int  # bytes the ticket's blocks take over every layer
+    stall_timeout: float  # seconds the data may stall before the transfer fails
+    grace: float  # seconds a revoked one-sided writer gets to stop before its blocks are reused
+
+    @property
+    def secret(self) -> str:
+        return self.ticket.secret
+
+    def stopped(self) -> str | None:
+        """Why to give up now: the ticket was revoked, or the sender's connection closed."""
+        if self.ticket.revoked:
+            return "ticket revoked (lease expired or request aborted)"
+        with contextlib.suppress(OSError):
+            if select.select([self.conn], [], [], 0)[0] and not self.conn.recv(1, socket.MSG_PEEK):
+                return "sender went away"
+        return None
+
+    def wait_sender_closed(self) -> bool:
+        """After telling a one-sided writer to stop (our side of the connection shut): wait up to
+        `grace` for it to close its side, which it does only once nothing it posted can land."""
+        deadline = time.monotonic() + self.grace
+        with contextlib.suppress(OSError):
+            while (left := deadline - time.monotonic()) > 0:
+                if select.select([self.conn], [], [], min(left, 0.5))[0] and not self.conn.recv(65536):
+                    return True
+        return False
 
 
 class KVReceiver:
@@ -63,12 +107,14 @@ class KVReceiver:
         ucx: also accept pages over UCX (needs `ucxx`).
         handshake_timeout: seconds a new connection has to send its hello.
         max_handshakes: connections allowed to be introducing themselves at once.
+        nixl: also accept one-sided NIXL writes into the pool (needs `nixl-cu12`).
+        transports: the transports to offer, by name (overrides shm_path/ucx/nixl; tcp always).
     """
 
     def __init__(self, pool: torch.Tensor, spec: KVSpec, host: str = "127.0.0.1", port: int = 0,
                  shm_path: str = "", timeout: float = 30.0, stall_timeout: float = 300.0,
                  max_connections: int = 64, ucx: bool = False, handshake_timeout: float = 5.0,
-                 max_handshakes: int = 256) -> None:
+                 max_handshakes: int = 256, nixl: bool = False, transports: list[str] | None = None) -> None:
         self.pool, self.spec, self.shm_path = pool, spec, shm_path
         self.timeout, self.stall_timeout, self.handshake_timeout = timeout, stall_timeout, handshake_timeout
         self._handshakes = threading.BoundedSemaphore(max_handshakes)
@@ -80,10 +126,16 @@ class KVReceiver:
         self._lock = threading.Lock()
         self._closed = False
         self._slots = threading.BoundedSemaphore(max_connections)
-        if ucx:
-            confine_to(host)  # NOTE: UCX's tcp transport listens on every interface unless told
-        self.ucx = UCXWorker.get() if ucx else None
-        self.ucx_address = self.ucx.address if self.ucx else ""
+        if transports is None:
+            transports = [name for name, on in (("shm", bool(shm_path)), ("ucx", ucx), ("nixl", nixl)) if on]
+        names = [*dict.fromkeys([*transports, "tcp"])]
+        self.transports: dict[str, Transport] = {
+            name: transport_class(name)(pool, spec, host=host.strip("[]"), shm_path=shm_path) for name in names}
+        self.fields: dict = {"offers": {}}  # what this receiver puts in every KVAddr
+        for t in self.transports.values():
+            for k, v in t.offer().items():
+                self.fields["offers"].update(v) if k == "offers" else self.fields.__setitem__(k, v)
+        self.ucx_address = self.fields.get("ucx_address", "")
         self.bytes_received = 0
         threading.Thread(target=self._accept_loop, name="kv-recv-accept", daemon=True).start()
 
@@ -116,6 +168,8 @@ class KVReceiver:
         self._closed = True
         with contextlib.suppress(OSError):
             self._sock.close()
+        for t in self.transports.values():
+            t.close()
 
     # -- connections ----------------------------------------------------------------
     def _accept_loop(self) -> None:
@@ -165,8 +219,7 @@ class KVReceiver:
             if not 0 <= hello.begin < hello.end or len(hello.block_ids) != -(-hello.end // bs) - hello.begin // bs:
                 n = len(hello.block_ids)
                 return None, "bad_request", f"range [{hello.begin}, {hello.end}) does not fit {n} blocks"
-            if hello.mode not in ("tcp", "shm", "ucx") or (hello.mode == "shm" and not self.shm_path) \
-                    or (hello.mode == "ucx" and self.ucx is None):
+            if hello.mode not in self.transports:
                 return None, "bad_request", f"transport {hello.mode!r} is not offered by this receiver"
             t.active = True
             t.conn = conn
@@ -184,53 +237,18 @@ class KVReceiver:
             return
         try:
             conn.settimeout(self.stall_timeout)
-            tcp.tune(conn)
+            tune(conn)
             self._receive(conn, hello, ticket)
         finally:
             self._slots.release()
-
-    def _receive_ucx(self, conn: socket.socket, hello: Hello, ticket: _Ticket) -> int:
-        """Post every receive, wait for them; give up when the ticket is revoked, the
-        sender's control connection closes (it died), or the data stalls. Giving up drains
-        the posted receives first: the blocks are reported free only when nothing can
-        write into them any more."""
-        assert self.ucx is not None
-        base = ucx.tag_base(hello.ticket_id, ticket.secret)
-        reqs, nbytes = ucx.post_receives(self.ucx, self.pool, self.spec.num_layers, hello.block_ids, base)
-
-        def stop() -> str | None:
-            if ticket.revoked:
-                return "ticket revoked"
-            with contextlib.suppress(OSError):
-                if select.select([conn], [], [], 0)[0] and not conn.recv(1, socket.MSG_PEEK):
-                    return "sender went away"
-            return None
-
-        try:
-            ucx.wait(reqs, self.stall_timeout, stop)
-        except TransferError:
-            ucx.drain(self.ucx, reqs, grace=self.timeout)
-            raise
-        return nbytes
 
     def _receive(self, conn: socket.socket, hello: Hello, ticket: _Ticket) -> None:
         t0, nbytes = time.perf_counter(), 0
         expected = len(hello.block_ids) * self.spec.page_bytes * 2 * self.spec.num_layers
         outcome = TransferOutcome(hello.ticket_id, False, hello.begin, hello.end)
         try:
-            if hello.mode == "tcp":
-                runs = block_runs(hello.block_ids)
-                for layer in range(self.spec.num_layers):
-                    if ticket.revoked:
-                        raise TransferError("ticket revoked (lease expired or request aborted)", "aborted")
-                    nbytes += tcp.recv_layer(conn, self.pool, layer, runs)
-            elif hello.mode == "ucx":
-                nbytes = self._receive_ucx(conn, hello, ticket)
-            else:
-                commit = recv_msg(conn)
-                if not isinstance(commit, Commit) or commit.nbytes != expected:
-                    raise TransferError(f"bad commit {commit!r}, expected {expected} bytes", "bad_request")
-                nbytes = commit.nbytes
+            link = Incoming(conn, hello, ticket, expected, self.stall_timeout, self.timeout)
+            nbytes = self.transports[hello.mode].receive(link)
             if ticket.revoked:
                 raise TransferError("ticket revoked (lease expired or request aborted)", "aborted")
             outcome.ok, outcome.nbytes = True, nbytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,17 +11,17 @@ from dataclasses import dataclass
 import torch
 
 from kvapi.spec import KVSpec
-from kvapi.transfer import shm, tcp, ucx
 from kvapi.transfer.base import (
-    Commit,
     Hello,
     KVAddr,
     Reply,
     TransferError,
+    Transport,
     check_addr,
-    page_runs,
     recv_msg,
     send_msg,
+    transport_class,
+    tune,
 )
 
 
@@ -45,12 +46,26 @@ class KVSender:
         timeout: seconds any single socket operation may stall.
         sign_key: the cluster's KV key: only addresses signed with it are written into
             (None: an --insecure engine, which checks nothing).
+        host: the address this engine's KV listeners bind (transports with sockets of their own stay on it).
+        transports: the sending side of transports this engine already made (e.g. its receiver's,
+            so one NIXL registration serves both); others are made on first use.
     """
 
-    def __init__(self, pool: torch.Tensor, spec: KVSpec, timeout: float = 30.0, sign_key: bytes | None = None) -> None:
-        self.pool, self.spec, self.timeout, self.sign_key = pool, spec, timeout, sign_key
-        self._maps = shm.PoolMaps()
+    def __init__(self, pool: torch.Tensor, spec: KVSpec, timeout: float = 30.0, sign_key: bytes | None = None,
+                 host: str = "127.0.0.1", transports: dict[str, Transport] | None = None) -> None:
+        self.pool, self.spec, self.timeout, self.sign_key, self.host = pool, spec, timeout, sign_key, host
+        self._transports: dict[str, Transport] = dict(transports or {})
+        self._lock = threading.Lock()
         self.bytes_sent = 0
+        self.bytes_by_transport: dict[str, int] = {}
+
+    def transport(self, mode: str) -> Transport:
+        with self._lock:
+            t = self._transports.get(mode)
+            if t is None:
+                t = self._transports[mode] = transport_class(mode)(self.pool, self.spec, host=self.host)
+                t.timeout = self.timeout
+            return t
 
     def send(self, addr: KVAddr, begin: int, end: int, src_blocks: Callable[[], list[int]], mode: str,
              layer_ready: Callable[[int], None] | None = None) -> SendStats:
@@ -69,6 +84,7 @@ class KVSender:
             raise TransferError(f"range [{begin}, {end}) is outside the ticket's [{addr.begin}, {addr.end})",
                                 "bad_request")
         dst = addr.block_ids[first:first + count]
+        transport = self.transport(mode)
         t0 = time.perf_counter()
         try:
             conn = socket.create_connection(split_endpoint(addr.endpoint), timeout=self.timeout)
@@ -76,30 +92,27 @@ class KVSender:
             raise TransferError(f"receiver {addr.engine_id} at {addr.endpoint} is not reachable: {exc}",
                                 "unavailable", peer=addr.engine_id) from exc
         with conn:
-            tcp.tune(conn)
+            tune(conn)
             try:
-                nbytes = self._stream(conn, addr, begin, end, dst, src_blocks, mode, layer_ready)
+                nbytes = self._stream(conn, transport, addr, begin, end, dst, src_blocks, layer_ready)
             except TimeoutError as exc:
                 raise TransferError(f"receiver {addr.engine_id} stalled for {self.timeout}s", "timeout",
                                     peer=addr.engine_id) from exc
             except (ConnectionError, BrokenPipeError) as exc:
                 raise TransferError(f"connection to receiver {addr.engine_id} lost: {exc}", "unavailable",
                                     peer=addr.engine_id) from exc
-        self.bytes_sent += nbytes
+        with self._lock:
+            self.bytes_sent += nbytes
+            self.bytes_by_transport[mode] = self.bytes_by_transport.get(mode, 0) + nbytes
         return SendStats(nbytes, time.perf_counter() - t0, mode)
 
-    def _stream(self, conn: socket.socket, addr: KVAddr, begin: int, end: int, dst: list[int],
-                src_blocks: Callable[[], list[int]], mode: str, layer_ready: Callable[[int], None] | None) -> int:
-        send_msg(conn, Hello(addr.ticket_id, addr.secret, mode, self.spec, dst, begin, end))
-        hello_reply = recv_msg(conn)
-        _expect_ok(hello_reply, addr)
-        if mode == "shm" and hello_reply.shm_path != addr.shm_path:  # type: ignore[union-attr]
-            raise TransferError(f"receiver {addr.engine_id} serves another shared pool than its ticket names",
-                                "forbidden")
-        dst_pool = self._maps.get(addr.shm_path, self.spec) if mode == "shm" else None
-        worker = ucx.UCXWorker.get() if mode == "ucx" else None
-        base = ucx.tag_base(addr.ticket_id, addr.secret) if worker is not None else 0
-        nbytes, runs, src, reqs, staged = 0, [], [], [], []
+    def _stream(self, conn: socket.socket, transport: Transport, addr: KVAddr, begin: int, end: int,
+                dst: list[int], src_blocks: Callable[[], list[int]],
+                layer_ready: Callable[[int], None] | None) -> int:
+        send_msg(conn, Hello(addr.ticket_id, addr.secret, transport.name, self.spec, dst, begin, end))
+        reply = _expect_ok(recv_msg(conn), addr)
+        writer = transport.writer(conn, addr, reply, begin, end)
+        nbytes, src = 0, []
         try:
             for layer in range(self.spec.num_layers):
                 if layer_ready is not None:
@@ -107,33 +120,18 @@ class KVSender:
                 if layer == 0:
                     bs = self.spec.block_size
                     src = src_blocks()[begin // bs: -(-end // bs)]
-                    runs = page_runs(src, dst)
-                if worker is not None:  # NOTE: not waited for here: layer l+1 may compute while l is on the wire
-                    layer_reqs, layer_staged, n = ucx.send_layer(worker, addr.ucx_address, self.pool, layer, src,
-                                                                 dst, base)
-                    reqs += layer_reqs
-                    staged += layer_staged
-                    nbytes += n
-                elif dst_pool is not None:
-                    nbytes += shm.copy_layer(dst_pool, self.pool, layer, runs)
-                else:
-                    nbytes += tcp.send_layer(conn, self.pool, layer, [(s, n) for s, _, n in runs])
-            if worker is not None:
-                ucx.wait(reqs, self.timeout)
-        except BaseException as exc:
-            if worker is not None:  # NOTE: sends cannot be cancelled: staged copies live until UCX is done
-                worker.keep_alive(reqs, staged)
-                if isinstance(exc, TransferError) and exc.code == "transfer_failed":
-                    worker.forget(addr.ucx_address)  # the peer's endpoint failed: open a new one next time
+                nbytes += writer.write_layer(layer, src, dst)
+            writer.finish(nbytes)
+        except BaseException:
+            writer.abandon()  # NOTE: before the connection closes: the receiver reuses the blocks after that
             raise
-        if dst_pool is not None:
-            send_msg(conn, Commit(nbytes))
         _expect_ok(recv_msg(conn), addr)
         return nbytes
 
 
-def _expect_ok(reply: object, addr: KVAddr) -> None:
+def _expect_ok(reply: object, addr: KVAddr) -> Reply:
     if not isinstance(reply, Reply):
         raise TransferError(f"receiver {addr.engine_id} sent {type(reply).__name__}, expected a reply", "bad_request")
     if not reply.ok:
         raise TransferError(f"receiver {addr.engine_id} refused the transfer: {reply.error}", reply.code)
+    return reply

@@ -16,7 +16,18 @@ import threading
 import torch
 
 from kvapi.spec import KVSpec
-from kvapi.transfer.base import TransferError
+from kvapi.transfer.base import (
+    Commit,
+    KVAddr,
+    Reply,
+    TransferError,
+    Transport,
+    Writer,
+    host_id,
+    page_runs,
+    recv_msg,
+    send_msg,
+)
 
 _POOL_PATH = re.compile(r"^/proc/\d+/fd/\d+$")
 
@@ -88,3 +99,52 @@ def copy_layer(dst_pool: torch.Tensor, src_pool: torch.Tensor, layer: int, runs:
             dst.copy_(src_pool[layer, kv, s:s + n])
             nbytes += dst.numel() * dst.element_size()
     return nbytes
+
+
+class _ShmWriter(Writer):
+    def __init__(self, src_pool: torch.Tensor, dst_pool: torch.Tensor, conn) -> None:
+        self.src_pool, self.dst_pool, self.conn = src_pool, dst_pool, conn
+
+    def write_layer(self, layer: int, src: list[int], dst: list[int]) -> int:
+        return copy_layer(self.dst_pool, self.src_pool, layer, page_runs(src, dst))
+
+    def finish(self, nbytes: int) -> None:
+        send_msg(self.conn, Commit(nbytes))
+
+    def abandon(self) -> None:
+        pass  # NOTE: writes are synchronous here: nothing is left in flight when a call returns
+
+
+class SharedMemoryTransport(Transport):
+    """One host: the sender copies pages straight into the receiver's pool (a memfd it maps)."""
+
+    name = "shm"
+    needs_shared_pool = True
+    _maps = PoolMaps()  # peers' pools, mapped once per process
+
+    @classmethod
+    def unavailable(cls, device: str) -> str | None:
+        if device != "cpu":
+            return "the KV pool is not in host memory"
+        return None if shm_available() else "no memfd on this system (Linux only)"
+
+    @classmethod
+    def unreachable(cls, addr: KVAddr) -> str | None:
+        if not addr.shm_path:
+            return "the receiver has no shared pool"
+        return None if addr.host_id and addr.host_id == host_id() else "the receiver is on another host"
+
+    def offer(self) -> dict:
+        return {"shm_path": self.shm_path} if self.shm_path else {}
+
+    def receive(self, link) -> int:
+        commit = recv_msg(link.conn)
+        if not isinstance(commit, Commit) or commit.nbytes != link.expected:
+            raise TransferError(f"bad commit {commit!r}, expected {link.expected} bytes", "bad_request")
+        return commit.nbytes
+
+    def writer(self, conn, addr: KVAddr, reply: Reply, begin: int, end: int) -> Writer:
+        if reply.shm_path != addr.shm_path:
+            raise TransferError(f"receiver {addr.engine_id} serves another shared pool than its ticket names",
+                                "forbidden")
+        return _ShmWriter(self.pool, self._maps.get(addr.shm_path, self.spec), conn)

@@ -1,18 +1,20 @@
-"""`tcp`: pages streamed over a plain socket, straight from and into the pools.
+"""`tcp`: pages streamed over the transfer's control connection, straight from and into the pools.
 
 Each side walks the same byte stream, `for layer: for k|v: for block (logical order)`,
 but cuts it at its own runs of consecutive blocks, so both send and receive work on
-contiguous slices of the pool with no staging copy (CPU pools).
+contiguous slices of the pool with no staging copy (CPU pools; device pools stage
+through host memory). Always available: the fallback of every pair.
 """
 
 from __future__ import annotations
 
-import contextlib
 import socket
 
 import torch
 
-from kvapi.transfer.base import recv_exact
+from kvapi.transfer.base import KVAddr, Reply, TransferError, Transport, Writer, block_runs, recv_exact, tune
+
+__all__ = ["TCPTransport", "recv_layer", "send_layer", "tune"]
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
@@ -55,8 +57,32 @@ def recv_layer(sock: socket.socket, pool: torch.Tensor, layer: int, runs: list[t
     return nbytes
 
 
-def tune(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+class _TCPWriter(Writer):
+    def __init__(self, pool: torch.Tensor, conn: socket.socket) -> None:
+        self.pool, self.conn = pool, conn
+
+    def write_layer(self, layer: int, src: list[int], dst: list[int]) -> int:
+        return send_layer(self.conn, self.pool, layer, block_runs(src))
+
+    def finish(self, nbytes: int) -> None:
+        pass
+
+    def abandon(self) -> None:
+        pass  # NOTE: writes are synchronous here: nothing is left in flight when a call returns
+
+
+class TCPTransport(Transport):
+    """Pages on the control connection itself: no extra listener, no shared memory."""
+
+    name = "tcp"
+
+    def receive(self, link) -> int:
+        runs, nbytes = block_runs(link.hello.block_ids), 0
+        for layer in range(self.spec.num_layers):
+            if link.ticket.revoked:
+                raise TransferError("ticket revoked (lease expired or request aborted)", "aborted")
+            nbytes += recv_layer(link.conn, self.pool, layer, runs)
+        return nbytes
+
+    def writer(self, conn: socket.socket, addr: KVAddr, reply: Reply, begin: int, end: int) -> Writer:
+        return _TCPWriter(self.pool, conn)

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from kvapi.transfer.base import TransferError, block_runs
+from kvapi.transfer.base import KVAddr, Reply, TransferError, Transport, Writer, block_runs
 
 log = logging.getLogger(__name__)
 
@@ -225,3 +225,72 @@ def send_layer(worker: UCXWorker, address: str, pool: torch.Tensor, layer: int, 
                 staged.append(msgs[-1])
     reqs = [worker.send(ep, m, first + i) for i, m in enumerate(msgs)]
     return reqs, staged, sum(m.numel() * m.element_size() for m in msgs)
+
+
+class _UCXWriter(Writer):
+    def __init__(self, pool: torch.Tensor, addr: KVAddr, timeout: float) -> None:
+        self.pool, self.addr, self.timeout = pool, addr, timeout
+        self.worker = UCXWorker.get()
+        self.base = tag_base(addr.ticket_id, addr.secret)
+        self.reqs: list[Any] = []
+        self.staged: list[torch.Tensor] = []
+
+    def write_layer(self, layer: int, src: list[int], dst: list[int]) -> int:
+        # NOTE: not waited for here: layer l+1 may compute while l is on the wire
+        reqs, staged, n = send_layer(self.worker, self.addr.ucx_address, self.pool, layer, src, dst, self.base)
+        self.reqs += reqs
+        self.staged += staged
+        return n
+
+    def finish(self, nbytes: int) -> None:
+        try:
+            wait(self.reqs, self.timeout)
+        except TransferError as exc:
+            self.abandon()
+            if exc.code == "transfer_failed":
+                self.worker.forget(self.addr.ucx_address)  # the peer's endpoint failed: open a new one next time
+            raise
+
+    def abandon(self) -> None:
+        # NOTE: sends cannot be cancelled: staged copies live until UCX is done with them
+        self.worker.keep_alive(self.reqs, self.staged)
+
+
+class UCXTransport(Transport):
+    """Two-sided tagged UCX messages (RDMA where the fabric has it); no UCX listener."""
+
+    name = "ucx"
+
+    def __init__(self, pool, spec, host: str = "127.0.0.1", shm_path: str = "") -> None:
+        super().__init__(pool, spec, host, shm_path)
+        confine_to(host)  # NOTE: UCX's tcp transport listens on every interface unless told
+        self.worker = UCXWorker.get()
+
+    @classmethod
+    def unavailable(cls, device: str) -> str | None:
+        if not ucx_available():
+            return "the ucxx package is not installed (pip install 'microserve[ucx]')"
+        return None if device == "cpu" else "device pools over ucx are not wired (use nixl)"
+
+    @classmethod
+    def unreachable(cls, addr: KVAddr) -> str | None:
+        return None if addr.ucx_address else "the receiver has no UCX worker address"
+
+    def offer(self) -> dict:
+        return {"ucx_address": self.worker.address}
+
+    def receive(self, link) -> int:
+        """Post every receive, wait for them; give up when the ticket is revoked, the sender's
+        control connection closes (it died), or the data stalls. Giving up drains the posted
+        receives first: the blocks are reported free only when nothing can write into them."""
+        base = tag_base(link.hello.ticket_id, link.secret)
+        reqs, nbytes = post_receives(self.worker, self.pool, self.spec.num_layers, link.hello.block_ids, base)
+        try:
+            wait(reqs, link.stall_timeout, link.stopped)
+        except TransferError:
+            drain(self.worker, reqs, grace=link.grace)
+            raise
+        return nbytes
+
+    def writer(self, conn, addr: KVAddr, reply: Reply, begin: int, end: int) -> Writer:
+        return _UCXWriter(self.pool, addr, self.timeout)

@@ -2,7 +2,7 @@
 
     ROUTER (--rpc)   [identity, call_id, body] ─> decode_call ─> dispatch(service) ─> [identity, call_id, reply]...
     PUB (--events)   KVEvent for every batch of blocks stored in / evicted from the prefix cache
-    KVReceiver       TCP control socket (+ shared pool) for incoming KV pages
+    KVPlane          the KV data plane: receiver (control socket, shared or registered pool) and sender
 
 Every call runs in its own task; a malformed frame or body gets an `RPCError` reply
 and changes nothing. SIGTERM/SIGINT: stop taking calls, abort what runs, exit 0.
@@ -24,9 +24,9 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from kvapi.transfer import KVReceiver, host_id
-from kvapi.transfer.shm import SharedPool, shm_available
-from kvapi.transfer.ucx import ucx_available
+from kvapi.transfer import host_id
+from kvapi.transfer.base import transport_class
+from kvapi.transfer.shm import SharedPool
 from microserve import protocol as P
 from microserve.engine.config import EngineConfig
 from microserve.engine.engine import LLMEngine
@@ -34,6 +34,7 @@ from microserve.security import ClusterKey, is_loopback
 from microserve.serving.api import EngineError, ErrorCode, dispatch
 from microserve.serving.base import MAX_LEASE_S, EngineService
 from microserve.serving.builtin import BuiltinService
+from microserve.serving.kv_plane import KVPlane, pick_transports
 
 if TYPE_CHECKING:
     import torch
@@ -106,25 +107,6 @@ def check_store(opts: EngineOptions) -> None:
         raise ValueError("--kv-store needs the prefix cache (drop --no-prefix-caching)")
 
 
-def pick_transports(choice: str, device: str) -> list[str]:
-    """Transports this engine offers, fastest first; raises ValueError for an impossible choice."""
-    shm_ok = shm_available() and device == "cpu"
-    ucx_ok = device == "cpu" and ucx_available()  # NOTE: device pools over UCX are not wired yet
-    if choice == "auto":
-        if not ucx_ok:
-            log.info("transport auto: ucx not offered (%s)", "ucxx is not installed" if device == "cpu"
-                     else "KV pool is not on the CPU")
-        return (["shm"] if shm_ok else []) + (["ucx"] if ucx_ok else []) + ["tcp"]
-    if choice == "shm" and not shm_ok:
-        raise ValueError("--transport shm needs a CPU KV pool on Linux (memfd); use tcp or auto")
-    if choice == "ucx" and not ucx_ok:
-        raise ValueError("--transport ucx needs the ucxx package (pip install 'microserve[ucx]') "
-                         "and a CPU KV pool; use auto or tcp")
-    if choice not in ("shm", "ucx", "tcp"):
-        raise ValueError(f"unknown transport {choice!r}; choose auto, shm, ucx or tcp")
-    return [choice] + (["tcp"] if choice != "tcp" else [])
-
-
 class EngineServer:
     def __init__(self, opts: EngineOptions) -> None:
         check_addresses(opts)
@@ -153,11 +135,12 @@ class EngineServer:
             self.pool = SharedPool(spec, num_blocks, f"microserve-kv-{self.engine_id}")
             return self.pool.tensor
 
+        shared = any(transport_class(t).needs_shared_pool for t in self.transports)
         llm = LLMEngine(opts.model, opts.device, opts.dtype, opts.config,
-                        kv_cache_factory=factory if "shm" in self.transports else None)
-        receiver = KVReceiver(llm.runner.kv_cache, llm.kv_spec, opts.kv_host, opts.kv_port,
-                              self.pool.path if self.pool else "", ucx="ucx" in self.transports)
-        self.service: EngineService = BuiltinService(llm, self.engine_id, receiver, self.transports, host_id(),
+                        kv_cache_factory=factory if shared else None)
+        plane = KVPlane(self.engine_id, llm.runner.kv_cache, llm.kv_spec, self.transports, opts.kv_host,
+                        opts.kv_port, self.pool.path if self.pool else "", host_id(), opts.transfer_timeout)
+        self.service: EngineService = BuiltinService(llm, self.engine_id, plane,
                                                      opts.lease_s, opts.transfer_timeout, opts.max_lease_s)
         if opts.kv_store:
             self._open_store(llm, opts)
@@ -176,22 +159,22 @@ class EngineServer:
         log.info("engine %s: KV store %s", self.engine_id, link.describe())
 
     def _start_vllm(self, opts: EngineOptions) -> None:
-        from microserve.serving.vllm.engine import VLLMService, vllm_available
+        from microserve.serving.vllm.engine import VLLM_TRANSPORTS, VLLMService, vllm_available
 
         if not vllm_available():
             raise ValueError("--backend vllm needs vLLM in this environment: pip install 'microserve[vllm]' "
                              "(CPU: see docs/vllm.md)")
         if opts.device != "cpu":
             log.warning("the vLLM backend picks its own device (its build's platform); --device is ignored")
-        if opts.transport not in ("auto", "tcp"):
-            raise ValueError("the vLLM backend moves KV over tcp only (vLLM owns its KV memory); use auto or tcp")
+        transports = pick_transports(opts.transport, "cpu", VLLM_TRANSPORTS, shared_pool=False)
         cfg = opts.config or EngineConfig()
         if not cfg.mixed_batches:
             raise ValueError("--no-mixed-batches: vLLM always batches prompt chunks with decodes (chunked prefill)")
         self.service = VLLMService(opts.model, self.engine_id, opts.dtype, block_size=cfg.block_size,
                                  num_kv_blocks=cfg.num_kv_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
                                  kv_host=opts.kv_host, kv_port=opts.kv_port, lease_s=opts.lease_s,
-                                 transfer_timeout=opts.transfer_timeout, max_lease_s=opts.max_lease_s)
+                                 transfer_timeout=opts.transfer_timeout, max_lease_s=opts.max_lease_s,
+                                 transports=transports)
         self.service.hold.interval = cfg.stream_interval
         self.transports = self.service.transports
 
@@ -291,7 +274,7 @@ def run_engine(opts: EngineOptions) -> int:
 
     def ready(s: EngineServer) -> None:
         print(f"READY engine={s.engine_id} rpc={s.rpc_addr} events={s.events_addr} "
-              f"kv={s.service.receiver.endpoint} transports={','.join(s.transports)}", flush=True)
+              f"kv={s.service.plane.endpoint} transports={','.join(s.transports)}", flush=True)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -55,6 +55,18 @@ class BlockPages:
         pages = self.layers[layer][blocks]
         return pages if kv == 0 else pages[:0]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """vLLM's own KV tensors: what the nixl transport registers (no copy)."""
+        return self.layers
+
+    def page_regions(self) -> list[tuple[int, int, int]]:
+        """(base address, block stride, page bytes) per (layer, K|V): the nixl transport's view."""
+        out = []
+        for t in self.layers:
+            es = t.element_size()
+            out += [(t.data_ptr(), t.stride(0) * es, t[0].numel() * es), (t.data_ptr(), 0, 0)]
+        return out
+
 
 @dataclass
 class Recv:

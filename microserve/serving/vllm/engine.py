@@ -29,18 +29,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from kvapi.spec import KVSpec, KVSpecMismatch, dtype_name
-from kvapi.transfer import KVAddr, KVReceiver, KVSender, TransferError, choose_transport
+from kvapi.transfer import KVAddr, TransferError, host_id
 from microserve import protocol as P
 from microserve.engine.core.engine_core import EngineStats, StepOutput
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.base import MAX_LEASE_S, EngineService
+from microserve.serving.kv_plane import KVPlane, PlaneHooks
 from microserve.serving.tickets import Ticket
 from microserve.serving.vllm.params import logprobs_of, prompt_logprobs_of, to_vllm
 
 log = logging.getLogger(__name__)
 
 LAYOUT = "vllm-cpu-block"  # a page is a whole block of one layer: [heads, block_size, K|V]
+VLLM_TRANSPORTS = ("nixl", "tcp")  # vLLM owns its KV memory: no shared pool; nixl registers vLLM's own tensors
 
 
 def vllm_available() -> bool:
@@ -51,7 +53,7 @@ def vllm_available() -> bool:
     return True
 
 
-class VLLMService(EngineService):
+class VLLMService(PlaneHooks, EngineService):
     """The microserving calls of one vLLM engine (same calls as `BuiltinService`).
 
     Tickets hold vLLM requests: `ticket.hold` is the bridge key of the `Recv` that vLLM's
@@ -65,7 +67,7 @@ class VLLMService(EngineService):
                  num_kv_blocks: int | None = None, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, kv_host: str = "127.0.0.1", kv_port: int = 0,
                  lease_s: float = 60.0, transfer_timeout: float = 30.0, seed: int = 0,
-                 max_lease_s: float = MAX_LEASE_S) -> None:
+                 max_lease_s: float = MAX_LEASE_S, transports: list[str] | None = None) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # scheduler + worker in this process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default takes most of the RAM
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only our READY line
@@ -74,7 +76,7 @@ class VLLMService(EngineService):
 
         from microserve.serving.vllm.connector import BlockPages, bridge_for
 
-        super().__init__(engine_id, ["tcp"], lease_s, transfer_timeout, max_lease_s)
+        super().__init__(engine_id, list(transports or ["tcp"]), lease_s, transfer_timeout, max_lease_s)
         self.model_name = model
         self.bridge = bridge_for(engine_id)
         args = EngineArgs(
@@ -105,8 +107,8 @@ class VLLMService(EngineService):
                                "contiguous bytes")
         self.num_blocks = first.shape[0]
         pages = BlockPages([self.bridge.layers[n] for n in names])
-        self.receiver = KVReceiver(pages, self.kv_spec, kv_host, kv_port)  # type: ignore[arg-type]
-        self.sender = KVSender(pages, self.kv_spec)  # type: ignore[arg-type]
+        self.plane = KVPlane(engine_id, pages, self.kv_spec, self.transports, kv_host, kv_port,
+                             host_id=host_id(), timeout=transfer_timeout)
         self._vllm = ThreadPoolExecutor(1, thread_name_prefix="vllm-step")
         self._send_pool = ThreadPoolExecutor(8, thread_name_prefix="kv-send")
         self._pending: dict[str, asyncio.Queue[StepOutput]] = {}  # receivers' outputs before start_generate
@@ -157,10 +159,6 @@ class VLLMService(EngineService):
         if queue is not None:
             queue.put_nowait(out)
 
-    def close(self) -> None:
-        super().close()
-        self.receiver.close()
-
     def _add(self, rid: str, prompt: list[int], sampling: SamplingParams, extra: dict | None = None):
         params = to_vllm(sampling, extra)
         self._loop = self._loop or asyncio.get_running_loop()
@@ -190,7 +188,7 @@ class VLLMService(EngineService):
 
         key = f"{rid}\x00{time.monotonic_ns()}"
         ticket = self.tickets.open(rid, 0, end, [], key)
-        self.bridge.recvs[key] = Recv(end, on_alloc, revoke=lambda: self.receiver.revoke(ticket.id))
+        self.bridge.recvs[key] = Recv(end, on_alloc, revoke=lambda: self.plane.receiver.revoke(ticket.id))
         self._pending[rid] = asyncio.Queue()
         self._prompt_lens[rid] = len(prompt)
         try:
@@ -207,22 +205,15 @@ class VLLMService(EngineService):
         ticket.blocks = blocks[ticket.matched // bs: -(-end // bs)]
         return ticket
 
-    def _recv_addr(self, ticket: Ticket) -> KVAddr:
-        return KVAddr(self.engine_id, self.receiver.endpoint, ticket.id, ticket.secret, ticket.matched, ticket.end,
-                      ticket.blocks, self.kv_spec, self.transports)
-
     def _open_receive(self, ticket: Ticket, addr: KVAddr) -> None:
         self.bridge.recvs[ticket.hold].writing = True
         self._keys[ticket.id] = ticket.hold
-        self.receiver.open_ticket(ticket.id, ticket.secret, addr.block_ids, self._on_transfer_threadsafe)
-
-    def _receiving(self, ticket_id: str) -> bool:
-        return self.receiver.is_active(ticket_id)
+        super()._open_receive(ticket, addr)
 
     def _revoke(self, ticket_id: str) -> bool:
         # NOTE: a writer still in flight keeps its blocks in vLLM (the connector marks the
         # receive aborted) until it stopped and reported: `_orphan_transfer` frees them then
-        self.receiver.revoke(ticket_id)
+        self.plane.receiver.revoke(ticket_id)
         return True
 
     async def _received(self, ticket: Ticket, outcome) -> None:
@@ -246,7 +237,7 @@ class VLLMService(EngineService):
         if recv is not None and ticket.id not in self._keys:  # its writer reported: nothing writes
             with self.bridge.lock:
                 recv.writing = False
-        self.receiver.revoke(ticket.id)
+        self.plane.receiver.revoke(ticket.id)
         await self._abort_vllm(ticket.request_id)
         for out in await self._step():  # vLLM frees them in its next step: take it now
             self._deliver(out)
@@ -259,9 +250,6 @@ class VLLMService(EngineService):
         await super()._on_transfer(outcome)
 
     # -- sending ---------------------------------------------------------------------------------
-    def _transport_for(self, kv: KVAddr, forced: str | None) -> str:
-        return choose_transport(self.transports, kv, forced)
-
     async def _send(self, job_id: str, prompt: list[int], kv: KVAddr, begin: int, end: int,
                     mode: str) -> tuple[int, str, int]:
         from microserve.serving.vllm.connector import Send
@@ -275,7 +263,7 @@ class VLLMService(EngineService):
 
             def push() -> None:
                 try:
-                    result: object = self.sender.send(kv, begin, end, lambda: blocks, mode)
+                    result: object = self.plane.sender.send(kv, begin, end, lambda: blocks, mode)
                 except (TransferError, KVSpecMismatch) as exc:
                     result = exc
                 finally:
@@ -362,13 +350,6 @@ class VLLMService(EngineService):
                            kv_blocks_used=total - pool.get_num_free_blocks(), kv_blocks_cached=cached,
                            prefix_cache_hit_tokens=self._cached, computed_tokens_total=self._computed,
                            queued_tokens=sum(r.num_tokens - r.num_computed_tokens for r in reqs), kernels="vllm")
-
-    def use_kv_key(self, key: bytes) -> None:
-        super().use_kv_key(key)
-        self.sender.sign_key = key
-
-    def kv_bytes(self) -> tuple[int, int]:
-        return self.sender.bytes_sent, self.receiver.bytes_received
 
 
 def _layer_index(name: str) -> int:

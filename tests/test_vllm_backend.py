@@ -99,12 +99,16 @@ async def alone(h: EngineHandle, prompt) -> list[int]:
     return tokens
 
 
-def test_pd_and_balanced_pd_give_the_tokens_of_one_engine_alone(cluster):
+@pytest.mark.parametrize("transport", ["tcp", "nixl"])
+def test_pd_and_balanced_pd_give_the_tokens_of_one_engine_alone(cluster, transport):
+    """Over nixl the sender WRITEs straight into the vLLM blocks the receiver's connector reserved
+    (both engines registered vLLM's own KV tensors)."""
     async def go():
         async with EngineHandle(cluster["A"].rpc, name="A", timeout=60) as a, \
                 EngineHandle(cluster["B"].rpc, name="B", timeout=60) as b:
             health = await b.health()
             assert health.kv_spec.layout == "vllm-cpu-block" and health.kv_spec.block_size == BS
+            assert transport in health.transports, f"{transport} is not offered: {health.transports}"
             received0 = (await b.stats()).kv_bytes_received
             for n, seed in ((40, 1), (100, 2), (150, 3)):
                 prompt = rand_prompt(n, seed)
@@ -114,7 +118,8 @@ def test_pd_and_balanced_pd_give_the_tokens_of_one_engine_alone(cluster):
                     ticket = await b.prep_recv(r, split)
                     # what B had cached (the previous split received some), or all of it
                     assert ticket.matched % BS == 0 or ticket.matched == split
-                    sent = await a.remote_send(r, ticket.kv, ticket.matched, split)
+                    sent = await a.remote_send(r, ticket.kv, ticket.matched, split, transport=transport)
+                    assert sent.transport == transport or ticket.matched >= split
                     spec = health.kv_spec
                     blocks = 0 if ticket.matched >= split else -(-split // BS) - ticket.matched // BS
                     assert sent.bytes == spec.num_layers * blocks * 2 * spec.page_bytes
@@ -127,7 +132,7 @@ def test_pd_and_balanced_pd_give_the_tokens_of_one_engine_alone(cluster):
                     again = await b.prep_recv(r2, split)
                     assert (again.matched % BS == 0 or again.matched == split) and again.matched <= split
                     if again.matched < split:
-                        await a.remote_send(r2, again.kv, again.matched, split)
+                        await a.remote_send(r2, again.kv, again.matched, split, transport=transport)
                     assert (await collect(b.start_generate(r2, begin=split)))[0] == ref
             stats = await b.stats()
             assert stats.kv_bytes_received > received0 and stats.open_tickets == 0
@@ -197,7 +202,7 @@ def test_kv_corrupted_in_transit_changes_the_output(cluster):
                 # a holder of the cluster key re-signs the address (without it the sender refuses the proxy)
                 via_proxy = sign_addr(msgspec.structs.replace(ticket.kv, endpoint=proxy.endpoint),
                                       resolve_key(None).kv_key)
-                await a.remote_send(r, via_proxy, 0, len(prompt) - 1)
+                await a.remote_send(r, via_proxy, 0, len(prompt) - 1, transport="tcp")  # bytes through the proxy
                 tokens, last = await collect(b.start_generate(r, begin=len(prompt) - 1))
             finally:
                 proxy.close()

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_launch import assert_no_leaks
 
 import microserve
+from kvapi.transfer.base import TRANSPORTS
 from microserve import LLM, SamplingParams
 from microserve.client import APIError
 from microserve.router import EngineHandle
@@ -55,6 +56,8 @@ async def metrics(dep) -> dict[str, float]:
             assert sample.labels.get("model_name") == "demo", sample  # every series, as vLLM's
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "model_name")
             out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+            if labels:  # and the family's total over its labels, as `sum(name)` in PromQL
+                out[f"sum({sample.name})"] = out.get(f"sum({sample.name})", 0.0) + sample.value
     return out
 
 
@@ -75,7 +78,7 @@ async def test_64_concurrent_streams_pd(pd, llm):
     after = await metrics(pd)
     assert after["microserve_requests_total{status=success}"] - before["microserve_requests_total{status=success}"] \
         == 64
-    assert after["microserve_kv_transfer_bytes_total"] > before["microserve_kv_transfer_bytes_total"]
+    assert after["sum(microserve_kv_transfer_bytes_total)"] > before["sum(microserve_kv_transfer_bytes_total)"]
     await c.close()
     await assert_no_leaks(pd.engines)
 
@@ -115,7 +118,7 @@ async def test_metrics_parse_and_move(pd):
     before = await metrics(pd)
     for name in ("microserve_time_to_first_token_seconds_count", "microserve_inter_token_latency_seconds_count",
                  "microserve_e2e_request_latency_seconds_count", "microserve_kv_transfer_seconds_count",
-                 "microserve_kv_transfer_bytes_total"):
+                 *(f"microserve_kv_transfer_bytes_total{{transport={t}}}" for t in TRANSPORTS)):
         assert name in before, name
     for engine in pd.engines:
         for name in ("microserve_engine_running_requests", "microserve_engine_kv_blocks_used",
@@ -130,7 +133,9 @@ async def test_metrics_parse_and_move(pd):
         before["microserve_time_to_first_token_seconds_count"] + 1
     assert after["microserve_e2e_request_latency_seconds_count"] == \
         before["microserve_e2e_request_latency_seconds_count"] + 1
-    assert after["microserve_kv_transfer_bytes_total"] > before["microserve_kv_transfer_bytes_total"]
+    used = [t for t in TRANSPORTS if after[f"microserve_kv_transfer_bytes_total{{transport={t}}}"]
+            > before[f"microserve_kv_transfer_bytes_total{{transport={t}}}"]]
+    assert used == ["shm"], used  # counted under the transport that moved them (auto on one host: shm)
     assert after["microserve_engine_computed_tokens_total{engine=prefill-0}"] > \
         before["microserve_engine_computed_tokens_total{engine=prefill-0}"]
     await c.close()

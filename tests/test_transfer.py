@@ -13,6 +13,7 @@ from kvapi import KVSpec
 from kvapi.spec import KVSpecMismatch
 from kvapi.transfer import KVAddr, KVReceiver, KVSender, TransferError, choose_transport, host_id
 from kvapi.transfer.base import block_runs, page_runs
+from kvapi.transfer.nixl import nixl_available
 from kvapi.transfer.shm import SharedPool
 from kvapi.transfer.ucx import ucx_available
 
@@ -20,13 +21,14 @@ SPEC = KVSpec(num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32", block_s
 
 
 UCX = pytest.mark.skipif(not ucx_available(), reason="ucxx is not installed (pip install 'microserve[ucx]')")
+NIXL = pytest.mark.skipif(not nixl_available(), reason="nixl is not installed (pip install 'microserve[nixl]')")
 
 
 @pytest.fixture
 def pair():
     shared = SharedPool(SPEC, 32)
     outcomes = []
-    rx = KVReceiver(shared.tensor, SPEC, shm_path=shared.path, ucx=ucx_available())
+    rx = KVReceiver(shared.tensor, SPEC, shm_path=shared.path, ucx=ucx_available(), nixl=nixl_available())
     src = torch.randn(SPEC.cache_shape(32))
     yield rx, KVSender(src, SPEC), src, shared.tensor, outcomes
     rx.close()
@@ -34,8 +36,8 @@ def pair():
 
 
 def addr(rx, blocks, begin, end, secret="s3cret", ticket="t", spec=SPEC):
-    return KVAddr("rx", rx.endpoint, ticket, secret, begin, end, blocks, spec, ["shm", "ucx", "tcp"], host_id(),
-                  rx.shm_path, rx.ucx_address)
+    return KVAddr("rx", rx.endpoint, ticket, secret, begin, end, blocks, spec, list(rx.transports), host_id(),
+                  **rx.fields)
 
 
 def test_runs():
@@ -43,7 +45,7 @@ def test_runs():
     assert block_runs([3, 4, 5, 9]) == [(3, 3), (9, 1)]
 
 
-@pytest.mark.parametrize("mode", ["tcp", "shm", pytest.param("ucx", marks=UCX)])
+@pytest.mark.parametrize("mode", ["tcp", "shm", pytest.param("ucx", marks=UCX), pytest.param("nixl", marks=NIXL)])
 def test_pages_land_in_ticket_blocks(pair, mode):
     rx, tx, src, dst, outcomes = pair
     blocks = [20, 21, 5, 30]  # tokens [8, 24): logical blocks 2..5
@@ -202,3 +204,104 @@ def test_ucx_revoked_receive_never_writes_into_freed_blocks():
     finally:
         rx.close()
         shared.close()
+
+
+def test_the_seam_is_one_registry():
+    """Every transport is one module with one `Transport` subclass, listed in the registry in the
+    order `--transport auto` prefers; no code outside the registry and a transport's own module
+    branches on a transport's name."""
+    import pathlib
+    import re
+
+    from kvapi.transfer.base import TRANSPORTS, Transport, transport_class
+
+    assert TRANSPORTS == ("shm", "nixl", "ucx", "tcp")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for name in TRANSPORTS:
+        cls = transport_class(name)
+        assert issubclass(cls, Transport) and cls.name == name
+        assert cls.__module__ == f"kvapi.transfer.{name}", "one module per transport"
+    names = "|".join(TRANSPORTS)
+    branch = re.compile(rf"""(==|!=|\bin)\s*[\(\[]?\s*["']({names})["']"""
+                        rf"""|["']({names})["']\s*(==|!=|\bnot in\b|\bin\b)""")
+    offenders = []
+    for path in [*root.glob("microserve/**/*.py"), *root.glob("kvapi/**/*.py"), *root.glob("strategies/*.py")]:
+        rel = path.relative_to(root).as_posix()
+        if rel in {f"kvapi/transfer/{n}.py" for n in TRANSPORTS} | {"kvapi/transfer/base.py"}:
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if branch.search(code) and "scheme" not in code:  # NOTE: "tcp" is also ZeroMQ's URL scheme
+                offenders.append(f"{rel}:{i}: {line.strip()}")
+    assert not offenders, "branches on a transport name outside the registry:\n" + "\n".join(offenders)
+
+
+@NIXL
+def test_nixl_notification_for_another_ticket_or_with_a_wrong_tag_completes_nothing(pair):
+    """The notification that completes a ticket is bound to its id and secret: one for another
+    ticket, or with a tag not made from the secret, completes nothing; the receive then ends when its
+    sender goes away, and no byte of the pool was written."""
+    import msgspec
+
+    from kvapi.transfer.base import Hello, recv_msg, send_msg
+    from kvapi.transfer.nixl import NixlAgent
+    from kvapi.transfer.sender import split_endpoint
+
+    rx, _, _, dst, outcomes = pair
+    rx.open_ticket("t2", "s3cret", [2, 3], outcomes.append)
+    rx.open_ticket("t3", "other", [4], outcomes.append)
+    expected = 2 * SPEC.page_bytes * 2 * SPEC.num_layers
+    agent = NixlAgent.get()
+    enc = msgspec.msgpack.Encoder()
+    with socket.create_connection(split_endpoint(rx.endpoint)) as conn:
+        send_msg(conn, Hello("t2", "s3cret", "nixl", SPEC, [2, 3], 0, 8))
+        assert recv_msg(conn).ok  # claimed: the receiver waits for t2's notification
+        for forged in ([b"mskv1", "t2", expected, b"\0" * 16],  # wrong tag
+                       [b"mskv1", "t3", 4 * SPEC.page_bytes * 2 * SPEC.num_layers, b"\0" * 16],  # another ticket
+                       b"garbage"):
+            agent.agent.send_notif(agent.name, enc.encode(forged) if isinstance(forged, list) else forged)
+        time.sleep(0.5)
+        assert not outcomes and rx.is_active("t2")
+    deadline = time.monotonic() + 10
+    while not outcomes:  # the sender went away: the receive ends without data
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not outcomes[0].ok and "went away" in outcomes[0].error
+    assert dst.abs().sum() == 0
+
+
+@NIXL
+def test_nixl_revoke_waits_until_the_writer_stopped(pair):
+    """A one-sided writer cannot be stopped from the receiving side: a revoked ticket's blocks are
+    handed back only once its sender saw the revocation and closed, so no write lands in freed blocks."""
+    rx, tx, _, dst, outcomes = pair
+    rx.open_ticket("t", "s3cret", [6, 7], outcomes.append)
+    gate, errors = threading.Event(), []
+
+    def layer_ready(layer):
+        if layer == 1:
+            gate.wait(10)
+
+    def run():
+        try:
+            tx.send(addr(rx, [6, 7], 0, 8), 0, 8, lambda: [0, 1], "nixl", layer_ready)
+        except TransferError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not rx.is_active("t"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not rx.revoke("t")
+    time.sleep(0.5)
+    assert not outcomes, "the blocks were handed back while the writer could still write"
+    gate.set()  # the writer goes on, sees the revocation before its next write, and stops
+    t.join(10)
+    deadline = time.monotonic() + 10
+    while not outcomes:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not outcomes[0].ok and errors and errors[0].code == "aborted"
+    assert dst[1:].abs().sum() == 0, "a layer was written after the revocation"

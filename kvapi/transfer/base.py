@@ -327,5 +327,11 @@ class Transport(ABC):
     def writer(self, conn: socket.socket, addr: KVAddr, reply: Reply, begin: int, end: int) -> Writer:
         """Open one transfer into `addr`'s ticket whose hello `reply` accepted."""
 
+    def interrupt(self, conn: socket.socket) -> None:
+        """The ticket of the transfer on `conn` was revoked: wake its `receive` (by default by
+        shutting the connection down, which ends a blocked read)."""
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:  # noqa: B027 (optional: most transports hold nothing of their own)
         """Release what this instance holds (registrations, mappings)."""

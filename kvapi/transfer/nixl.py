@@ -315,6 +315,9 @@ class NixlTransport(Transport):
             time.sleep(pause)
             pause = min(pause * 2, 0.001)
 
+    def interrupt(self, conn: socket.socket) -> None:
+        pass  # NOTE: `receive` polls the revocation and fences the writer itself: the connection must stay readable
+
     @staticmethod
     def _fence(link) -> None:
         """Tell the writer to stop and wait (bounded) until it closed: only then may the blocks be reused."""

@@ -55,6 +55,7 @@ class _Ticket:
     active: bool = False
     revoked: bool = False
     conn: socket.socket | None = None
+    mode: str = ""
 
 
 @dataclass
@@ -153,8 +154,7 @@ class KVReceiver:
             if t is not None and t.active:
                 t.revoked = True
                 if t.conn is not None:
-                    with contextlib.suppress(OSError):
-                        t.conn.shutdown(socket.SHUT_RDWR)
+                    self.transports[t.mode].interrupt(t.conn)
                 return False
             self._tickets.pop(ticket_id, None)
             return True
@@ -221,8 +221,7 @@ class KVReceiver:
                 return None, "bad_request", f"range [{hello.begin}, {hello.end}) does not fit {n} blocks"
             if hello.mode not in self.transports:
                 return None, "bad_request", f"transport {hello.mode!r} is not offered by this receiver"
-            t.active = True
-            t.conn = conn
+            t.active, t.conn, t.mode = True, conn, hello.mode
             return t, "", ""
 
     def _serve(self, conn: socket.socket, hello: Hello) -> None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from kvapi.transfer.base import TRANSPORTS
 from microserve import protocol as P
 
 if TYPE_CHECKING:
@@ -39,7 +40,10 @@ class RouterMetrics:
         self.prompt_tokens = Counter("microserve_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("microserve_generation_tokens", "Tokens generated", registry=r)
         self.retries = Counter("microserve_request_retries", "Requests restarted on another engine", registry=r)
-        self.kv_bytes = Counter("microserve_kv_transfer_bytes", "KV bytes moved by remote_send", registry=r)
+        self.kv_bytes = Counter("microserve_kv_transfer_bytes", "KV bytes moved by remote_send, by transport",
+                                ["transport"], registry=r)
+        for transport in TRANSPORTS:
+            self.kv_bytes.labels(transport)  # every series exists from the start (rates need a zero)
         self.kv_seconds = Histogram("microserve_kv_transfer_seconds", "Duration of remote_send calls",
                                     buckets=_LATENCY, registry=r)
         self.routed = Counter("microserve_engine_requests", "start_generate calls routed to each engine",
@@ -60,7 +64,7 @@ class RouterMetrics:
         self.routed.labels(h.name)
 
     def observe_send(self, result: P.SendResult) -> None:
-        self.kv_bytes.inc(result.bytes)
+        self.kv_bytes.labels(result.transport or "none").inc(result.bytes)
         self.kv_seconds.observe(result.seconds)
 
     def observe_generate(self, handle) -> None:

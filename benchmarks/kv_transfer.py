@@ -1,17 +1,19 @@
-"""KV transfer between two processes, per transport, against the limits of this host.
+"""KV transfer between two processes, every transport, against the limits of this host.
 
 Part 1, the transfer layer (`kvapi.transfer`): move the KV of N tokens shaped like
 Llama-3.1-8B (32 layers x 8 KV heads x 128 dims, bfloat16, 128 KiB/token) from this
 process's pool into a receiver process's pool (a `KVReceiver` over a shared `memfd`
-pool). Side by side, same bytes, same run:
-  - `memcpy`: one contiguous copy into the receiver's mapped pool (the limit for shm);
-  - raw socket: one `sendall` / `recv_into` stream into preallocated memory (the limit for tcp).
+pool, offering every transport installed here), with the receiver's blocks laid out in
+runs of R consecutive blocks (blocks of 8 tokens: a page is 16 KiB; R = 1 ... 128 gives
+page runs of 16 KiB ... 2 MiB). Side by side, same bytes, same run:
+  - `memcpy`: one contiguous copy into the receiver's mapped pool (the limit for shm and nixl);
+  - raw socket: one `sendall` / `recv_into` stream into preallocated memory (the limit for tcp, ucx).
 Part 2, the engines: two `microserve engine` processes (random Llama, 8 layers); the
 time `remote_send` takes (prefill on P + transfer to D) next to a local prefill of the
-same prompt on P (`start_generate` with max_tokens=1).
+same prompt on P (`start_generate` with max_tokens=1), per transport.
 
-    python benchmarks/kv_transfer.py                      # 1k, 8k, 32k tokens
-    python benchmarks/kv_transfer.py --tokens 1024 8192 --skip-engines
+    python benchmarks/kv_transfer.py                      # 2k tokens, runs of 16 KiB ... 2 MiB
+    python benchmarks/kv_transfer.py --tokens 8192 --runs 16 2048 --skip-engines
 """
 
 from __future__ import annotations
@@ -31,17 +33,19 @@ import torch
 from kvapi import KVSpec
 from kvapi.transfer import KVAddr, KVReceiver, KVSender, host_id
 from kvapi.transfer.base import recv_exact
+from kvapi.transfer.nixl import nixl_available
 from kvapi.transfer.shm import PoolMaps, SharedPool
 from kvapi.transfer.ucx import ucx_available
 
-SPEC_8B = KVSpec(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=16)
+SPEC_8B = KVSpec(num_layers=32, num_kv_heads=8, head_dim=128, dtype="bfloat16", block_size=8)  # 16 KiB pages
+LIMIT = {"shm": "memcpy", "nixl": "memcpy", "tcp": "raw socket", "ucx": "raw socket"}
 
 
 def _receiver_main(conn, num_blocks: int) -> None:
     pool = SharedPool(SPEC_8B, num_blocks)
-    rx = KVReceiver(pool.tensor, SPEC_8B, shm_path=pool.path, ucx=ucx_available())
+    rx = KVReceiver(pool.tensor, SPEC_8B, shm_path=pool.path, ucx=ucx_available(), nixl=nixl_available())
     raw = socket.create_server(("127.0.0.1", 0))
-    conn.send((rx.endpoint, pool.path, raw.getsockname()[1], rx.ucx_address))
+    conn.send((rx.endpoint, raw.getsockname()[1], list(rx.transports), rx.fields))
     flat = pool.tensor.view(torch.uint8).view(-1).numpy()
     while True:
         cmd = conn.recv()
@@ -62,18 +66,22 @@ def _receiver_main(conn, num_blocks: int) -> None:
             break
 
 
-def bench_size(tokens: int, repeats: int) -> list[tuple]:
+def bench_size(tokens: int, run_blocks: list[int], repeats: int) -> list[tuple]:
     rows = []
     nb = tokens // SPEC_8B.block_size
+    pool_blocks = 2 * nb + 1  # room for a gap after every run
     parent, child = mp.Pipe()
-    proc = mp.get_context("spawn").Process(target=_receiver_main, args=(child, nb), daemon=True)
+    proc = mp.get_context("spawn").Process(target=_receiver_main, args=(child, pool_blocks), daemon=True)
     proc.start()
-    endpoint, shm_path, raw_port, ucx_address = parent.recv()
+    endpoint, raw_port, offered, fields = parent.recv()
     src = torch.randn(SPEC_8B.cache_shape(nb), dtype=torch.bfloat16)
     nbytes = src.numel() * src.element_size()
     tx = KVSender(src, SPEC_8B)
-    dst = PoolMaps().get(shm_path, SPEC_8B)
-    blocks = list(range(nb))
+    pool = PoolMaps().get(fields["shm_path"], SPEC_8B)
+    pool.zero_()  # NOTE: first touch of every page here (in this VM it costs more than the copy)
+    dst = pool[:, :, :nb]
+    src_blocks = list(range(nb))
+
     def raw_send():
         parent.send(("raw", nbytes))
         parent.recv()
@@ -83,41 +91,40 @@ def bench_size(tokens: int, repeats: int) -> list[tuple]:
             s.recv(1)
     counter = iter(range(10**6))
 
-    def send(mode: str) -> None:
+    def send(mode: str, blocks: list[int]) -> None:
         tid = f"t{next(counter)}"
         parent.send(("ticket", tid, blocks))
         parent.recv()
-        addr = KVAddr("rx", endpoint, tid, "secret", 0, tokens, blocks, SPEC_8B, ["shm", "ucx", "tcp"], host_id(),
-                      shm_path, ucx_address)
-        tx.send(addr, 0, tokens, lambda: blocks, mode)
+        addr = KVAddr("rx", endpoint, tid, "secret", 0, tokens, blocks, SPEC_8B, offered, host_id(), **fields)
+        tx.send(addr, 0, tokens, lambda: src_blocks, mode)
 
-    # NOTE: touch every page once first (first touch in this VM costs more than the copy);
-    # then interleave the four paths round by round, so drifts in machine speed hit all.
-    dst.copy_(src)
-    paths = {"memcpy": lambda: dst.copy_(src), "shm": lambda: send("shm"), "raw socket": raw_send,
-             "tcp": lambda: send("tcp")}
-    if ucx_address:
-        paths["ucx"] = lambda: send("ucx")
-    for fn in paths.values():  # NOTE: one untimed round: connections / UCX endpoints are set up once per pair
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(repeats):
-        for name, fn in paths.items():
-            t0 = time.perf_counter()
+    # NOTE: rounds interleave the paths, so drifts in machine speed hit all
+    modes = [m for m in ("shm", "nixl", "ucx", "tcp") if m in offered]
+    for run in run_blocks:
+        blocks = [i + i // run for i in range(nb)]  # runs of `run` blocks, one free block between runs
+        paths = {"memcpy": lambda: dst.copy_(src), "raw socket": raw_send}
+        paths |= {m: (lambda m=m, b=blocks: send(m, b)) for m in modes}
+        for fn in paths.values():  # NOTE: one untimed round: connections / endpoints are set up once per pair
             fn()
-            times[name].append(time.perf_counter() - t0)
-    gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
-    for mode, limit in (("shm", "memcpy"), ("tcp", "raw socket"), ("ucx", "raw socket")):
-        if mode not in gbps:
-            continue
-        rows.append((tokens, nbytes / 2**20, mode, gbps[mode], limit, gbps[limit], gbps[mode] / gbps[limit]))
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        for _ in range(repeats):
+            for name, fn in paths.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
+        kib = run * SPEC_8B.page_bytes // 1024
+        for mode in modes:
+            limit = LIMIT[mode]
+            rows.append((tokens, kib, mode, gbps[mode], limit, gbps[limit], gbps[mode] / gbps[limit]))
     parent.send(("stop",))
     proc.join(10)
     return rows
 
 
-def bench_transfer(tokens_list: list[int], repeats: int) -> list[tuple]:
-    return [row for tokens in tokens_list for row in bench_size(tokens, repeats)]
+def bench_transfer(tokens_list: list[int], runs_kib: list[int], repeats: int) -> list[tuple]:
+    runs = [max(1, kib * 1024 // SPEC_8B.page_bytes) for kib in runs_kib]
+    return [row for tokens in tokens_list for row in bench_size(tokens, runs, repeats)]
 
 
 async def bench_engines(lengths: list[int], repeats: int) -> list[tuple]:
@@ -142,8 +149,9 @@ async def bench_engines(lengths: list[int], repeats: int) -> list[tuple]:
         try:
             sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
             gen = torch.Generator().manual_seed(0)
+            modes = [m for m in ("shm", "nixl", "ucx", "tcp") if m in engines[1].transports]
             for n in lengths:
-                for mode in ("shm", "tcp"):
+                for mode in modes:
                     local, remote, warm, sizes = [], [], [], []
                     for i in range(repeats):
                         prompt = torch.randint(5, 32000, (n,), generator=gen).tolist()
@@ -177,8 +185,9 @@ async def bench_engines(lengths: list[int], repeats: int) -> list[tuple]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192, 32768])
-    ap.add_argument("--engine-tokens", type=int, nargs="+", default=[512, 1536])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[2048])
+    ap.add_argument("--runs", type=int, nargs="+", default=[16, 64, 256, 1024, 2048], help="page runs, KiB")
+    ap.add_argument("--engine-tokens", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-engines", action="store_true")
     ap.add_argument("--skip-layer", action="store_true", help="skip part 1")
@@ -199,9 +208,9 @@ def main() -> None:
 
 def part1(args: argparse.Namespace) -> None:
     print(f"Part 1: transfer layer, Llama-3.1-8B KV shape {SPEC_8B}, median of {args.repeats}")
-    print(f"{'tokens':>7} {'MiB':>7} {'transport':>9} {'GB/s':>6} {'limit':>11} {'GB/s':>6} {'ratio':>6}")
-    for tokens, mib, mode, gbps, lname, limit, ratio in bench_transfer(args.tokens, args.repeats):
-        print(f"{tokens:>7} {mib:>7.0f} {mode:>9} {gbps:>6.2f} {lname:>11} {limit:>6.2f} {ratio:>6.0%}")
+    print(f"{'tokens':>7} {'run KiB':>7} {'transport':>9} {'GB/s':>6} {'limit':>11} {'GB/s':>6} {'ratio':>6}")
+    for tokens, kib, mode, gbps, lname, limit, ratio in bench_transfer(args.tokens, args.runs, args.repeats):
+        print(f"{tokens:>7} {kib:>7} {mode:>9} {gbps:>6.2f} {lname:>11} {limit:>6.2f} {ratio:>6.0%}")
 
 
 if __name__ == "__main__":

@@ -230,28 +230,41 @@ async def test_launch_pd_balanced_pd_and_drain_over_nixl(demo_path):
                 assert out.choices[0].model_extra["token_ids"] == ref.token_ids, strategy
         after = await metrics(dep)
         assert _moved(before, after) == {"nixl": await _received(dep) - received0}
-        # drain decode-1 while 6 streams run: they move to decode-0 with their KV, over nixl
-        before, received0 = after, await _received(dep, "decode-0")
-        async with EngineHandle(dep.engines["decode-1"], timeout=10) as h:
-            sent0 = (await h.stats()).kv_bytes_sent
+        # drain a decode engine while 6 streams run on it: they move to the other one with their KV, over nixl
         long = long_prompts(6)
-        ref = [o.token_ids for o in llm.generate(long, SamplingParams(max_tokens=96, temperature=0,
+        ref = [o.token_ids for o in llm.generate(long, SamplingParams(max_tokens=256, temperature=0,
                                                                         ignore_eos=True))]
-        load = asyncio.gather(*(stream(client, p, 96) for p in long))
-        await asyncio.sleep(0.5)
-        async with aiohttp.ClientSession() as s, s.delete(dep.url + "/admin/engines/decode-1",
+        load = asyncio.gather(*(stream(client, p, 256) for p in long))
+        busy = await _busiest(dep, ["decode-0", "decode-1"])
+        keep = "decode-1" if busy == "decode-0" else "decode-0"
+        before, received0 = await metrics(dep), await _received(dep, keep)
+        async with EngineHandle(dep.engines[busy], timeout=10) as h:
+            sent0 = (await h.stats()).kv_bytes_sent
+        async with aiohttp.ClientSession() as s, s.delete(dep.url + f"/admin/engines/{busy}",
                                                            headers={"Authorization": "Bearer adm"}) as r:
             assert r.status == 200, await r.text()
         assert await load == ref
-        # the streams' prefill went to both decode engines, then decode-1's moved to decode-0: all over nixl
         assert set(_moved(before, await metrics(dep))) == {"nixl"}
-        assert await _received(dep, "decode-0") > received0
-        async with EngineHandle(dep.engines["decode-1"], timeout=10) as h:  # removed from the router, still up
-            assert (await h.stats()).kv_bytes_sent > sent0, "decode-1's streams did not move with their KV"
+        assert await _received(dep, keep) > received0
+        async with EngineHandle(dep.engines[busy], timeout=10) as h:  # removed from the router, still up
+            assert (await h.stats()).kv_bytes_sent > sent0, f"{busy}'s streams did not move with their KV"
         await client.close()
-        await assert_launch_clean({k: v for k, v in dep.engines.items() if k != "decode-1"})
+        await assert_launch_clean({k: v for k, v in dep.engines.items() if k != busy})
     finally:
         assert dep.stop() == 0
+
+
+async def _busiest(dep, names: list[str]) -> str:
+    """The engine among `names` running the most requests, once any runs one."""
+    for _ in range(200):
+        running = {}
+        for name in names:
+            async with EngineHandle(dep.engines[name], timeout=10) as h:
+                running[name] = (await h.stats()).running
+        if any(running.values()):
+            return max(running, key=running.get)
+        await asyncio.sleep(0.02)
+    raise AssertionError("no stream started")
 
 
 def _moved(before: dict, after: dict) -> dict[str, float]:

@@ -262,9 +262,10 @@ class Writer(ABC):
     computed, then `finish`; on any failure or cancellation it calls `abandon` instead."""
 
     @abstractmethod
-    def write_layer(self, layer: int, src: list[int], dst: list[int]) -> int:
-        """Move the K and V pages of `layer` from this engine's blocks `src` into the receiver's
-        `dst` (same length, logical order). May return before the bytes landed (the next layer
+    def write_layer(self, layer: int, runs: list[tuple[int, int, int]]) -> int:
+        """Move the K and V pages of `layer` along `runs`: `(src, dst, count)` runs of blocks
+        consecutive on both sides (`page_runs`, the same list for every layer of a transfer), from
+        this engine's pool into the receiver's. May return before the bytes landed (the next layer
         computes meanwhile). Returns the bytes it moves; raises TransferError."""
 
     @abstractmethod

@@ -46,7 +46,7 @@ from typing import Any
 import msgspec
 import torch
 
-from kvapi.transfer.base import KVAddr, Reply, TransferError, Transport, Writer, page_runs
+from kvapi.transfer.base import KVAddr, Reply, TransferError, Transport, Writer
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,15 @@ class NixlAgent:
     _lock = threading.Lock()
 
     def __init__(self) -> None:
-        from nixl_cu12._api import nixl_agent, nixl_agent_config
+        from nixl_cu12._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
         logging.getLogger("nixl").setLevel(logging.WARNING)  # NOTE: it logs every agent start at INFO on stdout
         self.name = f"microserve-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.agent = nixl_agent(self.name, nixl_agent_config(backends=["UCX"]))
+        # NOTE: no progress thread: NIXL's spins a whole core, idle or not (its Python API fixes the
+        # delay at 0); the threads that wait on transfers progress the worker instead. Several
+        # threads use the agent at once (sends, receives): strict locking.
+        self.agent = nixl_agent(self.name, nixl_agent_config(
+            enable_prog_thread=False, backends=["UCX"], sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT))
         self._registered: dict[tuple[int, int], Any] = {}
         self._peers: set[str] = set()
         self._peer_lock = threading.Lock()
@@ -179,10 +183,10 @@ class _NixlWriter(Writer):
         self.handles: list[Any] = []
         self.last, self.sent = t.spec.num_layers - 1, 0
 
-    def write_layer(self, layer: int, src: list[int], dst: list[int]) -> int:
+    def write_layer(self, layer: int, runs: list[tuple[int, int, int]]) -> int:
         if _closed_by_peer(self.conn):
             raise TransferError(f"receiver {self.addr.engine_id} stopped the transfer (ticket revoked)", "aborted")
-        local, remote, nbytes = self.t.descs(self.remote, layer, page_runs(src, dst))
+        local, remote, nbytes = self.t.descs(self.remote, layer, runs)
         notif = b""
         if layer == self.last:  # NOTE: the notification must not overtake any earlier layer's data
             self._wait(self.handles)

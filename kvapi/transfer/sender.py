@@ -18,6 +18,7 @@ from kvapi.transfer.base import (
     TransferError,
     Transport,
     check_addr,
+    page_runs,
     recv_msg,
     send_msg,
     transport_class,
@@ -112,15 +113,15 @@ class KVSender:
         send_msg(conn, Hello(addr.ticket_id, addr.secret, transport.name, self.spec, dst, begin, end))
         reply = _expect_ok(recv_msg(conn), addr)
         writer = transport.writer(conn, addr, reply, begin, end)
-        nbytes, src = 0, []
+        nbytes, runs = 0, []
         try:
             for layer in range(self.spec.num_layers):
                 if layer_ready is not None:
                     layer_ready(layer)
                 if layer == 0:
                     bs = self.spec.block_size
-                    src = src_blocks()[begin // bs: -(-end // bs)]
-                nbytes += writer.write_layer(layer, src, dst)
+                    runs = page_runs(src_blocks()[begin // bs: -(-end // bs)], dst)
+                nbytes += writer.write_layer(layer, runs)
             writer.finish(nbytes)
         except BaseException:
             writer.abandon()  # NOTE: before the connection closes: the receiver reuses the blocks after that

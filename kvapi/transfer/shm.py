@@ -24,7 +24,6 @@ from kvapi.transfer.base import (
     Transport,
     Writer,
     host_id,
-    page_runs,
     recv_msg,
     send_msg,
 )
@@ -105,8 +104,8 @@ class _ShmWriter(Writer):
     def __init__(self, src_pool: torch.Tensor, dst_pool: torch.Tensor, conn) -> None:
         self.src_pool, self.dst_pool, self.conn = src_pool, dst_pool, conn
 
-    def write_layer(self, layer: int, src: list[int], dst: list[int]) -> int:
-        return copy_layer(self.dst_pool, self.src_pool, layer, page_runs(src, dst))
+    def write_layer(self, layer: int, runs: list[tuple[int, int, int]]) -> int:
+        return copy_layer(self.dst_pool, self.src_pool, layer, runs)
 
     def finish(self, nbytes: int) -> None:
         send_msg(self.conn, Commit(nbytes))

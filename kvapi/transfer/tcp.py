@@ -61,8 +61,8 @@ class _TCPWriter(Writer):
     def __init__(self, pool: torch.Tensor, conn: socket.socket) -> None:
         self.pool, self.conn = pool, conn
 
-    def write_layer(self, layer: int, src: list[int], dst: list[int]) -> int:
-        return send_layer(self.conn, self.pool, layer, block_runs(src))
+    def write_layer(self, layer: int, runs: list[tuple[int, int, int]]) -> int:
+        return send_layer(self.conn, self.pool, layer, [(s, n) for s, _, n in runs])
 
     def finish(self, nbytes: int) -> None:
         pass

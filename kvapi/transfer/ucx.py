@@ -234,9 +234,15 @@ class _UCXWriter(Writer):
         self.base = tag_base(addr.ticket_id, addr.secret)
         self.reqs: list[Any] = []
         self.staged: list[torch.Tensor] = []
+        self.src: list[int] = []
+        self.dst: list[int] = []
 
-    def write_layer(self, layer: int, src: list[int], dst: list[int]) -> int:
+    def write_layer(self, layer: int, runs: list[tuple[int, int, int]]) -> int:
         # NOTE: not waited for here: layer l+1 may compute while l is on the wire
+        if layer == 0 or not self.src:
+            self.src = [s + i for s, _, n in runs for i in range(n)]
+            self.dst = [d + i for _, d, n in runs for i in range(n)]
+        src, dst = self.src, self.dst
         reqs, staged, n = send_layer(self.worker, self.addr.ucx_address, self.pool, layer, src, dst, self.base)
         self.reqs += reqs
         self.staged += staged

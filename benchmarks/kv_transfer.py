@@ -122,6 +122,66 @@ def bench_size(tokens: int, run_blocks: list[int], repeats: int) -> list[tuple]:
     return rows
 
 
+def _cuda_receiver_main(conn, num_blocks: int) -> None:
+    pool = torch.zeros(SPEC_8B.cache_shape(num_blocks), dtype=torch.bfloat16, device="cuda")
+    rx = KVReceiver(pool, SPEC_8B, transports=["nixl", "tcp"])
+    conn.send((rx.endpoint, list(rx.transports), rx.fields))
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "ticket":
+            rx.open_ticket(cmd[1], "secret", cmd[2], lambda o: None)
+            conn.send("ok")
+        elif cmd[0] == "check":  # the pages that arrived equal what was sent (a checksum of the pool)
+            torch.cuda.synchronize()
+            conn.send(float(pool.float().sum()))
+        else:
+            break
+
+
+def bench_cuda(tokens: int, repeats: int) -> list[tuple]:
+    """VRAM to VRAM between two processes on one GPU: nixl (UCX's cuda_ipc underneath) and tcp
+    (staged through host memory) against a device-to-device copy in one process."""
+    nb = tokens // SPEC_8B.block_size
+    parent, child = mp.Pipe()
+    proc = mp.get_context("spawn").Process(target=_cuda_receiver_main, args=(child, nb), daemon=True)
+    proc.start()
+    if not parent.poll(120):
+        raise RuntimeError(f"the receiver process did not start (exit code {proc.exitcode})")
+    endpoint, offered, fields = parent.recv()
+    src = torch.randn(SPEC_8B.cache_shape(nb), dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    nbytes = src.numel() * src.element_size()
+    tx = KVSender(src, SPEC_8B)
+    blocks, counter = list(range(nb)), iter(range(10**6))
+
+    def send(mode: str) -> None:
+        tid = f"t{next(counter)}"
+        parent.send(("ticket", tid, blocks))
+        parent.recv()
+        addr = KVAddr("rx", endpoint, tid, "secret", 0, tokens, blocks, SPEC_8B, offered, host_id(), **fields)
+        tx.send(addr, 0, tokens, lambda: blocks, mode)
+
+    def device_copy() -> None:
+        dst.copy_(src)
+        torch.cuda.synchronize()
+
+    paths = {"device copy": device_copy} | {m: (lambda m=m: send(m)) for m in ("nixl", "tcp") if m in offered}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for round_ in range(repeats + 1):  # NOTE: round 0 untimed: connections, registrations, CUDA IPC handles
+        for name, fn in paths.items():
+            t0 = time.perf_counter()
+            fn()
+            if round_:
+                times[name].append(time.perf_counter() - t0)
+    parent.send(("check",))
+    same = abs(parent.recv() - float(src.float().sum())) <= 1e-3 * float(src.float().abs().sum())
+    parent.send(("stop",))
+    proc.join(10)
+    gbps = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
+    return [(tokens, nbytes / 2**20, m, gbps[m], gbps["device copy"], gbps[m] / gbps["device copy"], same)
+            for m in paths if m != "device copy"]
+
+
 def bench_transfer(tokens_list: list[int], runs_kib: list[int], repeats: int) -> list[tuple]:
     runs = [max(1, kib * 1024 // SPEC_8B.page_bytes) for kib in runs_kib]
     return [row for tokens in tokens_list for row in bench_size(tokens, runs, repeats)]
@@ -187,12 +247,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048])
     ap.add_argument("--runs", type=int, nargs="+", default=[16, 64, 256, 1024, 2048], help="page runs, KiB")
-    ap.add_argument("--engine-tokens", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--engine-tokens", type=int, nargs="+", default=[512, 2000])  # the model holds 2048
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-engines", action="store_true")
     ap.add_argument("--skip-layer", action="store_true", help="skip part 1")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: part 1 moves VRAM to VRAM between two processes on one GPU (.ci/gpu-check)")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.device == "cuda":
+        print(f"VRAM to VRAM, two processes, one GPU, Llama-3.1-8B KV shape, median of {args.repeats}")
+        print(f"{'tokens':>7} {'MiB':>6} {'transport':>9} {'GB/s':>7} {'device copy':>11} {'ratio':>6} {'bytes ok':>8}")
+        rows = [r for t in args.tokens for r in bench_cuda(t, args.repeats)]
+        for tokens, mib, mode, gbps, limit, ratio, same in rows:
+            print(f"{tokens:>7} {mib:>6.0f} {mode:>9} {gbps:>7.1f} {limit:>11.1f} {ratio:>6.0%} {same!s:>8}")
+        return
 
     if not args.skip_layer:
         part1(args)

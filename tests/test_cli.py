@@ -60,3 +60,15 @@ def test_sim_takes_engines_as_launch_does(tmp_path):
     import json
 
     assert json.loads(out.read_text())["config"]["roles"] == {"engine": 3}
+
+
+@pytest.mark.parametrize("command", [["engine", "--model", "demo"],
+                                     ["launch", "--strategy", "pd", "--model", "demo"]])
+def test_transport_nixl_without_nixl_exits_2_with_the_install_line(command):
+    """Without the `nixl` extra, `--transport nixl` stops before anything starts and says how to get it."""
+    hide = ("import sys; sys.modules.update(dict.fromkeys(['nixl_cu12', 'nixl_cu13'])); "
+            "from microserve.cli import main; sys.exit(main(sys.argv[1:]))")
+    res = subprocess.run([sys.executable, "-c", hide, *command, "--transport", "nixl"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "pip install 'microserve[nixl]'" in res.stderr and "Traceback" not in res.stderr, \
+        res.stderr

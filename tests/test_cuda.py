@@ -18,6 +18,7 @@ from engines import spawn_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvapi.transfer.nixl import nixl_available
 from microserve import LLM, SamplingParams
 from microserve.engine.model import attention
 from microserve.engine.model.cuda_graphs import batch_buckets
@@ -110,12 +111,15 @@ def test_cuda_half_precision_follows_the_reference(tmp_path, dtype):
     assert_follows_reference(hf, prompts, outs, dtype)
 
 
-async def test_cuda_pd_over_tcp(tmp_path):
-    """Prefill on one CUDA engine, decode on another: pages staged through host memory."""
+@pytest.mark.parametrize("transport", ["tcp", pytest.param("nixl", marks=pytest.mark.skipif(
+    not nixl_available(), reason="nixl is not installed (pip install 'microserve[nixl]')"))])
+async def test_cuda_pd(tmp_path, transport):
+    """Prefill on one CUDA engine, decode on another: over tcp the pages stage through host memory;
+    over nixl the sender WRITEs VRAM to VRAM (both engines registered their pools as VRAM)."""
     path, _ = make_checkpoint(tmp_path, "llama", max_position_embeddings=4096)
     args = ["--device", DEV, "--num-kv-blocks", "200", "--block-size", "16", "--log-level", "error"]
     engines = [spawn_engine(str(path), *args, engine_id=name) for name in ("P", "D", "R")]
-    assert all(e.transports == ["tcp"] for e in engines)
+    assert all("shm" not in e.transports and transport in e.transports for e in engines)
     p, d, r = (EngineHandle(e.rpc, name=n, timeout=60) for e, n in zip(engines, "PDR"))
     try:
         prompt = [(17 * i) % 250 + 3 for i in range(77)]
@@ -123,8 +127,8 @@ async def test_cuda_pd_over_tcp(tmp_path):
         alone = [t async for c in r.start_generate(Request("ref", prompt, sp)) for t in c.token_ids]
         req = Request("pd", prompt, sp)
         ticket = await d.prep_recv(req, end=len(prompt))
-        sent = await p.remote_send(req, ticket.kv, begin=0, end=len(prompt), transport="tcp")
-        assert sent.computed_tokens == len(prompt)
+        sent = await p.remote_send(req, ticket.kv, begin=0, end=len(prompt), transport=transport)
+        assert sent.computed_tokens == len(prompt) and sent.transport == transport
         spec = ticket.kv.spec
         assert sent.bytes == -(-len(prompt) // 16) * spec.page_bytes * 2 * spec.num_layers
         got = [t async for c in d.start_generate(req, begin=len(prompt)) for t in c.token_ids]
@@ -140,7 +144,7 @@ def test_cuda_engine_refuses_shm(tmp_path):
     path, _ = make_checkpoint(tmp_path, "llama")
     proc = subprocess.run([sys.executable, "-m", "microserve", "engine", "--model", str(path), "--device", DEV,
                            "--transport", "shm"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "--transport shm needs a CPU KV pool" in proc.stderr
+    assert proc.returncode == 2 and "--transport shm: the KV pool is not in host memory" in proc.stderr
 
 
 @settings(max_examples=40, deadline=None)

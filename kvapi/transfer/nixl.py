@@ -54,10 +54,26 @@ _NOTIF = b"mskv1"
 _enc, _dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder()
 
 
+_BUILDS = ("nixl_cu12", "nixl_cu13")  # the wheels NVIDIA publishes per CUDA major (`pip install nixl-cu12`)
+
+
+def nixl_api() -> Any:
+    """NIXL's Python API (`nixl_cu12._api`, or the CUDA 13 build's); ImportError when neither is installed."""
+    import importlib
+
+    errors = []
+    for name in _BUILDS:
+        try:
+            return importlib.import_module(f"{name}._api")
+        except Exception as exc:  # NOTE: a build for another CUDA fails with OSError on its libraries too
+            errors.append(f"{name}: {exc}")
+    raise ImportError("NIXL is not installed (pip install 'microserve[nixl]'): " + "; ".join(errors))
+
+
 def nixl_available() -> bool:
     try:
-        import nixl_cu12._api  # noqa: F401
-    except Exception:
+        nixl_api()
+    except ImportError:
         return False
     return True
 
@@ -95,15 +111,15 @@ class NixlAgent:
     _lock = threading.Lock()
 
     def __init__(self) -> None:
-        from nixl_cu12._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
-
+        api = nixl_api()
+        nixl_agent, nixl_agent_config, sync = api.nixl_agent, api.nixl_agent_config, api.nixl_thread_sync_t
         logging.getLogger("nixl").setLevel(logging.WARNING)  # NOTE: it logs every agent start at INFO on stdout
         self.name = f"microserve-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         # NOTE: no progress thread: NIXL's spins a whole core, idle or not (its Python API fixes the
         # delay at 0); the threads that wait on transfers progress the worker instead. Several
         # threads use the agent at once (sends, receives): strict locking.
         self.agent = nixl_agent(self.name, nixl_agent_config(
-            enable_prog_thread=False, backends=["UCX"], sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT))
+            enable_prog_thread=False, backends=["UCX"], sync_mode=sync.NIXL_THREAD_SYNC_STRICT))
         self._registered: dict[tuple[int, int], Any] = {}
         self._peers: set[str] = set()
         self._peer_lock = threading.Lock()

@@ -22,10 +22,10 @@ Fencing (a late write into freed blocks): NIXL refuses a write outside the recei
 registered pool, but cannot tell a live ticket's blocks from freed ones. So the control
 connection fences the pool: the receiver hands a ticket's blocks back only after the sender's
 connection closed (a sender closes it only once nothing it posted can still land: `abandon`
-waits for its writes or releases them) or after `grace` seconds; to stop a writer (lease
-expiry, abort) it shuts its side of the connection, and a sender checks for that before every
-layer's write. A sender frozen (SIGSTOP) for longer than `grace` between posting a write and
-its completion is the one case this cannot fence: docs/microserving.md.
+waits for its writes), however long that takes; to stop a writer (lease expiry, abort) it shuts
+its side of the connection, and a sender checks for that before every layer's write. A frozen
+(SIGSTOP) sender therefore holds that ticket's blocks until it resumes; a dead one releases them
+at once (its sockets close), a dead host within ~25 s (TCP keepalive): docs/microserving.md.
 """
 
 from __future__ import annotations
@@ -340,12 +340,10 @@ class NixlTransport(Transport):
 
     @staticmethod
     def _fence(link) -> None:
-        """Tell the writer to stop and wait (bounded) until it closed: only then may the blocks be reused."""
+        """Tell the writer to stop and wait until it closed: only then may the blocks be reused."""
         with contextlib.suppress(OSError):
             link.conn.shutdown(socket.SHUT_WR)
-        if not link.wait_sender_closed():
-            log.warning("nixl: the writer of ticket %s did not stop within %.1fs; its blocks are reused",
-                        link.hello.ticket_id, link.grace)
+        link.wait_sender_closed()
 
     def writer(self, conn: socket.socket, addr: KVAddr, reply: Reply, begin: int, end: int) -> Writer:
         return _NixlWriter(self, conn, addr, begin, end)

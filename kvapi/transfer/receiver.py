@@ -67,7 +67,7 @@ class Incoming:
     ticket: _Ticket
     expected: int  # bytes the ticket's blocks take over every layer
     stall_timeout: float  # seconds the data may stall before the transfer fails
-    grace: float  # seconds a revoked one-sided writer gets to stop before its blocks are reused
+    grace: float  # how often to say that a revoked one-sided writer has still not stopped
 
     @property
     def secret(self) -> str:
@@ -82,15 +82,21 @@ class Incoming:
                 return "sender went away"
         return None
 
-    def wait_sender_closed(self) -> bool:
-        """After telling a one-sided writer to stop (our side of the connection shut): wait up to
-        `grace` for it to close its side, which it does only once nothing it posted can land."""
-        deadline = time.monotonic() + self.grace
+    def wait_sender_closed(self) -> None:
+        """After telling a one-sided writer to stop (our side of the connection shut): wait until it
+        closed its side, which it does only once nothing it posted can land. No deadline: a writer
+        that is alive but frozen keeps the ticket's blocks out of use until it resumes (a warning
+        every `grace` seconds says so); a dead host's connection fails by TCP keepalive (`tune`)."""
+        waited = 0.0
         with contextlib.suppress(OSError):
-            while (left := deadline - time.monotonic()) > 0:
-                if select.select([self.conn], [], [], min(left, 0.5))[0] and not self.conn.recv(65536):
-                    return True
-        return False
+            while True:
+                if select.select([self.conn], [], [], self.grace)[0]:
+                    if not self.conn.recv(65536):
+                        return
+                    continue
+                waited += self.grace
+                log.warning("kv receiver: the writer of ticket %s has not stopped after %.0fs; its blocks stay "
+                            "out of use until it does", self.hello.ticket_id, waited)
 
 
 class KVReceiver:

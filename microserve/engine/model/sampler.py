@@ -99,10 +99,13 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], fallback: torch.Generator
         if constrained:
             apply_masks(logits, constrained, [seqs[i].matcher for i in constrained])
     greedy = [s.sampling.greedy for s in seqs]
-    out = logits.argmax(dim=-1)
-    if not all(greedy):
-        rows = [i for i, g in enumerate(greedy) if not g]
-        out[rows] = _draw(logits[rows], [seqs[i] for i in rows], fallback)
+    if not any(greedy):  # NOTE: no argmax and no row copy when every row samples
+        out = _draw(logits, seqs, fallback)
+    else:
+        out = logits.argmax(dim=-1)
+        if not all(greedy):
+            rows = [i for i, g in enumerate(greedy) if not g]
+            out[rows] = _draw(logits[rows], [seqs[i] for i in rows], fallback)
     tokens = out.tolist()
     for seq, token in zip(seqs, tokens):
         if seq.matcher is not None:
@@ -132,19 +135,34 @@ def _draw_batched(sub: torch.Tensor, seqs: list[Sequence], gen: torch.Generator)
     token), drawn by inverse CDF (a cumulative sum and one uniform number per row) instead of a race
     against a vocabulary of exponential noise (and 10x cheaper than `torch.multinomial` on the CPU).
 
-    top-k: the k-th largest logit by partial selection (`topk`). min-p: a fraction of the row's
-    largest probability. top-p by rejection with pivots (as FlashInfer samples): draw from what is
-    left; the token stands when the mass of the tokens strictly more likely than it is at most
-    `top_p`, else only those more likely tokens stay and the row draws again. Each round is one pass
-    over the rows that drew outside the set, and the result is exactly the truncated distribution."""
+    top-k: the k largest logits by partial selection (`topk`); the rows that ask for it then work on
+    those k candidates only (a row with a tie at the k-th logit keeps the whole row, masked). min-p: a
+    fraction of the row's largest probability. top-p by rejection with pivots (as FlashInfer samples):
+    draw from what is left; the token stands when the mass of the tokens strictly more likely than it
+    is at most `top_p`, else only those more likely tokens stay and the row draws again. Each round is
+    one pass over the rows that drew outside the set, and the result is exactly the truncated
+    distribution."""
     vocab, dev = sub.shape[-1], sub.device
     sp = [s.sampling for s in seqs]
     logits = sub / torch.tensor([p.temperature for p in sp], device=dev, dtype=sub.dtype).unsqueeze(1)
     ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in sp]
-    if any(ks):
+    if all(ks):
+        vals, ids = logits.topk(max(ks), dim=-1)  # descending
+        kth = vals.gather(1, torch.tensor([[k - 1] for k in ks], device=dev))
+        if bool(((logits >= kth).sum(dim=-1) == torch.tensor(ks, device=dev)).all()):  # no tie at any cut
+            vals.masked_fill_(vals < kth, float("-inf"))
+            return ids.gather(1, _truncated_draw(vals, sp, gen).unsqueeze(1)).squeeze(1)
+        logits.masked_fill_(logits < kth, float("-inf"))
+    elif any(ks):
         kth = logits.topk(max(ks), dim=-1).values.gather(1, torch.tensor([[max(k, 1) - 1] for k in ks], device=dev))
         kth[torch.tensor([k == 0 for k in ks], device=dev)] = float("-inf")
         logits.masked_fill_(logits < kth, float("-inf"))
+    return _truncated_draw(logits, sp, gen)
+
+
+def _truncated_draw(logits: torch.Tensor, sp: list, gen: torch.Generator) -> torch.Tensor:
+    """Column indices drawn from softmax(logits) under each row's min-p and top-p (see `_draw_batched`)."""
+    dev = logits.device
     probs = logits.softmax(dim=-1)
     if any(p.min_p for p in sp):
         floor = torch.tensor([p.min_p for p in sp], device=dev, dtype=probs.dtype).unsqueeze(1)
@@ -160,11 +178,11 @@ def _draw_batched(sub: torch.Tensor, seqs: list[Sequence], gen: torch.Generator)
 def _top_p_by_rejection(probs: torch.Tensor, rows: torch.Tensor, top_p: torch.Tensor, tokens: torch.Tensor,
                         gen: torch.Generator) -> None:
     """Redraw, in place in `tokens`, the `rows` whose token top-p leaves out (see `_draw_batched`)."""
-    p, weights = probs[rows], None
+    p, weights = (probs if rows.numel() == probs.shape[0] else probs[rows]), None  # NOTE: no copy when all rows
     while rows.numel():
         p_tok = p.gather(1, tokens[rows].unsqueeze(1))
         above = p > p_tok
-        out = (p * above).sum(dim=-1) > top_p  # strictly more likely tokens already hold more than top_p
+        out = torch.where(above, p, 0.0).sum(dim=-1) > top_p  # strictly more likely tokens hold more than top_p
         if not bool(out.any()):
             return
         rows, p, top_p, above = rows[out], p[out], top_p[out], above[out]

@@ -85,11 +85,10 @@ def test_spec_mismatch_names_the_field(pair):
         tx.send(addr(rx, [1], 0, 4, spec=other), 0, 4, lambda: [0], "tcp")
 
 
-def test_revoke_stops_a_stalled_transfer(pair):
-    rx, tx, _, _, outcomes = pair
-    rx.open_ticket("t", "s3cret", [6, 7], outcomes.append)
-    gate = threading.Event()
-    errors = []
+def _held_send(rx, tx, mode: str):
+    """A send into ticket "t" (blocks 6, 7) that holds before layer 1 until `gate` is set; returns once
+    the receiver has claimed the ticket: (gate, thread, errors raised by the send)."""
+    gate, errors = threading.Event(), []
 
     def layer_ready(layer):
         if layer == 1:
@@ -97,21 +96,29 @@ def test_revoke_stops_a_stalled_transfer(pair):
 
     def run():
         try:
-            tx.send(addr(rx, [6, 7], 0, 8), 0, 8, lambda: [0, 1], "tcp", layer_ready)
+            tx.send(addr(rx, [6, 7], 0, 8), 0, 8, lambda: [0, 1], mode, layer_ready)
         except TransferError as exc:
             errors.append(exc)
 
     t = threading.Thread(target=run)
     t.start()
-    deadline = time.monotonic() + 10
-    while not rx.is_active("t"):
+    _wait_for(lambda: rx.is_active("t"))
+    return gate, t, errors
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def test_revoke_stops_a_stalled_transfer(pair):
+    rx, tx, _, _, outcomes = pair
+    rx.open_ticket("t", "s3cret", [6, 7], outcomes.append)
+    gate, t, errors = _held_send(rx, tx, "tcp")
     assert not rx.revoke("t")  # busy: the receiver stops it and reports through on_done
-    deadline = time.monotonic() + 10
-    while not outcomes:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _wait_for(lambda: outcomes)
     gate.set()
     t.join(10)
     assert not outcomes[0].ok and errors
@@ -276,32 +283,12 @@ def test_nixl_revoke_waits_until_the_writer_stopped(pair):
     handed back only once its sender saw the revocation and closed, so no write lands in freed blocks."""
     rx, tx, _, dst, outcomes = pair
     rx.open_ticket("t", "s3cret", [6, 7], outcomes.append)
-    gate, errors = threading.Event(), []
-
-    def layer_ready(layer):
-        if layer == 1:
-            gate.wait(10)
-
-    def run():
-        try:
-            tx.send(addr(rx, [6, 7], 0, 8), 0, 8, lambda: [0, 1], "nixl", layer_ready)
-        except TransferError as exc:
-            errors.append(exc)
-
-    t = threading.Thread(target=run)
-    t.start()
-    deadline = time.monotonic() + 10
-    while not rx.is_active("t"):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    gate, t, errors = _held_send(rx, tx, "nixl")
     assert not rx.revoke("t")
     time.sleep(0.5)
     assert not outcomes, "the blocks were handed back while the writer could still write"
     gate.set()  # the writer goes on, sees the revocation before its next write, and stops
     t.join(10)
-    deadline = time.monotonic() + 10
-    while not outcomes:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _wait_for(lambda: outcomes)
     assert not outcomes[0].ok and errors and errors[0].code == "aborted"
     assert dst[1:].abs().sum() == 0, "a layer was written after the revocation"

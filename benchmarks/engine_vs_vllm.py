@@ -11,6 +11,8 @@ a loop (`step()` on both sides) so each request's first token is timed the same 
   mixed          32 prompts of 16-512 tokens, 8-128 new tokens each (seeded)
   shared-prefix  32 prompts = one 512-token prefix + 16 own tokens, 8 new tokens, prefix cache
                  on and emptied first (the first requests compute the prefix for the rest)
+  mixed-sampled  the mixed workload sampled as chat clients ask: temperature 0.7, top-p 0.9
+                 (its "same" column means nothing: the draws differ)
 Both engines: `max_num_batched_tokens=2048`, `max_num_seqs=64`, prefix caching on.
 vLLM runs in each `--vllm-mode`: `compiled` (its default: torch.compile + its CPU attention)
 and `eager` (`enforce_eager=True`); `both` runs the two, one worker process each, with its
@@ -34,25 +36,32 @@ import time
 ENGINE_ARGS = dict(max_num_batched_tokens=2048, max_num_seqs=64)
 
 
+SAMPLED = dict(temperature=0.7, top_p=0.9)  # the "-sampled" workloads; the others are greedy
+
+
 def workloads(seed: int = 1) -> dict[str, list[tuple[list[int], int]]]:
     import random
 
     rng = random.Random(seed)
     ids = lambda n: [rng.randrange(5, 32000) for _ in range(n)]
     prefix = ids(512)
-    return {"uniform": [(ids(128), 64) for _ in range(32)],
-            "mixed": [(ids(rng.randint(16, 512)), rng.randint(8, 128)) for _ in range(32)],
-            "shared-prefix": [(prefix + ids(16), 8) for _ in range(32)]}
+    mixed = [(ids(rng.randint(16, 512)), rng.randint(8, 128)) for _ in range(32)]
+    return {"uniform": [(ids(128), 64) for _ in range(32)], "mixed": mixed,
+            "shared-prefix": [(prefix + ids(16), 8) for _ in range(32)], "mixed-sampled": mixed}
 
 
-def _measure(add, step, done, reset, reqs) -> tuple[float, float, list[list[int]]]:
+def _sampling(rid: str) -> dict:
+    return dict(SAMPLED) if "-sampled-" in rid else dict(temperature=0)
+
+
+def _measure(add, step, done, reset, reqs, kind: str = "greedy") -> tuple[float, float, list[list[int]]]:
     """(output tok/s, mean TTFT s, output tokens per request) of one round: add all
     requests, step until done. `step()` yields (request index, its output tokens so far)
     for requests with output after that step."""
     reset()
     t0 = time.perf_counter()
     for i, (prompt, n) in enumerate(reqs):
-        add(f"r{time.monotonic_ns()}-{i}", prompt, n)
+        add(f"r{time.monotonic_ns()}-{kind}-{i}", prompt, n)
     first: dict[int, float] = {}
     outs: dict[int, list[int]] = {}
     while len(first) < len(reqs) or not done():
@@ -75,7 +84,7 @@ def run_ours(path: str, rounds: int) -> dict[str, list]:
 
     def add(rid, p, n):
         acc[rid] = []
-        eng.add_request(rid, p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+        eng.add_request(rid, p, SamplingParams(max_tokens=n, ignore_eos=True, **_sampling(rid)))
 
     def step():
         for o in eng.step():
@@ -98,7 +107,7 @@ def run_vllm(path: str, rounds: int, mode: str, block_size: int | None) -> dict[
 
     def add(rid, p, n):
         eng.add_request(rid, TokensPrompt(prompt_token_ids=p),
-                        SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, detokenize=False))
+                        SamplingParams(max_tokens=n, ignore_eos=True, detokenize=False, **_sampling(rid)))
 
     # NOTE: LLMEngine's outputs are cumulative by default
     step = lambda: [(_index(o.request_id), list(o.outputs[0].token_ids)) for o in eng.step()
@@ -113,7 +122,8 @@ def _rounds(add, step, done, reset, rounds: int) -> dict[str, list]:
     out: dict[str, list] = {name: [] for name in loads}
     for _ in range(rounds):
         for name, reqs in loads.items():
-            out[name].append(_measure(add, step, done, reset, reqs))
+            kind = "sampled" if name.endswith("-sampled") else "greedy"
+            out[name].append(_measure(add, step, done, reset, reqs, kind))
             print(f"  {name}: {out[name][-1][0]:.1f} tok/s, TTFT {out[name][-1][1]:.3f} s", file=sys.stderr, flush=True)
     return out
 

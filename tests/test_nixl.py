@@ -156,9 +156,9 @@ async def test_forged_replayed_and_expired_addresses_write_nothing(pair):
             await d.abort(r.request_id)
 
         def regions_moved(kv):  # every region shifted by 1 GiB: outside the receiver's pool
-            name, meta, regions = dec.decode(kv.offers["nixl"])
+            name, meta, regions, mem = dec.decode(kv.offers["nixl"])
             far = [[base + (1 << 30), stride, size, dev] for base, stride, size, dev in regions]
-            return {"offers": {"nixl": enc.encode([name, meta, far])}}
+            return {"offers": {"nixl": enc.encode([name, meta, far, mem])}}
 
         await refused(regions_moved, resign=False, code="forbidden")
         await refused(regions_moved, resign=True)
@@ -279,3 +279,30 @@ async def _received(dep, only: str | None = None) -> int:
             async with EngineHandle(address, name=name, timeout=10) as h:
                 total += (await h.stats()).kv_bytes_received
     return total
+
+
+async def test_launch_context_migration_over_nixl(demo_path):
+    """`strategies/context_migration.py` over nixl: a request whose prefix another engine holds runs on
+    the idle engine after the holder WRITEs it the cached KV (told to migrate whenever it can:
+    `busy_margin=-1`); outputs equal one engine's, and only nixl moved bytes."""
+    llm = LLM(str(demo_path))
+    prefix = "A shared context that one engine caches and the other receives over nixl. " * 3
+    prompts = [prefix + f"question {i}?" for i in range(6)]
+    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    want = [o.token_ids for o in llm.generate(prompts, sp)]
+    dep = start_launch("--strategy", "strategies/context_migration.py", "--strategy-arg", "busy_margin=-1",
+                       "--engines", "2", "--model", str(demo_path), "--transport", "nixl", "--served-model-name",
+                       "demo", "--num-kv-blocks", "400", "--log-level", "error")
+    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="unused", max_retries=0, timeout=120)
+    try:
+        before = await metrics(dep)
+        for p, w in zip(prompts, want):  # one at a time: each finds the prefix the previous ones cached
+            out = await client.completions.create(model="demo", prompt=p, max_tokens=10, temperature=0,
+                                                  extra_body={"ignore_eos": True, "return_token_ids": True})
+            assert out.choices[0].model_extra["token_ids"] == w
+        moved = _moved(before, await metrics(dep))
+        assert set(moved) == {"nixl"}, moved
+        await client.close()
+        await assert_launch_clean(dep.engines)
+    finally:
+        assert dep.stop() == 0

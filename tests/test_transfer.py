@@ -292,3 +292,22 @@ def test_nixl_revoke_waits_until_the_writer_stopped(pair):
     _wait_for(lambda: outcomes)
     assert not outcomes[0].ok and errors and errors[0].code == "aborted"
     assert dst[1:].abs().sum() == 0, "a layer was written after the revocation"
+
+
+def test_a_transport_that_cannot_start_is_left_out_under_auto(monkeypatch):
+    """`--transport auto` (best effort): a transport whose library fails on this pool is not offered and
+    the engine starts on the rest; named explicitly, the same failure stops the receiver."""
+    from kvapi.transfer import ucx
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("cannot register this pool")
+
+    monkeypatch.setattr(ucx.UCXTransport, "__init__", broken)
+    pool = torch.zeros(SPEC.cache_shape(4))
+    rx = KVReceiver(pool, SPEC, transports=["ucx"], best_effort=True)
+    try:
+        assert list(rx.transports) == ["tcp"] and "ucx_address" not in rx.fields
+    finally:
+        rx.close()
+    with pytest.raises(RuntimeError, match="cannot register"):
+        KVReceiver(pool, SPEC, transports=["ucx"])

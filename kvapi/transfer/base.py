@@ -53,6 +53,7 @@ _REGISTRY = {
     "tcp": "kvapi.transfer.tcp:TCPTransport",
 }
 TRANSPORTS = tuple(_REGISTRY)
+FALLBACK = TRANSPORTS[-1]  # always offered, the last resort of every pair
 
 
 class TransferError(RuntimeError):

@@ -31,6 +31,7 @@ import torch
 
 from kvapi.spec import KVSpec, KVSpecMismatch
 from kvapi.transfer.base import (
+    FALLBACK,
     Hello,
     Reply,
     TransferError,
@@ -116,12 +117,15 @@ class KVReceiver:
         max_handshakes: connections allowed to be introducing themselves at once.
         nixl: also accept one-sided NIXL writes into the pool (needs `nixl-cu12`).
         transports: the transports to offer, by name (overrides shm_path/ucx/nixl; tcp always).
+        best_effort: a transport that fails to start (say NIXL cannot register this pool) is left
+            out with a warning instead of failing the receiver (`--transport auto`).
     """
 
     def __init__(self, pool: torch.Tensor, spec: KVSpec, host: str = "127.0.0.1", port: int = 0,
                  shm_path: str = "", timeout: float = 30.0, stall_timeout: float = 300.0,
                  max_connections: int = 64, ucx: bool = False, handshake_timeout: float = 5.0,
-                 max_handshakes: int = 256, nixl: bool = False, transports: list[str] | None = None) -> None:
+                 max_handshakes: int = 256, nixl: bool = False, transports: list[str] | None = None,
+                 best_effort: bool = False) -> None:
         self.pool, self.spec, self.shm_path = pool, spec, shm_path
         self.timeout, self.stall_timeout, self.handshake_timeout = timeout, stall_timeout, handshake_timeout
         self._handshakes = threading.BoundedSemaphore(max_handshakes)
@@ -135,9 +139,14 @@ class KVReceiver:
         self._slots = threading.BoundedSemaphore(max_connections)
         if transports is None:
             transports = [name for name, on in (("shm", bool(shm_path)), ("ucx", ucx), ("nixl", nixl)) if on]
-        names = [*dict.fromkeys([*transports, "tcp"])]
-        self.transports: dict[str, Transport] = {
-            name: transport_class(name)(pool, spec, host=host.strip("[]"), shm_path=shm_path) for name in names}
+        self.transports: dict[str, Transport] = {}
+        for name in dict.fromkeys([*transports, FALLBACK]):
+            try:
+                self.transports[name] = transport_class(name)(pool, spec, host=host.strip("[]"), shm_path=shm_path)
+            except Exception as exc:  # NOTE: each library fails its own way (nixl, ucxx bindings)
+                if not best_effort or name == FALLBACK:
+                    raise
+                log.warning("kv receiver: transport %s could not start (%s); it is not offered", name, exc)
         self.fields: dict = {"offers": {}}  # what this receiver puts in every KVAddr
         for t in self.transports.values():
             offer = t.offer()

@@ -14,14 +14,14 @@ from typing import Any
 
 from kvapi.spec import KVSpec
 from kvapi.transfer import KVAddr, KVReceiver, KVSender, TransferOutcome, choose_transport
-from kvapi.transfer.base import TRANSPORTS, transport_class
+from kvapi.transfer.base import FALLBACK, TRANSPORTS, transport_class
 
 __all__ = ["KVPlane", "PlaneHooks", "pick_transports"]
 
 
 def pick_transports(choice: str, device: str, allowed: tuple[str, ...] = TRANSPORTS,
                     shared_pool: bool = True) -> list[str]:
-    """Transports an engine offers for `--transport CHOICE`, in preference order (tcp always last);
+    """Transports an engine offers for `--transport CHOICE`, in preference order (the fallback, tcp, last);
     raises ValueError for an impossible choice.
 
     `allowed`: what the backend can serve (vLLM owns its KV memory: no shared pool);
@@ -38,7 +38,7 @@ def pick_transports(choice: str, device: str, allowed: tuple[str, ...] = TRANSPO
             offered.append(name)
         elif choice != "auto":
             raise ValueError(f"--transport {name}: {why or 'this backend has no shared KV pool'}; use auto or tcp")
-    return [*dict.fromkeys([*offered, "tcp"])]
+    return [*dict.fromkeys([*offered, FALLBACK])]
 
 
 class KVPlane:
@@ -53,12 +53,16 @@ class KVPlane:
         shm_path: the file backing `pool` when it is in shared memory.
         host_id: this machine's identity (shm only between engines with the same one).
         timeout: seconds a transfer may stall.
+        best_effort: leave out (with a warning) a transport that fails to start (`--transport auto`).
     """
 
     def __init__(self, engine_id: str, pool: Any, spec: KVSpec, transports: list[str], host: str = "127.0.0.1",
-                 port: int = 0, shm_path: str = "", host_id: str = "", timeout: float = 30.0) -> None:
-        self.engine_id, self.spec, self.transports, self.host_id = engine_id, spec, list(transports), host_id
-        self.receiver = KVReceiver(pool, spec, host, port, shm_path=shm_path, transports=self.transports)
+                 port: int = 0, shm_path: str = "", host_id: str = "", timeout: float = 30.0,
+                 best_effort: bool = False) -> None:
+        self.engine_id, self.spec, self.host_id = engine_id, spec, host_id
+        self.receiver = KVReceiver(pool, spec, host, port, shm_path=shm_path, transports=list(transports),
+                                   best_effort=best_effort)
+        self.transports = [t for t in transports if t in self.receiver.transports]
         self.sender = KVSender(pool, spec, timeout, host=host.strip("[]"), transports=self.receiver.transports)
 
     @property

@@ -139,7 +139,9 @@ class EngineServer:
         llm = LLMEngine(opts.model, opts.device, opts.dtype, opts.config,
                         kv_cache_factory=factory if shared else None)
         plane = KVPlane(self.engine_id, llm.runner.kv_cache, llm.kv_spec, self.transports, opts.kv_host,
-                        opts.kv_port, self.pool.path if self.pool else "", host_id(), opts.transfer_timeout)
+                        opts.kv_port, self.pool.path if self.pool else "", host_id(), opts.transfer_timeout,
+                        best_effort=opts.transport == "auto")
+        self.transports = plane.transports
         self.service: EngineService = BuiltinService(llm, self.engine_id, plane,
                                                      opts.lease_s, opts.transfer_timeout, opts.max_lease_s)
         if opts.kv_store:
@@ -174,7 +176,7 @@ class EngineServer:
                                  num_kv_blocks=cfg.num_kv_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
                                  kv_host=opts.kv_host, kv_port=opts.kv_port, lease_s=opts.lease_s,
                                  transfer_timeout=opts.transfer_timeout, max_lease_s=opts.max_lease_s,
-                                 transports=transports)
+                                 transports=transports, best_effort=opts.transport == "auto")
         self.service.hold.interval = cfg.stream_interval
         self.transports = self.service.transports
 

@@ -67,7 +67,8 @@ class VLLMService(PlaneHooks, EngineService):
                  num_kv_blocks: int | None = None, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, kv_host: str = "127.0.0.1", kv_port: int = 0,
                  lease_s: float = 60.0, transfer_timeout: float = 30.0, seed: int = 0,
-                 max_lease_s: float = MAX_LEASE_S, transports: list[str] | None = None) -> None:
+                 max_lease_s: float = MAX_LEASE_S, transports: list[str] | None = None,
+                 best_effort: bool = False) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # scheduler + worker in this process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default takes most of the RAM
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only our READY line
@@ -108,7 +109,8 @@ class VLLMService(PlaneHooks, EngineService):
         self.num_blocks = first.shape[0]
         pages = BlockPages([self.bridge.layers[n] for n in names])
         self.plane = KVPlane(engine_id, pages, self.kv_spec, self.transports, kv_host, kv_port,
-                             host_id=host_id(), timeout=transfer_timeout)
+                             host_id=host_id(), timeout=transfer_timeout, best_effort=best_effort)
+        self.transports = self.plane.transports
         self._vllm = ThreadPoolExecutor(1, thread_name_prefix="vllm-step")
         self._send_pool = ThreadPoolExecutor(8, thread_name_prefix="kv-send")
         self._pending: dict[str, asyncio.Queue[StepOutput]] = {}  # receivers' outputs before start_generate

@@ -12,9 +12,9 @@ import socket
 
 import torch
 
-from kvapi.transfer.base import KVAddr, Reply, TransferError, Transport, Writer, block_runs, recv_exact, tune
+from kvapi.transfer.base import KVAddr, Reply, TransferError, Transport, Writer, block_runs, recv_exact
 
-__all__ = ["TCPTransport", "recv_layer", "send_layer", "tune"]
+__all__ = ["TCPTransport", "recv_layer", "send_layer"]
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:

@@ -110,7 +110,7 @@ async def run_config(model: str, label: str, tiers: list[str], args, engines: in
             p.stop()
 
 
-def bandwidth(valkey: ValkeyProcess, root: Path, password: str, spec: KVSpec,
+def bandwidth(valkey: ValkeyProcess, root: Path, password: str, spec: KVSpec, secret: bytes,
               mib: int = 128) -> list[tuple[str, float, float]]:
     size, ns = entry_bytes(spec), namespace("bench", spec)
     n = (mib << 20) // size
@@ -119,7 +119,7 @@ def bandwidth(valkey: ValkeyProcess, root: Path, password: str, spec: KVSpec,
     out = [memoryview(bytearray(size)) for _ in range(n)]
     rows = []
     for spec_str in (f"host:{4 * mib}MiB", f"disk:{root}/bw", valkey.url):
-        tier = open_tier(spec_str, ns, size, password, timeout=5.0)
+        tier = open_tier(spec_str, ns, size, password, timeout=5.0, secret=secret)
         store = TieredStore([tier])
         tier.put([(h, memoryview(d)) for h, d in zip(hashes, data)])
         seg = store.lookup(hashes)
@@ -161,6 +161,14 @@ def bandwidth(valkey: ValkeyProcess, root: Path, password: str, spec: KVSpec,
     return rows
 
 
+def print_bandwidth(valkey: ValkeyProcess, root: Path, key) -> None:
+    print("\n| entry | tier | load GB/s (sealed) | raw path GB/s | ratio |\n|---|---|---|---|---|", flush=True)
+    for label, spec in (("128 KiB (a 0.5B model)", KVSpec(8, 2, 64, "float32", BS)),
+                        ("2 MiB (Llama-3.1-8B, bf16)", KVSpec(32, 8, 128, "bfloat16", BS))):
+        for tier, ours, raw in bandwidth(valkey, root, key.store_password, spec, key.store_key):
+            print(f"| {label} | {tier} | {ours:.2f} | {raw:.2f} | {ours / raw:.2f} |", flush=True)
+
+
 async def main(args) -> None:
     key = resolve(ensure_cluster_key())
     model = Path(tempfile.gettempdir()) / f"microserve-bench-kvstore-{args.hidden}"
@@ -176,6 +184,9 @@ async def main(args) -> None:
           f"a turn; pool {max(64, working_set_blocks(args) // 5)} blocks of a working set of "
           f"{working_set_blocks(args)}", flush=True)
     with ValkeyProcess(password=key.store_password) as valkey:
+        if args.bandwidth:
+            print_bandwidth(valkey, root, key)
+            return
         rows, reference = [], None
         for label, tiers in (("none", []), ("host", ["host:1GiB"]), ("disk", [f"disk:{root}/disk"]),
                              ("valkey", [valkey.url])):
@@ -200,11 +211,7 @@ async def main(args) -> None:
         print("\n| layout | prompt tokens not computed | vs one unbounded engine |\n|---|---|---|")
         print(f"| 1 engine, pool holds everything | {one} | 1.00 |")
         print(f"| 2 engines round robin, small pools + valkey | {two} | {two / one:.2f} |")
-        print("\n| entry | tier | load GB/s | raw path GB/s | ratio |\n|---|---|---|---|---|")
-        for label, spec in (("128 KiB (a 0.5B model)", KVSpec(8, 2, 64, "float32", BS)),
-                            ("2 MiB (Llama-3.1-8B, bf16)", KVSpec(32, 8, 128, "bfloat16", BS))):
-            for tier, ours, raw in bandwidth(valkey, root, key.store_password, spec):
-                print(f"| {label} | {tier} | {ours:.2f} | {raw:.2f} | {ours / raw:.2f} |")
+        print_bandwidth(valkey, root, key)
     import shutil
 
     shutil.rmtree(root, ignore_errors=True)
@@ -219,4 +226,5 @@ if __name__ == "__main__":
     p.add_argument("--user", type=int, default=96)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--bandwidth", action="store_true", help="only the load bandwidth table")
     asyncio.run(main(p.parse_args()))

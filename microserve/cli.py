@@ -90,7 +90,8 @@ def _serve_setup(args: argparse.Namespace, model: str | None):
     strategy = load_strategy(args.strategy, strategy_args)
     name = args.served_model_name or (model if model in (None, "demo") else Path(model).name) or "model"
     opts = ServeOptions(args.host, args.port, args.api_key, name, args.request_timeout, args.max_retries,
-                        args.max_pending, args.cluster_key, args.admin_key, args.evict_after)
+                        args.max_pending, args.cluster_key, args.admin_key, args.evict_after,
+                        args.allow_code_upload, args.metrics_key)
     return strategy, opts
 
 
@@ -307,7 +308,12 @@ def _serve_options() -> argparse.ArgumentParser:
     g.add_argument("--api-key", default=os.environ.get("MICROSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MICROSERVE_API_KEY)")
     g.add_argument("--admin-key", default=os.environ.get("MICROSERVE_ADMIN_KEY"),
-                   help="bearer key of the admin API, /admin/* (default: --api-key; neither: the admin API is off)")
+                   help="bearer key of the admin API, /admin/* (default $MICROSERVE_ADMIN_KEY; never the API key: "
+                        "without one the admin API is off)")
+    g.add_argument("--allow-code-upload", action="store_true",
+                   help="let PUT /admin/strategy take Python source in its body (default: only a path on this host)")
+    g.add_argument("--metrics-key", default=os.environ.get("MICROSERVE_METRICS_KEY"),
+                   help="require a bearer key on /metrics (default $MICROSERVE_METRICS_KEY; unset: /metrics is open)")
     g.add_argument("--served-model-name", default=None, help="model name clients use (default: the folder name)")
     g.add_argument("--request-timeout", type=float, default=600.0, help="per-request deadline in seconds")
     g.add_argument("--max-retries", type=int, default=2,

@@ -43,8 +43,10 @@ class ServeOptions:
     max_retries: int = 2
     max_pending: int = 1024
     cluster_key: str | None = None  # key file; launch makes a fresh one per run when None
-    admin_key: str | None = None  # the admin API's key (default: api_key; neither: the admin API is off)
+    admin_key: str | None = None  # the admin API's key (never the API key; none: the admin API is off)
     evict_after: float = 30.0  # seconds a joined engine may stay down before it leaves the cluster
+    allow_code_upload: bool = False  # PUT /admin/strategy may carry Python source
+    metrics_key: str | None = None  # bearer key of /metrics (None: open)
 
 
 @dataclass
@@ -198,7 +200,8 @@ async def serve(cluster: Cluster, strategy: Strategy, tokenizer, opts: ServeOpti
         router = Router(cluster, strategy, tokenizer, request_timeout=opts.request_timeout,
                         max_retries=opts.max_retries, max_pending=opts.max_pending)
         router.engines = engines
-        gateway = Gateway(router, opts.served_model_name, opts.api_key, opts.admin_key)
+        gateway = Gateway(router, opts.served_model_name, opts.api_key, opts.admin_key,
+                          allow_code_upload=opts.allow_code_upload, metrics_key=opts.metrics_key)
         runner, port = await serve_http(gateway, opts.host, opts.port)
         url = f"http://{_url_host(opts.host)}:{port}"
         if engines is not None:

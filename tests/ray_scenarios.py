@@ -137,7 +137,8 @@ def main(model: str, out: str) -> None:
     try:
         # 1. PD across nodes, scale decode to 2 under load, kill -9 an engine with streams in flight
         dep = start_launch("--ray", cluster.address, "--strategy", str(ROOT / "strategies/pd.py"), "--model", model,
-                           "--api-key", KEY, "--served-model-name", "demo", "--log-level", "warning", timeout=240)
+                           "--api-key", KEY, "--admin-key", KEY, "--served-model-name", "demo",
+                           "--log-level", "warning", timeout=240)
         facts["pd_ready_s"] = round(time.time() - t0, 1)
         drain(dep)
         facts["pd_nodes"] = dict(item.split("@") for item in dep.ready["nodes"].split(","))
@@ -183,7 +184,7 @@ def main(model: str, out: str) -> None:
         # 2. round robin, two engines spread over the nodes
         dep = start_launch("--ray", cluster.address, "--strategy", str(ROOT / "strategies/round_robin.py"),
                            "--engines", "2", "--placement", "spread", "--model", model, "--api-key", KEY,
-                           "--served-model-name", "demo", "--log-level", "warning", timeout=240)
+                           "--admin-key", KEY, "--served-model-name", "demo", "--log-level", "warning", timeout=240)
         drain(dep)
         facts["rr_nodes"] = dict(item.split("@") for item in dep.ready["nodes"].split(","))
         client = openai.OpenAI(base_url=dep.base_url, api_key=KEY, max_retries=0, timeout=120)

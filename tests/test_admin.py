@@ -18,13 +18,16 @@ from engines import spawn_engine
 
 from microserve.router import EngineHandle
 
-KEY = "admin-secret"
+KEY = "admin-secret"  # the admin key
+API = "api-secret"  # the API key: opens /v1/*, never /admin/*
+METRICS = "metrics-secret"
 
 
 @pytest.fixture(scope="module")
 def setup(demo_path):
     dep = start_launch("--strategy", "strategies/round_robin.py", "--model", str(demo_path), "--engines", "1",
-                       "--api-key", KEY, "--served-model-name", "demo", "--log-level", "error")
+                       "--api-key", API, "--admin-key", KEY, "--metrics-key", METRICS, "--served-model-name", "demo",
+                       "--log-level", "error")
     extra = spawn_engine(str(demo_path), "--num-kv-blocks", "256", "--log-level", "error", engine_id="joiner")
     yield dep, extra
     dep.stop()
@@ -63,18 +66,36 @@ async def computed(address: str) -> int:
         return (await h.stats()).computed_tokens_total
 
 
-async def test_the_admin_api_needs_its_key(setup):
+async def test_the_admin_api_needs_its_key(setup, tmp_path):
+    """Neither no key, a wrong one, a header that is not UTF-8 nor the API key opens the admin API; the
+    admin key does, but even it cannot upload code without --allow-code-upload: refused before any of
+    it runs. /metrics needs its own key."""
     dep, _ = setup
+    marker = tmp_path / "ran"
+    source = f"import pathlib; pathlib.Path({str(marker)!r}).write_text('x')\n" + (
+        "from microserve import Strategy\nclass S(Strategy):\n    roles = {'engine': 1}\n")
     async with aiohttp.ClientSession() as s:
-        for headers in ({}, {"Authorization": "Bearer wrong"}):
-            async with s.get(dep.url + "/admin/engines", headers=headers) as r:
-                assert r.status == 401
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {API}"},
+                        {"Authorization": "Bearer \xff\xfe"}):
+            for method, path, body in (("GET", "/admin/engines", None), ("PUT", "/admin/scale", {"engine": 2}),
+                                       ("PUT", "/admin/strategy", {"source": source})):
+                async with s.request(method, dep.url + path, json=body, headers=headers) as r:
+                    assert r.status == 401, (headers, path, r.status)
+        async with s.put(dep.url + "/admin/strategy", json={"source": source},
+                         headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status == 403 and "--allow-code-upload" in (await r.json())["error"]["message"]
+        assert not marker.exists()
+        async with s.get(dep.url + "/metrics") as r:
+            assert r.status == 401
+        async with s.get(dep.url + "/metrics", headers={"Authorization": f"Bearer {METRICS}"}) as r:
+            assert r.status == 200 and "microserve_" in await r.text()
     assert ctl(dep, "engines", key="wrong").returncode == 2
+    assert ctl(dep, "engines", key=API).returncode == 2
 
 
 async def test_join_role_strategy_and_drain_while_serving(setup):
     dep, extra = setup
-    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key=KEY, max_retries=0)
+    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key=API, max_retries=0)
     listed = json.loads(ctl(dep, "engines").stdout)["engines"]
     assert [e["role"] for e in listed] == ["engine"]
     # an engine joins and takes a share of new requests at once
@@ -105,7 +126,8 @@ async def test_join_role_strategy_and_drain_while_serving(setup):
     # drain the joined engine with streams running: every stream completes, then it is gone
     await ctl_under_load(dep, client, "remove", "joiner")
     assert [e["id"] for e in json.loads(ctl(dep, "engines").stdout)["engines"]] == [first]
-    async with aiohttp.ClientSession() as s, s.get(dep.url + "/metrics") as r:
+    async with aiohttp.ClientSession() as s, s.get(dep.url + "/metrics",
+                                                   headers={"Authorization": f"Bearer {METRICS}"}) as r:
         metrics = await r.text()
     for action in ("add", "role", "strategy", "remove"):
         assert f'microserve_admin_changes_total{{action="{action}"' in metrics
@@ -117,7 +139,7 @@ async def test_an_engine_joins_with_the_cluster_key_and_leaves_on_sigterm(setup,
     from engines import start_engine, wait_engine
 
     dep, _ = setup
-    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key=KEY, max_retries=0)
+    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key=API, max_retries=0)
     eng = wait_engine(start_engine(str(demo_path), "--num-kv-blocks", "256", "--log-level", "warning",
                                    "--join", dep.url, "--role", "engine", engine_id="volunteer"))
     try:
@@ -144,7 +166,7 @@ async def test_an_engine_joins_with_the_cluster_key_and_leaves_on_sigterm(setup,
 @pytest.fixture(scope="module")
 def elastic(demo_path):
     dep = start_launch("--strategy", "strategies/round_robin.py", "--model", str(demo_path), "--engines", "1",
-                       "--api-key", KEY, "--served-model-name", "demo", "--log-level", "error",
+                       "--api-key", API, "--admin-key", KEY, "--served-model-name", "demo", "--log-level", "error",
                        "--evict-after", "2")
     yield dep
     dep.stop()
@@ -158,7 +180,7 @@ async def test_ctl_scale_starts_and_drains_launch_engines(elastic):
     """`ctl scale ROLE=N` on a plain `launch`: new engine subprocesses take requests; scaling down
     drains the newest and stops its process; a role the strategy needs cannot go to 0."""
     dep = elastic
-    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key=KEY, max_retries=0)
+    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key=API, max_retries=0)
     load = asyncio.ensure_future(stream_all(client, 6))
     up = ctl(dep, "scale", "engine=2")
     assert up.returncode == 0, up.stderr
@@ -201,7 +223,7 @@ async def test_a_joined_engine_that_stops_answering_is_evicted_and_rejoins(elast
         assert await until(lambda ids: "flaky" in ids, 10)
         eng.proc.send_signal(signal.SIGSTOP)  # it stops answering (a hung host, a partition)
         assert await until(lambda ids: "flaky" not in ids, 15), "not evicted"
-        client = openai.AsyncOpenAI(base_url=dep.base_url, api_key=KEY, max_retries=0)
+        client = openai.AsyncOpenAI(base_url=dep.base_url, api_key=API, max_retries=0)
         assert all(await stream_all(client, 4))  # served by the other engine meanwhile
         eng.proc.send_signal(signal.SIGCONT)
         assert await until(lambda ids: "flaky" in ids, 15), "did not re-join"

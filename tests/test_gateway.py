@@ -199,6 +199,11 @@ async def test_bad_chat_requests_and_auth(pd):
     assert code == 404 and "error" in body
     code, body, _ = await raw(pd, "GET", "/health", key=None)  # health and metrics need no key
     assert code == 200 and body["status"] == "ok"
+    # only an API key: the admin API is off, and the API key does not open it
+    code, body, _ = await raw(pd, "GET", "/admin/engines")
+    assert code == 403 and "--admin-key" in body["error"]["message"]
+    code, body, _ = await raw(pd, "PUT", "/admin/scale", {"decode": 2})
+    assert code == 403
     with pytest.raises(openai.AuthenticationError):
         await openai.AsyncOpenAI(base_url=pd.base_url, api_key="bad", max_retries=0).models.list()
     with pytest.raises(openai.NotFoundError):

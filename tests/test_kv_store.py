@@ -31,6 +31,7 @@ from kvapi.store import (
     open_tier,
     parse_size,
 )
+from kvapi.store.base import OVERHEAD, Seal
 from kvapi.store.disk import DiskStore
 from kvapi.store.server import ValkeyProcess
 from microserve import SamplingParams
@@ -159,8 +160,75 @@ def test_corrupt_entry_is_a_counted_miss(kind, tmp_path, valkey, monkeypatch):
         store.close()
 
 
+def _raw(kind: str, tier, h: int, valkey, new: bytes | None = None) -> bytes:
+    """The stored bytes of entry `h` as whoever reaches the tier sees them (and writes `new` there)."""
+    if kind == "disk":
+        path = tier._path(h)
+        old = path.read_bytes()
+        if new is not None:
+            path.write_bytes(new)
+        return old
+    if kind == "host":
+        frame = tier._frame(tier._find(h))
+        old = bytes(frame)
+        if new is not None:
+            frame[:] = new
+        return old
+    import redis
+
+    client = redis.Redis(host=valkey.host, port=valkey.port, password=resolve_key(None).store_password)
+    try:
+        key = f"mskv:{NS.hex()}:{h:016x}"
+        old = client.get(key)
+        if new is not None:
+            client.set(key, new)
+        return old
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("kind", ["host", "disk", "valkey"])
+def test_entries_are_sealed_forged_replayed_or_foreign_ones_are_counted_misses(kind, tmp_path, valkey, monkeypatch):
+    """Whoever reaches a tier without the cluster's key reads nothing of the KV, and nothing it writes
+    (an entry sealed under another key, a real entry replayed under another prefix hash, a truncated
+    one) is ever loaded: each is a miss counted as an error, and the entry is removed."""
+    monkeypatch.setenv("MICROSERVE_KV_HOST_DIR", str(tmp_path))
+    secret = os.urandom(32)
+    tier = open_tier(tier_spec(kind, tmp_path, valkey), NS, SIZE, resolve_key(None).store_password, secret=secret)
+    store = TieredStore([tier])
+    try:
+        hashes = [random.getrandbits(64) for _ in range(4)]
+        tier.put([(h, payload(h)) for h in hashes])
+        raw = _raw(kind, tier, hashes[0], valkey)
+        assert bytes(payload(hashes[0])[:64]) not in raw  # unreadable without the key
+        out = bufs(4)
+        assert store.load(hashes, store.lookup(hashes), out, 4) == 4  # the key holder reads them all
+        assert all(bytes(out[i]) == bytes(payload(h)) for i, h in enumerate(hashes))
+        # a forger without the key seals its own bytes well formed, under its own key
+        forged = Seal(NS, os.urandom(32)).seal(hashes[0], bytes(SIZE))
+        _raw(kind, tier, hashes[0], valkey, bytes(forged))
+        # a real entry, replayed under another prefix hash
+        _raw(kind, tier, hashes[1], valkey, _raw(kind, tier, hashes[2], valkey))
+        # a truncated one (a tier keeps its frame size: cut the valkey value, zero the rest elsewhere)
+        whole = _raw(kind, tier, hashes[3], valkey)
+        _raw(kind, tier, hashes[3], valkey, whole[:-100] if kind != "host" else whole[:-100] + bytes(100))
+        for i in (0, 1, 3):
+            with pytest.raises(CorruptEntry):
+                tier.get([hashes[i]], bufs(1))
+            assert tier.contains([hashes[i]]) == 0, f"entry {i} was not removed"
+        assert tier.get(hashes[2:3], out[2:3]) == 1  # the replayed one is still good under its own hash
+        # and through the tiers: a counted miss, never KV
+        tier.put([(hashes[0], payload(hashes[0]))])
+        _raw(kind, tier, hashes[0], valkey, bytes(Seal(NS, os.urandom(32)).seal(hashes[0], bytes(SIZE))))
+        errors = store.stats[tier.tier].errors
+        assert store.load(hashes[:1], [(0, 1)], bufs(1), 4) == 0
+        assert store.stats[tier.tier].errors == errors + 1
+    finally:
+        store.close()
+
+
 def test_disk_tier_lru_crash_safety_and_read_only_folder(tmp_path, caplog):
-    frame = 40 + SIZE
+    frame = OVERHEAD + SIZE
     root = tmp_path / "d"
     tier = DiskStore(NS, SIZE, root, capacity=3 * frame)
     hashes = [random.getrandbits(64) for _ in range(4)]

@@ -163,7 +163,7 @@ async def test_rebalance_moves_a_long_decode_and_keeps_its_output(demo_path, ref
 @pytest.fixture(scope="module")
 def pair(demo_path):
     dep = start_launch("--strategy", "strategies/round_robin.py", "--engines", "2", "--model", str(demo_path),
-                       "--api-key", "k", "--served-model-name", "demo", "--num-kv-blocks", "1600",
+                       "--api-key", "k", "--admin-key", "k", "--served-model-name", "demo", "--num-kv-blocks", "1600",
                        "--max-num-seqs", "32", "--log-level", "error")
     yield dep
     dep.stop()

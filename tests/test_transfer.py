@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -174,6 +175,113 @@ def test_idle_connections_take_no_transfer_slot_but_real_transfers_are_capped():
     finally:
         for sock in [*idle, garbage]:
             sock.close()
+        rx.close()
+        shared.close()
+
+
+def test_a_flood_of_idle_connections_and_a_trickled_hello_never_stop_a_transfer():
+    """A keyless flooder holds 300 connections to the KV port and opens a new one for every one
+    closed, and a trickler sends a hello a byte at a time: 20 transfers still succeed one after
+    another (the oldest introductions make room; a real hello follows its connect at once), and
+    the trickled hello is cut by the deadline on the whole hello, before it is half sent."""
+    from kvapi.transfer.base import Hello, _encoder
+
+    shared = SharedPool(SPEC, 32)
+    rx = KVReceiver(shared.tensor, SPEC, shm_path=shared.path, handshake_timeout=1.0)
+    host, port = rx.endpoint.rsplit(":", 1)
+    stop, flood = threading.Event(), []
+
+    def flooder() -> None:
+        while not stop.is_set():
+            for i, sock in enumerate(flood):
+                if sock is None or sock.fileno() < 0:
+                    continue
+                try:  # NOTE: closed by the receiver: reconnect at once
+                    sock.setblocking(False)
+                    if sock.recv(1) == b"":
+                        sock.close()
+                        flood[i] = None
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    sock.close()
+                    flood[i] = None
+            for i, sock in enumerate(flood):
+                if sock is None:
+                    with contextlib.suppress(OSError):
+                        flood[i] = socket.create_connection((host, int(port)))
+            time.sleep(0.01)
+
+    hello = _encoder.encode(Hello("x", "y", "tcp", SPEC, [1], 0, 4))
+    frame = len(hello).to_bytes(4, "big") + hello
+    cut_after: list[int] = []
+
+    def trickler() -> None:
+        sock = socket.create_connection((host, int(port)))
+        sock.settimeout(0.25)
+        for i, byte in enumerate(frame):
+            try:
+                sock.sendall(bytes([byte]))
+                if sock.recv(1) == b"":
+                    cut_after.append(i + 1)
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                cut_after.append(i + 1)
+                break
+        sock.close()
+
+    flood.extend(socket.create_connection((host, int(port))) for _ in range(300))
+    threads = [threading.Thread(target=flooder), threading.Thread(target=trickler)]
+    for t in threads:
+        t.start()
+    try:
+        tx = KVSender(torch.randn(SPEC.cache_shape(32)), SPEC)
+        for i in range(20):
+            rx.open_ticket(f"t{i}", "s3cret", [i + 1], lambda o: None)
+            for mode in ("tcp", "shm"):
+                if mode == "shm":
+                    rx.open_ticket(f"t{i}s", "s3cret", [i + 1], lambda o: None)
+                stats = tx.send(addr(rx, [i + 1], 0, 4, ticket=f"t{i}" + ("s" if mode == "shm" else "")), 0, 4,
+                                lambda: [0], mode)
+                assert stats.nbytes > 0
+        threads[1].join(30)
+        assert cut_after and cut_after[0] < len(frame) // 2, (cut_after, len(frame))
+        assert rx.refused_handshakes > 300
+    finally:
+        stop.set()
+        threads[0].join(10)
+        for sock in flood:
+            if sock is not None:
+                sock.close()
+        rx.close()
+        shared.close()
+
+
+def test_a_refused_hello_learns_nothing_and_a_wrong_pool_leaves_the_ticket_live():
+    """A peer without the ticket's secret gets no pool path in the reply; a sender whose (signed) address
+    names another shared pool is refused before the ticket is taken, so the ticket stays live and the
+    real transfer still lands."""
+    from kvapi.transfer.base import Hello, Reply, recv_msg, send_msg
+
+    shared = SharedPool(SPEC, 8)
+    rx = KVReceiver(shared.tensor, SPEC, shm_path=shared.path)
+    outcomes: list = []
+    try:
+        rx.open_ticket("t", "s3cret", [1], outcomes.append)
+        host, port = rx.endpoint.rsplit(":", 1)
+        for secret, pool in (("guess", ""), ("s3cret", "/proc/1/fd/3")):
+            with socket.create_connection((host, int(port))) as sock:
+                send_msg(sock, Hello("t", secret, "shm", SPEC, [1], 0, 4, pool))
+                reply = recv_msg(sock)
+            assert isinstance(reply, Reply) and not reply.ok and reply.code == "forbidden"
+            assert reply.shm_path == "" and shared.path not in reply.error
+        assert outcomes == [] and not rx.is_active("t")
+        tx = KVSender(torch.randn(SPEC.cache_shape(8)), SPEC)
+        assert tx.send(addr(rx, [1], 0, 4), 0, 4, lambda: [0], "shm").nbytes > 0
+        assert outcomes[-1].ok
+    finally:
         rx.close()
         shared.close()
 

@@ -15,18 +15,16 @@ import re
 from kvapi.store.base import (
     CorruptEntry,
     KVStore,
+    Seal,
     StoreError,
     TierStats,
-    check_frame,
     entry_bytes,
     namespace,
-    pack_header,
 )
 from kvapi.store.tiers import EventHook, TieredStore
 
-__all__ = ["CorruptEntry", "KVStore", "StoreError", "TierStats", "TieredStore", "check_frame", "check_spec",
-           "check_specs",
-           "entry_bytes", "namespace", "open_store", "open_tier", "pack_header", "parse_size"]
+__all__ = ["CorruptEntry", "KVStore", "Seal", "StoreError", "TierStats", "TieredStore", "check_spec", "check_specs",
+           "entry_bytes", "namespace", "open_store", "open_tier", "parse_size"]
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -62,21 +60,23 @@ def check_spec(spec: str) -> str:
                      "or redis://HOST:PORT[/DB]")
 
 
-def open_tier(spec: str, ns: bytes, size: int, password: str | None = None, timeout: float = 0.5) -> KVStore:
-    """One tier from its `--kv-store` SPEC; `size`: payload bytes of one block."""
+def open_tier(spec: str, ns: bytes, size: int, password: str | None = None, timeout: float = 0.5,
+              secret: bytes = b"") -> KVStore:
+    """One tier from its `--kv-store` SPEC; `size`: payload bytes of one block; `secret`: the cluster's
+    store secret its entries are sealed with (b"": an insecure engine)."""
     kind = check_spec(spec)
     if kind == "host":
         from kvapi.store.host import HostStore
 
-        return HostStore(ns, size, parse_size(spec[5:]))
+        return HostStore(ns, size, parse_size(spec[5:]), secret=secret)
     if kind == "disk":
         from kvapi.store.disk import DiskStore
 
         path, _, cap = spec[5:].partition(":")
-        return DiskStore(ns, size, path, parse_size(cap) if cap else None)
+        return DiskStore(ns, size, path, parse_size(cap) if cap else None, secret=secret)
     from kvapi.store.remote import RemoteStore
 
-    return RemoteStore(ns, size, spec, password=password, timeout=timeout)
+    return RemoteStore(ns, size, spec, password=password, timeout=timeout, secret=secret)
 
 
 def check_specs(specs: list[str]) -> None:
@@ -88,13 +88,13 @@ def check_specs(specs: list[str]) -> None:
 
 
 def open_store(specs: list[str], ns: bytes, size: int, password: str | None = None,
-               on_event: EventHook | None = None, queue_bytes: int = 256 << 20) -> TieredStore:
+               on_event: EventHook | None = None, queue_bytes: int = 256 << 20, secret: bytes = b"") -> TieredStore:
     """The engine's tiers in `specs` order (duplicated tiers are refused)."""
     check_specs(specs)
     tiers: list[KVStore] = []
     try:
         for spec in specs:
-            tiers.append(open_tier(spec, ns, size, password))
+            tiers.append(open_tier(spec, ns, size, password, secret=secret))
     except BaseException:
         for tier in tiers:
             tier.close()

@@ -1,14 +1,19 @@
 """`KVStore`: one tier below an engine's page pool, keyed by the radix cache's chained prefix hash.
 
-An entry is one whole block (every layer, K and V) of one prefix, framed with a header that
-names what it is and checks what it holds:
+An entry is one whole block (every layer, K and V) of one prefix, sealed with an AEAD (AES-256-GCM)
+under a key derived from the cluster's key and the namespace:
 
-    | magic "MSKV" v1 | namespace (8 B) | prefix hash (8 B) | payload bytes (8 B) | xxh3-64 (8 B) | payload ... |
+    | magic "MSKV" v2 | namespace (8 B) | prefix hash (8 B) | payload bytes (8 B) | nonce (12 B) |   header, 44 B
+    | ciphertext of the payload ... | tag (16 B) |
 
-The namespace is a hash of the model's fingerprint and the `KVSpec` (layers, heads, head dim,
-dtype, block size, layout): two deployments share a tier safely, and another model, dtype or
-block size never reads an entry it cannot use. A frame whose header or checksum does not match
-is a miss (counted as an error), never KV.
+The header is the AEAD's associated data, so an entry opens only as the entry it was written as:
+a modified, truncated or foreign entry (another cluster's key, another namespace) and one replayed
+under another prefix hash all fail the tag, and are a miss (counted as an error), never KV. Without
+the key the contents are unreadable. The namespace is a hash of the model's fingerprint and the
+`KVSpec` (layers, heads, head dim, dtype, block size, layout): two deployments share a tier safely,
+and another model, dtype or block size never reads an entry it cannot use. An engine without a
+cluster key (`--insecure`) seals under a key derived from the namespace alone: that still catches
+corruption, but anyone who reaches the tier can read and forge its entries.
 
 Every tier is synchronous and thread-safe; the engine calls it from its store threads
 (`kvapi.store.tiers.TieredStore`), never from the step loop. A tier that fails (a server down,
@@ -18,16 +23,21 @@ a full disk) raises `StoreError`; the caller counts it and treats it as a miss.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from dataclasses import dataclass
 
-import xxhash
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kvapi.spec import KVSpec
 
-_HEADER = struct.Struct("<4sI8sQQQ")
-HEADER_BYTES = _HEADER.size  # 40
-_MAGIC, _VERSION = b"MSKV", 1
+_HEADER = struct.Struct("<4sI8sQQ12s")
+HEADER_BYTES = _HEADER.size  # 44
+TAG_BYTES = 16
+OVERHEAD = HEADER_BYTES + TAG_BYTES  # a frame is the payload plus this
+_INTO = hasattr(AESGCM, "decrypt_into")  # cryptography >= 45 seals and opens without a copy
+_MAGIC, _VERSION = b"MSKV", 2
 
 
 class StoreError(RuntimeError):
@@ -58,26 +68,57 @@ def entry_bytes(spec: KVSpec) -> int:
     return spec.block_size * spec.bytes_per_token
 
 
-def pack_header(ns: bytes, prefix_hash: int, payload: memoryview | bytes) -> bytes:
-    return _HEADER.pack(_MAGIC, _VERSION, ns, prefix_hash, len(payload), xxhash.xxh3_64_intdigest(payload))
+class Seal:
+    """Seals and opens the entries of one namespace (AES-256-GCM, random 96-bit nonces).
 
+    Args:
+        ns: the namespace (`namespace`).
+        secret: the cluster's store secret (b"": an insecure engine; see the module docs).
+    """
 
-def check_payload(header: memoryview | bytes, payload: memoryview | bytes, ns: bytes, prefix_hash: int) -> bool:
-    """Whether `header` frames `payload` as the entry `prefix_hash` of namespace `ns`, intact."""
-    if len(header) != HEADER_BYTES:
-        return False
-    magic, version, their_ns, their_hash, length, digest = _HEADER.unpack_from(header)
-    return ((magic, version, their_ns, their_hash, length) == (_MAGIC, _VERSION, ns, prefix_hash, len(payload))
-            and xxhash.xxh3_64_intdigest(payload) == digest)
+    def __init__(self, ns: bytes, secret: bytes = b"") -> None:
+        self.ns = ns
+        key = hashlib.blake2b(ns, key=secret[:64], person=b"mskv-store-v2", digest_size=32).digest()
+        self._aead = AESGCM(key)
 
+    def frame_bytes(self, size: int) -> int:
+        return size + OVERHEAD
 
-def check_frame(frame: memoryview | bytes, ns: bytes, prefix_hash: int, size: int) -> memoryview | None:
-    """The payload of a framed entry when it is the entry asked for and intact, else None."""
-    frame = memoryview(frame)
-    if len(frame) != HEADER_BYTES + size:
-        return None
-    payload = frame[HEADER_BYTES:]
-    return payload if check_payload(frame[:HEADER_BYTES], payload, ns, prefix_hash) else None
+    def header(self, prefix_hash: int, size: int) -> bytes:
+        return _HEADER.pack(_MAGIC, _VERSION, self.ns, prefix_hash, size, os.urandom(12))
+
+    def seal_into(self, prefix_hash: int, payload: memoryview | bytes, frame: memoryview | bytearray) -> None:
+        """Write the sealed entry into `frame` (`frame_bytes(len(payload))` bytes)."""
+        header = self.header(prefix_hash, len(payload))
+        frame[:HEADER_BYTES] = header
+        if _INTO:
+            self._aead.encrypt_into(header[-12:], payload, header, memoryview(frame)[HEADER_BYTES:])
+        else:  # pragma: no cover  (cryptography < 45: one copy more)
+            frame[HEADER_BYTES:] = self._aead.encrypt(header[-12:], bytes(payload), header)
+
+    def seal(self, prefix_hash: int, payload: memoryview | bytes) -> bytearray:
+        frame = bytearray(self.frame_bytes(len(payload)))
+        self.seal_into(prefix_hash, payload, frame)
+        return frame
+
+    def open_into(self, frame: memoryview | bytes, prefix_hash: int, dst: memoryview) -> bool:
+        """Open `frame` as entry `prefix_hash` of this namespace into `dst` (its payload size).
+        False (and `dst` garbage) when it is not that entry, whole and untouched, under this key."""
+        frame = memoryview(frame)
+        if len(frame) != self.frame_bytes(len(dst)):
+            return False
+        header = bytes(frame[:HEADER_BYTES])
+        magic, version, ns, their_hash, length, nonce = _HEADER.unpack(header)
+        if (magic, version, ns, their_hash, length) != (_MAGIC, _VERSION, self.ns, prefix_hash, len(dst)):
+            return False
+        try:
+            if _INTO:
+                self._aead.decrypt_into(nonce, frame[HEADER_BYTES:], header, dst)
+            else:  # pragma: no cover  (cryptography < 45: one copy more)
+                dst[:] = self._aead.decrypt(nonce, bytes(frame[HEADER_BYTES:]), header)
+        except (InvalidTag, ValueError):
+            return False
+        return True
 
 
 @dataclass
@@ -102,8 +143,10 @@ class KVStore:
     tier: str = ""
     shared: bool = False
 
-    def __init__(self, ns: bytes, size: int) -> None:
+    def __init__(self, ns: bytes, size: int, secret: bytes = b"") -> None:
         self.ns, self.size = ns, size  # size: payload bytes of one entry
+        self.seal = Seal(ns, secret)
+        self.frame_bytes = self.seal.frame_bytes(size)  # what one entry takes in the tier
 
     def contains(self, hashes: list[int]) -> int:
         """How many of `hashes` (a prompt's chain, in order) are stored, counted from the first."""

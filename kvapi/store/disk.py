@@ -4,8 +4,8 @@
 
 A write goes to a temporary file that is renamed into place: a crash mid-write leaves a stray
 `.tmp` (removed at the next start), never a torn entry under a real name. A read is one
-`readv` into the header and the caller's buffer, checked by the frame's checksum; a corrupt
-file is deleted and counted. The size cap is kept per engine over what it sees (the files
+`read` of the sealed frame, opened into the caller's buffer (kvapi.store.base); a corrupt,
+foreign or forged file is deleted and counted. The size cap is kept per engine over what it sees (the files
 present at start, what it writes); engines sharing PATH each keep their own books, and one
 that finds an entry gone counts a miss. A full disk or a read-only folder raises `StoreError`.
 """
@@ -19,7 +19,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from kvapi.store.base import HEADER_BYTES, CorruptEntry, KVStore, StoreError, check_payload, pack_header
+from kvapi.store.base import CorruptEntry, KVStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 class DiskStore(KVStore):
     tier = "disk"
 
-    def __init__(self, ns: bytes, size: int, path: str | Path, capacity: int | None = None) -> None:
-        super().__init__(ns, size)
+    def __init__(self, ns: bytes, size: int, path: str | Path, capacity: int | None = None,
+                 secret: bytes = b"") -> None:
+        super().__init__(ns, size, secret)
         self.root = Path(path) / ns.hex()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -71,7 +72,7 @@ class DiskStore(KVStore):
         return len(hashes)
 
     def get(self, hashes: list[int], out: list[memoryview]) -> int:
-        header = bytearray(HEADER_BYTES)
+        frame = bytearray(self.frame_bytes + 1)  # NOTE: one byte more: a longer file is caught
         for i, (h, dst) in enumerate(zip(hashes, out)):
             path = self._path(h)
             try:
@@ -82,12 +83,12 @@ class DiskStore(KVStore):
             except OSError as exc:
                 raise StoreError(f"disk KV tier: cannot read {path}: {exc}") from exc
             try:
-                n = os.readv(fd, [header, dst])
+                n = os.readv(fd, [frame])
             except OSError as exc:
                 raise StoreError(f"disk KV tier: cannot read {path}: {exc}") from exc
             finally:
                 os.close(fd)
-            if n != HEADER_BYTES + self.size or not check_payload(header, dst, self.ns, h):
+            if n != self.frame_bytes or not self.seal.open_into(memoryview(frame)[:n], h, dst):
                 self._forget(h, unlink=True)
                 raise CorruptEntry(f"corrupt entry {path.name} in {self.root} (removed)", i)
             with self._lock:
@@ -97,7 +98,7 @@ class DiskStore(KVStore):
 
     def put(self, items: list[tuple[int, memoryview]]) -> list[int]:
         evicted: list[int] = []
-        frame = HEADER_BYTES + self.size
+        frame = self.frame_bytes
         for h, payload in items:
             if h in self._files:
                 continue
@@ -108,8 +109,7 @@ class DiskStore(KVStore):
             try:
                 path.parent.mkdir(exist_ok=True)
                 with open(tmp, "wb") as f:
-                    f.write(pack_header(self.ns, h, payload))
-                    f.write(payload)
+                    f.write(self.seal.seal(h, payload))
                 os.replace(tmp, path)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)

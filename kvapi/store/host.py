@@ -9,7 +9,8 @@ takes an empty slot or the least recently used one of its set. No index lives ou
 
 Writers take a lock (a thread lock and `flock` across processes). Readers take none: each slot
 carries a version that a writer makes odd while it writes (a seqlock); a reader copies the
-frame, then checks the version did not move and the checksum holds, else it is a miss.
+frame (opening it: kvapi.store.base), then checks the version did not move, else it is a miss; a
+frame that does not open under a stable version is corrupt.
 The file outlives the engines (a cache the next engine on the host warms up from); `launch`
 puts it in its run directory and removes it on exit.
 """
@@ -29,13 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kvapi.store.base import HEADER_BYTES, CorruptEntry, KVStore, StoreError, check_payload, pack_header
+from kvapi.store.base import CorruptEntry, KVStore, StoreError
 
 log = logging.getLogger(__name__)
 
 WAYS = 16  # NOTE: 8 lost ~0.1% of entries to full sets at a third of capacity; one lost block costs a chain
 _FILE_HEADER = struct.Struct("<8sI8sQQ")  # magic, version, namespace, entry payload size, slots
-_FILE_MAGIC = b"MSKVHOST"
+_FILE_MAGIC, _FILE_VERSION = b"MSKVHOST", 2
 _META_WORDS = 4  # key, version, stamp, reserved
 _ALIGN = 64
 
@@ -56,19 +57,19 @@ def _round_up(n: int, to: int) -> int:
 class HostStore(KVStore):
     tier = "host"
 
-    def __init__(self, ns: bytes, size: int, capacity: int, path: Path | None = None) -> None:
-        super().__init__(ns, size)
-        self.frame_bytes = _round_up(HEADER_BYTES + size, _ALIGN)
-        slots = capacity // self.frame_bytes // WAYS * WAYS
+    def __init__(self, ns: bytes, size: int, capacity: int, path: Path | None = None, secret: bytes = b"") -> None:
+        super().__init__(ns, size, secret)
+        self.slot_bytes = _round_up(self.frame_bytes, _ALIGN)
+        slots = capacity // self.slot_bytes // WAYS * WAYS
         if slots < WAYS:
             raise ValueError(f"host tier of {capacity} bytes holds fewer than {WAYS} blocks of {size} bytes; "
-                             f"give it at least {WAYS * self.frame_bytes} bytes")
-        self.path = path or host_dir() / f"microserve-kvstore-{os.getuid()}-{ns.hex()}"
+                             f"give it at least {WAYS * self.slot_bytes} bytes")
+        self.path = path or host_dir() / f"microserve-kvstore{_FILE_VERSION}-{os.getuid()}-{ns.hex()}"
         self._fd = self._open(slots)
         total = os.fstat(self._fd).st_size
         self._map = mmap.mmap(self._fd, total)
-        magic, _, their_ns, their_size, slots = _FILE_HEADER.unpack_from(self._map)
-        if magic != _FILE_MAGIC or their_ns != ns or their_size != size:
+        magic, version, their_ns, their_size, slots = _FILE_HEADER.unpack_from(self._map)
+        if magic != _FILE_MAGIC or version != _FILE_VERSION or their_ns != ns or their_size != size:
             raise StoreError(f"{self.path} is not a host KV tier of this model and layout")
         self.num_slots, self.num_sets = slots, slots // WAYS
         self._meta_off = _round_up(_FILE_HEADER.size, _ALIGN)
@@ -87,8 +88,8 @@ class HostStore(KVStore):
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             meta = _round_up(_round_up(_FILE_HEADER.size, _ALIGN) + slots * _META_WORDS * 8, 4096)
-            os.ftruncate(fd, meta + slots * self.frame_bytes)
-            os.pwrite(fd, _FILE_HEADER.pack(_FILE_MAGIC, 1, self.ns, self.size, slots), 0)
+            os.ftruncate(fd, meta + slots * self.slot_bytes)
+            os.pwrite(fd, _FILE_HEADER.pack(_FILE_MAGIC, _FILE_VERSION, self.ns, self.size, slots), 0)
             try:
                 os.link(tmp, self.path)  # fails if another engine made it first: use theirs
             except FileExistsError:
@@ -96,14 +97,14 @@ class HostStore(KVStore):
                 fd = os.open(self.path, os.O_RDWR)
             else:
                 log.info("host KV tier: %s, %d blocks (%.1f MiB)", self.path, slots,
-                         slots * self.frame_bytes / 2**20)
+                         slots * self.slot_bytes / 2**20)
         finally:
             tmp.unlink(missing_ok=True)
         return fd
 
     def _frame(self, slot: int) -> memoryview:
-        off = self._data_off + slot * self.frame_bytes
-        return memoryview(self._map)[off:off + HEADER_BYTES + self.size]
+        off = self._data_off + slot * self.slot_bytes
+        return memoryview(self._map)[off:off + self.frame_bytes]
 
     def _find(self, key: int) -> int:
         base = (key % self.num_sets) * WAYS
@@ -117,19 +118,16 @@ class HostStore(KVStore):
         return len(hashes)
 
     def get(self, hashes: list[int], out: list[memoryview]) -> int:
-        header = bytearray(HEADER_BYTES)
         for i, (h, dst) in enumerate(zip(hashes, out)):
             slot = self._find(h)
             if slot < 0:
                 return i
             meta = self._meta[slot]
             version = int(meta[1])
-            frame = self._frame(slot)
-            header[:] = frame[:HEADER_BYTES]
-            dst[:] = frame[HEADER_BYTES:]
+            opened = self.seal.open_into(self._frame(slot), h, dst)  # NOTE: straight from the map, one pass
             if version & 1 or int(meta[1]) != version or int(meta[0]) != h:
                 return i  # a writer took the slot meanwhile
-            if not check_payload(header, dst, self.ns, h):
+            if not opened:
                 self._clear(slot, h)
                 raise CorruptEntry(f"corrupt entry {h:016x} in {self.path} (removed)", i)
             meta[2] = time.monotonic_ns()
@@ -160,9 +158,7 @@ class HostStore(KVStore):
                         evicted.append(int(meta[0]))
                     meta[1] += np.uint64(1)  # odd: being written
                     meta[0] = 0
-                    frame = self._frame(slot)
-                    frame[:HEADER_BYTES] = pack_header(self.ns, h, payload)
-                    frame[HEADER_BYTES:] = payload
+                    self.seal.seal_into(h, payload, self._frame(slot))
                     meta[2] = time.monotonic_ns()
                     meta[0] = h
                     meta[1] += np.uint64(1)

@@ -2,9 +2,11 @@
 
 Any Redis-protocol server (Valkey, Redis, KeyDB, Dragonfly), through the maintained `redis`
 client (with `hiredis` when installed). One key per block, `mskv:<namespace>:<prefix hash>`,
-whose value is the framed entry; a chain is checked with one pipelined round trip of EXISTS and
-loaded with one MGET. Every operation has a deadline (`timeout`); a server that is down or slow
-raises `StoreError` (the engine counts it, treats it as a miss and tries again later).
+whose value is the sealed entry (kvapi.store.base: whoever reaches the server without the cluster's
+key can neither read an entry nor make one the engines accept); a chain is checked with one
+pipelined round trip of EXISTS and loaded with one MGET. Every operation has a deadline
+(`timeout`); a server that is down or slow raises `StoreError` (the engine counts it, treats it as
+a miss and tries again later).
 
 Entries are written with a TTL (`ttl`, default one day) so a server without `maxmemory` does not
 fill up; give the server a `maxmemory` and `maxmemory-policy allkeys-lru` to make it an LRU.
@@ -18,7 +20,7 @@ import contextlib
 import logging
 from urllib.parse import urlsplit, urlunsplit
 
-from kvapi.store.base import HEADER_BYTES, CorruptEntry, KVStore, StoreError, check_payload, pack_header
+from kvapi.store.base import CorruptEntry, KVStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,8 @@ class RemoteStore(KVStore):
     shared = True
 
     def __init__(self, ns: bytes, size: int, url: str, password: str | None = None, timeout: float = 0.5,
-                 ttl: int = 86400) -> None:
-        super().__init__(ns, size)
+                 ttl: int = 86400, secret: bytes = b"") -> None:
+        super().__init__(ns, size, secret)
         try:
             import redis
         except ImportError as exc:
@@ -80,13 +82,10 @@ class RemoteStore(KVStore):
         for i, (h, frame, dst) in enumerate(zip(hashes, frames, out)):
             if frame is None:
                 return i
-            view = memoryview(frame)
-            if len(view) != HEADER_BYTES + self.size or not check_payload(view[:HEADER_BYTES], view[HEADER_BYTES:],
-                                                                          self.ns, h):
+            if not self.seal.open_into(frame, h, dst):
                 with contextlib.suppress(*self._errors):
                     self._client.delete(self._key(h))
                 raise CorruptEntry(f"{self.describe()}: corrupt entry {self._key(h)} (removed)", i)
-            dst[:] = view[HEADER_BYTES:]
         return len(hashes)
 
     def put(self, items: list[tuple[int, memoryview]]) -> list[int]:
@@ -95,7 +94,7 @@ class RemoteStore(KVStore):
         try:
             pipe = self._client.pipeline(transaction=False)
             for h, payload in items:
-                pipe.set(self._key(h), pack_header(self.ns, h, payload) + bytes(payload), ex=self.ttl)
+                pipe.set(self._key(h), bytes(self.seal.seal(h, payload)), ex=self.ttl)
             pipe.execute()
         except self._errors as exc:
             raise StoreError(f"{self.url}: {exc}") from exc

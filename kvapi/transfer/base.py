@@ -134,6 +134,7 @@ class Hello(msgspec.Struct, tag="hello", forbid_unknown_fields=True):
     block_ids: list[int]  # receiver blocks this transfer writes, in logical order
     begin: int
     end: int
+    pool: str = ""  # the shared pool the ticket's address names (transports that write into it)
 
 
 class Commit(msgspec.Struct, tag="commit", forbid_unknown_fields=True):
@@ -178,6 +179,11 @@ def recv_msg(sock: socket.socket, limit: int = MAX_MESSAGE) -> Message:
         raise TransferError(f"control message of {n} bytes is too large", "bad_request")
     body = bytearray(n)
     recv_exact(sock, memoryview(body))
+    return decode_msg(body)
+
+
+def decode_msg(body: bytes | bytearray) -> Message:
+    """One control message from its frame's body (without the length prefix)."""
     try:
         return _decoder.decode(body)
     except msgspec.DecodeError as exc:

@@ -6,13 +6,18 @@ same `KVSpec`, a transport it offers), then lets that `Transport` take the pages
 (`Transport.receive`): streamed on the socket (`tcp`), written by the sender into the
 pool (`shm`, `nixl`) or tagged UCX messages (`ucx`).
 
-Threading: one accept thread plus one thread per connection; `open_ticket` and
-`revoke` may be called from any thread. `on_done` runs on the connection thread.
+Threading: one handshake thread (a selector over the listening socket and every connection that
+has not introduced itself yet) plus one thread per accepted transfer; `open_ticket` and `revoke`
+may be called from any thread. `on_done` runs on the transfer's thread.
 
-Hostile peers: a connection must introduce itself (`Hello`, at most `HELLO_LIMIT` bytes) within
-`handshake_timeout`, and at most `max_handshakes` connections may be doing so at once (more are
-closed at once); a transfer slot (`max_connections`) is taken only once the hello names a live
-ticket with its secret. So idle or garbage connections never starve real transfers.
+Hostile peers hold nothing: a connection costs a file descriptor and a few bytes until its `Hello`
+(at most `HELLO_LIMIT` bytes) is whole, which must happen within `handshake_timeout` of the
+connect (a deadline on the whole hello, not per read: a hello trickled a byte at a time is cut).
+At most `max_handshakes` connections may be introducing themselves at once, `max_per_peer` of
+them from one address; past either bound the *oldest* such connection is closed, so a flood of
+idle connections churns through the bound while a real sender, whose hello follows its connect at
+once, gets through. A transfer slot (`max_connections`) is taken only once the hello names a live
+ticket with its secret. Only then does the reply say anything about this receiver (its pool).
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ import contextlib
 import hmac
 import logging
 import select
+import selectors
 import socket
+import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,7 +45,7 @@ from kvapi.transfer.base import (
     TransferError,
     TransferOutcome,
     Transport,
-    recv_msg,
+    decode_msg,
     send_msg,
     transport_class,
     tune,
@@ -46,6 +54,19 @@ from kvapi.transfer.base import (
 log = logging.getLogger(__name__)
 
 HELLO_LIMIT = 1 << 20  # bytes: a hello of ~200k block ids
+ACCEPT_BATCH = 32  # connections accepted per turn of the handshake loop (then hellos are read again)
+_LEN = struct.Struct("!I")
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A connection that has not introduced itself yet."""
+
+    conn: socket.socket
+    peer: str
+    deadline: float
+    buf: bytearray
+    need: int = _LEN.size  # bytes wanted before the next step: the length prefix, then the whole frame
 
 
 @dataclass
@@ -108,35 +129,39 @@ class KVReceiver:
         spec: its layout; senders must match it field by field.
         host, port: where the control socket listens (port 0: any free port).
         shm_path: the file backing `pool` when it lives in shared memory ("" if not).
-        timeout: seconds a connection may take to introduce itself.
+        timeout: seconds a revoked one-sided writer may take to stop before a warning says so.
         stall_timeout: seconds the data of an accepted transfer may stall (the sender
             may still be prefilling) before the transfer is failed.
         max_connections: transfers served at once; more are refused ("overloaded").
         ucx: also accept pages over UCX (needs `ucxx`).
-        handshake_timeout: seconds a new connection has to send its hello.
-        max_handshakes: connections allowed to be introducing themselves at once.
+        handshake_timeout: seconds from connect within which a connection's whole hello must arrive.
+        max_handshakes: connections allowed to be introducing themselves at once (past it, the oldest is closed).
         nixl: also accept one-sided NIXL writes into the pool (needs `nixl-cu12`).
         transports: the transports to offer, by name (overrides shm_path/ucx/nixl; tcp always).
         best_effort: a transport that fails to start (say NIXL cannot register this pool) is left
             out with a warning instead of failing the receiver (`--transport auto`).
+        max_per_peer: of `max_handshakes`, how many one address may hold.
     """
 
     def __init__(self, pool: torch.Tensor, spec: KVSpec, host: str = "127.0.0.1", port: int = 0,
                  shm_path: str = "", timeout: float = 30.0, stall_timeout: float = 300.0,
                  max_connections: int = 64, ucx: bool = False, handshake_timeout: float = 5.0,
                  max_handshakes: int = 256, nixl: bool = False, transports: list[str] | None = None,
-                 best_effort: bool = False) -> None:
+                 best_effort: bool = False, max_per_peer: int = 128) -> None:
         self.pool, self.spec, self.shm_path = pool, spec, shm_path
         self.timeout, self.stall_timeout, self.handshake_timeout = timeout, stall_timeout, handshake_timeout
-        self._handshakes = threading.BoundedSemaphore(max_handshakes)
+        self.max_handshakes, self.max_per_peer = max_handshakes, min(max_per_peer, max_handshakes)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.create_server((host, port), family=family, backlog=128)
+        self._sock = socket.create_server((host, port), family=family, backlog=512)
+        self._sock.setblocking(False)
+        self._wake_r, self._wake_w = socket.socketpair()  # close() wakes the handshake loop
         port = self._sock.getsockname()[1]
         self.endpoint = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
         self._tickets: dict[str, _Ticket] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._slots = threading.BoundedSemaphore(max_connections)
+        self.refused_handshakes = 0  # connections closed before a valid hello (idle, slow, garbage, evicted)
         if transports is None:
             transports = [name for name, on in (("shm", bool(shm_path)), ("ucx", ucx), ("nixl", nixl)) if on]
         self.transports: dict[str, Transport] = {}
@@ -154,7 +179,7 @@ class KVReceiver:
             self.fields.update(offer)
         self.ucx_address = self.fields.get("ucx_address", "")
         self.bytes_received = 0
-        threading.Thread(target=self._accept_loop, name="kv-recv-accept", daemon=True).start()
+        threading.Thread(target=self._handshake_loop, name="kv-recv-handshake", daemon=True).start()
 
     # -- tickets ------------------------------------------------------------------
     def open_ticket(self, ticket_id: str, secret: str, block_ids: list[int],
@@ -183,38 +208,128 @@ class KVReceiver:
     def close(self) -> None:
         self._closed = True
         with contextlib.suppress(OSError):
-            self._sock.close()
+            self._wake_w.send(b"x")
         for t in self.transports.values():
             t.close()
 
-    # -- connections ----------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            if not self._handshakes.acquire(blocking=False):  # a flood of connections: drop the newest
-                with contextlib.suppress(OSError):
-                    conn.close()
-                continue
-            threading.Thread(target=self._serve_slot, args=(conn,), name="kv-recv", daemon=True).start()
+    # -- handshakes -------------------------------------------------------------------
+    def _handshake_loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._sock, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        pending: dict[socket.socket, _Pending] = {}  # insertion order: oldest first
+        per_peer: Counter[str] = Counter()
 
-    def _serve_slot(self, conn: socket.socket) -> None:
-        with conn:
+        def drop(p: _Pending) -> None:
+            pending.pop(p.conn, None)
+            per_peer[p.peer] -= 1
+            with contextlib.suppress(KeyError, ValueError):
+                sel.unregister(p.conn)
+            with contextlib.suppress(OSError):
+                p.conn.close()
+
+        def advance(p: _Pending) -> None:
+            """Read what has arrived of `p`'s hello; once it is whole, hand the connection on."""
             try:
-                conn.settimeout(self.handshake_timeout)
-                hello = recv_msg(conn, HELLO_LIMIT)
-            except (OSError, TransferError) as exc:
-                log.info("kv receiver: no valid hello (%s); connection closed", exc)
+                data = p.conn.recv(p.need - len(p.buf))
+            except BlockingIOError:
                 return
-            finally:
-                self._handshakes.release()
-            if not isinstance(hello, Hello):
-                with contextlib.suppress(OSError):
-                    send_msg(conn, Reply(False, "bad_request", "expected a hello"))
+            except OSError:
+                data = b""
+            if not data:
+                self.refused_handshakes += 1
+                drop(p)
                 return
-            self._serve(conn, hello)
+            p.buf += data
+            if len(p.buf) < p.need:
+                return
+            if p.need == _LEN.size:
+                (n,) = _LEN.unpack(p.buf)
+                if n > HELLO_LIMIT:  # refused before anything is allocated
+                    self.refused_handshakes += 1
+                    drop(p)
+                    return
+                p.need += n
+                if n:
+                    return
+            pending.pop(p.conn)
+            per_peer[p.peer] -= 1
+            sel.unregister(p.conn)
+            self._introduced(p.conn, bytes(p.buf[_LEN.size:]))
+
+        while not self._closed:
+            now = time.monotonic()
+            for p in [p for p in pending.values() if p.deadline <= now]:  # the whole hello is late
+                self.refused_handshakes += 1
+                drop(p)
+            timeout = max(0.0, min(p.deadline for p in pending.values()) - now) if pending else None
+            accept = False
+            for key, _ in sel.select(timeout):
+                if key.fileobj is self._sock:
+                    accept = True
+                elif key.fileobj is self._wake_r:
+                    break
+                elif (p := pending.get(key.fileobj)) is not None:  # type: ignore[call-overload]
+                    advance(p)
+            if not accept or self._closed:
+                continue
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, peer = self._sock.accept()
+                except BlockingIOError:
+                    break
+                except OSError:
+                    if self._closed:
+                        break
+                    log.exception("kv receiver: accept failed")
+                    time.sleep(0.01)
+                    break
+                conn.setblocking(False)
+                p = _Pending(conn, peer[0], time.monotonic() + self.handshake_timeout, bytearray())
+                for bound, group in ((self.max_per_peer, p.peer), (self.max_handshakes, None)):
+                    held = per_peer[p.peer] if group is not None else len(pending)
+                    if held >= bound:  # full: the oldest introduction makes room (a real one is never old)
+                        oldest = next(q for q in pending.values() if group is None or q.peer == group)
+                        self.refused_handshakes += 1
+                        drop(oldest)
+                pending[conn] = p
+                per_peer[p.peer] += 1
+                sel.register(conn, selectors.EVENT_READ)
+                advance(p)  # a real sender's hello is usually here already
+        for p in list(pending.values()):
+            drop(p)
+        sel.close()
+        for sock in (self._sock, self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _introduced(self, conn: socket.socket, frame: bytes) -> None:
+        """A whole hello arrived on `conn`: claim its ticket and a slot, then serve it on a thread of
+        its own, or refuse it (the reply names no pool path)."""
+        conn.setblocking(True)
+        try:
+            hello = decode_msg(frame)
+        except TransferError:
+            hello = None
+        if not isinstance(hello, Hello):
+            self.refused_handshakes += 1
+            self._refuse(conn, "bad_request", "expected a hello")
+            return
+        ticket, code, error = self._claim(hello, conn)
+        if ticket is not None and not self._slots.acquire(blocking=False):
+            with self._lock:
+                ticket.active, ticket.conn = False, None
+            ticket, code, error = None, "overloaded", "too many KV transfers in flight; retry later"
+        if ticket is None:
+            self._refuse(conn, code, error)
+            return
+        threading.Thread(target=self._serve, args=(conn, hello, ticket), name="kv-recv", daemon=True).start()
+
+    @staticmethod
+    def _refuse(conn: socket.socket, code: str, error: str) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(1.0)  # NOTE: a few bytes into an empty socket buffer: never blocks for long
+            send_msg(conn, Reply(False, code, error))
 
     def _claim(self, hello: Hello, conn: socket.socket) -> tuple[_Ticket | None, str, str]:
         bs = self.spec.block_size
@@ -237,25 +352,22 @@ class KVReceiver:
                 return None, "bad_request", f"range [{hello.begin}, {hello.end}) does not fit {n} blocks"
             if hello.mode not in self.transports:
                 return None, "bad_request", f"transport {hello.mode!r} is not offered by this receiver"
+            if self.transports[hello.mode].needs_shared_pool and hello.pool != self.shm_path:
+                # NOTE: refused before the ticket is taken: a wrong address must not end a live ticket
+                return None, "forbidden", "the transfer names another shared pool than this receiver serves"
             t.active, t.conn, t.mode = True, conn, hello.mode
             return t, "", ""
 
-    def _serve(self, conn: socket.socket, hello: Hello) -> None:
-        ticket, code, error = self._claim(hello, conn)
-        if ticket is not None and not self._slots.acquire(blocking=False):
-            with self._lock:
-                ticket.active, ticket.conn = False, None
-            ticket, code, error = None, "overloaded", "too many KV transfers in flight; retry later"
-        with contextlib.suppress(OSError):
-            send_msg(conn, Reply(ticket is not None, code, error, self.shm_path))
-        if ticket is None:
-            return
-        try:
-            conn.settimeout(self.stall_timeout)
-            tune(conn)
-            self._receive(conn, hello, ticket)
-        finally:
-            self._slots.release()
+    def _serve(self, conn: socket.socket, hello: Hello, ticket: _Ticket) -> None:
+        with conn:
+            try:
+                with contextlib.suppress(OSError):
+                    send_msg(conn, Reply(True, shm_path=self.shm_path))
+                conn.settimeout(self.stall_timeout)
+                tune(conn)
+                self._receive(conn, hello, ticket)
+            finally:
+                self._slots.release()
 
     def _receive(self, conn: socket.socket, hello: Hello, ticket: _Ticket) -> None:
         t0, nbytes = time.perf_counter(), 0

@@ -25,6 +25,8 @@ from kvapi.transfer.base import (
     tune,
 )
 
+CONNECT_TRIES = 4  # connects per transfer before the receiver counts as unreachable (0.05 s, 0.2 s, 0.8 s apart)
+
 
 @dataclass
 class SendStats:
@@ -87,15 +89,12 @@ class KVSender:
         dst = addr.block_ids[first:first + count]
         transport = self.transport(mode)
         t0 = time.perf_counter()
-        try:
-            conn = socket.create_connection(split_endpoint(addr.endpoint), timeout=self.timeout)
-        except OSError as exc:
-            raise TransferError(f"receiver {addr.engine_id} at {addr.endpoint} is not reachable: {exc}",
-                                "unavailable", peer=addr.engine_id) from exc
+        hello = Hello(addr.ticket_id, addr.secret, transport.name, self.spec, dst, begin, end,
+                      addr.shm_path if transport.needs_shared_pool else "")
+        conn, reply = self._introduce(addr, hello)
         with conn:
-            tune(conn)
             try:
-                nbytes = self._stream(conn, transport, addr, begin, end, dst, src_blocks, layer_ready)
+                nbytes = self._stream(conn, transport, addr, reply, begin, end, dst, src_blocks, layer_ready)
             except TimeoutError as exc:
                 raise TransferError(f"receiver {addr.engine_id} stalled for {self.timeout}s", "timeout",
                                     peer=addr.engine_id) from exc
@@ -107,11 +106,48 @@ class KVSender:
             self.bytes_by_transport[mode] = self.bytes_by_transport.get(mode, 0) + nbytes
         return SendStats(nbytes, time.perf_counter() - t0, mode)
 
-    def _stream(self, conn: socket.socket, transport: Transport, addr: KVAddr, begin: int, end: int,
+    def _introduce(self, addr: KVAddr, hello: Hello) -> tuple[socket.socket, Reply]:
+        """Connect and have the hello accepted. A connection refused or closed before the reply (the
+        receiver's handshake bound under a flood of idle connections, a restart of its listener) is
+        tried again, `CONNECT_TRIES` times in all: nothing was claimed yet. A refusal is final."""
+        last: Exception | None = None
+        for attempt in range(CONNECT_TRIES):
+            if attempt:
+                time.sleep(0.05 * 4 ** (attempt - 1))
+            try:
+                conn = socket.create_connection(split_endpoint(addr.endpoint), timeout=self.timeout)
+            except TimeoutError as exc:
+                raise TransferError(f"receiver {addr.engine_id} at {addr.endpoint} did not accept within "
+                                    f"{self.timeout}s", "timeout", peer=addr.engine_id) from exc
+            except OSError as exc:
+                last = exc
+                continue
+            try:
+                tune(conn)
+                send_msg(conn, hello)
+                reply = recv_msg(conn)
+            except TimeoutError as exc:
+                conn.close()
+                raise TransferError(f"receiver {addr.engine_id} did not answer the hello within {self.timeout}s",
+                                    "timeout", peer=addr.engine_id) from exc
+            except OSError as exc:  # ConnectionError: closed before it answered
+                conn.close()
+                last = exc
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            try:
+                return conn, _expect_ok(reply, addr)
+            except BaseException:
+                conn.close()
+                raise
+        raise TransferError(f"receiver {addr.engine_id} at {addr.endpoint} is not reachable: {last} "
+                            f"({CONNECT_TRIES} tries)", "unavailable", peer=addr.engine_id)
+
+    def _stream(self, conn: socket.socket, transport: Transport, addr: KVAddr, reply: Reply, begin: int, end: int,
                 dst: list[int], src_blocks: Callable[[], list[int]],
                 layer_ready: Callable[[int], None] | None) -> int:
-        send_msg(conn, Hello(addr.ticket_id, addr.secret, transport.name, self.spec, dst, begin, end))
-        reply = _expect_ok(recv_msg(conn), addr)
         writer = transport.writer(conn, addr, reply, begin, end)
         nbytes, runs = 0, []
         try:

@@ -11,12 +11,14 @@
                                        streaming from it moves with its KV to another engine of its role
                                        (`?migrate=0`: they finish there instead)
     GET    /admin/strategy             {"name", "args"}
-    PUT    /admin/strategy             {"path"} or {"source"}, with "args": new requests use it, requests in
-                                       flight finish under the old one
+    PUT    /admin/strategy             {"path"} (a file on the router's host), with "args": new requests use it,
+                                       requests in flight finish under the old one; {"source"} (Python in the
+                                       body) only with `--allow-code-upload`, refused before anything runs
 
-Every call needs `Authorization: Bearer <admin key>` (`--admin-key`, default the API key); without a
-key configured, the admin API is off (403). Each change is logged and counted
-(`microserve_admin_changes_total{action}`).
+Every call needs `Authorization: Bearer <admin key>` (`--admin-key`). The API key never opens it: an
+API client is not an operator. Without an admin key the admin API is off (403, and a log line at
+start says so); engines holding the cluster's join token may still join and leave. Each change is
+logged and counted (`microserve_admin_changes_total{action}`).
 """
 
 from __future__ import annotations
@@ -43,12 +45,19 @@ def _error(status: int, message: str) -> web.Response:
 
 
 def _bearer(request: web.Request) -> bytes:
-    return request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
+    # NOTE: surrogateescape: a header that is not UTF-8 is a wrong key (401), not a 500
+    return request.headers.get("Authorization", "").removeprefix("Bearer ").strip().encode("utf-8", "surrogateescape")
 
 
 class Admin:
-    def __init__(self, router: Router, admin_key: str | None) -> None:
-        self.router, self.key = router, admin_key
+    """Args:
+        router: the router whose cluster and strategy the API changes.
+        admin_key: the bearer key of every call (None: the API is off, but engines may join).
+        allow_code_upload: `PUT /admin/strategy` may carry Python source to run in this process.
+    """
+
+    def __init__(self, router: Router, admin_key: str | None, allow_code_upload: bool = False) -> None:
+        self.router, self.key, self.allow_code_upload = router, admin_key, allow_code_upload
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/admin/engines", self.list_engines)
@@ -65,7 +74,7 @@ class Admin:
         if join and self._joining(request):
             return None
         if not self.key:
-            return _error(403, "the admin API is off: start the gateway with --admin-key (or --api-key)")
+            return _error(403, "the admin API is off: start the gateway with --admin-key")
         if not hmac.compare_digest(_bearer(request), self.key.encode()):
             return _error(401, "the admin API needs Authorization: Bearer <admin key>")
         return None
@@ -78,7 +87,7 @@ class Admin:
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             raise web.HTTPBadRequest(text="malformed JSON body") from None
         if not isinstance(body, dict):
             raise web.HTTPBadRequest(text="the body must be a JSON object")
@@ -173,6 +182,9 @@ class Admin:
             return refused
         body = await self._body(request)
         args = body.get("args") or {}
+        if "source" in body and not self.allow_code_upload:  # NOTE: before anything of it is written or run
+            return _error(403, "strategy source in a request body is refused: give {\"path\": FILE} on the router's "
+                          "host, or start the gateway with --allow-code-upload")
         try:
             if isinstance(body.get("source"), str):
                 with tempfile.TemporaryDirectory() as tmp:

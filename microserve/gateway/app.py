@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -43,8 +44,13 @@ from microserve.text import InvalidRequestError, NoTokenizer
 log = logging.getLogger(__name__)
 
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
+MAX_BODY_BYTES = 16 << 20  # a request body; more is a 413 (before any of it is parsed)
 MAX_CONCURRENT_UPLOADS = 64  # request bodies being read at once
+MAX_UPLOADS_PER_CLIENT = 8  # of them, from one client address
 BODY_TIMEOUT_S = 30.0  # to read one request body
+BODY_GRACE_S = 2.0  # then a body must keep arriving at MIN_BODY_RATE at least
+MIN_BODY_RATE = 64 << 10  # bytes/s
+PARSE_OFF_LOOP = 1 << 20  # bodies larger than this are parsed in a worker thread
 
 # the one code -> HTTP status table (engine failures after the first token still end the stream
 # with an `error` event carrying the code)
@@ -65,31 +71,70 @@ class Gateway:
         router: the router runtime.
         model_name: the name clients pass as `model` (also listed by /v1/models).
         api_key: when set, /v1/* requires `Authorization: Bearer <api_key>`.
+        admin_key: the key of /admin/* (never `api_key`; None: the admin API is off).
+        allow_code_upload: `PUT /admin/strategy` may carry Python source.
+        metrics_key: when set, /metrics requires `Authorization: Bearer <metrics_key>`.
     """
 
     def __init__(self, router: Router, model_name: str, api_key: str | None = None,
-                 admin_key: str | None = None) -> None:
-        self.router, self.model_name, self.api_key = router, model_name, api_key
-        self.admin = Admin(router, admin_key or api_key)  # /admin/*: microserve/control/admin.py
+                 admin_key: str | None = None, *, allow_code_upload: bool = False,
+                 metrics_key: str | None = None) -> None:
+        self.router, self.model_name, self.api_key, self.metrics_key = router, model_name, api_key, metrics_key
+        self.admin = Admin(router, admin_key, allow_code_upload)  # /admin/*: microserve/control/admin.py
+        if not admin_key:
+            log.info("the admin API is off (no --admin-key); engines with the cluster's join token may still join")
         # no tokenizer (skip_tokenizer_init): token-id prompts, every choice carries its token ids
         self.ids_only = isinstance(router.tokenizer, NoTokenizer)
         self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
+        self._clients: dict[str, _ClientGate] = {}  # upload slots by client address
 
     async def _read(self, request: web.Request) -> bytes:
-        """The body, read within `BODY_TIMEOUT_S`, by at most `MAX_CONCURRENT_UPLOADS` requests at
-        once (slow or huge uploads cannot hold the gateway's memory or starve other clients)."""
-        if self._uploads.locked():
-            raise RouterError(ErrorCode.TOO_MANY_REQUESTS, "too many request bodies are being uploaded at once",
-                              retry_after=1)
-        async with self._uploads:
-            try:
-                return await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
-            except TimeoutError:
-                raise RouterError(ErrorCode.BAD_REQUEST, f"the request body did not arrive within {BODY_TIMEOUT_S:g}s"
-                                  ) from None
+        """The body: at most `MAX_BODY_BYTES` (a larger declared length is refused before a byte is read),
+        arriving at `MIN_BODY_RATE` after the first `BODY_GRACE_S` and whole within `BODY_TIMEOUT_S`.
+        At most `MAX_CONCURRENT_UPLOADS` bodies are read at once, `MAX_UPLOADS_PER_CLIENT` of them from
+        one address; more wait their turn (a 429 after `BODY_TIMEOUT_S`). So slow or huge uploads
+        cannot hold the gateway's memory, and one client's cannot starve the others'."""
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            raise _TooLarge(request.content_length)
+        client = request.remote or ""
+        gate = self._clients.get(client)
+        if gate is None:
+            gate = self._clients[client] = _ClientGate(asyncio.Semaphore(MAX_UPLOADS_PER_CLIENT))
+        gate.users += 1
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_S):  # NOTE: waiting for a slot only; reading has its own limits
+                await gate.slots.acquire()
+                try:
+                    await self._uploads.acquire()
+                except BaseException:
+                    gate.slots.release()
+                    raise
+        except BaseException as exc:
+            self._leave(client, gate)
+            if isinstance(exc, TimeoutError):
+                raise RouterError(ErrorCode.TOO_MANY_REQUESTS, "too many request bodies are being uploaded at once",
+                                  retry_after=1) from None
+            raise
+        try:
+            return await _read_body(request.content)
+        finally:
+            self._uploads.release()
+            gate.slots.release()
+            self._leave(client, gate)
+
+    def _leave(self, client: str, gate: _ClientGate) -> None:
+        gate.users -= 1
+        if not gate.users:
+            del self._clients[client]
+
+    async def _decode(self, body: bytes, kind):
+        """`decode_body`, in a worker thread when the body is large (the event loop keeps serving)."""
+        if len(body) <= PARSE_OFF_LOOP:
+            return O.decode_body(body, kind)
+        return await asyncio.get_running_loop().run_in_executor(None, O.decode_body, body, kind)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024 * 1024)
+        app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
         app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
@@ -105,16 +150,22 @@ class Gateway:
     # -- middleware ---------------------------------------------------------------------
     @web.middleware
     async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
-        if self.api_key and (request.path.startswith("/v1/") or request.path in ("/tokenize", "/detokenize")):
+        key = self.metrics_key if request.path == "/metrics" else self.api_key if (
+            request.path.startswith("/v1/") or request.path in ("/tokenize", "/detokenize")) else None
+        if key:
             auth = request.headers.get("Authorization", "")
             # NOTE: bytes compare (a non-ASCII header is a 401, not a 500)
-            if not hmac.compare_digest(auth.encode("utf-8", "surrogateescape"), f"Bearer {self.api_key}".encode()):
+            if not hmac.compare_digest(auth.encode("utf-8", "surrogateescape"), f"Bearer {key}".encode()):
                 return _error(RouterError(ErrorCode.INVALID_API_KEY,
                                           "missing or wrong API key (send 'Authorization: Bearer KEY')"))
         try:
             return await handler(request)
         except RouterError as exc:
             return _error(exc)
+        except _TooLarge as exc:
+            return _error(RouterError(ErrorCode.BAD_REQUEST, str(exc)), 413)
+        except _TooSlow as exc:
+            return _error(RouterError(ErrorCode.BAD_REQUEST, str(exc)), 408)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -137,7 +188,7 @@ class Gateway:
 
     async def tokenize(self, request: web.Request) -> web.Response:
         """vLLM's `/tokenize`: `prompt` (text) or chat `messages` -> token ids."""
-        body: O.TokenizeRequest = O.decode_body(await self._read(request), O.TokenizeRequest)
+        body: O.TokenizeRequest = await self._decode(await self._read(request), O.TokenizeRequest)
         self._check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise RouterError(ErrorCode.BAD_REQUEST, "give exactly one of prompt and messages", param="prompt")
@@ -150,7 +201,7 @@ class Gateway:
 
     async def detokenize(self, request: web.Request) -> web.Response:
         """vLLM's `/detokenize`: token ids -> text."""
-        body: O.DetokenizeRequest = O.decode_body(await self._read(request), O.DetokenizeRequest)
+        body: O.DetokenizeRequest = await self._decode(await self._read(request), O.DetokenizeRequest)
         self._check_model(body.model)
         if self.ids_only:
             raise RouterError(ErrorCode.BAD_REQUEST, "this server runs without a tokenizer (--skip-tokenizer-init)",
@@ -198,12 +249,12 @@ class Gateway:
         return streams
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body: O.CompletionRequest = O.decode_body(await self._read(request), O.CompletionRequest)
+        body: O.CompletionRequest = await self._decode(await self._read(request), O.CompletionRequest)
         self._check_model(body.model)
         body.check_unsupported()
         sampling, given = body.sampling(body.max_tokens, 16, body.logprobs)
         self._check_ids_only(sampling)
-        texts = body.prompts()
+        texts = body.prompts(self.router.max_model_len)
         count = len(texts) * max(sampling.n, sampling.best_of or 1)
         if count > MAX_PROMPTS:
             raise RouterError(ErrorCode.BAD_REQUEST, f"at most {MAX_PROMPTS} prompts x choices per request, got "
@@ -250,7 +301,7 @@ class Gateway:
             "usage": O.usage_json(_sum_usage([r.usage for r in results], sampling.n))})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body: O.ChatCompletionRequest = O.decode_body(await self._read(request), O.ChatCompletionRequest)
+        body: O.ChatCompletionRequest = await self._decode(await self._read(request), O.ChatCompletionRequest)
         self._check_model(body.model)
         body.check_unsupported()
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -345,6 +396,45 @@ class Gateway:
             raise
         finally:
             await merged.aclose()
+
+
+@dataclass
+class _ClientGate:
+    slots: asyncio.Semaphore
+    users: int = 0  # requests holding or waiting for one of its slots
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(f"the request body{f' ({size} bytes)' if size > MAX_BODY_BYTES else ''} is larger than "
+                         f"this server takes ({MAX_BODY_BYTES} bytes)")
+
+
+class _TooSlow(Exception):
+    pass
+
+
+async def _read_body(stream) -> bytes:
+    """Read a body, refusing one over `MAX_BODY_BYTES` or one that falls behind `MIN_BODY_RATE` (after
+    `BODY_GRACE_S`) or `BODY_TIMEOUT_S` (a client trickling bytes holds nothing for long)."""
+    loop = asyncio.get_running_loop()
+    start, buf = loop.time(), bytearray()
+    while True:
+        elapsed = loop.time() - start
+        wait = min(BODY_GRACE_S + len(buf) / MIN_BODY_RATE, BODY_TIMEOUT_S) - elapsed
+        try:
+            if wait <= 0:
+                raise TimeoutError
+            chunk = await asyncio.wait_for(stream.readany(), wait)
+        except TimeoutError:
+            raise _TooSlow(f"the request body arrived too slowly ({len(buf)} bytes in {elapsed:.1f}s; at least "
+                           f"{MIN_BODY_RATE // 1024} KiB/s after the first {BODY_GRACE_S:g}s, all within "
+                           f"{BODY_TIMEOUT_S:g}s)") from None
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > MAX_BODY_BYTES:
+            raise _TooLarge(len(buf))
 
 
 def _completion_logprobs(body, name, prompt: list[int], r) -> dict[str, Any] | None:

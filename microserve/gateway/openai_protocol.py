@@ -237,13 +237,17 @@ class CompletionRequest(_Common, kw_only=True):
     best_of: int | None = None
     suffix: str | None = None
 
-    def prompts(self) -> list[str | list[int]]:
-        """The prompt(s): a string, a list of strings, token ids, or a list of token-id lists."""
+    def prompts(self, max_model_len: int | None = None) -> list[str | list[int]]:
+        """The prompt(s): a string, a list of strings, token ids, or a list of token-id lists. A
+        token-id prompt longer than `max_model_len` is refused before its ids are checked one by one."""
         p = self.prompt
         if isinstance(p, str):
             return [p]
         if not p:
             raise RouterError(BAD, "prompt is empty", param="prompt")
+        if max_model_len is not None and isinstance(p[0], int) and len(p) > max_model_len:
+            raise RouterError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, f"this model's maximum context length is "
+                              f"{max_model_len} tokens; the prompt has {len(p)}", param="prompt")
         if all(isinstance(x, int) and not isinstance(x, bool) for x in p):
             return [list(p)]
         if all(isinstance(x, str) for x in p):
@@ -366,6 +370,8 @@ def decode_body(body: bytes, kind: type[msgspec.Struct]) -> Any:
         raise RouterError(BAD, f"invalid request: {msg}", param=param) from None
     except msgspec.DecodeError as exc:
         raise RouterError(BAD, f"malformed JSON body: {exc}") from None
+    except RecursionError:
+        raise RouterError(BAD, "the JSON body nests too deeply") from None
 
 
 # -- responses ------------------------------------------------------------------------

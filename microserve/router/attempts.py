@@ -54,6 +54,8 @@ async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadli
     finally:
         with touched_engines(touched):
             await chunks.aclose()
+        for h in touched:
+            h.release(req.request_id)
         if not clean:
             abort_everywhere(req.request_id, touched)
 
@@ -113,11 +115,19 @@ def _handle(cluster: Cluster, name: str) -> EngineHandle | None:
 
 
 def _charge(cluster: Cluster, exc: EngineCallError) -> EngineHandle | None:
-    """The engine a failure is charged to; marked down when it looks dead (the health poll
-    revives it when it answers again). An engine that answered an error is alive."""
+    """The engine a failure is charged to (the retry avoids it). One whose RPC call got no answer
+    is marked down (the health poll revives it when it answers again). One that answered is alive;
+    the peer it names (say a receiver whose KV port it could not reach) is only checked over its
+    own authenticated RPC channel, and marked down only if that fails too: whether a KV port takes
+    connections (anyone can flood it) never decides liveness."""
     if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT):
         return None
-    culprit = _handle(cluster, exc.peer) if exc.remote else _handle(cluster, exc.engine)
+    if exc.remote:
+        culprit = _handle(cluster, exc.peer)
+        if culprit is not None:
+            cluster.check(culprit)
+        return culprit
+    culprit = _handle(cluster, exc.engine)
     if culprit is not None:
         culprit.mark_down(str(exc))
     return culprit

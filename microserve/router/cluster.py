@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -70,6 +70,7 @@ class Load:
     queued_tokens: int = 0  # prompt tokens waiting for prefill (router's view or engine's, the larger)
     kv_usage: float = 0.0  # fraction of KV blocks in use
     stats: P.StatsReply | None = None  # the last polled stats
+    asked: float = 0.0  # monotonic time that poll was sent
 
 
 class Cluster:
@@ -103,7 +104,7 @@ class Cluster:
         self._loads: dict[EngineHandle, Load] = {h: Load() for h in self.handles}
         self.prefix_index: PrefixIndex[EngineHandle] = PrefixIndex(self._by_id.get, self._on_gap)
         self.health: dict[EngineHandle, P.HealthReply] = {}
-        self._turns: dict[str | None, itertools.count] = {}  # per role: xPyD spreads over each role
+        self._turns: dict[str | None, EngineHandle] = {}  # per role, the engine picked last: ties go on from it
         self._tasks: list[asyncio.Task] = []
         self._subs: dict[EngineHandle, zmq.asyncio.Socket] = {}
         self.draining: set[EngineHandle] = set()  # leaving: strategies no longer see them
@@ -181,6 +182,7 @@ class Cluster:
         await asyncio.gather(*(self._poll_one(h) for h in self.handles))
 
     async def _poll_one(self, h: EngineHandle) -> None:
+        asked = time.monotonic()
         try:
             stats = await h.stats(timeout=max(2.0, 4 * self.poll_interval))
         except EngineCallError:
@@ -188,8 +190,10 @@ class Cluster:
             self._maybe_evict(h)
             return
         self._down_since.pop(h, None)
-        load = self._loads[h]
-        load.stats, load.running, load.waiting = stats, stats.running, stats.waiting
+        load = self._loads.get(h)
+        if load is None:  # removed meanwhile
+            return
+        load.stats, load.running, load.waiting, load.asked = stats, stats.running, stats.waiting, asked
         load.kv_usage = stats.kv_blocks_used / max(1, stats.kv_blocks_total)
 
     def _maybe_evict(self, h: EngineHandle) -> None:
@@ -212,6 +216,12 @@ class Cluster:
             return
         assert isinstance(snap, P.KVSnapshotReply)
         self.prefix_index.apply_snapshot(snap.engine_id, snap.hashes, snap.seq)
+
+    def check(self, h: EngineHandle) -> None:
+        """Ask `h` for its stats now, over its RPC channel: down if it does not answer (a peer
+        reported it unreachable; that alone marks nobody down)."""
+        if h in self._loads:
+            self._background(self._poll_one(h))
 
     def _background(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -243,27 +253,37 @@ class Cluster:
     def load(self, engine: EngineHandle) -> Load:
         load = self._loads[engine]
         polled = load.stats
-        load.requests = max(engine.inflight, load.running + load.waiting)
+        load.requests = max(engine.requests_here(), load.running + load.waiting)
         load.queued_tokens = max(engine.pending_tokens, polled.queued_tokens if polled else 0)
         return load
 
     def least_loaded(self, role: str | None = None, exclude: Sequence[EngineHandle] = ()) -> EngineHandle:
-        """The live engine with the fewest requests, then queued tokens, then KV usage;
-        equal engines are taken in turn (one turn counter per role). Raises `NoEngineAvailable`."""
+        """The live engine with the fewest requests by this router's own exact count (calls in flight
+        and reservations, from `prep_recv` on); then by what its polled stats add to that (other
+        routers' work; a poll older than this router's last change there is not used); then by queued
+        prompt tokens; then KV pressure (use past 90%); equal engines are taken in turn (after the one
+        this role picked last). Raises `NoEngineAvailable`."""
         pool = [h for h in self.engines(role) if h not in exclude]
         if not pool:
             raise NoEngineAvailable(role)
         avoid = _AVOID.get()  # engines that failed this request's earlier attempts: others first
         pool = [h for h in pool if h not in avoid] or pool
-        turn = next(self._turns.setdefault(role, itertools.count()))
+        last = self._turns.get(role)
+        start = pool.index(last) + 1 if last in pool else 0
         n = len(pool)
 
         def key(item: tuple[int, EngineHandle]) -> tuple:
             i, h = item
-            load = self.load(h)
-            return load.requests, load.queued_tokens, round(load.kv_usage, 2), (i - turn) % n
+            load, mine = self._loads[h], h.requests_here()
+            fresh = load.stats is not None and load.asked >= h.changed_at
+            others = max(0, load.running + load.waiting - mine) if fresh else 0
+            queued = max(h.pending_tokens, load.stats.queued_tokens if fresh else 0)  # type: ignore[union-attr]
+            pressure = round(load.kv_usage, 1) if load.kv_usage >= 0.9 else 0.0
+            return mine, others, queued, pressure, (i - start) % n
 
-        return min(enumerate(pool), key=key)[1]
+        picked = min(enumerate(pool), key=key)[1]
+        self._turns[role] = picked
+        return picked
 
     def profile(self, engine: EngineHandle) -> dict:
         """What is known of the engine's hardware: in `microserve sim`, {gpu, tp, dtype, kv_dtype,

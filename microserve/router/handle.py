@@ -36,6 +36,7 @@ from microserve.serving.api import ErrorCode
 log = logging.getLogger(__name__)
 
 MAX_DEFERRED_ABORTS = 10_000
+MAX_RESERVATION_S = 600.0  # a reservation (prep_recv) not taken up for this long no longer counts as load
 
 _TOUCHED: contextvars.ContextVar[set[EngineHandle] | None] = contextvars.ContextVar("touched", default=None)
 # handles append themselves when they start generating a request (router/choices.py reads the last one)
@@ -114,6 +115,8 @@ class EngineHandle:
         self.moving = 0  # requests stopped here whose move (remote_send from here) has not started yet
         self.profile: dict | None = None  # the engine's hardware, when known (simulated engines: sim/cluster.py)
         self.inflight = 0  # start_generate / remote_send calls this process has in flight on the engine
+        self.reserved: dict[str, float] = {}  # request id -> when: prep_recv'd here, not generating here yet
+        self.changed_at = 0.0  # monotonic time this router's count of work here last went down
         self.pending_tokens = 0  # prompt tokens this process asked the engine to prefill, not yet done
         self.on_send: Callable[[P.SendResult], None] | None = None  # observer of finished remote_sends
         self.on_generate: Callable[[EngineHandle], None] | None = None  # observer of start_generate calls
@@ -199,7 +202,27 @@ class EngineHandle:
         """Reserve blocks for `prompt[matched:end]` (default end: the whole prompt)."""
         end = len(req.prompt_ids) if end is None else end
         self._touch()
-        return await self.call(P.PrepRecv(req, end, lease_s), timeout)  # type: ignore[return-value]
+        self.reserved[req.request_id] = time.monotonic()  # NOTE: counted before the await: a burst sees it
+        try:
+            return await self.call(P.PrepRecv(req, end, lease_s), timeout)  # type: ignore[return-value]
+        except BaseException:
+            self.release(req.request_id)
+            raise
+
+    def release(self, request_id: str) -> None:
+        """The request no longer holds a reservation here (it generates here now, or it ended)."""
+        if self.reserved.pop(request_id, None) is not None:
+            self.changed_at = time.monotonic()
+
+    def requests_here(self) -> int:
+        """Requests this router has on the engine: calls in flight plus reservations (`prep_recv`)
+        not yet generating here. Exact, no delay; a reservation older than the longest lease is
+        forgotten (its ticket has expired on the engine)."""
+        if self.reserved:
+            stale = time.monotonic() - MAX_RESERVATION_S
+            for rid in [rid for rid, at in self.reserved.items() if at < stale]:
+                self.release(rid)
+        return self.inflight + len(self.reserved)
 
     async def remote_send(self, req: P.Request, kv: P.KVAddr, begin: int | None = None, end: int | None = None,
                           *, transport: str | None = None, timeout: float | None = None) -> P.SendResult:
@@ -216,6 +239,7 @@ class EngineHandle:
         finally:
             self.inflight -= 1
             self.pending_tokens -= work
+            self.changed_at = time.monotonic()
         if self.on_send is not None:
             self.on_send(result)  # type: ignore[arg-type]
         return result  # type: ignore[return-value]
@@ -229,6 +253,7 @@ class EngineHandle:
         finished = False
         work = max(0, len(req.prompt_ids) - (begin if begin >= 0 else len(req.prompt_ids) + begin))
         self.inflight += 1
+        self.reserved.pop(req.request_id, None)  # NOTE: the reservation becomes this call
         self.pending_tokens += work
         if self.on_generate is not None:
             self.on_generate(self)
@@ -259,6 +284,7 @@ class EngineHandle:
             await replies.aclose()
             self.inflight -= 1
             self.pending_tokens -= work
+            self.changed_at = time.monotonic()
             if not finished and not self.alive:
                 self.abort_when_back(req.request_id)
             elif not finished:
@@ -267,6 +293,7 @@ class EngineHandle:
 
     async def abort(self, request_id: str, *, timeout: float | None = None) -> bool:
         self._touch()
+        self.release(request_id)
         reply = await self.call(P.Abort(request_id), timeout)
         return reply.found  # type: ignore[union-attr]
 

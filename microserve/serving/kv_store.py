@@ -40,7 +40,7 @@ class StoreLink:
     def open(cls, specs: list[str], kv_cache: torch.Tensor, spec: KVSpec, fingerprint: str,
              secret: bytes = b"", password: str | None = None, on_event=None) -> StoreLink:
         ns = namespace(fingerprint + "|" + secret.hex(), spec)
-        return cls(open_store(specs, ns, entry_bytes(spec), password, on_event), kv_cache, spec)
+        return cls(open_store(specs, ns, entry_bytes(spec), password, on_event, secret=secret), kv_cache, spec)
 
     # -- out of the pool: the radix cache's store hook ------------------------------------------------
     def capture(self, hashes: list[int], blocks: list[int]) -> None:

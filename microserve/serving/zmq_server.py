@@ -285,6 +285,12 @@ def run_engine(opts: EngineOptions) -> int:
             loop.add_signal_handler(sig, stop.set)
         joined: list[asyncio.Task] = []
 
+        def refused(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None:  # NOTE: an engine nobody routes to must not idle
+                log.error("engine %s: %s; stopping", server.engine_id, task.exception())
+                failed.append(task.exception())
+                stop.set()
+
         def up(s: EngineServer) -> None:
             ready(s)
             if opts.join:
@@ -292,6 +298,7 @@ def run_engine(opts: EngineOptions) -> int:
 
                 token = opts.cluster_key.join_token if opts.cluster_key else ""
                 joined.append(asyncio.ensure_future(join(opts.join, s.rpc_addr, opts.role, token, s.engine_id)))
+                joined[0].add_done_callback(refused)
 
         async def before_stop() -> None:
             if joined:
@@ -304,7 +311,8 @@ def run_engine(opts: EngineOptions) -> int:
 
         await server.serve(stop, up, before_stop)
 
+    failed: list[BaseException] = []  # a refused --join
     asyncio.run(main())
     for sig in (signal.SIGTERM, signal.SIGINT):  # NOTE: a repeated signal must not kill the final teardown
         signal.signal(sig, signal.SIG_IGN)
-    return 0
+    return 1 if failed else 0

@@ -310,8 +310,7 @@ def _serve_options() -> argparse.ArgumentParser:
     g.add_argument("--admin-key", default=os.environ.get("MICROSERVE_ADMIN_KEY"),
                    help="bearer key of the admin API, /admin/* (default $MICROSERVE_ADMIN_KEY; never the API key: "
                         "without one the admin API is off)")
-    g.add_argument("--allow-code-upload", action="store_true",
-                   help="let PUT /admin/strategy take Python source in its body (default: only a path on this host)")
+    g.add_argument("--allow-code-upload", action="store_true", help="let PUT /admin/strategy take Python source")
     g.add_argument("--metrics-key", default=os.environ.get("MICROSERVE_METRICS_KEY"),
                    help="require a bearer key on /metrics (default $MICROSERVE_METRICS_KEY; unset: /metrics is open)")
     g.add_argument("--served-model-name", default=None, help="model name clients use (default: the folder name)")

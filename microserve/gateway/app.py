@@ -21,7 +21,6 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -31,6 +30,7 @@ from microserve.control.admin import Admin
 from microserve.engine.model.structured import check as check_grammar
 from microserve.gateway import choices, tools
 from microserve.gateway import openai_protocol as O
+from microserve.gateway.bodies import MAX_BODY_BYTES, Bodies, BodyTooLarge, BodyTooSlow
 from microserve.gateway.choices import best as _best
 from microserve.gateway.choices import collect as _collect
 from microserve.gateway.choices import merge as _merge
@@ -44,14 +44,6 @@ from microserve.text import InvalidRequestError, NoTokenizer
 log = logging.getLogger(__name__)
 
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
-MAX_BODY_BYTES = 16 << 20  # a request body; more is a 413 (before any of it is parsed)
-MAX_CONCURRENT_UPLOADS = 64  # request bodies being read at once
-MAX_UPLOADS_PER_CLIENT = 8  # of them, from one client address
-BODY_TIMEOUT_S = 30.0  # to read one request body
-BODY_GRACE_S = 2.0  # then a body must keep arriving at MIN_BODY_RATE at least
-MIN_BODY_RATE = 64 << 10  # bytes/s
-PARSE_OFF_LOOP = 1 << 20  # bodies larger than this are parsed in a worker thread
-
 # the one code -> HTTP status table (engine failures after the first token still end the stream
 # with an `error` event carrying the code)
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -85,53 +77,13 @@ class Gateway:
             log.info("the admin API is off (no --admin-key); engines with the cluster's join token may still join")
         # no tokenizer (skip_tokenizer_init): token-id prompts, every choice carries its token ids
         self.ids_only = isinstance(router.tokenizer, NoTokenizer)
-        self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
-        self._clients: dict[str, _ClientGate] = {}  # upload slots by client address
+        self.bodies = Bodies()  # request bodies: size and rate limits, upload slots (gateway/bodies.py)
 
     async def _read(self, request: web.Request) -> bytes:
-        """The body: at most `MAX_BODY_BYTES` (a larger declared length is refused before a byte is read),
-        arriving at `MIN_BODY_RATE` after the first `BODY_GRACE_S` and whole within `BODY_TIMEOUT_S`.
-        At most `MAX_CONCURRENT_UPLOADS` bodies are read at once, `MAX_UPLOADS_PER_CLIENT` of them from
-        one address; more wait their turn (a 429 after `BODY_TIMEOUT_S`). So slow or huge uploads
-        cannot hold the gateway's memory, and one client's cannot starve the others'."""
-        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-            raise _TooLarge(request.content_length)
-        client = request.remote or ""
-        gate = self._clients.get(client)
-        if gate is None:
-            gate = self._clients[client] = _ClientGate(asyncio.Semaphore(MAX_UPLOADS_PER_CLIENT))
-        gate.users += 1
-        try:
-            async with asyncio.timeout(BODY_TIMEOUT_S):  # NOTE: waiting for a slot only; reading has its own limits
-                await gate.slots.acquire()
-                try:
-                    await self._uploads.acquire()
-                except BaseException:
-                    gate.slots.release()
-                    raise
-        except BaseException as exc:
-            self._leave(client, gate)
-            if isinstance(exc, TimeoutError):
-                raise RouterError(ErrorCode.TOO_MANY_REQUESTS, "too many request bodies are being uploaded at once",
-                                  retry_after=1) from None
-            raise
-        try:
-            return await _read_body(request.content)
-        finally:
-            self._uploads.release()
-            gate.slots.release()
-            self._leave(client, gate)
-
-    def _leave(self, client: str, gate: _ClientGate) -> None:
-        gate.users -= 1
-        if not gate.users:
-            del self._clients[client]
+        return await self.bodies.read(request)
 
     async def _decode(self, body: bytes, kind):
-        """`decode_body`, in a worker thread when the body is large (the event loop keeps serving)."""
-        if len(body) <= PARSE_OFF_LOOP:
-            return O.decode_body(body, kind)
-        return await asyncio.get_running_loop().run_in_executor(None, O.decode_body, body, kind)
+        return await self.bodies.decode(body, kind)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
@@ -162,9 +114,9 @@ class Gateway:
             return await handler(request)
         except RouterError as exc:
             return _error(exc)
-        except _TooLarge as exc:
+        except BodyTooLarge as exc:
             return _error(RouterError(ErrorCode.BAD_REQUEST, str(exc)), 413)
-        except _TooSlow as exc:
+        except BodyTooSlow as exc:
             return _error(RouterError(ErrorCode.BAD_REQUEST, str(exc)), 408)
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -396,45 +348,6 @@ class Gateway:
             raise
         finally:
             await merged.aclose()
-
-
-@dataclass
-class _ClientGate:
-    slots: asyncio.Semaphore
-    users: int = 0  # requests holding or waiting for one of its slots
-
-
-class _TooLarge(Exception):
-    def __init__(self, size: int) -> None:
-        super().__init__(f"the request body{f' ({size} bytes)' if size > MAX_BODY_BYTES else ''} is larger than "
-                         f"this server takes ({MAX_BODY_BYTES} bytes)")
-
-
-class _TooSlow(Exception):
-    pass
-
-
-async def _read_body(stream) -> bytes:
-    """Read a body, refusing one over `MAX_BODY_BYTES` or one that falls behind `MIN_BODY_RATE` (after
-    `BODY_GRACE_S`) or `BODY_TIMEOUT_S` (a client trickling bytes holds nothing for long)."""
-    loop = asyncio.get_running_loop()
-    start, buf = loop.time(), bytearray()
-    while True:
-        elapsed = loop.time() - start
-        wait = min(BODY_GRACE_S + len(buf) / MIN_BODY_RATE, BODY_TIMEOUT_S) - elapsed
-        try:
-            if wait <= 0:
-                raise TimeoutError
-            chunk = await asyncio.wait_for(stream.readany(), wait)
-        except TimeoutError:
-            raise _TooSlow(f"the request body arrived too slowly ({len(buf)} bytes in {elapsed:.1f}s; at least "
-                           f"{MIN_BODY_RATE // 1024} KiB/s after the first {BODY_GRACE_S:g}s, all within "
-                           f"{BODY_TIMEOUT_S:g}s)") from None
-        if not chunk:
-            return bytes(buf)
-        buf += chunk
-        if len(buf) > MAX_BODY_BYTES:
-            raise _TooLarge(len(buf))
 
 
 def _completion_logprobs(body, name, prompt: list[int], r) -> dict[str, Any] | None:

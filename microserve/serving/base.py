@@ -33,7 +33,7 @@ from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.events import KVEventLog
 from microserve.serving.streams import StreamHold, StreamQueue
-from microserve.serving.tickets import Ticket, TicketBook, check_send, norm_pos
+from microserve.serving.tickets import Aborted, Ticket, TicketBook, check_send, norm_pos, wait_for_kv
 from microserve.text import InvalidRequestError, check_prompt
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class EngineService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._tasks: set[asyncio.Future] = set()
+        self.aborted = Aborted()  # request ids aborted lately: their calls still in flight end
 
     # -- hooks of a backend ----------------------------------------------------------------
     def _has_work(self) -> bool:
@@ -212,6 +213,9 @@ class EngineService:
             raise EngineError(ErrorCode.BAD_REQUEST, f"lease_s must be in (0, {self.max_lease_s:g}] "
                               f"(this engine's --max-lease-seconds), got {lease}")
         ticket = await self._reserve(req, prompt, end)
+        if self.aborted.recent(req.request_id):  # aborted while we reserved: give the blocks back now
+            await self._drop(ticket)
+            self.aborted.check(req.request_id)
         ticket.expires_at = time.time() + lease
         addr = msgspec.structs.replace(self._recv_addr(ticket), expiry=ticket.expires_at)
         if self.kv_sign_key is not None:
@@ -272,6 +276,7 @@ class EngineService:
                                       lambda: self._transport_for(kv, transport))
         if begin >= end:
             return P.SendResult(0, 0.0, mode)
+        self.aborted.check(req.request_id)
         job_id = f"{req.request_id}\x00send\x00{kv.ticket_id}"
         if job_id in self._sends:
             raise EngineError(ErrorCode.BAD_REQUEST, f"ticket {kv.ticket_id} is already being sent")
@@ -305,7 +310,10 @@ class EngineService:
         ticket = self.tickets.latest(rid)
         if ticket is not None:
             self._check_adoption(req, sampling)
-            await self._await_ticket(ticket)
+            await wait_for_kv(ticket, self.transfer_timeout, self._close_ticket)
+        self.aborted.check(rid)  # NOTE: also when it was aborted while we waited for its KV
+        if ticket is not None and ticket.state == "complete":
+            self.tickets.remove(ticket)  # the backend adopts its blocks in _submit
         queue = self._streams[rid] = StreamQueue()
         try:
             await self._submit(req, prompt, begin, sampling, ticket)
@@ -314,22 +322,6 @@ class EngineService:
             raise
         self._wake.set()
         return self._stream(rid, queue)
-
-    async def _await_ticket(self, ticket: Ticket) -> None:
-        rid = ticket.request_id
-        if ticket.state == "open":
-            try:
-                await asyncio.wait_for(ticket.done.wait(), self.transfer_timeout)
-            except TimeoutError:
-                await self._close_ticket(ticket, "timed out waiting for the KV transfer")
-                raise EngineError(ErrorCode.TIMEOUT, f"KV for {rid!r} did not arrive within "
-                                  f"{self.transfer_timeout}s") from None
-        if ticket.error == "aborted":  # aborted while we waited: do not start it anyway
-            raise EngineError(ErrorCode.ABORTED, f"request {rid!r} was aborted")
-        if ticket.state != "complete":
-            log.warning("request %s: KV transfer failed (%s); computing the prompt here", rid, ticket.error)
-        else:
-            self.tickets.remove(ticket)  # the backend adopts its blocks in _submit
 
     async def _stream(self, rid: str, queue: StreamQueue) -> AsyncIterator[P.GenerateChunk]:
         finished = False
@@ -359,6 +351,7 @@ class EngineService:
 
     # -- abort / stats / health / kv_snapshot ---------------------------------------------------------
     async def abort(self, request_id: str) -> bool:
+        self.aborted.add(request_id)
         found = False
         for job_id in [j for j, r in self._sends.items() if r == request_id]:
             await self._abort_send(job_id)

@@ -10,10 +10,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +25,8 @@ from kvapi.transfer import KVAddr, TransferError
 from microserve.engine.core.sequence import Sequence
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
+
+log = logging.getLogger(__name__)
 
 
 def norm_pos(pos: int, n: int, what: str) -> int:
@@ -138,3 +143,45 @@ class SendJob:
                 self._cond.wait()
             if self.cancel_reason is not None:
                 raise TransferError(f"send abandoned: {self.cancel_reason}", "aborted")
+
+
+class Aborted:
+    """Request ids aborted in the last `memory_s` seconds (at most `limit` of them). A call of such a
+    request still in flight when the abort came (a prep_recv waiting for the store, a start_generate
+    waiting for its KV) ends with "aborted" instead of holding blocks until a lease ends."""
+
+    def __init__(self, memory_s: float = 60.0, limit: int = 65536) -> None:
+        self.memory_s, self.limit = memory_s, limit
+        self._ids: OrderedDict[str, float] = OrderedDict()  # request id -> when, oldest first
+
+    def add(self, request_id: str) -> None:
+        self._ids[request_id] = time.monotonic()
+        self._ids.move_to_end(request_id)
+        while len(self._ids) > self.limit:
+            self._ids.popitem(last=False)
+
+    def recent(self, request_id: str) -> bool:
+        stale = time.monotonic() - self.memory_s
+        while self._ids and next(iter(self._ids.values())) < stale:
+            self._ids.popitem(last=False)
+        return request_id in self._ids
+
+    def check(self, request_id: str) -> None:
+        """Raise EngineError("aborted") when `request_id` was aborted lately."""
+        if self.recent(request_id):
+            raise EngineError(ErrorCode.ABORTED, f"request {request_id!r} was aborted")
+
+
+async def wait_for_kv(ticket: Ticket, timeout: float, close: Callable[[Ticket, str], Awaitable[None]]) -> None:
+    """Before `start_generate` runs on a ticket: wait for the KV in flight into it (closing it after
+    `timeout` seconds: a TIMEOUT error); a transfer that failed means the prompt is computed here."""
+    if ticket.state == "open":
+        try:
+            await asyncio.wait_for(ticket.done.wait(), timeout)
+        except TimeoutError:
+            await close(ticket, "timed out waiting for the KV transfer")
+            raise EngineError(ErrorCode.TIMEOUT, f"KV for {ticket.request_id!r} did not arrive within "
+                              f"{timeout}s") from None
+    if ticket.state != "complete" and ticket.error != "aborted":
+        log.warning("request %s: KV transfer failed (%s); computing the prompt here", ticket.request_id,
+                    ticket.error)

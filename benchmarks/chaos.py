@@ -19,7 +19,10 @@ Invariants: every request ends with a 200 whose greedy text equals the reference
 fault) or a clear error (an HTTP error with an OpenAI error body, or a stream that ends with an `error`
 event after a prefix of the reference), never a 200 with wrong text, and the gateway always answers; after
 each segment, with the load paused, every engine is back to no running request, no open ticket, no send
-in flight and no block held outside the prefix cache; the gateway's and engines' RSS stay bounded.
+in flight and no block held outside the prefix cache; the gateway's and engines' RSS stay bounded; the
+prefix hit the router's index predicts on the decode engine is what its `prep_recv` reports for at least
+`MIN_AGREEMENT` of the requests (events lag, and faults such as a Valkey restart empty a tier the index
+still lists, so not for all).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from microserve import Strategy
 class CacheAwarePD(Strategy):
     roles = {"prefill": 1, "decode": 2}
     balance_requests = 2
+    log = ""  # a file: per request, the prefix hit the router predicted on the decode engine and what it reported
 
     async def generate(self, req, cluster):
         prefill, idle = cluster.least_loaded("prefill"), cluster.least_loaded("decode")
@@ -69,6 +73,11 @@ class CacheAwarePD(Strategy):
             decode = idle
         end = len(req.prompt_ids) - 1
         ticket = await decode.prep_recv(req, end=end)
+        if self.log and decode in cluster.health:
+            bs = cluster.health[decode].kv_spec.block_size
+            predicted = min(reach[decode].shared if decode in reach else 0, end // bs * bs)
+            with open(self.log, "a") as f:
+                f.write(f"{predicted} {ticket.matched}\\n")
         if ticket.matched < end:
             await prefill.remote_send(req, ticket.kv, begin=ticket.matched, end=end)
         async for chunk in decode.start_generate(req, begin=end):
@@ -76,6 +85,7 @@ class CacheAwarePD(Strategy):
 '''
 KINDS = ("plain", "stream", "n2", "logprobs", "grammar", "long")
 REGEX = "[a-z ]{4,40}"
+MIN_AGREEMENT = 0.8  # of requests whose prefix hit the router's index predicted exactly (faults move some)
 
 
 class Violation(AssertionError):
@@ -127,11 +137,13 @@ class Chaos:
         strategy.write_text(STRATEGY)
         os.environ["MICROSERVE_KV_HOST_DIR"] = str(tmp / "host")
         self.dep = start_launch(
-            "--strategy", str(strategy), "--model", "demo", "--cluster-key", str(self.key_path),
+            "--strategy", str(strategy), "--strategy-arg", f"log={tmp / 'hits.log'}", "--model", "demo",
+            "--cluster-key", str(self.key_path),
             "--api-key", API, "--admin-key", ADMIN, "--served-model-name", "demo", "--num-kv-blocks", "384",
             "--kv-store", "host:32MiB", "--kv-store", self.valkey.url, "--max-retries", "3",
             "--request-timeout", "120", "--log-level", "critical", timeout=300)
         self.url = self.dep.url
+        self.hits_log = tmp / "hits.log"
 
     async def engines(self, session: aiohttp.ClientSession) -> list[dict]:
         async with session.get(self.url + "/admin/engines", headers={"Authorization": f"Bearer {ADMIN}"}) as r:
@@ -391,7 +403,14 @@ class Chaos:
                 except Violation as exc:
                     self.violations.append(str(exc))
                 print(f"segment {segment}: {name}; {dict(self.outcomes)}", flush=True)
+        pairs = [line.split() for line in self.hits_log.read_text().splitlines()] if self.hits_log.exists() else []
+        agree = sum(a == b for a, b in pairs) / max(1, len(pairs))
+        if pairs and agree < MIN_AGREEMENT:
+            self.violations.append(f"the router predicted the decode engine's prefix hit exactly for only "
+                                   f"{agree:.0%} of {len(pairs)} requests")
         return {"minutes": self.args.minutes, "seed": self.args.seed, "segments": segment,
+                "prefix_hit_predicted_exactly": round(agree, 4),
+                "prefix_hit_tokens_mean": round(sum(int(b) for _, b in pairs) / max(1, len(pairs)), 1),
                 "requests": dict(self.outcomes), "faults": dict(self.faults), "violations": self.violations,
                 "rss_kb": {k: [min(v), max(v)] for k, v in self.rss.items()}}
 

@@ -163,6 +163,25 @@ async def test_an_engine_joins_with_the_cluster_key_and_leaves_on_sigterm(setup,
         eng.stop()
 
 
+async def test_an_engine_whose_join_is_refused_stops(setup, demo_path, tmp_path):
+    """An engine of another cluster (another key) asks to join: the gateway refuses it, and the engine
+    stops with an error instead of idling with nobody routing to it."""
+    from engines import start_engine, wait_engine
+
+    from microserve.security import ClusterKey
+
+    dep, _ = setup
+    other = tmp_path / "other.key"
+    ClusterKey.generate().write(other)
+    eng = wait_engine(start_engine(str(demo_path), "--num-kv-blocks", "64", "--log-level", "error", "--cluster-key",
+                                   str(other), "--join", dep.url, "--role", "engine", engine_id="stranger"))
+    try:
+        assert await asyncio.get_running_loop().run_in_executor(None, eng.proc.wait, 120) == 1
+        assert "stranger" not in [e["id"] for e in json.loads(ctl(dep, "engines").stdout)["engines"]]
+    finally:
+        eng.stop()
+
+
 @pytest.fixture(scope="module")
 def elastic(demo_path):
     dep = start_launch("--strategy", "strategies/round_robin.py", "--model", str(demo_path), "--engines", "1",

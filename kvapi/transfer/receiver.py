@@ -340,7 +340,7 @@ class KVReceiver:
             if not hmac.compare_digest(t.secret.encode(), hello.secret.encode()):
                 return None, "forbidden", "ticket secret does not match"
             if t.active:
-                return None, "conflict", "this ticket already has a transfer in flight"
+                return None, "bad_request", "this ticket already has a transfer in flight"
             try:
                 self.spec.check_compatible(hello.spec)
             except KVSpecMismatch as exc:

@@ -214,7 +214,6 @@ class Cluster:
         except EngineCallError as exc:
             log.warning("no KV snapshot from %s (%s); its prefix index fills from events only", h.name, exc)
             return
-        assert isinstance(snap, P.KVSnapshotReply)
         self.prefix_index.apply_snapshot(snap.engine_id, snap.hashes, snap.seq)
 
     def check(self, h: EngineHandle) -> None:

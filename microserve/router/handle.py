@@ -36,6 +36,10 @@ from microserve.serving.api import ErrorCode
 log = logging.getLogger(__name__)
 
 MAX_DEFERRED_ABORTS = 10_000
+_REPLY: dict[type, type] = {  # the reply each call expects
+    P.PrepRecv: P.RecvTicket, P.RemoteSend: P.SendResult, P.StartGenerate: P.GenerateChunk,
+    P.Abort: P.AbortReply, P.Stats: P.StatsReply, P.Health: P.HealthReply, P.KVSnapshot: P.KVSnapshotReply,
+}
 MAX_RESERVATION_S = 600.0  # a reservation (prep_recv) not taken up for this long no longer counts as load
 
 _TOUCHED: contextvars.ContextVar[set[EngineHandle] | None] = contextvars.ContextVar("touched", default=None)
@@ -165,9 +169,15 @@ class EngineHandle:
         if engines is not None:
             engines.add(self)
 
-    def _checked(self, reply: P.Reply) -> P.Reply:
+    def _checked(self, reply: P.Reply, msg: P.Call) -> P.Reply:
+        """`reply` when it is the answer `msg` expects; an RPCError becomes `EngineCallError` (remote),
+        any other reply an "internal" error (never an assert: it comes from another process)."""
         if isinstance(reply, P.RPCError):
             raise EngineCallError(reply.code, reply.message, self.name, peer=reply.peer, remote=True)
+        want = _REPLY[type(msg)]
+        if not isinstance(reply, want):
+            raise EngineCallError(ErrorCode.INTERNAL, f"the engine answered {type(msg).__name__} with "
+                                  f"{type(reply).__name__}, not {want.__name__}", self.name, remote=True)
         return reply
 
     async def call(self, msg: P.Call, timeout: float | None = None) -> P.Reply:
@@ -175,7 +185,7 @@ class EngineHandle:
         self._check_alive(msg)
         limit = self.timeout if timeout is None else timeout
         try:
-            reply = self._checked(await self.transport.roundtrip(msg, limit))
+            reply = self._checked(await self.transport.roundtrip(msg, limit), msg)
         except CallTimeout:
             raise EngineTimeout(f"no answer to {type(msg).__name__} within {limit:g}s", self.name) from None
         except CallUnavailable as exc:
@@ -267,8 +277,7 @@ class EngineHandle:
             # pushes millions of tokens through here)
             try:
                 async for reply in replies:
-                    chunk = self._checked(reply)
-                    assert isinstance(chunk, P.GenerateChunk)
+                    chunk = self._checked(reply, msg)
                     finished = chunk.finish_reason is not None
                     self.pending_tokens -= work  # the prompt is prefilled once the first chunk is out
                     work = 0

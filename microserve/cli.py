@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from kvapi.transfer.base import TRANSPORTS
+from microserve.options import serve_parser
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -42,13 +43,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _engine(args: argparse.Namespace) -> int:
-    import logging
-
     from microserve.demo import resolve_model
     from microserve.engine.config import EngineConfig
+    from microserve.logs import setup_logging
     from microserve.serving.zmq_server import EngineOptions, run_engine
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.log_level, args.log_format)
     block_size = args.block_size
     if args.backend == "vllm" and block_size == 16:  # the built-in default; vLLM's CPU kernels need multiples of 32
         block_size = 32
@@ -74,27 +74,6 @@ def _engine(args: argparse.Namespace) -> int:
         return 2
 
 
-def _serve_setup(args: argparse.Namespace, model: str | None):
-    import logging
-
-    from microserve.launch import ServeOptions
-    from microserve.router.strategy import load_strategy
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    strategy_args = {}
-    for item in args.strategy_arg:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--strategy-arg {item!r}: expected NAME=VALUE")
-        strategy_args[key.strip()] = value.strip()
-    strategy = load_strategy(args.strategy, strategy_args)
-    name = args.served_model_name or (model if model in (None, "demo") else Path(model).name) or "model"
-    opts = ServeOptions(args.host, args.port, args.api_key, name, args.request_timeout, args.max_retries,
-                        args.max_pending, args.cluster_key, args.admin_key, args.evict_after,
-                        args.allow_code_upload, args.metrics_key)
-    return strategy, opts
-
-
 def _forwarded_knobs(args: argparse.Namespace) -> list[str]:
     """The engine options given on the command line, as `microserve engine` arguments."""
     out = []
@@ -116,9 +95,10 @@ def _launch(args: argparse.Namespace) -> int:
     import asyncio
 
     from microserve.launch import launch
+    from microserve.options import serve_setup
     from microserve.router.strategy import parse_roles
 
-    strategy, opts = _serve_setup(args, args.model)
+    strategy, opts = serve_setup(args, args.model)
     roles = type(strategy).roles
     if args.roles and args.engines:
         raise ValueError("give --roles or --engines, not both")
@@ -144,17 +124,19 @@ def _launch(args: argparse.Namespace) -> int:
         if args.engine_cpus <= 0:
             raise ValueError("--engine-cpus must be > 0")
         ray = RayOptions(args.ray, args.placement, args.engine_cpus, args.engine_restarts)
-    return asyncio.run(launch(strategy, args.model, layout, [*_forwarded_knobs(args), *backend], opts, ray))
+    logs = ["--log-level", args.log_level, "--log-format", args.log_format]  # the deployment's, for its engines
+    return asyncio.run(launch(strategy, args.model, layout, [*_forwarded_knobs(args), *backend, *logs], opts, ray))
 
 
 def _router(args: argparse.Namespace) -> int:
     import asyncio
 
     from microserve.launch import check_layout, load_tokenizer, serve
+    from microserve.options import serve_setup
     from microserve.router.cluster import Cluster
     from microserve.text import NoTokenizer
 
-    strategy, opts = _serve_setup(args, args.model)
+    strategy, opts = serve_setup(args, args.model)
     engines: dict[str, list[str]] = {}
     for item in args.engine:
         role, sep, address = item.partition("=")
@@ -233,9 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--insecure", action="store_true",
                      help="serve without a cluster key: loopback addresses only, for local tests")
     eng.add_argument("--log-level", default="warning")
+    eng.add_argument("--log-format", choices=["text", "json"], default="text")
     eng.set_defaults(func=_engine)
 
-    lau = sub.add_parser("launch", parents=[knobs, _serve_options()],
+    lau = sub.add_parser("launch", parents=[knobs, serve_parser()],
                          help="start engines, the router and the OpenAI gateway for a strategy")
     lau.add_argument("--model", required=True, help="checkpoint folder, or 'demo'")
     lau.add_argument("--roles", default=None, help="engine layout, e.g. prefill=1,decode=2 (default: the strategy's)")
@@ -252,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Ray restarts of a failed engine actor (-1: no limit); a restarted engine re-joins")
     lau.set_defaults(func=_launch)
 
-    rou = sub.add_parser("router", parents=[_serve_options()],
+    rou = sub.add_parser("router", parents=[serve_parser()],
                          help="run the router and the OpenAI gateway over engines started elsewhere")
     rou.add_argument("--skip-tokenizer-init", action="store_true",
                      help="no tokenizer in the router: token-id prompts only (start the engines with it too)")
@@ -290,42 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("path")
     demo.set_defaults(func=_demo)
     return ap
-
-
-def _serve_options() -> argparse.ArgumentParser:
-    """Router + gateway options shared by `launch` and `router`."""
-    import os
-
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("router and gateway options")
-    g.add_argument("--strategy", required=True,
-                   help="strategy file (one microserve.Strategy subclass), or a shipped name: round_robin, pd, "
-                        "balanced_pd, adaptive_pd, context_migration, cache_aware")
-    g.add_argument("--strategy-arg", action="append", default=[], metavar="NAME=VALUE",
-                   help="override a strategy parameter, e.g. fraction=0.2 (repeatable)")
-    g.add_argument("--host", default="127.0.0.1", help="gateway address to bind")
-    g.add_argument("--port", type=int, default=8000, help="gateway port (0: any free port)")
-    g.add_argument("--api-key", default=os.environ.get("MICROSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $MICROSERVE_API_KEY)")
-    g.add_argument("--admin-key", default=os.environ.get("MICROSERVE_ADMIN_KEY"),
-                   help="bearer key of the admin API, /admin/* (default $MICROSERVE_ADMIN_KEY; never the API key: "
-                        "without one the admin API is off)")
-    g.add_argument("--allow-code-upload", action="store_true", help="let PUT /admin/strategy take Python source")
-    g.add_argument("--metrics-key", default=os.environ.get("MICROSERVE_METRICS_KEY"),
-                   help="require a bearer key on /metrics (default $MICROSERVE_METRICS_KEY; unset: /metrics is open)")
-    g.add_argument("--served-model-name", default=None, help="model name clients use (default: the folder name)")
-    g.add_argument("--request-timeout", type=float, default=600.0, help="per-request deadline in seconds")
-    g.add_argument("--max-retries", type=int, default=2,
-                   help="restarts on another engine when one fails before the first token")
-    g.add_argument("--max-pending", type=int, default=1024, help="requests in flight before 429s")
-    g.add_argument("--evict-after", type=float, default=30.0, metavar="SECONDS",
-                   help="an engine that joined (engine --join) and stops answering leaves the cluster after this; "
-                        "it re-joins when it is back")
-    g.add_argument("--cluster-key", default=None, metavar="FILE",
-                   help="the deployment's key (microserve keygen); default $MICROSERVE_CLUSTER_KEY; launch makes "
-                        "a fresh one per run when neither is given")
-    g.add_argument("--log-level", default="warning")
-    return p
 
 
 def _engine_knobs() -> argparse.ArgumentParser:

@@ -25,28 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from microserve.control.provision import Names, Provisioner, Started
+from microserve.options import ServeOptions
 from microserve.router.cluster import Cluster
 from microserve.router.handle import EngineHandle
 from microserve.router.strategy import Strategy, StrategyError
 from microserve.text import NoTokenizer
 
 log = logging.getLogger("microserve.launch")
-
-
-@dataclass
-class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    served_model_name: str = "model"
-    request_timeout: float = 600.0
-    max_retries: int = 2
-    max_pending: int = 1024
-    cluster_key: str | None = None  # key file; launch makes a fresh one per run when None
-    admin_key: str | None = None  # the admin API's key (never the API key; none: the admin API is off)
-    evict_after: float = 30.0  # seconds a joined engine may stay down before it leaves the cluster
-    allow_code_upload: bool = False  # PUT /admin/strategy may carry Python source
-    metrics_key: str | None = None  # bearer key of /metrics (None: open)
 
 
 @dataclass
@@ -193,15 +178,20 @@ async def serve(cluster: Cluster, strategy: Strategy, tokenizer, opts: ServeOpti
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = None
+    runner, stats = None, None
     try:
         cluster.evict_after = opts.evict_after
         await cluster.start()
         router = Router(cluster, strategy, tokenizer, request_timeout=opts.request_timeout,
                         max_retries=opts.max_retries, max_pending=opts.max_pending)
         router.engines = engines
+        router.log_requests = opts.log_requests
         gateway = Gateway(router, opts.served_model_name, opts.api_key, opts.admin_key,
                           allow_code_upload=opts.allow_code_upload, metrics_key=opts.metrics_key)
+        if opts.log_stats_interval > 0:
+            from microserve.logs import StatsLine
+
+            stats = asyncio.ensure_future(StatsLine(router, opts.log_stats_interval).run())
         runner, port = await serve_http(gateway, opts.host, opts.port)
         url = f"http://{_url_host(opts.host)}:{port}"
         if engines is not None:
@@ -209,11 +199,14 @@ async def serve(cluster: Cluster, strategy: Strategy, tokenizer, opts: ServeOpti
         listed = ",".join(f"{h.name}@{h.address}" for h in cluster.handles)
         print(f"READY url={url} model={opts.served_model_name} "
               f"strategy={type(strategy).__name__} engines={listed}{ready_extra}", flush=True)
-        log.warning("serving %s with %s on http://%s:%d", opts.served_model_name, type(strategy).__name__,
-                    opts.host, port)
+        log.info("serving %s with %s on %s: %s", opts.served_model_name, type(strategy).__name__, url,
+                 ", ".join(f"{h.name} ({h.role})" for h in cluster.handles))
         await stop.wait()
+        log.info("shutting down (a signal): the gateway stops taking requests, then the engines stop")
         return 0
     finally:
+        if stats is not None:
+            stats.cancel()
         if runner is not None:
             await runner.cleanup()
         await cluster.close()

@@ -74,7 +74,8 @@ class Gateway:
         self.router, self.model_name, self.api_key, self.metrics_key = router, model_name, api_key, metrics_key
         self.admin = Admin(router, admin_key, allow_code_upload)  # /admin/*: microserve/control/admin.py
         if not admin_key:
-            log.info("the admin API is off (no --admin-key); engines with the cluster's join token may still join")
+            log.log(logging.WARNING if api_key else logging.INFO, "the admin API is off (no --admin-key; the API "
+                    "key never opens it); engines with the cluster's join token may still join")
         # no tokenizer (skip_tokenizer_init): token-id prompts, every choice carries its token ids
         self.ids_only = isinstance(router.tokenizer, NoTokenizer)
         self.bodies = Bodies()  # request bodies: size and rate limits, upload slots (gateway/bodies.py)
@@ -102,27 +103,29 @@ class Gateway:
     # -- middleware ---------------------------------------------------------------------
     @web.middleware
     async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
+        """Keys, then the handler; every refusal or failure becomes OpenAI's error JSON and one log line
+        with its status and code (INFO for 4xx, WARNING for 5xx)."""
         key = self.metrics_key if request.path == "/metrics" else self.api_key if (
             request.path.startswith("/v1/") or request.path in ("/tokenize", "/detokenize")) else None
         if key:
             auth = request.headers.get("Authorization", "")
             # NOTE: bytes compare (a non-ASCII header is a 401, not a 500)
             if not hmac.compare_digest(auth.encode("utf-8", "surrogateescape"), f"Bearer {key}".encode()):
-                return _error(RouterError(ErrorCode.INVALID_API_KEY,
-                                          "missing or wrong API key (send 'Authorization: Bearer KEY')"))
+                return _logged(request, RouterError(ErrorCode.INVALID_API_KEY,
+                                                    "missing or wrong API key (send 'Authorization: Bearer KEY')"))
         try:
             return await handler(request)
         except RouterError as exc:
-            return _error(exc)
+            return _logged(request, exc)
         except BodyTooLarge as exc:
-            return _error(RouterError(ErrorCode.BAD_REQUEST, str(exc)), 413)
+            return _logged(request, RouterError(ErrorCode.BAD_REQUEST, str(exc)), 413)
         except BodyTooSlow as exc:
-            return _error(RouterError(ErrorCode.BAD_REQUEST, str(exc)), 408)
+            return _logged(request, RouterError(ErrorCode.BAD_REQUEST, str(exc)), 408)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             code = ErrorCode.NOT_FOUND if exc.status == 404 else ErrorCode.INVALID_REQUEST
-            return _error(RouterError(code, f"{exc.reason}: {request.method} {request.path}"), exc.status)
+            return _logged(request, RouterError(code, f"{exc.reason}: {request.method} {request.path}"), exc.status)
 
     # -- endpoints ----------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
@@ -214,7 +217,7 @@ class Gateway:
         self.router.admit(count)  # --max-pending counts choices, not HTTP requests
         special = body.add_special_tokens is not False
         prompts = [body.truncate(await self.router.encode(p, special)) for p in texts]
-        params = [self.router.check(p, _copy(sampling), given) for p in prompts]
+        params = [self.router.check(p, msgspec.structs.replace(sampling), given) for p in prompts]
         rid = self.router.new_request_id("cmpl")
         streams = self._choices(rid, prompts, params)
         base = {"id": body.request_id or rid, "object": "text_completion", "created": O.now(),
@@ -358,18 +361,21 @@ def _completion_logprobs(body, name, prompt: list[int], r) -> dict[str, Any] | N
     return choices.completion_logprobs(name, r.ids, r.logprobs, 0)
 
 
-def _copy(sp):
-    import msgspec
-
-    return msgspec.structs.replace(sp)
-
-
 def _include_usage(body: O._Common) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
 async def _send(resp: web.StreamResponse, obj: dict[str, Any]) -> None:
     await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+
+def _logged(request: web.Request, exc: RouterError, status: int | None = None) -> web.Response:
+    resp = _error(exc, status)
+    log.log(logging.WARNING if resp.status >= 500 else logging.INFO, "%s %s -> %d %s: %s", request.method,
+            request.path, resp.status, exc.code, exc.message, extra={"fields": {
+                "method": request.method, "path": request.path, "status": resp.status, "code": str(exc.code),
+                "client": request.remote}})
+    return resp
 
 
 def _error(exc: RouterError, status: int | None = None) -> web.Response:

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadline: float | None = None,
-                      avoid: frozenset[EngineHandle] = frozenset()) -> AsyncIterator[GenerateChunk]:
+                      avoid: frozenset[EngineHandle] = frozenset(),
+                      record: set[EngineHandle] | None = None) -> AsyncIterator[GenerateChunk]:
     """One run of `strategy.generate(req, cluster)`: its chunks, up to the one with a finish
     reason. Unless the engines finished it themselves, every engine the run touched gets an
     abort when it ends (error, deadline, the caller closing early, cancellation).
@@ -32,7 +33,8 @@ async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadli
     `deadline` is in the loop's clock (`loop.time()`, virtual in the simulator); past it the
     attempt raises `RouterError(TIMEOUT)`. A strategy that ends without a finish reason raises
     `RouterError(STRATEGY_ERROR)`; engine failures raise `EngineCallError`. `least_loaded` passes
-    over the engines in `avoid` while others of their role are live."""
+    over the engines in `avoid` while others of their role are live. The engines the attempt touched are
+    added to `record` (the access log names them)."""
     touched: set[EngineHandle] = set()
     with touched_engines(touched):
         chunks = strategy.generate(req, cluster)
@@ -56,12 +58,15 @@ async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadli
             await chunks.aclose()
         for h in touched:
             h.release(req.request_id)
+        if record is not None:
+            record.update(touched)
         if not clean:
             abort_everywhere(req.request_id, touched)
 
 
 async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max_retries: int = 0,
-                      deadline: float | None = None, on_retry=None) -> AsyncIterator[GenerateChunk]:
+                      deadline: float | None = None, on_retry=None,
+                      record: set[EngineHandle] | None = None) -> AsyncIterator[GenerateChunk]:
     """`run_attempt`, restarted (as `<id>~<n>`) when an engine fails with a `RETRYABLE` code, at
     most `max_retries` times. Before the first token the request starts over; after it, only an
     engine that died (`unavailable`, `timeout`) is failed over: the next attempt's prompt is the
@@ -70,7 +75,7 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
 
     The failure is charged to the engine at fault (`_charge`: one that did not answer is marked
     down; one that answered is alive, but the peer it names may not be), and the retry prefers
-    other engines. `on_retry(exc)` observes each restart."""
+    other engines. `on_retry(exc)` observes each restart; `record` collects every engine touched."""
     generated: list[int] = []
     avoid: set[EngineHandle] = set()
     attempt = moves = 0
@@ -80,7 +85,7 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
         areq = req if n == 0 else Request(f"{req.request_id}~{n}", req.prompt_ids + generated,
                                           req.sampling.after(generated))
         current, move = move, None
-        chunks = run_attempt(current or strategy, cluster, areq, deadline, frozenset(avoid))
+        chunks = run_attempt(current or strategy, cluster, areq, deadline, frozenset(avoid), record)
         try:
             async for chunk in chunks:
                 generated += chunk.token_ids

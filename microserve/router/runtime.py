@@ -29,6 +29,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from microserve.logs import access
 from microserve.protocol import GenerateChunk, Request, TokenLogprob
 from microserve.router.attempts import abort_everywhere, run_attempt, run_request  # noqa: F401 (re-exported)
 from microserve.router.choices import ChoiceGroup, route
@@ -94,6 +95,7 @@ class Router:
         self.max_model_len = max_model_len or cluster.max_model_len
         self.request_timeout, self.max_retries, self.max_pending = request_timeout, max_retries, max_pending
         self.metrics, self.pending = RouterMetrics(cluster), 0
+        self.log_requests = True  # one access-log line per request (microserve/logs.py; --disable-log-requests)
         self.engines = None  # the engines this deployment starts itself (control/provision.py), if any
 
     # -- input --------------------------------------------------------------------------
@@ -187,32 +189,40 @@ class Router:
         self.pending += 1
         t0 = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + self.request_timeout
-        status, streamed = "aborted", False
+        status, streamed, code, finish = "aborted", False, "", None
+        progress, touched = _Progress(), set()
         try:
-            async for delta in self._generate(request_id, prompt_ids, sampling, t0, deadline, group, lead):
+            async for delta in self._generate(request_id, prompt_ids, sampling, t0, deadline, group, lead,
+                                              progress, touched):
                 streamed = True
                 if delta.finish_reason is not None:
-                    status = "success"
+                    status, finish = "success", delta.finish_reason
                 yield delta
         except RouterError as exc:
             # no capacity (no live engine, overloaded) before any output: refused, not failed
-            status = "rejected" if not streamed and exc.code in NO_CAPACITY else "error"
+            status, code = "rejected" if not streamed and exc.code in NO_CAPACITY else "error", str(exc.code)
             raise
         finally:
             self.pending -= 1
             self.metrics.requests.labels(status).inc()
+            e2e = time.perf_counter() - t0
             if status == "success":
-                self.metrics.e2e.observe(time.perf_counter() - t0)
+                self.metrics.e2e.observe(e2e)
+            if self.log_requests:
+                access(request_id, status, code=code, strategy=type(self.strategy).__name__,
+                       engines=sorted(h.name for h in touched), prompt=len(prompt_ids), output=len(progress.tokens),
+                       cached=progress.cached, ttft_s=None if progress.first_at is None else progress.first_at - t0,
+                       e2e_s=e2e, finish=finish)
 
     async def _generate(self, rid: str, prompt_ids: list[int], sampling: SamplingParams, t0: float,
-                        deadline: float, group: ChoiceGroup | None, lead: bool) -> AsyncIterator[Delta]:
+                        deadline: float, group: ChoiceGroup | None, lead: bool, progress: _Progress,
+                        touched: set) -> AsyncIterator[Delta]:
         text = TextStream(self.tokenizer, sampling)
-        progress = _Progress()
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         strategy, generating = await route(group, lead, self.strategy, deadline)
         chunks = run_request(strategy, self.cluster, Request(rid, prompt_ids, sampling),
                              max_retries=self.max_retries, deadline=deadline,
-                             on_retry=lambda exc: self.metrics.retries.inc())
+                             on_retry=lambda exc: self.metrics.retries.inc(), record=touched)
         try:
             async for chunk in chunks:
                 if generating is not None:

@@ -277,6 +277,8 @@ def run_engine(opts: EngineOptions) -> int:
     def ready(s: EngineServer) -> None:
         print(f"READY engine={s.engine_id} rpc={s.rpc_addr} events={s.events_addr} "
               f"kv={s.service.plane.endpoint} transports={','.join(s.transports)}", flush=True)
+        log.info("engine %s serving %s: rpc %s, events %s, kv %s (%s)", s.engine_id, opts.model, s.rpc_addr,
+                 s.events_addr, s.service.plane.endpoint, ",".join(s.transports))
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -313,6 +315,7 @@ def run_engine(opts: EngineOptions) -> int:
 
     failed: list[BaseException] = []  # a refused --join
     asyncio.run(main())
+    log.info("engine %s stopped", server.engine_id)
     for sig in (signal.SIGTERM, signal.SIGINT):  # NOTE: a repeated signal must not kill the final teardown
         signal.signal(sig, signal.SIG_IGN)
     return 1 if failed else 0

@@ -186,6 +186,7 @@ async def serve(cluster: Cluster, strategy: Strategy, tokenizer, opts: ServeOpti
                         max_retries=opts.max_retries, max_pending=opts.max_pending)
         router.engines = engines
         router.log_requests = opts.log_requests
+        router.metrics.vllm_names = opts.metrics_names == "vllm"
         gateway = Gateway(router, opts.served_model_name, opts.api_key, opts.admin_key,
                           allow_code_upload=opts.allow_code_upload, metrics_key=opts.metrics_key)
         if opts.log_stats_interval > 0:

@@ -31,6 +31,7 @@ class ServeOptions:
     metrics_key: str | None = None  # bearer key of /metrics (None: open)
     log_requests: bool = True  # one access-log line per request (microserve/logs.py)
     log_stats_interval: float = 10.0  # seconds between stats lines (0: none)
+    metrics_names: str = "microserve"  # "vllm": /metrics also carries vLLM's series names
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,8 @@ def serve_parser() -> argparse.ArgumentParser:
     g.add_argument("--cluster-key", default=None, metavar="FILE",
                    help="the deployment's key (microserve keygen); default $MICROSERVE_CLUSTER_KEY; launch makes "
                         "a fresh one per run when neither is given")
+    g.add_argument("--metrics-names", choices=["microserve", "vllm"], default="microserve",
+                   help="vllm: /metrics also exports the engine series and latencies under vLLM's names (vllm:*)")
     g.add_argument("--log-level", default="info", help="debug, info (default: startup, one line per request, "
                    "a stats line, shutdown), warning, error")
     g.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
@@ -89,5 +92,5 @@ def serve_setup(args: argparse.Namespace, model: str | None) -> tuple[Strategy, 
     opts = ServeOptions(args.host, args.port, args.api_key, name, args.request_timeout, args.max_retries,
                         args.max_pending, args.cluster_key, args.admin_key, args.evict_after,
                         args.allow_code_upload, args.metrics_key, not args.disable_log_requests,
-                        args.log_stats_interval)
+                        args.log_stats_interval, args.metrics_names)
     return strategy, opts

@@ -31,7 +31,7 @@ MAX_LEN = 1024
 def pd(demo_path):
     dep = start_launch("--strategy", "strategies/pd.py", "--model", str(demo_path), "--api-key", KEY,
                        "--served-model-name", "demo", "--max-model-len", str(MAX_LEN), "--num-kv-blocks", "512",
-                       "--log-level", "error")
+                       "--metrics-names", "vllm", "--log-level", "error")
     yield dep
     assert dep.stop() == 0
 
@@ -110,8 +110,40 @@ async def test_metrics_pass_promtools_rules(pd):
             assert name.endswith("_total"), f"the counter {name} does not end in _total"
         else:
             assert not name.endswith("_total"), f"{name} is a {kind} named like a counter"
-        if kind == "histogram":
-            assert f'{name}_bucket{{le="+Inf"' in text and f"{name}_sum" in text and f"{name}_count" in text, name
+        if kind == "histogram" and re.search(rf"^{re.escape(name)}_", text, re.M):  # NOTE: a labelled one may be empty
+            buckets = re.search(rf'^{re.escape(name)}_bucket{{[^}}]*le="\+Inf"', text, re.M)
+            assert buckets and f"{name}_sum" in text and f"{name}_count" in text, name
+
+
+async def test_metrics_carry_process_http_refusals_and_vllm_names(pd):
+    """`process_*`, per-endpoint HTTP series, every refusal by reason, and (`--metrics-names vllm`) vLLM's
+    series with vLLM's types and its `model_name` label."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    code, _, _ = await raw(pd, "POST", "/v1/completions", {"model": "demo"})
+    assert code == 400
+    await client(pd).completions.create(model="demo", prompt="metrics", max_tokens=2)
+    async with aiohttp.ClientSession() as s, s.get(pd.url + "/metrics") as r:
+        families = {f.name: f for f in text_string_to_metric_families(await r.text())}
+    assert families["process_resident_memory_bytes"].type == "gauge"
+
+    def value(name: str, **labels: str) -> float:
+        return sum(x.value for x in families[name].samples if x.name.endswith("_total")
+                   and all(x.labels.get(k) == v for k, v in labels.items()))
+
+    assert value("microserve_http_requests", handler="/v1/completions", method="POST", status="200") >= 1
+    assert value("microserve_http_requests", handler="/v1/completions", status="400") >= 1
+    assert value("microserve_rejected_requests", reason="bad_request") >= 1
+    assert families["microserve_http_request_duration_seconds"].type == "histogram"
+    for name, kind in {"vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge",
+                       "vllm:kv_cache_usage_perc": "gauge", "vllm:time_to_first_token_seconds": "histogram",
+                       "vllm:e2e_request_latency_seconds": "histogram", "vllm:inter_token_latency_seconds": "histogram",
+                       "vllm:prompt_tokens": "counter", "vllm:generation_tokens": "counter",
+                       "vllm:num_preemptions": "counter", "vllm:prefix_cache_hits": "counter"}.items():
+        assert families[name].type == kind, name
+        assert all(x.labels.get("model_name") == "demo" for x in families[name].samples), name
+    assert {x.labels["engine"] for x in families["vllm:num_requests_running"].samples} == {"prefill-0", "decode-0"}
+    assert value("vllm:generation_tokens") >= 2
 
 
 async def test_metrics_parse_and_move(pd):

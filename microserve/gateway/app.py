@@ -35,6 +35,7 @@ from microserve.gateway.choices import best as _best
 from microserve.gateway.choices import collect as _collect
 from microserve.gateway.choices import merge as _merge
 from microserve.gateway.choices import sum_usage as _sum_usage
+from microserve.gateway.observe import observe, refused
 from microserve.router.choices import ChoiceGroup
 from microserve.router.runtime import Delta, Router, RouterError
 from microserve.sampling_params import SamplingParams
@@ -87,7 +88,7 @@ class Gateway:
         return await self.bodies.decode(body, kind)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
+        app = web.Application(middlewares=[observe(self.router.metrics), self._errors], client_max_size=MAX_BODY_BYTES)
         app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
@@ -111,21 +112,28 @@ class Gateway:
             auth = request.headers.get("Authorization", "")
             # NOTE: bytes compare (a non-ASCII header is a 401, not a 500)
             if not hmac.compare_digest(auth.encode("utf-8", "surrogateescape"), f"Bearer {key}".encode()):
-                return _logged(request, RouterError(ErrorCode.INVALID_API_KEY,
+                return self._refuse(request, RouterError(ErrorCode.INVALID_API_KEY,
                                                     "missing or wrong API key (send 'Authorization: Bearer KEY')"))
         try:
             return await handler(request)
         except RouterError as exc:
-            return _logged(request, exc)
+            return self._refuse(request, exc)
         except BodyTooLarge as exc:
-            return _logged(request, RouterError(ErrorCode.BAD_REQUEST, str(exc)), 413)
+            return self._refuse(request, RouterError(ErrorCode.BAD_REQUEST, str(exc)), 413)
         except BodyTooSlow as exc:
-            return _logged(request, RouterError(ErrorCode.BAD_REQUEST, str(exc)), 408)
+            return self._refuse(request, RouterError(ErrorCode.BAD_REQUEST, str(exc)), 408)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             code = ErrorCode.NOT_FOUND if exc.status == 404 else ErrorCode.INVALID_REQUEST
-            return _logged(request, RouterError(code, f"{exc.reason}: {request.method} {request.path}"), exc.status)
+            message = f"{exc.reason}: {request.method} {request.path}"
+            return self._refuse(request, RouterError(code, message), exc.status)
+
+    def _refuse(self, request: web.Request, exc: RouterError, status: int | None = None) -> web.Response:
+        """The error response, logged (gateway/observe.py) and counted by reason."""
+        resp = _error(exc, status)
+        refused(request, resp.status, exc, self.router.metrics)
+        return resp
 
     # -- endpoints ----------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
@@ -367,15 +375,6 @@ def _include_usage(body: O._Common) -> bool:
 
 async def _send(resp: web.StreamResponse, obj: dict[str, Any]) -> None:
     await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
-
-
-def _logged(request: web.Request, exc: RouterError, status: int | None = None) -> web.Response:
-    resp = _error(exc, status)
-    log.log(logging.WARNING if resp.status >= 500 else logging.INFO, "%s %s -> %d %s: %s", request.method,
-            request.path, resp.status, exc.code, exc.message, extra={"fields": {
-                "method": request.method, "path": request.path, "status": resp.status, "code": str(exc.code),
-                "client": request.remote}})
-    return resp
 
 
 def _error(exc: RouterError, status: int | None = None) -> web.Response:

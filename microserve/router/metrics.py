@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvapi.transfer.base import TRANSPORTS
@@ -52,6 +52,15 @@ class RouterMetrics:
             self.requests.labels(status)  # every series exists from the start (rates need a zero)
         self.admin = Counter("microserve_admin_changes", "Changes made through the admin API, by action",
                              ["action"], registry=r)
+        self.refused = Counter("microserve_rejected_requests", "Requests the gateway answered with an error before "
+                               "any output, by reason (the error code)", ["reason"], registry=r)
+        self.http = Counter("microserve_http_requests", "HTTP requests by endpoint, method and status",
+                            ["handler", "method", "status"], registry=r)
+        self.http_seconds = Histogram("microserve_http_request_duration_seconds", "HTTP request time by endpoint "
+                                      "(to the last byte of a stream)", ["handler"], buckets=_LATENCY, registry=r)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        self.vllm_names = False  # `--metrics-names vllm`: the engine series and latencies under vLLM's names too
+        self.cluster = cluster
         r.register(_EngineCollector(cluster))
         for h in cluster.handles:
             self.attach(h)
@@ -72,10 +81,12 @@ class RouterMetrics:
 
     def render(self, model_name: str = "") -> bytes:
         """The exposition text; every series carries `model_name` (as vLLM's) when one is given."""
-        if not model_name:
+        if not model_name and not self.vllm_names:
             return generate_latest(self.registry)
         outer = CollectorRegistry()
         outer.register(_ModelLabel(self.registry, model_name))
+        if self.vllm_names:
+            outer.register(_VLLMNames(self.registry, self.cluster, model_name))
         return generate_latest(outer)
 
 
@@ -94,6 +105,55 @@ class _ModelLabel:
             for s in family.samples:
                 out.add_sample(s.name, {**s.labels, "model_name": self.model_name}, s.value, s.timestamp, s.exemplar)
             yield out
+
+
+_VLLM_RENAMED = {  # ours -> vLLM's, same type, same buckets
+    "microserve_time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
+    "microserve_e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
+    "microserve_inter_token_latency_seconds": "vllm:inter_token_latency_seconds",
+    "microserve_prompt_tokens": "vllm:prompt_tokens",
+    "microserve_generation_tokens": "vllm:generation_tokens",
+}
+
+
+class _VLLMNames:
+    """vLLM's own series (`vllm:*`, label `model_name`, per engine `engine`), so dashboards, alerts and scrapers
+    written for vLLM (production-stack's router, llm-d's scheduler, KEDA rules) work unchanged."""
+
+    def __init__(self, inner: CollectorRegistry, cluster: Cluster, model_name: str) -> None:
+        self.inner, self.cluster, self.model_name = inner, cluster, model_name
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        for family in self.inner.collect():
+            name = _VLLM_RENAMED.get(family.name)
+            if name is None:
+                continue
+            out = Metric(name, family.documentation, family.type, family.unit)
+            for s in family.samples:
+                out.add_sample(name + s.name[len(family.name):], {**s.labels, "model_name": self.model_name},
+                               s.value, s.timestamp, s.exemplar)
+            yield out
+        labels = ["model_name", "engine"]
+        running = GaugeMetricFamily("vllm:num_requests_running", "Requests running on the engine", labels=labels)
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting on the engine", labels=labels)
+        usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV cache usage (1 = full)", labels=labels)
+        preempted = CounterMetricFamily("vllm:num_preemptions", "Preemptions on the engine", labels=labels)
+        hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache",
+                                   labels=labels)
+        for h in self.cluster.handles:
+            s = self.cluster.load(h).stats
+            if s is None:
+                continue
+            key = [self.model_name, h.name]
+            running.add_metric(key, s.running)
+            waiting.add_metric(key, s.waiting)
+            usage.add_metric(key, s.kv_blocks_used / max(1, s.kv_blocks_total))
+            preempted.add_metric(key, s.num_preemptions)
+            hits.add_metric(key, s.prefix_cache_hit_tokens)
+        yield from (running, waiting, usage, preempted, hits)
 
 
 class _EngineCollector:

@@ -265,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ctl_mod.add_arguments(ctl)
     ctl.set_defaults(func=ctl_mod.main)
+    top = sub.add_parser("top", help="a live view of a deployment: engines, load, request rate and latency")
+    from microserve.control import top as top_mod
+
+    top_mod.add_arguments(top)
+    top.set_defaults(func=top_mod.main)
     key = sub.add_parser("keygen", help="write a new cluster key to FILE (mode 0600)")
     key.add_argument("path", metavar="FILE")
     key.set_defaults(func=_keygen)

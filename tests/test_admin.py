@@ -252,3 +252,24 @@ async def test_a_joined_engine_that_stops_answering_is_evicted_and_rejoins(elast
     finally:
         eng.proc.send_signal(signal.SIGCONT)
         eng.stop()
+
+
+async def test_requests_journal_ctl_timelines_and_top(setup):
+    """`GET /admin/requests` lists the last requests with the calls their strategy made; `ctl requests`
+    prints them as timelines; `microserve top --once` shows the engines and the request rate."""
+    dep, _ = setup
+    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key=API, max_retries=0)
+    out = await client.completions.create(model="demo", prompt="journal me", max_tokens=3, temperature=0)
+    async with aiohttp.ClientSession() as s, s.get(dep.url + "/admin/requests?limit=1",
+                                                   headers={"Authorization": f"Bearer {KEY}"}) as r:
+        last = (await r.json())["requests"]
+    assert len(last) == 1 and last[0]["request_id"] == out.id and last[0]["status"] == "success"
+    assert [c["call"] for c in last[0]["calls"]] == ["start_generate"] and last[0]["output_tokens"] == 3
+    assert last[0]["calls"][0]["engine"] in [e["id"] for e in json.loads(ctl(dep, "engines").stdout)["engines"]]
+    timeline = ctl(dep, "requests", "--limit", "1")
+    assert timeline.returncode == 0 and out.id in timeline.stdout and "start_generate" in timeline.stdout
+    top = subprocess.run([sys.executable, "-m", "microserve", "top", "--url", dep.url, "--admin-key", KEY, "--once"],
+                         capture_output=True, text=True, timeout=60)
+    assert top.returncode == 0, top.stderr
+    assert "requests:" in top.stdout and all(e["id"] in top.stdout
+                                             for e in json.loads(ctl(dep, "engines").stdout)["engines"])

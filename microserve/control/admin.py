@@ -10,6 +10,8 @@
     DELETE /admin/engines/{id}         drain, then forget it: no new request goes there, and each request
                                        streaming from it moves with its KV to another engine of its role
                                        (`?migrate=0`: they finish there instead)
+    GET    /admin/requests?limit=N     {"requests": [...]}: the last N requests (newest first) with the calls
+                                       their strategy made (engine, call, start_ms, ms, bytes, error)
     GET    /admin/strategy             {"name", "args"}
     PUT    /admin/strategy             {"path"} (a file on the router's host), with "args": new requests use it,
                                        requests in flight finish under the old one; {"source"} (Python in the
@@ -65,6 +67,7 @@ class Admin:
         app.router.add_patch("/admin/engines/{id}", self.set_role)
         app.router.add_delete("/admin/engines/{id}", self.remove_engine)
         app.router.add_get("/admin/strategy", self.get_strategy)
+        app.router.add_get("/admin/requests", self.requests)
         app.router.add_put("/admin/strategy", self.put_strategy)
         app.router.add_put("/admin/scale", self.scale)
 
@@ -122,7 +125,8 @@ class Admin:
             s = load.stats
             out.append({"id": h.name, "address": h.address, "role": h.role, "alive": h.alive,
                         "draining": h in cluster.draining, "running": s.running if s else 0,
-                        "waiting": s.waiting if s else 0, "kv_blocks_used": s.kv_blocks_used if s else 0})
+                        "waiting": s.waiting if s else 0, "kv_blocks_used": s.kv_blocks_used if s else 0,
+                        "kv_blocks_total": s.kv_blocks_total if s else 0})
         return web.json_response({"engines": out})
 
     async def add_engine(self, request: web.Request) -> web.Response:
@@ -169,6 +173,15 @@ class Admin:
         await self.router.cluster.remove_engine(h, migrate=migrate)
         self._done("remove", f"engine {h.name} drained{' by migration' if migrate else ''} and removed")
         return web.json_response({"id": h.name, "removed": True})
+
+    async def requests(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        try:
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            return _error(400, "limit must be an integer")
+        return web.json_response({"requests": self.router.journal.recent(limit)})
 
     async def get_strategy(self, request: web.Request) -> web.Response:
         if (refused := self._refused(request)) is not None:

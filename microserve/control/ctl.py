@@ -6,6 +6,7 @@
     microserve ctl --url URL remove decode-1
     microserve ctl --url URL strategy strategies/balanced_pd.py --strategy-arg fraction=0.2
     microserve ctl --url URL scale decode=3 prefill=1      (engines `launch` / `launch --ray` starts itself)
+    microserve ctl --url URL requests --limit 5            (the last requests with their calls, as timelines)
 
 The key comes from `--admin-key` or `$MICROSERVE_ADMIN_KEY`. Prints the JSON answer; a refused or
 failed call prints one line and exits 2.
@@ -41,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     st.add_argument("--strategy-arg", action="append", default=[], metavar="NAME=VALUE")
     sc = sub.add_parser("scale", help="start or drain-and-stop engines until each role has N")
     sc.add_argument("counts", nargs="+", metavar="ROLE=N")
+    rq = sub.add_parser("requests", help="the last requests with the calls their strategy made, as timelines")
+    rq.add_argument("--limit", type=int, default=10)
+    rq.add_argument("--json", action="store_true", help="the JSON answer instead of timelines")
 
 
 def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> dict:
@@ -78,11 +82,32 @@ def run(args: argparse.Namespace) -> int:
                 raise SystemExit(f"error: scale {item!r}: expected ROLE=N with N >= 0")
             counts[role.strip()] = int(n)
         out = _call(args, "PUT", "/admin/scale", counts)
+    elif args.action == "requests":
+        out = _call(args, "GET", f"/admin/requests?limit={args.limit}")
+        if not args.json:
+            print(timelines(out["requests"]))
+            return 0
     else:
         strategy_args = dict(item.split("=", 1) for item in args.strategy_arg if "=" in item)
         out = _call(args, "PUT", "/admin/strategy", {"path": args.path, "args": strategy_args})
     print(json.dumps(out, indent=2))
     return 0
+
+
+def timelines(requests: list[dict]) -> str:
+    """Each request as a header and one line per call, offsets from its arrival."""
+    lines = []
+    for r in requests:
+        ttft = f", TTFT {r['ttft_ms']:.1f} ms" if r.get("ttft_ms") is not None else ""
+        code = f" ({r['code']})" if r.get("code") else ""
+        lines.append(f"{r['request_id']}  {r['status']}{code}  {r['e2e_ms']:.1f} ms{ttft}  {r['strategy']}  "
+                     f"prompt {r['prompt_tokens']} -> {r['output_tokens']} tokens")
+        for c in r["calls"]:
+            size = f"  {c['bytes'] / 2**20:.1f} MiB" if c["bytes"] else ""
+            error = f"  {c['error']}" if c["error"] else ""
+            lines.append(f"  +{c['start_ms']:>9.1f} ms  {c['engine']:<14} {c['call']:<15}{c['ms']:>9.1f} ms"
+                         f"{size}{error}")
+    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ import zmq
 import zmq.asyncio
 
 from microserve import protocol as P
+from microserve.router.journal import CallRecord
 from microserve.router.transport import CallTimeout, CallUnavailable, Transport, ZMQTransport
 from microserve.sampling_params import SamplingParams
 from microserve.security import ClusterKey
@@ -36,6 +37,8 @@ from microserve.serving.api import ErrorCode
 log = logging.getLogger(__name__)
 
 MAX_DEFERRED_ABORTS = 10_000
+_CALL_NAMES = {P.PrepRecv: "prep_recv", P.RemoteSend: "remote_send", P.StartGenerate: "start_generate",
+               P.Abort: "abort"}
 _REPLY: dict[type, type] = {  # the reply each call expects
     P.PrepRecv: P.RecvTicket, P.RemoteSend: P.SendResult, P.StartGenerate: P.GenerateChunk,
     P.Abort: P.AbortReply, P.Stats: P.StatsReply, P.Health: P.HealthReply, P.KVSnapshot: P.KVSnapshotReply,
@@ -125,6 +128,7 @@ class EngineHandle:
         self.on_send: Callable[[P.SendResult], None] | None = None  # observer of finished remote_sends
         self.on_generate: Callable[[EngineHandle], None] | None = None  # observer of start_generate calls
         self.on_state: Callable[[EngineHandle, bool], None] | None = None  # observer of alive changes
+        self.on_call: Callable[[CallRecord], None] | None = None  # observer of every call (router/journal.py)
         self._deferred_aborts: dict[str, None] = {}  # aborts for when the engine is back (insertion order)
         self._cleanup: asyncio.Future | None = None
 
@@ -184,15 +188,29 @@ class EngineHandle:
         """Send one call and wait for its single reply."""
         self._check_alive(msg)
         limit = self.timeout if timeout is None else timeout
+        t0, reply, error = time.time(), None, ""
         try:
             reply = self._checked(await self.transport.roundtrip(msg, limit), msg)
         except CallTimeout:
+            error = ErrorCode.TIMEOUT
             raise EngineTimeout(f"no answer to {type(msg).__name__} within {limit:g}s", self.name) from None
         except CallUnavailable as exc:
+            error = ErrorCode.UNAVAILABLE
             raise EngineCallError(ErrorCode.UNAVAILABLE, str(exc), self.name) from None
+        except EngineCallError as exc:
+            error = exc.code
+            raise
+        finally:
+            if self.on_call is not None and _CALL_NAMES.get(type(msg)):
+                self._report(msg, t0, getattr(reply, "bytes", 0), str(error))
         if not self.alive and isinstance(msg, P.Health | P.Stats):
             self.set_alive(True)  # it answers again (restarted)
         return reply
+
+    def _report(self, msg: P.Call, t0: float, nbytes: int, error: str) -> None:
+        rid = msg.request_id if isinstance(msg, P.Abort) else msg.req.request_id  # type: ignore[union-attr]
+        self.on_call(CallRecord(self.name, _CALL_NAMES[type(msg)], t0, time.time() - t0,  # type: ignore[misc]
+                                nbytes, error, rid))
 
     async def close(self) -> None:
         await self.transport.close()
@@ -272,6 +290,7 @@ class EngineHandle:
             generating.append(self)
         limit = self.timeout if timeout is None else timeout
         replies = self.transport.stream(msg, limit)
+        t0, error = time.time(), ""
         try:
             # NOTE: one generator frame per token between the router and the wire (the simulator
             # pushes millions of tokens through here)
@@ -279,6 +298,8 @@ class EngineHandle:
                 async for reply in replies:
                     chunk = self._checked(reply, msg)
                     finished = chunk.finish_reason is not None
+                    if finished and self.on_call is not None:  # NOTE: now: the consumer may not close us at once
+                        self._report(msg, t0, 0, "")
                     self.pending_tokens -= work  # the prompt is prefilled once the first chunk is out
                     work = 0
                     yield chunk
@@ -286,10 +307,17 @@ class EngineHandle:
                         self.moving += 1  # NOTE: before the abort below yields: the drain must not end in between
                         raise Evacuated(self)
             except CallTimeout:
+                error = ErrorCode.TIMEOUT
                 raise EngineTimeout(f"no answer to start_generate within {limit:g}s", self.name) from None
             except CallUnavailable as exc:
+                error = ErrorCode.UNAVAILABLE
                 raise EngineCallError(ErrorCode.UNAVAILABLE, str(exc), self.name) from None
+            except EngineCallError as exc:
+                error = exc.code
+                raise
         finally:
+            if self.on_call is not None and not finished:
+                self._report(msg, t0, 0, str(error))
             await replies.aclose()
             self.inflight -= 1
             self.pending_tokens -= work

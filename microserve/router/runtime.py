@@ -36,6 +36,7 @@ from microserve.router.choices import ChoiceGroup, route
 from microserve.router.cluster import Cluster
 from microserve.router.errors import NO_CAPACITY, RouterError
 from microserve.router.handle import EngineCallError
+from microserve.router.journal import Journal
 from microserve.router.metrics import RouterMetrics
 from microserve.router.strategy import Strategy
 from microserve.sampling_params import SamplingParams
@@ -96,6 +97,10 @@ class Router:
         self.request_timeout, self.max_retries, self.max_pending = request_timeout, max_retries, max_pending
         self.metrics, self.pending = RouterMetrics(cluster), 0
         self.log_requests = True  # one access-log line per request (microserve/logs.py; --disable-log-requests)
+        self.journal = Journal()  # the last requests with their calls (GET /admin/requests)
+        for h in cluster.handles:
+            h.on_call = self.journal.call
+        cluster.on_join.append(lambda h: setattr(h, "on_call", self.journal.call))
         self.engines = None  # the engines this deployment starts itself (control/provision.py), if any
 
     # -- input --------------------------------------------------------------------------
@@ -191,6 +196,7 @@ class Router:
         deadline = asyncio.get_running_loop().time() + self.request_timeout
         status, streamed, code, finish = "aborted", False, "", None
         progress, touched = _Progress(), set()
+        self.journal.begin(request_id)
         try:
             async for delta in self._generate(request_id, prompt_ids, sampling, t0, deadline, group, lead,
                                               progress, touched):
@@ -208,11 +214,15 @@ class Router:
             e2e = time.perf_counter() - t0
             if status == "success":
                 self.metrics.e2e.observe(e2e)
+            ttft = None if progress.first_at is None else progress.first_at - t0
+            self.journal.end(request_id, {"status": status, "code": code or None, "finish_reason": finish,
+                                          "strategy": type(self.strategy).__name__, "prompt_tokens": len(prompt_ids),
+                                          "output_tokens": len(progress.tokens), "e2e_ms": round(e2e * 1e3, 1),
+                                          "ttft_ms": None if ttft is None else round(ttft * 1e3, 1)})
             if self.log_requests:
                 access(request_id, status, code=code, strategy=type(self.strategy).__name__,
                        engines=sorted(h.name for h in touched), prompt=len(prompt_ids), output=len(progress.tokens),
-                       cached=progress.cached, ttft_s=None if progress.first_at is None else progress.first_at - t0,
-                       e2e_s=e2e, finish=finish)
+                       cached=progress.cached, ttft_s=ttft, e2e_s=e2e, finish=finish)
 
     async def _generate(self, rid: str, prompt_ids: list[int], sampling: SamplingParams, t0: float,
                         deadline: float, group: ChoiceGroup | None, lead: bool, progress: _Progress,

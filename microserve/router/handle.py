@@ -208,7 +208,7 @@ class EngineHandle:
         return reply
 
     def _report(self, msg: P.Call, t0: float, nbytes: int, error: str) -> None:
-        rid = msg.request_id if isinstance(msg, P.Abort) else msg.req.request_id  # type: ignore[union-attr]
+        rid = getattr(msg, "request_id", None) or msg.req.request_id  # type: ignore[union-attr]  (abort: an id)
         self.on_call(CallRecord(self.name, _CALL_NAMES[type(msg)], t0, time.time() - t0,  # type: ignore[misc]
                                 nbytes, error, rid))
 

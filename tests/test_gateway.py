@@ -146,6 +146,24 @@ async def test_metrics_carry_process_http_refusals_and_vllm_names(pd):
     assert value("vllm:generation_tokens") >= 2
 
 
+async def test_the_shipped_dashboard_queries_only_series_a_launch_exports(pd):
+    """examples/observability/grafana-dashboard.json: every metric it queries is a family on /metrics."""
+    import re
+
+    from deploy import ROOT
+
+    dash = json.loads((ROOT / "examples/observability/grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    names = {n for e in exprs for n in re.findall(r"\b((?:microserve|process|vllm:)[a-z0-9_:]*)", e)}
+    async with aiohttp.ClientSession() as s, s.get(pd.url + "/metrics") as r:
+        families = set(re.findall(r"^# TYPE (\S+) ", await r.text(), re.M))
+    def family(name: str) -> str:
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        return base if base in families else re.sub(r"_total$", "", name) + "_total"
+    missing = sorted(n for n in names if family(n) not in families and re.sub(r"_total$", "", n) not in families)
+    assert len(exprs) >= 15 and not missing, missing
+
+
 async def test_metrics_parse_and_move(pd):
     before = await metrics(pd)
     for name in ("microserve_time_to_first_token_seconds_count", "microserve_inter_token_latency_seconds_count",

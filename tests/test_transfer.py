@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 import time
@@ -184,33 +183,13 @@ def test_a_flood_of_idle_connections_and_a_trickled_hello_never_stop_a_transfer(
     closed, and a trickler sends a hello a byte at a time: 20 transfers still succeed one after
     another (the oldest introductions make room; a real hello follows its connect at once), and
     the trickled hello is cut by the deadline on the whole hello, before it is half sent."""
+    from hostile import KVFlood
+
     from kvapi.transfer.base import Hello, _encoder
 
     shared = SharedPool(SPEC, 32)
     rx = KVReceiver(shared.tensor, SPEC, shm_path=shared.path, handshake_timeout=1.0)
     host, port = rx.endpoint.rsplit(":", 1)
-    stop, flood = threading.Event(), []
-
-    def flooder() -> None:
-        while not stop.is_set():
-            for i, sock in enumerate(flood):
-                if sock is None or sock.fileno() < 0:
-                    continue
-                try:  # NOTE: closed by the receiver: reconnect at once
-                    sock.setblocking(False)
-                    if sock.recv(1) == b"":
-                        sock.close()
-                        flood[i] = None
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    sock.close()
-                    flood[i] = None
-            for i, sock in enumerate(flood):
-                if sock is None:
-                    with contextlib.suppress(OSError):
-                        flood[i] = socket.create_connection((host, int(port)))
-            time.sleep(0.01)
 
     hello = _encoder.encode(Hello("x", "y", "tcp", SPEC, [1], 0, 4))
     frame = len(hello).to_bytes(4, "big") + hello
@@ -232,11 +211,11 @@ def test_a_flood_of_idle_connections_and_a_trickled_hello_never_stop_a_transfer(
                 break
         sock.close()
 
-    flood.extend(socket.create_connection((host, int(port))) for _ in range(300))
-    threads = [threading.Thread(target=flooder), threading.Thread(target=trickler)]
-    for t in threads:
-        t.start()
+    flood = KVFlood([rx.endpoint], 300)
+    trickle = threading.Thread(target=trickler)
+    trickle.start()
     try:
+        time.sleep(0.2)  # the flood holds its connections
         tx = KVSender(torch.randn(SPEC.cache_shape(32)), SPEC)
         for i in range(20):
             rx.open_ticket(f"t{i}", "s3cret", [i + 1], lambda o: None)
@@ -246,15 +225,11 @@ def test_a_flood_of_idle_connections_and_a_trickled_hello_never_stop_a_transfer(
                 stats = tx.send(addr(rx, [i + 1], 0, 4, ticket=f"t{i}" + ("s" if mode == "shm" else "")), 0, 4,
                                 lambda: [0], mode)
                 assert stats.nbytes > 0
-        threads[1].join(30)
+        trickle.join(30)
         assert cut_after and cut_after[0] < len(frame) // 2, (cut_after, len(frame))
         assert rx.refused_handshakes > 300
     finally:
-        stop.set()
-        threads[0].join(10)
-        for sock in flood:
-            if sock is not None:
-                sock.close()
+        flood.stop()
         rx.close()
         shared.close()
 

@@ -188,7 +188,8 @@ async def serve(cluster: Cluster, strategy: Strategy, tokenizer, opts: ServeOpti
         router.log_requests = opts.log_requests
         router.metrics.vllm_names = opts.metrics_names == "vllm"
         gateway = Gateway(router, opts.served_model_name, opts.api_key, opts.admin_key,
-                          allow_code_upload=opts.allow_code_upload, metrics_key=opts.metrics_key)
+                          allow_code_upload=opts.allow_code_upload, metrics_key=opts.metrics_key,
+                          aliases=opts.aliases, accept=[opts.model_path] if opts.model_path else None)
         if opts.log_stats_interval > 0:
             from microserve.logs import StatsLine
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +32,8 @@ class ServeOptions:
     log_requests: bool = True  # one access-log line per request (microserve/logs.py)
     log_stats_interval: float = 10.0  # seconds between stats lines (0: none)
     metrics_names: str = "microserve"  # "vllm": /metrics also carries vLLM's series names
+    aliases: list[str] = field(default_factory=list)  # more names clients may pass as `model` (--served-model-name A B)
+    model_path: str | None = None  # --model as given: accepted as `model` too (not listed)
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -53,7 +55,9 @@ def serve_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-code-upload", action="store_true", help="let PUT /admin/strategy take Python source")
     g.add_argument("--metrics-key", default=os.environ.get("MICROSERVE_METRICS_KEY"),
                    help="require a bearer key on /metrics (default $MICROSERVE_METRICS_KEY; unset: /metrics is open)")
-    g.add_argument("--served-model-name", default=None, help="model name clients use (default: the folder name)")
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="names clients pass as `model` (default: the folder name); the first is the one responses "
+                        "carry unless a request names another; the --model path as given is accepted too")
     g.add_argument("--request-timeout", type=float, default=600.0, help="per-request deadline in seconds")
     g.add_argument("--max-retries", type=int, default=2,
                    help="restarts on another engine when one fails before the first token")
@@ -88,9 +92,13 @@ def serve_setup(args: argparse.Namespace, model: str | None) -> tuple[Strategy, 
             raise ValueError(f"--strategy-arg {item!r}: expected NAME=VALUE")
         strategy_args[key.strip()] = value.strip()
     strategy = load_strategy(args.strategy, strategy_args)
-    name = args.served_model_name or (model if model in (None, "demo") else Path(model).name) or "model"
-    opts = ServeOptions(args.host, args.port, args.api_key, name, args.request_timeout, args.max_retries,
-                        args.max_pending, args.cluster_key, args.admin_key, args.evict_after,
-                        args.allow_code_upload, args.metrics_key, not args.disable_log_requests,
-                        args.log_stats_interval, args.metrics_names)
+    names = args.served_model_name or [(model if model in (None, "demo") else Path(model).name) or "model"]
+    name, aliases = names[0], names[1:]
+    opts = ServeOptions(
+        host=args.host, port=args.port, api_key=args.api_key, served_model_name=name, aliases=aliases,
+        model_path=model, request_timeout=args.request_timeout, max_retries=args.max_retries,
+        max_pending=args.max_pending, cluster_key=args.cluster_key, admin_key=args.admin_key,
+        evict_after=args.evict_after, allow_code_upload=args.allow_code_upload, metrics_key=args.metrics_key,
+        log_requests=not args.disable_log_requests, log_stats_interval=args.log_stats_interval,
+        metrics_names=args.metrics_names)
     return strategy, opts

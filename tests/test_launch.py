@@ -121,3 +121,29 @@ async def _stream_completion(client: openai.AsyncOpenAI, model_id: str, prompt: 
     stream = await client.completions.create(model=model_id, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
                                              stream=True)
     return "".join([c.choices[0].text async for c in stream if c.choices])
+
+
+async def test_several_served_names_the_model_path_and_version(demo_path):
+    """`--served-model-name A B`: /v1/models lists both, either (and the --model path as given) is
+    served and echoed back; an unknown name is a 404; /version answers as vLLM's."""
+    import aiohttp
+
+    import microserve
+
+    dep = start_launch("--strategy", "round_robin", "--model", str(demo_path), "--served-model-name", "alpha", "beta",
+                       "--num-kv-blocks", "128", "--log-level", "error")
+    try:
+        client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="unused", max_retries=0)
+        assert [m.id async for m in client.models.list()] == ["alpha", "beta"]
+        texts = set()
+        for name in ("alpha", "beta", str(demo_path)):
+            out = await client.completions.create(model=name, prompt="names", max_tokens=4, temperature=0)
+            assert out.model == name
+            texts.add(out.choices[0].text)
+        assert len(texts) == 1  # one model under every name
+        with pytest.raises(openai.NotFoundError):
+            await client.completions.create(model="gamma", prompt="names", max_tokens=4)
+        async with aiohttp.ClientSession() as s, s.get(dep.url + "/version") as r:
+            assert (await r.json()) == {"version": microserve.__version__}
+    finally:
+        assert dep.stop() == 0

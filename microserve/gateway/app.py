@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from microserve import __version__
 from microserve.control.admin import Admin
 from microserve.engine.model.structured import check as check_grammar
 from microserve.gateway import choices, tools
@@ -67,12 +68,17 @@ class Gateway:
         admin_key: the key of /admin/* (never `api_key`; None: the admin API is off).
         allow_code_upload: `PUT /admin/strategy` may carry Python source.
         metrics_key: when set, /metrics requires `Authorization: Bearer <metrics_key>`.
+        aliases: more names a request may pass as `model` (listed by /v1/models; a response carries
+            the name its request gave); `accept`: names taken but not listed (the model path as given).
     """
 
     def __init__(self, router: Router, model_name: str, api_key: str | None = None,
                  admin_key: str | None = None, *, allow_code_upload: bool = False,
-                 metrics_key: str | None = None) -> None:
+                 metrics_key: str | None = None, aliases: list[str] | None = None,
+                 accept: list[str] | None = None) -> None:
         self.router, self.model_name, self.api_key, self.metrics_key = router, model_name, api_key, metrics_key
+        self.names = list(dict.fromkeys([model_name, *(aliases or [])]))
+        self.accepted = {*self.names, *(accept or [])}
         self.admin = Admin(router, admin_key, allow_code_upload)  # /admin/*: microserve/control/admin.py
         if not admin_key:
             log.log(logging.WARNING if api_key else logging.INFO, "the admin API is off (no --admin-key; the API "
@@ -97,6 +103,7 @@ class Gateway:
             web.post("/detokenize", self.detokenize),
             web.get("/health", self.health),
             web.get("/metrics", self.metrics),
+            web.get("/version", self.version),
         ])
         self.admin.add_routes(app)
         return app
@@ -137,17 +144,21 @@ class Gateway:
 
     # -- endpoints ----------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
-        """As vLLM's: `root` is the checkpoint the engines serve, `parent` None, one permission."""
+        """As vLLM's, one entry per served name: `root` is the checkpoint the engines serve, `parent` None."""
         health = next(iter(self.router.cluster.health.values()), None)
         created = O.now()
         return web.json_response({"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": created, "owned_by": "microserve",
+            "id": name, "object": "model", "created": created, "owned_by": "microserve",
             "root": health.model if health is not None else self.model_name, "parent": None,
             "max_model_len": self.router.max_model_len,
-            "permission": [{"id": f"modelperm-{self.model_name}", "object": "model_permission", "created": created,
-                            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": False,
+            "permission": [{"id": f"modelperm-{name}", "object": "model_permission", "created": created,
+                            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
                             "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-                            "organization": "*", "group": None, "is_blocking": False}]}]})
+                            "organization": "*", "group": None, "is_blocking": False}]} for name in self.names]})
+
+    async def version(self, request: web.Request) -> web.Response:
+        """vLLM's `/version`."""
+        return web.json_response({"version": __version__})
 
     async def tokenize(self, request: web.Request) -> web.Response:
         """vLLM's `/tokenize`: `prompt` (text) or chat `messages` -> token ids."""
@@ -189,10 +200,12 @@ class Gateway:
             raise RouterError(ErrorCode.BAD_REQUEST, "stop strings need the tokenizer, and this server runs without "
                               "one (--skip-tokenizer-init): use stop_token_ids", param="stop")
 
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+    def _check_model(self, model: str | None) -> str:
+        """The name a response carries: the one the request gave, when it is served."""
+        if model is not None and model not in self.accepted:
             raise RouterError(ErrorCode.MODEL_NOT_FOUND, f"the model {model!r} does not exist; this server serves "
-                              f"{self.model_name!r}", param="model")
+                              f"{', '.join(map(repr, self.names))}", param="model")
+        return model or self.model_name
 
     def _choices(self, rid: str, prompts: list[list[int]], params: list[SamplingParams]) -> list[AsyncIterator[Delta]]:
         """One stream per (prompt, choice): n (or best_of) requests per prompt sharing its KV through
@@ -213,7 +226,7 @@ class Gateway:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body: O.CompletionRequest = await self._decode(await self._read(request), O.CompletionRequest)
-        self._check_model(body.model)
+        model = self._check_model(body.model)
         body.check_unsupported()
         sampling, given = body.sampling(body.max_tokens, 16, body.logprobs)
         self._check_ids_only(sampling)
@@ -229,7 +242,7 @@ class Gateway:
         rid = self.router.new_request_id("cmpl")
         streams = self._choices(rid, prompts, params)
         base = {"id": body.request_id or rid, "object": "text_completion", "created": O.now(),
-                "model": self.model_name}
+                "model": model}
         tok = self.router.tokenizer
         name = choices.token_namer(tok, body.return_tokens_as_token_ids or self.ids_only)
         echo = [tok.decode(p) if body.echo else "" for p in prompts for _ in range(sampling.n)]
@@ -255,7 +268,7 @@ class Gateway:
         results = _best(await _collect(streams), len(prompts), sampling)
         return web.json_response(base | {
             "choices": [{"index": i, "text": echo[i] + r.text, "finish_reason": r.reason,
-                         "logprobs": _completion_logprobs(body, name, ids_of[i], r)}
+                         "logprobs": choices.result_logprobs(body, name, ids_of[i], r)}
                         | ({"prompt_logprobs": choices.vllm_prompt_logprobs(name, ids_of[i], r.prompt_logprobs or [])}
                            if body.prompt_logprobs is not None else {})
                         | ({"token_ids": r.ids, "prompt_token_ids": ids_of[i]}
@@ -265,7 +278,7 @@ class Gateway:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body: O.ChatCompletionRequest = await self._decode(await self._read(request), O.ChatCompletionRequest)
-        self._check_model(body.model)
+        model = self._check_model(body.model)
         body.check_unsupported()
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         sampling, given = body.sampling(max_tokens, self.router.max_model_len, body.logprobs_k())
@@ -293,7 +306,7 @@ class Gateway:
         rid = self.router.new_request_id("chatcmpl")
         streams = self._choices(rid, [prompt], [sampling])
         base = {"id": body.request_id or rid, "object": "chat.completion", "created": O.now(),
-                "model": self.model_name}
+                "model": model}
         name = choices.token_namer(self.router.tokenizer, body.return_tokens_as_token_ids or self.ids_only)
         # vLLM's chat echo: the reply starts with the last message when it is the assistant's
         echo = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
@@ -359,14 +372,6 @@ class Gateway:
             raise
         finally:
             await merged.aclose()
-
-
-def _completion_logprobs(body, name, prompt: list[int], r) -> dict[str, Any] | None:
-    if body.logprobs is None:
-        return None
-    if body.echo:
-        return choices.echo_logprobs(name, prompt, r.prompt_logprobs or [], r.ids, r.logprobs)
-    return choices.completion_logprobs(name, r.ids, r.logprobs, 0)
 
 
 def _include_usage(body: O._Common) -> bool:

@@ -158,3 +158,12 @@ def echo_logprobs(name, prompt: list[int], prompt_lps, ids: list[int], lps) -> d
     head["top_logprobs"] = [None, *head["top_logprobs"]]
     tail = completion_logprobs(name, ids, lps, head["text_offset"][-1] + len(head["tokens"][-1]) if prompt else 0)
     return {key: head[key] + tail[key] for key in head}
+
+
+def result_logprobs(body, name, prompt: list[int], r) -> dict[str, Any] | None:
+    """The `logprobs` of one finished (not streamed) completion choice, echo included."""
+    if body.logprobs is None:
+        return None
+    if body.echo:
+        return echo_logprobs(name, prompt, r.prompt_logprobs or [], r.ids, r.logprobs)
+    return completion_logprobs(name, r.ids, r.logprobs, 0)

@@ -27,6 +27,7 @@ import zmq.asyncio
 from microserve import protocol as P
 from microserve.router.handle import EngineCallError, EngineHandle
 from microserve.router.prefix_index import PrefixIndex
+from microserve.serving.api import ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Load:
     kv_usage: float = 0.0  # fraction of KV blocks in use
     stats: P.StatsReply | None = None  # the last polled stats
     asked: float = 0.0  # monotonic time that poll was sent
+    missed: int = 0  # polls in a row that got no answer in time
 
 
 class Cluster:
@@ -185,14 +187,20 @@ class Cluster:
         asked = time.monotonic()
         try:
             stats = await h.stats(timeout=max(2.0, 4 * self.poll_interval))
-        except EngineCallError:
-            h.mark_down("the engine does not answer stats")
-            self._maybe_evict(h)
+        except EngineCallError as exc:
+            load = self._loads.get(h)
+            if load is not None:
+                load.missed += 1
+            # NOTE: one late answer is a busy host (a starved CPU, a long prefill), not a dead engine
+            if exc.code != ErrorCode.TIMEOUT or load is None or load.missed >= 2:
+                h.mark_down("the engine does not answer stats")
+                self._maybe_evict(h)
             return
         self._down_since.pop(h, None)
         load = self._loads.get(h)
         if load is None:  # removed meanwhile
             return
+        load.missed = 0
         load.stats, load.running, load.waiting, load.asked = stats, stats.running, stats.waiting, asked
         load.kv_usage = stats.kv_blocks_used / max(1, stats.kv_blocks_total)
 
@@ -360,7 +368,7 @@ class Cluster:
         if h not in self._loads:  # already gone (evicted, replaced)
             return
         self.draining.add(h)
-        h.evacuating = migrate and h.alive
+        h.evacuating = migrate  # NOTE: even if marked down: a stream that still yields is alive
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         moves_until = None  # NOTE: a stopped stream whose move never starts (a strategy that swallowed it)

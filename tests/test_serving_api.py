@@ -16,7 +16,7 @@ from microserve.router.runtime import RouterError, run_request
 from microserve.router.strategy import Strategy
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineAPI, EngineError, ErrorCode, dispatch
-from microserve.serving.base import EngineService
+from microserve.serving.backend import Backend
 from microserve.sim import clock
 from microserve.sim.cluster import build_cluster
 from microserve.sim.costs import CostModel, load_gpu, load_link, load_model
@@ -36,10 +36,10 @@ def test_every_call_is_documented_with_its_caller_and_errors():
         assert "Raises" in inspect.getdoc(getattr(EngineAPI, name)), name
 
 
-@pytest.mark.parametrize("backend", ["microserve.serving.builtin:BuiltinService",
-                                     "microserve.serving.vllm.engine:VLLMService",
-                                     "microserve.sim.service:SimService"])
-def test_every_backend_is_a_small_subclass_of_the_one_base(backend):
+@pytest.mark.parametrize("backend", ["microserve.serving.builtin:BuiltinBackend",
+                                     "microserve.serving.vllm.engine:VLLMBackend",
+                                     "microserve.sim.service:SimBackend"])
+def test_every_backend_implements_the_whole_contract_and_no_call(backend):
     import importlib
 
     module, name = backend.split(":")
@@ -47,9 +47,24 @@ def test_every_backend_is_a_small_subclass_of_the_one_base(backend):
         cls = getattr(importlib.import_module(module), name)
     except ImportError as exc:  # pragma: no cover - vLLM's module needs only torch to import
         pytest.fail(f"{backend} does not import: {exc}")
-    assert issubclass(cls, EngineService)
-    for call in CALLS:  # the calls live in the base; a backend implements hooks, never a call
-        assert getattr(cls, call) is getattr(EngineService, call), f"{name} overrides the call {call}"
+    assert issubclass(cls, Backend) and not cls.__abstractmethods__
+    for call in CALLS:  # the calls live in the one service; a backend implements the contract, never a call
+        assert not hasattr(cls, call), f"{name} has the call {call}"
+
+
+def test_a_backend_that_misses_a_method_fails_when_it_is_built():
+    """No method of the contract has a silent default: forgetting one (say `release_ticket`, which
+    would leak blocks) is a TypeError at construction, naming it."""
+    from microserve.sim.service import SimBackend
+
+    methods = sorted(Backend.__abstractmethods__)
+    assert len(methods) >= 20 and "release_ticket" in methods and "abort_request" in methods
+    for name in methods:
+        doc = inspect.getdoc(getattr(Backend, name)) or ""
+        assert len(doc) > 20, f"Backend.{name} is not documented"
+    partial = type("Partial", (Backend,), {m: getattr(SimBackend, m) for m in methods if m != "release_ticket"})
+    with pytest.raises(TypeError, match="release_ticket"):
+        partial()
 
 
 def test_error_codes_are_one_enum_and_the_gateway_maps_every_one():
@@ -141,7 +156,7 @@ def test_run_request_deadline_in_virtual_time_aborts_everywhere():
             assert err.value.code is ErrorCode.TIMEOUT and 0 < got < 200
             for _ in range(100):  # the abort runs in the background
                 await asyncio.sleep(0.01)
-                if not service.engine.has_unfinished():
+                if not service.backend.has_work():
                     break
             stats = service.stats()
             assert stats.running == 0 and stats.kv_blocks_used == stats.kv_blocks_cached

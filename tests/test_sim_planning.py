@@ -226,7 +226,7 @@ def test_store_tiers_publish_their_events_to_the_prefix_index():
     # the last one is in the pool
     assert reach(prompts[4]) == (full, full, full)
     # the index's view of the host tier is the tier (stored minus evicted), full to its capacity
-    host_tier = cluster.servers[0].store.tiers[0]
+    host_tier = cluster.servers[0].backend.store.tiers[0]
     assert len(host_tier.held) == 285 and cluster.prefix_index._tiers["engine-0"]["host"] == set(host_tier.held)
 
 

@@ -60,7 +60,7 @@ def test_simulated_engine_streams_in_chunks_and_closing_early_forgets_held_token
             assert len((await anext(stream)).token_ids) == 1
             await anext(stream)
             await stream.aclose()
-            assert service.hold.held == {} and not service.engine.has_unfinished()
+            assert service.hold.held == {} and not service.backend.engine.has_unfinished()
         finally:
             await cluster.close()
 

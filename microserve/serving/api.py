@@ -3,9 +3,10 @@
     wire (ZeroMQ, msgspec) ─> decode_call ─> dispatch(api, call) ─> EngineAPI method ─> Reply | chunks
     in-process (simulator)  ─────────────────> dispatch(api, call) ─┘
 
-Three backends implement it, all on `serving.base.EngineService`: the built-in engine
-(`serving.builtin.BuiltinService`), a vLLM engine (`serving.vllm.engine.VLLMService`) and a
-simulated one (`sim.service.SimService`). A call fails with `EngineError(code, message)`;
+One class implements it, `serving.base.EngineService`, over one of three backends
+(`serving.backend.Backend`): the built-in engine (`serving.builtin.BuiltinBackend`), a vLLM
+engine (`serving.vllm.engine.VLLMBackend`) and a simulated one (`sim.service.SimBackend`).
+A call fails with `EngineError(code, message)`;
 `code` is an `ErrorCode`, and it crosses the wire unchanged as `protocol.RPCError.code`.
 """
 

@@ -1,19 +1,20 @@
-"""`CoreService`: the hooks of `EngineService` over an `EngineCore` (our own scheduler and KV
-books), shared by the built-in engine (`serving.builtin`) and the simulated one (`sim.service`).
+"""`CoreBackend`: the `Backend` methods over an `EngineCore` (our own scheduler and KV books),
+shared by the built-in engine (`serving.builtin`) and the simulated one (`sim.service`).
 
-    _reserve        Sequence prompt[:end]: pinned cached prefix [0, matched) + reserved [matched, end)
-    _send           SendJob: a prefill-only Sequence prompt[:end] through the normal scheduler;
+    reserve         Sequence prompt[:end]: pinned cached prefix [0, matched) + reserved [matched, end)
+    send            SendJob: a prefill-only Sequence prompt[:end] through the normal scheduler;
                     `_push` (the backend) moves [begin, end) as its layers are computed
-    _submit         adopts a complete ticket's blocks (`EngineCore.adopt`) or queues a new request
+    submit          adopts a complete ticket's blocks (`EngineCore.adopt`) or queues a new request
     _extend_from_store   before each of the three prefills: the prompt's longest stored continuation
                     of its cached prefix is loaded into fresh blocks (off the step) and enters the cache
 
-What differs between the two backends is only how a step runs (`_step`) and how KV bytes
-move (`_recv_addr`, `_open_receive`, `_push`, ...).
+What differs between the two backends is only how a step runs (`step`) and how KV bytes
+move (`recv_addr`, `open_receive`, `push`, ...): those stay abstract here.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import TYPE_CHECKING
 
 from kvapi.transfer import KVAddr, TransferError
@@ -22,37 +23,39 @@ from microserve.engine.core.engine_core import EngineCore, EngineStats, InvalidR
 from microserve.engine.core.sequence import Sequence
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
-from microserve.serving.base import MAX_LEASE_S, EngineService
+from microserve.serving.backend import Backend
 from microserve.serving.tickets import SendJob, Ticket
 
 if TYPE_CHECKING:  # NOTE: torch-free here (the simulator runs these hooks)
     from microserve.serving.kv_store import StoreLink
 
 
-class CoreService(EngineService):
-    """The calls over one `EngineCore`.
+class CoreBackend(Backend):
+    """A backend over one `EngineCore`.
 
     Args:
         engine: the engine's books and step.
-        others: as `EngineService`.
+        engine_id: names its tickets, events and errors.
+        transports: the KV transports it offers, fastest first.
     """
 
-    def __init__(self, engine: EngineCore, engine_id: str, transports: list[str], lease_s: float = 60.0,
-                 transfer_timeout: float = 30.0, max_lease_s: float = MAX_LEASE_S) -> None:
-        super().__init__(engine_id, transports, lease_s, transfer_timeout, max_lease_s)
-        self.engine = engine
+    def __init__(self, engine: EngineCore, engine_id: str, transports: list[str]) -> None:
+        self.engine, self.engine_id, self.transports = engine, engine_id, list(transports)
         self.kv_spec, self.max_model_len, self.vocab_size = engine.kv_spec, engine.max_model_len, engine.vocab_size
-        self.hold.interval = engine.config.stream_interval
         self._jobs: dict[str, SendJob] = {}
         self.store: StoreLink | None = None  # --kv-store tiers (`use_store`)
-        engine.set_kv_event_hook(self._on_kv_event)
+
+    def bind(self, service) -> None:
+        super().bind(service)
+        service.hold.interval = self.engine.config.stream_interval
+        self.engine.set_kv_event_hook(service.on_kv_event)
 
     def use_store(self, store: StoreLink) -> None:
         """Load prompts' stored continuations from `store` and write newly cached blocks to it."""
         self.store = store
         self.engine.set_store_hook(store.capture)
 
-    def _store_stats(self) -> list[P.StoreTierStats]:
+    def store_stats(self) -> list[P.StoreTierStats]:
         return self.store.stats() if self.store is not None else []
 
     async def _extend_from_store(self, prompt: list[int], limit: int) -> None:
@@ -63,7 +66,7 @@ class CoreService(EngineService):
         if store is None or not engine.kv.enable_prefix_caching:
             return
         limit = min(limit, len(prompt))
-        async with self._lock:
+        async with self.service.lock:
             prefix = engine.kv.pin_prefix(prompt[:limit])
         fresh: list[int] = []
         ok = 0
@@ -71,82 +74,87 @@ class CoreService(EngineService):
             hashes, segments = await store.lookup(prompt[:limit], len(prefix))
             found = sum(n for _, n in segments)
             if found:
-                async with self._lock:
+                async with self.service.lock:
                     fresh = engine.kv.take_blocks(found) or []
                 if fresh:
                     ok = await store.load(hashes[:found], segments, fresh)
         finally:
-            async with self._lock:
+            async with self.service.lock:
                 engine.kv.insert_loaded(prompt, prefix, fresh, ok)
 
     # -- what the backend provides ----------------------------------------------------------
-    def _new_job(self, job_id: str, request_id: str, prompt: list[int]) -> SendJob:
+    def new_job(self, job_id: str, request_id: str, prompt: list[int]) -> SendJob:
+        """The books of one send (the simulator's wait on the loop)."""
         return SendJob(job_id, request_id, prompt, self.kv_spec.num_layers)
 
-    async def _push(self, job: SendJob, kv: KVAddr, begin: int, end: int, mode: str) -> tuple[int, str]:
+    @abstractmethod
+    async def push(self, job: SendJob, kv: KVAddr, begin: int, end: int, mode: str) -> tuple[int, str]:
         """Move `[begin, end)` of `job`'s KV into `kv` as its layers are computed: (bytes, transport)."""
-        raise NotImplementedError
 
     # -- the step ----------------------------------------------------------------------------
-    def _has_work(self) -> bool:
+    def has_work(self) -> bool:
         return self.engine.has_unfinished()
 
-    def _fail_running(self) -> list[StepOutput]:
+    def fail_running(self) -> list[StepOutput]:
         return self.engine.fail_running()
 
-    def _deliver(self, out: StepOutput) -> None:
+    def take_output(self, out: StepOutput) -> bool:
         job = self._jobs.get(out.request_id)
         if job is None:
-            super()._deliver(out)
-        elif out.finish_reason == "prefilled":
+            return False
+        if out.finish_reason == "prefilled":
             job.prefilled()
         else:
             job.cancel(f"the sender's prefill ended with {out.finish_reason!r}")
+        return True
 
     def close(self) -> None:
-        super().close()
         for job in self._jobs.values():
             job.cancel("engine shutting down")
         if self.store is not None:
             self.store.close()
 
     # -- receiving -----------------------------------------------------------------------------
-    async def _reserve(self, req: P.Request, prompt: list[int], end: int) -> Ticket:
+    async def reserve(self, req: P.Request, prompt: list[int], end: int) -> Ticket:
         seq = Sequence(req.request_id, prompt[:end], SamplingParams(max_tokens=1))
         await self._extend_from_store(prompt, end)  # NOTE: stored KV counts as matched: senders skip it
-        async with self._lock:
+        async with self.service.lock:
             if not self.engine.reserve(seq, end):
                 raise EngineError(ErrorCode.OVERLOADED, f"not enough free KV blocks to receive {end} tokens")
         matched = seq.num_computed_tokens
-        return self.tickets.open(req.request_id, matched, end, seq.block_table[matched // self.engine.block_size:],
-                                 seq)
+        blocks = seq.block_table[matched // self.engine.block_size:]
+        return self.service.tickets.open(req.request_id, matched, end, blocks, seq)
 
-    async def _received(self, ticket: Ticket, outcome) -> None:
-        async with self._lock:
-            self.engine.mark_received(ticket.hold, outcome.end)  # received KV enters our prefix cache
+    async def received(self, ticket: Ticket, outcome, complete: bool) -> None:
+        if complete:
+            async with self.service.lock:
+                self.engine.mark_received(ticket.hold, outcome.end)  # received KV enters our prefix cache
 
-    async def _release_ticket(self, ticket: Ticket) -> None:
-        async with self._lock:
+    async def release_ticket(self, ticket: Ticket) -> None:
+        async with self.service.lock:
             valid = ticket.matched if ticket.state == "open" else ticket.hold.num_computed_tokens
             self.engine.drop_received(ticket.hold, valid)  # partial pages are garbage
 
     # -- sending ---------------------------------------------------------------------------------
-    async def _send(self, job_id: str, prompt: list[int], kv: KVAddr, begin: int, end: int,
-                    mode: str) -> tuple[int, str, int]:
-        job = self._new_job(job_id, self._sends[job_id], prompt)
+    def orphan_transfer(self, outcome) -> None:
+        pass  # NOTE: the writer stopped before its ticket's blocks were released (`revoke` waits for it)
+
+    async def send(self, job_id: str, request_id: str, prompt: list[int], kv: KVAddr, begin: int, end: int,
+                   mode: str) -> tuple[int, str, int]:
+        job = self.new_job(job_id, request_id, prompt)
         self._jobs[job_id] = job
         try:
             await self._extend_from_store(prompt, end)
-            async with self._lock:
+            async with self.service.lock:
                 matched = self.engine.match_cached(job.seq, end)
                 if matched < end:
                     self.engine.add_sequence(job.seq)
                     job.scheduled = True
                 else:
                     job.prefilled()
-            self._wake.set()
+            self.service.wake()
             try:
-                nbytes, used = await self._push(job, kv, begin, end, mode)
+                nbytes, used = await self.push(job, kv, begin, end, mode)
             except TransferError:
                 job.cancel("the transfer failed")
                 raise
@@ -160,23 +168,23 @@ class CoreService(EngineService):
 
     async def _finish_send(self, job: SendJob) -> None:
         seq = job.seq
-        async with self._lock:
+        async with self.service.lock:
             if not job.scheduled or seq.finish_reason == "prefilled":  # blocks held outside the scheduler
                 self.engine.release(seq)
             elif not seq.is_finished:
                 self.engine.abort(seq.request_id)
 
-    async def _abort_send(self, job_id: str) -> None:
+    async def abort_send(self, job_id: str) -> None:
         job = self._jobs.get(job_id)
         if job is not None:
             job.cancel("aborted")
 
     # -- generating --------------------------------------------------------------------------------
-    async def _submit(self, req: P.Request, prompt: list[int], begin: int, sampling: SamplingParams,
+    async def submit(self, req: P.Request, prompt: list[int], begin: int, sampling: SamplingParams,
                       ticket: Ticket | None) -> None:
         if ticket is None or ticket.state != "complete":
             await self._extend_from_store(prompt, len(prompt) - 1)
-        async with self._lock:
+        async with self.service.lock:
             seq = None
             if ticket is not None and ticket.state == "complete":
                 # NOTE: prompt logprobs need the whole prompt computed here: the received KV is let go
@@ -192,16 +200,19 @@ class CoreService(EngineService):
                     self.engine.release(seq)
                 raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from exc
 
-    async def _abort_request(self, request_id: str) -> bool:
-        async with self._lock:
+    def check_adoption(self, req: P.Request, sampling: SamplingParams) -> None:
+        pass  # NOTE: any sampling may continue from received KV (prompt logprobs recompute it)
+
+    async def abort_request(self, request_id: str) -> bool:
+        async with self.service.lock:
             return self.engine.abort(request_id)
 
     # -- books ---------------------------------------------------------------------------------------
-    def _engine_stats(self) -> EngineStats:
+    def engine_stats(self) -> EngineStats:
         return self.engine.stats()
 
-    def _cached_hashes(self) -> list[int]:
+    def cached_hashes(self) -> list[int]:
         return self.engine.cached_prefix_hashes()
 
-    def _check_prompt(self, prompt: list[int]) -> None:
+    def check_prompt(self, prompt: list[int]) -> None:
         self.engine.validate_prompt(prompt)

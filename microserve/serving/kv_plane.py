@@ -2,9 +2,9 @@
 through `kvapi.transfer` (built-in and vLLM; the simulator times transfers instead).
 
 It owns the engine's `KVReceiver` and `KVSender` over one page pool and the transports the engine
-offers, and answers the call layer's transfer hooks once for every backend (`PlaneHooks`): the
-`KVAddr` of a ticket, opening and revoking a receive, whether a transfer is writing, which
-transport a send uses, bytes moved, close.
+offers, and implements the transfer methods of `serving.backend.Backend` once for both backends
+(`PlaneTransfers`): the `KVAddr` of a ticket, opening and revoking a receive, whether a transfer
+is writing, which transport a send uses, the KV key, bytes moved.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from kvapi.spec import KVSpec
 from kvapi.transfer import KVAddr, KVReceiver, KVSender, TransferOutcome, choose_transport
 from kvapi.transfer.base import FALLBACK, TRANSPORTS, transport_class
 
-__all__ = ["KVPlane", "PlaneHooks", "pick_transports"]
+__all__ = ["KVPlane", "PlaneTransfers", "pick_transports"]
 
 
 def pick_transports(choice: str, device: str, allowed: tuple[str, ...] = TRANSPORTS,
@@ -92,33 +92,30 @@ class KVPlane:
         self.receiver.close()
 
 
-class PlaneHooks:
-    """The call layer's transfer hooks answered by `self.plane` (mixed into a backend's service)."""
+class PlaneTransfers:
+    """The transfer methods of a `Backend` over `self.plane` (mixed into the built-in and vLLM backends).
+    Receives report to the backend's service (`transfer_done`)."""
 
     plane: KVPlane
+    service: Any
 
-    def _recv_addr(self, ticket: Any) -> KVAddr:
+    def recv_addr(self, ticket: Any) -> KVAddr:
         return self.plane.addr(ticket)
 
-    def _open_receive(self, ticket: Any, addr: KVAddr) -> None:
-        self.plane.open(ticket.id, ticket.secret, addr.block_ids, self._on_transfer_threadsafe)  # type: ignore[attr-defined]
+    def open_receive(self, ticket: Any, addr: KVAddr) -> None:
+        self.plane.open(ticket.id, ticket.secret, addr.block_ids, self.service.transfer_done)
 
-    def _receiving(self, ticket_id: str) -> bool:
+    def receiving(self, ticket_id: str) -> bool:
         return self.plane.receiver.is_active(ticket_id)
 
-    def _revoke(self, ticket_id: str) -> bool:
+    def revoke(self, ticket_id: str) -> bool:
         return self.plane.receiver.revoke(ticket_id)
 
-    def _transport_for(self, kv: KVAddr, forced: str | None) -> str:
+    def transport_for(self, kv: KVAddr, forced: str | None) -> str:
         return self.plane.pick(kv, forced)
 
     def use_kv_key(self, key: bytes) -> None:
-        super().use_kv_key(key)  # type: ignore[misc]
         self.plane.use_key(key)
 
     def kv_bytes(self) -> tuple[int, int]:
         return self.plane.bytes()
-
-    def close(self) -> None:
-        super().close()  # type: ignore[misc]
-        self.plane.close()

@@ -2,7 +2,7 @@
 
     the radix cache stores new blocks ── capture (step thread) ──> copy [L, 2, bs, H, D] per block
                                                                  ──> TieredStore's write queue
-    a call that prefills ── CoreService._extend_from_store ── lookup / load (store threads)
+    a call that prefills ── CoreBackend._extend_from_store ── lookup / load (store threads)
                                                           ──> staged payloads ──> the blocks taken for them
 
 A payload is one block of every layer, K then V: `[layers, 2, block_size, kv_heads, head_dim]`

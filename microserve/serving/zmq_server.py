@@ -33,7 +33,7 @@ from microserve.engine.engine import LLMEngine
 from microserve.security import ClusterKey, is_loopback
 from microserve.serving.api import EngineError, ErrorCode, dispatch
 from microserve.serving.base import MAX_LEASE_S, EngineService
-from microserve.serving.builtin import BuiltinService
+from microserve.serving.builtin import BuiltinBackend
 from microserve.serving.kv_plane import KVPlane, pick_transports
 
 if TYPE_CHECKING:
@@ -142,8 +142,8 @@ class EngineServer:
                         opts.kv_port, self.pool.path if self.pool else "", host_id(), opts.transfer_timeout,
                         best_effort=opts.transport == "auto")
         self.transports = plane.transports
-        self.service: EngineService = BuiltinService(llm, self.engine_id, plane,
-                                                     opts.lease_s, opts.transfer_timeout, opts.max_lease_s)
+        self.backend = BuiltinBackend(llm, self.engine_id, plane)
+        self.service = EngineService(self.backend, opts.lease_s, opts.transfer_timeout, opts.max_lease_s)
         if opts.kv_store:
             self._open_store(llm, opts)
 
@@ -151,17 +151,18 @@ class EngineServer:
         from microserve.engine.model.loader import checkpoint_fingerprint
         from microserve.serving.kv_store import StoreLink
 
-        service = self.service
-        assert isinstance(service, BuiltinService)
+        service, backend = self.service, self.backend
+        if not isinstance(backend, BuiltinBackend):
+            raise ValueError("--kv-store needs the built-in backend")
         key = opts.cluster_key
         link = StoreLink.open(opts.kv_store, llm.runner.kv_cache, llm.kv_spec, checkpoint_fingerprint(opts.model),
                               key.store_key if key else b"", key.store_password if key else None,
                               lambda kind, hashes, tier: service.events.record(kind, hashes, tier, tier == "valkey"))
-        service.use_store(link)
+        backend.use_store(link)
         log.info("engine %s: KV store %s", self.engine_id, link.describe())
 
     def _start_vllm(self, opts: EngineOptions) -> None:
-        from microserve.serving.vllm.engine import VLLM_TRANSPORTS, VLLMService, vllm_available
+        from microserve.serving.vllm.engine import VLLM_TRANSPORTS, VLLMBackend, vllm_available
 
         if not vllm_available():
             raise ValueError("--backend vllm needs vLLM in this environment: pip install 'microserve[vllm]' "
@@ -172,11 +173,11 @@ class EngineServer:
         cfg = opts.config or EngineConfig()
         if not cfg.mixed_batches:
             raise ValueError("--no-mixed-batches: vLLM always batches prompt chunks with decodes (chunked prefill)")
-        self.service = VLLMService(opts.model, self.engine_id, opts.dtype, block_size=cfg.block_size,
-                                 num_kv_blocks=cfg.num_kv_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
-                                 kv_host=opts.kv_host, kv_port=opts.kv_port, lease_s=opts.lease_s,
-                                 transfer_timeout=opts.transfer_timeout, max_lease_s=opts.max_lease_s,
-                                 transports=transports, best_effort=opts.transport == "auto")
+        self.backend = VLLMBackend(opts.model, self.engine_id, opts.dtype, block_size=cfg.block_size,
+                                   num_kv_blocks=cfg.num_kv_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
+                                   kv_host=opts.kv_host, kv_port=opts.kv_port, transfer_timeout=opts.transfer_timeout,
+                                   transports=transports, best_effort=opts.transport == "auto")
+        self.service = EngineService(self.backend, opts.lease_s, opts.transfer_timeout, opts.max_lease_s)
         self.service.hold.interval = cfg.stream_interval
         self.transports = self.service.transports
 
@@ -276,9 +277,9 @@ def run_engine(opts: EngineOptions) -> int:
 
     def ready(s: EngineServer) -> None:
         print(f"READY engine={s.engine_id} rpc={s.rpc_addr} events={s.events_addr} "
-              f"kv={s.service.plane.endpoint} transports={','.join(s.transports)}", flush=True)
+              f"kv={s.backend.plane.endpoint} transports={','.join(s.transports)}", flush=True)
         log.info("engine %s serving %s: rpc %s, events %s, kv %s (%s)", s.engine_id, opts.model, s.rpc_addr,
-                 s.events_addr, s.service.plane.endpoint, ",".join(s.transports))
+                 s.events_addr, s.backend.plane.endpoint, ",".join(s.transports))
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -1,14 +1,14 @@
 """Simulated engines behind the real router interface: `SimCluster`.
 
 Each simulated engine gets a plain `EngineHandle` whose transport is an `InProcessTransport`
-into its `SimService` (through `serving.api.dispatch`, as the ZeroMQ server does), so
+into its engine's `EngineService` over a `SimBackend` (through `serving.api.dispatch`, as the ZeroMQ server does), so
 everything above it is the real code: the handle's load bookkeeping, `Cluster`
 (least-loaded choice, stats polling, the prefix index fed by KV events), the router's
 `run_attempt` and the strategy files, unchanged.
 
-    strategy.generate ─> Cluster / EngineHandle ─> InProcessTransport ─> SimService ─> SimEngine
-                                                                             │ link model   │ cost model
-                                                                             └─> peer SimService._on_transfer
+    strategy.generate ─> Cluster / EngineHandle ─> InProcessTransport ─> EngineService ─> SimBackend ─> SimEngine
+                                                                                          │ link model   │ cost model
+                                                                                          └─> peer's service.on_transfer
 
 Calls never time out in a simulation (an engine cannot hang), so call deadlines are not
 enforced; everything else, errors included, behaves as against real engines.
@@ -23,35 +23,44 @@ from microserve.engine.config import EngineConfig
 from microserve.router.cluster import Cluster
 from microserve.router.handle import EngineHandle
 from microserve.router.transport import InProcessTransport
+from microserve.serving.base import EngineService
 from microserve.sim import store
 from microserve.sim.costs import CostModel, Link
 from microserve.sim.engine import SimEngine
-from microserve.sim.service import SimService
+from microserve.sim.service import SimBackend, sim_service
 from microserve.sim.store import SimStoreLink
 
 
-def sim_handle(service: SimService, role: str | None = None) -> EngineHandle:
+def sim_handle(service: EngineService, role: str | None = None) -> EngineHandle:
     """The handle of one simulated engine; `profile` tells strategies its hardware (`Cluster.profile`)."""
     h = EngineHandle(f"sim://{service.engine_id}", name=service.engine_id, role=role,
                      transport=InProcessTransport(service))
-    cost = service.engine.cost
+    engine = sim_backend(service).engine
+    cost = engine.cost
     peak, _ = cost.gpu.peak(cost.model.dtype)
     h.profile = {"gpu": cost.gpu.name, "tp": cost.tp, "dtype": cost.model.dtype, "kv_dtype": cost.model.kv_dtype,
                  "peak_tflops": peak * cost.tp, "hbm_tb_s": cost.gpu.hbm_tb_s * cost.tp,
-                 "kv_capacity_tokens": service.engine.kv.num_blocks * service.engine.kv_spec.block_size}
+                 "kv_capacity_tokens": engine.kv.num_blocks * engine.kv_spec.block_size}
     return h
 
 
-def service_of(h: EngineHandle) -> SimService:
+def sim_backend(service: EngineService) -> SimBackend:
+    if not isinstance(service.backend, SimBackend):
+        raise TypeError(f"engine {service.engine_id} is not simulated")
+    return service.backend
+
+
+def service_of(h: EngineHandle) -> EngineService:
     transport = h.transport
-    assert isinstance(transport, InProcessTransport) and isinstance(transport.api, SimService), h
+    if not isinstance(transport, InProcessTransport) or not isinstance(transport.api, EngineService):
+        raise TypeError(f"{h} is not an in-process engine")
     return transport.api
 
 
 class SimCluster(Cluster):
-    """A `Cluster` of simulated engines: `{role: [SimService, ...]}`."""
+    """A `Cluster` of simulated engines: `{role: [EngineService over a SimBackend, ...]}`."""
 
-    def __init__(self, servers: Mapping[str, Sequence[SimService]], *, poll_interval: float = 0.25) -> None:
+    def __init__(self, servers: Mapping[str, Sequence[EngineService]], *, poll_interval: float = 0.25) -> None:
         super().__init__({role: [sim_handle(s, role) for s in group] for role, group in servers.items()},
                          poll_interval=poll_interval)
         self.servers = [service_of(h) for h in self.handles]
@@ -59,12 +68,12 @@ class SimCluster(Cluster):
     def _subscribe(self, h: EngineHandle, health: P.HealthReply) -> None:
         service = service_of(h)
         service.events.sink = self.prefix_index.apply  # events arrive at once, numbered as on the socket
-        service.start()
+        sim_backend(service).start()
 
     async def close(self) -> None:
         await super().close()
         for server in self.servers:
-            await server.stop()
+            await sim_backend(server).stop()
 
 
 def build_cluster(layout: Mapping[str, int], cost: CostModel | Mapping[str, CostModel], link: Link,
@@ -75,7 +84,7 @@ def build_cluster(layout: Mapping[str, int], cost: CostModel | Mapping[str, Cost
     KV moving over `link`, or `links[(sender role, receiver role)]` for that pair of roles; `kv_store`:
     `--kv-store` specs of every engine (sim/store.py)."""
     costs = {role: cost[role] if isinstance(cost, Mapping) else cost for role in layout}
-    peers: dict[str, SimService] = {}
+    peers: dict[str, SimBackend] = {}
     shared: dict[str, store.SimTier] = {}  # the tiers every engine shares (valkey)
     ids = {role: [f"{role}-{i}" for i in range(n)] for role, n in layout.items()}
     servers = {}
@@ -83,13 +92,14 @@ def build_cluster(layout: Mapping[str, int], cost: CostModel | Mapping[str, Cost
         servers[role] = []
         for eid in ids[role]:
             pair = {other: links[(role, r)] for r in layout if (role, r) in (links or {}) for other in ids[r]}
-            service = SimService(SimEngine(costs[role], config, eid), peers, link, lease_s, links=pair)
+            service = sim_service(SimEngine(costs[role], config, eid), peers, link, lease_s, links=pair)
             if kv_store:
-                spec = service.engine.kv_spec
+                spec = service.kv_spec
                 block_bytes = spec.bytes_per_token * spec.block_size
                 events = service.events  # NOTE: tier events as the real engine publishes them (zmq_server)
-                service.use_store(SimStoreLink(store.parse(list(kv_store), block_bytes, shared), spec.block_size,
-                                               block_bytes, lambda kind, hashes, tier, events=events:
-                                               events.record(kind, hashes, tier, tier == "valkey")))
+                tiers = store.parse(list(kv_store), block_bytes, shared)
+                sim_backend(service).use_store(SimStoreLink(tiers, spec.block_size, block_bytes,
+                                                            lambda kind, hashes, tier, events=events:
+                                                            events.record(kind, hashes, tier, tier == "valkey")))
             servers[role].append(service)
     return SimCluster(servers, poll_interval=poll_interval)

@@ -147,7 +147,7 @@ def engine_report(cluster: SimCluster) -> list[dict[str, Any]]:
                     "kv_bytes_sent": st.kv_bytes_sent, "kv_bytes_received": st.kv_bytes_received,
                     "kv_blocks_total": st.kv_blocks_total, "kv_blocks_used": st.kv_blocks_used,
                     "kv_blocks_cached": st.kv_blocks_cached, "open_tickets": st.open_tickets,
-                    "unfinished": s.engine.has_unfinished(),
+                    "unfinished": s.backend.has_work(),
                     "kv_store": {t.tier: {"hit_tokens": t.hit_tokens, "bytes_read": t.bytes_read}
                                  for t in st.kv_store}})
     return out

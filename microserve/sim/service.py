@@ -1,17 +1,18 @@
-"""`SimService`: the microserving calls of one simulated engine, in virtual time.
+"""`SimBackend`: one simulated engine under the call layer, in virtual time.
 
-It is the real engine's call layer (`CoreService`: tickets, leases, prefill-only sends,
-adoption of received KV, aborts) over a `SimEngine`, with two things replaced:
+Its service is the real engine's call layer (`EngineService`: tickets, leases, streams, aborts)
+and its backend the real one's books (`CoreBackend`: prefill-only sends, adoption of received
+KV) over a `SimEngine`, with two things replaced:
 
 * a step takes the cost model's time (`asyncio.sleep` on the virtual clock) instead of
   running a model in a thread;
 * KV bytes do not move: a send waits until its prefill is done, then occupies the
   sender's link for `CostModel.transfer_seconds` (sends from one engine queue behind
   each other, FIFO), then completes the receiver's ticket through the same
-  `_on_transfer` path a real transfer takes.
+  `on_transfer` path a real transfer takes.
 
-Routers reach it in-process: `InProcessTransport` (sim/cluster.py) hands each call to
-`serving.api.dispatch`, as the ZeroMQ server does for a real engine.
+Routers reach its service in-process: `InProcessTransport` (sim/cluster.py) hands each call
+to `serving.api.dispatch`, as the ZeroMQ server does for a real engine (`sim_service`).
 
 NOTE: the real engine streams KV layer by layer while the last prefill step runs, so
 part of the transfer hides behind compute; here the whole transfer comes after the
@@ -24,7 +25,8 @@ import asyncio
 
 from kvapi.transfer import KVAddr, TransferError, TransferOutcome
 from microserve.engine.core.engine_core import StepOutput
-from microserve.serving.core import CoreService
+from microserve.serving.base import EngineService
+from microserve.serving.core import CoreBackend
 from microserve.serving.tickets import SendJob, Ticket
 from microserve.sim.costs import Link
 from microserve.sim.engine import SimEngine
@@ -48,19 +50,25 @@ class SimSendJob(SendJob):
         self.settled.set()
 
 
-class SimService(CoreService):
-    """One simulated engine serving the microserving calls.
+def sim_service(engine: SimEngine, peers: dict[str, SimBackend], link: Link, lease_s: float = 60.0,
+                transfer_timeout: float = 30.0, links: dict[str, Link] | None = None) -> EngineService:
+    """The call layer of one simulated engine (`SimBackend`'s arguments; lease and transfer
+    timeout in virtual seconds)."""
+    return EngineService(SimBackend(engine, peers, link, links), lease_s, transfer_timeout)
+
+
+class SimBackend(CoreBackend):
+    """One simulated engine.
 
     Args:
         engine: the simulated engine.
-        peers: engine id -> `SimService` of every engine on the fabric (shared dict).
+        peers: engine id -> `SimBackend` of every engine on the fabric (shared dict).
         link: the link KV crosses between engines; `links` overrides it per receiving engine id.
-        lease_s, transfer_timeout: as the real engine's (virtual seconds).
     """
 
-    def __init__(self, engine: SimEngine, peers: dict[str, SimService], link: Link, lease_s: float = 60.0,
-                 transfer_timeout: float = 30.0, links: dict[str, Link] | None = None) -> None:
-        super().__init__(engine, engine.engine_id, [TRANSPORT], lease_s, transfer_timeout)
+    def __init__(self, engine: SimEngine, peers: dict[str, SimBackend], link: Link,
+                 links: dict[str, Link] | None = None) -> None:
+        super().__init__(engine, engine.engine_id, [TRANSPORT])
         self.engine: SimEngine = engine
         self.model_name = engine.cost.model.name
         self.peers, self.link, self.links = peers, link, links or {}
@@ -72,40 +80,49 @@ class SimService(CoreService):
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        self._task = asyncio.ensure_future(self.run())
+        self._task = asyncio.ensure_future(self.service.run())
 
     async def stop(self) -> None:
-        self.close()
+        self.service.close()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    # -- what CoreService needs ----------------------------------------------------------
-    def _new_job(self, job_id: str, request_id: str, prompt: list[int]) -> SendJob:
+    # -- what CoreBackend leaves open ----------------------------------------------------
+    def new_job(self, job_id: str, request_id: str, prompt: list[int]) -> SendJob:
         return SimSendJob(job_id, request_id, prompt, self.kv_spec.num_layers)
 
-    async def _step(self) -> list[StepOutput]:
+    async def step(self) -> list[StepOutput]:
         outputs = self.engine.step()
         # NOTE: a step that schedules nothing (every waiting request short of blocks) still
         # lets virtual time pass, so leases can expire and free blocks
         await asyncio.sleep(self.engine.last_step_seconds or self.engine.cost.gpu.step_overhead_ms * 1e-3 or 1e-3)
         return outputs
 
-    def _recv_addr(self, ticket: Ticket) -> KVAddr:
+    def recv_addr(self, ticket: Ticket) -> KVAddr:
         return KVAddr(self.engine_id, f"sim:{self.engine_id}", ticket.id, ticket.secret, ticket.matched, ticket.end,
                       ticket.blocks, self.engine.kv_spec, [TRANSPORT])
 
-    def _receiving(self, ticket_id: str) -> bool:
+    def open_receive(self, ticket: Ticket, addr: KVAddr) -> None:
+        pass  # NOTE: the sender completes the ticket through our service's `on_transfer` (`push`)
+
+    def receiving(self, ticket_id: str) -> bool:
         return ticket_id in self._incoming
 
-    def _transport_for(self, kv: KVAddr, forced: str | None) -> str:
+    def revoke(self, ticket_id: str) -> bool:
+        return True  # NOTE: a push checks the ticket is still open before it completes it
+
+    def use_kv_key(self, key: bytes) -> None:
+        pass  # NOTE: simulated sends read their peer's ticket directly: nothing to sign
+
+    def transport_for(self, kv: KVAddr, forced: str | None) -> str:
         if kv.engine_id not in self.peers:
             raise TransferError(f"no simulated engine {kv.engine_id!r}", "bad_request")
         if forced not in (None, TRANSPORT):
             raise TransferError(f"transport {forced!r} is not simulated (only {TRANSPORT!r})", "bad_request")
         return TRANSPORT
 
-    async def _push(self, job: SendJob, kv: KVAddr, begin: int, end: int, mode: str) -> tuple[int, str]:
+    async def push(self, job: SendJob, kv: KVAddr, begin: int, end: int, mode: str) -> tuple[int, str]:
         assert isinstance(job, SimSendJob)
         await job.settled.wait()
         if job.cancel_reason is not None:
@@ -123,13 +140,13 @@ class SimService(CoreService):
             peer._incoming.discard(kv.ticket_id)
         if job.cancel_reason is not None:
             raise TransferError(f"send abandoned: {job.cancel_reason}", "aborted")
-        ticket = peer.tickets.get(kv.ticket_id)
+        ticket = peer.service.tickets.get(kv.ticket_id)
         if ticket is None or ticket.secret != kv.secret or ticket.state != "open":
             raise TransferError("the receiver's ticket is gone (expired, aborted or already filled)", "transfer_failed")
         nbytes = (end - begin) * self.engine.kv_spec.bytes_per_token
         self.bytes_sent += nbytes
         peer.bytes_received += nbytes
-        await peer._on_transfer(TransferOutcome(kv.ticket_id, True, begin, end, nbytes, loop.time() - t0))
+        await peer.service.on_transfer(TransferOutcome(kv.ticket_id, True, begin, end, nbytes, loop.time() - t0))
         return nbytes, TRANSPORT
 
     def kv_bytes(self) -> tuple[int, int]:

@@ -5,7 +5,7 @@ which prefixes each tier holds, and how long a load takes, in virtual time.
     disk:PATH[:SIZE]       per engine (PATH is ignored), LRU, loaded over `nvme` (default size 1 TiB)
     valkey / valkey://...  one tier every engine shares, LRU (default size 1 TiB), loaded over `eth100`
 
-`SimStoreLink` serves `CoreService` the same four calls as the real `StoreLink` (capture, lookup,
+`SimStoreLink` serves `CoreBackend` the same four calls as the real `StoreLink` (capture, lookup,
 load, stats), so `_extend_from_store` runs unchanged before every prefill: the longest stored
 continuation of a prompt's cached prefix is "loaded" (the engine waits `link.seconds(bytes)` of
 virtual time per tier segment, off its step loop) and enters the prefix cache. Writes are free

@@ -1,10 +1,10 @@
-"""`VLLMService`: the microserving calls on a vLLM (V1) engine, KV through `kvapi.transfer`.
+"""`VLLMBackend`: a vLLM (V1) engine under the call layer, KV through `kvapi.transfer`.
 
     microserve engine --backend vllm --model PATH      (in an environment with vLLM: pip install 'microserve[vllm]')
 
 vLLM's `LLMEngine` runs in this process (in-process engine core and worker); every call into
 it (add, abort, step) goes through one thread, as the built-in engine's step does. The
-`MicroserveConnector` (`vllm_connector.py`) hands this class the blocks vLLM allocates for a
+`MicroserveConnector` (`connector.py`) hands this class the blocks vLLM allocates for a
 receive and the blocks of a finished prefill-only send; `kvapi.transfer` moves the pages.
 
     D.prep_recv(req, end)         ─> vLLM request waiting for remote KV; its blocks ─> KVAddr
@@ -34,10 +34,11 @@ from microserve import protocol as P
 from microserve.engine.core.engine_core import EngineStats, StepOutput
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
-from microserve.serving.base import MAX_LEASE_S, EngineService
-from microserve.serving.kv_plane import KVPlane, PlaneHooks
+from microserve.serving.backend import Backend
+from microserve.serving.kv_plane import KVPlane, PlaneTransfers
 from microserve.serving.tickets import Ticket
 from microserve.serving.vllm.params import logprobs_of, prompt_logprobs_of, to_vllm
+from microserve.text import check_prompt
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,8 @@ def vllm_available() -> bool:
     return True
 
 
-class VLLMService(PlaneHooks, EngineService):
-    """The microserving calls of one vLLM engine (same calls as `BuiltinService`).
+class VLLMBackend(PlaneTransfers, Backend):
+    """One vLLM engine (the same calls as `BuiltinBackend` through the service).
 
     Tickets hold vLLM requests: `ticket.hold` is the bridge key of the `Recv` that vLLM's
     scheduler fills in through the connector; sends are vLLM requests of `prompt[:end]` with
@@ -66,8 +67,7 @@ class VLLMService(PlaneHooks, EngineService):
     def __init__(self, model: str, engine_id: str, dtype: str | None = None, block_size: int = 32,
                  num_kv_blocks: int | None = None, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, kv_host: str = "127.0.0.1", kv_port: int = 0,
-                 lease_s: float = 60.0, transfer_timeout: float = 30.0, seed: int = 0,
-                 max_lease_s: float = MAX_LEASE_S, transports: list[str] | None = None,
+                 transfer_timeout: float = 30.0, seed: int = 0, transports: list[str] | None = None,
                  best_effort: bool = False) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # scheduler + worker in this process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default takes most of the RAM
@@ -77,8 +77,8 @@ class VLLMService(PlaneHooks, EngineService):
 
         from microserve.serving.vllm.connector import BlockPages, bridge_for
 
-        super().__init__(engine_id, list(transports or ["tcp"]), lease_s, transfer_timeout, max_lease_s)
-        self.model_name = model
+        self.engine_id, self.transports, self.model_name = engine_id, list(transports or ["tcp"]), model
+        self.transfer_timeout = transfer_timeout
         self.bridge = bridge_for(engine_id)
         args = EngineArgs(
             model=model, dtype=dtype or "auto", block_size=block_size, max_model_len=max_model_len,
@@ -122,10 +122,10 @@ class VLLMService(PlaneHooks, EngineService):
         self._computed = self._cached = 0
 
     # -- the step --------------------------------------------------------------------------
-    def _has_work(self) -> bool:
+    def has_work(self) -> bool:
         return bool(self.scheduler.has_requests())
 
-    async def _step(self) -> list[StepOutput]:
+    async def step(self) -> list[StepOutput]:
         return [self._output(out) for out in await self._call(self._step_vllm)]
 
     def _step_vllm(self) -> list:
@@ -149,21 +149,22 @@ class VLLMService(PlaneHooks, EngineService):
                           prompt_logprobs_of(out, pk))
 
     def _call(self, fn, *args):
-        assert self._loop is not None
-        return self._loop.run_in_executor(self._vllm, fn, *args)
+        return asyncio.get_running_loop().run_in_executor(self._vllm, fn, *args)
 
-    def _deliver(self, out: StepOutput) -> None:
+    def fail_running(self) -> list[StepOutput]:
+        return []  # NOTE: vLLM's step raised: its own engine core has ended what ran
+
+    def take_output(self, out: StepOutput) -> bool:
         rid = out.request_id
-        if rid in self._streams:
-            super()._deliver(out)  # the stream interval applies
-            return
+        if self.service.streaming(rid):
+            return False  # the stream interval applies
         queue = self._pending.get(rid) or self._send_outs.get(rid)
         if queue is not None:
             queue.put_nowait(out)
+        return True
 
     def _add(self, rid: str, prompt: list[int], sampling: SamplingParams, extra: dict | None = None):
         params = to_vllm(sampling, extra)
-        self._loop = self._loop or asyncio.get_running_loop()
         if sampling.logprobs is not None:
             self._logprob_k[rid] = sampling.logprobs
         if sampling.prompt_logprobs is not None:
@@ -172,15 +173,15 @@ class VLLMService(PlaneHooks, EngineService):
 
     async def _abort_vllm(self, rid: str) -> None:
         await self._call(self.llm.abort_request, [rid])
-        self._wake.set()
+        self.service.wake()
 
     # -- receiving -----------------------------------------------------------------------------
-    async def _reserve(self, req: P.Request, prompt: list[int], end: int) -> Ticket:
+    async def reserve(self, req: P.Request, prompt: list[int], end: int) -> Ticket:
         from microserve.serving.vllm.connector import Recv
 
         end = min(end, len(prompt) - 1)  # vLLM computes at least the last prompt token itself
         rid = req.request_id
-        if rid in self._pending or rid in self._streams:
+        if rid in self._pending or self.service.streaming(rid):
             raise EngineError(ErrorCode.BAD_REQUEST, f"request id {rid!r} is already on this engine")
         loop = asyncio.get_running_loop()
         alloc: asyncio.Future[tuple[int, list[int]]] = loop.create_future()
@@ -189,16 +190,16 @@ class VLLMService(PlaneHooks, EngineService):
             loop.call_soon_threadsafe(lambda: alloc.done() or alloc.set_result((matched, blocks)))
 
         key = f"{rid}\x00{time.monotonic_ns()}"
-        ticket = self.tickets.open(rid, 0, end, [], key)
+        ticket = self.service.tickets.open(rid, 0, end, [], key)
         self.bridge.recvs[key] = Recv(end, on_alloc, revoke=lambda: self.plane.receiver.revoke(ticket.id))
         self._pending[rid] = asyncio.Queue()
         self._prompt_lens[rid] = len(prompt)
         try:
             await self._add(rid, prompt, req.sampling, {"recv": key})
-            self._wake.set()
+            self.service.wake()
             ticket.matched, blocks = await asyncio.wait_for(alloc, self.transfer_timeout)
         except BaseException as exc:
-            await self._close_ticket(ticket, "could not reserve KV blocks")
+            await self.service.close_ticket(ticket, "could not reserve KV blocks")
             if isinstance(exc, TimeoutError):
                 raise EngineError(ErrorCode.OVERLOADED, f"vLLM did not reserve KV blocks for {end} tokens within "
                                   f"{self.transfer_timeout}s") from None
@@ -207,30 +208,31 @@ class VLLMService(PlaneHooks, EngineService):
         ticket.blocks = blocks[ticket.matched // bs: -(-end // bs)]
         return ticket
 
-    def _open_receive(self, ticket: Ticket, addr: KVAddr) -> None:
+    def open_receive(self, ticket: Ticket, addr: KVAddr) -> None:
         self.bridge.recvs[ticket.hold].writing = True
         self._keys[ticket.id] = ticket.hold
-        super()._open_receive(ticket, addr)
+        super().open_receive(ticket, addr)
 
-    def _revoke(self, ticket_id: str) -> bool:
+    def revoke(self, ticket_id: str) -> bool:
         # NOTE: a writer still in flight keeps its blocks in vLLM (the connector marks the
         # receive aborted) until it stopped and reported: `_orphan_transfer` frees them then
         self.plane.receiver.revoke(ticket_id)
         return True
 
-    async def _received(self, ticket: Ticket, outcome) -> None:
-        self._keys.pop(ticket.id, None)
-        self.bridge.recv_done(ticket.hold)  # vLLM schedules the request with the received pages
-        self._wake.set()
+    async def received(self, ticket: Ticket, outcome, complete: bool) -> None:
+        self._keys.pop(ticket.id, None)  # its writer reported
+        if complete:
+            self.bridge.recv_done(ticket.hold)  # vLLM schedules the request with the received pages
+            self.service.wake()
 
-    def _orphan_transfer(self, outcome) -> None:
+    def orphan_transfer(self, outcome) -> None:
         key = self._keys.pop(outcome.ticket_id, None)
         recv = self.bridge.recvs.get(key) if key else None
         if recv is not None and recv.aborted:
             self.bridge.recv_done(key)  # vLLM kept the blocks for the writer, which stopped: free them
-            self._wake.set()
+            self.service.wake()
 
-    async def _release_ticket(self, ticket: Ticket) -> None:
+    async def release_ticket(self, ticket: Ticket) -> None:
         """Give a ticket's blocks back to vLLM: its request is aborted there.
 
         NOTE: never report a failed receive as done: vLLM would cache the garbage pages as
@@ -241,19 +243,14 @@ class VLLMService(PlaneHooks, EngineService):
                 recv.writing = False
         self.plane.receiver.revoke(ticket.id)
         await self._abort_vllm(ticket.request_id)
-        for out in await self._step():  # vLLM frees them in its next step: take it now
-            self._deliver(out)
+        for out in await self.step():  # vLLM frees them in its next step: take it now
+            self.service.deliver(out)
         self._pending.pop(ticket.request_id, None)
         self._prompt_lens.pop(ticket.request_id, None)
 
-    async def _on_transfer(self, outcome) -> None:
-        if not outcome.ok:
-            self._keys.pop(outcome.ticket_id, None)
-        await super()._on_transfer(outcome)
-
     # -- sending ---------------------------------------------------------------------------------
-    async def _send(self, job_id: str, prompt: list[int], kv: KVAddr, begin: int, end: int,
-                    mode: str) -> tuple[int, str, int]:
+    async def send(self, job_id: str, request_id: str, prompt: list[int], kv: KVAddr, begin: int, end: int,
+                   mode: str) -> tuple[int, str, int]:
         from microserve.serving.vllm.connector import Send
 
         loop = asyncio.get_running_loop()
@@ -270,7 +267,7 @@ class VLLMService(PlaneHooks, EngineService):
                     result = exc
                 finally:
                     bridge.send_done(vllm_id)
-                    loop.call_soon_threadsafe(self._wake.set)
+                    loop.call_soon_threadsafe(self.service.wake)
                 loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
 
             self._send_pool.submit(push)
@@ -283,7 +280,7 @@ class VLLMService(PlaneHooks, EngineService):
         try:
             await self._add(job_id, prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
                             {"send": key})
-            self._wake.set()
+            self.service.wake()
             cached = 0
             while True:
                 out = await queue.get()
@@ -309,39 +306,52 @@ class VLLMService(PlaneHooks, EngineService):
         self._computed += end - cached
         return result.nbytes, result.transport, end - cached
 
-    async def _abort_send(self, job_id: str) -> None:
+    async def abort_send(self, job_id: str) -> None:
         queue = self._send_outs.get(job_id)
         if queue is not None:
             await self._abort_vllm(job_id)
             queue.put_nowait(StepOutput(job_id, [], "abort"))  # vLLM sends no output for an abort
 
     # -- generating --------------------------------------------------------------------------------
-    async def _submit(self, req: P.Request, prompt: list[int], begin: int, sampling: SamplingParams,
+    async def submit(self, req: P.Request, prompt: list[int], begin: int, sampling: SamplingParams,
                       ticket: Ticket | None) -> None:
         rid = req.request_id
         pending = self._pending.pop(rid, None)
         if ticket is not None and ticket.state == "complete" and pending is not None:
             while not pending.empty():  # what vLLM produced since the pages arrived (through the stream interval)
-                self._deliver(pending.get_nowait())
+                self.service.deliver(pending.get_nowait())
             return
         self._prompt_lens[rid] = len(prompt)
         await self._add(rid, prompt, sampling)
 
-    def _check_adoption(self, req: P.Request, sampling: SamplingParams) -> None:
+    def check_adoption(self, req: P.Request, sampling: SamplingParams) -> None:
         if sampling != req.sampling:
             raise EngineError(ErrorCode.BAD_REQUEST, "the vLLM backend starts a received request with the sampling "
                               "parameters given to prep_recv; pass the same ones to start_generate")
 
-    async def _abort_request(self, request_id: str) -> bool:
+    async def abort_request(self, request_id: str) -> bool:
         self._logprob_k.pop(request_id, None)
         self._prompt_k.pop(request_id, None)
-        if request_id in self._streams or self._pending.pop(request_id, None) is not None:
+        if self.service.streaming(request_id) or self._pending.pop(request_id, None) is not None:
             await self._abort_vllm(request_id)
             return True
         return False
 
     # -- books -------------------------------------------------------------------------------------
-    def _engine_stats(self) -> EngineStats:
+    def check_prompt(self, prompt: list[int]) -> None:
+        check_prompt(prompt, self.vocab_size, self.max_model_len)
+
+    def cached_hashes(self) -> list[int]:
+        return []  # NOTE: vLLM's prefix cache publishes no KV events: the router learns placement by routing
+
+    def store_stats(self) -> list[P.StoreTierStats]:
+        return []
+
+    def close(self) -> None:
+        self.plane.close()
+        self._send_pool.shutdown(wait=False, cancel_futures=True)
+
+    def engine_stats(self) -> EngineStats:
         s = self.scheduler
         pool = s.kv_cache_manager.block_pool
         total = pool.num_gpu_blocks - 1  # block 0 is vLLM's null block

@@ -64,7 +64,7 @@ class Backend(ABC):
 
     @abstractmethod
     def fail_running(self) -> list[StepOutput]:
-        """`step` raised: end every running request (outputs with finish reason "error")."""
+        """`step` raised: end every running request (outputs with finish reason `Finish.ERROR`)."""
 
     @abstractmethod
     def take_output(self, out: StepOutput) -> bool:

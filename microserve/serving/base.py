@@ -29,12 +29,13 @@ from kvapi.transfer import KVAddr, TransferError
 from kvapi.transfer.base import sign_addr
 from microserve import protocol as P
 from microserve.engine.core.engine_core import StepOutput
+from microserve.engine.core.sequence import Finish
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.backend import Backend
 from microserve.serving.events import KVEventLog
 from microserve.serving.streams import StreamHold, StreamQueue
-from microserve.serving.tickets import Aborted, Ticket, TicketBook, check_send, norm_pos, wait_for_kv
+from microserve.serving.tickets import Aborted, Ticket, TicketBook, TicketState, check_send, norm_pos, wait_for_kv
 from microserve.text import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class EngineService:
         if ticket is None:
             self.backend.orphan_transfer(outcome)
             return
-        complete = outcome.ok and ticket.state == "open"
+        complete = outcome.ok and ticket.state is TicketState.OPEN
         await self.backend.received(ticket, outcome, complete)
         if complete:
             ticket.complete(outcome.nbytes)
@@ -190,14 +191,14 @@ class EngineService:
         ticket = self.tickets.get(ticket_id)
         if ticket is None:
             return
-        if ticket.state == "open" and self.backend.receiving(ticket_id):  # in use: the lease holds
+        if ticket.state is TicketState.OPEN and self.backend.receiving(ticket_id):  # in use: the lease holds
             ticket.expiry = asyncio.get_running_loop().call_later(1.0, self._expire, ticket_id)
             return
         self._spawn(self.close_ticket(ticket, "lease expired"))
 
     async def close_ticket(self, ticket: Ticket, why: str) -> None:
         """Give back a ticket's blocks; a transfer writing into it is stopped first."""
-        if ticket.state == "open" and not self.backend.revoke(ticket.id):
+        if ticket.state is TicketState.OPEN and not self.backend.revoke(ticket.id):
             ticket.error = why  # the writer stops and reports through _on_transfer
             return
         ticket.error = ticket.error or why
@@ -205,9 +206,9 @@ class EngineService:
 
     async def _drop(self, ticket: Ticket) -> None:
         self.tickets.remove(ticket)
-        if ticket.state in ("open", "complete"):
+        if ticket.state in (TicketState.OPEN, TicketState.COMPLETE):
             await self.backend.release_ticket(ticket)
-            ticket.state = "failed" if ticket.state == "open" else "closed"
+            ticket.state = TicketState.FAILED if ticket.state is TicketState.OPEN else TicketState.CLOSED
         ticket.done.set()
 
     # -- remote_send -------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ class EngineService:
             self.backend.check_adoption(req, sampling)
             await wait_for_kv(ticket, self.transfer_timeout, self.close_ticket)
         self.aborted.check(rid)  # NOTE: also when it was aborted while we waited for its KV
-        if ticket is not None and ticket.state == "complete":
+        if ticket is not None and ticket.state is TicketState.COMPLETE:
             self.tickets.remove(ticket)  # the backend adopts its blocks in submit
         queue = self._streams[rid] = StreamQueue()
         try:
@@ -281,7 +282,7 @@ class EngineService:
                     prompt_lps = prompt_lps or more.prompt_logprobs
                     reason, cached = more.finish_reason, more.num_cached_tokens or cached
                 finished = reason is not None
-                if reason == "error":
+                if reason == Finish.ERROR:
                     raise EngineError(ErrorCode.INTERNAL, "the engine failed while running this request")
                 if tokens or finished:
                     yield P.GenerateChunk(tokens, reason, cached, logprobs or None, None if prompt_lps is None
@@ -304,7 +305,7 @@ class EngineService:
             found = True
         found = await self.backend.abort_request(request_id) or found
         if (queue := self._streams.get(request_id)) is not None:
-            queue.put_nowait(StepOutput(request_id, [], "abort"))
+            queue.put_nowait(StepOutput(request_id, [], Finish.ABORT))
         return found or queue is not None
 
     def stats(self) -> P.StatsReply:

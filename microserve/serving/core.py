@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 from kvapi.transfer import KVAddr, TransferError
 from microserve import protocol as P
 from microserve.engine.core.engine_core import EngineCore, EngineStats, InvalidRequestError, StepOutput
-from microserve.engine.core.sequence import Sequence
+from microserve.engine.core.sequence import Finish, Sequence
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.backend import Backend
-from microserve.serving.tickets import SendJob, Ticket
+from microserve.serving.tickets import SendJob, Ticket, TicketState
 
 if TYPE_CHECKING:  # NOTE: torch-free here (the simulator runs these hooks)
     from microserve.serving.kv_store import StoreLink
@@ -102,7 +102,7 @@ class CoreBackend(Backend):
         job = self._jobs.get(out.request_id)
         if job is None:
             return False
-        if out.finish_reason == "prefilled":
+        if out.finish_reason == Finish.PREFILLED:
             job.prefilled()
         else:
             job.cancel(f"the sender's prefill ended with {out.finish_reason!r}")
@@ -132,7 +132,7 @@ class CoreBackend(Backend):
 
     async def release_ticket(self, ticket: Ticket) -> None:
         async with self.service.lock:
-            valid = ticket.matched if ticket.state == "open" else ticket.hold.num_computed_tokens
+            valid = ticket.matched if ticket.state is TicketState.OPEN else ticket.hold.num_computed_tokens
             self.engine.drop_received(ticket.hold, valid)  # partial pages are garbage
 
     # -- sending ---------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ class CoreBackend(Backend):
     async def _finish_send(self, job: SendJob) -> None:
         seq = job.seq
         async with self.service.lock:
-            if not job.scheduled or seq.finish_reason == "prefilled":  # blocks held outside the scheduler
+            if not job.scheduled or seq.finish_reason == Finish.PREFILLED:  # blocks held outside the scheduler
                 self.engine.release(seq)
             elif not seq.is_finished:
                 self.engine.abort(seq.request_id)
@@ -182,11 +182,11 @@ class CoreBackend(Backend):
     # -- generating --------------------------------------------------------------------------------
     async def submit(self, req: P.Request, prompt: list[int], begin: int, sampling: SamplingParams,
                       ticket: Ticket | None) -> None:
-        if ticket is None or ticket.state != "complete":
+        if ticket is None or ticket.state is not TicketState.COMPLETE:
             await self._extend_from_store(prompt, len(prompt) - 1)
         async with self.service.lock:
             seq = None
-            if ticket is not None and ticket.state == "complete":
+            if ticket is not None and ticket.state is TicketState.COMPLETE:
                 # NOTE: prompt logprobs need the whole prompt computed here: the received KV is let go
                 start = 0 if sampling.prompt_logprobs is not None else begin
                 seq = self.engine.adopt(ticket.hold, prompt, start, sampling)

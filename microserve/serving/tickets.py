@@ -18,6 +18,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from kvapi.spec import KVSpec, KVSpecMismatch
@@ -56,6 +57,13 @@ def check_send(spec: KVSpec, kv: KVAddr, begin: int, end: int, n: int,
     return begin, end, mode
 
 
+class TicketState(StrEnum):
+    OPEN = "open"  # blocks held, KV (still) expected
+    COMPLETE = "complete"  # all KV arrived: start_generate adopts the blocks
+    FAILED = "failed"  # released before its KV arrived (expired, aborted, a failed transfer)
+    CLOSED = "closed"  # released after its KV arrived (not adopted)
+
+
 @dataclass(eq=False)
 class Ticket:
     """A receive ticket: blocks reserved for `[matched, end)` of one request's prompt.
@@ -71,7 +79,7 @@ class Ticket:
     end: int
     blocks: list[int]  # reserved blocks, for logical blocks matched // bs ..
     hold: Any = None
-    state: str = "open"
+    state: TicketState = TicketState.OPEN
     done: asyncio.Event = field(default_factory=asyncio.Event)
     error: str = ""
     bytes: int = 0
@@ -79,7 +87,7 @@ class Ticket:
     expires_at: float = 0.0  # unix time the lease ends (signed into the KVAddr)
 
     def complete(self, nbytes: int = 0) -> None:
-        self.state, self.bytes = "complete", nbytes
+        self.state, self.bytes = TicketState.COMPLETE, nbytes
         self.done.set()
 
 
@@ -175,13 +183,13 @@ class Aborted:
 async def wait_for_kv(ticket: Ticket, timeout: float, close: Callable[[Ticket, str], Awaitable[None]]) -> None:
     """Before `start_generate` runs on a ticket: wait for the KV in flight into it (closing it after
     `timeout` seconds: a TIMEOUT error); a transfer that failed means the prompt is computed here."""
-    if ticket.state == "open":
+    if ticket.state is TicketState.OPEN:
         try:
             await asyncio.wait_for(ticket.done.wait(), timeout)
         except TimeoutError:
             await close(ticket, "timed out waiting for the KV transfer")
             raise EngineError(ErrorCode.TIMEOUT, f"KV for {ticket.request_id!r} did not arrive within "
                               f"{timeout}s") from None
-    if ticket.state != "complete" and ticket.error != "aborted":
+    if ticket.state is not TicketState.COMPLETE and ticket.error != "aborted":
         log.warning("request %s: KV transfer failed (%s); computing the prompt here", ticket.request_id,
                     ticket.error)

@@ -27,7 +27,7 @@ from kvapi.transfer import KVAddr, TransferError, TransferOutcome
 from microserve.engine.core.engine_core import StepOutput
 from microserve.serving.base import EngineService
 from microserve.serving.core import CoreBackend
-from microserve.serving.tickets import SendJob, Ticket
+from microserve.serving.tickets import SendJob, Ticket, TicketState
 from microserve.sim.costs import Link
 from microserve.sim.engine import SimEngine
 
@@ -141,7 +141,7 @@ class SimBackend(CoreBackend):
         if job.cancel_reason is not None:
             raise TransferError(f"send abandoned: {job.cancel_reason}", "aborted")
         ticket = peer.service.tickets.get(kv.ticket_id)
-        if ticket is None or ticket.secret != kv.secret or ticket.state != "open":
+        if ticket is None or ticket.secret != kv.secret or ticket.state is not TicketState.OPEN:
             raise TransferError("the receiver's ticket is gone (expired, aborted or already filled)", "transfer_failed")
         nbytes = (end - begin) * self.engine.kv_spec.bytes_per_token
         self.bytes_sent += nbytes

@@ -18,7 +18,7 @@ from kvapi.radix import EventHook, StoreHook
 from microserve.engine.config import EngineConfig
 from microserve.engine.core.kv_manager import KVCacheManager
 from microserve.engine.core.scheduler import ScheduledBatch, Scheduler
-from microserve.engine.core.sequence import Sequence, SequenceStatus
+from microserve.engine.core.sequence import Finish, Sequence, SequenceStatus
 from microserve.sampling_params import SamplingParams
 from microserve.text import InvalidRequestError, check_prompt
 
@@ -31,7 +31,7 @@ class StepOutput:
 
     request_id: str
     new_token_ids: list[int]
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # a `sequence.Finish` (the backends pass vLLM's strings through)
     num_cached_tokens: int = 0
     logprobs: list | None = None  # per new token (logprob, top alternatives), when the request asked
     prompt_logprobs: list | None = None  # with the first token: the same for prompt tokens 1.., when asked
@@ -142,7 +142,7 @@ class EngineCore:
         seq = self._seqs.pop(request_id, None)
         if seq is None or seq.is_finished:
             return False
-        self.scheduler.finish(seq, "abort")
+        self.scheduler.finish(seq, Finish.ABORT)
         return True
 
     def has_unfinished(self) -> bool:
@@ -152,9 +152,9 @@ class EngineCore:
         """End every running request with "error" (a step raised): their blocks are freed."""
         outs = []
         for seq in list(self.scheduler.running):
-            self.scheduler.finish(seq, "abort")
+            self.scheduler.finish(seq, Finish.ABORT)
             self._seqs.pop(seq.request_id, None)
-            outs.append(StepOutput(seq.request_id, [], "error"))
+            outs.append(StepOutput(seq.request_id, [], Finish.ERROR))
         return outs
 
     # -- KV held outside the scheduler (receive tickets, sends) ---------------------------
@@ -241,7 +241,7 @@ class EngineCore:
                     # NOTE: keeps its blocks; the caller sends them, then calls `release`
                     self.scheduler.detach(seq)
                     self._seqs.pop(seq.request_id, None)
-                    outputs.append(StepOutput(seq.request_id, [], "prefilled", seq.num_cached_tokens))
+                    outputs.append(StepOutput(seq.request_id, [], Finish.PREFILLED, seq.num_cached_tokens))
                 continue
             seq.token_ids.append(token)
             reason = self._finish_reason(seq, token)
@@ -256,15 +256,15 @@ class EngineCore:
             outputs.append(StepOutput(seq.request_id, [token], reason, seq.num_cached_tokens, logprobs, prompt_lps))
         return outputs
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, token: int) -> Finish | None:
         sp = seq.sampling
         if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete: nothing may follow
-            return "stop"
+            return Finish.STOP
         if seq.num_output_tokens > sp.min_tokens and (  # NOTE: the first min_tokens tokens never stop
                 token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids)):
-            return "stop"
+            return Finish.STOP
         if seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= self.max_tokens_per_seq:
-            return "length"
+            return Finish.LENGTH
         return None
 
     def stats(self) -> EngineStats:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from microserve.engine.config import EngineConfig
 from microserve.engine.core.kv_manager import KVCacheManager
-from microserve.engine.core.sequence import Sequence, SequenceStatus
+from microserve.engine.core.sequence import Finish, Sequence, SequenceStatus
 
 
 @dataclass
@@ -203,9 +203,9 @@ class Scheduler:
         """Take a running sequence out of scheduling without freeing its blocks."""
         self.running.remove(seq)
         seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = "prefilled"
+        seq.finish_reason = Finish.PREFILLED
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: Finish) -> None:
         """End `seq` (finished or aborted) and release its blocks."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)

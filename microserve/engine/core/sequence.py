@@ -19,6 +19,17 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+class Finish(enum.StrEnum):
+    """Why a sequence ended. The first three reach clients (`GenerateChunk.finish_reason`); the last
+    two stay inside the engine's call layer (a send's prefill is done; a step failed)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    PREFILLED = "prefilled"
+    ERROR = "error"
+
+
 class Sequence:
     """Token ids (prompt then output), how many of them have KV computed, and the blocks.
 
@@ -41,7 +52,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.num_cached_blocks = 0  # leading blocks already offered to the prefix cache
         self.radix_cursor = RadixCursor()  # where the last offer ended in the prefix cache
-        self.finish_reason: str | None = None
+        self.finish_reason: Finish | None = None
         self.generator: torch.Generator | None = None
         # prefill-only sequences (remote_send) stop once their KV is computed: no sampling
         self.prefill_only = False

@@ -32,11 +32,12 @@ from kvapi.spec import KVSpec, KVSpecMismatch, dtype_name
 from kvapi.transfer import KVAddr, TransferError, host_id
 from microserve import protocol as P
 from microserve.engine.core.engine_core import EngineStats, StepOutput
+from microserve.engine.core.sequence import Finish
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.backend import Backend
 from microserve.serving.kv_plane import KVPlane, PlaneTransfers
-from microserve.serving.tickets import Ticket
+from microserve.serving.tickets import Ticket, TicketState
 from microserve.serving.vllm.params import logprobs_of, prompt_logprobs_of, to_vllm
 from microserve.text import check_prompt
 
@@ -310,14 +311,14 @@ class VLLMBackend(PlaneTransfers, Backend):
         queue = self._send_outs.get(job_id)
         if queue is not None:
             await self._abort_vllm(job_id)
-            queue.put_nowait(StepOutput(job_id, [], "abort"))  # vLLM sends no output for an abort
+            queue.put_nowait(StepOutput(job_id, [], Finish.ABORT))  # vLLM sends no output for an abort
 
     # -- generating --------------------------------------------------------------------------------
     async def submit(self, req: P.Request, prompt: list[int], begin: int, sampling: SamplingParams,
                       ticket: Ticket | None) -> None:
         rid = req.request_id
         pending = self._pending.pop(rid, None)
-        if ticket is not None and ticket.state == "complete" and pending is not None:
+        if ticket is not None and ticket.state is TicketState.COMPLETE and pending is not None:
             while not pending.empty():  # what vLLM produced since the pages arrived (through the stream interval)
                 self.service.deliver(pending.get_nowait())
             return

@@ -1,14 +1,38 @@
-"""The `microserve` console script."""
+"""The `microserve` console script. Its one-line errors are checked in-process (`cli.main(argv)`, as
+the console script calls it); what it runs, in a real process."""
 
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
+
+from microserve.cli import main
 
 
 def _run(*args, **kw):
     cmd = [sys.executable, "-m", "microserve", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """`microserve ARGS` in this process: its exit code and what it printed."""
+    def run(*args: str) -> Result:
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+        out = capsys.readouterr()
+        return Result(code, out.out, out.err)
+    return run
 
 
 def test_generate_demo(demo_path):
@@ -17,22 +41,22 @@ def test_generate_demo(demo_path):
     assert "(5 tokens, length)" in res.stdout
 
 
-def test_generate_reports_bad_input(demo_path):
-    res = _run("generate", "--model", str(demo_path), "--prompt", "")
+def test_generate_reports_bad_input(demo_path, cli):
+    res = cli("generate", "--model", str(demo_path), "--prompt", "")
     assert res.returncode == 2 and "prompt is empty" in res.stderr
-    res = _run("generate", "--model", str(demo_path), "--prompt", "x", "--temperature", "-1")
+    res = cli("generate", "--model", str(demo_path), "--prompt", "x", "--temperature", "-1")
     assert res.returncode == 2 and "temperature" in res.stderr
 
 
-def test_engine_reports_bad_setup(demo_path, tmp_path):
-    res = _run("engine", "--model", str(tmp_path / "missing"))
+def test_engine_reports_bad_setup(demo_path, tmp_path, cli):
+    res = cli("engine", "--model", str(tmp_path / "missing"))
     assert res.returncode == 2 and "no such checkpoint folder" in res.stderr and "Traceback" not in res.stderr
     (tmp_path / "empty").mkdir()
-    res = _run("engine", "--model", str(tmp_path / "empty"))
+    res = cli("engine", "--model", str(tmp_path / "empty"))
     assert res.returncode == 2 and "config.json" in res.stderr and "Traceback" not in res.stderr
-    res = _run("engine", "--model", str(demo_path), "--backend", "vllm")
+    res = cli("engine", "--model", str(demo_path), "--backend", "vllm")
     assert res.returncode == 2 and "vllm" in res.stderr
-    res = _run("engine", "--model", str(demo_path), "--rpc", "not-an-address")
+    res = cli("engine", "--model", str(demo_path), "--rpc", "not-an-address")
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
 
 
@@ -46,8 +70,8 @@ def test_engine_reports_bad_setup(demo_path, tmp_path):
     (["sim", "--strategy", "pd", "--engines", "2", "--workload", "chat", "--rate", "1", "--num-requests", "2"],
      "--engines N needs"),
 ])
-def test_impossible_layouts_and_addresses_are_one_line_errors(args, words):
-    res = subprocess.run([sys.executable, "-m", "microserve", *args], capture_output=True, text=True, timeout=120)
+def test_impossible_layouts_and_addresses_are_one_line_errors(args, words, cli):
+    res = cli(*args)
     assert res.returncode == 2 and words in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 

@@ -35,6 +35,17 @@ class Request(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError(f"fraction must be in [0, 1], got {fraction}")
         return int(len(self.prompt_ids) * fraction)
 
+    def continued(self, tag: str, generated: list[int]) -> Request:
+        """The request as it goes on after `generated` tokens, elsewhere or again (a retry: the attempt
+        number; a move: `to-<engine>`): id `<id>~<tag>`, prompt + generated, the rest of its budget.
+        The one scheme of derived ids (`base_id` undoes it)."""
+        return Request(f"{self.request_id}~{tag}", self.prompt_ids + list(generated), self.sampling.after(generated))
+
+
+def base_id(request_id: str) -> str:
+    """The request a derived id (`Request.continued`) belongs to."""
+    return request_id.split("~", 1)[0]
+
 
 # -- calls ---------------------------------------------------------------------------
 class PrepRecv(msgspec.Struct, tag="prep_recv", forbid_unknown_fields=True):

@@ -82,8 +82,7 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
     move: Moved | None = None  # set when the engine streaming it is drained by migration
     while True:
         n = attempt + moves
-        areq = req if n == 0 else Request(f"{req.request_id}~{n}", req.prompt_ids + generated,
-                                          req.sampling.after(generated))
+        areq = req if n == 0 else req.continued(str(n), generated)
         current, move = move, None
         chunks = run_attempt(current or strategy, cluster, areq, deadline, frozenset(avoid), record)
         try:

@@ -16,6 +16,8 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from microserve.protocol import base_id
+
 MAX_CALLS = 64
 
 
@@ -36,11 +38,6 @@ class Entry:
     start: float
     calls: list[CallRecord] = field(default_factory=list)
     fields: dict[str, Any] = field(default_factory=dict)
-
-
-def base_id(request_id: str) -> str:
-    """The request a retry's (`~n`) or a move's (`@target`) id belongs to."""
-    return request_id.split("~", 1)[0].split("@", 1)[0]
 
 
 class Journal:

@@ -32,7 +32,7 @@ from microserve.router.handle import EngineCallError, EngineHandle, Evacuated
 
 def moved_request(req: Request, generated: list[int], target: EngineHandle) -> Request:
     """The request as the target continues it: prompt + generated tokens, the rest of its budget."""
-    return Request(f"{req.request_id}@{target.name}", req.prompt_ids + list(generated), req.sampling.after(generated))
+    return req.continued(f"to-{target.name}", generated)
 
 
 async def migrate(req: Request, generated: list[int], source: EngineHandle, target: EngineHandle,

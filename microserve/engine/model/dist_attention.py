@@ -1,0 +1,77 @@
+"""Attention split across engines (DistKV-LLM's DistAttention): the exact math, one place.
+
+A request whose KV does not fit one engine keeps some token ranges on lenders. Each layer's
+attention is then computed in parts: every holder of KV (the borrower over its local blocks,
+each lender over the range it holds) attends the query rows to its keys alone and returns the
+softmax-normalized output of its part with the log-sum-exp of its scores; the parts merge
+exactly, as flash-decoding merges its splits:
+
+    part i:   o_i = softmax(q K_i^T * scale) V_i       lse_i = log sum_j exp(q k_ij * scale)
+    merged:   lse = log sum_i exp(lse_i)               o = sum_i exp(lse_i - lse) * o_i
+
+Only the query rows go to a lender and `(o_i, lse_i)` come back: per layer and row,
+`Hq * D` values out and `Hq * (D + 1)` back, whatever the length of the lent range.
+
+`range_attention` is what a lender runs over its lent blocks (causal by position: a row at
+position p sees keys at positions <= p); `merge` is what the borrower runs. Both take the
+paged cache layout of `attention.py` ([2, NB, bs, Hkv, D]) and fold GQA query heads per KV
+head, so K/V are never repeated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from microserve.engine.model.attention import gather_blocks
+
+
+def range_attention(q: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor,
+                    begin: int, end: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of query rows over the keys of positions `[begin, end)` alone.
+
+    Args:
+        q: [R, Hq, D] query rows (any positions; several requests' rows share a range only if
+            they share its KV).
+        positions: [R] long, each row's position in its sequence (causality).
+        cache: [2, NB, bs, Hkv, D] the paged KV cache.
+        blocks: [ceil((end - begin) / bs)] long, the blocks holding the range: block i holds
+            positions `begin + i * bs ...` (ranges start on a block boundary of the holder).
+        scale: the softmax scale.
+
+    Returns:
+        out [R, Hq, D] (q's dtype), normalized over this range; lse [R, Hq] float32. A row that sees
+        no key of the range (it comes before `begin`) gets out 0 and lse -inf, which `merge` ignores.
+    """
+    r, hq, d = q.shape
+    hkv = cache.shape[-2]
+    g = hq // hkv
+    n = end - begin
+    if n <= 0:
+        raise ValueError(f"empty range [{begin}, {end})")
+    kv = gather_blocks(cache, blocks).flatten(1, 2)[:, :n].float()  # [2, n, Hkv, D]
+    keys, values = kv[0].permute(1, 2, 0), kv[1].transpose(0, 1)  # [Hkv, D, n], [Hkv, n, D]
+    qg = q.float().view(r, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, r * g, d)  # rows ordered (row, head)
+    scores = torch.bmm(qg, keys).mul_(scale)  # [Hkv, R * G, n]
+    key_pos = torch.arange(begin, end, device=q.device)
+    visible = (key_pos[None, :] <= positions[:, None]).repeat_interleave(g, dim=0)  # [R * G, n]
+    scores.masked_fill_(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [Hkv, R * G, 1]; -inf where nothing is visible
+    probs = torch.exp(scores.sub_(torch.where(torch.isfinite(lse), lse, 0.0)))
+    out = torch.bmm(probs, values)  # [Hkv, R * G, D]
+    out = out.view(hkv, r, g, d).permute(1, 0, 2, 3).reshape(r, hq, d)
+    return out.to(q.dtype), lse.view(hkv, r, g).permute(1, 0, 2).reshape(r, hq)
+
+
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The attention output over the union of the parts' keys: parts are `(out [R, Hq, D], lse [R, Hq])`
+    over disjoint key sets of the same query rows. A row that no part saw raises (every row sees at
+    least its own token, which one part holds)."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    lse = torch.stack([p[1] for p in parts])  # [P, R, Hq]
+    total = torch.logsumexp(lse, dim=0)  # [R, Hq]
+    if not torch.isfinite(total).all():
+        raise ValueError("a query row saw no key in any part")
+    weights = torch.exp(lse - total)  # [P, R, Hq]; 0 for parts that saw nothing
+    out = sum(w[..., None] * p[0].float() for w, p in zip(weights, parts))
+    return out.to(parts[0][0].dtype)  # type: ignore[union-attr]

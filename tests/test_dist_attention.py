@@ -1,0 +1,86 @@
+"""DistAttention's math (microserve/engine/model/dist_attention.py): attention computed in parts where the
+KV lives (the borrower's own blocks, each lender's range, each in its own paged cache) and merged by
+log-sum-exp equals attention over the whole context, for decode rows and prefill rows that straddle a
+range boundary, with GQA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from microserve.engine.model.dist_attention import merge, range_attention
+
+BS, HKV, G, D = 16, 2, 4, 32
+HQ = HKV * G
+
+
+def _reference(q: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """Causal attention of each row over the contiguous keys [0, its position], in float64."""
+    kk, vv = (t.double().repeat_interleave(G, dim=1) for t in (k, v))  # [N, Hq, D]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for i, p in enumerate(positions.tolist()):
+        s = torch.einsum("hd,nhd->hn", q[i].double(), kk[:p + 1]) * scale
+        out[i] = torch.einsum("hn,nhd->hd", s.softmax(-1), vv[:p + 1])
+    return out
+
+
+def _holder(k: torch.Tensor, v: torch.Tensor, begin: int, end: int, num_blocks: int, gen: torch.Generator):
+    """A cache of `num_blocks` random pages holding positions [begin, end) in scattered blocks."""
+    cache = torch.randn(2, num_blocks, BS, HKV, D, generator=gen)
+    n = -(-(end - begin) // BS)
+    blocks = torch.randperm(num_blocks, generator=gen)[:n]
+    for i, b in enumerate(blocks.tolist()):
+        lo = begin + i * BS
+        hi = min(end, lo + BS)
+        cache[0, b, :hi - lo], cache[1, b, :hi - lo] = k[lo:hi], v[lo:hi]
+    return cache, blocks
+
+
+@pytest.mark.parametrize("rows", ["decode", "prefill straddling a boundary", "rows before a lent range"])
+def test_parts_where_the_kv_lives_merge_into_whole_attention(rows):
+    gen = torch.Generator().manual_seed(0)
+    n = 150
+    k, v = torch.randn(n, HKV, D, generator=gen), torch.randn(n, HKV, D, generator=gen)
+    # the borrower keeps [0, 48) and [112, 150); lender A holds [48, 80), lender B [80, 112)
+    ranges = [(0, 48), (48, 80), (80, 112), (112, 150)]
+    holders = [_holder(k, v, b, e, 24, gen) for b, e in ranges]
+    positions = {"decode": torch.tensor([149]), "prefill straddling a boundary": torch.arange(100, 150),
+                 "rows before a lent range": torch.arange(20, 60)}[rows]
+    q = torch.randn(len(positions), HQ, D, generator=gen)
+    scale = D ** -0.5
+    parts = [range_attention(q, positions, cache, blocks, b, e, scale)
+             for (b, e), (cache, blocks) in zip(ranges, holders)]
+    for (b, _), (_, lse) in zip(ranges, parts):
+        assert torch.isinf(lse[positions < b]).all() and torch.isfinite(lse[positions >= b]).all()
+    got = merge(parts)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    torch.testing.assert_close(got.double(), _reference(q, positions, k, v, scale), atol=1e-5, rtol=1e-5)
+
+
+def test_a_part_of_one_range_is_that_range_alone_and_a_row_nobody_saw_is_an_error():
+    gen = torch.Generator().manual_seed(1)
+    k, v = torch.randn(40, HKV, D, generator=gen), torch.randn(40, HKV, D, generator=gen)
+    cache, blocks = _holder(k, v, 0, 40, 8, gen)
+    q, positions = torch.randn(3, HQ, D, generator=gen), torch.tensor([0, 17, 39])
+    out, lse = range_attention(q, positions, cache, blocks, 0, 40, 0.2)
+    torch.testing.assert_close(merge([(out, lse)]).double(), _reference(q, positions, k, v, 0.2), atol=1e-5, rtol=1e-5)
+    lent_cache, lent_blocks = _holder(k, v, 32, 40, 4, gen)
+    with pytest.raises(ValueError, match="saw no key"):
+        merge([range_attention(q[:1], positions[:1], lent_cache, lent_blocks, 32, 40, 0.2)])
+    with pytest.raises(ValueError, match="empty range"):
+        range_attention(q, positions, cache, blocks, 8, 8, 0.2)
+
+
+def test_half_precision_rows_merge_within_half_precision():
+    gen = torch.Generator().manual_seed(2)
+    k, v = torch.randn(96, HKV, D, generator=gen), torch.randn(96, HKV, D, generator=gen)
+    ranges = [(0, 64), (64, 96)]
+    holders = [_holder(k, v, b, e, 8, gen) for b, e in ranges]
+    positions = torch.arange(60, 96)
+    q = torch.randn(len(positions), HQ, D, generator=gen)
+    parts = [range_attention(q.bfloat16(), positions, c.bfloat16(), bl, b, e, D ** -0.5)
+             for (b, e), (c, bl) in zip(ranges, holders)]
+    got = merge(parts)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), _reference(q, positions, k, v, D ** -0.5), atol=3e-2, rtol=3e-2)

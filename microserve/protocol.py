@@ -68,6 +68,16 @@ class StartGenerate(msgspec.Struct, tag="start_generate", forbid_unknown_fields=
     sampling: SamplingParams | None = None  # default: req.sampling
 
 
+class Lend(msgspec.Struct, tag="lend", forbid_unknown_fields=True):
+    """Hold blocks for prompt positions `[begin, end)` of a request another engine runs (DistAttention):
+    the borrower writes that range's KV into them and attends to it here."""
+
+    req: Request
+    begin: int
+    end: int
+    lease_s: float | None = None
+
+
 class Abort(msgspec.Struct, tag="abort", forbid_unknown_fields=True):
     request_id: str
 
@@ -84,13 +94,17 @@ class KVSnapshot(msgspec.Struct, tag="kv_snapshot", forbid_unknown_fields=True):
     """Ask for every prefix hash in the engine's cache (a router joining late, or one that lost events)."""
 
 
-Call = PrepRecv | RemoteSend | StartGenerate | Abort | Stats | Health | KVSnapshot
+Call = PrepRecv | RemoteSend | StartGenerate | Lend | Abort | Stats | Health | KVSnapshot
 
 
 # -- replies -------------------------------------------------------------------------
 class RecvTicket(msgspec.Struct, tag="recv_ticket", forbid_unknown_fields=True):
     kv: KVAddr
     matched: int  # prompt tokens the receiver already had cached (block aligned)
+
+
+class LendTicket(msgspec.Struct, tag="lend_ticket", forbid_unknown_fields=True):
+    kv: KVAddr  # where the borrower writes the range `[kv.begin, kv.end)` (signed, leased; block aligned)
 
 
 class SendResult(msgspec.Struct, tag="send_result", forbid_unknown_fields=True):
@@ -147,6 +161,7 @@ class StatsReply(msgspec.Struct, tag="stats_reply", forbid_unknown_fields=True):
     kv_bytes_received: int
     kernels: str = ""  # which kernels the model runs ("native", "native-scalar", "torch", "triton", "vllm")
     kv_store: list[StoreTierStats] = []  # the engine's KV store tiers (--kv-store), fastest first
+    kv_blocks_lent: int = 0  # blocks held for other engines' requests (`lend`)
 
 
 class HealthReply(msgspec.Struct, tag="health_reply", forbid_unknown_fields=True):
@@ -174,7 +189,8 @@ class RPCError(msgspec.Struct, tag="error", forbid_unknown_fields=True):
     peer: str = ""  # the engine at fault when it is not the one answering (a transfer's receiver)
 
 
-Reply = RecvTicket | SendResult | GenerateChunk | AbortReply | StatsReply | HealthReply | KVSnapshotReply | RPCError
+Reply = (RecvTicket | LendTicket | SendResult | GenerateChunk | AbortReply | StatsReply | HealthReply | KVSnapshotReply
+         | RPCError)
 
 
 class KVEvent(msgspec.Struct, tag="kv_event", forbid_unknown_fields=True):

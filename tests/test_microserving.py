@@ -482,3 +482,37 @@ async def test_pd_in_bfloat16(tmp_path):
         await d.close()
         for e in engines:
             assert e.stop() == 0
+
+
+async def test_lend_holds_a_range_outside_the_prefix_cache_until_abort_or_lease_end(cluster):
+    """`lend` (DistAttention): D holds blocks for positions [32, 96) of a request P runs, and P writes that
+    range into them (a `remote_send` to the lent address). Lent blocks never enter D's prefix cache, a
+    start_generate of the same request on D does not adopt them (it computes its prompt), and abort or
+    the lease's end gives them back. Ranges that are empty or off a block boundary are refused."""
+    p, d = handles(cluster, "P", "D")
+    base = await d.stats()
+    prompt = rand_prompt(120, seed=11)
+    r = req(prompt)
+    lent = await d.lend(r, 32, 96)
+    assert (lent.kv.begin, lent.kv.end, len(lent.kv.block_ids)) == (32, 96, 4) and lent.kv.signature  # signed
+    s = await d.stats()
+    assert (s.kv_blocks_lent, s.kv_blocks_used, s.open_tickets) == (4, base.kv_blocks_used + 4, 1)
+    sent = await p.remote_send(r, lent.kv, 32, 96)
+    assert sent.bytes == 64 * (await d.health()).kv_spec.bytes_per_token
+    s = await d.stats()
+    assert s.kv_blocks_cached == base.kv_blocks_cached and s.kv_blocks_lent == 4, "lent KV entered the cache"
+    tokens, last = await collect(d.start_generate(r))
+    assert tokens == await reference(cluster, prompt) and last.num_cached_tokens == 0
+    assert (await d.stats()).kv_blocks_lent == 4  # the lent range lives until its request ends on the borrower
+    assert await d.abort(r.request_id)
+    assert (await d.stats()).kv_blocks_lent == 0
+
+    await d.lend(req(prompt), 0, 40, lease_s=0.3)
+    assert (await d.stats()).kv_blocks_lent == 3
+    for begin, end, words in ((8, 40, "block boundary"), (32, 32, "not empty"), (0, 500, "outside the prompt")):
+        with pytest.raises(EngineCallError, match=words) as err:
+            await d.lend(req(prompt), begin, end)
+        assert err.value.code == "bad_request"
+    await asyncio.sleep(0.6)
+    assert (await d.stats()).kv_blocks_lent == 0, "the lease's end gave the blocks back"
+    await assert_no_leaks(cluster)

@@ -28,7 +28,8 @@ CALLS = [name for name, fn in inspect.getmembers(EngineAPI) if not name.startswi
 
 
 def test_every_call_is_documented_with_its_caller_and_errors():
-    assert set(CALLS) == {"prep_recv", "remote_send", "start_generate", "abort", "stats", "health", "kv_snapshot"}
+    assert set(CALLS) == {"prep_recv", "remote_send", "start_generate", "lend", "abort", "stats", "health",
+                          "kv_snapshot"}
     for name in CALLS:
         doc = inspect.getdoc(getattr(EngineAPI, name)) or ""
         assert "Called by" in doc, f"EngineAPI.{name} does not say who calls it"
@@ -104,6 +105,9 @@ def test_dispatch_is_the_one_entry_and_errors_cross_the_in_process_transport():
             with pytest.raises(EngineCallError) as call_err:
                 await h.prep_recv(P.Request("r2", []), 0)
             assert call_err.value.code is ErrorCode.BAD_REQUEST and call_err.value.engine == h.name
+            with pytest.raises(EngineCallError, match="lend: the simulator") as call_err:  # DistAttention
+                await h.lend(P.Request("r4", list(range(64))), 0, 32)
+            assert call_err.value.code is ErrorCode.BAD_REQUEST
             stream = h.start_generate(P.Request("r3", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True)))
             chunks = [c async for c in stream]
             assert sum(len(c.token_ids) for c in chunks) == 3 and chunks[-1].finish_reason == "length"

@@ -233,6 +233,9 @@ def test_abort_and_lease_expiry_free_the_blocks_vllm_holds(cluster):
             assert await b.abort(r.request_id)
             after = await b.stats()
             assert after.kv_blocks_used == base and after.open_tickets == 0, "abort freed the blocks"
+            with pytest.raises(EngineCallError, match="lend: the vLLM backend") as err:  # DistAttention: built-in only
+                await b.lend(req(rand_prompt(64, 23)), 0, 32)
+            assert err.value.code == "bad_request" and (await b.stats()).kv_blocks_used == base
     run(go())
 
 

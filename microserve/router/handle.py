@@ -40,7 +40,7 @@ MAX_DEFERRED_ABORTS = 10_000
 _CALL_NAMES = {P.PrepRecv: "prep_recv", P.RemoteSend: "remote_send", P.StartGenerate: "start_generate",
                P.Abort: "abort"}
 _REPLY: dict[type, type] = {  # the reply each call expects
-    P.PrepRecv: P.RecvTicket, P.RemoteSend: P.SendResult, P.StartGenerate: P.GenerateChunk,
+    P.PrepRecv: P.RecvTicket, P.RemoteSend: P.SendResult, P.StartGenerate: P.GenerateChunk, P.Lend: P.LendTicket,
     P.Abort: P.AbortReply, P.Stats: P.StatsReply, P.Health: P.HealthReply, P.KVSnapshot: P.KVSnapshotReply,
 }
 MAX_RESERVATION_S = 600.0  # a reservation (prep_recv) not taken up for this long no longer counts as load
@@ -236,6 +236,12 @@ class EngineHandle:
         except BaseException:
             self.release(req.request_id)
             raise
+
+    async def lend(self, req: P.Request, begin: int, end: int, *, lease_s: float | None = None,
+                   timeout: float | None = None) -> P.LendTicket:
+        """Hold blocks here for `prompt[begin:end]` of a request another engine runs (DistAttention)."""
+        self._touch()
+        return await self.call(P.Lend(req, begin, end, lease_s), timeout)  # type: ignore[return-value]
 
     def release(self, request_id: str) -> None:
         """The request no longer holds a reservation here (it generates here now, or it ended)."""

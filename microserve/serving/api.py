@@ -112,6 +112,17 @@ class EngineAPI(Protocol):
         engine fails while running the request."""
         ...
 
+    async def lend(self, req: P.Request, begin: int, end: int, lease_s: float | None = None) -> P.LendTicket:
+        """Called by a DistAttention strategy on an engine with free blocks (the lender), for a
+        request another engine (the borrower) runs but cannot hold.
+
+        Holds blocks for prompt positions `[begin, end)` (`begin` on a block boundary) under a
+        lease and returns a signed ticket whose `kv` the borrower writes that range into (as a
+        `remote_send` target). Lent blocks never enter this engine's prefix cache, KV events or
+        store; `abort(request_id)` or the lease's end frees them. Raises BAD_REQUEST (positions,
+        a backend that does not lend: vLLM, the simulator), OVERLOADED (no free blocks), ABORTED."""
+        ...
+
     async def abort(self, request_id: str) -> bool:
         """Called by the router when a request ends early (client gone, stop string, error).
         Cancels everything of the request here (tickets, sends, the running sequence) and
@@ -142,6 +153,8 @@ async def dispatch(api: EngineAPI, call: P.Call) -> P.Reply | AsyncIterator[P.Ge
         return await api.prep_recv(call.req, call.end, call.lease_s)
     if isinstance(call, P.RemoteSend):
         return await api.remote_send(call.req, call.kv, call.begin, call.end, call.transport)
+    if isinstance(call, P.Lend):
+        return await api.lend(call.req, call.begin, call.end, call.lease_s)
     if isinstance(call, P.Abort):
         return P.AbortReply(await api.abort(call.request_id))
     if isinstance(call, P.Stats):

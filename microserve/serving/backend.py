@@ -110,6 +110,13 @@ class Backend(ABC):
     def orphan_transfer(self, outcome: Any) -> None:
         """A transfer reported into a ticket that is gone (closed while it wrote)."""
 
+    @abstractmethod
+    async def lend_blocks(self, req: P.Request, begin: int, end: int) -> Ticket:
+        """Hold blocks for positions `[begin, end)` (block aligned) of a request another engine runs,
+        outside the prefix cache, and open a ticket with `lent=True` and `matched=begin` in
+        `service.tickets`. Called by `lend`. Raises EngineError OVERLOADED, or BAD_REQUEST naming
+        the call in a backend that does not lend."""
+
     # -- sending (remote_send) ------------------------------------------------------------------
     @abstractmethod
     def transport_for(self, kv: KVAddr, forced: str | None) -> str:

@@ -149,14 +149,35 @@ class EngineService:
     async def prep_recv(self, req: P.Request, end: int, lease_s: float | None = None) -> P.RecvTicket:
         prompt = self._validated(req)
         end = norm_pos(end, len(prompt), "end")
+        lease = self._lease(lease_s)
+        ticket = await self.backend.reserve(req, prompt, end)
+        addr = await self._issue(ticket, lease)
+        return P.RecvTicket(addr, ticket.matched)
+
+    async def lend(self, req: P.Request, begin: int, end: int, lease_s: float | None = None) -> P.LendTicket:
+        prompt = self._validated(req)
+        begin, end = norm_pos(begin, len(prompt), "begin"), norm_pos(end, len(prompt), "end")
+        bs = self.kv_spec.block_size
+        if begin >= end or begin % bs:
+            raise EngineError(ErrorCode.BAD_REQUEST, f"lend [{begin}, {end}): a lent range is not empty and starts "
+                              f"on a block boundary (block size {bs})")
+        lease = self._lease(lease_s)
+        self.aborted.check(req.request_id)
+        ticket = await self.backend.lend_blocks(req, begin, end)
+        return P.LendTicket(await self._issue(ticket, lease))
+
+    def _lease(self, lease_s: float | None) -> float:
         lease = self.lease_s if lease_s is None else lease_s
         if not 0 < lease <= self.max_lease_s:
             raise EngineError(ErrorCode.BAD_REQUEST, f"lease_s must be in (0, {self.max_lease_s:g}] "
                               f"(this engine's --max-lease-seconds), got {lease}")
-        ticket = await self.backend.reserve(req, prompt, end)
-        if self.aborted.recent(req.request_id):  # aborted while we reserved: give the blocks back now
+        return lease
+
+    async def _issue(self, ticket: Ticket, lease: float) -> KVAddr:
+        """A new ticket's signed, dated address, its receive opened and its lease started."""
+        if self.aborted.recent(ticket.request_id):  # aborted while we reserved: give the blocks back now
             await self._drop(ticket)
-            self.aborted.check(req.request_id)
+            self.aborted.check(ticket.request_id)
         ticket.expires_at = time.time() + lease
         addr = msgspec.structs.replace(self.backend.recv_addr(ticket), expiry=ticket.expires_at)
         if self.kv_sign_key is not None:
@@ -166,7 +187,7 @@ class EngineService:
         else:
             ticket.complete()
         ticket.expiry = asyncio.get_running_loop().call_later(lease, self._expire, ticket.id)
-        return P.RecvTicket(addr, ticket.matched)
+        return addr
 
     def transfer_done(self, outcome: Any) -> None:
         """A transfer into one of our tickets ended (a `kvapi.transfer.TransferOutcome`; any thread)."""
@@ -316,7 +337,8 @@ class EngineService:
             kv_blocks_total=s.kv_blocks_total, kv_blocks_used=s.kv_blocks_used, kv_blocks_cached=s.kv_blocks_cached,
             prefix_cache_hit_tokens=s.prefix_cache_hit_tokens, computed_tokens_total=s.computed_tokens_total,
             num_preemptions=s.num_preemptions, open_tickets=len(self.tickets), active_sends=len(self._sends),
-            kv_bytes_sent=sent, kv_bytes_received=received, kernels=s.kernels, kv_store=self.backend.store_stats())
+            kv_bytes_sent=sent, kv_bytes_received=received, kernels=s.kernels, kv_store=self.backend.store_stats(),
+            kv_blocks_lent=sum(len(t.blocks) for t in self.tickets.lent()))
 
     def health(self) -> P.HealthReply:
         return P.HealthReply(True, self.engine_id, self.model_name, self.kv_spec, list(self.transports),

@@ -125,13 +125,24 @@ class CoreBackend(Backend):
         blocks = seq.block_table[matched // self.engine.block_size:]
         return self.service.tickets.open(req.request_id, matched, end, blocks, seq)
 
+    async def lend_blocks(self, req: P.Request, begin: int, end: int) -> Ticket:
+        n = -(-(end - begin) // self.engine.block_size)
+        async with self.service.lock:
+            blocks = self.engine.lend_blocks(n)
+        if blocks is None:
+            raise EngineError(ErrorCode.OVERLOADED, f"not enough free KV blocks to lend {end - begin} tokens")
+        return self.service.tickets.open(req.request_id, begin, end, blocks, lent=True)
+
     async def received(self, ticket: Ticket, outcome, complete: bool) -> None:
-        if complete:
+        if complete and not ticket.lent:
             async with self.service.lock:
                 self.engine.mark_received(ticket.hold, outcome.end)  # received KV enters our prefix cache
 
     async def release_ticket(self, ticket: Ticket) -> None:
         async with self.service.lock:
+            if ticket.lent:  # NOTE: never cached: the blocks go straight back to the pool
+                self.engine.return_blocks(ticket.blocks)
+                return
             valid = ticket.matched if ticket.state is TicketState.OPEN else ticket.hold.num_computed_tokens
             self.engine.drop_received(ticket.hold, valid)  # partial pages are garbage
 

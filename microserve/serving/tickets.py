@@ -85,6 +85,7 @@ class Ticket:
     bytes: int = 0
     expiry: asyncio.TimerHandle | None = None
     expires_at: float = 0.0  # unix time the lease ends (signed into the KVAddr)
+    lent: bool = False  # held for another engine's request (`lend`): never adopted, never cached
 
     def complete(self, nbytes: int = 0) -> None:
         self.state, self.bytes = TicketState.COMPLETE, nbytes
@@ -95,8 +96,10 @@ class TicketBook:
     def __init__(self) -> None:
         self._tickets: dict[str, Ticket] = {}
 
-    def open(self, request_id: str, matched: int, end: int, blocks: list[int], hold: Any = None) -> Ticket:
-        ticket = Ticket(uuid.uuid4().hex, secrets.token_hex(16), request_id, matched, end, list(blocks), hold)
+    def open(self, request_id: str, matched: int, end: int, blocks: list[int], hold: Any = None,
+             lent: bool = False) -> Ticket:
+        ticket = Ticket(uuid.uuid4().hex, secrets.token_hex(16), request_id, matched, end, list(blocks), hold,
+                        lent=lent)
         self._tickets[ticket.id] = ticket
         return ticket
 
@@ -112,8 +115,12 @@ class TicketBook:
         return [t for t in self._tickets.values() if t.request_id == request_id]
 
     def latest(self, request_id: str) -> Ticket | None:
-        mine = self.of_request(request_id)
+        """The request's last receive ticket (lent ones are not the request's own KV)."""
+        mine = [t for t in self.of_request(request_id) if not t.lent]
         return mine[-1] if mine else None
+
+    def lent(self) -> list[Ticket]:
+        return [t for t in self._tickets.values() if t.lent]
 
     def __len__(self) -> int:
         return len(self._tickets)

@@ -25,6 +25,7 @@ import asyncio
 
 from kvapi.transfer import KVAddr, TransferError, TransferOutcome
 from microserve.engine.core.engine_core import StepOutput
+from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.base import EngineService
 from microserve.serving.core import CoreBackend
 from microserve.serving.tickets import SendJob, Ticket, TicketState
@@ -111,6 +112,10 @@ class SimBackend(CoreBackend):
 
     def revoke(self, ticket_id: str) -> bool:
         return True  # NOTE: a push checks the ticket is still open before it completes it
+
+    async def lend_blocks(self, req, begin: int, end: int) -> Ticket:
+        raise EngineError(ErrorCode.BAD_REQUEST, "lend: the simulator does not model DistAttention yet "
+                          "(remote attention's cost is not in its cost model)")
 
     def use_kv_key(self, key: bytes) -> None:
         pass  # NOTE: simulated sends read their peer's ticket directly: nothing to sign

@@ -171,6 +171,15 @@ class EngineCore:
         self.kv.free(seq)
         return False
 
+    def lend_blocks(self, n: int) -> list[int] | None:
+        """`n` blocks held for another engine's request (`lend`), outside the prefix cache; None
+        when they are not there (after evicting unpinned cache)."""
+        return self.kv.take_blocks(n)
+
+    def return_blocks(self, blocks: list[int]) -> None:
+        """Lent blocks come back: straight to the free pool, never into the prefix cache."""
+        self.kv.pool.free(blocks)
+
     def mark_received(self, seq: Sequence, end: int) -> None:
         """KV of `seq[:end]` arrived from another engine: it enters the prefix cache."""
         seq.num_computed_tokens = end

@@ -249,6 +249,10 @@ class VLLMBackend(PlaneTransfers, Backend):
         self._pending.pop(ticket.request_id, None)
         self._prompt_lens.pop(ticket.request_id, None)
 
+    async def lend_blocks(self, req: P.Request, begin: int, end: int) -> Ticket:
+        raise EngineError(ErrorCode.BAD_REQUEST, "lend: the vLLM backend does not lend KV blocks (vLLM binds a "
+                          "request's KV to the engine that runs it); lend from built-in engines")
+
     # -- sending ---------------------------------------------------------------------------------
     async def send(self, job_id: str, request_id: str, prompt: list[int], kv: KVAddr, begin: int, end: int,
                    mode: str) -> tuple[int, str, int]:

@@ -190,6 +190,8 @@ class _EngineCollector:
                                            "entries (each a miss)", labels=["engine", "tier"])
         store_dropped = CounterMetricFamily("microserve_kv_store_dropped_writes", "Blocks not written to the KV store "
                                             "because its write queue was full", labels=["engine"])
+        lent = GaugeMetricFamily("microserve_kv_blocks_lent", "KV blocks the engine holds for other engines' "
+                                 "requests (DistAttention's lend)", labels=["engine"])
         for h in self.cluster.handles:
             up.add_metric([h.name, h.role or ""], 1.0 if h.alive else 0.0)
             s = self.cluster.load(h).stats
@@ -202,6 +204,7 @@ class _EngineCollector:
             hits.add_metric([h.name], s.prefix_cache_hit_tokens)
             computed.add_metric([h.name], s.computed_tokens_total)
             info.add_metric([h.name, s.kernels or "none"], 1.0)
+            lent.add_metric([h.name], s.kv_blocks_lent)
             for t in s.kv_store:
                 store_hits.add_metric([h.name, t.tier], t.hit_tokens)
                 store_bytes.add_metric([h.name, t.tier, "read"], t.bytes_read)
@@ -209,5 +212,5 @@ class _EngineCollector:
                 store_errors.add_metric([h.name, t.tier], t.errors)
             if s.kv_store:
                 store_dropped.add_metric([h.name], s.kv_store[0].dropped_writes)
-        yield from (up, running, waiting, used, total, hits, computed, info, store_hits, store_bytes, store_errors,
-                    store_dropped)
+        yield from (up, running, waiting, used, total, hits, computed, info, lent, store_hits, store_bytes,
+                    store_errors, store_dropped)

@@ -9,6 +9,7 @@ ZeroMQ), `launch` (engines + router + OpenAI gateway for a strategy) and `router
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,7 @@ def _engine(args: argparse.Namespace) -> int:
                          args.transport, args.kv_host, args.kv_port, args.engine_id or "", args.lease_seconds,
                          args.transfer_timeout, config, args.backend,
                          resolve(args.cluster_key), args.insecure, args.max_lease_seconds, args.kv_store,
-                         args.join or "", args.role)
+                         args.join or "", args.role, otlp_traces_endpoint=args.otlp_traces_endpoint or "")
     import zmq
 
     try:
@@ -125,6 +126,8 @@ def _launch(args: argparse.Namespace) -> int:
             raise ValueError("--engine-cpus must be > 0")
         ray = RayOptions(args.ray, args.placement, args.engine_cpus, args.engine_restarts)
     logs = ["--log-level", args.log_level, "--log-format", args.log_format]  # the deployment's, for its engines
+    if args.otlp_traces_endpoint:
+        logs += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
     return asyncio.run(launch(strategy, args.model, layout, [*_forwarded_knobs(args), *backend, *logs], opts, ray))
 
 
@@ -216,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve without a cluster key: loopback addresses only, for local tests")
     eng.add_argument("--log-level", default="warning")
     eng.add_argument("--log-format", choices=["text", "json"], default="text")
+    eng.add_argument("--otlp-traces-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+                     metavar="URL", help="send this engine's spans to an OTLP/HTTP collector (pip install "
+                     "'microserve[otel]'; default $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)")
     eng.set_defaults(func=_engine)
 
     lau = sub.add_parser("launch", parents=[knobs, serve_parser()],

@@ -76,6 +76,10 @@ def serve_parser() -> argparse.ArgumentParser:
     g.add_argument("--disable-log-requests", action="store_true", help="no access-log line per request")
     g.add_argument("--log-stats-interval", type=float, default=10.0, metavar="SECONDS",
                    help="a stats line this often (0: none)")
+    g.add_argument("--otlp-traces-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+                   metavar="URL", help="send traces to an OTLP/HTTP collector, e.g. http://127.0.0.1:4318 (pip "
+                   "install 'microserve[otel]'; launch passes it to its engines; default "
+                   "$OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)")
     return p
 
 
@@ -85,6 +89,9 @@ def serve_setup(args: argparse.Namespace, model: str | None) -> tuple[Strategy, 
     from microserve.router.strategy import load_strategy
 
     setup_logging(args.log_level, args.log_format)
+    from microserve import tracing
+
+    tracing.setup(args.otlp_traces_endpoint, "microserve-router")
     strategy_args = {}
     for item in args.strategy_arg:
         key, sep, value = item.partition("=")

@@ -4,6 +4,9 @@ with its status and code and counted by reason.
     microserve_http_requests_total{handler, method, status}      every request (handler: the route's path)
     microserve_http_request_duration_seconds{handler}            to the last byte (a stream: its end)
     microserve_rejected_requests_total{reason}                   every error answered before any output
+
+and, with `--otlp-traces-endpoint`, one server span per `/v1/*` request (a client's `traceparent`
+is its parent; microserve/tracing.py).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import time
 
 from aiohttp import web
 
+from microserve import tracing
 from microserve.router.errors import RouterError
 
 log = logging.getLogger("microserve.gateway.app")
@@ -27,16 +31,22 @@ def observe(metrics) -> web.middleware:
         resource = request.match_info.route.resource
         name = resource.canonical if resource is not None else "unmatched"
         status = 500
-        try:
-            resp = await handler(request)
-            status = resp.status
-            return resp
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            metrics.http.labels(name, request.method, str(status)).inc()
-            metrics.http_seconds.labels(name).observe(time.perf_counter() - t0)
+        traced = tracing.enabled() and name.startswith("/v1/")
+        with (tracing.span(f"{request.method} {name}", parent=request.headers.get("traceparent", ""), server=True,
+                           **{"http.method": request.method, "http.route": name}) if traced else tracing.NULL) as span:
+            try:
+                resp = await handler(request)
+                status = resp.status
+                return resp
+            except web.HTTPException as exc:
+                status = exc.status
+                raise
+            finally:
+                metrics.http.labels(name, request.method, str(status)).inc()
+                metrics.http_seconds.labels(name).observe(time.perf_counter() - t0)
+                tracing.set_attrs(span, **{"http.status_code": status})
+                if status >= 500:
+                    tracing.end_error(span, f"HTTP {status}")
 
     return middleware
 

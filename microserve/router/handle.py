@@ -27,6 +27,7 @@ import zmq
 import zmq.asyncio
 
 from microserve import protocol as P
+from microserve import tracing
 from microserve.router.journal import CallRecord
 from microserve.router.transport import CallTimeout, CallUnavailable, Transport, ZMQTransport
 from microserve.sampling_params import SamplingParams
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 MAX_DEFERRED_ABORTS = 10_000
 _CALL_NAMES = {P.PrepRecv: "prep_recv", P.RemoteSend: "remote_send", P.StartGenerate: "start_generate",
-               P.Abort: "abort"}
+               P.Lend: "lend", P.Abort: "abort"}
 _REPLY: dict[type, type] = {  # the reply each call expects
     P.PrepRecv: P.RecvTicket, P.RemoteSend: P.SendResult, P.StartGenerate: P.GenerateChunk, P.Lend: P.LendTicket,
     P.Abort: P.AbortReply, P.Stats: P.StatsReply, P.Health: P.HealthReply, P.KVSnapshot: P.KVSnapshotReply,
@@ -189,8 +190,10 @@ class EngineHandle:
         self._check_alive(msg)
         limit = self.timeout if timeout is None else timeout
         t0, reply, error = time.time(), None, ""
+        name = _CALL_NAMES.get(type(msg))
+        span = tracing.start(name, engine=self.name, role=self.role, request=_request_id(msg)) if name else None
         try:
-            reply = self._checked(await self.transport.roundtrip(msg, limit), msg)
+            reply = self._checked(await self.transport.roundtrip(msg, limit, tracing.traceparent(span)), msg)
         except CallTimeout:
             error = ErrorCode.TIMEOUT
             raise EngineTimeout(f"no answer to {type(msg).__name__} within {limit:g}s", self.name) from None
@@ -201,16 +204,17 @@ class EngineHandle:
             error = exc.code
             raise
         finally:
-            if self.on_call is not None and _CALL_NAMES.get(type(msg)):
+            if self.on_call is not None and name:
                 self._report(msg, t0, getattr(reply, "bytes", 0), str(error))
+            tracing.end(span, str(error), bytes=getattr(reply, "bytes", None),
+                        transport=getattr(reply, "transport", None), matched=getattr(reply, "matched", None))
         if not self.alive and isinstance(msg, P.Health | P.Stats):
             self.set_alive(True)  # it answers again (restarted)
         return reply
 
     def _report(self, msg: P.Call, t0: float, nbytes: int, error: str) -> None:
-        rid = getattr(msg, "request_id", None) or msg.req.request_id  # type: ignore[union-attr]  (abort: an id)
         self.on_call(CallRecord(self.name, _CALL_NAMES[type(msg)], t0, time.time() - t0,  # type: ignore[misc]
-                                nbytes, error, rid))
+                                nbytes, error, _request_id(msg)))
 
     async def close(self) -> None:
         await self.transport.close()
@@ -295,8 +299,9 @@ class EngineHandle:
         if generating is not None:  # NOTE: the router learns where a request's KV is (router/choices.py)
             generating.append(self)
         limit = self.timeout if timeout is None else timeout
-        replies = self.transport.stream(msg, limit)
-        t0, error = time.time(), ""
+        span = tracing.start("start_generate", engine=self.name, role=self.role, request=req.request_id, begin=begin)
+        replies = self.transport.stream(msg, limit, tracing.traceparent(span))
+        t0, error, tokens, cached = time.time(), "", 0, 0
         try:
             # NOTE: one generator frame per token between the router and the wire (the simulator
             # pushes millions of tokens through here)
@@ -304,6 +309,7 @@ class EngineHandle:
                 async for reply in replies:
                     chunk = self._checked(reply, msg)
                     finished = chunk.finish_reason is not None
+                    tokens, cached = tokens + len(chunk.token_ids), cached or chunk.num_cached_tokens
                     if finished and self.on_call is not None:  # NOTE: now: the consumer may not close us at once
                         self._report(msg, t0, 0, "")
                     self.pending_tokens -= work  # the prompt is prefilled once the first chunk is out
@@ -324,6 +330,7 @@ class EngineHandle:
         finally:
             if self.on_call is not None and not finished:
                 self._report(msg, t0, 0, str(error))
+            tracing.end(span, str(error), tokens=tokens, cached_tokens=cached, finished=finished)
             await replies.aclose()
             self.inflight -= 1
             self.pending_tokens -= work
@@ -357,3 +364,7 @@ class EngineHandle:
                     hint = "" if self.cluster_key else " (an engine with a cluster key ignores handles without it: " \
                         "pass cluster_key= / --cluster-key, or set $MICROSERVE_CLUSTER_KEY)"
                     raise EngineTimeout(f"not ready within {timeout:g}s{hint}", self.name) from None
+
+
+def _request_id(msg: P.Call) -> str:
+    return getattr(msg, "request_id", None) or msg.req.request_id  # type: ignore[union-attr]  (abort: an id)

@@ -29,6 +29,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from microserve import tracing
 from microserve.logs import access
 from microserve.protocol import GenerateChunk, Request, TokenLogprob
 from microserve.router.attempts import abort_everywhere, run_attempt, run_request  # noqa: F401 (re-exported)
@@ -197,32 +198,40 @@ class Router:
         status, streamed, code, finish = "aborted", False, "", None
         progress, touched = _Progress(), set()
         self.journal.begin(request_id)
-        try:
-            async for delta in self._generate(request_id, prompt_ids, sampling, t0, deadline, group, lead,
-                                              progress, touched):
-                streamed = True
-                if delta.finish_reason is not None:
-                    status, finish = "success", delta.finish_reason
-                yield delta
-        except RouterError as exc:
-            # no capacity (no live engine, overloaded) before any output: refused, not failed
-            status, code = "rejected" if not streamed and exc.code in NO_CAPACITY else "error", str(exc.code)
-            raise
-        finally:
-            self.pending -= 1
-            self.metrics.requests.labels(status).inc()
-            e2e = time.perf_counter() - t0
-            if status == "success":
-                self.metrics.e2e.observe(e2e)
-            ttft = None if progress.first_at is None else progress.first_at - t0
-            self.journal.end(request_id, {"status": status, "code": code or None, "finish_reason": finish,
-                                          "strategy": type(self.strategy).__name__, "prompt_tokens": len(prompt_ids),
-                                          "output_tokens": len(progress.tokens), "e2e_ms": round(e2e * 1e3, 1),
-                                          "ttft_ms": None if ttft is None else round(ttft * 1e3, 1)})
-            if self.log_requests:
-                access(request_id, status, code=code, strategy=type(self.strategy).__name__,
-                       engines=sorted(h.name for h in touched), prompt=len(prompt_ids), output=len(progress.tokens),
-                       cached=progress.cached, ttft_s=ttft, e2e_s=e2e, finish=finish)
+        with tracing.detached(f"{type(self.strategy).__name__}.generate", request=request_id,
+                              prompt_tokens=len(prompt_ids)) as span, tracing.current(span):
+            try:
+                async for delta in self._generate(request_id, prompt_ids, sampling, t0, deadline, group, lead,
+                                                  progress, touched):
+                    streamed = True
+                    if delta.finish_reason is not None:
+                        status, finish = "success", delta.finish_reason
+                    yield delta
+            except RouterError as exc:
+                # no capacity (no live engine, overloaded) before any output: refused, not failed
+                status, code = "rejected" if not streamed and exc.code in NO_CAPACITY else "error", str(exc.code)
+                raise
+            finally:
+                self.pending -= 1
+                self._report(request_id, len(prompt_ids), status, code, finish, progress, touched, t0, span)
+
+    def _report(self, rid: str, prompt_tokens: int, status: str, code: str, finish: str | None,
+                progress: _Progress, touched: set, t0: float, span) -> None:
+        """A request ended: metrics, the journal, the access line, the strategy's span."""
+        self.metrics.requests.labels(status).inc()
+        e2e = time.perf_counter() - t0
+        if status == "success":
+            self.metrics.e2e.observe(e2e)
+        ttft = None if progress.first_at is None else progress.first_at - t0
+        strategy, engines, output = type(self.strategy).__name__, sorted(h.name for h in touched), len(progress.tokens)
+        self.journal.end(rid, {"status": status, "code": code or None, "finish_reason": finish, "strategy": strategy,
+                               "prompt_tokens": prompt_tokens, "output_tokens": output, "e2e_ms": round(e2e * 1e3, 1),
+                               "ttft_ms": None if ttft is None else round(ttft * 1e3, 1)})
+        if self.log_requests:
+            access(rid, status, code=code, strategy=strategy, engines=engines, prompt=prompt_tokens, output=output,
+                   cached=progress.cached, ttft_s=ttft, e2e_s=e2e, finish=finish)
+        tracing.set_attrs(span, status=status, code=code, finish_reason=finish, output_tokens=output,
+                          cached_tokens=progress.cached, engines=",".join(engines))
 
     async def _generate(self, rid: str, prompt_ids: list[int], sampling: SamplingParams, t0: float,
                         deadline: float, group: ChoiceGroup | None, lead: bool, progress: _Progress,

@@ -95,13 +95,15 @@ class ZMQTransport:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 queue.put_nowait(P.RPCError("internal", f"undecodable reply from the engine: {exc}"))
 
-    async def _send(self, msg: P.Call, timeout: float) -> tuple[bytes, asyncio.Queue[P.Reply | CallUnavailable]]:
+    async def _send(self, msg: P.Call, timeout: float,
+                    trace: str = "") -> tuple[bytes, asyncio.Queue[P.Reply | CallUnavailable]]:
         sock = self._socket()
         call_id = self._prefix + next(self._ids).to_bytes(8, "little")
         queue: asyncio.Queue[P.Reply | CallUnavailable] = asyncio.Queue()
         self._pending[call_id] = queue
         try:  # NOTE: a DEALER without a connected peer (refused handshake, reconnecting) blocks on send
-            await asyncio.wait_for(sock.send_multipart([call_id, P.encode(msg)]), timeout)
+            frames = [call_id, P.encode(msg), trace.encode()] if trace else [call_id, P.encode(msg)]
+            await asyncio.wait_for(sock.send_multipart(frames), timeout)
         except TimeoutError:
             self._pending.pop(call_id, None)
             raise CallTimeout from None
@@ -117,18 +119,19 @@ class ZMQTransport:
             raise reply
         return reply
 
-    async def roundtrip(self, msg: P.Call, timeout: float) -> P.Reply:
+    async def roundtrip(self, msg: P.Call, timeout: float, trace: str = "") -> P.Reply:
+        """One call, one reply. `trace`: the W3C traceparent of the caller's span (a third frame)."""
         call_id = b""
         try:
-            call_id, queue = await self._send(msg, timeout)
+            call_id, queue = await self._send(msg, timeout, trace)
             return await self._next(queue, timeout)
         finally:
             self._pending.pop(call_id, None)
 
-    async def stream(self, msg: P.StartGenerate, timeout: float) -> AsyncIterator[P.Reply]:
+    async def stream(self, msg: P.StartGenerate, timeout: float, trace: str = "") -> AsyncIterator[P.Reply]:
         call_id = b""
         try:
-            call_id, queue = await self._send(msg, timeout)
+            call_id, queue = await self._send(msg, timeout, trace)
             while True:
                 reply = await self._next(queue, timeout)
                 yield reply
@@ -161,7 +164,7 @@ class InProcessTransport:
     def __init__(self, api) -> None:
         self.api = api
 
-    async def roundtrip(self, msg: P.Call, timeout: float) -> P.Reply:
+    async def roundtrip(self, msg: P.Call, timeout: float, trace: str = "") -> P.Reply:
         try:
             reply = await dispatch(self.api, msg)
         except EngineError as exc:
@@ -169,7 +172,7 @@ class InProcessTransport:
         assert not isinstance(reply, AsyncIterator), "start_generate goes through stream()"
         return reply
 
-    async def stream(self, msg: P.StartGenerate, timeout: float) -> AsyncIterator[P.Reply]:
+    async def stream(self, msg: P.StartGenerate, timeout: float, trace: str = "") -> AsyncIterator[P.Reply]:
         try:
             chunks = await dispatch(self.api, msg)
         except EngineError as exc:

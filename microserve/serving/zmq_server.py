@@ -28,6 +28,7 @@ from kvapi.transfer import host_id
 from kvapi.transfer.base import transport_class
 from kvapi.transfer.shm import SharedPool
 from microserve import protocol as P
+from microserve import tracing
 from microserve.engine.config import EngineConfig
 from microserve.engine.engine import LLMEngine
 from microserve.security import ClusterKey, is_loopback
@@ -65,6 +66,7 @@ class EngineOptions:
     kv_store: list[str] = field(default_factory=list)  # --kv-store tiers, fastest first (kvapi.store)
     join: str = ""  # a gateway URL to join (and leave on SIGTERM): microserve/control/join.py
     role: str = "engine"
+    otlp_traces_endpoint: str = ""  # OTLP/HTTP collector for this engine's spans (microserve/tracing.py)
 
 
 def check_addresses(opts: EngineOptions) -> None:
@@ -228,14 +230,15 @@ class EngineServer:
     async def _recv_loop(self) -> None:
         while True:
             frames = await self.sock.recv_multipart()
-            if len(frames) != 3:
+            if len(frames) not in (3, 4):  # [ident, call_id, body] or with a W3C traceparent (microserve/tracing.py)
                 if len(frames) >= 2:
                     call_id = frames[1] if len(frames) > 2 else b""
-                    await self._send(frames[0], call_id, P.RPCError(
-                        ErrorCode.BAD_REQUEST, f"expected [call_id, body] frames, got {len(frames) - 1}"))
+                    await self._send(frames[0], call_id, P.RPCError(ErrorCode.BAD_REQUEST, "expected [call_id, body"
+                                                                    f"(, traceparent)] frames, got {len(frames) - 1}"))
                 continue
-            ident, call_id, body = frames
-            task = asyncio.create_task(self._handle(ident, call_id, body))
+            ident, call_id, body = frames[:3]
+            trace = frames[3].decode("ascii", "replace")[:128] if len(frames) == 4 else ""
+            task = asyncio.create_task(self._handle(ident, call_id, body, trace))
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
 
@@ -247,20 +250,34 @@ class EngineServer:
             log.info("reply to a gone client dropped: %s", exc)
             return False
 
-    async def _handle(self, ident: bytes, call_id: bytes, body: bytes) -> None:
+    async def _handle(self, ident: bytes, call_id: bytes, body: bytes, trace: str = "") -> None:
         try:
             call = P.decode_call(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self._send(ident, call_id, P.RPCError(ErrorCode.BAD_REQUEST, f"malformed call: {exc}"))
             return
+        name = type(call).__struct_config__.tag
+        req = getattr(call, "req", None)
+        with tracing.span(f"engine.{name}", parent=trace, server=True, engine=self.engine_id,
+                          request=req.request_id if req is not None else getattr(call, "request_id", None)) as span:
+            reply = await self._reply(ident, call_id, call)
+            if isinstance(reply, P.RPCError):
+                tracing.end_error(span, f"{reply.code}: {reply.message}")
+            tracing.set_attrs(span, bytes=getattr(reply, "bytes", None), transport=getattr(reply, "transport", None),
+                              seconds=getattr(reply, "seconds", None), matched=getattr(reply, "matched", None),
+                              computed_tokens=getattr(reply, "computed_tokens", None))
+
+    async def _reply(self, ident: bytes, call_id: bytes, call: P.Call) -> msgspec.Struct | None:
+        """Answer one call (a stream chunk by chunk); what was sent last."""
         try:
             reply = await dispatch(self.service, call)
             if isinstance(reply, AsyncIterator):
+                last = None
                 async with contextlib.aclosing(reply):
-                    async for chunk in reply:
-                        if not await self._send(ident, call_id, chunk):
+                    async for last in reply:
+                        if not await self._send(ident, call_id, last):
                             break
-                return
+                return last
         except EngineError as exc:
             reply = P.RPCError(exc.code, str(exc), exc.peer)
         except asyncio.CancelledError:
@@ -269,11 +286,13 @@ class EngineServer:
             log.exception("call %s failed", type(call).__name__)
             reply = P.RPCError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         await self._send(ident, call_id, reply)
+        return reply
 
 
 def run_engine(opts: EngineOptions) -> int:
     """Run until SIGTERM/SIGINT; prints one `READY ...` line when serving."""
     server = EngineServer(opts)
+    tracing.setup(opts.otlp_traces_endpoint, f"microserve-engine {server.engine_id}")
 
     def ready(s: EngineServer) -> None:
         print(f"READY engine={s.engine_id} rpc={s.rpc_addr} events={s.events_addr} "
@@ -317,6 +336,7 @@ def run_engine(opts: EngineOptions) -> int:
     failed: list[BaseException] = []  # a refused --join
     asyncio.run(main())
     log.info("engine %s stopped", server.engine_id)
+    tracing.shutdown()
     for sig in (signal.SIGTERM, signal.SIGINT):  # NOTE: a repeated signal must not kill the final teardown
         signal.signal(sig, signal.SIG_IGN)
     return 1 if failed else 0

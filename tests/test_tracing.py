@@ -1,0 +1,89 @@
+"""Traces (`--otlp-traces-endpoint`, microserve/tracing.py) received by a real OTLP/HTTP endpoint in this
+test: a 1P1D launch exports the gateway's span (child of the client's `traceparent`), the strategy's, every
+call on the router side and the engine side of each call, all in the client's trace, parent to child."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import openai
+from aiohttp import web
+from deploy import start_launch
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # the otel extra
+
+from microserve.cli import main
+
+TRACE, CLIENT_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+
+class Collector:
+    """An OTLP/HTTP traces endpoint: POST /v1/traces (protobuf), every span kept."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict] = []
+
+    async def receive(self, request: web.Request) -> web.Response:
+        msg = ExportTraceServiceRequest()
+        msg.ParseFromString(await request.read())
+        for rs in msg.resource_spans:
+            service = next(a.value.string_value for a in rs.resource.attributes if a.key == "service.name")
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    attrs = {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in s.attributes}
+                    self.spans.append({"service": service, "name": s.name, "trace": s.trace_id.hex(),
+                                       "id": s.span_id.hex(), "parent": s.parent_span_id.hex(), "attrs": attrs})
+        return web.Response(content_type="application/x-protobuf", body=b"")
+
+    def named(self, name: str, service: str = "") -> list[dict]:
+        return [s for s in self.spans if s["name"] == name and s["trace"] == TRACE and service in s["service"]]
+
+
+async def test_one_trace_from_the_client_through_the_strategy_to_both_engines(demo_path):
+    collector = Collector()
+    app = web.Application()
+    app.router.add_post("/v1/traces", collector.receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    dep = start_launch("--strategy", "pd", "--roles", "prefill=1,decode=1", "--model", str(demo_path),
+                       "--served-model-name", "demo", "--otlp-traces-endpoint", f"http://127.0.0.1:{port}",
+                       "--log-level", "warning")
+    try:
+        client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="x", max_retries=0)
+        out = await client.completions.create(model="demo", prompt="trace me " * 12, max_tokens=6, temperature=0,
+                                              extra_body={"ignore_eos": True},
+                                              extra_headers={"traceparent": f"00-{TRACE}-{CLIENT_SPAN}-01"})
+        assert out.usage.completion_tokens == 6
+        await client.close()
+        wanted = [("POST /v1/completions", "router"), ("PD.generate", "router"), ("prep_recv", "router"),
+                  ("remote_send", "router"), ("start_generate", "router"), ("engine.prep_recv", "decode-0"),
+                  ("engine.remote_send", "prefill-0"), ("engine.start_generate", "decode-0")]
+        for _ in range(200):  # spans leave each process in batches every 0.5 s
+            if all(collector.named(n, s) for n, s in wanted):
+                break
+            await asyncio.sleep(0.05)
+        (gateway,), (strategy,) = collector.named("POST /v1/completions"), collector.named("PD.generate")
+        assert gateway["parent"] == CLIENT_SPAN and gateway["attrs"]["http.status_code"] == 200
+        assert strategy["parent"] == gateway["id"]
+        for call, engine in (("prep_recv", "decode-0"), ("remote_send", "prefill-0"), ("start_generate", "decode-0")):
+            (mine,) = collector.named(call, "router")
+            assert mine["parent"] == strategy["id"] and mine["attrs"]["engine"] == engine, mine
+            (theirs,) = collector.named(f"engine.{call}", engine)
+            assert theirs["parent"] == mine["id"] and theirs["attrs"]["engine"] == engine, theirs
+        (send,) = collector.named("engine.remote_send", "prefill-0")
+        assert send["attrs"]["bytes"] > 0 and send["attrs"]["transport"] and send["attrs"]["seconds"] >= 0
+        assert collector.named("start_generate", "router")[0]["attrs"]["tokens"] == 6
+    finally:
+        assert dep.stop() == 0
+        await runner.cleanup()
+
+
+def test_the_flag_without_the_extra_is_a_one_line_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
+    code = main(["router", "--strategy", "round_robin", "--engine", "tcp://127.0.0.1:9", "--otlp-traces-endpoint",
+                 "http://127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'microserve[otel]'" in err and "Traceback" not in err

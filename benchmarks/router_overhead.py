@@ -3,10 +3,12 @@
 Same engine process, same short requests, one run:
   direct   EngineHandle.start_generate on the engine (ZeroMQ, no router, no HTTP)
   gateway  POST /v1/completions through `microserve router --strategy round_robin` (HTTP + router)
+  logged   the same through a second router that logs an access line per request (--log-level info)
+  traced   ... and a third that exports traces (--otlp-traces-endpoint) to a receiver in this process
 
-Sequential requests give the added latency (p50 / p99 of gateway minus direct,
-interleaved in rounds because this machine is noisy); `--concurrency` clients give
-requests/s of both paths.
+Sequential requests give the added latency (p50 / p99 of each path minus direct, interleaved
+in rounds because this machine is noisy); `--concurrency` clients give requests/s of the
+direct and gateway paths.
 
     python benchmarks/router_overhead.py [--requests 200] [--concurrency 64] [--max-tokens 4]
 """
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from deploy import start_router
@@ -52,18 +55,40 @@ async def gateway_one(s: aiohttp.ClientSession, url: str, prompt: list[int], max
     return time.perf_counter() - t
 
 
+async def receiver() -> tuple[web.AppRunner, str]:
+    """An OTLP/HTTP endpoint that takes span batches and drops them."""
+    async def take(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=b"")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", take)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+
+
 async def main(args: argparse.Namespace) -> None:
     engine = spawn_engine(args.model, "--log-level", "error", engine_id="E")
-    dep = start_router("--strategy", "round_robin", "--engine", engine.rpc, "--log-level", "error")
+    collector, otlp = await receiver()
+    base = ["--strategy", "round_robin", "--engine", engine.rpc]
+    dep = start_router(*base, "--log-level", "error")
+    logged = start_router(*base, "--log-level", "info", "--log-stats-interval", "0", quiet=True)
+    traced = start_router(*base, "--log-level", "error", "--otlp-traces-endpoint", otlp)
     url = dep.url + "/v1/completions"
+    extra = {"logged": logged.url + "/v1/completions", "traced": traced.url + "/v1/completions"}
     prompt = list(range(10, 10 + args.prompt_tokens))
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     try:
         async with EngineHandle(engine.rpc) as h, aiohttp.ClientSession() as s:
-            for i in range(10):  # warm up both paths
+            for i in range(10):  # warm up every path
                 await direct_one(h, i, prompt, sp)
-                await gateway_one(s, url, prompt, args.max_tokens)
+                for u in (url, *extra.values()):
+                    await gateway_one(s, u, prompt, args.max_tokens)
             direct, gateway = [], []
+            more: dict[str, list[float]] = {name: [] for name in extra}
             rounds = 4
             per = args.requests // rounds
             for r in range(rounds):
@@ -71,6 +96,9 @@ async def main(args: argparse.Namespace) -> None:
                     direct.append(await direct_one(h, r * per + i, prompt, sp))
                 for _ in range(per):
                     gateway.append(await gateway_one(s, url, prompt, args.max_tokens))
+                for name, u in extra.items():
+                    for _ in range(per):
+                        more[name].append(await gateway_one(s, u, prompt, args.max_tokens))
 
             async def rate(fn) -> float:
                 n = args.requests
@@ -89,8 +117,10 @@ async def main(args: argparse.Namespace) -> None:
                 rps_direct = await rate(lambda i: direct_one(h, 10**6 + i, prompt, sp))
                 rps_gateway = await rate(lambda i: gateway_one(cs, url, prompt, args.max_tokens))
     finally:
-        dep.stop()
+        for d in (dep, logged, traced):
+            d.stop()
         engine.stop()
+        await collector.cleanup()
 
     ms = 1000.0
     print(f"\n{args.requests} requests, prompt {args.prompt_tokens} tokens, {args.max_tokens} output tokens, "
@@ -104,6 +134,9 @@ async def main(args: argparse.Namespace) -> None:
           f"{(pct(gateway, .99) - pct(direct, .99)) * ms:>10.2f}"
           f"{(statistics.mean(gateway) - statistics.mean(direct)) * ms:>10.2f}"
           f"{rps_gateway / rps_direct:>13.2f}x")
+    for name, xs in more.items():
+        print(f"{name:<10}{pct(xs, .5) * ms:>10.2f}{pct(xs, .99) * ms:>10.2f}{statistics.mean(xs) * ms:>10.2f}"
+              f"{'':>14}   (+{(pct(xs, .5) - pct(gateway, .5)) * ms:.2f} ms p50 over gateway)")
 
 
 if __name__ == "__main__":

@@ -49,10 +49,11 @@ class Deployment:
         return self.proc.returncode
 
 
-def _start(args: list[str], timeout: float, python: str | None = None) -> Deployment:
+def _start(args: list[str], timeout: float, python: str | None = None, quiet: bool = False) -> Deployment:
     cmd = [python or sys.executable, "-m", "microserve", *args]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if quiet else None, text=True,
+                            env=env, cwd=ROOT)
     fields = read_ready(proc, timeout)
     if fields is None:
         proc.kill()
@@ -66,6 +67,6 @@ def start_launch(*args: str, timeout: float = 180.0, python: str | None = None) 
     return _start(["launch", "--port", "0", *args], timeout, python)
 
 
-def start_router(*args: str, timeout: float = 60.0) -> Deployment:
-    """`microserve router --port 0 ARGS` (add --strategy, --engine...)."""
-    return _start(["router", "--port", "0", *args], timeout)
+def start_router(*args: str, timeout: float = 60.0, quiet: bool = False) -> Deployment:
+    """`microserve router --port 0 ARGS` (add --strategy, --engine...); `quiet`: its stderr is dropped."""
+    return _start(["router", "--port", "0", *args], timeout, quiet=quiet)

@@ -12,6 +12,7 @@ from aiohttp import web
 from deploy import start_launch
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # the otel extra
 
+from microserve import LLM, SamplingParams
 from microserve.cli import main
 
 TRACE, CLIENT_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
@@ -54,9 +55,11 @@ async def test_one_trace_from_the_client_through_the_strategy_to_both_engines(de
     try:
         client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="x", max_retries=0)
         out = await client.completions.create(model="demo", prompt="trace me " * 12, max_tokens=6, temperature=0,
-                                              extra_body={"ignore_eos": True},
+                                              extra_body={"ignore_eos": True, "return_token_ids": True},
                                               extra_headers={"traceparent": f"00-{TRACE}-{CLIENT_SPAN}-01"})
-        assert out.usage.completion_tokens == 6
+        ref = LLM(str(demo_path)).generate(["trace me " * 12], SamplingParams(max_tokens=6, temperature=0,
+                                                                              ignore_eos=True))[0]
+        assert out.choices[0].model_extra["token_ids"] == ref.token_ids  # tracing changes nothing served
         await client.close()
         wanted = [("POST /v1/completions", "router"), ("PD.generate", "router"), ("prep_recv", "router"),
                   ("remote_send", "router"), ("start_generate", "router"), ("engine.prep_recv", "decode-0"),

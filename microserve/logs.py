@@ -4,7 +4,7 @@ periodic stats line.
     INFO  microserve.access  request cmpl-3f.. 200 success strategy=PD engines=prefill-0,decode-1 prompt=512
                              output=128 cached=0 ttft_ms=41.2 e2e_ms=1870.3 finish=length
     INFO  microserve.stats   2.4 req/s, running 8, waiting 0, KV 31% (engines' mean), prefix hits 12%,
-                             store hits 0%, KV transfer 0.41 GB/s, retries 0, 3 engines
+                             store hits 0%, KV transfer 0.41 GB/s, retries 0, moves 0, 3 engines
 
 With `--log-format json` every line is one JSON object (`ts`, `level`, `logger`, `msg`, and the
 fields of access and stats lines by name), for log shippers.
@@ -82,6 +82,7 @@ class StatsLine:
                                for s in ("success", "error", "aborted", "rejected")),
                "prompt": value("microserve_prompt_tokens_total") or 0.0,
                "retries": value("microserve_request_retries_total") or 0.0,
+               "moves": value("microserve_request_moves_total") or 0.0,
                "transfer": sum(value("microserve_kv_transfer_bytes_total", {"transport": t}) or 0.0
                                for t in TRANSPORTS),
                "prefix": 0.0, "store": 0.0}
@@ -107,7 +108,7 @@ class StatsLine:
                 "prefix_hit_rate": round(min(1.0, d["prefix"] / prompt), 3),
                 "store_hit_rate": round(min(1.0, d["store"] / prompt), 3),
                 "transfer_gb_per_s": round(d["transfer"] / span / 1e9, 3), "retries": int(d["retries"]),
-                "engines": len(loads)}
+                "moves": int(d["moves"]), "engines": len(loads)}
 
     async def run(self) -> None:
         self.line()  # the baseline
@@ -115,7 +116,7 @@ class StatsLine:
             await asyncio.sleep(self.interval)
             f = self.line()
             STATS.info("%.2f req/s, running %d, waiting %d, KV %.0f%% (engines' mean), prefix hits %.0f%%, "
-                       "store hits %.0f%%, KV transfer %.2f GB/s, retries %d, %d engines", f["req_per_s"],
+                       "store hits %.0f%%, KV transfer %.2f GB/s, retries %d, moves %d, %d engines", f["req_per_s"],
                        f["running"], f["waiting"], 100 * f["kv_use"], 100 * f["prefix_hit_rate"],
-                       100 * f["store_hit_rate"], f["transfer_gb_per_s"], f["retries"], f["engines"],
+                       100 * f["store_hit_rate"], f["transfer_gb_per_s"], f["retries"], f["moves"], f["engines"],
                        extra={"fields": f})

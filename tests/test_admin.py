@@ -271,5 +271,6 @@ async def test_requests_journal_ctl_timelines_and_top(setup):
     top = subprocess.run([sys.executable, "-m", "microserve", "top", "--url", dep.url, "--admin-key", KEY, "--once"],
                          capture_output=True, text=True, timeout=60)
     assert top.returncode == 0, top.stderr
-    assert "requests:" in top.stdout and all(e["id"] in top.stdout
+    assert all(word in top.stdout for word in ("requests:", "moves", "PREFIX HITS", "KV SENT", "TIER HITS"))
+    assert all(e["id"] in top.stdout
                                              for e in json.loads(ctl(dep, "engines").stdout)["engines"])

@@ -242,7 +242,9 @@ async def test_launch_pd_balanced_pd_and_drain_over_nixl(demo_path):
                                                            headers={"Authorization": "Bearer adm"}) as r:
             assert r.status == 200, await r.text()
         assert await load == ref
-        assert set(_moved(before, await metrics(dep))) == {"nixl"}
+        after = await metrics(dep)
+        assert set(_moved(before, after)) == {"nixl"}
+        assert after["microserve_request_moves_total"] > before["microserve_request_moves_total"]
         assert await _received(dep, keep) > received0
         async with EngineHandle(dep.engines[busy], timeout=10) as h:  # removed from the router, still up
             assert (await h.stats()).kv_bytes_sent > sent0, f"{busy}'s streams did not move with their KV"

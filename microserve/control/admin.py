@@ -1,6 +1,7 @@
 """The admin API, on the gateway: the cluster changes shape while it serves.
 
-    GET    /admin/engines              {"engines": [{id, address, role, alive, running, waiting, kv_blocks_used}]}
+    GET    /admin/engines              {"engines": [{id, address, role, alive, running, waiting, kv blocks, KV bytes
+                                       sent/received, prefix and tier hits}], "router": {moves, retries}}
     POST   /admin/engines              {"address", "role"[, "id"]}: a running engine joins (takes traffic once it
                                        answers); with the join token and an "id" already here at that address,
                                        a 200 no-op (`engine --join` re-posts to re-join after an eviction)
@@ -126,8 +127,13 @@ class Admin:
             out.append({"id": h.name, "address": h.address, "role": h.role, "alive": h.alive,
                         "draining": h in cluster.draining, "running": s.running if s else 0,
                         "waiting": s.waiting if s else 0, "kv_blocks_used": s.kv_blocks_used if s else 0,
-                        "kv_blocks_total": s.kv_blocks_total if s else 0})
-        return web.json_response({"engines": out})
+                        "kv_blocks_total": s.kv_blocks_total if s else 0,
+                        "kv_bytes_sent": s.kv_bytes_sent if s else 0,
+                        "kv_bytes_received": s.kv_bytes_received if s else 0,
+                        "prefix_hit_tokens": s.prefix_cache_hit_tokens if s else 0,
+                        "tier_hit_tokens": {t.tier: t.hit_tokens for t in s.kv_store} if s else {}})
+        m = self.router.metrics
+        return web.json_response({"engines": out, "router": {"moves": _total(m.moves), "retries": _total(m.retries)}})
 
     async def add_engine(self, request: web.Request) -> web.Response:
         if (refused := self._refused(request, join=True)) is not None:
@@ -233,3 +239,8 @@ class Admin:
             return _error(502, f"scaling failed: {exc}")
         self._done("scale", "scale " + ", ".join(f"{r}={n}" for r, n in body.items()))
         return web.json_response({"roles": roles})
+
+
+def _total(counter) -> float:
+    """A prometheus_client Counter's value (its `_total` sample)."""
+    return next(s.value for s in counter.collect()[0].samples if s.name.endswith("_total"))

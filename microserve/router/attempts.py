@@ -65,7 +65,7 @@ async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadli
 
 
 async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max_retries: int = 0,
-                      deadline: float | None = None, on_retry=None,
+                      deadline: float | None = None, on_retry=None, on_move=None,
                       record: set[EngineHandle] | None = None) -> AsyncIterator[GenerateChunk]:
     """`run_attempt`, restarted (as `<id>~<n>`) when an engine fails with a `RETRYABLE` code, at
     most `max_retries` times. Before the first token the request starts over; after it, only an
@@ -94,6 +94,8 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
             move = evacuation(cluster, exc, allowed=bool(generated) and moves < 8)
             if move is not None:
                 moves += 1
+                if on_move is not None:
+                    on_move()
                 continue
             died = exc.code in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT)
             if exc.code not in RETRYABLE or attempt >= max_retries or (generated and not died):

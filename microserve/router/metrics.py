@@ -40,6 +40,8 @@ class RouterMetrics:
         self.prompt_tokens = Counter("microserve_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("microserve_generation_tokens", "Tokens generated", registry=r)
         self.retries = Counter("microserve_request_retries", "Requests restarted on another engine", registry=r)
+        self.moves = Counter("microserve_request_moves", "Running requests moved with their KV off a draining "
+                             "engine", registry=r)
         self.kv_bytes = Counter("microserve_kv_transfer_bytes", "KV bytes moved by remote_send, by transport",
                                 ["transport"], registry=r)
         for transport in TRANSPORTS:

@@ -241,7 +241,8 @@ class Router:
         strategy, generating = await route(group, lead, self.strategy, deadline)
         chunks = run_request(strategy, self.cluster, Request(rid, prompt_ids, sampling),
                              max_retries=self.max_retries, deadline=deadline,
-                             on_retry=lambda exc: self.metrics.retries.inc(), record=touched)
+                             on_retry=lambda exc: self.metrics.retries.inc(),
+                             on_move=self.metrics.moves.inc, record=touched)
         try:
             async for chunk in chunks:
                 if generating is not None:

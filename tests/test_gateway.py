@@ -139,11 +139,14 @@ async def test_metrics_carry_process_http_refusals_and_vllm_names(pd):
                        "vllm:kv_cache_usage_perc": "gauge", "vllm:time_to_first_token_seconds": "histogram",
                        "vllm:e2e_request_latency_seconds": "histogram", "vllm:inter_token_latency_seconds": "histogram",
                        "vllm:prompt_tokens": "counter", "vllm:generation_tokens": "counter",
-                       "vllm:num_preemptions": "counter", "vllm:prefix_cache_hits": "counter"}.items():
+                       "vllm:num_preemptions": "counter", "vllm:prefix_cache_hits": "counter",
+                       "vllm:prefix_cache_queries": "counter", "vllm:request_success": "counter"}.items():
         assert families[name].type == kind, name
         assert all(x.labels.get("model_name") == "demo" for x in families[name].samples), name
     assert {x.labels["engine"] for x in families["vllm:num_requests_running"].samples} == {"prefill-0", "decode-0"}
     assert value("vllm:generation_tokens") >= 2
+    assert value("vllm:request_success", finished_reason="length") >= 1
+    assert value("vllm:prefix_cache_queries") >= value("vllm:prefix_cache_hits") and value("vllm:prefix_cache_queries")
 
 
 async def test_the_shipped_dashboard_queries_only_series_a_launch_exports(pd):

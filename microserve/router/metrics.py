@@ -35,6 +35,8 @@ class RouterMetrics:
                               registry=r)
         self.itl = Histogram("microserve_inter_token_latency_seconds", "Time between streamed tokens", buckets=_ITL,
                              registry=r)
+        self.finished = Counter("microserve_request_success", "Requests served to their end, by finish reason",
+                                ["finished_reason"], registry=r)
         self.e2e = Histogram("microserve_e2e_request_latency_seconds", "Request latency, arrival to last token",
                              buckets=_LATENCY, registry=r)
         self.prompt_tokens = Counter("microserve_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
@@ -115,6 +117,7 @@ _VLLM_RENAMED = {  # ours -> vLLM's, same type, same buckets
     "microserve_inter_token_latency_seconds": "vllm:inter_token_latency_seconds",
     "microserve_prompt_tokens": "vllm:prompt_tokens",
     "microserve_generation_tokens": "vllm:generation_tokens",
+    "microserve_request_success": "vllm:request_success",
 }
 
 
@@ -145,6 +148,8 @@ class _VLLMNames:
         preempted = CounterMetricFamily("vllm:num_preemptions", "Preemptions on the engine", labels=labels)
         hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache",
                                    labels=labels)
+        queries = CounterMetricFamily("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      labels=labels)
         for h in self.cluster.handles:
             s = self.cluster.load(h).stats
             if s is None:
@@ -155,7 +160,8 @@ class _VLLMNames:
             usage.add_metric(key, s.kv_blocks_used / max(1, s.kv_blocks_total))
             preempted.add_metric(key, s.num_preemptions)
             hits.add_metric(key, s.prefix_cache_hit_tokens)
-        yield from (running, waiting, usage, preempted, hits)
+            queries.add_metric(key, s.prefix_cache_query_tokens)
+        yield from (running, waiting, usage, preempted, hits, queries)
 
 
 class _EngineCollector:

@@ -222,6 +222,7 @@ class Router:
         e2e = time.perf_counter() - t0
         if status == "success":
             self.metrics.e2e.observe(e2e)
+            self.metrics.finished.labels(finish or "stop").inc()
         ttft = None if progress.first_at is None else progress.first_at - t0
         strategy, engines, output = type(self.strategy).__name__, sorted(h.name for h in touched), len(progress.tokens)
         self.journal.end(rid, {"status": status, "code": code or None, "finish_reason": finish, "strategy": strategy,

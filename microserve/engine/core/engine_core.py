@@ -55,6 +55,7 @@ class EngineStats:
     kv_blocks_used: int = 0
     kv_blocks_cached: int = 0
     prefix_cache_hit_tokens: int = 0
+    prefix_cache_query_tokens: int = 0  # prompt tokens looked up in the prefix cache
     num_preemptions: int = 0
     computed_tokens_total: int = 0  # tokens run through the model (prefill + decode)
     queued_tokens: int = 0  # tokens still to compute over waiting and running requests
@@ -284,6 +285,7 @@ class EngineCore:
             kv_blocks_used=self.kv.pool.num_used,
             kv_blocks_cached=self.kv.radix.num_blocks,
             prefix_cache_hit_tokens=self.kv.prefix_hit_tokens,
+            prefix_cache_query_tokens=self.kv.prefix_query_tokens,
             num_preemptions=self.scheduler.num_preemptions,
             computed_tokens_total=self.computed_tokens_total,
             queued_tokens=sum(s.num_tokens - s.num_computed_tokens

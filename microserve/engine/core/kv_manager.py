@@ -19,6 +19,7 @@ class KVCacheManager:
         self.radix = RadixCache(self.pool, block_size, on_event)
         self.enable_prefix_caching = enable_prefix_caching
         self.prefix_hit_tokens = 0  # total prompt tokens served from the cache
+        self.prefix_query_tokens = 0  # total prompt tokens looked up in it (vLLM's prefix_cache_queries)
 
     @property
     def num_blocks(self) -> int:
@@ -37,6 +38,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching or seq.sampling.prompt_logprobs is not None:
             return 0  # NOTE: prompt logprobs need every prompt position computed
         limit = seq.num_tokens - 1 if limit is None else limit
+        self.prefix_query_tokens += limit
         blocks = self.radix.match(seq.token_ids[:limit])
         self.radix.pin(blocks)
         seq.block_table = blocks

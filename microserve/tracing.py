@@ -125,6 +125,12 @@ def traceparent(s: Any = None) -> str:
     return carrier.get("traceparent", "")
 
 
+def record(name: str, start_ns: int, end_ns: int, **attrs: Any) -> None:
+    """A finished span with its own times (an engine phase measured elsewhere), child of the current one."""
+    if _tracer is not None and 0 < start_ns <= end_ns:
+        _tracer.start_span(name, start_time=start_ns, attributes=_clean(attrs)).end(end_time=end_ns)
+
+
 def end_error(s: Any, error: str) -> None:
     """Mark a span (current, ended by its block) failed."""
     if s is not None:

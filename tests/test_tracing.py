@@ -1,6 +1,7 @@
 """Traces (`--otlp-traces-endpoint`, microserve/tracing.py) received by a real OTLP/HTTP endpoint in this
 test: a 1P1D launch exports the gateway's span (child of the client's `traceparent`), the strategy's, every
-call on the router side and the engine side of each call, all in the client's trace, parent to child."""
+call on the router side, the engine side of each call and the decode engine's phases (queue, prefill,
+decode), all in the client's trace, parent to child; the output is the one of an untraced engine."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ async def test_one_trace_from_the_client_through_the_strategy_to_both_engines(de
         await client.close()
         wanted = [("POST /v1/completions", "router"), ("PD.generate", "router"), ("prep_recv", "router"),
                   ("remote_send", "router"), ("start_generate", "router"), ("engine.prep_recv", "decode-0"),
-                  ("engine.remote_send", "prefill-0"), ("engine.start_generate", "decode-0")]
+                  ("engine.remote_send", "prefill-0"), ("engine.start_generate", "decode-0"),
+                  ("engine.queue", "decode-0"), ("engine.prefill", "decode-0"), ("engine.decode", "decode-0")]
         for _ in range(200):  # spans leave each process in batches every 0.5 s
             if all(collector.named(n, s) for n, s in wanted):
                 break
@@ -76,6 +78,10 @@ async def test_one_trace_from_the_client_through_the_strategy_to_both_engines(de
             assert mine["parent"] == strategy["id"] and mine["attrs"]["engine"] == engine, mine
             (theirs,) = collector.named(f"engine.{call}", engine)
             assert theirs["parent"] == mine["id"] and theirs["attrs"]["engine"] == engine, theirs
+        (generate,) = collector.named("engine.start_generate", "decode-0")
+        for phase in ("engine.queue", "engine.prefill", "engine.decode"):  # the engine's side of the stream
+            (span,) = collector.named(phase, "decode-0")
+            assert span["parent"] == generate["id"], phase
         (send,) = collector.named("engine.remote_send", "prefill-0")
         assert send["attrs"]["bytes"] > 0 and send["attrs"]["transport"] and send["attrs"]["seconds"] >= 0
         assert collector.named("start_generate", "router")[0]["attrs"]["tokens"] == 6

@@ -28,6 +28,7 @@ from kvapi.spec import KVSpec
 from kvapi.transfer import KVAddr, TransferError
 from kvapi.transfer.base import sign_addr
 from microserve import protocol as P
+from microserve import tracing
 from microserve.engine.core.engine_core import StepOutput
 from microserve.engine.core.sequence import Finish
 from microserve.sampling_params import SamplingParams
@@ -289,10 +290,14 @@ class EngineService:
         return self._stream(rid, queue)
 
     async def _stream(self, rid: str, queue: StreamQueue) -> AsyncIterator[P.GenerateChunk]:
-        finished = False
+        finished, first_token_ns = False, 0
         try:
             while not finished:
                 out = await queue.get()
+                if out.phases is not None and tracing.enabled():  # queue wait and prefill, as the engine saw them
+                    arrived, scheduled, first_token_ns = out.phases
+                    tracing.record("engine.queue", arrived, scheduled)
+                    tracing.record("engine.prefill", scheduled, first_token_ns, cached_tokens=out.num_cached_tokens)
                 tokens, reason, cached = list(out.new_token_ids), out.finish_reason, out.num_cached_tokens
                 logprobs = [P.TokenLogprob(lp, top) for lp, top in out.logprobs or ()]
                 prompt_lps = out.prompt_logprobs
@@ -309,6 +314,7 @@ class EngineService:
                     yield P.GenerateChunk(tokens, reason, cached, logprobs or None, None if prompt_lps is None
                                           else [P.TokenLogprob(lp, top) for lp, top in prompt_lps])
         finally:
+            tracing.record("engine.decode", first_token_ns, time.time_ns())
             self._streams.pop(rid, None)
             self.hold.drop(rid)
             if not finished:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from kvapi.transfer import KVAddr, TransferError
 from microserve import protocol as P
+from microserve import tracing
 from microserve.engine.core.engine_core import EngineCore, EngineStats, InvalidRequestError, StepOutput
 from microserve.engine.core.sequence import Finish, Sequence
 from microserve.sampling_params import SamplingParams
@@ -74,10 +75,16 @@ class CoreBackend(Backend):
             hashes, segments = await store.lookup(prompt[:limit], len(prefix))
             found = sum(n for _, n in segments)
             if found:
-                async with self.service.lock:
-                    fresh = engine.kv.take_blocks(found) or []
-                if fresh:
-                    ok = await store.load(hashes[:found], segments, fresh)
+                bs = engine.block_size
+                tiers = store.stats() if tracing.enabled() else []
+                with tracing.span("engine.store_load", tokens=found * bs,
+                                  tiers=",".join(f"{tiers[i].tier}:{n * bs}" for i, n in segments if i < len(tiers))
+                                  ) as span:
+                    async with self.service.lock:
+                        fresh = engine.kv.take_blocks(found) or []
+                    if fresh:
+                        ok = await store.load(hashes[:found], segments, fresh)
+                    tracing.set_attrs(span, loaded_tokens=ok * bs)
         finally:
             async with self.service.lock:
                 engine.kv.insert_loaded(prompt, prefix, fresh, ok)

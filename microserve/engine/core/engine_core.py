@@ -11,6 +11,7 @@ schedules exactly as the engine does.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from kvapi import KVSpec
@@ -35,6 +36,7 @@ class StepOutput:
     num_cached_tokens: int = 0
     logprobs: list | None = None  # per new token (logprob, top alternatives), when the request asked
     prompt_logprobs: list | None = None  # with the first token: the same for prompt tokens 1.., when asked
+    phases: tuple[int, int, int] | None = None  # with the first token: unix ns arrived, scheduled, first token
 
     def after(self, earlier: StepOutput | None) -> StepOutput:
         """This output with an `earlier` one of the same request (held back) in front of it."""
@@ -44,7 +46,7 @@ class StepOutput:
             else (earlier.logprobs or []) + (self.logprobs or [])
         return StepOutput(self.request_id, earlier.new_token_ids + self.new_token_ids, self.finish_reason,
                           self.num_cached_tokens or earlier.num_cached_tokens, logprobs,
-                          earlier.prompt_logprobs or self.prompt_logprobs)
+                          earlier.prompt_logprobs or self.prompt_logprobs, earlier.phases or self.phases)
 
 
 @dataclass
@@ -263,7 +265,12 @@ class EngineCore:
             logprobs, seq.logprobs = (seq.logprobs or None), []
             asked = seq.num_output_tokens == 1 and seq.sampling.prompt_logprobs is not None
             prompt_lps = seq.prompt_logprobs if asked else None
-            outputs.append(StepOutput(seq.request_id, [token], reason, seq.num_cached_tokens, logprobs, prompt_lps))
+            phases = None
+            if seq.num_output_tokens == 1:
+                seq.first_token_ns = time.time_ns()
+                phases = (seq.arrived_ns, seq.scheduled_ns or seq.arrived_ns, seq.first_token_ns)
+            outputs.append(StepOutput(seq.request_id, [token], reason, seq.num_cached_tokens, logprobs, prompt_lps,
+                                      phases))
         return outputs
 
     def _finish_reason(self, seq: Sequence, token: int) -> Finish | None:

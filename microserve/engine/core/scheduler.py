@@ -20,6 +20,7 @@ wrong answer.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -136,6 +137,7 @@ class Scheduler:
                 self.waiting.appendleft(seq)
                 break
             seq.status = SequenceStatus.RUNNING
+            seq.scheduled_ns = seq.scheduled_ns or time.time_ns()
             self.running.append(seq)
             batch.add(seq, n)
             budget -= n

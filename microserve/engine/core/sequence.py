@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -66,6 +67,8 @@ class Sequence:
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # tokens 1.. of the prompt
         self.matcher = None  # the grammar of sampling.structured (engine.model.structured), set by the engine
+        # unix ns: arrival, first scheduled, first token (the engine's phases, for traces)
+        self.arrived_ns, self.scheduled_ns, self.first_token_ns = time.time_ns(), 0, 0
 
     def prompt_block_hashes(self, block_size: int) -> list[int]:
         """Chained hashes of the prompt's full blocks (computed once)."""

@@ -29,13 +29,13 @@ from aiohttp import web
 from microserve import __version__
 from microserve.control.admin import Admin
 from microserve.engine.model.structured import check as check_grammar
-from microserve.gateway import choices, tools
+from microserve.gateway import fanout, tools
 from microserve.gateway import openai_protocol as O
 from microserve.gateway.bodies import MAX_BODY_BYTES, Bodies, BodyTooLarge, BodyTooSlow
-from microserve.gateway.choices import best as _best
-from microserve.gateway.choices import collect as _collect
-from microserve.gateway.choices import merge as _merge
-from microserve.gateway.choices import sum_usage as _sum_usage
+from microserve.gateway.fanout import best as _best
+from microserve.gateway.fanout import collect as _collect
+from microserve.gateway.fanout import merge as _merge
+from microserve.gateway.fanout import sum_usage as _sum_usage
 from microserve.gateway.observe import observe, refused
 from microserve.router.choices import ChoiceGroup
 from microserve.router.runtime import Delta, Router, RouterError
@@ -244,7 +244,7 @@ class Gateway:
         base = {"id": body.request_id or rid, "object": "text_completion", "created": O.now(),
                 "model": model}
         tok = self.router.tokenizer
-        name = choices.token_namer(tok, body.return_tokens_as_token_ids or self.ids_only)
+        name = fanout.token_namer(tok, body.return_tokens_as_token_ids or self.ids_only)
         echo = [tok.decode(p) if body.echo else "" for p in prompts for _ in range(sampling.n)]
         offsets = [0] * len(streams)
         ids_of = [p for p in prompts for _ in range(sampling.n)]
@@ -252,11 +252,11 @@ class Gateway:
         def choice(i: int, d: Delta) -> dict[str, Any]:
             lp, extra = None, {}
             if body.logprobs is not None and d.prompt_logprobs is not None and body.echo:
-                lp = choices.echo_logprobs(name, ids_of[i], d.prompt_logprobs, d.token_ids, d.logprobs or [])
+                lp = fanout.echo_logprobs(name, ids_of[i], d.prompt_logprobs, d.token_ids, d.logprobs or [])
             elif body.logprobs is not None and d.logprobs:
-                lp = choices.completion_logprobs(name, d.token_ids, d.logprobs, offsets[i] + len(echo[i]))
+                lp = fanout.completion_logprobs(name, d.token_ids, d.logprobs, offsets[i] + len(echo[i]))
             if body.prompt_logprobs is not None and d.prompt_logprobs is not None:
-                extra["prompt_logprobs"] = choices.vllm_prompt_logprobs(name, ids_of[i], d.prompt_logprobs)
+                extra["prompt_logprobs"] = fanout.vllm_prompt_logprobs(name, ids_of[i], d.prompt_logprobs)
             offsets[i] += len(echo[i]) + len(d.text)
             text, echo[i] = echo[i] + d.text, ""
             return {"index": i, "text": text, "logprobs": lp, "finish_reason": d.finish_reason} | extra | (
@@ -268,8 +268,8 @@ class Gateway:
         results = _best(await _collect(streams), len(prompts), sampling)
         return web.json_response(base | {
             "choices": [{"index": i, "text": echo[i] + r.text, "finish_reason": r.reason,
-                         "logprobs": choices.result_logprobs(body, name, ids_of[i], r)}
-                        | ({"prompt_logprobs": choices.vllm_prompt_logprobs(name, ids_of[i], r.prompt_logprobs or [])}
+                         "logprobs": fanout.result_logprobs(body, name, ids_of[i], r)}
+                        | ({"prompt_logprobs": fanout.vllm_prompt_logprobs(name, ids_of[i], r.prompt_logprobs or [])}
                            if body.prompt_logprobs is not None else {})
                         | ({"token_ids": r.ids, "prompt_token_ids": ids_of[i]}
                            if body.return_token_ids or self.ids_only else {})
@@ -307,7 +307,7 @@ class Gateway:
         streams = self._choices(rid, [prompt], [sampling])
         base = {"id": body.request_id or rid, "object": "chat.completion", "created": O.now(),
                 "model": model}
-        name = choices.token_namer(self.router.tokenizer, body.return_tokens_as_token_ids or self.ids_only)
+        name = fanout.token_namer(self.router.tokenizer, body.return_tokens_as_token_ids or self.ids_only)
         # vLLM's chat echo: the reply starts with the last message when it is the assistant's
         echo = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
         if body.stream:
@@ -318,7 +318,7 @@ class Gateway:
                 first[i] = False
                 if d.finish_reason is not None and not d.text and "role" not in delta:
                     delta = {}
-                lp = choices.chat_logprobs(name, d.token_ids, d.logprobs) if body.logprobs and d.logprobs else None
+                lp = fanout.chat_logprobs(name, d.token_ids, d.logprobs) if body.logprobs and d.logprobs else None
                 return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason} | (
                     {"token_ids": d.token_ids} if body.return_token_ids or self.ids_only else {})
 
@@ -329,12 +329,12 @@ class Gateway:
                     ({"role": "assistant", "content": echo + r.text}, r.reason) for r in results]
         return web.json_response(base | {
             "choices": [{"index": i, "message": finished[i][0], "finish_reason": finished[i][1],
-                         "logprobs": choices.chat_logprobs(name, r.ids, r.logprobs) if body.logprobs else None}
+                         "logprobs": fanout.chat_logprobs(name, r.ids, r.logprobs) if body.logprobs else None}
                         | ({"token_ids": r.ids} if body.return_token_ids or self.ids_only else {})
                         for i, r in enumerate(results)],
             "usage": O.usage_json(_sum_usage([r.usage for r in results], sampling.n))}
             | ({"prompt_token_ids": prompt} if body.return_token_ids or self.ids_only else {})
-            | ({"prompt_logprobs": choices.vllm_prompt_logprobs(name, prompt, results[0].prompt_logprobs or [])}
+            | ({"prompt_logprobs": fanout.vllm_prompt_logprobs(name, prompt, results[0].prompt_logprobs or [])}
                if body.prompt_logprobs is not None else {}))
 
     # -- streaming ----------------------------------------------------------------------

@@ -109,7 +109,10 @@ def check_store(opts: EngineOptions) -> None:
         raise ValueError("--kv-store needs the prefix cache (drop --no-prefix-caching)")
 
 
-class EngineServer:
+class ZMQFrontend:
+    """One engine process's network front: its backend and `EngineService` built from `EngineOptions`,
+    the RPC socket (ZeroMQ ROUTER, every call through `dispatch`) and the PUB socket of its KV events."""
+
     def __init__(self, opts: EngineOptions) -> None:
         check_addresses(opts)
         check_security(opts)
@@ -184,7 +187,7 @@ class EngineServer:
         self.transports = self.service.transports
 
     # -- serving ------------------------------------------------------------------------
-    async def serve(self, stop: asyncio.Event, ready: Callable[[EngineServer], None] | None = None,
+    async def serve(self, stop: asyncio.Event, ready: Callable[[ZMQFrontend], None] | None = None,
                     before_stop: Callable[[], Awaitable[None]] | None = None) -> None:
         self.service.model_name = self.opts.model
         key = self.opts.cluster_key
@@ -291,10 +294,10 @@ class EngineServer:
 
 def run_engine(opts: EngineOptions) -> int:
     """Run until SIGTERM/SIGINT; prints one `READY ...` line when serving."""
-    server = EngineServer(opts)
+    server = ZMQFrontend(opts)
     tracing.setup(opts.otlp_traces_endpoint, f"microserve-engine {server.engine_id}")
 
-    def ready(s: EngineServer) -> None:
+    def ready(s: ZMQFrontend) -> None:
         print(f"READY engine={s.engine_id} rpc={s.rpc_addr} events={s.events_addr} "
               f"kv={s.backend.plane.endpoint} transports={','.join(s.transports)}", flush=True)
         log.info("engine %s serving %s: rpc %s, events %s, kv %s (%s)", s.engine_id, opts.model, s.rpc_addr,
@@ -313,7 +316,7 @@ def run_engine(opts: EngineOptions) -> int:
                 failed.append(task.exception())
                 stop.set()
 
-        def up(s: EngineServer) -> None:
+        def up(s: ZMQFrontend) -> None:
             ready(s)
             if opts.join:
                 from microserve.control.join import join

@@ -1,13 +1,16 @@
 """Traces (`--otlp-traces-endpoint`, microserve/tracing.py) received by a real OTLP/HTTP endpoint in this
 test: a 1P1D launch exports the gateway's span (child of the client's `traceparent`), the strategy's, every
 call on the router side, the engine side of each call and the decode engine's phases (queue, prefill,
-decode), all in the client's trace, parent to child; the output is the one of an untraced engine."""
+decode), all in the client's trace, parent to child; the output is the one of an untraced engine; a moved
+request shows both engines and the move; without the flag nothing of OpenTelemetry is imported."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 
+import aiohttp
 import openai
 from aiohttp import web
 from deploy import start_launch
@@ -41,17 +44,28 @@ class Collector:
         return [s for s in self.spans if s["name"] == name and s["trace"] == TRACE and service in s["service"]]
 
 
-async def test_one_trace_from_the_client_through_the_strategy_to_both_engines(demo_path):
-    collector = Collector()
+async def serve(collector: Collector) -> tuple[web.AppRunner, str]:
     app = web.Application()
     app.router.add_post("/v1/traces", collector.receive)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+
+
+async def wait_for(collector: Collector, wanted: list[tuple[str, str]]) -> None:
+    for _ in range(200):  # spans leave each process in batches every 0.5 s
+        if all(collector.named(n, s) for n, s in wanted):
+            return
+        await asyncio.sleep(0.05)
+
+
+async def test_one_trace_from_the_client_through_the_strategy_to_both_engines(demo_path):
+    collector = Collector()
+    runner, url = await serve(collector)
     dep = start_launch("--strategy", "pd", "--roles", "prefill=1,decode=1", "--model", str(demo_path),
-                       "--served-model-name", "demo", "--otlp-traces-endpoint", f"http://127.0.0.1:{port}",
+                       "--served-model-name", "demo", "--otlp-traces-endpoint", url,
                        "--log-level", "warning")
     try:
         client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="x", max_retries=0)
@@ -66,10 +80,7 @@ async def test_one_trace_from_the_client_through_the_strategy_to_both_engines(de
                   ("remote_send", "router"), ("start_generate", "router"), ("engine.prep_recv", "decode-0"),
                   ("engine.remote_send", "prefill-0"), ("engine.start_generate", "decode-0"),
                   ("engine.queue", "decode-0"), ("engine.prefill", "decode-0"), ("engine.decode", "decode-0")]
-        for _ in range(200):  # spans leave each process in batches every 0.5 s
-            if all(collector.named(n, s) for n, s in wanted):
-                break
-            await asyncio.sleep(0.05)
+        await wait_for(collector, wanted)
         (gateway,), (strategy,) = collector.named("POST /v1/completions"), collector.named("PD.generate")
         assert gateway["parent"] == CLIENT_SPAN and gateway["attrs"]["http.status_code"] == 200
         assert strategy["parent"] == gateway["id"]
@@ -88,6 +99,64 @@ async def test_one_trace_from_the_client_through_the_strategy_to_both_engines(de
     finally:
         assert dep.stop() == 0
         await runner.cleanup()
+
+
+async def test_a_moved_request_shows_both_engines_and_the_move(demo_path):
+    """A decode engine drained while it streams: the request's trace holds start_generate on both decode
+    engines and the move's remote_send from the drained one, all under the one strategy span."""
+    collector = Collector()
+    runner, url = await serve(collector)
+    dep = start_launch("--strategy", "pd", "--roles", "prefill=1,decode=2", "--model", str(demo_path),
+                       "--served-model-name", "demo", "--admin-key", "adm", "--otlp-traces-endpoint", url,
+                       "--log-level", "warning")
+    try:
+        client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="x", max_retries=0)
+        stream = await client.completions.create(
+            model="demo", prompt="move me along " * 20, max_tokens=300, temperature=0, stream=True,
+            extra_body={"ignore_eos": True}, extra_headers={"traceparent": f"00-{TRACE}-{CLIENT_SPAN}-01"})
+        await stream.__anext__()
+        busy = await _running(dep, ["decode-0", "decode-1"])
+        async with aiohttp.ClientSession() as s, s.delete(dep.url + f"/admin/engines/{busy}",
+                                                           headers={"Authorization": "Bearer adm"}) as r:
+            assert r.status == 200, await r.text()
+        async for _ in stream:
+            pass
+        await client.close()
+        other = "decode-1" if busy == "decode-0" else "decode-0"
+        await wait_for(collector, [("PD.generate", "router"), ("engine.start_generate", other),
+                                   ("engine.remote_send", busy)])
+        (strategy,) = collector.named("PD.generate")
+        generates = collector.named("start_generate", "router")
+        assert {g["attrs"]["engine"] for g in generates} == {busy, other}
+        assert all(g["parent"] == strategy["id"] for g in generates)
+        moves = [c for c in collector.named("remote_send", "router") if c["attrs"]["engine"] == busy]
+        assert len(moves) == 1 and moves[0]["parent"] == strategy["id"] and moves[0]["attrs"]["bytes"] > 0
+    finally:
+        assert dep.stop() == 0
+        await runner.cleanup()
+
+
+async def _running(dep, names: list[str]) -> str:
+    """The engine among `names` running a request (once one does)."""
+    from microserve.router import EngineHandle
+
+    for _ in range(200):
+        for name in names:
+            async with EngineHandle(dep.engines[name], timeout=10) as h:
+                if (await h.stats()).running:
+                    return name
+        await asyncio.sleep(0.02)
+    raise AssertionError("no stream started")
+
+
+def test_without_the_flag_nothing_of_opentelemetry_is_imported():
+    """Tracing off costs nothing: the router, gateway and engine modules import no OpenTelemetry (so no
+    exporter thread can exist) and every hook is a no-op."""
+    code = ("import sys; import microserve.router.runtime, microserve.gateway.app, microserve.serving.zmq_server; "
+            "from microserve import tracing; assert not tracing.enabled() and tracing.traceparent() == ''; "
+            "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])
 
 
 def test_the_flag_without_the_extra_is_a_one_line_error(monkeypatch, capsys):

@@ -78,6 +78,17 @@ class Lend(msgspec.Struct, tag="lend", forbid_unknown_fields=True):
     lease_s: float | None = None
 
 
+class Attend(msgspec.Struct, tag="attend", forbid_unknown_fields=True):
+    """A borrower's query rows of one layer, attended here over a range this engine lent (DistAttention)."""
+
+    ticket_id: str
+    secret: str  # the lent ticket's (its KVAddr's): only the borrower holds it
+    layer: int
+    positions: list[int]  # each row's position in its sequence (causality)
+    q: bytes  # [rows, query heads, head dim] in the KV cache's dtype, row-major
+    scale: float
+
+
 class Abort(msgspec.Struct, tag="abort", forbid_unknown_fields=True):
     request_id: str
 
@@ -94,7 +105,7 @@ class KVSnapshot(msgspec.Struct, tag="kv_snapshot", forbid_unknown_fields=True):
     """Ask for every prefix hash in the engine's cache (a router joining late, or one that lost events)."""
 
 
-Call = PrepRecv | RemoteSend | StartGenerate | Lend | Abort | Stats | Health | KVSnapshot
+Call = PrepRecv | RemoteSend | StartGenerate | Lend | Attend | Abort | Stats | Health | KVSnapshot
 
 
 # -- replies -------------------------------------------------------------------------
@@ -105,6 +116,11 @@ class RecvTicket(msgspec.Struct, tag="recv_ticket", forbid_unknown_fields=True):
 
 class LendTicket(msgspec.Struct, tag="lend_ticket", forbid_unknown_fields=True):
     kv: KVAddr  # where the borrower writes the range `[kv.begin, kv.end)` (signed, leased; block aligned)
+
+
+class AttendReply(msgspec.Struct, tag="attend_reply", forbid_unknown_fields=True):
+    out: bytes  # [rows, query heads, head dim] in the query's dtype: attention over the lent range alone
+    lse: bytes  # [rows, query heads] float32: log-sum-exp of those scores (-inf: the row saw none of it)
 
 
 class SendResult(msgspec.Struct, tag="send_result", forbid_unknown_fields=True):
@@ -190,8 +206,8 @@ class RPCError(msgspec.Struct, tag="error", forbid_unknown_fields=True):
     peer: str = ""  # the engine at fault when it is not the one answering (a transfer's receiver)
 
 
-Reply = (RecvTicket | LendTicket | SendResult | GenerateChunk | AbortReply | StatsReply | HealthReply | KVSnapshotReply
-         | RPCError)
+Reply = (RecvTicket | LendTicket | AttendReply | SendResult | GenerateChunk | AbortReply | StatsReply | HealthReply
+         | KVSnapshotReply | RPCError)
 
 
 class KVEvent(msgspec.Struct, tag="kv_event", forbid_unknown_fields=True):

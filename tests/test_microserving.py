@@ -491,7 +491,7 @@ async def test_lend_holds_a_range_outside_the_prefix_cache_until_abort_or_lease_
     the lease's end gives them back. Ranges that are empty or off a block boundary are refused."""
     p, d = handles(cluster, "P", "D")
     base = await d.stats()
-    prompt = rand_prompt(120, seed=11)
+    prompt = rand_prompt(120, seed=2**20 + 11)  # NOTE: outside the seeds test_balanced_pd_any_split draws
     r = req(prompt)
     lent = await d.lend(r, 32, 96)
     assert (lent.kv.begin, lent.kv.end, len(lent.kv.block_ids)) == (32, 96, 4) and lent.kv.signature  # signed
@@ -515,4 +515,59 @@ async def test_lend_holds_a_range_outside_the_prefix_cache_until_abort_or_lease_
         assert err.value.code == "bad_request"
     await asyncio.sleep(0.6)
     assert (await d.stats()).kv_blocks_lent == 0, "the lease's end gave the blocks back"
+    await assert_no_leaks(cluster)
+
+
+async def test_attend_over_a_lent_range_is_that_range_s_part_of_attention(cluster, model):
+    """DistAttention's remote half: after P writes prompt[:64] into blocks D lent, `attend` on D returns
+    for any query rows exactly the part a local engine computes over its own KV of the same tokens
+    (range_attention on an in-process engine's cache), layer by layer. A wrong secret is forbidden, a
+    range whose KV has not arrived or a q of the wrong size is refused, an aborted range is gone."""
+    import json
+    from pathlib import Path
+
+    from microserve.engine.config import EngineConfig
+    from microserve.engine.engine import LLMEngine
+    from microserve.engine.model.dist_attention import range_attention
+    from microserve.protocol import LendTicket
+
+    p, d = handles(cluster, "P", "D")
+    prompt = rand_prompt(80, seed=2**20 + 12)
+    r = req(prompt)
+    lent = await d.lend(r, 0, 64)
+    with pytest.raises(EngineCallError) as err:
+        await d.attend(lent, 0, [10], b"\0" * 8, 1.0)
+    assert err.value.code == "bad_request" and "not arrived" in str(err.value)
+    await p.remote_send(r, lent.kv, 0, 64)
+
+    local = LLMEngine(model, config=EngineConfig(block_size=BS, num_kv_blocks=32))  # the same checkpoint here
+    local.add_request("ref", prompt[:65], SamplingParams(max_tokens=1, temperature=0.0))
+    while local.has_unfinished():
+        local.step()
+    blocks = torch.tensor(local.kv.radix.match(prompt[:64]))
+    assert len(blocks) == 4
+    heads = json.loads(Path(model, "config.json").read_text())["num_attention_heads"]
+    spec = (await d.health()).kv_spec
+    gen = torch.Generator().manual_seed(3)
+    positions = [63, 40, 70, 5]  # decode-like rows past the range, and rows inside it (causal)
+    for layer in (0, spec.num_layers - 1):
+        q = torch.randn(len(positions), heads, spec.head_dim, generator=gen)
+        got = await d.attend(lent, layer, positions, q.numpy().tobytes(), spec.head_dim ** -0.5)
+        out = torch.frombuffer(bytearray(got.out), dtype=torch.float32).view(q.shape)
+        lse = torch.frombuffer(bytearray(got.lse), dtype=torch.float32).view(len(positions), heads)
+        ref_out, ref_lse = range_attention(q, torch.tensor(positions), local.runner.kv_cache[layer], blocks, 0, 64,
+                                           spec.head_dim ** -0.5)
+        torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+    forged = LendTicket(msgspec.structs.replace(lent.kv, secret="0" * 32))
+    with pytest.raises(EngineCallError) as err:
+        await d.attend(forged, 0, [10], q[:1].numpy().tobytes(), 1.0)
+    assert err.value.code == "forbidden"
+    with pytest.raises(EngineCallError) as err:
+        await d.attend(lent, 0, [10, 11], b"\0" * 12, 1.0)
+    assert err.value.code == "bad_request"
+    assert await d.abort(r.request_id)
+    with pytest.raises(EngineCallError) as err:
+        await d.attend(lent, 0, [10], q[:1].numpy().tobytes(), 1.0)
+    assert err.value.code == "not_found"
     await assert_no_leaks(cluster)

@@ -28,7 +28,7 @@ CALLS = [name for name, fn in inspect.getmembers(EngineAPI) if not name.startswi
 
 
 def test_every_call_is_documented_with_its_caller_and_errors():
-    assert set(CALLS) == {"prep_recv", "remote_send", "start_generate", "lend", "abort", "stats", "health",
+    assert set(CALLS) == {"prep_recv", "remote_send", "start_generate", "lend", "attend", "abort", "stats", "health",
                           "kv_snapshot"}
     for name in CALLS:
         doc = inspect.getdoc(getattr(EngineAPI, name)) or ""

@@ -42,6 +42,7 @@ _CALL_NAMES = {P.PrepRecv: "prep_recv", P.RemoteSend: "remote_send", P.StartGene
                P.Lend: "lend", P.Abort: "abort"}
 _REPLY: dict[type, type] = {  # the reply each call expects
     P.PrepRecv: P.RecvTicket, P.RemoteSend: P.SendResult, P.StartGenerate: P.GenerateChunk, P.Lend: P.LendTicket,
+    P.Attend: P.AttendReply,
     P.Abort: P.AbortReply, P.Stats: P.StatsReply, P.Health: P.HealthReply, P.KVSnapshot: P.KVSnapshotReply,
 }
 MAX_RESERVATION_S = 600.0  # a reservation (prep_recv) not taken up for this long no longer counts as load
@@ -246,6 +247,12 @@ class EngineHandle:
         """Hold blocks here for `prompt[begin:end]` of a request another engine runs (DistAttention)."""
         self._touch()
         return await self.call(P.Lend(req, begin, end, lease_s), timeout)  # type: ignore[return-value]
+
+    async def attend(self, ticket: P.LendTicket, layer: int, positions: list[int], q: bytes, scale: float, *,
+                     timeout: float | None = None) -> P.AttendReply:
+        """The part of a layer's attention over a range this engine lent (`lend`), for these query rows."""
+        return await self.call(P.Attend(ticket.kv.ticket_id, ticket.kv.secret, layer, positions, q, scale),
+                               timeout)  # type: ignore[return-value]
 
     def release(self, request_id: str) -> None:
         """The request no longer holds a reservation here (it generates here now, or it ended)."""

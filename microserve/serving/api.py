@@ -123,6 +123,17 @@ class EngineAPI(Protocol):
         a backend that does not lend: vLLM, the simulator), OVERLOADED (no free blocks), ABORTED."""
         ...
 
+    async def attend(self, ticket_id: str, secret: str, layer: int, positions: list[int], q: bytes,
+                     scale: float) -> P.AttendReply:
+        """Called by the engine that borrowed a range here (DistAttention), for each layer that needs it.
+
+        Attends the query rows (`q`: [rows, query heads, head dim] in the KV dtype; `positions`:
+        each row's position, for causality) to the lent range's keys alone and returns the part's
+        output and log-sum-exp, which the borrower merges with its own (engine/model/dist_attention.py).
+        Renews the ticket's lease. Raises NOT_FOUND (no such lent ticket: ended, expired),
+        FORBIDDEN (wrong secret), BAD_REQUEST (its KV has not arrived, bad layer or shapes)."""
+        ...
+
     async def abort(self, request_id: str) -> bool:
         """Called by the router when a request ends early (client gone, stop string, error).
         Cancels everything of the request here (tickets, sends, the running sequence) and
@@ -155,6 +166,8 @@ async def dispatch(api: EngineAPI, call: P.Call) -> P.Reply | AsyncIterator[P.Ge
         return await api.remote_send(call.req, call.kv, call.begin, call.end, call.transport)
     if isinstance(call, P.Lend):
         return await api.lend(call.req, call.begin, call.end, call.lease_s)
+    if isinstance(call, P.Attend):
+        return await api.attend(call.ticket_id, call.secret, call.layer, call.positions, call.q, call.scale)
     if isinstance(call, P.Abort):
         return P.AbortReply(await api.abort(call.request_id))
     if isinstance(call, P.Stats):

@@ -117,6 +117,13 @@ class Backend(ABC):
         `service.tickets`. Called by `lend`. Raises EngineError OVERLOADED, or BAD_REQUEST naming
         the call in a backend that does not lend."""
 
+    @abstractmethod
+    async def attend_range(self, ticket: Ticket, layer: int, positions: list[int], q: bytes,
+                     scale: float) -> tuple[bytes, bytes]:
+        """The part of attention over a complete lent ticket's range for these query rows: (out, lse)
+        as `AttendReply` carries them. Called by `attend` (ticket and secret checked). Raises
+        EngineError BAD_REQUEST (shapes), or naming the call in a backend that does not lend."""
+
     # -- sending (remote_send) ------------------------------------------------------------------
     @abstractmethod
     def transport_for(self, kv: KVAddr, forced: str | None) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -167,6 +168,23 @@ class EngineService:
         ticket = await self.backend.lend_blocks(req, begin, end)
         return P.LendTicket(await self._issue(ticket, lease))
 
+    async def attend(self, ticket_id: str, secret: str, layer: int, positions: list[int], q: bytes,
+                     scale: float) -> P.AttendReply:
+        ticket = self.tickets.get(ticket_id)
+        if ticket is None or not ticket.lent:
+            raise EngineError(ErrorCode.NOT_FOUND, f"no lent ticket {ticket_id!r} here (ended, aborted or expired)")
+        if not hmac.compare_digest(ticket.secret, secret):
+            raise EngineError(ErrorCode.FORBIDDEN, "wrong secret for the lent ticket")
+        if ticket.state is not TicketState.COMPLETE:
+            raise EngineError(ErrorCode.BAD_REQUEST, "the lent range's KV has not arrived yet")
+        if not 0 <= layer < self.kv_spec.num_layers:
+            raise EngineError(ErrorCode.BAD_REQUEST, f"layer {layer} is outside [0, {self.kv_spec.num_layers})")
+        if ticket.expiry is not None:  # NOTE: a range in use lives on: each attend renews the lease
+            ticket.expiry.cancel()
+            ticket.expiry = asyncio.get_running_loop().call_later(ticket.lease, self._expire, ticket.id)
+        out, lse = await self.backend.attend_range(ticket, layer, positions, q, scale)
+        return P.AttendReply(out, lse)
+
     def _lease(self, lease_s: float | None) -> float:
         lease = self.lease_s if lease_s is None else lease_s
         if not 0 < lease <= self.max_lease_s:
@@ -179,7 +197,7 @@ class EngineService:
         if self.aborted.recent(ticket.request_id):  # aborted while we reserved: give the blocks back now
             await self._drop(ticket)
             self.aborted.check(ticket.request_id)
-        ticket.expires_at = time.time() + lease
+        ticket.expires_at, ticket.lease = time.time() + lease, lease
         addr = msgspec.structs.replace(self.backend.recv_addr(ticket), expiry=ticket.expires_at)
         if self.kv_sign_key is not None:
             addr = sign_addr(addr, self.kv_sign_key)

@@ -16,12 +16,16 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from kvapi.transfer import KVAddr
 from microserve.engine.core.engine_core import StepOutput
 from microserve.engine.engine import LLMEngine
+from microserve.engine.model.dist_attention import range_attention
+from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.core import CoreBackend
 from microserve.serving.kv_plane import KVPlane, PlaneTransfers
-from microserve.serving.tickets import SendJob
+from microserve.serving.tickets import SendJob, Ticket
 
 
 class BuiltinBackend(PlaneTransfers, CoreBackend):
@@ -57,7 +61,34 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
             raise
         return stats.nbytes, stats.transport
 
+    async def attend_range(self, ticket: Ticket, layer: int, positions: list[int], q: bytes,
+                     scale: float) -> tuple[bytes, bytes]:
+        cache = self.engine.runner.kv_cache[layer]
+        d, hkv = cache.shape[-1], cache.shape[-2]
+        row = hkv * d * cache.element_size()
+        if not positions or len(q) % (len(positions) * row) or any(p < 0 for p in positions):
+            raise EngineError(ErrorCode.BAD_REQUEST, f"attend: q is not [{len(positions)} rows, a multiple of {hkv} "
+                              f"heads, {d}] in {cache.dtype} (got {len(q)} bytes)")
+
+        def run() -> tuple[bytes, bytes]:  # NOTE: reads only the lent blocks, which no step writes
+            with torch.inference_mode():
+                return attend()
+
+        def attend() -> tuple[bytes, bytes]:
+            qt = torch.frombuffer(bytearray(q), dtype=cache.dtype).view(len(positions), -1, d).to(cache.device)
+            out, lse = range_attention(qt, torch.tensor(positions, device=cache.device), cache,
+                                       torch.tensor(ticket.blocks, device=cache.device), ticket.matched,
+                                       ticket.end, scale)
+            return _raw(out), _raw(lse)
+
+        return await asyncio.get_running_loop().run_in_executor(self._send_pool, run)
+
     def close(self) -> None:
         super().close()
         self.plane.close()
         self._send_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    """A tensor's bytes, row-major, from the host (any dtype, bfloat16 included)."""
+    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()

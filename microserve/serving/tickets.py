@@ -86,6 +86,7 @@ class Ticket:
     expiry: asyncio.TimerHandle | None = None
     expires_at: float = 0.0  # unix time the lease ends (signed into the KVAddr)
     lent: bool = False  # held for another engine's request (`lend`): never adopted, never cached
+    lease: float = 0.0  # seconds the lease runs from its last renewal
 
     def complete(self, nbytes: int = 0) -> None:
         self.state, self.bytes = TicketState.COMPLETE, nbytes

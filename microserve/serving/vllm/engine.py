@@ -253,6 +253,10 @@ class VLLMBackend(PlaneTransfers, Backend):
         raise EngineError(ErrorCode.BAD_REQUEST, "lend: the vLLM backend does not lend KV blocks (vLLM binds a "
                           "request's KV to the engine that runs it); lend from built-in engines")
 
+    async def attend_range(self, ticket: Ticket, layer: int, positions: list[int], q: bytes,
+                     scale: float) -> tuple[bytes, bytes]:
+        raise EngineError(ErrorCode.BAD_REQUEST, "attend: the vLLM backend does not lend KV blocks")
+
     # -- sending ---------------------------------------------------------------------------------
     async def send(self, job_id: str, request_id: str, prompt: list[int], kv: KVAddr, begin: int, end: int,
                    mode: str) -> tuple[int, str, int]:

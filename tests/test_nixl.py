@@ -243,7 +243,10 @@ async def test_launch_pd_balanced_pd_and_drain_over_nixl(demo_path):
             assert r.status == 200, await r.text()
         assert await load == ref
         after = await metrics(dep)
-        assert set(_moved(before, after)) == {"nixl"}
+        why = {k: (before.get(k), v) for k, v in after.items()  # NOTE: what the router saw, if this fails
+               if k.startswith(("microserve_request_", "microserve_kv_transfer_bytes", "microserve_engine_up",
+                                "microserve_engine_running"))}
+        assert set(_moved(before, after)) == {"nixl"}, why
         assert after["microserve_request_moves_total"] > before["microserve_request_moves_total"]
         assert await _received(dep, keep) > received0
         async with EngineHandle(dep.engines[busy], timeout=10) as h:  # removed from the router, still up

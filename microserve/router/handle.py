@@ -207,8 +207,9 @@ class EngineHandle:
         finally:
             if self.on_call is not None and name:
                 self._report(msg, t0, getattr(reply, "bytes", 0), str(error))
-            tracing.end(span, str(error), bytes=getattr(reply, "bytes", None),
-                        transport=getattr(reply, "transport", None), matched=getattr(reply, "matched", None))
+            if span is not None:
+                tracing.end(span, str(error), bytes=getattr(reply, "bytes", None),
+                            transport=getattr(reply, "transport", None), matched=getattr(reply, "matched", None))
         if not self.alive and isinstance(msg, P.Health | P.Stats):
             self.set_alive(True)  # it answers again (restarted)
         return reply

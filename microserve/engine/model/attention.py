@@ -83,17 +83,19 @@ class _Workspace:
 _workspace = _Workspace()
 
 
-def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, private: bool = False) -> torch.Tensor:
     """Copy whole pages: cache [2, NB, bs, Hkv, D], block_ids [N] -> [2, N, bs, Hkv, D].
 
     `index_select` on a `[2 * NB, page]` view copies rows with memcpy; advanced indexing
     of the 5-D tensor is several times slower on CPU. The result lives in a shared
-    workspace: it is valid until the next call.
+    workspace: it is valid until the next call (`private`: a fresh tensor, for callers
+    outside the step thread).
     """
     two, nb = cache.shape[:2]
     rows = torch.cat((block_ids, block_ids + nb)) if two == 2 else block_ids
     flat = cache.view(two * nb, -1)
-    pages = torch.index_select(flat, 0, rows, out=_workspace.get(rows.numel(), flat.shape[1], flat))
+    out = None if private else _workspace.get(rows.numel(), flat.shape[1], flat)
+    pages = torch.index_select(flat, 0, rows, out=out)
     return pages.view(two, block_ids.numel(), *cache.shape[2:])
 
 

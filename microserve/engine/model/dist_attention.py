@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from microserve.engine.model.attention import gather_blocks
+
 
 def range_attention(q: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor,
                     begin: int, end: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,11 +48,8 @@ def range_attention(q: torch.Tensor, positions: torch.Tensor, cache: torch.Tenso
     n = end - begin
     if n <= 0:
         raise ValueError(f"empty range [{begin}, {end})")
-    # NOTE: a private copy, not attention.gather_blocks' shared workspace: a lender attends from
-    # another thread than its step's
-    two, nb = cache.shape[:2]
-    pages = torch.index_select(cache.view(two * nb, -1), 0, torch.cat((blocks, blocks + nb)))
-    kv = pages.view(2, len(blocks) * cache.shape[2], *cache.shape[3:])[:, :n].float()  # [2, n, Hkv, D]
+    # NOTE: private pages, not the step's shared workspace: a lender attends from another thread
+    kv = gather_blocks(cache, blocks, private=True).flatten(1, 2)[:, :n].float()  # [2, n, Hkv, D]
     keys, values = kv[0].permute(1, 2, 0), kv[1].transpose(0, 1)  # [Hkv, D, n], [Hkv, n, D]
     qg = q.float().view(r, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, r * g, d)  # rows ordered (row, head)
     scores = torch.bmm(qg, keys).mul_(scale)  # [Hkv, R * G, n]

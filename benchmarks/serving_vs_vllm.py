@@ -2,13 +2,18 @@
 same random Llama (8 layers, hidden 512, vocab 32000, float32), one server at a time, rounds alternating.
 
     python benchmarks/serving_vs_vllm.py --vllm-python "$(.ci/vllm-env)" [--rounds 2] [--num-prompts 48]
+    python benchmarks/serving_vs_vllm.py --budgets 512 1024 2048 4096     # the TTFT / TPOT trade-off
+    python benchmarks/serving_vs_vllm.py --offline --max-concurrency 32   # served vs LLM.generate
 
-Both servers: one engine, `max_num_batched_tokens` 2048, `max_num_seqs` 64, prefix caching on. The
+Both servers: one engine, `max_num_batched_tokens` 2048 (or each of `--budgets`), `max_num_seqs` 64,
+prefix caching on. The
 client is vLLM's own benchmark (`vllm.benchmarks.serve`, run in the vLLM environment), random prompts
 of `--input-len` tokens, `--output-len` new tokens (ignore EOS), `--max-concurrency` at once, sampled as
 chat clients ask (`--temperature 0.7 --top-p 0.9`; `--greedy` for temperature 0). Reported per server:
 output tokens/s, mean TTFT, mean TPOT, median over rounds. Skips with a message where the vLLM
-environment is missing.
+environment is missing. `--offline` also runs the same requests (random token prompts of the same
+lengths, the same sampling, all queued at once) through `microserve.LLM.generate` in this process, so
+the served row can be read against the engine's own speed (use `--max-concurrency` = `--num-prompts`).
 """
 
 from __future__ import annotations
@@ -53,21 +58,21 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 600.0) -> None:
     raise RuntimeError(f"{url} did not come up within {timeout:.0f}s")
 
 
-def start_ours(model: str) -> tuple[subprocess.Popen, str]:
+def start_ours(model: str, budget: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "microserve", "launch", "--strategy", "round_robin",
                              "--engines", "1", "--model", model, "--port", str(port), "--served-model-name", "bench",
-                             "--max-num-batched-tokens", "2048", "--max-num-seqs", "64", "--log-level", "error"],
+                             "--max-num-batched-tokens", str(budget), "--max-num-seqs", "64", "--log-level", "error"],
                             cwd=ROOT, stdout=subprocess.DEVNULL)
     return proc, f"http://127.0.0.1:{port}"
 
 
-def start_vllm(python: str, model: str) -> tuple[subprocess.Popen, str]:
+def start_vllm(python: str, model: str, budget: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.Popen([python, "-c", VLLM_SERVER, "--model", model, "--served-model-name", "bench",
                              "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-                             "--max-num-batched-tokens", "2048", "--max-num-seqs", "64", "--block-size", "32",
+                             "--max-num-batched-tokens", str(budget), "--max-num-seqs", "64", "--block-size", "32",
                              "--enable-prefix-caching", "--max-model-len", "2048"],
                             env=env, stdout=subprocess.DEVNULL)
     return proc, f"http://127.0.0.1:{port}"
@@ -92,6 +97,24 @@ def bench(python: str, url: str, model: str, args, out: Path) -> dict:
     return {"tok_s": r["output_throughput"], "ttft_ms": r["mean_ttft_ms"], "tpot_ms": r["mean_tpot_ms"]}
 
 
+def offline(model: str, args, budget: int) -> dict:
+    """The same shape of requests through `LLM.generate`, all queued at once: output tokens/s."""
+    import torch
+
+    from microserve import LLM, SamplingParams
+
+    llm = LLM(model, max_num_batched_tokens=budget, max_num_seqs=64, skip_tokenizer_init=True)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(10, 32000, (args.input_len,), generator=gen).tolist() for _ in range(args.num_prompts)]
+    sp = SamplingParams(max_tokens=args.output_len, ignore_eos=True,
+                        **({"temperature": 0.0} if args.greedy else {"temperature": 0.7, "top_p": 0.9}))
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm up, as the client does
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sp)
+    seconds = time.perf_counter() - t0
+    return {"tok_s": sum(len(o.token_ids) for o in outs) / seconds}
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -111,6 +134,9 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-concurrency", type=int, default=8)
     ap.add_argument("--greedy", action="store_true")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[2048],
+                    help="max_num_batched_tokens of both servers: one table row pair per budget")
+    ap.add_argument("--offline", action="store_true", help="also LLM.generate on the same requests")
     args = ap.parse_args()
     if not args.vllm_python or not Path(args.vllm_python).exists():
         print("skipped: needs the vLLM environment (--vllm-python \"$(.ci/vllm-env)\")")
@@ -118,30 +144,41 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from engine_throughput import build_model
 
-    results: dict[str, list[dict]] = {"microserve": [], "vllm": []}
+    results: dict[tuple[str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = str(Path(tmp) / "model")
         build_model(model)
         for rnd in range(args.rounds):
-            for name in ("microserve", "vllm") if rnd % 2 == 0 else ("vllm", "microserve"):
-                proc, url = start_ours(model) if name == "microserve" else start_vllm(args.vllm_python, model)
-                try:
-                    wait_up(url, proc)
-                    got = bench(args.vllm_python, url, model, args, Path(tmp) / f"{name}-{rnd}.json")
-                finally:
-                    stop(proc)
-                results[name].append(got)
-                print(f"round {rnd} {name}: {got}", file=sys.stderr, flush=True)
-    med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in results.items()}
+            for budget in args.budgets:
+                for name in ("microserve", "vllm") if rnd % 2 == 0 else ("vllm", "microserve"):
+                    proc, url = (start_ours(model, budget) if name == "microserve"
+                                 else start_vllm(args.vllm_python, model, budget))
+                    try:
+                        wait_up(url, proc)
+                        got = bench(args.vllm_python, url, model, args, Path(tmp) / f"{name}-{budget}-{rnd}.json")
+                    finally:
+                        stop(proc)
+                    results.setdefault((name, budget), []).append(got)
+                    print(f"round {rnd} budget {budget} {name}: {got}", file=sys.stderr, flush=True)
+                if args.offline:
+                    got = offline(model, args, budget)
+                    results.setdefault(("LLM.generate", budget), []).append(got)
+                    print(f"round {rnd} budget {budget} offline: {got}", file=sys.stderr, flush=True)
+    med = {key: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for key, rs in results.items()}
     kind = "greedy" if args.greedy else "temperature 0.7 / top-p 0.9"
     print(f"\n{args.num_prompts} prompts, {args.input_len} in / {args.output_len} out, concurrency "
           f"{args.max_concurrency}, {kind}; median of {args.rounds} rounds")
-    print("| server | output tok/s | mean TTFT ms | mean TPOT ms |\n|---|---|---|---|")
-    for name, m in med.items():
-        print(f"| {name} | {m['tok_s']:.1f} | {m['ttft_ms']:.0f} | {m['tpot_ms']:.1f} |")
-    ours, theirs = med["microserve"], med["vllm"]
-    print(f"| ratio | {ours['tok_s'] / theirs['tok_s']:.2f}x | {ours['ttft_ms'] / theirs['ttft_ms']:.2f}x | "
-          f"{ours['tpot_ms'] / theirs['tpot_ms']:.2f}x |")
+    print("| max_num_batched_tokens | server | output tok/s | mean TTFT ms | mean TPOT ms |\n|---|---|---|---|---|")
+    for budget in args.budgets:
+        ours, theirs = med[("microserve", budget)], med[("vllm", budget)]
+        for name, m in (("microserve", ours), ("vllm", theirs)):
+            print(f"| {budget} | {name} | {m['tok_s']:.1f} | {m['ttft_ms']:.0f} | {m['tpot_ms']:.1f} |")
+        ratio = {k: ours[k] / theirs[k] for k in ours}
+        print(f"| {budget} | ratio | {ratio['tok_s']:.2f}x | {ratio['ttft_ms']:.2f}x | {ratio['tpot_ms']:.2f}x |")
+        if args.offline:
+            off = med[("LLM.generate", budget)]["tok_s"]
+            print(f"| {budget} | LLM.generate (offline) | {off:.1f} | | |")
+            print(f"| {budget} | served / offline | {ours['tok_s'] / off:.2f}x | | |")
     return 0
 
 

@@ -84,3 +84,76 @@ def test_half_precision_rows_merge_within_half_precision():
     got = merge(parts)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), _reference(q, positions, k, v, D ** -0.5), atol=3e-2, rtol=3e-2)
+
+
+class _Lender:
+    """An in-process lender: its own paged cache; `write` copies the borrower's pages of the range into
+    it, `attend` is `range_attention` there (the real one is an engine process: test_microserving.py)."""
+
+    def __init__(self, engine, begin: int, end: int) -> None:
+        self.engine, self.begin, self.end = engine, begin, end
+        n = (end - begin) // engine.block_size
+        self.cache = engine.kv_spec.allocate(n + 3, "cpu")
+        self.blocks = torch.tensor([n + 2 - i for i in range(n)])  # scattered, not the borrower's numbers
+        self.attends = 0
+
+    def write(self, seq, begin: int, end: int) -> None:
+        bs = self.engine.block_size
+        assert (begin, end) == (self.begin, self.end)
+        src = torch.tensor(seq.block_table[begin // bs:end // bs])
+        self.cache[:, :, self.blocks] = self.engine.runner.kv_cache[:, :, src]
+
+    def attend(self, layer, positions, q, scale):
+        from concurrent.futures import Future
+
+        self.attends += 1
+        done: Future = Future()
+        done.set_result(range_attention(q, positions, self.cache[layer], self.blocks, self.begin, self.end, scale))
+        return done
+
+
+def _serve(engine, requests: dict[str, tuple[list[int], list | None]], sampling) -> dict[str, tuple[list, list]]:
+    for rid, (prompt, lent) in requests.items():
+        engine.add_request(rid, prompt, sampling, lent=lent)
+    out: dict[str, tuple[list, list]] = {rid: ([], []) for rid in requests}
+    while engine.has_unfinished():
+        for o in engine.step():
+            assert o.finish_reason != "error", o.error
+            out[o.request_id][0].extend(o.new_token_ids)
+            out[o.request_id][1].extend(o.logprobs or ())
+    return out
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen3"])
+def test_an_engine_serves_a_prompt_larger_than_its_pool_with_two_lenders(tmp_path, variant):
+    """A 400-token prompt and 30 decoded tokens in a pool of 320 tokens: positions [64, 192) and [192, 320)
+    live on two lenders (prefill chunks of 48 tokens straddle both boundaries). Greedy tokens and top-5
+    logprobs equal an engine with a pool large enough, also for a request without lenders in the same
+    batches; the lent KV left the borrower's pool, and its blocks are all back at the end."""
+    from checkpoints import make_checkpoint
+
+    from microserve import SamplingParams
+    from microserve.engine.config import EngineConfig
+    from microserve.engine.core.sequence import LentRange
+    from microserve.engine.engine import LLMEngine
+
+    path, _ = make_checkpoint(tmp_path / variant, variant)
+    gen = torch.Generator().manual_seed(5)
+    long, short = (torch.randint(2, 320, (n,), generator=gen).tolist() for n in (400, 40))
+    sp = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, logprobs=5)
+    cfg = dict(block_size=BS, max_num_batched_tokens=48, skip_tokenizer_init=True)
+    big = LLMEngine(path, config=EngineConfig(num_kv_blocks=64, **cfg))
+    want = _serve(big, {"long": (long, None), "short": (short, None)}, sp)
+
+    small = LLMEngine(path, config=EngineConfig(num_kv_blocks=20, enable_prefix_caching=False, **cfg))
+    with pytest.raises(Exception, match="more KV blocks"):
+        small.validate_prompt(long)
+    lenders = [_Lender(small, 64, 192), _Lender(small, 192, 320)]
+    got = _serve(small, {"long": (long, [LentRange(x.begin, x.end, x) for x in lenders]), "short": (short, None)}, sp)
+    for rid in ("long", "short"):
+        assert got[rid][0] == want[rid][0], rid
+        for (lp, top), (lp_ref, top_ref) in zip(got[rid][1], want[rid][1]):
+            assert lp == pytest.approx(lp_ref, abs=1e-4)
+            assert [t for t, _ in top] == [t for t, _ in top_ref]
+    assert all(x.attends > 0 for x in lenders)
+    assert small.kv.pool.num_used == 0

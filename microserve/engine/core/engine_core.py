@@ -19,7 +19,7 @@ from kvapi.radix import EventHook, StoreHook
 from microserve.engine.config import EngineConfig
 from microserve.engine.core.kv_manager import KVCacheManager
 from microserve.engine.core.scheduler import ScheduledBatch, Scheduler
-from microserve.engine.core.sequence import Finish, Sequence, SequenceStatus
+from microserve.engine.core.sequence import Finish, LentRange, Sequence, SequenceStatus
 from microserve.sampling_params import SamplingParams
 from microserve.text import InvalidRequestError, check_prompt
 
@@ -37,6 +37,7 @@ class StepOutput:
     logprobs: list | None = None  # per new token (logprob, top alternatives), when the request asked
     prompt_logprobs: list | None = None  # with the first token: the same for prompt tokens 1.., when asked
     phases: tuple[int, int, int] | None = None  # with the first token: unix ns arrived, scheduled, first token
+    error: str | None = None  # with finish reason `Finish.ERROR`: why (a lender lost), when known
 
     def after(self, earlier: StepOutput | None) -> StepOutput:
         """This output with an `earlier` one of the same request (held back) in front of it."""
@@ -102,13 +103,17 @@ class EngineCore:
         raise NotImplementedError
 
     # -- requests -------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> Sequence:
-        """Queue a request; raises InvalidRequestError for input that cannot be served."""
+    def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                    lent: list[LentRange] | None = None) -> Sequence:
+        """Queue a request; raises InvalidRequestError for input that cannot be served. `lent`: ranges of
+        the prompt whose KV lenders hold (DistAttention; sorted, disjoint, on block boundaries)."""
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        self.validate_prompt(prompt_ids)
+        lent = list(lent or ())
+        self.validate_prompt(prompt_ids, self._check_lent(lent, len(prompt_ids)))
         sampling.validate()
         seq = Sequence(request_id, prompt_ids, sampling)
+        seq.lent = lent
         seq.eos_ids = self.eos_token_ids
         self._attach(seq)
         self._seqs[request_id] = seq
@@ -133,12 +138,28 @@ class EngineCore:
         self._seqs.pop(seq.request_id, None)
         self.kv.free(seq)
 
-    def validate_prompt(self, prompt_ids: list[int]) -> None:
+    def validate_prompt(self, prompt_ids: list[int], lent_tokens: int = 0) -> None:
+        """`lent_tokens`: tokens of the prompt that lenders hold (DistAttention), counted out of the pool
+        check except the largest range, which is computed here before it moves."""
         check_prompt(prompt_ids, self.vocab_size, self.max_model_len)
         n = len(prompt_ids)
-        if -(-(n + 1) // self.block_size) > self.kv.num_blocks:
+        if -(-(n + 1 - lent_tokens) // self.block_size) > self.kv.num_blocks:
             raise InvalidRequestError(
-                f"prompt of {n} tokens needs more KV blocks than the cache has ({self.kv.num_blocks})")
+                f"prompt of {n} tokens needs more KV blocks than the cache has ({self.kv.num_blocks})"
+                + (f" with {lent_tokens} of them lent" if lent_tokens else ""))
+
+    def _check_lent(self, lent: list[LentRange], n: int) -> int:
+        """Raise InvalidRequestError for lent ranges that are not sorted, disjoint, on block boundaries and
+        within the prompt; returns the tokens lenders hold, less the largest range (staged here first)."""
+        bs, last = self.block_size, 0
+        for r in lent:
+            if r.begin < last or r.begin >= r.end or r.begin % bs or r.end % bs or r.end > n:
+                raise InvalidRequestError(
+                    f"lent range [{r.begin}, {r.end}): lent ranges are sorted, disjoint, non-empty, on block "
+                    f"boundaries (block size {bs}) and within the prompt ({n} tokens)")
+            last = r.end
+        sizes = [r.end - r.begin for r in lent]
+        return sum(sizes) - max(sizes, default=0)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request and free its blocks; False if it is unknown or already done."""
@@ -240,12 +261,19 @@ class EngineCore:
         """Run one scheduling step; returns outputs of the requests that got tokens or ended."""
         batch = self.scheduler.schedule()
         if not batch:
-            return []
+            return self._failed()
         sampled = self._execute(batch)
         self.computed_tokens_total += sum(batch.num_new_tokens)
-        outputs = []
+        outputs = self._failed()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+            if seq.lent:
+                self._offload(seq)
+            if seq.error is not None:
+                self.scheduler.finish(seq, Finish.ABORT)
+                self._seqs.pop(seq.request_id, None)
+                outputs.append(StepOutput(seq.request_id, [], Finish.ERROR, error=seq.error))
+                continue
             token = sampled.get(seq)
             if token is None:
                 self.kv.cache_computed(seq)
@@ -273,6 +301,27 @@ class EngineCore:
                                       phases))
         return outputs
 
+    def _offload(self, seq: Sequence) -> None:
+        """Move each lent range this step completed to its lender and free its local blocks
+        (DistAttention); a failed write fails this sequence alone."""
+        for rng in seq.lent:
+            if rng.pushed or seq.num_computed_tokens < rng.end:
+                continue
+            try:
+                rng.peer.write(seq, rng.begin, rng.end)
+            except Exception as exc:  # NOTE: a lost lender ends its borrower, never the step
+                seq.error = f"writing positions [{rng.begin}, {rng.end}) to their lender failed: {exc}"
+                return
+            self.kv.offload(seq, rng.begin, rng.end)
+            rng.pushed = True
+
+    def _failed(self) -> list[StepOutput]:
+        """Outputs for the borrowers the scheduler had to preempt (they cannot be recomputed)."""
+        failed, self.scheduler.failed = self.scheduler.failed, []
+        for seq in failed:
+            self._seqs.pop(seq.request_id, None)
+        return [StepOutput(seq.request_id, [], Finish.ERROR, error=seq.error) for seq in failed]
+
     def _finish_reason(self, seq: Sequence, token: int) -> Finish | None:
         sp = seq.sampling
         if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete: nothing may follow
@@ -280,7 +329,8 @@ class EngineCore:
         if seq.num_output_tokens > sp.min_tokens and (  # NOTE: the first min_tokens tokens never stop
                 token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids)):
             return Finish.STOP
-        if seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= self.max_tokens_per_seq:
+        limit = self.max_model_len if seq.lent else self.max_tokens_per_seq  # NOTE: a borrower outgrows the pool
+        if seq.num_output_tokens >= sp.max_tokens or seq.num_tokens >= limit:
             return Finish.LENGTH
         return None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from kvapi import BlockPool, RadixCache
 from kvapi.radix import EventHook
-from microserve.engine.core.sequence import Sequence
+from microserve.engine.core.sequence import REMOTE, Sequence
 
 
 class KVCacheManager:
@@ -37,7 +37,7 @@ class KVCacheManager:
         assert not seq.block_table and seq.num_computed_tokens == 0, "match_prefix on a sequence with KV"
         if not self.enable_prefix_caching or seq.sampling.prompt_logprobs is not None:
             return 0  # NOTE: prompt logprobs need every prompt position computed
-        limit = seq.num_tokens - 1 if limit is None else limit
+        limit = min(seq.num_tokens - 1 if limit is None else limit, seq.local_limit)
         self.prefix_query_tokens += limit
         blocks = self.radix.match(seq.token_ids[:limit])
         self.radix.pin(blocks)
@@ -60,7 +60,7 @@ class KVCacheManager:
     def unmatch(self, seq: Sequence) -> None:
         """Undo `match_prefix` (and `share`) for a sequence that goes back to waiting: unpin, uncount."""
         self.prefix_hit_tokens -= seq.num_computed_tokens
-        self.pool.free(seq.block_table)
+        self.pool.free(local(seq.block_table))
         seq.block_table = []
         seq.num_cached_blocks = seq.num_computed_tokens = 0
         seq.radix_cursor.reset()
@@ -102,16 +102,27 @@ class KVCacheManager:
 
     def cache_computed(self, seq: Sequence) -> None:
         """Offer the newly computed full blocks of `seq` to the prefix cache."""
-        full = seq.num_computed_tokens // self.block_size
+        full = min(seq.num_computed_tokens, seq.local_limit) // self.block_size
         if not self.enable_prefix_caching or full <= seq.num_cached_blocks:
             return
         self.radix.insert(seq.token_ids, seq.block_table[:full], seq.radix_cursor)
         seq.num_cached_blocks = full
 
+    def offload(self, seq: Sequence, begin: int, end: int) -> None:
+        """The KV of positions `[begin, end)` (block aligned) moved to a lender: free their blocks here."""
+        first, last = begin // self.block_size, end // self.block_size
+        self.pool.free(local(seq.block_table[first:last]))
+        seq.block_table[first:last] = [REMOTE] * (last - first)
+
     def free(self, seq: Sequence) -> None:
         """Release `seq`'s blocks (computed full blocks stay in the prefix cache)."""
         self.cache_computed(seq)
-        self.pool.free(seq.block_table)
+        self.pool.free(local(seq.block_table))
         seq.block_table = []
         seq.num_cached_blocks = 0
         seq.radix_cursor.reset()
+
+
+def local(blocks: list[int]) -> list[int]:
+    """The blocks of a table that this pool holds (a borrower's table has REMOTE entries)."""
+    return [b for b in blocks if b != REMOTE]

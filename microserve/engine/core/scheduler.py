@@ -48,6 +48,7 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.failed: list[Sequence] = []  # preempted borrowers, ended in error by the engine's step
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -81,9 +82,10 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv.allocate(seq, seq.num_computed_tokens + n):
-                # NOTE: the victim is the lowest priority (highest number) not yet in this batch, newest first
+                # NOTE: the victim is the lowest priority (highest number) not yet in this batch, newest
+                # first; a borrower only when nothing else is left (its lent ranges cannot be recomputed)
                 rest = self.running[i:]
-                victim = max(reversed(rest), key=lambda s: s.sampling.priority)
+                victim = max(reversed(rest), key=lambda s: (not s.lent, s.sampling.priority))
                 self.running.remove(victim)
                 self._preempt(victim)
                 preempted = True
@@ -156,7 +158,7 @@ class Scheduler:
     def _completed_blocks(self, seq: Sequence, n: int) -> dict[int, tuple[Sequence, int]]:
         bs = self.kv.block_size
         hashes = seq.prompt_block_hashes(bs)
-        last = min(seq.num_computed_tokens + n, seq.num_prompt_tokens) // bs
+        last = min(seq.num_computed_tokens + n, seq.num_prompt_tokens, seq.local_limit) // bs
         return {hashes[k]: (seq, k) for k in range(seq.num_computed_tokens // bs, last)}
 
     def _share(self, seq: Sequence, producing: dict[int, tuple[Sequence, int]]) -> None:
@@ -167,7 +169,7 @@ class Scheduler:
         blocks: list[int] = []
         # NOTE: full prompt blocks only (a preempted request's generated tokens have no hashes), and
         # never the block of the last known token, which must be computed to yield logits
-        end = min((seq.num_tokens - 1) // bs, len(hashes))
+        end = min((seq.num_tokens - 1) // bs, len(hashes), seq.local_limit // bs)
         while k < end and hashes[k] in producing:
             owner, j = producing[hashes[k]]
             if j != k or owner.token_ids[k * bs:(k + 1) * bs] != seq.token_ids[k * bs:(k + 1) * bs]:
@@ -186,7 +188,8 @@ class Scheduler:
         return out
 
     def _uncomputed_hashes(self, seq: Sequence) -> list[int]:
-        return seq.prompt_block_hashes(self.kv.block_size)[seq.num_computed_tokens // self.kv.block_size:]
+        bs = self.kv.block_size
+        return seq.prompt_block_hashes(bs)[seq.num_computed_tokens // bs:seq.local_limit // bs]
 
     def _next_block_hash(self, seq: Sequence) -> int | None:
         hashes = seq.prompt_block_hashes(self.kv.block_size)
@@ -195,11 +198,16 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
+        self.num_preemptions += 1
+        if seq.lent:  # NOTE: its pushed ranges live on lenders only: it ends in error instead
+            seq.error = seq.error or "preempted for KV blocks, and a sequence with lent ranges cannot be recomputed"
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, Finish.ERROR
+            self.failed.append(seq)
+            return
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         # back at the front of its priority class: it was running before anything waiting there
         self._insert(seq, lambda other: other.sampling.priority >= seq.sampling.priority)
-        self.num_preemptions += 1
 
     def detach(self, seq: Sequence) -> None:
         """Take a running sequence out of scheduling without freeing its blocks."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from kvapi.radix import RadixCursor, prefix_hashes
 from microserve.sampling_params import SamplingParams
@@ -29,6 +30,22 @@ class Finish(enum.StrEnum):
     ABORT = "abort"
     PREFILLED = "prefilled"
     ERROR = "error"
+
+
+REMOTE = -1  # a block-table entry whose KV lives on a lender (DistAttention), not in this pool
+
+
+@dataclass
+class LentRange:
+    """Prompt positions `[begin, end)` of a sequence whose KV a lender holds (DistAttention; both ends on
+    block boundaries). Until the range is computed its KV stays in local blocks; then `peer.write`
+    moves it to the lender, the local blocks are freed and `pushed` is set. `peer` (the model engine's
+    side of a lender) has `write(seq, begin, end)` and `attend(layer, positions, q, scale) -> (out, lse)`."""
+
+    begin: int
+    end: int
+    peer: Any
+    pushed: bool = False
 
 
 class Sequence:
@@ -66,6 +83,8 @@ class Sequence:
         # since the last step output, when sampling.logprobs is set
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # tokens 1.. of the prompt
+        self.lent: list[LentRange] = []  # ranges of the prompt held by lenders (sorted, disjoint)
+        self.error: str | None = None  # why the step failed this sequence alone (a lender lost): it ends in error
         self.matcher = None  # the grammar of sampling.structured (engine.model.structured), set by the engine
         # unix ns: arrival, first scheduled, first token (the engine's phases, for traces)
         self.arrived_ns, self.scheduled_ns, self.first_token_ns = time.time_ns(), 0, 0
@@ -75,6 +94,11 @@ class Sequence:
         if self._prompt_hashes is None:
             self._prompt_hashes = prefix_hashes(self.token_ids[:self.num_prompt_tokens], block_size)
         return self._prompt_hashes
+
+    @property
+    def local_limit(self) -> int:
+        """Positions whose blocks may enter the prefix cache: those before the first lent range."""
+        return self.lent[0].begin if self.lent else len(self.token_ids)
 
     @property
     def num_tokens(self) -> int:

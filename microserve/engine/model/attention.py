@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,20 @@ class PrefillChunk:
 
 
 @dataclass
+class BorrowedRows:
+    """The rows of one sequence whose prompt has ranges on lenders (DistAttention): its attention is
+    computed in parts, over its local runs of blocks here and over each pushed lent range on its lender,
+    and merged (`dist_attention.attend_borrowed`)."""
+
+    token_start: int  # index of the first row in the flat batch
+    num_tokens: int
+    positions: torch.Tensor  # [num_tokens] long
+    local: list[tuple[int, int, torch.Tensor]]  # (begin, end, blocks): runs of positions whose KV is here
+    remote: list[tuple[Any, int, int]]  # (peer, begin, end): lent ranges already on their lenders
+    seq: Any  # the Sequence: a lender's failure sets its `error`
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] long: cache slot (block * block_size + offset) per token
     num_decodes: int = 0
@@ -46,6 +61,8 @@ class AttentionMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
     # called with the layer index once that layer's KV of this step is written (KV streaming)
     layer_hooks: list[Callable[[int], None]] = field(default_factory=list)
+    borrowed: list[BorrowedRows] = field(default_factory=list)  # after the prefills in the flat batch
+    layer: int = 0  # the layer being computed (set by the model; lenders attend per layer)
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -124,6 +141,12 @@ def paged_attention(
                     out[sl] = _prefill(q[sl], k[sl], v[sl], cache, chunk, scale)
             else:
                 _prefill_batched(q, k, v, cache, part, scale, out)
+    if meta.borrowed:
+        from microserve.engine.model.dist_attention import attend_borrowed  # NOTE: it imports this module
+
+        for rows in meta.borrowed:
+            out[rows.token_start:rows.token_start + rows.num_tokens] = attend_borrowed(q, cache, meta.layer, rows,
+                                                                                       scale)
     return out
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from microserve.engine.model.attention import gather_blocks
+from microserve.engine.model.attention import BorrowedRows, gather_blocks
 
 
 def range_attention(q: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor,
@@ -76,3 +76,24 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     weights = torch.exp(lse - total)  # [P, R, Hq]; 0 for parts that saw nothing
     out = sum(w[..., None] * p[0].float() for w, p in zip(weights, parts))
     return out.to(parts[0][0].dtype)  # type: ignore[union-attr]
+
+
+def attend_borrowed(q: torch.Tensor, cache: torch.Tensor, layer: int, rows: BorrowedRows,
+                    scale: float) -> torch.Tensor:
+    """The borrower's half: one sequence's rows of this step attend over its local runs here and over
+    each lent range on its lender, merged. The lenders' parts are asked for first and computed while
+    the local parts run here. A lender's failure sets the sequence's `error` (it ends after this step;
+    the other rows of the batch are not touched) and gives zero rows. Returns [rows, Hq * D]."""
+    n = rows.num_tokens
+    qs = q[rows.token_start:rows.token_start + n]
+    seq = rows.seq
+    asked = [peer.attend(layer, rows.positions, qs, scale) for peer, _, _ in rows.remote] if seq.error is None else []
+    parts = [range_attention(qs, rows.positions, cache, blocks, begin, end, scale) for begin, end, blocks in rows.local]
+    for (_, begin, end), future in zip(rows.remote, asked):
+        try:
+            parts.append(future.result())
+        except Exception as exc:  # NOTE: one lost lender fails its borrower, never the step
+            seq.error = seq.error or f"remote attention over positions [{begin}, {end}) failed: {exc}"
+    if seq.error is not None:
+        return qs.new_zeros(n, qs.shape[1] * qs.shape[2])
+    return merge(parts).reshape(n, -1)

@@ -11,10 +11,10 @@ import torch
 
 from kvapi import KVSpec
 from microserve.engine.core.scheduler import ScheduledBatch
-from microserve.engine.core.sequence import Sequence
+from microserve.engine.core.sequence import REMOTE, Sequence
 from microserve.engine.model import cuda_graphs as cuda_graphs_mod
 from microserve.engine.model import native, triton_ops
-from microserve.engine.model.attention import AttentionMetadata, PrefillChunk
+from microserve.engine.model.attention import AttentionMetadata, BorrowedRows, PrefillChunk
 from microserve.engine.model.models.llama import LlamaForCausalLM
 from microserve.engine.model.sampler import prompt_logprobs, sample
 
@@ -59,20 +59,22 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> dict[Sequence, int]:
         """Compute the scheduled tokens; returns the sampled token of each sequence that
         caught up to its known tokens this step."""
-        decodes = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if n == 1]
-        prefills = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if n > 1]
-        if self.graphs is not None and decodes and not prefills and self._graph_step(decodes):
+        scheduled = list(zip(batch.seqs, batch.num_new_tokens))
+        decodes = [(s, n) for s, n in scheduled if n == 1 and not s.lent]
+        prefills = [(s, n) for s, n in scheduled if n > 1 and not s.lent]
+        borrowed = [(s, n) for s, n in scheduled if s.lent]  # DistAttention: attention in parts, rows last
+        if self.graphs is not None and decodes and not prefills and not borrowed and self._graph_step(decodes):
             return self._replay(decodes)
-        input_ids, positions, meta = self._prepare(decodes, prefills)
+        input_ids, positions, meta = self._prepare(decodes, prefills, borrowed)
         completing = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
         meta.layer_hooks = [s.layer_hook for s in completing if s.layer_hook is not None]
         if meta.layer_hooks and self.device.type == "cuda":
             meta.layer_hooks.insert(0, lambda _: torch.cuda.current_stream().synchronize())
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
-        prompt_logprobs(self.model, hidden, decodes + prefills)
+        prompt_logprobs(self.model, hidden, decodes + prefills + borrowed)
 
         sampled, rows, offset = [], [], 0
-        for seq, n in decodes + prefills:
+        for seq, n in decodes + prefills + borrowed:
             offset += n
             if seq.num_computed_tokens + n == seq.num_tokens and not seq.prefill_only:
                 sampled.append(seq)
@@ -98,7 +100,7 @@ class ModelRunner:
                                  [s.block_table[:p // bs + 1] for s, p in zip(seqs, pos)])
         return dict(zip(seqs, sample(logits, seqs, self.generator)))
 
-    def _prepare(self, decodes, prefills) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _prepare(self, decodes, prefills, borrowed=()) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         bs, dev = self.block_size, self.device
         ids: list[int] = []
         pos: list[int] = []
@@ -128,5 +130,27 @@ class ModelRunner:
             ids.extend(seq.token_ids[start:start + n])
             pos.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+        for seq, n in borrowed:
+            start, table = seq.num_computed_tokens, seq.block_table
+            meta.borrowed.append(BorrowedRows(len(ids), n, torch.arange(start, start + n, device=dev),
+                                              self._local_runs(table, start + n),
+                                              [(r.peer, r.begin, r.end) for r in seq.lent if r.pushed], seq))
+            ids.extend(seq.token_ids[start:start + n])
+            pos.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
         meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev), meta)
+
+    def _local_runs(self, table: list[int], end: int) -> list[tuple[int, int, torch.Tensor]]:
+        """(begin, end, blocks) of each run of positions in `[0, end)` whose blocks are here (not REMOTE)."""
+        bs, runs, first = self.block_size, [], None
+        count = -(-end // bs)
+        for i in range(count + 1):
+            here = i < count and table[i] != REMOTE
+            if here and first is None:
+                first = i
+            elif not here and first is not None:
+                runs.append((first * bs, min(i * bs, end),
+                             torch.tensor(table[first:i], dtype=torch.long, device=self.device)))
+                first = None
+        return runs

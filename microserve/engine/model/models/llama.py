@@ -263,6 +263,7 @@ class LlamaForCausalLM(nn.Module):
         x, residual = self.model.embed_tokens(input_ids), None
         rope = self.rotary.lookup(positions)
         for i, (layer, cache) in enumerate(zip(self.model.layers, kv_cache)):
+            meta.layer = i
             x, residual = layer(x, residual, rope, cache, meta)
             for hook in meta.layer_hooks:
                 hook(i)

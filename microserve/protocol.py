@@ -62,10 +62,18 @@ class RemoteSend(msgspec.Struct, tag="remote_send", forbid_unknown_fields=True):
     transport: str | None = None  # force one ("shm" | "ucx" | "tcp"); default: the fastest that works
 
 
+class LendTicket(msgspec.Struct, tag="lend_ticket", forbid_unknown_fields=True):
+    """A range lent for a request (`lend`): the borrower writes it through `kv` and attends to it over `rpc`."""
+
+    kv: KVAddr  # where the borrower writes the range `[kv.begin, kv.end)` (signed, leased; block aligned)
+    rpc: str = ""  # the lender's RPC address, as the router reaches it (filled by its EngineHandle)
+
+
 class StartGenerate(msgspec.Struct, tag="start_generate", forbid_unknown_fields=True):
     req: Request
     begin: int = 0
     sampling: SamplingParams | None = None  # default: req.sampling
+    lenders: list[LendTicket] = []  # DistAttention: ranges of the prompt whose KV these lenders hold
 
 
 class Lend(msgspec.Struct, tag="lend", forbid_unknown_fields=True):
@@ -112,10 +120,6 @@ Call = PrepRecv | RemoteSend | StartGenerate | Lend | Attend | Abort | Stats | H
 class RecvTicket(msgspec.Struct, tag="recv_ticket", forbid_unknown_fields=True):
     kv: KVAddr
     matched: int  # prompt tokens the receiver already had cached (block aligned)
-
-
-class LendTicket(msgspec.Struct, tag="lend_ticket", forbid_unknown_fields=True):
-    kv: KVAddr  # where the borrower writes the range `[kv.begin, kv.end)` (signed, leased; block aligned)
 
 
 class AttendReply(msgspec.Struct, tag="attend_reply", forbid_unknown_fields=True):

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -247,7 +248,8 @@ class EngineHandle:
                    timeout: float | None = None) -> P.LendTicket:
         """Hold blocks here for `prompt[begin:end]` of a request another engine runs (DistAttention)."""
         self._touch()
-        return await self.call(P.Lend(req, begin, end, lease_s), timeout)  # type: ignore[return-value]
+        ticket = await self.call(P.Lend(req, begin, end, lease_s), timeout)
+        return msgspec.structs.replace(ticket, rpc=self.address)  # type: ignore[type-var]
 
     async def attend(self, ticket: P.LendTicket, layer: int, positions: list[int], q: bytes, scale: float, *,
                      timeout: float | None = None) -> P.AttendReply:
@@ -291,9 +293,11 @@ class EngineHandle:
         return result  # type: ignore[return-value]
 
     async def start_generate(self, req: P.Request, begin: int = 0, sampling: SamplingParams | None = None,
-                             *, timeout: float | None = None) -> AsyncIterator[P.GenerateChunk]:
-        """Stream `GenerateChunk`s; leaving the loop early aborts the request on the engine."""
-        msg = P.StartGenerate(req, begin, sampling)
+                             *, lenders: list[P.LendTicket] | None = None,
+                             timeout: float | None = None) -> AsyncIterator[P.GenerateChunk]:
+        """Stream `GenerateChunk`s; leaving the loop early aborts the request on the engine. `lenders`:
+        ranges of the prompt other engines lent for it (`lend`; DistAttention)."""
+        msg = P.StartGenerate(req, begin, sampling, list(lenders or ()))
         self._check_alive(msg)
         self._touch()
         finished = False

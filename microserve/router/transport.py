@@ -144,6 +144,15 @@ class ZMQTransport:
         for queue in self._pending.values():
             queue.put_nowait(CallUnavailable(why))
 
+    def close_nowait(self) -> None:
+        """Close from outside a coroutine (an engine's backend closing its lenders' channels)."""
+        self.fail_pending("closed")
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._sock is not None:
+            self._sock.close(0)
+        self._sock = self._reader = None
+
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()

@@ -100,16 +100,19 @@ class EngineAPI(Protocol):
         KV_SPEC_MISMATCH, TRANSFER_FAILED / UNAVAILABLE / TIMEOUT (the transfer), ABORTED."""
         ...
 
-    async def start_generate(self, req: P.Request, begin: int = 0,
-                             sampling: SamplingParams | None = None) -> AsyncIterator[P.GenerateChunk]:
+    async def start_generate(self, req: P.Request, begin: int = 0, sampling: SamplingParams | None = None,
+                             lenders: list[P.LendTicket] | None = None) -> AsyncIterator[P.GenerateChunk]:
         """Called by a strategy on the engine that decodes.
 
         Uses KV received into this request's ticket (waiting for a transfer in flight) or
         cached here for `prompt[:begin]`, prefills the rest (at least the last prompt
         token) and decodes. Returns the stream of chunks; the last carries the finish
-        reason. Leaving the stream early aborts the request. Raises BAD_REQUEST, TIMEOUT
-        (the ticket's KV did not arrive), ABORTED; the stream raises INTERNAL if the
-        engine fails while running the request."""
+        reason. Leaving the stream early aborts the request. `lenders` (DistAttention, `begin`
+        0): ranges of the prompt lent by other engines (`lend`); they are computed here, written
+        to their lenders and attended there, layer by layer. Raises BAD_REQUEST (also: lenders on
+        a backend that does not borrow, bad ranges), TIMEOUT (the ticket's KV did not arrive),
+        ABORTED; the stream raises INTERNAL if the engine fails while running the request, or
+        UNAVAILABLE if a lender is lost."""
         ...
 
     async def lend(self, req: P.Request, begin: int, end: int, lease_s: float | None = None) -> P.LendTicket:
@@ -159,7 +162,7 @@ async def dispatch(api: EngineAPI, call: P.Call) -> P.Reply | AsyncIterator[P.Ge
     """The single place a decoded call becomes a method call: a reply, or for
     `StartGenerate` the chunk stream. Raises `EngineError`."""
     if isinstance(call, P.StartGenerate):
-        return await api.start_generate(call.req, call.begin, call.sampling)
+        return await api.start_generate(call.req, call.begin, call.sampling, call.lenders or None)
     if isinstance(call, P.PrepRecv):
         return await api.prep_recv(call.req, call.end, call.lease_s)
     if isinstance(call, P.RemoteSend):

@@ -147,11 +147,17 @@ class Backend(ABC):
         """Refuse (EngineError BAD_REQUEST) to start `req` with `sampling` on its ticket's KV."""
 
     @abstractmethod
+    def borrow(self, req: P.Request, lenders: list[P.LendTicket]) -> list:
+        """The engine's view of the ranges `lenders` hold for `req` (DistAttention: `LentRange`s whose
+        peers write to and attend on each lender), for `submit`. Raises EngineError BAD_REQUEST naming
+        `start_generate(lenders=...)` in a backend that does not borrow."""
+
+    @abstractmethod
     async def submit(self, req: P.Request, prompt: list[int], begin: int, sampling: SamplingParams,
-                     ticket: Ticket | None) -> None:
+                     ticket: Ticket | None, lent: list | None = None) -> None:
         """Start generating `req`, adopting `ticket`'s blocks when it is complete (the service has
-        taken it out of `service.tickets`); outputs go through `step`. Raises EngineError
-        BAD_REQUEST."""
+        taken it out of `service.tickets`), with the ranges `lent` on lenders (`borrow`); outputs go
+        through `step`. Raises EngineError BAD_REQUEST."""
 
     @abstractmethod
     async def abort_request(self, request_id: str) -> bool:
@@ -159,8 +165,9 @@ class Backend(ABC):
 
     # -- books ------------------------------------------------------------------------------------
     @abstractmethod
-    def check_prompt(self, prompt: list[int]) -> None:
-        """Raise `text.InvalidRequestError` for a prompt this engine cannot take."""
+    def check_prompt(self, prompt: list[int], whole: bool = True) -> None:
+        """Raise `text.InvalidRequestError` for a prompt this engine cannot take (`whole=False`: only part
+        of its KV will be here, a lent range or a borrower's own ranges: token ids and context only)."""
 
     @abstractmethod
     def engine_stats(self) -> EngineStats:

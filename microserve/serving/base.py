@@ -41,6 +41,7 @@ from microserve.serving.tickets import Aborted, Ticket, TicketBook, TicketState,
 from microserve.text import InvalidRequestError
 
 log = logging.getLogger(__name__)
+ARRIVAL_GRACE_S = 2.0  # how long `attend` waits for a lent range's KV whose write is ending
 
 MAX_LEASE_S = 120.0  # default cap of a ticket's lease (`--max-lease-seconds`)
 
@@ -63,6 +64,7 @@ class EngineService:
         self.engine_id, self.model_name = backend.engine_id, backend.model_name
         self.lease_s, self.transfer_timeout, self.max_lease_s = lease_s, transfer_timeout, max_lease_s
         self.kv_sign_key: bytes | None = None  # the cluster's KV key: every KVAddr handed out is signed
+        self.peer_key: Any = None  # the ClusterKey this engine calls other engines with (a borrower its lenders)
         self.tickets = TicketBook()
         self.events_addr = ""  # where KV events are published (the transport sets it)
         self.events = KVEventLog(self.engine_id)  # its `sink` is set by the transport
@@ -157,7 +159,7 @@ class EngineService:
         return P.RecvTicket(addr, ticket.matched)
 
     async def lend(self, req: P.Request, begin: int, end: int, lease_s: float | None = None) -> P.LendTicket:
-        prompt = self._validated(req)
+        prompt = self._validated(req, whole=False)  # NOTE: only the range is held here
         begin, end = norm_pos(begin, len(prompt), "begin"), norm_pos(end, len(prompt), "end")
         bs = self.kv_spec.block_size
         if begin >= end or begin % bs:
@@ -175,6 +177,9 @@ class EngineService:
             raise EngineError(ErrorCode.NOT_FOUND, f"no lent ticket {ticket_id!r} here (ended, aborted or expired)")
         if not hmac.compare_digest(ticket.secret, secret):
             raise EngineError(ErrorCode.FORBIDDEN, "wrong secret for the lent ticket")
+        if ticket.state is TicketState.OPEN:  # NOTE: the borrower's write returned; its completion may be on its way
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ticket.done.wait(), ARRIVAL_GRACE_S)
         if ticket.state is not TicketState.COMPLETE:
             raise EngineError(ErrorCode.BAD_REQUEST, "the lent range's KV has not arrived yet")
         if not 0 <= layer < self.kv_spec.num_layers:
@@ -276,10 +281,13 @@ class EngineService:
         return P.SendResult(nbytes, asyncio.get_running_loop().time() - t0, used, computed)
 
     # -- start_generate ----------------------------------------------------------------------------
-    async def start_generate(self, req: P.Request, begin: int = 0,
-                             sampling: SamplingParams | None = None) -> AsyncIterator[P.GenerateChunk]:
-        prompt = self._validated(req)
+    async def start_generate(self, req: P.Request, begin: int = 0, sampling: SamplingParams | None = None,
+                             lenders: list[P.LendTicket] | None = None) -> AsyncIterator[P.GenerateChunk]:
+        prompt = self._validated(req, whole=not lenders)  # NOTE: with lenders the engine checks what stays here
         begin = norm_pos(begin, len(prompt), "begin")
+        if lenders and begin:
+            raise EngineError(ErrorCode.BAD_REQUEST, "start_generate with lenders computes the whole prompt here: "
+                              f"begin must be 0 (got {begin})")
         sampling = sampling or req.sampling
         try:
             sampling.validate()
@@ -298,9 +306,10 @@ class EngineService:
         self.aborted.check(rid)  # NOTE: also when it was aborted while we waited for its KV
         if ticket is not None and ticket.state is TicketState.COMPLETE:
             self.tickets.remove(ticket)  # the backend adopts its blocks in submit
+        lent = self.backend.borrow(req, lenders) if lenders else None
         queue = self._streams[rid] = StreamQueue()
         try:
-            await self.backend.submit(req, prompt, begin, sampling, ticket)
+            await self.backend.submit(req, prompt, begin, sampling, ticket, lent)
         except BaseException:
             self._streams.pop(rid, None)
             raise
@@ -327,7 +336,9 @@ class EngineService:
                     reason, cached = more.finish_reason, more.num_cached_tokens or cached
                 finished = reason is not None
                 if reason == Finish.ERROR:
-                    raise EngineError(ErrorCode.INTERNAL, "the engine failed while running this request")
+                    error = out.error  # NOTE: a lender lost (DistAttention) says so
+                    raise EngineError(ErrorCode.UNAVAILABLE if error else ErrorCode.INTERNAL,
+                                      error or "the engine failed while running this request")
                 if tokens or finished:
                     yield P.GenerateChunk(tokens, reason, cached, logprobs or None, None if prompt_lps is None
                                           else [P.TokenLogprob(lp, top) for lp, top in prompt_lps])
@@ -375,9 +386,9 @@ class EngineService:
             hashes = self.backend.cached_hashes()
         return P.KVSnapshotReply(self.engine_id, hashes, self.events.seq)
 
-    def _validated(self, req: P.Request) -> list[int]:
+    def _validated(self, req: P.Request, whole: bool = True) -> list[int]:
         try:
-            self.backend.check_prompt(req.prompt_ids)
+            self.backend.check_prompt(req.prompt_ids, whole)
         except InvalidRequestError as exc:
             raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from exc
         return req.prompt_ids

@@ -18,13 +18,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from kvapi.transfer import KVAddr
+from kvapi.transfer import KVAddr, TransferError
+from kvapi.transfer.base import check_addr
+from microserve import protocol as P
 from microserve.engine.core.engine_core import StepOutput
+from microserve.engine.core.sequence import LentRange
 from microserve.engine.engine import LLMEngine
 from microserve.engine.model.dist_attention import range_attention
+from microserve.router.transport import ZMQTransport
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.core import CoreBackend
 from microserve.serving.kv_plane import KVPlane, PlaneTransfers
+from microserve.serving.lenders import RemoteLender, raw
 from microserve.serving.tickets import SendJob, Ticket
 
 
@@ -45,6 +50,7 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
         self.plane = plane
         self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
         self._send_pool = ThreadPoolExecutor(8, thread_name_prefix="kv-send")
+        self._lender_rpc: dict[str, ZMQTransport] = {}  # DistAttention: one channel per lender engine
 
     async def step(self) -> list[StepOutput]:
         return await asyncio.get_running_loop().run_in_executor(self._step_pool, self.engine.step)
@@ -79,16 +85,32 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
             out, lse = range_attention(qt, torch.tensor(positions, device=cache.device), cache,
                                        torch.tensor(ticket.blocks, device=cache.device), ticket.matched,
                                        ticket.end, scale)
-            return _raw(out), _raw(lse)
+            return raw(out), raw(lse)
 
         return await asyncio.get_running_loop().run_in_executor(self._send_pool, run)
 
+    def borrow(self, req: P.Request, lenders: list[P.LendTicket]) -> list[LentRange]:
+        ranges = []
+        for ticket in sorted(lenders, key=lambda t: t.kv.begin):
+            if not ticket.rpc:
+                raise EngineError(ErrorCode.BAD_REQUEST, f"lender {ticket.kv.engine_id}: its LendTicket names no rpc "
+                                  "address (pass the ticket EngineHandle.lend returned)")
+            try:
+                check_addr(ticket.kv, self.service.kv_sign_key)
+            except TransferError as exc:
+                raise EngineError(ErrorCode.of(exc.code), f"lender {ticket.kv.engine_id}: {exc}") from exc
+            rpc = self._lender_rpc.get(ticket.rpc)
+            if rpc is None:
+                rpc = self._lender_rpc[ticket.rpc] = ZMQTransport(ticket.rpc, cluster_key=self.service.peer_key)
+            peer = RemoteLender(ticket, self.plane, rpc, asyncio.get_running_loop(), self.service.transfer_timeout)
+            ranges.append(LentRange(ticket.kv.begin, ticket.kv.end, peer))
+        return ranges
+
     def close(self) -> None:
         super().close()
+        for rpc in self._lender_rpc.values():
+            rpc.close_nowait()
         self.plane.close()
         self._send_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _raw(t: torch.Tensor) -> bytes:
-    """A tensor's bytes, row-major, from the host (any dtype, bfloat16 included)."""
-    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()

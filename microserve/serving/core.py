@@ -26,6 +26,7 @@ from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.backend import Backend
 from microserve.serving.tickets import SendJob, Ticket, TicketState
+from microserve.text import check_prompt
 
 if TYPE_CHECKING:  # NOTE: torch-free here (the simulator runs these hooks)
     from microserve.serving.kv_store import StoreLink
@@ -199,7 +200,7 @@ class CoreBackend(Backend):
 
     # -- generating --------------------------------------------------------------------------------
     async def submit(self, req: P.Request, prompt: list[int], begin: int, sampling: SamplingParams,
-                      ticket: Ticket | None) -> None:
+                      ticket: Ticket | None, lent: list | None = None) -> None:
         if ticket is None or ticket.state is not TicketState.COMPLETE:
             await self._extend_from_store(prompt, len(prompt) - 1)
         async with self.service.lock:
@@ -212,7 +213,7 @@ class CoreBackend(Backend):
                 if seq is not None:
                     self.engine.add_sequence(seq)
                 else:
-                    self.engine.add_request(req.request_id, prompt, sampling)
+                    self.engine.add_request(req.request_id, prompt, sampling, lent)
             except InvalidRequestError as exc:
                 if seq is not None:
                     self.engine.release(seq)
@@ -232,5 +233,8 @@ class CoreBackend(Backend):
     def cached_hashes(self) -> list[int]:
         return self.engine.cached_prefix_hashes()
 
-    def check_prompt(self, prompt: list[int]) -> None:
-        self.engine.validate_prompt(prompt)
+    def check_prompt(self, prompt: list[int], whole: bool = True) -> None:
+        if whole:
+            self.engine.validate_prompt(prompt)
+        else:
+            check_prompt(prompt, self.engine.vocab_size, self.engine.max_model_len)

@@ -128,6 +128,7 @@ class ZMQFrontend:
             raise ValueError(f"unknown backend {opts.backend!r}; choose builtin or vllm")
         if opts.cluster_key is not None:
             self.service.use_kv_key(opts.cluster_key.kv_key)
+            self.service.peer_key = opts.cluster_key
         self.ctx = zmq.asyncio.Context()
         self.rpc_addr = self.events_addr = ""
         self._calls: set[asyncio.Task] = set()

@@ -93,7 +93,7 @@ def attend_borrowed(q: torch.Tensor, cache: torch.Tensor, layer: int, rows: Borr
         try:
             parts.append(future.result())
         except Exception as exc:  # NOTE: one lost lender fails its borrower, never the step
-            seq.error = seq.error or f"remote attention over positions [{begin}, {end}) failed: {exc}"
+            seq.error = seq.error or f"remote attention over positions [{begin}, {end}) failed: {exc or repr(exc)}"
     if seq.error is not None:
         return qs.new_zeros(n, qs.shape[1] * qs.shape[2])
     return merge(parts).reshape(n, -1)

@@ -322,8 +322,12 @@ class VLLMBackend(PlaneTransfers, Backend):
             queue.put_nowait(StepOutput(job_id, [], Finish.ABORT))  # vLLM sends no output for an abort
 
     # -- generating --------------------------------------------------------------------------------
+    def borrow(self, req: P.Request, lenders: list[P.LendTicket]) -> list:
+        raise EngineError(ErrorCode.BAD_REQUEST, "start_generate(lenders=...): the vLLM backend does not borrow "
+                          "KV ranges (its attention runs over its own pages only); borrow on built-in engines")
+
     async def submit(self, req: P.Request, prompt: list[int], begin: int, sampling: SamplingParams,
-                      ticket: Ticket | None) -> None:
+                      ticket: Ticket | None, lent: list | None = None) -> None:
         rid = req.request_id
         pending = self._pending.pop(rid, None)
         if ticket is not None and ticket.state is TicketState.COMPLETE and pending is not None:
@@ -347,7 +351,7 @@ class VLLMBackend(PlaneTransfers, Backend):
         return False
 
     # -- books -------------------------------------------------------------------------------------
-    def check_prompt(self, prompt: list[int]) -> None:
+    def check_prompt(self, prompt: list[int], whole: bool = True) -> None:
         check_prompt(prompt, self.vocab_size, self.max_model_len)
 
     def cached_hashes(self) -> list[int]:

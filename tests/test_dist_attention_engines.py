@@ -1,0 +1,131 @@
+"""DistAttention between real engine processes: a borrower whose pool holds 1,024 tokens serves a
+3,000-token prompt and 200 decoded tokens with ranges of its prompt on two lenders (the KV written
+through kvapi.transfer, each layer's attention over a lent range computed on its lender). Outputs equal
+an engine whose pool is large enough; lifetimes end with the request; a lost lender fails the request
+alone, quickly, with a clear error, and leaks nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+from checkpoints import make_checkpoint
+from engines import start_engine, wait_engine
+
+from microserve import SamplingParams
+from microserve.protocol import Request
+from microserve.router import EngineCallError, EngineHandle
+
+BS, RANGE = 16, 256
+COMMON = ["--block-size", str(BS), "--max-num-batched-tokens", "256", "--log-level", "error"]
+SAMPLING = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True, logprobs=5)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path, _ = make_checkpoint(tmp_path_factory.mktemp("da"), "llama", max_position_embeddings=4096)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def engines(model):
+    layout = {"B": ["--num-kv-blocks", "64"], "L1": ["--num-kv-blocks", "128"], "L2": ["--num-kv-blocks", "128"],
+              "R": ["--num-kv-blocks", "256", "--no-prefix-caching"]}
+    procs = {name: start_engine(model, *COMMON, *extra, engine_id=name) for name, extra in layout.items()}
+    running = {name: wait_engine(p) for name, p in procs.items()}
+    yield running
+    for eng in running.values():
+        eng.proc.terminate()
+    for eng in running.values():
+        eng.proc.wait(30)
+
+
+def prompt_of(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(2, 320) for _ in range(n)]
+
+
+async def collect(stream) -> tuple[list[int], list]:
+    tokens, logprobs = [], []
+    async for chunk in stream:
+        tokens += chunk.token_ids
+        logprobs += chunk.logprobs or []
+    return tokens, logprobs
+
+
+async def lend_overflow(req: Request, lenders: list[EngineHandle], begin: int, end: int) -> list:
+    """Ranges of RANGE tokens over [begin, end), dealt to the lenders in turn."""
+    return [await lenders[i % len(lenders)].lend(req, b, b + RANGE) for i, b in enumerate(range(begin, end, RANGE))]
+
+
+async def settle(h: EngineHandle, ok, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not ok(s := await h.stats()):
+        assert time.monotonic() < deadline, f"{h.name}: {s}"
+        await asyncio.sleep(0.05)
+    return s
+
+
+async def test_a_prompt_three_times_the_pool_decodes_as_one_large_engine(engines):
+    b, l1, l2, r = (EngineHandle(engines[n].rpc, name=n, timeout=60.0) for n in ("B", "L1", "L2", "R"))
+    try:
+        prompt = prompt_of(3000, seed=1)
+        with pytest.raises(EngineCallError, match="more KV blocks") as err:
+            await collect(b.start_generate(Request("too-big", prompt, SAMPLING)))
+        assert err.value.code == "bad_request"
+        want, want_lps = await collect(r.start_generate(Request("ref", prompt, SAMPLING)))
+        cached = [(await h.stats()).kv_blocks_cached for h in (l1, l2)]
+
+        req = Request("dist", prompt, SAMPLING)
+        lent = await lend_overflow(req, [l1, l2], RANGE, 2816)  # B keeps [0, 256) and [2816, 3200)
+        assert [(await h.stats()).kv_blocks_lent for h in (l1, l2)] == [80, 80]
+        got, lps = await collect(b.start_generate(req, lenders=lent))
+        assert got == want
+        assert len(lps) == len(want_lps) == 200
+        for lp, ref in zip(lps, want_lps):
+            assert lp.logprob == pytest.approx(ref.logprob, abs=1e-4)
+            assert [t for t, _ in lp.top] == [t for t, _ in ref.top]
+            assert [v for _, v in lp.top] == pytest.approx([v for _, v in ref.top], abs=1e-4)
+        s = await b.stats()
+        assert s.kv_blocks_used == s.kv_blocks_cached <= 64 and s.running == 0
+        assert [(await h.stats()).kv_blocks_cached for h in (l1, l2)] == cached, "lent KV entered a prefix cache"
+        for h in (l1, l2):  # the request ended: its strategy aborts it on the lenders
+            assert await h.abort(req.request_id)
+            await settle(h, lambda s: s.kv_blocks_lent == 0 and s.open_tickets == 0)
+    finally:
+        for h in (b, l1, l2, r):
+            await h.close()
+
+
+async def test_a_lender_killed_mid_decode_fails_its_request_quickly_and_leaks_nothing(engines, model):
+    lost = wait_engine(start_engine(model, *COMMON, "--num-kv-blocks", "128", engine_id="L3"))
+    b, l1, l3 = (EngineHandle(rpc, name=n, timeout=60.0) for n, rpc in
+                 (("B", engines["B"].rpc), ("L1", engines["L1"].rpc), ("L3", lost.rpc)))
+    try:
+        before = await b.stats()
+        prompt = prompt_of(2000, seed=2)
+        req = Request("lost", prompt, SAMPLING)
+        lent = await lend_overflow(req, [l1, l3], RANGE, 1792)
+        stream = b.start_generate(req, lenders=lent)
+        first = await anext(aiter(stream))
+        assert first.token_ids
+        lost.proc.kill()
+        t0 = time.monotonic()
+        with pytest.raises(EngineCallError) as err:
+            async for _ in stream:
+                pass
+        assert time.monotonic() - t0 < 10.0
+        assert err.value.code == "unavailable" and "lender" in str(err.value).lower(), err.value
+        await settle(b, lambda s: s.running == 0 and s.kv_blocks_used == s.kv_blocks_cached)
+        assert (await b.stats()).kv_blocks_cached >= before.kv_blocks_cached
+        assert await l1.abort(req.request_id)
+        await settle(l1, lambda s: s.kv_blocks_lent == 0 and s.open_tickets == 0)
+        # the borrower still serves
+        tokens, _ = await collect(b.start_generate(Request("after", prompt[:100], SAMPLING)))
+        assert len(tokens) == 200
+    finally:
+        for h in (b, l1, l3):
+            await h.close()
+        lost.proc.kill()

@@ -182,6 +182,7 @@ class StatsReply(msgspec.Struct, tag="stats_reply", forbid_unknown_fields=True):
     kernels: str = ""  # which kernels the model runs ("native", "native-scalar", "torch", "triton", "vllm")
     kv_store: list[StoreTierStats] = []  # the engine's KV store tiers (--kv-store), fastest first
     kv_blocks_lent: int = 0  # blocks held for other engines' requests (`lend`)
+    kv_blocks_borrowed: int = 0  # blocks of this engine's requests held by lenders (`start_generate(lenders=...)`)
     prefix_cache_query_tokens: int = 0  # prompt tokens looked up in the prefix cache (hits / queries: hit rate)
 
 

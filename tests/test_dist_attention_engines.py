@@ -42,9 +42,9 @@ def engines(model):
         eng.proc.wait(30)
 
 
-def prompt_of(n: int, seed: int) -> list[int]:
+def prompt_of(n: int, seed: int, vocab: int = 320) -> list[int]:
     rng = random.Random(seed)
-    return [rng.randrange(2, 320) for _ in range(n)]
+    return [rng.randrange(2, vocab) for _ in range(n)]
 
 
 async def collect(stream) -> tuple[list[int], list]:
@@ -111,6 +111,7 @@ async def test_a_lender_killed_mid_decode_fails_its_request_quickly_and_leaks_no
         stream = b.start_generate(req, lenders=lent)
         first = await anext(aiter(stream))
         assert first.token_ids
+        assert (await b.stats()).kv_blocks_borrowed == (1792 - RANGE) // BS  # every lent range is on its lender
         lost.proc.kill()
         t0 = time.monotonic()
         with pytest.raises(EngineCallError) as err:
@@ -129,3 +130,42 @@ async def test_a_lender_killed_mid_decode_fails_its_request_quickly_and_leaks_no
         for h in (b, l1, l3):
             await h.close()
         lost.proc.kill()
+
+
+async def test_launch_dist_attention_serves_a_prompt_no_engine_holds(engines, model):
+    """`launch --strategy strategies/dist_attention.py` over three engines of 1,024 tokens each: a
+    2,000-token prompt (token ids, through the official client) decodes as the large engine does, the
+    lenders' ranges are freed when it ends, and a small request still runs on one engine."""
+    import openai
+    from deploy import start_launch
+
+    from microserve.engine.model.tokenizer import Tokenizer
+
+    prompt = prompt_of(2000, seed=3, vocab=261)  # NOTE: ids the tokenizer knows (the gateway checks them)
+    sampling = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    r = EngineHandle(engines["R"].rpc, name="R", timeout=60.0)
+    try:
+        want, _ = await collect(r.start_generate(Request("ref-launch", prompt, sampling)))
+    finally:
+        await r.close()
+    dep = start_launch("--strategy", "strategies/dist_attention.py", "--engines", "3", "--model", model,
+                       *COMMON, "--num-kv-blocks", "64")
+    try:
+        client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="unused", max_retries=0)
+        await asyncio.sleep(2.0)  # NOTE: the router's first stats poll tells it every engine's free blocks
+        out = await client.completions.create(model=model, prompt=prompt, max_tokens=40, temperature=0,
+                                              extra_body={"ignore_eos": True})
+        assert out.choices[0].text == Tokenizer(model).decode(want)
+        small = await client.completions.create(model=model, prompt=prompt[:50], max_tokens=5, temperature=0)
+        assert small.choices[0].finish_reason == "length"
+        await client.close()
+        handles = [EngineHandle(rpc, name=name) for name, rpc in dep.engines.items()]
+        try:
+            for h in handles:
+                await settle(h, lambda s: s.kv_blocks_lent == 0 and s.running == 0 and s.open_tickets == 0
+                             and s.kv_blocks_used == s.kv_blocks_cached)
+        finally:
+            for h in handles:
+                await h.close()
+    finally:
+        assert dep.stop() == 0

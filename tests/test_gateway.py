@@ -175,7 +175,8 @@ async def test_metrics_parse_and_move(pd):
         assert name in before, name
     for engine in pd.engines:
         for name in ("microserve_engine_running_requests", "microserve_engine_kv_blocks_used",
-                     "microserve_prefix_cache_hit_tokens_total", "microserve_kv_blocks_lent"):
+                     "microserve_prefix_cache_hit_tokens_total", "microserve_kv_blocks_lent",
+                     "microserve_kv_blocks_borrowed"):
             assert f"{name}{{engine={engine}}}" in before, (name, engine)
         kernels = [k for k in before if k.startswith(f"microserve_engine_info{{engine={engine},")]
         assert kernels and "kernels=native" in kernels[0] and before[kernels[0]] == 1, kernels

@@ -200,6 +200,8 @@ class _EngineCollector:
                                             "because its write queue was full", labels=["engine"])
         lent = GaugeMetricFamily("microserve_kv_blocks_lent", "KV blocks the engine holds for other engines' "
                                  "requests (DistAttention's lend)", labels=["engine"])
+        borrowed = GaugeMetricFamily("microserve_kv_blocks_borrowed", "KV blocks of the engine's requests that "
+                                     "lenders hold (DistAttention)", labels=["engine"])
         for h in self.cluster.handles:
             up.add_metric([h.name, h.role or ""], 1.0 if h.alive else 0.0)
             s = self.cluster.load(h).stats
@@ -213,6 +215,7 @@ class _EngineCollector:
             computed.add_metric([h.name], s.computed_tokens_total)
             info.add_metric([h.name, s.kernels or "none"], 1.0)
             lent.add_metric([h.name], s.kv_blocks_lent)
+            borrowed.add_metric([h.name], s.kv_blocks_borrowed)
             for t in s.kv_store:
                 store_hits.add_metric([h.name, t.tier], t.hit_tokens)
                 store_bytes.add_metric([h.name, t.tier, "read"], t.bytes_read)
@@ -220,5 +223,5 @@ class _EngineCollector:
                 store_errors.add_metric([h.name, t.tier], t.errors)
             if s.kv_store:
                 store_dropped.add_metric([h.name], s.kv_store[0].dropped_writes)
-        yield from (up, running, waiting, used, total, hits, computed, info, lent, store_hits, store_bytes,
+        yield from (up, running, waiting, used, total, hits, computed, info, lent, borrowed, store_hits, store_bytes,
                     store_errors, store_dropped)

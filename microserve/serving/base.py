@@ -373,7 +373,7 @@ class EngineService:
             prefix_cache_hit_tokens=s.prefix_cache_hit_tokens, computed_tokens_total=s.computed_tokens_total,
             num_preemptions=s.num_preemptions, open_tickets=len(self.tickets), active_sends=len(self._sends),
             kv_bytes_sent=sent, kv_bytes_received=received, kernels=s.kernels, kv_store=self.backend.store_stats(),
-            kv_blocks_lent=sum(len(t.blocks) for t in self.tickets.lent()),
+            kv_blocks_lent=sum(len(t.blocks) for t in self.tickets.lent()), kv_blocks_borrowed=s.kv_blocks_borrowed,
             prefix_cache_query_tokens=s.prefix_cache_query_tokens)
 
     def health(self) -> P.HealthReply:

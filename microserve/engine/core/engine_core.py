@@ -63,6 +63,7 @@ class EngineStats:
     computed_tokens_total: int = 0  # tokens run through the model (prefill + decode)
     queued_tokens: int = 0  # tokens still to compute over waiting and running requests
     kernels: str = ""  # which kernels the model runs: "native", "native-scalar", "torch", "triton" ("" no model)
+    kv_blocks_borrowed: int = 0  # blocks of running requests' lent ranges whose KV lenders hold (DistAttention)
 
 
 class EngineCore:
@@ -347,6 +348,8 @@ class EngineCore:
             computed_tokens_total=self.computed_tokens_total,
             queued_tokens=sum(s.num_tokens - s.num_computed_tokens
                               for s in (*self.scheduler.waiting, *self.scheduler.running)),
+            kv_blocks_borrowed=sum((r.end - r.begin) // self.block_size
+                                   for s in self.scheduler.running for r in s.lent if r.pushed),
         )
 
     def sequence(self, request_id: str) -> Sequence | None:

@@ -1,0 +1,35 @@
+"""DistAttention (DistKV-LLM): data parallel, and a request larger than its engine's free KV borrows the
+overflow: ranges of its prompt are lent by the engines with the most free blocks (the global manager's
+rule), their KV is written there and each layer's attention over them runs there."""
+
+from microserve import Strategy
+
+
+def room(cluster, engine) -> int:
+    """Free KV tokens on an engine by its last stats (cached blocks can be evicted)."""
+    s = cluster.load(engine).stats
+    free = s.kv_blocks_total - s.kv_blocks_used + s.kv_blocks_cached if s else 0
+    return free * cluster.health[engine].kv_spec.block_size
+
+
+class DistAttention(Strategy):
+    roles = {"engine": 2}
+    span = 256  # tokens per lent range: the borrower computes one here before it moves (2 fit beside the rest)
+
+    async def generate(self, req, cluster):
+        engine, n = cluster.least_loaded(), len(req.prompt_ids)
+        need, have = n + req.sampling.max_tokens, room(cluster, engine) - 2 * self.span
+        end = min(-(-(self.span + need - have) // self.span) * self.span, n // self.span * self.span)
+        lenders = {e: room(cluster, e) for e in cluster.engines() if e is not engine}
+        ranges = []
+        if need > have and lenders:  # keep [0, span) and the tail here; lend [span, end) in spans
+            for begin in range(self.span, end, self.span):
+                lender = max(lenders, key=lenders.get)
+                lenders[lender] -= self.span
+                ranges.append((lender, await lender.lend(req, begin, begin + self.span)))
+        try:
+            async for chunk in engine.start_generate(req, lenders=[t for _, t in ranges]):
+                yield chunk
+        finally:  # NOTE: the lent ranges live exactly as long as the request
+            for lender in {h for h, _ in ranges}:
+                await lender.abort(req.request_id)

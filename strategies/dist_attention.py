@@ -14,15 +14,15 @@ def room(cluster, engine) -> int:
 
 class DistAttention(Strategy):
     roles = {"engine": 2}
-    span = 256  # tokens per lent range: the borrower computes one here before it moves (2 fit beside the rest)
+    span = 256  # tokens per lent range (each is computed here before it moves: two fit beside the head)
 
     async def generate(self, req, cluster):
         engine, n = cluster.least_loaded(), len(req.prompt_ids)
-        need, have = n + req.sampling.max_tokens, room(cluster, engine) - 2 * self.span
-        end = min(-(-(self.span + need - have) // self.span) * self.span, n // self.span * self.span)
+        need, have = n + req.sampling.max_tokens, room(cluster, engine) - self.span  # NOTE: polled: a margin
         lenders = {e: room(cluster, e) for e in cluster.engines() if e is not engine}
         ranges = []
-        if need > have and lenders:  # keep [0, span) and the tail here; lend [span, end) in spans
+        if need > have and lenders:  # keep [0, span) and the tail here, lend [span, end) in spans
+            end = min(-(-(self.span + need - have) // self.span) * self.span, n // self.span * self.span)
             for begin in range(self.span, end, self.span):
                 lender = max(lenders, key=lenders.get)
                 lenders[lender] -= self.span

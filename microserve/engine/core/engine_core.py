@@ -111,7 +111,8 @@ class EngineCore:
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         lent = list(lent or ())
-        self.validate_prompt(prompt_ids, self._check_lent(lent, len(prompt_ids)))
+        self._check_lent(lent, len(prompt_ids))
+        self.validate_prompt(prompt_ids, lent)
         sampling.validate()
         seq = Sequence(request_id, prompt_ids, sampling)
         seq.lent = lent
@@ -139,19 +140,26 @@ class EngineCore:
         self._seqs.pop(seq.request_id, None)
         self.kv.free(seq)
 
-    def validate_prompt(self, prompt_ids: list[int], lent_tokens: int = 0) -> None:
-        """`lent_tokens`: tokens of the prompt that lenders hold (DistAttention), counted out of the pool
-        check except the largest range, which is computed here before it moves."""
+    def validate_prompt(self, prompt_ids: list[int], lent: list[LentRange] = ()) -> None:
+        """`lent`: ranges of the prompt that lenders hold (DistAttention). They count out of the pool
+        check, but each is computed here before it moves: while they are, the local tokens before the
+        last one and the ranges a prefill chunk spans (staging) must fit."""
         check_prompt(prompt_ids, self.vocab_size, self.max_model_len)
         n = len(prompt_ids)
-        if -(-(n + 1 - lent_tokens) // self.block_size) > self.kv.num_blocks:
+        lent_tokens = sum(r.end - r.begin for r in lent)
+        need = n + 1 - lent_tokens
+        if lent:
+            largest = max(r.end - r.begin for r in lent)
+            staging = largest + max(largest, self.config.max_num_batched_tokens)
+            need = max(need, lent[-1].end - lent_tokens + staging)
+        if -(-need // self.block_size) > self.kv.num_blocks:
             raise InvalidRequestError(
                 f"prompt of {n} tokens needs more KV blocks than the cache has ({self.kv.num_blocks})"
                 + (f" with {lent_tokens} of them lent" if lent_tokens else ""))
 
-    def _check_lent(self, lent: list[LentRange], n: int) -> int:
+    def _check_lent(self, lent: list[LentRange], n: int) -> None:
         """Raise InvalidRequestError for lent ranges that are not sorted, disjoint, on block boundaries and
-        within the prompt; returns the tokens lenders hold, less the largest range (staged here first)."""
+        within the prompt."""
         bs, last = self.block_size, 0
         for r in lent:
             if r.begin < last or r.begin >= r.end or r.begin % bs or r.end % bs or r.end > n:
@@ -159,8 +167,6 @@ class EngineCore:
                     f"lent range [{r.begin}, {r.end}): lent ranges are sorted, disjoint, non-empty, on block "
                     f"boundaries (block size {bs}) and within the prompt ({n} tokens)")
             last = r.end
-        sizes = [r.end - r.begin for r in lent]
-        return sum(sizes) - max(sizes, default=0)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request and free its blocks; False if it is unknown or already done."""

@@ -86,8 +86,16 @@ class Lend(msgspec.Struct, tag="lend", forbid_unknown_fields=True):
     lease_s: float | None = None
 
 
+class LentRef(msgspec.Struct, array_like=True):
+    """Another range lent on the same engine: its ticket and the ticket's secret."""
+
+    ticket_id: str
+    secret: str
+
+
 class Attend(msgspec.Struct, tag="attend", forbid_unknown_fields=True):
-    """A borrower's query rows of one layer, attended here over a range this engine lent (DistAttention)."""
+    """A borrower's query rows of one layer, attended here over a range this engine lent (DistAttention),
+    and over each range in `more` (the reply is then the part over all of them, merged here)."""
 
     ticket_id: str
     secret: str  # the lent ticket's (its KVAddr's): only the borrower holds it
@@ -95,6 +103,7 @@ class Attend(msgspec.Struct, tag="attend", forbid_unknown_fields=True):
     positions: list[int]  # each row's position in its sequence (causality)
     q: bytes  # [rows, query heads, head dim] in the KV cache's dtype, row-major
     scale: float
+    more: list[LentRef] = []  # further ranges of the same request lent here: one message per lender and layer
 
 
 class Abort(msgspec.Struct, tag="abort", forbid_unknown_fields=True):

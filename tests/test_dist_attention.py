@@ -96,6 +96,7 @@ class _Lender:
         self.cache = engine.kv_spec.allocate(n + 3, "cpu")
         self.blocks = torch.tensor([n + 2 - i for i in range(n)])  # scattered, not the borrower's numbers
         self.attends = 0
+        self.lender = self  # NOTE: each test lender is its own engine: one range each
 
     def write(self, seq, begin: int, end: int) -> None:
         bs = self.engine.block_size
@@ -103,7 +104,7 @@ class _Lender:
         src = torch.tensor(seq.block_table[begin // bs:end // bs])
         self.cache[:, :, self.blocks] = self.engine.runner.kv_cache[:, :, src]
 
-    def attend(self, layer, positions, q, scale):
+    def attend(self, layer, positions, q, scale, more=()):
         from concurrent.futures import Future
 
         self.attends += 1

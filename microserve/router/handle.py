@@ -252,9 +252,11 @@ class EngineHandle:
         return msgspec.structs.replace(ticket, rpc=self.address)  # type: ignore[type-var]
 
     async def attend(self, ticket: P.LendTicket, layer: int, positions: list[int], q: bytes, scale: float, *,
-                     timeout: float | None = None) -> P.AttendReply:
-        """The part of a layer's attention over a range this engine lent (`lend`), for these query rows."""
-        return await self.call(P.Attend(ticket.kv.ticket_id, ticket.kv.secret, layer, positions, q, scale),
+                     more: list[P.LendTicket] = (), timeout: float | None = None) -> P.AttendReply:
+        """The part of a layer's attention over a range this engine lent (`lend`), for these query rows
+        (with `more`: over those ranges of the same request too, merged into one part)."""
+        refs = [P.LentRef(t.kv.ticket_id, t.kv.secret) for t in more]
+        return await self.call(P.Attend(ticket.kv.ticket_id, ticket.kv.secret, layer, positions, q, scale, refs),
                                timeout)  # type: ignore[return-value]
 
     def release(self, request_id: str) -> None:

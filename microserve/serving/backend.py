@@ -118,10 +118,10 @@ class Backend(ABC):
         the call in a backend that does not lend."""
 
     @abstractmethod
-    async def attend_range(self, ticket: Ticket, layer: int, positions: list[int], q: bytes,
-                     scale: float) -> tuple[bytes, bytes]:
-        """The part of attention over a complete lent ticket's range for these query rows: (out, lse)
-        as `AttendReply` carries them. Called by `attend` (ticket and secret checked). Raises
+    async def attend_range(self, tickets: list[Ticket], layer: int, positions: list[int], q: bytes,
+                           scale: float) -> tuple[bytes, bytes]:
+        """The part of attention over complete lent tickets' ranges (one request's, merged) for these
+        query rows: (out, lse) as `AttendReply` carries them. Called by `attend` (tickets and secrets checked). Raises
         EngineError BAD_REQUEST (shapes), or naming the call in a backend that does not lend."""
 
     # -- sending (remote_send) ------------------------------------------------------------------

@@ -171,7 +171,20 @@ class EngineService:
         return P.LendTicket(await self._issue(ticket, lease))
 
     async def attend(self, ticket_id: str, secret: str, layer: int, positions: list[int], q: bytes,
-                     scale: float) -> P.AttendReply:
+                     scale: float, more: list[P.LentRef] | None = None) -> P.AttendReply:
+        if not 0 <= layer < self.kv_spec.num_layers:
+            raise EngineError(ErrorCode.BAD_REQUEST, f"layer {layer} is outside [0, {self.kv_spec.num_layers})")
+        refs = [(ticket_id, secret), *((r.ticket_id, r.secret) for r in more or ())]
+        tickets = [await self._lent(tid, key) for tid, key in refs]
+        for ticket in tickets:
+            if ticket.expiry is not None:  # NOTE: a range in use lives on: each attend renews the lease
+                ticket.expiry.cancel()
+                ticket.expiry = asyncio.get_running_loop().call_later(ticket.lease, self._expire, ticket.id)
+        out, lse = await self.backend.attend_range(tickets, layer, positions, q, scale)
+        return P.AttendReply(out, lse)
+
+    async def _lent(self, ticket_id: str, secret: str) -> Ticket:
+        """A lent ticket whose KV arrived, its secret checked."""
         ticket = self.tickets.get(ticket_id)
         if ticket is None or not ticket.lent:
             raise EngineError(ErrorCode.NOT_FOUND, f"no lent ticket {ticket_id!r} here (ended, aborted or expired)")
@@ -182,13 +195,7 @@ class EngineService:
                 await asyncio.wait_for(ticket.done.wait(), ARRIVAL_GRACE_S)
         if ticket.state is not TicketState.COMPLETE:
             raise EngineError(ErrorCode.BAD_REQUEST, "the lent range's KV has not arrived yet")
-        if not 0 <= layer < self.kv_spec.num_layers:
-            raise EngineError(ErrorCode.BAD_REQUEST, f"layer {layer} is outside [0, {self.kv_spec.num_layers})")
-        if ticket.expiry is not None:  # NOTE: a range in use lives on: each attend renews the lease
-            ticket.expiry.cancel()
-            ticket.expiry = asyncio.get_running_loop().call_later(ticket.lease, self._expire, ticket.id)
-        out, lse = await self.backend.attend_range(ticket, layer, positions, q, scale)
-        return P.AttendReply(out, lse)
+        return ticket
 
     def _lease(self, lease_s: float | None) -> float:
         lease = self.lease_s if lease_s is None else lease_s

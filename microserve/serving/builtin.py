@@ -24,7 +24,7 @@ from microserve import protocol as P
 from microserve.engine.core.engine_core import StepOutput
 from microserve.engine.core.sequence import LentRange
 from microserve.engine.engine import LLMEngine
-from microserve.engine.model.dist_attention import range_attention
+from microserve.engine.model.dist_attention import merge_parts, range_attention
 from microserve.router.transport import ZMQTransport
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.core import CoreBackend
@@ -67,8 +67,8 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
             raise
         return stats.nbytes, stats.transport
 
-    async def attend_range(self, ticket: Ticket, layer: int, positions: list[int], q: bytes,
-                     scale: float) -> tuple[bytes, bytes]:
+    async def attend_range(self, tickets: list[Ticket], layer: int, positions: list[int], q: bytes,
+                           scale: float) -> tuple[bytes, bytes]:
         cache = self.engine.runner.kv_cache[layer]
         d, hkv = cache.shape[-1], cache.shape[-2]
         row = hkv * d * cache.element_size()
@@ -82,9 +82,9 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
 
         def attend() -> tuple[bytes, bytes]:
             qt = torch.frombuffer(bytearray(q), dtype=cache.dtype).view(len(positions), -1, d).to(cache.device)
-            out, lse = range_attention(qt, torch.tensor(positions, device=cache.device), cache,
-                                       torch.tensor(ticket.blocks, device=cache.device), ticket.matched,
-                                       ticket.end, scale)
+            pos = torch.tensor(positions, device=cache.device)
+            out, lse = merge_parts([range_attention(qt, pos, cache, torch.tensor(t.blocks, device=cache.device),
+                                                    t.matched, t.end, scale) for t in tickets])
             return raw(out), raw(lse)
 
         return await asyncio.get_running_loop().run_in_executor(self._send_pool, run)

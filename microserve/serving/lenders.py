@@ -40,6 +40,7 @@ class RemoteLender:
     def __init__(self, ticket: P.LendTicket, plane: KVPlane, rpc: ZMQTransport, loop: asyncio.AbstractEventLoop,
                  timeout: float) -> None:
         self.kv, self.plane, self.rpc, self.loop = ticket.kv, plane, rpc, loop
+        self.lender = ticket.rpc  # ranges on one lender are attended in one message per layer
         self.timeout = min(timeout, ATTEND_TIMEOUT_S)
 
     def write(self, seq, begin: int, end: int) -> None:
@@ -48,8 +49,11 @@ class RemoteLender:
         except Exception as exc:
             raise EngineError(ErrorCode.UNAVAILABLE, f"lender {self.kv.engine_id}: {exc}") from exc
 
-    def attend(self, layer: int, positions: torch.Tensor, q: torch.Tensor, scale: float) -> Future:
-        msg = P.Attend(self.kv.ticket_id, self.kv.secret, layer, positions.tolist(), raw(q), scale)
+    def attend(self, layer: int, positions: torch.Tensor, q: torch.Tensor, scale: float,
+               more: list[RemoteLender] = ()) -> Future:
+        """`more`: other ranges of the request on the same lender (one message, one merged part back)."""
+        msg = P.Attend(self.kv.ticket_id, self.kv.secret, layer, positions.tolist(), raw(q), scale,
+                       [P.LentRef(p.kv.ticket_id, p.kv.secret) for p in more])
         return asyncio.run_coroutine_threadsafe(self._attend(msg, q.shape, q.dtype), self.loop)
 
     async def _attend(self, msg: P.Attend, shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

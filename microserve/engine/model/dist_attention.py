@@ -67,15 +67,22 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """The attention output over the union of the parts' keys: parts are `(out [R, Hq, D], lse [R, Hq])`
     over disjoint key sets of the same query rows. A row that no part saw raises (every row sees at
     least its own token, which one part holds)."""
+    out, lse = merge_parts(parts)
+    if not torch.isfinite(lse).all():
+        raise ValueError("a query row saw no key in any part")
+    return out
+
+
+def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parts over disjoint key sets merged into one part `(out, lse)` over their union (a lender merges
+    the ranges it holds for one request; merging is associative). A row no part saw keeps out 0, lse -inf."""
     if not parts:
         raise ValueError("nothing to merge")
     lse = torch.stack([p[1] for p in parts])  # [P, R, Hq]
     total = torch.logsumexp(lse, dim=0)  # [R, Hq]
-    if not torch.isfinite(total).all():
-        raise ValueError("a query row saw no key in any part")
-    weights = torch.exp(lse - total)  # [P, R, Hq]; 0 for parts that saw nothing
+    weights = torch.exp(lse - torch.where(torch.isfinite(total), total, 0.0))  # [P, R, Hq]; 0 for unseen
     out = sum(w[..., None] * p[0].float() for w, p in zip(weights, parts))
-    return out.to(parts[0][0].dtype)  # type: ignore[union-attr]
+    return out.to(parts[0][0].dtype), total  # type: ignore[union-attr]
 
 
 def attend_borrowed(q: torch.Tensor, cache: torch.Tensor, layer: int, rows: BorrowedRows,
@@ -87,13 +94,18 @@ def attend_borrowed(q: torch.Tensor, cache: torch.Tensor, layer: int, rows: Borr
     n = rows.num_tokens
     qs = q[rows.token_start:rows.token_start + n]
     seq = rows.seq
-    asked = [peer.attend(layer, rows.positions, qs, scale) for peer, _, _ in rows.remote] if seq.error is None else []
+    by_lender: dict = {}  # one message per lender and layer, whatever the number of its ranges
+    for peer, begin, end in rows.remote:
+        by_lender.setdefault(peer.lender, []).append((peer, begin, end))
+    asked = [(group, group[0][0].attend(layer, rows.positions, qs, scale, [p for p, _, _ in group[1:]]))
+             for group in by_lender.values()] if seq.error is None else []
     parts = [range_attention(qs, rows.positions, cache, blocks, begin, end, scale) for begin, end, blocks in rows.local]
-    for (_, begin, end), future in zip(rows.remote, asked):
+    for group, future in asked:
         try:
             parts.append(future.result())
         except Exception as exc:  # NOTE: one lost lender fails its borrower, never the step
-            seq.error = seq.error or f"remote attention over positions [{begin}, {end}) failed: {exc or repr(exc)}"
+            spans = ", ".join(f"[{b}, {e})" for _, b, e in group)
+            seq.error = seq.error or f"remote attention over positions {spans} failed: {exc or repr(exc)}"
     if seq.error is not None:
         return qs.new_zeros(n, qs.shape[1] * qs.shape[2])
     return merge(parts).reshape(n, -1)

@@ -125,12 +125,12 @@ def _serve(engine, requests: dict[str, tuple[list[int], list | None]], sampling)
     return out
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen3"])
-def test_an_engine_serves_a_prompt_larger_than_its_pool_with_two_lenders(tmp_path, variant):
+@pytest.mark.parametrize("variant,seed", [("llama", None), ("qwen3", None), ("llama", 7)])
+def test_an_engine_serves_a_prompt_larger_than_its_pool_with_two_lenders(tmp_path, variant, seed):
     """A 400-token prompt and 30 decoded tokens in a pool of 320 tokens: positions [64, 192) and [192, 320)
-    live on two lenders (prefill chunks of 48 tokens straddle both boundaries). Greedy tokens and top-5
-    logprobs equal an engine with a pool large enough, also for a request without lenders in the same
-    batches; the lent KV left the borrower's pool, and its blocks are all back at the end."""
+    live on two lenders (prefill chunks of 48 tokens straddle both boundaries). Greedy (or seeded sampled)
+    tokens and top-5 logprobs equal an engine with a pool large enough, also for a request without lenders
+    in the same batches; the lent KV left the borrower's pool, and its blocks are all back at the end."""
     from checkpoints import make_checkpoint
 
     from microserve import SamplingParams
@@ -141,7 +141,8 @@ def test_an_engine_serves_a_prompt_larger_than_its_pool_with_two_lenders(tmp_pat
     path, _ = make_checkpoint(tmp_path / variant, variant)
     gen = torch.Generator().manual_seed(5)
     long, short = (torch.randint(2, 320, (n,), generator=gen).tolist() for n in (400, 40))
-    sp = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, logprobs=5)
+    sp = SamplingParams(max_tokens=30, temperature=0.0 if seed is None else 0.8, seed=seed, ignore_eos=True,
+                        logprobs=5)
     cfg = dict(block_size=BS, max_num_batched_tokens=48, skip_tokenizer_init=True)
     big = LLMEngine(path, config=EngineConfig(num_kv_blocks=64, **cfg))
     want = _serve(big, {"long": (long, None), "short": (short, None)}, sp)

@@ -169,3 +169,27 @@ async def test_launch_dist_attention_serves_a_prompt_no_engine_holds(engines, mo
                 await h.close()
     finally:
         assert dep.stop() == 0
+
+
+async def test_a_disconnect_mid_decode_and_the_lease_give_every_block_back(engines):
+    """The client leaves mid-decode (the borrower's stream closed): the borrower frees the request at once;
+    nobody aborts it on the lenders, so their ranges end with the lease (each attend renewed it)."""
+    b, l1, l2 = (EngineHandle(engines[n].rpc, name=n, timeout=60.0) for n in ("B", "L1", "L2"))
+    try:
+        base = [await h.stats() for h in (b, l1, l2)]
+        req = Request("gone", prompt_of(1500, seed=4), SAMPLING)
+        lent = [await (l1, l2)[i % 2].lend(req, begin, begin + RANGE, lease_s=2.0)
+                for i, begin in enumerate(range(RANGE, 1280, RANGE))]
+        stream = b.start_generate(req, lenders=lent)
+        async for chunk in stream:
+            if chunk.token_ids:
+                break
+        await stream.aclose()
+        await settle(b, lambda s: s.running == 0 and s.kv_blocks_used == s.kv_blocks_cached)
+        assert [(await h.stats()).kv_blocks_lent for h in (l1, l2)] == [32, 32]  # held until the lease ends
+        for h, before in zip((l1, l2), base[1:]):
+            await settle(h, lambda s: s.kv_blocks_lent == 0 and s.open_tickets == 0
+                         and s.kv_blocks_used == before.kv_blocks_used)
+    finally:
+        for h in (b, l1, l2):
+            await h.close()

@@ -188,8 +188,8 @@ async def test_a_disconnect_mid_decode_and_the_lease_give_every_block_back(engin
         await settle(b, lambda s: s.running == 0 and s.kv_blocks_used == s.kv_blocks_cached)
         assert [(await h.stats()).kv_blocks_lent for h in (l1, l2)] == [32, 32]  # held until the lease ends
         for h, before in zip((l1, l2), base[1:]):
-            await settle(h, lambda s: s.kv_blocks_lent == 0 and s.open_tickets == 0
-                         and s.kv_blocks_used == before.kv_blocks_used)
+            await settle(h, lambda s, used=before.kv_blocks_used: s.kv_blocks_lent == 0 and s.open_tickets == 0
+                         and s.kv_blocks_used == used)
     finally:
         for h in (b, l1, l2):
             await h.close()

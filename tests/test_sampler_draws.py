@@ -67,16 +67,18 @@ SETTINGS = [
 ]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("sp", SETTINGS, ids=lambda sp: f"T{sp.temperature}-k{sp.top_k}-p{sp.top_p}-m{sp.min_p}")
-def test_draws_follow_the_exact_truncated_softmax(sp):
+def test_draws_follow_the_exact_truncated_softmax(sp, device):
+    """On CUDA (`.ci/gpu-check`) the same torch ops draw on the device, with the device's generator."""
     row, n = _row(), 20_000
     want = _expected(row, sp)
-    gen = torch.Generator().manual_seed(1234)
-    batch = row.unsqueeze(0).repeat(2_000, 1)
+    gen = torch.Generator(device=device).manual_seed(1234)
+    batch = row.unsqueeze(0).repeat(2_000, 1).to(device)
     seqs = [_Seq(sp)] * batch.shape[0]
     counts = torch.zeros(VOCAB, dtype=torch.double)
     for _ in range(n // batch.shape[0]):
-        counts += torch.bincount(sampler._draw(batch, seqs, gen), minlength=VOCAB).double()
+        counts += torch.bincount(sampler._draw(batch, seqs, gen).cpu(), minlength=VOCAB).double()
     inside = want > 0
     assert counts[~inside].sum() == 0, f"drew tokens outside the set: {(~inside & (counts > 0)).nonzero().tolist()}"
     expected = want[inside] * n

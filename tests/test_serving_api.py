@@ -108,6 +108,12 @@ def test_dispatch_is_the_one_entry_and_errors_cross_the_in_process_transport():
             with pytest.raises(EngineCallError, match="lend: the simulator") as call_err:  # DistAttention
                 await h.lend(P.Request("r4", list(range(64))), 0, 32)
             assert call_err.value.code is ErrorCode.BAD_REQUEST
+            held = await h.prep_recv(P.Request("r5", list(range(64))), 32)
+            with pytest.raises(EngineCallError, match=r"start_generate\(lenders=...\): the simulator") as call_err:
+                async for _ in h.start_generate(P.Request("r6", list(range(64))), lenders=[P.LendTicket(held.kv, "x")]):
+                    pass
+            assert call_err.value.code is ErrorCode.BAD_REQUEST
+            assert await h.abort("r5")
             stream = h.start_generate(P.Request("r3", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True)))
             chunks = [c async for c in stream]
             assert sum(len(c.token_ids) for c in chunks) == 3 and chunks[-1].finish_reason == "length"

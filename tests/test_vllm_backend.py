@@ -25,7 +25,7 @@ from engines import start_engine, wait_engine
 
 from kvapi.transfer.base import sign_addr
 from microserve.demo import demo_model
-from microserve.protocol import Request
+from microserve.protocol import LendTicket, Request
 from microserve.router.handle import EngineCallError, EngineHandle
 from microserve.sampling_params import SamplingParams
 from microserve.security import resolve as resolve_key
@@ -228,8 +228,12 @@ def test_abort_and_lease_expiry_free_the_blocks_vllm_holds(cluster):
             assert (await b.stats()).kv_blocks_used == base
 
             r = req(rand_prompt(200, 22))
-            await b.prep_recv(r, 199)
+            held = await b.prep_recv(r, 199)
             assert (await b.stats()).kv_blocks_used > base
+            with pytest.raises(EngineCallError, match=r"start_generate\(lenders=...\): the vLLM backend") as err:
+                async for _ in b.start_generate(req(rand_prompt(64, 24)), lenders=[LendTicket(held.kv, "x")]):
+                    pass
+            assert err.value.code == "bad_request"
             assert await b.abort(r.request_id)
             after = await b.stats()
             assert after.kv_blocks_used == base and after.open_tickets == 0, "abort freed the blocks"

@@ -55,6 +55,7 @@ from microserve.security import ClusterKey
 
 API, ADMIN = "chaos-api", "chaos-admin"
 MAX_TOKENS = 12
+FAULTS = ["kill9", "stop_cont", "drain_join", "valkey_restart", "flood", "corrupt_store"]
 STRATEGY = '''"""1P2D with a cache-aware decode engine: where the most of the prompt is cached, unless busier."""
 from microserve import Strategy
 
@@ -118,6 +119,7 @@ class Chaos:
         self.args = args
         self.rng = random.Random(args.seed)  # the load (its order depends on timing)
         self.fault_rng = random.Random(f"faults-{args.seed}")  # which fault, when: the same for a seed
+        self.cycle: list[str] = []  # the kinds of fault still to inject in this round of six
         self.outcomes: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self.violations: list[str] = []
@@ -248,7 +250,9 @@ class Chaos:
     async def fault(self, session: aiohttp.ClientSession) -> str:
         admin = {"Authorization": f"Bearer {ADMIN}"}
         live = [e for e in await self.engines(session) if e["alive"] and not e.get("draining")]
-        name = self.fault_rng.choice(["kill9", "stop_cont", "drain_join", "valkey_restart", "flood", "corrupt_store"])
+        if not self.cycle:  # NOTE: every kind once in each six faults, in a seeded order
+            self.cycle = self.fault_rng.sample(FAULTS, len(FAULTS))
+        name = self.cycle.pop()
         if name in ("kill9", "stop_cont", "drain_join") and not live:
             return "none"
         victim = self.fault_rng.choice(live) if live else None

@@ -127,7 +127,7 @@ class EngineAPI(Protocol):
         ...
 
     async def attend(self, ticket_id: str, secret: str, layer: int, positions: list[int], q: bytes,
-                     scale: float, more: list[P.LentRef] | None = None) -> P.AttendReply:
+                     scale: float, more: list[P.LentRef] = ()) -> P.AttendReply:
         """Called by the engine that borrowed a range here (DistAttention), for each layer that needs it.
 
         Attends the query rows (`q`: [rows, query heads, head dim] in the KV dtype; `positions`:
@@ -171,7 +171,7 @@ async def dispatch(api: EngineAPI, call: P.Call) -> P.Reply | AsyncIterator[P.Ge
         return await api.lend(call.req, call.begin, call.end, call.lease_s)
     if isinstance(call, P.Attend):
         return await api.attend(call.ticket_id, call.secret, call.layer, call.positions, call.q, call.scale,
-                                call.more or None)
+                                call.more)
     if isinstance(call, P.Abort):
         return P.AbortReply(await api.abort(call.request_id))
     if isinstance(call, P.Stats):

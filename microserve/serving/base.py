@@ -41,8 +41,8 @@ from microserve.serving.tickets import Aborted, Ticket, TicketBook, TicketState,
 from microserve.text import InvalidRequestError
 
 log = logging.getLogger(__name__)
-ARRIVAL_GRACE_S = 2.0  # how long `attend` waits for a lent range's KV whose write is ending
 
+ARRIVAL_GRACE_S = 2.0  # how long `attend` waits for a lent range's KV whose write is ending
 MAX_LEASE_S = 120.0  # default cap of a ticket's lease (`--max-lease-seconds`)
 
 
@@ -171,11 +171,10 @@ class EngineService:
         return P.LendTicket(await self._issue(ticket, lease))
 
     async def attend(self, ticket_id: str, secret: str, layer: int, positions: list[int], q: bytes,
-                     scale: float, more: list[P.LentRef] | None = None) -> P.AttendReply:
+                     scale: float, more: list[P.LentRef] = ()) -> P.AttendReply:
         if not 0 <= layer < self.kv_spec.num_layers:
             raise EngineError(ErrorCode.BAD_REQUEST, f"layer {layer} is outside [0, {self.kv_spec.num_layers})")
-        refs = [(ticket_id, secret), *((r.ticket_id, r.secret) for r in more or ())]
-        tickets = [await self._lent(tid, key) for tid, key in refs]
+        tickets = [await self._lent(t, k) for t, k in ((ticket_id, secret), *((m.ticket_id, m.secret) for m in more))]
         for ticket in tickets:
             if ticket.expiry is not None:  # NOTE: a range in use lives on: each attend renews the lease
                 ticket.expiry.cancel()

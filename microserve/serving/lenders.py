@@ -40,6 +40,7 @@ class RemoteLender:
     def __init__(self, ticket: P.LendTicket, plane: KVPlane, rpc: ZMQTransport, loop: asyncio.AbstractEventLoop,
                  timeout: float) -> None:
         self.kv, self.plane, self.rpc, self.loop = ticket.kv, plane, rpc, loop
+        self.begin, self.end = ticket.kv.begin, ticket.kv.end
         self.lender = ticket.rpc  # ranges on one lender are attended in one message per layer
         self.timeout = min(timeout, ATTEND_TIMEOUT_S)
 

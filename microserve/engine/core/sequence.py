@@ -39,8 +39,10 @@ REMOTE = -1  # a block-table entry whose KV lives on a lender (DistAttention), n
 class LentRange:
     """Prompt positions `[begin, end)` of a sequence whose KV a lender holds (DistAttention; both ends on
     block boundaries). Until the range is computed its KV stays in local blocks; then `peer.write`
-    moves it to the lender, the local blocks are freed and `pushed` is set. `peer` (the model engine's
-    side of a lender) has `write(seq, begin, end)` and `attend(layer, positions, q, scale) -> (out, lse)`."""
+    moves it to the lender, the local blocks are freed and `pushed` is set. `peer` (the model engine's side
+    of a lender: `serving.lenders.RemoteLender`) has `begin`, `end`, `lender` (ranges with the same one
+    share a message), `write(seq, begin, end)`, and `attend(layer, positions, q, scale, more)`: a Future of
+    `(out, lse)` over its range and those of the peers in `more`."""
 
     begin: int
     end: int

@@ -45,7 +45,7 @@ class BorrowedRows:
     num_tokens: int
     positions: torch.Tensor  # [num_tokens] long
     local: list[tuple[int, int, torch.Tensor]]  # (begin, end, blocks): runs of positions whose KV is here
-    remote: list[tuple[Any, int, int]]  # (peer, begin, end): lent ranges already on their lenders
+    remote: list[list[Any]]  # the peers of the lent ranges already moved, grouped by lender (one message each)
     seq: Any  # the Sequence: a lender's failure sets its `error`
 
 

@@ -94,17 +94,15 @@ def attend_borrowed(q: torch.Tensor, cache: torch.Tensor, layer: int, rows: Borr
     n = rows.num_tokens
     qs = q[rows.token_start:rows.token_start + n]
     seq = rows.seq
-    by_lender: dict = {}  # one message per lender and layer, whatever the number of its ranges
-    for peer, begin, end in rows.remote:
-        by_lender.setdefault(peer.lender, []).append((peer, begin, end))
-    asked = [(group, group[0][0].attend(layer, rows.positions, qs, scale, [p for p, _, _ in group[1:]]))
-             for group in by_lender.values()] if seq.error is None else []
+    # NOTE: one message per lender and layer, whatever the number of its ranges
+    asked = [(group, group[0].attend(layer, rows.positions, qs, scale, group[1:]))
+             for group in rows.remote] if seq.error is None else []
     parts = [range_attention(qs, rows.positions, cache, blocks, begin, end, scale) for begin, end, blocks in rows.local]
     for group, future in asked:
         try:
             parts.append(future.result())
         except Exception as exc:  # NOTE: one lost lender fails its borrower, never the step
-            spans = ", ".join(f"[{b}, {e})" for _, b, e in group)
+            spans = ", ".join(f"[{p.begin}, {p.end})" for p in group)
             seq.error = seq.error or f"remote attention over positions {spans} failed: {exc or repr(exc)}"
     if seq.error is not None:
         return qs.new_zeros(n, qs.shape[1] * qs.shape[2])

@@ -134,7 +134,7 @@ class ModelRunner:
             start, table = seq.num_computed_tokens, seq.block_table
             meta.borrowed.append(BorrowedRows(len(ids), n, torch.arange(start, start + n, device=dev),
                                               self._local_runs(table, start + n),
-                                              [(r.peer, r.begin, r.end) for r in seq.lent if r.pushed], seq))
+                                              _by_lender(seq), seq))
             ids.extend(seq.token_ids[start:start + n])
             pos.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
@@ -154,3 +154,12 @@ class ModelRunner:
                              torch.tensor(table[first:i], dtype=torch.long, device=self.device)))
                 first = None
         return runs
+
+
+def _by_lender(seq: Sequence) -> list[list]:
+    """The peers of a sequence's moved lent ranges, grouped by lender (each group: one `attend` per layer)."""
+    groups: dict = {}
+    for r in seq.lent:
+        if r.pushed:
+            groups.setdefault(r.peer.lender, []).append(r.peer)
+    return list(groups.values())

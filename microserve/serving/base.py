@@ -305,6 +305,7 @@ class EngineService:
         rid = req.request_id
         if rid in self._streams:
             raise EngineError(ErrorCode.BAD_REQUEST, f"request id {rid!r} is already generating on this engine")
+        lent = self.backend.borrow(req, lenders) if lenders else None  # NOTE: refused before any ticket is taken
         ticket = self.tickets.latest(rid)
         if ticket is not None:
             self.backend.check_adoption(req, sampling)
@@ -312,7 +313,6 @@ class EngineService:
         self.aborted.check(rid)  # NOTE: also when it was aborted while we waited for its KV
         if ticket is not None and ticket.state is TicketState.COMPLETE:
             self.tickets.remove(ticket)  # the backend adopts its blocks in submit
-        lent = self.backend.borrow(req, lenders) if lenders else None
         queue = self._streams[rid] = StreamQueue()
         try:
             await self.backend.submit(req, prompt, begin, sampling, ticket, lent)

@@ -32,6 +32,8 @@ from microserve.serving.kv_plane import KVPlane, PlaneTransfers
 from microserve.serving.lenders import RemoteLender, raw
 from microserve.serving.tickets import SendJob, Ticket
 
+INLINE_ATTEND = 32 * 1024  # query rows x lent tokens an `attend` computes on the loop (decode rows: < 1 ms)
+
 
 class BuiltinBackend(PlaneTransfers, CoreBackend):
     """A real engine: the step runs in a worker thread and KV bytes move through
@@ -87,6 +89,8 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
                                                     t.matched, t.end, scale) for t in tickets])
             return raw(out), raw(lse)
 
+        if len(positions) * sum(t.end - t.matched for t in tickets) <= INLINE_ATTEND:  # NOTE: a thread hop costs more
+            return run()
         return await asyncio.get_running_loop().run_in_executor(self._send_pool, run)
 
     def borrow(self, req: P.Request, lenders: list[P.LendTicket]) -> list[LentRange]:

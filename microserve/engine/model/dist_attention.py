@@ -78,6 +78,8 @@ def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
     the ranges it holds for one request; merging is associative). A row no part saw keeps out 0, lse -inf."""
     if not parts:
         raise ValueError("nothing to merge")
+    if len(parts) == 1:  # NOTE: a lender holding one range of the request (the common case)
+        return parts[0]
     lse = torch.stack([p[1] for p in parts])  # [P, R, Hq]
     total = torch.logsumexp(lse, dim=0)  # [R, Hq]
     weights = torch.exp(lse - torch.where(torch.isfinite(total), total, 0.0))  # [P, R, Hq]; 0 for unseen

@@ -113,7 +113,7 @@ async def main_async(args) -> None:
             split = statistics.median([await tpot(hm, prompt, handles[0], args.decode_tokens) for _ in range(3)])
             req = Request("rt", prompt_of(600, seed=9), SamplingParams(max_tokens=1))
             lent = await handles[0].lend(req, 0, 512)
-            await handles[1].remote_send(req, lent.kv, 0, 512)
+            await hm.remote_send(req, lent.kv, 0, 512)
             q = bytes(8 * 64 * 4)
             rts = []
             for _ in range(200):

@@ -27,7 +27,8 @@ ATTEND_TIMEOUT_S = 5.0  # an attend answers in milliseconds; a lender silent thi
 
 class RemoteLender:
     """One lent range: `write(seq, begin, end)` sends its KV into the lent blocks (blocking: the step
-    thread); `attend(layer, positions, q, scale)` returns a Future of `(out, lse)` from the lender.
+    thread); `attend(layer, positions, q, scale, more)` returns a Future of `(out, lse)` from the lender,
+    over this range and those of the peers in `more` (other ranges of the request on the same lender).
 
     Args:
         ticket: the lender's `LendTicket` (its `kv` names the range and the secret; `rpc` the engine).

@@ -229,10 +229,12 @@ async def test_launch_pd_balanced_pd_and_drain_over_nixl(demo_path):
         after = await metrics(dep)
         assert _moved(before, after) == {"nixl": await _received(dep) - received0}
         # drain a decode engine while 6 streams run on it: they move to the other one with their KV, over nixl
+        # (1024 tokens each: the streams run for seconds, the drain lands within a few hundred ms; at 256
+        # they sometimes ended before it)
         long = long_prompts(6)
-        ref = [o.token_ids for o in llm.generate(long, SamplingParams(max_tokens=256, temperature=0,
+        ref = [o.token_ids for o in llm.generate(long, SamplingParams(max_tokens=1024, temperature=0,
                                                                         ignore_eos=True))]
-        load = asyncio.gather(*(stream(client, p, 256) for p in long))
+        load = asyncio.gather(*(stream(client, p, 1024) for p in long))
         busy = await _busiest(dep, ["decode-0", "decode-1"])
         keep = "decode-1" if busy == "decode-0" else "decode-0"
         before, received0 = await metrics(dep), await _received(dep, keep)
@@ -243,9 +245,9 @@ async def test_launch_pd_balanced_pd_and_drain_over_nixl(demo_path):
             assert r.status == 200, await r.text()
         assert await load == ref
         after = await metrics(dep)
-        why = {k: (before.get(k), v) for k, v in after.items()  # NOTE: what the router saw, if this fails
-               if k.startswith(("microserve_request_", "microserve_kv_transfer_bytes", "microserve_engine_up",
-                                "microserve_engine_running"))}
+        why = "\n".join(f"{k}: {before.get(k)} -> {v}" for k, v in after.items()  # NOTE: in full if this fails
+                         if k.startswith(("microserve_request_", "microserve_kv_transfer_bytes", "microserve_engine_up",
+                                          "microserve_engine_running")))
         assert set(_moved(before, after)) == {"nixl"}, why
         assert after["microserve_request_moves_total"] > before["microserve_request_moves_total"]
         assert await _received(dep, keep) > received0

@@ -112,7 +112,7 @@ async def test_a_moved_request_shows_both_engines_and_the_move(demo_path):
     try:
         client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="x", max_retries=0)
         stream = await client.completions.create(
-            model="demo", prompt="move me along " * 20, max_tokens=300, temperature=0, stream=True,
+            model="demo", prompt="move me along " * 20, max_tokens=1000, temperature=0, stream=True,
             extra_body={"ignore_eos": True}, extra_headers={"traceparent": f"00-{TRACE}-{CLIENT_SPAN}-01"})
         await stream.__anext__()
         busy = await _running(dep, ["decode-0", "decode-1"])

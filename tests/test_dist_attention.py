@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from microserve.engine.model.dist_attention import merge, range_attention
+from microserve.engine.model.dist_attention import merge, merge_parts, range_attention, seen_whole
 
 BS, HKV, G, D = 16, 2, 4, 32
 HQ = HKV * G
@@ -66,8 +66,10 @@ def test_a_part_of_one_range_is_that_range_alone_and_a_row_nobody_saw_is_an_erro
     out, lse = range_attention(q, positions, cache, blocks, 0, 40, 0.2)
     torch.testing.assert_close(merge([(out, lse)]).double(), _reference(q, positions, k, v, 0.2), atol=1e-5, rtol=1e-5)
     lent_cache, lent_blocks = _holder(k, v, 32, 40, 4, gen)
-    with pytest.raises(ValueError, match="saw no key"):
-        merge([range_attention(q[:1], positions[:1], lent_cache, lent_blocks, 32, 40, 0.2)])
+    unseen = range_attention(q[:1], positions[:1], lent_cache, lent_blocks, 32, 40, 0.2)
+    for parts in ([unseen], [unseen, unseen], [unseen] * 3):
+        with pytest.raises(ValueError, match="saw no key"):
+            merge(parts)
     with pytest.raises(ValueError, match="empty range"):
         range_attention(q, positions, cache, blocks, 8, 8, 0.2)
 
@@ -84,6 +86,49 @@ def test_half_precision_rows_merge_within_half_precision():
     got = merge(parts)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), _reference(q, positions, k, v, D ** -0.5), atol=3e-2, rtol=3e-2)
+
+
+def _decode_kernel(device: str):
+    if device == "cuda":
+        from microserve.engine.model import triton_ops
+
+        return triton_ops.paged_decode
+    from microserve.engine.model import native
+
+    kernels = native.load()
+    if kernels is None:
+        pytest.skip("the native CPU kernels did not build here")
+    return kernels.paged_decode
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_rows_over_several_runs_take_one_kernel_call_with_its_lse(device, dtype):
+    """`seen_whole`: runs of one cache read as one context by the paged decode kernel, with the lse the
+    merge needs: equal to the per-run parts merged; None for rows that do not see every key."""
+    gen = torch.Generator().manual_seed(3)
+    n = 150
+    k, v = torch.randn(n, HKV, D, generator=gen), torch.randn(n, HKV, D, generator=gen)
+    runs = [(0, 48), (112, 150)]  # a borrower's local runs around a lent range (the last one ends mid-block)
+    cache = torch.randn(2, 24, BS, HKV, D, generator=gen)
+    free = torch.randperm(24, generator=gen).tolist()
+    placed = []
+    for b, e in runs:
+        blocks = torch.tensor([free.pop() for _ in range(-(-(e - b) // BS))])
+        for i, blk in enumerate(blocks.tolist()):
+            lo, hi = b + i * BS, min(e, b + (i + 1) * BS)
+            cache[0, blk, :hi - lo], cache[1, blk, :hi - lo] = k[lo:hi], v[lo:hi]
+        placed.append((b, e, blocks.to(device)))
+    cache = cache.to(device, dtype)
+    q = torch.randn(3, HQ, D, generator=gen).to(device, dtype)
+    positions = torch.full((3,), 149, device=device)
+    want = merge_parts([range_attention(q, positions, cache, blk, b, e, 0.2) for b, e, blk in placed])
+    out, lse = seen_whole(_decode_kernel(device), q, 149, cache, placed, 0.2)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), want[0].float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, want[1], atol=1e-4, rtol=1e-4)
+    assert seen_whole(_decode_kernel(device), q, 148, cache, placed, 0.2) is None  # rows inside the last run
+    assert seen_whole(None, q, 149, cache, placed, 0.2) is None
 
 
 class _Lender:

@@ -157,7 +157,8 @@ inline const float* as_float(const T* src, float* buf, int64_t n) {
 template <typename T>
 void decode_kernel(const T* __restrict q, const T* __restrict kbase, const T* __restrict vbase,
                    const int64_t* __restrict tables, const int64_t* __restrict lens, T* __restrict out,
-                   int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs, int64_t max_blocks, float scale) {
+                   float* __restrict lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t bs,
+                   int64_t max_blocks, float scale) {
   const int64_t G = Hq / Hkv;
   const int64_t row = Hkv * D;        // elements between consecutive tokens of one page
   const int64_t page = bs * row;      // elements per page: read front to back
@@ -190,7 +191,9 @@ void decode_kernel(const T* __restrict q, const T* __restrict kbase, const T* __
         float* sh = scores.data() + hq * ctx;
         float m = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t < ctx; ++t) m = std::max(m, sh[t]);
-        const float inv = 1.f / exp_sub_sum(sh, ctx, m);
+        const float sum = exp_sub_sum(sh, ctx, m);
+        if (lse != nullptr) lse[b * Hq + hq] = m + std::log(sum);  // a part's weight when parts merge
+        const float inv = 1.f / sum;
         for (int64_t t = 0; t < ctx; ++t) sh[t] *= inv;
       }
       // acc[hq] = sum_t p[hq, t] * v_t[hq / G]
@@ -213,8 +216,10 @@ void decode_kernel(const T* __restrict q, const T* __restrict kbase, const T* __
   });
 }
 
+// lse: optional [B, Hq] float32, filled with each row's log-sum-exp of its scaled scores (DistAttention
+// merges parts computed over disjoint keys with it)
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor cache, torch::Tensor tables, torch::Tensor lens,
-                           double scale) {
+                           double scale, std::optional<torch::Tensor> lse) {
   TORCH_CHECK(q.device().is_cpu() && cache.device().is_cpu(), "paged_decode: CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && cache.dim() == 5 && cache.size(0) == 2, "paged_decode: bad shapes");
   TORCH_CHECK(cache.is_contiguous(), "paged_decode: cache must be contiguous");
@@ -238,12 +243,18 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor cache, torch::Tensor t
       TORCH_CHECK(tp[b * max_blocks + i] >= 0 && tp[b * max_blocks + i] < NB, "paged_decode: block id ",
                   tp[b * max_blocks + i], " out of range");
   }
+  float* lse_p = nullptr;
+  if (lse.has_value()) {
+    TORCH_CHECK(lse->scalar_type() == torch::kFloat && lse->is_contiguous() && lse->dim() == 2 &&
+                lse->size(0) == B && lse->size(1) == Hq, "paged_decode: lse must be a contiguous float32 [B, Hq]");
+    lse_p = lse->data_ptr<float>();
+  }
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_decode", [&] {
     const scalar_t* k = cache.data_ptr<scalar_t>();
     decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k, k + NB * bs * Hkv * D, tables.data_ptr<int64_t>(),
-                            lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, Hq, Hkv, D, bs, tables.size(1),
-                            static_cast<float>(scale));
+                            lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), lse_p, B, Hq, Hkv, D, bs,
+                            tables.size(1), static_cast<float>(scale));
   });
   return out;
 }
@@ -541,7 +552,8 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torc
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "paged attention, one query token per sequence (CPU)");
+  m.def("paged_decode", &paged_decode, "paged attention, one query token per sequence (CPU)", py::arg("q"),
+        py::arg("cache"), py::arg("tables"), py::arg("lens"), py::arg("scale"), py::arg("lse") = py::none());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over a fused [T, 2I] projection (CPU)");
   m.def("simd", [] {
 #ifdef __AVX2__

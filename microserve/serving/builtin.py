@@ -24,12 +24,11 @@ from microserve import protocol as P
 from microserve.engine.core.engine_core import StepOutput
 from microserve.engine.core.sequence import LentRange
 from microserve.engine.engine import LLMEngine
-from microserve.engine.model.dist_attention import merge_parts, range_attention
-from microserve.router.transport import ZMQTransport
+from microserve.engine.model.dist_attention import merge_parts, range_attention, seen_whole
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.core import CoreBackend
 from microserve.serving.kv_plane import KVPlane, PlaneTransfers
-from microserve.serving.lenders import RemoteLender, raw
+from microserve.serving.lenders import LenderChannel, RemoteLender, raw
 from microserve.serving.tickets import SendJob, Ticket
 
 INLINE_ATTEND = 32 * 1024  # query rows x lent tokens an `attend` computes on the loop (decode rows: < 1 ms)
@@ -52,7 +51,7 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
         self.plane = plane
         self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
         self._send_pool = ThreadPoolExecutor(8, thread_name_prefix="kv-send")
-        self._lender_rpc: dict[str, ZMQTransport] = {}  # DistAttention: one channel per lender engine
+        self._lenders: dict[str, LenderChannel] = {}  # DistAttention: the step thread's socket to each lender
 
     async def step(self) -> list[StepOutput]:
         return await asyncio.get_running_loop().run_in_executor(self._step_pool, self.engine.step)
@@ -84,10 +83,14 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
 
         def attend() -> tuple[bytes, bytes]:
             qt = torch.frombuffer(bytearray(q), dtype=cache.dtype).view(len(positions), -1, d).to(cache.device)
-            pos = torch.tensor(positions, device=cache.device)
-            out, lse = merge_parts([range_attention(qt, pos, cache, torch.tensor(t.blocks, device=cache.device),
-                                                    t.matched, t.end, scale) for t in tickets])
-            return raw(out), raw(lse)
+            runs = [(t.matched, t.end, torch.tensor(t.blocks, device=cache.device))
+                    for t in sorted(tickets, key=lambda t: t.matched)]
+            part = seen_whole(self.engine.runner.native_decode, qt, min(positions), cache, runs, scale)
+            if part is None:  # NOTE: rows inside a range (a prefill chunk): causal, per range
+                pos = torch.tensor(positions, device=cache.device)
+                part = merge_parts([range_attention(qt, pos, cache, blocks, begin, end, scale)
+                                    for begin, end, blocks in runs])
+            return raw(part[0]), raw(part[1])
 
         if len(positions) * sum(t.end - t.matched for t in tickets) <= INLINE_ATTEND:  # NOTE: a thread hop costs more
             return run()
@@ -103,17 +106,17 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
                 check_addr(ticket.kv, self.service.kv_sign_key)
             except TransferError as exc:
                 raise EngineError(ErrorCode.of(exc.code), f"lender {ticket.kv.engine_id}: {exc}") from exc
-            rpc = self._lender_rpc.get(ticket.rpc)
-            if rpc is None:
-                rpc = self._lender_rpc[ticket.rpc] = ZMQTransport(ticket.rpc, cluster_key=self.service.peer_key)
-            peer = RemoteLender(ticket, self.plane, rpc, asyncio.get_running_loop(), self.service.transfer_timeout)
+            channel = self._lenders.get(ticket.rpc)
+            if channel is None:
+                channel = self._lenders[ticket.rpc] = LenderChannel(ticket.rpc, self.service.peer_key)
+            peer = RemoteLender(ticket, self.plane, channel, self.service.transfer_timeout)
             ranges.append(LentRange(ticket.kv.begin, ticket.kv.end, peer))
         return ranges
 
     def close(self) -> None:
         super().close()
-        for rpc in self._lender_rpc.values():
-            rpc.close_nowait()
+        for channel in self._lenders.values():  # NOTE: on the step thread, their one user, after its step
+            self._step_pool.submit(channel.close)
         self.plane.close()
         self._send_pool.shutdown(wait=False, cancel_futures=True)
 

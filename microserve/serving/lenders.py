@@ -1,46 +1,118 @@
 """The borrower's side of its lenders (DistAttention), as the engine's step thread uses them.
 
-    step thread                          service loop                    lender engine
-    ─────────────────────────────────    ─────────────────────────────   ───────────────────────────
-    range computed ─> write ──────────────── KV plane (any transport) ──> the lent ticket's blocks
-    layer l: attend(q rows) ─> Future ─> ZMQ call `attend` ─────────────> range_attention ─> (out, lse)
-             local parts run here meanwhile; the merge waits for the Future
+    step thread                                                      lender engine
+    ───────────────────────────────────────────────────────────      ───────────────────────────
+    range computed ─> write ─────────── KV plane (any transport) ──> the lent ticket's blocks
+    layer l: attend(q rows) ─> send ─── LenderChannel (ZeroMQ) ────> range_attention
+             the batch's local attention runs here meanwhile
+             result() <─ (out, lse) <────────────────────────────────┘
 
-A lender's failure surfaces as an exception from `write` or from the Future: the engine then ends
+The attend goes out and comes back on the step thread's own socket, not through the service's event
+loop: a hop to another thread costs a GIL handoff each way (up to the 5 ms switch interval while the
+step thread computes), and there is one round trip per layer and step.
+
+A lender's failure surfaces as an exception from `write` or from `result()`: the engine then ends
 that sequence alone with an `unavailable` error naming the range.
 """
 
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import Future
+import itertools
+import os
+import time
 
+import msgspec
 import torch
+import zmq
 
 from microserve import protocol as P
-from microserve.router.transport import CallTimeout, CallUnavailable, ZMQTransport
+from microserve.security import ClusterKey
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.kv_plane import KVPlane
 
 ATTEND_TIMEOUT_S = 5.0  # an attend answers in milliseconds; a lender silent this long is lost (its borrower fails)
+_context: zmq.Context | None = None  # NOTE: our own: `zmq.Context.instance()` may be the loop's asyncio context
+
+
+def _sync_context() -> zmq.Context:
+    global _context
+    if _context is None:
+        _context = zmq.Context()
+    return _context
+
+
+class LenderChannel:
+    """A blocking DEALER socket to one lender's `--rpc` (a CURVE client under the cluster key), used by
+    the step thread alone. `send` returns at once; `receive` waits for that call's reply (others that
+    arrive first are kept for their own `receive`), so several attends can be in flight at once."""
+
+    def __init__(self, address: str, cluster_key: ClusterKey | None = None) -> None:
+        self.address, self.cluster_key = address, cluster_key
+        self._sock: zmq.Socket | None = None
+        self._ids = itertools.count(1)
+        self._prefix = os.urandom(4)
+        self._waiting: dict[bytes, bytes | None] = {}  # call id -> its reply once it came
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            sock = _sync_context().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            if self.cluster_key is not None:
+                self.cluster_key.secure_client(sock)
+            sock.connect(self.address)
+            self._sock = sock
+        return self._sock
+
+    def send(self, msg: P.Call, timeout: float) -> bytes:
+        """Send `msg`; its call id. Raises TimeoutError when the lender takes nothing for `timeout` s
+        (a DEALER holds messages only once a peer is connected)."""
+        sock = self._socket()
+        call_id = self._prefix + next(self._ids).to_bytes(8, "little")
+        if not sock.poll(timeout * 1e3, zmq.POLLOUT):
+            raise TimeoutError(f"no connection to {self.address} within {timeout:g}s")
+        sock.send_multipart([call_id, P.encode(msg)], zmq.NOBLOCK)
+        self._waiting[call_id] = None
+        return call_id
+
+    def receive(self, call_id: bytes, deadline: float) -> P.Reply:
+        """The reply to `call_id` (an `RPCError` too). Raises TimeoutError past `deadline` (monotonic)."""
+        try:
+            while self._waiting[call_id] is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._sock.poll(left * 1e3, zmq.POLLIN):  # type: ignore[union-attr]
+                    raise TimeoutError("no reply")
+                frames = self._sock.recv_multipart(zmq.NOBLOCK)  # type: ignore[union-attr]
+                if len(frames) == 2 and frames[0] in self._waiting:  # NOTE: a late reply to a given-up call: dropped
+                    self._waiting[frames[0]] = frames[1]
+            body = self._waiting[call_id]
+        finally:
+            self._waiting.pop(call_id, None)
+        try:
+            return P.decode_reply(body)  # type: ignore[arg-type]
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return P.RPCError(ErrorCode.INTERNAL, f"undecodable reply: {exc}")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
 
 
 class RemoteLender:
     """One lent range: `write(seq, begin, end)` sends its KV into the lent blocks (blocking: the step
-    thread); `attend(layer, positions, q, scale, more)` returns a Future of `(out, lse)` from the lender,
-    over this range and those of the peers in `more` (other ranges of the request on the same lender).
+    thread); `attend(layer, positions, q, scale, more)` sends the query rows to the lender at once and
+    returns a `PendingAttend` whose `result()` is `(out, lse)` over this range and those of the peers in
+    `more` (other ranges of the request on the same lender).
 
     Args:
         ticket: the lender's `LendTicket` (its `kv` names the range and the secret; `rpc` the engine).
         plane: this engine's KV plane (its sender reads our pages).
-        rpc: the lender's RPC channel (shared by every range on that engine).
-        loop: the service's event loop, where the RPC runs.
+        channel: the step thread's socket to the lender (shared by every range on that engine).
         timeout: seconds one attend may take (at most ATTEND_TIMEOUT_S).
     """
 
-    def __init__(self, ticket: P.LendTicket, plane: KVPlane, rpc: ZMQTransport, loop: asyncio.AbstractEventLoop,
-                 timeout: float) -> None:
-        self.kv, self.plane, self.rpc, self.loop = ticket.kv, plane, rpc, loop
+    def __init__(self, ticket: P.LendTicket, plane: KVPlane, channel: LenderChannel, timeout: float) -> None:
+        self.kv, self.plane, self.channel = ticket.kv, plane, channel
         self.begin, self.end = ticket.kv.begin, ticket.kv.end
         self.lender = ticket.rpc  # ranges on one lender are attended in one message per layer
         self.timeout = min(timeout, ATTEND_TIMEOUT_S)
@@ -52,24 +124,41 @@ class RemoteLender:
             raise EngineError(ErrorCode.UNAVAILABLE, f"lender {self.kv.engine_id}: {exc}") from exc
 
     def attend(self, layer: int, positions: torch.Tensor, q: torch.Tensor, scale: float,
-               more: list[RemoteLender] = ()) -> Future:
+               more: list[RemoteLender] = ()) -> PendingAttend:
         """`more`: other ranges of the request on the same lender (one message, one merged part back)."""
         msg = P.Attend(self.kv.ticket_id, self.kv.secret, layer, positions.tolist(), raw(q), scale,
                        [P.LentRef(p.kv.ticket_id, p.kv.secret) for p in more])
-        return asyncio.run_coroutine_threadsafe(self._attend(msg, q.shape, q.dtype), self.loop)
+        return PendingAttend(self, msg, q.shape, q.dtype)
 
-    async def _attend(self, msg: P.Attend, shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+
+class PendingAttend:
+    """An attend on its way (sent when made); `result()` waits for `(out, lse)` or raises EngineError."""
+
+    def __init__(self, lender: RemoteLender, msg: P.Attend, shape: torch.Size, dtype: torch.dtype) -> None:
+        self.lender, self.shape, self.dtype = lender, shape, dtype
+        self.deadline = time.monotonic() + lender.timeout
+        self.call_id, self.error = b"", None
         try:
-            reply = await self.rpc.roundtrip(msg, self.timeout)
-        except (CallTimeout, CallUnavailable) as exc:
-            raise EngineError(ErrorCode.UNAVAILABLE, f"lender {self.kv.engine_id} did not answer attend within "
-                              f"{self.timeout:g}s") from exc
+            self.call_id = lender.channel.send(msg, lender.timeout)
+        except (TimeoutError, zmq.ZMQError) as exc:
+            self.error = exc
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lender = self.lender
+        name = lender.kv.engine_id
+        try:
+            if self.error is not None:
+                raise self.error
+            reply = lender.channel.receive(self.call_id, self.deadline)
+        except (TimeoutError, zmq.ZMQError) as exc:
+            raise EngineError(ErrorCode.UNAVAILABLE, f"lender {name} did not answer attend within "
+                              f"{lender.timeout:g}s ({exc})") from exc
         if isinstance(reply, P.RPCError):
-            raise EngineError(ErrorCode.of(reply.code), f"lender {self.kv.engine_id}: {reply.message}")
-        if not isinstance(reply, P.AttendReply) or len(reply.out) != shape.numel() * dtype.itemsize:
-            raise EngineError(ErrorCode.INTERNAL, f"lender {self.kv.engine_id} answered attend with a wrong reply")
-        out = torch.frombuffer(bytearray(reply.out), dtype=dtype).view(shape)
-        return out, torch.frombuffer(bytearray(reply.lse), dtype=torch.float32).view(shape[:2])
+            raise EngineError(ErrorCode.of(reply.code), f"lender {name}: {reply.message}")
+        if not isinstance(reply, P.AttendReply) or len(reply.out) != self.shape.numel() * self.dtype.itemsize:
+            raise EngineError(ErrorCode.INTERNAL, f"lender {name} answered attend with a wrong reply")
+        out = torch.frombuffer(bytearray(reply.out), dtype=self.dtype).view(self.shape)
+        return out, torch.frombuffer(bytearray(reply.lse), dtype=torch.float32).view(self.shape[:2])
 
 
 def raw(t: torch.Tensor) -> bytes:

@@ -43,7 +43,8 @@ class BorrowedRows:
 
     token_start: int  # index of the first row in the flat batch
     num_tokens: int
-    positions: torch.Tensor  # [num_tokens] long
+    positions: torch.Tensor  # [num_tokens] long: start, start + 1, ...
+    start: int  # the first row's position
     local: list[tuple[int, int, torch.Tensor]]  # (begin, end, blocks): runs of positions whose KV is here
     remote: list[list[Any]]  # the peers of the lent ranges already moved, grouped by lender (one message each)
     seq: Any  # the Sequence: a lender's failure sets its `error`
@@ -122,6 +123,11 @@ def paged_attention(
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's, already written); returns [T, Hq * D]."""
     num_tokens, num_heads, head_dim = q.shape
     out = q.new_empty(num_tokens, num_heads * head_dim)
+    asked_lenders = []
+    if meta.borrowed:  # NOTE: first, so the lenders' round trips run while this batch's attention computes
+        from microserve.engine.model.dist_attention import ask_lenders  # NOTE: it imports this module
+
+        asked_lenders = [ask_lenders(q, meta.layer, rows, scale) for rows in meta.borrowed]
     if meta.num_decodes:
         nd = meta.num_decodes
         if meta.native_decode is not None:
@@ -141,12 +147,11 @@ def paged_attention(
                     out[sl] = _prefill(q[sl], k[sl], v[sl], cache, chunk, scale)
             else:
                 _prefill_batched(q, k, v, cache, part, scale, out)
-    if meta.borrowed:
-        from microserve.engine.model.dist_attention import attend_borrowed  # NOTE: it imports this module
+    for rows, asked in zip(meta.borrowed, asked_lenders):
+        from microserve.engine.model.dist_attention import attend_borrowed
 
-        for rows in meta.borrowed:
-            out[rows.token_start:rows.token_start + rows.num_tokens] = attend_borrowed(q, cache, meta.layer, rows,
-                                                                                       scale)
+        out[rows.token_start:rows.token_start + rows.num_tokens] = attend_borrowed(q, cache, rows, scale, asked,
+                                                                                   meta.native_decode)
     return out
 
 

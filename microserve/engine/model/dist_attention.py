@@ -20,6 +20,9 @@ head, so K/V are never repeated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from microserve.engine.model.attention import BorrowedRows, gather_blocks
@@ -63,10 +66,36 @@ def range_attention(q: torch.Tensor, positions: torch.Tensor, cache: torch.Tenso
     return out.to(q.dtype), lse.view(hkv, r, g).permute(1, 0, 2).reshape(r, hq)
 
 
+def seen_whole(decode: Callable[..., torch.Tensor] | None, q: torch.Tensor, first: int, cache: torch.Tensor,
+               runs: list[tuple[int, int, torch.Tensor]], scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(out, lse)` over the keys of `runs` ((begin, end, blocks), sorted) in one call of the paged decode
+    kernel (`decode`: the native CPU kernel or its Triton twin, with `lse=`), when it applies: every row
+    sees every key (the first row's position `first` is at or past the last key: decode rows), every run
+    starts on a block boundary and every run but the last ends on one (their blocks then read as one
+    context). None otherwise (the caller runs `range_attention` per run)."""
+    bs = cache.shape[2]
+    if decode is None or not runs or first < runs[-1][1] - 1 or any(b % bs for b, _, _ in runs) \
+            or any(e % bs for _, e, _ in runs[:-1]):
+        return None
+    blocks = torch.cat([blk[:-(-(end - begin) // bs)] for begin, end, blk in runs]) if len(runs) > 1 else runs[0][2]
+    r, hq = q.shape[:2]
+    lse = torch.empty(r, hq, dtype=torch.float32, device=q.device)
+    lens = torch.full((r,), sum(end - begin for begin, end, _ in runs), dtype=torch.long, device=q.device)
+    out = decode(q, cache, blocks.expand(r, -1).contiguous(), lens, scale, lse=lse)
+    return out, lse
+
+
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """The attention output over the union of the parts' keys: parts are `(out [R, Hq, D], lse [R, Hq])`
     over disjoint key sets of the same query rows. A row that no part saw raises (every row sees at
     least its own token, which one part holds)."""
+    if len(parts) == 2:  # NOTE: the common case (local + one lender), in five ops: it runs once per layer and step
+        (o1, l1), (o2, l2) = parts
+        w = torch.sigmoid(l1 - l2)  # exp(l1) / (exp(l1) + exp(l2)): 1 where l2 = -inf, NaN where both are
+        if w.isnan().any():
+            raise ValueError("a query row saw no key in any part")
+        o2f = o2.float()
+        return (o2f + w.unsqueeze(-1) * (o1.float() - o2f)).to(o1.dtype)
     out, lse = merge_parts(parts)
     if not torch.isfinite(lse).all():
         raise ValueError("a query row saw no key in any part")
@@ -87,22 +116,31 @@ def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
     return out.to(parts[0][0].dtype), total  # type: ignore[union-attr]
 
 
-def attend_borrowed(q: torch.Tensor, cache: torch.Tensor, layer: int, rows: BorrowedRows,
-                    scale: float) -> torch.Tensor:
-    """The borrower's half: one sequence's rows of this step attend over its local runs here and over
-    each lent range on its lender, merged. The lenders' parts are asked for first and computed while
-    the local parts run here. A lender's failure sets the sequence's `error` (it ends after this step;
-    the other rows of the batch are not touched) and gives zero rows. Returns [rows, Hq * D]."""
+def ask_lenders(q: torch.Tensor, layer: int, rows: BorrowedRows, scale: float) -> list[tuple[list, Any]]:
+    """The borrower's first half: send one sequence's rows of this step to each of its lenders (one message
+    per lender and layer, whatever the number of its ranges there). Called before the batch's local
+    attention, so the round trips run while it computes. Returns `(group, pending)` pairs for `attend_borrowed`."""
+    if rows.seq.error is not None:
+        return []
+    qs = q[rows.token_start:rows.token_start + rows.num_tokens]
+    return [(group, group[0].attend(layer, rows.positions, qs, scale, group[1:])) for group in rows.remote]
+
+
+def attend_borrowed(q: torch.Tensor, cache: torch.Tensor, rows: BorrowedRows, scale: float,
+                    asked: list[tuple[list, Any]], decode: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """The borrower's second half: the sequence's rows attend over its local runs here (`seen_whole` with
+    the paged decode kernel `decode` when it applies), then the lenders' parts (`asked`) are collected and
+    everything is merged. A lender's failure sets the sequence's `error` (it ends after this step; the
+    other rows of the batch are not touched) and gives zero rows. Returns [rows, Hq * D]."""
     n = rows.num_tokens
     qs = q[rows.token_start:rows.token_start + n]
     seq = rows.seq
-    # NOTE: one message per lender and layer, whatever the number of its ranges
-    asked = [(group, group[0].attend(layer, rows.positions, qs, scale, group[1:]))
-             for group in rows.remote] if seq.error is None else []
-    parts = [range_attention(qs, rows.positions, cache, blocks, begin, end, scale) for begin, end, blocks in rows.local]
-    for group, future in asked:
+    whole = seen_whole(decode, qs, rows.start, cache, rows.local, scale)
+    parts = [whole] if whole is not None else [
+        range_attention(qs, rows.positions, cache, blocks, begin, end, scale) for begin, end, blocks in rows.local]
+    for group, pending in asked:
         try:
-            parts.append(future.result())
+            parts.append(pending.result())
         except Exception as exc:  # NOTE: one lost lender fails its borrower, never the step
             spans = ", ".join(f"[{p.begin}, {p.end})" for p in group)
             seq.error = seq.error or f"remote attention over positions {spans} failed: {exc or repr(exc)}"

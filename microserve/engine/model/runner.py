@@ -132,7 +132,7 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
         for seq, n in borrowed:
             start, table = seq.num_computed_tokens, seq.block_table
-            meta.borrowed.append(BorrowedRows(len(ids), n, torch.arange(start, start + n, device=dev),
+            meta.borrowed.append(BorrowedRows(len(ids), n, torch.arange(start, start + n, device=dev), start,
                                               self._local_runs(table, start + n),
                                               _by_lender(seq), seq))
             ids.extend(seq.token_ids[start:start + n])

@@ -106,13 +106,15 @@ def _num_sms(device: torch.device) -> int:
 
 
 def paged_decode(q: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
-                 scale: float, num_splits: int | None = None) -> torch.Tensor:
+                 scale: float, num_splits: int | None = None, *, lse: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention straight from the pages (the CUDA twin of the CPU kernel in `csrc/`).
 
     q: [B, Hq, D]; cache: [2, NB, bs, Hkv, D]; tables: [B, max_blocks] (int32 or int64);
     lens: [B] context length including this step's token. Returns [B, Hq, D].
     `num_splits`: context splits per sequence (None: enough programs to fill the GPU). It
     depends on shapes alone, never on `lens`, so the call can be captured in a CUDA graph.
+    `lse`: a float32 [B, Hq] filled with each row's log-sum-exp of its scaled scores (DistAttention's
+    parts; taken from the splits' own, so at least 2 splits run).
     """
     b, hq, d = q.shape
     _, _, bs, hkv, _ = cache.shape
@@ -123,7 +125,9 @@ def paged_decode(q: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, len
     if num_splits is None:
         most = -(-tables.shape[1] * bs // 256)  # at least ~256 tokens a split
         num_splits = max(1, min(16, most, -(-2 * _num_sms(q.device) // (b * hkv))))
-    part = lse = out
+    if lse is not None:
+        num_splits = max(2, num_splits)
+    want_lse, part, lse = lse, out, out
     if num_splits > 1:
         part = torch.empty(b * hq * num_splits, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(b * hq * num_splits, dtype=torch.float32, device=q.device)
@@ -137,6 +141,8 @@ def paged_decode(q: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, len
         _decode_reduce_kernel[(b, hq)](part, lse, out, out.stride(0), out.stride(1), NUM_HEADS=hq,
                                        NUM_SPLITS=num_splits, S_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=d,
                                        D_PAD=triton.next_power_of_2(d), num_warps=4)
+    if want_lse is not None:
+        want_lse.copy_(torch.logsumexp(lse.view(b, hq, num_splits), dim=-1))
     return out
 
 

@@ -93,9 +93,22 @@ class LentRef(msgspec.Struct, array_like=True):
     secret: str
 
 
+class AttendRows(msgspec.Struct, array_like=True):
+    """Another borrowing request's rows in the same `Attend`: its lent range here (ticket and secret),
+    its further ranges here (`more`), and how many rows of `positions` and `q` are its (they follow
+    the rows before them: the first request's, then the earlier `others`')."""
+
+    ticket_id: str
+    secret: str
+    rows: int
+    more: list[LentRef] = []
+
+
 class Attend(msgspec.Struct, tag="attend", forbid_unknown_fields=True):
     """A borrower's query rows of one layer, attended here over a range this engine lent (DistAttention),
-    and over each range in `more` (the reply is then the part over all of them, merged here)."""
+    and over each range in `more` (the reply is then the part over all of them, merged here). `others`:
+    the rows of the borrower's other requests of this step that use this engine, in the same message
+    (their rows after the first request's; the reply's rows in the same order)."""
 
     ticket_id: str
     secret: str  # the lent ticket's (its KVAddr's): only the borrower holds it
@@ -104,6 +117,7 @@ class Attend(msgspec.Struct, tag="attend", forbid_unknown_fields=True):
     q: bytes  # [rows, query heads, head dim] in the KV cache's dtype, row-major
     scale: float
     more: list[LentRef] = []  # further ranges of the same request lent here: one message per lender and layer
+    others: list[AttendRows] = []
 
 
 class Abort(msgspec.Struct, tag="abort", forbid_unknown_fields=True):
@@ -134,6 +148,7 @@ class RecvTicket(msgspec.Struct, tag="recv_ticket", forbid_unknown_fields=True):
 class AttendReply(msgspec.Struct, tag="attend_reply", forbid_unknown_fields=True):
     out: bytes  # [rows, query heads, head dim] in the query's dtype: attention over the lent range alone
     lse: bytes  # [rows, query heads] float32: log-sum-exp of those scores (-inf: the row saw none of it)
+    errors: list[str] = []  # with `others`: per request ("" or why its rows are zeros), first request first
 
 
 class SendResult(msgspec.Struct, tag="send_result", forbid_unknown_fields=True):

@@ -135,13 +135,14 @@ class _Lender:
     """An in-process lender: its own paged cache; `write` copies the borrower's pages of the range into
     it, `attend` is `range_attention` there (the real one is an engine process: test_microserving.py)."""
 
-    def __init__(self, engine, begin: int, end: int) -> None:
+    def __init__(self, engine, begin: int, end: int, lender=None) -> None:
         self.engine, self.begin, self.end = engine, begin, end
         n = (end - begin) // engine.block_size
         self.cache = engine.kv_spec.allocate(n + 3, "cpu")
         self.blocks = torch.tensor([n + 2 - i for i in range(n)])  # scattered, not the borrower's numbers
-        self.attends = 0
-        self.lender = self  # NOTE: each test lender is its own engine: one range each
+        self.attends = 0  # messages
+        self.asks: list[int] = []  # requests per message
+        self.lender = lender or self  # NOTE: its own engine (one range), unless one is shared
 
     def write(self, seq, begin: int, end: int) -> None:
         bs = self.engine.block_size
@@ -149,13 +150,19 @@ class _Lender:
         src = torch.tensor(seq.block_table[begin // bs:end // bs])
         self.cache[:, :, self.blocks] = self.engine.runner.kv_cache[:, :, src]
 
-    def attend(self, layer, positions, q, scale, more=()):
+    def attend(self, layer, scale, asks):
         from concurrent.futures import Future
 
-        self.attends += 1
-        done: Future = Future()
-        done.set_result(range_attention(q, positions, self.cache[layer], self.blocks, self.begin, self.end, scale))
-        return done
+        self.lender.attends += 1
+        self.lender.asks.append(len(asks))
+        parts = []
+        for ranges, positions, q in asks:
+            (r,) = ranges
+            assert r.lender is self.lender
+            done: Future = Future()
+            done.set_result(range_attention(q, positions, r.cache[layer], r.blocks, r.begin, r.end, scale))
+            parts.append(done)
+        return parts
 
 
 def _serve(engine, requests: dict[str, tuple[list[int], list | None]], sampling) -> dict[str, tuple[list, list]]:
@@ -204,3 +211,29 @@ def test_an_engine_serves_a_prompt_larger_than_its_pool_with_two_lenders(tmp_pat
             assert [t for t, _ in top] == [t for t, _ in top_ref]
     assert all(x.attends > 0 for x in lenders)
     assert small.kv.pool.num_used == 0
+
+
+def test_borrowers_of_one_lender_share_one_message_per_layer(tmp_path):
+    """Two requests with a range each on the same lender, decoding in the same steps: each layer of a step
+    sends one message to that lender with both requests' rows; outputs equal an engine with room."""
+    from checkpoints import make_checkpoint
+
+    from microserve import SamplingParams
+    from microserve.engine.config import EngineConfig
+    from microserve.engine.core.sequence import LentRange
+    from microserve.engine.engine import LLMEngine
+
+    path, _ = make_checkpoint(tmp_path / "llama", "llama")
+    gen = torch.Generator().manual_seed(6)
+    a, b = (torch.randint(2, 320, (200,), generator=gen).tolist() for _ in range(2))
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    cfg = dict(block_size=BS, max_num_batched_tokens=128, skip_tokenizer_init=True)
+    want = _serve(LLMEngine(path, config=EngineConfig(num_kv_blocks=64, **cfg)), {"a": (a, None), "b": (b, None)}, sp)
+    engine = LLMEngine(path, config=EngineConfig(num_kv_blocks=32, enable_prefix_caching=False, **cfg))
+    shared = _Lender(engine, 64, 128)  # the lender engine; each request's range below is on it
+    ranges = {rid: _Lender(engine, 64, 128, lender=shared) for rid in ("a", "b")}
+    got = _serve(engine, {rid: (p, [LentRange(64, 128, ranges[rid])]) for rid, p in (("a", a), ("b", b))}, sp)
+    assert {rid: g[0] for rid, g in got.items()} == {rid: w[0] for rid, w in want.items()}
+    layers = engine.kv_spec.num_layers
+    assert shared.attends % layers == 0 and 2 in shared.asks and set(shared.asks) <= {1, 2}
+    assert shared.attends < sum(shared.asks), "requests of one step went to one lender in separate messages"

@@ -529,7 +529,7 @@ async def test_attend_over_a_lent_range_is_that_range_s_part_of_attention(cluste
     from microserve.engine.config import EngineConfig
     from microserve.engine.engine import LLMEngine
     from microserve.engine.model.dist_attention import range_attention
-    from microserve.protocol import LendTicket
+    from microserve.protocol import Attend, AttendRows, LendTicket
 
     p, d = handles(cluster, "P", "D")
     prompt = rand_prompt(80, seed=2**20 + 12)
@@ -563,6 +563,21 @@ async def test_attend_over_a_lent_range_is_that_range_s_part_of_attention(cluste
     with pytest.raises(EngineCallError) as err:
         await d.attend(forged, 0, [10], q[:1].numpy().tobytes(), 1.0)
     assert err.value.code == "forbidden"
+    # one message for a step's requests on this lender: a request failing its check gets zero rows and
+    # its reason; the others' rows are what they get alone
+    kv = lent.kv
+    rows = torch.cat([q[:2], q[:1], q[2:]]).numpy().tobytes()
+    others = [AttendRows(kv.ticket_id, "0" * 32, 1), AttendRows(kv.ticket_id, kv.secret, 2)]
+    batched = await d.call(Attend(kv.ticket_id, kv.secret, 1, positions[:2] + [70] + positions[2:], rows, 0.1,
+                                  others=others))
+    alone = await d.attend(lent, 1, positions, q.numpy().tobytes(), 0.1)
+    assert batched.errors[0] == batched.errors[2] == "" and batched.errors[1].startswith("forbidden")
+    b_out = torch.frombuffer(bytearray(batched.out), dtype=torch.float32).view(5, heads, -1)
+    b_lse = torch.frombuffer(bytearray(batched.lse), dtype=torch.float32).view(5, heads)
+    a_out = torch.frombuffer(bytearray(alone.out), dtype=torch.float32).view(4, heads, -1)
+    a_lse = torch.frombuffer(bytearray(alone.lse), dtype=torch.float32).view(4, heads)
+    assert torch.equal(b_out[[0, 1, 3, 4]], a_out) and torch.equal(b_lse[[0, 1, 3, 4]], a_lse)
+    assert not b_out[2].any() and torch.isinf(b_lse[2]).all()
     with pytest.raises(EngineCallError) as err:
         await d.attend(lent, 0, [10, 11], b"\0" * 12, 1.0)
     assert err.value.code == "bad_request"

@@ -127,14 +127,16 @@ class EngineAPI(Protocol):
         ...
 
     async def attend(self, ticket_id: str, secret: str, layer: int, positions: list[int], q: bytes,
-                     scale: float, more: list[P.LentRef] = ()) -> P.AttendReply:
+                     scale: float, more: list[P.LentRef] = (), others: list[P.AttendRows] = ()) -> P.AttendReply:
         """Called by the engine that borrowed a range here (DistAttention), for each layer that needs it.
 
         Attends the query rows (`q`: [rows, query heads, head dim] in the KV dtype; `positions`:
         each row's position, for causality) to the lent range's keys alone and returns the part's
         output and log-sum-exp, which the borrower merges with its own (engine/model/dist_attention.py).
         Renews the ticket's lease. Raises NOT_FOUND (no such lent ticket: ended, expired),
-        FORBIDDEN (wrong secret), BAD_REQUEST (its KV has not arrived, bad layer or shapes)."""
+        FORBIDDEN (wrong secret), BAD_REQUEST (its KV has not arrived, bad layer or shapes). With
+        `others` (more requests' rows in one message), a request whose tickets fail those checks gets
+        zero rows and its reason in `AttendReply.errors`; the other requests' rows are unaffected."""
         ...
 
     async def abort(self, request_id: str) -> bool:
@@ -171,7 +173,7 @@ async def dispatch(api: EngineAPI, call: P.Call) -> P.Reply | AsyncIterator[P.Ge
         return await api.lend(call.req, call.begin, call.end, call.lease_s)
     if isinstance(call, P.Attend):
         return await api.attend(call.ticket_id, call.secret, call.layer, call.positions, call.q, call.scale,
-                                call.more)
+                                call.more, call.others)
     if isinstance(call, P.Abort):
         return P.AbortReply(await api.abort(call.request_id))
     if isinstance(call, P.Stats):

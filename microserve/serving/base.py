@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -37,12 +36,20 @@ from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.backend import Backend
 from microserve.serving.events import KVEventLog
 from microserve.serving.streams import StreamHold, StreamQueue
-from microserve.serving.tickets import Aborted, Ticket, TicketBook, TicketState, check_send, norm_pos, wait_for_kv
+from microserve.serving.tickets import (
+    Aborted,
+    Ticket,
+    TicketBook,
+    TicketState,
+    check_send,
+    lent_groups,
+    norm_pos,
+    wait_for_kv,
+)
 from microserve.text import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
-ARRIVAL_GRACE_S = 2.0  # how long `attend` waits for a lent range's KV whose write is ending
 MAX_LEASE_S = 120.0  # default cap of a ticket's lease (`--max-lease-seconds`)
 
 
@@ -171,30 +178,16 @@ class EngineService:
         return P.LendTicket(await self._issue(ticket, lease))
 
     async def attend(self, ticket_id: str, secret: str, layer: int, positions: list[int], q: bytes,
-                     scale: float, more: list[P.LentRef] = ()) -> P.AttendReply:
+                     scale: float, more: list[P.LentRef] = (), others: list[P.AttendRows] = ()) -> P.AttendReply:
         if not 0 <= layer < self.kv_spec.num_layers:
             raise EngineError(ErrorCode.BAD_REQUEST, f"layer {layer} is outside [0, {self.kv_spec.num_layers})")
-        tickets = [await self._lent(t, k) for t, k in ((ticket_id, secret), *((m.ticket_id, m.secret) for m in more))]
-        for ticket in tickets:
-            if ticket.expiry is not None:  # NOTE: a range in use lives on: each attend renews the lease
-                ticket.expiry.cancel()
-                ticket.expiry = asyncio.get_running_loop().call_later(ticket.lease, self._expire, ticket.id)
-        out, lse = await self.backend.attend_range(tickets, layer, positions, q, scale)
-        return P.AttendReply(out, lse)
-
-    async def _lent(self, ticket_id: str, secret: str) -> Ticket:
-        """A lent ticket whose KV arrived, its secret checked."""
-        ticket = self.tickets.get(ticket_id)
-        if ticket is None or not ticket.lent:
-            raise EngineError(ErrorCode.NOT_FOUND, f"no lent ticket {ticket_id!r} here (ended, aborted or expired)")
-        if not hmac.compare_digest(ticket.secret, secret):
-            raise EngineError(ErrorCode.FORBIDDEN, "wrong secret for the lent ticket")
-        if ticket.state is TicketState.OPEN:  # NOTE: the borrower's write returned; its completion may be on its way
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ticket.done.wait(), ARRIVAL_GRACE_S)
-        if ticket.state is not TicketState.COMPLETE:
-            raise EngineError(ErrorCode.BAD_REQUEST, "the lent range's KV has not arrived yet")
-        return ticket
+        asks = [(ticket_id, secret, more, len(positions) - sum(o.rows for o in others)),
+                *((o.ticket_id, o.secret, o.more, o.rows) for o in others)]
+        if any(n <= 0 for *_, n in asks):
+            raise EngineError(ErrorCode.BAD_REQUEST, "attend: every request in it has rows")
+        groups, errors = await lent_groups(self.tickets, asks, bool(others), self._expire)
+        out, lse = await self.backend.attend_range(groups, layer, positions, q, scale)
+        return P.AttendReply(out, lse, errors if others else [])
 
     def _lease(self, lease_s: float | None) -> float:
         lease = self.lease_s if lease_s is None else lease_s

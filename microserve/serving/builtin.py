@@ -14,6 +14,7 @@ receive ticket's reserved blocks, or a finished prefill-only sequence's blocks o
 from __future__ import annotations
 
 import asyncio
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -68,8 +69,8 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
             raise
         return stats.nbytes, stats.transport
 
-    async def attend_range(self, tickets: list[Ticket], layer: int, positions: list[int], q: bytes,
-                           scale: float) -> tuple[bytes, bytes]:
+    async def attend_range(self, groups: list[tuple[list[Ticket] | None, int]], layer: int, positions: list[int],
+                           q: bytes, scale: float) -> tuple[bytes, bytes]:
         cache = self.engine.runner.kv_cache[layer]
         d, hkv = cache.shape[-1], cache.shape[-2]
         row = hkv * d * cache.element_size()
@@ -83,16 +84,27 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
 
         def attend() -> tuple[bytes, bytes]:
             qt = torch.frombuffer(bytearray(q), dtype=cache.dtype).view(len(positions), -1, d).to(cache.device)
-            runs = [(t.matched, t.end, torch.tensor(t.blocks, device=cache.device))
-                    for t in sorted(tickets, key=lambda t: t.matched)]
-            part = seen_whole(self.engine.runner.native_decode, qt, min(positions), cache, runs, scale)
-            if part is None:  # NOTE: rows inside a range (a prefill chunk): causal, per range
-                pos = torch.tensor(positions, device=cache.device)
-                part = merge_parts([range_attention(qt, pos, cache, blocks, begin, end, scale)
-                                    for begin, end, blocks in runs])
-            return raw(part[0]), raw(part[1])
+            parts, first = [], 0
+            for tickets, n in groups:
+                qg, pg = qt[first:first + n], positions[first:first + n]
+                first += n
+                if tickets is None:  # a request that failed its checks: a part that merges as nothing
+                    parts.append((qg.new_zeros(qg.shape), qg.new_full(qg.shape[:2], -math.inf, dtype=torch.float32)))
+                    continue
+                runs = [(t.matched, t.end, torch.tensor(t.blocks, device=cache.device))
+                        for t in sorted(tickets, key=lambda t: t.matched)]
+                part = seen_whole(self.engine.runner.native_decode, qg, min(pg), cache, runs, scale)
+                if part is None:  # NOTE: rows inside a range (a prefill chunk): causal, per range
+                    pos = torch.tensor(pg, device=cache.device)
+                    part = merge_parts([range_attention(qg, pos, cache, blocks, begin, end, scale)
+                                        for begin, end, blocks in runs])
+                parts.append(part)
+            if len(parts) == 1:
+                return raw(parts[0][0]), raw(parts[0][1])
+            return raw(torch.cat([p[0] for p in parts])), raw(torch.cat([p[1] for p in parts]))
 
-        if len(positions) * sum(t.end - t.matched for t in tickets) <= INLINE_ATTEND:  # NOTE: a thread hop costs more
+        work = len(positions) * sum(t.end - t.matched for tickets, _ in groups for t in tickets or ())
+        if work <= INLINE_ATTEND:  # NOTE: a thread hop costs more than a few decode rows' attention
             return run()
         return await asyncio.get_running_loop().run_in_executor(self._send_pool, run)
 

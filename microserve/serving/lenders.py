@@ -7,7 +7,8 @@
              the batch's local attention runs here meanwhile
              result() <─ (out, lse) <────────────────────────────────┘
 
-The attend goes out and comes back on the step thread's own socket, not through the service's event
+One attend message per lender and layer carries the rows of every borrowing request of the step that
+uses that lender (`attend`). It goes out and comes back on the step thread's own socket, not through the service's event
 loop: a hop to another thread costs a GIL handoff each way (up to the 5 ms switch interval while the
 step thread computes), and there is one round trip per layer and step.
 
@@ -100,9 +101,7 @@ class LenderChannel:
 
 class RemoteLender:
     """One lent range: `write(seq, begin, end)` sends its KV into the lent blocks (blocking: the step
-    thread); `attend(layer, positions, q, scale, more)` sends the query rows to the lender at once and
-    returns a `PendingAttend` whose `result()` is `(out, lse)` over this range and those of the peers in
-    `more` (other ranges of the request on the same lender).
+    thread); `attend(layer, scale, asks)` sends one message to its lender with a whole step's rows.
 
     Args:
         ticket: the lender's `LendTicket` (its `kv` names the range and the secret; `rpc` the engine).
@@ -117,33 +116,60 @@ class RemoteLender:
         self.lender = ticket.rpc  # ranges on one lender are attended in one message per layer
         self.timeout = min(timeout, ATTEND_TIMEOUT_S)
 
+    def attend(self, layer: int, scale: float, asks: list[tuple[list[RemoteLender], torch.Tensor, torch.Tensor]]
+               ) -> list[Part]:
+        """`attend` below, to this range's lender (the model's way in: it does not import this layer)."""
+        return attend(layer, scale, asks)
+
     def write(self, seq, begin: int, end: int) -> None:
         try:
             self.plane.sender.send(self.kv, begin, end, lambda: seq.block_table, self.plane.pick(self.kv, None))
         except Exception as exc:
             raise EngineError(ErrorCode.UNAVAILABLE, f"lender {self.kv.engine_id}: {exc}") from exc
 
-    def attend(self, layer: int, positions: torch.Tensor, q: torch.Tensor, scale: float,
-               more: list[RemoteLender] = ()) -> PendingAttend:
-        """`more`: other ranges of the request on the same lender (one message, one merged part back)."""
-        msg = P.Attend(self.kv.ticket_id, self.kv.secret, layer, positions.tolist(), raw(q), scale,
-                       [P.LentRef(p.kv.ticket_id, p.kv.secret) for p in more])
-        return PendingAttend(self, msg, q.shape, q.dtype)
+
+def attend(layer: int, scale: float, asks: list[tuple[list[RemoteLender], torch.Tensor, torch.Tensor]]) -> list[Part]:
+    """Send one message to one lender with the rows of every request in `asks`: `(ranges, positions,
+    q)` per request, `ranges` its lent ranges on that lender (the first names the lender). Returns at
+    once, one `Part` per request, whose `result()` waits for `(out, lse)` over its ranges."""
+    (first, pos0, q0), others = asks[0], asks[1:]
+    qs = torch.cat([q for _, _, q in asks]) if others else q0
+    positions = [p for _, pos, _ in asks for p in pos.tolist()] if others else pos0.tolist()
+    msg = P.Attend(first[0].kv.ticket_id, first[0].kv.secret, layer, positions, raw(qs), scale,
+                   _refs(first[1:]),
+                   [P.AttendRows(g[0].kv.ticket_id, g[0].kv.secret, len(pos), _refs(g[1:]))
+                    for g, pos, _ in others])
+    pending = PendingAttend(first[0], msg, [len(pos) for _, pos, _ in asks], qs.shape, qs.dtype)
+    return [Part(pending, k) for k in range(len(asks))]
+
+
+def _refs(ranges: list[RemoteLender]) -> list[P.LentRef]:
+    return [P.LentRef(r.kv.ticket_id, r.kv.secret) for r in ranges]
 
 
 class PendingAttend:
-    """An attend on its way (sent when made); `result()` waits for `(out, lse)` or raises EngineError."""
+    """One attend message on its way (sent when made); `results()` waits once for the reply and splits it
+    into each request's `(out, lse)`, or an EngineError for a request whose part failed."""
 
-    def __init__(self, lender: RemoteLender, msg: P.Attend, shape: torch.Size, dtype: torch.dtype) -> None:
-        self.lender, self.shape, self.dtype = lender, shape, dtype
+    def __init__(self, lender: RemoteLender, msg: P.Attend, rows: list[int], shape: torch.Size,
+                 dtype: torch.dtype) -> None:
+        self.lender, self.rows, self.shape, self.dtype = lender, rows, shape, dtype
         self.deadline = time.monotonic() + lender.timeout
-        self.call_id, self.error = b"", None
+        self.call_id, self.error, self._results = b"", None, None
         try:
             self.call_id = lender.channel.send(msg, lender.timeout)
         except (TimeoutError, zmq.ZMQError) as exc:
             self.error = exc
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def results(self) -> list[tuple[torch.Tensor, torch.Tensor] | EngineError]:
+        if self._results is None:
+            try:
+                self._results = self._receive()
+            except EngineError as exc:
+                self._results = [exc] * len(self.rows)
+        return self._results
+
+    def _receive(self) -> list[tuple[torch.Tensor, torch.Tensor] | EngineError]:
         lender = self.lender
         name = lender.kv.engine_id
         try:
@@ -155,10 +181,32 @@ class PendingAttend:
                               f"{lender.timeout:g}s ({exc})") from exc
         if isinstance(reply, P.RPCError):
             raise EngineError(ErrorCode.of(reply.code), f"lender {name}: {reply.message}")
-        if not isinstance(reply, P.AttendReply) or len(reply.out) != self.shape.numel() * self.dtype.itemsize:
+        many = len(self.rows) > 1
+        if not isinstance(reply, P.AttendReply) or len(reply.out) != self.shape.numel() * self.dtype.itemsize \
+                or len(reply.lse) != self.shape[0] * self.shape[1] * 4 \
+                or len(reply.errors) != (len(self.rows) if many else 0):
             raise EngineError(ErrorCode.INTERNAL, f"lender {name} answered attend with a wrong reply")
         out = torch.frombuffer(bytearray(reply.out), dtype=self.dtype).view(self.shape)
-        return out, torch.frombuffer(bytearray(reply.lse), dtype=torch.float32).view(self.shape[:2])
+        lse = torch.frombuffer(bytearray(reply.lse), dtype=torch.float32).view(self.shape[:2])
+        if not many:
+            return [(out, lse)]
+        parts: list = []
+        for part_out, part_lse, why in zip(out.split(self.rows), lse.split(self.rows), reply.errors):
+            parts.append(EngineError(ErrorCode.UNAVAILABLE, f"lender {name}: {why}") if why else (part_out, part_lse))
+        return parts
+
+
+class Part:
+    """One request's share of a `PendingAttend`: `result()` is its `(out, lse)` or raises EngineError."""
+
+    def __init__(self, pending: PendingAttend, index: int) -> None:
+        self.pending, self.index = pending, index
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        got = self.pending.results()[self.index]
+        if isinstance(got, EngineError):
+            raise got
+        return got
 
 
 def raw(t: torch.Tensor) -> bytes:

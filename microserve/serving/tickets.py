@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import logging
 import secrets
 import threading
@@ -28,6 +30,8 @@ from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
 
 log = logging.getLogger(__name__)
+
+ARRIVAL_GRACE_S = 2.0  # how long `attend` waits for a lent range's KV whose write is ending
 
 
 def norm_pos(pos: int, n: int, what: str) -> int:
@@ -91,6 +95,46 @@ class Ticket:
     def complete(self, nbytes: int = 0) -> None:
         self.state, self.bytes = TicketState.COMPLETE, nbytes
         self.done.set()
+
+
+async def lent_ticket(tickets, ticket_id: str, secret: str) -> Ticket:
+    """A lent ticket of `tickets` (by id) whose KV arrived, its secret checked (`attend`)."""
+    ticket = tickets.get(ticket_id)
+    if ticket is None or not ticket.lent:
+        raise EngineError(ErrorCode.NOT_FOUND, f"no lent ticket {ticket_id!r} here (ended, aborted or expired)")
+    if not hmac.compare_digest(ticket.secret, secret):
+        raise EngineError(ErrorCode.FORBIDDEN, "wrong secret for the lent ticket")
+    if ticket.state is TicketState.OPEN:  # NOTE: the borrower's write returned; its completion may be on its way
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ticket.done.wait(), ARRIVAL_GRACE_S)
+    if ticket.state is not TicketState.COMPLETE:
+        raise EngineError(ErrorCode.BAD_REQUEST, "the lent range's KV has not arrived yet")
+    return ticket
+
+
+async def lent_groups(tickets, asks: list[tuple[str, str, list, int]], lenient: bool,
+                      expire: Callable[[str], None]) -> tuple[list[tuple[list[Ticket] | None, int]], list[str]]:
+    """`attend`'s requests, each `(ticket id, secret, more refs, rows)`, as `(tickets, rows)` groups with
+    every lease renewed (a range in use lives on; `expire(id)` is the lease's end). `lenient` (several
+    requests in one message): a request failing its checks gets `(None, rows)` and its reason in the
+    errors ("" for the others), so it never fails the others' rows; else its EngineError is raised."""
+    groups, errors = [], []
+    for tid, key, refs, n in asks:
+        try:
+            held = [await lent_ticket(tickets, t, k) for t, k in ((tid, key), *((m.ticket_id, m.secret) for m in refs))]
+        except EngineError as exc:
+            if not lenient:
+                raise
+            groups.append((None, n))
+            errors.append(f"{exc.code}: {exc}")
+            continue
+        for ticket in held:
+            if ticket.expiry is not None:
+                ticket.expiry.cancel()
+                ticket.expiry = asyncio.get_running_loop().call_later(ticket.lease, expire, ticket.id)
+        groups.append((held, n))
+        errors.append("")
+    return groups, errors
 
 
 class TicketBook:

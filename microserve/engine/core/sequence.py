@@ -41,8 +41,9 @@ class LentRange:
     block boundaries). Until the range is computed its KV stays in local blocks; then `peer.write`
     moves it to the lender, the local blocks are freed and `pushed` is set. `peer` (the model engine's side
     of a lender: `serving.lenders.RemoteLender`) has `begin`, `end`, `lender` (ranges with the same one
-    share a message), `write(seq, begin, end)`, and `attend(layer, positions, q, scale, more)`: a Future of
-    `(out, lse)` over its range and those of the peers in `more`."""
+    share a message), `write(seq, begin, end)`, and `attend(layer, scale, asks)`: one message to its
+    lender with each ask's rows (`(ranges, positions, q)`), one part per ask whose `result()` is
+    `(out, lse)` over those ranges."""
 
     begin: int
     end: int

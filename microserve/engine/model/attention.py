@@ -127,7 +127,7 @@ def paged_attention(
     if meta.borrowed:  # NOTE: first, so the lenders' round trips run while this batch's attention computes
         from microserve.engine.model.dist_attention import ask_lenders  # NOTE: it imports this module
 
-        asked_lenders = [ask_lenders(q, meta.layer, rows, scale) for rows in meta.borrowed]
+        asked_lenders = ask_lenders(q, meta.layer, meta.borrowed, scale)
     if meta.num_decodes:
         nd = meta.num_decodes
         if meta.native_decode is not None:

@@ -116,14 +116,24 @@ def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
     return out.to(parts[0][0].dtype), total  # type: ignore[union-attr]
 
 
-def ask_lenders(q: torch.Tensor, layer: int, rows: BorrowedRows, scale: float) -> list[tuple[list, Any]]:
-    """The borrower's first half: send one sequence's rows of this step to each of its lenders (one message
-    per lender and layer, whatever the number of its ranges there). Called before the batch's local
-    attention, so the round trips run while it computes. Returns `(group, pending)` pairs for `attend_borrowed`."""
-    if rows.seq.error is not None:
-        return []
-    qs = q[rows.token_start:rows.token_start + rows.num_tokens]
-    return [(group, group[0].attend(layer, rows.positions, qs, scale, group[1:])) for group in rows.remote]
+def ask_lenders(q: torch.Tensor, layer: int, borrowed: list[BorrowedRows], scale: float) -> list[list[tuple]]:
+    """The borrower's first half: send the rows of this step's borrowing sequences to their lenders, one
+    message per lender and layer (every sequence and range on that lender rides in it). Called before
+    the batch's local attention, so the round trips run while it computes. Returns, per sequence,
+    `(ranges, part)` pairs for `attend_borrowed` (`part.result()`: that lender's `(out, lse)`)."""
+    by_lender: dict[Any, list[tuple[int, list, torch.Tensor, torch.Tensor]]] = {}
+    for i, rows in enumerate(borrowed):
+        if rows.seq.error is None:
+            qs = q[rows.token_start:rows.token_start + rows.num_tokens]
+            for group in rows.remote:
+                by_lender.setdefault(group[0].lender, []).append((i, group, rows.positions, qs))
+    asked: list[list[tuple]] = [[] for _ in borrowed]
+    for items in by_lender.values():
+        lender = items[0][1][0]  # NOTE: any range's peer sends for its lender (serving.lenders.RemoteLender)
+        parts = lender.attend(layer, scale, [(group, positions, qs) for _, group, positions, qs in items])
+        for (i, group, _, _), part in zip(items, parts):
+            asked[i].append((group, part))
+    return asked
 
 
 def attend_borrowed(q: torch.Tensor, cache: torch.Tensor, rows: BorrowedRows, scale: float,
@@ -138,9 +148,9 @@ def attend_borrowed(q: torch.Tensor, cache: torch.Tensor, rows: BorrowedRows, sc
     whole = seen_whole(decode, qs, rows.start, cache, rows.local, scale)
     parts = [whole] if whole is not None else [
         range_attention(qs, rows.positions, cache, blocks, begin, end, scale) for begin, end, blocks in rows.local]
-    for group, pending in asked:
+    for group, part in asked:
         try:
-            parts.append(pending.result())
+            parts.append(part.result())
         except Exception as exc:  # NOTE: one lost lender fails its borrower, never the step
             spans = ", ".join(f"[{p.begin}, {p.end})" for p in group)
             seq.error = seq.error or f"remote attention over positions {spans} failed: {exc or repr(exc)}"

@@ -1,6 +1,6 @@
 """DistAttention: the longest context N engines serve together, and what remote attention costs a decode.
 
-    python benchmarks/dist_attention.py [--engines 1 2 4] [--decode-tokens 64]
+    python benchmarks/dist_attention.py [--engines 1 2 4] [--decode-tokens 64] [--rounds 5]
 
 Random Llama (hidden 512, 8 layers, 8 heads of 64, 4 KV heads, float32), engine processes with pools of
 1,024 tokens (64 blocks of 16), prefill chunks of 256. For N engines, one borrows the ranges of its
@@ -110,8 +110,11 @@ async def main_async(args) -> None:
                 print(f"{n} engine(s): {got} tokens", file=sys.stderr, flush=True)
             prompt = prompt_of(2048, seed=1)
             await tpot(hb, prompt[:64], None, 4)  # warm up
-            local = statistics.median([await tpot(hb, prompt, None, args.decode_tokens) for _ in range(3)])
-            split = statistics.median([await tpot(hm, prompt, handles[0], args.decode_tokens) for _ in range(3)])
+            locals_, splits = [], []
+            for _ in range(args.rounds):  # NOTE: interleaved, so a slow spell of the machine hits both
+                locals_.append(await tpot(hb, prompt, None, args.decode_tokens))
+                splits.append(await tpot(hm, prompt, handles[0], args.decode_tokens))
+            local, split = statistics.median(locals_), statistics.median(splits)
             req = Request("rt", prompt_of(600, seed=9), SamplingParams(max_tokens=1))
             lent = await handles[0].lend(req, 0, 512)
             await hm.remote_send(req, lent.kv, 0, 512)
@@ -157,6 +160,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engines", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5, help="TPOT runs of each kind (the median is reported)")
     asyncio.run(main_async(ap.parse_args()))
     return 0
 

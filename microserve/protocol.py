@@ -208,6 +208,9 @@ class StatsReply(msgspec.Struct, tag="stats_reply", forbid_unknown_fields=True):
     kv_blocks_lent: int = 0  # blocks held for other engines' requests (`lend`)
     kv_blocks_borrowed: int = 0  # blocks of this engine's requests held by lenders (`start_generate(lenders=...)`)
     prefix_cache_query_tokens: int = 0  # prompt tokens looked up in the prefix cache (hits / queries: hit rate)
+    remote_attends: int = 0  # DistAttention: attend messages sent to lenders, and their round trips summed
+    remote_attend_seconds: float = 0.0
+    attends_served: int = 0  # DistAttention: attend messages answered here as a lender
 
 
 class HealthReply(msgspec.Struct, tag="health_reply", forbid_unknown_fields=True):

@@ -77,6 +77,7 @@ async def test_a_prompt_three_times_the_pool_decodes_as_one_large_engine(engines
         assert err.value.code == "bad_request"
         want, want_lps = await collect(r.start_generate(Request("ref", prompt, SAMPLING)))
         cached = [(await h.stats()).kv_blocks_cached for h in (l1, l2)]
+        sent, served = (await b.stats()).remote_attends, [(await h.stats()).attends_served for h in (l1, l2)]
 
         req = Request("dist", prompt, SAMPLING)
         lent = await lend_overflow(req, [l1, l2], RANGE, 2816)  # B keeps [0, 256) and [2816, 3200)
@@ -90,6 +91,11 @@ async def test_a_prompt_three_times_the_pool_decodes_as_one_large_engine(engines
             assert [v for _, v in lp.top] == pytest.approx([v for _, v in ref.top], abs=1e-4)
         s = await b.stats()
         assert s.kv_blocks_used == s.kv_blocks_cached <= 64 and s.running == 0
+        # one attend message per lender, layer and step once a range moved (200 decode steps at least)
+        layers = (await b.health()).kv_spec.num_layers
+        got_served = [(await h.stats()).attends_served - n for h, n in zip((l1, l2), served)]
+        assert s.remote_attends - sent == sum(got_served) and min(got_served) >= 200 * layers, got_served
+        assert s.remote_attend_seconds > 0
         assert [(await h.stats()).kv_blocks_cached for h in (l1, l2)] == cached, "lent KV entered a prefix cache"
         for h in (l1, l2):  # the request ended: its strategy aborts it on the lenders
             assert await h.abort(req.request_id)

@@ -176,7 +176,8 @@ async def test_metrics_parse_and_move(pd):
     for engine in pd.engines:
         for name in ("microserve_engine_running_requests", "microserve_engine_kv_blocks_used",
                      "microserve_prefix_cache_hit_tokens_total", "microserve_kv_blocks_lent",
-                     "microserve_kv_blocks_borrowed"):
+                     "microserve_kv_blocks_borrowed", "microserve_remote_attention_seconds_count",
+                     "microserve_remote_attention_served_total"):
             assert f"{name}{{engine={engine}}}" in before, (name, engine)
         kernels = [k for k in before if k.startswith(f"microserve_engine_info{{engine={engine},")]
         assert kernels and "kernels=native" in kernels[0] and before[kernels[0]] == 1, kernels

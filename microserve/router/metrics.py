@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
 from kvapi.transfer.base import TRANSPORTS
 from microserve import protocol as P
@@ -202,6 +202,11 @@ class _EngineCollector:
                                  "requests (DistAttention's lend)", labels=["engine"])
         borrowed = GaugeMetricFamily("microserve_kv_blocks_borrowed", "KV blocks of the engine's requests that "
                                      "lenders hold (DistAttention)", labels=["engine"])
+        attends = SummaryMetricFamily("microserve_remote_attention_seconds", "Round trips of the attend messages "
+                                      "the engine sent its lenders, one per lender, layer and step (DistAttention)",
+                                      labels=["engine"])
+        served = CounterMetricFamily("microserve_remote_attention_served", "Attend messages the engine answered as "
+                                     "a lender (DistAttention)", labels=["engine"])
         for h in self.cluster.handles:
             up.add_metric([h.name, h.role or ""], 1.0 if h.alive else 0.0)
             s = self.cluster.load(h).stats
@@ -216,6 +221,8 @@ class _EngineCollector:
             info.add_metric([h.name, s.kernels or "none"], 1.0)
             lent.add_metric([h.name], s.kv_blocks_lent)
             borrowed.add_metric([h.name], s.kv_blocks_borrowed)
+            attends.add_metric([h.name], s.remote_attends, s.remote_attend_seconds)
+            served.add_metric([h.name], s.attends_served)
             for t in s.kv_store:
                 store_hits.add_metric([h.name, t.tier], t.hit_tokens)
                 store_bytes.add_metric([h.name, t.tier, "read"], t.bytes_read)
@@ -223,5 +230,5 @@ class _EngineCollector:
                 store_errors.add_metric([h.name, t.tier], t.errors)
             if s.kv_store:
                 store_dropped.add_metric([h.name], s.kv_store[0].dropped_writes)
-        yield from (up, running, waiting, used, total, hits, computed, info, lent, borrowed, store_hits, store_bytes,
-                    store_errors, store_dropped)
+        yield from (up, running, waiting, used, total, hits, computed, info, lent, borrowed, attends, served,
+                    store_hits, store_bytes, store_errors, store_dropped)

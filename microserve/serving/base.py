@@ -74,6 +74,7 @@ class EngineService:
         self.peer_key: Any = None  # the ClusterKey this engine calls other engines with (a borrower its lenders)
         self.tickets = TicketBook()
         self.events_addr = ""  # where KV events are published (the transport sets it)
+        self.attends_served = 0  # DistAttention: attend messages answered as a lender
         self.events = KVEventLog(self.engine_id)  # its `sink` is set by the transport
         self._sends: dict[str, str] = {}  # send job id -> request id
         self._streams: dict[str, StreamQueue] = {}
@@ -186,6 +187,7 @@ class EngineService:
         if any(n <= 0 for *_, n in asks):
             raise EngineError(ErrorCode.BAD_REQUEST, "attend: every request in it has rows")
         groups, errors = await lent_groups(self.tickets, asks, bool(others), self._expire)
+        self.attends_served += 1
         out, lse = await self.backend.attend_range(groups, layer, positions, q, scale)
         return P.AttendReply(out, lse, errors if others else [])
 
@@ -373,7 +375,8 @@ class EngineService:
             num_preemptions=s.num_preemptions, open_tickets=len(self.tickets), active_sends=len(self._sends),
             kv_bytes_sent=sent, kv_bytes_received=received, kernels=s.kernels, kv_store=self.backend.store_stats(),
             kv_blocks_lent=sum(len(t.blocks) for t in self.tickets.lent()), kv_blocks_borrowed=s.kv_blocks_borrowed,
-            prefix_cache_query_tokens=s.prefix_cache_query_tokens)
+            prefix_cache_query_tokens=s.prefix_cache_query_tokens, remote_attends=s.remote_attends,
+            remote_attend_seconds=s.remote_attend_seconds, attends_served=self.attends_served)
 
     def health(self) -> P.HealthReply:
         return P.HealthReply(True, self.engine_id, self.model_name, self.kv_spec, list(self.transports),

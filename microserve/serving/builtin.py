@@ -22,7 +22,7 @@ import torch
 from kvapi.transfer import KVAddr, TransferError
 from kvapi.transfer.base import check_addr
 from microserve import protocol as P
-from microserve.engine.core.engine_core import StepOutput
+from microserve.engine.core.engine_core import EngineStats, StepOutput
 from microserve.engine.core.sequence import LentRange
 from microserve.engine.engine import LLMEngine
 from microserve.engine.model.dist_attention import merge_parts, range_attention, seen_whole
@@ -107,6 +107,12 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
         if work <= INLINE_ATTEND:  # NOTE: a thread hop costs more than a few decode rows' attention
             return run()
         return await asyncio.get_running_loop().run_in_executor(self._send_pool, run)
+
+    def engine_stats(self) -> EngineStats:
+        stats = self.engine.stats()
+        stats.remote_attends = sum(c.calls for c in self._lenders.values())
+        stats.remote_attend_seconds = sum(c.seconds for c in self._lenders.values())
+        return stats
 
     def borrow(self, req: P.Request, lenders: list[P.LendTicket]) -> list[LentRange]:
         ranges = []

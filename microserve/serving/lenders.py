@@ -53,6 +53,7 @@ class LenderChannel:
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4)
         self._waiting: dict[bytes, bytes | None] = {}  # call id -> its reply once it came
+        self.calls, self.seconds = 0, 0.0  # attends answered on this channel, their round trips summed
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
@@ -154,7 +155,8 @@ class PendingAttend:
     def __init__(self, lender: RemoteLender, msg: P.Attend, rows: list[int], shape: torch.Size,
                  dtype: torch.dtype) -> None:
         self.lender, self.rows, self.shape, self.dtype = lender, rows, shape, dtype
-        self.deadline = time.monotonic() + lender.timeout
+        self.sent = time.monotonic()
+        self.deadline = self.sent + lender.timeout
         self.call_id, self.error, self._results = b"", None, None
         try:
             self.call_id = lender.channel.send(msg, lender.timeout)
@@ -176,6 +178,8 @@ class PendingAttend:
             if self.error is not None:
                 raise self.error
             reply = lender.channel.receive(self.call_id, self.deadline)
+            lender.channel.calls += 1
+            lender.channel.seconds += time.monotonic() - self.sent
         except (TimeoutError, zmq.ZMQError) as exc:
             raise EngineError(ErrorCode.UNAVAILABLE, f"lender {name} did not answer attend within "
                               f"{lender.timeout:g}s ({exc})") from exc

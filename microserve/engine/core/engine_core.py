@@ -64,6 +64,8 @@ class EngineStats:
     queued_tokens: int = 0  # tokens still to compute over waiting and running requests
     kernels: str = ""  # which kernels the model runs: "native", "native-scalar", "torch", "triton" ("" no model)
     kv_blocks_borrowed: int = 0  # blocks of running requests' lent ranges whose KV lenders hold (DistAttention)
+    remote_attends: int = 0  # attend messages this engine sent its lenders (one per lender, layer and step)
+    remote_attend_seconds: float = 0.0  # their round trips, summed (send to reply, on the step thread)
 
 
 class EngineCore:

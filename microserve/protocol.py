@@ -67,6 +67,7 @@ class LendTicket(msgspec.Struct, tag="lend_ticket", forbid_unknown_fields=True):
 
     kv: KVAddr  # where the borrower writes the range `[kv.begin, kv.end)` (signed, leased; block aligned)
     rpc: str = ""  # the lender's RPC address, as the router reaches it (filled by its EngineHandle)
+    attend: str = ""  # the lender's attend socket (its host as in `rpc`; "": attend over `rpc`)
 
 
 class StartGenerate(msgspec.Struct, tag="start_generate", forbid_unknown_fields=True):

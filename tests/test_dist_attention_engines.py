@@ -175,6 +175,30 @@ async def test_launch_dist_attention_serves_a_prompt_no_engine_holds(engines, mo
         assert dep.stop() == 0
 
 
+async def test_attends_keep_a_lent_range_alive_past_its_lease_and_it_ends_when_they_stop(engines):
+    """A range lent with a 1.5 s lease and attended every 0.25 s still answers after 3 s (each attend
+    renews the lease: the range is marked used, its expiry timer re-arms); once the attends stop, the
+    lease ends it and its blocks go back."""
+    b, l1 = (EngineHandle(engines[n].rpc, name=n, timeout=60.0) for n in ("B", "L1"))
+    try:
+        req = Request("renewed", prompt_of(600, seed=5), SAMPLING)
+        lent = await l1.lend(req, RANGE, 2 * RANGE, lease_s=1.5)
+        await b.remote_send(req, lent.kv, RANGE, 2 * RANGE)
+        spec = (await l1.health()).kv_spec
+        q = bytes(spec.num_kv_heads * spec.head_dim * 4)  # one row, float32 (the checkpoint's dtype)
+        for _ in range(12):
+            await l1.attend(lent, 0, [599], q, 0.1)
+            await asyncio.sleep(0.25)
+        assert (await l1.stats()).kv_blocks_lent == RANGE // BS
+        await settle(l1, lambda s: s.kv_blocks_lent == 0 and s.open_tickets == 0)
+        with pytest.raises(EngineCallError) as err:
+            await l1.attend(lent, 0, [599], q, 0.1)
+        assert err.value.code == "not_found"
+    finally:
+        for h in (b, l1):
+            await h.close()
+
+
 async def test_a_disconnect_mid_decode_and_the_lease_give_every_block_back(engines):
     """The client leaves mid-decode (the borrower's stream closed): the borrower frees the request at once;
     nobody aborts it on the lenders, so their ranges end with the lease (each attend renewed it)."""

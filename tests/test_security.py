@@ -31,10 +31,11 @@ from deploy import start_launch
 from engines import start_engine, wait_engine
 
 from microserve import SamplingParams
-from microserve.protocol import Request, decode_event
+from microserve.protocol import Attend, Request, decode_event
 from microserve.router import EngineCallError, EngineHandle, EngineTimeout
 from microserve.security import ENV, ClusterKey
 from microserve.security import resolve as resolve_key
+from microserve.serving.lenders import LenderChannel
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 ENGINE = ["--num-kv-blocks", "256", "--log-level", "error"]
@@ -117,6 +118,17 @@ async def test_without_the_key_nothing_reaches_an_engine(engines, attacker, monk
                          lambda: collect(bad.start_generate(Request("free-ride", [5, 6, 7], GREEDY)))):
                 with pytest.raises(EngineTimeout):
                     await call()
+            # a lender's attend socket (DistAttention) admits key holders only, as its RPC socket does
+            lent_req = Request(os.urandom(8).hex(), list(range(5, 60)))
+            lent = await owner.lend(lent_req, 0, 32)
+            channel = LenderChannel(lent.attend, bad.cluster_key)
+            try:
+                with pytest.raises(TimeoutError):
+                    msg = Attend(lent.kv.ticket_id, lent.kv.secret, 0, [40], b"\0" * 64, 1.0)
+                    channel.receive(channel.send(msg, 1.0), time.monotonic() + 1.0)
+            finally:
+                channel.close()
+                assert await owner.abort(lent_req.request_id)
             tokens = await asyncio.wait_for(stream, 60)
             assert len(tokens) == 40  # the victim's stream was never aborted
             with pytest.raises(TimeoutError):  # and its prompt hashes never reached the attacker

@@ -249,7 +249,10 @@ class EngineHandle:
         """Hold blocks here for `prompt[begin:end]` of a request another engine runs (DistAttention)."""
         self._touch()
         ticket = await self.call(P.Lend(req, begin, end, lease_s), timeout)
-        return msgspec.structs.replace(ticket, rpc=self.address)  # type: ignore[type-var]
+        attend = ticket.attend  # type: ignore[attr-defined]
+        if attend.startswith("tcp://") and self.address.startswith("tcp://"):  # NOTE: reached as the RPC is
+            attend = self.address.rsplit(":", 1)[0] + ":" + attend.rsplit(":", 1)[1]
+        return msgspec.structs.replace(ticket, rpc=self.address, attend=attend)  # type: ignore[type-var]
 
     async def attend(self, ticket: P.LendTicket, layer: int, positions: list[int], q: bytes, scale: float, *,
                      more: list[P.LendTicket] = (), timeout: float | None = None) -> P.AttendReply:

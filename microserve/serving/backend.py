@@ -118,12 +118,13 @@ class Backend(ABC):
         the call in a backend that does not lend."""
 
     @abstractmethod
-    async def attend_range(self, groups: list[tuple[list[Ticket] | None, int]], layer: int, positions: list[int],
-                           q: bytes, scale: float) -> tuple[bytes, bytes]:
+    def attend_range(self, groups: list[tuple[list[Ticket] | None, int]], layer: int, positions: list[int],
+                     q: bytes, scale: float) -> tuple[bytes, bytes]:
         """The parts of attention over complete lent tickets' ranges for these query rows: `groups` are
         `(tickets, rows)` per request in row order (its tickets merged into one part; None: a request
         that failed its checks, whose rows get out 0 and lse -inf). Returns (out, lse) as `AttendReply`
-        carries them. Called by `attend` (tickets and secrets checked). Raises EngineError BAD_REQUEST
+        carries them. Blocking, on a thread (the lender's attend thread, or off the loop): it reads only
+        the lent blocks. Called by `attend` (tickets and secrets checked). Raises EngineError BAD_REQUEST
         (shapes), or naming the call in a backend that does not lend."""
 
     # -- sending (remote_send) ------------------------------------------------------------------

@@ -33,6 +33,7 @@ from microserve.engine.core.engine_core import StepOutput
 from microserve.engine.core.sequence import Finish
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
+from microserve.serving.attend_server import answer_attend
 from microserve.serving.backend import Backend
 from microserve.serving.events import KVEventLog
 from microserve.serving.streams import StreamHold, StreamQueue
@@ -41,8 +42,9 @@ from microserve.serving.tickets import (
     Ticket,
     TicketBook,
     TicketState,
+    attend_ids,
     check_send,
-    lent_groups,
+    lent_arrivals,
     norm_pos,
     wait_for_kv,
 )
@@ -75,6 +77,7 @@ class EngineService:
         self.tickets = TicketBook()
         self.events_addr = ""  # where KV events are published (the transport sets it)
         self.attends_served = 0  # DistAttention: attend messages answered as a lender
+        self.attend_addr = ""  # the attend socket, if the transport runs one (serving/attend_server.py)
         self.events = KVEventLog(self.engine_id)  # its `sink` is set by the transport
         self._sends: dict[str, str] = {}  # send job id -> request id
         self._streams: dict[str, StreamQueue] = {}
@@ -176,20 +179,13 @@ class EngineService:
         lease = self._lease(lease_s)
         self.aborted.check(req.request_id)
         ticket = await self.backend.lend_blocks(req, begin, end)
-        return P.LendTicket(await self._issue(ticket, lease))
+        return P.LendTicket(await self._issue(ticket, lease), attend=self.attend_addr)
 
     async def attend(self, ticket_id: str, secret: str, layer: int, positions: list[int], q: bytes,
                      scale: float, more: list[P.LentRef] = (), others: list[P.AttendRows] = ()) -> P.AttendReply:
-        if not 0 <= layer < self.kv_spec.num_layers:
-            raise EngineError(ErrorCode.BAD_REQUEST, f"layer {layer} is outside [0, {self.kv_spec.num_layers})")
-        asks = [(ticket_id, secret, more, len(positions) - sum(o.rows for o in others)),
-                *((o.ticket_id, o.secret, o.more, o.rows) for o in others)]
-        if any(n <= 0 for *_, n in asks):
-            raise EngineError(ErrorCode.BAD_REQUEST, "attend: every request in it has rows")
-        groups, errors = await lent_groups(self.tickets, asks, bool(others), self._expire)
-        self.attends_served += 1
-        out, lse = await self.backend.attend_range(groups, layer, positions, q, scale)
-        return P.AttendReply(out, lse, errors if others else [])
+        call = P.Attend(ticket_id, secret, layer, positions, q, scale, list(more), list(others))
+        await lent_arrivals(self.tickets, attend_ids(call))
+        return await asyncio.to_thread(answer_attend, self, call, False)  # type: ignore[return-value]
 
     def _lease(self, lease_s: float | None) -> float:
         lease = self.lease_s if lease_s is None else lease_s
@@ -239,6 +235,10 @@ class EngineService:
             return
         if ticket.state is TicketState.OPEN and self.backend.receiving(ticket_id):  # in use: the lease holds
             ticket.expiry = asyncio.get_running_loop().call_later(1.0, self._expire, ticket_id)
+            return
+        left = ticket.used_at + ticket.lease - time.monotonic()
+        if ticket.lent and left > 0:  # NOTE: a lent range in use lives on: each attend renews its lease
+            ticket.expiry = asyncio.get_running_loop().call_later(left, self._expire, ticket_id)
             return
         self._spawn(self.close_ticket(ticket, "lease expired"))
 

@@ -32,8 +32,6 @@ from microserve.serving.kv_plane import KVPlane, PlaneTransfers
 from microserve.serving.lenders import LenderChannel, RemoteLender, raw
 from microserve.serving.tickets import SendJob, Ticket
 
-INLINE_ATTEND = 32 * 1024  # query rows x lent tokens an `attend` computes on the loop (decode rows: < 1 ms)
-
 
 class BuiltinBackend(PlaneTransfers, CoreBackend):
     """A real engine: the step runs in a worker thread and KV bytes move through
@@ -69,20 +67,15 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
             raise
         return stats.nbytes, stats.transport
 
-    async def attend_range(self, groups: list[tuple[list[Ticket] | None, int]], layer: int, positions: list[int],
-                           q: bytes, scale: float) -> tuple[bytes, bytes]:
+    def attend_range(self, groups: list[tuple[list[Ticket] | None, int]], layer: int, positions: list[int],
+                     q: bytes, scale: float) -> tuple[bytes, bytes]:
         cache = self.engine.runner.kv_cache[layer]
         d, hkv = cache.shape[-1], cache.shape[-2]
         row = hkv * d * cache.element_size()
         if not positions or len(q) % (len(positions) * row) or any(p < 0 for p in positions):
             raise EngineError(ErrorCode.BAD_REQUEST, f"attend: q is not [{len(positions)} rows, a multiple of {hkv} "
                               f"heads, {d}] in {cache.dtype} (got {len(q)} bytes)")
-
-        def run() -> tuple[bytes, bytes]:  # NOTE: reads only the lent blocks, which no step writes
-            with torch.inference_mode():
-                return attend()
-
-        def attend() -> tuple[bytes, bytes]:
+        with torch.inference_mode():
             qt = torch.frombuffer(bytearray(q), dtype=cache.dtype).view(len(positions), -1, d).to(cache.device)
             parts, first = [], 0
             for tickets, n in groups:
@@ -103,11 +96,6 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
                 return raw(parts[0][0]), raw(parts[0][1])
             return raw(torch.cat([p[0] for p in parts])), raw(torch.cat([p[1] for p in parts]))
 
-        work = len(positions) * sum(t.end - t.matched for tickets, _ in groups for t in tickets or ())
-        if work <= INLINE_ATTEND:  # NOTE: a thread hop costs more than a few decode rows' attention
-            return run()
-        return await asyncio.get_running_loop().run_in_executor(self._send_pool, run)
-
     def engine_stats(self) -> EngineStats:
         stats = self.engine.stats()
         stats.remote_attends = sum(c.calls for c in self._lenders.values())
@@ -124,9 +112,10 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
                 check_addr(ticket.kv, self.service.kv_sign_key)
             except TransferError as exc:
                 raise EngineError(ErrorCode.of(exc.code), f"lender {ticket.kv.engine_id}: {exc}") from exc
-            channel = self._lenders.get(ticket.rpc)
+            address = ticket.attend or ticket.rpc  # NOTE: its attend socket (serving/attend_server.py), else its RPC
+            channel = self._lenders.get(address)
             if channel is None:
-                channel = self._lenders[ticket.rpc] = LenderChannel(ticket.rpc, self.service.peer_key)
+                channel = self._lenders[address] = LenderChannel(address, self.service.peer_key)
             peer = RemoteLender(ticket, self.plane, channel, self.service.transfer_timeout)
             ranges.append(LentRange(ticket.kv.begin, ticket.kv.end, peer))
         return ranges

@@ -91,50 +91,73 @@ class Ticket:
     expires_at: float = 0.0  # unix time the lease ends (signed into the KVAddr)
     lent: bool = False  # held for another engine's request (`lend`): never adopted, never cached
     lease: float = 0.0  # seconds the lease runs from its last renewal
+    used_at: float = 0.0  # monotonic time of a lent range's last `attend` (it renews the lease)
 
     def complete(self, nbytes: int = 0) -> None:
         self.state, self.bytes = TicketState.COMPLETE, nbytes
         self.done.set()
 
 
-async def lent_ticket(tickets, ticket_id: str, secret: str) -> Ticket:
-    """A lent ticket of `tickets` (by id) whose KV arrived, its secret checked (`attend`)."""
+def lent_now(tickets, ticket_id: str, secret: str) -> Ticket | None:
+    """A lent ticket of `tickets` (by id), its secret checked; None while its KV is still arriving.
+    Raises NOT_FOUND (ended, aborted, expired), FORBIDDEN (wrong secret), BAD_REQUEST (its KV never came)."""
     ticket = tickets.get(ticket_id)
     if ticket is None or not ticket.lent:
         raise EngineError(ErrorCode.NOT_FOUND, f"no lent ticket {ticket_id!r} here (ended, aborted or expired)")
     if not hmac.compare_digest(ticket.secret, secret):
         raise EngineError(ErrorCode.FORBIDDEN, "wrong secret for the lent ticket")
-    if ticket.state is TicketState.OPEN:  # NOTE: the borrower's write returned; its completion may be on its way
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ticket.done.wait(), ARRIVAL_GRACE_S)
+    if ticket.state is TicketState.OPEN:
+        return None
     if ticket.state is not TicketState.COMPLETE:
-        raise EngineError(ErrorCode.BAD_REQUEST, "the lent range's KV has not arrived yet")
+        raise EngineError(ErrorCode.BAD_REQUEST, "the lent range's KV has not arrived")
     return ticket
 
 
-async def lent_groups(tickets, asks: list[tuple[str, str, list, int]], lenient: bool,
-                      expire: Callable[[str], None]) -> tuple[list[tuple[list[Ticket] | None, int]], list[str]]:
-    """`attend`'s requests, each `(ticket id, secret, more refs, rows)`, as `(tickets, rows)` groups with
-    every lease renewed (a range in use lives on; `expire(id)` is the lease's end). `lenient` (several
-    requests in one message): a request failing its checks gets `(None, rows)` and its reason in the
-    errors ("" for the others), so it never fails the others' rows; else its EngineError is raised."""
-    groups, errors = [], []
+def attend_ids(call) -> list[str]:
+    """Every lent ticket an `Attend` names."""
+    return [call.ticket_id, *(m.ticket_id for m in call.more),
+            *(i for o in call.others for i in (o.ticket_id, *(m.ticket_id for m in o.more)))]
+
+
+async def lent_arrivals(tickets, ids: list[str]) -> None:
+    """Wait (up to ARRIVAL_GRACE_S) for the KV of those lent tickets still arriving: the borrower's write
+    returned, its completion may be on its way."""
+    for tid in ids:
+        ticket = tickets.get(tid)
+        if ticket is not None and ticket.lent and ticket.state is TicketState.OPEN:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ticket.done.wait(), ARRIVAL_GRACE_S)
+
+
+def lent_groups(tickets, call, ready_only: bool) -> tuple[list[tuple[list[Ticket] | None, int]], list[str]] | None:
+    """An `Attend`'s requests (the first, then `others`) as `(tickets, rows)` groups in row order, each
+    ticket marked used (a range in use lives on: `used_at` renews its lease). With several requests, one
+    failing its checks gets `(None, rows)` and its reason in the errors ("" for the others), so it never
+    fails the others' rows; alone, its EngineError is raised. A range whose KV is still arriving: None
+    with `ready_only` (the caller waits on the loop and asks again), else that request's error."""
+    asks = [(call.ticket_id, call.secret, call.more, len(call.positions) - sum(o.rows for o in call.others)),
+            *((o.ticket_id, o.secret, o.more, o.rows) for o in call.others)]
+    if any(n <= 0 for *_, n in asks):
+        raise EngineError(ErrorCode.BAD_REQUEST, "attend: every request in it has rows")
+    groups, errors, now = [], [], time.monotonic()
     for tid, key, refs, n in asks:
         try:
-            held = [await lent_ticket(tickets, t, k) for t, k in ((tid, key), *((m.ticket_id, m.secret) for m in refs))]
+            held = [lent_now(tickets, t, k) for t, k in ((tid, key), *((m.ticket_id, m.secret) for m in refs))]
+            if None in held:
+                if ready_only:
+                    return None
+                raise EngineError(ErrorCode.BAD_REQUEST, "the lent range's KV has not arrived yet")
         except EngineError as exc:
-            if not lenient:
+            if not call.others:
                 raise
             groups.append((None, n))
             errors.append(f"{exc.code}: {exc}")
             continue
         for ticket in held:
-            if ticket.expiry is not None:
-                ticket.expiry.cancel()
-                ticket.expiry = asyncio.get_running_loop().call_later(ticket.lease, expire, ticket.id)
+            ticket.used_at = now  # type: ignore[union-attr]
         groups.append((held, n))
         errors.append("")
-    return groups, errors
+    return groups, errors  # type: ignore[return-value]
 
 
 class TicketBook:

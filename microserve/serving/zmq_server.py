@@ -33,6 +33,7 @@ from microserve.engine.config import EngineConfig
 from microserve.engine.engine import LLMEngine
 from microserve.security import ClusterKey, is_loopback
 from microserve.serving.api import EngineError, ErrorCode, dispatch
+from microserve.serving.attend_server import AttendServer
 from microserve.serving.base import MAX_LEASE_S, EngineService
 from microserve.serving.builtin import BuiltinBackend
 from microserve.serving.kv_plane import KVPlane, pick_transports
@@ -207,6 +208,10 @@ class ZMQFrontend:
         self.pub.bind(self.opts.events)
         self.events_addr = self.service.events_addr = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.service.events.sink = lambda event: self.pub.send(P.encode(event))
+        attend = None
+        if isinstance(self.backend, BuiltinBackend):  # NOTE: the engines that lend (DistAttention)
+            attend = AttendServer(self.service, self.ctx, self.rpc_addr, key, asyncio.get_running_loop())
+            self.service.attend_addr = attend.address
         step_task = asyncio.create_task(self.service.run())
         recv_task = asyncio.create_task(self._recv_loop())
         if ready is not None:
@@ -223,6 +228,8 @@ class ZMQFrontend:
         step_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await step_task
+        if attend is not None:
+            attend.close()
         self.sock.close(0)
         self.pub.close(0)
         if auth is not None:

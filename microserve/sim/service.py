@@ -121,8 +121,7 @@ class SimBackend(CoreBackend):
         raise EngineError(ErrorCode.BAD_REQUEST, "start_generate(lenders=...): the simulator does not model "
                           "DistAttention yet (remote attention's cost is not in its cost model)")
 
-    async def attend_range(self, groups, layer: int, positions: list[int], q: bytes,
-                           scale: float) -> tuple[bytes, bytes]:
+    def attend_range(self, groups, layer: int, positions: list[int], q: bytes, scale: float) -> tuple[bytes, bytes]:
         raise EngineError(ErrorCode.BAD_REQUEST, "attend: the simulator does not model DistAttention yet")
 
     def use_kv_key(self, key: bytes) -> None:

@@ -253,8 +253,8 @@ class VLLMBackend(PlaneTransfers, Backend):
         raise EngineError(ErrorCode.BAD_REQUEST, "lend: the vLLM backend does not lend KV blocks (vLLM binds a "
                           "request's KV to the engine that runs it); lend from built-in engines")
 
-    async def attend_range(self, groups: list[tuple[list[Ticket] | None, int]], layer: int, positions: list[int],
-                           q: bytes, scale: float) -> tuple[bytes, bytes]:
+    def attend_range(self, groups: list[tuple[list[Ticket] | None, int]], layer: int, positions: list[int],
+                     q: bytes, scale: float) -> tuple[bytes, bytes]:
         raise EngineError(ErrorCode.BAD_REQUEST, "attend: the vLLM backend does not lend KV blocks")
 
     # -- sending ---------------------------------------------------------------------------------

@@ -1,16 +1,16 @@
 """The borrower's side of its lenders (DistAttention), as the engine's step thread uses them.
 
     step thread                                                      lender engine
-    ───────────────────────────────────────────────────────────      ───────────────────────────
+    ───────────────────────────────────────────────────────────      ─────────────────────────────────
     range computed ─> write ─────────── KV plane (any transport) ──> the lent ticket's blocks
-    layer l: attend(q rows) ─> send ─── LenderChannel (ZeroMQ) ────> range_attention
-             the batch's local attention runs here meanwhile
+    layer l: attend(q rows) ─> send ─── LenderChannel (ZeroMQ) ────> its attend thread: the part
+             the batch's local attention runs here meanwhile         (serving/attend_server.py)
              result() <─ (out, lse) <────────────────────────────────┘
 
 One attend message per lender and layer carries the rows of every borrowing request of the step that
-uses that lender (`attend`). It goes out and comes back on the step thread's own socket, not through the service's event
-loop: a hop to another thread costs a GIL handoff each way (up to the 5 ms switch interval while the
-step thread computes), and there is one round trip per layer and step.
+uses that lender (`attend`). It goes out and comes back on the step thread's own socket, not through
+the service's event loop: a hop to another thread costs a GIL handoff each way (up to the 5 ms switch
+interval while the step thread computes), and there is one round trip per layer and step.
 
 A lender's failure surfaces as an exception from `write` or from `result()`: the engine then ends
 that sequence alone with an `unavailable` error naming the range.
@@ -43,9 +43,10 @@ def _sync_context() -> zmq.Context:
 
 
 class LenderChannel:
-    """A blocking DEALER socket to one lender's `--rpc` (a CURVE client under the cluster key), used by
-    the step thread alone. `send` returns at once; `receive` waits for that call's reply (others that
-    arrive first are kept for their own `receive`), so several attends can be in flight at once."""
+    """A blocking DEALER socket to one lender's attend socket (`LendTicket.attend`, else its `--rpc`; a
+    CURVE client under the cluster key), used by the step thread alone. `send` returns at once;
+    `receive` waits for that call's reply (others that arrive first are kept for their own `receive`),
+    so several attends can be in flight at once."""
 
     def __init__(self, address: str, cluster_key: ClusterKey | None = None) -> None:
         self.address, self.cluster_key = address, cluster_key

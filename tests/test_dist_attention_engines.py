@@ -95,7 +95,6 @@ async def test_a_prompt_three_times_the_pool_decodes_as_one_large_engine(engines
         layers = (await b.health()).kv_spec.num_layers
         got_served = [(await h.stats()).attends_served - n for h, n in zip((l1, l2), served)]
         assert s.remote_attends - sent == sum(got_served) and min(got_served) >= 200 * layers, got_served
-        assert s.remote_attend_seconds > 0
         assert [(await h.stats()).kv_blocks_cached for h in (l1, l2)] == cached, "lent KV entered a prefix cache"
         for h in (l1, l2):  # the request ended: its strategy aborts it on the lenders
             assert await h.abort(req.request_id)

@@ -125,9 +125,9 @@ def paged_attention(
     out = q.new_empty(num_tokens, num_heads * head_dim)
     asked_lenders = []
     if meta.borrowed:  # NOTE: first, so the lenders' round trips run while this batch's attention computes
-        from microserve.engine.model.dist_attention import ask_lenders  # NOTE: it imports this module
+        from microserve.engine.model import dist_attention  # NOTE: it imports this module
 
-        asked_lenders = ask_lenders(q, meta.layer, meta.borrowed, scale)
+        asked_lenders = dist_attention.ask_lenders(q, meta.layer, meta.borrowed, scale)
     if meta.num_decodes:
         nd = meta.num_decodes
         if meta.native_decode is not None:
@@ -147,11 +147,9 @@ def paged_attention(
                     out[sl] = _prefill(q[sl], k[sl], v[sl], cache, chunk, scale)
             else:
                 _prefill_batched(q, k, v, cache, part, scale, out)
-    for rows, asked in zip(meta.borrowed, asked_lenders):
-        from microserve.engine.model.dist_attention import attend_borrowed
-
-        out[rows.token_start:rows.token_start + rows.num_tokens] = attend_borrowed(q, cache, rows, scale, asked,
-                                                                                   meta.native_decode)
+    for rows, asked in zip(meta.borrowed, asked_lenders):  # NOTE: empty unless borrowed (then imported above)
+        out[rows.token_start:rows.token_start + rows.num_tokens] = dist_attention.attend_borrowed(
+            q, cache, rows, scale, asked, meta.native_decode)
     return out
 
 

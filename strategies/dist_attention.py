@@ -1,6 +1,7 @@
 """DistAttention (DistKV-LLM): data parallel, and a request larger than its engine's free KV borrows the
 overflow: ranges of its prompt are lent by the engines with the most free blocks (the global manager's
-rule), their KV is written there and each layer's attention over them runs there."""
+rule), their KV is written there and each layer's attention over them runs there. The router frees the
+lent ranges when the request ends; a lost lender fails the request over (recomputed without it)."""
 
 from microserve import Strategy
 
@@ -26,10 +27,6 @@ class DistAttention(Strategy):
             for begin in range(self.span, end, self.span):
                 lender = max(lenders, key=lenders.get)
                 lenders[lender] -= self.span
-                ranges.append((lender, await lender.lend(req, begin, begin + self.span)))
-        try:
-            async for chunk in engine.start_generate(req, lenders=[t for _, t in ranges]):
-                yield chunk
-        finally:  # NOTE: the lent ranges live exactly as long as the request
-            for lender in {h for h, _ in ranges}:
-                await lender.abort(req.request_id)
+                ranges.append(await lender.lend(req, begin, begin + self.span))
+        async for chunk in engine.start_generate(req, lenders=ranges):
+            yield chunk

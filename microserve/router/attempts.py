@@ -34,7 +34,8 @@ async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadli
     attempt raises `RouterError(TIMEOUT)`. A strategy that ends without a finish reason raises
     `RouterError(STRATEGY_ERROR)`; engine failures raise `EngineCallError`. `least_loaded` passes
     over the engines in `avoid` while others of their role are live. The engines the attempt touched are
-    added to `record` (the access log names them)."""
+    added to `record` (the access log names them). Ranges lent to the request (`lend`) are freed when
+    the attempt ends, however it ends: the strategy need not (and a lost lender does not hold it up)."""
     touched: set[EngineHandle] = set()
     with touched_engines(touched):
         chunks = strategy.generate(req, cluster)
@@ -56,12 +57,11 @@ async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadli
     finally:
         with touched_engines(touched):
             await chunks.aclose()
-        for h in touched:
-            h.release(req.request_id)
+        lenders = {h for h in touched if h.release(req.request_id)}
         if record is not None:
             record.update(touched)
-        if not clean:
-            abort_everywhere(req.request_id, touched)
+        if not clean or lenders:
+            abort_everywhere(req.request_id, lenders if clean else touched)
 
 
 async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max_retries: int = 0,
@@ -102,7 +102,7 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
                 raise
             log.warning("request %s: %s; %s on another engine", req.request_id, exc,
                         f"continuing after {len(generated)} tokens" if generated else "restarting it")
-            culprit = None if isinstance(exc, Evacuated) else _charge(cluster, exc)
+            culprit = None if isinstance(exc, Evacuated) else await _charge(cluster, exc)
             avoid.update(h for h in (culprit, _handle(cluster, exc.engine)) if h is not None)
             attempt += 1
             if on_retry is not None:
@@ -120,18 +120,19 @@ def _handle(cluster: Cluster, name: str) -> EngineHandle | None:
         return None
 
 
-def _charge(cluster: Cluster, exc: EngineCallError) -> EngineHandle | None:
+async def _charge(cluster: Cluster, exc: EngineCallError) -> EngineHandle | None:
     """The engine a failure is charged to (the retry avoids it). One whose RPC call got no answer
     is marked down (the health poll revives it when it answers again). One that answered is alive;
-    the peer it names (say a receiver whose KV port it could not reach) is only checked over its
-    own authenticated RPC channel, and marked down only if that fails too: whether a KV port takes
-    connections (anyone can flood it) never decides liveness."""
+    the peer it names (a receiver whose KV port it could not reach, a lender that did not answer an
+    attend) is checked over its own authenticated RPC channel before the retry, and marked down only
+    if that fails too: whether a KV port takes connections (anyone can flood it) never decides
+    liveness, and a strategy's next attempt does not pick a dead peer again."""
     if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT):
         return None
     if exc.remote:
         culprit = _handle(cluster, exc.peer)
         if culprit is not None:
-            cluster.check(culprit)
+            await cluster.check(culprit)
         return culprit
     culprit = _handle(cluster, exc.engine)
     if culprit is not None:

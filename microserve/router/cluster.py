@@ -183,7 +183,7 @@ class Cluster:
         """Refresh every engine's load now (also revives engines that answer again)."""
         await asyncio.gather(*(self._poll_one(h) for h in self.handles))
 
-    async def _poll_one(self, h: EngineHandle) -> None:
+    async def _poll_one(self, h: EngineHandle, reported: bool = False) -> None:
         asked = time.monotonic()
         try:
             stats = await h.stats(timeout=max(2.0, 4 * self.poll_interval))
@@ -191,8 +191,8 @@ class Cluster:
             load = self._loads.get(h)
             if load is not None:
                 load.missed += 1
-            # NOTE: one late answer is a busy host (a starved CPU, a long prefill), not a dead engine
-            if exc.code != ErrorCode.TIMEOUT or load is None or load.missed >= 2:
+            # NOTE: one late answer is a busy host (a long prefill), not a dead engine; unless a peer reported it
+            if reported or exc.code != ErrorCode.TIMEOUT or load is None or load.missed >= 2:
                 h.mark_down("the engine does not answer stats")
                 self._maybe_evict(h)
             return
@@ -224,11 +224,12 @@ class Cluster:
             return
         self.prefix_index.apply_snapshot(snap.engine_id, snap.hashes, snap.seq)
 
-    def check(self, h: EngineHandle) -> None:
-        """Ask `h` for its stats now, over its RPC channel: down if it does not answer (a peer
-        reported it unreachable; that alone marks nobody down)."""
+    async def check(self, h: EngineHandle) -> bool:
+        """Ask `h` for its stats now, over its RPC channel: down if it does not answer in time (a
+        peer reported it unreachable; that alone marks nobody down). Whether it is alive."""
         if h in self._loads:
-            self._background(self._poll_one(h))
+            await self._poll_one(h, reported=True)
+        return h.alive
 
     def _background(self, coro) -> None:
         task = asyncio.ensure_future(coro)

@@ -126,6 +126,7 @@ class EngineHandle:
         self.profile: dict | None = None  # the engine's hardware, when known (simulated engines: sim/cluster.py)
         self.inflight = 0  # start_generate / remote_send calls this process has in flight on the engine
         self.reserved: dict[str, float] = {}  # request id -> when: prep_recv'd here, not generating here yet
+        self.lending: set[str] = set()  # request ids this engine lent ranges to (the attempt frees them)
         self.changed_at = 0.0  # monotonic time this router's count of work here last went down
         self.pending_tokens = 0  # prompt tokens this process asked the engine to prefill, not yet done
         self.on_send: Callable[[P.SendResult], None] | None = None  # observer of finished remote_sends
@@ -249,6 +250,7 @@ class EngineHandle:
         """Hold blocks here for `prompt[begin:end]` of a request another engine runs (DistAttention)."""
         self._touch()
         ticket = await self.call(P.Lend(req, begin, end, lease_s), timeout)
+        self.lending.add(req.request_id)
         attend = ticket.attend  # type: ignore[attr-defined]
         if attend.startswith("tcp://") and self.address.startswith("tcp://"):  # NOTE: reached as the RPC is
             attend = self.address.rsplit(":", 1)[0] + ":" + attend.rsplit(":", 1)[1]
@@ -262,10 +264,15 @@ class EngineHandle:
         return await self.call(P.Attend(ticket.kv.ticket_id, ticket.kv.secret, layer, positions, q, scale, refs),
                                timeout)  # type: ignore[return-value]
 
-    def release(self, request_id: str) -> None:
-        """The request no longer holds a reservation here (it generates here now, or it ended)."""
+    def release(self, request_id: str) -> bool:
+        """The request no longer holds a reservation here (it generates here now, or it ended).
+        Whether the engine lent it ranges (`lend`): they end with the request (`run_attempt` aborts)."""
         if self.reserved.pop(request_id, None) is not None:
             self.changed_at = time.monotonic()
+        if request_id in self.lending:
+            self.lending.discard(request_id)
+            return True
+        return False
 
     def requests_here(self) -> int:
         """Requests this router has on the engine: calls in flight plus reservations (`prep_recv`)

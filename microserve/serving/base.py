@@ -330,16 +330,16 @@ class EngineService:
                 logprobs = [P.TokenLogprob(lp, top) for lp, top in out.logprobs or ()]
                 prompt_lps = out.prompt_logprobs
                 while reason is None and not queue.empty():  # coalesce what piled up
-                    more = queue.get_nowait()
+                    out = more = queue.get_nowait()
                     tokens += more.new_token_ids
                     logprobs += [P.TokenLogprob(lp, top) for lp, top in more.logprobs or ()]
                     prompt_lps = prompt_lps or more.prompt_logprobs
                     reason, cached = more.finish_reason, more.num_cached_tokens or cached
                 finished = reason is not None
                 if reason == Finish.ERROR:
-                    error = out.error  # NOTE: a lender lost (DistAttention) says so
+                    error = out.error  # NOTE: a lost lender (DistAttention) says so, and is named as the peer
                     raise EngineError(ErrorCode.UNAVAILABLE if error else ErrorCode.INTERNAL,
-                                      error or "the engine failed while running this request")
+                                      error or "the engine failed while running this request", out.error_peer)
                 if tokens or finished:
                     yield P.GenerateChunk(tokens, reason, cached, logprobs or None, None if prompt_lps is None
                                           else [P.TokenLogprob(lp, top) for lp, top in prompt_lps])

@@ -13,7 +13,8 @@ the service's event loop: a hop to another thread costs a GIL handoff each way (
 interval while the step thread computes), and there is one round trip per layer and step.
 
 A lender's failure surfaces as an exception from `write` or from `result()`: the engine then ends
-that sequence alone with an `unavailable` error naming the range.
+that sequence alone with an `unavailable` error naming the range, and the lender as its `peer` (the
+router checks that engine and fails the request over without it).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class RemoteLender:
         try:
             self.plane.sender.send(self.kv, begin, end, lambda: seq.block_table, self.plane.pick(self.kv, None))
         except Exception as exc:
-            raise EngineError(ErrorCode.UNAVAILABLE, f"lender {self.kv.engine_id}: {exc}") from exc
+            raise EngineError(ErrorCode.UNAVAILABLE, f"lender {self.kv.engine_id}: {exc}", self.kv.engine_id) from exc
 
 
 def attend(layer: int, scale: float, asks: list[tuple[list[RemoteLender], torch.Tensor, torch.Tensor]]) -> list[Part]:
@@ -183,21 +184,22 @@ class PendingAttend:
             lender.channel.seconds += time.monotonic() - self.sent
         except (TimeoutError, zmq.ZMQError) as exc:
             raise EngineError(ErrorCode.UNAVAILABLE, f"lender {name} did not answer attend within "
-                              f"{lender.timeout:g}s ({exc})") from exc
+                              f"{lender.timeout:g}s ({exc})", name) from exc
         if isinstance(reply, P.RPCError):
-            raise EngineError(ErrorCode.of(reply.code), f"lender {name}: {reply.message}")
+            raise EngineError(ErrorCode.of(reply.code), f"lender {name}: {reply.message}", name)
         many = len(self.rows) > 1
         if not isinstance(reply, P.AttendReply) or len(reply.out) != self.shape.numel() * self.dtype.itemsize \
                 or len(reply.lse) != self.shape[0] * self.shape[1] * 4 \
                 or len(reply.errors) != (len(self.rows) if many else 0):
-            raise EngineError(ErrorCode.INTERNAL, f"lender {name} answered attend with a wrong reply")
+            raise EngineError(ErrorCode.INTERNAL, f"lender {name} answered attend with a wrong reply", name)
         out = torch.frombuffer(bytearray(reply.out), dtype=self.dtype).view(self.shape)
         lse = torch.frombuffer(bytearray(reply.lse), dtype=torch.float32).view(self.shape[:2])
         if not many:
             return [(out, lse)]
         parts: list = []
         for part_out, part_lse, why in zip(out.split(self.rows), lse.split(self.rows), reply.errors):
-            parts.append(EngineError(ErrorCode.UNAVAILABLE, f"lender {name}: {why}") if why else (part_out, part_lse))
+            parts.append(EngineError(ErrorCode.UNAVAILABLE, f"lender {name}: {why}", name) if why
+                         else (part_out, part_lse))
         return parts
 
 

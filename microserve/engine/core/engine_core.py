@@ -38,6 +38,7 @@ class StepOutput:
     prompt_logprobs: list | None = None  # with the first token: the same for prompt tokens 1.., when asked
     phases: tuple[int, int, int] | None = None  # with the first token: unix ns arrived, scheduled, first token
     error: str | None = None  # with finish reason `Finish.ERROR`: why (a lender lost), when known
+    error_peer: str = ""  # with `error`: the other engine at fault (the lost lender), when known
 
     def after(self, earlier: StepOutput | None) -> StepOutput:
         """This output with an `earlier` one of the same request (held back) in front of it."""
@@ -47,7 +48,8 @@ class StepOutput:
             else (earlier.logprobs or []) + (self.logprobs or [])
         return StepOutput(self.request_id, earlier.new_token_ids + self.new_token_ids, self.finish_reason,
                           self.num_cached_tokens or earlier.num_cached_tokens, logprobs,
-                          earlier.prompt_logprobs or self.prompt_logprobs, earlier.phases or self.phases)
+                          earlier.prompt_logprobs or self.prompt_logprobs, earlier.phases or self.phases,
+                          self.error, self.error_peer)
 
 
 @dataclass
@@ -281,7 +283,8 @@ class EngineCore:
             if seq.error is not None:
                 self.scheduler.finish(seq, Finish.ABORT)
                 self._seqs.pop(seq.request_id, None)
-                outputs.append(StepOutput(seq.request_id, [], Finish.ERROR, error=seq.error))
+                outputs.append(StepOutput(seq.request_id, [], Finish.ERROR, error=seq.error,
+                                          error_peer=seq.error_peer))
                 continue
             token = sampled.get(seq)
             if token is None:
@@ -320,6 +323,7 @@ class EngineCore:
                 rng.peer.write(seq, rng.begin, rng.end)
             except Exception as exc:  # NOTE: a lost lender ends its borrower, never the step
                 seq.error = f"writing positions [{rng.begin}, {rng.end}) to their lender failed: {exc}"
+                seq.error_peer = getattr(exc, "peer", "")
                 return
             self.kv.offload(seq, rng.begin, rng.end)
             rng.pushed = True
@@ -329,7 +333,8 @@ class EngineCore:
         failed, self.scheduler.failed = self.scheduler.failed, []
         for seq in failed:
             self._seqs.pop(seq.request_id, None)
-        return [StepOutput(seq.request_id, [], Finish.ERROR, error=seq.error) for seq in failed]
+        return [StepOutput(seq.request_id, [], Finish.ERROR, error=seq.error, error_peer=seq.error_peer)
+                for seq in failed]
 
     def _finish_reason(self, seq: Sequence, token: int) -> Finish | None:
         sp = seq.sampling

@@ -88,6 +88,7 @@ class Sequence:
         self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # tokens 1.. of the prompt
         self.lent: list[LentRange] = []  # ranges of the prompt held by lenders (sorted, disjoint)
         self.error: str | None = None  # why the step failed this sequence alone (a lender lost): it ends in error
+        self.error_peer = ""  # the engine at fault for `error` (the lender's engine id), when known
         self.matcher = None  # the grammar of sampling.structured (engine.model.structured), set by the engine
         # unix ns: arrival, first scheduled, first token (the engine's phases, for traces)
         self.arrived_ns, self.scheduled_ns, self.first_token_ns = time.time_ns(), 0, 0

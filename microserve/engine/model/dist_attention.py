@@ -152,8 +152,10 @@ def attend_borrowed(q: torch.Tensor, cache: torch.Tensor, rows: BorrowedRows, sc
         try:
             parts.append(part.result())
         except Exception as exc:  # NOTE: one lost lender fails its borrower, never the step
-            spans = ", ".join(f"[{p.begin}, {p.end})" for p in group)
-            seq.error = seq.error or f"remote attention over positions {spans} failed: {exc or repr(exc)}"
+            if seq.error is None:
+                spans = ", ".join(f"[{p.begin}, {p.end})" for p in group)
+                seq.error = f"remote attention over positions {spans} failed: {exc or repr(exc)}"
+                seq.error_peer = getattr(exc, "peer", "")
     if seq.error is not None:
         return qs.new_zeros(n, qs.shape[1] * qs.shape[2])
     return merge(parts).reshape(n, -1)

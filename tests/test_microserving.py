@@ -487,9 +487,16 @@ async def test_pd_in_bfloat16(tmp_path):
 async def test_lend_holds_a_range_outside_the_prefix_cache_until_abort_or_lease_end(cluster):
     """`lend` (DistAttention): D holds blocks for positions [32, 96) of a request P runs, and P writes that
     range into them (a `remote_send` to the lent address). Lent blocks never enter D's prefix cache, a
-    start_generate of the same request on D does not adopt them (it computes its prompt), and abort or
-    the lease's end gives them back. Ranges that are empty or off a block boundary are refused."""
+    start_generate of the same request on D does not adopt them (it computes its prompt), D publishes no
+    KV event for them, and abort or the lease's end gives them back. Ranges that are empty or off a block
+    boundary are refused."""
     p, d = handles(cluster, "P", "D")
+    ctx = zmq.asyncio.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    resolve_key(None).secure_client(sub)
+    sub.connect(cluster["D"].events)
+    await asyncio.sleep(0.3)  # slow joiner
     base = await d.stats()
     prompt = rand_prompt(120, seed=2**20 + 11)  # NOTE: outside the seeds test_balanced_pd_any_split draws
     r = req(prompt)
@@ -501,6 +508,17 @@ async def test_lend_holds_a_range_outside_the_prefix_cache_until_abort_or_lease_
     assert sent.bytes == 64 * (await d.health()).kv_spec.bytes_per_token
     s = await d.stats()
     assert s.kv_blocks_cached == base.kv_blocks_cached and s.kv_blocks_lent == 4, "lent KV entered the cache"
+    marker = rand_prompt(2 * BS + 1, seed=2**20 + 12)  # its events come after any the lent range caused
+    await collect(d.start_generate(req(marker)))
+    lent_hashes, mark, seen = set(prefix_hashes(prompt, BS)), set(prefix_hashes(marker, BS)), set()
+    try:
+        while not mark <= seen:
+            ev = decode_event(await asyncio.wait_for(sub.recv(), 10))
+            seen |= set(ev.hashes) if ev.kind == "stored" else set()
+    finally:
+        sub.close(0)
+        ctx.term()
+    assert not seen & lent_hashes, "the lender published its lent blocks"
     tokens, last = await collect(d.start_generate(r))
     assert tokens == await reference(cluster, prompt) and last.num_cached_tokens == 0
     assert (await d.stats()).kv_blocks_lent == 4  # the lent range lives until its request ends on the borrower

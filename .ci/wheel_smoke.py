@@ -1,7 +1,8 @@
 """Smoke test of an installed microserve, run by `.ci/wheel-smoke` from outside the clone with
 the python of a fresh venv that has only the built wheel (and torch, openai) installed.
 
-1. offline generate from the `demo` checkpoint, with the native CPU kernels loaded;
+1. offline generate from the `demo` checkpoint, with the native CPU kernels loaded, and the store seals
+   with AEGIS-128L (kvapi/csrc/);
 2. `microserve launch --strategy pd --model demo --kv-store host:64MiB --stream-interval 3` answering the
    official `openai` client (a streamed request too);
 3. `microserve sim` finding its hardware / model profiles and the shipped strategies;
@@ -54,6 +55,10 @@ def main() -> None:
     kernels = llm.engine.stats().kernels
     check(len(out[0].token_ids) == 8, "offline generate from the demo checkpoint")
     check(kernels.startswith("native"), f"the native CPU kernels are loaded (kernels={kernels!r})")
+    from kvapi.store.base import Seal
+
+    cipher = Seal(b"wheel-ns").cipher
+    check(cipher == "aegis128l", f"store entries are sealed with AEGIS-128L from the install (cipher={cipher!r})")
 
     # 2. launch --strategy pd with a host KV store tier, through the official openai client
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from deploy import start_launch
 from hostile import KVFlood
 
-from kvapi.store.base import Seal
+from kvapi.store.base import OVERHEAD, Seal
 from kvapi.store.server import ValkeyProcess
 from microserve.protocol import Request
 from microserve.router import EngineCallError, EngineHandle
@@ -331,7 +331,7 @@ class Chaos:
                 elif i % 3 == 1:
                     ns = bytes.fromhex(k.decode().split(":")[1])
                     h = int(k.decode().split(":")[2], 16)
-                    client.set(k, bytes(Seal(ns, os.urandom(32)).seal(h, bytes(len(value) - 60))))
+                    client.set(k, bytes(Seal(ns, os.urandom(32)).seal(h, bytes(len(value) - OVERHEAD))))
                 elif keys[i - 1] != k:
                     client.set(k, client.get(keys[i - 1]) or value)
         except redis.exceptions.RedisError:

@@ -227,6 +227,81 @@ def test_entries_are_sealed_forged_replayed_or_foreign_ones_are_counted_misses(k
         store.close()
 
 
+# draft-irtf-cfrg-aegis-aead, AEGIS-128L: (key, nonce, ad, msg, ct, tag128); vectors 1-5 seal, 6-9 must not open
+_K, _N = "10010000000000000000000000000000", "10000200000000000000000000000000"
+AEGIS_VECTORS = [
+    (_K, _N, "", "00000000000000000000000000000000", "c1c0e58bd913006feba00f4b3cc3594e",
+     "abe0ece80c24868a226a35d16bdae37a"),
+    (_K, _N, "", "", "", "c2b879a67def9d74e6c14f708bbcc9b4"),
+    (_K, _N, "0001020304050607", "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+     "79d94593d8c2119d7e8fd9b8fc77845c5c077a05b2528b6ac54b563aed8efe84", "cc6f3372f6aa1bb82388d695c3962d9a"),
+    (_K, _N, "0001020304050607", "000102030405060708090a0b0c0d", "79d94593d8c2119d7e8fd9b8fc77",
+     "5c04b3dba849b2701effbe32c7f0fab7"),
+    (_K, _N, "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20212223242526272829",
+     "101112131415161718191a1b1c1d1e1f202122232425262728292a2b2c2d2e2f3031323334353637",
+     "b31052ad1cca4e291abcf2df3502e6bdb1bfd6db36798be3607b1f94d34478aa7ede7f7a990fec10",
+     "7542a745733014f9474417b337399507"),
+]
+AEGIS_FORGED = [  # key, nonce, ad, ct, tag
+    (_N, _K, "0001020304050607", "79d94593d8c2119d7e8fd9b8fc77", "5c04b3dba849b2701effbe32c7f0fab7"),
+    (_K, _N, "0001020304050607", "79d94593d8c2119d7e8fd9b8fc78", "5c04b3dba849b2701effbe32c7f0fab7"),
+    (_K, _N, "0001020304050608", "79d94593d8c2119d7e8fd9b8fc77", "5c04b3dba849b2701effbe32c7f0fab7"),
+    (_K, _N, "0001020304050607", "79d94593d8c2119d7e8fd9b8fc77", "6c04b3dba849b2701effbe32c7f0fab8"),
+]
+
+
+def test_aegis128l_is_the_drafts_and_refuses_what_it_must():
+    """The store's AEGIS-128L build (kvapi/csrc/aegis128l.cpp) on this x86 host: the draft's test vectors
+    seal and open exactly, its four forgeries (swapped key and nonce, a flipped ciphertext bit, other
+    associated data, another tag) do not open and leave zeros, and a 2 MiB entry opens in place."""
+    from kvapi.store import aegis
+
+    module = aegis.load()
+    assert module is not None and module.available(), "AEGIS-128L did not build on this x86-64 host"
+    for key, nonce, ad, msg, ct, tag in map(lambda v: [bytes.fromhex(x) for x in v], AEGIS_VECTORS):
+        got_ct, got_tag, opened = bytearray(len(msg)), bytearray(16), bytearray(len(msg))
+        module.seal(key, nonce, ad, msg, got_ct, got_tag)
+        assert (bytes(got_ct), bytes(got_tag)) == (ct, tag)
+        assert module.open(key, nonce, ad, ct, tag, opened) and bytes(opened) == msg
+    for key, nonce, ad, ct, tag in map(lambda v: [bytes.fromhex(x) for x in v], AEGIS_FORGED):
+        out = bytearray(b"\xff" * len(ct))
+        assert not module.open(key, nonce, ad, ct, tag, out) and out == bytes(len(ct))
+    big = bytearray(os.urandom((2 << 20) + 7))
+    want, tag = bytes(big), bytearray(16)
+    module.seal(bytes(16), bytes(16), b"h", big, big, tag)  # in place
+    assert bytes(big) != want and module.open(bytes(16), bytes(16), b"h", big, tag, big) and bytes(big) == want
+    with pytest.raises(ValueError, match="16 bytes"):
+        module.seal(bytes(15), bytes(16), b"", b"x", bytearray(1), bytearray(16))
+
+
+def test_either_cipher_opens_the_others_entries_and_a_host_without_aegis_misses_without_removing(tmp_path,
+                                                                                                 monkeypatch):
+    """Entries carry their cipher in the header: an AES-256-GCM entry (a host without AES-NI wrote it)
+    opens where AEGIS-128L seals, and the other way round; a bit flipped anywhere fails either. A host
+    that cannot open AEGIS-128L (no build) takes such an entry as a plain miss: no error, not removed."""
+    secret = os.urandom(32)
+    gcm, fast = Seal(NS, secret, cipher="aes256gcm"), Seal(NS, secret)
+    assert fast.cipher == "aegis128l"
+    h, data = 12345, bytes(payload(12345))
+    for writer, reader in ((gcm, fast), (fast, gcm)):
+        frame = writer.seal(h, data)
+        out = memoryview(bytearray(SIZE))
+        assert reader.open_into(frame, h, out) is True and bytes(out) == data
+        for at in (0, 20, 60, len(frame) // 2, len(frame) - 1):
+            bad = bytearray(frame)
+            bad[at] ^= 1
+            assert reader.open_into(bad, h, memoryview(bytearray(SIZE))) is False, at
+        assert reader.open_into(frame, h + 1, out) is False  # replayed under another hash
+    monkeypatch.setenv("MICROSERVE_KV_HOST_DIR", str(tmp_path))
+    tier = open_tier("host:1MiB", NS, SIZE, secret=secret)
+    try:
+        tier.put([(h, payload(h))])  # sealed with AEGIS-128L
+        tier.seal._aegis = None  # NOTE: this process now stands for a host without AES-NI
+        assert tier.get([h], bufs(1)) == 0 and tier.contains([h]) == 1
+    finally:
+        tier.close()
+
+
 def test_disk_tier_lru_crash_safety_and_read_only_folder(tmp_path, caplog):
     frame = OVERHEAD + SIZE
     root = tmp_path / "d"

@@ -1,9 +1,10 @@
 """`KVStore`: one tier below an engine's page pool, keyed by the radix cache's chained prefix hash.
 
-An entry is one whole block (every layer, K and V) of one prefix, sealed with an AEAD (AES-256-GCM)
-under a key derived from the cluster's key and the namespace:
+An entry is one whole block (every layer, K and V) of one prefix, sealed with an AEAD (AEGIS-128L, or
+AES-256-GCM where that does not run: `Seal`) under a key derived from the cluster's key and the namespace:
 
-    | magic "MSKV" v2 | namespace (8 B) | prefix hash (8 B) | payload bytes (8 B) | nonce (12 B) |   header, 44 B
+    | magic "MSKV" | version: 3 GCM, 4 AEGIS | namespace (8 B) | prefix hash (8 B) | payload bytes (8 B) |
+    | nonce (16 B; GCM uses the first 12) |                                                          header, 48 B
     | ciphertext of the payload ... | tag (16 B) |
 
 The header is the AEAD's associated data, so an entry opens only as the entry it was written as:
@@ -31,13 +32,14 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kvapi.spec import KVSpec
+from kvapi.store import aegis
 
-_HEADER = struct.Struct("<4sI8sQQ12s")
-HEADER_BYTES = _HEADER.size  # 44
+_HEADER = struct.Struct("<4sI8sQQ16s")
+HEADER_BYTES = _HEADER.size  # 48
 TAG_BYTES = 16
 OVERHEAD = HEADER_BYTES + TAG_BYTES  # a frame is the payload plus this
 _INTO = hasattr(AESGCM, "decrypt_into")  # cryptography >= 45 seals and opens without a copy
-_MAGIC, _VERSION = b"MSKV", 2
+_MAGIC, _GCM, _AEGIS = b"MSKV", 3, 4  # the header's version names the cipher
 
 
 class StoreError(RuntimeError):
@@ -69,56 +71,82 @@ def entry_bytes(spec: KVSpec) -> int:
 
 
 class Seal:
-    """Seals and opens the entries of one namespace (AES-256-GCM, random 96-bit nonces).
+    """Seals and opens the entries of one namespace: AEGIS-128L where this host runs it
+    (kvapi.store.aegis: x86-64 with AES-NI and a C++ compiler), else AES-256-GCM; random nonces.
+    The header's version names the cipher, so either opens the other's entries where both run.
 
     Args:
         ns: the namespace (`namespace`).
         secret: the cluster's store secret (b"": an insecure engine; see the module docs).
+        cipher: "aegis128l" or "aes256gcm" to seal with; default the fastest this host runs.
     """
 
-    def __init__(self, ns: bytes, secret: bytes = b"") -> None:
+    def __init__(self, ns: bytes, secret: bytes = b"", cipher: str | None = None) -> None:
         self.ns = ns
-        key = hashlib.blake2b(ns, key=secret[:64], person=b"mskv-store-v2", digest_size=32).digest()
-        self._aead = AESGCM(key)
+        self._gcm = AESGCM(_derive(ns, secret, b"mskv-aes256gcm", 32))
+        self._aegis_key = _derive(ns, secret, b"mskv-aegis128l", 16)
+        self._aegis = aegis.load()
+        if cipher not in (None, "aegis128l", "aes256gcm"):
+            raise ValueError(f"unknown store cipher {cipher!r}; use aegis128l or aes256gcm")
+        if cipher == "aegis128l" and self._aegis is None:
+            raise ValueError("this host cannot seal with AEGIS-128L (kvapi.store.aegis: no build or no AES-NI)")
+        self.cipher = cipher or ("aegis128l" if self._aegis is not None else "aes256gcm")
+        self._version = _AEGIS if self.cipher == "aegis128l" else _GCM
 
     def frame_bytes(self, size: int) -> int:
         return size + OVERHEAD
 
     def header(self, prefix_hash: int, size: int) -> bytes:
-        return _HEADER.pack(_MAGIC, _VERSION, self.ns, prefix_hash, size, os.urandom(12))
+        return _HEADER.pack(_MAGIC, self._version, self.ns, prefix_hash, size, os.urandom(16))
 
     def seal_into(self, prefix_hash: int, payload: memoryview | bytes, frame: memoryview | bytearray) -> None:
         """Write the sealed entry into `frame` (`frame_bytes(len(payload))` bytes)."""
         header = self.header(prefix_hash, len(payload))
+        frame = memoryview(frame)
         frame[:HEADER_BYTES] = header
-        if _INTO:
-            self._aead.encrypt_into(header[-12:], payload, header, memoryview(frame)[HEADER_BYTES:])
+        if self._version == _AEGIS:
+            self._aegis.seal(self._aegis_key, header[-16:], header, payload,  # type: ignore[union-attr]
+                             frame[HEADER_BYTES:-TAG_BYTES], frame[-TAG_BYTES:])
+        elif _INTO:
+            self._gcm.encrypt_into(header[-16:-4], payload, header, frame[HEADER_BYTES:])
         else:  # pragma: no cover  (cryptography < 45: one copy more)
-            frame[HEADER_BYTES:] = self._aead.encrypt(header[-12:], bytes(payload), header)
+            frame[HEADER_BYTES:] = self._gcm.encrypt(header[-16:-4], bytes(payload), header)
 
     def seal(self, prefix_hash: int, payload: memoryview | bytes) -> bytearray:
         frame = bytearray(self.frame_bytes(len(payload)))
         self.seal_into(prefix_hash, payload, frame)
         return frame
 
-    def open_into(self, frame: memoryview | bytes, prefix_hash: int, dst: memoryview) -> bool:
+    def open_into(self, frame: memoryview | bytes, prefix_hash: int, dst: memoryview) -> bool | None:
         """Open `frame` as entry `prefix_hash` of this namespace into `dst` (its payload size).
-        False (and `dst` garbage) when it is not that entry, whole and untouched, under this key."""
+        False (and `dst` garbage) when it is not that entry, whole and untouched, under this key;
+        None when it is sealed with AEGIS-128L and this host cannot open that (a plain miss: the
+        entry stays for the engines that can)."""
         frame = memoryview(frame)
         if len(frame) != self.frame_bytes(len(dst)):
             return False
         header = bytes(frame[:HEADER_BYTES])
         magic, version, ns, their_hash, length, nonce = _HEADER.unpack(header)
-        if (magic, version, ns, their_hash, length) != (_MAGIC, _VERSION, self.ns, prefix_hash, len(dst)):
+        if (magic, ns, their_hash, length) != (_MAGIC, self.ns, prefix_hash, len(dst)) or version not in (_GCM, _AEGIS):
             return False
+        if version == _AEGIS:
+            if self._aegis is None:
+                return None
+            return self._aegis.open(self._aegis_key, nonce, header, frame[HEADER_BYTES:-TAG_BYTES], frame[-TAG_BYTES:],
+                                    dst)
         try:
             if _INTO:
-                self._aead.decrypt_into(nonce, frame[HEADER_BYTES:], header, dst)
+                self._gcm.decrypt_into(nonce[:12], frame[HEADER_BYTES:], header, dst)
             else:  # pragma: no cover  (cryptography < 45: one copy more)
-                dst[:] = self._aead.decrypt(nonce, bytes(frame[HEADER_BYTES:]), header)
+                dst[:] = self._gcm.decrypt(nonce[:12], bytes(frame[HEADER_BYTES:]), header)
         except (InvalidTag, ValueError):
             return False
         return True
+
+
+def _derive(ns: bytes, secret: bytes, person: bytes, size: int) -> bytes:
+    """The key of one cipher for one namespace: a keyed BLAKE2b of the namespace under the secret."""
+    return hashlib.blake2b(ns, key=secret[:64], person=person, digest_size=size).digest()
 
 
 @dataclass

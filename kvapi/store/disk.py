@@ -88,7 +88,10 @@ class DiskStore(KVStore):
                 raise StoreError(f"disk KV tier: cannot read {path}: {exc}") from exc
             finally:
                 os.close(fd)
-            if n != self.frame_bytes or not self.seal.open_into(memoryview(frame)[:n], h, dst):
+            opened = n == self.frame_bytes and self.seal.open_into(memoryview(frame)[:n], h, dst)
+            if opened is None:  # sealed with a cipher this host does not run: a miss, the entry stays
+                return i
+            if not opened:
                 self._forget(h, unlink=True)
                 raise CorruptEntry(f"corrupt entry {path.name} in {self.root} (removed)", i)
             with self._lock:

@@ -127,6 +127,8 @@ class HostStore(KVStore):
             opened = self.seal.open_into(self._frame(slot), h, dst)  # NOTE: straight from the map, one pass
             if version & 1 or int(meta[1]) != version or int(meta[0]) != h:
                 return i  # a writer took the slot meanwhile
+            if opened is None:  # sealed with a cipher this host does not run: a miss, the entry stays
+                return i
             if not opened:
                 self._clear(slot, h)
                 raise CorruptEntry(f"corrupt entry {h:016x} in {self.path} (removed)", i)

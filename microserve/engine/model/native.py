@@ -16,20 +16,19 @@ WARNING naming the cause, and `path()` names what the engine runs (`stats().kern
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 from types import ModuleType
+
+from kvapi.native import build
 
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "cpu_kernels.cpp"
 _COST = ("the torch path decodes at about 1.0x Hugging Face instead of 1.7-1.8x with the kernels "
          "(docs/benchmarks.md)")
-_STALE_LOCK_S = 600.0  # no build takes this long: a lock this old was left by a killed build
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _tried = False
@@ -57,22 +56,6 @@ def _cpu_flags() -> list[str]:
     return [f"-m{f}" for f in ("avx2", "fma", "f16c") if f in flags]
 
 
-def _clear_stale_lock(name: str) -> None:
-    """torch's build lock has no owner: a build killed mid-way leaves `lock` in the build folder
-    and every later process would wait on it forever. A lock older than any build is removed."""
-    try:
-        from torch.utils import cpp_extension
-
-        lock = Path(cpp_extension._get_build_directory(name, False)) / "lock"
-        age = time.time() - lock.stat().st_mtime
-    except (OSError, AttributeError):  # no lock (the usual case), or another torch layout
-        return
-    if age > _STALE_LOCK_S:
-        log.warning("native kernels: removing a build lock left %.0f s ago by a build that never finished (%s)",
-                    age, lock)
-        lock.unlink(missing_ok=True)
-
-
 def load() -> ModuleType | None:
     """The compiled kernels, or None (disabled, no source, no compiler): callers fall back."""
     global _module, _tried
@@ -89,15 +72,8 @@ def load() -> ModuleType | None:
         if "-mavx2" not in flags and not _switched_off("MICROSERVE_NATIVE_SIMD"):
             log.warning("native CPU kernels built without AVX2/FMA (this CPU lacks them): portable scalar kernels, "
                         "projections on oneDNN; slower than the AVX2 build")
-        tag = hashlib.sha1((_SOURCE.read_text() + " ".join(flags)).encode()).hexdigest()[:10]
-        name = f"microserve_native_{tag}"
-        _clear_stale_lock(name)
         try:
-            from torch.utils import cpp_extension
-
-            _module = cpp_extension.load(
-                name=name, sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
+            _module = build("microserve_native", _SOURCE, ["-O3", "-fopenmp", *flags], ["-fopenmp"])
         except Exception as exc:  # any build failure means: use the torch path
             log.warning("native CPU kernels unavailable: the build failed (%s: %s; needs a C++ compiler and "
                         "ninja); %s", type(exc).__name__, exc, _COST)

@@ -302,6 +302,33 @@ def test_either_cipher_opens_the_others_entries_and_a_host_without_aegis_misses_
         tier.close()
 
 
+def test_disk_tier_reads_large_entries_ahead_and_keeps_the_order_of_a_run(tmp_path):
+    """Entries of 1 MiB (past READ_AHEAD_BYTES): the next file is read on the tier's reader thread while
+    one opens. A run still loads in order, stops at the first missing entry, and a corrupt one ends it
+    with CorruptEntry counting the good ones before it (and is removed)."""
+    from kvapi.store.disk import READ_AHEAD_BYTES
+
+    size = 1 << 20
+    assert size >= READ_AHEAD_BYTES
+    tier = DiskStore(NS, size, tmp_path / "big")
+    try:
+        data = {h: os.urandom(size) for h in (11, 12, 13, 14)}
+        tier.put([(h, memoryview(d)) for h, d in data.items()])
+        out = [memoryview(bytearray(size)) for _ in range(4)]
+        assert tier.get(list(data), out) == 4 and [bytes(o) for o in out] == list(data.values())
+        assert tier._reader is not None, "large entries were not read ahead"
+        tier._path(13).unlink()
+        assert tier.get(list(data), out) == 2
+        frame = bytearray(tier._path(12).read_bytes())
+        frame[size // 2] ^= 1
+        tier._path(12).write_bytes(frame)
+        with pytest.raises(CorruptEntry) as err:
+            tier.get([11, 12, 14], out[:3])
+        assert err.value.loaded == 1 and tier.contains([12]) == 0 and tier.get([14], out[:1]) == 1
+    finally:
+        tier.close()
+
+
 def test_disk_tier_lru_crash_safety_and_read_only_folder(tmp_path, caplog):
     frame = OVERHEAD + SIZE
     root = tmp_path / "d"

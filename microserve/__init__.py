@@ -21,6 +21,8 @@ _LAZY = {
     "demo_model": "microserve.demo",
     "Request": "microserve.protocol",
     "Strategy": "microserve.router.strategy",
+    "Planner": "microserve.control.planner",
+    "Window": "microserve.control.planner",
     "Cluster": "microserve.router.cluster",
     "EngineHandle": "microserve.router.handle",
     "AsyncClient": "microserve.client",

@@ -100,6 +100,14 @@ def _launch(args: argparse.Namespace) -> int:
     from microserve.router.strategy import parse_roles
 
     strategy, opts = serve_setup(args, args.model)
+    if args.planner:
+        from microserve.control.planner import load_planner, parse_bounds
+
+        opts.planner_args = dict(_pairs(args.planner_arg, "--planner-arg"))
+        opts.planner, opts.scale_bounds = args.planner, parse_bounds(args.scale_bounds)
+        load_planner(args.planner, opts.planner_args)  # NOTE: a bad file or argument exits 2 before engines start
+    elif args.planner_arg or args.scale_bounds:
+        raise ValueError("--planner-arg and --scale-bounds need --planner")
     roles = type(strategy).roles
     if args.roles and args.engines:
         raise ValueError("give --roles or --engines, not both")
@@ -129,6 +137,14 @@ def _launch(args: argparse.Namespace) -> int:
     if args.otlp_traces_endpoint:
         logs += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
     return asyncio.run(launch(strategy, args.model, layout, [*_forwarded_knobs(args), *backend, *logs], opts, ray))
+
+
+def _pairs(items: list[str], flag: str):
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} {item!r}: expected NAME=VALUE")
+        yield key.strip(), value.strip()
 
 
 def _router(args: argparse.Namespace) -> int:
@@ -231,6 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     lau.add_argument("--engines", type=int, default=None,
                      help="number of engines, for strategies with one role (data parallel, cache aware...)")
     lau.add_argument("--backend", default="builtin", choices=["builtin", "vllm"])
+    pla = lau.add_argument_group("planner: the cluster sizes itself (docs/planner.md)")
+    pla.add_argument("--planner", default=None, metavar="FILE",
+                     help="planner file (one microserve.Planner subclass), or a shipped name: queue, slo")
+    pla.add_argument("--planner-arg", action="append", default=[], metavar="NAME=VALUE",
+                     help="override a planner parameter, e.g. interval=5 (repeatable)")
+    pla.add_argument("--scale-bounds", default="", metavar="ROLE=MIN:MAX,...",
+                     help="engines a planner may ask for per role, e.g. prefill=1:4,decode=1:8 (default 1:8 for "
+                          "each role of the strategy)")
     ray = lau.add_argument_group("on Ray (docs/multi-host.md)")
     ray.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
                      help="engines as Ray actors on a Ray cluster: its ADDRESS, or auto/none (this host's cluster, "

@@ -178,7 +178,7 @@ async def serve(cluster: Cluster, strategy: Strategy, tokenizer, opts: ServeOpti
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner, stats = None, None
+    runner, stats, planning = None, None, None
     try:
         cluster.evict_after = opts.evict_after
         await cluster.start()
@@ -198,6 +198,12 @@ async def serve(cluster: Cluster, strategy: Strategy, tokenizer, opts: ServeOpti
         url = f"http://{_url_host(opts.host)}:{port}"
         if engines is not None:
             engines.attach(cluster, url)
+        if opts.planner:  # NOTE: launch only: the planner scales the engines this deployment starts
+            from microserve.control.planner import Planning, load_planner
+
+            planning = router.planning = Planning(router, engines, load_planner(opts.planner, opts.planner_args),
+                                                  opts.scale_bounds, opts.planner, opts.planner_args)
+            planning.start()
         listed = ",".join(f"{h.name}@{h.address}" for h in cluster.handles)
         print(f"READY url={url} model={opts.served_model_name} "
               f"strategy={type(strategy).__name__} engines={listed}{ready_extra}", flush=True)
@@ -209,6 +215,8 @@ async def serve(cluster: Cluster, strategy: Strategy, tokenizer, opts: ServeOpti
     finally:
         if stats is not None:
             stats.cancel()
+        if planning is not None:
+            await planning.stop()
         if runner is not None:
             await runner.cleanup()
         await cluster.close()

@@ -34,6 +34,9 @@ class ServeOptions:
     metrics_names: str = "microserve"  # "vllm": /metrics also carries vLLM's series names
     aliases: list[str] = field(default_factory=list)  # more names clients may pass as `model` (--served-model-name A B)
     model_path: str | None = None  # --model as given: accepted as `model` too (not listed)
+    planner: str | None = None  # launch --planner FILE (control/planner.py)
+    planner_args: dict = field(default_factory=dict)  # --planner-arg NAME=VALUE
+    scale_bounds: dict = field(default_factory=dict)  # --scale-bounds ROLE=MIN:MAX: {role: (min, max)}
 
 
 def serve_parser() -> argparse.ArgumentParser:

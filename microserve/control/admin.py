@@ -17,6 +17,9 @@
     PUT    /admin/strategy             {"path"} (a file on the router's host), with "args": new requests use it,
                                        requests in flight finish under the old one; {"source"} (Python in the
                                        body) only with `--allow-code-upload`, refused before anything runs
+    GET    /admin/planner              {"name", "source", "args", "bounds", "decisions": [newest first]} (404: none)
+    PUT    /admin/planner              {"path", "args"}: the next interval uses it (starts one when there was none,
+                                       on a deployment that starts its own engines); {"source"} as for strategies
 
 Every call needs `Authorization: Bearer <admin key>` (`--admin-key`). The API key never opens it: an
 API client is not an operator. Without an admin key the admin API is off (403, and a log line at
@@ -34,6 +37,7 @@ from typing import Any
 
 from aiohttp import web
 
+from microserve.control.planner import PlannerError, Planning, load_planner
 from microserve.control.provision import ScaleError, scale
 from microserve.router.handle import EngineCallError
 from microserve.router.runtime import Router
@@ -71,6 +75,8 @@ class Admin:
         app.router.add_get("/admin/requests", self.requests)
         app.router.add_put("/admin/strategy", self.put_strategy)
         app.router.add_put("/admin/scale", self.scale)
+        app.router.add_get("/admin/planner", self.get_planner)
+        app.router.add_put("/admin/planner", self.put_planner)
 
     def _refused(self, request: web.Request, join: bool = False) -> web.Response | None:
         """None when the caller holds the admin key (or, to add or remove an engine, the cluster's join
@@ -224,6 +230,45 @@ class Admin:
         old, self.router.strategy = type(self.router.strategy).__name__, strategy
         self._done("strategy", f"strategy {old} -> {type(strategy).__name__} (requests in flight keep {old})")
         return web.json_response({"name": type(strategy).__name__})
+
+    async def get_planner(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        if self.router.planning is None:
+            return _error(404, "no planner runs here (launch --planner FILE, or PUT /admin/planner)")
+        return web.json_response(self.router.planning.describe())
+
+    async def put_planner(self, request: web.Request) -> web.Response:
+        if (refused := self._refused(request)) is not None:
+            return refused
+        body = await self._body(request)
+        args = body.get("args") or {}
+        if "source" in body and not self.allow_code_upload:  # NOTE: before anything of it is written or run
+            return _error(403, "planner source in a request body is refused: give {\"path\": FILE} on the router's "
+                          "host, or start the gateway with --allow-code-upload")
+        if self.router.engines is None:
+            return _error(409, "this deployment does not start its own engines (microserve router): a planner has "
+                          "nothing to scale")
+        try:
+            if isinstance(body.get("source"), str):
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "planner_from_admin.py"
+                    path.write_text(body["source"])
+                    planner, source = load_planner(path, args), "(uploaded)"
+            elif isinstance(body.get("path"), str):
+                planner, source = load_planner(body["path"], args), body["path"]
+            else:
+                return _error(400, "PUT /admin/planner needs {\"path\": FILE} or {\"source\": PYTHON}")
+        except (PlannerError, OSError) as exc:
+            return _error(400, f"cannot load the planner: {exc}")
+        planning = self.router.planning
+        if planning is None:
+            planning = self.router.planning = Planning(self.router, self.router.engines, planner, None, source, args)
+            planning.start()
+        else:
+            planning.swap(planner, source, args)
+        self._done("planner", f"planner -> {type(planner).__name__} ({source})")
+        return web.json_response({"name": type(planner).__name__})
 
     async def scale(self, request: web.Request) -> web.Response:
         if (refused := self._refused(request)) is not None:

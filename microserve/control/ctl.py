@@ -7,6 +7,8 @@
     microserve ctl --url URL strategy strategies/balanced_pd.py --strategy-arg fraction=0.2
     microserve ctl --url URL scale decode=3 prefill=1      (engines `launch` / `launch --ray` starts itself)
     microserve ctl --url URL requests --limit 5            (the last requests with their calls, as timelines)
+    microserve ctl --url URL planner                       (the planner's last decisions)
+    microserve ctl --url URL planner planners/slo.py --planner-arg itl_ms=40
 
 The key comes from `--admin-key` or `$MICROSERVE_ADMIN_KEY`. Prints the JSON answer; a refused or
 failed call prints one line and exits 2.
@@ -42,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     st.add_argument("--strategy-arg", action="append", default=[], metavar="NAME=VALUE")
     sc = sub.add_parser("scale", help="start or drain-and-stop engines until each role has N")
     sc.add_argument("counts", nargs="+", metavar="ROLE=N")
+    pl = sub.add_parser("planner", help="the planner's last decisions; with PATH: replace the planner")
+    pl.add_argument("path", nargs="?", default=None)
+    pl.add_argument("--planner-arg", action="append", default=[], metavar="NAME=VALUE")
+    pl.add_argument("--limit", type=int, default=10, help="decisions to show")
     rq = sub.add_parser("requests", help="the last requests with the calls their strategy made, as timelines")
     rq.add_argument("--limit", type=int, default=10)
     rq.add_argument("--json", action="store_true", help="the JSON answer instead of timelines")
@@ -87,6 +93,13 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(timelines(out["requests"]))
             return 0
+    elif args.action == "planner":
+        if args.path is None:
+            out = _call(args, "GET", "/admin/planner")
+            out["decisions"] = out.get("decisions", [])[:max(0, args.limit)]
+        else:
+            planner_args = dict(item.split("=", 1) for item in args.planner_arg if "=" in item)
+            out = _call(args, "PUT", "/admin/planner", {"path": args.path, "args": planner_args})
     else:
         strategy_args = dict(item.split("=", 1) for item in args.strategy_arg if "=" in item)
         out = _call(args, "PUT", "/admin/strategy", {"path": args.path, "args": strategy_args})

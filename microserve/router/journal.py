@@ -12,7 +12,7 @@ later): it still lands in the entry while the entry is among the kept ones.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -74,3 +74,25 @@ class Journal:
             out.append({"request_id": entry.request_id, "start": round(entry.start, 3), **entry.fields,
                         "calls": calls})
         return out
+
+
+class Recorder:
+    """What the router saw of each request since a planner last asked (control/planner.py: its window):
+    arrivals, and per ended request the roles it used, success, prompt and output tokens, TTFT and
+    end-to-end seconds. Bounded: the newest `limit` ended requests."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.arrivals = 0
+        self.ended: deque[tuple[frozenset[str], bool, int, int, float | None, float]] = deque(maxlen=limit)
+
+    def arrive(self) -> None:
+        self.arrivals += 1
+
+    def end(self, roles: frozenset[str], ok: bool, prompt: int, output: int, ttft: float | None, e2e: float) -> None:
+        self.ended.append((roles, ok, prompt, output, ttft, e2e))
+
+    def take(self) -> tuple[int, list]:
+        arrivals, ended = self.arrivals, list(self.ended)
+        self.arrivals = 0
+        self.ended.clear()
+        return arrivals, ended

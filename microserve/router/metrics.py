@@ -58,6 +58,8 @@ class RouterMetrics:
                              ["action"], registry=r)
         self.refused = Counter("microserve_rejected_requests", "Requests the gateway answered with an error before "
                                "any output, by reason (the error code)", ["reason"], registry=r)
+        self.planner_decisions = Counter("microserve_planner_decisions", "Engine count changes a planner made, by "
+                                         "role and direction (up, down)", ["role", "direction"], registry=r)
         self.http = Counter("microserve_http_requests", "HTTP requests by endpoint, method and status",
                             ["handler", "method", "status"], registry=r)
         self.http_seconds = Histogram("microserve_http_request_duration_seconds", "HTTP request time by endpoint "
@@ -207,6 +209,10 @@ class _EngineCollector:
                                       labels=["engine"])
         served = CounterMetricFamily("microserve_remote_attention_served", "Attend messages the engine answered as "
                                      "a lender (DistAttention)", labels=["engine"])
+        engines = GaugeMetricFamily("microserve_engines", "Engines serving each role (live, not draining)",
+                                    labels=["role"])
+        for role in self.cluster.roles:
+            engines.add_metric([role], len(self.cluster.engines(role)))
         for h in self.cluster.handles:
             up.add_metric([h.name, h.role or ""], 1.0 if h.alive else 0.0)
             s = self.cluster.load(h).stats
@@ -230,5 +236,5 @@ class _EngineCollector:
                 store_errors.add_metric([h.name, t.tier], t.errors)
             if s.kv_store:
                 store_dropped.add_metric([h.name], s.kv_store[0].dropped_writes)
-        yield from (up, running, waiting, used, total, hits, computed, info, lent, borrowed, attends, served,
+        yield from (engines, up, running, waiting, used, total, hits, computed, info, lent, borrowed, attends, served,
                     store_hits, store_bytes, store_errors, store_dropped)

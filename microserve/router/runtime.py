@@ -37,7 +37,7 @@ from microserve.router.choices import ChoiceGroup, route
 from microserve.router.cluster import Cluster
 from microserve.router.errors import NO_CAPACITY, RouterError
 from microserve.router.handle import EngineCallError
-from microserve.router.journal import Journal
+from microserve.router.journal import Journal, Recorder
 from microserve.router.metrics import RouterMetrics
 from microserve.router.strategy import Strategy
 from microserve.sampling_params import SamplingParams
@@ -99,10 +99,12 @@ class Router:
         self.metrics, self.pending = RouterMetrics(cluster), 0
         self.log_requests = True  # one access-log line per request (microserve/logs.py; --disable-log-requests)
         self.journal = Journal()  # the last requests with their calls (GET /admin/requests)
+        self.recorder = Recorder()  # what a planner's window is made of (control/planner.py)
         for h in cluster.handles:
             h.on_call = self.journal.call
         cluster.on_join.append(lambda h: setattr(h, "on_call", self.journal.call))
         self.engines = None  # the engines this deployment starts itself (control/provision.py), if any
+        self.planning = None  # its planner's loop (control/planner.py: launch --planner, PUT /admin/planner)
 
     # -- input --------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
@@ -193,6 +195,7 @@ class Router:
             self.metrics.requests.labels("rejected").inc()
             raise RouterError(ErrorCode.UNAVAILABLE, "no engine is available", retry_after=5)
         self.pending += 1
+        self.recorder.arrive()
         t0 = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + self.request_timeout
         status, streamed, code, finish = "aborted", False, "", None
@@ -225,6 +228,7 @@ class Router:
             self.metrics.finished.labels(finish or "stop").inc()
         ttft = None if progress.first_at is None else progress.first_at - t0
         strategy, engines, output = type(self.strategy).__name__, sorted(h.name for h in touched), len(progress.tokens)
+        self.recorder.end(frozenset(h.role for h in touched), status == "success", prompt_tokens, output, ttft, e2e)
         self.journal.end(rid, {"status": status, "code": code or None, "finish_reason": finish, "strategy": strategy,
                                "prompt_tokens": prompt_tokens, "output_tokens": output, "e2e_ms": round(e2e * 1e3, 1),
                                "ttft_ms": None if ttft is None else round(ttft * 1e3, 1)})

@@ -86,28 +86,33 @@ def shipped_strategies() -> list[str]:
     return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
 
 
-def load_strategy_class(spec: str | Path) -> type[Strategy]:
-    """Import a strategy file and return its one `Strategy` subclass."""
-    path = resolve_strategy_path(spec)
-    name = f"microserve_strategy_{path.stem}_{abs(hash(str(path.resolve())))}"
+def load_subclass(path: Path, base: type, kind: str, error: type[Exception] = StrategyError) -> type:
+    """Import the file at `path` and return its one subclass of `base` (a strategy, a planner);
+    raises `error` naming the `kind` of file when it has none, several, or fails to import."""
+    name = f"microserve_{kind}_{path.stem}_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
-        raise StrategyError(f"cannot import {path} as a Python module")
+        raise error(f"cannot import {path} as a Python module")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(name, None)
-        raise StrategyError(f"strategy file {path} failed to import: {type(exc).__name__}: {exc}") from exc
+        raise error(f"{kind} file {path} failed to import: {type(exc).__name__}: {exc}") from exc
     found = [obj for obj in vars(module).values()
-             if inspect.isclass(obj) and issubclass(obj, Strategy) and obj is not Strategy and obj.__module__ == name]
+             if inspect.isclass(obj) and issubclass(obj, base) and obj is not base and obj.__module__ == name]
     if not found:
-        raise StrategyError(f"strategy file {path} defines no microserve.Strategy subclass")
+        raise error(f"{kind} file {path} defines no microserve.{base.__name__} subclass")
     if len(found) > 1:
-        raise StrategyError(f"strategy file {path} defines {len(found)} Strategy subclasses "
-                            f"({', '.join(c.__name__ for c in found)}); keep exactly one per file")
-    cls = found[0]
+        raise error(f"{kind} file {path} defines {len(found)} {base.__name__} subclasses "
+                    f"({', '.join(c.__name__ for c in found)}); keep exactly one per file")
+    return found[0]
+
+
+def load_strategy_class(spec: str | Path) -> type[Strategy]:
+    """Import a strategy file and return its one `Strategy` subclass."""
+    cls = load_subclass(resolve_strategy_path(spec), Strategy, "strategy")
     if not inspect.isasyncgenfunction(cls.generate):
         raise StrategyError(f"{cls.__name__}.generate must be an async generator (`async def` with `yield`)")
     for role, n in cls.roles.items():
@@ -126,11 +131,12 @@ def load_strategy(spec: str | Path, args: Mapping[str, str | Any] | None = None)
         if key not in params:
             raise StrategyError(f"{cls.__name__} has no parameter {key!r}; parameters: "
                                 f"{', '.join(f'{k}={v!r}' for k, v in params.items()) or 'none'}")
-        setattr(strategy, key, _convert(key, value, params[key]))
+        setattr(strategy, key, convert(key, value, params[key]))
     return strategy
 
 
-def _convert(key: str, value: Any, default: Any) -> Any:
+def convert(key: str, value: Any, default: Any, error: type[Exception] = StrategyError) -> Any:
+    """`value` as the type of `default` (a `NAME=VALUE` string from the command line or the admin API)."""
     if not isinstance(value, str) or isinstance(default, str):
         return value
     try:
@@ -140,7 +146,7 @@ def _convert(key: str, value: Any, default: Any) -> Any:
             return value.lower() in ("1", "true", "yes")
         return type(default)(value)
     except ValueError:
-        raise StrategyError(f"parameter {key}: {value!r} is not a {type(default).__name__}") from None
+        raise error(f"parameter {key}: {value!r} is not a {type(default).__name__}") from None
 
 
 def parse_roles(text: str) -> dict[str, int]:

@@ -23,7 +23,7 @@ class QueuePlanner(Planner):
                 continue
             if w.waiting / w.engines >= self.high or w.kv_usage >= self.kv_high:
                 want[role], self.quiet[role] = w.engines + 1, 0
-            elif w.waiting == 0 and w.running / w.engines < self.low:
+            elif w.engines > 1 and w.waiting == 0 and w.running / w.engines < self.low:
                 self.quiet[role] = self.quiet.get(role, 0) + 1
                 if self.quiet[role] >= self.calm:
                     want[role], self.quiet[role] = w.engines - 1, 0

@@ -45,7 +45,7 @@ class RoleWindow:
     running: int  # requests running on them now
     waiting: int  # requests queued on them now
     queued_tokens: int  # prompt tokens waiting to be computed
-    kv_usage: float  # mean fraction of their KV blocks in use (0-1)
+    kv_usage: float  # mean fraction of their KV blocks held by requests (0-1; the prefix cache's are free to take)
     computed_tokens_per_s: float  # tokens computed (prefill and decode) per second, all engines together
     capacity_tokens_per_s: float  # the most one engine of the role has computed per second in any interval
     requests_per_s: float  # requests that ended having used the role, per second
@@ -158,14 +158,14 @@ class Planning:
         self.router, self.engines, self.bounds = router, engines, dict(bounds or {})
         self.planner, self.source, self.args = planner, source, dict(args or {})
         self.decisions: deque[dict] = deque(maxlen=100)
-        self._changed: dict[str, float] = {}  # role -> monotonic time of its last change
+        self._changed: dict[str, float] = {}  # role -> the loop's time of its last change
         self._computed: dict[Any, int] = {}  # engine handle -> computed tokens at the last window
         self._capacity: dict[str, float] = {}  # role -> the most one engine computed per second
-        self._last = time.monotonic()
+        self._last = 0.0
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        self._last = time.monotonic()
+        self._last = _now()
         self.router.recorder.take()
         self._task = asyncio.ensure_future(self._run())
 
@@ -193,7 +193,7 @@ class Planning:
 
     def measure(self) -> Window:
         """The window since the last one (and start a new one)."""
-        now = time.monotonic()
+        now = _now()
         seconds, self._last = max(now - self._last, 1e-9), now
         arrivals, ended = self.router.recorder.take()
         ok = [e for e in ended if e[1]]
@@ -216,7 +216,8 @@ class Planning:
             window.roles[role] = RoleWindow(
                 len(handles), sum(s.running for s in stats), sum(s.waiting for s in stats),
                 sum(s.queued_tokens for s in stats),
-                sum(s.kv_blocks_used / max(1, s.kv_blocks_total) for s in stats) / max(1, len(stats)),
+                sum((s.kv_blocks_used - s.kv_blocks_cached) / max(1, s.kv_blocks_total) for s in stats)
+                / max(1, len(stats)),
                 sum(rates), self._capacity[role], sum(1 for e in ended if role in e[0]) / seconds)
         return window
 
@@ -244,8 +245,8 @@ class Planning:
         """One decision: measure, plan, check, apply. Returns the decision's record."""
         window = self.measure()
         cluster, planner = self.router.cluster, self.planner
-        record: dict[str, Any] = {"time": round(time.time(), 3), "planner": type(planner).__name__,
-                                  "window": _summary(window)}
+        record: dict[str, Any] = {"time": round(time.time(), 3), "t": round(_now(), 3),
+                                  "planner": type(planner).__name__, "window": _summary(window)}
         try:
             want = await asyncio.wait_for(planner.plan(cluster, window), planner.interval)
         except Exception as exc:
@@ -255,7 +256,7 @@ class Planning:
             self.decisions.append(record)
             return record
         targets, notes = self.check(want)
-        now, changes = time.monotonic(), {}
+        now, changes = _now(), {}
         for role, n in targets.items():
             have = len(cluster.engines(role)) if role in cluster.roles else 0
             if n == have:
@@ -283,11 +284,11 @@ class Planning:
             log.warning("planner: scaling %s failed: %s", changes, exc)
             record["error"] = f"scale: {exc}"
             return
-        now = time.monotonic()
+        now = _now()
         for role, (have, n) in changes.items():
             self._changed[role] = now
             self.router.metrics.planner_decisions.labels(role, "up" if n > have else "down").inc()
-            log.warning("planner %s: %s %d -> %d engines", type(self.planner).__name__, role, have, n)
+            log.info("planner %s: %s %d -> %d engines", type(self.planner).__name__, role, have, n)
         record["applied"] = {role: n for role, (_, n) in changes.items()}
 
     def describe(self) -> dict:
@@ -296,6 +297,11 @@ class Planning:
                 "args": {k: getattr(p, k) for k in type(p).parameters()},
                 "bounds": {r: list(self.bound(r) or ()) for r in self.router.cluster.roles if self.bound(r)},
                 "decisions": list(self.decisions)[::-1]}
+
+
+def _now() -> float:
+    """The event loop's clock: monotonic live, virtual in `microserve sim`."""
+    return asyncio.get_running_loop().time()
 
 
 def _summary(window: Window) -> dict:

@@ -31,7 +31,6 @@ from microserve.serving.api import ErrorCode
 
 log = logging.getLogger(__name__)
 
-
 _AVOID: contextvars.ContextVar[frozenset[EngineHandle]] = contextvars.ContextVar("avoid", default=frozenset())
 
 
@@ -93,15 +92,14 @@ class Cluster:
         for role, items in engines.items():
             if isinstance(items, str | EngineHandle):
                 items = [items]
-            handles = [h if isinstance(h, EngineHandle) else
-                       EngineHandle(h, role=role, timeout=timeout, cluster_key=cluster_key) for h in items]
+            handles = [h if isinstance(h, EngineHandle) else EngineHandle(h, role=role, timeout=timeout,
+                                                                          cluster_key=cluster_key) for h in items]
             for h in handles:
                 h.role = h.role or role
             self.roles[role] = handles
-        self.handles = [h for hs in self.roles.values() for h in hs]
+        self.handles, self.poll_interval = [h for hs in self.roles.values() for h in hs], poll_interval
         if not self.handles:
             raise ValueError("a cluster needs at least one engine")
-        self.poll_interval = poll_interval
         self._by_id: dict[str, EngineHandle] = {}
         self._loads: dict[EngineHandle, Load] = {h: Load() for h in self.handles}
         self.prefix_index: PrefixIndex[EngineHandle] = PrefixIndex(self._by_id.get, self._on_gap)
@@ -114,8 +112,7 @@ class Cluster:
         self.on_evict: list = []  # callbacks told of every joined engine evicted for not answering
         self.evict_after = 30.0  # seconds a joined engine may stay down before it is evicted
         self._down_since: dict[EngineHandle, float] = {}
-        self.cluster_key = cluster_key
-        self._timeout = timeout
+        self.cluster_key, self._timeout = cluster_key, timeout
         for h in self.handles:
             h.on_state = self._on_state
 
@@ -322,7 +319,7 @@ class Cluster:
         already here; EngineCallError if it does not answer). An engine that reports the id of one
         here that does not answer (a restart on a new address) replaces it. `joined`: it registered
         itself (`engine --join`), so it is evicted when it stays down (`evict_after`) and re-joins."""
-        h = EngineHandle(address, role=role, timeout=self._timeout, cluster_key=self.cluster_key)
+        h = self._new_handle(address, role)
         try:
             health = await h.wait_ready(ready_timeout)
             old = self._by_id.get(health.engine_id)
@@ -345,6 +342,9 @@ class Cluster:
         for hook in self.on_join:
             hook(h)
         return h
+
+    def _new_handle(self, address: str, role: str) -> EngineHandle:
+        return EngineHandle(address, role=role, timeout=self._timeout, cluster_key=self.cluster_key)
 
     @staticmethod
     async def _answers(h: EngineHandle) -> bool:

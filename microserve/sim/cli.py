@@ -29,7 +29,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     arrivals = p.add_mutually_exclusive_group()
     arrivals.add_argument("--rate", type=float, help="Poisson arrivals, requests per (virtual) second")
     arrivals.add_argument("--concurrency", type=int, help="requests in flight at once (closed loop)")
-    p.add_argument("--num-requests", type=int, default=None)
+    p.add_argument("--num-requests", type=int, default=None, help="requests to run (a --trace: the first N)")
+    t = p.add_argument_group("time-varying load and planners (docs/planner.md)")
+    t.add_argument("--trace", default=None, metavar="FILE|diurnal|bursty",
+                   help="requests with arrival times: a JSONL trace (ours or Mooncake's), an Azure CSV trace, or a "
+                        "generator (diurnal: a day with a 10x peak; bursty); --rate is a generator's mean")
+    t.add_argument("--rate-scale", type=float, default=1.0, help="multiply the trace's rate")
+    t.add_argument("--trace-duration", type=float, default=None, metavar="SECONDS",
+                   help="a generator's length (default a day, 86400), or where a file trace is cut")
+    t.add_argument("--planner", default=None, metavar="FILE", help="planner file or shipped name (queue, slo), "
+                   "run in virtual time: engines start after their start latency and cost GPU-hours")
+    t.add_argument("--planner-arg", action="append", default=[], metavar="NAME=VALUE")
+    t.add_argument("--scale-bounds", default="", metavar="ROLE=MIN:MAX,...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokens-per-word", type=float, default=1.3, help="as in `microserve bench`")
     p.add_argument("--max-output-tokens", type=int, default=None, help="cap every request's max_tokens")

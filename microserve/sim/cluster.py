@@ -16,7 +16,7 @@ enforced; everything else, errors included, behaves as against real engines.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from microserve import protocol as P
 from microserve.engine.config import EngineConfig
@@ -64,6 +64,13 @@ class SimCluster(Cluster):
         super().__init__({role: [sim_handle(s, role) for s in group] for role, group in servers.items()},
                          poll_interval=poll_interval)
         self.servers = [service_of(h) for h in self.handles]
+        self.make: Callable[[str, str], EngineService] | None = None  # build_cluster's engine factory
+        self.starting: dict[str, EngineService] = {}  # "sim://ID" -> an engine a planner started, until added
+
+    def _new_handle(self, address: str, role: str) -> EngineHandle:
+        service = self.starting.pop(address)
+        self.servers.append(service)
+        return sim_handle(service, role)
 
     def _subscribe(self, h: EngineHandle, health: P.HealthReply) -> None:
         service = service_of(h)
@@ -76,30 +83,51 @@ class SimCluster(Cluster):
             await sim_backend(server).stop()
 
 
+class _RoleLinks:
+    """The link from an engine of `role` to each receiving engine, by the receiver's role (engine ids are
+    `ROLE-N`), so engines a planner starts later are reached over the right link too."""
+
+    def __init__(self, role: str, links: Mapping[tuple[str, str], Link]) -> None:
+        self.role, self.links = role, links
+
+    def get(self, engine_id: str, default: Link | None = None) -> Link | None:
+        return self.links.get((self.role, engine_id.rpartition("-")[0]), default)
+
+
+def engine_factory(cost: CostModel | Mapping[str, CostModel], link: Link, config: EngineConfig | None = None,
+                   lease_s: float = 60.0, links: Mapping[tuple[str, str], Link] | None = None,
+                   kv_store: Sequence[str] = ()) -> Callable[[str, str], EngineService]:
+    """`make(role, engine_id)`: a new simulated engine of `role` on one fabric (every engine made by one
+    factory reaches the others), with the role's cost model, links and store tiers."""
+    peers: dict[str, SimBackend] = {}
+    shared: dict[str, store.SimTier] = {}  # the tiers every engine shares (valkey)
+
+    def make(role: str, eid: str) -> EngineService:
+        role_cost = cost[role] if isinstance(cost, Mapping) else cost
+        service = sim_service(SimEngine(role_cost, config, eid), peers, link, lease_s,
+                              links=_RoleLinks(role, links or {}))  # type: ignore[arg-type]
+        if kv_store:
+            spec = service.kv_spec
+            block_bytes = spec.bytes_per_token * spec.block_size
+            events = service.events  # NOTE: tier events as the real engine publishes them (zmq_server)
+            tiers = store.parse(list(kv_store), block_bytes, shared)
+            sim_backend(service).use_store(SimStoreLink(tiers, spec.block_size, block_bytes,
+                                                        lambda kind, hashes, tier, events=events:
+                                                        events.record(kind, hashes, tier, tier == "valkey")))
+        return service
+
+    return make
+
+
 def build_cluster(layout: Mapping[str, int], cost: CostModel | Mapping[str, CostModel], link: Link,
                   config: EngineConfig | None = None, poll_interval: float = 0.25, lease_s: float = 60.0,
                   links: Mapping[tuple[str, str], Link] | None = None,
                   kv_store: Sequence[str] = ()) -> SimCluster:
     """`{role: count}` engines with the cost model of their role (one for all, or `{role: CostModel}`),
     KV moving over `link`, or `links[(sender role, receiver role)]` for that pair of roles; `kv_store`:
-    `--kv-store` specs of every engine (sim/store.py)."""
-    costs = {role: cost[role] if isinstance(cost, Mapping) else cost for role in layout}
-    peers: dict[str, SimBackend] = {}
-    shared: dict[str, store.SimTier] = {}  # the tiers every engine shares (valkey)
-    ids = {role: [f"{role}-{i}" for i in range(n)] for role, n in layout.items()}
-    servers = {}
-    for role in layout:
-        servers[role] = []
-        for eid in ids[role]:
-            pair = {other: links[(role, r)] for r in layout if (role, r) in (links or {}) for other in ids[r]}
-            service = sim_service(SimEngine(costs[role], config, eid), peers, link, lease_s, links=pair)
-            if kv_store:
-                spec = service.kv_spec
-                block_bytes = spec.bytes_per_token * spec.block_size
-                events = service.events  # NOTE: tier events as the real engine publishes them (zmq_server)
-                tiers = store.parse(list(kv_store), block_bytes, shared)
-                sim_backend(service).use_store(SimStoreLink(tiers, spec.block_size, block_bytes,
-                                                            lambda kind, hashes, tier, events=events:
-                                                            events.record(kind, hashes, tier, tier == "valkey")))
-            servers[role].append(service)
-    return SimCluster(servers, poll_interval=poll_interval)
+    `--kv-store` specs of every engine (sim/store.py). `cluster.make(role, id)` makes more."""
+    make = engine_factory(cost, link, config, lease_s, links, kv_store)
+    cluster = SimCluster({role: [make(role, f"{role}-{i}") for i in range(n)] for role, n in layout.items()},
+                         poll_interval=poll_interval)
+    cluster.make = make
+    return cluster

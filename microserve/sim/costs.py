@@ -49,6 +49,8 @@ class GPU:
     frontend_ms: float = 0.0  # per request, outside the engines: client, gateway, router, RPCs
     peak_tflops_fp8: float | None = None  # dense FP8 tensor-core peak (None: no FP8 tensor cores)
     compute_efficiency_fp8: float | None = None  # default: compute_efficiency
+    boot_s: float = 60.0  # a new engine's start before its weights load (process, CUDA, compile, graphs)
+    load_gb_s: float = 2.0  # weights loaded per second per GPU (safetensors from local NVMe)
 
     def peak(self, dtype: str) -> tuple[float, float]:
         """(peak TFLOPS, compute efficiency) for matrix math in `dtype`."""
@@ -145,7 +147,8 @@ def load_gpu(spec: str) -> GPU:
     name, d = _load("gpus", spec)
     return GPU(name, d["peak_tflops"], d["hbm_tb_s"], d["memory_gb"], d.get("compute_efficiency", 0.6),
                d.get("memory_efficiency", 0.8), d.get("step_overhead_ms", 2.0), d.get("seq_overhead_us", 0.0),
-               d.get("frontend_ms", 0.0), d.get("peak_tflops_fp8"), d.get("compute_efficiency_fp8"))
+               d.get("frontend_ms", 0.0), d.get("peak_tflops_fp8"), d.get("compute_efficiency_fp8"),
+               d.get("boot_s", 60.0), d.get("load_gb_s", 2.0))
 
 
 def load_link(spec: str) -> Link:
@@ -197,6 +200,11 @@ class CostModel:
     gpu: GPU
     tp: int = 1
     tp_link: Link | None = None  # all-reduce link (None: NVLink-class, from the profiles)
+
+    def start_seconds(self) -> float:
+        """How long a new engine takes to serve (a planner's scale up): boot, then the weights, each GPU
+        of the tensor-parallel group loading its shard."""
+        return self.gpu.boot_s + self.model.weight_bytes / (self.gpu.load_gb_s * 1e9 * self.tp)
 
     def __post_init__(self) -> None:
         if self.tp < 1:

@@ -47,7 +47,8 @@ class RoleWindow:
     queued_tokens: int  # prompt tokens waiting to be computed
     kv_usage: float  # mean fraction of their KV blocks held by requests (0-1; the prefix cache's are free to take)
     computed_tokens_per_s: float  # tokens computed (prefill and decode) per second, all engines together
-    capacity_tokens_per_s: float  # the most one engine of the role has computed per second in any interval
+    capacity_tokens_per_s: float  # what one engine computes per second when saturated (over the intervals it
+    # ended with a queue: their tokens over their time; before any: the most one engine computed in one)
     requests_per_s: float  # requests that ended having used the role, per second
 
 
@@ -59,8 +60,8 @@ class Window:
     arrivals_per_s: float  # requests that arrived
     finished: int  # requests that ended with output
     failed: int  # requests that ended in an error
-    prompt_tokens_per_s: float  # of the requests that ended
-    output_tokens_per_s: float
+    prompt_tokens_per_s: float  # of the requests that arrived (the demand, also when a queue grows)
+    output_tokens_per_s: float  # of the requests that ended
     ttft_p50: float = 0.0
     ttft_p90: float = 0.0
     ttft_p99: float = 0.0
@@ -161,6 +162,7 @@ class Planning:
         self._changed: dict[str, float] = {}  # role -> the loop's time of its last change
         self._computed: dict[Any, int] = {}  # engine handle -> computed tokens at the last window
         self._capacity: dict[str, float] = {}  # role -> the most one engine computed per second
+        self._saturated: dict[str, deque[tuple[float, float]]] = {}  # role -> (tokens, s) of queued intervals
         self._last = 0.0
         self._task: asyncio.Task | None = None
 
@@ -195,30 +197,34 @@ class Planning:
         """The window since the last one (and start a new one)."""
         now = _now()
         seconds, self._last = max(now - self._last, 1e-9), now
-        arrivals, ended = self.router.recorder.take()
+        (arrivals, arrived_tokens), ended = self.router.recorder.take()
         ok = [e for e in ended if e[1]]
         ttft = _percentiles([e[4] for e in ok if e[4] is not None])
         itl = _percentiles([(e[5] - e[4]) / (e[3] - 1) for e in ok if e[4] is not None and e[3] > 1])
         window = Window(seconds, arrivals / seconds, len(ok), len(ended) - len(ok),
-                        sum(e[2] for e in ended) / seconds, sum(e[3] for e in ended) / seconds, *ttft, *itl)
+                        arrived_tokens / seconds, sum(e[3] for e in ended) / seconds, *ttft, *itl)
         cluster = self.router.cluster
         for role in cluster.roles:
             handles = cluster.engines(role)
             stats = [s for s in (cluster.load(h).stats for h in handles) if s is not None]
-            rates = []
+            rates, saturated = [], self._saturated.setdefault(role, deque(maxlen=20))
             for h in handles:
                 s = cluster.load(h).stats
                 if s is not None:
-                    before = self._computed.get(h, s.computed_tokens_total)
+                    before = self._computed.get(h)
                     self._computed[h] = s.computed_tokens_total
-                    rates.append(max(0, s.computed_tokens_total - before) / seconds)
+                    rates.append(max(0, s.computed_tokens_total - (before or s.computed_tokens_total)) / seconds)
+                    if before is not None and s.waiting > 0:  # NOTE: busy all along: its rate is its capacity
+                        saturated.append((rates[-1] * seconds, seconds))
             self._capacity[role] = max([self._capacity.get(role, 0.0), *rates])
+            capacity = sum(t for t, _ in saturated) / sum(s for _, s in saturated) if saturated \
+                else self._capacity[role]
             window.roles[role] = RoleWindow(
                 len(handles), sum(s.running for s in stats), sum(s.waiting for s in stats),
                 sum(s.queued_tokens for s in stats),
                 sum((s.kv_blocks_used - s.kv_blocks_cached) / max(1, s.kv_blocks_total) for s in stats)
                 / max(1, len(stats)),
-                sum(rates), self._capacity[role], sum(1 for e in ended if role in e[0]) / seconds)
+                sum(rates), capacity, sum(1 for e in ended if role in e[0]) / seconds)
         return window
 
     def check(self, want: Any) -> tuple[dict[str, int], list[str]]:

@@ -82,17 +82,19 @@ class Recorder:
     end-to-end seconds. Bounded: the newest `limit` ended requests."""
 
     def __init__(self, limit: int = 100_000) -> None:
-        self.arrivals = 0
+        self.arrivals = self.arrived_tokens = 0
         self.ended: deque[tuple[frozenset[str], bool, int, int, float | None, float]] = deque(maxlen=limit)
 
-    def arrive(self) -> None:
+    def arrive(self, prompt_tokens: int) -> None:
         self.arrivals += 1
+        self.arrived_tokens += prompt_tokens
 
     def end(self, roles: frozenset[str], ok: bool, prompt: int, output: int, ttft: float | None, e2e: float) -> None:
         self.ended.append((roles, ok, prompt, output, ttft, e2e))
 
-    def take(self) -> tuple[int, list]:
-        arrivals, ended = self.arrivals, list(self.ended)
-        self.arrivals = 0
+    def take(self) -> tuple[tuple[int, int], list]:
+        """((requests, prompt tokens) arrived, the ended requests), since the last take."""
+        arrivals, ended = (self.arrivals, self.arrived_tokens), list(self.ended)
+        self.arrivals = self.arrived_tokens = 0
         self.ended.clear()
         return arrivals, ended

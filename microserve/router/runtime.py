@@ -195,7 +195,7 @@ class Router:
             self.metrics.requests.labels("rejected").inc()
             raise RouterError(ErrorCode.UNAVAILABLE, "no engine is available", retry_after=5)
         self.pending += 1
-        self.recorder.arrive()
+        self.recorder.arrive(len(prompt_ids))
         t0 = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + self.request_timeout
         status, streamed, code, finish = "aborted", False, "", None

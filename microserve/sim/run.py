@@ -80,7 +80,7 @@ async def _serve(i: int, sreq: SimRequest, strategy: Strategy, cluster: SimClust
     loop = asyncio.get_running_loop()
     sent = loop.time()
     if recorder is not None:
-        recorder.arrive()
+        recorder.arrive(len(sreq.prompt_ids))
     res.start, res.prompt_tokens = sent - t0, len(sreq.prompt_ids)
     if frontend_s > 0:  # the client -> gateway -> router -> engine path and back, as one delay
         await asyncio.sleep(frontend_s)

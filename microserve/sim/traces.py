@@ -97,36 +97,40 @@ def _lengths(rng: random.Random) -> tuple[int, int]:
     return prompt, output
 
 
-def _thinned(peak: float, duration: float, seed: int, rate_at) -> list[TraceRequest]:
-    """Arrivals of a Poisson process whose rate at time t is `rate_at(t)` <= `peak` (thinning)."""
+def poisson(peak: float, duration: float, seed: int, rate_at, lengths=None) -> list[TraceRequest]:
+    """Arrivals of a Poisson process whose rate at time t is `rate_at(t)` <= `peak` (thinning);
+    `lengths(rng) -> (prompt, output)` (default: chat-like, around 1,500 and 200 tokens)."""
     rng, out, t = random.Random(seed), [], 0.0
+    lengths = lengths or _lengths
     while True:
         t += rng.expovariate(peak)
         if t > duration:
             return out
         if rng.random() * peak <= rate_at(t):
-            out.append(TraceRequest(t, *_lengths(rng)))
+            out.append(TraceRequest(t, *lengths(rng)))
 
 
 def diurnal(mean: float, duration: float = DAY, seed: int = 0) -> list[TraceRequest]:
     """One day in `duration` seconds: the rate is mean * (1 - a cos(2 pi t / duration)), a = 9/11, so the
     peak (mid-way) is 10x the trough (at the start and the end)."""
     a = 9 / 11
-    return _thinned(mean * (1 + a), duration, seed, lambda t: mean * (1 - a * math.cos(2 * math.pi * t / duration)))
+    return poisson(mean * (1 + a), duration, seed, lambda t: mean * (1 - a * math.cos(2 * math.pi * t / duration)))
+
+
+def bursts(duration: float, seed: int, every: float = 600.0, length: float = 60.0, factor: float = 5.0):
+    """`f(t)`: `factor` during a burst of `length` s starting about every `every` s (jittered), else 1."""
+    rng = random.Random(seed + 1)
+    starts, t = [], rng.uniform(0, every)
+    while t < duration:
+        starts.append(t)
+        t += rng.uniform(every / 2, 1.5 * every)
+    return lambda t: factor if any(b <= t < b + length for b in starts) else 1.0
 
 
 def bursty(mean: float, duration: float = DAY, seed: int = 0) -> list[TraceRequest]:
     """Poisson at `mean`, with a burst of 5x `mean` for 60 s starting every ~600 s (jittered)."""
-    rng = random.Random(seed + 1)
-    bursts, t = [], rng.uniform(0, 600)
-    while t < duration:
-        bursts.append(t)
-        t += rng.uniform(300, 900)
-
-    def rate_at(t: float) -> float:
-        return mean * (5 if any(b <= t < b + 60 for b in bursts) else 1)
-
-    return _thinned(5 * mean, duration, seed, rate_at)
+    burst = bursts(duration, seed)
+    return poisson(5 * mean, duration, seed, lambda t: mean * burst(t))
 
 
 def prompt_ids(r: TraceRequest, vocab: int, index: int) -> list[int]:

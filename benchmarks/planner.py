@@ -1,0 +1,116 @@
+"""A day of traffic in the simulator: static layouts against `planners/slo.py` (issue 37).
+
+Llama-3.1-70B FP8 on H100 TP4 engines, PD (xPyD). One day compressed into `--day` virtual seconds: the
+rate follows a sine from a trough to a 10x peak, with 60-second bursts of 2x about every 10 virtual
+minutes; prompts around 6,000 tokens, outputs around 400. SLO: TTFT 2 s, ITL 50 ms (TPOT).
+
+    (a) static for the peak: the fewest GPUs whose layout meets the SLO for >= 99% of requests at the
+        diurnal peak's rate (short constant-rate runs over a grid of prefill x decode engines)
+    (b) static for the mean: the same search at the day's mean rate (as `sim --search` ranks layouts)
+    (c) planners/slo.py from layout (b), engines started after their start latency (boot + weights)
+
+Prints GPU-hours and SLO attainment of each; target (c) <= 60% of (a)'s GPU-hours at >= 99% of (a)'s
+attainment, and (c) beats (b) on attainment.
+
+    python benchmarks/planner.py                  # --day 1800 --mean 3 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import time
+
+from microserve.bench import report
+from microserve.control.planner import load_planner, parse_bounds
+from microserve.router.strategy import load_strategy
+from microserve.sim import traces
+from microserve.sim.costs import CostModel, load_gpu, load_link, load_model, with_precision
+from microserve.sim.run import GPU_MAX_BATCHED_TOKENS, GPU_MAX_NUM_SEQS, SimPlan, SimRequest, simulate_workload
+
+SLO = {"ttft_s": 2.0, "tpot_s": 0.050}
+
+
+def lengths(rng: random.Random) -> tuple[int, int]:
+    return (int(min(16000, max(256, rng.lognormvariate(math.log(6000), 0.5)))),
+            int(min(2048, max(16, rng.lognormvariate(math.log(400), 0.5)))))
+
+
+def day(mean: float, duration: float, seed: int) -> list[traces.TraceRequest]:
+    a = 9 / 11  # trough to peak 1:10
+    burst = traces.bursts(duration, seed, every=600.0, length=60.0, factor=2.0)
+    return traces.poisson(2 * mean * (1 + a), duration, seed, lambda t: mean * burst(t) *
+                          (1 - a * math.cos(2 * math.pi * t / duration)), lengths)
+
+
+def run(layout: dict[str, int], trace: list[traces.TraceRequest], cost: CostModel, config, plan=None):
+    reqs = [SimRequest(traces.prompt_ids(r, cost.model.vocab, i), r.output_tokens) for i, r in enumerate(trace)]
+    results, duration, _ = simulate_workload(load_strategy("pd"), layout, cost, load_link("nvlink"), config, reqs,
+                                             None, 1, 0, arrivals=[r.time for r in trace], plan=plan)
+    attained = sum(report.meets_slo(r, SLO) for r in results) / len(results)
+    gpu_hours = plan.gpu_hours if plan is not None else sum(layout.values()) * cost.tp * duration / 3600
+    return attained, gpu_hours, duration, results
+
+
+def smallest(rate: float, cost: CostModel, config, seconds: float, seed: int) -> dict[str, int]:
+    """The layout with the fewest engines meeting the SLO for >= 99% at a constant `rate`."""
+    rng = random.Random(seed)
+    trace, t = [], 0.0
+    while t < seconds:
+        t += rng.expovariate(rate)
+        trace.append(traces.TraceRequest(t, *lengths(rng)))
+    for total in range(2, 16):
+        for p in range(1, total):
+            layout = {"prefill": p, "decode": total - p}
+            attained, *_ = run(layout, trace, cost, config)
+            if attained >= 0.99:
+                return layout
+    raise RuntimeError(f"no layout of up to 15 engines meets the SLO at {rate} req/s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--day", type=float, default=1800.0, help="virtual seconds one day is compressed into")
+    p.add_argument("--mean", type=float, default=3.0, help="the day's mean rate without bursts (req/s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--search-seconds", type=float, default=120.0, help="length of each layout-search run")
+    args = p.parse_args()
+    logging.disable(logging.WARNING)  # NOTE: retries of overloaded static layouts would flood the console
+    from microserve.engine.config import EngineConfig
+
+    cost = CostModel(with_precision(load_model("llama-3.1-70b"), "fp8", None), load_gpu("h100"), 4)
+    config = EngineConfig(max_num_batched_tokens=GPU_MAX_BATCHED_TOKENS, max_num_seqs=GPU_MAX_NUM_SEQS,
+                          native_kernels=False)
+    trace = day(args.mean, args.day, args.seed)
+    peak = args.mean * (1 + 9 / 11)
+    wall = time.perf_counter()
+    for_peak = smallest(peak, cost, config, args.search_seconds, args.seed)
+    for_mean = smallest(args.mean, cost, config, args.search_seconds, args.seed)
+    print(f"{len(trace)} requests over {args.day:g} s (a day), mean {args.mean:g} req/s, peak {peak:.1f} req/s "
+          f"before bursts; engine start {cost.start_seconds():.0f} s; layouts: peak {for_peak}, mean {for_mean} "
+          f"(searched in {time.perf_counter() - wall:.0f} s)", flush=True)
+    bounds = f"prefill=1:{2 * for_peak['prefill']},decode=1:{2 * for_peak['decode']}"
+    planner = load_planner("slo", {"interval": "10", "cooldown": "30", "ttft_ms": "2000", "itl_ms": "50"})
+    plan = SimPlan(planner, {"prefill": cost, "decode": cost}, parse_bounds(bounds), "slo")
+    rows = []
+    for name, layout, plan_ in (("(a) static, sized for the peak", for_peak, None),
+                                ("(b) static, sized for the mean", for_mean, None),
+                                ("(c) planners/slo.py, from (b)", for_mean, plan)):
+        t0 = time.perf_counter()
+        attained, gpu_hours, _, results = run(layout, trace, cost, config, plan_)
+        rows.append((name, layout, gpu_hours, attained, sum(not r.ok for r in results), time.perf_counter() - t0))
+    a_hours, a_att = rows[0][2], rows[0][3]
+    print("\n| layout | engines at start | GPU-hours | vs (a) | SLO attainment | failed | wall s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, layout, hours, att, failed, w in rows:
+        engines = ",".join(f"{r}={n}" for r, n in layout.items())
+        print(f"| {name} | {engines} | {hours:.2f} | {hours / a_hours:.2f}x | {att:.4f} | {failed} | {w:.0f} |")
+    c = rows[2]
+    print(f"\ntarget (c) <= 0.60x (a)'s GPU-hours: {c[2] / a_hours:.2f}x; attainment >= 0.99x (a)'s: "
+          f"{c[3] / a_att:.3f}x; beats (b): {c[3] > rows[1][3]}; engines started by the planner: {len(plan.started)}")
+
+
+if __name__ == "__main__":
+    main()

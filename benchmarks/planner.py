@@ -12,7 +12,7 @@ minutes; prompts around 6,000 tokens, outputs around 400. SLO: TTFT 2 s, ITL 50 
 Prints GPU-hours and SLO attainment of each; target (c) <= 60% of (a)'s GPU-hours at >= 99% of (a)'s
 attainment, and (c) beats (b) on attainment.
 
-    python benchmarks/planner.py                  # --day 1800 --mean 3 --seed 0
+    python benchmarks/planner.py                  # --day 1200 --mean 4 --seed 0
 """
 
 from __future__ import annotations
@@ -55,27 +55,34 @@ def run(layout: dict[str, int], trace: list[traces.TraceRequest], cost: CostMode
 
 
 def smallest(rate: float, cost: CostModel, config, seconds: float, seed: int) -> dict[str, int]:
-    """The layout with the fewest engines meeting the SLO for >= 99% at a constant `rate`."""
+    """The layout with the fewest engines meeting the SLO for >= 99% at a constant `rate`: from the
+    prefill engines the cost model says the prompts need (and one decode engine), adding one engine of
+    the role that missed its target (TTFT: prefill; TPOT: decode) until it meets it."""
     rng = random.Random(seed)
     trace, t = [], 0.0
     while t < seconds:
         t += rng.expovariate(rate)
         trace.append(traces.TraceRequest(t, *lengths(rng)))
-    for total in range(2, 16):
-        for p in range(1, total):
-            layout = {"prefill": p, "decode": total - p}
-            attained, *_ = run(layout, trace, cost, config)
-            if attained >= 0.99:
-                return layout
-    raise RuntimeError(f"no layout of up to 15 engines meets the SLO at {rate} req/s")
+    mean_prompt = sum(r.prompt_tokens for r in trace) / len(trace)
+    capacity = config.max_num_batched_tokens / cost.step_seconds([(0, config.max_num_batched_tokens)])
+    layout = {"prefill": max(1, math.ceil(rate * mean_prompt / capacity)), "decode": 1}
+    for _ in range(12):
+        attained, _, _, results = run(layout, trace, cost, config)
+        if attained >= 0.99:
+            return layout
+        ok = [r for r in results if r.ok]
+        slow_first = sum(r.ttft is None or r.ttft > SLO["ttft_s"] for r in ok) + len(results) - len(ok)
+        slow_next = sum(r.tpot is not None and r.tpot > SLO["tpot_s"] for r in ok)
+        layout["prefill" if slow_first >= slow_next else "decode"] += 1
+    raise RuntimeError(f"no layout met the SLO at {rate} req/s (last tried {layout})")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--day", type=float, default=1800.0, help="virtual seconds one day is compressed into")
-    p.add_argument("--mean", type=float, default=3.0, help="the day's mean rate without bursts (req/s)")
+    p.add_argument("--day", type=float, default=1200.0, help="virtual seconds one day is compressed into")
+    p.add_argument("--mean", type=float, default=4.0, help="the day's mean rate without bursts (req/s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--search-seconds", type=float, default=120.0, help="length of each layout-search run")
+    p.add_argument("--search-seconds", type=float, default=60.0, help="length of each layout-search run")
     args = p.parse_args()
     logging.disable(logging.WARNING)  # NOTE: retries of overloaded static layouts would flood the console
     from microserve.engine.config import EngineConfig

@@ -212,6 +212,7 @@ class StatsReply(msgspec.Struct, tag="stats_reply", forbid_unknown_fields=True):
     remote_attends: int = 0  # DistAttention: attend messages sent to lenders, and their round trips summed
     remote_attend_seconds: float = 0.0
     attends_served: int = 0  # DistAttention: attend messages answered here as a lender
+    busy_seconds: float = 0.0  # time spent in steps (a planner's capacity: computed tokens per busy second)
 
 
 class HealthReply(msgspec.Struct, tag="health_reply", forbid_unknown_fields=True):

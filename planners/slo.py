@@ -1,7 +1,10 @@
 """Sizes roles to latency targets, as Dynamo's SLA planner does: prefill by the prompt tokens to compute
 over what one engine was measured to compute, decode by the streams to hold over what one engine holds
-at the ITL target (its measured streams scaled by target / measured ITL). A role that misses its
-target gets at least one more engine; the bounds and the cooldown keep it from flapping."""
+at the ITL target (its measured streams scaled by target / measured ITL). The demand is smoothed over
+intervals (an exponential average) and projected `lookahead` seconds ahead along its recent rise (a new
+engine takes a minute or more to serve), a role grows at once and shrinks only after `calm` intervals
+in a row that want fewer, and a missed target adds at least one engine; the bounds and the cooldown do
+the rest against flapping."""
 
 import math
 
@@ -14,26 +17,45 @@ class SLOPlanner(Planner):
     ttft_ms = 2000.0  # target: 90th percentile time to first token
     itl_ms = 50.0  # target: 90th percentile of the requests' mean time between tokens
     headroom = 0.8  # plan for this share of the measured capacity
+    smoothing = 0.3  # weight of the newest interval in the demand's average
+    lookahead = 90.0  # seconds ahead to size for (about one engine start)
+    calm = 6  # intervals in a row wanting fewer engines before a role shrinks
+
+    def __init__(self):
+        self.demand = None  # prompt tokens per second, averaged
+        self.history = []  # the averaged demand of the last intervals
+        self.fewer = {}  # role -> intervals in a row that wanted fewer engines
 
     async def plan(self, cluster, window):
-        want = {}
+        now = window.prompt_tokens_per_s
+        self.demand = now if self.demand is None else self.smoothing * now + (1 - self.smoothing) * self.demand
+        self.history = (self.history + [self.demand])[-6:]
+        rise = max(0.0, (self.history[-1] - self.history[0]) / (window.seconds * (len(self.history) - 1))) \
+            if len(self.history) > 1 else 0.0
+        ahead = max(self.demand + rise * self.lookahead, now)
         slow_first = window.ttft_p90 * 1e3 > self.ttft_ms
         slow_next = window.itl_p90 * 1e3 > self.itl_ms
+        want = {}
         for role, w in window.roles.items():
             if not w.engines:
                 continue
             if role == "prefill":
                 per_engine = w.capacity_tokens_per_s * self.headroom
-                need = max(1, math.ceil(window.prompt_tokens_per_s / per_engine)) if per_engine > 0 else w.engines
-                want[role] = max(need, w.engines + 1) if slow_first else need
-                continue
-            streams, per = w.running + w.waiting, w.running / w.engines
-            if window.itl_p90 > 0 and per > 0:  # streams one engine holds at the target, by the measurement
-                holds = max(1.0, per * self.itl_ms / (window.itl_p90 * 1e3)) * self.headroom
-                need = math.ceil(streams / holds)
+                need = max(1, math.ceil(ahead / per_engine)) if per_engine > 0 else w.engines
+                if slow_first:
+                    need = max(need, w.engines + 1)
+                if not w.capacity_measured:  # NOTE: a lower bound until an engine was seen saturated
+                    need = max(need, w.engines)
             else:
-                need = w.engines if streams else 1  # nothing measured: keep, or shrink when idle
-            if slow_next or (slow_first and "prefill" not in window.roles):
-                need = max(need, w.engines + 1)
-            want[role] = need
+                streams, per = w.running + w.waiting, w.running / w.engines
+                if window.itl_p90 > 0 and per > 0:  # streams one engine holds at the target, by the measurement
+                    holds = max(1.0, per * self.itl_ms / (window.itl_p90 * 1e3)) * self.headroom
+                    need = math.ceil(streams / holds)
+                else:
+                    need = w.engines if streams else 1  # nothing measured: keep, or shrink when idle
+                if slow_next or (slow_first and "prefill" not in window.roles):
+                    need = max(need, w.engines + 1)
+            self.fewer[role] = self.fewer.get(role, 0) + 1 if need < w.engines else 0
+            if need > w.engines or self.fewer[role] >= self.calm:
+                want[role], self.fewer[role] = need, 0
         return want

@@ -181,14 +181,23 @@ def main(model: str, out: str) -> None:
         facts["after_rejoin_equal"] = complete(client, PROMPTS) == ref
         stop_and_check(dep, facts, "pd")
 
-        # 2. round robin, two engines spread over the nodes
+        # 2. round robin, two engines spread over the nodes; the queue planner gives one back once idle
         dep = start_launch("--ray", cluster.address, "--strategy", str(ROOT / "strategies/round_robin.py"),
                            "--engines", "2", "--placement", "spread", "--model", model, "--api-key", KEY,
-                           "--admin-key", KEY, "--served-model-name", "demo", "--log-level", "warning", timeout=240)
+                           "--admin-key", KEY, "--served-model-name", "demo", "--log-level", "warning",
+                           "--planner", "queue", "--planner-arg", "interval=1", "--planner-arg", "calm=5",
+                           "--planner-arg", "cooldown=0", "--scale-bounds", "engine=1:2", timeout=240)
         drain(dep)
         facts["rr_nodes"] = dict(item.split("@") for item in dep.ready["nodes"].split(","))
         client = openai.OpenAI(base_url=dep.base_url, api_key=KEY, max_retries=0, timeout=120)
         facts["rr_equal"] = complete(client, PROMPTS) == ref
+        deadline = time.time() + 60
+        while len(admin(dep.url)["engines"]) > 1 and time.time() < deadline:
+            time.sleep(0.5)
+        facts["rr_planned_engines"] = sorted(e["id"] for e in admin(dep.url)["engines"])
+        facts["rr_planner_applied"] = [d["applied"] for d in admin(dep.url, path="/admin/planner")["decisions"]
+                                       if d["applied"]]
+        facts["rr_after_plan_equal"] = complete(client, PROMPTS) == ref
         stop_and_check(dep, facts, "rr")
     finally:
         cluster.shutdown()

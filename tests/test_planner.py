@@ -45,24 +45,27 @@ def test_bounds_and_planner_files_are_checked(tmp_path):
 
 
 async def test_the_slo_planner_sizes_roles_by_the_formula():
-    """planners/slo.py on a measured window: prefill = prompt tokens per second over 80% of one engine's
+    """planners/slo.py on measured windows: prefill = prompt tokens per second over 80% of one engine's
     measured rate; decode = streams over what one engine holds at the ITL target (its streams scaled by
-    target / measured ITL, 80% of it); an idle role shrinks, a missed target adds at least one."""
+    target / measured ITL, 80% of it). Growing is at once; shrinking waits for `calm` intervals."""
     from microserve.control.planner import RoleWindow, Window
 
-    planner = load_planner("slo", {"itl_ms": "50", "ttft_ms": "2000"})
-
-    def window(itl_p90: float, decode_running: int, prompt_rate: float = 2400.0) -> Window:
+    def window(itl_p90: float, decode_running: int, prompt_rate: float = 2400.0, prefill: int = 1) -> Window:
         return Window(10.0, 5.0, 50, 0, prompt_rate, 400.0, 0.5, 1.0, 1.5, 0.08, itl_p90, 0.12, roles={
-            "prefill": RoleWindow(1, 1, 0, 0, 0.2, 900.0, 1000.0, 5.0),
-            "decode": RoleWindow(2, decode_running, 0, 0, 0.5, 400.0, 300.0, 5.0)})
+            "prefill": RoleWindow(prefill, 1, 0, 0, 0.2, 900.0, 1000.0, 5.0, True),
+            "decode": RoleWindow(2, decode_running, 0, 0, 0.5, 400.0, 300.0, 5.0, True)})
 
+    planner = load_planner("slo", {"itl_ms": "50", "ttft_ms": "2000"})
     # prefill: ceil(2400 / 800) = 3; decode: 8 streams per engine at 100 ms -> 4 at 50 ms, x0.8 = 3.2 -> ceil(16/3.2)
     assert await planner.plan(None, window(0.100, 16)) == {"prefill": 3, "decode": 5}
-    # under the target: 8 per engine at 25 ms -> 16 at 50 ms, x0.8 = 12.8 -> ceil(16 / 12.8) = 2
-    assert await planner.plan(None, window(0.025, 16)) == {"prefill": 3, "decode": 2}
-    # nothing running, no prompts: one engine each
-    assert await planner.plan(None, window(0.0, 0, prompt_rate=0.0)) == {"prefill": 1, "decode": 1}
+    # under the target: 8 per engine at 25 ms -> 16 at 50 ms, x0.8 = 12.8 -> 2 decode engines, as now
+    assert await planner.plan(None, window(0.025, 16, prefill=3)) == {}
+    idle = load_planner("slo", {"calm": "3"})
+    # nothing arrives, nothing runs: one engine each, after three intervals that want fewer
+    assert [await idle.plan(None, window(0.0, 0, 0.0, prefill=3)) for _ in range(3)] == \
+        [{}, {}, {"prefill": 1, "decode": 1}]
+    # a missed target grows a role at once, whatever the formula says
+    assert (await idle.plan(None, window(0.2, 2, 0.0)))["decode"] == 3
 
 
 def test_launch_refuses_a_bad_planner_before_any_engine_starts(tmp_path, capsys):

@@ -7,6 +7,7 @@ tests/ray_scenarios.py (it writes facts; the assertions are here):
 - `ctl scale decode=2` under a bounded load of streams: none fails, the new engine takes requests;
 - kill -9 of an engine with streams in flight: every stream completes with the same text, Ray restarts
   the actor, the engine re-joins on a new address and later requests succeed;
+- `--planner queue` on round robin: idle, it drains one of the two engines and Ray stops its actor;
 - Ctrl-C: the launcher exits 0 and leaves no engine process, no engine actor and no open engine port.
 """
 
@@ -60,6 +61,9 @@ def test_launch_on_a_three_node_ray_cluster(demo_path, tmp_path):
     # round robin spread over two nodes
     assert len(set(f["rr_nodes"].values())) == 2, f["rr_nodes"]
     assert f["rr_equal"], log
+    # launch --ray --planner queue: idle, one engine is drained and its actor stopped (checked at Ctrl-C too)
+    assert len(f["rr_planned_engines"]) == 1 and f["rr_planner_applied"] == [{"engine": 1}], log
+    assert f["rr_after_plan_equal"], log
     # Ctrl-C leaves nothing behind
     for tag in ("pd", "rr"):
         assert f[f"{tag}_exit"] == 0, log

@@ -47,9 +47,11 @@ class RoleWindow:
     queued_tokens: int  # prompt tokens waiting to be computed
     kv_usage: float  # mean fraction of their KV blocks held by requests (0-1; the prefix cache's are free to take)
     computed_tokens_per_s: float  # tokens computed (prefill and decode) per second, all engines together
-    capacity_tokens_per_s: float  # what one engine computes per second when saturated (over the intervals it
-    # ended with a queue: their tokens over their time; before any: the most one engine computed in one)
+    capacity_tokens_per_s: float  # what one engine computes per second of work: tokens over busy seconds (the
+    # engines' step time) over the last intervals; engines that report no busy time: the intervals an engine
+    # ended queued, else the most one engine computed in an interval (a lower bound)
     requests_per_s: float  # requests that ended having used the role, per second
+    capacity_measured: bool = False  # measured (busy time, or a saturated engine), else a lower bound
 
 
 @dataclass
@@ -160,9 +162,10 @@ class Planning:
         self.planner, self.source, self.args = planner, source, dict(args or {})
         self.decisions: deque[dict] = deque(maxlen=100)
         self._changed: dict[str, float] = {}  # role -> the loop's time of its last change
-        self._computed: dict[Any, int] = {}  # engine handle -> computed tokens at the last window
+        self._computed: dict[Any, tuple[int, float]] = {}  # engine -> (computed tokens, busy s) at the last window
         self._capacity: dict[str, float] = {}  # role -> the most one engine computed per second
         self._saturated: dict[str, deque[tuple[float, float]]] = {}  # role -> (tokens, s) of queued intervals
+        self._busy: dict[str, deque[tuple[float, float]]] = {}  # role -> (tokens, busy s) of the last intervals
         self._last = 0.0
         self._task: asyncio.Task | None = None
 
@@ -208,23 +211,29 @@ class Planning:
             handles = cluster.engines(role)
             stats = [s for s in (cluster.load(h).stats for h in handles) if s is not None]
             rates, saturated = [], self._saturated.setdefault(role, deque(maxlen=20))
+            busy = self._busy.setdefault(role, deque(maxlen=20))
             for h in handles:
                 s = cluster.load(h).stats
                 if s is not None:
                     before = self._computed.get(h)
-                    self._computed[h] = s.computed_tokens_total
-                    rates.append(max(0, s.computed_tokens_total - (before or s.computed_tokens_total)) / seconds)
+                    self._computed[h] = (s.computed_tokens_total, s.busy_seconds)
+                    tokens, spent = (s.computed_tokens_total - before[0], s.busy_seconds - before[1]) if before \
+                        else (0, 0.0)
+                    rates.append(max(0, tokens) / seconds)
+                    if spent > 0 and tokens > 0:
+                        busy.append((tokens, spent))
                     if before is not None and s.waiting > 0:  # NOTE: busy all along: its rate is its capacity
-                        saturated.append((rates[-1] * seconds, seconds))
+                        saturated.append((tokens, seconds))
             self._capacity[role] = max([self._capacity.get(role, 0.0), *rates])
-            capacity = sum(t for t, _ in saturated) / sum(s for _, s in saturated) if saturated \
+            measured = busy or saturated
+            capacity = sum(t for t, _ in measured) / sum(s for _, s in measured) if measured \
                 else self._capacity[role]
             window.roles[role] = RoleWindow(
                 len(handles), sum(s.running for s in stats), sum(s.waiting for s in stats),
                 sum(s.queued_tokens for s in stats),
                 sum((s.kv_blocks_used - s.kv_blocks_cached) / max(1, s.kv_blocks_total) for s in stats)
                 / max(1, len(stats)),
-                sum(rates), capacity, sum(1 for e in ended if role in e[0]) / seconds)
+                sum(rates), capacity, sum(1 for e in ended if role in e[0]) / seconds, bool(measured))
         return window
 
     def check(self, want: Any) -> tuple[dict[str, int], list[str]]:

@@ -77,6 +77,7 @@ class EngineService:
         self.tickets = TicketBook()
         self.events_addr = ""  # where KV events are published (the transport sets it)
         self.attends_served = 0  # DistAttention: attend messages answered as a lender
+        self.busy_seconds = 0.0  # time spent in steps, on the loop's clock (stats().busy_seconds)
         self.attend_addr = ""  # the attend socket, if the transport runs one (serving/attend_server.py)
         self.events = KVEventLog(self.engine_id)  # its `sink` is set by the transport
         self._sends: dict[str, str] = {}  # send job id -> request id
@@ -128,11 +129,13 @@ class EngineService:
                 await self._wake.wait()
                 continue
             async with self.lock:  # NOTE: calls change engine state only between steps
+                started = self._loop.time()
                 try:
                     outputs = await self.backend.step()
                 except Exception:  # NOTE: a bug in one step must not take the engine down silently
                     log.exception("engine step failed; aborting the running requests")
                     outputs = self.backend.fail_running()
+                self.busy_seconds += self._loop.time() - started  # NOTE: the loop's clock: virtual in the sim
             for out in outputs:
                 self.deliver(out)
             if not outputs and self.backend.idle_poll_s is not None:  # waiting on KV pages or pushes
@@ -376,7 +379,8 @@ class EngineService:
             kv_bytes_sent=sent, kv_bytes_received=received, kernels=s.kernels, kv_store=self.backend.store_stats(),
             kv_blocks_lent=sum(len(t.blocks) for t in self.tickets.lent()), kv_blocks_borrowed=s.kv_blocks_borrowed,
             prefix_cache_query_tokens=s.prefix_cache_query_tokens, remote_attends=s.remote_attends,
-            remote_attend_seconds=s.remote_attend_seconds, attends_served=self.attends_served)
+            remote_attend_seconds=s.remote_attend_seconds, attends_served=self.attends_served,
+            busy_seconds=self.busy_seconds)
 
     def health(self) -> P.HealthReply:
         return P.HealthReply(True, self.engine_id, self.model_name, self.kv_spec, list(self.transports),

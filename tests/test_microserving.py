@@ -435,13 +435,19 @@ async def test_malformed_rpc_is_answered(cluster):
     await assert_no_leaks(cluster, ("P",))
 
 
-async def test_kv_events_published(cluster):
+async def subscribe(cluster, name: str):
+    """A SUB socket on engine `name`'s KV events (and its context), connected."""
     ctx = zmq.asyncio.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     resolve_key(None).secure_client(sub)
-    sub.connect(cluster["C"].events)
+    sub.connect(cluster[name].events)
     await asyncio.sleep(0.3)  # slow joiner
+    return ctx, sub
+
+
+async def test_kv_events_published(cluster):
+    ctx, sub = await subscribe(cluster, "C")
     (c,) = handles(cluster, "C")
     prompt = rand_prompt(3 * BS + 2)
     try:
@@ -491,12 +497,7 @@ async def test_lend_holds_a_range_outside_the_prefix_cache_until_abort_or_lease_
     KV event for them, and abort or the lease's end gives them back. Ranges that are empty or off a block
     boundary are refused."""
     p, d = handles(cluster, "P", "D")
-    ctx = zmq.asyncio.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    resolve_key(None).secure_client(sub)
-    sub.connect(cluster["D"].events)
-    await asyncio.sleep(0.3)  # slow joiner
+    ctx, sub = await subscribe(cluster, "D")
     base = await d.stats()
     prompt = rand_prompt(120, seed=2**20 + 11)  # NOTE: outside the seeds test_balanced_pd_any_split draws
     r = req(prompt)

@@ -205,23 +205,10 @@ class Admin:
     async def put_strategy(self, request: web.Request) -> web.Response:
         if (refused := self._refused(request)) is not None:
             return refused
-        body = await self._body(request)
-        args = body.get("args") or {}
-        if "source" in body and not self.allow_code_upload:  # NOTE: before anything of it is written or run
-            return _error(403, "strategy source in a request body is refused: give {\"path\": FILE} on the router's "
-                          "host, or start the gateway with --allow-code-upload")
-        try:
-            if isinstance(body.get("source"), str):
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = Path(tmp) / "strategy_from_admin.py"
-                    path.write_text(body["source"])
-                    strategy = load_strategy(path, args)
-            elif isinstance(body.get("path"), str):
-                strategy = load_strategy(body["path"], args)
-            else:
-                return _error(400, "PUT /admin/strategy needs {\"path\": FILE} or {\"source\": PYTHON}")
-        except (StrategyError, OSError, ValueError) as exc:
-            return _error(400, f"cannot load the strategy: {exc}")
+        strategy, _ = self._load(await self._body(request), "strategy", load_strategy,
+                                 (StrategyError, OSError, ValueError))
+        if isinstance(strategy, web.Response):
+            return strategy
         roles = self.router.cluster.roles
         missing = [r for r in type(strategy).roles if not roles.get(r)]
         if missing:
@@ -230,6 +217,26 @@ class Admin:
         old, self.router.strategy = type(self.router.strategy).__name__, strategy
         self._done("strategy", f"strategy {old} -> {type(strategy).__name__} (requests in flight keep {old})")
         return web.json_response({"name": type(strategy).__name__})
+
+    def _load(self, body: dict[str, Any], kind: str, load, errors: tuple) -> tuple[Any, str]:
+        """The strategy or planner a PUT names, and where from: `{"path"}` on the router's host, or
+        `{"source"}` only with --allow-code-upload (refused before any of it is written or run). On
+        failure: (the error response, "")."""
+        args = body.get("args") or {}
+        if "source" in body and not self.allow_code_upload:
+            return _error(403, f"{kind} source in a request body is refused: give {{\"path\": FILE}} on the router's "
+                          "host, or start the gateway with --allow-code-upload"), ""
+        try:
+            if isinstance(body.get("source"), str):
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / f"{kind}_from_admin.py"
+                    path.write_text(body["source"])
+                    return load(path, args), "(uploaded)"
+            if isinstance(body.get("path"), str):
+                return load(body["path"], args), body["path"]
+            return _error(400, f"PUT /admin/{kind} needs {{\"path\": FILE}} or {{\"source\": PYTHON}}"), ""
+        except errors as exc:
+            return _error(400, f"cannot load the {kind}: {exc}"), ""
 
     async def get_planner(self, request: web.Request) -> web.Response:
         if (refused := self._refused(request)) is not None:
@@ -242,25 +249,13 @@ class Admin:
         if (refused := self._refused(request)) is not None:
             return refused
         body = await self._body(request)
-        args = body.get("args") or {}
-        if "source" in body and not self.allow_code_upload:  # NOTE: before anything of it is written or run
-            return _error(403, "planner source in a request body is refused: give {\"path\": FILE} on the router's "
-                          "host, or start the gateway with --allow-code-upload")
         if self.router.engines is None:
             return _error(409, "this deployment does not start its own engines (microserve router): a planner has "
                           "nothing to scale")
-        try:
-            if isinstance(body.get("source"), str):
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = Path(tmp) / "planner_from_admin.py"
-                    path.write_text(body["source"])
-                    planner, source = load_planner(path, args), "(uploaded)"
-            elif isinstance(body.get("path"), str):
-                planner, source = load_planner(body["path"], args), body["path"]
-            else:
-                return _error(400, "PUT /admin/planner needs {\"path\": FILE} or {\"source\": PYTHON}")
-        except (PlannerError, OSError) as exc:
-            return _error(400, f"cannot load the planner: {exc}")
+        planner, source = self._load(body, "planner", load_planner, (PlannerError, OSError))
+        if isinstance(planner, web.Response):
+            return planner
+        args = body.get("args") or {}
         planning = self.router.planning
         if planning is None:
             planning = self.router.planning = Planning(self.router, self.router.engines, planner, None, source, args)

@@ -29,7 +29,8 @@ def _clear_stale_lock(name: str) -> None:
     except (OSError, AttributeError):  # no lock (the usual case), or another torch layout
         return
     if age > STALE_LOCK_S:
-        log.warning("native build: removing a lock left %.0f s ago by a build that never finished (%s)", age, lock)
+        log.warning("native build: removing a build lock left %.0f s ago by a build that never finished (%s)", age,
+                    lock)
         lock.unlink(missing_ok=True)
 
 

@@ -192,11 +192,14 @@ def main(model: str, out: str) -> None:
         client = openai.OpenAI(base_url=dep.base_url, api_key=KEY, max_retries=0, timeout=120)
         facts["rr_equal"] = complete(client, PROMPTS) == ref
         deadline = time.time() + 60
-        while len(admin(dep.url)["engines"]) > 1 and time.time() < deadline:
+
+        def applied() -> list[dict]:  # NOTE: a decision is recorded once its drain and stop are done
+            return [d["applied"] for d in admin(dep.url, path="/admin/planner")["decisions"] if d["applied"]]
+
+        while (len(admin(dep.url)["engines"]) > 1 or not applied()) and time.time() < deadline:
             time.sleep(0.5)
         facts["rr_planned_engines"] = sorted(e["id"] for e in admin(dep.url)["engines"])
-        facts["rr_planner_applied"] = [d["applied"] for d in admin(dep.url, path="/admin/planner")["decisions"]
-                                       if d["applied"]]
+        facts["rr_planner_applied"] = applied()
         facts["rr_after_plan_equal"] = complete(client, PROMPTS) == ref
         stop_and_check(dep, facts, "rr")
     finally:

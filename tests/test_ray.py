@@ -62,7 +62,8 @@ def test_launch_on_a_three_node_ray_cluster(demo_path, tmp_path):
     assert len(set(f["rr_nodes"].values())) == 2, f["rr_nodes"]
     assert f["rr_equal"], log
     # launch --ray --planner queue: idle, one engine is drained and its actor stopped (checked at Ctrl-C too)
-    assert len(f["rr_planned_engines"]) == 1 and f["rr_planner_applied"] == [{"engine": 1}], log
+    assert len(f["rr_planned_engines"]) == 1 and f["rr_planner_applied"] == [{"engine": 1}], \
+        (f["rr_planned_engines"], f["rr_planner_applied"], f.get("rr_planner_error"))
     assert f["rr_after_plan_equal"], log
     # Ctrl-C leaves nothing behind
     for tag in ("pd", "rr"):

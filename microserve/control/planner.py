@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from microserve.router.strategy import convert, load_subclass
+from microserve.router.strategy import class_parameters, convert, load_subclass
 
 log = logging.getLogger("microserve.planner")
 
@@ -90,12 +90,8 @@ class Planner:
 
     @classmethod
     def parameters(cls) -> dict[str, Any]:
-        out = {}
-        for klass in reversed(cls.__mro__[:-1]):
-            for name, value in vars(klass).items():
-                if not name.startswith("_") and isinstance(value, bool | int | float | str):
-                    out[name] = value
-        return out
+        """The tunable class attributes (`--planner-arg NAME=VALUE`) and their defaults."""
+        return class_parameters(cls)
 
 
 _SHIPPED = Path(__file__).resolve().parents[2] / "planners"

@@ -49,12 +49,18 @@ class Strategy:
     @classmethod
     def parameters(cls) -> dict[str, Any]:
         """The tunable class attributes (`--strategy-arg NAME=VALUE`) and their defaults."""
-        out = {}
-        for klass in reversed(cls.__mro__[:-1]):
-            for name, value in vars(klass).items():
-                if not name.startswith("_") and name != "roles" and isinstance(value, bool | int | float | str):
-                    out[name] = value
-        return out
+        return class_parameters(cls, ("roles",))
+
+
+def class_parameters(cls: type, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The public class attributes of `cls` and its bases that are numbers, booleans or strings (a
+    strategy's or a planner's parameters), by name, the subclass's value winning."""
+    out = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        for name, value in vars(klass).items():
+            if not name.startswith("_") and name not in exclude and isinstance(value, bool | int | float | str):
+                out[name] = value
+    return out
 
 
 _SHIPPED = Path(__file__).resolve().parents[2] / "strategies"

@@ -203,23 +203,24 @@ class Planning:
         window = Window(seconds, arrivals / seconds, len(ok), len(ended) - len(ok),
                         arrived_tokens / seconds, sum(e[3] for e in ended) / seconds, *ttft, *itl)
         cluster = self.router.cluster
+        for h in [h for h in self._computed if h not in cluster.handles]:  # NOTE: engines that left
+            del self._computed[h]
         for role in cluster.roles:
             handles = cluster.engines(role)
-            stats = [s for s in (cluster.load(h).stats for h in handles) if s is not None]
+            polled = [(h, s) for h in handles if (s := cluster.load(h).stats) is not None]
+            stats = [s for _, s in polled]
             rates, saturated = [], self._saturated.setdefault(role, deque(maxlen=20))
             busy = self._busy.setdefault(role, deque(maxlen=20))
-            for h in handles:
-                s = cluster.load(h).stats
-                if s is not None:
-                    before = self._computed.get(h)
-                    self._computed[h] = (s.computed_tokens_total, s.busy_seconds)
-                    tokens, spent = (s.computed_tokens_total - before[0], s.busy_seconds - before[1]) if before \
-                        else (0, 0.0)
-                    rates.append(max(0, tokens) / seconds)
-                    if spent > 0 and tokens > 0:
-                        busy.append((tokens, spent))
-                    if before is not None and s.waiting > 0:  # NOTE: busy all along: its rate is its capacity
-                        saturated.append((tokens, seconds))
+            for h, s in polled:
+                before = self._computed.get(h)
+                self._computed[h] = (s.computed_tokens_total, s.busy_seconds)
+                tokens, spent = (s.computed_tokens_total - before[0], s.busy_seconds - before[1]) if before \
+                    else (0, 0.0)
+                rates.append(max(0, tokens) / seconds)
+                if spent > 0 and tokens > 0:
+                    busy.append((tokens, spent))
+                if before is not None and s.waiting > 0:  # NOTE: busy all along: its rate is its capacity
+                    saturated.append((tokens, seconds))
             self._capacity[role] = max([self._capacity.get(role, 0.0), *rates])
             measured = busy or saturated
             capacity = sum(t for t, _ in measured) / sum(s for _, s in measured) if measured \

@@ -1,8 +1,9 @@
 """What engine-side sampling costs a batch: decode throughput of 32 requests, all greedy, vs the
-same batch sampled (temperature only, top-k 50, top-p 0.9, min-p 0.05, seeded top-p) and vs a
+same batch sampled (temperature only, top-k 50, top-p 0.9, min-p 0.05, seeded top-p and top-k) and vs a
 batch where a quarter ask for a grammar (regex), penalties (presence, frequency, repetition) or
 logprobs (top 5); in one run, side by side in rounds. Vocabulary 32000 by default (Llama-2's; the
-sampler's work grows with it).
+sampler's work grows with it). Then the seeded draw alone, its fast path against the full path it
+reproduces token for token, on flat and peaked logits.
 
     python benchmarks/sampling_overhead.py [--batch 32] [--tokens 64] [--rounds 3] [--vocab 32000]
 
@@ -13,6 +14,7 @@ Targets: every sampled batch and the mixed batch decode at >= 0.9x the all-greed
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 import tempfile
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import torch
 from checkpoints import make_checkpoint
 
 from microserve import LLM, SamplingParams
@@ -42,6 +45,8 @@ def batches(n: int, tokens: int) -> dict[str, list[SamplingParams]]:
             for name, kw in sampled.items()}
     out["all seeded, top-p 0.9"] = [SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0.7, top_p=0.9,
                                                    seed=i) for i in range(n)]
+    out["all seeded, top-k 50"] = [SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0.7, top_k=50,
+                                                  seed=i) for i in range(n)]
     out[f"{quarter}/{n} grammar / penalties / logprobs"] = mixed
     return out
 
@@ -71,6 +76,36 @@ def main(args) -> None:
           f"{args.rounds} rounds\n\n| batch | tokens/s | vs all greedy |\n|---|---|---|")
     for name, rate in best.items():
         print(f"| {name} | {rate:.0f} | {rate / base:.2f}x |")
+    seeded_draw(args)
+
+
+def seeded_draw(args) -> None:
+    """The seeded draw alone, its fast path against the full sort-and-race path it reproduces, on a
+    batch of logits rows: flat (a random checkpoint's: std 0.3) and peaked (std 8: a trained model's
+    shape, where the top-p 0.9 nucleus is a few dozen tokens and the full path still sorts 32000)."""
+    from microserve.engine.model import sampler
+
+    class Seq:
+        def __init__(self, sp: SamplingParams) -> None:
+            self.sampling, self.generator = sp, None
+
+    print(f"\nThe seeded draw alone: {args.batch} rows x vocab {args.vocab}, ms per step, best of {args.rounds} "
+          f"rounds of 5\n\n| logits | setting | full path ms | fast path ms | speed-up |\n|---|---|---|---|---|")
+    settings = {"temperature 0.7": dict(temperature=0.7), "top-p 0.9": dict(temperature=0.7, top_p=0.9),
+                "top-k 50": dict(temperature=0.7, top_k=50), "min-p 0.05": dict(temperature=0.7, min_p=0.05)}
+    gen = torch.Generator().manual_seed(0)
+    for shape, std in (("flat", 0.3), ("peaked", 8.0)):
+        logits = torch.randn(args.batch, args.vocab, generator=gen) * std
+        for name, kw in settings.items():
+            ms = {}
+            for _ in range(args.rounds):
+                for path, draw in (("full", sampler._draw_seeded_full), ("fast", sampler._draw_seeded)):
+                    seqs = [Seq(SamplingParams(seed=i, **kw)) for i in range(args.batch)]
+                    t0 = time.perf_counter()
+                    for _ in range(5):
+                        draw(logits, seqs, gen)
+                    ms[path] = min(ms.get(path, math.inf), (time.perf_counter() - t0) / 5 * 1e3)
+            print(f"| {shape} | {name} | {ms['full']:.1f} | {ms['fast']:.1f} | {ms['full'] / ms['fast']:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -124,3 +124,44 @@ def test_seeded_requests_keep_their_recorded_tokens_whatever_shares_the_batch(de
              SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)] * 3
     outs = llm.generate([f"neighbour {i}" for i in range(6)] + SEEDED_PROMPTS, noise + SEEDED)
     assert [o.token_ids for o in outs[6:]] == RECORDED
+
+
+def test_advance_moves_a_cpu_generator_as_exponential_draws_do():
+    for vocab, drawn in ((7, 3), (512, 0), (32000, 1000), (151936, 151936)):
+        gen = torch.Generator().manual_seed(vocab)
+        start = gen.get_state()
+        torch.empty(2, vocab).exponential_(generator=gen)
+        want = gen.get_state()
+        gen.set_state(start)
+        torch.empty(drawn).exponential_(generator=gen)
+        sampler._advance(gen, 2 * vocab - drawn)
+        assert torch.equal(gen.get_state(), want)
+
+
+SETTINGS = [dict(temperature=0.7), dict(temperature=1.0, top_p=0.9), dict(temperature=0.8, top_k=50),
+            dict(temperature=0.9, min_p=0.05), dict(top_p=0.5, top_k=40, min_p=0.02), dict(temperature=1.3, top_p=0.95)]
+
+
+def test_the_seeded_fast_path_draws_the_full_paths_tokens_and_leaves_the_same_generators(monkeypatch):
+    """Flat and peaked rows, float32 and bfloat16 logits (ties), every truncation: three steps of each
+    seeded row give the tokens of the full sort-and-race path, and each request's generator ends in the
+    same state; the fast path must actually serve a good share of the rows."""
+    full, calls = sampler._draw_seeded_full, []
+    monkeypatch.setattr(sampler, "_draw_seeded_full",
+                        lambda sub, seqs, fb: calls.append(len(seqs)) or full(sub, seqs, fb))
+    torch.manual_seed(0)
+    rows = 0
+    for vocab in (300, 4096):
+        for scale in (0.3, 6.0, 12.0):
+            for dtype in (torch.float32, torch.bfloat16):
+                logits = (torch.randn(8, vocab) * scale).to(dtype).float()
+                for setting in SETTINGS:
+                    fast = [_Seq(SamplingParams(seed=j, **setting)) for j in range(8)]
+                    ref = [_Seq(SamplingParams(seed=j, **setting)) for j in range(8)]
+                    for _ in range(3):
+                        got = sampler._draw_seeded(logits, fast, None)
+                        assert torch.equal(got, full(logits, ref, None)), (vocab, scale, dtype, setting)
+                        rows += len(fast)
+                    for a, b in zip(fast, ref):
+                        assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    assert sum(calls) < 0.6 * rows, (sum(calls), rows)  # NOTE: counts the fast path's fallbacks only

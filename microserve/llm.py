@@ -29,6 +29,7 @@ class RequestOutput:
     # with SamplingParams(logprobs=k): per token, (its logprob, [(token id, logprob)] top k alternatives)
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # prompt tokens 1..
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's field)
 
 
 class LLM:
@@ -89,7 +90,8 @@ class LLM:
                     done[rid] = ("stop", seq.num_cached_tokens if seq else 0)
                     self.engine.abort(rid)
         return [RequestOutput(rid, p, outs[rid], texts[rid].text, *done[rid],
-                              lps[rid] if sp.logprobs is not None else None, plps[rid])
+                              lps[rid] if sp.logprobs is not None else None, plps[rid],
+                              texts[rid].stop_reason(outs[rid], done[rid][0]))
                 for rid, p, sp in zip(rids, ids, params)]
 
     def _encode(self, prompt: Prompt) -> list[int]:

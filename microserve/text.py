@@ -143,6 +143,13 @@ class TextStream:
         """The stop string that ended the text, if one did."""
         return self.stops.hit
 
+    def stop_reason(self, ids: list[int], reason: str | None) -> str | int | None:
+        """vLLM's `stop_reason`: the stop string or the `stop_token_ids` id that ended the request
+        (None for EOS, a length limit, or a request still running)."""
+        if self.hit is not None:
+            return self.hit
+        return ids[-1] if reason == "stop" and ids and ids[-1] in self.stop_ids else None
+
     @property
     def text(self) -> str:
         return self.stops.text

@@ -281,6 +281,15 @@ async def test_stop_strings_and_batch_prompts(pd, llm):
     chunks = [ch async for ch in stream]
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want
     assert chunks[-1].choices[0].finish_reason == "stop"
+    assert out.choices[0].stop_reason == stop and chunks[-1].choices[0].stop_reason == stop  # vLLM's field
+    assert out.system_fingerprint == f"microserve-{microserve.__version__}"
+    ids = llm.generate(["stop here"], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0].token_ids
+    by_id = await c.completions.create(model="demo", prompt="stop here", max_tokens=24, temperature=0,
+                                       extra_body={"ignore_eos": True, "stop_token_ids": [ids[6]]})
+    assert by_id.choices[0].finish_reason == "stop" and by_id.choices[0].stop_reason == ids[6]
+    long = await c.completions.create(model="demo", prompt="stop here", max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert long.choices[0].finish_reason == "length" and long.choices[0].stop_reason is None
     batch = await c.completions.create(model="demo", prompt=["stop here", "other"], max_tokens=6, temperature=0)
     ref = llm.generate(["stop here", "other"], SamplingParams(max_tokens=6, temperature=0))
     assert [ch.text for ch in sorted(batch.choices, key=lambda ch: ch.index)] == [o.text for o in ref]
@@ -438,3 +447,74 @@ async def test_chat_template_options(pd, demo_path):
     status, body, _ = await raw(pd, "POST", "/v1/chat/completions", {
         "model": "demo", "messages": messages, "max_tokens": 2, "continue_final_message": True})
     assert status == 400 and body["error"]["param"] == "continue_final_message"
+
+
+async def test_one_stream_event_per_token_with_running_usage(pd, llm):
+    """Byte-level tokens that do not complete a character still get their own event (empty text), as
+    vLLM streams them, so per-event timings read one token per event; continuous_usage_stats counts
+    them on every chunk."""
+    tok = llm.tokenizer
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    prompts = [f"bytes {i}: " + "é ü ñ 漢字 " * (i % 3 + 1) for i in range(8)]
+    outs = llm.generate(prompts, params)
+    prompt, want = next((p, o) for p, o in zip(prompts, outs)
+                        if any("\ufffd" in tok.decode([t]) for t in o.token_ids))  # a piece of a character
+    c = client(pd)
+    for kind in ("completion", "chat"):
+        if kind == "completion":
+            stream = await c.completions.create(
+                model="demo", prompt=prompt, max_tokens=32, temperature=0, stream=True,
+                stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True})
+        else:
+            stream = await c.chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": prompt}], max_tokens=32, temperature=0,
+                stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True},
+                extra_body={"ignore_eos": True})
+        chunks = [ch async for ch in stream]
+        events = [ch for ch in chunks if ch.choices]
+        assert len(events) == 32, kind
+        assert [ch.usage.completion_tokens for ch in events] == list(range(1, 33))
+        assert chunks[-1].usage.completion_tokens == 32 and not chunks[-1].choices
+        if kind == "completion":
+            assert "".join(ch.choices[0].text for ch in events) == want.text
+            assert any(ch.choices[0].text == "" for ch in events)
+    await c.close()
+
+
+async def test_responses_api_equals_chat(pd):
+    """client.responses.create, plain and streamed, gives the chat completion's text for the same
+    messages (instructions as the system message); unsupported fields are 400s that name them."""
+    c = client(pd)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
+    chat = await c.chat.completions.create(model="demo", messages=messages, max_tokens=16, temperature=0)
+    want = chat.choices[0].message.content
+    resp = await c.responses.create(model="demo", instructions="Be brief.", input="Name three colours.",
+                                    max_output_tokens=16, temperature=0, store=False)
+    assert resp.output_text == want and resp.object == "response" and resp.model == "demo"
+    assert resp.usage.input_tokens == chat.usage.prompt_tokens
+    assert resp.usage.output_tokens == chat.usage.completion_tokens
+    assert resp.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    items = await c.responses.create(model="demo", input=[
+        {"role": "developer", "content": "Be brief."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Name three colours."}]}],
+        max_output_tokens=16, temperature=0)
+    assert items.output_text == want
+    events = [e async for e in await c.responses.create(model="demo", instructions="Be brief.",
+                                                        input="Name three colours.", max_output_tokens=16,
+                                                        temperature=0, stream=True)]
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-1] == f"response.{resp.status}" and events[-1].response.output_text == want
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    for extra, param in ((dict(tools=[{"type": "web_search"}]), "tools"), (dict(store=True), "store"),
+                         (dict(previous_response_id="resp_1"), "previous_response_id"),
+                         (dict(extra_body={"frobnicate": 1}), "frobnicate")):
+        with pytest.raises(openai.BadRequestError) as err:
+            await c.responses.create(model="demo", input="hi", max_output_tokens=4, **extra)
+        assert param in err.value.message, (param, err.value.message)
+    with pytest.raises(openai.NotFoundError):
+        await c.responses.create(model="nope", input="hi", max_output_tokens=4)
+    await c.close()
+    await assert_no_leaks(pd.engines)

@@ -1,15 +1,15 @@
 """The OpenAI-compatible gateway: aiohttp in front of a `Router`.
 
     POST /v1/completions        POST /v1/chat/completions     (stream: SSE, `data: [DONE]`)
+    POST /v1/responses          (OpenAI's Responses API: gateway/responses.py)
     GET  /v1/models             GET  /health                  GET /metrics (Prometheus text)
     POST /tokenize              POST /detokenize              (vLLM's token endpoints)
 
 Errors use OpenAI's JSON (`{"error": {"message", "type", "param", "code"}}`): 400 bad
 input, 401 missing/wrong API key, 404 unknown model or path, 429 router full
 (Retry-After), 503 no engine / engines overloaded (Retry-After), 504 deadline.
-A streamed response is only started once the first text is ready, so a request that
-fails before producing anything still gets a real HTTP status; a failure after that
-ends the stream with an `error` event. A client that disconnects cancels its handler
+Streams: gateway/streaming.py (one event per token; a failure before the first token is a
+real HTTP status, after it an `error` event). A client that disconnects cancels its handler
 (aiohttp `handler_cancellation`), which aborts the request on every engine it touched.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,14 +28,14 @@ from aiohttp import web
 from microserve import __version__
 from microserve.control.admin import Admin
 from microserve.engine.model.structured import check as check_grammar
-from microserve.gateway import fanout, tools
+from microserve.gateway import fanout, responses, tools
 from microserve.gateway import openai_protocol as O
 from microserve.gateway.bodies import MAX_BODY_BYTES, Bodies, BodyTooLarge, BodyTooSlow
 from microserve.gateway.fanout import best as _best
 from microserve.gateway.fanout import collect as _collect
-from microserve.gateway.fanout import merge as _merge
 from microserve.gateway.fanout import sum_usage as _sum_usage
 from microserve.gateway.observe import observe, refused
+from microserve.gateway.streaming import sse
 from microserve.router.choices import ChoiceGroup
 from microserve.router.runtime import Delta, Router, RouterError
 from microserve.sampling_params import SamplingParams
@@ -46,6 +45,7 @@ from microserve.text import InvalidRequestError, NoTokenizer
 log = logging.getLogger(__name__)
 
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
+FINGERPRINT = f"microserve-{__version__}"  # responses' `system_fingerprint`: the serving software's version
 # the one code -> HTTP status table (engine failures after the first token still end the stream
 # with an `error` event carrying the code)
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -98,6 +98,7 @@ class Gateway:
         app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
+            web.post("/v1/responses", self.responses),
             web.get("/v1/models", self.models),
             web.post("/tokenize", self.tokenize),
             web.post("/detokenize", self.detokenize),
@@ -242,7 +243,7 @@ class Gateway:
         rid = self.router.new_request_id("cmpl")
         streams = self._choices(rid, prompts, params)
         base = {"id": body.request_id or rid, "object": "text_completion", "created": O.now(),
-                "model": model}
+                "model": model, "system_fingerprint": FINGERPRINT}
         tok = self.router.tokenizer
         name = fanout.token_namer(tok, body.return_tokens_as_token_ids or self.ids_only)
         echo = [tok.decode(p) if body.echo else "" for p in prompts for _ in range(sampling.n)]
@@ -259,15 +260,16 @@ class Gateway:
                 extra["prompt_logprobs"] = fanout.vllm_prompt_logprobs(name, ids_of[i], d.prompt_logprobs)
             offsets[i] += len(echo[i]) + len(d.text)
             text, echo[i] = echo[i] + d.text, ""
-            return {"index": i, "text": text, "logprobs": lp, "finish_reason": d.finish_reason} | extra | (
+            return {"index": i, "text": text, "logprobs": lp, "finish_reason": d.finish_reason,
+                    "stop_reason": d.stop_reason} | extra | (
                 {"token_ids": d.token_ids} if body.return_token_ids or self.ids_only else {})
 
         if body.stream:
-            return await self._sse(request, streams, base, choice, _include_usage(body), sampling.n,
-                                   bool(body.return_token_ids))
+            return await sse(request, streams, base, choice, body.stream_options,
+                             [len(p) for p in prompts for _ in range(sampling.n)], sampling.n, _status)
         results = _best(await _collect(streams), len(prompts), sampling)
         return web.json_response(base | {
-            "choices": [{"index": i, "text": echo[i] + r.text, "finish_reason": r.reason,
+            "choices": [{"index": i, "text": echo[i] + r.text, "finish_reason": r.reason, "stop_reason": r.stop_reason,
                          "logprobs": fanout.result_logprobs(body, name, ids_of[i], r)}
                         | ({"prompt_logprobs": fanout.vllm_prompt_logprobs(name, ids_of[i], r.prompt_logprobs or [])}
                            if body.prompt_logprobs is not None else {})
@@ -275,6 +277,10 @@ class Gateway:
                            if body.return_token_ids or self.ids_only else {})
                         for i, r in enumerate(results)],
             "usage": O.usage_json(_sum_usage([r.usage for r in results], sampling.n))})
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's Responses API (gateway/responses.py)."""
+        return await responses.handle(self, request)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body: O.ChatCompletionRequest = await self._decode(await self._read(request), O.ChatCompletionRequest)
@@ -306,7 +312,7 @@ class Gateway:
         rid = self.router.new_request_id("chatcmpl")
         streams = self._choices(rid, [prompt], [sampling])
         base = {"id": body.request_id or rid, "object": "chat.completion", "created": O.now(),
-                "model": model}
+                "model": model, "system_fingerprint": FINGERPRINT}
         name = fanout.token_namer(self.router.tokenizer, body.return_tokens_as_token_ids or self.ids_only)
         # vLLM's chat echo: the reply starts with the last message when it is the assistant's
         echo = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
@@ -319,16 +325,18 @@ class Gateway:
                 if d.finish_reason is not None and not d.text and "role" not in delta:
                     delta = {}
                 lp = fanout.chat_logprobs(name, d.token_ids, d.logprobs) if body.logprobs and d.logprobs else None
-                return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason} | (
+                return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason,
+                        "stop_reason": d.stop_reason} | (
                     {"token_ids": d.token_ids} if body.return_token_ids or self.ids_only else {})
 
-            return await self._sse(request, streams, base | {"object": "chat.completion.chunk"}, choice,
-                                   _include_usage(body), sampling.n, bool(body.return_token_ids))
+            return await sse(request, streams, base | {"object": "chat.completion.chunk"}, choice,
+                             body.stream_options, [len(prompt)] * sampling.n, sampling.n, _status)
         results = await _collect(streams)
         finished = [tools.message(mode, fname, r.text, r.reason) if mode else
                     ({"role": "assistant", "content": echo + r.text}, r.reason) for r in results]
         return web.json_response(base | {
             "choices": [{"index": i, "message": finished[i][0], "finish_reason": finished[i][1],
+                         "stop_reason": r.stop_reason,
                          "logprobs": fanout.chat_logprobs(name, r.ids, r.logprobs) if body.logprobs else None}
                         | ({"token_ids": r.ids} if body.return_token_ids or self.ids_only else {})
                         for i, r in enumerate(results)],
@@ -337,49 +345,9 @@ class Gateway:
             | ({"prompt_logprobs": fanout.vllm_prompt_logprobs(name, prompt, results[0].prompt_logprobs or [])}
                if body.prompt_logprobs is not None else {}))
 
-    # -- streaming ----------------------------------------------------------------------
-    async def _sse(self, request: web.Request, streams: list[AsyncIterator[Delta]], base: dict[str, Any],
-                   choice, include_usage: bool, n: int = 1, keep_ids: bool = False) -> web.StreamResponse:
-        merged = _merge(streams)
-        usages = []
-        resp: web.StreamResponse | None = None
-        try:
-            async for i, item in merged:
-                if isinstance(item, RouterError):
-                    if resp is None:
-                        raise item  # nothing sent yet: a real HTTP error status
-                    await _send(resp, O.error_body(HTTP_STATUS[item.code], item.message, item.code))
-                    break
-                if resp is not None and not item.text and item.finish_reason is None and not item.logprobs \
-                        and not ((keep_ids or self.ids_only) and item.token_ids):
-                    continue  # tokens that do not complete a character yet: nothing to show
-                if resp is None:
-                    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                                       "Cache-Control": "no-cache", "X-Request-Id": base["id"]})
-                    await resp.prepare(request)
-                if item.usage is not None:
-                    usages.append(item.usage)
-                await _send(resp, base | {"choices": [choice(i, item)]} | ({"usage": None} if include_usage else {}))
-            else:
-                if include_usage and resp is not None:
-                    await _send(resp, base | {"choices": [], "usage": O.usage_json(_sum_usage(usages, n))})
-            assert resp is not None
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
-            return resp
-        except (ConnectionResetError, asyncio.CancelledError):
-            log.info("client of %s went away; request aborted", base["id"])
-            raise
-        finally:
-            await merged.aclose()
 
-
-def _include_usage(body: O._Common) -> bool:
-    return bool(body.stream_options and body.stream_options.include_usage)
-
-
-async def _send(resp: web.StreamResponse, obj: dict[str, Any]) -> None:
-    await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+def _status(exc: RouterError) -> int:
+    return HTTP_STATUS[exc.code]
 
 
 def _error(exc: RouterError, status: int | None = None) -> web.Response:

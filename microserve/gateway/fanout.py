@@ -71,6 +71,7 @@ async def merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[tuple[int,
 class _Result:
     text: str = ""
     reason: str | None = None
+    stop_reason: str | int | None = None
     usage: Any = None
     ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
@@ -94,6 +95,7 @@ async def collect(streams: list[AsyncIterator[Delta]]) -> list[_Result]:
                 results[i].prompt_logprobs = item.prompt_logprobs
             if item.finish_reason is not None:
                 results[i].reason, results[i].usage = item.finish_reason, item.usage
+                results[i].stop_reason = item.stop_reason
     for r, t in zip(results, texts):
         r.text = "".join(t)
     return results

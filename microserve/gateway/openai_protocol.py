@@ -60,6 +60,7 @@ REFUSED: dict[str, tuple[Any, str]] = {
 
 class StreamOptions(msgspec.Struct):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries its choice's running usage
 
 
 class _Common(msgspec.Struct, kw_only=True):

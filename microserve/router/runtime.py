@@ -57,6 +57,7 @@ class Delta:
     usage: Usage | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.., on the first delta when asked
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's field)
 
 
 @dataclass
@@ -293,13 +294,14 @@ class Router:
             text = stream.push(ids, final, chunk.finish_reason if final else None)
             lp = lps[i:i + 1] if ids and i < len(lps) else None
             if stream.hit is not None:
-                deltas.append(Delta(text, ids, "stop", logprobs=lp))
+                deltas.append(Delta(text, ids, "stop", logprobs=lp, stop_reason=stream.hit))
                 break
             if final:
                 reason = "stop" if chunk.finish_reason == "stop" else chunk.finish_reason
                 if reason == "abort":
                     raise RouterError(ErrorCode.ABORTED, "the request was aborted on the engine")
-                deltas.append(Delta(text, ids, reason, logprobs=lp))
+                deltas.append(Delta(text, ids, reason, logprobs=lp,
+                                    stop_reason=stream.stop_reason(ids, chunk.finish_reason)))
             elif text or ids:
                 deltas.append(Delta(text, ids, logprobs=lp))
         if chunk.prompt_logprobs is not None and deltas:

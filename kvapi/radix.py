@@ -11,6 +11,10 @@ unpinned leaves are evicted, least recently used first.
 
 Every node also carries a 64-bit *prefix hash* (a chain over its ancestors' tokens),
 the name under which engines publish "block stored / evicted" events.
+
+A *seed* names a separate tree with its own hash chain (0: the base model's): KV computed under a
+LoRA adapter lives under that adapter's seed (`namespace_seed`), so it is never matched, shared,
+stored or announced as the base model's or another adapter's.
 """
 
 from __future__ import annotations
@@ -34,9 +38,16 @@ def chain_hash(parent: int, tokens: Sequence[int]) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def prefix_hashes(tokens: Sequence[int], block_size: int) -> list[int]:
-    """Prefix hashes of every full block of `tokens`, in order."""
-    out, parent = [], 0
+def namespace_seed(name: str | None) -> int:
+    """The hash chain's start for KV computed under `name` (a LoRA adapter); 0 for None."""
+    if not name:
+        return 0
+    return int.from_bytes(hashlib.blake2b(b"lora:" + name.encode(), digest_size=8).digest(), "little") or 1
+
+
+def prefix_hashes(tokens: Sequence[int], block_size: int, seed: int = 0) -> list[int]:
+    """Prefix hashes of every full block of `tokens`, in order (under `seed`, see `namespace_seed`)."""
+    out, parent = [], seed
     for i in range(len(tokens) // block_size):
         parent = chain_hash(parent, tokens[i * block_size:(i + 1) * block_size])
         out.append(parent)
@@ -84,7 +95,7 @@ class RadixCache:
         self.block_size = block_size
         self.on_event = on_event
         self.on_store: StoreHook | None = None  # the KV store's writer (kvapi.store), told of new blocks
-        self._root = _Node((), -1, 0, None)
+        self._roots = {0: _Node((), -1, 0, None)}  # one tree per seed (see the module docstring)
         self._clock = itertools.count(1)
         self._num_nodes = 0
         # Eviction candidates: a min-heap of (last_access, id, node) over leaves, checked lazily
@@ -102,9 +113,17 @@ class RadixCache:
         bs = self.block_size
         return [tuple(tokens[i * bs:(i + 1) * bs]) for i in range(len(tokens) // bs)]
 
-    def match(self, tokens: Sequence[int]) -> list[int]:
-        """Block ids of the longest cached full-block prefix of `tokens` (not pinned)."""
-        now, node, out = next(self._clock), self._root, []
+    def _root(self, seed: int) -> _Node:
+        root = self._roots.get(seed)
+        if root is None:
+            root = self._roots[seed] = _Node((), -1, seed, None)
+        return root
+
+    def match(self, tokens: Sequence[int], seed: int = 0) -> list[int]:
+        """Block ids of the longest cached full-block prefix of `tokens` under `seed` (not pinned)."""
+        now, node, out = next(self._clock), self._roots.get(seed), []
+        if node is None:
+            return out
         for key in self._blocks_of(tokens):
             node = node.children.get(key)
             if node is None:
@@ -120,7 +139,8 @@ class RadixCache:
     def unpin(self, block_ids: Sequence[int]) -> None:
         self.pool.free(block_ids)
 
-    def insert(self, tokens: Sequence[int], block_ids: Sequence[int], cursor: RadixCursor | None = None) -> int:
+    def insert(self, tokens: Sequence[int], block_ids: Sequence[int], cursor: RadixCursor | None = None,
+               seed: int = 0) -> int:
         """Cache the full blocks of `tokens` whose KV sits in `block_ids` (in order).
 
         A block whose prefix is already cached keeps the cached copy; the caller's
@@ -129,7 +149,7 @@ class RadixCache:
         `cursor` (one per sequence) resumes the walk where that sequence's last insert ended, when
         its node is still in the tree and still spells these tokens; the result is the same.
         """
-        now, node, start, bs = next(self._clock), self._root, 0, self.block_size
+        now, node, start, bs = next(self._clock), self._root(seed), 0, self.block_size
         n = min(len(tokens) // bs, len(block_ids))
         if cursor is not None and (at := cursor.node) is not None and at.parent is not None \
                 and cursor.depth <= n and at.key == tuple(tokens[(cursor.depth - 1) * bs:cursor.depth * bs]):
@@ -169,13 +189,14 @@ class RadixCache:
         def walk(node: _Node) -> bool:  # True when the whole subtree is evictable
             nonlocal count
             ok = all([walk(c) for c in node.children.values()])
-            if node is self._root:
+            if node.parent is None:  # a root
                 return ok
             ok = ok and self.pool.ref_count(node.block) == 1
             count += ok
             return ok
 
-        walk(self._root)
+        for root in self._roots.values():
+            walk(root)
         return count
 
     def evict(self, n: int) -> int:
@@ -200,7 +221,7 @@ class RadixCache:
             self.pool.free([node.block])
             self._num_nodes -= 1
             evicted.append(node.hash)
-            if parent is not self._root and not parent.children:
+            if parent.parent is not None and not parent.children:
                 heapq.heappush(heap, (parent.last_access, id(parent), parent))
         for entry in pinned:
             heapq.heappush(heap, entry)
@@ -213,7 +234,7 @@ class RadixCache:
         return self.evict(self._num_nodes)
 
     def _iter_nodes(self):
-        stack = list(self._root.children.values())
+        stack = [child for root in self._roots.values() for child in root.children.values()]
         while stack:
             node = stack.pop()
             stack.extend(node.children.values())

@@ -70,6 +70,9 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
         allowed_token_ids: only these tokens may be generated (vLLM's).
         priority: scheduling priority, lower first (vLLM's): the engine admits waiting requests in
             priority order and preempts the lowest-priority running one first.
+        lora: the LoRA adapter this request runs under (its name, as the engine loaded it: `--lora-modules`,
+            `LLM(lora_modules=...)`); None: the base model. Its KV is keyed by the adapter (never reused
+            under another adapter or the base model). The gateway sets it from the `model` a client names.
         resumed: set by the router, not by users: how many tokens at the end of the prompt this
             request already generated elsewhere (a failover or a live migration continues it). The
             seeded generator skips their draws and presence/frequency penalties count them as
@@ -98,6 +101,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     structured: StructuredOutput | None = None
     allowed_token_ids: list[int] | None = None
     priority: int = 0
+    lora: str | None = None
     resumed: int = 0
 
     def __post_init__(self) -> None:
@@ -125,6 +129,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
                              f"{MAX_STOP_STRING_CHARS} characters")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora or len(self.lora) > 256):
+            raise ValueError(f"lora must be an adapter's name (1-256 characters), got {self.lora!r}")
         if not isinstance(self.resumed, int) or self.resumed < 0:
             raise ValueError(f"resumed must be an integer >= 0, got {self.resumed!r}")
         for name in ("presence_penalty", "frequency_penalty"):

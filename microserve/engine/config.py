@@ -178,6 +178,10 @@ class EngineConfig:
         stream_interval: after a request's first token, stream its tokens this many at a time (the
             last chunk goes at once), as SGLang's and vLLM's `--stream-interval`: fewer messages and
             wake-ups per token under high concurrency; 1 streams every token.
+        enable_lora: serve LoRA adapters (vLLM's `--enable-lora`): requests name one in `SamplingParams.lora`.
+        lora_modules: adapters loaded at start-up, name -> PEFT folder (`--lora-modules NAME=PATH`).
+        max_loras: adapters loaded at once (one slot each; None: as many as `lora_modules`, at least 1).
+        max_lora_rank: the largest adapter rank a slot holds (vLLM's default, 16).
     """
 
     block_size: int = 16
@@ -192,9 +196,19 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     mixed_batches: bool = True
     stream_interval: int = 1
+    enable_lora: bool = False
+    lora_modules: tuple[tuple[str, str], ...] = ()
+    max_loras: int | None = None
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_num_batched_tokens <= 0 or self.max_num_seqs <= 0:
             raise ValueError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
+        if isinstance(self.lora_modules, dict):  # NOTE: {name: path} is accepted too
+            object.__setattr__(self, "lora_modules", tuple(self.lora_modules.items()))
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("lora_modules needs enable_lora (--enable-lora)")
+        if self.max_lora_rank < 1 or (self.max_loras is not None and self.max_loras < 1):
+            raise ValueError("max_loras and max_lora_rank must be >= 1")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")

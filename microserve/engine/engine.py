@@ -17,6 +17,7 @@ from microserve.engine.core.engine_core import EngineCore, EngineStats, InvalidR
 from microserve.engine.core.scheduler import ScheduledBatch
 from microserve.engine.core.sequence import Sequence
 from microserve.engine.model.loader import load_model
+from microserve.engine.model.lora import LoraError, LoraSlots, load_peft
 from microserve.engine.model.runner import ModelRunner
 from microserve.engine.model.structured import Grammars
 from microserve.engine.model.tokenizer import Tokenizer
@@ -61,8 +62,37 @@ class LLMEngine(EngineCore):
         self.runner = ModelRunner(model_obj, self.kv_spec, num_blocks, device, kv_cache, self.config.native_kernels,
                                   cuda_graphs=self.config.cuda_graphs, max_num_seqs=self.config.max_num_seqs,
                                   max_model_len=max_model_len)
+        self.lora: LoraSlots | None = None  # LoRA adapters (engine/model/lora.py), with enable_lora
+        if self.config.enable_lora:
+            slots = self.config.max_loras or max(1, len(self.config.lora_modules))
+            self.lora = self.runner.lora = LoraSlots(model_obj, slots, self.config.max_lora_rank)
+            for name, path in self.config.lora_modules:
+                self.load_lora(name, path)
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Load a PEFT adapter into a free slot; raises LoraError (bad folder, rank, no free slot)."""
+        if self.lora is None:
+            raise LoraError("LoRA adapters are off: start the engine with --enable-lora")
+        self.lora.add(load_peft(name, path, self.model_config.num_layers))
+
+    def unload_lora(self, name: str) -> None:
+        """Free an adapter's slot; raises LoraError when requests still run under it or it is unknown."""
+        if self.lora is None:
+            raise LoraError("LoRA adapters are off: start the engine with --enable-lora")
+        slot = self.lora.slot_of(name)
+        if any(s.lora_slot == slot for s in self._seqs.values()):
+            raise LoraError(f"LoRA adapter {name!r} still has requests; unload it when they end")
+        self.lora.remove(name)
 
     def _attach(self, seq: Sequence) -> None:
+        if seq.sampling.lora is not None:
+            if self.lora is None:
+                raise InvalidRequestError(f"LoRA adapter {seq.sampling.lora!r} asked for, but adapters are off "
+                                          "(start the engine with --enable-lora)")
+            try:
+                seq.lora_slot = self.lora.slot_of(seq.sampling.lora)
+            except LoraError as exc:
+                raise InvalidRequestError(str(exc)) from None
         if seq.sampling.structured is not None and not seq.prefill_only:
             if isinstance(self.tokenizer, NoTokenizer):
                 raise InvalidRequestError("structured outputs need the tokenizer (the engine runs without one)")

@@ -39,7 +39,7 @@ class KVCacheManager:
             return 0  # NOTE: prompt logprobs need every prompt position computed
         limit = min(seq.num_tokens - 1 if limit is None else limit, seq.local_limit)
         self.prefix_query_tokens += limit
-        blocks = self.radix.match(seq.token_ids[:limit])
+        blocks = self.radix.match(seq.token_ids[:limit], seq.cache_seed)
         self.radix.pin(blocks)
         seq.block_table = blocks
         seq.num_cached_blocks = len(blocks)
@@ -78,9 +78,9 @@ class KVCacheManager:
         return True
 
     # -- blocks loaded from the KV store (kvapi.store) -------------------------------------------
-    def pin_prefix(self, tokens: list[int]) -> list[int]:
+    def pin_prefix(self, tokens: list[int], seed: int = 0) -> list[int]:
         """Pin and return the cached blocks of the longest cached full-block prefix of `tokens`."""
-        blocks = self.radix.match(tokens)
+        blocks = self.radix.match(tokens, seed)
         self.radix.pin(blocks)
         return blocks
 
@@ -92,12 +92,12 @@ class KVCacheManager:
                 return None
         return self.pool.allocate(n)
 
-    def insert_loaded(self, tokens: list[int], prefix: list[int], loaded: list[int], ok: int) -> None:
+    def insert_loaded(self, tokens: list[int], prefix: list[int], loaded: list[int], ok: int, seed: int = 0) -> None:
         """The first `ok` of `loaded` now hold the KV of the blocks after the pinned `prefix`:
         they enter the prefix cache; every block `pin_prefix` / `take_blocks` gave is let go."""
         if ok and self.enable_prefix_caching:
             blocks = prefix + loaded[:ok]
-            self.radix.insert(tokens[:len(blocks) * self.block_size], blocks)
+            self.radix.insert(tokens[:len(blocks) * self.block_size], blocks, seed=seed)
         self.pool.free(prefix + loaded)
 
     def cache_computed(self, seq: Sequence) -> None:
@@ -105,7 +105,7 @@ class KVCacheManager:
         full = min(seq.num_computed_tokens, seq.local_limit) // self.block_size
         if not self.enable_prefix_caching or full <= seq.num_cached_blocks:
             return
-        self.radix.insert(seq.token_ids, seq.block_table[:full], seq.radix_cursor)
+        self.radix.insert(seq.token_ids, seq.block_table[:full], seq.radix_cursor, seq.cache_seed)
         seq.num_cached_blocks = full
 
     def offload(self, seq: Sequence, begin: int, end: int) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kvapi.radix import RadixCursor, prefix_hashes
+from kvapi.radix import RadixCursor, namespace_seed, prefix_hashes
 from microserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # NOTE: the core stays torch-free (the simulator and routers import it)
@@ -67,6 +67,8 @@ class Sequence:
         self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
         self.sampling = sampling
+        self.cache_seed = namespace_seed(sampling.lora)  # the prefix cache's tree for this adapter (kvapi.radix)
+        self.lora_slot = -1  # the adapter's slot in the model's LoRA weights (engine.model.lora); -1: none
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
@@ -96,7 +98,7 @@ class Sequence:
     def prompt_block_hashes(self, block_size: int) -> list[int]:
         """Chained hashes of the prompt's full blocks (computed once)."""
         if self._prompt_hashes is None:
-            self._prompt_hashes = prefix_hashes(self.token_ids[:self.num_prompt_tokens], block_size)
+            self._prompt_hashes = prefix_hashes(self.token_ids[:self.num_prompt_tokens], block_size, self.cache_seed)
         return self._prompt_hashes
 
     @property

@@ -50,6 +50,7 @@ class ModelRunner:
             log.warning("%s on CPU without the native AVX2 kernels runs torch's own half-precision GEMMs, which are "
                         "10-80x slower than float32 on CPUs without AVX512-BF16 or AMX; consider dtype='float32'",
                         self.kv_cache.dtype)
+        self.lora = None  # the engine's LoraSlots (engine/model/lora.py), when it serves adapters
         self.graphs = None
         if graphs:
             width = -(-max_model_len // self.block_size)  # blocks of the longest context
@@ -66,6 +67,8 @@ class ModelRunner:
         if self.graphs is not None and decodes and not prefills and not borrowed and self._graph_step(decodes):
             return self._replay(decodes)
         input_ids, positions, meta = self._prepare(decodes, prefills, borrowed)
+        if self.lora is not None:
+            self.lora.begin_step([s.lora_slot for s, n in decodes + prefills + borrowed for _ in range(n)])
         completing = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
         meta.layer_hooks = [s.layer_hook for s in completing if s.layer_hook is not None]
         if meta.layer_hooks and self.device.type == "cuda":
@@ -88,7 +91,7 @@ class ModelRunner:
         """Can this decode-only step replay a CUDA graph? (every row decodes to a sample, no layer hooks)"""
         seqs = [s for s, _ in decodes]
         return (all(s.num_computed_tokens + 1 == s.num_tokens and not s.prefill_only and s.layer_hook is None
-                    for s in seqs)
+                    and s.lora_slot < 0 for s in seqs)
                 and self.graphs.fits(len(seqs), max(s.num_computed_tokens for s in seqs) // self.block_size + 1))
 
     def _replay(self, decodes) -> dict[Sequence, int]:

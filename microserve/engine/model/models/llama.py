@@ -47,6 +47,7 @@ class Linear(nn.Linear):
     weight_packed: torch.Tensor | None = None
     weight_dnn: torch.Tensor | None = None
     kernels = None  # native CPU kernels, set by `LlamaForCausalLM.use_native`
+    lora = None  # this projection's LoRA adapters (`engine.model.lora`), added when a step's rows use one
 
     def transpose_weight_(self) -> None:
         self.weight_t = self.weight.detach().t().contiguous()
@@ -78,6 +79,12 @@ class Linear(nn.Linear):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._base(x)
+        if self.lora is not None and self.lora.owner.mask is not None:
+            return self.lora.apply(x, y)
+        return y
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_packed is not None:
             return self._packed(x)
         if self.weight_dnn is not None:

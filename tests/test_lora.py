@@ -1,0 +1,99 @@
+"""LoRA adapters in the built-in engine against transformers + peft: two PEFT adapters of random
+weights (rank 8 on every projection, rank 16 on attention only) on a tiny Llama; greedy tokens and
+top-5 logprobs per adapter, a batch mixing both adapters and the base model, KV never shared across
+adapters, and the errors a user meets."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from checkpoints import hf_greedy, make_checkpoint
+
+from kvapi.radix import namespace_seed, prefix_hashes
+from microserve import LLM, SamplingParams
+from microserve.engine.model.lora import LoraError, load_peft
+
+PROMPTS = [[5, 17, 42, 9, 88, 120, 7, 3] * 3, [200, 11, 64, 64, 31, 2, 90] * 4, list(range(40, 75))]
+ADAPTERS = {"a8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"]),
+            "b16": dict(r=16, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "o_proj"])}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    path, base = make_checkpoint(root / "base", "llama", seed=3)
+    refs = {}
+    for i, (name, cfg) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(100 + i)
+        model = make_checkpoint(root / f"copy-{name}", "llama", seed=3)[1]
+        tuned = peft.get_peft_model(model, peft.LoraConfig(**cfg))
+        with torch.no_grad():
+            for n, p in tuned.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.3)  # NOTE: peft zeroes B; random both so the adapter matters
+        tuned.save_pretrained(root / name, safe_serialization=True)
+        refs[name] = tuned.eval()
+    return path, base.eval(), refs, {name: str(root / name) for name in ADAPTERS}
+
+
+def _top(model, prompt: list[int], tokens: list[int]) -> list[list[int]]:
+    """Top-5 token ids after the prompt and each generated token (the reference's)."""
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:]
+    return logits.log_softmax(-1).topk(5, dim=-1).indices.tolist()
+
+
+def test_each_adapter_and_the_base_equal_peft_in_one_mixed_batch(setup):
+    path, base, refs, folders = setup
+    llm = LLM(str(path), enable_lora=True, lora_modules=folders)
+    greedy = dict(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5)
+    rows = [(p, name) for p in PROMPTS for name in (None, "a8", "b16")]
+    outs = llm.generate([p for p, _ in rows], [SamplingParams(**greedy, lora=name) for _, name in rows])
+    for (prompt, name), out in zip(rows, outs):
+        ref = base if name is None else refs[name]
+        want = hf_greedy(ref, prompt, 12)
+        assert out.token_ids == want, (name, prompt[:4])
+        top = _top(ref, prompt, out.token_ids)
+        assert [[t for t, _ in alts] for _, alts in out.logprobs] == top, name
+    # the adapters do change the output (the test is not vacuous)
+    assert len({tuple(o.token_ids) for o in outs[:3]}) == 3
+
+
+def test_kv_computed_under_one_adapter_is_never_reused_under_another(setup):
+    path, _, _, folders = setup
+    llm = LLM(str(path), enable_lora=True, lora_modules=folders, block_size=8)
+    prompt = PROMPTS[2]
+    sp = dict(max_tokens=2, temperature=0.0, ignore_eos=True)
+    first = llm.generate([prompt], SamplingParams(**sp, lora="a8"))[0]
+    assert first.num_cached_tokens == 0
+    for name in ("b16", None):
+        assert llm.generate([prompt], SamplingParams(**sp, lora=name))[0].num_cached_tokens == 0, name
+    again = llm.generate([prompt], SamplingParams(**sp, lora="a8"))[0]
+    assert again.num_cached_tokens == 32 and again.token_ids == first.token_ids
+    cached = set(llm.engine.kv.radix.prefix_hashes())
+    for name in ("a8", "b16", None):  # each tree announces its own hashes
+        assert set(prefix_hashes(prompt, 8, namespace_seed(name))) <= cached
+    assert not set(prefix_hashes(prompt, 8, namespace_seed("a8"))) & set(prefix_hashes(prompt, 8))
+
+
+def test_lora_errors_are_clear(setup, tmp_path):
+    path, _, _, folders = setup
+    with pytest.raises(ValueError, match="enable_lora"):
+        LLM(str(path), lora_modules=folders)
+    with pytest.raises(LoraError, match="rank 16 > --max-lora-rank 8"):
+        LLM(str(path), enable_lora=True, lora_modules=folders, max_lora_rank=8)
+    with pytest.raises(LoraError, match="slots are in use"):
+        LLM(str(path), enable_lora=True, lora_modules=folders, max_loras=1)
+    with pytest.raises(LoraError, match=r"adapter_config\.json"):
+        load_peft("x", tmp_path, 2)
+    llm = LLM(str(path), enable_lora=True, lora_modules={"a8": folders["a8"]})
+    with pytest.raises(ValueError, match="unknown LoRA adapter 'b16'"):
+        llm.generate([PROMPTS[0]], SamplingParams(max_tokens=2, lora="b16"))
+    plain = LLM(str(path))
+    with pytest.raises(ValueError, match="enable-lora"):
+        plain.generate([PROMPTS[0]], SamplingParams(max_tokens=2, lora="a8"))
+    llm.engine.unload_lora("a8")
+    llm.engine.load_lora("b16", folders["b16"])
+    assert llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, lora="b16"))

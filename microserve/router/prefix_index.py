@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, NamedTuple, TypeVar
 
-from kvapi.radix import prefix_hashes
+from kvapi.radix import namespace_seed, prefix_hashes
 from microserve.protocol import KVEvent, Request
 
 log = logging.getLogger(__name__)
@@ -144,12 +144,13 @@ class PrefixIndex(Generic[E]):
         self._seq[engine_id] = seq
 
     def matches(self, req: Request | list[int]) -> dict[E, int]:
-        """Prompt tokens each engine holds in its prefix cache (engines with none are left out)."""
-        prompt = req.prompt_ids if isinstance(req, Request) else req
+        """Prompt tokens each engine holds in its prefix cache (engines with none are left out); a
+        request under a LoRA adapter matches only KV computed under it."""
+        prompt, seed = _prompt(req)
         out: dict[E, int] = {}
         for block_size in set(self._block_size.values()):
             alive = {e for e, bs in self._block_size.items() if bs == block_size}
-            for i, h in enumerate(prefix_hashes(prompt, block_size)):
+            for i, h in enumerate(prefix_hashes(prompt, block_size, seed)):
                 alive &= self._holders.get(h, set())
                 if not alive:
                     break
@@ -162,11 +163,11 @@ class PrefixIndex(Generic[E]):
     def locate(self, req: Request | list[int]) -> dict[E, Reach]:
         """Per engine, how far the prompt reaches in its pool, its own tiers and the shared tier
         (`Reach`, cumulative tokens); engines that reach nothing are left out."""
-        prompt = req.prompt_ids if isinstance(req, Request) else req
+        prompt, seed = _prompt(req)
         out: dict[E, Reach] = {}
         by_size: dict[int, list[int]] = {}
         for eid, bs in self._block_size.items():
-            hashes = by_size.setdefault(bs, prefix_hashes(prompt, bs))
+            hashes = by_size.setdefault(bs, prefix_hashes(prompt, bs, seed))
             pool = local = shared = 0
             mine = self._blocks.get(eid, set())
             tiers = list(self._tiers.get(eid, {}).values())
@@ -195,3 +196,10 @@ class PrefixIndex(Generic[E]):
 
     def cached_blocks(self, engine_id: str) -> int:
         return len(self._blocks.get(engine_id, ()))
+
+
+def _prompt(req: Request | list[int]) -> tuple[list[int], int]:
+    """A request's prompt and the hash chain's seed of its adapter (kvapi.radix.namespace_seed)."""
+    if isinstance(req, Request):
+        return req.prompt_ids, namespace_seed(req.sampling.lora)
+    return req, 0

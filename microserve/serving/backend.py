@@ -135,8 +135,9 @@ class Backend(ABC):
 
     @abstractmethod
     async def send(self, job_id: str, request_id: str, prompt: list[int], kv: KVAddr, begin: int, end: int,
-                   mode: str) -> tuple[int, str, int]:
-        """Prefill `prompt` (= the request's `prompt[:end]`) here and write `[begin, end)` into `kv`.
+                   mode: str, lora: str | None = None) -> tuple[int, str, int]:
+        """Prefill `prompt` (= the request's `prompt[:end]`) here, under the LoRA adapter `lora` (None: the
+        base model), and write `[begin, end)` into `kv`.
         Returns (bytes, transport, tokens prefilled). Raises TransferError, EngineError ABORTED
         (after `abort_send`)."""
 

@@ -276,7 +276,7 @@ class EngineService:
         t0 = asyncio.get_running_loop().time()
         try:
             nbytes, used, computed = await self.backend.send(job_id, req.request_id, prompt[:end], kv, begin, end,
-                                                             mode)
+                                                             mode, req.sampling.lora)
         except TransferError as exc:
             raise EngineError(exc.code, str(exc), exc.peer) from exc
         finally:

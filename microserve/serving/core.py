@@ -17,6 +17,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import TYPE_CHECKING
 
+from kvapi.radix import namespace_seed
 from kvapi.transfer import KVAddr, TransferError
 from microserve import protocol as P
 from microserve import tracing
@@ -60,7 +61,7 @@ class CoreBackend(Backend):
     def store_stats(self) -> list[P.StoreTierStats]:
         return self.store.stats() if self.store is not None else []
 
-    async def _extend_from_store(self, prompt: list[int], limit: int) -> None:
+    async def _extend_from_store(self, prompt: list[int], limit: int, seed: int = 0) -> None:
         """Before a prefill of `prompt[:limit]`: load the longest stored continuation of its cached
         prefix into fresh blocks, off the step loop, and put them in the prefix cache. Whatever goes
         wrong (a tier down, no free blocks, a corrupt entry) ends the load there: the rest is computed."""
@@ -69,11 +70,11 @@ class CoreBackend(Backend):
             return
         limit = min(limit, len(prompt))
         async with self.service.lock:
-            prefix = engine.kv.pin_prefix(prompt[:limit])
+            prefix = engine.kv.pin_prefix(prompt[:limit], seed)
         fresh: list[int] = []
         ok = 0
         try:
-            hashes, segments = await store.lookup(prompt[:limit], len(prefix))
+            hashes, segments = await store.lookup(prompt[:limit], len(prefix), seed)
             found = sum(n for _, n in segments)
             if found:
                 bs = engine.block_size
@@ -88,12 +89,12 @@ class CoreBackend(Backend):
                     tracing.set_attrs(span, loaded_tokens=ok * bs)
         finally:
             async with self.service.lock:
-                engine.kv.insert_loaded(prompt, prefix, fresh, ok)
+                engine.kv.insert_loaded(prompt, prefix, fresh, ok, seed)
 
     # -- what the backend provides ----------------------------------------------------------
-    def new_job(self, job_id: str, request_id: str, prompt: list[int]) -> SendJob:
+    def new_job(self, job_id: str, request_id: str, prompt: list[int], lora: str | None = None) -> SendJob:
         """The books of one send (the simulator's wait on the loop)."""
-        return SendJob(job_id, request_id, prompt, self.kv_spec.num_layers)
+        return SendJob(job_id, request_id, prompt, self.kv_spec.num_layers, lora)
 
     @abstractmethod
     async def push(self, job: SendJob, kv: KVAddr, begin: int, end: int, mode: str) -> tuple[int, str]:
@@ -124,8 +125,8 @@ class CoreBackend(Backend):
 
     # -- receiving -----------------------------------------------------------------------------
     async def reserve(self, req: P.Request, prompt: list[int], end: int) -> Ticket:
-        seq = Sequence(req.request_id, prompt[:end], SamplingParams(max_tokens=1))
-        await self._extend_from_store(prompt, end)  # NOTE: stored KV counts as matched: senders skip it
+        seq = Sequence(req.request_id, prompt[:end], SamplingParams(max_tokens=1, lora=req.sampling.lora))
+        await self._extend_from_store(prompt, end, seq.cache_seed)  # NOTE: stored KV counts as matched: senders skip it
         async with self.service.lock:
             if not self.engine.reserve(seq, end):
                 raise EngineError(ErrorCode.OVERLOADED, f"not enough free KV blocks to receive {end} tokens")
@@ -159,11 +160,11 @@ class CoreBackend(Backend):
         pass  # NOTE: the writer stopped before its ticket's blocks were released (`revoke` waits for it)
 
     async def send(self, job_id: str, request_id: str, prompt: list[int], kv: KVAddr, begin: int, end: int,
-                   mode: str) -> tuple[int, str, int]:
-        job = self.new_job(job_id, request_id, prompt)
+                   mode: str, lora: str | None = None) -> tuple[int, str, int]:
+        job = self.new_job(job_id, request_id, prompt, lora)
         self._jobs[job_id] = job
         try:
-            await self._extend_from_store(prompt, end)
+            await self._extend_from_store(prompt, end, job.seq.cache_seed)
             async with self.service.lock:
                 matched = self.engine.match_cached(job.seq, end)
                 if matched < end:
@@ -201,8 +202,12 @@ class CoreBackend(Backend):
     # -- generating --------------------------------------------------------------------------------
     async def submit(self, req: P.Request, prompt: list[int], begin: int, sampling: SamplingParams,
                       ticket: Ticket | None, lent: list | None = None) -> None:
+        held = getattr(getattr(ticket, "hold", None), "sampling", None)
+        if held is not None and held.lora != sampling.lora:  # NOTE: KV of one adapter never serves another
+            raise EngineError(ErrorCode.BAD_REQUEST, f"the received KV was computed under LoRA adapter "
+                              f"{held.lora!r}, not {sampling.lora!r}")
         if ticket is None or ticket.state is not TicketState.COMPLETE:
-            await self._extend_from_store(prompt, len(prompt) - 1)
+            await self._extend_from_store(prompt, len(prompt) - 1, namespace_seed(sampling.lora))
         async with self.service.lock:
             seq = None
             if ticket is not None and ticket.state is TicketState.COMPLETE:

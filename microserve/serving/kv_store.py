@@ -60,12 +60,12 @@ class StoreLink:
             store.offer(h, memoryview(row))
 
     # -- into the pool --------------------------------------------------------------------------------
-    async def lookup(self, tokens: list[int], skip: int) -> tuple[list[int], list[tuple[int, int]]]:
+    async def lookup(self, tokens: list[int], skip: int, seed: int = 0) -> tuple[list[int], list[tuple[int, int]]]:
         """The prefix hashes of `tokens`' full blocks after the first `skip`, and where the longest
         stored run of them is (`TieredStore.lookup`), computed in a store thread."""
         def run() -> tuple[list[int], list[tuple[int, int]]]:
             bs = self.spec.block_size
-            hashes = prefix_hashes(tokens[:len(tokens) // bs * bs], bs)[skip:]
+            hashes = prefix_hashes(tokens[:len(tokens) // bs * bs], bs, seed)[skip:]
             return hashes, (self.store.lookup(hashes) if hashes else [])
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, run)

@@ -197,9 +197,10 @@ class TicketBook:
 class SendJob:
     """One `remote_send` in flight on the sending engine."""
 
-    def __init__(self, job_id: str, request_id: str, prompt: list[int], num_layers: int) -> None:
+    def __init__(self, job_id: str, request_id: str, prompt: list[int], num_layers: int,
+                 lora: str | None = None) -> None:
         self.id, self.request_id, self.num_layers = job_id, request_id, num_layers
-        self.seq = Sequence(job_id, prompt, SamplingParams(max_tokens=1))
+        self.seq = Sequence(job_id, prompt, SamplingParams(max_tokens=1, lora=lora))
         self.seq.prefill_only = True
         self.seq.layer_hook = self._layer_done
         self.scheduled = False

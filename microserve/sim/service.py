@@ -90,8 +90,8 @@ class SimBackend(CoreBackend):
             await asyncio.gather(self._task, return_exceptions=True)
 
     # -- what CoreBackend leaves open ----------------------------------------------------
-    def new_job(self, job_id: str, request_id: str, prompt: list[int]) -> SendJob:
-        return SimSendJob(job_id, request_id, prompt, self.kv_spec.num_layers)
+    def new_job(self, job_id: str, request_id: str, prompt: list[int], lora: str | None = None) -> SendJob:
+        return SimSendJob(job_id, request_id, prompt, self.kv_spec.num_layers, lora)
 
     async def step(self) -> list[StepOutput]:
         outputs = self.engine.step()

@@ -114,9 +114,9 @@ class SimStoreLink:
         for tier, books in zip(self.tiers, self.books):
             books.bytes_written += self._put(tier, hashes) * self.block_bytes
 
-    async def lookup(self, tokens: list[int], skip: int) -> tuple[list[int], list[tuple[int, int]]]:
+    async def lookup(self, tokens: list[int], skip: int, seed: int = 0) -> tuple[list[int], list[tuple[int, int]]]:
         bs = self.block_size
-        hashes = prefix_hashes(tokens[:len(tokens) // bs * bs], bs)[skip:]
+        hashes = prefix_hashes(tokens[:len(tokens) // bs * bs], bs, seed)[skip:]
         out, pos = [], 0
         for i, tier in enumerate(self.tiers):
             n = tier.run(hashes[pos:])

@@ -259,7 +259,7 @@ class VLLMBackend(PlaneTransfers, Backend):
 
     # -- sending ---------------------------------------------------------------------------------
     async def send(self, job_id: str, request_id: str, prompt: list[int], kv: KVAddr, begin: int, end: int,
-                   mode: str) -> tuple[int, str, int]:
+                   mode: str, lora: str | None = None) -> tuple[int, str, int]:
         from microserve.serving.vllm.connector import Send
 
         loop = asyncio.get_running_loop()

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvapi.transfer.base import TRANSPORTS
+from microserve.engine_knobs import check_knobs, engine_knobs, forwarded_knobs
 from microserve.options import serve_parser
 
 
@@ -50,6 +50,9 @@ def _engine(args: argparse.Namespace) -> int:
     from microserve.serving.zmq_server import EngineOptions, run_engine
 
     setup_logging(args.log_level, args.log_format)
+    if (problem := check_knobs(args)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     block_size = args.block_size
     if args.backend == "vllm" and block_size == 16:  # the built-in default; vLLM's CPU kernels need multiples of 32
         block_size = 32
@@ -58,7 +61,9 @@ def _engine(args: argparse.Namespace) -> int:
                           max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                           enable_prefix_caching=not args.no_prefix_caching, cuda_graphs=not args.enforce_eager,
                           skip_tokenizer_init=args.skip_tokenizer_init, stream_interval=args.stream_interval,
-                          mixed_batches=not args.no_mixed_batches)
+                          mixed_batches=not args.no_mixed_batches, enable_lora=args.enable_lora,
+                          lora_modules=tuple(args.lora_modules), max_loras=args.max_loras,
+                          max_lora_rank=args.max_lora_rank)
     from microserve.security import resolve
 
     opts = EngineOptions(str(resolve_model(args.model)), args.rpc, args.events, args.device, args.dtype,
@@ -70,26 +75,9 @@ def _engine(args: argparse.Namespace) -> int:
 
     try:
         return run_engine(opts)
-    except (OSError, zmq.ZMQError) as exc:  # missing checkpoint files, address in use...
+    except (OSError, ValueError, zmq.ZMQError) as exc:  # missing checkpoint files, address in use, a bad adapter
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-
-def _forwarded_knobs(args: argparse.Namespace) -> list[str]:
-    """The engine options given on the command line, as `microserve engine` arguments."""
-    out = []
-    for action in _engine_knobs()._actions:
-        if not action.option_strings or action.dest == "help":
-            continue
-        value = getattr(args, action.dest)
-        if value == action.default:
-            continue
-        flag = action.option_strings[0]
-        if isinstance(action, argparse._AppendAction):
-            out += [part for v in value for part in (flag, str(v))]
-            continue
-        out += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
-    return out
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -108,6 +96,8 @@ def _launch(args: argparse.Namespace) -> int:
         load_planner(args.planner, opts.planner_args)  # NOTE: a bad file or argument exits 2 before engines start
     elif args.planner_arg or args.scale_bounds:
         raise ValueError("--planner-arg and --scale-bounds need --planner")
+    if (problem := check_knobs(args)) is not None:
+        raise ValueError(problem)
     roles = type(strategy).roles
     if args.roles and args.engines:
         raise ValueError("give --roles or --engines, not both")
@@ -136,7 +126,7 @@ def _launch(args: argparse.Namespace) -> int:
     logs = ["--log-level", args.log_level, "--log-format", args.log_format]  # the deployment's, for its engines
     if args.otlp_traces_endpoint:
         logs += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
-    return asyncio.run(launch(strategy, args.model, layout, [*_forwarded_knobs(args), *backend, *logs], opts, ray))
+    return asyncio.run(launch(strategy, args.model, layout, [*forwarded_knobs(args), *backend, *logs], opts, ray))
 
 
 def _pairs(items: list[str], flag: str):
@@ -216,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.set_defaults(func=_generate)
 
-    knobs = _engine_knobs()
+    knobs = engine_knobs()
     eng = sub.add_parser("engine", parents=[knobs], help="run one engine serving the microserving calls over ZeroMQ")
     eng.add_argument("--model", required=True, help="checkpoint folder, or 'demo'")
     eng.add_argument("--rpc", default="tcp://127.0.0.1:*", help="ZeroMQ address to bind (port * = any free)")
@@ -308,58 +298,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("path")
     demo.set_defaults(func=_demo)
     return ap
-
-
-def _engine_knobs() -> argparse.ArgumentParser:
-    """Engine options shared by `engine` and `launch` (which forwards them to its engines)."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("engine options")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--transport", default="auto", choices=["auto", *TRANSPORTS],
-                   help="how KV moves between engines (auto: shm on one host, then nixl, ucx, tcp)")
-    g.add_argument("--lease-seconds", type=float, default=60.0, help="default lease of a receive ticket")
-    g.add_argument("--max-lease-seconds", type=float, default=120.0,
-                   help="longest lease prep_recv grants (a peer cannot lock blocks for longer)")
-    g.add_argument("--transfer-timeout", type=float, default=30.0,
-                   help="how long start_generate waits for KV still in flight")
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--enforce-eager", action="store_true", help="on CUDA, no CUDA graphs for decode steps")
-    g.add_argument("--skip-tokenizer-init", action="store_true",
-                   help="load no tokenizer (vLLM's): token-id prompts only, outputs as token ids")
-    g.add_argument("--no-mixed-batches", action="store_true",
-                   help="a step that prefills carries no decodes (SGLang's default scheduling; MLC-LLM's "
-                        "prefill_mode=chunked)")
-    g.add_argument("--stream-interval", type=positive_int, default=1, metavar="N",
-                   help="after a request's first token, stream its tokens N at a time (the last chunk at once)")
-    g.add_argument("--kv-store", action="append", default=[], type=_kv_store_spec, metavar="SPEC",
-                   help="a KV store tier below the page pool, repeatable, fastest first: host:SIZE, "
-                        "disk:PATH[:SIZE], valkey://HOST:PORT[/DB] (launch: `valkey` starts a local server)")
-    return p
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
-
-
-def _kv_store_spec(text: str) -> str:
-    from kvapi.store import check_spec
-
-    if text != "valkey":  # NOTE: `launch` turns a bare `valkey` into the URL of the server it starts
-        try:
-            check_spec(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -213,6 +213,7 @@ class StatsReply(msgspec.Struct, tag="stats_reply", forbid_unknown_fields=True):
     remote_attend_seconds: float = 0.0
     attends_served: int = 0  # DistAttention: attend messages answered here as a lender
     busy_seconds: float = 0.0  # time spent in steps (a planner's capacity: computed tokens per busy second)
+    loras: list[str] = []  # LoRA adapters loaded (`--lora-modules`), by name
 
 
 class HealthReply(msgspec.Struct, tag="health_reply", forbid_unknown_fields=True):

@@ -5,10 +5,16 @@ adapters, and the errors a user meets."""
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
+
+import openai
 import peft
 import pytest
 import torch
 from checkpoints import hf_greedy, make_checkpoint
+from deploy import start_launch
 
 from kvapi.radix import namespace_seed, prefix_hashes
 from microserve import LLM, SamplingParams
@@ -97,3 +103,42 @@ def test_lora_errors_are_clear(setup, tmp_path):
     llm.engine.unload_lora("a8")
     llm.engine.load_lora("b16", folders["b16"])
     assert llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, lora="b16"))
+
+
+async def test_launch_serves_adapters_by_model_name_over_pd(setup):
+    """`launch --strategy pd --enable-lora --lora-modules ...`: a client names an adapter as its model;
+    the prefill engine computes the prompt under it, the KV moves keyed by it, and the decode engine
+    continues under it: each name's output equals the offline engine's with that adapter."""
+    path, _, _, folders = setup
+    dep = start_launch("--strategy", "pd", "--model", str(path), "--served-model-name", "base", "--enable-lora",
+                       "--lora-modules", *(f"{k}={v}" for k, v in folders.items()), "--log-level", "error")
+    try:
+        llm = LLM(str(path), enable_lora=True, lora_modules=folders)
+        c = openai.AsyncOpenAI(base_url=dep.base_url, api_key="x", max_retries=0)
+        models = {m.id: m for m in (await c.models.list()).data}
+        assert set(models) == {"base", "a8", "b16"}
+        assert models["a8"].parent == "base" and models["base"].parent is None
+
+        async def one(prompt: list[int], name: str) -> list[int]:
+            out = await c.completions.create(model=name, prompt=prompt, max_tokens=10, temperature=0,
+                                             extra_body={"ignore_eos": True, "return_token_ids": True})
+            return out.choices[0].token_ids
+
+        rows = [(p, name) for p in PROMPTS for name in ("base", "a8", "b16")]
+        got = await asyncio.gather(*(one(p, name) for p, name in rows))
+        want = llm.generate([p for p, _ in rows], [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
+                                                                  lora=None if n == "base" else n) for _, n in rows])
+        assert got == [o.token_ids for o in want]
+        with pytest.raises(openai.NotFoundError):
+            await c.completions.create(model="c32", prompt="hi", max_tokens=2)
+        await c.close()
+    finally:
+        assert dep.stop() == 0
+
+
+def test_launch_refuses_adapters_without_enable_lora(setup):
+    path, _, _, folders = setup
+    out = subprocess.run([sys.executable, "-m", "microserve", "launch", "--strategy", "round_robin", "--model",
+                          str(path), "--lora-modules", f"a8={folders['a8']}"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "--lora-modules needs --enable-lora" in out.stderr

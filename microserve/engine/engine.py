@@ -104,5 +104,6 @@ class LLMEngine(EngineCore):
         return self.runner.execute(batch)
 
     def stats(self) -> EngineStats:
-        return replace(super().stats(), kernels=self.runner.kernels)
+        return replace(super().stats(), kernels=self.runner.kernels,
+                       loras=tuple(sorted(self.lora.adapters)) if self.lora is not None else ())
 

@@ -145,17 +145,22 @@ class Gateway:
 
     # -- endpoints ----------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
-        """As vLLM's, one entry per served name: `root` is the checkpoint the engines serve, `parent` None."""
+        """As vLLM's, one entry per served name (`root`: the checkpoint the engines serve, `parent` None),
+        then one per LoRA adapter the engines hold (`parent`: the base model's name)."""
         health = next(iter(self.router.cluster.health.values()), None)
         created = O.now()
+        root = health.model if health is not None else self.model_name
+        names = [(name, root, None) for name in self.names]
+        names += [(a, a, self.model_name) for a in sorted(self._adapters())]
         return web.json_response({"object": "list", "data": [{
             "id": name, "object": "model", "created": created, "owned_by": "microserve",
-            "root": health.model if health is not None else self.model_name, "parent": None,
+            "root": root, "parent": parent,
             "max_model_len": self.router.max_model_len,
             "permission": [{"id": f"modelperm-{name}", "object": "model_permission", "created": created,
                             "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
                             "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-                            "organization": "*", "group": None, "is_blocking": False}]} for name in self.names]})
+                            "organization": "*", "group": None, "is_blocking": False}]}
+            for name, root, parent in names]})
 
     async def version(self, request: web.Request) -> web.Response:
         """vLLM's `/version`."""
@@ -208,6 +213,24 @@ class Gateway:
                               f"{', '.join(map(repr, self.names))}", param="model")
         return model or self.model_name
 
+    def _adapters(self) -> set[str]:
+        """The LoRA adapters live engines report loaded (their polled stats)."""
+        cluster = self.router.cluster
+        return {name for h in cluster.handles if h.alive and (st := cluster.load(h).stats) is not None
+                for name in st.loras}
+
+    async def _target(self, model: str | None) -> tuple[str, str | None]:
+        """The name a response carries, and the LoRA adapter the request runs under (a served
+        adapter's name as `model`; None: the base model)."""
+        if model is None or model in self.accepted:
+            return model or self.model_name, None
+        if model not in self._adapters():  # NOTE: loaded since the last poll? ask once, bounded
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.router.cluster.poll(), 2.0)
+        if model in self._adapters():
+            return model, model
+        return self._check_model(model), None
+
     def _choices(self, rid: str, prompts: list[list[int]], params: list[SamplingParams]) -> list[AsyncIterator[Delta]]:
         """One stream per (prompt, choice): n (or best_of) requests per prompt sharing its KV through
         the prefix cache; choice j of a seeded request uses seed + j (as vLLM)."""
@@ -227,9 +250,10 @@ class Gateway:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body: O.CompletionRequest = await self._decode(await self._read(request), O.CompletionRequest)
-        model = self._check_model(body.model)
+        model, lora = await self._target(body.model)
         body.check_unsupported()
         sampling, given = body.sampling(body.max_tokens, 16, body.logprobs)
+        sampling.lora = lora
         self._check_ids_only(sampling)
         texts = body.prompts(self.router.max_model_len)
         count = len(texts) * max(sampling.n, sampling.best_of or 1)
@@ -284,10 +308,11 @@ class Gateway:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body: O.ChatCompletionRequest = await self._decode(await self._read(request), O.ChatCompletionRequest)
-        model = self._check_model(body.model)
+        model, lora = await self._target(body.model)
         body.check_unsupported()
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         sampling, given = body.sampling(max_tokens, self.router.max_model_len, body.logprobs_k())
+        sampling.lora = lora
         self._check_ids_only(sampling)
         if sampling.n > MAX_PROMPTS:
             raise RouterError(ErrorCode.BAD_REQUEST, f"n may be at most {MAX_PROMPTS}", param="n")

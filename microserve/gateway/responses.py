@@ -128,10 +128,11 @@ class ResponsesRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
 
 async def handle(gw: Gateway, request: web.Request) -> web.StreamResponse:
     body: ResponsesRequest = await gw._decode(await gw._read(request), ResponsesRequest)
-    model = gw._check_model(body.model)
+    model, lora = await gw._target(body.model)
     body.check()
     chat = body.chat()
     sampling, given = chat.sampling(chat.max_completion_tokens, gw.router.max_model_len)
+    sampling.lora = lora
     gw.router.admit(1)
     prompt = await gw.router.encode_chat(chat.chat_messages(), chat.template_options())
     sampling = gw.router.check(prompt, sampling, given)

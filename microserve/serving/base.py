@@ -380,7 +380,7 @@ class EngineService:
             kv_blocks_lent=sum(len(t.blocks) for t in self.tickets.lent()), kv_blocks_borrowed=s.kv_blocks_borrowed,
             prefix_cache_query_tokens=s.prefix_cache_query_tokens, remote_attends=s.remote_attends,
             remote_attend_seconds=s.remote_attend_seconds, attends_served=self.attends_served,
-            busy_seconds=self.busy_seconds)
+            busy_seconds=self.busy_seconds, loras=list(s.loras))
 
     def health(self) -> P.HealthReply:
         return P.HealthReply(True, self.engine_id, self.model_name, self.kv_spec, list(self.transports),

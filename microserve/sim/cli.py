@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="running requests per engine (default: 256 to simulate, the engine's 64 to calibrate)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool per engine (default: what fits)")
-    from microserve.cli import positive_int
+    from microserve.engine_knobs import positive_int
 
     p.add_argument("--no-mixed-batches", action="store_true",
                    help="a step that prefills carries no decodes: prompts first, decodes wait (SGLang without "

@@ -68,6 +68,7 @@ class EngineStats:
     kv_blocks_borrowed: int = 0  # blocks of running requests' lent ranges whose KV lenders hold (DistAttention)
     remote_attends: int = 0  # attend messages this engine sent its lenders (one per lender, layer and step)
     remote_attend_seconds: float = 0.0  # their round trips, summed (send to reply, on the step thread)
+    loras: tuple[str, ...] = ()  # LoRA adapters loaded (engine/model/lora.py)
 
 
 class EngineCore:

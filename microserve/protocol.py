@@ -137,7 +137,15 @@ class KVSnapshot(msgspec.Struct, tag="kv_snapshot", forbid_unknown_fields=True):
     """Ask for every prefix hash in the engine's cache (a router joining late, or one that lost events)."""
 
 
-Call = PrepRecv | RemoteSend | StartGenerate | Lend | Attend | Abort | Stats | Health | KVSnapshot
+class Lora(msgspec.Struct, tag="lora", forbid_unknown_fields=True):
+    """Load (`path`: a PEFT folder on the engine's host) or unload a LoRA adapter by name."""
+
+    action: str  # "load" | "unload"
+    name: str
+    path: str = ""
+
+
+Call = PrepRecv | RemoteSend | StartGenerate | Lend | Attend | Abort | Stats | Health | KVSnapshot | Lora
 
 
 # -- replies -------------------------------------------------------------------------
@@ -241,8 +249,12 @@ class RPCError(msgspec.Struct, tag="error", forbid_unknown_fields=True):
     peer: str = ""  # the engine at fault when it is not the one answering (a transfer's receiver)
 
 
+class LoraReply(msgspec.Struct, tag="lora_reply", forbid_unknown_fields=True):
+    loras: list[str]  # the adapters loaded after the call
+
+
 Reply = (RecvTicket | LendTicket | AttendReply | SendResult | GenerateChunk | AbortReply | StatsReply | HealthReply
-         | KVSnapshotReply | RPCError)
+         | KVSnapshotReply | LoraReply | RPCError)
 
 
 class KVEvent(msgspec.Struct, tag="kv_event", forbid_unknown_fields=True):

@@ -9,6 +9,7 @@ import asyncio
 import subprocess
 import sys
 
+import aiohttp
 import openai
 import peft
 import pytest
@@ -20,6 +21,7 @@ from kvapi.radix import namespace_seed, prefix_hashes
 from microserve import LLM, SamplingParams
 from microserve.engine.model.lora import LoraError, load_peft
 
+ADMIN = "admin-key-for-tests"
 PROMPTS = [[5, 17, 42, 9, 88, 120, 7, 3] * 3, [200, 11, 64, 64, 31, 2, 90] * 4, list(range(40, 75))]
 ADAPTERS = {"a8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                             "up_proj", "down_proj"]),
@@ -105,32 +107,51 @@ def test_lora_errors_are_clear(setup, tmp_path):
     assert llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, lora="b16"))
 
 
-async def test_launch_serves_adapters_by_model_name_over_pd(setup):
-    """`launch --strategy pd --enable-lora --lora-modules ...`: a client names an adapter as its model;
+async def test_launch_serves_adapters_by_model_name_over_pd_and_loads_them_while_serving(setup):
+    """`launch --strategy pd --enable-lora --lora-modules a8=...`: a client names an adapter as its model;
     the prefill engine computes the prompt under it, the KV moves keyed by it, and the decode engine
-    continues under it: each name's output equals the offline engine's with that adapter."""
+    continues under it, so each name's output equals the offline engine's with that adapter. An
+    operator loads b16 on every engine while requests stream (none fails), then unloads it."""
     path, _, _, folders = setup
     dep = start_launch("--strategy", "pd", "--model", str(path), "--served-model-name", "base", "--enable-lora",
-                       "--lora-modules", *(f"{k}={v}" for k, v in folders.items()), "--log-level", "error")
+                       "--max-loras", "2", "--lora-modules", f"a8={folders['a8']}", "--admin-key", ADMIN,
+                       "--log-level", "error")
     try:
         llm = LLM(str(path), enable_lora=True, lora_modules=folders)
         c = openai.AsyncOpenAI(base_url=dep.base_url, api_key="x", max_retries=0)
         models = {m.id: m for m in (await c.models.list()).data}
-        assert set(models) == {"base", "a8", "b16"}
-        assert models["a8"].parent == "base" and models["base"].parent is None
+        assert set(models) == {"base", "a8"} and models["a8"].parent == "base" and models["base"].parent is None
 
-        async def one(prompt: list[int], name: str) -> list[int]:
-            out = await c.completions.create(model=name, prompt=prompt, max_tokens=10, temperature=0,
+        async def one(prompt: list[int], name: str, n: int = 10) -> list[int]:
+            out = await c.completions.create(model=name, prompt=prompt, max_tokens=n, temperature=0,
                                              extra_body={"ignore_eos": True, "return_token_ids": True})
             return out.choices[0].token_ids
 
-        rows = [(p, name) for p in PROMPTS for name in ("base", "a8", "b16")]
-        got = await asyncio.gather(*(one(p, name) for p, name in rows))
-        want = llm.generate([p for p, _ in rows], [SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
-                                                                  lora=None if n == "base" else n) for _, n in rows])
-        assert got == [o.token_ids for o in want]
+        def offline(rows, n: int = 10):
+            return [o.token_ids for o in llm.generate([p for p, _ in rows], [
+                SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, lora=None if m == "base" else m)
+                for _, m in rows])]
+
+        busy = [(p, name) for p in PROMPTS for name in ("base", "a8")] * 2
+        running = asyncio.gather(*(one(p, name, 40) for p, name in busy))
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN}"}) as s:
+            async with s.post(dep.url + "/v1/load_lora_adapter", json={"lora_name": "b16",
+                                                                         "lora_path": folders["b16"]}) as r:
+                assert r.status == 200, await r.text()
+            rows = [(p, name) for p in PROMPTS for name in ("base", "a8", "b16")]
+            assert await asyncio.gather(*(one(p, name) for p, name in rows)) == offline(rows)
+            assert await running == offline(busy, 40)  # NOTE: every request under load succeeded, unchanged
+            assert "b16" in {m.id for m in (await c.models.list()).data}
+            async with s.post(dep.url + "/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": "/nope"}) as r:
+                assert r.status == 400 and "adapter_config.json" in await r.text()
+            async with s.post(dep.url + "/v1/unload_lora_adapter", json={"lora_name": "b16"}) as r:
+                assert r.status == 200, await r.text()
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer x"}) as s, \
+                s.post(dep.url + "/v1/unload_lora_adapter", json={"lora_name": "a8"}) as r:
+            assert r.status == 401  # NOTE: the API key never opens it
+        assert {m.id for m in (await c.models.list()).data} == {"base", "a8"}
         with pytest.raises(openai.NotFoundError):
-            await c.completions.create(model="c32", prompt="hi", max_tokens=2)
+            await c.completions.create(model="b16", prompt="hi", max_tokens=2)
         await c.close()
     finally:
         assert dep.stop() == 0

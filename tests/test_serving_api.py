@@ -29,11 +29,11 @@ CALLS = [name for name, fn in inspect.getmembers(EngineAPI) if not name.startswi
 
 def test_every_call_is_documented_with_its_caller_and_errors():
     assert set(CALLS) == {"prep_recv", "remote_send", "start_generate", "lend", "attend", "abort", "stats", "health",
-                          "kv_snapshot"}
+                          "kv_snapshot", "lora"}
     for name in CALLS:
         doc = inspect.getdoc(getattr(EngineAPI, name)) or ""
         assert "Called by" in doc, f"EngineAPI.{name} does not say who calls it"
-    for name in ("prep_recv", "remote_send", "start_generate"):
+    for name in ("prep_recv", "remote_send", "start_generate", "lora"):
         assert "Raises" in inspect.getdoc(getattr(EngineAPI, name)), name
 
 

@@ -20,6 +20,8 @@
     GET    /admin/planner              {"name", "source", "args", "bounds", "decisions": [newest first]} (404: none)
     PUT    /admin/planner              {"path", "args"}: the next interval uses it (starts one when there was none,
                                        on a deployment that starts its own engines); {"source"} as for strategies
+    POST   /v1/load_lora_adapter       vLLM's runtime LoRA endpoints, on every engine (control/adapters.py)
+    POST   /v1/unload_lora_adapter
 
 Every call needs `Authorization: Bearer <admin key>` (`--admin-key`). The API key never opens it: an
 API client is not an operator. Without an admin key the admin API is off (403, and a log line at
@@ -37,6 +39,7 @@ from typing import Any
 
 from aiohttp import web
 
+from microserve.control import adapters
 from microserve.control.planner import PlannerError, Planning, load_planner
 from microserve.control.provision import ScaleError, scale
 from microserve.router.handle import EngineCallError
@@ -77,6 +80,7 @@ class Admin:
         app.router.add_put("/admin/scale", self.scale)
         app.router.add_get("/admin/planner", self.get_planner)
         app.router.add_put("/admin/planner", self.put_planner)
+        adapters.add_routes(self, app)  # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter
 
     def _refused(self, request: web.Request, join: bool = False) -> web.Response | None:
         """None when the caller holds the admin key (or, to add or remove an engine, the cluster's join

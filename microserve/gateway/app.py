@@ -26,6 +26,7 @@ import msgspec
 from aiohttp import web
 
 from microserve import __version__
+from microserve.control import adapters
 from microserve.control.admin import Admin
 from microserve.engine.model.structured import check as check_grammar
 from microserve.gateway import fanout, responses, tools
@@ -115,7 +116,8 @@ class Gateway:
         """Keys, then the handler; every refusal or failure becomes OpenAI's error JSON and one log line
         with its status and code (INFO for 4xx, WARNING for 5xx)."""
         key = self.metrics_key if request.path == "/metrics" else self.api_key if (
-            request.path.startswith("/v1/") or request.path in ("/tokenize", "/detokenize")) else None
+            (request.path.startswith("/v1/") and request.path not in adapters.PATHS)
+            or request.path in ("/tokenize", "/detokenize")) else None
         if key:
             auth = request.headers.get("Authorization", "")
             # NOTE: bytes compare (a non-ASCII header is a 401, not a 500)

@@ -45,6 +45,7 @@ _REPLY: dict[type, type] = {  # the reply each call expects
     P.PrepRecv: P.RecvTicket, P.RemoteSend: P.SendResult, P.StartGenerate: P.GenerateChunk, P.Lend: P.LendTicket,
     P.Attend: P.AttendReply,
     P.Abort: P.AbortReply, P.Stats: P.StatsReply, P.Health: P.HealthReply, P.KVSnapshot: P.KVSnapshotReply,
+    P.Lora: P.LoraReply,
 }
 MAX_RESERVATION_S = 600.0  # a reservation (prep_recv) not taken up for this long no longer counts as load
 
@@ -376,6 +377,10 @@ class EngineHandle:
 
     async def health(self, *, timeout: float | None = None) -> P.HealthReply:
         return await self.call(P.Health(), timeout)  # type: ignore[return-value]
+
+    async def lora(self, action: str, name: str, path: str = "", *, timeout: float | None = None) -> P.LoraReply:
+        """Load (`path` on the engine's host) or unload a LoRA adapter here."""
+        return await self.call(P.Lora(action, name, path), timeout)  # type: ignore[return-value]
 
     async def wait_ready(self, timeout: float = 120.0) -> P.HealthReply:
         """Poll `health` until the engine answers (it may still be loading)."""

@@ -159,6 +159,14 @@ class EngineAPI(Protocol):
         here and the sequence number of the last event published before the snapshot."""
         ...
 
+    async def lora(self, action: str, name: str, path: str = "") -> P.LoraReply:
+        """Called by the gateway's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` (admin key), on
+        every engine. `load` reads the PEFT folder `path` (on this engine's host) into a free slot;
+        `unload` frees the slot of an adapter no request runs under. Returns the adapters loaded after
+        the call. Raises BAD_REQUEST (unknown action or adapter, a bad folder or rank, no free slot,
+        adapters off, requests still running under it)."""
+        ...
+
 
 async def dispatch(api: EngineAPI, call: P.Call) -> P.Reply | AsyncIterator[P.GenerateChunk]:
     """The single place a decoded call becomes a method call: a reply, or for
@@ -182,4 +190,6 @@ async def dispatch(api: EngineAPI, call: P.Call) -> P.Reply | AsyncIterator[P.Ge
         return api.health()
     if isinstance(call, P.KVSnapshot):
         return await api.kv_snapshot()
+    if isinstance(call, P.Lora):
+        return await api.lora(call.action, call.name, call.path)
     raise EngineError(ErrorCode.BAD_REQUEST, f"unknown call {type(call).__name__}")

@@ -190,6 +190,16 @@ class Backend(ABC):
         """Per KV-store tier: hits, bytes (empty without `--kv-store`)."""
 
     @abstractmethod
+    async def load_lora(self, name: str, path: str) -> list[str]:
+        """Load the PEFT adapter folder `path` as `name` (for `lora`); returns the adapters loaded.
+        Raises EngineError BAD_REQUEST (adapters off, a bad folder or rank, no free slot, a name in use)."""
+
+    @abstractmethod
+    async def unload_lora(self, name: str) -> list[str]:
+        """Unload adapter `name` (for `lora`); returns the adapters left. Raises EngineError
+        BAD_REQUEST (unknown, or requests still run under it)."""
+
+    @abstractmethod
     def use_kv_key(self, key: bytes) -> None:
         """The cluster's KV key: refuse unsigned `KVAddr`s in sends (the service signs its own)."""
 

@@ -4,7 +4,8 @@
     remote_send    checks ─> backend.send (prefill [0, end) there, push [begin, end) to the ticket) ─> SendResult
     start_generate checks ─> wait for the ticket's KV ─> backend.submit ─> stream (abort on early exit)
     abort          sends (abort_send), tickets (release_ticket), the request (abort_request), its stream
-    stats / health / kv_snapshot   assembled here from the backend's books
+    stats / health / kv_snapshot   assembled from the backend's books (serving/replies.py)
+    lora           backend.load_lora / unload_lora
 
 The service is the one class with the calls; a backend (`BuiltinBackend`, `SimBackend`,
 `VLLMBackend`) implements the abstract `Backend` and never a call. Everything runs on the
@@ -32,6 +33,7 @@ from microserve import tracing
 from microserve.engine.core.engine_core import StepOutput
 from microserve.engine.core.sequence import Finish
 from microserve.sampling_params import SamplingParams
+from microserve.serving import replies
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.attend_server import answer_attend
 from microserve.serving.backend import Backend
@@ -369,22 +371,16 @@ class EngineService:
         return found or queue is not None
 
     def stats(self) -> P.StatsReply:
-        s = self.backend.engine_stats()
-        sent, received = self.backend.kv_bytes()
-        return P.StatsReply(
-            engine_id=self.engine_id, running=s.running, waiting=s.waiting, queued_tokens=s.queued_tokens,
-            kv_blocks_total=s.kv_blocks_total, kv_blocks_used=s.kv_blocks_used, kv_blocks_cached=s.kv_blocks_cached,
-            prefix_cache_hit_tokens=s.prefix_cache_hit_tokens, computed_tokens_total=s.computed_tokens_total,
-            num_preemptions=s.num_preemptions, open_tickets=len(self.tickets), active_sends=len(self._sends),
-            kv_bytes_sent=sent, kv_bytes_received=received, kernels=s.kernels, kv_store=self.backend.store_stats(),
-            kv_blocks_lent=sum(len(t.blocks) for t in self.tickets.lent()), kv_blocks_borrowed=s.kv_blocks_borrowed,
-            prefix_cache_query_tokens=s.prefix_cache_query_tokens, remote_attends=s.remote_attends,
-            remote_attend_seconds=s.remote_attend_seconds, attends_served=self.attends_served,
-            busy_seconds=self.busy_seconds, loras=list(s.loras))
+        return replies.stats(self)
 
     def health(self) -> P.HealthReply:
-        return P.HealthReply(True, self.engine_id, self.model_name, self.kv_spec, list(self.transports),
-                             self.events_addr, self.max_model_len)
+        return replies.health(self)
+
+    async def lora(self, action: str, name: str, path: str = "") -> P.LoraReply:
+        if action not in ("load", "unload") or not name or (action == "load" and not path):
+            raise EngineError(ErrorCode.BAD_REQUEST, "lora: action 'load' (a name and a path) or 'unload' (a name)")
+        done = self.backend.load_lora(name, path) if action == "load" else self.backend.unload_lora(name)
+        return P.LoraReply(await done)
 
     async def kv_snapshot(self) -> P.KVSnapshotReply:
         async with self.lock:  # between steps: the snapshot and the event number agree

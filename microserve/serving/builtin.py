@@ -26,6 +26,7 @@ from microserve.engine.core.engine_core import EngineStats, StepOutput
 from microserve.engine.core.sequence import LentRange
 from microserve.engine.engine import LLMEngine
 from microserve.engine.model.dist_attention import merge_parts, range_attention, seen_whole
+from microserve.engine.model.lora import LoraError, load_peft
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.core import CoreBackend
 from microserve.serving.kv_plane import KVPlane, PlaneTransfers
@@ -54,6 +55,27 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
 
     async def step(self) -> list[StepOutput]:
         return await asyncio.get_running_loop().run_in_executor(self._step_pool, self.engine.step)
+
+    async def load_lora(self, name: str, path: str) -> list[str]:
+        engine = self.engine
+        try:
+            if engine.lora is None:
+                raise LoraError("LoRA adapters are off: start the engine with --enable-lora")
+            adapter = await asyncio.get_running_loop().run_in_executor(  # NOTE: file reads off the loop
+                None, load_peft, name, path, engine.model_config.num_layers)
+            async with self.service.lock:
+                engine.lora.add(adapter)
+        except LoraError as exc:
+            raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        return sorted(engine.lora.adapters)
+
+    async def unload_lora(self, name: str) -> list[str]:
+        try:
+            async with self.service.lock:
+                self.engine.unload_lora(name)
+        except LoraError as exc:
+            raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        return sorted(self.engine.lora.adapters)
 
     async def push(self, job: SendJob, kv: KVAddr, begin: int, end: int, mode: str) -> tuple[int, str]:
         seq = job.seq

@@ -183,7 +183,9 @@ class ZMQFrontend:
         self.backend = VLLMBackend(opts.model, self.engine_id, opts.dtype, block_size=cfg.block_size,
                                    num_kv_blocks=cfg.num_kv_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
                                    kv_host=opts.kv_host, kv_port=opts.kv_port, transfer_timeout=opts.transfer_timeout,
-                                   transports=transports, best_effort=opts.transport == "auto")
+                                   transports=transports, best_effort=opts.transport == "auto",
+                                   enable_lora=cfg.enable_lora, lora_modules=cfg.lora_modules, max_loras=cfg.max_loras,
+                                   max_lora_rank=cfg.max_lora_rank)
         self.service = EngineService(self.backend, opts.lease_s, opts.transfer_timeout, opts.max_lease_s)
         self.service.hold.interval = cfg.stream_interval
         self.transports = self.service.transports

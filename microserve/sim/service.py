@@ -124,6 +124,13 @@ class SimBackend(CoreBackend):
     def attend_range(self, groups, layer: int, positions: list[int], q: bytes, scale: float) -> tuple[bytes, bytes]:
         raise EngineError(ErrorCode.BAD_REQUEST, "attend: the simulator does not model DistAttention yet")
 
+    async def load_lora(self, name: str, path: str) -> list[str]:
+        raise EngineError(ErrorCode.BAD_REQUEST, "lora: the simulator loads no adapters (a request that names one "
+                          "is timed as the base model, its KV kept apart under the adapter's name)")
+
+    async def unload_lora(self, name: str) -> list[str]:
+        raise EngineError(ErrorCode.BAD_REQUEST, "lora: the simulator loads no adapters")
+
     def use_kv_key(self, key: bytes) -> None:
         pass  # NOTE: simulated sends read their peer's ticket directly: nothing to sign
 

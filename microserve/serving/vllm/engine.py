@@ -38,6 +38,7 @@ from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.backend import Backend
 from microserve.serving.kv_plane import KVPlane, PlaneTransfers
 from microserve.serving.tickets import Ticket, TicketState
+from microserve.serving.vllm.adapters import VLLMLoras
 from microserve.serving.vllm.params import logprobs_of, prompt_logprobs_of, to_vllm
 from microserve.text import check_prompt
 
@@ -69,7 +70,8 @@ class VLLMBackend(PlaneTransfers, Backend):
                  num_kv_blocks: int | None = None, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, kv_host: str = "127.0.0.1", kv_port: int = 0,
                  transfer_timeout: float = 30.0, seed: int = 0, transports: list[str] | None = None,
-                 best_effort: bool = False) -> None:
+                 best_effort: bool = False, enable_lora: bool = False, lora_modules: tuple = (),
+                 max_loras: int | None = None, max_lora_rank: int = 16) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # scheduler + worker in this process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default takes most of the RAM
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only our READY line
@@ -81,7 +83,10 @@ class VLLMBackend(PlaneTransfers, Backend):
         self.engine_id, self.transports, self.model_name = engine_id, list(transports or ["tcp"]), model
         self.transfer_timeout = transfer_timeout
         self.bridge = bridge_for(engine_id)
-        args = EngineArgs(
+        self.loras = VLLMLoras(enable_lora, lora_modules)  # vLLM's LoRARequests by name (adapters.py)
+        lora = dict(enable_lora=True, max_loras=max_loras or max(1, len(lora_modules)),
+                    max_lora_rank=max_lora_rank) if enable_lora else {}
+        args = EngineArgs(**lora,
             model=model, dtype=dtype or "auto", block_size=block_size, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, enforce_eager=True, seed=seed,
             num_gpu_blocks_override=num_kv_blocks,
@@ -164,13 +169,20 @@ class VLLMBackend(PlaneTransfers, Backend):
             queue.put_nowait(out)
         return True
 
+    async def load_lora(self, name: str, path: str) -> list[str]:
+        return await self.loras.load(self._call, self.llm, name, path)
+
+    async def unload_lora(self, name: str) -> list[str]:
+        return await self.loras.unload(self._call, self.llm, self.scheduler, name)
+
     def _add(self, rid: str, prompt: list[int], sampling: SamplingParams, extra: dict | None = None):
+        lora = self.loras.request(sampling.lora)
         params = to_vllm(sampling, extra)
         if sampling.logprobs is not None:
             self._logprob_k[rid] = sampling.logprobs
         if sampling.prompt_logprobs is not None:
             self._prompt_k[rid] = sampling.prompt_logprobs
-        return self._call(self.llm.add_request, rid, {"prompt_token_ids": list(prompt)}, params)
+        return self._call(self.llm.add_request, rid, {"prompt_token_ids": list(prompt)}, params, lora_request=lora)
 
     async def _abort_vllm(self, rid: str) -> None:
         await self._call(self.llm.abort_request, [rid])
@@ -287,8 +299,8 @@ class VLLMBackend(PlaneTransfers, Backend):
         queue: asyncio.Queue[StepOutput] = asyncio.Queue()
         self._send_outs[job_id] = queue
         try:
-            await self._add(job_id, prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
-                            {"send": key})
+            await self._add(job_id, prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True,
+                                                           lora=lora), {"send": key})
             self.service.wake()
             cached = 0
             while True:
@@ -374,7 +386,8 @@ class VLLMBackend(PlaneTransfers, Backend):
         return EngineStats(running=len(s.running), waiting=len(s.waiting), kv_blocks_total=total,
                            kv_blocks_used=total - pool.get_num_free_blocks(), kv_blocks_cached=cached,
                            prefix_cache_hit_tokens=self._cached, computed_tokens_total=self._computed,
-                           queued_tokens=sum(r.num_tokens - r.num_computed_tokens for r in reqs), kernels="vllm")
+                           queued_tokens=sum(r.num_tokens - r.num_computed_tokens for r in reqs), kernels="vllm",
+                           loras=tuple(self.loras.names()))
 
 
 def _layer_index(name: str) -> int:

@@ -67,6 +67,10 @@ def test_each_adapter_and_the_base_equal_peft_in_one_mixed_batch(setup):
         assert [[t for t, _ in alts] for _, alts in out.logprobs] == top, name
     # the adapters do change the output (the test is not vacuous)
     assert len({tuple(o.token_ids) for o in outs[:3]}) == 3
+    # a batch under one adapter alone (the step computes only the slots it uses)
+    for name in ("b16", "a8"):
+        alone = llm.generate(PROMPTS, SamplingParams(**greedy, lora=name))
+        assert [o.token_ids for o in alone] == [hf_greedy(refs[name], p, 12) for p in PROMPTS], name
 
 
 def test_kv_computed_under_one_adapter_is_never_reused_under_another(setup):

@@ -91,6 +91,7 @@ class _Weights:
         s, r = owner.max_loras, owner.max_rank
         self.a = torch.zeros(module.in_features, len(parts) * s * r, dtype=dtype, device=device)
         self.b = [torch.zeros(s * r, n, dtype=dtype, device=device) for n in parts]
+        self._key, self._ops = None, (self.a, self.b)  # the active slots' A and B (`operands`)
 
     def set(self, slot: int, part: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
         s, r = self.owner.max_loras, self.owner.max_rank
@@ -102,13 +103,27 @@ class _Weights:
             self.a[:, col:col + k] = a.t().to(self.a.dtype)
             self.b[part][slot * r:slot * r + k] = (b.t() * scale).to(self.a.dtype)
 
+    def operands(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A and B of the slots this step uses, side by side (copied once per change of that set)."""
+        owner = self.owner
+        if self._key != owner.active_key:
+            act = owner.active
+            if len(act) == owner.max_loras:
+                self._ops = (self.a, self.b)
+            else:
+                s, r, idx = owner.max_loras, owner.max_rank, owner.active_index
+                a = self.a.view(self.a.shape[0], len(self.parts), s, r)[:, :, idx].reshape(self.a.shape[0], -1)
+                self._ops = (a, [b.view(s, r, -1)[idx].reshape(len(act) * r, -1) for b in self.b])
+            self._key = owner.active_key
+        return self._ops
+
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         mask = self.owner.mask
-        width = mask.shape[1]
-        xa = (x @ self.a).view(x.shape[0], len(self.parts), width) * mask.unsqueeze(1)
+        a, b = self.operands()
+        xa = (x @ a).view(x.shape[0], len(self.parts), mask.shape[1]) * mask.unsqueeze(1)
         off = 0
         for p, n in enumerate(self.parts):
-            y[:, off:off + n] += xa[:, p] @ self.b[p]
+            y[:, off:off + n] += xa[:, p] @ b[p]
             off += n
         return y
 
@@ -126,6 +141,10 @@ class LoraSlots:
         self.model, self.max_loras, self.max_rank = model, max_loras, max_rank
         self.adapters: dict[str, tuple[int, LoraAdapter]] = {}
         self.mask: torch.Tensor | None = None
+        self.active: tuple[int, ...] = ()  # the slots the next forward uses, ascending
+        self.active_index: torch.Tensor | None = None
+        self.active_key: tuple = ()  # (weights version, active): what `_Weights.operands` caches
+        self._version = 0
         cfg = model.config
         dtype, device = model.model.embed_tokens.weight.dtype, model.model.embed_tokens.weight.device
         q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
@@ -139,8 +158,7 @@ class LoraSlots:
             for key, (module, parts) in mods.items():
                 module.lora = weights[key] = _Weights(self, module, parts, dtype, device)
             self.layers.append(weights)
-        self._col_slot = torch.arange(max_loras * max_rank, device=device) // max_rank
-        self._dtype = dtype
+        self._device, self._dtype = device, dtype
 
     def slot_of(self, name: str) -> int:
         if name not in self.adapters:
@@ -162,6 +180,7 @@ class LoraSlots:
                 a, b = adapter.weights.get((i, peft), (None, None))
                 weights[key].set(slot, part, a, b, adapter.scale)
         self.adapters[adapter.name] = (slot, adapter)
+        self._version += 1
         return slot
 
     def remove(self, name: str) -> None:
@@ -170,11 +189,18 @@ class LoraSlots:
             for key, part in TARGETS.values():
                 weights[key].set(slot, part, None, None, 0.0)
         del self.adapters[name]
+        self._version += 1
 
     def begin_step(self, token_slots: list[int]) -> None:
         """Which slot each token of the next forward runs under (-1: the base model alone)."""
         if not token_slots or max(token_slots) < 0:
             self.mask = None
             return
-        slots = torch.tensor(token_slots, device=self._col_slot.device)
-        self.mask = (slots.unsqueeze(1) == self._col_slot.unsqueeze(0)).to(self._dtype)
+        active = tuple(sorted(set(token_slots) - {-1}))
+        if (self._version, active) != self.active_key:
+            self.active, self.active_key = active, (self._version, active)
+            self.active_index = torch.tensor(active, device=self._device)
+        where = {slot: i for i, slot in enumerate(active)}
+        rows = torch.tensor([where.get(s, -1) for s in token_slots], device=self._device)
+        cols = torch.arange(len(active) * self.max_rank, device=self._device) // self.max_rank
+        self.mask = (rows.unsqueeze(1) == cols.unsqueeze(0)).to(self._dtype)

@@ -326,3 +326,48 @@ def test_live_migration_between_vllm_engines(cluster):
                 assert (await b.stats()).kv_bytes_received > received  # the KV moved, it was not recomputed
                 assert last.num_cached_tokens >= n
     run(go())
+
+
+def _adapter(model: str, folder, seed: int, rank: int) -> str:
+    """A PEFT adapter of random weights on every projection of `model`, saved to `folder`."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    tuned = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), peft.LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"]))
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    tuned.save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+async def test_lora_adapters_on_a_vllm_engine_equal_the_builtin_engine(model, tmp_path):
+    """`--enable-lora --lora-modules` on a vLLM engine, and one more adapter loaded with the `lora`
+    call: each adapter's greedy tokens equal the built-in engine's under the same PEFT folder."""
+    from microserve import LLM
+
+    a8, b16 = _adapter(model, tmp_path / "a8", 0, 8), _adapter(model, tmp_path / "b16", 1, 16)
+    proc = start_engine(model, *VLLM, "--enable-lora", "--max-loras", "2", "--lora-modules", f"a8={a8}",
+                        engine_id="L", python=VLLM_PYTHON)
+    eng = wait_engine(proc, timeout=300)
+    try:
+        ours = LLM(model, enable_lora=True, lora_modules={"a8": a8, "b16": b16})
+        prompt = rand_prompt(40, 7)
+        async with EngineHandle(eng.rpc, name="L", timeout=120) as h:
+            assert (await h.stats()).loras == ["a8"]
+            assert (await h.lora("load", "b16", b16)).loras == ["a8", "b16"]
+            for name in (None, "a8", "b16"):
+                sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, lora=name)
+                got = [t async for ch in h.start_generate(req(prompt, sp)) for t in ch.token_ids]
+                assert got == ours.generate([prompt], sp)[0].token_ids, name
+            with pytest.raises(EngineCallError, match="unknown LoRA adapter 'c'"):
+                [ch async for ch in h.start_generate(req(prompt, SamplingParams(max_tokens=2, lora="c")))]
+            assert (await h.lora("unload", "b16")).loras == ["a8"]
+    finally:
+        eng.proc.terminate()
+        assert eng.proc.wait(60) == 0

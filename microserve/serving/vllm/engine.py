@@ -22,6 +22,7 @@ pages arrive (with the request's own sampling parameters; a different `sampling`
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -182,7 +183,8 @@ class VLLMBackend(PlaneTransfers, Backend):
             self._logprob_k[rid] = sampling.logprobs
         if sampling.prompt_logprobs is not None:
             self._prompt_k[rid] = sampling.prompt_logprobs
-        return self._call(self.llm.add_request, rid, {"prompt_token_ids": list(prompt)}, params, lora_request=lora)
+        return self._call(functools.partial(self.llm.add_request, lora_request=lora), rid,
+                          {"prompt_token_ids": list(prompt)}, params)
 
     async def _abort_vllm(self, rid: str) -> None:
         await self._call(self.llm.abort_request, [rid])

@@ -167,3 +167,30 @@ def test_launch_refuses_adapters_without_enable_lora(setup):
                           str(path), "--lora-modules", f"a8={folders['a8']}"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and "--lora-modules needs --enable-lora" in out.stderr
+
+
+async def test_lora_affinity_keeps_each_adapter_on_one_engine(setup):
+    """`launch --strategy lora_affinity --engines 2`: interleaved requests under two adapters settle one
+    adapter per engine (each engine's batches then run one adapter), with outputs as offline."""
+    path, _, _, folders = setup
+    dep = start_launch("--strategy", "lora_affinity", "--engines", "2", "--model", str(path), "--enable-lora",
+                       "--lora-modules", *(f"{k}={v}" for k, v in folders.items()), "--admin-key", ADMIN,
+                       "--log-level", "error")
+    try:
+        c = openai.AsyncOpenAI(base_url=dep.base_url, api_key="x", max_retries=0)
+        names = ["a8", "b16"] * 4
+        outs = await asyncio.gather(*(c.completions.create(model=n, prompt=PROMPTS[i % 3], max_tokens=24,
+                                                           temperature=0, extra_body={"ignore_eos": True})
+                                      for i, n in enumerate(names)))
+        llm = LLM(str(path), enable_lora=True, lora_modules=folders)
+        want = llm.generate([PROMPTS[i % 3] for i in range(len(names))],
+                            [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, lora=n) for n in names])
+        assert [o.choices[0].text for o in outs] == [w.text for w in want]
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN}"}) as s, \
+                s.get(dep.url + "/admin/requests") as r:
+            engine_of = {e["request_id"]: e["calls"][0]["engine"] for e in (await r.json())["requests"]}
+        placed = {n: {engine_of[o.id] for o, m in zip(outs, names) if m == n} for n in ("a8", "b16")}
+        assert len(placed["a8"]) == len(placed["b16"]) == 1 and placed["a8"] != placed["b16"], placed
+        await c.close()
+    finally:
+        assert dep.stop() == 0

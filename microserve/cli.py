@@ -63,7 +63,8 @@ def _engine(args: argparse.Namespace) -> int:
                           skip_tokenizer_init=args.skip_tokenizer_init, stream_interval=args.stream_interval,
                           mixed_batches=not args.no_mixed_batches, enable_lora=args.enable_lora,
                           lora_modules=tuple(args.lora_modules), max_loras=args.max_loras,
-                          max_lora_rank=args.max_lora_rank)
+                          max_lora_rank=args.max_lora_rank, seed=args.seed, tokenizer=args.tokenizer,
+                          tensor_parallel_size=args.tensor_parallel_size)
     from microserve.security import resolve
 
     opts = EngineOptions(str(resolve_model(args.model)), args.rpc, args.events, args.device, args.dtype,
@@ -163,7 +164,7 @@ def _router(args: argparse.Namespace) -> int:
                 opts.served_model_name = Path(model).name if model else "model"
         from microserve.demo import resolve_model
 
-        tokenizer = NoTokenizer() if args.skip_tokenizer_init else load_tokenizer(resolve_model(model))
+        tokenizer = NoTokenizer() if args.skip_tokenizer_init else load_tokenizer(resolve_model(model), opts)
         return await serve(cluster, strategy, tokenizer, opts)
 
     return asyncio.run(main())
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "no role: 'engine')")
     rou.add_argument("--model", default=None,
                      help="checkpoint folder with the tokenizer (default: the path the engines report)")
+    rou.add_argument("--tokenizer", default=None, metavar="PATH", help="a tokenizer folder other than the model's")
     rou.set_defaults(func=_router)
 
     from microserve import bench

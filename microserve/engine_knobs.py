@@ -14,7 +14,12 @@ def engine_knobs() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("engine options")
     g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default=None, choices=["auto", "float32", "float", "bfloat16", "float16", "half"],
+                   help="weights and KV (auto: the checkpoint's; half precision becomes float32 on CPU)")
+    g.add_argument("--tokenizer", default=None, metavar="PATH", help="a tokenizer folder other than the model's")
+    g.add_argument("--seed", type=int, default=None, help="the engine's sampling seed for unseeded requests")
+    g.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
+                   help="devices per engine (vLLM backend; the built-in engine runs one: run more engines)")
     g.add_argument("--transport", default="auto", choices=["auto", *TRANSPORTS],
                    help="how KV moves between engines (auto: shm on one host, then nixl, ucx, tcp)")
     g.add_argument("--lease-seconds", type=float, default=60.0, help="default lease of a receive ticket")
@@ -94,4 +99,9 @@ def check_knobs(args: argparse.Namespace) -> str | None:
     """Why these engine options cannot work together (one line), or None."""
     if args.lora_modules and not args.enable_lora:
         return "--lora-modules needs --enable-lora"
+    if args.tensor_parallel_size > 1 and getattr(args, "backend", "builtin") != "vllm":
+        return ("--tensor-parallel-size > 1 needs --backend vllm: the built-in engine runs on one device "
+                "(run more engines instead)")
+    if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
+        return f"--tokenizer {args.tokenizer}: no such folder"
     return None

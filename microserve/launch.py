@@ -160,10 +160,24 @@ def check_layout(strategy: Strategy, layout: Mapping[str, int]) -> None:
                             f"the engines have roles {', '.join(layout) or 'none'} (missing: {', '.join(missing)})")
 
 
-def load_tokenizer(model_path: str | Path):
+def load_tokenizer(model_path: str | Path, opts: ServeOptions | None = None):
+    """The router's tokenizer (`--tokenizer`, else the checkpoint's), with `--chat-template` applied; also
+    loads the gateway's default sampling (`--generation-config`) into `opts`. Raises ValueError."""
     from microserve.engine.model.tokenizer import Tokenizer
+    from microserve.gateway.generation import load_defaults
 
-    return Tokenizer(model_path)
+    tokenizer = Tokenizer(opts.tokenizer if opts is not None and opts.tokenizer else model_path)
+    if opts is not None:
+        if opts.chat_template:
+            template = Path(opts.chat_template)
+            if template.is_file():
+                tokenizer.chat_template = template.read_text()
+            elif "{{" in opts.chat_template or "{%" in opts.chat_template:
+                tokenizer.chat_template = opts.chat_template
+            else:
+                raise ValueError(f"--chat-template {opts.chat_template}: no such file (nor a Jinja template)")
+        opts.sampling_defaults = load_defaults(opts.generation_config, model_path)
+    return tokenizer
 
 
 async def serve(cluster: Cluster, strategy: Strategy, tokenizer, opts: ServeOptions,
@@ -189,7 +203,8 @@ async def serve(cluster: Cluster, strategy: Strategy, tokenizer, opts: ServeOpti
         router.metrics.vllm_names = opts.metrics_names == "vllm"
         gateway = Gateway(router, opts.served_model_name, opts.api_key, opts.admin_key,
                           allow_code_upload=opts.allow_code_upload, metrics_key=opts.metrics_key,
-                          aliases=opts.aliases, accept=[opts.model_path] if opts.model_path else None)
+                          aliases=opts.aliases, accept=[opts.model_path] if opts.model_path else None,
+                          defaults=opts.sampling_defaults)
         if opts.log_stats_interval > 0:
             from microserve.logs import StatsLine
 
@@ -244,7 +259,7 @@ async def launch(strategy: Strategy, model: str, layout: Mapping[str, int], engi
 
     check_layout(strategy, layout)
     model_path = str(resolve_model(model))
-    tokenizer = NoTokenizer() if "--skip-tokenizer-init" in engine_args else load_tokenizer(model_path)
+    tokenizer = NoTokenizer() if "--skip-tokenizer-init" in engine_args else load_tokenizer(model_path, opts)
     key = resolve(opts.cluster_key)
     private = None
     if key is None:

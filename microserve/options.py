@@ -37,6 +37,10 @@ class ServeOptions:
     planner: str | None = None  # launch --planner FILE (control/planner.py)
     planner_args: dict = field(default_factory=dict)  # --planner-arg NAME=VALUE
     scale_bounds: dict = field(default_factory=dict)  # --scale-bounds ROLE=MIN:MAX: {role: (min, max)}
+    tokenizer: str | None = None  # --tokenizer: the router's (and launch's engines') tokenizer folder
+    chat_template: str | None = None  # --chat-template: a Jinja file or the template itself
+    generation_config: str = "auto"  # --generation-config auto|vllm|FOLDER (gateway/generation.py)
+    sampling_defaults: dict = field(default_factory=dict)  # what generation_config gives, once loaded
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -61,6 +65,11 @@ def serve_parser() -> argparse.ArgumentParser:
     g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="names clients pass as `model` (default: the folder name); the first is the one responses "
                         "carry unless a request names another; the --model path as given is accepted too")
+    g.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                   help="the chat template (a Jinja file, or the template itself) instead of the tokenizer's")
+    g.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
+                   help="default temperature, top_p, top_k, min_p, repetition_penalty for requests that leave them "
+                        "out: the model's generation_config.json (auto, as vLLM), a folder's, or none (vllm)")
     g.add_argument("--request-timeout", type=float, default=600.0, help="per-request deadline in seconds")
     g.add_argument("--max-retries", type=int, default=2,
                    help="restarts on another engine when one fails before the first token")
@@ -110,5 +119,6 @@ def serve_setup(args: argparse.Namespace, model: str | None) -> tuple[Strategy, 
         max_pending=args.max_pending, cluster_key=args.cluster_key, admin_key=args.admin_key,
         evict_after=args.evict_after, allow_code_upload=args.allow_code_upload, metrics_key=args.metrics_key,
         log_requests=not args.disable_log_requests, log_stats_interval=args.log_stats_interval,
-        metrics_names=args.metrics_names)
+        metrics_names=args.metrics_names, tokenizer=getattr(args, "tokenizer", None),
+        chat_template=args.chat_template, generation_config=args.generation_config)
     return strategy, opts

@@ -65,6 +65,13 @@ def test_engine_reports_bad_setup(demo_path, tmp_path, cli):
     (["launch", "--strategy", "round_robin", "--model", "/nonexistent/ckpt"], "no such checkpoint folder"),
     (["engine", "--model", "demo", "--rpc", "tcp://127.0.0.1:99999"], "port must be in 1-65535"),
     (["engine", "--model", "demo", "--rpc", "ipc:///tmp/x"], "expected tcp://"),
+    (["engine", "--model", "demo", "--tensor-parallel-size", "2"], "needs --backend vllm"),
+    (["launch", "--strategy", "round_robin", "--model", "demo", "-tp", "2"], "needs --backend vllm"),
+    (["engine", "--model", "demo", "--tokenizer", "/nonexistent/tok"], "no such folder"),
+    (["launch", "--strategy", "round_robin", "--model", "demo", "--chat-template", "/nonexistent.jinja"],
+     "no such file"),
+    (["launch", "--strategy", "round_robin", "--model", "demo", "--generation-config", "/nonexistent"],
+     "no generation_config.json"),
     (["sim", "--strategy", "pd", "--roles", "engine=2", "--workload", "chat", "--rate", "1", "--num-requests", "2"],
      "needs role(s) prefill"),
     (["sim", "--strategy", "pd", "--engines", "2", "--workload", "chat", "--rate", "1", "--num-requests", "2"],
@@ -96,3 +103,12 @@ def test_transport_nixl_without_nixl_exits_2_with_the_install_line(command):
                          text=True, timeout=120)
     assert res.returncode == 2 and "pip install 'microserve[nixl]'" in res.stderr and "Traceback" not in res.stderr, \
         res.stderr
+
+
+def test_an_engine_seed_makes_unseeded_sampling_repeat(demo_path):
+    from microserve import LLM, SamplingParams
+
+    sp = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    runs = [LLM(demo_path, seed=s).generate(["seeded engine"] * 2, sp) for s in (7, 7, 8)]
+    tokens = [[o.token_ids for o in run] for run in runs]
+    assert tokens[0] == tokens[1] and tokens[0] != tokens[2]

@@ -123,15 +123,26 @@ async def _stream_completion(client: openai.AsyncOpenAI, model_id: str, prompt: 
     return "".join([c.choices[0].text async for c in stream if c.choices])
 
 
-async def test_several_served_names_the_model_path_and_version(demo_path):
+async def test_several_served_names_the_model_path_and_version(demo_path, tmp_path):
     """`--served-model-name A B`: /v1/models lists both, either (and the --model path as given) is
-    served and echoed back; an unknown name is a 404; /version answers as vLLM's."""
+    served and echoed back; an unknown name is a 404; /version answers as vLLM's. vLLM's
+    `--chat-template`, `--generation-config`, `--tokenizer`, `--seed` and `--dtype float` are honoured."""
+    import json
+    import shutil
+
     import aiohttp
 
     import microserve
 
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>")
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "generation_config.json").write_text(json.dumps({"top_k": 1, "eos_token_id": 1}))
+    tok = shutil.copytree(demo_path, tmp_path / "tok", ignore=shutil.ignore_patterns("*.safetensors"))
     dep = start_launch("--strategy", "round_robin", "--model", str(demo_path), "--served-model-name", "alpha", "beta",
-                       "--num-kv-blocks", "128", "--log-level", "error")
+                       "--num-kv-blocks", "128", "--log-level", "error", "--chat-template", str(template),
+                       "--generation-config", str(tmp_path / "gen"), "--tokenizer", str(tok), "--seed", "7",
+                       "--dtype", "float")
     try:
         client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="unused", max_retries=0)
         assert [m.id async for m in client.models.list()] == ["alpha", "beta"]
@@ -145,5 +156,14 @@ async def test_several_served_names_the_model_path_and_version(demo_path):
             await client.completions.create(model="gamma", prompt="names", max_tokens=4)
         async with aiohttp.ClientSession() as s, s.get(dep.url + "/version") as r:
             assert (await r.json()) == {"version": microserve.__version__}
+        # the generation config's top_k 1 makes a request that leaves sampling out greedy
+        llm = LLM(demo_path)
+        greedy = llm.generate(["defaults"], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+        out = await client.completions.create(model="alpha", prompt="defaults", max_tokens=12,
+                                              extra_body={"ignore_eos": True})
+        assert out.choices[0].text == greedy.text
+        async with aiohttp.ClientSession() as s, s.post(dep.url + "/tokenize", json={
+                "messages": [{"role": "user", "content": "hi"}]}) as r:
+            assert (await r.json())["tokens"] == llm.tokenizer.encode("<user>hi\n<assistant>", False)
     finally:
         assert dep.stop() == 0

@@ -182,6 +182,9 @@ class EngineConfig:
         lora_modules: adapters loaded at start-up, name -> PEFT folder (`--lora-modules NAME=PATH`).
         max_loras: adapters loaded at once (one slot each; None: as many as `lora_modules`, at least 1).
         max_lora_rank: the largest adapter rank a slot holds (vLLM's default, 16).
+        seed: the engine's sampling generator for unseeded requests (vLLM's `--seed`); None: random.
+        tokenizer: a folder with the tokenizer to use instead of the checkpoint's (vLLM's `--tokenizer`).
+        tensor_parallel_size: devices per engine; the built-in engine runs one (the vLLM backend passes it on).
     """
 
     block_size: int = 16
@@ -200,6 +203,9 @@ class EngineConfig:
     lora_modules: tuple[tuple[str, str], ...] = ()
     max_loras: int | None = None
     max_lora_rank: int = 16
+    seed: int | None = None
+    tokenizer: str | None = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_num_batched_tokens <= 0 or self.max_num_seqs <= 0:

@@ -45,7 +45,11 @@ class LLMEngine(EngineCore):
         self.config = config or EngineConfig()
         self.model_path = Path(model)
         self.model_config = ModelConfig.from_pretrained(self.model_path)
-        self.tokenizer = NoTokenizer() if self.config.skip_tokenizer_init else Tokenizer(self.model_path)
+        if self.config.tensor_parallel_size != 1:
+            raise ValueError(f"the built-in engine runs on one device (tensor_parallel_size "
+                             f"{self.config.tensor_parallel_size}): run more engines, or --backend vllm")
+        self.tokenizer = NoTokenizer() if self.config.skip_tokenizer_init else \
+            Tokenizer(self.config.tokenizer or self.model_path)
         model_obj = load_model(self.model_path, device=device, dtype=dtype)
         mc = self.model_config
         self.kv_spec = KVSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim,
@@ -62,6 +66,8 @@ class LLMEngine(EngineCore):
         self.runner = ModelRunner(model_obj, self.kv_spec, num_blocks, device, kv_cache, self.config.native_kernels,
                                   cuda_graphs=self.config.cuda_graphs, max_num_seqs=self.config.max_num_seqs,
                                   max_model_len=max_model_len)
+        if self.config.seed is not None:
+            self.runner.generator.manual_seed(self.config.seed)
         self.lora: LoraSlots | None = None  # LoRA adapters (engine/model/lora.py), with enable_lora
         if self.config.enable_lora:
             slots = self.config.max_loras or max(1, len(self.config.lora_modules))

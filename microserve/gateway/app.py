@@ -35,6 +35,7 @@ from microserve.gateway.bodies import MAX_BODY_BYTES, Bodies, BodyTooLarge, Body
 from microserve.gateway.fanout import best as _best
 from microserve.gateway.fanout import collect as _collect
 from microserve.gateway.fanout import sum_usage as _sum_usage
+from microserve.gateway.generation import apply_defaults
 from microserve.gateway.observe import observe, refused
 from microserve.gateway.streaming import sse
 from microserve.router.choices import ChoiceGroup
@@ -71,12 +72,14 @@ class Gateway:
         metrics_key: when set, /metrics requires `Authorization: Bearer <metrics_key>`.
         aliases: more names a request may pass as `model` (listed by /v1/models; a response carries
             the name its request gave); `accept`: names taken but not listed (the model path as given).
+        defaults: sampling fields a request leaves out take these (`--generation-config`, generation.py).
     """
 
     def __init__(self, router: Router, model_name: str, api_key: str | None = None,
                  admin_key: str | None = None, *, allow_code_upload: bool = False,
                  metrics_key: str | None = None, aliases: list[str] | None = None,
-                 accept: list[str] | None = None) -> None:
+                 accept: list[str] | None = None, defaults: dict[str, Any] | None = None) -> None:
+        self.defaults = defaults or {}  # default sampling from the model's generation config (generation.py)
         self.router, self.model_name, self.api_key, self.metrics_key = router, model_name, api_key, metrics_key
         self.names = list(dict.fromkeys([model_name, *(aliases or [])]))
         self.accepted = {*self.names, *(accept or [])}
@@ -256,6 +259,7 @@ class Gateway:
         body.check_unsupported()
         sampling, given = body.sampling(body.max_tokens, 16, body.logprobs)
         sampling.lora = lora
+        apply_defaults(body, sampling, self.defaults)
         self._check_ids_only(sampling)
         texts = body.prompts(self.router.max_model_len)
         count = len(texts) * max(sampling.n, sampling.best_of or 1)
@@ -315,6 +319,7 @@ class Gateway:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         sampling, given = body.sampling(max_tokens, self.router.max_model_len, body.logprobs_k())
         sampling.lora = lora
+        apply_defaults(body, sampling, self.defaults)
         self._check_ids_only(sampling)
         if sampling.n > MAX_PROMPTS:
             raise RouterError(ErrorCode.BAD_REQUEST, f"n may be at most {MAX_PROMPTS}", param="n")

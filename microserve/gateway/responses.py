@@ -25,6 +25,7 @@ from aiohttp import web
 
 from microserve.gateway import openai_protocol as O
 from microserve.gateway.fanout import collect, merge
+from microserve.gateway.generation import apply_defaults
 from microserve.router.runtime import RouterError, Usage
 from microserve.serving.api import ErrorCode
 
@@ -133,6 +134,7 @@ async def handle(gw: Gateway, request: web.Request) -> web.StreamResponse:
     chat = body.chat()
     sampling, given = chat.sampling(chat.max_completion_tokens, gw.router.max_model_len)
     sampling.lora = lora
+    apply_defaults(body, sampling, gw.defaults)
     gw.router.admit(1)
     prompt = await gw.router.encode_chat(chat.chat_messages(), chat.template_options())
     sampling = gw.router.check(prompt, sampling, given)

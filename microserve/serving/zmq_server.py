@@ -185,7 +185,9 @@ class ZMQFrontend:
                                    kv_host=opts.kv_host, kv_port=opts.kv_port, transfer_timeout=opts.transfer_timeout,
                                    transports=transports, best_effort=opts.transport == "auto",
                                    enable_lora=cfg.enable_lora, lora_modules=cfg.lora_modules, max_loras=cfg.max_loras,
-                                   max_lora_rank=cfg.max_lora_rank)
+                                   max_lora_rank=cfg.max_lora_rank, seed=cfg.seed or 0, engine_args={
+                                       "tensor_parallel_size": cfg.tensor_parallel_size,
+                                       **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {})})
         self.service = EngineService(self.backend, opts.lease_s, opts.transfer_timeout, opts.max_lease_s)
         self.service.hold.interval = cfg.stream_interval
         self.transports = self.service.transports

@@ -27,7 +27,9 @@ class CheckpointError(ValueError):
 
 
 def resolve_dtype(requested: str | torch.dtype | None, cfg: ModelConfig, device: str) -> torch.dtype:
-    """`None` takes the checkpoint's dtype; float16 on CPU becomes float32 (docs/engine.md, Checkpoints)."""
+    """`None` (or "auto") takes the checkpoint's dtype; float16 on CPU becomes float32 (docs/engine.md,
+    Checkpoints). "float" and "half" are vLLM's names of float32 and float16."""
+    requested = None if requested == "auto" else requested
     name = requested if requested is not None else cfg.torch_dtype
     if isinstance(name, torch.dtype):
         return name

@@ -72,7 +72,7 @@ class VLLMBackend(PlaneTransfers, Backend):
                  enable_prefix_caching: bool = True, kv_host: str = "127.0.0.1", kv_port: int = 0,
                  transfer_timeout: float = 30.0, seed: int = 0, transports: list[str] | None = None,
                  best_effort: bool = False, enable_lora: bool = False, lora_modules: tuple = (),
-                 max_loras: int | None = None, max_lora_rank: int = 16) -> None:
+                 max_loras: int | None = None, max_lora_rank: int = 16, engine_args: dict | None = None) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # scheduler + worker in this process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default takes most of the RAM
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only our READY line
@@ -87,7 +87,7 @@ class VLLMBackend(PlaneTransfers, Backend):
         self.loras = VLLMLoras(enable_lora, lora_modules)  # vLLM's LoRARequests by name (adapters.py)
         lora = dict(enable_lora=True, max_loras=max_loras or max(1, len(lora_modules)),
                     max_lora_rank=max_lora_rank) if enable_lora else {}
-        args = EngineArgs(**lora,
+        args = EngineArgs(**lora, **(engine_args or {}),
             model=model, dtype=dtype or "auto", block_size=block_size, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, enforce_eager=True, seed=seed,
             num_gpu_blocks_override=num_kv_blocks,

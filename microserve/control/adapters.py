@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from functools import partial
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
 
 
 def add_routes(admin: Admin, app: web.Application) -> None:
-    app.router.add_post("/v1/load_lora_adapter", lambda r: load(admin, r))
-    app.router.add_post("/v1/unload_lora_adapter", lambda r: unload(admin, r))
+    app.router.add_post("/v1/load_lora_adapter", partial(load, admin))
+    app.router.add_post("/v1/unload_lora_adapter", partial(unload, admin))
 
 
 PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # the admin key's, not the API key's

@@ -20,6 +20,7 @@ import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -29,7 +30,7 @@ from microserve import __version__
 from microserve.control import adapters
 from microserve.control.admin import Admin
 from microserve.engine.model.structured import check as check_grammar
-from microserve.gateway import fanout, responses, tools
+from microserve.gateway import fanout, info, responses, tools
 from microserve.gateway import openai_protocol as O
 from microserve.gateway.bodies import MAX_BODY_BYTES, Bodies, BodyTooLarge, BodyTooSlow
 from microserve.gateway.fanout import best as _best
@@ -103,12 +104,12 @@ class Gateway:
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
             web.post("/v1/responses", self.responses),
-            web.get("/v1/models", self.models),
-            web.post("/tokenize", self.tokenize),
-            web.post("/detokenize", self.detokenize),
-            web.get("/health", self.health),
+            web.get("/v1/models", partial(info.models, self)),
+            web.post("/tokenize", partial(info.tokenize, self)),
+            web.post("/detokenize", partial(info.detokenize, self)),
+            web.get("/health", partial(info.health, self)),
             web.get("/metrics", self.metrics),
-            web.get("/version", self.version),
+            web.get("/version", partial(info.version, self)),
         ])
         self.admin.add_routes(app)
         return app
@@ -149,57 +150,6 @@ class Gateway:
         return resp
 
     # -- endpoints ----------------------------------------------------------------------
-    async def models(self, request: web.Request) -> web.Response:
-        """As vLLM's, one entry per served name (`root`: the checkpoint the engines serve, `parent` None),
-        then one per LoRA adapter the engines hold (`parent`: the base model's name)."""
-        health = next(iter(self.router.cluster.health.values()), None)
-        created = O.now()
-        root = health.model if health is not None else self.model_name
-        names = [(name, root, None) for name in self.names]
-        names += [(a, a, self.model_name) for a in sorted(self._adapters())]
-        return web.json_response({"object": "list", "data": [{
-            "id": name, "object": "model", "created": created, "owned_by": "microserve",
-            "root": root, "parent": parent,
-            "max_model_len": self.router.max_model_len,
-            "permission": [{"id": f"modelperm-{name}", "object": "model_permission", "created": created,
-                            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
-                            "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-                            "organization": "*", "group": None, "is_blocking": False}]}
-            for name, root, parent in names]})
-
-    async def version(self, request: web.Request) -> web.Response:
-        """vLLM's `/version`."""
-        return web.json_response({"version": __version__})
-
-    async def tokenize(self, request: web.Request) -> web.Response:
-        """vLLM's `/tokenize`: `prompt` (text) or chat `messages` -> token ids."""
-        body: O.TokenizeRequest = await self._decode(await self._read(request), O.TokenizeRequest)
-        self._check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise RouterError(ErrorCode.BAD_REQUEST, "give exactly one of prompt and messages", param="prompt")
-        if body.prompt is not None:
-            tokens = await self.router.encode(body.prompt, body.add_special_tokens)
-        else:
-            tokens = await self.router.encode_chat(O.ChatCompletionRequest(messages=body.messages).chat_messages())
-        return web.json_response({"count": len(tokens), "max_model_len": self.router.max_model_len,
-                                  "tokens": tokens, "token_strs": None})
-
-    async def detokenize(self, request: web.Request) -> web.Response:
-        """vLLM's `/detokenize`: token ids -> text."""
-        body: O.DetokenizeRequest = await self._decode(await self._read(request), O.DetokenizeRequest)
-        self._check_model(body.model)
-        if self.ids_only:
-            raise RouterError(ErrorCode.BAD_REQUEST, "this server runs without a tokenizer (--skip-tokenizer-init)",
-                              param="tokens")
-        tokens = self.router.tokenize(body.tokens) if body.tokens else []
-        return web.json_response({"prompt": self.router.tokenizer.decode(tokens, skip_special_tokens=False)})
-
-    async def health(self, request: web.Request) -> web.Response:
-        cluster = self.router.cluster
-        engines = {h.name: "up" if h.alive else "down" for h in cluster.handles}
-        ok = all(any(h.alive for h in hs) for hs in cluster.roles.values())
-        return web.json_response({"status": "ok" if ok else "degraded", "engines": engines}, status=200 if ok else 503)
-
     async def metrics(self, request: web.Request) -> web.Response:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.router.cluster.poll(), 2.0)

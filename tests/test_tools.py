@@ -10,7 +10,7 @@ import openai
 import pytest
 from deploy import start_launch
 
-from microserve.gateway.tools import parse
+from microserve.gateway.tools import ToolStream, parse
 
 TEMPLATE = (
     "{% if tools %}<|system|>\nYou may call these tools:\n<tools>\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
@@ -89,11 +89,59 @@ async def test_auto_parses_a_hermes_call_and_a_conversation_goes_on(dep):
 
 async def test_tool_refusals(dep):
     client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="x", max_retries=0)
-    cases = [({"tools": [WEATHER], "stream": True}, "stream"),
-             ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    cases = [({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
              ({"tools": [{"type": "retrieval"}]}, "tools"),
              ({"tool_choice": "required"}, "tool_choice")]
     for extra, param in cases:
         with pytest.raises(openai.BadRequestError) as info:
             await client.chat.completions.create(model="demo", messages=ASK, max_tokens=4, **extra)
         assert info.value.body["param"] == param, (extra, info.value.body)
+
+
+def _reassemble(pieces: list[dict]) -> tuple[str, list[tuple[str, str]]]:
+    """(content, [(name, arguments)]) from streamed deltas, as a client reassembles them."""
+    content, calls = "", {}
+    for delta in pieces:
+        content += delta.get("content") or ""
+        for tc in delta.get("tool_calls") or []:
+            call = calls.setdefault(tc["index"], ["", ""])
+            call[0] += (tc.get("function") or {}).get("name") or ""
+            call[1] += (tc.get("function") or {}).get("arguments") or ""
+    return content, [tuple(calls[i]) for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 1000])
+def test_streamed_calls_reassemble_to_the_parsed_ones_whatever_the_pieces(size):
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "rome"}}\n</tool_call>\n'
+            '<tool_call>{"name": "get_time", "arguments": {"zone": "utc"}}</tool_call>')
+    for sample, want_reason in ((text, "tool_calls"), ("no calls <tool but text", "stop"),
+                                ("<tool_call>{not json}</tool_call>", "stop"), ("half <tool_call>{\"na", "length")):
+        stream, deltas, reason = ToolStream("auto", None), [], None
+        pieces = [sample[i:i + size] for i in range(0, len(sample), size)]
+        for k, piece in enumerate(pieces):
+            last = k == len(pieces) - 1
+            delta, reason = stream.push(piece, ("length" if "half" in sample else "stop") if last else None)
+            deltas.append(delta)
+        content, calls = parse(sample)
+        got_content, got_calls = _reassemble(deltas)
+        assert got_calls == [(c["function"]["name"], c["function"]["arguments"]) for c in calls], sample
+        assert got_content == (content or ""), (sample, got_content)
+        assert reason == want_reason
+
+
+async def test_streamed_tool_calls_equal_the_non_streamed_ones(dep):
+    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="x", max_retries=0)
+    forced = '<tool_call>\\n\\{"name": "get_weather", "arguments": \\{"city": "rome"\\}\\}\\n</tool_call>'
+    for kw in (dict(extra_body={"structured_outputs": {"regex": forced}}, max_tokens=150),
+               dict(tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=40,
+                    temperature=0.7, seed=1),
+               dict(tool_choice="required", max_tokens=300, temperature=0.7, seed=2)):
+        whole = await client.chat.completions.create(model="demo", messages=ASK, tools=[WEATHER, TIME], **kw)
+        stream = await client.chat.completions.create(model="demo", messages=ASK, tools=[WEATHER, TIME], stream=True,
+                                                      **kw)
+        chunks = [c async for c in stream]
+        deltas = [c.choices[0].delta.model_dump(exclude_none=True) for c in chunks if c.choices]
+        _, calls = _reassemble(deltas)
+        want = whole.choices[0].message.tool_calls
+        assert want and calls == [(c.function.name, c.function.arguments) for c in want], kw
+        assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason

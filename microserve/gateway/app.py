@@ -300,14 +300,17 @@ class Gateway:
         echo = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
         if body.stream:
             first = [True] * len(streams)
+            parsers = [tools.ToolStream(mode, fname) for _ in streams] if mode else None  # tool calls as they close
 
             def choice(i: int, d: Delta) -> dict[str, Any]:
-                delta = {"role": "assistant", "content": echo + d.text} if first[i] else {"content": d.text}
-                first[i] = False
-                if d.finish_reason is not None and not d.text and "role" not in delta:
-                    delta = {}
+                if parsers is not None:
+                    delta, reason = parsers[i].push(d.text, d.finish_reason)
+                else:
+                    delta, reason = {"content": d.text} if d.text or d.finish_reason is None else {}, d.finish_reason
+                if first[i]:
+                    delta, first[i] = {"role": "assistant", "content": echo + delta.pop("content", "")} | delta, False
                 lp = fanout.chat_logprobs(name, d.token_ids, d.logprobs) if body.logprobs and d.logprobs else None
-                return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason,
+                return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason,
                         "stop_reason": d.stop_reason} | (
                     {"token_ids": d.token_ids} if body.return_token_ids or self.ids_only else {})
 

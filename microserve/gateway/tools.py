@@ -11,7 +11,13 @@ in the Hermes / Qwen convention (vLLM's `hermes` parser):
 `tool_choice`: "none" (tools shown, nothing parsed), "auto" (parsed), a named function (the output is
 that function's arguments, constrained by its JSON schema: a structured output), "required" (one or
 more calls, constrained by a grammar whose JSON parts are the tools' schemas). A template without
-tools, or tool calls in a stream, are refused with a 400 that says so.
+tools is refused with a 400 that says so.
+
+Streamed (`ToolStream`, as vLLM streams them): text before the first `<tool_call>` goes out as
+content (a piece that may start the tag waits); each call goes out as one `tool_calls` delta (index,
+id, name, whole arguments) once its closing tag arrives; the last event's finish reason is
+"tool_calls" when a call went out. A named choice streams its arguments as they come, after a first
+delta with the call's id and name. Reassembled, the calls equal the non-streamed response's.
 """
 
 from __future__ import annotations
@@ -65,8 +71,6 @@ def plan(tools: list[Any] | None, tool_choice: Any, template: str | None, stream
     else:
         raise _bad("tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": "
                    "{\"name\": ...}}", param="tool_choice")
-    if stream:
-        raise _bad("tool calls cannot be streamed yet; send stream=false (or tool_choice=none)", param="stream")
     return mode, name
 
 
@@ -115,3 +119,68 @@ def message(mode: str, name: str | None, text: str, reason: str | None) -> tuple
     if not calls:
         return {"role": "assistant", "content": text}, reason
     return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+
+
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+
+
+class ToolStream:
+    """One streamed choice's deltas under tool mode `mode` (see the module docstring)."""
+
+    def __init__(self, mode: str, name: str | None) -> None:
+        self.mode, self.name = mode, name
+        self.buffer, self.calls, self.in_call, self.started = "", 0, False, False
+        self.gap = ""  # whitespace before the first tag: content again if that tag is not a call
+
+    def push(self, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """The delta for this piece of text, and the finish reason to show with it."""
+        if self.mode == "named":
+            delta: dict[str, Any] = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
+            if not self.started:
+                self.started = True
+                call = _call(self.name or "", text)
+                delta["tool_calls"][0] |= {"id": call["id"], "type": "function", "function": call["function"]}
+            return delta, reason
+        self.buffer += text
+        content, calls = "", []
+        while self.buffer:
+            if not self.in_call:
+                at = self.buffer.find(_OPEN)
+                if at < 0:
+                    cut = len(self.buffer) - (_partial_tag(self.buffer) if reason is None else 0)  # may begin a tag
+                    while reason is None and cut and self.buffer[cut - 1].isspace():
+                        cut -= 1  # NOTE: whitespace right before a call is not content (the parse strips it)
+                    if not self.calls:  # NOTE: text after the calls is not content either
+                        content += self.buffer[:cut]
+                    self.buffer = self.buffer[cut:]
+                    break
+                if not self.calls:
+                    before = self.buffer[:at]
+                    content, self.gap = content + before.rstrip(), before[len(before.rstrip()):]
+                self.buffer, self.in_call = self.buffer[at + len(_OPEN):], True
+            end = self.buffer.find(_CLOSE)
+            if end < 0:
+                break
+            body, self.buffer, self.in_call = self.buffer[:end], self.buffer[end + len(_CLOSE):], False
+            try:
+                obj = json.loads(body.strip())
+            except json.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+                call = _call(obj["name"], obj.get("arguments", {}))
+                calls.append({"index": self.calls} | call)
+                self.calls += 1
+            elif not self.calls:  # NOTE: not a call after all: the text goes out as content
+                content += f"{self.gap}{_OPEN}{body}{_CLOSE}"
+        if reason is not None and self.in_call and not self.calls:
+            content += self.gap + _OPEN + self.buffer  # NOTE: a tag never closed is content, as parse keeps it
+        delta = ({"content": content} if content else {}) | ({"tool_calls": calls} if calls else {})
+        return delta, ("tool_calls" if reason is not None and self.calls else reason)
+
+
+def _partial_tag(text: str) -> int:
+    """How many characters at the end of `text` could begin `<tool_call>`."""
+    for n in range(min(len(text), len(_OPEN) - 1), 0, -1):
+        if _OPEN.startswith(text[-n:]):
+            return n
+    return 0

@@ -222,6 +222,7 @@ class StatsReply(msgspec.Struct, tag="stats_reply", forbid_unknown_fields=True):
     attends_served: int = 0  # DistAttention: attend messages answered here as a lender
     busy_seconds: float = 0.0  # time spent in steps (a planner's capacity: computed tokens per busy second)
     loras: list[str] = []  # LoRA adapters loaded (`--lora-modules`), by name
+    lora_loads: int = 0  # adapters written into one of the engine's slots so far (a slot miss costs one)
 
 
 class HealthReply(msgspec.Struct, tag="health_reply", forbid_unknown_fields=True):

@@ -96,8 +96,16 @@ def test_lora_errors_are_clear(setup, tmp_path):
         LLM(str(path), lora_modules=folders)
     with pytest.raises(LoraError, match="rank 16 > --max-lora-rank 8"):
         LLM(str(path), enable_lora=True, lora_modules=folders, max_lora_rank=8)
-    with pytest.raises(LoraError, match="slots are in use"):
-        LLM(str(path), enable_lora=True, lora_modules=folders, max_loras=1)
+    # one slot for two adapters: each request waits for the slot, and every output is still right
+    one = LLM(str(path), enable_lora=True, lora_modules=folders, max_loras=1)
+    names = ["a8", "b16", None, "b16", "a8"]
+    outs = one.generate([PROMPTS[i % 3] for i in range(5)], [
+        SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, lora=n) for n in names])
+    want = LLM(str(path), enable_lora=True, lora_modules=folders).generate(
+        [PROMPTS[i % 3] for i in range(5)], [SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, lora=n)
+                                              for n in names])
+    assert [o.token_ids for o in outs] == [w.token_ids for w in want]
+    assert one.engine.lora.loads >= 2 and len(one.engine.lora.slots) == 1
     with pytest.raises(LoraError, match=r"adapter_config\.json"):
         load_peft("x", tmp_path, 2)
     llm = LLM(str(path), enable_lora=True, lora_modules={"a8": folders["a8"]})

@@ -72,11 +72,13 @@ class LLMEngine(EngineCore):
         if self.config.enable_lora:
             slots = self.config.max_loras or max(1, len(self.config.lora_modules))
             self.lora = self.runner.lora = LoraSlots(model_obj, slots, self.config.max_lora_rank)
+            self.scheduler.admit = self._admit  # NOTE: a request under an adapter runs once it has a slot
             for name, path in self.config.lora_modules:
                 self.load_lora(name, path)
 
     def load_lora(self, name: str, path: str) -> None:
-        """Load a PEFT adapter into a free slot; raises LoraError (bad folder, rank, no free slot)."""
+        """Register a PEFT adapter (into a free slot now, if there is one); raises LoraError (bad folder,
+        rank, a name in use)."""
         if self.lora is None:
             raise LoraError("LoRA adapters are off: start the engine with --enable-lora")
         self.lora.add(load_peft(name, path, self.model_config.num_layers))
@@ -85,10 +87,18 @@ class LLMEngine(EngineCore):
         """Free an adapter's slot; raises LoraError when requests still run under it or it is unknown."""
         if self.lora is None:
             raise LoraError("LoRA adapters are off: start the engine with --enable-lora")
-        slot = self.lora.slot_of(name)
-        if any(s.lora_slot == slot for s in self._seqs.values()):
+        self.lora.check(name)
+        if any(s.sampling.lora == name for s in self._seqs.values()):
             raise LoraError(f"LoRA adapter {name!r} still has requests; unload it when they end")
         self.lora.remove(name)
+
+    def _admit(self, seq: Sequence) -> bool:
+        """The scheduler's admission check: a request under an adapter needs its slot."""
+        if seq.sampling.lora is None:
+            return True
+        slot = self.lora.acquire(seq.sampling.lora, {s.lora_slot for s in self.scheduler.running})
+        seq.lora_slot = -1 if slot is None else slot
+        return slot is not None
 
     def _attach(self, seq: Sequence) -> None:
         if seq.sampling.lora is not None:
@@ -96,7 +106,7 @@ class LLMEngine(EngineCore):
                 raise InvalidRequestError(f"LoRA adapter {seq.sampling.lora!r} asked for, but adapters are off "
                                           "(start the engine with --enable-lora)")
             try:
-                seq.lora_slot = self.lora.slot_of(seq.sampling.lora)
+                self.lora.check(seq.sampling.lora)
             except LoraError as exc:
                 raise InvalidRequestError(str(exc)) from None
         if seq.sampling.structured is not None and not seq.prefill_only:
@@ -111,5 +121,6 @@ class LLMEngine(EngineCore):
 
     def stats(self) -> EngineStats:
         return replace(super().stats(), kernels=self.runner.kernels,
-                       loras=tuple(sorted(self.lora.adapters)) if self.lora is not None else ())
+                       loras=tuple(sorted(self.lora.adapters)) if self.lora is not None else (),
+                       lora_loads=self.lora.loads if self.lora is not None else 0)
 

@@ -64,7 +64,7 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
             adapter = await asyncio.get_running_loop().run_in_executor(  # NOTE: file reads off the loop
                 None, load_peft, name, path, engine.model_config.num_layers)
             async with self.service.lock:
-                engine.lora.add(adapter)
+                engine.lora.add(adapter)  # NOTE: a slot is filled when a request needs it, if none is free now
         except LoraError as exc:
             raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from None
         return sorted(engine.lora.adapters)

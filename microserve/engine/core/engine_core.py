@@ -69,6 +69,7 @@ class EngineStats:
     remote_attends: int = 0  # attend messages this engine sent its lenders (one per lender, layer and step)
     remote_attend_seconds: float = 0.0  # their round trips, summed (send to reply, on the step thread)
     loras: tuple[str, ...] = ()  # LoRA adapters loaded (engine/model/lora.py)
+    lora_loads: int = 0  # adapters written into a slot so far (each slot miss costs one)
 
 
 class EngineCore:

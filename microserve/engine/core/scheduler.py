@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from microserve.engine.config import EngineConfig
@@ -48,6 +49,7 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.admit: Callable[[Sequence], bool] | None = None  # the engine's admission check (a LoRA slot)
         self.failed: list[Sequence] = []  # preempted borrowers, ended in error by the engine's step
         self.num_preemptions = 0
 
@@ -123,6 +125,9 @@ class Scheduler:
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting.popleft()
+            if self.admit is not None and not self.admit(seq):
+                deferred.append(seq)  # NOTE: its LoRA adapter has no slot yet (engine/model/lora.py)
+                continue
             matched_now = not seq.block_table and seq.num_computed_tokens == 0
             if matched_now:
                 self.kv.match_prefix(seq)

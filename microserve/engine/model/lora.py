@@ -129,17 +129,24 @@ class _Weights:
 
 
 class LoraSlots:
-    """The adapters a model serves: `max_loras` slots of rank up to `max_rank`.
+    """The adapters a model serves: every registered adapter's weights in host memory, and
+    `max_loras` slots of rank up to `max_rank` that the model computes with.
 
-    `add` loads an adapter into a free slot, `remove` frees it; `begin_step(slots)` sets which slot
-    each token of the next forward runs under (-1: none).
+    `add` registers an adapter (and fills a free slot with it at once); `acquire` gives a request
+    its adapter's slot when the scheduler admits it, filling a free slot or the least recently used
+    one no running request needs (None: all are in use, the request waits); `remove` forgets an
+    adapter; `begin_step(slots)` sets which slot each token of the next forward runs under (-1: none).
     """
 
     def __init__(self, model: LlamaForCausalLM, max_loras: int, max_rank: int) -> None:
         if max_loras < 1 or max_rank < 1:
             raise LoraError("max_loras and max_lora_rank must be >= 1")
         self.model, self.max_loras, self.max_rank = model, max_loras, max_rank
-        self.adapters: dict[str, tuple[int, LoraAdapter]] = {}
+        self.adapters: dict[str, LoraAdapter] = {}  # registered, by name
+        self.slots: dict[str, int] = {}  # adapters in a slot -> the slot
+        self.loads = 0  # adapters written into a slot so far (a slot miss costs one)
+        self._used: dict[str, int] = {}  # when each slotted adapter was last acquired (LRU)
+        self._clock = 0
         self.mask: torch.Tensor | None = None
         self.active: tuple[int, ...] = ()  # the slots the next forward uses, ascending
         self.active_index: torch.Tensor | None = None
@@ -160,35 +167,53 @@ class LoraSlots:
             self.layers.append(weights)
         self._device, self._dtype = device, dtype
 
-    def slot_of(self, name: str) -> int:
+    def check(self, name: str) -> None:
+        """Raise LoraError unless `name` is registered."""
         if name not in self.adapters:
             raise LoraError(f"unknown LoRA adapter {name!r}; loaded: {', '.join(sorted(self.adapters)) or 'none'}")
-        return self.adapters[name][0]
 
-    def add(self, adapter: LoraAdapter) -> int:
+    def add(self, adapter: LoraAdapter) -> None:
         if adapter.name in self.adapters:
             raise LoraError(f"LoRA adapter {adapter.name!r} is already loaded")
         if adapter.rank > self.max_rank:
             raise LoraError(f"LoRA adapter {adapter.name!r} has rank {adapter.rank} > --max-lora-rank {self.max_rank}")
-        used = {slot for slot, _ in self.adapters.values()}
-        free = [s for s in range(self.max_loras) if s not in used]
+        self.adapters[adapter.name] = adapter
+        if len(self.slots) < self.max_loras:
+            self.acquire(adapter.name, set())
+
+    def acquire(self, name: str, busy: set[int]) -> int | None:
+        """The slot of adapter `name`, filled now if needed; `busy`: slots running requests use."""
+        self.check(name)
+        self._clock += 1
+        if name in self.slots:
+            self._used[name] = self._clock
+            return self.slots[name]
+        free = sorted(set(range(self.max_loras)) - set(self.slots.values()))
         if not free:
-            raise LoraError(f"all {self.max_loras} LoRA slots are in use (--max-loras); unload one first")
+            idle = [n for n, slot in self.slots.items() if slot not in busy]
+            if not idle:
+                return None
+            victim = min(idle, key=self._used.__getitem__)
+            free = [self.slots.pop(victim)]
+            del self._used[victim]
         slot = free[0]
-        for i, weights in enumerate(self.layers):
-            for peft, (key, part) in TARGETS.items():
-                a, b = adapter.weights.get((i, peft), (None, None))
-                weights[key].set(slot, part, a, b, adapter.scale)
-        self.adapters[adapter.name] = (slot, adapter)
-        self._version += 1
+        self._write(slot, self.adapters[name])
+        self.slots[name], self._used[name] = slot, self._clock
+        self.loads += 1
         return slot
 
     def remove(self, name: str) -> None:
-        slot = self.slot_of(name)
-        for weights in self.layers:
-            for key, part in TARGETS.values():
-                weights[key].set(slot, part, None, None, 0.0)
+        self.check(name)
+        if name in self.slots:
+            self._write(self.slots.pop(name), None)
+            del self._used[name]
         del self.adapters[name]
+
+    def _write(self, slot: int, adapter: LoraAdapter | None) -> None:
+        for i, weights in enumerate(self.layers):
+            for peft, (key, part) in TARGETS.items():
+                a, b = adapter.weights.get((i, peft), (None, None)) if adapter is not None else (None, None)
+                weights[key].set(slot, part, a, b, adapter.scale if adapter is not None else 0.0)
         self._version += 1
 
     def begin_step(self, token_slots: list[int]) -> None:

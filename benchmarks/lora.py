@@ -3,10 +3,15 @@ adapters, against the same batch on an engine without LoRA; and transformers + p
 same mixed batch (`adapter_names`), in the same run.
 
     python benchmarks/lora.py [--batch 32] [--tokens 64] [--rank 16] [--rounds 2] [--hidden 1024]
+    python benchmarks/lora.py --routing [--engines 4] [--adapters 16] [--max-loras 2] [--requests 96]
 
 A random Llama (8 layers, vocabulary 32000), rank-16 adapters of random weights on all seven
 projections (PEFT folders written by peft). Rows take adapters round-robin. Target (issue 39):
 8 adapters >= 0.7x the base model's tokens/s on CPU.
+
+`--routing`: `launch` with `--engines 4 --max-loras 2` and 16 adapters whose popularity follows a
+Zipf law; the same requests (16 at a time, streamed) through `round_robin` and through
+`lora_affinity`: slot loads summed over the engines (GET /admin/engines) and TTFT.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def build(root: Path, hidden: int, rank: int, count: int):
+    """A random Llama at root/base and `count` PEFT adapters (root/adapters/aN); returns the peft model too."""
     import peft
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -89,7 +95,8 @@ def main(args) -> None:
     for name, r in best.items():
         print(f"| {name} | {r:.0f} | {r / ref:.2f}x |")
     if peft_rate is not None:
-        print(f"| transformers + peft `generate`, 8 adapters (adapter_names) | {peft_rate:.0f} | {peft_rate / ref:.2f}x |")
+        print(f"| transformers + peft `generate`, 8 adapters (adapter_names) | {peft_rate:.0f} | "
+              f"{peft_rate / ref:.2f}x |")
 
 
 def peft_generate(tuned, prompts, tokens: int) -> float:
@@ -104,6 +111,65 @@ def peft_generate(tuned, prompts, tokens: int) -> float:
     return (out.shape[1] - ids.shape[1]) * len(prompts) / seconds
 
 
+async def _ttft(client, gate, prompt: list[int], name: str) -> float:
+    async with gate:
+        t0 = time.perf_counter()
+        stream = await client.completions.create(model=name, prompt=prompt, max_tokens=32, temperature=0, stream=True,
+                                                 extra_body={"ignore_eos": True})
+        first = None
+        async for _ in stream:
+            first = first or time.perf_counter() - t0
+        return first
+
+
+async def _loads(session, url: str) -> int:
+    """Slot loads summed over the engines."""
+    async with session.get(url + "/admin/engines") as r:
+        return sum(e["lora_loads"] for e in (await r.json())["engines"])
+
+
+async def routing(args) -> None:
+    import asyncio
+    import random
+    import statistics
+    import sys
+
+    import aiohttp
+    import openai
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from deploy import start_launch
+
+    root = Path(tempfile.mkdtemp(prefix="microserve-bench-lora-"))
+    base, folders, _ = build(root, 256, 8, args.adapters)
+    rng = random.Random(0)
+    weights = [1 / (i + 1) for i in range(args.adapters)]
+    names = rng.choices(sorted(folders, key=lambda n: int(n[1:])), weights, k=args.requests)
+    prompts = [[rng.randrange(2, 250) for _ in range(96)] for _ in range(args.requests)]  # the byte tokenizer
+    print(f"\n{args.requests} requests (96-token prompts, 32 tokens out, {args.concurrency} at a time) under "
+          f"{args.adapters} adapters (Zipf popularity), {args.engines} engines of --max-loras {args.max_loras}\n")
+    print("| strategy | slot loads | mean TTFT ms | p90 TTFT ms | wall s |\n|---|---|---|---|---|")
+    for strategy in ("round_robin", "lora_affinity"):
+        dep = start_launch("--strategy", strategy, "--engines", str(args.engines), "--model", str(base),
+                           "--enable-lora", "--max-loras", str(args.max_loras), "--max-lora-rank", "8",
+                           "--lora-modules", *(f"{k}={v}" for k, v in folders.items()), "--admin-key", "bench",
+                           "--log-level", "error")
+        try:
+            client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="x", max_retries=0)
+            gate = asyncio.Semaphore(args.concurrency)
+            async with aiohttp.ClientSession(headers={"Authorization": "Bearer bench"}) as s:
+                before, t0 = await _loads(s, dep.url), time.perf_counter()
+                ttft = sorted(await asyncio.gather(*(_ttft(client, gate, p, n) for p, n in zip(prompts, names))))
+                wall = time.perf_counter() - t0
+                await asyncio.sleep(1.5)  # NOTE: one more stats poll
+                after = await _loads(s, dep.url)
+            print(f"| {strategy} | {after - before} | {statistics.mean(ttft) * 1e3:.0f} | "
+                  f"{ttft[int(0.9 * len(ttft))] * 1e3:.0f} | {wall:.1f} |")
+            await client.close()
+        finally:
+            dep.stop()
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32)
@@ -112,4 +178,16 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--no-peft", dest="peft", action="store_false", help="skip transformers + peft")
-    main(ap.parse_args())
+    ap.add_argument("--routing", action="store_true", help="round_robin vs lora_affinity over launch instead")
+    ap.add_argument("--engines", type=int, default=4)
+    ap.add_argument("--adapters", type=int, default=16)
+    ap.add_argument("--max-loras", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--concurrency", type=int, default=16)
+    args = ap.parse_args()
+    if args.routing:
+        import asyncio
+
+        asyncio.run(routing(args))
+    else:
+        main(args)

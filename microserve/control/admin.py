@@ -1,7 +1,8 @@
 """The admin API, on the gateway: the cluster changes shape while it serves.
 
     GET    /admin/engines              {"engines": [{id, address, role, alive, running, waiting, kv blocks, KV bytes
-                                       sent/received, prefix and tier hits}], "router": {moves, retries}}
+                                       sent/received, prefix and tier hits, LoRA adapters and slot loads}],
+                                       "router": {moves, retries}}
     POST   /admin/engines              {"address", "role"[, "id"]}: a running engine joins (takes traffic once it
                                        answers); with the join token and an "id" already here at that address,
                                        a 200 no-op (`engine --join` re-posts to re-join after an eviction)
@@ -141,7 +142,8 @@ class Admin:
                         "kv_bytes_sent": s.kv_bytes_sent if s else 0,
                         "kv_bytes_received": s.kv_bytes_received if s else 0,
                         "prefix_hit_tokens": s.prefix_cache_hit_tokens if s else 0,
-                        "tier_hit_tokens": {t.tier: t.hit_tokens for t in s.kv_store} if s else {}})
+                        "tier_hit_tokens": {t.tier: t.hit_tokens for t in s.kv_store} if s else {},
+                        "loras": s.loras if s else [], "lora_loads": s.lora_loads if s else 0})
         m = self.router.metrics
         return web.json_response({"engines": out, "router": {"moves": _total(m.moves), "retries": _total(m.retries)}})
 

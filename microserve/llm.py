@@ -28,7 +28,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # with SamplingParams(logprobs=k): per token, (its logprob, [(token id, logprob)] top k alternatives)
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
-    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # prompt tokens 1..
+    # prompt tokens 1..: (logprob, top k alternatives, the token's rank in the vocabulary)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]], int]] | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's field)
 
 

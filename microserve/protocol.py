@@ -172,6 +172,7 @@ class TokenLogprob(msgspec.Struct, array_like=True):
 
     logprob: float
     top: list[tuple[int, float]] = []  # (token id, logprob), most likely first
+    rank: int | None = None  # the token's 1-based rank in the distribution (prompt logprobs), also outside `top`
 
 
 class GenerateChunk(msgspec.Struct, tag="chunk", forbid_unknown_fields=True):

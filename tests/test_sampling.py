@@ -67,9 +67,11 @@ def test_prompt_logprobs_match_transformers_in_chunks_and_bypass_the_cache(ckpt)
     for _ in range(2):  # the second run would hit the prefix cache: prompt logprobs must bypass it
         out = llm.generate([PROMPT], SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2))[0]
         assert len(out.prompt_logprobs) == len(PROMPT) - 1
-        for j, (lp, top) in enumerate(out.prompt_logprobs):
+        for j, (lp, top, rank) in enumerate(out.prompt_logprobs):
             assert abs(lp - float(ref[j, PROMPT[j + 1]])) < 1e-4
             assert [t for t, _ in top] == ref[j].topk(2).indices.tolist()
+            assert rank == int((ref[j] > ref[j, PROMPT[j + 1]]).sum()) + 1  # NOTE: also beyond the top 2
+        assert max(r for _, _, r in out.prompt_logprobs) > 2
     assert llm.generate([PROMPT], SamplingParams(max_tokens=2))[0].prompt_logprobs is None
 
 
@@ -208,11 +210,16 @@ async def test_echo_with_logprobs_and_prompt_logprobs_through_pd(pd, demo_llm):
     choice = out.choices[0]
     lp = choice.logprobs
     assert choice.text.startswith(prompt) and len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None
-    want = [a for a, _ in ref.prompt_logprobs] + [a for a, _ in ref.logprobs]
+    want = [p[0] for p in ref.prompt_logprobs] + [a for a, _ in ref.logprobs]
     assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:], want)) < 1e-5
     vllm_style = choice.model_extra["prompt_logprobs"]
     assert vllm_style[0] is None and len(vllm_style) == len(ids)
     assert abs(vllm_style[1][str(ids[1])]["logprob"] - ref.prompt_logprobs[0][0]) < 1e-5
+    # each prompt token's rank in the whole vocabulary, as vLLM gives it, also outside the top 1
+    ranks = [vllm_style[j][str(ids[j])]["rank"] for j in range(1, len(ids))]
+    assert ranks == [p[2] for p in ref.prompt_logprobs] and max(ranks) > 1
+    for (logprob, top, rank) in ref.prompt_logprobs:
+        assert (rank == 1) == (abs(logprob - top[0][1]) < 1e-6) and rank >= 1
 
 
 async def test_n_choices_are_the_seeded_single_requests(pd):

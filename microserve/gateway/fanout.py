@@ -143,12 +143,13 @@ def chat_logprobs(name, ids: list[int], lps) -> dict[str, Any]:
 
 def vllm_prompt_logprobs(name, prompt: list[int], lps) -> list[dict[str, Any] | None]:
     """vLLM's `prompt_logprobs`: None for the first token, then {token id: {logprob, rank, decoded_token}}
-    holding the prompt token and its top alternatives (rank: 1-based among those shown, else null)."""
+    holding the prompt token and its top alternatives (rank: 1-based in the whole vocabulary, as vLLM's)."""
     out: list[dict[str, Any] | None] = [None]
     for token, lp in zip(prompt[1:], lps):
         ranks = {t: r for r, (t, _) in enumerate(lp.top, 1)}
         entry = {str(t): {"logprob": v, "rank": ranks[t], "decoded_token": name(t)} for t, v in lp.top}
-        entry.setdefault(str(token), {"logprob": lp.logprob, "rank": ranks.get(token), "decoded_token": name(token)})
+        rank = lp.rank if lp.rank is not None else ranks.get(token)
+        entry.setdefault(str(token), {"logprob": lp.logprob, "rank": rank, "decoded_token": name(token)})
         out.append(entry)
     return out
 

@@ -347,7 +347,7 @@ class EngineService:
                                       error or "the engine failed while running this request", out.error_peer)
                 if tokens or finished:
                     yield P.GenerateChunk(tokens, reason, cached, logprobs or None, None if prompt_lps is None
-                                          else [P.TokenLogprob(lp, top) for lp, top in prompt_lps])
+                                          else [P.TokenLogprob(*entry) for entry in prompt_lps])
         finally:
             tracing.record("engine.decode", first_token_ns, time.time_ns())
             self._streams.pop(rid, None)

@@ -87,7 +87,7 @@ class Sequence:
         # (logprob of the sampled token, [(token id, logprob), ...] top alternatives) per token sampled
         # since the last step output, when sampling.logprobs is set
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
-        self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = []  # tokens 1.. of the prompt
+        self.prompt_logprobs: list[tuple[float, list[tuple[int, float]], int]] = []  # prompt tokens 1.. (and ranks)
         self.lent: list[LentRange] = []  # ranges of the prompt held by lenders (sorted, disjoint)
         self.error: str | None = None  # why the step failed this sequence alone (a lender lost): it ends in error
         self.error_peer = ""  # the engine at fault for `error` (the lender's engine id), when known

@@ -333,7 +333,9 @@ def prompt_logprobs(model, hidden: torch.Tensor, scheduled: list[tuple[Sequence,
             rows = hidden[offset + first - 1 - start:offset + last - start]
             logp = model.compute_logits(rows).float().log_softmax(dim=-1)
             targets = torch.tensor(seq.token_ids[first:last + 1], device=logp.device).unsqueeze(1)
-            chosen = logp.gather(1, targets).squeeze(1).tolist()
+            chosen = logp.gather(1, targets)
+            ranks = ((logp > chosen).sum(dim=-1) + 1).tolist()  # NOTE: vLLM's rank, also outside the top k
             top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
-            seq.prompt_logprobs += [(c, list(zip(i, v))) for c, i, v in zip(chosen, top_ids.tolist(), top_lp.tolist())]
+            seq.prompt_logprobs += [(c, list(zip(i, v)), r) for c, i, v, r in
+                                    zip(chosen.squeeze(1).tolist(), top_ids.tolist(), top_lp.tolist(), ranks)]
         offset += n

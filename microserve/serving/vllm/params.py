@@ -63,11 +63,12 @@ def _structured(sampling: SamplingParams):
 
 
 def prompt_logprobs_of(out, k: int | None) -> list | None:
-    """vLLM's prompt_logprobs (None, then {token id: Logprob} per prompt token) as ours, for tokens 1.."""
+    """vLLM's prompt_logprobs (None, then {token id: Logprob} per prompt token) as ours, for tokens 1..:
+    (the token's logprob, [(token id, logprob)] of ranks 1..k, the token's rank)."""
     entries = getattr(out, "prompt_logprobs", None)
     if k is None or not entries:
         return None
     prompt = out.prompt_token_ids or []
     return [(entry[token].logprob, sorted(((t, lp.logprob) for t, lp in entry.items() if lp.rank <= k),
-                                          key=lambda item: -item[1]))
+                                          key=lambda item: -item[1]), entry[token].rank)
             for token, entry in zip(prompt[1:], entries[1:])]

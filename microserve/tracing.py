@@ -125,10 +125,12 @@ def traceparent(s: Any = None) -> str:
     return carrier.get("traceparent", "")
 
 
-def record(name: str, start_ns: int, end_ns: int, **attrs: Any) -> None:
-    """A finished span with its own times (an engine phase measured elsewhere), child of the current one."""
+def record(name: str, start_ns: int, end_ns: int, parent: str = "", **attrs: Any) -> None:
+    """A finished span with its own times (an engine phase measured elsewhere), child of the current one
+    (or of `parent`, a traceparent kept from an earlier call)."""
     if _tracer is not None and 0 < start_ns <= end_ns:
-        _tracer.start_span(name, start_time=start_ns, attributes=_clean(attrs)).end(end_time=end_ns)
+        ctx = _context(parent) if parent else None
+        _tracer.start_span(name, context=ctx, start_time=start_ns, attributes=_clean(attrs)).end(end_time=end_ns)
 
 
 def end_error(s: Any, error: str) -> None:

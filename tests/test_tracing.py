@@ -95,6 +95,16 @@ async def test_one_trace_from_the_client_through_the_strategy_to_both_engines(de
             assert span["parent"] == generate["id"], phase
         (send,) = collector.named("engine.remote_send", "prefill-0")
         assert send["attrs"]["bytes"] > 0 and send["attrs"]["transport"] and send["attrs"]["seconds"] >= 0
+        await wait_for(collector, [("engine.prefill_chunk", "prefill-0"), ("engine.kv_receive", "decode-0")])
+        steps = collector.named("engine.prefill_chunk", "prefill-0")  # the prefill behind the send, step by step
+        assert all(s["parent"] == send["id"] for s in steps)
+        assert sum(s["attrs"]["tokens"] for s in steps) == send["attrs"]["computed_tokens"] > 0
+        (recv,) = collector.named("engine.prep_recv", "decode-0")
+        (arrived,) = collector.named("engine.kv_receive", "decode-0")  # the receiver's side of the transfer
+        assert arrived["parent"] == recv["id"] and arrived["attrs"]["bytes"] == send["attrs"]["bytes"]
+        assert arrived["attrs"]["ok"] is True
+        (last,) = collector.named("engine.prefill_chunk", "decode-0")  # the decode engine's last prompt token
+        assert last["parent"] == generate["id"] and last["attrs"]["tokens"] >= 1
         assert collector.named("start_generate", "router")[0]["attrs"]["tokens"] == 6
     finally:
         assert dep.stop() == 0

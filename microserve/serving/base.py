@@ -33,7 +33,7 @@ from microserve import tracing
 from microserve.engine.core.engine_core import StepOutput
 from microserve.engine.core.sequence import Finish
 from microserve.sampling_params import SamplingParams
-from microserve.serving import replies
+from microserve.serving import replies, streams
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.attend_server import answer_attend
 from microserve.serving.backend import Backend
@@ -171,6 +171,7 @@ class EngineService:
         end = norm_pos(end, len(prompt), "end")
         lease = self._lease(lease_s)
         ticket = await self.backend.reserve(req, prompt, end)
+        ticket.trace = tracing.traceparent() if tracing.enabled() else ""
         addr = await self._issue(ticket, lease)
         return P.RecvTicket(addr, ticket.matched)
 
@@ -227,6 +228,11 @@ class EngineService:
             self.backend.orphan_transfer(outcome)
             return
         complete = outcome.ok and ticket.state is TicketState.OPEN
+        if ticket.trace:  # NOTE: the receiver's side of the transfer, under the prep_recv that opened it
+            now = time.time_ns()
+            tracing.record("engine.kv_receive", now - int(outcome.seconds * 1e9), now, parent=ticket.trace,
+                           bytes=outcome.nbytes, tokens=outcome.end - outcome.begin, ok=outcome.ok,
+                           error=outcome.error or None)
         await self.backend.received(ticket, outcome, complete)
         if complete:
             ticket.complete(outcome.nbytes)
@@ -320,40 +326,7 @@ class EngineService:
             self._streams.pop(rid, None)
             raise
         self._wake.set()
-        return self._stream(rid, queue)
-
-    async def _stream(self, rid: str, queue: StreamQueue) -> AsyncIterator[P.GenerateChunk]:
-        finished, first_token_ns = False, 0
-        try:
-            while not finished:
-                out = await queue.get()
-                if out.phases is not None and tracing.enabled():  # queue wait and prefill, as the engine saw them
-                    arrived, scheduled, first_token_ns = out.phases
-                    tracing.record("engine.queue", arrived, scheduled)
-                    tracing.record("engine.prefill", scheduled, first_token_ns, cached_tokens=out.num_cached_tokens)
-                tokens, reason, cached = list(out.new_token_ids), out.finish_reason, out.num_cached_tokens
-                logprobs = [P.TokenLogprob(lp, top) for lp, top in out.logprobs or ()]
-                prompt_lps = out.prompt_logprobs
-                while reason is None and not queue.empty():  # coalesce what piled up
-                    out = more = queue.get_nowait()
-                    tokens += more.new_token_ids
-                    logprobs += [P.TokenLogprob(lp, top) for lp, top in more.logprobs or ()]
-                    prompt_lps = prompt_lps or more.prompt_logprobs
-                    reason, cached = more.finish_reason, more.num_cached_tokens or cached
-                finished = reason is not None
-                if reason == Finish.ERROR:
-                    error = out.error  # NOTE: a lost lender (DistAttention) says so, and is named as the peer
-                    raise EngineError(ErrorCode.UNAVAILABLE if error else ErrorCode.INTERNAL,
-                                      error or "the engine failed while running this request", out.error_peer)
-                if tokens or finished:
-                    yield P.GenerateChunk(tokens, reason, cached, logprobs or None, None if prompt_lps is None
-                                          else [P.TokenLogprob(*entry) for entry in prompt_lps])
-        finally:
-            tracing.record("engine.decode", first_token_ns, time.time_ns())
-            self._streams.pop(rid, None)
-            self.hold.drop(rid)
-            if not finished:
-                await self.abort(rid)
+        return streams.chunks(self, rid, queue)
 
     # -- abort / stats / health / kv_snapshot ---------------------------------------------------------
     async def abort(self, request_id: str) -> bool:

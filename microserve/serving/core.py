@@ -26,6 +26,7 @@ from microserve.engine.core.sequence import Finish, Sequence
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.backend import Backend
+from microserve.serving.streams import prompt_steps
 from microserve.serving.tickets import SendJob, Ticket, TicketState
 from microserve.text import check_prompt
 
@@ -180,6 +181,8 @@ class CoreBackend(Backend):
                 raise
             finally:
                 await self._finish_send(job)
+                if tracing.enabled():
+                    prompt_steps(job.seq.chunks)  # NOTE: the prefill behind this send, step by step
         finally:
             self._jobs.pop(job_id, None)
         if job.cancel_reason:

@@ -4,15 +4,26 @@
 After a request's first token (which goes at once, for TTFT), its tokens reach the stream N at
 a time; the chunk with the finish reason goes at once with whatever was held. Fewer messages
 and wake-ups per token under high concurrency, at the cost of coarser inter-token timing as
-the client sees it. With N = 1 every step's output goes through untouched.
+the client sees it. With N = 1 every step's output goes through untouched. `chunks` turns a
+request's held outputs into `start_generate`'s stream of `GenerateChunk`s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
+from microserve import protocol as P
+from microserve import tracing
 from microserve.engine.core.engine_core import StepOutput
+from microserve.engine.core.sequence import Finish
+from microserve.serving.api import EngineError, ErrorCode
+
+if TYPE_CHECKING:
+    from microserve.serving.base import EngineService
 
 
 class StreamQueue:
@@ -69,3 +80,47 @@ class StreamHold:
     def drop(self, request_id: str) -> None:
         """The stream ended (finished, closed early or aborted)."""
         self.held.pop(request_id, None)
+
+
+async def chunks(service: EngineService, rid: str, queue: StreamQueue) -> AsyncIterator[P.GenerateChunk]:
+    """`start_generate`'s stream: the request's step outputs (after the stream interval) as chunks,
+    what piled up coalesced; the engine's phases as spans (queue, each prompt step, decode); leaving
+    early aborts the request."""
+    finished, first_token_ns = False, 0
+    try:
+        while not finished:
+            out = await queue.get()
+            if out.phases is not None and tracing.enabled():  # queue wait and prefill, as the engine saw them
+                arrived, scheduled, first_token_ns, steps = out.phases
+                tracing.record("engine.queue", arrived, scheduled)
+                tracing.record("engine.prefill", scheduled, first_token_ns, cached_tokens=out.num_cached_tokens)
+                prompt_steps(steps)
+            tokens, reason, cached = list(out.new_token_ids), out.finish_reason, out.num_cached_tokens
+            logprobs = [P.TokenLogprob(lp, top) for lp, top in out.logprobs or ()]
+            prompt_lps = out.prompt_logprobs
+            while reason is None and not queue.empty():  # coalesce what piled up
+                out = more = queue.get_nowait()
+                tokens += more.new_token_ids
+                logprobs += [P.TokenLogprob(lp, top) for lp, top in more.logprobs or ()]
+                prompt_lps = prompt_lps or more.prompt_logprobs
+                reason, cached = more.finish_reason, more.num_cached_tokens or cached
+            finished = reason is not None
+            if reason == Finish.ERROR:
+                error = out.error  # NOTE: a lost lender (DistAttention) says so, and is named as the peer
+                raise EngineError(ErrorCode.UNAVAILABLE if error else ErrorCode.INTERNAL,
+                                  error or "the engine failed while running this request", out.error_peer)
+            if tokens or finished:
+                yield P.GenerateChunk(tokens, reason, cached, logprobs or None, None if prompt_lps is None
+                                      else [P.TokenLogprob(*entry) for entry in prompt_lps])
+    finally:
+        tracing.record("engine.decode", first_token_ns, time.time_ns())
+        service._streams.pop(rid, None)
+        service.hold.drop(rid)
+        if not finished:
+            await service.abort(rid)
+
+
+def prompt_steps(steps) -> None:
+    """One span per step that computed part of a prompt (`Sequence.chunks`), under the current span."""
+    for begin, end, position, tokens in steps:
+        tracing.record("engine.prefill_chunk", begin, end, position=position, tokens=tokens)

@@ -92,6 +92,7 @@ class Ticket:
     lent: bool = False  # held for another engine's request (`lend`): never adopted, never cached
     lease: float = 0.0  # seconds the lease runs from its last renewal
     used_at: float = 0.0  # monotonic time of a lent range's last `attend` (it renews the lease)
+    trace: str = ""  # the traceparent of the call that opened it (its KV's arrival is a span under it)
 
     def complete(self, nbytes: int = 0) -> None:
         self.state, self.bytes = TicketState.COMPLETE, nbytes

@@ -36,7 +36,7 @@ class StepOutput:
     num_cached_tokens: int = 0
     logprobs: list | None = None  # per new token (logprob, top alternatives), when the request asked
     prompt_logprobs: list | None = None  # with the first token: the same for prompt tokens 1.., when asked
-    phases: tuple[int, int, int] | None = None  # with the first token: unix ns arrived, scheduled, first token
+    phases: tuple | None = None  # with the first token: unix ns arrived, scheduled, first token, `Sequence.chunks`
     error: str | None = None  # with finish reason `Finish.ERROR`: why (a lender lost), when known
     error_peer: str = ""  # with `error`: the other engine at fault (the lost lender), when known
 
@@ -275,10 +275,14 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if not batch:
             return self._failed()
+        t0 = time.time_ns()
         sampled = self._execute(batch)
+        t1 = time.time_ns()
         self.computed_tokens_total += sum(batch.num_new_tokens)
         outputs = self._failed()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.num_computed_tokens < seq.num_prompt_tokens:  # a prompt step (its span, for traces)
+                seq.chunks.append((t0, t1, seq.num_computed_tokens, n))
             seq.num_computed_tokens += n
             if seq.lent:
                 self._offload(seq)
@@ -310,7 +314,7 @@ class EngineCore:
             phases = None
             if seq.num_output_tokens == 1:
                 seq.first_token_ns = time.time_ns()
-                phases = (seq.arrived_ns, seq.scheduled_ns or seq.arrived_ns, seq.first_token_ns)
+                phases = (seq.arrived_ns, seq.scheduled_ns or seq.arrived_ns, seq.first_token_ns, tuple(seq.chunks))
             outputs.append(StepOutput(seq.request_id, [token], reason, seq.num_cached_tokens, logprobs, prompt_lps,
                                       phases))
         return outputs

@@ -94,6 +94,7 @@ class Sequence:
         self.matcher = None  # the grammar of sampling.structured (engine.model.structured), set by the engine
         # unix ns: arrival, first scheduled, first token (the engine's phases, for traces)
         self.arrived_ns, self.scheduled_ns, self.first_token_ns = time.time_ns(), 0, 0
+        self.chunks: list[tuple[int, int, int, int]] = []  # prompt steps: (unix ns begin, end, position, tokens)
 
     def prompt_block_hashes(self, block_size: int) -> list[int]:
         """Chained hashes of the prompt's full blocks (computed once)."""

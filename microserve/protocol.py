@@ -181,6 +181,7 @@ class GenerateChunk(msgspec.Struct, tag="chunk", forbid_unknown_fields=True):
     num_cached_tokens: int = 0  # prompt tokens that were not recomputed (received or cached)
     logprobs: list[TokenLogprob] | None = None  # one per token, when sampling.logprobs is set
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (first chunk, sampling.prompt_logprobs)
+    phases: list[float] | None = None  # first chunk: seconds the engine queued and prefilled the request
 
 
 class AbortReply(msgspec.Struct, tag="abort_reply", forbid_unknown_fields=True):

@@ -140,13 +140,27 @@ async def test_metrics_carry_process_http_refusals_and_vllm_names(pd):
                        "vllm:e2e_request_latency_seconds": "histogram", "vllm:inter_token_latency_seconds": "histogram",
                        "vllm:prompt_tokens": "counter", "vllm:generation_tokens": "counter",
                        "vllm:num_preemptions": "counter", "vllm:prefix_cache_hits": "counter",
-                       "vllm:prefix_cache_queries": "counter", "vllm:request_success": "counter"}.items():
+                       "vllm:prefix_cache_queries": "counter", "vllm:request_success": "counter",
+                       "vllm:request_queue_time_seconds": "histogram", "vllm:request_prefill_time_seconds": "histogram",
+                       "vllm:request_decode_time_seconds": "histogram",
+                       "vllm:request_inference_time_seconds": "histogram"}.items():
         assert families[name].type == kind, name
         assert all(x.labels.get("model_name") == "demo" for x in families[name].samples), name
     assert {x.labels["engine"] for x in families["vllm:num_requests_running"].samples} == {"prefill-0", "decode-0"}
     assert value("vllm:generation_tokens") >= 2
     assert value("vllm:request_success", finished_reason="length") >= 1
     assert value("vllm:prefix_cache_queries") >= value("vllm:prefix_cache_hits") and value("vllm:prefix_cache_queries")
+
+    def count(name: str) -> float:
+        return sum(x.value for x in families[name].samples if x.name.endswith("_count"))
+
+    def total(name: str) -> float:
+        return sum(x.value for x in families[name].samples if x.name.endswith("_sum"))
+
+    # the engine's phases of every successful request: queue + prefill + decode within its e2e
+    assert 1 <= count("vllm:request_prefill_time_seconds") <= count("vllm:e2e_request_latency_seconds")
+    assert total("vllm:request_inference_time_seconds") <= total("vllm:e2e_request_latency_seconds")
+    assert total("vllm:request_prefill_time_seconds") > 0
 
 
 async def test_the_shipped_dashboard_queries_only_series_a_launch_exports(pd):

@@ -39,6 +39,15 @@ class RouterMetrics:
                                 ["finished_reason"], registry=r)
         self.e2e = Histogram("microserve_e2e_request_latency_seconds", "Request latency, arrival to last token",
                              buckets=_LATENCY, registry=r)
+        # the engine's phases of each request (the engine that generated: its own clock), as vLLM's
+        self.queue_time = Histogram("microserve_request_queue_time_seconds", "Time a request waited in the "
+                                    "engine's queue", buckets=_LATENCY, registry=r)
+        self.prefill_time = Histogram("microserve_request_prefill_time_seconds", "Engine time from first "
+                                      "scheduled to first token", buckets=_LATENCY, registry=r)
+        self.decode_time = Histogram("microserve_request_decode_time_seconds", "Time from first token to the "
+                                     "last", buckets=_LATENCY, registry=r)
+        self.inference_time = Histogram("microserve_request_inference_time_seconds", "Prefill and decode time",
+                                        buckets=_LATENCY, registry=r)
         self.prompt_tokens = Counter("microserve_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("microserve_generation_tokens", "Tokens generated", registry=r)
         self.retries = Counter("microserve_request_retries", "Requests restarted on another engine", registry=r)
@@ -120,6 +129,10 @@ _VLLM_RENAMED = {  # ours -> vLLM's, same type, same buckets
     "microserve_prompt_tokens": "vllm:prompt_tokens",
     "microserve_generation_tokens": "vllm:generation_tokens",
     "microserve_request_success": "vllm:request_success",
+    "microserve_request_queue_time_seconds": "vllm:request_queue_time_seconds",
+    "microserve_request_prefill_time_seconds": "vllm:request_prefill_time_seconds",
+    "microserve_request_decode_time_seconds": "vllm:request_decode_time_seconds",
+    "microserve_request_inference_time_seconds": "vllm:request_inference_time_seconds",
 }
 
 

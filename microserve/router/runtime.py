@@ -77,6 +77,7 @@ class _Progress:
     cached: int = 0
     first_at: float | None = None
     last_at: float | None = None
+    phases: list[float] | None = None  # the engine's seconds queued and prefilling (GenerateChunk.phases)
 
 
 class Router:
@@ -227,6 +228,12 @@ class Router:
         if status == "success":
             self.metrics.e2e.observe(e2e)
             self.metrics.finished.labels(finish or "stop").inc()
+            if progress.phases is not None and progress.first_at is not None:  # vLLM's per-phase histograms
+                (queue, prefill), decode = progress.phases, time.perf_counter() - progress.first_at
+                self.metrics.queue_time.observe(queue)
+                self.metrics.prefill_time.observe(prefill)
+                self.metrics.decode_time.observe(decode)
+                self.metrics.inference_time.observe(prefill + decode)
         ttft = None if progress.first_at is None else progress.first_at - t0
         strategy, engines, output = type(self.strategy).__name__, sorted(h.name for h in touched), len(progress.tokens)
         self.recorder.end(frozenset(h.role for h in touched), status == "success", prompt_tokens, output, ttft, e2e)
@@ -275,6 +282,8 @@ class Router:
         """The chunk's deltas, one per token (an engine may coalesce tokens that piled up; a
         client sees one SSE event per token, as from vLLM, so per-event ITL is TPOT)."""
         now = time.perf_counter()
+        if chunk.phases:
+            progress.phases = chunk.phases  # NOTE: the engine that generates it (after a retry: the last one)
         if chunk.token_ids:
             if progress.first_at is None:
                 progress.first_at = now

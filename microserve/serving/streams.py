@@ -86,12 +86,14 @@ async def chunks(service: EngineService, rid: str, queue: StreamQueue) -> AsyncI
     """`start_generate`'s stream: the request's step outputs (after the stream interval) as chunks,
     what piled up coalesced; the engine's phases as spans (queue, each prompt step, decode); leaving
     early aborts the request."""
-    finished, first_token_ns = False, 0
+    finished, first_token_ns, phases = False, 0, None
     try:
         while not finished:
             out = await queue.get()
-            if out.phases is not None and tracing.enabled():  # queue wait and prefill, as the engine saw them
+            if out.phases is not None:  # queue wait and prefill, as the engine saw them
                 arrived, scheduled, first_token_ns, steps = out.phases
+                phases = [(scheduled - arrived) / 1e9, (first_token_ns - scheduled) / 1e9]
+            if out.phases is not None and tracing.enabled():
                 tracing.record("engine.queue", arrived, scheduled)
                 tracing.record("engine.prefill", scheduled, first_token_ns, cached_tokens=out.num_cached_tokens)
                 prompt_steps(steps)
@@ -111,7 +113,8 @@ async def chunks(service: EngineService, rid: str, queue: StreamQueue) -> AsyncI
                                   error or "the engine failed while running this request", out.error_peer)
             if tokens or finished:
                 yield P.GenerateChunk(tokens, reason, cached, logprobs or None, None if prompt_lps is None
-                                      else [P.TokenLogprob(*entry) for entry in prompt_lps])
+                                      else [P.TokenLogprob(*entry) for entry in prompt_lps], phases)
+                phases = None  # NOTE: with the first chunk only
     finally:
         tracing.record("engine.decode", first_token_ns, time.time_ns())
         service._streams.pop(rid, None)

@@ -113,6 +113,23 @@ def test_layout_search_ranks_layouts_by_goodput_per_gpu(tmp_path):
     assert bad.returncode == 2 and "SLO" in bad.stderr
 
 
+def test_layout_search_with_a_planner_gives_each_layout_a_planner_column():
+    """`--search --planner slo`: each layout also runs from its start under the planner; the planner column is
+    its goodput over the GPUs the planner kept on average (positive wherever the planner met a rate)."""
+    proc = sim_cli("--search", "--model", "llama-3.1-8b", "--gpu", "h100", "--gpus", "2", "--tp-choices", "1",
+                   "--workload", "sonnet", "--rates", "2,8", "--slo-ttft-ms", "1500", "--slo-tpot-ms", "40",
+                   "--num-requests", "40", "--no-progress", "--planner", "slo", "--planner-arg", "ttft_ms=1500",
+                   "--planner-arg", "itl_ms=40", "--scale-bounds", "engine=1:4,prefill=1:4,decode=1:4")
+    assert proc.returncode == 0, proc.stderr
+    assert "planner" in proc.stdout.splitlines()[1]
+    rows = [line.split() for line in proc.stdout.splitlines() if line[:1].isdigit()]
+    assert len(rows) == 3  # DP 2 x TP1, 1P1D TP1, 1P1D TP1 balanced 0.1
+    for row in rows:
+        static, planned = [float(x[:-2]) for x in row if x.endswith("/s")]
+        assert static >= 0 and planned >= 0
+    assert any(float([x for x in r if x.endswith("/s")][1][:-2]) > 0 for r in rows)
+
+
 def test_the_papers_setup_short():
     """Llama-3.1-70B FP8 on 8 x H100 (two TP4 engines, NVLink), sonnet as LLMPerf draws it, MLC-LLM's default
     scheduling (its "hybrid" prefill: decodes ride along prompt chunks), as the microserving blog ran it, with

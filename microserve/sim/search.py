@@ -13,6 +13,10 @@ skipped (and said so). Each candidate runs the workload at each rate (the same r
 the real router path as `microserve sim`); a rate is met when >= --attainment of the requests meet
 every SLO. Layouts are ranked by goodput per GPU: the highest rate met, divided by the GPUs (ties:
 the lower mean JCT there).
+
+With `--planner FILE` each layout also runs at each rate with the planner starting from it (bounds:
+`--scale-bounds`), and a "planner" column gives the same goodput over the GPUs the planner kept on
+average (its GPU-hours over the run's length): what the layout is worth as a planner's start.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class Layout:
     roles: dict[str, int]
     tp: dict[str, int]
     points: dict[float, dict[str, Any]] = field(default_factory=dict)  # rate -> summary
+    planned: dict[float, dict[str, Any]] = field(default_factory=dict)  # rate -> summary with --planner
 
     @property
     def gpus(self) -> int:
@@ -104,12 +109,38 @@ def run(args: argparse.Namespace) -> int:
             summary = report.summarize(results, duration, slo)
             summary["attainment"] = sum(report.meets_slo(r, slo) for r in results) / len(results)
             lay.points[rate] = summary
+            if args.planner:
+                lay.planned[rate] = _planned(args, strategy, lay, costs, link, config, reqs, rate, slo)
             bar.update(True)
     ranked = rank([lay for lay, _ in layouts], args.attainment)
     print_table(ranked, rates, args, model.name, gpu.name, slo, time.perf_counter() - wall, skipped)
     if args.plot:
         plot(ranked, rates, args.plot, args.attainment)
     return 0
+
+
+def _planned(args, strategy, lay: Layout, costs, link, config, reqs, rate: float, slo: dict) -> dict[str, Any]:
+    """One run of the layout at `rate` with the planner (a fresh one) starting from it."""
+    from microserve.control.planner import load_planner, parse_bounds
+    from microserve.sim.run import SimPlan
+
+    planner_args = dict(a.split("=", 1) for a in args.planner_arg if "=" in a)
+    plan = SimPlan(load_planner(args.planner, planner_args), costs, parse_bounds(args.scale_bounds), args.planner,
+                   planner_args)
+    results, duration, _ = simulate_workload(strategy, lay.roles, costs, link, config, reqs, rate, 1, args.seed,
+                                             plan=plan)
+    summary = report.summarize(results, duration, slo)
+    summary["attainment"] = sum(report.meets_slo(r, slo) for r in results) / len(results)
+    summary["mean_gpus"] = plan.gpu_hours * 3600 / duration if duration > 0 else float(lay.gpus)
+    return summary
+
+
+def planner_goodput(lay: Layout, attainment: float) -> float | None:
+    """The highest rate the planner met from this layout, over the GPUs it kept on average there."""
+    if not lay.planned:
+        return None
+    met = [r for r, s in lay.planned.items() if s["attainment"] >= attainment]
+    return max(met) / lay.planned[max(met)]["mean_gpus"] if met else 0.0
 
 
 def rank(layouts: list[Layout], attainment: float) -> list[tuple[Layout, float, float | None]]:
@@ -130,10 +161,13 @@ def print_table(ranked, rates: list[float], args, model: str, gpu: str, slo: dic
           f"{args.num_requests or 200} requests each, SLO {limits} for >= {args.attainment:.0%} "
           f"({len(ranked)} layouts in {wall:.0f} s)")
     head = "".join(f"{r:>7g}" for r in rates)
-    print(f"{'rank':<5}{'layout':<28}{'goodput/GPU':>12}{'JCT@best':>10}   attainment at each rate:{head}")
+    planned = bool(ranked and ranked[0][0].planned)
+    extra = f"{'planner':>10}" if planned else ""
+    print(f"{'rank':<5}{'layout':<28}{'goodput/GPU':>12}{'JCT@best':>10}{extra}   attainment at each rate:{head}")
     for i, (lay, per_gpu, jct) in enumerate(ranked, 1):
         att = "".join(f"{lay.points[r]['attainment']:>7.0%}" for r in rates)
-        print(f"{i:<5}{lay.name:<28}{per_gpu:>10.3f}/s{(f'{jct:.2f}s' if jct else '-'):>10}"
+        col = f"{planner_goodput(lay, args.attainment):>8.3f}/s" if planned else ""
+        print(f"{i:<5}{lay.name:<28}{per_gpu:>10.3f}/s{(f'{jct:.2f}s' if jct else '-'):>10}{col}"
               f"{'':>27}{att}")
     if skipped:
         reasons: dict[str, list[str]] = {}

@@ -57,7 +57,8 @@ def run(layout: dict[str, int], trace: list[traces.TraceRequest], cost: CostMode
 def smallest(rate: float, cost: CostModel, config, seconds: float, seed: int) -> dict[str, int]:
     """The layout with the fewest engines meeting the SLO for >= 99% at a constant `rate`: from the
     prefill engines the cost model says the prompts need (and one decode engine), adding one engine of
-    the role that missed its target (TTFT: prefill; TPOT: decode) until it meets it."""
+    the role that missed its target (TTFT: prefill; TPOT or a decode engine out of KV: decode) until it
+    meets it."""
     rng = random.Random(seed)
     trace, t = [], 0.0
     while t < seconds:
@@ -71,8 +72,12 @@ def smallest(rate: float, cost: CostModel, config, seconds: float, seed: int) ->
         if attained >= 0.99:
             return layout
         ok = [r for r in results if r.ok]
-        slow_first = sum(r.ttft is None or r.ttft > SLO["ttft_s"] for r in ok) + len(results) - len(ok)
-        slow_next = sum(r.tpot is not None and r.tpot > SLO["tpot_s"] for r in ok)
+        # NOTE: a failed request counts against the role of the engine its error names: a decode engine
+        # out of KV blocks refuses prep_recv ("not enough free KV blocks to receive ... (engine decode-0)")
+        failed = [r for r in results if not r.ok]
+        on_decode = sum("engine decode-" in (r.error or "") for r in failed)
+        slow_first = sum(r.ttft is None or r.ttft > SLO["ttft_s"] for r in ok) + len(failed) - on_decode
+        slow_next = sum(r.tpot is not None and r.tpot > SLO["tpot_s"] for r in ok) + on_decode
         layout["prefill" if slow_first >= slow_next else "decode"] += 1
     raise RuntimeError(f"no layout met the SLO at {rate} req/s (last tried {layout})")
 

@@ -1,6 +1,8 @@
 """Sizes roles to latency targets, as Dynamo's SLA planner does: prefill by the prompt tokens to compute
 over what one engine was measured to compute, decode by the streams to hold over what one engine holds
-at the ITL target (its measured streams scaled by target / measured ITL). The demand is smoothed over
+at the ITL target (its measured streams scaled by target / measured ITL), and by the KV its streams hold
+(at most `kv_target` of every decode engine's blocks, projected along the demand's rise: a decode engine
+out of blocks refuses the next request's KV). The demand is smoothed over
 intervals (an exponential average) and projected `lookahead` seconds ahead along its recent rise (a new
 engine takes a minute or more to serve), a role grows at once and shrinks only after `calm` intervals
 in a row that want fewer, and a missed target adds at least one engine; the bounds and the cooldown do
@@ -17,6 +19,7 @@ class SLOPlanner(Planner):
     ttft_ms = 2000.0  # target: 90th percentile time to first token
     itl_ms = 50.0  # target: 90th percentile of the requests' mean time between tokens
     headroom = 0.8  # plan for this share of the measured capacity
+    kv_target = 0.8  # plan for decode engines to hold at most this share of their KV blocks
     smoothing = 0.3  # weight of the newest interval in the demand's average
     lookahead = 90.0  # seconds ahead to size for (about one engine start)
     calm = 6  # intervals in a row wanting fewer engines before a role shrinks
@@ -53,7 +56,10 @@ class SLOPlanner(Planner):
                     need = math.ceil(streams / holds)
                 else:
                     need = w.engines if streams else 1  # nothing measured: keep, or shrink when idle
-                if slow_next or (slow_first and "prefill" not in window.roles):
+                growth = ahead / self.demand if self.demand else 1.0  # NOTE: more streams, more KV, as load rises
+                need = max(need, math.ceil(w.engines * w.kv_usage * max(1.0, growth) / self.kv_target))
+                if slow_next or (slow_first and "prefill" not in window.roles) or (
+                        window.failed and w.kv_usage > self.kv_target):
                     need = max(need, w.engines + 1)
             self.fewer[role] = self.fewer.get(role, 0) + 1 if need < w.engines else 0
             if need > w.engines or self.fewer[role] >= self.calm:

@@ -47,13 +47,16 @@ def test_bounds_and_planner_files_are_checked(tmp_path):
 async def test_the_slo_planner_sizes_roles_by_the_formula():
     """planners/slo.py on measured windows: prefill = prompt tokens per second over 80% of one engine's
     measured rate; decode = streams over what one engine holds at the ITL target (its streams scaled by
-    target / measured ITL, 80% of it). Growing is at once; shrinking waits for `calm` intervals."""
+    target / measured ITL, 80% of it), and at least the engines whose KV the streams fill to 80%. Growing
+    is at once; shrinking waits for `calm` intervals."""
     from microserve.control.planner import RoleWindow, Window
 
-    def window(itl_p90: float, decode_running: int, prompt_rate: float = 2400.0, prefill: int = 1) -> Window:
+    def window(itl_p90: float, decode_running: int, prompt_rate: float = 2400.0, prefill: int = 1,
+               kv: float | None = None) -> Window:
+        kv = (0.5 if decode_running else 0.0) if kv is None else kv
         return Window(10.0, 5.0, 50, 0, prompt_rate, 400.0, 0.5, 1.0, 1.5, 0.08, itl_p90, 0.12, roles={
             "prefill": RoleWindow(prefill, 1, 0, 0, 0.2, 900.0, 1000.0, 5.0, True),
-            "decode": RoleWindow(2, decode_running, 0, 0, 0.5, 400.0, 300.0, 5.0, True)})
+            "decode": RoleWindow(2, decode_running, 0, 0, kv, 400.0, 300.0, 5.0, True)})
 
     planner = load_planner("slo", {"itl_ms": "50", "ttft_ms": "2000"})
     # prefill: ceil(2400 / 800) = 3; decode: 8 streams per engine at 100 ms -> 4 at 50 ms, x0.8 = 3.2 -> ceil(16/3.2)
@@ -66,6 +69,10 @@ async def test_the_slo_planner_sizes_roles_by_the_formula():
         [{}, {}, {"prefill": 1, "decode": 1}]
     # a missed target grows a role at once, whatever the formula says
     assert (await idle.plan(None, window(0.2, 2, 0.0)))["decode"] == 3
+    # decode also by the KV its streams hold: 2 engines at 95% of their blocks -> ceil(2 x 0.95 / 0.8) = 3,
+    # though the ITL is well under the target
+    kv_bound = load_planner("slo", {"itl_ms": "50", "ttft_ms": "2000"})
+    assert (await kv_bound.plan(None, window(0.010, 16, prefill=3, kv=0.95)))["decode"] == 3
 
 
 def test_launch_refuses_a_bad_planner_before_any_engine_starts(tmp_path, capsys):

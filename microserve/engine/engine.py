@@ -17,7 +17,7 @@ from microserve.engine.core.engine_core import EngineCore, EngineStats, InvalidR
 from microserve.engine.core.scheduler import ScheduledBatch
 from microserve.engine.core.sequence import Sequence
 from microserve.engine.model.loader import load_model
-from microserve.engine.model.lora import LoraError, LoraSlots, load_peft
+from microserve.engine.model.lora import LoraAdapter, LoraError, LoraSlots, load_peft
 from microserve.engine.model.runner import ModelRunner
 from microserve.engine.model.structured import Grammars
 from microserve.engine.model.tokenizer import Tokenizer
@@ -79,15 +79,22 @@ class LLMEngine(EngineCore):
     def load_lora(self, name: str, path: str) -> None:
         """Register a PEFT adapter (into a free slot now, if there is one); raises LoraError (bad folder,
         rank, a name in use)."""
+        self.lora_slots().add(self.read_lora(name, path))
+
+    def read_lora(self, name: str, path: str) -> LoraAdapter:
+        """Read a PEFT adapter for this model (file reads only: callers may run it off the step)."""
+        self.lora_slots()
+        return load_peft(name, path, self.model_config.num_layers)
+
+    def lora_slots(self) -> LoraSlots:
+        """The engine's adapters; raises LoraError when they are off."""
         if self.lora is None:
             raise LoraError("LoRA adapters are off: start the engine with --enable-lora")
-        self.lora.add(load_peft(name, path, self.model_config.num_layers))
+        return self.lora
 
     def unload_lora(self, name: str) -> None:
         """Free an adapter's slot; raises LoraError when requests still run under it or it is unknown."""
-        if self.lora is None:
-            raise LoraError("LoRA adapters are off: start the engine with --enable-lora")
-        self.lora.check(name)
+        self.lora_slots().check(name)
         if any(s.sampling.lora == name for s in self._seqs.values()):
             raise LoraError(f"LoRA adapter {name!r} still has requests; unload it when they end")
         self.lora.remove(name)

@@ -26,7 +26,7 @@ from microserve.engine.core.engine_core import EngineStats, StepOutput
 from microserve.engine.core.sequence import LentRange
 from microserve.engine.engine import LLMEngine
 from microserve.engine.model.dist_attention import merge_parts, range_attention, seen_whole
-from microserve.engine.model.lora import LoraError, load_peft
+from microserve.engine.model.lora import LoraError
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.core import CoreBackend
 from microserve.serving.kv_plane import KVPlane, PlaneTransfers
@@ -59,12 +59,10 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
     async def load_lora(self, name: str, path: str) -> list[str]:
         engine = self.engine
         try:
-            if engine.lora is None:
-                raise LoraError("LoRA adapters are off: start the engine with --enable-lora")
-            adapter = await asyncio.get_running_loop().run_in_executor(  # NOTE: file reads off the loop
-                None, load_peft, name, path, engine.model_config.num_layers)
+            # NOTE: the file reads run off the loop
+            adapter = await asyncio.get_running_loop().run_in_executor(None, engine.read_lora, name, path)
             async with self.service.lock:
-                engine.lora.add(adapter)  # NOTE: a slot is filled when a request needs it, if none is free now
+                engine.lora_slots().add(adapter)  # NOTE: a slot is filled when a request needs it, if none is free now
         except LoraError as exc:
             raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from None
         return sorted(engine.lora.adapters)

@@ -352,7 +352,10 @@ async def test_wrong_secret_blocks_spec(cluster):
          "kv_spec_mismatch", "head_dim"),
         (msgspec.structs.replace(kv, spec=msgspec.structs.replace(kv.spec, block_size=8)),
          "kv_spec_mismatch", "block_size"),
+        # the receiver serves other weights of the same shapes (another checkpoint's fingerprint)
+        (sign_addr(msgspec.structs.replace(kv, model="0" * 32), key), "kv_spec_mismatch", "another model"),
     ]
+    assert len(kv.model) == 32, "a ticket names its engine's model by the checkpoint's fingerprint"
     for addr, code, words in bad:
         with pytest.raises(EngineCallError, match=words) as err:
             await p.remote_send(r, addr, timeout=10)

@@ -100,6 +100,7 @@ class KVAddr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ucx_address: str = ""  # the receiver's UCX worker address (hex) when it offers ucx
     expiry: float = 0.0  # unix time the ticket's lease ends (0: not stated)
     offers: dict[str, bytes] = {}  # what other transports need to reach the receiver, by name (nixl)
+    model: str = ""  # the receiver's model (its checkpoint's fingerprint): KV never crosses models
     signature: str = ""  # HMAC-SHA256 of every other field with the cluster's KV key (`sign_addr`)
 
 

@@ -47,6 +47,7 @@ from microserve.serving.tickets import (
     attend_ids,
     check_send,
     lent_arrivals,
+    model_identity,
     norm_pos,
     wait_for_kv,
 )
@@ -73,6 +74,7 @@ class EngineService:
             raise ValueError(f"the default lease ({lease_s:g}s) must be in (0, max lease {max_lease_s:g}s]")
         self.backend = backend
         self.engine_id, self.model_name = backend.engine_id, backend.model_name
+        self.model_id = model_identity(backend.model_name)  # named in every KVAddr; sends check it
         self.lease_s, self.transfer_timeout, self.max_lease_s = lease_s, transfer_timeout, max_lease_s
         self.kv_sign_key: bytes | None = None  # the cluster's KV key: every KVAddr handed out is signed
         self.peer_key: Any = None  # the ClusterKey this engine calls other engines with (a borrower its lenders)
@@ -206,7 +208,7 @@ class EngineService:
             await self._drop(ticket)
             self.aborted.check(ticket.request_id)
         ticket.expires_at, ticket.lease = time.time() + lease, lease
-        addr = msgspec.structs.replace(self.backend.recv_addr(ticket), expiry=ticket.expires_at)
+        addr = msgspec.structs.replace(self.backend.recv_addr(ticket), expiry=ticket.expires_at, model=self.model_id)
         if self.kv_sign_key is not None:
             addr = sign_addr(addr, self.kv_sign_key)
         if ticket.matched < ticket.end:
@@ -273,7 +275,7 @@ class EngineService:
                           transport: str | None = None) -> P.SendResult:
         prompt = self._validated(req)
         begin, end, mode = check_send(self.kv_spec, kv, begin, end, len(prompt),
-                                      lambda: self.backend.transport_for(kv, transport))
+                                      lambda: self.backend.transport_for(kv, transport), self.model_id)
         if begin >= end:
             return P.SendResult(0, 0.0, mode)
         self.aborted.check(req.request_id)

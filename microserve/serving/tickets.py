@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from kvapi.spec import KVSpec, KVSpecMismatch
@@ -42,11 +43,24 @@ def norm_pos(pos: int, n: int, what: str) -> int:
     return p
 
 
+def model_identity(model: str) -> str:
+    """How a `KVAddr` names its engine's model: the checkpoint's fingerprint when `model` is a folder
+    (the same on every host that has a copy, whatever its path), else the name as given."""
+    if (Path(model) / "config.json").is_file():
+        from microserve.engine.model.loader import checkpoint_fingerprint
+
+        return checkpoint_fingerprint(model)
+    return model
+
+
 def check_send(spec: KVSpec, kv: KVAddr, begin: int, end: int, n: int,
-               pick: Callable[[], str]) -> tuple[int, int, str]:
-    """`remote_send`'s checks, whatever the backend: positions, KV spec, transport (`pick()`),
+               pick: Callable[[], str], model: str = "") -> tuple[int, int, str]:
+    """`remote_send`'s checks, whatever the backend: positions, model, KV spec, transport (`pick()`),
     and the range against the receiver's ticket. Returns (begin, end, transport)."""
     begin, end = norm_pos(begin, n, "begin"), norm_pos(end, n, "end")
+    if model and kv.model and kv.model != model:  # NOTE: same shapes, other weights: the KV would be garbage
+        raise EngineError(ErrorCode.KV_SPEC_MISMATCH, f"{kv.engine_id} serves another model (fingerprint "
+                          f"{kv.model[:12]}, this engine's {model[:12]}): KV of one model is never sent to another's")
     try:
         spec.check_compatible(kv.spec)
         mode = pick()

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from microserve.control.provision import Names, Provisioner, Started
 from microserve.options import ServeOptions
@@ -180,63 +181,92 @@ def load_tokenizer(model_path: str | Path, opts: ServeOptions | None = None):
     return tokenizer
 
 
+@dataclass
+class Deployed:
+    """One model of a deployment: its engines' cluster, its strategy and tokenizer, and its options (served
+    names, the checkpoint path as given, default sampling, planner); `engines`: the engines the deployment
+    started for it (stopped at exit; `ctl scale` starts and stops more)."""
+
+    cluster: Cluster
+    strategy: Strategy
+    tokenizer: Any
+    opts: ServeOptions
+    engines: Provisioner | None = None
+
+
 async def serve(cluster: Cluster, strategy: Strategy, tokenizer, opts: ServeOptions,
                 engines: Provisioner | None = None, ready_extra: str = "") -> int:
-    """Run router + gateway over a cluster until SIGTERM/SIGINT; returns the exit code. `engines`: the
-    engines this deployment started (stopped at exit; `ctl scale` starts and stops more)."""
+    """Run router + gateway over a cluster until SIGTERM/SIGINT; returns the exit code."""
+    return await serve_models([Deployed(cluster, strategy, tokenizer, opts, engines)], opts, ready_extra)
+
+
+async def serve_models(models: list[Deployed], opts: ServeOptions, ready_extra: str = "") -> int:
+    """One router per model behind one gateway (`opts`: its address, keys and limits), until SIGTERM/SIGINT;
+    returns the exit code."""
     from microserve.gateway.app import Gateway
     from microserve.gateway.app import serve as serve_http
+    from microserve.gateway.served import Served
     from microserve.router.runtime import Router
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner, stats, planning = None, None, None
+    runner, tasks, plannings, started = None, [], [], []
     try:
-        cluster.evict_after = opts.evict_after
-        await cluster.start()
-        router = Router(cluster, strategy, tokenizer, request_timeout=opts.request_timeout,
-                        max_retries=opts.max_retries, max_pending=opts.max_pending)
-        router.engines = engines
-        router.log_requests = opts.log_requests
-        router.metrics.vllm_names = opts.metrics_names == "vllm"
-        gateway = Gateway(router, opts.served_model_name, opts.api_key, opts.admin_key,
-                          allow_code_upload=opts.allow_code_upload, metrics_key=opts.metrics_key,
-                          aliases=opts.aliases, accept=[opts.model_path] if opts.model_path else None,
-                          defaults=opts.sampling_defaults)
+        served = []
+        for d in models:
+            d.cluster.evict_after = opts.evict_after
+            started.append(d.cluster)
+            await d.cluster.start()
+            router = Router(d.cluster, d.strategy, d.tokenizer, request_timeout=opts.request_timeout,
+                            max_retries=opts.max_retries, max_pending=opts.max_pending)
+            router.engines = d.engines
+            router.log_requests = opts.log_requests
+            router.metrics.vllm_names = opts.metrics_names == "vllm"
+            served.append(Served(router, [d.opts.served_model_name, *d.opts.aliases],
+                                 [d.opts.model_path] if d.opts.model_path else [], d.opts.sampling_defaults))
+        gateway = Gateway(served, opts.api_key, opts.admin_key, allow_code_upload=opts.allow_code_upload,
+                          metrics_key=opts.metrics_key)
         if opts.log_stats_interval > 0:
             from microserve.logs import StatsLine
 
-            stats = asyncio.ensure_future(StatsLine(router, opts.log_stats_interval).run())
+            tasks = [asyncio.ensure_future(StatsLine(m.router, opts.log_stats_interval,
+                                                     m.name if len(served) > 1 else "").run()) for m in served]
         runner, port = await serve_http(gateway, opts.host, opts.port)
         url = f"http://{_url_host(opts.host)}:{port}"
-        if engines is not None:
-            engines.attach(cluster, url)
-        if opts.planner:  # NOTE: launch only: the planner scales the engines this deployment starts
-            from microserve.control.planner import Planning, load_planner
+        for d, m in zip(models, served):
+            if d.engines is not None:
+                d.engines.attach(d.cluster, url)
+            if d.opts.planner:  # NOTE: launch only: the planner scales the engines this deployment starts
+                from microserve.control.planner import Planning, load_planner
 
-            planning = router.planning = Planning(router, engines, load_planner(opts.planner, opts.planner_args),
-                                                  opts.scale_bounds, opts.planner, opts.planner_args)
-            planning.start()
-        listed = ",".join(f"{h.name}@{h.address}" for h in cluster.handles)
-        print(f"READY url={url} model={opts.served_model_name} "
-              f"strategy={type(strategy).__name__} engines={listed}{ready_extra}", flush=True)
-        log.info("serving %s with %s on %s: %s", opts.served_model_name, type(strategy).__name__, url,
-                 ", ".join(f"{h.name} ({h.role})" for h in cluster.handles))
+                m.router.planning = Planning(m.router, d.engines, load_planner(d.opts.planner, d.opts.planner_args),
+                                             d.opts.scale_bounds, d.opts.planner, d.opts.planner_args)
+                plannings.append(m.router.planning)
+                m.router.planning.start()
+        listed = ",".join(f"{h.name}@{h.address}" for d in models for h in d.cluster.handles)
+        print(f"READY url={url} model={','.join(m.name for m in served)} "
+              f"strategy={','.join(type(d.strategy).__name__ for d in models)} engines={listed}{ready_extra}",
+              flush=True)
+        for d, m in zip(models, served):
+            log.info("serving %s with %s on %s: %s", m.name, type(d.strategy).__name__, url,
+                     ", ".join(f"{h.name} ({h.role})" for h in d.cluster.handles))
         await stop.wait()
         log.info("shutting down (a signal): the gateway stops taking requests, then the engines stop")
         return 0
     finally:
-        if stats is not None:
-            stats.cancel()
-        if planning is not None:
+        for task in tasks:
+            task.cancel()
+        for planning in plannings:
             await planning.stop()
         if runner is not None:
             await runner.cleanup()
-        await cluster.close()
-        if engines is not None:
-            await engines.close()
+        for cluster in started:
+            await cluster.close()
+        for d in models:
+            if d.engines is not None:
+                await d.engines.close()
         for sig in (signal.SIGTERM, signal.SIGINT):  # NOTE: a repeated Ctrl-C must not break the teardown
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)

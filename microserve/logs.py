@@ -69,10 +69,11 @@ class StatsLine:
     Args:
         router: the `Router` (its metrics and cluster).
         interval: seconds between lines.
+        model: the model's name, leading each line (a gateway of several models: one line per model).
     """
 
-    def __init__(self, router, interval: float) -> None:
-        self.router, self.interval = router, interval
+    def __init__(self, router, interval: float, model: str = "") -> None:
+        self.router, self.interval, self.model = router, interval, model
         self._last: dict[str, float] = {}
         self._at = time.monotonic()
 
@@ -115,8 +116,9 @@ class StatsLine:
         while True:
             await asyncio.sleep(self.interval)
             f = self.line()
-            STATS.info("%.2f req/s, running %d, waiting %d, KV %.0f%% (engines' mean), prefix hits %.0f%%, "
-                       "store hits %.0f%%, KV transfer %.2f GB/s, retries %d, moves %d, %d engines", f["req_per_s"],
+            STATS.info("%s%.2f req/s, running %d, waiting %d, KV %.0f%% (engines' mean), prefix hits %.0f%%, "
+                       "store hits %.0f%%, KV transfer %.2f GB/s, retries %d, moves %d, %d engines",
+                       f"{self.model}: " if self.model else "", f["req_per_s"],
                        f["running"], f["waiting"], 100 * f["kv_use"], 100 * f["prefix_hit_rate"],
                        100 * f["store_hit_rate"], f["transfer_gb_per_s"], f["retries"], f["moves"], f["engines"],
-                       extra={"fields": f})
+                       extra={"fields": f | ({"model": self.model} if self.model else {})})

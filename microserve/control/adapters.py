@@ -27,8 +27,12 @@ if TYPE_CHECKING:
 
 
 def add_routes(admin: Admin, app: web.Application) -> None:
-    app.router.add_post("/v1/load_lora_adapter", partial(load, admin))
-    app.router.add_post("/v1/unload_lora_adapter", partial(unload, admin))
+    """The endpoints, each on the model `?model=NAME` names (default: the first; admin.py's `pick`)."""
+    async def on_model(call, request: web.Request) -> web.Response:
+        return await call(admin.pick(request), request)
+
+    app.router.add_post("/v1/load_lora_adapter", partial(on_model, load))
+    app.router.add_post("/v1/unload_lora_adapter", partial(on_model, unload))
 
 
 PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # the admin key's, not the API key's

@@ -24,6 +24,10 @@
     POST   /v1/load_lora_adapter       vLLM's runtime LoRA endpoints, on every engine (control/adapters.py)
     POST   /v1/unload_lora_adapter
 
+With several models (`launch --config`), `?model=NAME` picks the model a call changes (default: the first;
+a call on `/admin/engines/{id}` finds the engine's model itself) and `GET /admin/engines` lists every
+model's engines, each with its `model`.
+
 Every call needs `Authorization: Bearer <admin key>` (`--admin-key`). The API key never opens it: an
 API client is not an operator. Without an admin key the admin API is off (403, and a log line at
 start says so); engines holding the cluster's join token may still join and leave. Each change is
@@ -35,6 +39,7 @@ from __future__ import annotations
 import hmac
 import logging
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,26 +67,48 @@ def _bearer(request: web.Request) -> bytes:
 
 class Admin:
     """Args:
-        router: the router whose cluster and strategy the API changes.
+        routers: the router whose cluster and strategy the API changes, or one per model by name.
         admin_key: the bearer key of every call (None: the API is off, but engines may join).
         allow_code_upload: `PUT /admin/strategy` may carry Python source to run in this process.
     """
 
-    def __init__(self, router: Router, admin_key: str | None, allow_code_upload: bool = False) -> None:
-        self.router, self.key, self.allow_code_upload = router, admin_key, allow_code_upload
+    def __init__(self, routers: Router | dict[str, Router], admin_key: str | None,
+                 allow_code_upload: bool = False) -> None:
+        routers = routers if isinstance(routers, dict) else {"": routers}
+        self.model, self.router = next(iter(routers.items()))
+        self.key, self.allow_code_upload = admin_key, allow_code_upload
+        self.peers = {name: self if r is self.router else Admin(r, admin_key, allow_code_upload)
+                      for name, r in routers.items()}
+        for name, peer in self.peers.items():
+            peer.model = name
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/admin/engines", self.list_engines)
-        app.router.add_post("/admin/engines", self.add_engine)
-        app.router.add_patch("/admin/engines/{id}", self.set_role)
-        app.router.add_delete("/admin/engines/{id}", self.remove_engine)
-        app.router.add_get("/admin/strategy", self.get_strategy)
-        app.router.add_get("/admin/requests", self.requests)
-        app.router.add_put("/admin/strategy", self.put_strategy)
-        app.router.add_put("/admin/scale", self.scale)
-        app.router.add_get("/admin/planner", self.get_planner)
-        app.router.add_put("/admin/planner", self.put_planner)
+        for method, path, name in (("GET", "/admin/engines", "list_engines"), ("POST", "/admin/engines", "add_engine"),
+                                   ("PATCH", "/admin/engines/{id}", "set_role"),
+                                   ("DELETE", "/admin/engines/{id}", "remove_engine"),
+                                   ("GET", "/admin/strategy", "get_strategy"), ("GET", "/admin/requests", "requests"),
+                                   ("PUT", "/admin/strategy", "put_strategy"), ("PUT", "/admin/scale", "scale"),
+                                   ("GET", "/admin/planner", "get_planner"), ("PUT", "/admin/planner", "put_planner")):
+            app.router.add_route(method, path, partial(self._dispatch, name))
         adapters.add_routes(self, app)  # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter
+
+    def pick(self, request: web.Request) -> Admin:
+        """The model's admin a call is for: `?model=NAME`, else the model of the engine `{id}` names, else the
+        first model."""
+        if (model := request.query.get("model")) is not None:
+            if model not in self.peers:
+                raise web.HTTPNotFound(text=f"no model {model!r} here; models: {', '.join(map(repr, self.peers))}")
+            return self.peers[model]
+        engine = request.match_info.get("id")
+        for peer in self.peers.values():
+            if engine is not None and any(h.name == engine for h in peer.router.cluster.handles):
+                return peer
+        return self
+
+    async def _dispatch(self, name: str, request: web.Request) -> web.Response:
+        if name == "list_engines" and len(self.peers) > 1 and "model" not in request.query:
+            return await self.list_all(request)
+        return await getattr(self.pick(request), name)(request)
 
     def _refused(self, request: web.Request, join: bool = False) -> web.Response | None:
         """None when the caller holds the admin key (or, to add or remove an engine, the cluster's join
@@ -127,9 +154,23 @@ class Admin:
         except KeyError:
             raise web.HTTPNotFound(text=f"no engine {request.match_info['id']!r}") from None
 
+    async def list_all(self, request: web.Request) -> web.Response:
+        """Every model's engines (each with its `model`), and the routers' moves and retries summed."""
+        if (refused := self._refused(request)) is not None:
+            return refused
+        engines = [e for peer in self.peers.values() for e in peer._engines()]
+        routers = [peer.router.metrics for peer in self.peers.values()]
+        return web.json_response({"engines": engines, "router": {"moves": sum(_total(m.moves) for m in routers),
+                                                                 "retries": sum(_total(m.retries) for m in routers)}})
+
     async def list_engines(self, request: web.Request) -> web.Response:
         if (refused := self._refused(request)) is not None:
             return refused
+        m = self.router.metrics
+        return web.json_response({"engines": self._engines(),
+                                  "router": {"moves": _total(m.moves), "retries": _total(m.retries)}})
+
+    def _engines(self) -> list[dict[str, Any]]:
         cluster = self.router.cluster
         out = []
         for h in cluster.handles:
@@ -143,9 +184,9 @@ class Admin:
                         "kv_bytes_received": s.kv_bytes_received if s else 0,
                         "prefix_hit_tokens": s.prefix_cache_hit_tokens if s else 0,
                         "tier_hit_tokens": {t.tier: t.hit_tokens for t in s.kv_store} if s else {},
-                        "loras": s.loras if s else [], "lora_loads": s.lora_loads if s else 0})
-        m = self.router.metrics
-        return web.json_response({"engines": out, "router": {"moves": _total(m.moves), "retries": _total(m.retries)}})
+                        "loras": s.loras if s else [], "lora_loads": s.lora_loads if s else 0}
+                       | ({"model": self.model} if self.model else {}))
+        return out
 
     async def add_engine(self, request: web.Request) -> web.Response:
         if (refused := self._refused(request, join=True)) is not None:

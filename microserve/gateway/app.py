@@ -38,12 +38,14 @@ from microserve.gateway.fanout import collect as _collect
 from microserve.gateway.fanout import sum_usage as _sum_usage
 from microserve.gateway.generation import apply_defaults
 from microserve.gateway.observe import observe, refused
+from microserve.gateway.served import Served, ServedModels
 from microserve.gateway.streaming import sse
 from microserve.router.choices import ChoiceGroup
+from microserve.router.metrics import render_models
 from microserve.router.runtime import Delta, Router, RouterError
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import ErrorCode
-from microserve.text import InvalidRequestError, NoTokenizer
+from microserve.text import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -62,34 +64,31 @@ HTTP_STATUS: dict[ErrorCode, int] = {
 
 
 class Gateway:
-    """HTTP front of one router.
+    """HTTP front of one router per model (gateway/served.py).
 
     Args:
-        router: the router runtime.
-        model_name: the name clients pass as `model` (also listed by /v1/models).
+        models: the models served (a `Served` or several: `launch --config`); a request that names no
+            model goes to the first.
         api_key: when set, /v1/* requires `Authorization: Bearer <api_key>`.
         admin_key: the key of /admin/* (never `api_key`; None: the admin API is off).
         allow_code_upload: `PUT /admin/strategy` may carry Python source.
         metrics_key: when set, /metrics requires `Authorization: Bearer <metrics_key>`.
-        aliases: more names a request may pass as `model` (listed by /v1/models; a response carries
-            the name its request gave); `accept`: names taken but not listed (the model path as given).
-        defaults: sampling fields a request leaves out take these (`--generation-config`, generation.py).
     """
 
-    def __init__(self, router: Router, model_name: str, api_key: str | None = None,
+    def __init__(self, models: Served | list[Served], api_key: str | None = None,
                  admin_key: str | None = None, *, allow_code_upload: bool = False,
-                 metrics_key: str | None = None, aliases: list[str] | None = None,
-                 accept: list[str] | None = None, defaults: dict[str, Any] | None = None) -> None:
-        self.defaults = defaults or {}  # default sampling from the model's generation config (generation.py)
-        self.router, self.model_name, self.api_key, self.metrics_key = router, model_name, api_key, metrics_key
-        self.names = list(dict.fromkeys([model_name, *(aliases or [])]))
-        self.accepted = {*self.names, *(accept or [])}
-        self.admin = Admin(router, admin_key, allow_code_upload)  # /admin/*: microserve/control/admin.py
+                 metrics_key: str | None = None) -> None:
+        models = [models] if isinstance(models, Served) else list(models)
+        self.models = ServedModels(models[0])
+        for m in models[1:]:
+            self.models.add(m)
+        # the first model's router also counts the gateway's own series (HTTP requests, refusals)
+        self.router, self.model_name = models[0].router, models[0].name
+        self.api_key, self.metrics_key = api_key, metrics_key
+        self.admin = Admin({m.name: m.router for m in models}, admin_key, allow_code_upload)  # control/admin.py
         if not admin_key:
             log.log(logging.WARNING if api_key else logging.INFO, "the admin API is off (no --admin-key; the API "
                     "key never opens it); engines with the cluster's join token may still join")
-        # no tokenizer (skip_tokenizer_init): token-id prompts, every choice carries its token ids
-        self.ids_only = isinstance(router.tokenizer, NoTokenizer)
         self.bodies = Bodies()  # request bodies: size and rate limits, upload slots (gateway/bodies.py)
 
     async def _read(self, request: web.Request) -> bytes:
@@ -152,41 +151,21 @@ class Gateway:
     # -- endpoints ----------------------------------------------------------------------
     async def metrics(self, request: web.Request) -> web.Response:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.router.cluster.poll(), 2.0)
-        return web.Response(body=self.router.metrics.render(self.model_name),
+            await asyncio.wait_for(asyncio.gather(*(m.router.cluster.poll() for m in self.models.all)), 2.0)
+        return web.Response(body=render_models([(m.router.metrics, m.name) for m in self.models.all]),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    def _check_ids_only(self, sampling: SamplingParams) -> None:
-        if self.ids_only and sampling.stop:
+    def _check_ids_only(self, m: Served, sampling: SamplingParams) -> None:
+        if m.ids_only and sampling.stop:
             raise RouterError(ErrorCode.BAD_REQUEST, "stop strings need the tokenizer, and this server runs without "
                               "one (--skip-tokenizer-init): use stop_token_ids", param="stop")
 
-    def _check_model(self, model: str | None) -> str:
-        """The name a response carries: the one the request gave, when it is served."""
-        if model is not None and model not in self.accepted:
-            raise RouterError(ErrorCode.MODEL_NOT_FOUND, f"the model {model!r} does not exist; this server serves "
-                              f"{', '.join(map(repr, self.names))}", param="model")
-        return model or self.model_name
+    async def _target(self, model: str | None) -> tuple[Served, str, str | None]:
+        """The model a request runs on, the name its response carries, and its LoRA adapter (or None)."""
+        return await self.models.target(model)
 
-    def _adapters(self) -> set[str]:
-        """The LoRA adapters live engines report loaded (their polled stats)."""
-        cluster = self.router.cluster
-        return {name for h in cluster.handles if h.alive and (st := cluster.load(h).stats) is not None
-                for name in st.loras}
-
-    async def _target(self, model: str | None) -> tuple[str, str | None]:
-        """The name a response carries, and the LoRA adapter the request runs under (a served
-        adapter's name as `model`; None: the base model)."""
-        if model is None or model in self.accepted:
-            return model or self.model_name, None
-        if model not in self._adapters():  # NOTE: loaded since the last poll? ask once, bounded
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.router.cluster.poll(), 2.0)
-        if model in self._adapters():
-            return model, model
-        return self._check_model(model), None
-
-    def _choices(self, rid: str, prompts: list[list[int]], params: list[SamplingParams]) -> list[AsyncIterator[Delta]]:
+    def _choices(self, router: Router, rid: str, prompts: list[list[int]],
+                 params: list[SamplingParams]) -> list[AsyncIterator[Delta]]:
         """One stream per (prompt, choice): n (or best_of) requests per prompt sharing its KV through
         the prefix cache; choice j of a seeded request uses seed + j (as vLLM)."""
         streams = []
@@ -199,33 +178,33 @@ class Gateway:
                 if count > sp.n and one.logprobs is None:
                     one.logprobs = 0  # best_of ranks the choices by their cumulative logprob
                 k = i * count + j
-                streams.append(self.router.generate(f"{rid}-{k}" if len(prompts) * count > 1 else rid, prompt, one,
+                streams.append(router.generate(f"{rid}-{k}" if len(prompts) * count > 1 else rid, prompt, one,
                                                     group, j == 0))
         return streams
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body: O.CompletionRequest = await self._decode(await self._read(request), O.CompletionRequest)
-        model, lora = await self._target(body.model)
+        m, model, lora = await self._target(body.model)
         body.check_unsupported()
         sampling, given = body.sampling(body.max_tokens, 16, body.logprobs)
         sampling.lora = lora
-        apply_defaults(body, sampling, self.defaults)
-        self._check_ids_only(sampling)
-        texts = body.prompts(self.router.max_model_len)
+        apply_defaults(body, sampling, m.defaults)
+        self._check_ids_only(m, sampling)
+        texts = body.prompts(m.router.max_model_len)
         count = len(texts) * max(sampling.n, sampling.best_of or 1)
         if count > MAX_PROMPTS:
             raise RouterError(ErrorCode.BAD_REQUEST, f"at most {MAX_PROMPTS} prompts x choices per request, got "
                               f"{count}", param="prompt" if len(texts) > 1 else "n")
-        self.router.admit(count)  # --max-pending counts choices, not HTTP requests
+        m.router.admit(count)  # --max-pending counts choices, not HTTP requests
         special = body.add_special_tokens is not False
-        prompts = [body.truncate(await self.router.encode(p, special)) for p in texts]
-        params = [self.router.check(p, msgspec.structs.replace(sampling), given) for p in prompts]
-        rid = self.router.new_request_id("cmpl")
-        streams = self._choices(rid, prompts, params)
+        prompts = [body.truncate(await m.router.encode(p, special)) for p in texts]
+        params = [m.router.check(p, msgspec.structs.replace(sampling), given) for p in prompts]
+        rid = m.router.new_request_id("cmpl")
+        streams = self._choices(m.router, rid, prompts, params)
         base = {"id": body.request_id or rid, "object": "text_completion", "created": O.now(),
                 "model": model, "system_fingerprint": FINGERPRINT}
-        tok = self.router.tokenizer
-        name = fanout.token_namer(tok, body.return_tokens_as_token_ids or self.ids_only)
+        tok = m.router.tokenizer
+        name = fanout.token_namer(tok, body.return_tokens_as_token_ids or m.ids_only)
         echo = [tok.decode(p) if body.echo else "" for p in prompts for _ in range(sampling.n)]
         offsets = [0] * len(streams)
         ids_of = [p for p in prompts for _ in range(sampling.n)]
@@ -242,7 +221,7 @@ class Gateway:
             text, echo[i] = echo[i] + d.text, ""
             return {"index": i, "text": text, "logprobs": lp, "finish_reason": d.finish_reason,
                     "stop_reason": d.stop_reason} | extra | (
-                {"token_ids": d.token_ids} if body.return_token_ids or self.ids_only else {})
+                {"token_ids": d.token_ids} if body.return_token_ids or m.ids_only else {})
 
         if body.stream:
             return await sse(request, streams, base, choice, body.stream_options,
@@ -254,7 +233,7 @@ class Gateway:
                         | ({"prompt_logprobs": fanout.vllm_prompt_logprobs(name, ids_of[i], r.prompt_logprobs or [])}
                            if body.prompt_logprobs is not None else {})
                         | ({"token_ids": r.ids, "prompt_token_ids": ids_of[i]}
-                           if body.return_token_ids or self.ids_only else {})
+                           if body.return_token_ids or m.ids_only else {})
                         for i, r in enumerate(results)],
             "usage": O.usage_json(_sum_usage([r.usage for r in results], sampling.n))})
 
@@ -264,18 +243,18 @@ class Gateway:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body: O.ChatCompletionRequest = await self._decode(await self._read(request), O.ChatCompletionRequest)
-        model, lora = await self._target(body.model)
+        m, model, lora = await self._target(body.model)
         body.check_unsupported()
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        sampling, given = body.sampling(max_tokens, self.router.max_model_len, body.logprobs_k())
+        sampling, given = body.sampling(max_tokens, m.router.max_model_len, body.logprobs_k())
         sampling.lora = lora
-        apply_defaults(body, sampling, self.defaults)
-        self._check_ids_only(sampling)
+        apply_defaults(body, sampling, m.defaults)
+        self._check_ids_only(m, sampling)
         if sampling.n > MAX_PROMPTS:
             raise RouterError(ErrorCode.BAD_REQUEST, f"n may be at most {MAX_PROMPTS}", param="n")
-        self.router.admit(sampling.n)
+        m.router.admit(sampling.n)
         messages = body.chat_messages()
-        mode, fname = tools.plan(body.tools, body.tool_choice, self.router.tokenizer.chat_template, body.stream)
+        mode, fname = tools.plan(body.tools, body.tool_choice, m.router.tokenizer.chat_template, body.stream)
         options = body.template_options()
         if body.tools:
             options["kwargs"]["tools"] = body.tools
@@ -289,13 +268,13 @@ class Gateway:
             except InvalidRequestError as exc:
                 raise RouterError(ErrorCode.BAD_REQUEST, f"the tools' schemas do not compile: {exc}",
                                   param="tools") from None
-        prompt = body.truncate(await self.router.encode_chat(messages, options))
-        sampling = self.router.check(prompt, sampling, given)
-        rid = self.router.new_request_id("chatcmpl")
-        streams = self._choices(rid, [prompt], [sampling])
+        prompt = body.truncate(await m.router.encode_chat(messages, options))
+        sampling = m.router.check(prompt, sampling, given)
+        rid = m.router.new_request_id("chatcmpl")
+        streams = self._choices(m.router, rid, [prompt], [sampling])
         base = {"id": body.request_id or rid, "object": "chat.completion", "created": O.now(),
                 "model": model, "system_fingerprint": FINGERPRINT}
-        name = fanout.token_namer(self.router.tokenizer, body.return_tokens_as_token_ids or self.ids_only)
+        name = fanout.token_namer(m.router.tokenizer, body.return_tokens_as_token_ids or m.ids_only)
         # vLLM's chat echo: the reply starts with the last message when it is the assistant's
         echo = messages[-1]["content"] if body.echo and messages[-1]["role"] == "assistant" else ""
         if body.stream:
@@ -312,7 +291,7 @@ class Gateway:
                 lp = fanout.chat_logprobs(name, d.token_ids, d.logprobs) if body.logprobs and d.logprobs else None
                 return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason,
                         "stop_reason": d.stop_reason} | (
-                    {"token_ids": d.token_ids} if body.return_token_ids or self.ids_only else {})
+                    {"token_ids": d.token_ids} if body.return_token_ids or m.ids_only else {})
 
             return await sse(request, streams, base | {"object": "chat.completion.chunk"}, choice,
                              body.stream_options, [len(prompt)] * sampling.n, sampling.n, _status)
@@ -323,10 +302,10 @@ class Gateway:
             "choices": [{"index": i, "message": finished[i][0], "finish_reason": finished[i][1],
                          "stop_reason": r.stop_reason,
                          "logprobs": fanout.chat_logprobs(name, r.ids, r.logprobs) if body.logprobs else None}
-                        | ({"token_ids": r.ids} if body.return_token_ids or self.ids_only else {})
+                        | ({"token_ids": r.ids} if body.return_token_ids or m.ids_only else {})
                         for i, r in enumerate(results)],
             "usage": O.usage_json(_sum_usage([r.usage for r in results], sampling.n))}
-            | ({"prompt_token_ids": prompt} if body.return_token_ids or self.ids_only else {})
+            | ({"prompt_token_ids": prompt} if body.return_token_ids or m.ids_only else {})
             | ({"prompt_logprobs": fanout.vllm_prompt_logprobs(name, prompt, results[0].prompt_logprobs or [])}
                if body.prompt_logprobs is not None else {}))
 

@@ -129,17 +129,17 @@ class ResponsesRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
 
 async def handle(gw: Gateway, request: web.Request) -> web.StreamResponse:
     body: ResponsesRequest = await gw._decode(await gw._read(request), ResponsesRequest)
-    model, lora = await gw._target(body.model)
+    m, model, lora = await gw._target(body.model)
     body.check()
     chat = body.chat()
-    sampling, given = chat.sampling(chat.max_completion_tokens, gw.router.max_model_len)
+    sampling, given = chat.sampling(chat.max_completion_tokens, m.router.max_model_len)
     sampling.lora = lora
-    apply_defaults(body, sampling, gw.defaults)
-    gw.router.admit(1)
-    prompt = await gw.router.encode_chat(chat.chat_messages(), chat.template_options())
-    sampling = gw.router.check(prompt, sampling, given)
-    rid = gw.router.new_request_id("resp")
-    stream = gw.router.generate(rid, prompt, sampling)
+    apply_defaults(body, sampling, m.defaults)
+    m.router.admit(1)
+    prompt = await m.router.encode_chat(chat.chat_messages(), chat.template_options())
+    sampling = m.router.check(prompt, sampling, given)
+    rid = m.router.new_request_id("resp")
+    stream = m.router.generate(rid, prompt, sampling)
     response = {"id": rid, "object": "response", "created_at": O.now(), "status": "in_progress", "model": model,
                 "output": [], "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
                 "temperature": sampling.temperature, "top_p": sampling.top_p, "tools": [], "tool_choice": "auto",

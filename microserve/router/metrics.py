@@ -105,6 +105,39 @@ class RouterMetrics:
         return generate_latest(outer)
 
 
+def render_models(models: list[tuple[RouterMetrics, str]]) -> bytes:
+    """The exposition text of a gateway's models (`launch --config`): each router's series labelled with its
+    model's name, one family per metric name; the process series once (one process serves them all)."""
+    if len(models) == 1:
+        metrics, name = models[0]
+        return metrics.render(name)
+    merged: dict[str, Metric] = {}
+    for i, (metrics, name) in enumerate(models):
+        outer = CollectorRegistry()
+        outer.register(_ModelLabel(metrics.registry, name))
+        if metrics.vllm_names:
+            outer.register(_VLLMNames(metrics.registry, metrics.cluster, name))
+        for family in outer.collect():
+            if i and family.name.startswith("process_"):
+                continue
+            out = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
+            out.samples += family.samples
+    outer = CollectorRegistry()
+    outer.register(_Families(list(merged.values())))
+    return generate_latest(outer)
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        yield from self.families
+
+
 class _ModelLabel:
     """Every family of `inner`, each sample labelled `model_name` (dashboards built for vLLM filter on it)."""
 

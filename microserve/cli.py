@@ -85,6 +85,45 @@ def _launch(args: argparse.Namespace) -> int:
     import asyncio
 
     from microserve.launch import launch
+
+    if args.config:
+        return _launch_config(args)
+    if args.model is None:
+        raise ValueError("launch needs --model PATH (or --config FILE with several models)")
+    strategy, opts, layout, engine_args, ray = _plan(args)
+    return asyncio.run(launch(strategy, args.model, layout, engine_args, opts, ray))
+
+
+def _launch_config(args: argparse.Namespace) -> int:
+    """`launch --config FILE`: every model's arguments are the command line's plus its entry's."""
+    import asyncio
+
+    from microserve.launch import ModelPlan, launch_models
+    from microserve.model_config import load_config, without_config
+
+    given = [f for f, v in (("--model", args.model), ("--strategy", args.strategy), ("--roles", args.roles),
+                            ("--engines", args.engines), ("--served-model-name", args.served_model_name),
+                            ("--planner", args.planner)) if v]
+    if given:
+        raise ValueError(f"--config FILE names the models: give {', '.join(given)} in its entries, not on the command "
+                         "line")
+    if args.ray is not None:
+        raise ValueError("--config with --ray is not supported: launch one deployment per model on Ray")
+    base = without_config(args.argv)[1:]  # NOTE: [0] is "launch"
+    plans = []
+    for i, argv in enumerate(load_config(args.config)):
+        try:
+            margs = build_parser().parse_args(["launch", *base, *argv])
+        except SystemExit:  # NOTE: argparse printed what is wrong
+            raise ValueError(f"--config {args.config}: models[{i}]: bad options (above)") from None
+        strategy, opts, layout, engine_args, _ = _plan(margs)
+        plans.append(ModelPlan(strategy, margs.model, layout, engine_args, opts))
+    return asyncio.run(launch_models(plans, plans[0].opts))
+
+
+def _plan(args: argparse.Namespace):
+    """One model's strategy, options, engine layout and engine arguments (and Ray's options) from `launch`'s
+    command line; ValueError before anything starts."""
     from microserve.options import serve_setup
     from microserve.router.strategy import parse_roles
 
@@ -127,7 +166,7 @@ def _launch(args: argparse.Namespace) -> int:
     logs = ["--log-level", args.log_level, "--log-format", args.log_format]  # the deployment's, for its engines
     if args.otlp_traces_endpoint:
         logs += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
-    return asyncio.run(launch(strategy, args.model, layout, [*forwarded_knobs(args), *backend, *logs], opts, ray))
+    return strategy, opts, layout, [*forwarded_knobs(args), *backend, *logs], ray
 
 
 def _pairs(items: list[str], flag: str):
@@ -233,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     lau = sub.add_parser("launch", parents=[knobs, serve_parser()],
                          help="start engines, the router and the OpenAI gateway for a strategy")
-    lau.add_argument("--model", required=True, help="checkpoint folder, or 'demo'")
+    lau.add_argument("--model", default=None, help="checkpoint folder, or 'demo'")
+    lau.add_argument("--config", default=None, metavar="FILE",
+                     help="serve several models, each with its engines and strategy (YAML: docs/models.md); "
+                          "replaces --model, --strategy, --roles and --served-model-name")
     lau.add_argument("--roles", default=None, help="engine layout, e.g. prefill=1,decode=2 (default: the strategy's)")
     lau.add_argument("--engines", type=int, default=None,
                      help="number of engines, for strategies with one role (data parallel, cache aware...)")
@@ -304,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # launch --config starts each model from it
     try:
         return args.func(args)
     except (ValueError, OSError) as exc:  # bad values, unsupported checkpoint, a port in use...

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from microserve.control.provision import Names, Provisioner, Started
+from microserve.model_config import ModelPlan, check_names, id_prefix
 from microserve.options import ServeOptions
 from microserve.router.cluster import Cluster
 from microserve.router.handle import EngineHandle
@@ -278,18 +279,27 @@ def _url_host(host: str) -> str:
 
 async def launch(strategy: Strategy, model: str, layout: Mapping[str, int], engine_args: list[str],
                  opts: ServeOptions, ray=None) -> int:
-    """Engines as subprocesses (or Ray actors: `ray`), then the router and gateway over them, until SIGINT/SIGTERM.
-    Every process shares one cluster key: `opts.cluster_key`, `$MICROSERVE_CLUSTER_KEY`, or a
-    fresh key for this run in a private directory (removed at exit)."""
+    """Engines as subprocesses (or Ray actors: `ray`), then the router and gateway over them, until SIGINT/SIGTERM."""
+    return await launch_models([ModelPlan(strategy, model, layout, engine_args, opts)], opts, ray)
+
+
+async def launch_models(plans: list[ModelPlan], opts: ServeOptions, ray=None) -> int:
+    """Every model's engines, then one router per model behind one gateway (`opts`: its address, keys and
+    limits), until SIGINT/SIGTERM. Every process shares one cluster key: `opts.cluster_key`,
+    `$MICROSERVE_CLUSTER_KEY`, or a fresh key for this run in a private directory (removed at exit)."""
     import shutil
     import tempfile
 
     from microserve.demo import resolve_model
     from microserve.security import ClusterKey, resolve
 
-    check_layout(strategy, layout)
-    model_path = str(resolve_model(model))
-    tokenizer = NoTokenizer() if "--skip-tokenizer-init" in engine_args else load_tokenizer(model_path, opts)
+    check_names(plans)
+    tokenizers = []
+    for plan in plans:
+        check_layout(plan.strategy, plan.layout)
+        path = str(resolve_model(plan.model))
+        tokenizers.append(NoTokenizer() if "--skip-tokenizer-init" in plan.engine_args else
+                          load_tokenizer(path, plan.opts))
     key = resolve(opts.cluster_key)
     private = None
     if key is None:
@@ -299,13 +309,18 @@ async def launch(strategy: Strategy, model: str, layout: Mapping[str, int], engi
     with contextlib.ExitStack() as stack:
         if private is not None:
             stack.callback(shutil.rmtree, private, ignore_errors=True)
-        engine_args = _kv_store_args(engine_args, opts.host, key, stack)
-        if ray is not None:  # `--ray`: a `RayOptions` (microserve/control/on_ray.py)
+        for plan in plans:
+            plan.engine_args = _kv_store_args(plan.engine_args, opts.host, key, stack)
+        if ray is not None:  # `--ray`: a `RayOptions` (microserve/control/on_ray.py); one model
             from microserve.control.on_ray import launch_on_ray
 
-            return await launch_on_ray(strategy, model, layout, engine_args, opts, tokenizer, key, ray)
-        return await _launch(strategy, model_path, layout, [*engine_args, "--cluster-key", key.source], opts,
-                             tokenizer, key)
+            (plan,) = plans
+            return await launch_on_ray(plan.strategy, plan.model, plan.layout, plan.engine_args, opts, tokenizers[0],
+                                       key, ray)
+        for plan in plans:
+            plan.model, plan.engine_args = str(resolve_model(plan.model)), [*plan.engine_args, "--cluster-key",
+                                                                             key.source]
+        return await _launch(plans, opts, tokenizers, key)
 
 
 def _kv_store_args(engine_args: list[str], host: str, key, stack: contextlib.ExitStack) -> list[str]:
@@ -331,14 +346,19 @@ def _kv_store_args(engine_args: list[str], host: str, key, stack: contextlib.Exi
     return out
 
 
-async def _launch(strategy: Strategy, model_path: str, layout: Mapping[str, int], engine_args: list[str],
-                  opts: ServeOptions, tokenizer, key) -> int:
+async def _launch(plans: list[ModelPlan], opts: ServeOptions, tokenizers: list, key) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a Ctrl-C while engines load stops them too
         loop.add_signal_handler(sig, stop.set)
-    names = Names()
-    spawn = asyncio.ensure_future(spawn_engines(model_path, layout, engine_args, names=names))
+    # engine ids name their model when there are several (`llama-prefill-0`), so they are unique in the deployment
+    prefixes: list[str] = []
+    for i, p in enumerate(plans):
+        pre = id_prefix(p.opts.served_model_name, i) if len(plans) > 1 else ""
+        prefixes.append(f"{pre[:-1]}{i}-" if pre and pre in prefixes else pre)
+    names = [Names(pre) for pre in prefixes]
+    spawn = asyncio.ensure_future(asyncio.gather(*(spawn_engines(p.model, p.layout, p.engine_args, names=n)
+                                                   for p, n in zip(plans, names)), return_exceptions=True))
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait([spawn, stopper], return_when=asyncio.FIRST_COMPLETED)
     if not spawn.done():
@@ -347,7 +367,14 @@ async def _launch(strategy: Strategy, model_path: str, layout: Mapping[str, int]
             await spawn
         return 130
     stopper.cancel()
-    procs = spawn.result()
-    cluster = Cluster({role: [EngineHandle(p.rpc, name=p.engine_id, role=role, cluster_key=key)
-                              for p in procs if p.role == role] for role in layout}, cluster_key=key)
-    return await serve(cluster, strategy, tokenizer, opts, LocalEngines(model_path, engine_args, procs, names))
+    spawned = spawn.result()
+    if failed := [r for r in spawned if isinstance(r, BaseException)]:
+        for procs in spawned:
+            if not isinstance(procs, BaseException):
+                await stop_engines(procs)
+        raise failed[0]
+    models = [Deployed(Cluster({role: [EngineHandle(p.rpc, name=p.engine_id, role=role, cluster_key=key)
+                                       for p in procs if p.role == role] for role in plan.layout}, cluster_key=key),
+                       plan.strategy, tok, plan.opts, LocalEngines(plan.model, plan.engine_args, procs, n))
+              for plan, tok, procs, n in zip(plans, tokenizers, spawned, names)]
+    return await serve_models(models, opts)

@@ -47,7 +47,7 @@ def serve_parser() -> argparse.ArgumentParser:
     """Router + gateway options shared by `launch` and `router` (`ServeOptions`)."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("router and gateway options")
-    g.add_argument("--strategy", required=True,
+    g.add_argument("--strategy", default=None,
                    help="strategy file (one microserve.Strategy subclass), or a shipped name: round_robin, pd, "
                         "balanced_pd, adaptive_pd, context_migration, cache_aware")
     g.add_argument("--strategy-arg", action="append", default=[], metavar="NAME=VALUE",
@@ -100,6 +100,8 @@ def serve_setup(args: argparse.Namespace, model: str | None) -> tuple[Strategy, 
     from microserve.logs import setup_logging
     from microserve.router.strategy import load_strategy
 
+    if not args.strategy:
+        raise ValueError("the --strategy FILE option is required (launch: or --config FILE)")
     setup_logging(args.log_level, args.log_format)
     from microserve import tracing
 

@@ -9,6 +9,7 @@
     microserve ctl --url URL requests --limit 5            (the last requests with their calls, as timelines)
     microserve ctl --url URL planner                       (the planner's last decisions)
     microserve ctl --url URL planner planners/slo.py --planner-arg itl_ms=40
+    microserve ctl --url URL --model llama scale decode=2   (launch --config: the model a call is for)
 
 The key comes from `--admin-key` or `$MICROSERVE_ADMIN_KEY`. Prints the JSON answer; a refused or
 failed call prints one line and exits 2.
@@ -22,12 +23,15 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", required=True, help="the gateway, e.g. http://127.0.0.1:8000")
     p.add_argument("--admin-key", default=os.environ.get("MICROSERVE_ADMIN_KEY"))
+    p.add_argument("--model", default=None, help="with several models (launch --config): the model a call is for "
+                   "(default: the first; `engines` lists them all)")
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("engines", help="list the engines with their load")
     add = sub.add_parser("add", help="add a running engine")
@@ -54,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> dict:
+    if args.model is not None:
+        path += ("&" if "?" in path else "?") + urllib.parse.urlencode({"model": args.model})
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(args.url.rstrip("/") + path, data=data, method=method,
                                  headers={"Content-Type": "application/json",

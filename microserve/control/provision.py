@@ -57,15 +57,17 @@ class ScaleError(ValueError):
 
 
 class Names:
-    """Engine ids `ROLE-N`, never reused within a deployment (a restarted engine keeps its own)."""
+    """Engine ids `ROLE-N` (`prefix` first: a model's name when a deployment serves several), never reused
+    within a deployment (a restarted engine keeps its own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
         self._next: dict[str, int] = {}
 
     def new(self, role: str) -> str:
         n = self._next.get(role, 0)
         self._next[role] = n + 1
-        return f"{role}-{n}"
+        return f"{self.prefix}{role}-{n}"
 
 
 async def scale(router, engines: Provisioner | None, want: Mapping[str, int]) -> dict[str, list[str]]:

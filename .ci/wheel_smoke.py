@@ -6,7 +6,8 @@ the python of a fresh venv that has only the built wheel (and torch, openai) ins
 2. `microserve launch --strategy pd --model demo --kv-store host:64MiB --stream-interval 3` answering the
    official `openai` client (a streamed request too);
 3. `microserve sim` finding its hardware / model profiles and the shipped strategies;
-4. `microserve launch --strategy dist_attention --engines 3` serving a prompt longer than one engine's pool.
+4. `microserve launch --config FILE`: dist_attention on 3 engines serving a prompt longer than one engine's
+   pool, beside a second model (round_robin) behind the same gateway.
 Exits non-zero, saying why, when any of it fails (e.g. a wheel without microserve/csrc/).
 """
 
@@ -83,18 +84,26 @@ def main() -> None:
         code = proc.wait(60)
     check(code == 0, "launch stops cleanly on Ctrl-C")
 
-    # 4. DistAttention: three engines of 1,024 tokens serve a 1,600-token prompt (token ids the demo knows)
-    proc = subprocess.Popen([sys.executable, "-m", "microserve", "launch", "--strategy", "dist_attention", "--engines",
-                             "3", "--model", "demo", "--port", "0", "--num-kv-blocks", "64", "--block-size", "16",
-                             "--max-num-batched-tokens", "256"], stdout=subprocess.PIPE, text=True, env=env)
+    # 4. DistAttention: three engines of 1,024 tokens serve a 1,600-token prompt (token ids the demo knows),
+    # one model of two behind the gateway (launch --config: YAML, so the wheel's pyyaml dependency is there)
+    config = Path(tempfile.mkdtemp()) / "models.yaml"
+    config.write_text("models:\n"
+                      "  - {model: demo, served_model_name: demo, strategy: dist_attention, engines: 3,\n"
+                      "     num_kv_blocks: 64, block_size: 16, max_num_batched_tokens: 256}\n"
+                      "  - {model: demo, served_model_name: other, strategy: round_robin}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "microserve", "launch", "--config", str(config), "--port", "0"],
+                            stdout=subprocess.PIPE, text=True, env=env)
     try:
         url = ready_line(proc, 180)["url"]
         client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        check({m.id for m in client.models.list().data} == {"demo", "other"}, "launch --config serves two models")
+        resp = client.completions.create(model="other", prompt="Hello, wheel", max_tokens=4, temperature=0)
+        check(resp.model == "other" and resp.usage.completion_tokens > 0, "the second model answers")
         time.sleep(2.0)  # NOTE: the router's first stats poll tells the strategy every engine's free blocks
         resp = client.completions.create(model="demo", prompt=[(7 * i) % 250 + 5 for i in range(1600)],
                                          max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
         check(resp.usage.completion_tokens == 8 and resp.usage.prompt_tokens == 1600,
-              "launch --strategy dist_attention serves a prompt longer than one engine's pool")
+              "dist_attention serves a prompt longer than one engine's pool")
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(60)

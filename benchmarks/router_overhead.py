@@ -7,8 +7,11 @@ Same engine process, same short requests, one run:
   traced   ... and a third that exports traces (--otlp-traces-endpoint) to a receiver in this process
 
 Sequential requests give the added latency (p50 / p99 of each path minus direct, interleaved
-in rounds because this machine is noisy); `--concurrency` clients give requests/s of the
-direct and gateway paths.
+in rounds because this machine is noisy); the three routers take turns request by request, so
+each logged or traced request has a gateway request next to it: the median of those paired
+differences, and each router process's CPU time per request (from /proc, all its threads, the
+trace exporter's included), are the overhead of logging and tracing with the noise mostly
+cancelled. `--concurrency` clients give requests/s of the direct and gateway paths.
 
     python benchmarks/router_overhead.py [--requests 200] [--concurrency 64] [--max-tokens 4]
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -32,6 +36,12 @@ from engines import spawn_engine
 from microserve.protocol import Request
 from microserve.router import EngineHandle
 from microserve.sampling_params import SamplingParams
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -91,14 +101,19 @@ async def main(args: argparse.Namespace) -> None:
             more: dict[str, list[float]] = {name: [] for name in extra}
             rounds = 4
             per = args.requests // rounds
+            paths = [("gateway", url), *extra.items()]
+            cpu0 = {name: cpu_seconds(d.proc.pid) for name, d in (("gateway", dep), ("logged", logged),
+                                                                   ("traced", traced))}
             for r in range(rounds):
                 for i in range(per):
                     direct.append(await direct_one(h, r * per + i, prompt, sp))
-                for _ in range(per):
-                    gateway.append(await gateway_one(s, url, prompt, args.max_tokens))
-                for name, u in extra.items():
-                    for _ in range(per):
-                        more[name].append(await gateway_one(s, u, prompt, args.max_tokens))
+                for i in range(per):  # NOTE: the routers take turns, the first of each turn rotating
+                    for k in range(len(paths)):
+                        name, u = paths[(i + k) % len(paths)]
+                        took = await gateway_one(s, u, prompt, args.max_tokens)
+                        (gateway if name == "gateway" else more[name]).append(took)
+            cpu = {name: (cpu_seconds(d.proc.pid) - cpu0[name]) / (rounds * per)
+                   for name, d in (("gateway", dep), ("logged", logged), ("traced", traced))}
 
             async def rate(fn) -> float:
                 n = args.requests
@@ -125,18 +140,21 @@ async def main(args: argparse.Namespace) -> None:
     ms = 1000.0
     print(f"\n{args.requests} requests, prompt {args.prompt_tokens} tokens, {args.max_tokens} output tokens, "
           f"model {args.model}\n")
-    print(f"{'path':<10}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{f'req/s @{args.concurrency}':>14}")
+    print(f"{'path':<10}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}{f'req/s @{args.concurrency}':>14}"
+          f"{'router CPU ms/req':>19}")
     print(f"{'direct':<10}{pct(direct, .5) * ms:>10.2f}{pct(direct, .99) * ms:>10.2f}"
           f"{statistics.mean(direct) * ms:>10.2f}{rps_direct:>14.1f}")
     print(f"{'gateway':<10}{pct(gateway, .5) * ms:>10.2f}{pct(gateway, .99) * ms:>10.2f}"
-          f"{statistics.mean(gateway) * ms:>10.2f}{rps_gateway:>14.1f}")
+          f"{statistics.mean(gateway) * ms:>10.2f}{rps_gateway:>14.1f}{cpu['gateway'] * ms:>19.3f}")
     print(f"{'added':<10}{(pct(gateway, .5) - pct(direct, .5)) * ms:>10.2f}"
           f"{(pct(gateway, .99) - pct(direct, .99)) * ms:>10.2f}"
           f"{(statistics.mean(gateway) - statistics.mean(direct)) * ms:>10.2f}"
           f"{rps_gateway / rps_direct:>13.2f}x")
     for name, xs in more.items():
+        paired = statistics.median(x - g for x, g in zip(xs, gateway))
         print(f"{name:<10}{pct(xs, .5) * ms:>10.2f}{pct(xs, .99) * ms:>10.2f}{statistics.mean(xs) * ms:>10.2f}"
-              f"{'':>14}   (+{(pct(xs, .5) - pct(gateway, .5)) * ms:.2f} ms p50 over gateway)")
+              f"{'':>14}{cpu[name] * ms:>19.3f}   over gateway: {(pct(xs, .5) - pct(gateway, .5)) * ms:+.2f} ms p50, "
+              f"{paired * ms:+.3f} ms paired median, {(cpu[name] - cpu['gateway']) * ms:+.3f} ms CPU")
 
 
 if __name__ == "__main__":

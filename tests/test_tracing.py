@@ -2,22 +2,25 @@
 test: a 1P1D launch exports the gateway's span (child of the client's `traceparent`), the strategy's, every
 call on the router side, the engine side of each call and the decode engine's phases (queue, prefill,
 decode), all in the client's trace, parent to child; the output is the one of an untraced engine; a moved
-request shows both engines and the move; without the flag nothing of OpenTelemetry is imported."""
+request shows both engines and the move; without the flag no exporter exists; our OTLP encoding parses
+with OpenTelemetry's own protobuf classes (the `otel` extra, for the test only)."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import aiohttp
 import openai
+import pytest
 from aiohttp import web
 from deploy import start_launch
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # the otel extra
 
 from microserve import LLM, SamplingParams
-from microserve.cli import main
 
 TRACE, CLIENT_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 
@@ -160,18 +163,54 @@ async def _running(dep, names: list[str]) -> str:
 
 
 def test_without_the_flag_nothing_of_opentelemetry_is_imported():
-    """Tracing off costs nothing: the router, gateway and engine modules import no OpenTelemetry (so no
-    exporter thread can exist) and every hook is a no-op."""
-    code = ("import sys; import microserve.router.runtime, microserve.gateway.app, microserve.serving.zmq_server; "
-            "from microserve import tracing; assert not tracing.enabled() and tracing.traceparent() == ''; "
+    """Tracing off costs nothing: no exporter thread exists, every hook is a no-op, and nothing of
+    OpenTelemetry is imported (spans are ours; the protocol is OTLP)."""
+    code = ("import sys, threading; import microserve.router.runtime, microserve.gateway.app, "
+            "microserve.serving.zmq_server; from microserve import tracing; "
+            "assert not tracing.enabled() and tracing.traceparent() == '' and tracing.start('x') is None; "
+            "assert not [t for t in threading.enumerate() if 'trace' in t.name]; "
             "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])
 
 
-def test_the_flag_without_the_extra_is_a_one_line_error(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
-    code = main(["router", "--strategy", "round_robin", "--engine", "tcp://127.0.0.1:9", "--otlp-traces-endpoint",
-                 "http://127.0.0.1:9"])
-    err = capsys.readouterr().err
-    assert code == 2 and "pip install 'microserve[otel]'" in err and "Traceback" not in err
+def test_spans_encode_as_otlp_and_sampling_follows_opentelemetry_s_variables(monkeypatch):
+    """Our encoder's bytes parse with OpenTelemetry's own protobuf classes, every attribute type and a
+    failure's status intact; the samplers decide as OpenTelemetry's do (a parent's flag is followed)."""
+    from microserve import tracing
+
+    monkeypatch.setattr(tracing, "_exporter", SimpleNamespace(add=lambda s: kept.append(s)))
+    kept: list = []
+    with tracing.span("root", parent=f"00-{TRACE}-{CLIENT_SPAN}-01", server=True, route="/v1/x") as root:
+        call = tracing.start("call", n=-5, ratio=0.25, ok=True, empty="", none=None)
+        assert tracing.traceparent(call).startswith(f"00-{TRACE}-") and tracing.traceparent(call).endswith("-01")
+        tracing.end(call, "timeout: no answer", tokens=3)
+        with pytest.raises(ValueError), tracing.span("inner"):
+            raise ValueError("bad")
+    tracing.record("phase", 5, 9, parent=tracing.traceparent(root))
+    msg = ExportTraceServiceRequest()
+    msg.ParseFromString(tracing.encode_request(kept, "svc"))
+    (rs,) = msg.resource_spans
+    assert rs.resource.attributes[0].value.string_value == "svc" and rs.scope_spans[0].scope.name == "microserve"
+    spans = {s.name: s for s in rs.scope_spans[0].spans}
+    assert set(spans) == {"root", "call", "inner", "phase"}
+    assert spans["root"].trace_id.hex() == TRACE and spans["root"].parent_span_id.hex() == CLIENT_SPAN
+    assert spans["root"].kind == 2 and spans["call"].kind == 1  # SERVER, INTERNAL
+    assert spans["call"].parent_span_id == spans["root"].span_id == spans["phase"].parent_span_id
+    attrs = {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in spans["call"].attributes}
+    assert attrs == {"n": -5, "ratio": 0.25, "ok": True, "tokens": 3}
+    assert spans["call"].status.code == 2 and spans["call"].status.message == "timeout: no answer"
+    assert spans["inner"].status.code == 2 and "ValueError: bad" in spans["inner"].status.message
+    assert (spans["phase"].start_time_unix_nano, spans["phase"].end_time_unix_nano) == (5, 9)
+    assert spans["root"].end_time_unix_nano >= spans["root"].start_time_unix_nano > 0
+
+    kept.clear()  # a client's unsampled traceparent: nothing recorded, the flag carried on
+    with tracing.span("root", parent=f"00-{TRACE}-{CLIENT_SPAN}-00") as root:
+        assert tracing.traceparent().endswith("-00")
+    assert kept == []
+    ratio = tracing.sampler_from_env({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                      "OTEL_TRACES_SAMPLER_ARG": "0.25"})
+    share = sum(ratio(None, random.getrandbits(128)) for _ in range(4000)) / 4000
+    assert 0.2 < share < 0.3 and ratio(True, 2**64 - 1) and not ratio(False, 0)
+    assert not tracing.sampler_from_env({"OTEL_TRACES_SAMPLER": "always_off"})(True, 0)
+    assert tracing.sampler_from_env({"OTEL_TRACES_SAMPLER": "always_on"})(False, 0)

@@ -123,7 +123,8 @@ async def test_launch_serves_adapters_by_model_name_over_pd_and_loads_them_while
     """`launch --strategy pd --enable-lora --lora-modules a8=...`: a client names an adapter as its model;
     the prefill engine computes the prompt under it, the KV moves keyed by it, and the decode engine
     continues under it, so each name's output equals the offline engine's with that adapter. An
-    operator loads b16 on every engine while requests stream (none fails), then unloads it."""
+    operator loads b16 on every engine while requests stream (none fails), scales decode to two engines
+    (the new one loads b16 first), then unloads it."""
     path, _, _, folders = setup
     dep = start_launch("--strategy", "pd", "--model", str(path), "--served-model-name", "base", "--enable-lora",
                        "--max-loras", "2", "--lora-modules", f"a8={folders['a8']}", "--admin-key", ADMIN,
@@ -154,6 +155,14 @@ async def test_launch_serves_adapters_by_model_name_over_pd_and_loads_them_while
             assert await asyncio.gather(*(one(p, name) for p, name in rows)) == offline(rows)
             assert await running == offline(busy, 40)  # NOTE: every request under load succeeded, unchanged
             assert "b16" in {m.id for m in (await c.models.list()).data}
+            # a decode engine started now loads b16 (loaded at run time) before it takes traffic
+            async with s.put(dep.url + "/admin/scale", json={"decode": 2}) as r:
+                assert r.status == 200, await r.text()
+            async with s.get(dep.url + "/admin/engines") as r:
+                held = {e["id"]: set(e["loras"]) for e in (await r.json())["engines"]}
+            assert held["decode-1"] == {"a8", "b16"}, held
+            rows = [(p, "b16") for p in PROMPTS] * 2
+            assert await asyncio.gather(*(one(p, name) for p, name in rows)) == offline(rows)
             async with s.post(dep.url + "/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": "/nope"}) as r:
                 assert r.status == 400 and "adapter_config.json" in await r.text()
             async with s.post(dep.url + "/v1/unload_lora_adapter", json={"lora_name": "b16"}) as r:

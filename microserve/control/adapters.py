@@ -7,7 +7,8 @@ operator; vLLM gates them behind VLLM_ALLOW_RUNTIME_LORA_UPDATING):
     POST /v1/unload_lora_adapter   {"lora_name"}: every engine holding it unloads it; refused (400) while
                                    requests run under it
 
-Requests under other adapters and the base model go on meanwhile. The gateway lists and accepts the
+Requests under other adapters and the base model go on meanwhile. Engines the deployment starts later
+(`ctl scale`, a planner) load the adapters loaded this way before they take traffic. The gateway lists and accepts the
 adapter as soon as the engines report it (their stats are polled right after the change).
 """
 
@@ -70,6 +71,7 @@ async def load(admin: Admin, request: web.Request) -> web.Response:
         await asyncio.gather(*(h.lora("unload", name) for h in took), return_exceptions=True)
         h, exc = failed[0]
         return _text(400, f"{h.name}: {exc.message if isinstance(exc, EngineCallError) else exc}")
+    admin.router.loras[name] = path  # NOTE: engines that `ctl scale` or a planner starts later load it too
     await _refresh(admin)
     admin._done("load_lora", f"LoRA adapter {name!r} loaded from {path} on {len(engines)} engine(s)")
     return _text(200, f"Success: LoRA adapter '{name}' added successfully.")
@@ -85,6 +87,7 @@ async def unload(admin: Admin, request: web.Request) -> web.Response:
     if not holding:
         return _text(404, f"no engine holds a LoRA adapter {name!r}")
     results = await asyncio.gather(*(h.lora("unload", name) for h in holding), return_exceptions=True)
+    admin.router.loras.pop(name, None)
     await _refresh(admin)
     failed = [(h, r) for h, r in zip(holding, results) if isinstance(r, BaseException)]
     if failed:

@@ -87,7 +87,8 @@ async def scale(router, engines: Provisioner | None, want: Mapping[str, int]) ->
             started = await engines.start(role, n - len(serving))
             for s in started:
                 try:
-                    await cluster.add_engine(s.rpc, role)
+                    await _load_adapters(router, s.rpc)
+                    await cluster.check(await cluster.add_engine(s.rpc, role))  # NOTE: its stats, polled now
                 except BaseException:
                     await asyncio.gather(*(engines.stop(x.engine_id) for x in started), return_exceptions=True)
                     raise
@@ -103,6 +104,19 @@ async def scale(router, engines: Provisioner | None, want: Mapping[str, int]) ->
             await asyncio.gather(*(engines.stop(h.name) for h in victims))
             log.warning("scale: %s drained and stopped", ", ".join(h.name for h in victims))
     return {role: [h.name for h in hs if h not in cluster.draining] for role, hs in cluster.roles.items()}
+
+
+async def _load_adapters(router, rpc: str) -> None:
+    """A new engine loads the LoRA adapters loaded at run time (`/v1/load_lora_adapter`) before it takes
+    traffic (those of `--lora-modules` it loads itself)."""
+    if not router.loras:
+        return
+    from microserve.router.handle import EngineHandle
+
+    async with EngineHandle(rpc, cluster_key=router.cluster.cluster_key) as h:
+        await h.wait_ready(60.0)
+        for name, path in router.loras.items():
+            await h.lora("load", name, path)
 
 
 def _order(h) -> tuple:

@@ -107,6 +107,7 @@ class Router:
         cluster.on_join.append(lambda h: setattr(h, "on_call", self.journal.call))
         self.engines = None  # the engines this deployment starts itself (control/provision.py), if any
         self.planning = None  # its planner's loop (control/planner.py: launch --planner, PUT /admin/planner)
+        self.loras: dict[str, str] = {}  # adapters loaded at run time, name -> path: engines started later load them
 
     # -- input --------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:

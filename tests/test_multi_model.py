@@ -95,6 +95,8 @@ async def test_two_models_each_name_serves_its_own_model(llama, tmp_path):
                 assert (await r.json())["name"] == "PD"
             async with s.get(dep.url + "/admin/strategy?model=nope") as r:
                 assert r.status == 404
+        async with aiohttp.ClientSession() as s, s.get(dep.url + "/admin/strategy?model=nope") as r:
+            assert r.status == 401  # NOTE: the key is checked before the model is looked up
         ctl = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "microserve", "ctl", "--url", dep.url, "--admin-key", ADMIN, "--model", "llama",
             "scale", "decode=2", stdout=asyncio.subprocess.PIPE)

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 def add_routes(admin: Admin, app: web.Application) -> None:
     """The endpoints, each on the model `?model=NAME` names (default: the first; admin.py's `pick`)."""
     async def on_model(call, request: web.Request) -> web.Response:
+        if (refused := admin._refused(request)) is not None:  # NOTE: before ?model= is looked at
+            return refused
         return await call(admin.pick(request), request)
 
     app.router.add_post("/v1/load_lora_adapter", partial(on_model, load))

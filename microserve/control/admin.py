@@ -106,6 +106,9 @@ class Admin:
         return self
 
     async def _dispatch(self, name: str, request: web.Request) -> web.Response:
+        # NOTE: the key first, so that an unknown ?model= tells a caller without it nothing
+        if (refused := self._refused(request, join=name in ("add_engine", "remove_engine"))) is not None:
+            return refused
         if name == "list_engines" and len(self.peers) > 1 and "model" not in request.query:
             return await self.list_all(request)
         return await getattr(self.pick(request), name)(request)

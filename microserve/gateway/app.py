@@ -179,7 +179,7 @@ class Gateway:
                     one.logprobs = 0  # best_of ranks the choices by their cumulative logprob
                 k = i * count + j
                 streams.append(router.generate(f"{rid}-{k}" if len(prompts) * count > 1 else rid, prompt, one,
-                                                    group, j == 0))
+                                               group, j == 0))
         return streams
 
     async def completions(self, request: web.Request) -> web.StreamResponse:

@@ -371,3 +371,39 @@ async def test_lora_adapters_on_a_vllm_engine_equal_the_builtin_engine(model, tm
     finally:
         eng.proc.terminate()
         assert eng.proc.wait(60) == 0
+
+
+def test_launch_config_serves_a_vllm_model_beside_a_built_in_one(cluster, model, tmp_path):
+    """`launch --config`: a vLLM-backed model and the built-in demo model behind one gateway; each name
+    gets its own model's tokens, and the vLLM engine's tickets name its checkpoint's fingerprint."""
+    from openai import OpenAI
+
+    prompt = rand_prompt(60, 43)
+
+    async def reference():
+        async with EngineHandle(cluster["A"].rpc, name="A", timeout=60) as a:
+            r = req(prompt)
+            ticket = await a.prep_recv(r)
+            await a.abort(r.request_id)  # NOTE: only its address was wanted
+            return await alone(a, prompt), ticket.kv.model
+
+    ref, fingerprint = run(reference())
+    from microserve.engine.model.loader import checkpoint_fingerprint
+
+    assert fingerprint == checkpoint_fingerprint(model)  # what remote_send checks against its own
+    config = tmp_path / "models.yaml"
+    config.write_text(f"models:\n  - {{model: {model}, served_model_name: big, strategy: round_robin, engines: 1,\n"
+                      "     backend: vllm, dtype: float32, num_kv_blocks: 256}\n"
+                      "  - {model: demo, served_model_name: small, strategy: round_robin, engines: 1}\n")
+    dep = start_launch("--config", str(config), "--log-level", "warning", python=VLLM_PYTHON, timeout=300)
+    try:
+        client = OpenAI(base_url=dep.base_url, api_key="none")
+        assert {m.id for m in client.models.list().data} == {"big", "small"}
+        big = client.completions.create(model="big", prompt=prompt, max_tokens=GREEDY.max_tokens, temperature=0,
+                                        extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert big.choices[0].model_extra["token_ids"] == ref
+        small = client.completions.create(model="small", prompt=prompt, max_tokens=GREEDY.max_tokens,
+                                          temperature=0, extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert small.model == "small" and small.choices[0].model_extra["token_ids"] != ref
+    finally:
+        assert dep.stop() == 0

@@ -90,7 +90,8 @@ class _Weights:
         self.owner, self.parts = owner, parts  # output size of each fused part
         s, r = owner.max_loras, owner.max_rank
         self.a = torch.zeros(module.in_features, len(parts) * s * r, dtype=dtype, device=device)
-        self.b = [torch.zeros(s * r, n, dtype=dtype, device=device) for n in parts]
+        self.b_all = torch.zeros(s * r, sum(parts), dtype=dtype, device=device)  # every part's columns side by side
+        self.b = _columns(self.b_all, parts)
         self._key, self._ops = None, (self.a, self.b)  # the active slots' A and B (`operands`)
 
     def set(self, slot: int, part: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
@@ -113,11 +114,16 @@ class _Weights:
             else:
                 s, r, idx = owner.max_loras, owner.max_rank, owner.active_index
                 a = self.a.view(self.a.shape[0], len(self.parts), s, r)[:, :, idx].reshape(self.a.shape[0], -1)
-                self._ops = (a, [b.view(s, r, -1)[idx].reshape(len(act) * r, -1) for b in self.b])
+                self._ops = (a, _columns(self.b_all.view(s, r, -1)[idx].reshape(len(act) * r, -1), self.parts))
             self._key = owner.active_key
         return self._ops
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda or self.owner.use_triton:  # NOTE: CUDA: two Triton launches (triton_lora.py)
+            from microserve.engine.model.triton_lora import lora_apply
+
+            return lora_apply(x, self.a, self.b_all, self.owner.token_slots, y, self.parts, self.owner.max_loras,
+                              self.owner.max_rank)
         mask = self.owner.mask
         a, b = self.operands()
         xa = (x @ a).view(x.shape[0], len(self.parts), mask.shape[1]) * mask.unsqueeze(1)
@@ -126,6 +132,12 @@ class _Weights:
             y[:, off:off + n] += xa[:, p] @ b[p]
             off += n
         return y
+
+
+def _columns(b: torch.Tensor, parts: list[int]) -> list[torch.Tensor]:
+    """Each fused part's columns of `b` (views)."""
+    offsets = [sum(parts[:i]) for i in range(len(parts))]
+    return [b[:, o:o + n] for o, n in zip(offsets, parts)]
 
 
 class LoraSlots:
@@ -148,6 +160,8 @@ class LoraSlots:
         self._used: dict[str, int] = {}  # when each slotted adapter was last acquired (LRU)
         self._clock = 0
         self.mask: torch.Tensor | None = None
+        self.token_slots: torch.Tensor | None = None
+        self.use_triton = False  # the Triton kernels on CPU tensors too (their tests, under TRITON_INTERPRET=1)
         self.active: tuple[int, ...] = ()  # the slots the next forward uses, ascending
         self.active_index: torch.Tensor | None = None
         self.active_key: tuple = ()  # (weights version, active): what `_Weights.operands` caches
@@ -225,6 +239,7 @@ class LoraSlots:
         if (self._version, active) != self.active_key:
             self.active, self.active_key = active, (self._version, active)
             self.active_index = torch.tensor(active, device=self._device)
+        self.token_slots = torch.tensor(token_slots, dtype=torch.int32, device=self._device)  # (the Triton path)
         where = {slot: i for i, slot in enumerate(active)}
         rows = torch.tensor([where.get(s, -1) for s in token_slots], device=self._device)
         cols = torch.arange(len(active) * self.max_rank, device=self._device) // self.max_rank

@@ -43,7 +43,8 @@ async def test_two_models_each_name_serves_its_own_model(llama, tmp_path):
     config = _config(tmp_path, [
         {"model": "demo", "served_model_name": ["demo", "small"], "strategy": "cache_aware", "engines": 2},
         {"model": llama, "served_model_name": "llama", "strategy": "pd", "roles": {"prefill": 1, "decode": 1},
-         "max_num_seqs": 16},
+         "max_num_seqs": 16, "planner": "queue", "planner_args": {"interval": 3600},
+         "scale_bounds": {"prefill": "1:1", "decode": "1:2"}},
     ])
     dep = start_launch("--config", config, "--admin-key", ADMIN, "--log-level", "error", "--log-stats-interval", "0")
     try:
@@ -93,6 +94,11 @@ async def test_two_models_each_name_serves_its_own_model(llama, tmp_path):
                                "llama-decode-0": "llama"}
             async with s.get(dep.url + "/admin/strategy?model=llama") as r:
                 assert (await r.json())["name"] == "PD"
+            async with s.get(dep.url + "/admin/planner?model=llama") as r:  # each model its own planner, or none
+                planner = await r.json()
+                assert planner["bounds"]["decode"] == [1, 2] and planner["args"]["interval"] == 3600, planner
+            async with s.get(dep.url + "/admin/planner?model=demo") as r:
+                assert r.status == 404
             async with s.get(dep.url + "/admin/strategy?model=nope") as r:
                 assert r.status == 404
         async with aiohttp.ClientSession() as s, s.get(dep.url + "/admin/strategy?model=nope") as r:

@@ -190,8 +190,10 @@ def _top_p_by_rejection(probs: torch.Tensor, rows: torch.Tensor, top_p: torch.Te
     p, weights = (probs if rows.numel() == probs.shape[0] else probs[rows]), None  # NOTE: no copy when all rows
     while rows.numel():
         p_tok = p.gather(1, tokens[rows].unsqueeze(1))
-        above = p > p_tok
-        out = torch.where(above, p, 0.0).sum(dim=-1) > top_p  # strictly more likely tokens hold more than top_p
+        # 1.0 where a token is strictly more likely than the drawn one, else 0.0 (NOTE: float arithmetic: a
+        # boolean mask and `where` take 3-6x longer on the CPU, and this runs on every sampled row each step)
+        above = (p - p_tok).sign_().clamp_(min=0.0)
+        out = (p * above).sum(dim=-1) > top_p  # strictly more likely tokens hold more than top_p
         if not bool(out.any()):
             return
         rows, p, top_p, above = rows[out], p[out], top_p[out], above[out]

@@ -6,6 +6,7 @@ adapters, and the errors a user meets."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 
@@ -215,8 +216,6 @@ async def test_lora_affinity_keeps_each_adapter_on_one_engine(setup):
 
 def _triton_python() -> str | None:
     """A python that imports Triton: this one, else the vLLM environment's (its CPU build carries Triton)."""
-    import os
-
     for python in (sys.executable, os.environ.get("MICROSERVE_VLLM_PYTHON")):
         if python and subprocess.run([python, "-c", "import triton"], capture_output=True).returncode == 0:
             return python
@@ -266,18 +265,18 @@ print("OK", len(rows), "rows")
 """
 
 
+TRITON_PYTHON = _triton_python()
+
+
+@pytest.mark.skipif(TRITON_PYTHON is None, reason="no python here imports Triton (the vLLM environment carries "
+                    "it: MICROSERVE_VLLM_PYTHON; .ci/run builds it)")
 def test_the_triton_lora_kernels_equal_the_torch_path_under_the_interpreter(setup, tmp_path):
     """The CUDA path's Triton kernels (triton_lora.py) run on CPU tensors under Triton's interpreter: alone
     against a per-row reference (three fused parts, a row under no adapter), and in the engine, where a
     batch mixing both adapters and the base gives the torch path's tokens and logprobs."""
-    python = _triton_python()
-    if python is None:
-        pytest.skip("no python here imports Triton (the vLLM environment carries it: MICROSERVE_VLLM_PYTHON)")
     path, _, _, folders = setup
     script = tmp_path / "check.py"
     script.write_text(_TRITON_CHECK)
-    import os
-
-    out = subprocess.run([python, str(script), str(path), *(f"{k}={v}" for k, v in folders.items())],
+    out = subprocess.run([TRITON_PYTHON, str(script), str(path), *(f"{k}={v}" for k, v in folders.items())],
                          capture_output=True, text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="1"))
     assert out.returncode == 0 and "OK 6 rows" in out.stdout, out.stderr[-3000:]

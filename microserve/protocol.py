@@ -223,6 +223,7 @@ class StatsReply(msgspec.Struct, tag="stats_reply", forbid_unknown_fields=True):
     remote_attend_seconds: float = 0.0
     attends_served: int = 0  # DistAttention: attend messages answered here as a lender
     busy_seconds: float = 0.0  # time spent in steps (a planner's capacity: computed tokens per busy second)
+    kv_refusals: int = 0  # prep_recv calls refused for want of free KV blocks so far (a planner's signal)
     loras: list[str] = []  # LoRA adapters loaded (`--lora-modules`), by name
     lora_loads: int = 0  # adapters written into one of the engine's slots so far (a slot miss costs one)
 

@@ -5,8 +5,8 @@ at the ITL target (its measured streams scaled by target / measured ITL), and by
 out of blocks refuses the next request's KV). The demand is smoothed over
 intervals (an exponential average) and projected `lookahead` seconds ahead along its recent rise (a new
 engine takes a minute or more to serve), a role grows at once and shrinks only after `calm` intervals
-in a row that want fewer, and a missed target adds at least one engine; the bounds and the cooldown do
-the rest against flapping."""
+in a row that want fewer, and a missed target or a refused KV receive (an engine out of blocks) adds at
+least one engine; the bounds and the cooldown do the rest against flapping."""
 
 import math
 
@@ -61,6 +61,8 @@ class SLOPlanner(Planner):
                 if slow_next or (slow_first and "prefill" not in window.roles) or (
                         window.failed and w.kv_usage > self.kv_target):
                     need = max(need, w.engines + 1)
+            if w.refused:  # NOTE: out of KV blocks in this interval (a long prompt), whatever the mean use says
+                need = max(need, w.engines + 1)
             self.fewer[role] = self.fewer.get(role, 0) + 1 if need < w.engines else 0
             if need > w.engines or self.fewer[role] >= self.calm:
                 want[role], self.fewer[role] = need, 0

@@ -52,6 +52,8 @@ class RoleWindow:
     # ended queued, else the most one engine computed in an interval (a lower bound)
     requests_per_s: float  # requests that ended having used the role, per second
     capacity_measured: bool = False  # measured (busy time, or a saturated engine), else a lower bound
+    refused: int = 0  # KV receives its engines refused for want of free blocks over the interval (a request
+    # failed or moved on: the role is short of KV even when its mean use looks fine)
 
 
 @dataclass
@@ -158,7 +160,7 @@ class Planning:
         self.planner, self.source, self.args = planner, source, dict(args or {})
         self.decisions: deque[dict] = deque(maxlen=100)
         self._changed: dict[str, float] = {}  # role -> the loop's time of its last change
-        self._computed: dict[Any, tuple[int, float]] = {}  # engine -> (computed tokens, busy s) at the last window
+        self._computed: dict[Any, tuple[int, float, int]] = {}  # engine -> (computed tokens, busy s, KV refusals)
         self._capacity: dict[str, float] = {}  # role -> the most one engine computed per second
         self._saturated: dict[str, deque[tuple[float, float]]] = {}  # role -> (tokens, s) of queued intervals
         self._busy: dict[str, deque[tuple[float, float]]] = {}  # role -> (tokens, busy s) of the last intervals
@@ -209,13 +211,14 @@ class Planning:
             handles = cluster.engines(role)
             polled = [(h, s) for h in handles if (s := cluster.load(h).stats) is not None]
             stats = [s for _, s in polled]
-            rates, saturated = [], self._saturated.setdefault(role, deque(maxlen=20))
+            rates, refused, saturated = [], 0, self._saturated.setdefault(role, deque(maxlen=20))
             busy = self._busy.setdefault(role, deque(maxlen=20))
             for h, s in polled:
                 before = self._computed.get(h)
-                self._computed[h] = (s.computed_tokens_total, s.busy_seconds)
+                self._computed[h] = (s.computed_tokens_total, s.busy_seconds, s.kv_refusals)
                 tokens, spent = (s.computed_tokens_total - before[0], s.busy_seconds - before[1]) if before \
                     else (0, 0.0)
+                refused += max(0, s.kv_refusals - before[2]) if before else s.kv_refusals
                 rates.append(max(0, tokens) / seconds)
                 if spent > 0 and tokens > 0:
                     busy.append((tokens, spent))
@@ -230,7 +233,7 @@ class Planning:
                 sum(s.queued_tokens for s in stats),
                 sum((s.kv_blocks_used - s.kv_blocks_cached) / max(1, s.kv_blocks_total) for s in stats)
                 / max(1, len(stats)),
-                sum(rates), capacity, sum(1 for e in ended if role in e[0]) / seconds, bool(measured))
+                sum(rates), capacity, sum(1 for e in ended if role in e[0]) / seconds, bool(measured), refused)
         return window
 
     def check(self, want: Any) -> tuple[dict[str, int], list[str]]:

@@ -82,6 +82,7 @@ class EngineService:
         self.events_addr = ""  # where KV events are published (the transport sets it)
         self.attends_served = 0  # DistAttention: attend messages answered as a lender
         self.busy_seconds = 0.0  # time spent in steps, on the loop's clock (stats().busy_seconds)
+        self.kv_refusals = 0  # prep_recv calls refused for want of free blocks (stats().kv_refusals)
         self.attend_addr = ""  # the attend socket, if the transport runs one (serving/attend_server.py)
         self.events = KVEventLog(self.engine_id)  # its `sink` is set by the transport
         self._sends: dict[str, str] = {}  # send job id -> request id
@@ -172,7 +173,11 @@ class EngineService:
         prompt = self._validated(req)
         end = norm_pos(end, len(prompt), "end")
         lease = self._lease(lease_s)
-        ticket = await self.backend.reserve(req, prompt, end)
+        try:
+            ticket = await self.backend.reserve(req, prompt, end)
+        except EngineError as exc:
+            self.kv_refusals += exc.code is ErrorCode.OVERLOADED  # NOTE: out of blocks: a planner's cue to grow
+            raise
         ticket.trace = tracing.traceparent() if tracing.enabled() else ""
         addr = await self._issue(ticket, lease)
         return P.RecvTicket(addr, ticket.matched)

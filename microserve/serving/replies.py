@@ -22,7 +22,8 @@ def stats(service: EngineService) -> P.StatsReply:
         kv_blocks_lent=sum(len(t.blocks) for t in service.tickets.lent()), kv_blocks_borrowed=s.kv_blocks_borrowed,
         prefix_cache_query_tokens=s.prefix_cache_query_tokens, remote_attends=s.remote_attends,
         remote_attend_seconds=s.remote_attend_seconds, attends_served=service.attends_served,
-        busy_seconds=service.busy_seconds, loras=list(s.loras), lora_loads=s.lora_loads)
+        busy_seconds=service.busy_seconds, loras=list(s.loras), lora_loads=s.lora_loads,
+        kv_refusals=service.kv_refusals)
 
 
 def health(service: EngineService) -> P.HealthReply:

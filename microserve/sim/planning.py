@@ -83,6 +83,7 @@ class SimRouter:
     strategy: Strategy
     recorder: Recorder = field(default_factory=Recorder)
     metrics: RouterMetrics | None = None
+    loras: dict[str, str] = field(default_factory=dict)  # adapters loaded at run time: none in a simulation
 
     def __post_init__(self) -> None:
         self.metrics = RouterMetrics(self.cluster)

@@ -34,6 +34,7 @@ NULL = contextlib.nullcontext()  # the one no-op block
 _exporter: _Exporter | None = None
 _current: contextvars.ContextVar[Span | None] = contextvars.ContextVar("microserve_span", default=None)
 _ids = random.Random(int.from_bytes(os.urandom(16), "big"))  # NOTE: unique ids, not secrets
+os.register_at_fork(after_in_child=lambda: _ids.seed(int.from_bytes(os.urandom(16), "big")))  # no shared ids
 _INTERNAL, _SERVER = 1, 2  # the protocol's SpanKind values
 
 

@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> dict:
-    if args.model is not None:
+    if getattr(args, "model", None) is not None:  # NOTE: `microserve top` calls this too, without --model
         path += ("&" if "?" in path else "?") + urllib.parse.urlencode({"model": args.model})
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(args.url.rstrip("/") + path, data=data, method=method,

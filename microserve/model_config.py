@@ -51,6 +51,11 @@ def per_model_options() -> set[str]:
     return _MODEL_OPTIONS | {a.dest for a in engine_knobs()._actions if a.option_strings and a.dest != "help"}
 
 
+def _switches() -> set[str]:
+    """The engine options that take no value (`true` in an entry sets them)."""
+    return {a.dest for a in engine_knobs()._actions if isinstance(a, argparse._StoreTrueAction)}
+
+
 def load_config(path: str | Path) -> list[list[str]]:
     """Each model's `launch` arguments from a config file; ValueError naming the file and the entry."""
     import yaml
@@ -72,7 +77,7 @@ def model_argv(where: str, entry: Any) -> list[str]:
     """One entry as `launch` arguments (`where` names it in errors)."""
     if not isinstance(entry, dict) or "model" not in entry:
         raise ValueError(f"{where}: each model is a mapping with at least `model: PATH`")
-    allowed = per_model_options()
+    allowed, switches = per_model_options(), _switches()
     out: list[str] = []
     for key, value in entry.items():
         dest = str(key).replace("-", "_")
@@ -81,13 +86,13 @@ def model_argv(where: str, entry: Any) -> list[str]:
             raise ValueError(f"{where}: {key!r} is not a per-model option (deployment-wide options such as the "
                              "address, keys and limits go on the command line); per model: "
                              f"{', '.join(sorted(allowed))}")
-        out += _flag(where, "--" + dest.replace("_", "-"), dest, value)
+        out += _flag(where, "--" + dest.replace("_", "-"), dest, value, dest in switches)
     return out
 
 
-def _flag(where: str, flag: str, dest: str, value: Any) -> list[str]:
+def _flag(where: str, flag: str, dest: str, value: Any, switch: bool) -> list[str]:
     if isinstance(value, bool):
-        if dest in per_model_options() - _MODEL_OPTIONS and _is_switch(dest):
+        if switch:
             return [flag] if value else []
         raise ValueError(f"{where}: {dest} takes a value, not {value!r}")
     if isinstance(value, dict):
@@ -100,10 +105,6 @@ def _flag(where: str, flag: str, dest: str, value: Any) -> list[str]:
     if value is None:
         raise ValueError(f"{where}: {dest} has no value")
     return [flag, str(value)]
-
-
-def _is_switch(dest: str) -> bool:
-    return any(a.dest == dest and isinstance(a, argparse._StoreTrueAction) for a in engine_knobs()._actions)
 
 
 def without_config(argv: list[str]) -> list[str]:

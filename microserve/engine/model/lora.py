@@ -239,7 +239,8 @@ class LoraSlots:
         if (self._version, active) != self.active_key:
             self.active, self.active_key = active, (self._version, active)
             self.active_index = torch.tensor(active, device=self._device)
-        self.token_slots = torch.tensor(token_slots, dtype=torch.int32, device=self._device)  # (the Triton path)
+        if self.use_triton or self._device.type == "cuda":  # NOTE: only the Triton path reads it
+            self.token_slots = torch.tensor(token_slots, dtype=torch.int32, device=self._device)
         where = {slot: i for i, slot in enumerate(active)}
         rows = torch.tensor([where.get(s, -1) for s in token_slots], device=self._device)
         cols = torch.arange(len(active) * self.max_rank, device=self._device) // self.max_rank

@@ -80,7 +80,7 @@ def test_cuda_batching_chunking_prefix_cache_preemption(ckpt):
             assert llm.engine.stats().num_preemptions > 0
         kv = llm.engine.kv
         kv.pool.check_invariants()
-        assert kv.pool.num_used == kv.radix.num_blocks
+        assert kv.pool.num_used == kv.num_cached
     llm = LLM(path, device=DEV, block_size=16)
     shared = _prompts([70], salt=3)[0]
     llm.generate([shared + [9, 10, 11]], GREEDY)
@@ -193,7 +193,7 @@ def test_cuda_graphs_equal_eager(ckpt):
     assert [o.token_ids for o in fast.generate(prompts, sps)] == want
     assert graphs.replays > 20
     kv = fast.engine.kv
-    assert kv.pool.num_used == kv.radix.num_blocks
+    assert kv.pool.num_used == kv.num_cached
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -21,7 +21,7 @@ def assert_no_leak(llm: LLM) -> None:
     kv = llm.engine.kv
     kv.pool.check_invariants()
     assert not llm.engine.has_unfinished()
-    assert kv.pool.num_used == kv.radix.num_blocks, "blocks held by nobody but the prefix cache leaked"
+    assert kv.pool.num_used == kv.num_cached, "blocks held by nobody but the prefix cache leaked"
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +204,45 @@ def test_abort_frees_blocks(llama_ckpt):
     while eng.has_unfinished():
         eng.step()
     assert eng.kv.pool.num_used == 0
+
+
+def test_an_aborted_stream_continues_on_the_kv_it_had(llama_ckpt):
+    """A stream stopped mid-block (an abort, as a migration or a drain does) leaves its partly filled
+    block behind; the request continued as prompt + generated takes it over: it computes only its
+    last token, then decodes, and its seeded tokens equal an uninterrupted run."""
+    sp = SamplingParams(max_tokens=40, temperature=0.9, top_p=0.95, seed=5, presence_penalty=0.5, ignore_eos=True)
+    prompt = _prompts([37])[0]
+    ref = LLM(llama_ckpt[0]).generate([prompt], sp)[0].token_ids
+    eng = LLM(llama_ckpt[0]).engine
+    bs, generated = eng.block_size, []
+    eng.add_request("a", prompt, sp)
+    while not generated or (len(prompt) + len(generated) - 1) % bs in (0, 1):  # stop inside a block
+        generated += [t for out in eng.step() for t in out.new_token_ids]
+    assert eng.abort("a")
+    assert len(eng.kv.tails) == 1
+    before = eng.stats().computed_tokens_total
+    eng.add_request("a-moved", prompt + generated, sp.after(generated))
+    rest = []
+    while eng.has_unfinished():
+        rest += [t for out in eng.step() for t in out.new_token_ids]
+    assert generated + rest == ref
+    assert eng.stats().computed_tokens_total - before == len(rest)  # the last token, then one per decode
+    assert not eng.kv.tails
+    assert eng.kv.pool.num_used == eng.kv.num_cached
+
+
+def test_kept_tails_are_the_first_blocks_reclaimed(llama_ckpt):
+    """Tails of aborted streams are cache: a request that needs the whole pool gets it."""
+    llm = LLM(llama_ckpt[0], block_size=4, num_kv_blocks=64)
+    eng, sp = llm.engine, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    for i in range(4):
+        eng.add_request(f"t{i}", _prompts([6], salt=i)[0], sp)
+        eng.step()
+        assert eng.abort(f"t{i}")
+    assert eng.kv.tails and eng.kv.pool.num_used == eng.kv.num_cached
+    out = llm.generate([_prompts([60 * 4 - 4], salt=9)[0]], sp)[0]
+    assert len(out.token_ids) == 3 and not eng.kv.tails
+    assert_no_leak(llm)
 
 
 _solo_cache: dict = {}

@@ -29,7 +29,7 @@ def test_bad_prompts(llm, prompt, message):
     with pytest.raises(InvalidRequestError, match=message):
         llm.generate([prompt], OK)
     # nothing queued, nothing leaked, still serving
-    assert not llm.engine.has_unfinished() and llm.engine.kv.pool.num_used == llm.engine.kv.radix.num_blocks
+    assert not llm.engine.has_unfinished() and llm.engine.kv.pool.num_used == llm.engine.kv.num_cached
     assert len(llm.generate([[5, 6, 7]], OK)[0].token_ids) == 4
 
 

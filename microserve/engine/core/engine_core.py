@@ -360,7 +360,7 @@ class EngineCore:
             waiting=len(self.scheduler.waiting),
             kv_blocks_total=self.kv.num_blocks,
             kv_blocks_used=self.kv.pool.num_used,
-            kv_blocks_cached=self.kv.radix.num_blocks,
+            kv_blocks_cached=self.kv.num_cached,
             prefix_cache_hit_tokens=self.kv.prefix_hit_tokens,
             prefix_cache_query_tokens=self.kv.prefix_query_tokens,
             num_preemptions=self.scheduler.num_preemptions,

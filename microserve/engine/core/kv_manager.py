@@ -2,13 +2,25 @@
 
 It keeps books for the scheduler (which blocks a sequence holds, what is cached) and
 decides nothing: the scheduler chooses who runs and who is preempted.
+
+Besides the radix cache of full blocks, it keeps the *tails* of stopped sequences (aborted or
+preempted): the partly filled last block, with the KV exactly as it was computed (decode steps one
+token at a time). The next sequence whose prefix matches up to that block takes it over once
+(`match_prefix`): a request migrated off this engine is sent the KV its stream really used instead
+of a recompute of the partial block (a prefill chunk rounds differently from decode steps, and a
+near tie in a sampled row would then pick another token); a preempted request resumes the same
+way. Tails are the first blocks reclaimed when memory is short.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from kvapi import BlockPool, RadixCache
-from kvapi.radix import EventHook
+from kvapi.radix import EventHook, prefix_hashes
 from microserve.engine.core.sequence import REMOTE, Sequence
+
+MAX_TAILS = 64  # tails kept at most (fewer on a small pool: one in 16 blocks)
 
 
 class KVCacheManager:
@@ -20,6 +32,14 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.prefix_hit_tokens = 0  # total prompt tokens served from the cache
         self.prefix_query_tokens = 0  # total prompt tokens looked up in it (vLLM's prefix_cache_queries)
+        # (seed, full-block tokens, chain hash of the full blocks) -> (tail tokens, block), oldest first
+        self.tails: OrderedDict[tuple[int, int, int], tuple[list[int], int]] = OrderedDict()
+        self.max_tails = min(MAX_TAILS, num_blocks // 16)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks held only as cache: full blocks in the radix cache and kept tails."""
+        return self.radix.num_blocks + len(self.tails)
 
     @property
     def num_blocks(self) -> int:
@@ -43,10 +63,55 @@ class KVCacheManager:
         self.radix.pin(blocks)
         seq.block_table = blocks
         seq.num_cached_blocks = len(blocks)
-        seq.num_computed_tokens = matched = len(blocks) * self.block_size
+        matched = len(blocks) * self.block_size
+        if self.tails and matched < limit:
+            matched += self._take_tail(seq, matched, limit)
+        seq.num_computed_tokens = matched
         seq.num_cached_tokens = max(seq.num_cached_tokens, matched)
         self.prefix_hit_tokens += matched
         return matched
+
+    def _take_tail(self, seq: Sequence, full: int, limit: int) -> int:
+        """Append the kept tail that continues `seq`'s `full` matched tokens, if there is one, to its
+        block table (the block becomes `seq`'s own); returns the tokens of it `seq` uses."""
+        if not any(k[0] == seq.cache_seed and k[1] == full for k in self.tails):  # NOTE: before any hashing
+            return 0
+        key = (seq.cache_seed, full, _chain(seq.token_ids, full, self.block_size, seq.cache_seed))
+        if key not in self.tails:
+            return 0
+        tokens, block = self.tails.pop(key)
+        wanted, used = seq.token_ids[full:limit], 0
+        while used < min(len(tokens), len(wanted)) and tokens[used] == wanted[used]:
+            used += 1
+        if not used:
+            self.pool.free([block])
+            return 0
+        seq.block_table.append(block)
+        return used
+
+    def keep_tail(self, seq: Sequence) -> None:
+        """Keep the partly filled last block of a sequence that stops (its KV as computed)."""
+        bs, computed = self.block_size, min(seq.num_computed_tokens, seq.local_limit)
+        full = computed // bs * bs
+        if (not self.enable_prefix_caching or not self.max_tails or computed == full or seq.lent
+                or len(seq.block_table) <= full // bs):
+            return
+        key = (seq.cache_seed, full, _chain(seq.token_ids, full, bs, seq.cache_seed))
+        block = seq.block_table[full // bs]
+        self.pool.incref([block])
+        old = self.tails.pop(key, None)
+        if old is not None:
+            self.pool.free([old[1]])
+        self.tails[key] = (seq.token_ids[full:computed], block)
+        while len(self.tails) > self.max_tails:
+            self.pool.free([self.tails.popitem(last=False)[1][1]])
+
+    def _reclaim(self, need: int) -> None:
+        """Free blocks until `need` are free, if the cache allows: tails first, then the radix cache."""
+        while self.tails and need > self.pool.num_free:
+            self.pool.free([self.tails.popitem(last=False)[1][1]])
+        if need > self.pool.num_free:
+            self.radix.evict(need - self.pool.num_free)
 
     def share(self, seq: Sequence, blocks: list[int]) -> None:
         """Extend `seq`'s table with `blocks` that another sequence computes in this very step
@@ -71,7 +136,7 @@ class KVCacheManager:
         if need == 0:  # most decode steps
             return True
         if need > self.pool.num_free:
-            self.radix.evict(need - self.pool.num_free)
+            self._reclaim(need)
             if need > self.pool.num_free:
                 return False
         seq.block_table.extend(self.pool.allocate(need))
@@ -87,7 +152,7 @@ class KVCacheManager:
     def take_blocks(self, n: int) -> list[int] | None:
         """`n` private blocks (evicting unpinned cache if needed), or None when they are not there."""
         if n > self.pool.num_free:
-            self.radix.evict(n - self.pool.num_free)
+            self._reclaim(n)
             if n > self.pool.num_free:
                 return None
         return self.pool.allocate(n)
@@ -114,13 +179,21 @@ class KVCacheManager:
         self.pool.free(local(seq.block_table[first:last]))
         seq.block_table[first:last] = [REMOTE] * (last - first)
 
-    def free(self, seq: Sequence) -> None:
-        """Release `seq`'s blocks (computed full blocks stay in the prefix cache)."""
+    def free(self, seq: Sequence, keep_tail: bool = False) -> None:
+        """Release `seq`'s blocks (computed full blocks stay in the prefix cache; with `keep_tail`, a
+        stopped sequence's partly filled last block is kept too)."""
         self.cache_computed(seq)
+        if keep_tail:
+            self.keep_tail(seq)
         self.pool.free(local(seq.block_table))
         seq.block_table = []
         seq.num_cached_blocks = 0
         seq.radix_cursor.reset()
+
+
+def _chain(tokens: list[int], n: int, block_size: int, seed: int) -> int:
+    """The prefix cache's chain hash of `tokens[:n]` (n block aligned; the seed alone for n = 0)."""
+    return prefix_hashes(tokens[:n], block_size, seed)[-1] if n else seed
 
 
 def local(blocks: list[int]) -> list[int]:

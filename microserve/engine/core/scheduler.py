@@ -202,7 +202,7 @@ class Scheduler:
         return hashes[k] if k < len(hashes) else None
 
     def _preempt(self, seq: Sequence) -> None:
-        self.kv.free(seq)
+        self.kv.free(seq, keep_tail=True)  # NOTE: it resumes on the KV it had, not a recompute of its last block
         self.num_preemptions += 1
         if seq.lent:  # NOTE: its pushed ranges live on lenders only: it ends in error instead
             seq.error = seq.error or "preempted for KV blocks, and a sequence with lent ranges cannot be recomputed"
@@ -226,6 +226,6 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        self.kv.free(seq)
+        self.kv.free(seq, keep_tail=reason is Finish.ABORT)  # an aborted stream may move on (its tail goes along)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

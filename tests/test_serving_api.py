@@ -9,7 +9,7 @@ import inspect
 
 import pytest
 
-from microserve import protocol as P
+from microserve import protocol
 from microserve.engine.config import EngineConfig
 from microserve.router.handle import EngineCallError
 from microserve.router.runtime import RouterError, run_request
@@ -77,8 +77,8 @@ def test_error_codes_are_one_enum_and_the_gateway_maps_every_one():
     assert EngineError("a-code-from-a-newer-peer", "x").code is ErrorCode.INTERNAL
     assert RouterError("unavailable", "x").code is ErrorCode.UNAVAILABLE
     # the wire keeps plain strings: an RPCError with an enum code decodes to the same string
-    reply = P.decode_reply(P.encode(P.RPCError(ErrorCode.KV_SPEC_MISMATCH, "m")))
-    assert isinstance(reply, P.RPCError) and reply.code == "kv_spec_mismatch"
+    reply = protocol.decode_reply(protocol.encode(protocol.RPCError(ErrorCode.KV_SPEC_MISMATCH, "m")))
+    assert isinstance(reply, protocol.RPCError) and reply.code == "kv_spec_mismatch"
 
 
 def one_engine():
@@ -92,10 +92,10 @@ def test_dispatch_is_the_one_entry_and_errors_cross_the_in_process_transport():
         await cluster.start()
         try:
             assert isinstance(service, EngineAPI)
-            health = await dispatch(service, P.Health())
-            assert isinstance(health, P.HealthReply) and health.engine_id == service.engine_id
+            health = await dispatch(service, protocol.Health())
+            assert isinstance(health, protocol.HealthReply) and health.engine_id == service.engine_id
             with pytest.raises(EngineError) as err:
-                await dispatch(service, P.PrepRecv(P.Request("r", [1, 2, 3]), 2, lease_s=-1))
+                await dispatch(service, protocol.PrepRecv(protocol.Request("r", [1, 2, 3]), 2, lease_s=-1))
             assert err.value.code is ErrorCode.BAD_REQUEST and "lease_s" in str(err.value)
             with pytest.raises(EngineError) as err:
                 await dispatch(service, object())  # type: ignore[arg-type]
@@ -103,22 +103,23 @@ def test_dispatch_is_the_one_entry_and_errors_cross_the_in_process_transport():
             # the same failure through a handle: one translation, the code intact
             (h,) = cluster.handles
             with pytest.raises(EngineCallError) as call_err:
-                await h.prep_recv(P.Request("r2", []), 0)
+                await h.prep_recv(protocol.Request("r2", []), 0)
             assert call_err.value.code is ErrorCode.BAD_REQUEST and call_err.value.engine == h.name
             with pytest.raises(EngineCallError, match="lend: the simulator") as call_err:  # DistAttention
-                await h.lend(P.Request("r4", list(range(64))), 0, 32)
+                await h.lend(protocol.Request("r4", list(range(64))), 0, 32)
             assert call_err.value.code is ErrorCode.BAD_REQUEST
-            held = await h.prep_recv(P.Request("r5", list(range(64))), 32)
+            held = await h.prep_recv(protocol.Request("r5", list(range(64))), 32)
             with pytest.raises(EngineCallError, match=r"start_generate\(lenders=...\): the simulator") as call_err:
-                async for _ in h.start_generate(P.Request("r6", list(range(64))), lenders=[P.LendTicket(held.kv, "x")]):
+                lenders = [protocol.LendTicket(held.kv, "x")]
+                async for _ in h.start_generate(protocol.Request("r6", list(range(64))), lenders=lenders):
                     pass
             assert call_err.value.code is ErrorCode.BAD_REQUEST
             assert await h.abort("r5")
-            stream = h.start_generate(P.Request("r3", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True)))
+            stream = h.start_generate(protocol.Request("r3", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True)))
             chunks = [c async for c in stream]
             assert sum(len(c.token_ids) for c in chunks) == 3 and chunks[-1].finish_reason == "length"
-            snap = await dispatch(service, P.KVSnapshot())
-            assert isinstance(snap, P.KVSnapshotReply) and snap.seq >= 0
+            snap = await dispatch(service, protocol.KVSnapshot())
+            assert isinstance(snap, protocol.KVSnapshotReply) and snap.seq >= 0
         finally:
             await cluster.close()
 
@@ -156,7 +157,7 @@ def test_run_request_deadline_in_virtual_time_aborts_everywhere():
         try:
             from strategies.round_robin import RoundRobin
 
-            req = P.Request("slow", list(range(1, 100)), SamplingParams(max_tokens=200, ignore_eos=True))
+            req = protocol.Request("slow", list(range(1, 100)), SamplingParams(max_tokens=200, ignore_eos=True))
             loop = asyncio.get_running_loop()
             chunks = run_request(RoundRobin(), cluster, req, deadline=loop.time() + 0.05)
             got = 0

@@ -30,8 +30,7 @@ from microserve import __version__
 from microserve.control import adapters
 from microserve.control.admin import Admin
 from microserve.engine.model.structured import check as check_grammar
-from microserve.gateway import fanout, info, responses, tools
-from microserve.gateway import openai_protocol as O
+from microserve.gateway import fanout, info, openai_protocol, responses, tools
 from microserve.gateway.bodies import MAX_BODY_BYTES, Bodies, BodyTooLarge, BodyTooSlow
 from microserve.gateway.fanout import best as _best
 from microserve.gateway.fanout import collect as _collect
@@ -183,7 +182,8 @@ class Gateway:
         return streams
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body: O.CompletionRequest = await self._decode(await self._read(request), O.CompletionRequest)
+        body: openai_protocol.CompletionRequest = await self._decode(await self._read(request),
+                                                                     openai_protocol.CompletionRequest)
         m, model, lora = await self._target(body.model)
         body.check_unsupported()
         sampling, given = body.sampling(body.max_tokens, 16, body.logprobs)
@@ -201,7 +201,7 @@ class Gateway:
         params = [m.router.check(p, msgspec.structs.replace(sampling), given) for p in prompts]
         rid = m.router.new_request_id("cmpl")
         streams = self._choices(m.router, rid, prompts, params)
-        base = {"id": body.request_id or rid, "object": "text_completion", "created": O.now(),
+        base = {"id": body.request_id or rid, "object": "text_completion", "created": openai_protocol.now(),
                 "model": model, "system_fingerprint": FINGERPRINT}
         tok = m.router.tokenizer
         name = fanout.token_namer(tok, body.return_tokens_as_token_ids or m.ids_only)
@@ -235,14 +235,15 @@ class Gateway:
                         | ({"token_ids": r.ids, "prompt_token_ids": ids_of[i]}
                            if body.return_token_ids or m.ids_only else {})
                         for i, r in enumerate(results)],
-            "usage": O.usage_json(_sum_usage([r.usage for r in results], sampling.n))})
+            "usage": openai_protocol.usage_json(_sum_usage([r.usage for r in results], sampling.n))})
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         """OpenAI's Responses API (gateway/responses.py)."""
         return await responses.handle(self, request)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body: O.ChatCompletionRequest = await self._decode(await self._read(request), O.ChatCompletionRequest)
+        body: openai_protocol.ChatCompletionRequest = await self._decode(await self._read(request),
+                                                                         openai_protocol.ChatCompletionRequest)
         m, model, lora = await self._target(body.model)
         body.check_unsupported()
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -272,7 +273,7 @@ class Gateway:
         sampling = m.router.check(prompt, sampling, given)
         rid = m.router.new_request_id("chatcmpl")
         streams = self._choices(m.router, rid, [prompt], [sampling])
-        base = {"id": body.request_id or rid, "object": "chat.completion", "created": O.now(),
+        base = {"id": body.request_id or rid, "object": "chat.completion", "created": openai_protocol.now(),
                 "model": model, "system_fingerprint": FINGERPRINT}
         name = fanout.token_namer(m.router.tokenizer, body.return_tokens_as_token_ids or m.ids_only)
         # vLLM's chat echo: the reply starts with the last message when it is the assistant's
@@ -304,7 +305,7 @@ class Gateway:
                          "logprobs": fanout.chat_logprobs(name, r.ids, r.logprobs) if body.logprobs else None}
                         | ({"token_ids": r.ids} if body.return_token_ids or m.ids_only else {})
                         for i, r in enumerate(results)],
-            "usage": O.usage_json(_sum_usage([r.usage for r in results], sampling.n))}
+            "usage": openai_protocol.usage_json(_sum_usage([r.usage for r in results], sampling.n))}
             | ({"prompt_token_ids": prompt} if body.return_token_ids or m.ids_only else {})
             | ({"prompt_logprobs": fanout.vllm_prompt_logprobs(name, prompt, results[0].prompt_logprobs or [])}
                if body.prompt_logprobs is not None else {}))
@@ -317,7 +318,8 @@ def _status(exc: RouterError) -> int:
 def _error(exc: RouterError, status: int | None = None) -> web.Response:
     status = status or HTTP_STATUS[exc.code]
     headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after is not None else None
-    return web.json_response(O.error_body(status, exc.message, exc.code, exc.param), status=status, headers=headers)
+    return web.json_response(openai_protocol.error_body(status, exc.message, exc.code, exc.param), status=status,
+                             headers=headers)
 
 
 async def serve(gateway: Gateway, host: str = "127.0.0.1", port: int = 8000) -> tuple[web.AppRunner, int]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from microserve.gateway import openai_protocol as O
+from microserve.gateway import openai_protocol
 from microserve.router.runtime import RouterError
 from microserve.serving.api import ErrorCode
 
@@ -119,5 +119,5 @@ class Bodies:
     async def decode(self, body: bytes, kind):
         """`decode_body`, in a worker thread when the body is large (the event loop keeps serving)."""
         if len(body) <= PARSE_OFF_LOOP:
-            return O.decode_body(body, kind)
-        return await asyncio.get_running_loop().run_in_executor(None, O.decode_body, body, kind)
+            return openai_protocol.decode_body(body, kind)
+        return await asyncio.get_running_loop().run_in_executor(None, openai_protocol.decode_body, body, kind)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from microserve import __version__
-from microserve.gateway import openai_protocol as O
+from microserve.gateway import openai_protocol
 from microserve.router.runtime import RouterError
 from microserve.serving.api import ErrorCode
 
@@ -19,7 +19,7 @@ async def models(gw: Gateway, request: web.Request) -> web.Response:
     """As vLLM's, one entry per served name (`root`: the checkpoint its engines serve, `parent` None),
     then one per LoRA adapter those engines hold (`parent`: the base model's name); every model of the
     gateway in turn."""
-    created = O.now()
+    created = openai_protocol.now()
     entries = []
     for m in gw.models.all:
         health = next(iter(m.router.cluster.health.values()), None)
@@ -43,21 +43,22 @@ async def version(gw: Gateway, request: web.Request) -> web.Response:
 
 async def tokenize(gw: Gateway, request: web.Request) -> web.Response:
     """vLLM's `/tokenize`: `prompt` (text) or chat `messages` -> token ids."""
-    body: O.TokenizeRequest = await gw._decode(await gw._read(request), O.TokenizeRequest)
+    body: openai_protocol.TokenizeRequest = await gw._decode(await gw._read(request), openai_protocol.TokenizeRequest)
     router = gw.models.by_name(body.model).router
     if (body.prompt is None) == (body.messages is None):
         raise RouterError(ErrorCode.BAD_REQUEST, "give exactly one of prompt and messages", param="prompt")
     if body.prompt is not None:
         tokens = await router.encode(body.prompt, body.add_special_tokens)
     else:
-        tokens = await router.encode_chat(O.ChatCompletionRequest(messages=body.messages).chat_messages())
+        tokens = await router.encode_chat(openai_protocol.ChatCompletionRequest(messages=body.messages).chat_messages())
     return web.json_response({"count": len(tokens), "max_model_len": router.max_model_len,
                               "tokens": tokens, "token_strs": None})
 
 
 async def detokenize(gw: Gateway, request: web.Request) -> web.Response:
     """vLLM's `/detokenize`: token ids -> text."""
-    body: O.DetokenizeRequest = await gw._decode(await gw._read(request), O.DetokenizeRequest)
+    body: openai_protocol.DetokenizeRequest = await gw._decode(await gw._read(request),
+                                                               openai_protocol.DetokenizeRequest)
     m = gw.models.by_name(body.model)
     if m.ids_only:
         raise RouterError(ErrorCode.BAD_REQUEST, "this server runs without a tokenizer (--skip-tokenizer-init)",

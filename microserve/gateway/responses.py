@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
-from microserve.gateway import openai_protocol as O
+from microserve.gateway import openai_protocol
 from microserve.gateway.fanout import collect, merge
 from microserve.gateway.generation import apply_defaults
 from microserve.router.runtime import RouterError, Usage
@@ -81,11 +81,11 @@ class ResponsesRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
         if self.stream_options is not None and not self.stream:
             raise RouterError(BAD, "stream_options is only allowed with stream=true", param="stream_options")
 
-    def messages(self) -> list[O.ChatMessage]:
+    def messages(self) -> list[openai_protocol.ChatMessage]:
         """The chat messages: `instructions` as the system message, then the input."""
-        out = [O.ChatMessage("system", self.instructions)] if self.instructions else []
+        out = [openai_protocol.ChatMessage("system", self.instructions)] if self.instructions else []
         if isinstance(self.input, str):
-            return out + [O.ChatMessage("user", self.input)]
+            return out + [openai_protocol.ChatMessage("user", self.input)]
         for item in self.input:
             kind = item.get("type", "message")
             if kind != "message" or not isinstance(item.get("role"), str):
@@ -105,16 +105,16 @@ class ResponsesRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
             elif not isinstance(content, str):
                 raise RouterError(BAD, "a message's content must be a string or a list of text parts", param="input")
             role = "system" if item["role"] == "developer" else item["role"]
-            out.append(O.ChatMessage(role, content))
+            out.append(openai_protocol.ChatMessage(role, content))
         if not out:
             raise RouterError(BAD, "input is empty", param="input")
         return out
 
-    def chat(self) -> O.ChatCompletionRequest:
+    def chat(self) -> openai_protocol.ChatCompletionRequest:
         """The same request as a chat completion."""
-        return O.ChatCompletionRequest(messages=self.messages(), model=self.model, temperature=self.temperature,
-                                       top_p=self.top_p, max_completion_tokens=self.max_output_tokens,
-                                       stream=self.stream, response_format=self._format())
+        return openai_protocol.ChatCompletionRequest(
+            messages=self.messages(), model=self.model, temperature=self.temperature, top_p=self.top_p,
+            max_completion_tokens=self.max_output_tokens, stream=self.stream, response_format=self._format())
 
     def _format(self) -> dict[str, Any] | None:
         fmt = (self.text or {}).get("format")
@@ -140,8 +140,9 @@ async def handle(gw: Gateway, request: web.Request) -> web.StreamResponse:
     sampling = m.router.check(prompt, sampling, given)
     rid = m.router.new_request_id("resp")
     stream = m.router.generate(rid, prompt, sampling)
-    response = {"id": rid, "object": "response", "created_at": O.now(), "status": "in_progress", "model": model,
-                "output": [], "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+    response = {"id": rid, "object": "response", "created_at": openai_protocol.now(), "status": "in_progress",
+                "model": model, "output": [], "instructions": body.instructions,
+                "max_output_tokens": body.max_output_tokens,
                 "temperature": sampling.temperature, "top_p": sampling.top_p, "tools": [], "tool_choice": "auto",
                 "parallel_tool_calls": True, "text": body.text or {"format": {"type": "text"}}, "store": False,
                 "metadata": body.metadata or {}, "user": body.user, "error": None, "incomplete_details": None,

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from microserve.gateway import openai_protocol as O
+from microserve.gateway import openai_protocol
 from microserve.gateway.fanout import merge, sum_usage
 from microserve.router.runtime import Delta, RouterError
 from microserve.serving.api import ErrorCode
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 async def sse(request: web.Request, streams: list[AsyncIterator[Delta]], base: dict[str, Any],
-              choice: Callable[[int, Delta], dict[str, Any]], options: O.StreamOptions | None,
+              choice: Callable[[int, Delta], dict[str, Any]], options: openai_protocol.StreamOptions | None,
               prompt_tokens: list[int], n: int, status: Callable[[RouterError], int]) -> web.StreamResponse:
     """Stream `streams` (choice i from stream i) as OpenAI chunks of `base` with `choice(i, delta)`;
     `prompt_tokens[i]` is stream i's prompt length (for running usage)."""
@@ -42,7 +42,7 @@ async def sse(request: web.Request, streams: list[AsyncIterator[Delta]], base: d
             if isinstance(item, RouterError):
                 if resp is None:
                     raise item  # nothing sent yet: a real HTTP error status
-                await send(resp, O.error_body(status(item), item.message, item.code))
+                await send(resp, openai_protocol.error_body(status(item), item.message, item.code))
                 break
             if not (item.text or item.token_ids or item.finish_reason is not None or item.logprobs):
                 continue
@@ -60,7 +60,7 @@ async def sse(request: web.Request, streams: list[AsyncIterator[Delta]], base: d
             await send(resp, base | {"choices": [choice(i, item)]} | ({"usage": usage} if include else {}))
         else:
             if include and resp is not None:
-                await send(resp, base | {"choices": [], "usage": O.usage_json(sum_usage(usages, n))})
+                await send(resp, base | {"choices": [], "usage": openai_protocol.usage_json(sum_usage(usages, n))})
         if resp is None:
             raise RouterError(ErrorCode.INTERNAL, "the request ended without any output")
         await resp.write(b"data: [DONE]\n\n")

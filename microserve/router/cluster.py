@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
-from microserve import protocol as P
+from microserve import protocol
 from microserve.router.handle import EngineCallError, EngineHandle
 from microserve.router.prefix_index import PrefixIndex
 from microserve.serving.api import ErrorCode
@@ -69,7 +69,7 @@ class Load:
     waiting: int = 0
     queued_tokens: int = 0  # prompt tokens waiting for prefill (router's view or engine's, the larger)
     kv_usage: float = 0.0  # fraction of KV blocks in use
-    stats: P.StatsReply | None = None  # the last polled stats
+    stats: protocol.StatsReply | None = None  # the last polled stats
     asked: float = 0.0  # monotonic time that poll was sent
     missed: int = 0  # polls in a row that got no answer in time
 
@@ -103,7 +103,7 @@ class Cluster:
         self._by_id: dict[str, EngineHandle] = {}
         self._loads: dict[EngineHandle, Load] = {h: Load() for h in self.handles}
         self.prefix_index: PrefixIndex[EngineHandle] = PrefixIndex(self._by_id.get, self._on_gap)
-        self.health: dict[EngineHandle, P.HealthReply] = {}
+        self.health: dict[EngineHandle, protocol.HealthReply] = {}
         self._turns: dict[str | None, EngineHandle] = {}  # per role, the engine picked last: ties go on from it
         self._tasks: list[asyncio.Task] = []
         self._subs: dict[EngineHandle, zmq.asyncio.Socket] = {}
@@ -152,7 +152,7 @@ class Cluster:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _subscribe(self, h: EngineHandle, health: P.HealthReply) -> None:
+    def _subscribe(self, h: EngineHandle, health: protocol.HealthReply) -> None:
         """Feed the engine's KV events into the prefix index."""
         sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
@@ -167,7 +167,7 @@ class Cluster:
         while True:
             data = await sub.recv()
             try:
-                self.prefix_index.apply(P.decode_event(data))
+                self.prefix_index.apply(protocol.decode_event(data))
             except Exception:  # NOTE: a bad event must not stop the index
                 log.exception("bad KV event")
 
@@ -215,7 +215,7 @@ class Cluster:
 
     async def _snapshot(self, h: EngineHandle) -> None:
         try:
-            snap = await h.call(P.KVSnapshot(), timeout=10.0)
+            snap = await h.call(protocol.KVSnapshot(), timeout=10.0)
         except EngineCallError as exc:
             log.warning("no KV snapshot from %s (%s); its prefix index fills from events only", h.name, exc)
             return
@@ -302,8 +302,8 @@ class Cluster:
                 return h
         raise KeyError(f"no engine {engine_id!r} in this cluster")
 
-    def migrate(self, req: P.Request, generated: list[int], source: EngineHandle,
-                to: EngineHandle) -> AsyncIterator[P.GenerateChunk]:
+    def migrate(self, req: protocol.Request, generated: list[int], source: EngineHandle,
+                to: EngineHandle) -> AsyncIterator[protocol.GenerateChunk]:
         """Continue a running request on `to` with its KV moved from `source` (router/migration.py):
         close the source's stream first, then yield these chunks after the source's. With no token
         generated yet (during its prefill), what the source computed so far moves."""

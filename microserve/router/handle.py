@@ -27,8 +27,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from microserve import protocol as P
-from microserve import tracing
+from microserve import protocol, tracing
 from microserve.router.journal import CallRecord
 from microserve.router.transport import CallTimeout, CallUnavailable, Transport, ZMQTransport
 from microserve.sampling_params import SamplingParams
@@ -39,13 +38,14 @@ from microserve.serving.api import ErrorCode
 log = logging.getLogger(__name__)
 
 MAX_DEFERRED_ABORTS = 10_000
-_CALL_NAMES = {P.PrepRecv: "prep_recv", P.RemoteSend: "remote_send", P.StartGenerate: "start_generate",
-               P.Lend: "lend", P.Abort: "abort"}
+_CALL_NAMES = {protocol.PrepRecv: "prep_recv", protocol.RemoteSend: "remote_send",
+               protocol.StartGenerate: "start_generate", protocol.Lend: "lend", protocol.Abort: "abort"}
 _REPLY: dict[type, type] = {  # the reply each call expects
-    P.PrepRecv: P.RecvTicket, P.RemoteSend: P.SendResult, P.StartGenerate: P.GenerateChunk, P.Lend: P.LendTicket,
-    P.Attend: P.AttendReply,
-    P.Abort: P.AbortReply, P.Stats: P.StatsReply, P.Health: P.HealthReply, P.KVSnapshot: P.KVSnapshotReply,
-    P.Lora: P.LoraReply,
+    protocol.PrepRecv: protocol.RecvTicket, protocol.RemoteSend: protocol.SendResult,
+    protocol.StartGenerate: protocol.GenerateChunk, protocol.Lend: protocol.LendTicket,
+    protocol.Attend: protocol.AttendReply, protocol.Abort: protocol.AbortReply, protocol.Stats: protocol.StatsReply,
+    protocol.Health: protocol.HealthReply, protocol.KVSnapshot: protocol.KVSnapshotReply,
+    protocol.Lora: protocol.LoraReply,
 }
 MAX_RESERVATION_S = 600.0  # a reservation (prep_recv) not taken up for this long no longer counts as load
 
@@ -130,7 +130,7 @@ class EngineHandle:
         self.lending: set[str] = set()  # request ids this engine lent ranges to (the attempt frees them)
         self.changed_at = 0.0  # monotonic time this router's count of work here last went down
         self.pending_tokens = 0  # prompt tokens this process asked the engine to prefill, not yet done
-        self.on_send: Callable[[P.SendResult], None] | None = None  # observer of finished remote_sends
+        self.on_send: Callable[[protocol.SendResult], None] | None = None  # observer of finished remote_sends
         self.on_generate: Callable[[EngineHandle], None] | None = None  # observer of start_generate calls
         self.on_state: Callable[[EngineHandle, bool], None] | None = None  # observer of alive changes
         self.on_call: Callable[[CallRecord], None] | None = None  # observer of every call (router/journal.py)
@@ -169,8 +169,8 @@ class EngineHandle:
         self.set_alive(False)
         self.transport.fail_pending(why)
 
-    def _check_alive(self, msg: P.Call) -> None:
-        if not self.alive and not isinstance(msg, P.Health | P.Stats):  # probes find out when it is back
+    def _check_alive(self, msg: protocol.Call) -> None:
+        if not self.alive and not isinstance(msg, protocol.Health | protocol.Stats):  # probes find out when it is back
             raise EngineCallError(ErrorCode.UNAVAILABLE, "the engine is down", self.name)
 
     def _touch(self) -> None:
@@ -178,10 +178,10 @@ class EngineHandle:
         if engines is not None:
             engines.add(self)
 
-    def _checked(self, reply: P.Reply, msg: P.Call) -> P.Reply:
+    def _checked(self, reply: protocol.Reply, msg: protocol.Call) -> protocol.Reply:
         """`reply` when it is the answer `msg` expects; an RPCError becomes `EngineCallError` (remote),
         any other reply an "internal" error (never an assert: it comes from another process)."""
-        if isinstance(reply, P.RPCError):
+        if isinstance(reply, protocol.RPCError):
             raise EngineCallError(reply.code, reply.message, self.name, peer=reply.peer, remote=True)
         want = _REPLY[type(msg)]
         if not isinstance(reply, want):
@@ -189,7 +189,7 @@ class EngineHandle:
                                   f"{type(reply).__name__}, not {want.__name__}", self.name, remote=True)
         return reply
 
-    async def call(self, msg: P.Call, timeout: float | None = None) -> P.Reply:
+    async def call(self, msg: protocol.Call, timeout: float | None = None) -> protocol.Reply:
         """Send one call and wait for its single reply."""
         self._check_alive(msg)
         limit = self.timeout if timeout is None else timeout
@@ -213,11 +213,11 @@ class EngineHandle:
             if span is not None:
                 tracing.end(span, str(error), bytes=getattr(reply, "bytes", None),
                             transport=getattr(reply, "transport", None), matched=getattr(reply, "matched", None))
-        if not self.alive and isinstance(msg, P.Health | P.Stats):
+        if not self.alive and isinstance(msg, protocol.Health | protocol.Stats):
             self.set_alive(True)  # it answers again (restarted)
         return reply
 
-    def _report(self, msg: P.Call, t0: float, nbytes: int, error: str) -> None:
+    def _report(self, msg: protocol.Call, t0: float, nbytes: int, error: str) -> None:
         self.on_call(CallRecord(self.name, _CALL_NAMES[type(msg)], t0, time.time() - t0,  # type: ignore[misc]
                                 nbytes, error, _request_id(msg)))
 
@@ -234,35 +234,35 @@ class EngineHandle:
         await self.close()
 
     # -- the calls --------------------------------------------------------------------
-    async def prep_recv(self, req: P.Request, end: int | None = None, *, lease_s: float | None = None,
-                        timeout: float | None = None) -> P.RecvTicket:
+    async def prep_recv(self, req: protocol.Request, end: int | None = None, *, lease_s: float | None = None,
+                        timeout: float | None = None) -> protocol.RecvTicket:
         """Reserve blocks for `prompt[matched:end]` (default end: the whole prompt)."""
         end = len(req.prompt_ids) if end is None else end
         self._touch()
         self.reserved[req.request_id] = time.monotonic()  # NOTE: counted before the await: a burst sees it
         try:
-            return await self.call(P.PrepRecv(req, end, lease_s), timeout)  # type: ignore[return-value]
+            return await self.call(protocol.PrepRecv(req, end, lease_s), timeout)  # type: ignore[return-value]
         except BaseException:
             self.release(req.request_id)
             raise
 
-    async def lend(self, req: P.Request, begin: int, end: int, *, lease_s: float | None = None,
-                   timeout: float | None = None) -> P.LendTicket:
+    async def lend(self, req: protocol.Request, begin: int, end: int, *, lease_s: float | None = None,
+                   timeout: float | None = None) -> protocol.LendTicket:
         """Hold blocks here for `prompt[begin:end]` of a request another engine runs (DistAttention)."""
         self._touch()
-        ticket = await self.call(P.Lend(req, begin, end, lease_s), timeout)
+        ticket = await self.call(protocol.Lend(req, begin, end, lease_s), timeout)
         self.lending.add(req.request_id)
         attend = ticket.attend  # type: ignore[attr-defined]
         if attend.startswith("tcp://") and self.address.startswith("tcp://"):  # NOTE: reached as the RPC is
             attend = self.address.rsplit(":", 1)[0] + ":" + attend.rsplit(":", 1)[1]
         return msgspec.structs.replace(ticket, rpc=self.address, attend=attend)  # type: ignore[type-var]
 
-    async def attend(self, ticket: P.LendTicket, layer: int, positions: list[int], q: bytes, scale: float, *,
-                     more: list[P.LendTicket] = (), timeout: float | None = None) -> P.AttendReply:
+    async def attend(self, ticket: protocol.LendTicket, layer: int, positions: list[int], q: bytes, scale: float, *,
+                     more: list[protocol.LendTicket] = (), timeout: float | None = None) -> protocol.AttendReply:
         """The part of a layer's attention over a range this engine lent (`lend`), for these query rows
         (with `more`: over those ranges of the same request too, merged into one part)."""
-        refs = [P.LentRef(t.kv.ticket_id, t.kv.secret) for t in more]
-        return await self.call(P.Attend(ticket.kv.ticket_id, ticket.kv.secret, layer, positions, q, scale, refs),
+        refs = [protocol.LentRef(t.kv.ticket_id, t.kv.secret) for t in more]
+        return await self.call(protocol.Attend(ticket.kv.ticket_id, ticket.kv.secret, layer, positions, q, scale, refs),
                                timeout)  # type: ignore[return-value]
 
     def release(self, request_id: str) -> bool:
@@ -285,8 +285,9 @@ class EngineHandle:
                 self.release(rid)
         return self.inflight + len(self.reserved)
 
-    async def remote_send(self, req: P.Request, kv: P.KVAddr, begin: int | None = None, end: int | None = None,
-                          *, transport: str | None = None, timeout: float | None = None) -> P.SendResult:
+    async def remote_send(self, req: protocol.Request, kv: protocol.KVAddr, begin: int | None = None,
+                          end: int | None = None, *, transport: str | None = None,
+                          timeout: float | None = None) -> protocol.SendResult:
         """Compute KV of `prompt[:end]` here and write `[begin, end)` into the ticket `kv`
         (defaults: the ticket's own range)."""
         begin = kv.begin if begin is None else begin
@@ -296,7 +297,7 @@ class EngineHandle:
         self.inflight += 1
         self.pending_tokens += work
         try:
-            result = await self.call(P.RemoteSend(req, kv, begin, end, transport), timeout)
+            result = await self.call(protocol.RemoteSend(req, kv, begin, end, transport), timeout)
         finally:
             self.inflight -= 1
             self.pending_tokens -= work
@@ -305,12 +306,12 @@ class EngineHandle:
             self.on_send(result)  # type: ignore[arg-type]
         return result  # type: ignore[return-value]
 
-    async def start_generate(self, req: P.Request, begin: int = 0, sampling: SamplingParams | None = None,
-                             *, lenders: list[P.LendTicket] | None = None,
-                             timeout: float | None = None) -> AsyncIterator[P.GenerateChunk]:
+    async def start_generate(self, req: protocol.Request, begin: int = 0, sampling: SamplingParams | None = None,
+                             *, lenders: list[protocol.LendTicket] | None = None,
+                             timeout: float | None = None) -> AsyncIterator[protocol.GenerateChunk]:
         """Stream `GenerateChunk`s; leaving the loop early aborts the request on the engine. `lenders`:
         ranges of the prompt other engines lent for it (`lend`; DistAttention)."""
-        msg = P.StartGenerate(req, begin, sampling, list(lenders or ()))
+        msg = protocol.StartGenerate(req, begin, sampling, list(lenders or ()))
         self._check_alive(msg)
         self._touch()
         finished = False
@@ -369,20 +370,20 @@ class EngineHandle:
     async def abort(self, request_id: str, *, timeout: float | None = None) -> bool:
         self._touch()
         self.release(request_id)
-        reply = await self.call(P.Abort(request_id), timeout)
+        reply = await self.call(protocol.Abort(request_id), timeout)
         return reply.found  # type: ignore[union-attr]
 
-    async def stats(self, *, timeout: float | None = None) -> P.StatsReply:
-        return await self.call(P.Stats(), timeout)  # type: ignore[return-value]
+    async def stats(self, *, timeout: float | None = None) -> protocol.StatsReply:
+        return await self.call(protocol.Stats(), timeout)  # type: ignore[return-value]
 
-    async def health(self, *, timeout: float | None = None) -> P.HealthReply:
-        return await self.call(P.Health(), timeout)  # type: ignore[return-value]
+    async def health(self, *, timeout: float | None = None) -> protocol.HealthReply:
+        return await self.call(protocol.Health(), timeout)  # type: ignore[return-value]
 
-    async def lora(self, action: str, name: str, path: str = "", *, timeout: float | None = None) -> P.LoraReply:
+    async def lora(self, action: str, name: str, path: str = "", *, timeout: float | None = None) -> protocol.LoraReply:
         """Load (`path` on the engine's host) or unload a LoRA adapter here."""
-        return await self.call(P.Lora(action, name, path), timeout)  # type: ignore[return-value]
+        return await self.call(protocol.Lora(action, name, path), timeout)  # type: ignore[return-value]
 
-    async def wait_ready(self, timeout: float = 120.0) -> P.HealthReply:
+    async def wait_ready(self, timeout: float = 120.0) -> protocol.HealthReply:
         """Poll `health` until the engine answers (it may still be loading)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -395,5 +396,5 @@ class EngineHandle:
                     raise EngineTimeout(f"not ready within {timeout:g}s{hint}", self.name) from None
 
 
-def _request_id(msg: P.Call) -> str:
+def _request_id(msg: protocol.Call) -> str:
     return getattr(msg, "request_id", None) or msg.req.request_id  # type: ignore[union-attr]  (abort: an id)

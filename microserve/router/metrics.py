@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
 from kvapi.transfer.base import TRANSPORTS
-from microserve import protocol as P
+from microserve import protocol
 
 if TYPE_CHECKING:
     from microserve.router.cluster import Cluster
@@ -87,7 +87,7 @@ class RouterMetrics:
         h.on_generate = self.observe_generate
         self.routed.labels(h.name)
 
-    def observe_send(self, result: P.SendResult) -> None:
+    def observe_send(self, result: protocol.SendResult) -> None:
         self.kv_bytes.labels(result.transport or "none").inc(result.bytes)
         self.kv_seconds.observe(result.seconds)
 

@@ -26,7 +26,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from microserve import protocol as P
+from microserve import protocol
 from microserve.security import ClusterKey
 from microserve.serving.api import EngineError, dispatch
 
@@ -40,12 +40,12 @@ class CallUnavailable(Exception):
 
 
 class Transport(Protocol):
-    async def roundtrip(self, msg: P.Call, timeout: float) -> P.Reply:
+    async def roundtrip(self, msg: protocol.Call, timeout: float) -> protocol.Reply:
         """Send one call; its single reply (an `RPCError` for the engine's failure). Raises
         `CallTimeout` (no reply in time) or `CallUnavailable` (`fail_pending`)."""
         ...
 
-    def stream(self, msg: P.StartGenerate, timeout: float) -> AsyncIterator[P.Reply]:
+    def stream(self, msg: protocol.StartGenerate, timeout: float) -> AsyncIterator[protocol.Reply]:
         """Send `start_generate`; its chunks up to one with a finish reason, or an `RPCError`.
         `timeout` bounds the wait for each chunk (raises `CallTimeout`)."""
         ...
@@ -66,7 +66,7 @@ class ZMQTransport:
         self.address, self._ctx, self.cluster_key = address, context, cluster_key
         self._sock: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task | None = None
-        self._pending: dict[bytes, asyncio.Queue[P.Reply | CallUnavailable]] = {}
+        self._pending: dict[bytes, asyncio.Queue[protocol.Reply | CallUnavailable]] = {}
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4)
 
@@ -91,18 +91,18 @@ class ZMQTransport:
             if queue is None:
                 continue  # a late reply to a call that gave up
             try:
-                queue.put_nowait(P.decode_reply(frames[1]))
+                queue.put_nowait(protocol.decode_reply(frames[1]))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                queue.put_nowait(P.RPCError("internal", f"undecodable reply from the engine: {exc}"))
+                queue.put_nowait(protocol.RPCError("internal", f"undecodable reply from the engine: {exc}"))
 
-    async def _send(self, msg: P.Call, timeout: float,
-                    trace: str = "") -> tuple[bytes, asyncio.Queue[P.Reply | CallUnavailable]]:
+    async def _send(self, msg: protocol.Call, timeout: float,
+                    trace: str = "") -> tuple[bytes, asyncio.Queue[protocol.Reply | CallUnavailable]]:
         sock = self._socket()
         call_id = self._prefix + next(self._ids).to_bytes(8, "little")
-        queue: asyncio.Queue[P.Reply | CallUnavailable] = asyncio.Queue()
+        queue: asyncio.Queue[protocol.Reply | CallUnavailable] = asyncio.Queue()
         self._pending[call_id] = queue
         try:  # NOTE: a DEALER without a connected peer (refused handshake, reconnecting) blocks on send
-            frames = [call_id, P.encode(msg), trace.encode()] if trace else [call_id, P.encode(msg)]
+            frames = [call_id, protocol.encode(msg), trace.encode()] if trace else [call_id, protocol.encode(msg)]
             await asyncio.wait_for(sock.send_multipart(frames), timeout)
         except TimeoutError:
             self._pending.pop(call_id, None)
@@ -110,7 +110,7 @@ class ZMQTransport:
         return call_id, queue
 
     @staticmethod
-    async def _next(queue: asyncio.Queue[P.Reply | CallUnavailable], timeout: float) -> P.Reply:
+    async def _next(queue: asyncio.Queue[protocol.Reply | CallUnavailable], timeout: float) -> protocol.Reply:
         try:
             reply = await asyncio.wait_for(queue.get(), timeout)
         except TimeoutError:
@@ -119,7 +119,7 @@ class ZMQTransport:
             raise reply
         return reply
 
-    async def roundtrip(self, msg: P.Call, timeout: float, trace: str = "") -> P.Reply:
+    async def roundtrip(self, msg: protocol.Call, timeout: float, trace: str = "") -> protocol.Reply:
         """One call, one reply. `trace`: the W3C traceparent of the caller's span (a third frame)."""
         call_id = b""
         try:
@@ -128,14 +128,15 @@ class ZMQTransport:
         finally:
             self._pending.pop(call_id, None)
 
-    async def stream(self, msg: P.StartGenerate, timeout: float, trace: str = "") -> AsyncIterator[P.Reply]:
+    async def stream(self, msg: protocol.StartGenerate, timeout: float,
+                     trace: str = "") -> AsyncIterator[protocol.Reply]:
         call_id = b""
         try:
             call_id, queue = await self._send(msg, timeout, trace)
             while True:
                 reply = await self._next(queue, timeout)
                 yield reply
-                if not isinstance(reply, P.GenerateChunk) or reply.finish_reason is not None:
+                if not isinstance(reply, protocol.GenerateChunk) or reply.finish_reason is not None:
                     return
         finally:
             self._pending.pop(call_id, None)
@@ -173,19 +174,20 @@ class InProcessTransport:
     def __init__(self, api) -> None:
         self.api = api
 
-    async def roundtrip(self, msg: P.Call, timeout: float, trace: str = "") -> P.Reply:
+    async def roundtrip(self, msg: protocol.Call, timeout: float, trace: str = "") -> protocol.Reply:
         try:
             reply = await dispatch(self.api, msg)
         except EngineError as exc:
-            return P.RPCError(exc.code, str(exc), exc.peer)
+            return protocol.RPCError(exc.code, str(exc), exc.peer)
         assert not isinstance(reply, AsyncIterator), "start_generate goes through stream()"
         return reply
 
-    async def stream(self, msg: P.StartGenerate, timeout: float, trace: str = "") -> AsyncIterator[P.Reply]:
+    async def stream(self, msg: protocol.StartGenerate, timeout: float,
+                     trace: str = "") -> AsyncIterator[protocol.Reply]:
         try:
             chunks = await dispatch(self.api, msg)
         except EngineError as exc:
-            yield P.RPCError(exc.code, str(exc), exc.peer)
+            yield protocol.RPCError(exc.code, str(exc), exc.peer)
             return
         assert isinstance(chunks, AsyncIterator)
         async with contextlib.aclosing(chunks):
@@ -193,7 +195,7 @@ class InProcessTransport:
                 async for chunk in chunks:
                     yield chunk
             except EngineError as exc:
-                yield P.RPCError(exc.code, str(exc), exc.peer)
+                yield protocol.RPCError(exc.code, str(exc), exc.peer)
 
     def fail_pending(self, why: str) -> None:
         """Nothing waits on a wire here."""

@@ -17,7 +17,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
-from microserve import protocol as P
+from microserve import protocol
 from microserve.sampling_params import SamplingParams
 
 if sys.version_info >= (3, 11):
@@ -79,7 +79,7 @@ class EngineAPI(Protocol):
 
     engine_id: str
 
-    async def prep_recv(self, req: P.Request, end: int, lease_s: float | None = None) -> P.RecvTicket:
+    async def prep_recv(self, req: protocol.Request, end: int, lease_s: float | None = None) -> protocol.RecvTicket:
         """Called by a strategy on the engine that will decode (D), before the sender runs.
 
         Matches the local prefix cache on `prompt[:end]` (pinning the matched blocks) and
@@ -89,8 +89,8 @@ class EngineAPI(Protocol):
         into them. Raises BAD_REQUEST (positions, lease, prompt), OVERLOADED (no blocks)."""
         ...
 
-    async def remote_send(self, req: P.Request, kv: P.KVAddr, begin: int, end: int,
-                          transport: str | None = None) -> P.SendResult:
+    async def remote_send(self, req: protocol.Request, kv: protocol.KVAddr, begin: int, end: int,
+                          transport: str | None = None) -> protocol.SendResult:
         """Called by a strategy on the engine that prefills (P).
 
         Makes sure KV for `prompt[:end]` exists here (prefix cache, then a prefill of the
@@ -100,8 +100,8 @@ class EngineAPI(Protocol):
         KV_SPEC_MISMATCH, TRANSFER_FAILED / UNAVAILABLE / TIMEOUT (the transfer), ABORTED."""
         ...
 
-    async def start_generate(self, req: P.Request, begin: int = 0, sampling: SamplingParams | None = None,
-                             lenders: list[P.LendTicket] | None = None) -> AsyncIterator[P.GenerateChunk]:
+    async def start_generate(self, req: protocol.Request, begin: int = 0, sampling: SamplingParams | None = None,
+                             lenders: list[protocol.LendTicket] | None = None) -> AsyncIterator[protocol.GenerateChunk]:
         """Called by a strategy on the engine that decodes.
 
         Uses KV received into this request's ticket (waiting for a transfer in flight) or
@@ -115,7 +115,8 @@ class EngineAPI(Protocol):
         UNAVAILABLE if a lender is lost."""
         ...
 
-    async def lend(self, req: P.Request, begin: int, end: int, lease_s: float | None = None) -> P.LendTicket:
+    async def lend(self, req: protocol.Request, begin: int, end: int,
+                   lease_s: float | None = None) -> protocol.LendTicket:
         """Called by a DistAttention strategy on an engine with free blocks (the lender), for a
         request another engine (the borrower) runs but cannot hold.
 
@@ -127,7 +128,8 @@ class EngineAPI(Protocol):
         ...
 
     async def attend(self, ticket_id: str, secret: str, layer: int, positions: list[int], q: bytes,
-                     scale: float, more: list[P.LentRef] = (), others: list[P.AttendRows] = ()) -> P.AttendReply:
+                     scale: float, more: list[protocol.LentRef] = (),
+                     others: list[protocol.AttendRows] = ()) -> protocol.AttendReply:
         """Called by the engine that borrowed a range here (DistAttention), for each layer that needs it.
 
         Attends the query rows (`q`: [rows, query heads, head dim] in the KV dtype; `positions`:
@@ -145,21 +147,21 @@ class EngineAPI(Protocol):
         frees its blocks. Returns whether anything was found. Never raises for an unknown id."""
         ...
 
-    def stats(self) -> P.StatsReply:
+    def stats(self) -> protocol.StatsReply:
         """Called by the router's load polls and `/metrics`: counters, read between steps."""
         ...
 
-    def health(self) -> P.HealthReply:
+    def health(self) -> protocol.HealthReply:
         """Called by the router when it connects and to probe a down engine: liveness,
         model, KV spec, transports, the KV-event address, the context limit."""
         ...
 
-    async def kv_snapshot(self) -> P.KVSnapshotReply:
+    async def kv_snapshot(self) -> protocol.KVSnapshotReply:
         """Called by a router that joins late or lost KV events: every prefix hash cached
         here and the sequence number of the last event published before the snapshot."""
         ...
 
-    async def lora(self, action: str, name: str, path: str = "") -> P.LoraReply:
+    async def lora(self, action: str, name: str, path: str = "") -> protocol.LoraReply:
         """Called by the gateway's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` (admin key), on
         every engine. `load` reads the PEFT folder `path` (on this engine's host) into a free slot;
         `unload` frees the slot of an adapter no request runs under. Returns the adapters loaded after
@@ -168,28 +170,28 @@ class EngineAPI(Protocol):
         ...
 
 
-async def dispatch(api: EngineAPI, call: P.Call) -> P.Reply | AsyncIterator[P.GenerateChunk]:
+async def dispatch(api: EngineAPI, call: protocol.Call) -> protocol.Reply | AsyncIterator[protocol.GenerateChunk]:
     """The single place a decoded call becomes a method call: a reply, or for
     `StartGenerate` the chunk stream. Raises `EngineError`."""
-    if isinstance(call, P.StartGenerate):
+    if isinstance(call, protocol.StartGenerate):
         return await api.start_generate(call.req, call.begin, call.sampling, call.lenders or None)
-    if isinstance(call, P.PrepRecv):
+    if isinstance(call, protocol.PrepRecv):
         return await api.prep_recv(call.req, call.end, call.lease_s)
-    if isinstance(call, P.RemoteSend):
+    if isinstance(call, protocol.RemoteSend):
         return await api.remote_send(call.req, call.kv, call.begin, call.end, call.transport)
-    if isinstance(call, P.Lend):
+    if isinstance(call, protocol.Lend):
         return await api.lend(call.req, call.begin, call.end, call.lease_s)
-    if isinstance(call, P.Attend):
+    if isinstance(call, protocol.Attend):
         return await api.attend(call.ticket_id, call.secret, call.layer, call.positions, call.q, call.scale,
                                 call.more, call.others)
-    if isinstance(call, P.Abort):
-        return P.AbortReply(await api.abort(call.request_id))
-    if isinstance(call, P.Stats):
+    if isinstance(call, protocol.Abort):
+        return protocol.AbortReply(await api.abort(call.request_id))
+    if isinstance(call, protocol.Stats):
         return api.stats()
-    if isinstance(call, P.Health):
+    if isinstance(call, protocol.Health):
         return api.health()
-    if isinstance(call, P.KVSnapshot):
+    if isinstance(call, protocol.KVSnapshot):
         return await api.kv_snapshot()
-    if isinstance(call, P.Lora):
+    if isinstance(call, protocol.Lora):
         return await api.lora(call.action, call.name, call.path)
     raise EngineError(ErrorCode.BAD_REQUEST, f"unknown call {type(call).__name__}")

@@ -27,14 +27,14 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from microserve import protocol as P
+from microserve import protocol
 from microserve.serving.api import EngineError, ErrorCode, dispatch
 from microserve.serving.tickets import ARRIVAL_GRACE_S, lent_groups
 
 log = logging.getLogger(__name__)
 
 
-def answer_attend(service, call: P.Attend, ready_only: bool) -> P.AttendReply | None:
+def answer_attend(service, call: protocol.Attend, ready_only: bool) -> protocol.AttendReply | None:
     """The reply to `call` (blocking: the part is computed here). None with `ready_only` when a range's KV
     is still arriving. Raises EngineError as `EngineAPI.attend` documents."""
     spec = service.kv_spec
@@ -46,7 +46,7 @@ def answer_attend(service, call: P.Attend, ready_only: bool) -> P.AttendReply | 
     groups, errors = resolved
     service.attends_served += 1
     out, lse = service.backend.attend_range(groups, call.layer, call.positions, call.q, call.scale)
-    return P.AttendReply(out, lse, errors if call.others else [])
+    return protocol.AttendReply(out, lse, errors if call.others else [])
 
 
 class AttendServer:
@@ -85,7 +85,7 @@ class AttendServer:
                     continue
                 reply = self._answer(frames[2])
                 with contextlib.suppress(zmq.ZMQError):  # the borrower went away (ROUTER_MANDATORY)
-                    sock.send_multipart([frames[0], frames[1], P.encode(reply)], zmq.NOBLOCK)
+                    sock.send_multipart([frames[0], frames[1], protocol.encode(reply)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # NOTE: the context is ending under us (shutdown)
             if not self._stop.is_set():
                 log.error("attend socket failed: %s", exc)
@@ -94,11 +94,12 @@ class AttendServer:
 
     def _answer(self, body: bytes) -> msgspec.Struct:
         try:
-            call = P.decode_call(body)
+            call = protocol.decode_call(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return P.RPCError(ErrorCode.BAD_REQUEST, f"malformed call: {exc}")
-        if not isinstance(call, P.Attend):
-            return P.RPCError(ErrorCode.BAD_REQUEST, "this socket answers attend only (others: the engine's --rpc)")
+            return protocol.RPCError(ErrorCode.BAD_REQUEST, f"malformed call: {exc}")
+        if not isinstance(call, protocol.Attend):
+            return protocol.RPCError(ErrorCode.BAD_REQUEST,
+                                     "this socket answers attend only (others: the engine's --rpc)")
         try:
             reply = answer_attend(self.service, call, ready_only=True)
             if reply is None:  # NOTE: a range's KV is still arriving: the loop waits for it (rare: the first layer)
@@ -106,10 +107,10 @@ class AttendServer:
                     ARRIVAL_GRACE_S + 5.0)
             return reply
         except EngineError as exc:
-            return P.RPCError(exc.code, str(exc), exc.peer)
+            return protocol.RPCError(exc.code, str(exc), exc.peer)
         except Exception as exc:  # NOTE: a bug must not end the thread: the borrower gets an error
             log.exception("attend failed")
-            return P.RPCError(ErrorCode.INTERNAL, f"attend failed: {exc!r}")
+            return protocol.RPCError(ErrorCode.INTERNAL, f"attend failed: {exc!r}")
 
     def close(self) -> None:
         self._stop.set()

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kvapi.spec import KVSpec
     from kvapi.transfer import KVAddr
-    from microserve import protocol as P
+    from microserve import protocol
     from microserve.engine.core.engine_core import EngineStats, StepOutput
     from microserve.sampling_params import SamplingParams
     from microserve.serving.base import EngineService
@@ -73,7 +73,7 @@ class Backend(ABC):
 
     # -- receiving (prep_recv) ----------------------------------------------------------------
     @abstractmethod
-    async def reserve(self, req: P.Request, prompt: list[int], end: int) -> Ticket:
+    async def reserve(self, req: protocol.Request, prompt: list[int], end: int) -> Ticket:
         """Hold blocks for `prompt[:end]` (a cached prefix counts as matched) and open a ticket in
         `service.tickets`. Called by `prep_recv`. Raises EngineError OVERLOADED (no blocks),
         BAD_REQUEST."""
@@ -111,7 +111,7 @@ class Backend(ABC):
         """A transfer reported into a ticket that is gone (closed while it wrote)."""
 
     @abstractmethod
-    async def lend_blocks(self, req: P.Request, begin: int, end: int) -> Ticket:
+    async def lend_blocks(self, req: protocol.Request, begin: int, end: int) -> Ticket:
         """Hold blocks for positions `[begin, end)` (block aligned) of a request another engine runs,
         outside the prefix cache, and open a ticket with `lent=True` and `matched=begin` in
         `service.tickets`. Called by `lend`. Raises EngineError OVERLOADED, or BAD_REQUEST naming
@@ -147,17 +147,17 @@ class Backend(ABC):
 
     # -- generating (start_generate, abort) ------------------------------------------------------
     @abstractmethod
-    def check_adoption(self, req: P.Request, sampling: SamplingParams) -> None:
+    def check_adoption(self, req: protocol.Request, sampling: SamplingParams) -> None:
         """Refuse (EngineError BAD_REQUEST) to start `req` with `sampling` on its ticket's KV."""
 
     @abstractmethod
-    def borrow(self, req: P.Request, lenders: list[P.LendTicket]) -> list:
+    def borrow(self, req: protocol.Request, lenders: list[protocol.LendTicket]) -> list:
         """The engine's view of the ranges `lenders` hold for `req` (DistAttention: `LentRange`s whose
         peers write to and attend on each lender), for `submit`. Raises EngineError BAD_REQUEST naming
         `start_generate(lenders=...)` in a backend that does not borrow."""
 
     @abstractmethod
-    async def submit(self, req: P.Request, prompt: list[int], begin: int, sampling: SamplingParams,
+    async def submit(self, req: protocol.Request, prompt: list[int], begin: int, sampling: SamplingParams,
                      ticket: Ticket | None, lent: list | None = None) -> None:
         """Start generating `req`, adopting `ticket`'s blocks when it is complete (the service has
         taken it out of `service.tickets`), with the ranges `lent` on lenders (`borrow`); outputs go
@@ -186,7 +186,7 @@ class Backend(ABC):
         """(bytes sent, bytes received) so far."""
 
     @abstractmethod
-    def store_stats(self) -> list[P.StoreTierStats]:
+    def store_stats(self) -> list[protocol.StoreTierStats]:
         """Per KV-store tier: hits, bytes (empty without `--kv-store`)."""
 
     @abstractmethod

@@ -28,8 +28,7 @@ import msgspec
 from kvapi.spec import KVSpec
 from kvapi.transfer import KVAddr, TransferError
 from kvapi.transfer.base import sign_addr
-from microserve import protocol as P
-from microserve import tracing
+from microserve import protocol, tracing
 from microserve.engine.core.engine_core import StepOutput
 from microserve.engine.core.sequence import Finish
 from microserve.sampling_params import SamplingParams
@@ -169,7 +168,7 @@ class EngineService:
         self.backend.close()
 
     # -- prep_recv ---------------------------------------------------------------------------------
-    async def prep_recv(self, req: P.Request, end: int, lease_s: float | None = None) -> P.RecvTicket:
+    async def prep_recv(self, req: protocol.Request, end: int, lease_s: float | None = None) -> protocol.RecvTicket:
         prompt = self._validated(req)
         end = norm_pos(end, len(prompt), "end")
         lease = self._lease(lease_s)
@@ -180,9 +179,10 @@ class EngineService:
             raise
         ticket.trace = tracing.traceparent() if tracing.enabled() else ""
         addr = await self._issue(ticket, lease)
-        return P.RecvTicket(addr, ticket.matched)
+        return protocol.RecvTicket(addr, ticket.matched)
 
-    async def lend(self, req: P.Request, begin: int, end: int, lease_s: float | None = None) -> P.LendTicket:
+    async def lend(self, req: protocol.Request, begin: int, end: int,
+                   lease_s: float | None = None) -> protocol.LendTicket:
         prompt = self._validated(req, whole=False)  # NOTE: only the range is held here
         begin, end = norm_pos(begin, len(prompt), "begin"), norm_pos(end, len(prompt), "end")
         bs = self.kv_spec.block_size
@@ -192,11 +192,12 @@ class EngineService:
         lease = self._lease(lease_s)
         self.aborted.check(req.request_id)
         ticket = await self.backend.lend_blocks(req, begin, end)
-        return P.LendTicket(await self._issue(ticket, lease), attend=self.attend_addr)
+        return protocol.LendTicket(await self._issue(ticket, lease), attend=self.attend_addr)
 
     async def attend(self, ticket_id: str, secret: str, layer: int, positions: list[int], q: bytes,
-                     scale: float, more: list[P.LentRef] = (), others: list[P.AttendRows] = ()) -> P.AttendReply:
-        call = P.Attend(ticket_id, secret, layer, positions, q, scale, list(more), list(others))
+                     scale: float, more: list[protocol.LentRef] = (),
+                     others: list[protocol.AttendRows] = ()) -> protocol.AttendReply:
+        call = protocol.Attend(ticket_id, secret, layer, positions, q, scale, list(more), list(others))
         await lent_arrivals(self.tickets, attend_ids(call))
         return await asyncio.to_thread(answer_attend, self, call, False)  # type: ignore[return-value]
 
@@ -276,13 +277,13 @@ class EngineService:
         ticket.done.set()
 
     # -- remote_send -------------------------------------------------------------------------------
-    async def remote_send(self, req: P.Request, kv: KVAddr, begin: int, end: int,
-                          transport: str | None = None) -> P.SendResult:
+    async def remote_send(self, req: protocol.Request, kv: KVAddr, begin: int, end: int,
+                          transport: str | None = None) -> protocol.SendResult:
         prompt = self._validated(req)
         begin, end, mode = check_send(self.kv_spec, kv, begin, end, len(prompt),
                                       lambda: self.backend.transport_for(kv, transport), self.model_id)
         if begin >= end:
-            return P.SendResult(0, 0.0, mode)
+            return protocol.SendResult(0, 0.0, mode)
         self.aborted.check(req.request_id)
         job_id = f"{req.request_id}\x00send\x00{kv.ticket_id}"
         if job_id in self._sends:
@@ -297,11 +298,11 @@ class EngineService:
         finally:
             self._sends.pop(job_id, None)
         # NOTE: this send's own prefill, not the engine-wide counter (other requests run meanwhile)
-        return P.SendResult(nbytes, asyncio.get_running_loop().time() - t0, used, computed)
+        return protocol.SendResult(nbytes, asyncio.get_running_loop().time() - t0, used, computed)
 
     # -- start_generate ----------------------------------------------------------------------------
-    async def start_generate(self, req: P.Request, begin: int = 0, sampling: SamplingParams | None = None,
-                             lenders: list[P.LendTicket] | None = None) -> AsyncIterator[P.GenerateChunk]:
+    async def start_generate(self, req: protocol.Request, begin: int = 0, sampling: SamplingParams | None = None,
+                             lenders: list[protocol.LendTicket] | None = None) -> AsyncIterator[protocol.GenerateChunk]:
         prompt = self._validated(req, whole=not lenders)  # NOTE: with lenders the engine checks what stays here
         begin = norm_pos(begin, len(prompt), "begin")
         if lenders and begin:
@@ -350,25 +351,25 @@ class EngineService:
             queue.put_nowait(StepOutput(request_id, [], Finish.ABORT))
         return found or queue is not None
 
-    def stats(self) -> P.StatsReply:
+    def stats(self) -> protocol.StatsReply:
         return replies.stats(self)
 
-    def health(self) -> P.HealthReply:
+    def health(self) -> protocol.HealthReply:
         return replies.health(self)
 
-    async def lora(self, action: str, name: str, path: str = "") -> P.LoraReply:
+    async def lora(self, action: str, name: str, path: str = "") -> protocol.LoraReply:
         if action not in ("load", "unload") or not name or (action == "load" and not path):
             raise EngineError(ErrorCode.BAD_REQUEST, "lora: action 'load' (a name and a path) or 'unload' (a name)")
         done = self.backend.load_lora(name, path) if action == "load" else self.backend.unload_lora(name)
-        return P.LoraReply(await done)
+        return protocol.LoraReply(await done)
 
-    async def kv_snapshot(self) -> P.KVSnapshotReply:
+    async def kv_snapshot(self) -> protocol.KVSnapshotReply:
         async with self.lock:  # between steps: the snapshot and the event number agree
             self.events.flush()
             hashes = self.backend.cached_hashes()
-        return P.KVSnapshotReply(self.engine_id, hashes, self.events.seq)
+        return protocol.KVSnapshotReply(self.engine_id, hashes, self.events.seq)
 
-    def _validated(self, req: P.Request, whole: bool = True) -> list[int]:
+    def _validated(self, req: protocol.Request, whole: bool = True) -> list[int]:
         try:
             self.backend.check_prompt(req.prompt_ids, whole)
         except InvalidRequestError as exc:

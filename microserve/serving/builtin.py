@@ -6,7 +6,7 @@ other threads (`kvapi.transfer`) and only ever touch blocks that are held for th
 receive ticket's reserved blocks, or a finished prefill-only sequence's blocks on the sender.
 
     D.prep_recv(req, end)          ─> Ticket: pinned prefix [0, matched) + reserved [matched, end)
-    P.remote_send(req, kv, b, e)   ─> prefill-only Sequence prompt[:e]; its final step's layer hooks
+    protocol.remote_send(req, kv, b, e)   ─> prefill-only Sequence prompt[:e]; its final step's layer hooks
                                        release the sender thread layer by layer ─> D's KVPlane
     D.start_generate(req, begin)   ─> adopts the ticket's blocks, prefills the rest, decodes
 """
@@ -21,7 +21,7 @@ import torch
 
 from kvapi.transfer import KVAddr, TransferError
 from kvapi.transfer.base import check_addr
-from microserve import protocol as P
+from microserve import protocol
 from microserve.engine.core.engine_core import EngineStats, StepOutput
 from microserve.engine.core.sequence import LentRange
 from microserve.engine.engine import LLMEngine
@@ -122,7 +122,7 @@ class BuiltinBackend(PlaneTransfers, CoreBackend):
         stats.remote_attend_seconds = sum(c.seconds for c in self._lenders.values())
         return stats
 
-    def borrow(self, req: P.Request, lenders: list[P.LendTicket]) -> list[LentRange]:
+    def borrow(self, req: protocol.Request, lenders: list[protocol.LendTicket]) -> list[LentRange]:
         ranges = []
         for ticket in sorted(lenders, key=lambda t: t.kv.begin):
             if not ticket.rpc:

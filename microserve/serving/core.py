@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING
 
 from kvapi.radix import namespace_seed
 from kvapi.transfer import KVAddr, TransferError
-from microserve import protocol as P
-from microserve import tracing
+from microserve import protocol, tracing
 from microserve.engine.core.engine_core import EngineCore, EngineStats, InvalidRequestError, StepOutput
 from microserve.engine.core.sequence import Finish, Sequence
 from microserve.sampling_params import SamplingParams
@@ -59,7 +58,7 @@ class CoreBackend(Backend):
         self.store = store
         self.engine.set_store_hook(store.capture)
 
-    def store_stats(self) -> list[P.StoreTierStats]:
+    def store_stats(self) -> list[protocol.StoreTierStats]:
         return self.store.stats() if self.store is not None else []
 
     async def _extend_from_store(self, prompt: list[int], limit: int, seed: int = 0) -> None:
@@ -125,7 +124,7 @@ class CoreBackend(Backend):
             self.store.close()
 
     # -- receiving -----------------------------------------------------------------------------
-    async def reserve(self, req: P.Request, prompt: list[int], end: int) -> Ticket:
+    async def reserve(self, req: protocol.Request, prompt: list[int], end: int) -> Ticket:
         seq = Sequence(req.request_id, prompt[:end], SamplingParams(max_tokens=1, lora=req.sampling.lora))
         await self._extend_from_store(prompt, end, seq.cache_seed)  # NOTE: stored KV counts as matched: senders skip it
         async with self.service.lock:
@@ -135,7 +134,7 @@ class CoreBackend(Backend):
         blocks = seq.block_table[matched // self.engine.block_size:]
         return self.service.tickets.open(req.request_id, matched, end, blocks, seq)
 
-    async def lend_blocks(self, req: P.Request, begin: int, end: int) -> Ticket:
+    async def lend_blocks(self, req: protocol.Request, begin: int, end: int) -> Ticket:
         n = -(-(end - begin) // self.engine.block_size)
         async with self.service.lock:
             blocks = self.engine.lend_blocks(n)
@@ -203,7 +202,7 @@ class CoreBackend(Backend):
             job.cancel("aborted")
 
     # -- generating --------------------------------------------------------------------------------
-    async def submit(self, req: P.Request, prompt: list[int], begin: int, sampling: SamplingParams,
+    async def submit(self, req: protocol.Request, prompt: list[int], begin: int, sampling: SamplingParams,
                       ticket: Ticket | None, lent: list | None = None) -> None:
         held = getattr(getattr(ticket, "hold", None), "sampling", None)
         if held is not None and held.lora != sampling.lora:  # NOTE: KV of one adapter never serves another
@@ -227,7 +226,7 @@ class CoreBackend(Backend):
                     self.engine.release(seq)
                 raise EngineError(ErrorCode.BAD_REQUEST, str(exc)) from exc
 
-    def check_adoption(self, req: P.Request, sampling: SamplingParams) -> None:
+    def check_adoption(self, req: protocol.Request, sampling: SamplingParams) -> None:
         pass  # NOTE: any sampling may continue from received KV (prompt logprobs recompute it)
 
     async def abort_request(self, request_id: str) -> bool:

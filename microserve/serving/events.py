@@ -14,13 +14,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from microserve import protocol as P
+from microserve import protocol
 
 
 class KVEventLog:
     def __init__(self, engine_id: str) -> None:
         self.engine_id = engine_id
-        self.sink: Callable[[P.KVEvent], Any] | None = None  # where events go (set by the transport)
+        self.sink: Callable[[protocol.KVEvent], Any] | None = None  # where events go (set by the transport)
         self.seq = 0  # number of the last event flushed
         self._pending: list[tuple[str, list[int], str, bool]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -42,4 +42,4 @@ class KVEventLog:
         for kind, hashes, tier, shared in events:
             self.seq += 1
             if self.sink is not None:
-                self.sink(P.KVEvent(self.engine_id, kind, hashes, self.seq, tier, shared))
+                self.sink(protocol.KVEvent(self.engine_id, kind, hashes, self.seq, tier, shared))

@@ -19,7 +19,7 @@ import torch
 from kvapi.radix import prefix_hashes
 from kvapi.spec import KVSpec
 from kvapi.store import TieredStore, entry_bytes, namespace, open_store
-from microserve import protocol as P
+from microserve import protocol
 
 
 class StoreLink:
@@ -84,8 +84,8 @@ class StoreLink:
         return ok
 
     # -- books ------------------------------------------------------------------------------------------
-    def stats(self) -> list[P.StoreTierStats]:
-        return [P.StoreTierStats(t.tier, s.hit_tokens, s.bytes_read, s.bytes_written, s.errors, s.dropped_writes)
+    def stats(self) -> list[protocol.StoreTierStats]:
+        return [protocol.StoreTierStats(t.tier, s.hit_tokens, s.bytes_read, s.bytes_written, s.errors, s.dropped_writes)
                 for t, s in ((t, self.store.stats[t.tier]) for t in self.store.tiers)]
 
     def describe(self) -> str:

@@ -27,7 +27,7 @@ import msgspec
 import torch
 import zmq
 
-from microserve import protocol as P
+from microserve import protocol
 from microserve.security import ClusterKey
 from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.kv_plane import KVPlane
@@ -67,18 +67,18 @@ class LenderChannel:
             self._sock = sock
         return self._sock
 
-    def send(self, msg: P.Call, timeout: float) -> bytes:
+    def send(self, msg: protocol.Call, timeout: float) -> bytes:
         """Send `msg`; its call id. Raises TimeoutError when the lender takes nothing for `timeout` s
         (a DEALER holds messages only once a peer is connected)."""
         sock = self._socket()
         call_id = self._prefix + next(self._ids).to_bytes(8, "little")
         if not sock.poll(timeout * 1e3, zmq.POLLOUT):
             raise TimeoutError(f"no connection to {self.address} within {timeout:g}s")
-        sock.send_multipart([call_id, P.encode(msg)], zmq.NOBLOCK)
+        sock.send_multipart([call_id, protocol.encode(msg)], zmq.NOBLOCK)
         self._waiting[call_id] = None
         return call_id
 
-    def receive(self, call_id: bytes, deadline: float) -> P.Reply:
+    def receive(self, call_id: bytes, deadline: float) -> protocol.Reply:
         """The reply to `call_id` (an `RPCError` too). Raises TimeoutError past `deadline` (monotonic)."""
         try:
             while self._waiting[call_id] is None:
@@ -92,9 +92,9 @@ class LenderChannel:
         finally:
             self._waiting.pop(call_id, None)
         try:
-            return P.decode_reply(body)  # type: ignore[arg-type]
+            return protocol.decode_reply(body)  # type: ignore[arg-type]
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return P.RPCError(ErrorCode.INTERNAL, f"undecodable reply: {exc}")
+            return protocol.RPCError(ErrorCode.INTERNAL, f"undecodable reply: {exc}")
 
     def close(self) -> None:
         if self._sock is not None:
@@ -113,7 +113,7 @@ class RemoteLender:
         timeout: seconds one attend may take (at most ATTEND_TIMEOUT_S).
     """
 
-    def __init__(self, ticket: P.LendTicket, plane: KVPlane, channel: LenderChannel, timeout: float) -> None:
+    def __init__(self, ticket: protocol.LendTicket, plane: KVPlane, channel: LenderChannel, timeout: float) -> None:
         self.kv, self.plane, self.channel = ticket.kv, plane, channel
         self.begin, self.end = ticket.kv.begin, ticket.kv.end
         self.lender = ticket.rpc  # ranges on one lender are attended in one message per layer
@@ -138,23 +138,23 @@ def attend(layer: int, scale: float, asks: list[tuple[list[RemoteLender], torch.
     (first, pos0, q0), others = asks[0], asks[1:]
     qs = torch.cat([q for _, _, q in asks]) if others else q0
     positions = [p for _, pos, _ in asks for p in pos.tolist()] if others else pos0.tolist()
-    msg = P.Attend(first[0].kv.ticket_id, first[0].kv.secret, layer, positions, raw(qs), scale,
-                   _refs(first[1:]),
-                   [P.AttendRows(g[0].kv.ticket_id, g[0].kv.secret, len(pos), _refs(g[1:]))
+    msg = protocol.Attend(first[0].kv.ticket_id, first[0].kv.secret, layer, positions, raw(qs), scale,
+                          _refs(first[1:]),
+                          [protocol.AttendRows(g[0].kv.ticket_id, g[0].kv.secret, len(pos), _refs(g[1:]))
                     for g, pos, _ in others])
     pending = PendingAttend(first[0], msg, [len(pos) for _, pos, _ in asks], qs.shape, qs.dtype)
     return [Part(pending, k) for k in range(len(asks))]
 
 
-def _refs(ranges: list[RemoteLender]) -> list[P.LentRef]:
-    return [P.LentRef(r.kv.ticket_id, r.kv.secret) for r in ranges]
+def _refs(ranges: list[RemoteLender]) -> list[protocol.LentRef]:
+    return [protocol.LentRef(r.kv.ticket_id, r.kv.secret) for r in ranges]
 
 
 class PendingAttend:
     """One attend message on its way (sent when made); `results()` waits once for the reply and splits it
     into each request's `(out, lse)`, or an EngineError for a request whose part failed."""
 
-    def __init__(self, lender: RemoteLender, msg: P.Attend, rows: list[int], shape: torch.Size,
+    def __init__(self, lender: RemoteLender, msg: protocol.Attend, rows: list[int], shape: torch.Size,
                  dtype: torch.dtype) -> None:
         self.lender, self.rows, self.shape, self.dtype = lender, rows, shape, dtype
         self.sent = time.monotonic()
@@ -185,10 +185,10 @@ class PendingAttend:
         except (TimeoutError, zmq.ZMQError) as exc:
             raise EngineError(ErrorCode.UNAVAILABLE, f"lender {name} did not answer attend within "
                               f"{lender.timeout:g}s ({exc})", name) from exc
-        if isinstance(reply, P.RPCError):
+        if isinstance(reply, protocol.RPCError):
             raise EngineError(ErrorCode.of(reply.code), f"lender {name}: {reply.message}", name)
         many = len(self.rows) > 1
-        if not isinstance(reply, P.AttendReply) or len(reply.out) != self.shape.numel() * self.dtype.itemsize \
+        if not isinstance(reply, protocol.AttendReply) or len(reply.out) != self.shape.numel() * self.dtype.itemsize \
                 or len(reply.lse) != self.shape[0] * self.shape[1] * 4 \
                 or len(reply.errors) != (len(self.rows) if many else 0):
             raise EngineError(ErrorCode.INTERNAL, f"lender {name} answered attend with a wrong reply", name)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from microserve import protocol as P
+from microserve import protocol
 
 if TYPE_CHECKING:
     from microserve.serving.base import EngineService
 
 
-def stats(service: EngineService) -> P.StatsReply:
+def stats(service: EngineService) -> protocol.StatsReply:
     s = service.backend.engine_stats()
     sent, received = service.backend.kv_bytes()
-    return P.StatsReply(
+    return protocol.StatsReply(
         engine_id=service.engine_id, running=s.running, waiting=s.waiting, queued_tokens=s.queued_tokens,
         kv_blocks_total=s.kv_blocks_total, kv_blocks_used=s.kv_blocks_used, kv_blocks_cached=s.kv_blocks_cached,
         prefix_cache_hit_tokens=s.prefix_cache_hit_tokens, computed_tokens_total=s.computed_tokens_total,
@@ -26,6 +26,6 @@ def stats(service: EngineService) -> P.StatsReply:
         kv_refusals=service.kv_refusals)
 
 
-def health(service: EngineService) -> P.HealthReply:
-    return P.HealthReply(True, service.engine_id, service.model_name, service.kv_spec, list(service.transports),
-                         service.events_addr, service.max_model_len)
+def health(service: EngineService) -> protocol.HealthReply:
+    return protocol.HealthReply(True, service.engine_id, service.model_name, service.kv_spec, list(service.transports),
+                                service.events_addr, service.max_model_len)

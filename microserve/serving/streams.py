@@ -16,8 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from microserve import protocol as P
-from microserve import tracing
+from microserve import protocol, tracing
 from microserve.engine.core.engine_core import StepOutput
 from microserve.engine.core.sequence import Finish
 from microserve.serving.api import EngineError, ErrorCode
@@ -82,7 +81,7 @@ class StreamHold:
         self.held.pop(request_id, None)
 
 
-async def chunks(service: EngineService, rid: str, queue: StreamQueue) -> AsyncIterator[P.GenerateChunk]:
+async def chunks(service: EngineService, rid: str, queue: StreamQueue) -> AsyncIterator[protocol.GenerateChunk]:
     """`start_generate`'s stream: the request's step outputs (after the stream interval) as chunks,
     what piled up coalesced; the engine's phases as spans (queue, each prompt step, decode); leaving
     early aborts the request."""
@@ -98,12 +97,12 @@ async def chunks(service: EngineService, rid: str, queue: StreamQueue) -> AsyncI
                 tracing.record("engine.prefill", scheduled, first_token_ns, cached_tokens=out.num_cached_tokens)
                 prompt_steps(steps)
             tokens, reason, cached = list(out.new_token_ids), out.finish_reason, out.num_cached_tokens
-            logprobs = [P.TokenLogprob(lp, top) for lp, top in out.logprobs or ()]
+            logprobs = [protocol.TokenLogprob(lp, top) for lp, top in out.logprobs or ()]
             prompt_lps = out.prompt_logprobs
             while reason is None and not queue.empty():  # coalesce what piled up
                 out = more = queue.get_nowait()
                 tokens += more.new_token_ids
-                logprobs += [P.TokenLogprob(lp, top) for lp, top in more.logprobs or ()]
+                logprobs += [protocol.TokenLogprob(lp, top) for lp, top in more.logprobs or ()]
                 prompt_lps = prompt_lps or more.prompt_logprobs
                 reason, cached = more.finish_reason, more.num_cached_tokens or cached
             finished = reason is not None
@@ -112,8 +111,8 @@ async def chunks(service: EngineService, rid: str, queue: StreamQueue) -> AsyncI
                 raise EngineError(ErrorCode.UNAVAILABLE if error else ErrorCode.INTERNAL,
                                   error or "the engine failed while running this request", out.error_peer)
             if tokens or finished:
-                yield P.GenerateChunk(tokens, reason, cached, logprobs or None, None if prompt_lps is None
-                                      else [P.TokenLogprob(*entry) for entry in prompt_lps], phases)
+                yield protocol.GenerateChunk(tokens, reason, cached, logprobs or None, None if prompt_lps is None
+                                             else [protocol.TokenLogprob(*entry) for entry in prompt_lps], phases)
                 phases = None  # NOTE: with the first chunk only
     finally:
         tracing.record("engine.decode", first_token_ns, time.time_ns())

@@ -27,8 +27,7 @@ import zmq.asyncio
 from kvapi.transfer import host_id
 from kvapi.transfer.base import transport_class
 from kvapi.transfer.shm import SharedPool
-from microserve import protocol as P
-from microserve import tracing
+from microserve import protocol, tracing
 from microserve.engine.config import EngineConfig
 from microserve.engine.engine import LLMEngine
 from microserve.security import ClusterKey, is_loopback
@@ -211,7 +210,7 @@ class ZMQFrontend:
             key.secure_server(self.pub)
         self.pub.bind(self.opts.events)
         self.events_addr = self.service.events_addr = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.service.events.sink = lambda event: self.pub.send(P.encode(event))
+        self.service.events.sink = lambda event: self.pub.send(protocol.encode(event))
         attend = None
         if isinstance(self.backend, BuiltinBackend):  # NOTE: the engines that lend (DistAttention)
             attend = AttendServer(self.service, self.ctx, self.rpc_addr, key, asyncio.get_running_loop())
@@ -248,8 +247,9 @@ class ZMQFrontend:
             if len(frames) not in (3, 4):  # [ident, call_id, body] or with a W3C traceparent (microserve/tracing.py)
                 if len(frames) >= 2:
                     call_id = frames[1] if len(frames) > 2 else b""
-                    await self._send(frames[0], call_id, P.RPCError(ErrorCode.BAD_REQUEST, "expected [call_id, body"
-                                                                    f"(, traceparent)] frames, got {len(frames) - 1}"))
+                    error = protocol.RPCError(ErrorCode.BAD_REQUEST, "expected [call_id, body(, traceparent)] "
+                                                                     f"frames, got {len(frames) - 1}")
+                    await self._send(frames[0], call_id, error)
                 continue
             ident, call_id, body = frames[:3]
             trace = frames[3].decode("ascii", "replace")[:128] if len(frames) == 4 else ""
@@ -259,7 +259,7 @@ class ZMQFrontend:
 
     async def _send(self, ident: bytes, call_id: bytes, reply: msgspec.Struct) -> bool:
         try:
-            await self.sock.send_multipart([ident, call_id, P.encode(reply)])
+            await self.sock.send_multipart([ident, call_id, protocol.encode(reply)])
             return True
         except zmq.ZMQError as exc:  # the caller went away (ROUTER_MANDATORY)
             log.info("reply to a gone client dropped: %s", exc)
@@ -267,22 +267,22 @@ class ZMQFrontend:
 
     async def _handle(self, ident: bytes, call_id: bytes, body: bytes, trace: str = "") -> None:
         try:
-            call = P.decode_call(body)
+            call = protocol.decode_call(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            await self._send(ident, call_id, P.RPCError(ErrorCode.BAD_REQUEST, f"malformed call: {exc}"))
+            await self._send(ident, call_id, protocol.RPCError(ErrorCode.BAD_REQUEST, f"malformed call: {exc}"))
             return
         name = type(call).__struct_config__.tag
         req = getattr(call, "req", None)
         with tracing.span(f"engine.{name}", parent=trace, server=True, engine=self.engine_id,
                           request=req.request_id if req is not None else getattr(call, "request_id", None)) as span:
             reply = await self._reply(ident, call_id, call)
-            if isinstance(reply, P.RPCError):
+            if isinstance(reply, protocol.RPCError):
                 tracing.end_error(span, f"{reply.code}: {reply.message}")
             tracing.set_attrs(span, bytes=getattr(reply, "bytes", None), transport=getattr(reply, "transport", None),
                               seconds=getattr(reply, "seconds", None), matched=getattr(reply, "matched", None),
                               computed_tokens=getattr(reply, "computed_tokens", None))
 
-    async def _reply(self, ident: bytes, call_id: bytes, call: P.Call) -> msgspec.Struct | None:
+    async def _reply(self, ident: bytes, call_id: bytes, call: protocol.Call) -> msgspec.Struct | None:
         """Answer one call (a stream chunk by chunk); what was sent last."""
         try:
             reply = await dispatch(self.service, call)
@@ -294,12 +294,12 @@ class ZMQFrontend:
                             break
                 return last
         except EngineError as exc:
-            reply = P.RPCError(exc.code, str(exc), exc.peer)
+            reply = protocol.RPCError(exc.code, str(exc), exc.peer)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("call %s failed", type(call).__name__)
-            reply = P.RPCError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            reply = protocol.RPCError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         await self._send(ident, call_id, reply)
         return reply
 

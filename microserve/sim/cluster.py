@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from microserve import protocol as P
+from microserve import protocol
 from microserve.engine.config import EngineConfig
 from microserve.router.cluster import Cluster
 from microserve.router.handle import EngineHandle
@@ -72,7 +72,7 @@ class SimCluster(Cluster):
         self.servers.append(service)
         return sim_handle(service, role)
 
-    def _subscribe(self, h: EngineHandle, health: P.HealthReply) -> None:
+    def _subscribe(self, h: EngineHandle, health: protocol.HealthReply) -> None:
         service = service_of(h)
         service.events.sink = self.prefix_index.apply  # events arrive at once, numbered as on the socket
         sim_backend(service).start()

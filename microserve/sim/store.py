@@ -22,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from kvapi.radix import prefix_hashes
-from microserve import protocol as P
+from microserve import protocol
 from microserve.sim.costs import Link, load_link
 
 DEFAULT_SIZE = 1 << 40
@@ -140,8 +140,8 @@ class SimStoreLink:
         await asyncio.sleep(seconds)
         return pos
 
-    def stats(self) -> list[P.StoreTierStats]:
-        return [P.StoreTierStats(t.tier, b.hit_tokens, b.bytes_read, b.bytes_written, 0, 0)
+    def stats(self) -> list[protocol.StoreTierStats]:
+        return [protocol.StoreTierStats(t.tier, b.hit_tokens, b.bytes_read, b.bytes_written, 0, 0)
                 for t, b in zip(self.tiers, self.books)]
 
     def describe(self) -> str:

@@ -8,7 +8,7 @@ it (add, abort, step) goes through one thread, as the built-in engine's step doe
 receive and the blocks of a finished prefill-only send; `kvapi.transfer` moves the pages.
 
     D.prep_recv(req, end)         ─> vLLM request waiting for remote KV; its blocks ─> KVAddr
-    P.remote_send(req, kv, b, e)  ─> vLLM request prompt[:e], max_tokens=1; when it finishes its
+    protocol.remote_send(req, kv, b, e)  ─> vLLM request prompt[:e], max_tokens=1; when it finishes its
                                      pages [b, e) go to D's blocks (TCP), then vLLM frees them
     D.start_generate(req, begin)  ─> the output stream of the request prep_recv started (vLLM
                                      schedules it as soon as the pages are in), or a new request
@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kvapi.spec import KVSpec, KVSpecMismatch, dtype_name
 from kvapi.transfer import KVAddr, TransferError, host_id
-from microserve import protocol as P
+from microserve import protocol
 from microserve.engine.core.engine_core import EngineStats, StepOutput
 from microserve.engine.core.sequence import Finish
 from microserve.sampling_params import SamplingParams
@@ -191,7 +191,7 @@ class VLLMBackend(PlaneTransfers, Backend):
         self.service.wake()
 
     # -- receiving -----------------------------------------------------------------------------
-    async def reserve(self, req: P.Request, prompt: list[int], end: int) -> Ticket:
+    async def reserve(self, req: protocol.Request, prompt: list[int], end: int) -> Ticket:
         from microserve.serving.vllm.connector import Recv
 
         end = min(end, len(prompt) - 1)  # vLLM computes at least the last prompt token itself
@@ -263,7 +263,7 @@ class VLLMBackend(PlaneTransfers, Backend):
         self._pending.pop(ticket.request_id, None)
         self._prompt_lens.pop(ticket.request_id, None)
 
-    async def lend_blocks(self, req: P.Request, begin: int, end: int) -> Ticket:
+    async def lend_blocks(self, req: protocol.Request, begin: int, end: int) -> Ticket:
         raise EngineError(ErrorCode.BAD_REQUEST, "lend: the vLLM backend does not lend KV blocks (vLLM binds a "
                           "request's KV to the engine that runs it); lend from built-in engines")
 
@@ -336,11 +336,11 @@ class VLLMBackend(PlaneTransfers, Backend):
             queue.put_nowait(StepOutput(job_id, [], Finish.ABORT))  # vLLM sends no output for an abort
 
     # -- generating --------------------------------------------------------------------------------
-    def borrow(self, req: P.Request, lenders: list[P.LendTicket]) -> list:
+    def borrow(self, req: protocol.Request, lenders: list[protocol.LendTicket]) -> list:
         raise EngineError(ErrorCode.BAD_REQUEST, "start_generate(lenders=...): the vLLM backend does not borrow "
                           "KV ranges (its attention runs over its own pages only); borrow on built-in engines")
 
-    async def submit(self, req: P.Request, prompt: list[int], begin: int, sampling: SamplingParams,
+    async def submit(self, req: protocol.Request, prompt: list[int], begin: int, sampling: SamplingParams,
                       ticket: Ticket | None, lent: list | None = None) -> None:
         rid = req.request_id
         pending = self._pending.pop(rid, None)
@@ -351,7 +351,7 @@ class VLLMBackend(PlaneTransfers, Backend):
         self._prompt_lens[rid] = len(prompt)
         await self._add(rid, prompt, sampling)
 
-    def check_adoption(self, req: P.Request, sampling: SamplingParams) -> None:
+    def check_adoption(self, req: protocol.Request, sampling: SamplingParams) -> None:
         if sampling != req.sampling:
             raise EngineError(ErrorCode.BAD_REQUEST, "the vLLM backend starts a received request with the sampling "
                               "parameters given to prep_recv; pass the same ones to start_generate")
@@ -371,7 +371,7 @@ class VLLMBackend(PlaneTransfers, Backend):
     def cached_hashes(self) -> list[int]:
         return []  # NOTE: vLLM's prefix cache publishes no KV events: the router learns placement by routing
 
-    def store_stats(self) -> list[P.StoreTierStats]:
+    def store_stats(self) -> list[protocol.StoreTierStats]:
         return []
 
     def close(self) -> None:

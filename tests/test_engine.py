@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from checkpoints import hf_greedy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -206,28 +207,37 @@ def test_abort_frees_blocks(llama_ckpt):
     assert eng.kv.pool.num_used == 0
 
 
-def test_an_aborted_stream_continues_on_the_kv_it_had(llama_ckpt):
-    """A stream stopped mid-block (an abort, as a migration or a drain does) leaves its partly filled
-    block behind; the request continued as prompt + generated takes it over: it computes only its
-    last token, then decodes, and its seeded tokens equal an uninterrupted run."""
+@pytest.mark.parametrize("behind", [0, 3])
+def test_an_aborted_stream_continues_on_the_kv_it_had(llama_ckpt, behind):
+    """A stream stopped mid-block (an abort, as a migration or a drain does) leaves its last blocks
+    behind; the request continued as prompt + generated takes them over: it computes only its last
+    token, then decodes, and its seeded tokens equal an uninterrupted run. `behind`: the continuation
+    knows 3 tokens fewer than the engine generated, across a block boundary (the router had not seen
+    them yet): it continues on a copy of the full block, which the prefix cache keeps unchanged."""
     sp = SamplingParams(max_tokens=40, temperature=0.9, top_p=0.95, seed=5, presence_penalty=0.5, ignore_eos=True)
     prompt = _prompts([37])[0]
     ref = LLM(llama_ckpt[0]).generate([prompt], sp)[0].token_ids
     eng = LLM(llama_ckpt[0]).engine
     bs, generated = eng.block_size, []
     eng.add_request("a", prompt, sp)
-    while not generated or (len(prompt) + len(generated) - 1) % bs in (0, 1):  # stop inside a block
+    # stop where the engine's last computed position is 1 past a block boundary, so the continuation
+    # (`behind` tokens short) ends inside the last full block, or mid-block when behind = 0
+    while len(generated) < 2 or (len(prompt) + len(generated) - 1) % bs != (1 if behind else bs // 2):
         generated += [t for out in eng.step() for t in out.new_token_ids]
     assert eng.abort("a")
-    assert len(eng.kv.tails) == 1
+    assert len(eng.kv.tails) == 2  # the partial block and the full one before it
+    full = (len(prompt) + len(generated) - 1) // bs * bs
+    cached = eng.runner.kv_cache[:, :, eng.kv.radix.match(prompt + generated, 0)[-1]].clone()
+    known = generated[:len(generated) - behind]
     before = eng.stats().computed_tokens_total
-    eng.add_request("a-moved", prompt + generated, sp.after(generated))
+    eng.add_request("a-moved", prompt + known, sp.after(known))
     rest = []
     while eng.has_unfinished():
         rest += [t for out in eng.step() for t in out.new_token_ids]
-    assert generated + rest == ref
+    assert known + rest == ref
     assert eng.stats().computed_tokens_total - before == len(rest)  # the last token, then one per decode
-    assert not eng.kv.tails
+    assert all(start != (full - bs if behind else full) for _, start, _ in eng.kv.tails)  # the tail was taken
+    assert torch.equal(eng.runner.kv_cache[:, :, eng.kv.radix.match(prompt + generated, 0)[-1]], cached)
     assert eng.kv.pool.num_used == eng.kv.num_cached
 
 

@@ -66,6 +66,7 @@ class LLMEngine(EngineCore):
         self.runner = ModelRunner(model_obj, self.kv_spec, num_blocks, device, kv_cache, self.config.native_kernels,
                                   cuda_graphs=self.config.cuda_graphs, max_num_seqs=self.config.max_num_seqs,
                                   max_model_len=max_model_len)
+        self.kv.copy_block = self.runner.copy_block
         if self.config.seed is not None:
             self.runner.generator.manual_seed(self.config.seed)
         self.lora: LoraSlots | None = None  # LoRA adapters (engine/model/lora.py), with enable_lora

@@ -5,16 +5,20 @@ decides nothing: the scheduler chooses who runs and who is preempted.
 
 Besides the radix cache of full blocks, it keeps the *tails* of stopped sequences (aborted or
 preempted): the partly filled last block, with the KV exactly as it was computed (decode steps one
-token at a time). The next sequence whose prefix matches up to that block takes it over once
-(`match_prefix`): a request migrated off this engine is sent the KV its stream really used instead
-of a recompute of the partial block (a prefill chunk rounds differently from decode steps, and a
-near tie in a sampled row would then pick another token); a preempted request resumes the same
-way. Tails are the first blocks reclaimed when memory is short.
+token at a time), and the last full block before it. The next sequence whose prefix matches up to
+one of them and whose next tokens agree takes it (`match_prefix`): the partial block over, once; a
+copy of the full block, which the prefix cache keeps (it writes its own tokens into the copy). So a
+request migrated off this engine is sent the KV its stream really used instead of a recompute of
+its last block (a prefill chunk rounds differently from decode steps, and a near tie in a sampled
+row would then pick another token), also when the engine ran a few tokens past what the router saw
+and crossed a block boundary; a preempted request resumes the same way. Tails are the first blocks
+reclaimed when memory is short.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 from kvapi import BlockPool, RadixCache
 from kvapi.radix import EventHook, prefix_hashes
@@ -32,14 +36,15 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.prefix_hit_tokens = 0  # total prompt tokens served from the cache
         self.prefix_query_tokens = 0  # total prompt tokens looked up in it (vLLM's prefix_cache_queries)
-        # (seed, full-block tokens, chain hash of the full blocks) -> (tail tokens, block), oldest first
+        # (seed, tokens before the block, their chain hash) -> (the block's tokens, block), oldest first
         self.tails: OrderedDict[tuple[int, int, int], tuple[list[int], int]] = OrderedDict()
         self.max_tails = min(MAX_TAILS, num_blocks // 16)
+        self.copy_block: Callable[[int, int], None] | None = None  # (src, dst): set by the engine holding the KV
 
     @property
     def num_cached(self) -> int:
-        """Blocks held only as cache: full blocks in the radix cache and kept tails."""
-        return self.radix.num_blocks + len(self.tails)
+        """Blocks held only as cache: full blocks in the radix cache and the tails no one else holds."""
+        return self.radix.num_blocks + sum(self.pool.ref_count(b) == 1 for _, b in self.tails.values())
 
     @property
     def num_blocks(self) -> int:
@@ -73,7 +78,8 @@ class KVCacheManager:
 
     def _take_tail(self, seq: Sequence, full: int, limit: int) -> int:
         """Append the kept tail that continues `seq`'s `full` matched tokens, if there is one, to its
-        block table (the block becomes `seq`'s own); returns the tokens of it `seq` uses."""
+        block table; returns how many of its tokens `seq` uses. A block only the tail holds becomes
+        `seq`'s own; one the prefix cache holds too is copied into a new block."""
         if not any(k[0] == seq.cache_seed and k[1] == full for k in self.tails):  # NOTE: before any hashing
             return 0
         key = (seq.cache_seed, full, _chain(seq.token_ids, full, self.block_size, seq.cache_seed))
@@ -83,26 +89,38 @@ class KVCacheManager:
         wanted, used = seq.token_ids[full:limit], 0
         while used < min(len(tokens), len(wanted)) and tokens[used] == wanted[used]:
             used += 1
-        if not used:
+        if used and self.pool.ref_count(block) > 1:  # NOTE: shared: never written into, copied
+            copy = self.take_blocks(1) if self.copy_block is not None else None
+            if copy is not None:
+                self.copy_block(block, copy[0])
+            self.pool.free([block])
+            if copy is None:
+                return 0
+            block = copy[0]
+        elif not used:
             self.pool.free([block])
             return 0
         seq.block_table.append(block)
         return used
 
     def keep_tail(self, seq: Sequence) -> None:
-        """Keep the partly filled last block of a sequence that stops (its KV as computed)."""
+        """Keep the last blocks of a sequence that stops, with their KV as computed: the partly
+        filled one, and (when the engine can copy blocks) the last full one before it."""
         bs, computed = self.block_size, min(seq.num_computed_tokens, seq.local_limit)
-        full = computed // bs * bs
-        if (not self.enable_prefix_caching or not self.max_tails or computed == full or seq.lent
-                or len(seq.block_table) <= full // bs):
+        if not self.enable_prefix_caching or not self.max_tails or seq.lent:
             return
-        key = (seq.cache_seed, full, _chain(seq.token_ids, full, bs, seq.cache_seed))
-        block = seq.block_table[full // bs]
-        self.pool.incref([block])
-        old = self.tails.pop(key, None)
-        if old is not None:
-            self.pool.free([old[1]])
-        self.tails[key] = (seq.token_ids[full:computed], block)
+        last = computed // bs * bs
+        first = max(0, last - bs) if self.copy_block is not None else last
+        for start in range(first, computed, bs):
+            if start // bs >= len(seq.block_table):
+                break
+            key = (seq.cache_seed, start, _chain(seq.token_ids, start, bs, seq.cache_seed))
+            block = seq.block_table[start // bs]
+            self.pool.incref([block])
+            old = self.tails.pop(key, None)
+            if old is not None:
+                self.pool.free([old[1]])
+            self.tails[key] = (seq.token_ids[start:min(start + bs, computed)], block)
         while len(self.tails) > self.max_tails:
             self.pool.free([self.tails.popitem(last=False)[1][1]])
 

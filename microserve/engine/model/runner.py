@@ -57,6 +57,11 @@ class ModelRunner:
             self.graphs = cuda_graphs_mod.DecodeGraphs(model, self.kv_cache, max_num_seqs, width)
 
     @torch.inference_mode()
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy block `src`'s KV, every layer, into block `dst` (a kept tail the prefix cache shares)."""
+        self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
+
+    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> dict[Sequence, int]:
         """Compute the scheduled tokens; returns the sampled token of each sequence that
         caught up to its known tokens this step."""

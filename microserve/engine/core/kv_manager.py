@@ -111,10 +111,11 @@ class KVCacheManager:
             return
         last = computed // bs * bs
         first = max(0, last - bs) if self.copy_block is not None else last
+        chain = [seq.cache_seed, *prefix_hashes(seq.token_ids[:last], bs, seq.cache_seed)]  # chain[i]: i blocks
         for start in range(first, computed, bs):
             if start // bs >= len(seq.block_table):
                 break
-            key = (seq.cache_seed, start, _chain(seq.token_ids, start, bs, seq.cache_seed))
+            key = (seq.cache_seed, start, chain[start // bs])
             block = seq.block_table[start // bs]
             self.pool.incref([block])
             old = self.tails.pop(key, None)

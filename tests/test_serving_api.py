@@ -150,6 +150,53 @@ def test_the_simulator_runs_the_routers_retry_loop():
     assert engine["open_tickets"] == 0 and engine["kv_blocks_used"] == engine["kv_blocks_cached"]
 
 
+class AvoidsWhatFailed(Strategy):
+    """The first attempt fails on the engine it picked; the retry's picks pass over that engine, and its
+    calls (one from a spawned task, under a derived request id) are recorded in the retry's attempt."""
+
+    roles = {"engine": 2}  # noqa: RUF012 (the documented strategy style)
+
+    def __init__(self) -> None:
+        self.failed: dict[str, str] = {}
+        self.retried: dict[str, list[str]] = {}
+        self.open_attempts: list[int] = []
+        self.probes_recorded: list[bool] = []
+
+    async def generate(self, req, cluster):
+        base = req.request_id.split("~")[0]
+        h = cluster.least_loaded("engine")
+        if "~" not in req.request_id:
+            await h.prep_recv(req, end=len(req.prompt_ids) - 1)  # touched: the abort must free its blocks
+            self.failed[base] = h.name
+            raise EngineCallError(ErrorCode.OVERLOADED, "no blocks (simulated)", h.name)
+        picks = [h, *[cluster.least_loaded("engine") for _ in range(3)]]
+        self.retried[base] = [p.name for p in picks]
+        self.open_attempts.append(len(cluster.attempts))
+        other = next(e for e in cluster.engines("engine") if e is not h)
+        moved = req.continued("probe", [])  # a derived id belongs to this attempt too, from a spawned task too
+        await asyncio.ensure_future(other.prep_recv(moved, end=len(moved.prompt_ids) - 1))
+        attempt = cluster.attempts.of(moved.request_id)
+        self.probes_recorded.append(attempt is cluster.attempts.of(req.request_id) and other in attempt.touched)
+        await other.abort(moved.request_id)
+        async for chunk in h.start_generate(req):
+            yield chunk
+
+
+def test_a_retry_passes_over_the_engine_that_failed_and_aborts_what_it_touched():
+    strategy = AvoidsWhatFailed()
+    reqs = [SimRequest(list(range(1, 200)), 4) for _ in range(4)]
+    cluster = build_cluster({"engine": 2}, COST, load_link("nvlink"), CONFIG)
+    results, _ = clock.run(simulate(strategy, cluster, reqs, None, 1, 0))
+    assert all(r.ok and r.output_tokens == 4 for r in results), [r.error for r in results]
+    assert len(strategy.retried) == 4 and all(n >= 1 for n in strategy.open_attempts)
+    assert strategy.probes_recorded == [True] * 4
+    for base, picks in strategy.retried.items():
+        assert strategy.failed[base] not in picks, (base, strategy.failed[base], picks)
+    assert len(cluster.attempts) == 0  # every attempt closed
+    for engine in engine_report(cluster):  # the failed attempts' tickets were aborted
+        assert engine["open_tickets"] == 0 and engine["kv_blocks_used"] == engine["kv_blocks_cached"]
+
+
 def test_run_request_deadline_in_virtual_time_aborts_everywhere():
     async def go():
         cluster, service = one_engine()

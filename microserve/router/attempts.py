@@ -13,9 +13,10 @@ import logging
 from collections.abc import AsyncIterator
 
 from microserve.protocol import GenerateChunk, Request
-from microserve.router.cluster import Cluster, avoiding
+from microserve.router.attempt_scope import Attempt, AvoidingCluster
+from microserve.router.cluster import Cluster
 from microserve.router.errors import RETRYABLE, RouterError
-from microserve.router.handle import EngineCallError, EngineHandle, Evacuated, touched_engines
+from microserve.router.handle import EngineCallError, EngineHandle, Evacuated
 from microserve.router.migration import Moved, evacuation
 from microserve.router.strategy import Strategy
 from microserve.serving.api import ErrorCode
@@ -24,8 +25,8 @@ log = logging.getLogger(__name__)
 
 
 async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadline: float | None = None,
-                      avoid: frozenset[EngineHandle] = frozenset(),
-                      record: set[EngineHandle] | None = None) -> AsyncIterator[GenerateChunk]:
+                      avoid: frozenset[EngineHandle] = frozenset(), record: set[EngineHandle] | None = None,
+                      generating: list[EngineHandle] | None = None) -> AsyncIterator[GenerateChunk]:
     """One run of `strategy.generate(req, cluster)`: its chunks, up to the one with a finish
     reason. Unless the engines finished it themselves, every engine the run touched gets an
     abort when it ends (error, deadline, the caller closing early, cancellation).
@@ -34,19 +35,20 @@ async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadli
     attempt raises `RouterError(TIMEOUT)`. A strategy that ends without a finish reason raises
     `RouterError(STRATEGY_ERROR)`; engine failures raise `EngineCallError`. `least_loaded` passes
     over the engines in `avoid` while others of their role are live. The engines the attempt touched are
-    added to `record` (the access log names them). Ranges lent to the request (`lend`) are freed when
-    the attempt ends, however it ends: the strategy need not (and a lost lender does not hold it up)."""
-    touched: set[EngineHandle] = set()
-    with touched_engines(touched):
-        chunks = strategy.generate(req, cluster)
+    added to `record` (the access log names them), the engines that generate it to `generating`. Ranges
+    lent to the request (`lend`) are freed when the attempt ends, however it ends: the strategy need not
+    (and a lost lender does not hold it up). The attempt's books travel as an `Attempt`
+    (router/attempt_scope.py) that the handles find by request id."""
+    attempt = cluster.attempts.open(Attempt(req.request_id, avoid, generating))
+    touched = attempt.touched
+    chunks = strategy.generate(req, AvoidingCluster(cluster, attempt.avoid) if avoid else cluster)
     clean = False  # the engine itself finished the request: nothing left to abort
     try:
         while True:
-            with touched_engines(touched), avoiding(avoid):
-                if deadline is None:  # NOTE: no extra coroutine frame per token on the common path
-                    chunk = await anext(chunks, None)
-                else:
-                    chunk = await _next_chunk(chunks, deadline, req.request_id)
+            if deadline is None:  # NOTE: no extra coroutine frame per token on the common path
+                chunk = await anext(chunks, None)
+            else:
+                chunk = await _next_chunk(chunks, deadline, req.request_id)
             if chunk is None:
                 raise RouterError(ErrorCode.STRATEGY_ERROR, f"strategy {type(strategy).__name__} ended the stream "
                                   "without a finish reason")
@@ -55,8 +57,10 @@ async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadli
             if clean:
                 return
     finally:
-        with touched_engines(touched):
+        try:
             await chunks.aclose()
+        finally:
+            cluster.attempts.close(attempt)
         lenders = {h for h in touched if h.release(req.request_id)}
         if record is not None:
             record.update(touched)
@@ -66,7 +70,8 @@ async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadli
 
 async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max_retries: int = 0,
                       deadline: float | None = None, on_retry=None, on_move=None,
-                      record: set[EngineHandle] | None = None) -> AsyncIterator[GenerateChunk]:
+                      record: set[EngineHandle] | None = None,
+                      generating: list[EngineHandle] | None = None) -> AsyncIterator[GenerateChunk]:
     """`run_attempt`, restarted (as `<id>~<n>`) when an engine fails with a `RETRYABLE` code, at
     most `max_retries` times. Before the first token the request starts over; after it, only an
     engine that died (`unavailable`, `timeout`) is failed over: the next attempt's prompt is the
@@ -75,7 +80,8 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
 
     The failure is charged to the engine at fault (`_charge`: one that did not answer is marked
     down; one that answered is alive, but the peer it names may not be), and the retry prefers
-    other engines. `on_retry(exc)` observes each restart; `record` collects every engine touched."""
+    other engines. `on_retry(exc)` observes each restart; `record` collects every engine touched;
+    `generating` the engines that generate it (the lead choice of `n`, router/choices.py)."""
     generated: list[int] = []
     avoid: set[EngineHandle] = set()
     attempt = moves = 0
@@ -84,7 +90,7 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
         n = attempt + moves
         areq = req if n == 0 else req.continued(str(n), generated)
         current, move = move, None
-        chunks = run_attempt(current or strategy, cluster, areq, deadline, frozenset(avoid), record)
+        chunks = run_attempt(current or strategy, cluster, areq, deadline, frozenset(avoid), record, generating)
         try:
             async for chunk in chunks:
                 generated += chunk.token_ids

@@ -4,11 +4,11 @@
     choice 1..n-1 ── wait for that ─────────────────────────────────────────┴─> `Pinned`: start_generate there,
                                                                                  the prompt hits its prefix cache
 
-Choice 0 is a normal request; the engine that streams its tokens is seen through a context
-variable the handles fill (`generating`). Once its first token is out, the prompt's full blocks
-are in that engine's prefix cache, and the other choices go there directly (the last partial
-block is recomputed, at most `block_size - 1` tokens each). If choice 0 fails before its first
-token, or that engine is down by then, the others run through the strategy as usual.
+Choice 0 is a normal request; the engine that streams its tokens is recorded in its attempt
+(`generating`, router/attempt_scope.py: the handles append themselves). Once its first token is
+out, the prompt's full blocks are in that engine's prefix cache, and the other choices go there
+directly (the last partial block is recomputed, at most `block_size - 1` tokens each). If choice 0
+fails before its first token, or that engine is down by then, the others run through the strategy as usual.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from microserve.protocol import GenerateChunk, Request
-from microserve.router.handle import GENERATING, EngineHandle
+from microserve.router.handle import EngineHandle
 from microserve.router.strategy import Strategy
 
 __all__ = ["ChoiceGroup", "Pinned", "route"]
@@ -59,13 +59,11 @@ class Pinned(Strategy):
 
 async def route(group: ChoiceGroup | None, lead: bool, strategy: Strategy,
                 deadline: float) -> tuple[Strategy, list[EngineHandle] | None]:
-    """The strategy one choice runs, and (for the lead) the list its engines are recorded in. Call it
-    from the request's own task: the lead's recording list is set in the caller's context."""
+    """The strategy one choice runs, and (for the lead) the list its engines are recorded in (pass it to
+    `run_request`)."""
     if group is None:
         return strategy, None
     if lead:
-        generating: list[EngineHandle] = []
-        GENERATING.set(generating)
-        return strategy, generating
+        return strategy, []
     engine = await group.engine(deadline)
     return (Pinned(engine, strategy) if engine is not None else strategy), None

@@ -15,43 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
 
 from microserve import protocol
+from microserve.router.attempt_scope import AttemptRegistry
 from microserve.router.handle import EngineCallError, EngineHandle
 from microserve.router.prefix_index import PrefixIndex
 from microserve.serving.api import ErrorCode
 
 log = logging.getLogger(__name__)
-
-_AVOID: contextvars.ContextVar[frozenset[EngineHandle]] = contextvars.ContextVar("avoid", default=frozenset())
-
-
-class avoiding:
-    """Inside this block `least_loaded` passes over `engines` while another engine of the role is live
-    (a retried request goes to a different engine)."""
-
-    __slots__ = ("_previous", "engines")
-
-    def __init__(self, engines: frozenset[EngineHandle]) -> None:
-        self.engines = engines
-
-    def __enter__(self) -> None:
-        self._previous = previous = _AVOID.get()
-        if previous or self.engines:  # NOTE: most attempts avoid nothing; the router enters this once per chunk
-            _AVOID.set(self.engines)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous or self.engines:
-            _AVOID.set(self._previous)
-
 
 class NoEngineAvailable(EngineCallError):
     """No live engine has the role asked for."""
@@ -113,8 +91,9 @@ class Cluster:
         self.evict_after = 30.0  # seconds a joined engine may stay down before it is evicted
         self._down_since: dict[EngineHandle, float] = {}
         self.cluster_key, self._timeout = cluster_key, timeout
+        self.attempts = AttemptRegistry()  # requests' strategy runs: what each touched (router/attempt_scope.py)
         for h in self.handles:
-            h.on_state = self._on_state
+            h.on_state, h.attempts = self._on_state, self.attempts
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, ready_timeout: float = 120.0) -> Cluster:
@@ -262,7 +241,8 @@ class Cluster:
         load.queued_tokens = max(engine.pending_tokens, polled.queued_tokens if polled else 0)
         return load
 
-    def least_loaded(self, role: str | None = None, exclude: Sequence[EngineHandle] = ()) -> EngineHandle:
+    def least_loaded(self, role: str | None = None, exclude: Collection[EngineHandle] = (), *,
+                     avoid: Collection[EngineHandle] = ()) -> EngineHandle:
         """The live engine with the fewest requests by this router's own exact count (calls in flight
         and reservations, from `prep_recv` on); then by what its polled stats add to that (other
         routers' work; a poll older than this router's last change there is not used); then by queued
@@ -271,8 +251,8 @@ class Cluster:
         pool = [h for h in self.engines(role) if h not in exclude]
         if not pool:
             raise NoEngineAvailable(role)
-        avoid = _AVOID.get()  # engines that failed this request's earlier attempts: others first
-        pool = [h for h in pool if h not in avoid] or pool
+        if avoid:  # engines that failed this request's earlier attempts (AvoidingCluster): others first
+            pool = [h for h in pool if h not in avoid] or pool
         last = self._turns.get(role)
         start = pool.index(last) + 1 if last in pool else 0
         n = len(pool)
@@ -332,7 +312,7 @@ class Cluster:
         except BaseException:
             await h.close()
             raise
-        h.name, h.on_state, h.joined = health.engine_id, self._on_state, joined
+        h.name, h.on_state, h.joined, h.attempts = health.engine_id, self._on_state, joined, self.attempts
         self.health[h], self._by_id[health.engine_id], self._loads[h] = health, h, Load()
         self.prefix_index.add_engine(health.engine_id, health.kv_spec.block_size)
         self._subscribe(h, health)

@@ -1,6 +1,6 @@
 """`EngineHandle`: the microserving calls of one engine, as async Python methods.
 
-Calls travel over the handle's `Transport` (`router/transport.py`: a ZeroMQ DEALER socket,
+Calls travel over the handle's `Channel` (`router/channel.py`: a ZeroMQ DEALER socket,
 or an in-process service for simulated engines). Every call has a deadline (`timeout`): a
 dead or wedged engine turns into `EngineTimeout`, never a hang. An `RPCError` reply turns into `EngineCallError` with
 the engine's error code. Whoever learns that the engine is gone (the cluster's health
@@ -8,16 +8,15 @@ polls, `launch` seeing the process exit) calls `mark_down`: every call waiting o
 engine then fails with code "unavailable" instead of waiting for its deadline.
 
 The handle also keeps the router's own view of the engine's load (calls in flight,
-prompt tokens sent to it and not yet prefilled) and records, per router request,
-which engines a request touched (`touched_engines`), so the router can abort it
-everywhere when the client leaves.
+prompt tokens sent to it and not yet prefilled) and records each call in the attempt it
+belongs to (`attempts`, router/attempt_scope.py: which engines a request touched), so the
+router can abort it everywhere when the client leaves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,8 +27,9 @@ import zmq
 import zmq.asyncio
 
 from microserve import protocol, tracing
+from microserve.router.attempt_scope import Attempt, AttemptRegistry
+from microserve.router.channel import CallTimeout, CallUnavailable, Channel, ZMQChannel
 from microserve.router.journal import CallRecord
-from microserve.router.transport import CallTimeout, CallUnavailable, Transport, ZMQTransport
 from microserve.sampling_params import SamplingParams
 from microserve.security import ClusterKey
 from microserve.security import resolve as resolve_key
@@ -48,29 +48,6 @@ _REPLY: dict[type, type] = {  # the reply each call expects
     protocol.Lora: protocol.LoraReply,
 }
 MAX_RESERVATION_S = 600.0  # a reservation (prep_recv) not taken up for this long no longer counts as load
-
-_TOUCHED: contextvars.ContextVar[set[EngineHandle] | None] = contextvars.ContextVar("touched", default=None)
-# handles append themselves when they start generating a request (router/choices.py reads the last one)
-GENERATING: contextvars.ContextVar[list[EngineHandle] | None] = contextvars.ContextVar("generating", default=None)
-
-
-class touched_engines:
-    """Collect every handle that makes a call inside this block (tasks spawned inside too)
-    into `engines` (default: a new set). A class, not a generator: the router enters it once per chunk."""
-
-    __slots__ = ("_previous", "engines")
-
-    def __init__(self, engines: set[EngineHandle] | None = None) -> None:
-        self.engines = set() if engines is None else engines
-
-    def __enter__(self) -> set[EngineHandle]:
-        self._previous = _TOUCHED.get()
-        _TOUCHED.set(self.engines)
-        return self.engines
-
-    def __exit__(self, *exc: object) -> None:
-        _TOUCHED.set(self._previous)  # NOTE: not Token.reset: an async generator may be closed from another task
-
 
 class EngineCallError(RuntimeError):
     """A call failed. `remote`: the engine answered with this error (so it is alive; `peer`, if
@@ -116,10 +93,10 @@ class EngineHandle:
 
     def __init__(self, address: str, *, name: str | None = None, role: str | None = None,
                  timeout: float = 60.0, context: zmq.asyncio.Context | None = None,
-                 transport: Transport | None = None, cluster_key: ClusterKey | str | Path | None = None) -> None:
+                 channel: Channel | None = None, cluster_key: ClusterKey | str | Path | None = None) -> None:
         self.address, self.name, self.role, self.timeout = address, name or address, role, timeout
-        self.cluster_key = resolve_key(cluster_key) if transport is None else None
-        self.transport: Transport = transport or ZMQTransport(address, context, self.cluster_key)
+        self.cluster_key = resolve_key(cluster_key) if channel is None else None
+        self.channel: Channel = channel or ZMQChannel(address, context, self.cluster_key)
         self.alive = True  # False from a lost connection or failed health poll until a call succeeds again
         self.joined = False  # it registered itself (engine --join): evicted when it stays down, re-joins
         self.evacuating = False  # drained by migration: streams stop after their next chunk (`Evacuated`)
@@ -134,6 +111,7 @@ class EngineHandle:
         self.on_generate: Callable[[EngineHandle], None] | None = None  # observer of start_generate calls
         self.on_state: Callable[[EngineHandle, bool], None] | None = None  # observer of alive changes
         self.on_call: Callable[[CallRecord], None] | None = None  # observer of every call (router/journal.py)
+        self.attempts: AttemptRegistry | None = None  # the cluster's running attempts (router/attempt_scope.py)
         self._deferred_aborts: dict[str, None] = {}  # aborts for when the engine is back (insertion order)
         self._cleanup: asyncio.Future | None = None
 
@@ -167,16 +145,18 @@ class EngineHandle:
     def mark_down(self, why: str) -> None:
         """Mark the engine down and fail every call waiting on it with code "unavailable"."""
         self.set_alive(False)
-        self.transport.fail_pending(why)
+        self.channel.fail_pending(why)
 
     def _check_alive(self, msg: protocol.Call) -> None:
         if not self.alive and not isinstance(msg, protocol.Health | protocol.Stats):  # probes find out when it is back
             raise EngineCallError(ErrorCode.UNAVAILABLE, "the engine is down", self.name)
 
-    def _touch(self) -> None:
-        engines = _TOUCHED.get()
-        if engines is not None:
-            engines.add(self)
+    def _touch(self, request_id: str) -> Attempt | None:
+        """Record this engine in the attempt the call belongs to (None: a call outside any attempt)."""
+        attempt = self.attempts.of(request_id) if self.attempts is not None else None
+        if attempt is not None:
+            attempt.touched.add(self)
+        return attempt
 
     def _checked(self, reply: protocol.Reply, msg: protocol.Call) -> protocol.Reply:
         """`reply` when it is the answer `msg` expects; an RPCError becomes `EngineCallError` (remote),
@@ -197,7 +177,7 @@ class EngineHandle:
         name = _CALL_NAMES.get(type(msg))
         span = tracing.start(name, engine=self.name, role=self.role, request=_request_id(msg)) if name else None
         try:
-            reply = self._checked(await self.transport.roundtrip(msg, limit, tracing.traceparent(span)), msg)
+            reply = self._checked(await self.channel.roundtrip(msg, limit, tracing.traceparent(span)), msg)
         except CallTimeout:
             error = ErrorCode.TIMEOUT
             raise EngineTimeout(f"no answer to {type(msg).__name__} within {limit:g}s", self.name) from None
@@ -222,7 +202,7 @@ class EngineHandle:
                                 nbytes, error, _request_id(msg)))
 
     async def close(self) -> None:
-        await self.transport.close()
+        await self.channel.close()
 
     def __repr__(self) -> str:
         return f"EngineHandle({self.name!r}, role={self.role!r}, alive={self.alive})"
@@ -238,7 +218,7 @@ class EngineHandle:
                         timeout: float | None = None) -> protocol.RecvTicket:
         """Reserve blocks for `prompt[matched:end]` (default end: the whole prompt)."""
         end = len(req.prompt_ids) if end is None else end
-        self._touch()
+        self._touch(req.request_id)
         self.reserved[req.request_id] = time.monotonic()  # NOTE: counted before the await: a burst sees it
         try:
             return await self.call(protocol.PrepRecv(req, end, lease_s), timeout)  # type: ignore[return-value]
@@ -249,7 +229,7 @@ class EngineHandle:
     async def lend(self, req: protocol.Request, begin: int, end: int, *, lease_s: float | None = None,
                    timeout: float | None = None) -> protocol.LendTicket:
         """Hold blocks here for `prompt[begin:end]` of a request another engine runs (DistAttention)."""
-        self._touch()
+        self._touch(req.request_id)
         ticket = await self.call(protocol.Lend(req, begin, end, lease_s), timeout)
         self.lending.add(req.request_id)
         attend = ticket.attend  # type: ignore[attr-defined]
@@ -292,7 +272,7 @@ class EngineHandle:
         (defaults: the ticket's own range)."""
         begin = kv.begin if begin is None else begin
         end = kv.end if end is None else end
-        self._touch()
+        self._touch(req.request_id)
         work = max(0, (end if end >= 0 else len(req.prompt_ids) + end) - begin)
         self.inflight += 1
         self.pending_tokens += work
@@ -313,7 +293,7 @@ class EngineHandle:
         ranges of the prompt other engines lent for it (`lend`; DistAttention)."""
         msg = protocol.StartGenerate(req, begin, sampling, list(lenders or ()))
         self._check_alive(msg)
-        self._touch()
+        attempt = self._touch(req.request_id)
         finished = False
         work = max(0, len(req.prompt_ids) - (begin if begin >= 0 else len(req.prompt_ids) + begin))
         self.inflight += 1
@@ -321,12 +301,11 @@ class EngineHandle:
         self.pending_tokens += work
         if self.on_generate is not None:
             self.on_generate(self)
-        generating = GENERATING.get()
-        if generating is not None:  # NOTE: the router learns where a request's KV is (router/choices.py)
-            generating.append(self)
+        if attempt is not None and attempt.generating is not None:  # NOTE: where its KV is (router/choices.py)
+            attempt.generating.append(self)
         limit = self.timeout if timeout is None else timeout
         span = tracing.start("start_generate", engine=self.name, role=self.role, request=req.request_id, begin=begin)
-        replies = self.transport.stream(msg, limit, tracing.traceparent(span))
+        replies = self.channel.stream(msg, limit, tracing.traceparent(span))
         t0, error, tokens, cached = time.time(), "", 0, 0
         try:
             # NOTE: one generator frame per token between the router and the wire (the simulator
@@ -368,7 +347,7 @@ class EngineHandle:
                     await self.abort(req.request_id, timeout=5.0)
 
     async def abort(self, request_id: str, *, timeout: float | None = None) -> bool:
-        self._touch()
+        self._touch(request_id)
         self.release(request_id)
         reply = await self.call(protocol.Abort(request_id), timeout)
         return reply.found  # type: ignore[union-attr]

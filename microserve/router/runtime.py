@@ -256,7 +256,7 @@ class Router:
         chunks = run_request(strategy, self.cluster, Request(rid, prompt_ids, sampling),
                              max_retries=self.max_retries, deadline=deadline,
                              on_retry=lambda exc: self.metrics.retries.inc(),
-                             on_move=self.metrics.moves.inc, record=touched)
+                             on_move=self.metrics.moves.inc, record=touched, generating=generating)
         try:
             async for chunk in chunks:
                 if generating is not None:

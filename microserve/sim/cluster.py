@@ -1,12 +1,12 @@
 """Simulated engines behind the real router interface: `SimCluster`.
 
-Each simulated engine gets a plain `EngineHandle` whose transport is an `InProcessTransport`
+Each simulated engine gets a plain `EngineHandle` whose channel is an `InProcessChannel`
 into its engine's `EngineService` over a `SimBackend` (through `serving.api.dispatch`, as the ZeroMQ server does), so
 everything above it is the real code: the handle's load bookkeeping, `Cluster`
 (least-loaded choice, stats polling, the prefix index fed by KV events), the router's
 `run_attempt` and the strategy files, unchanged.
 
-    strategy.generate ─> Cluster / EngineHandle ─> InProcessTransport ─> EngineService ─> SimBackend ─> SimEngine
+    strategy.generate ─> Cluster / EngineHandle ─> InProcessChannel ─> EngineService ─> SimBackend ─> SimEngine
                                                                                           │ link model   │ cost model
                                                                                           └─> peer's service.on_transfer
 
@@ -20,9 +20,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 from microserve import protocol
 from microserve.engine.config import EngineConfig
+from microserve.router.channel import InProcessChannel
 from microserve.router.cluster import Cluster
 from microserve.router.handle import EngineHandle
-from microserve.router.transport import InProcessTransport
 from microserve.serving.base import EngineService
 from microserve.sim import store
 from microserve.sim.costs import CostModel, Link
@@ -34,7 +34,7 @@ from microserve.sim.store import SimStoreLink
 def sim_handle(service: EngineService, role: str | None = None) -> EngineHandle:
     """The handle of one simulated engine; `profile` tells strategies its hardware (`Cluster.profile`)."""
     h = EngineHandle(f"sim://{service.engine_id}", name=service.engine_id, role=role,
-                     transport=InProcessTransport(service))
+                     channel=InProcessChannel(service))
     engine = sim_backend(service).engine
     cost = engine.cost
     peak, _ = cost.gpu.peak(cost.model.dtype)
@@ -51,10 +51,10 @@ def sim_backend(service: EngineService) -> SimBackend:
 
 
 def service_of(h: EngineHandle) -> EngineService:
-    transport = h.transport
-    if not isinstance(transport, InProcessTransport) or not isinstance(transport.api, EngineService):
+    channel = h.channel
+    if not isinstance(channel, InProcessChannel) or not isinstance(channel.api, EngineService):
         raise TypeError(f"{h} is not an in-process engine")
-    return transport.api
+    return channel.api
 
 
 class SimCluster(Cluster):

@@ -11,7 +11,7 @@ KV) over a `SimEngine`, with two things replaced:
   each other, FIFO), then completes the receiver's ticket through the same
   `on_transfer` path a real transfer takes.
 
-Routers reach its service in-process: `InProcessTransport` (sim/cluster.py) hands each call
+Routers reach its service in-process: `InProcessChannel` (sim/cluster.py) hands each call
 to `serving.api.dispatch`, as the ZeroMQ server does for a real engine (`sim_service`).
 
 NOTE: the real engine streams KV layer by layer while the last prefill step runs, so

@@ -1,10 +1,10 @@
-"""How an `EngineHandle` reaches its engine: a `Transport` carries calls and brings replies back.
+"""How an `EngineHandle` reaches its engine: a `Channel` carries calls and brings replies back.
 
-    EngineHandle.call ─> Transport.roundtrip(msg) ─> Reply            (RPCError replies included)
-    EngineHandle.start_generate ─> Transport.stream(msg) ─> GenerateChunk ... | RPCError
+    EngineHandle.call ─> Channel.roundtrip(msg) ─> Reply            (RPCError replies included)
+    EngineHandle.start_generate ─> Channel.stream(msg) ─> GenerateChunk ... | RPCError
 
-`ZMQTransport` is the wire: one DEALER socket, a reader task routing `[call_id, body]`
-frames to the waiting call, a deadline on every reply. `InProcessTransport` calls a service
+`ZMQChannel` is the wire: one DEALER socket, a reader task routing `[call_id, body]`
+frames to the waiting call, a deadline on every reply. `InProcessChannel` calls a service
 in this process through `serving.api.dispatch` (the simulator's engines). Failures come back
 as `RPCError` replies either way, so the handle turns them into `EngineCallError` in one place.
 
@@ -39,7 +39,7 @@ class CallUnavailable(Exception):
     """The call was failed locally: its engine was marked down while it waited."""
 
 
-class Transport(Protocol):
+class Channel(Protocol):
     async def roundtrip(self, msg: protocol.Call, timeout: float) -> protocol.Reply:
         """Send one call; its single reply (an `RPCError` for the engine's failure). Raises
         `CallTimeout` (no reply in time) or `CallUnavailable` (`fail_pending`)."""
@@ -57,7 +57,7 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
-class ZMQTransport:
+class ZMQChannel:
     """The engine's `--rpc` socket (DEALER), shared by every call of one handle; a CURVE
     client when the deployment has a cluster key (an engine with a key ignores peers without it)."""
 
@@ -164,7 +164,7 @@ class ZMQTransport:
         self._sock = self._reader = None
 
 
-class InProcessTransport:
+class InProcessChannel:
     """Calls into an `EngineAPI` object of this process (a simulated engine).
 
     Calls never time out here (an in-process engine cannot hang on a network), so the

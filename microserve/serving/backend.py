@@ -5,7 +5,9 @@ The service owns every call (`prep_recv`, `remote_send`, `start_generate`, `abor
 `KVAddr`s, streams with abort-on-exit, the step loop. It holds one `Backend` and asks it for
 what differs between engines: how a step runs, how blocks are held, how KV bytes move. Every
 method is abstract: a backend that misses one fails when it is constructed (`TypeError`),
-never later by leaking blocks.
+never later by leaking blocks. The contract comes in five groups, one class each, that `Backend`
+joins: `Stepping` (the step loop), `Receiving` (tickets, lent ranges), `Sending` (`remote_send`),
+`Generating` (`start_generate`, `abort`) and `Books` (stats, adapters, keys, shutdown).
 
 Three backends: `serving.builtin.BuiltinBackend` (our engine, KV through `kvapi.transfer`),
 `serving.vllm.engine.VLLMBackend` (an in-process vLLM engine) and `sim.service.SimBackend`
@@ -35,25 +37,9 @@ if TYPE_CHECKING:
     from microserve.serving.tickets import Ticket
 
 
-class Backend(ABC):
-    """One engine under the call layer. Set by the backend's constructor: `engine_id`,
-    `kv_spec`, `max_model_len`, `vocab_size`, `model_name`, `transports` (KV transports it
-    offers, fastest first); `idle_poll_s`: step again after this long when a busy step produced
-    nothing (a backend whose requests wait on pages it cannot see arrive), None: wait for a wake."""
+class Stepping(ABC):
+    """The step loop's part of the contract (`EngineService.run`)."""
 
-    engine_id: str
-    kv_spec: KVSpec
-    max_model_len: int
-    vocab_size: int
-    model_name: str = ""
-    transports: list[str]
-    idle_poll_s: float | None = None
-    service: EngineService  # set by the service that holds this backend (`bind`)
-
-    def bind(self, service: EngineService) -> None:
-        self.service = service
-
-    # -- the step ----------------------------------------------------------------------------
     @abstractmethod
     def has_work(self) -> bool:
         """Whether `step` has anything to do (the loop sleeps until a wake when not)."""
@@ -71,7 +57,10 @@ class Backend(ABC):
         """Whether an output belongs to the backend itself (a send's prefill, a received request
         not yet started), which then took it; False: it goes to the request's stream."""
 
-    # -- receiving (prep_recv) ----------------------------------------------------------------
+
+class Receiving(ABC):
+    """Receiving KV: `prep_recv` (tickets) and DistAttention's `lend` / `attend` (ranges lent out)."""
+
     @abstractmethod
     async def reserve(self, req: protocol.Request, prompt: list[int], end: int) -> Ticket:
         """Hold blocks for `prompt[:end]` (a cached prefix counts as matched) and open a ticket in
@@ -127,7 +116,10 @@ class Backend(ABC):
         the lent blocks. Called by `attend` (tickets and secrets checked). Raises EngineError BAD_REQUEST
         (shapes), or naming the call in a backend that does not lend."""
 
-    # -- sending (remote_send) ------------------------------------------------------------------
+
+class Sending(ABC):
+    """Sending KV: `remote_send`."""
+
     @abstractmethod
     def transport_for(self, kv: KVAddr, forced: str | None) -> str:
         """The transport a send into `kv` uses (`forced`: the caller's choice). Raises
@@ -145,7 +137,10 @@ class Backend(ABC):
     async def abort_send(self, job_id: str) -> None:
         """Stop a send in flight (its `send` then raises)."""
 
-    # -- generating (start_generate, abort) ------------------------------------------------------
+
+class Generating(ABC):
+    """Generating: `start_generate` and `abort`."""
+
     @abstractmethod
     def check_adoption(self, req: protocol.Request, sampling: SamplingParams) -> None:
         """Refuse (EngineError BAD_REQUEST) to start `req` with `sampling` on its ticket's KV."""
@@ -167,7 +162,10 @@ class Backend(ABC):
     async def abort_request(self, request_id: str) -> bool:
         """Cancel the request in the engine (queued, running or received); whether it was there."""
 
-    # -- books ------------------------------------------------------------------------------------
+
+class Books(ABC):
+    """What the engine reports (`stats`, `health`, `kv_snapshot`), adapters (`lora`), keys, shutdown."""
+
     @abstractmethod
     def check_prompt(self, prompt: list[int], whole: bool = True) -> None:
         """Raise `text.InvalidRequestError` for a prompt this engine cannot take (`whole=False`: only part
@@ -206,3 +204,22 @@ class Backend(ABC):
     @abstractmethod
     def close(self) -> None:
         """Shut down: stop sends, close sockets and threads."""
+
+
+class Backend(Stepping, Receiving, Sending, Generating, Books):
+    """One engine under the call layer. Set by the backend's constructor: `engine_id`,
+    `kv_spec`, `max_model_len`, `vocab_size`, `model_name`, `transports` (KV transports it
+    offers, fastest first); `idle_poll_s`: step again after this long when a busy step produced
+    nothing (a backend whose requests wait on pages it cannot see arrive), None: wait for a wake."""
+
+    engine_id: str
+    kv_spec: KVSpec
+    max_model_len: int
+    vocab_size: int
+    model_name: str = ""
+    transports: list[str]
+    idle_poll_s: float | None = None
+    service: EngineService  # set by the service that holds this backend (`bind`)
+
+    def bind(self, service: EngineService) -> None:
+        self.service = service

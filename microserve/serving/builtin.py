@@ -6,7 +6,7 @@ other threads (`kvapi.transfer`) and only ever touch blocks that are held for th
 receive ticket's reserved blocks, or a finished prefill-only sequence's blocks on the sender.
 
     D.prep_recv(req, end)          ─> Ticket: pinned prefix [0, matched) + reserved [matched, end)
-    protocol.remote_send(req, kv, b, e)   ─> prefill-only Sequence prompt[:e]; its final step's layer hooks
+    P.remote_send(req, kv, b, e)   ─> prefill-only Sequence prompt[:e]; its final step's layer hooks
                                        release the sender thread layer by layer ─> D's KVPlane
     D.start_generate(req, begin)   ─> adopts the ticket's blocks, prefills the rest, decodes
 """

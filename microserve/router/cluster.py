@@ -8,26 +8,22 @@
 Load merges two views: what this router itself has in flight on an engine (exact, no
 delay) and the engine's own `stats` polled every `poll_interval` seconds (which also
 counts other routers' work). A failed poll or a lost connection marks the engine
-down; strategies then never see it until it answers again.
+down; strategies then never see it until it answers again. The polls, the KV-event
+subscriptions and evictions are the cluster's `watch` (router/watch.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
-
-import zmq
-import zmq.asyncio
 
 from microserve import protocol
 from microserve.router.attempt_scope import AttemptRegistry
 from microserve.router.handle import EngineCallError, EngineHandle
 from microserve.router.prefix_index import PrefixIndex
-from microserve.serving.api import ErrorCode
+from microserve.router.watch import Watch
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +49,8 @@ class Load:
 
 
 class Cluster:
-    """Engine handles grouped by role.
+    """Engine handles grouped by role: membership and the queries strategies make. What keeps its books
+    current (stats polls, KV events, liveness, evictions) is its `watch` (router/watch.py).
 
     Args:
         engines: `{role: [handle or address, ...]}`, or a flat list of handles/addresses (role "engine").
@@ -61,6 +58,8 @@ class Cluster:
         timeout: deadline of each call made through handles created from addresses.
         cluster_key: the key of handles created from addresses (default: `$MICROSERVE_CLUSTER_KEY`).
     """
+
+    watch_class: type[Watch] = Watch
 
     def __init__(self, engines: Mapping[str, Sequence[EngineHandle | str]] | Sequence[EngineHandle | str],
                  *, poll_interval: float = 0.25, timeout: float = 60.0, cluster_key=None) -> None:
@@ -80,20 +79,18 @@ class Cluster:
             raise ValueError("a cluster needs at least one engine")
         self._by_id: dict[str, EngineHandle] = {}
         self._loads: dict[EngineHandle, Load] = {h: Load() for h in self.handles}
-        self.prefix_index: PrefixIndex[EngineHandle] = PrefixIndex(self._by_id.get, self._on_gap)
+        self.watch = self.watch_class(self)  # polls, KV events, liveness (router/watch.py)
+        self.prefix_index: PrefixIndex[EngineHandle] = PrefixIndex(self._by_id.get, self.watch.on_gap)
         self.health: dict[EngineHandle, protocol.HealthReply] = {}
         self._turns: dict[str | None, EngineHandle] = {}  # per role, the engine picked last: ties go on from it
-        self._tasks: list[asyncio.Task] = []
-        self._subs: dict[EngineHandle, zmq.asyncio.Socket] = {}
         self.draining: set[EngineHandle] = set()  # leaving: strategies no longer see them
         self.on_join: list = []  # callbacks told of every engine added while serving (metrics)
         self.on_evict: list = []  # callbacks told of every joined engine evicted for not answering
         self.evict_after = 30.0  # seconds a joined engine may stay down before it is evicted
-        self._down_since: dict[EngineHandle, float] = {}
         self.cluster_key, self._timeout = cluster_key, timeout
         self.attempts = AttemptRegistry()  # requests' strategy runs: what each touched (router/attempt_scope.py)
         for h in self.handles:
-            h.on_state, h.attempts = self._on_state, self.attempts
+            h.on_state, h.attempts = self.watch.on_state, self.attempts
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self, ready_timeout: float = 120.0) -> Cluster:
@@ -108,22 +105,15 @@ class Cluster:
             if h.name == h.address:
                 h.name = health.engine_id
             self.prefix_index.add_engine(health.engine_id, health.kv_spec.block_size)
-            self._subscribe(h, health)
+            self.watch.subscribe(h, health)
         await self.poll()
-        await asyncio.gather(*(self._snapshot(h) for h in self.handles))  # what the engines cached before us
-        self._tasks.append(asyncio.create_task(self._poll_loop()))
+        await asyncio.gather(*(self.watch.snapshot(h) for h in self.handles))  # what the engines cached before us
+        self.watch.start()
         return self
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for sub in self._subs.values():
-            sub.close(0)
+        await self.watch.close()
         await asyncio.gather(*(h.close() for h in self.handles))
-        self._tasks, self._subs = [], {}
 
     async def __aenter__(self) -> Cluster:
         return await self.start()
@@ -131,100 +121,14 @@ class Cluster:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _subscribe(self, h: EngineHandle, health: protocol.HealthReply) -> None:
-        """Feed the engine's KV events into the prefix index."""
-        sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        if h.cluster_key is not None:  # the engine's PUB admits only holders of the key
-            h.cluster_key.secure_client(sub)
-        sub.connect(health.events)
-        self._subs[h] = sub
-        self._tasks.append(asyncio.create_task(self._events(sub)))
-
-    async def _events(self, sub: zmq.asyncio.Socket) -> None:
-        while True:
-            data = await sub.recv()
-            try:
-                self.prefix_index.apply(protocol.decode_event(data))
-            except Exception:  # NOTE: a bad event must not stop the index
-                log.exception("bad KV event")
-
-    async def _poll_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            await self.poll()
-
     async def poll(self) -> None:
         """Refresh every engine's load now (also revives engines that answer again)."""
-        await asyncio.gather(*(self._poll_one(h) for h in self.handles))
-
-    async def _poll_one(self, h: EngineHandle, reported: bool = False) -> None:
-        asked = time.monotonic()
-        try:
-            stats = await h.stats(timeout=max(2.0, 4 * self.poll_interval))
-        except EngineCallError as exc:
-            load = self._loads.get(h)
-            if load is not None:
-                load.missed += 1
-            # NOTE: one late answer is a busy host (a long prefill), not a dead engine; unless a peer reported it
-            if reported or exc.code != ErrorCode.TIMEOUT or load is None or load.missed >= 2:
-                h.mark_down("the engine does not answer stats")
-                self._maybe_evict(h)
-            return
-        self._down_since.pop(h, None)
-        load = self._loads.get(h)
-        if load is None:  # removed meanwhile
-            return
-        load.missed = 0
-        load.stats, load.running, load.waiting, load.asked = stats, stats.running, stats.waiting, asked
-        load.kv_usage = stats.kv_blocks_used / max(1, stats.kv_blocks_total)
-
-    def _maybe_evict(self, h: EngineHandle) -> None:
-        """A joined engine down for `evict_after` seconds leaves the cluster (it re-joins when back)."""
-        now = asyncio.get_running_loop().time()
-        since = self._down_since.setdefault(h, now)
-        if h.joined and now - since >= self.evict_after and h in self._loads:
-            log.warning("engine %s has not answered for %.0f s: evicted (it re-joins when it is back)",
-                        h.name, now - since)
-            self._down_since.pop(h, None)
-            for hook in self.on_evict:
-                hook(h)
-            self._background(self.remove_engine(h, timeout=0.0))
-
-    async def _snapshot(self, h: EngineHandle) -> None:
-        try:
-            snap = await h.call(protocol.KVSnapshot(), timeout=10.0)
-        except EngineCallError as exc:
-            log.warning("no KV snapshot from %s (%s); its prefix index fills from events only", h.name, exc)
-            return
-        self.prefix_index.apply_snapshot(snap.engine_id, snap.hashes, snap.seq)
+        await self.watch.poll()
 
     async def check(self, h: EngineHandle) -> bool:
         """Ask `h` for its stats now, over its RPC channel: down if it does not answer in time (a
         peer reported it unreachable; that alone marks nobody down). Whether it is alive."""
-        if h in self._loads:
-            await self._poll_one(h, reported=True)
-        return h.alive
-
-    def _background(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.append(task)
-        task.add_done_callback(lambda t: t in self._tasks and self._tasks.remove(t))
-
-    def _on_gap(self, engine_id: str) -> None:
-        h = self._by_id.get(engine_id)
-        if h is not None:
-            self._background(self._snapshot(h))
-
-    def _on_state(self, h: EngineHandle, alive: bool) -> None:
-        health = self.health.get(h)
-        if health is None:
-            return
-        if alive:  # back (maybe restarted): learn its cache again
-            self._background(self._snapshot(h))
-        else:
-            self.prefix_index.drop_engine(health.engine_id)
+        return await self.watch.check(h)
 
     # -- what strategies use ------------------------------------------------------------
     def engines(self, role: str | None = None) -> list[EngineHandle]:
@@ -312,11 +216,11 @@ class Cluster:
         except BaseException:
             await h.close()
             raise
-        h.name, h.on_state, h.joined, h.attempts = health.engine_id, self._on_state, joined, self.attempts
+        h.name, h.on_state, h.joined, h.attempts = health.engine_id, self.watch.on_state, joined, self.attempts
         self.health[h], self._by_id[health.engine_id], self._loads[h] = health, h, Load()
         self.prefix_index.add_engine(health.engine_id, health.kv_spec.block_size)
-        self._subscribe(h, health)
-        await self._snapshot(h)
+        self.watch.subscribe(h, health)
+        await self.watch.snapshot(h)
         self.roles.setdefault(role, []).append(h)
         self.handles.append(h)
         for hook in self.on_join:
@@ -363,16 +267,13 @@ class Cluster:
             return
         self.roles[h.role].remove(h)
         self.handles.remove(h)
-        self._down_since.pop(h, None)
         self.draining.discard(h)
         self._loads.pop(h, None)
         health = self.health.pop(h, None)
         if health is not None:
             self._by_id.pop(health.engine_id, None)
             self.prefix_index.drop_engine(health.engine_id)
-        sub = self._subs.pop(h, None)
-        if sub is not None:
-            sub.close(0)
+        self.watch.forget(h)
         await h.close()
 
     @property

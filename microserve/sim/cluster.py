@@ -23,6 +23,7 @@ from microserve.engine.config import EngineConfig
 from microserve.router.channel import InProcessChannel
 from microserve.router.cluster import Cluster
 from microserve.router.handle import EngineHandle
+from microserve.router.watch import Watch
 from microserve.serving.base import EngineService
 from microserve.sim import store
 from microserve.sim.costs import CostModel, Link
@@ -57,6 +58,15 @@ def service_of(h: EngineHandle) -> EngineService:
     return channel.api
 
 
+class SimWatch(Watch):
+    """A simulated engine's KV events reach the prefix index in-process, as they happen."""
+
+    def subscribe(self, h: EngineHandle, health: protocol.HealthReply) -> None:
+        service = service_of(h)
+        service.events.sink = self.cluster.prefix_index.apply  # events arrive at once, numbered as on the socket
+        sim_backend(service).start()
+
+
 class SimCluster(Cluster):
     """A `Cluster` of simulated engines: `{role: [EngineService over a SimBackend, ...]}`."""
 
@@ -72,10 +82,7 @@ class SimCluster(Cluster):
         self.servers.append(service)
         return sim_handle(service, role)
 
-    def _subscribe(self, h: EngineHandle, health: protocol.HealthReply) -> None:
-        service = service_of(h)
-        service.events.sink = self.prefix_index.apply  # events arrive at once, numbered as on the socket
-        sim_backend(service).start()
+    watch_class = SimWatch
 
     async def close(self) -> None:
         await super().close()

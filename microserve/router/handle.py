@@ -7,10 +7,11 @@ the engine's error code. Whoever learns that the engine is gone (the cluster's h
 polls, `launch` seeing the process exit) calls `mark_down`: every call waiting on the
 engine then fails with code "unavailable" instead of waiting for its deadline.
 
-The handle also keeps the router's own view of the engine's load (calls in flight,
-prompt tokens sent to it and not yet prefilled) and records each call in the attempt it
-belongs to (`attempts`, router/attempt_scope.py: which engines a request touched), so the
-router can abort it everywhere when the client leaves.
+The handle also keeps the router's own view of the engine's load (calls in flight, prompt
+tokens sent to it and not yet prefilled), its liveness and moves (its base class, `EngineBooks`,
+router/engine_books.py), and records each call in the attempt it belongs to (`attempts`,
+router/attempt_scope.py: which engines a request touched), so the router can abort it everywhere
+when the client leaves.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import zmq.asyncio
 from microserve import protocol, tracing
 from microserve.router.attempt_scope import Attempt, AttemptRegistry
 from microserve.router.channel import CallTimeout, CallUnavailable, Channel, ZMQChannel
+from microserve.router.engine_books import EngineBooks
 from microserve.router.journal import CallRecord
 from microserve.sampling_params import SamplingParams
 from microserve.security import ClusterKey
@@ -37,7 +39,6 @@ from microserve.serving.api import ErrorCode
 
 log = logging.getLogger(__name__)
 
-MAX_DEFERRED_ABORTS = 10_000
 _CALL_NAMES = {protocol.PrepRecv: "prep_recv", protocol.RemoteSend: "remote_send",
                protocol.StartGenerate: "start_generate", protocol.Lend: "lend", protocol.Abort: "abort"}
 _REPLY: dict[type, type] = {  # the reply each call expects
@@ -47,7 +48,6 @@ _REPLY: dict[type, type] = {  # the reply each call expects
     protocol.Health: protocol.HealthReply, protocol.KVSnapshot: protocol.KVSnapshotReply,
     protocol.Lora: protocol.LoraReply,
 }
-MAX_RESERVATION_S = 600.0  # a reservation (prep_recv) not taken up for this long no longer counts as load
 
 class EngineCallError(RuntimeError):
     """A call failed. `remote`: the engine answered with this error (so it is alive; `peer`, if
@@ -79,8 +79,8 @@ class EngineTimeout(EngineCallError):
         super().__init__(ErrorCode.TIMEOUT, message, engine)
 
 
-class EngineHandle:
-    """Client of one engine.
+class EngineHandle(EngineBooks):
+    """Client of one engine: the calls over its RPC channel (its books: `EngineBooks`).
 
     Args:
         address: the engine's `--rpc` address, e.g. "tcp://127.0.0.1:5555".
@@ -97,56 +97,14 @@ class EngineHandle:
         self.address, self.name, self.role, self.timeout = address, name or address, role, timeout
         self.cluster_key = resolve_key(cluster_key) if channel is None else None
         self.channel: Channel = channel or ZMQChannel(address, context, self.cluster_key)
-        self.alive = True  # False from a lost connection or failed health poll until a call succeeds again
-        self.joined = False  # it registered itself (engine --join): evicted when it stays down, re-joins
-        self.evacuating = False  # drained by migration: streams stop after their next chunk (`Evacuated`)
-        self.moving = 0  # requests stopped here whose move (remote_send from here) has not started yet
+        super().__init__()
         self.profile: dict | None = None  # the engine's hardware, when known (simulated engines: sim/cluster.py)
-        self.inflight = 0  # start_generate / remote_send calls this process has in flight on the engine
-        self.reserved: dict[str, float] = {}  # request id -> when: prep_recv'd here, not generating here yet
-        self.lending: set[str] = set()  # request ids this engine lent ranges to (the attempt frees them)
-        self.changed_at = 0.0  # monotonic time this router's count of work here last went down
-        self.pending_tokens = 0  # prompt tokens this process asked the engine to prefill, not yet done
         self.on_send: Callable[[protocol.SendResult], None] | None = None  # observer of finished remote_sends
         self.on_generate: Callable[[EngineHandle], None] | None = None  # observer of start_generate calls
-        self.on_state: Callable[[EngineHandle, bool], None] | None = None  # observer of alive changes
         self.on_call: Callable[[CallRecord], None] | None = None  # observer of every call (router/journal.py)
         self.attempts: AttemptRegistry | None = None  # the cluster's running attempts (router/attempt_scope.py)
-        self._deferred_aborts: dict[str, None] = {}  # aborts for when the engine is back (insertion order)
-        self._cleanup: asyncio.Future | None = None
 
     # -- plumbing ---------------------------------------------------------------------
-    def set_alive(self, alive: bool) -> None:
-        if alive != self.alive:
-            self.alive = alive
-            log.warning("engine %s is %s", self.name, "up" if alive else "DOWN")
-            if alive and self._deferred_aborts:
-                self._send_deferred_aborts()
-            if self.on_state is not None:
-                self.on_state(self, alive)
-
-    def abort_when_back(self, request_id: str) -> None:
-        """Abort `request_id` once this (down) engine answers again: a stalled engine that comes
-        back must not run requests nobody waits for. Bounded: the oldest are dropped first."""
-        self._deferred_aborts[request_id] = None
-        while len(self._deferred_aborts) > MAX_DEFERRED_ABORTS:
-            self._deferred_aborts.pop(next(iter(self._deferred_aborts)))
-
-    def _send_deferred_aborts(self) -> None:
-        rids, self._deferred_aborts = list(self._deferred_aborts), {}
-
-        async def run() -> None:
-            for rid in rids:
-                with contextlib.suppress(EngineCallError):
-                    await self.abort(rid, timeout=5.0)
-
-        self._cleanup = asyncio.ensure_future(run())
-
-    def mark_down(self, why: str) -> None:
-        """Mark the engine down and fail every call waiting on it with code "unavailable"."""
-        self.set_alive(False)
-        self.channel.fail_pending(why)
-
     def _check_alive(self, msg: protocol.Call) -> None:
         if not self.alive and not isinstance(msg, protocol.Health | protocol.Stats):  # probes find out when it is back
             raise EngineCallError(ErrorCode.UNAVAILABLE, "the engine is down", self.name)
@@ -244,26 +202,6 @@ class EngineHandle:
         refs = [protocol.LentRef(t.kv.ticket_id, t.kv.secret) for t in more]
         return await self.call(protocol.Attend(ticket.kv.ticket_id, ticket.kv.secret, layer, positions, q, scale, refs),
                                timeout)  # type: ignore[return-value]
-
-    def release(self, request_id: str) -> bool:
-        """The request no longer holds a reservation here (it generates here now, or it ended).
-        Whether the engine lent it ranges (`lend`): they end with the request (`run_attempt` aborts)."""
-        if self.reserved.pop(request_id, None) is not None:
-            self.changed_at = time.monotonic()
-        if request_id in self.lending:
-            self.lending.discard(request_id)
-            return True
-        return False
-
-    def requests_here(self) -> int:
-        """Requests this router has on the engine: calls in flight plus reservations (`prep_recv`)
-        not yet generating here. Exact, no delay; a reservation older than the longest lease is
-        forgotten (its ticket has expired on the engine)."""
-        if self.reserved:
-            stale = time.monotonic() - MAX_RESERVATION_S
-            for rid in [rid for rid, at in self.reserved.items() if at < stale]:
-                self.release(rid)
-        return self.inflight + len(self.reserved)
 
     async def remote_send(self, req: protocol.Request, kv: protocol.KVAddr, begin: int | None = None,
                           end: int | None = None, *, transport: str | None = None,

@@ -16,8 +16,8 @@ books), the first two `serving.kv_plane.PlaneTransfers` (the transfer methods ov
 
 Every method runs on the service's asyncio loop. A backend whose step runs in another thread
 touches engine state only under `service.lock` (the service steps under it). What a backend
-may use of its service: `tickets`, `lock`, `wake()`, `deliver(out)`, `transfer_done(outcome)`
-(from any thread), `close_ticket(ticket, why)`, `events`, `hold`, `streaming(request_id)`.
+may use of its service: `tickets`, `lock`, `wake()`, `deliver(out)`, `leases.transfer_done(outcome)`
+(from any thread), `leases.close(ticket, why)`, `events`, `hold`, `streaming(request_id)`.
 Errors: raise `serving.api.EngineError` with an `ErrorCode`, or `kvapi.transfer.TransferError`
 from a send (the service converts it once).
 """
@@ -74,7 +74,7 @@ class Receiving(ABC):
     @abstractmethod
     def open_receive(self, ticket: Ticket, addr: KVAddr) -> None:
         """Accept KV into `ticket` (only when something is missing); the outcome comes back
-        through `service.transfer_done`."""
+        through `service.leases.transfer_done`."""
 
     @abstractmethod
     def receiving(self, ticket_id: str) -> bool:
@@ -83,7 +83,7 @@ class Receiving(ABC):
     @abstractmethod
     def revoke(self, ticket_id: str) -> bool:
         """Refuse further writes into the ticket. False while a transfer still writes: it stops
-        and reports through `service.transfer_done`, and the ticket is released then."""
+        and reports through `service.leases.transfer_done`, and the ticket is released then."""
 
     @abstractmethod
     async def received(self, ticket: Ticket, outcome: Any, complete: bool) -> None:

@@ -1,6 +1,6 @@
 """`EngineService`: every call of an engine, once, over the `Backend` it holds (serving/backend.py).
 
-    prep_recv      checks ─> backend.reserve ─> Ticket ─> recv_addr / open_receive ─> lease timer
+    prep_recv      checks ─> backend.reserve ─> Ticket ─> leases.issue (recv_addr, open_receive, lease timer)
     remote_send    checks ─> backend.send (prefill [0, end) there, push [begin, end) to the ticket) ─> SendResult
     start_generate checks ─> wait for the ticket's KV ─> backend.submit ─> stream (abort on early exit)
     abort          sends (abort_send), tickets (release_ticket), the request (abort_request), its stream
@@ -11,7 +11,8 @@ The service is the one class with the calls; a backend (`BuiltinBackend`, `SimBa
 `VLLMBackend`) implements the abstract `Backend` and never a call. Everything runs on the
 service's asyncio loop; `self.lock` makes a backend's touches of engine state exclusive with
 its step where the step runs elsewhere. Outputs of a step reach their request as
-`StepOutput`s through `deliver` (and the engine's stream interval, serving/streams.py).
+`StepOutput`s through `deliver` (and the engine's stream interval, serving/streams.py). Tickets'
+addresses, leases and transfer outcomes are `self.leases` (serving/leases.py).
 """
 
 from __future__ import annotations
@@ -19,15 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
-
 from kvapi.spec import KVSpec
 from kvapi.transfer import KVAddr, TransferError
-from kvapi.transfer.base import sign_addr
 from microserve import protocol, tracing
 from microserve.engine.core.engine_core import StepOutput
 from microserve.engine.core.sequence import Finish
@@ -37,10 +34,10 @@ from microserve.serving.api import EngineError, ErrorCode
 from microserve.serving.attend_server import answer_attend
 from microserve.serving.backend import Backend
 from microserve.serving.events import KVEventLog
+from microserve.serving.leases import TicketLeases
 from microserve.serving.streams import StreamHold, StreamQueue
 from microserve.serving.tickets import (
     Aborted,
-    Ticket,
     TicketBook,
     TicketState,
     attend_ids,
@@ -78,6 +75,7 @@ class EngineService:
         self.kv_sign_key: bytes | None = None  # the cluster's KV key: every KVAddr handed out is signed
         self.peer_key: Any = None  # the ClusterKey this engine calls other engines with (a borrower its lenders)
         self.tickets = TicketBook()
+        self.leases = TicketLeases(self)  # tickets' addresses, leases and transfers (serving/leases.py)
         self.events_addr = ""  # where KV events are published (the transport sets it)
         self.attends_served = 0  # DistAttention: attend messages answered as a lender
         self.busy_seconds = 0.0  # time spent in steps, on the loop's clock (stats().busy_seconds)
@@ -171,14 +169,14 @@ class EngineService:
     async def prep_recv(self, req: protocol.Request, end: int, lease_s: float | None = None) -> protocol.RecvTicket:
         prompt = self._validated(req)
         end = norm_pos(end, len(prompt), "end")
-        lease = self._lease(lease_s)
+        lease = self.leases.check(lease_s)
         try:
             ticket = await self.backend.reserve(req, prompt, end)
         except EngineError as exc:
             self.kv_refusals += exc.code is ErrorCode.OVERLOADED  # NOTE: out of blocks: a planner's cue to grow
             raise
         ticket.trace = tracing.traceparent() if tracing.enabled() else ""
-        addr = await self._issue(ticket, lease)
+        addr = await self.leases.issue(ticket, lease)
         return protocol.RecvTicket(addr, ticket.matched)
 
     async def lend(self, req: protocol.Request, begin: int, end: int,
@@ -189,10 +187,10 @@ class EngineService:
         if begin >= end or begin % bs:
             raise EngineError(ErrorCode.BAD_REQUEST, f"lend [{begin}, {end}): a lent range is not empty and starts "
                               f"on a block boundary (block size {bs})")
-        lease = self._lease(lease_s)
+        lease = self.leases.check(lease_s)
         self.aborted.check(req.request_id)
         ticket = await self.backend.lend_blocks(req, begin, end)
-        return protocol.LendTicket(await self._issue(ticket, lease), attend=self.attend_addr)
+        return protocol.LendTicket(await self.leases.issue(ticket, lease), attend=self.attend_addr)
 
     async def attend(self, ticket_id: str, secret: str, layer: int, positions: list[int], q: bytes,
                      scale: float, more: list[protocol.LentRef] = (),
@@ -200,81 +198,6 @@ class EngineService:
         call = protocol.Attend(ticket_id, secret, layer, positions, q, scale, list(more), list(others))
         await lent_arrivals(self.tickets, attend_ids(call))
         return await asyncio.to_thread(answer_attend, self, call, False)  # type: ignore[return-value]
-
-    def _lease(self, lease_s: float | None) -> float:
-        lease = self.lease_s if lease_s is None else lease_s
-        if not 0 < lease <= self.max_lease_s:
-            raise EngineError(ErrorCode.BAD_REQUEST, f"lease_s must be in (0, {self.max_lease_s:g}] "
-                              f"(this engine's --max-lease-seconds), got {lease}")
-        return lease
-
-    async def _issue(self, ticket: Ticket, lease: float) -> KVAddr:
-        """A new ticket's signed, dated address, its receive opened and its lease started."""
-        if self.aborted.recent(ticket.request_id):  # aborted while we reserved: give the blocks back now
-            await self._drop(ticket)
-            self.aborted.check(ticket.request_id)
-        ticket.expires_at, ticket.lease = time.time() + lease, lease
-        addr = msgspec.structs.replace(self.backend.recv_addr(ticket), expiry=ticket.expires_at, model=self.model_id)
-        if self.kv_sign_key is not None:
-            addr = sign_addr(addr, self.kv_sign_key)
-        if ticket.matched < ticket.end:
-            self.backend.open_receive(ticket, addr)
-        else:
-            ticket.complete()
-        ticket.expiry = asyncio.get_running_loop().call_later(lease, self._expire, ticket.id)
-        return addr
-
-    def transfer_done(self, outcome: Any) -> None:
-        """A transfer into one of our tickets ended (a `kvapi.transfer.TransferOutcome`; any thread)."""
-        loop = self._loop or asyncio.get_running_loop()
-        loop.call_soon_threadsafe(lambda: self._spawn(self.on_transfer(outcome)))
-
-    async def on_transfer(self, outcome: Any) -> None:
-        """As `transfer_done`, on the loop."""
-        ticket = self.tickets.get(outcome.ticket_id)
-        if ticket is None:
-            self.backend.orphan_transfer(outcome)
-            return
-        complete = outcome.ok and ticket.state is TicketState.OPEN
-        if ticket.trace:  # NOTE: the receiver's side of the transfer, under the prep_recv that opened it
-            now = time.time_ns()
-            tracing.record("engine.kv_receive", now - int(outcome.seconds * 1e9), now, parent=ticket.trace,
-                           bytes=outcome.nbytes, tokens=outcome.end - outcome.begin, ok=outcome.ok,
-                           error=outcome.error or None)
-        await self.backend.received(ticket, outcome, complete)
-        if complete:
-            ticket.complete(outcome.nbytes)
-            return
-        ticket.error = ticket.error or outcome.error or "transfer failed"
-        await self._drop(ticket)
-
-    def _expire(self, ticket_id: str) -> None:
-        ticket = self.tickets.get(ticket_id)
-        if ticket is None:
-            return
-        if ticket.state is TicketState.OPEN and self.backend.receiving(ticket_id):  # in use: the lease holds
-            ticket.expiry = asyncio.get_running_loop().call_later(1.0, self._expire, ticket_id)
-            return
-        left = ticket.used_at + ticket.lease - time.monotonic()
-        if ticket.lent and left > 0:  # NOTE: a lent range in use lives on: each attend renews its lease
-            ticket.expiry = asyncio.get_running_loop().call_later(left, self._expire, ticket_id)
-            return
-        self._spawn(self.close_ticket(ticket, "lease expired"))
-
-    async def close_ticket(self, ticket: Ticket, why: str) -> None:
-        """Give back a ticket's blocks; a transfer writing into it is stopped first."""
-        if ticket.state is TicketState.OPEN and not self.backend.revoke(ticket.id):
-            ticket.error = why  # the writer stops and reports through _on_transfer
-            return
-        ticket.error = ticket.error or why
-        await self._drop(ticket)
-
-    async def _drop(self, ticket: Ticket) -> None:
-        self.tickets.remove(ticket)
-        if ticket.state in (TicketState.OPEN, TicketState.COMPLETE):
-            await self.backend.release_ticket(ticket)
-            ticket.state = TicketState.FAILED if ticket.state is TicketState.OPEN else TicketState.CLOSED
-        ticket.done.set()
 
     # -- remote_send -------------------------------------------------------------------------------
     async def remote_send(self, req: protocol.Request, kv: KVAddr, begin: int, end: int,
@@ -323,7 +246,7 @@ class EngineService:
         ticket = self.tickets.latest(rid)
         if ticket is not None:
             self.backend.check_adoption(req, sampling)
-            await wait_for_kv(ticket, self.transfer_timeout, self.close_ticket)
+            await wait_for_kv(ticket, self.transfer_timeout, self.leases.close)
         self.aborted.check(rid)  # NOTE: also when it was aborted while we waited for its KV
         if ticket is not None and ticket.state is TicketState.COMPLETE:
             self.tickets.remove(ticket)  # the backend adopts its blocks in submit
@@ -344,7 +267,7 @@ class EngineService:
             await self.backend.abort_send(job_id)
             found = True
         for ticket in self.tickets.of_request(request_id):
-            await self.close_ticket(ticket, "aborted")
+            await self.leases.close(ticket, "aborted")
             found = True
         found = await self.backend.abort_request(request_id) or found
         if (queue := self._streams.get(request_id)) is not None:

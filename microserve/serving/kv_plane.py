@@ -103,7 +103,7 @@ class PlaneTransfers:
         return self.plane.addr(ticket)
 
     def open_receive(self, ticket: Any, addr: KVAddr) -> None:
-        self.plane.open(ticket.id, ticket.secret, addr.block_ids, self.service.transfer_done)
+        self.plane.open(ticket.id, ticket.secret, addr.block_ids, self.service.leases.transfer_done)
 
     def receiving(self, ticket_id: str) -> bool:
         return self.plane.receiver.is_active(ticket_id)

@@ -8,7 +8,7 @@ everything above it is the real code: the handle's load bookkeeping, `Cluster`
 
     strategy.generate ─> Cluster / EngineHandle ─> InProcessChannel ─> EngineService ─> SimBackend ─> SimEngine
                                                                                           │ link model   │ cost model
-                                                                                          └─> peer's service.on_transfer
+                                                                                          └─> peer's leases.on_transfer
 
 Calls never time out in a simulation (an engine cannot hang), so call deadlines are not
 enforced; everything else, errors included, behaves as against real engines.

@@ -165,7 +165,7 @@ class SimBackend(CoreBackend):
         nbytes = (end - begin) * self.engine.kv_spec.bytes_per_token
         self.bytes_sent += nbytes
         peer.bytes_received += nbytes
-        await peer.service.on_transfer(TransferOutcome(kv.ticket_id, True, begin, end, nbytes, loop.time() - t0))
+        await peer.service.leases.on_transfer(TransferOutcome(kv.ticket_id, True, begin, end, nbytes, loop.time() - t0))
         return nbytes, TRANSPORT
 
     def kv_bytes(self) -> tuple[int, int]:

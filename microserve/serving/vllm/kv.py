@@ -53,7 +53,7 @@ class VLLMTransfers:
             self.service.wake()
             ticket.matched, blocks = await asyncio.wait_for(alloc, self.transfer_timeout)
         except BaseException as exc:
-            await self.service.close_ticket(ticket, "could not reserve KV blocks")
+            await self.service.leases.close(ticket, "could not reserve KV blocks")
             if isinstance(exc, TimeoutError):
                 raise EngineError(ErrorCode.OVERLOADED, f"vLLM did not reserve KV blocks for {end} tokens within "
                                   f"{self.transfer_timeout}s") from None

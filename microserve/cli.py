@@ -47,7 +47,8 @@ def _engine(args: argparse.Namespace) -> int:
     from microserve.demo import resolve_model
     from microserve.engine.config import EngineConfig
     from microserve.logs import setup_logging
-    from microserve.serving.zmq_server import EngineOptions, run_engine
+    from microserve.serving.engine_options import EngineOptions
+    from microserve.serving.zmq_server import run_engine
 
     setup_logging(args.log_level, args.log_format)
     if (problem := check_knobs(args)) is not None:

@@ -13,8 +13,8 @@ import sys
 import pytest
 from deploy import ROOT, start_launch
 
+from microserve.control.local_engines import engine_threads
 from microserve.demo import demo_model
-from microserve.launch import engine_threads
 
 SHAPE = ["--workload", "chat", "--tokens-per-word", "6", "--max-output-tokens", "48"]
 WORKLOAD = [*SHAPE, "--rate", "3", "--num-requests", "40", "--seed", "1"]

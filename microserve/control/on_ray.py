@@ -104,7 +104,7 @@ class EngineActor:
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
             env["MICROSERVE_KV_HOST_DIR"] = tempfile.mkdtemp(prefix="kv-", dir=shm or self.dir)
             self.cleanup.append(env["MICROSERVE_KV_HOST_DIR"])
-        from microserve.launch import _die_with_parent
+        from microserve.control.local_engines import _die_with_parent
 
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True, preexec_fn=_die_with_parent)
         self.fields: dict[str, str] = {}

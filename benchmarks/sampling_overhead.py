@@ -83,7 +83,7 @@ def seeded_draw(args) -> None:
     """The seeded draw alone, its fast path against the full sort-and-race path it reproduces, on a
     batch of logits rows: flat (a random checkpoint's: std 0.3) and peaked (std 8: a trained model's
     shape, where the top-p 0.9 nucleus is a few dozen tokens and the full path still sorts 32000)."""
-    from microserve.engine.model import sampler
+    from microserve.engine.model import seeded
 
     class Seq:
         def __init__(self, sp: SamplingParams) -> None:
@@ -99,7 +99,7 @@ def seeded_draw(args) -> None:
         for name, kw in settings.items():
             ms = {}
             for _ in range(args.rounds):
-                for path, draw in (("full", sampler._draw_seeded_full), ("fast", sampler._draw_seeded)):
+                for path, draw in (("full", seeded.draw_seeded_full), ("fast", seeded.draw_seeded)):
                     seqs = [Seq(SamplingParams(seed=i, **kw)) for i in range(args.batch)]
                     t0 = time.perf_counter()
                     for _ in range(5):

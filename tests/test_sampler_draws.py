@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from microserve import LLM, SamplingParams
-from microserve.engine.model import sampler
+from microserve.engine.model import sampler, seeded
 
 VOCAB = 40
 
@@ -134,7 +134,7 @@ def test_advance_moves_a_cpu_generator_as_exponential_draws_do():
         want = gen.get_state()
         gen.set_state(start)
         torch.empty(drawn).exponential_(generator=gen)
-        sampler._advance(gen, 2 * vocab - drawn)
+        seeded.advance(gen, 2 * vocab - drawn)
         assert torch.equal(gen.get_state(), want)
 
 
@@ -146,8 +146,8 @@ def test_the_seeded_fast_path_draws_the_full_paths_tokens_and_leaves_the_same_ge
     """Flat and peaked rows, float32 and bfloat16 logits (ties), every truncation: three steps of each
     seeded row give the tokens of the full sort-and-race path, and each request's generator ends in the
     same state; the fast path must actually serve a good share of the rows."""
-    full, calls = sampler._draw_seeded_full, []
-    monkeypatch.setattr(sampler, "_draw_seeded_full",
+    full, calls = seeded.draw_seeded_full, []
+    monkeypatch.setattr(seeded, "draw_seeded_full",
                         lambda sub, seqs, fb: calls.append(len(seqs)) or full(sub, seqs, fb))
     torch.manual_seed(0)
     rows = 0
@@ -159,7 +159,7 @@ def test_the_seeded_fast_path_draws_the_full_paths_tokens_and_leaves_the_same_ge
                     fast = [_Seq(SamplingParams(seed=j, **setting)) for j in range(8)]
                     ref = [_Seq(SamplingParams(seed=j, **setting)) for j in range(8)]
                     for _ in range(3):
-                        got = sampler._draw_seeded(logits, fast, None)
+                        got = seeded.draw_seeded(logits, fast, None)
                         assert torch.equal(got, full(logits, ref, None)), (vocab, scale, dtype, setting)
                         rows += len(fast)
                     for a, b in zip(fast, ref):

@@ -17,6 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from microserve.router.errors import EngineCallError
+
 log = logging.getLogger(__name__)
 
 MAX_DEFERRED_ABORTS = 10_000
@@ -65,8 +67,6 @@ class EngineBooks:
         rids, self._deferred_aborts = list(self._deferred_aborts), {}
 
         async def run() -> None:
-            from microserve.router.handle import EngineCallError  # NOTE: the handle's module imports this one
-
             for rid in rids:
                 with contextlib.suppress(EngineCallError):
                     await self.abort(rid, timeout=5.0)

@@ -31,6 +31,7 @@ from microserve import protocol, tracing
 from microserve.router.attempt_scope import Attempt, AttemptRegistry
 from microserve.router.channel import CallTimeout, CallUnavailable, Channel, ZMQChannel
 from microserve.router.engine_books import EngineBooks
+from microserve.router.errors import EngineCallError, EngineTimeout, Evacuated
 from microserve.router.journal import CallRecord
 from microserve.sampling_params import SamplingParams
 from microserve.security import ClusterKey
@@ -48,36 +49,6 @@ _REPLY: dict[type, type] = {  # the reply each call expects
     protocol.Health: protocol.HealthReply, protocol.KVSnapshot: protocol.KVSnapshotReply,
     protocol.Lora: protocol.LoraReply,
 }
-
-class EngineCallError(RuntimeError):
-    """A call failed. `remote`: the engine answered with this error (so it is alive; `peer`, if
-    set, names another engine the failure is charged to, e.g. a receiver it could not reach);
-    otherwise the handle gave up on it (no answer in time, marked down)."""
-
-    def __init__(self, code: ErrorCode | str, message: str, engine: str = "", *, peer: str = "",
-                 remote: bool = False) -> None:
-        super().__init__(f"[{code}] {message}" + (f" (engine {engine})" if engine else ""))
-        self.code, self.message, self.engine = ErrorCode.of(code), message, engine
-        self.peer, self.remote = peer, remote
-
-
-class Evacuated(EngineCallError):
-    """The engine is being drained by migration: its stream stops after a chunk, and the router moves
-    the request with its KV to another engine (`attempts.run_request`). Code "unavailable", so code that
-    does not know it restarts the request elsewhere instead."""
-
-    def __init__(self, handle: EngineHandle) -> None:
-        super().__init__(ErrorCode.UNAVAILABLE, "the engine is draining: the request moves to another engine",
-                         handle.name)
-        self.handle = handle  # its `moving` count includes this request until the move takes it over
-
-
-class EngineTimeout(EngineCallError):
-    """The engine did not answer within the call's deadline (dead, wedged or overloaded)."""
-
-    def __init__(self, message: str, engine: str = "") -> None:
-        super().__init__(ErrorCode.TIMEOUT, message, engine)
-
 
 class EngineHandle(EngineBooks):
     """Client of one engine: the calls over its RPC channel (its books: `EngineBooks`).

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -102,29 +102,40 @@ class EngineHandle(EngineBooks):
         """Send one call and wait for its single reply."""
         self._check_alive(msg)
         limit = self.timeout if timeout is None else timeout
-        t0, reply, error = time.time(), None, ""
+        t0, reply, failed = time.time(), None, []
         name = _CALL_NAMES.get(type(msg))
         span = tracing.start(name, engine=self.name, role=self.role, request=_request_id(msg)) if name else None
         try:
-            reply = self._checked(await self.channel.roundtrip(msg, limit, tracing.traceparent(span)), msg)
-        except CallTimeout:
-            error = ErrorCode.TIMEOUT
-            raise EngineTimeout(f"no answer to {type(msg).__name__} within {limit:g}s", self.name) from None
-        except CallUnavailable as exc:
-            error = ErrorCode.UNAVAILABLE
-            raise EngineCallError(ErrorCode.UNAVAILABLE, str(exc), self.name) from None
-        except EngineCallError as exc:
-            error = exc.code
-            raise
+            with self._errors(msg, limit, failed):
+                reply = self._checked(await self.channel.roundtrip(msg, limit, tracing.traceparent(span)), msg)
         finally:
+            error = str(failed[0]) if failed else ""
             if self.on_call is not None and name:
-                self._report(msg, t0, getattr(reply, "bytes", 0), str(error))
+                self._report(msg, t0, getattr(reply, "bytes", 0), error)
             if span is not None:
-                tracing.end(span, str(error), bytes=getattr(reply, "bytes", None),
+                tracing.end(span, error, bytes=getattr(reply, "bytes", None),
                             transport=getattr(reply, "transport", None), matched=getattr(reply, "matched", None))
         if not self.alive and isinstance(msg, protocol.Health | protocol.Stats):
             self.set_alive(True)  # it answers again (restarted)
         return reply
+
+    @contextlib.contextmanager
+    def _errors(self, msg: protocol.Call, limit: float, failed: list) -> Iterator[None]:
+        """The one conversion of a channel failure into this engine's error (an `RPCError` reply is
+        `_checked`'s): no reply in time is `EngineTimeout`, a call failed locally "unavailable". The
+        failure's code goes to `failed` (for the journal and the span)."""
+        try:
+            yield
+        except CallTimeout:
+            what = _CALL_NAMES.get(type(msg), type(msg).__name__)
+            failed.append(ErrorCode.TIMEOUT)
+            raise EngineTimeout(f"no answer to {what} within {limit:g}s", self.name) from None
+        except CallUnavailable as exc:
+            failed.append(ErrorCode.UNAVAILABLE)
+            raise EngineCallError(ErrorCode.UNAVAILABLE, str(exc), self.name) from None
+        except EngineCallError as exc:
+            failed.append(exc.code)
+            raise
 
     def _report(self, msg: protocol.Call, t0: float, nbytes: int, error: str) -> None:
         self.on_call(CallRecord(self.name, _CALL_NAMES[type(msg)], t0, time.time() - t0,  # type: ignore[misc]
@@ -215,11 +226,11 @@ class EngineHandle(EngineBooks):
         limit = self.timeout if timeout is None else timeout
         span = tracing.start("start_generate", engine=self.name, role=self.role, request=req.request_id, begin=begin)
         replies = self.channel.stream(msg, limit, tracing.traceparent(span))
-        t0, error, tokens, cached = time.time(), "", 0, 0
+        t0, failed, tokens, cached = time.time(), [], 0, 0
         try:
             # NOTE: one generator frame per token between the router and the wire (the simulator
             # pushes millions of tokens through here)
-            try:
+            with self._errors(msg, limit, failed):
                 async for reply in replies:
                     chunk = self._checked(reply, msg)
                     finished = chunk.finish_reason is not None
@@ -232,19 +243,11 @@ class EngineHandle(EngineBooks):
                     if self.evacuating and not finished:
                         self.moving += 1  # NOTE: before the abort below yields: the drain must not end in between
                         raise Evacuated(self)
-            except CallTimeout:
-                error = ErrorCode.TIMEOUT
-                raise EngineTimeout(f"no answer to start_generate within {limit:g}s", self.name) from None
-            except CallUnavailable as exc:
-                error = ErrorCode.UNAVAILABLE
-                raise EngineCallError(ErrorCode.UNAVAILABLE, str(exc), self.name) from None
-            except EngineCallError as exc:
-                error = exc.code
-                raise
         finally:
+            error = str(failed[0]) if failed else ""
             if self.on_call is not None and not finished:
-                self._report(msg, t0, 0, str(error))
-            tracing.end(span, str(error), tokens=tokens, cached_tokens=cached, finished=finished)
+                self._report(msg, t0, 0, error)
+            tracing.end(span, error, tokens=tokens, cached_tokens=cached, finished=finished)
             await replies.aclose()
             self.inflight -= 1
             self.pending_tokens -= work

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engines import read_ready
+from engines import read_ready, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,14 +39,7 @@ class Deployment:
         return out
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout)
 
 
 def _start(args: list[str], timeout: float, python: str | None = None, quiet: bool = False) -> Deployment:

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def stop_process(proc: subprocess.Popen, sig: int, timeout: float) -> int:
+    """Send `sig`, wait up to `timeout` seconds, then SIGKILL; the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 @dataclass
@@ -21,14 +34,7 @@ class EngineProc:
     transports: list[str] = field(default_factory=list)
 
     def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, signal.SIGTERM, timeout)
 
     def kill(self) -> None:
         self.proc.kill()
@@ -88,3 +94,12 @@ def wait_engine(proc: subprocess.Popen, timeout: float = 120.0) -> EngineProc:
 def spawn_engine(model: str, *args: str, engine_id: str | None = None, timeout: float = 120.0,
                  python: str | None = None) -> EngineProc:
     return wait_engine(start_engine(model, *args, engine_id=engine_id, python=python), timeout)
+
+
+async def collect(stream):
+    """The token ids of a `start_generate` stream and its last chunk."""
+    tokens, last = [], None
+    async for chunk in stream:
+        tokens += chunk.token_ids
+        last = chunk
+    return tokens, last

@@ -20,7 +20,7 @@ import torch
 import zmq
 import zmq.asyncio
 from checkpoints import assert_follows_reference, make_checkpoint
-from engines import start_engine, wait_engine
+from engines import collect, start_engine, wait_engine
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -75,14 +75,6 @@ def req(prompt, sampling=GREEDY) -> Request:
 def rand_prompt(n, seed=None):
     rng = random.Random(seed)
     return [rng.randrange(2, VOCAB) for _ in range(n)]
-
-
-async def collect(stream):
-    tokens, last = [], None
-    async for chunk in stream:
-        tokens += chunk.token_ids
-        last = chunk
-    return tokens, last
 
 
 async def reference(cluster, prompt, sampling=GREEDY):

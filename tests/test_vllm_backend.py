@@ -21,7 +21,7 @@ import threading
 import msgspec
 import pytest
 from deploy import start_launch
-from engines import start_engine, wait_engine
+from engines import collect, start_engine, wait_engine
 
 from kvapi.transfer.base import sign_addr
 from microserve.demo import demo_model
@@ -79,14 +79,6 @@ def req(prompt, sampling=GREEDY) -> Request:
 def rand_prompt(n, seed):
     rng = random.Random(seed)
     return [rng.randrange(2, 256) for _ in range(n)]  # byte tokens: the gateway takes them too
-
-
-async def collect(stream):
-    tokens, last = [], None
-    async for chunk in stream:
-        tokens += chunk.token_ids
-        last = chunk
-    return tokens, last
 
 
 def run(coro):
@@ -248,18 +240,13 @@ def test_mixed_vllm_and_builtin_engines_are_refused_clearly(cluster):
         async with EngineHandle(cluster["A"].rpc, name="A", timeout=60) as a, \
                 EngineHandle(cluster["C"].rpc, name="C", timeout=60) as c:
             prompt = rand_prompt(64, 31)
-            r = req(prompt)
-            ticket = await c.prep_recv(r, 63)
-            with pytest.raises(EngineCallError) as err:
-                await a.remote_send(r, ticket.kv, ticket.matched, 63)
-            assert err.value.code == "kv_spec_mismatch" and "layout" in str(err.value)
-            await c.abort(r.request_id)
-            r = req(prompt)
-            ticket = await a.prep_recv(r, 63)
-            with pytest.raises(EngineCallError) as err:
-                await c.remote_send(r, ticket.kv, ticket.matched, 63)
-            assert err.value.code == "kv_spec_mismatch" and "layout" in str(err.value)
-            await a.abort(r.request_id)
+            for sender, receiver in ((a, c), (c, a)):
+                r = req(prompt)
+                ticket = await receiver.prep_recv(r, 63)
+                with pytest.raises(EngineCallError) as err:
+                    await sender.remote_send(r, ticket.kv, ticket.matched, 63)
+                assert err.value.code == "kv_spec_mismatch" and "layout" in str(err.value)
+                await receiver.abort(r.request_id)
             # both still serve
             assert len(await alone(a, prompt)) == GREEDY.max_tokens
             assert len(await alone(c, prompt)) == GREEDY.max_tokens

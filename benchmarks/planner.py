@@ -28,7 +28,8 @@ from microserve.control.planner import load_planner, parse_bounds
 from microserve.router.strategy import load_strategy
 from microserve.sim import traces
 from microserve.sim.costs import CostModel, load_gpu, load_link, load_model, with_precision
-from microserve.sim.run import GPU_MAX_BATCHED_TOKENS, GPU_MAX_NUM_SEQS, SimPlan, SimRequest, simulate_workload
+from microserve.sim.run import SimPlan, SimRequest, simulate_workload
+from microserve.sim.setup import GPU_MAX_BATCHED_TOKENS, GPU_MAX_NUM_SEQS
 
 SLO = {"ttft_s": 2.0, "tpot_s": 0.050}
 

@@ -249,8 +249,9 @@ def test_store_tiers_publish_their_events_to_the_prefix_index():
 
 def test_live_migration_in_closed_form_and_at_scale(tmp_path):
     """A request moved after k tokens (`cluster.migrate`, the calls of router/migration.py) on simulated
-    engines: the gap between token k and k+1 is the source's last partial block (prefill-only), the
-    transfer of the KV, and the target's last-token step; the target computes nothing else."""
+    engines: the gap between token k and k+1 is the transfer of the KV (the source computes nothing: the
+    partial block is the stopped stream's kept tail) and the target's last-token step; the target
+    computes nothing else."""
     from test_migration import MOVE
     from test_sim import COST, NVLINK
 
@@ -262,9 +263,9 @@ def test_live_migration_in_closed_form_and_at_scale(tmp_path):
                                  [SimRequest(list(range(1, n + 1)), out)], None, 1, 0))
     engines = engine_report(cluster)
     assert_conserved([r], engines)
-    cached = (n + k - 1) // CONFIG.block_size * CONFIG.block_size
-    gap = COST.step_seconds([(cached, n + k - 1 - cached)], [], 0) + COST.transfer_seconds(n + k - 1, NVLINK) + \
-        COST.step_seconds([(n + k - 1, 1)], [], 1)
+    # the source's send computes nothing: its prefix cache and the stopped stream's kept tail (the partial
+    # block, engine/core/kv_manager.py) hold every position it sends
+    gap = COST.transfer_seconds(n + k - 1, NVLINK) + COST.step_seconds([(n + k - 1, 1)], [], 1)
     assert r.output_tokens == out and r.itl[k - 1] == pytest.approx(gap, rel=1e-12)
     assert engines[1]["computed_tokens"] == out - k  # the last prompt token, then its decode steps
     assert engines[1]["kv_bytes_received"] == (n + k - 1) * COST.model.kv_bytes_per_token

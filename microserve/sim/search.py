@@ -30,7 +30,8 @@ from typing import Any
 from microserve.bench import loadgen, report, workloads
 from microserve.router.strategy import load_strategy
 from microserve.sim.costs import CostModel, load_gpu, load_link, load_model, with_precision
-from microserve.sim.run import SimRequest, engine_config, prompt_encoder, simulate_workload
+from microserve.sim.run import SimRequest, prompt_encoder, simulate_workload
+from microserve.sim.setup import engine_config
 
 
 @dataclass

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from kvapi import BlockPool, RadixCache
-from kvapi.radix import EventHook, prefix_hashes
+from kvapi.radix import EventHook, chain_hash
 from microserve.engine.core.sequence import REMOTE, Sequence
 
 MAX_TAILS = 64  # tails kept at most (fewer on a small pool: one in 16 blocks)
@@ -82,7 +82,7 @@ class KVCacheManager:
         `seq`'s own; one the prefix cache holds too is copied into a new block."""
         if not any(k[0] == seq.cache_seed and k[1] == full for k in self.tails):  # NOTE: before any hashing
             return 0
-        key = (seq.cache_seed, full, _chain(seq.token_ids, full, self.block_size, seq.cache_seed))
+        key = (seq.cache_seed, full, _chain(seq, full // self.block_size, self.block_size)[-1])
         if key not in self.tails:
             return 0
         tokens, block = self.tails.pop(key)
@@ -111,7 +111,7 @@ class KVCacheManager:
             return
         last = computed // bs * bs
         first = max(0, last - bs) if self.copy_block is not None else last
-        chain = [seq.cache_seed, *prefix_hashes(seq.token_ids[:last], bs, seq.cache_seed)]  # chain[i]: i blocks
+        chain = _chain(seq, last // bs, bs)  # chain[i]: the hash of the first i blocks
         for start in range(first, computed, bs):
             if start // bs >= len(seq.block_table):
                 break
@@ -210,9 +210,13 @@ class KVCacheManager:
         seq.radix_cursor.reset()
 
 
-def _chain(tokens: list[int], n: int, block_size: int, seed: int) -> int:
-    """The prefix cache's chain hash of `tokens[:n]` (n block aligned; the seed alone for n = 0)."""
-    return prefix_hashes(tokens[:n], block_size, seed)[-1] if n else seed
+def _chain(seq: Sequence, n: int, block_size: int) -> list[int]:
+    """The prefix cache's chain hashes of `seq`'s first 0..n blocks (entry i: i blocks; entry 0 the seed),
+    from the prompt's hashes the sequence keeps, hashing only blocks past its prompt."""
+    chain = [seq.cache_seed, *seq.prompt_block_hashes(block_size)[:n]]
+    for i in range(len(chain) - 1, n):
+        chain.append(chain_hash(chain[-1], seq.token_ids[i * block_size:(i + 1) * block_size]))
+    return chain
 
 
 def local(blocks: list[int]) -> list[int]:

@@ -119,7 +119,8 @@ async def serve_models(models: list[Deployed], opts: ServeOptions, ready_extra: 
             if d.engines is not None:
                 d.engines.attach(d.cluster, url)
             if d.opts.planner:  # NOTE: launch only: the planner scales the engines this deployment starts
-                from microserve.control.planner import Planning, load_planner
+                from microserve.control.planner import load_planner
+                from microserve.control.planning import Planning
 
                 m.router.planning = Planning(m.router, d.engines, load_planner(d.opts.planner, d.opts.planner_args),
                                              d.opts.scale_bounds, d.opts.planner, d.opts.planner_args)

@@ -46,7 +46,8 @@ from typing import Any
 from aiohttp import web
 
 from microserve.control import adapters
-from microserve.control.planner import PlannerError, Planning, load_planner
+from microserve.control.planner import PlannerError, load_planner
+from microserve.control.planning import Planning
 from microserve.control.provision import ScaleError, scale
 from microserve.router.handle import EngineCallError
 from microserve.router.runtime import Router

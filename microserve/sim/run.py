@@ -147,7 +147,7 @@ async def simulate(strategy: Strategy, cluster: SimCluster, reqs: list[SimReques
     `arrivals`: each request's virtual arrival time (a trace) instead of `rate`/`concurrency`;
     `plan`: a planner that sizes the cluster meanwhile (filled with its decisions and GPU-hours).
     Returns (results in workload order, virtual seconds from first arrival to last finish)."""
-    from microserve.control.planner import Planning
+    from microserve.control.planning import Planning
     from microserve.sim.planning import SimEngines, SimRouter
 
     results = [RequestResult(i, 0.0) for i in range(len(reqs))]

@@ -5,6 +5,9 @@ Unknown fields are ignored, as OpenAI-compatible servers do (clients send `user`
 structured outputs...) are refused with a 400 naming the field, never silently ignored.
 Extensions, as in vLLM: `top_k`, `min_p`, `min_tokens`, `repetition_penalty`, `ignore_eos`,
 `stop_token_ids`, `include_stop_str_in_output`.
+
+One cohesive unit, over 300 lines on purpose: it is the API's schema, one struct per body with the
+checks of its fields, read side by side with OpenAI's and vLLM's references.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 One module covers the family; the differences are flags in `ModelConfig`:
 attention bias (Qwen2: q/k/v only), per-head q/k RMSNorm (Qwen3), tied embeddings,
 llama3 / linear RoPE scaling. Projections are fused (`qkv_proj`, `gate_up_proj`);
-the loader maps Hugging Face names onto them.
+the loader maps Hugging Face names onto them. One cohesive unit, a little over 300 lines: the model's
+layers read top to bottom, as transformers' modeling file does.
 """
 
 from __future__ import annotations

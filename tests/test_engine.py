@@ -241,6 +241,36 @@ def test_an_aborted_stream_continues_on_the_kv_it_had(llama_ckpt, behind):
     assert eng.kv.pool.num_used == eng.kv.num_cached
 
 
+def test_a_ticket_that_takes_a_tail_is_adopted_with_its_new_prompt(llama_ckpt):
+    """A receive ticket's sequence (prompt[:end]) takes a stopped stream's tail, then becomes the request
+    with the whole prompt (`adopt`): it continues from the tail's KV and gives the uninterrupted tokens
+    (its prompt's block hashes, which the tail lookup computed for prompt[:end], are of the new prompt)."""
+    from microserve.engine.core.sequence import Sequence
+
+    sp = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    prompt = _prompts([40])[0]
+    ref = LLM(llama_ckpt[0]).generate([prompt], sp)[0].token_ids
+    eng = LLM(llama_ckpt[0]).engine
+    eng.add_request("a", prompt, sp)
+    generated = []
+    while len(generated) < 8:  # NOTE: 48 tokens, 47 of them in the ticket: one full block more than it holds
+        generated += [t for out in eng.step() for t in out.new_token_ids]
+    assert len(prompt + generated) % eng.block_size == 0
+    assert eng.abort("a") and eng.kv.tails
+    moved, end = prompt + generated, len(prompt) + len(generated) - 1
+    held = Sequence("a-moved", moved[:end], sp.after(generated))
+    assert eng.reserve(held, end) and held.num_computed_tokens == end  # cached blocks + the tail: all of it
+    seq = eng.adopt(held, moved, end, sp.after(generated))
+    assert seq is not None and seq.prompt_block_hashes(eng.block_size) == \
+        Sequence("x", moved, sp).prompt_block_hashes(eng.block_size)
+    eng.add_sequence(seq)
+    rest = []
+    while eng.has_unfinished():
+        rest += [t for out in eng.step() for t in out.new_token_ids]
+    assert generated + rest == ref
+    assert eng.kv.pool.num_used == eng.kv.num_cached
+
+
 def test_kept_tails_are_the_first_blocks_reclaimed(llama_ckpt):
     """Tails of aborted streams are cache: a request that needs the whole pool gets it."""
     llm = LLM(llama_ckpt[0], block_size=4, num_kv_blocks=64)

@@ -89,8 +89,7 @@ class HeldKV:
             del seq.block_table[keep:]
             seq.num_cached_blocks = keep
             computed = keep * bs
-        seq.token_ids = list(prompt)
-        seq.num_prompt_tokens = len(prompt)
+        seq.set_prompt(prompt)
         seq.sampling = sampling
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = computed

@@ -96,6 +96,12 @@ class Sequence:
         self.arrived_ns, self.scheduled_ns, self.first_token_ns = time.time_ns(), 0, 0
         self.chunks: list[tuple[int, int, int, int]] = []  # prompt steps: (unix ns begin, end, position, tokens)
 
+    def set_prompt(self, prompt_ids: list[int]) -> None:
+        """Replace the prompt (a received ticket's sequence becomes the request's, `HeldKV.adopt`)."""
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self._prompt_hashes = None  # NOTE: they were of the old prompt
+
     def prompt_block_hashes(self, block_size: int) -> list[int]:
         """Chained hashes of the prompt's full blocks (computed once)."""
         if self._prompt_hashes is None:

@@ -40,8 +40,9 @@ from microserve.gateway.observe import observe, refused
 from microserve.gateway.served import Served, ServedModels
 from microserve.gateway.streaming import sse
 from microserve.router.choices import ChoiceGroup
+from microserve.router.deltas import Delta
 from microserve.router.metrics import render_models
-from microserve.router.runtime import Delta, Router, RouterError
+from microserve.router.runtime import Router, RouterError
 from microserve.sampling_params import SamplingParams
 from microserve.serving.api import ErrorCode
 from microserve.text import InvalidRequestError

@@ -13,14 +13,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from microserve.router.runtime import Delta, RouterError
+from microserve.router.deltas import Delta
+from microserve.router.runtime import RouterError
 from microserve.sampling_params import SamplingParams
 
 
 def sum_usage(usages: list, n: int = 1) -> Any:
     """Usage of several choices: each prompt's tokens once (its `n` choices share it), every
     choice's completion tokens."""
-    from microserve.router.runtime import Usage
+    from microserve.router.deltas import Usage
 
     return Usage(sum(u.prompt_tokens for u in usages) // n, sum(u.completion_tokens for u in usages),
                  sum(u.cached_tokens for u in usages) // n)

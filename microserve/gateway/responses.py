@@ -26,7 +26,8 @@ from aiohttp import web
 from microserve.gateway import openai_protocol
 from microserve.gateway.fanout import collect, merge
 from microserve.gateway.generation import apply_defaults
-from microserve.router.runtime import RouterError, Usage
+from microserve.router.deltas import Usage
+from microserve.router.runtime import RouterError
 from microserve.serving.api import ErrorCode
 
 if TYPE_CHECKING:

@@ -21,7 +21,8 @@ from aiohttp import web
 
 from microserve.gateway import openai_protocol
 from microserve.gateway.fanout import merge, sum_usage
-from microserve.router.runtime import Delta, RouterError
+from microserve.router.deltas import Delta
+from microserve.router.runtime import RouterError
 from microserve.serving.api import ErrorCode
 
 log = logging.getLogger(__name__)

@@ -27,14 +27,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from microserve import tracing
 from microserve.logs import access
-from microserve.protocol import GenerateChunk, Request, TokenLogprob
+from microserve.protocol import GenerateChunk, Request
 from microserve.router.attempts import abort_everywhere, run_attempt, run_request  # noqa: F401 (re-exported)
 from microserve.router.choices import ChoiceGroup, route
 from microserve.router.cluster import Cluster
+from microserve.router.deltas import Delta, Progress, Usage
 from microserve.router.errors import NO_CAPACITY, RouterError
 from microserve.router.handle import EngineCallError
 from microserve.router.journal import Journal, Recorder
@@ -45,39 +45,6 @@ from microserve.serving.api import ErrorCode
 from microserve.text import InvalidRequestError, TextStream, check_token_ids
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Delta:
-    """A piece of one request's output. The last one has `finish_reason` set."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
-    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.., on the first delta when asked
-    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's field)
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass
-class _Progress:
-    tokens: list[int] = field(default_factory=list)
-    cached: int = 0
-    first_at: float | None = None
-    last_at: float | None = None
-    phases: list[float] | None = None  # the engine's seconds queued and prefilling (GenerateChunk.phases)
 
 
 class Router:
@@ -202,7 +169,7 @@ class Router:
         t0 = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + self.request_timeout
         status, streamed, code, finish = "aborted", False, "", None
-        progress, touched = _Progress(), set()
+        progress, touched = Progress(), set()
         self.journal.begin(request_id)
         with tracing.detached(f"{type(self.strategy).__name__}.generate", request=request_id,
                               prompt_tokens=len(prompt_ids)) as span, tracing.current(span):
@@ -222,7 +189,7 @@ class Router:
                 self._report(request_id, len(prompt_ids), status, code, finish, progress, touched, t0, span)
 
     def _report(self, rid: str, prompt_tokens: int, status: str, code: str, finish: str | None,
-                progress: _Progress, touched: set, t0: float, span) -> None:
+                progress: Progress, touched: set, t0: float, span) -> None:
         """A request ended: metrics, the journal, the access line, the strategy's span."""
         self.metrics.requests.labels(status).inc()
         e2e = time.perf_counter() - t0
@@ -248,7 +215,7 @@ class Router:
                           cached_tokens=progress.cached, engines=",".join(engines))
 
     async def _generate(self, rid: str, prompt_ids: list[int], sampling: SamplingParams, t0: float,
-                        deadline: float, group: ChoiceGroup | None, lead: bool, progress: _Progress,
+                        deadline: float, group: ChoiceGroup | None, lead: bool, progress: Progress,
                         touched: set) -> AsyncIterator[Delta]:
         text = TextStream(self.tokenizer, sampling)
         self.metrics.prompt_tokens.inc(len(prompt_ids))
@@ -279,7 +246,7 @@ class Router:
                 group.led(None)  # NOTE: no-op once led; a lead that failed first lets the others route freely
             await chunks.aclose()
 
-    def _on_chunk(self, chunk: GenerateChunk, progress: _Progress, stream: TextStream, t0: float) -> list[Delta]:
+    def _on_chunk(self, chunk: GenerateChunk, progress: Progress, stream: TextStream, t0: float) -> list[Delta]:
         """The chunk's deltas, one per token (an engine may coalesce tokens that piled up; a
         client sees one SSE event per token, as from vLLM, so per-event ITL is TPOT)."""
         now = time.perf_counter()

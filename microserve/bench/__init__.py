@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     reqs = workloads.load(args.workload, args.num_requests, args.seed, args.tokens_per_word, args.max_output_tokens)
     try:
         model = args.model or asyncio.run(loadgen.first_model(args.url, args.api_key))
-    except (OSError, asyncio.TimeoutError) as exc:  # aiohttp's connection errors are OSErrors
+    except (TimeoutError, OSError) as exc:  # aiohttp's connection errors are OSErrors
         raise ValueError(f"cannot reach {args.url}: {exc}") from None
     cfg = loadgen.LoadConfig(args.url, model, args.api_key, args.rate, args.concurrency or 1, args.seed,
                              not args.no_ignore_eos, args.timeout)

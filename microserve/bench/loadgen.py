@@ -112,7 +112,7 @@ async def _one(session: aiohttp.ClientSession, cfg: LoadConfig, req: BenchReques
         res.ok = res.ttft is not None or res.output_tokens == 0
         if not res.ok:
             res.error = "the stream ended without text"
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"[:300]
 
 

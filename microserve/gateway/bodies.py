@@ -58,7 +58,8 @@ async def _read_body(stream) -> bytes:
         try:
             if wait <= 0:
                 raise TimeoutError
-            chunk = await asyncio.wait_for(stream.readany(), wait)
+            async with asyncio.timeout(wait):  # NOTE: not wait_for, which may swallow a cancel (router/attempts.py)
+                chunk = await stream.readany()
         except TimeoutError:
             raise BodyTooSlow(f"the request body arrived too slowly ({len(buf)} bytes in {elapsed:.1f}s; at "
                               f"least {MIN_BODY_RATE // 1024} KiB/s after the first {BODY_GRACE_S:g}s, all within "
@@ -121,3 +122,7 @@ class Bodies:
         if len(body) <= PARSE_OFF_LOOP:
             return openai_protocol.decode_body(body, kind)
         return await asyncio.get_running_loop().run_in_executor(None, openai_protocol.decode_body, body, kind)
+
+    async def parse(self, request: web.Request, kind):
+        """The request's body read under the limits, then decoded as `kind`."""
+        return await self.decode(await self.read(request), kind)

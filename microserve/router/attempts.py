@@ -154,7 +154,10 @@ async def _next_chunk(chunks: AsyncIterator[GenerateChunk], deadline: float | No
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
             raise TimeoutError
-        return await asyncio.wait_for(chunks.__anext__(), remaining)
+        # NOTE: asyncio.timeout, not wait_for: on 3.11 wait_for returns a chunk that arrives as the task is
+        # cancelled and swallows the cancel (a client's disconnect), so the request would run on to the end
+        async with asyncio.timeout(remaining):
+            return await chunks.__anext__()
     except StopAsyncIteration:
         return None
     except TimeoutError:

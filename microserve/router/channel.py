@@ -103,7 +103,8 @@ class ZMQChannel:
         self._pending[call_id] = queue
         try:  # NOTE: a DEALER without a connected peer (refused handshake, reconnecting) blocks on send
             frames = [call_id, protocol.encode(msg), trace.encode()] if trace else [call_id, protocol.encode(msg)]
-            await asyncio.wait_for(sock.send_multipart(frames), timeout)
+            async with asyncio.timeout(timeout):  # NOTE: not wait_for, which may swallow a cancel (attempts.py)
+                await sock.send_multipart(frames)
         except TimeoutError:
             self._pending.pop(call_id, None)
             raise CallTimeout from None
@@ -112,7 +113,8 @@ class ZMQChannel:
     @staticmethod
     async def _next(queue: asyncio.Queue[protocol.Reply | CallUnavailable], timeout: float) -> protocol.Reply:
         try:
-            reply = await asyncio.wait_for(queue.get(), timeout)
+            async with asyncio.timeout(timeout):
+                reply = await queue.get()
         except TimeoutError:
             raise CallTimeout from None
         if isinstance(reply, CallUnavailable):

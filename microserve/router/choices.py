@@ -37,7 +37,8 @@ class ChoiceGroup:
         """The engine choice 0 generates on (None: it failed first); waits at most until `deadline`."""
         timeout = max(0.0, deadline - asyncio.get_running_loop().time())
         try:
-            return await asyncio.wait_for(asyncio.shield(self._engine), timeout)
+            async with asyncio.timeout(timeout):  # NOTE: not wait_for, which may swallow a cancel (attempts.py)
+                return await asyncio.shield(self._engine)
         except TimeoutError:
             return None
 

@@ -12,20 +12,12 @@ A call fails with `EngineError(code, message)`;
 
 from __future__ import annotations
 
-import enum
-import sys
 from collections.abc import AsyncIterator
+from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 from microserve import protocol
 from microserve.sampling_params import SamplingParams
-
-if sys.version_info >= (3, 11):
-    from enum import StrEnum
-else:  # pragma: no cover - Python 3.10
-    class StrEnum(str, enum.Enum):
-        def __str__(self) -> str:
-            return str(self.value)
 
 
 class ErrorCode(StrEnum):

@@ -143,7 +143,8 @@ class EngineService:
             if not outputs and self.backend.idle_poll_s is not None:  # waiting on KV pages or pushes
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.backend.idle_poll_s)
+                    async with asyncio.timeout(self.backend.idle_poll_s):
+                        await self._wake.wait()
             else:
                 await asyncio.sleep(0)
 

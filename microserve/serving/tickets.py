@@ -141,7 +141,8 @@ async def lent_arrivals(tickets, ids: list[str]) -> None:
         ticket = tickets.get(tid)
         if ticket is not None and ticket.lent and ticket.state is TicketState.OPEN:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ticket.done.wait(), ARRIVAL_GRACE_S)
+                async with asyncio.timeout(ARRIVAL_GRACE_S):
+                    await ticket.done.wait()
 
 
 def lent_groups(tickets, call, ready_only: bool) -> tuple[list[tuple[list[Ticket] | None, int]], list[str]] | None:
@@ -276,7 +277,8 @@ async def wait_for_kv(ticket: Ticket, timeout: float, close: Callable[[Ticket, s
     `timeout` seconds: a TIMEOUT error); a transfer that failed means the prompt is computed here."""
     if ticket.state is TicketState.OPEN:
         try:
-            await asyncio.wait_for(ticket.done.wait(), timeout)
+            async with asyncio.timeout(timeout):  # NOTE: not wait_for, which may swallow a cancel (router/attempts.py)
+                await ticket.done.wait()
         except TimeoutError:
             await close(ticket, "timed out waiting for the KV transfer")
             raise EngineError(ErrorCode.TIMEOUT, f"KV for {ticket.request_id!r} did not arrive within "

@@ -184,7 +184,7 @@ def fit_deployment(args: argparse.Namespace, path: Path, model: ModelShape, gpu:
     api_key = os.environ.get("OPENAI_API_KEY")
     try:
         served = asyncio.run(loadgen.first_model(args.url, api_key))
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         raise ValueError(f"cannot reach {args.url}: {exc}") from None
     cfg = loadgen.LoadConfig(args.url, served, api_key, args.rate, args.concurrency or 1, args.seed)
     real_results, _ = asyncio.run(loadgen.run_load(cfg, bench_reqs))

@@ -51,7 +51,8 @@ class VLLMTransfers:
         try:
             await self._add(rid, prompt, req.sampling, {"recv": key})
             self.service.wake()
-            ticket.matched, blocks = await asyncio.wait_for(alloc, self.transfer_timeout)
+            async with asyncio.timeout(self.transfer_timeout):  # NOTE: not wait_for (router/attempts.py)
+                ticket.matched, blocks = await alloc
         except BaseException as exc:
             await self.service.leases.close(ticket, "could not reserve KV blocks")
             if isinstance(exc, TimeoutError):

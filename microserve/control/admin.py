@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-import tempfile
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -49,16 +47,13 @@ from microserve.control import adapters
 from microserve.control.planner import PlannerError, load_planner
 from microserve.control.planning import Planning
 from microserve.control.provision import ScaleError, scale
+from microserve.control.uploads import error, load_file
 from microserve.router.handle import EngineCallError
 from microserve.router.runtime import Router
 from microserve.router.strategy import StrategyError, load_strategy
 from microserve.security import resolve
 
 log = logging.getLogger("microserve.admin")
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": "admin_error"}}, status=status)
 
 
 def _bearer(request: web.Request) -> bytes:
@@ -120,9 +115,9 @@ class Admin:
         if join and self._joining(request):
             return None
         if not self.key:
-            return _error(403, "the admin API is off: start the gateway with --admin-key")
+            return error(403, "the admin API is off: start the gateway with --admin-key")
         if not hmac.compare_digest(_bearer(request), self.key.encode()):
-            return _error(401, "the admin API needs Authorization: Bearer <admin key>")
+            return error(401, "the admin API needs Authorization: Bearer <admin key>")
         return None
 
     def _joining(self, request: web.Request) -> bool:
@@ -148,7 +143,7 @@ class Admin:
         roles = type(self.router.strategy).roles
         left = [x for x in self.router.cluster.roles.get(h.role, []) if x is not h]
         if h.role in roles and new_role != h.role and not left:
-            return _error(409, f"{h.name} is the last {h.role} engine of {type(self.router.strategy).__name__}; "
+            return error(409, f"{h.name} is the last {h.role} engine of {type(self.router.strategy).__name__}; "
                           f"add another {h.role} engine first")
         return None
 
@@ -160,16 +155,12 @@ class Admin:
 
     async def list_all(self, request: web.Request) -> web.Response:
         """Every model's engines (each with its `model`), and the routers' moves and retries summed."""
-        if (refused := self._refused(request)) is not None:
-            return refused
         engines = [e for peer in self.peers.values() for e in peer._engines()]
         routers = [peer.router.metrics for peer in self.peers.values()]
         return web.json_response({"engines": engines, "router": {"moves": sum(_total(m.moves) for m in routers),
                                                                  "retries": sum(_total(m.retries) for m in routers)}})
 
     async def list_engines(self, request: web.Request) -> web.Response:
-        if (refused := self._refused(request)) is not None:
-            return refused
         m = self.router.metrics
         return web.json_response({"engines": self._engines(),
                                   "router": {"moves": _total(m.moves), "retries": _total(m.retries)}})
@@ -193,12 +184,10 @@ class Admin:
         return out
 
     async def add_engine(self, request: web.Request) -> web.Response:
-        if (refused := self._refused(request, join=True)) is not None:
-            return refused
         body = await self._body(request)
         address, role = body.get("address"), body.get("role")
         if not isinstance(address, str) or not isinstance(role, str) or not role:
-            return _error(400, "POST /admin/engines needs {\"address\": \"tcp://HOST:PORT\", \"role\": ROLE}")
+            return error(400, "POST /admin/engines needs {\"address\": \"tcp://HOST:PORT\", \"role\": ROLE}")
         joining = self._joining(request)
         here = [h for h in self.router.cluster.handles if h.name == body.get("id") and h.address == address]
         if joining and here:  # a joined engine checking that it is still a member
@@ -207,18 +196,16 @@ class Admin:
             h = await self.router.cluster.add_engine(address, role, ready_timeout=float(body.get("timeout", 30)),
                                                      joined=joining)
         except ValueError as exc:
-            return _error(409, str(exc))
+            return error(409, str(exc))
         except (EngineCallError, OSError) as exc:
-            return _error(502, f"the engine at {address} did not answer: {exc}")
+            return error(502, f"the engine at {address} did not answer: {exc}")
         self._done("add", f"engine {h.name} ({address}) joined as {role}")
         return web.json_response({"id": h.name, "address": address, "role": role}, status=201)
 
     async def set_role(self, request: web.Request) -> web.Response:
-        if (refused := self._refused(request)) is not None:
-            return refused
         h, role = self._handle(request), (await self._body(request)).get("role")
         if not isinstance(role, str) or not role:
-            return _error(400, "PATCH /admin/engines/{id} needs {\"role\": ROLE}")
+            return error(400, "PATCH /admin/engines/{id} needs {\"role\": ROLE}")
         old = h.role
         if (refused := self._leaving(h, role)) is not None:
             return refused
@@ -227,8 +214,6 @@ class Admin:
         return web.json_response({"id": h.name, "role": role})
 
     async def remove_engine(self, request: web.Request) -> web.Response:
-        if (refused := self._refused(request, join=True)) is not None:
-            return refused
         h = self._handle(request)
         if (refused := self._leaving(h, None)) is not None:
             return refused
@@ -238,72 +223,42 @@ class Admin:
         return web.json_response({"id": h.name, "removed": True})
 
     async def requests(self, request: web.Request) -> web.Response:
-        if (refused := self._refused(request)) is not None:
-            return refused
         try:
             limit = int(request.query.get("limit", "100"))
         except ValueError:
-            return _error(400, "limit must be an integer")
+            return error(400, "limit must be an integer")
         return web.json_response({"requests": self.router.journal.recent(limit)})
 
     async def get_strategy(self, request: web.Request) -> web.Response:
-        if (refused := self._refused(request)) is not None:
-            return refused
         s = self.router.strategy
         return web.json_response({"name": type(s).__name__,
                                   "args": {k: getattr(s, k) for k in type(s).parameters()}})
 
     async def put_strategy(self, request: web.Request) -> web.Response:
-        if (refused := self._refused(request)) is not None:
-            return refused
-        strategy, _ = self._load(await self._body(request), "strategy", load_strategy,
-                                 (StrategyError, OSError, ValueError))
+        strategy, _ = load_file(await self._body(request), "strategy", load_strategy,
+                              (StrategyError, OSError, ValueError), self.allow_code_upload)
         if isinstance(strategy, web.Response):
             return strategy
         roles = self.router.cluster.roles
         missing = [r for r in type(strategy).roles if not roles.get(r)]
         if missing:
-            return _error(409, f"{type(strategy).__name__} routes to roles {', '.join(type(strategy).roles)}; the "
+            return error(409, f"{type(strategy).__name__} routes to roles {', '.join(type(strategy).roles)}; the "
                           f"cluster has no engine with role {', '.join(missing)}")
         old, self.router.strategy = type(self.router.strategy).__name__, strategy
         self._done("strategy", f"strategy {old} -> {type(strategy).__name__} (requests in flight keep {old})")
         return web.json_response({"name": type(strategy).__name__})
 
-    def _load(self, body: dict[str, Any], kind: str, load, errors: tuple) -> tuple[Any, str]:
-        """The strategy or planner a PUT names, and where from: `{"path"}` on the router's host, or
-        `{"source"}` only with --allow-code-upload (refused before any of it is written or run). On
-        failure: (the error response, "")."""
-        args = body.get("args") or {}
-        if "source" in body and not self.allow_code_upload:
-            return _error(403, f"{kind} source in a request body is refused: give {{\"path\": FILE}} on the router's "
-                          "host, or start the gateway with --allow-code-upload"), ""
-        try:
-            if isinstance(body.get("source"), str):
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = Path(tmp) / f"{kind}_from_admin.py"
-                    path.write_text(body["source"])
-                    return load(path, args), "(uploaded)"
-            if isinstance(body.get("path"), str):
-                return load(body["path"], args), body["path"]
-            return _error(400, f"PUT /admin/{kind} needs {{\"path\": FILE}} or {{\"source\": PYTHON}}"), ""
-        except errors as exc:
-            return _error(400, f"cannot load the {kind}: {exc}"), ""
-
     async def get_planner(self, request: web.Request) -> web.Response:
-        if (refused := self._refused(request)) is not None:
-            return refused
         if self.router.planning is None:
-            return _error(404, "no planner runs here (launch --planner FILE, or PUT /admin/planner)")
+            return error(404, "no planner runs here (launch --planner FILE, or PUT /admin/planner)")
         return web.json_response(self.router.planning.describe())
 
     async def put_planner(self, request: web.Request) -> web.Response:
-        if (refused := self._refused(request)) is not None:
-            return refused
         body = await self._body(request)
         if self.router.engines is None:
-            return _error(409, "this deployment does not start its own engines (microserve router): a planner has "
+            return error(409, "this deployment does not start its own engines (microserve router): a planner has "
                           "nothing to scale")
-        planner, source = self._load(body, "planner", load_planner, (PlannerError, OSError))
+        planner, source = load_file(body, "planner", load_planner, (PlannerError, OSError), self.allow_code_upload)
         if isinstance(planner, web.Response):
             return planner
         args = body.get("args") or {}
@@ -317,17 +272,15 @@ class Admin:
         return web.json_response({"name": type(planner).__name__})
 
     async def scale(self, request: web.Request) -> web.Response:
-        if (refused := self._refused(request)) is not None:
-            return refused
         body = await self._body(request)
         try:
             roles = await scale(self.router, self.router.engines, body)
         except ScaleError as exc:
-            return _error(409, str(exc))
+            return error(409, str(exc))
         except ValueError as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         except (EngineCallError, OSError, RuntimeError, TimeoutError) as exc:
-            return _error(502, f"scaling failed: {exc}")
+            return error(502, f"scaling failed: {exc}")
         self._done("scale", "scale " + ", ".join(f"{r}={n}" for r, n in body.items()))
         return web.json_response({"roles": roles})
 

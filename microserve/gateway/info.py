@@ -43,7 +43,7 @@ async def version(gw: Gateway, request: web.Request) -> web.Response:
 
 async def tokenize(gw: Gateway, request: web.Request) -> web.Response:
     """vLLM's `/tokenize`: `prompt` (text) or chat `messages` -> token ids."""
-    body: openai_protocol.TokenizeRequest = await gw._decode(await gw._read(request), openai_protocol.TokenizeRequest)
+    body: openai_protocol.TokenizeRequest = await gw.bodies.parse(request, openai_protocol.TokenizeRequest)
     router = gw.models.by_name(body.model).router
     if (body.prompt is None) == (body.messages is None):
         raise RouterError(ErrorCode.BAD_REQUEST, "give exactly one of prompt and messages", param="prompt")
@@ -57,8 +57,7 @@ async def tokenize(gw: Gateway, request: web.Request) -> web.Response:
 
 async def detokenize(gw: Gateway, request: web.Request) -> web.Response:
     """vLLM's `/detokenize`: token ids -> text."""
-    body: openai_protocol.DetokenizeRequest = await gw._decode(await gw._read(request),
-                                                               openai_protocol.DetokenizeRequest)
+    body: openai_protocol.DetokenizeRequest = await gw.bodies.parse(request, openai_protocol.DetokenizeRequest)
     m = gw.models.by_name(body.model)
     if m.ids_only:
         raise RouterError(ErrorCode.BAD_REQUEST, "this server runs without a tokenizer (--skip-tokenizer-init)",

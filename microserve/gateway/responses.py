@@ -129,8 +129,8 @@ class ResponsesRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
 
 
 async def handle(gw: Gateway, request: web.Request) -> web.StreamResponse:
-    body: ResponsesRequest = await gw._decode(await gw._read(request), ResponsesRequest)
-    m, model, lora = await gw._target(body.model)
+    body: ResponsesRequest = await gw.bodies.parse(request, ResponsesRequest)
+    m, model, lora = await gw.models.target(body.model)
     body.check()
     chat = body.chat()
     sampling, given = chat.sampling(chat.max_completion_tokens, m.router.max_model_len)

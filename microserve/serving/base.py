@@ -11,8 +11,7 @@ The service is the one class with the calls; a backend (`BuiltinBackend`, `SimBa
 `VLLMBackend`) implements the abstract `Backend` and never a call. Everything runs on the
 service's asyncio loop; `self.lock` makes a backend's touches of engine state exclusive with
 its step where the step runs elsewhere. Outputs of a step reach their request as
-`StepOutput`s through `deliver` (and the engine's stream interval, serving/streams.py). Tickets'
-addresses, leases and transfer outcomes are `self.leases` (serving/leases.py).
+`StepOutput`s through `deliver` (and the stream interval, serving/streams.py). Tickets' leases: `self.leases`.
 """
 
 from __future__ import annotations

@@ -224,6 +224,38 @@ def test_run_request_deadline_in_virtual_time_aborts_everywhere():
     clock.run(go())
 
 
+def test_a_closed_engine_ends_its_open_streams_and_refuses_new_calls():
+    """An engine that stops (a planner's scale-down, a shutdown) ends each stream it still has with
+    UNAVAILABLE and refuses calls that come after: the router then resumes or retries them elsewhere.
+    (A start_generate that reached a stopped simulated engine used to wait forever: a planner's day in
+    the simulator never ended.)"""
+    async def go():
+        cluster, service = one_engine()
+        await cluster.start()
+        try:
+            h = cluster.handles[0]
+            running = h.start_generate(protocol.Request("open", list(range(1, 100)),
+                                                        SamplingParams(max_tokens=500, ignore_eos=True)))
+            assert (await running.__anext__()).token_ids
+            service.close()
+            with pytest.raises(EngineCallError) as err:
+                async with asyncio.timeout(60):  # NOTE: virtual seconds: a stream left open fails here, not hangs
+                    async for _ in running:
+                        pass
+            assert err.value.code is ErrorCode.UNAVAILABLE and "shutting down" in str(err.value)
+            with pytest.raises(EngineCallError) as err:
+                async for _ in h.start_generate(protocol.Request("late", [1, 2, 3], SamplingParams(max_tokens=4))):
+                    pass
+            assert err.value.code is ErrorCode.UNAVAILABLE
+            with pytest.raises(EngineCallError) as err:
+                await h.prep_recv(protocol.Request("late2", [1, 2, 3], SamplingParams(max_tokens=4)), end=3)
+            assert err.value.code is ErrorCode.UNAVAILABLE
+        finally:
+            await cluster.close()
+
+    clock.run(go())
+
+
 @pytest.mark.parametrize("wait", ["next_chunk", "channel_reply"])
 async def test_a_cancel_is_kept_when_the_awaited_item_arrives_with_it(wait):
     """A client's disconnect cancels its request's task just as a chunk (or a reply) arrives: the cancel

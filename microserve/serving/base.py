@@ -7,11 +7,10 @@
     stats / health / kv_snapshot   assembled from the backend's books (serving/replies.py)
     lora           backend.load_lora / unload_lora
 
-The service is the one class with the calls; a backend (`BuiltinBackend`, `SimBackend`,
-`VLLMBackend`) implements the abstract `Backend` and never a call. Everything runs on the
-service's asyncio loop; `self.lock` makes a backend's touches of engine state exclusive with
-its step where the step runs elsewhere. Outputs of a step reach their request as
-`StepOutput`s through `deliver` (and the stream interval, serving/streams.py). Tickets' leases: `self.leases`.
+The one class with the calls; a backend (`BuiltinBackend`, `SimBackend`, `VLLMBackend`) implements
+the abstract `Backend`, never a call. All on the service's loop; `self.lock` keeps a backend's touches
+of engine state apart from its step. Step outputs reach streams by `deliver` (serving/streams.py).
+One cohesive unit a little over 300 lines: every call of an engine and its checks, read in one place.
 """
 
 from __future__ import annotations
@@ -51,6 +50,7 @@ from microserve.text import InvalidRequestError
 log = logging.getLogger(__name__)
 
 MAX_LEASE_S = 120.0  # default cap of a ticket's lease (`--max-lease-seconds`)
+CLOSED = "the engine is shutting down"
 
 
 class EngineService:
@@ -161,9 +161,16 @@ class EngineService:
         task.add_done_callback(self._tasks.discard)
 
     def close(self) -> None:
+        """Stop. Later calls and every open stream end with UNAVAILABLE (the router goes elsewhere)."""
         self._closed = True
         self._wake.set()
         self.backend.close()
+        for rid, queue in self._streams.items():
+            queue.put_nowait(StepOutput(rid, [], Finish.ERROR, error=CLOSED))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineError(ErrorCode.UNAVAILABLE, CLOSED)
 
     # -- prep_recv ---------------------------------------------------------------------------------
     async def prep_recv(self, req: protocol.Request, end: int, lease_s: float | None = None) -> protocol.RecvTicket:
@@ -250,6 +257,7 @@ class EngineService:
         self.aborted.check(rid)  # NOTE: also when it was aborted while we waited for its KV
         if ticket is not None and ticket.state is TicketState.COMPLETE:
             self.tickets.remove(ticket)  # the backend adopts its blocks in submit
+        self._check_open()  # NOTE: closed while it waited for its KV: no step would ever feed the stream
         queue = self._streams[rid] = StreamQueue()
         try:
             await self.backend.submit(req, prompt, begin, sampling, ticket, lent)
@@ -293,6 +301,7 @@ class EngineService:
         return protocol.KVSnapshotReply(self.engine_id, hashes, self.events.seq)
 
     def _validated(self, req: protocol.Request, whole: bool = True) -> list[int]:
+        self._check_open()
         try:
             self.backend.check_prompt(req.prompt_ids, whole)
         except InvalidRequestError as exc:

@@ -386,7 +386,8 @@ class Chaos:
             await self.settle(session)
             end = time.monotonic() + self.args.minutes * 60
             segment = 0
-            while time.monotonic() < end and not self.violations:
+            while (segment < self.args.segments if self.args.segments else time.monotonic() < end) \
+                    and not self.violations:
                 segment += 1
                 stop = asyncio.Event()
                 workers = [asyncio.ensure_future(self.worker(session, stop)) for _ in range(self.args.clients)]
@@ -428,6 +429,8 @@ class Chaos:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=2.0)
+    p.add_argument("--segments", type=int, default=0,
+                   help="stop after this many segments instead (6: each fault once, in a seeded order)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--clients", type=int, default=4, help="concurrent request loops")
     p.add_argument("--segment", type=float, default=12.0, help="seconds of load per injected fault")

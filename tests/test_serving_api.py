@@ -197,6 +197,45 @@ def test_a_retry_passes_over_the_engine_that_failed_and_aborts_what_it_touched()
         assert engine["open_tickets"] == 0 and engine["kv_blocks_used"] == engine["kv_blocks_cached"]
 
 
+class FullFourTimes(Strategy):
+    """The first four attempts of each request are refused for want of KV blocks (as a full decode
+    engine refuses prep_recv); the fifth runs."""
+
+    roles = {"engine": 1}  # noqa: RUF012 (the documented strategy style)
+
+    async def generate(self, req, cluster):
+        h = cluster.least_loaded("engine")
+        tried = int(req.request_id.split("~")[1]) if "~" in req.request_id else 0
+        if tried < 4:
+            raise EngineCallError(ErrorCode.OVERLOADED, "not enough free KV blocks (simulated)", h.name)
+        async for chunk in h.start_generate(req):
+            yield chunk
+
+
+def test_a_request_refused_for_want_of_kv_waits_for_it_past_its_retries():
+    """max_retries 2, refused 4 times: it waits (backoff 50, 100 ms) and is served, not failed; without a
+    deadline to wait against, the refusal reaches the client as before."""
+    reqs = [SimRequest(list(range(1, 100)), 4) for _ in range(2)]
+    cluster = build_cluster({"engine": 1}, COST, load_link("nvlink"), CONFIG)
+    results, _ = clock.run(simulate(FullFourTimes(), cluster, reqs, None, 1, 0))
+    assert all(r.ok and r.output_tokens == 4 for r in results), [r.error for r in results]
+    assert all(r.ttft >= 0.15 for r in results)  # NOTE: virtual time: the two pauses of the backoff
+
+    async def no_deadline():
+        cluster, _ = one_engine()
+        await cluster.start()
+        try:
+            req = protocol.Request("r", list(range(1, 50)), SamplingParams(max_tokens=2))
+            with pytest.raises(EngineCallError) as err:
+                async for _ in run_request(FullFourTimes(), cluster, req, max_retries=2):
+                    pass
+            assert err.value.code is ErrorCode.OVERLOADED
+        finally:
+            await cluster.close()
+
+    clock.run(no_deadline())
+
+
 def test_run_request_deadline_in_virtual_time_aborts_everywhere():
     async def go():
         cluster, service = one_engine()

@@ -84,7 +84,7 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
     `generating` the engines that generate it (the lead choice of `n`, router/choices.py)."""
     generated: list[int] = []
     avoid: set[EngineHandle] = set()
-    attempt = moves = 0
+    attempt = moves = waits = 0
     move: Moved | None = None  # set when the engine streaming it is drained by migration
     while True:
         n = attempt + moves
@@ -104,6 +104,11 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
                     on_move()
                 continue
             died = exc.code in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT)
+            if attempt >= max_retries and await _wait_for_capacity(exc, generated, deadline, waits):
+                waits += 1  # NOTE: every engine it tried is full: it waits its turn, as on one engine
+                avoid.clear()
+                attempt += 1
+                continue
             if exc.code not in RETRYABLE or attempt >= max_retries or (generated and not died):
                 raise
             log.warning("request %s: %s; %s on another engine", req.request_id, exc,
@@ -117,6 +122,21 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
             await chunks.aclose()
             if current is not None:
                 current.release()
+
+
+async def _wait_for_capacity(exc: EngineCallError, generated: list[int], deadline: float | None, waits: int) -> bool:
+    """Whether to try again after a pause: an engine refused the request for want of KV blocks
+    (OVERLOADED, e.g. a decode engine's prep_recv in PD) before its first token, its retries are spent,
+    and the deadline leaves room. A single engine queues such a request until blocks free up; a
+    disaggregated one waits here the same way (backoff 50 ms doubling to 1 s) instead of failing it."""
+    if exc.code is not ErrorCode.OVERLOADED or generated or deadline is None:
+        return False
+    pause = min(1.0, 0.05 * 2 ** waits)
+    loop = asyncio.get_running_loop()
+    if loop.time() + pause >= deadline:
+        return False
+    await asyncio.sleep(pause)
+    return True
 
 
 def _handle(cluster: Cluster, name: str) -> EngineHandle | None:

@@ -46,6 +46,8 @@ from microserve.text import InvalidRequestError, TextStream, check_token_ids
 
 log = logging.getLogger(__name__)
 
+REQUEST_TIMEOUT_S = 600.0  # a request's default deadline, arrival to last token (`--request-timeout`)
+
 
 class Router:
     """The router runtime over one cluster and one strategy.
@@ -61,7 +63,7 @@ class Router:
     """
 
     def __init__(self, cluster: Cluster, strategy: Strategy, tokenizer, *, max_model_len: int | None = None,
-                 request_timeout: float = 600.0, max_retries: int = 2, max_pending: int = 1024) -> None:
+                 request_timeout: float = REQUEST_TIMEOUT_S, max_retries: int = 2, max_pending: int = 1024) -> None:
         self.cluster, self.strategy, self.tokenizer = cluster, strategy, tokenizer
         self.max_model_len = max_model_len or cluster.max_model_len
         self.request_timeout, self.max_retries, self.max_pending = request_timeout, max_retries, max_pending

@@ -30,7 +30,7 @@ from microserve.engine.config import EngineConfig
 from microserve.protocol import Request
 from microserve.router.handle import EngineCallError
 from microserve.router.journal import Recorder
-from microserve.router.runtime import RouterError, run_request
+from microserve.router.runtime import REQUEST_TIMEOUT_S, RouterError, run_request
 from microserve.router.strategy import Strategy, load_strategy
 from microserve.sampling_params import SamplingParams
 from microserve.sim import clock
@@ -89,7 +89,9 @@ async def _serve(i: int, sreq: SimRequest, strategy: Strategy, cluster: SimClust
     finished = False
     # the router's own request loop: retries before the first token, aborts on every touched engine
     touched: set = set()
-    chunks = run_request(strategy, cluster, req, max_retries=max_retries, record=touched)
+    # NOTE: the router's default deadline: a request refused for want of KV waits for it until then
+    chunks = run_request(strategy, cluster, req, max_retries=max_retries, record=touched,
+                         deadline=sent + REQUEST_TIMEOUT_S)
     try:
         async for chunk in chunks:
             if chunk.token_ids:

@@ -72,7 +72,8 @@ def serve_parser() -> argparse.ArgumentParser:
                         "out: the model's generation_config.json (auto, as vLLM), a folder's, or none (vllm)")
     g.add_argument("--request-timeout", type=float, default=600.0, help="per-request deadline in seconds")
     g.add_argument("--max-retries", type=int, default=2,
-                   help="restarts on another engine when one fails before the first token")
+                   help="restarts on another engine when one fails before the first token (a request refused for "
+                        "want of KV blocks then waits for them until --request-timeout)")
     g.add_argument("--max-pending", type=int, default=1024, help="requests in flight before 429s")
     g.add_argument("--evict-after", type=float, default=30.0, metavar="SECONDS",
                    help="an engine that joined (engine --join) and stops answering leaves the cluster after this; "

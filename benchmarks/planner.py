@@ -48,11 +48,13 @@ def day(mean: float, duration: float, seed: int) -> list[traces.TraceRequest]:
 
 def run(layout: dict[str, int], trace: list[traces.TraceRequest], cost: CostModel, config, plan=None):
     reqs = [SimRequest(traces.prompt_ids(r, cost.model.vocab, i), r.output_tokens) for i, r in enumerate(trace)]
-    results, duration, _ = simulate_workload(load_strategy("pd"), layout, cost, load_link("nvlink"), config, reqs,
-                                             None, 1, 0, arrivals=[r.time for r in trace], plan=plan)
+    results, duration, cluster = simulate_workload(load_strategy("pd"), layout, cost, load_link("nvlink"), config,
+                                                   reqs, None, 1, 0, arrivals=[r.time for r in trace], plan=plan)
     attained = sum(report.meets_slo(r, SLO) for r in results) / len(results)
     gpu_hours = plan.gpu_hours if plan is not None else sum(layout.values()) * cost.tp * duration / 3600
-    return attained, gpu_hours, duration, results
+    # NOTE: prep_recv calls refused for want of KV blocks (a request waits, then tries again)
+    refused = sum(s.stats().kv_refusals for h, s in zip(cluster.handles, cluster.servers) if h.role == "decode")
+    return attained, gpu_hours, duration, results, refused
 
 
 def smallest(rate: float, cost: CostModel, config, seconds: float, seed: int) -> dict[str, int]:
@@ -69,16 +71,19 @@ def smallest(rate: float, cost: CostModel, config, seconds: float, seed: int) ->
     capacity = config.max_num_batched_tokens / cost.step_seconds([(0, config.max_num_batched_tokens)])
     layout = {"prefill": max(1, math.ceil(rate * mean_prompt / capacity)), "decode": 1}
     for _ in range(12):
-        attained, _, _, results = run(layout, trace, cost, config)
+        attained, _, _, results, refused = run(layout, trace, cost, config)
         if attained >= 0.99:
             return layout
         ok = [r for r in results if r.ok]
-        # NOTE: a failed request counts against the role of the engine its error names: a decode engine
-        # out of KV blocks refuses prep_recv ("not enough free KV blocks to receive ... (engine decode-0)")
+        # NOTE: a decode engine out of KV blocks refuses prep_recv ("not enough free KV blocks to receive"):
+        # the request waits and its first token is late, which is decode's doing, not prefill's
         failed = [r for r in results if not r.ok]
         on_decode = sum("engine decode-" in (r.error or "") for r in failed)
         slow_first = sum(r.ttft is None or r.ttft > SLO["ttft_s"] for r in ok) + len(failed) - on_decode
         slow_next = sum(r.tpot is not None and r.tpot > SLO["tpot_s"] for r in ok) + on_decode
+        if refused > 0.01 * len(trace):
+            layout["decode"] += 1
+            continue
         layout["prefill" if slow_first >= slow_next else "decode"] += 1
     raise RuntimeError(f"no layout met the SLO at {rate} req/s (last tried {layout})")
 
@@ -112,7 +117,7 @@ def main() -> None:
                                 ("(b) static, sized for the mean", for_mean, None),
                                 ("(c) planners/slo.py, from (b)", for_mean, plan)):
         t0 = time.perf_counter()
-        attained, gpu_hours, _, results = run(layout, trace, cost, config, plan_)
+        attained, gpu_hours, _, results, _ = run(layout, trace, cost, config, plan_)
         rows.append((name, layout, gpu_hours, attained, sum(not r.ok for r in results), time.perf_counter() - t0))
     a_hours, a_att = rows[0][2], rows[0][3]
     print("\n| layout | engines at start | GPU-hours | vs (a) | SLO attainment | failed | wall s |")

@@ -255,9 +255,9 @@ class EngineService:
             self.backend.check_adoption(req, sampling)
             await wait_for_kv(ticket, self.transfer_timeout, self.leases.close)
         self.aborted.check(rid)  # NOTE: also when it was aborted while we waited for its KV
+        self._check_open()  # NOTE: closed while it waited for its KV: no step would ever feed the stream
         if ticket is not None and ticket.state is TicketState.COMPLETE:
             self.tickets.remove(ticket)  # the backend adopts its blocks in submit
-        self._check_open()  # NOTE: closed while it waited for its KV: no step would ever feed the stream
         queue = self._streams[rid] = StreamQueue()
         try:
             await self.backend.submit(req, prompt, begin, sampling, ticket, lent)

@@ -1,7 +1,8 @@
 """`microserve launch` with every shipped strategy, called with the official `openai` client.
 
 Each deployment is real: engine subprocesses, ZeroMQ calls, KV transfers, the router and
-the aiohttp gateway. Greedy outputs must equal `microserve.LLM` on one engine, for
+the aiohttp gateway; strategies that route to the same roles share one, swapped in through
+`PUT /admin/strategy`. Greedy outputs must equal `microserve.LLM` on one engine, for
 completions and chat, streamed or not; afterwards no engine may hold a leaked block,
 and SIGTERM must stop every process.
 """
@@ -13,6 +14,7 @@ import os
 import signal
 import time
 
+import aiohttp
 import openai
 import pytest
 from deploy import start_launch
@@ -56,45 +58,69 @@ async def assert_no_leaks(engines: dict[str, str]) -> None:
             assert s.kv_blocks_used == s.kv_blocks_cached, (name, s)
 
 
+ADMIN = "launch-admin"
+# strategies by the engine roles they route to: one deployment per group, the strategy swapped in through
+# PUT /admin/strategy (each strategy still serves through a real launch: engines, ZeroMQ, KV, gateway)
+GROUPS = {"round_robin": "engine", "context_migration": "engine", "cache_aware": "engine",
+          "pd": "pd", "balanced_pd": "pd", "adaptive_pd": "pd"}
+
+
+@pytest.fixture(scope="module")
+def deployments(model):
+    """Started on first use, one per role group; at the end SIGTERM must stop every process of each."""
+    path = model[0]
+    deps: dict[str, tuple] = {}
+
+    def get(group: str):
+        if group not in deps:
+            first = "round_robin" if group == "engine" else "pd"
+            dep = start_launch("--strategy", f"strategies/{first}.py", "--model", path, "--num-kv-blocks", "256",
+                               "--admin-key", ADMIN, "--log-level", "error")
+            deps[group] = (dep, dep.children())
+            assert len(deps[group][1]) == 2
+        return deps[group][0]
+
+    yield get
+    for dep, children in deps.values():
+        assert dep.stop() == 0
+        alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+        assert not alive, f"engine processes left behind: {alive}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
-async def test_launch_strategy_matches_one_engine(strategy, model):
-    path, texts, chat_text = model
-    dep = start_launch("--strategy", f"strategies/{strategy}.py", "--model", path, "--num-kv-blocks", "256",
-                       "--log-level", "error")
-    children = dep.children()
-    try:
-        assert len(children) == 2
-        client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="unused", max_retries=0)
-        [model_id] = [m.id async for m in client.models.list()]
-        for prompt, want in zip(PROMPTS, texts):  # in order: later prompts hit cached prefixes
-            out = await client.completions.create(model=model_id, prompt=prompt, max_tokens=MAX_TOKENS,
-                                                  temperature=0)
-            assert out.choices[0].text == want, (strategy, prompt)
-            assert out.usage.completion_tokens == MAX_TOKENS or out.choices[0].finish_reason == "stop"
-        streamed = await asyncio.gather(*(_stream_completion(client, model_id, p) for p in PROMPTS))
-        assert streamed == texts
-        chat = await client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=MAX_TOKENS,
-                                                    temperature=0)
-        assert chat.choices[0].message.content == chat_text
-        assert chat.choices[0].message.role == "assistant"
-        stream = await client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=MAX_TOKENS,
-                                                      temperature=0, stream=True,
-                                                      stream_options={"include_usage": True})
-        pieces, usage = [], None
-        async for chunk in stream:
-            if chunk.choices:
-                pieces.append(chunk.choices[0].delta.content or "")
-            if chunk.usage is not None:
-                usage = chunk.usage
-        assert "".join(pieces) == chat_text
-        assert usage is not None and usage.completion_tokens <= MAX_TOKENS and usage.prompt_tokens > 0
-        await client.close()
-        await assert_no_leaks(dep.engines)
-    finally:
-        assert dep.stop() == 0
-    alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
-    assert not alive, f"engine processes left behind: {alive}"
+async def test_launch_strategy_matches_one_engine(strategy, model, deployments):
+    _, texts, chat_text = model
+    dep = deployments(GROUPS[strategy])
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN}"}) as s, \
+            s.put(dep.url + "/admin/strategy", json={"path": f"strategies/{strategy}.py"}) as r:
+        assert r.status == 200, await r.text()
+    client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="unused", max_retries=0)
+    [model_id] = [m.id async for m in client.models.list()]
+    for prompt, want in zip(PROMPTS, texts):  # in order: later prompts hit cached prefixes
+        out = await client.completions.create(model=model_id, prompt=prompt, max_tokens=MAX_TOKENS,
+                                              temperature=0)
+        assert out.choices[0].text == want, (strategy, prompt)
+        assert out.usage.completion_tokens == MAX_TOKENS or out.choices[0].finish_reason == "stop"
+    streamed = await asyncio.gather(*(_stream_completion(client, model_id, p) for p in PROMPTS))
+    assert streamed == texts
+    chat = await client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=MAX_TOKENS,
+                                                temperature=0)
+    assert chat.choices[0].message.content == chat_text
+    assert chat.choices[0].message.role == "assistant"
+    stream = await client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=MAX_TOKENS,
+                                                  temperature=0, stream=True,
+                                                  stream_options={"include_usage": True})
+    pieces, usage = [], None
+    async for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert "".join(pieces) == chat_text
+    assert usage is not None and usage.completion_tokens <= MAX_TOKENS and usage.prompt_tokens > 0
+    await client.close()
+    await assert_no_leaks(dep.engines)
 
 
 def test_killed_launcher_takes_its_engines_along(demo_path):

@@ -11,32 +11,22 @@ engine yet: this measures whether it is worth moving into microserve/csrc/.
 """
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.cpp_extension import load_inline
 
+# NOTE: e^x for 8 floats is the engine's own (microserve/csrc/cpu_kernels.cpp), not a copy
+CSRC = (Path(__file__).resolve().parents[1] / "microserve" / "csrc" / "cpu_kernels.cpp").read_text()
+_EXP8 = CSRC[CSRC.index("inline __m256 exp8("):CSRC.index("\n}\n", CSRC.index("inline __m256 exp8(")) + 3]
 src = r'''
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
 #include <vector>
-static inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-88.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
+EXP8
 // q [n, hq, D], k/v [n, hkv, D], causal, one sequence; D == 64
 torch::Tensor causal(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
   const int64_t n = q.size(0), hq = q.size(1), D = q.size(2), hkv = k.size(1), G = hq / hkv;
@@ -120,6 +110,7 @@ torch::Tensor causal(torch::Tensor q, torch::Tensor k, torch::Tensor v, double s
   return o;
 }
 '''
+src = src.replace("EXP8", _EXP8)
 m = load_inline("prefill_attention_candidate", cpp_sources=src, functions=["causal"], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 

@@ -12,6 +12,7 @@ import pytest
 from microserve import protocol
 from microserve.engine.config import EngineConfig
 from microserve.router.handle import EngineCallError
+from microserve.router.kv_wait import HEAD_POLL_S
 from microserve.router.runtime import RouterError, run_request
 from microserve.router.strategy import Strategy
 from microserve.sampling_params import SamplingParams
@@ -197,37 +198,55 @@ def test_a_retry_passes_over_the_engine_that_failed_and_aborts_what_it_touched()
         assert engine["open_tickets"] == 0 and engine["kv_blocks_used"] == engine["kv_blocks_cached"]
 
 
-class FullFourTimes(Strategy):
-    """The first four attempts of each request are refused for want of KV blocks (as a full decode
-    engine refuses prep_recv); the fifth runs."""
+class OneAtATime(Strategy):
+    """Refuses a request for want of KV blocks (as a full decode engine refuses prep_recv) while another
+    is running; counts its attempts."""
 
     roles = {"engine": 1}  # noqa: RUF012 (the documented strategy style)
 
+    def __init__(self) -> None:
+        self.running, self.attempts = 0, 0
+
     async def generate(self, req, cluster):
+        self.attempts += 1
         h = cluster.least_loaded("engine")
-        tried = int(req.request_id.split("~")[1]) if "~" in req.request_id else 0
-        if tried < 4:
+        if self.running:
             raise EngineCallError(ErrorCode.OVERLOADED, "not enough free KV blocks (simulated)", h.name)
-        async for chunk in h.start_generate(req):
-            yield chunk
+        self.running += 1
+        try:
+            async for chunk in h.start_generate(req):
+                yield chunk
+        finally:
+            self.running -= 1
 
 
-def test_a_request_refused_for_want_of_kv_waits_for_it_past_its_retries():
-    """max_retries 2, refused 4 times: it waits (backoff 50, 100 ms) and is served, not failed; without a
-    deadline to wait against, the refusal reaches the client as before."""
-    reqs = [SimRequest(list(range(1, 100)), 4) for _ in range(2)]
+def test_a_request_refused_for_want_of_kv_is_parked_until_blocks_free():
+    """Three requests, room for one at a time, max_retries 2: the other two are parked (router/kv_wait.py)
+    and each starts when the one before it ends, in arrival order, not failed and not polling: a handful
+    of attempts, where retrying on a timer would take one per pause. Without a deadline to wait against,
+    the refusal reaches the client as before."""
+    reqs = [SimRequest(list(range(1, 100)), 400) for _ in range(3)]
     cluster = build_cluster({"engine": 1}, COST, load_link("nvlink"), CONFIG)
-    results, _ = clock.run(simulate(FullFourTimes(), cluster, reqs, None, 1, 0))
-    assert all(r.ok and r.output_tokens == 4 for r in results), [r.error for r in results]
-    assert all(r.ttft >= 0.15 for r in results)  # NOTE: virtual time: the two pauses of the backoff
+    strategy = OneAtATime()
+    results, total = clock.run(simulate(strategy, cluster, reqs, None, 3, 0))
+    assert all(r.ok and r.output_tokens == 400 for r in results), [r.error for r in results]
+    first, second, third = sorted(results, key=lambda r: r.start + r.ttft)
+    end = first.start + first.e2e
+    assert end <= second.start + second.ttft < end + 0.05  # NOTE: virtual time: woken as the first ended
+    assert second.start + second.e2e <= third.start + third.ttft < second.start + second.e2e + 0.05
+    # each: a first try, the two parked ones their 2 retries and one wake; the head's rescue poll at most
+    # every HEAD_POLL_S (a 1 s retry timer would have made some 20 attempts)
+    assert strategy.attempts <= 3 + 2 * 2 + 2 + int(total / HEAD_POLL_S), (strategy.attempts, total)
 
     async def no_deadline():
         cluster, _ = one_engine()
         await cluster.start()
         try:
+            busy = OneAtATime()
+            busy.running = 1
             req = protocol.Request("r", list(range(1, 50)), SamplingParams(max_tokens=2))
             with pytest.raises(EngineCallError) as err:
-                async for _ in run_request(FullFourTimes(), cluster, req, max_retries=2):
+                async for _ in run_request(busy, cluster, req, max_retries=2):
                     pass
             assert err.value.code is ErrorCode.OVERLOADED
         finally:

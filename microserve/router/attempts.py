@@ -42,7 +42,7 @@ async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadli
     attempt = cluster.attempts.open(Attempt(req.request_id, avoid, generating))
     touched = attempt.touched
     chunks = strategy.generate(req, AvoidingCluster(cluster, attempt.avoid) if avoid else cluster)
-    clean = False  # the engine itself finished the request: nothing left to abort
+    clean = started = False  # clean: the engine itself finished the request: nothing left to abort
     try:
         while True:
             if deadline is None:  # NOTE: no extra coroutine frame per token on the common path
@@ -52,7 +52,7 @@ async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadli
             if chunk is None:
                 raise RouterError(ErrorCode.STRATEGY_ERROR, f"strategy {type(strategy).__name__} ended the stream "
                                   "without a finish reason")
-            clean = chunk.finish_reason is not None
+            clean, started = chunk.finish_reason is not None, True
             yield chunk
             if clean:
                 return
@@ -66,6 +66,8 @@ async def run_attempt(strategy: Strategy, cluster: Cluster, req: Request, deadli
             record.update(touched)
         if not clean or lenders:
             abort_everywhere(req.request_id, lenders if clean else touched)
+        if started:
+            cluster.kv_waiters.freed()  # its blocks are freed (or being freed): a parked request may fit now
 
 
 async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max_retries: int = 0,
@@ -93,6 +95,8 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
         chunks = run_attempt(current or strategy, cluster, areq, deadline, frozenset(avoid), record, generating)
         try:
             async for chunk in chunks:
+                if waits and not generated:
+                    cluster.kv_waiters.freed()  # NOTE: a parked request got in: there may be room for the next
                 generated += chunk.token_ids
                 yield chunk
             return
@@ -104,7 +108,7 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
                     on_move()
                 continue
             died = exc.code in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT)
-            if attempt >= max_retries and await _wait_for_capacity(exc, generated, deadline, waits):
+            if attempt >= max_retries and await _wait_for_capacity(cluster, exc, generated, deadline, waits):
                 waits += 1  # NOTE: every engine it tried is full: it waits its turn, as on one engine
                 avoid.clear()
                 attempt += 1
@@ -124,19 +128,16 @@ async def run_request(strategy: Strategy, cluster: Cluster, req: Request, *, max
                 current.release()
 
 
-async def _wait_for_capacity(exc: EngineCallError, generated: list[int], deadline: float | None, waits: int) -> bool:
-    """Whether to try again after a pause: an engine refused the request for want of KV blocks
+async def _wait_for_capacity(cluster: Cluster, exc: EngineCallError, generated: list[int], deadline: float | None,
+                             waits: int) -> bool:
+    """Whether to try again after waiting: an engine refused the request for want of KV blocks
     (OVERLOADED, e.g. a decode engine's prep_recv in PD) before its first token, its retries are spent,
     and the deadline leaves room. A single engine queues such a request until blocks free up; a
-    disaggregated one waits here the same way (backoff 50 ms doubling to 1 s) instead of failing it."""
+    cluster parks it (router/kv_wait.py) until a request ends or an engine joins, in arrival order (a
+    request refused again after a wait keeps its place at the head), instead of failing it."""
     if exc.code is not ErrorCode.OVERLOADED or generated or deadline is None:
         return False
-    pause = min(1.0, 0.05 * 2 ** waits)
-    loop = asyncio.get_running_loop()
-    if loop.time() + pause >= deadline:
-        return False
-    await asyncio.sleep(pause)
-    return True
+    return await cluster.kv_waiters.wait(deadline, front=waits > 0)
 
 
 def _handle(cluster: Cluster, name: str) -> EngineHandle | None:

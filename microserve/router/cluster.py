@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from microserve import protocol
 from microserve.router.attempt_scope import AttemptRegistry
 from microserve.router.handle import EngineCallError, EngineHandle
+from microserve.router.kv_wait import KVWaiters
 from microserve.router.prefix_index import PrefixIndex
 from microserve.router.watch import Watch
 
@@ -89,6 +90,7 @@ class Cluster:
         self.evict_after = 30.0  # seconds a joined engine may stay down before it is evicted
         self.cluster_key, self._timeout = cluster_key, timeout
         self.attempts = AttemptRegistry()  # requests' strategy runs: what each touched (router/attempt_scope.py)
+        self.kv_waiters = KVWaiters()  # requests parked for want of KV blocks (router/kv_wait.py)
         for h in self.handles:
             h.on_state, h.attempts = self.watch.on_state, self.attempts
 
@@ -225,6 +227,7 @@ class Cluster:
         self.handles.append(h)
         for hook in self.on_join:
             hook(h)
+        self.kv_waiters.joined()
         return h
 
     def _new_handle(self, address: str, role: str) -> EngineHandle:

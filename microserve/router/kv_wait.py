@@ -17,6 +17,7 @@ goes back to the front. Waiting is bounded by the request's deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 
 __all__ = ["KVWaiters"]
@@ -57,10 +58,8 @@ class KVWaiters:
         finally:
             if not fut.done():
                 fut.cancel()
-            try:
+            with contextlib.suppress(ValueError):
                 self._queue.remove(fut)
-            except ValueError:
-                pass
 
     def freed(self) -> None:
         """Blocks may have been freed (a request that had started ended, or one got its first chunk):

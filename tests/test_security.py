@@ -171,7 +171,8 @@ async def test_a_forged_kv_address_is_refused_before_any_byte_is_written(engines
         before_p, before_d = await p.stats(), await d.stats()
         fake = f"127.0.0.1:{listener.getsockname()[1]}"
         forged = [
-            msgspec.structs.replace(ticket.kv, block_ids=list(range(len(ticket.kv.block_ids)))),  # blocks of others
+            # blocks of others (shifted by one: on a fresh engine the ticket's own may be 0..n-1)
+            msgspec.structs.replace(ticket.kv, block_ids=[b + 1 for b in ticket.kv.block_ids]),
             msgspec.structs.replace(ticket.kv, endpoint=fake),  # the victim's shm path behind a fake receiver
             msgspec.structs.replace(ticket.kv, expiry=ticket.kv.expiry + 3600),  # a longer lease
             msgspec.structs.replace(ticket.kv, signature=""),

@@ -31,10 +31,16 @@ EventHook = Callable[[str, list[int]], None]
 StoreHook = Callable[[list[int], list[int]], None]  # (prefix hashes, block ids) of newly cached blocks
 
 
+_PACKERS: dict[int, Callable[..., bytes]] = {}  # block length -> its struct's pack (a block size or two per process)
+
+
 def chain_hash(parent: int, tokens: Sequence[int]) -> int:
     """Stable 64-bit hash of a block given its parent's hash (same in every process)."""
     h = hashlib.blake2b(parent.to_bytes(8, "little"), digest_size=8)
-    h.update(struct.pack(f"<{len(tokens)}i", *tokens))  # each token as 4 little-endian signed bytes
+    pack = _PACKERS.get(len(tokens))
+    if pack is None:
+        pack = _PACKERS[len(tokens)] = struct.Struct(f"<{len(tokens)}i").pack
+    h.update(pack(*tokens))  # each token as 4 little-endian signed bytes
     return int.from_bytes(h.digest(), "little")
 
 

@@ -102,9 +102,13 @@ class PrefixIndex(Generic[E]):
             return
         mine = self._blocks[eid]
         if event.kind == "stored":
+            holders = self._holders
             for h in event.hashes:
-                self._holders.setdefault(h, set()).add(eid)
-                mine.add(h)
+                if (held := holders.get(h)) is None:
+                    holders[h] = {eid}
+                else:
+                    held.add(eid)
+            mine.update(event.hashes)
         elif event.kind == "evicted":
             for h in event.hashes:
                 mine.discard(h)

@@ -79,10 +79,11 @@ async def first_token_order(dep, client, *batches: list[dict]) -> list[int]:
     async def queued(n: int) -> None:
         for _ in range(500):
             async with EngineHandle(engine, timeout=10) as h:
-                if (await h.stats()).waiting >= n:
+                s = await h.stats()
+                if s.running >= 2 and s.waiting >= n:  # NOTE: both blockers run (a late one would count as waiting)
                     return
             await asyncio.sleep(0.02)
-        raise AssertionError(f"the engine never queued {n} requests")
+        raise AssertionError(f"the engine never ran both blockers and queued {n} requests")
 
     blockers = [asyncio.create_task(one(None, {"max_tokens": 3000, "extra_body": {"ignore_eos": True}}))
                 for _ in range(2)]

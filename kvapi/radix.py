@@ -171,7 +171,7 @@ class RadixCache:
                 child = _Node(key, block, chain_hash(node.hash, key), node)
                 node.children[key] = child
                 heapq.heappush(self._heap, (now, id(child), child))
-                self.pool.incref([block])
+                self.pool.incref([block], cache=True)
                 self._num_nodes += 1
                 stored.append(child.hash)
                 blocks.append(block)
@@ -224,7 +224,7 @@ class RadixCache:
             parent = node.parent
             del parent.children[node.key]
             node.parent = None
-            self.pool.free([node.block])
+            self.pool.free([node.block], cache=True)
             self._num_nodes -= 1
             evicted.append(node.hash)
             if parent.parent is not None and not parent.children:

@@ -87,6 +87,28 @@ def test_prefix_cache_hit(llama_ckpt):
     assert_no_leak(llm)
 
 
+def test_blocks_a_running_request_shares_with_the_cache_count_as_used_not_cached(llama_ckpt):
+    """`kv_blocks_cached` counts blocks only a cache holds (free to take), so `used - cached` is the KV
+    requests hold: a planner's `kv_usage`. Blocks of a running request enter the prefix cache as soon as
+    they are computed; they stay in use until it ends (they were once counted as cached: a decode engine
+    full of streams looked empty)."""
+    from microserve.engine.config import EngineConfig
+    from microserve.engine.engine import LLMEngine
+
+    engine = LLMEngine(llama_ckpt[0], config=EngineConfig(block_size=16, num_kv_blocks=64))
+    engine.add_request("a", _prompts([70], salt=5)[0], SamplingParams(max_tokens=40, temperature=0.0,
+                                                                      ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    s = engine.stats()
+    assert s.kv_blocks_used >= 5 and s.kv_blocks_used - s.kv_blocks_cached >= 5, s  # 70 + 2 tokens: 5 blocks held
+    while engine.has_unfinished():
+        engine.step()
+    s = engine.stats()
+    assert s.kv_blocks_used == s.kv_blocks_cached >= 6, s  # all cached now, nothing held
+    engine.kv.pool.check_invariants()
+
+
 def test_generated_tokens_are_cached_too(llama_ckpt):
     """A follow-up turn that extends prompt + answer reuses the answer's KV."""
     llm = LLM(llama_ckpt[0], block_size=8)

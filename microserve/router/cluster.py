@@ -43,7 +43,7 @@ class Load:
     running: int = 0
     waiting: int = 0
     queued_tokens: int = 0  # prompt tokens waiting for prefill (router's view or engine's, the larger)
-    kv_usage: float = 0.0  # fraction of KV blocks in use
+    kv_usage: float = 0.0  # fraction of KV blocks requests hold (blocks only the prefix cache holds are free)
     stats: protocol.StatsReply | None = None  # the last polled stats
     asked: float = 0.0  # monotonic time that poll was sent
     missed: int = 0  # polls in a row that got no answer in time

@@ -43,8 +43,9 @@ class KVCacheManager:
 
     @property
     def num_cached(self) -> int:
-        """Blocks held only as cache: full blocks in the radix cache and the tails no one else holds."""
-        return self.radix.num_blocks + sum(self.pool.ref_count(b) == 1 for _, b in self.tails.values())
+        """Blocks held only as cache (full blocks in the radix cache, kept tails) that no request, ticket or
+        lender holds: free to take. Blocks a running request shares with the cache are in use, not cached."""
+        return self.pool.num_cache_only
 
     @property
     def num_blocks(self) -> int:
@@ -93,13 +94,15 @@ class KVCacheManager:
             copy = self.take_blocks(1) if self.copy_block is not None else None
             if copy is not None:
                 self.copy_block(block, copy[0])
-            self.pool.free([block])
+            self.pool.free([block], cache=True)
             if copy is None:
                 return 0
             block = copy[0]
         elif not used:
-            self.pool.free([block])
+            self.pool.free([block], cache=True)
             return 0
+        else:
+            self.pool.uncache(block)  # NOTE: the tail's reference is the sequence's now
         seq.block_table.append(block)
         return used
 
@@ -117,18 +120,18 @@ class KVCacheManager:
                 break
             key = (seq.cache_seed, start, chain[start // bs])
             block = seq.block_table[start // bs]
-            self.pool.incref([block])
+            self.pool.incref([block], cache=True)
             old = self.tails.pop(key, None)
             if old is not None:
-                self.pool.free([old[1]])
+                self.pool.free([old[1]], cache=True)
             self.tails[key] = (seq.token_ids[start:min(start + bs, computed)], block)
         while len(self.tails) > self.max_tails:
-            self.pool.free([self.tails.popitem(last=False)[1][1]])
+            self.pool.free([self.tails.popitem(last=False)[1][1]], cache=True)
 
     def _reclaim(self, need: int) -> None:
         """Free blocks until `need` are free, if the cache allows: tails first, then the radix cache."""
         while self.tails and need > self.pool.num_free:
-            self.pool.free([self.tails.popitem(last=False)[1][1]])
+            self.pool.free([self.tails.popitem(last=False)[1][1]], cache=True)
         if need > self.pool.num_free:
             self.radix.evict(need - self.pool.num_free)
 

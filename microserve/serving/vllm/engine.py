@@ -240,7 +240,8 @@ class VLLMBackend(VLLMTransfers, PlaneTransfers, Backend):
         cached = sum(1 for b in pool.blocks if b.block_hash is not None and b.ref_cnt == 0) \
             if hasattr(pool, "blocks") else 0
         return EngineStats(running=len(s.running), waiting=len(s.waiting), kv_blocks_total=total,
-                           kv_blocks_used=total - pool.get_num_free_blocks(), kv_blocks_cached=cached,
+                           kv_blocks_used=total - pool.get_num_free_blocks() + cached,  # NOTE: vLLM's free
+                           kv_blocks_cached=cached,  # queue holds its cache-only blocks; ours counts them as used
                            prefix_cache_hit_tokens=self._cached, computed_tokens_total=self._computed,
                            queued_tokens=sum(r.num_tokens - r.num_computed_tokens for r in reqs), kernels="vllm",
                            loras=tuple(self.loras.names()))

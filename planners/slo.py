@@ -50,7 +50,7 @@ class SLOPlanner(Planner):
                 if not w.capacity_measured:  # NOTE: a lower bound until an engine was seen saturated
                     need = max(need, w.engines)
             else:
-                streams, per = w.running + w.waiting, w.running / w.engines
+                streams, per = w.running + w.waiting + w.parked, w.running / w.engines  # parked: refused KV
                 if window.itl_p90 > 0 and per > 0:  # streams one engine holds at the target, by the measurement
                     holds = max(1.0, per * self.itl_ms / (window.itl_p90 * 1e3)) * self.headroom
                     need = math.ceil(streams / holds)
@@ -61,7 +61,7 @@ class SLOPlanner(Planner):
                 if slow_next or (slow_first and "prefill" not in window.roles) or (
                         window.failed and w.kv_usage > self.kv_target):
                     need = max(need, w.engines + 1)
-            if w.refused:  # NOTE: out of KV blocks in this interval (a long prompt), whatever the mean use says
+            if w.refused or w.parked:  # NOTE: out of KV blocks (a long prompt), whatever the mean use says
                 need = max(need, w.engines + 1)
             self.fewer[role] = self.fewer.get(role, 0) + 1 if need < w.engines else 0
             if need > w.engines or self.fewer[role] >= self.calm:

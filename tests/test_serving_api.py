@@ -255,6 +255,32 @@ def test_a_request_refused_for_want_of_kv_is_parked_until_blocks_free():
     clock.run(no_deadline())
 
 
+def test_kv_waiters_wake_in_arrival_order_and_count_by_role():
+    """The queue itself (virtual time): `freed` wakes the longest waiting, `joined` every one, a deadline
+    ends a wait unwoken; `parked(role)` is what a planner's window reads."""
+    from microserve.router.kv_wait import KVWaiters
+
+    async def go():
+        q, loop, woke = KVWaiters(), asyncio.get_running_loop(), []
+
+        async def park(name, role, deadline=1000.0):
+            woke.append((name, await q.wait(loop.time() + deadline, role=role)))
+
+        tasks = [asyncio.create_task(park(n, r)) for n, r in (("a", "decode"), ("b", "decode"), ("c", "prefill"))]
+        await asyncio.sleep(0.01)
+        assert (q.parked(), q.parked("decode"), q.parked("prefill")) == (3, 2, 1)
+        q.freed()
+        await asyncio.sleep(0.01)
+        assert woke == [("a", True)] and q.parked("decode") == 1
+        q.joined()
+        await asyncio.gather(*tasks)
+        assert woke[1:] == [("b", True), ("c", True)] and len(q) == 0
+        await park("late", "decode", deadline=0.5)  # nobody wakes it, and it is the head for less than HEAD_POLL_S
+        assert woke[-1] == ("late", False) and len(q) == 0
+
+    clock.run(go())
+
+
 def test_run_request_deadline_in_virtual_time_aborts_everywhere():
     async def go():
         cluster, service = one_engine()

@@ -50,6 +50,8 @@ class RoleWindow:
     capacity_measured: bool = False  # measured (busy time, or a saturated engine), else a lower bound
     refused: int = 0  # KV receives its engines refused for want of free blocks over the interval (a request
     # failed or moved on: the role is short of KV even when its mean use looks fine)
+    parked: int = 0  # requests the router holds now because every engine of the role refused them for want of KV
+    # blocks (router/kv_wait.py): they wait for blocks, demand the role's engines could not take
 
 
 @dataclass

@@ -118,7 +118,8 @@ class Planning:
                 sum(s.queued_tokens for s in stats),
                 sum((s.kv_blocks_used - s.kv_blocks_cached) / max(1, s.kv_blocks_total) for s in stats)
                 / max(1, len(stats)),
-                sum(rates), capacity, sum(1 for e in ended if role in e[0]) / seconds, bool(measured), refused)
+                sum(rates), capacity, sum(1 for e in ended if role in e[0]) / seconds, bool(measured), refused,
+                cluster.kv_waiters.parked(role))
         return window
 
     def check(self, want: Any) -> tuple[dict[str, int], list[str]]:

@@ -137,7 +137,9 @@ async def _wait_for_capacity(cluster: Cluster, exc: EngineCallError, generated: 
     request refused again after a wait keeps its place at the head), instead of failing it."""
     if exc.code is not ErrorCode.OVERLOADED or generated or deadline is None:
         return False
-    return await cluster.kv_waiters.wait(deadline, front=waits > 0)
+    refused_by = _handle(cluster, exc.engine)
+    return await cluster.kv_waiters.wait(deadline, front=waits > 0,
+                                         role=refused_by.role if refused_by is not None else None)
 
 
 def _handle(cluster: Cluster, name: str) -> EngineHandle | None:

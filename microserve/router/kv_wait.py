@@ -30,15 +30,23 @@ class KVWaiters:
 
     def __init__(self) -> None:
         self._queue: deque[asyncio.Future[None]] = deque()
+        self._roles: dict[asyncio.Future[None], str | None] = {}  # each waiter: the role whose engines refused it
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self._roles)
 
-    async def wait(self, deadline: float, front: bool = False) -> bool:
+    def parked(self, role: str | None = None) -> int:
+        """Requests parked now (those that `role`'s engines refused; every one for None): what a planner
+        reads as demand the role's engines could not hold (control/planning.py)."""
+        return len(self._roles) if role is None else sum(1 for r in self._roles.values() if r == role)
+
+    async def wait(self, deadline: float, front: bool = False, role: str | None = None) -> bool:
         """Park until woken (True) or until `deadline` on the loop's clock passes (False). `front`: a
-        request woken before and refused again keeps its place at the head."""
+        request woken before and refused again keeps its place at the head; `role`: whose engines
+        refused it."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
+        self._roles[fut] = role
         if front:
             self._queue.appendleft(fut)
         else:
@@ -56,6 +64,7 @@ class KVWaiters:
                     if self._queue and self._queue[0] is fut and loop.time() < deadline:
                         return True  # NOTE: the head polls, in case blocks were freed by something we do not see
         finally:
+            del self._roles[fut]
             if not fut.done():
                 fut.cancel()
             with contextlib.suppress(ValueError):

@@ -1,6 +1,7 @@
 """Queue depth and KV use, with hysteresis (as production-stack and llm-d scale through KEDA): a role
-gets one more engine while requests queue on its engines or their KV fills, and gives one back after
-`calm` intervals in a row with nothing queued and little running."""
+gets one more engine while requests queue on its engines (or wait in the router for their KV) or their
+KV fills, and gives one back after `calm` intervals in a row with nothing queued and little running. Its
+answers count serving engines: one still starting is the one it asked for."""
 
 from microserve import Planner
 
@@ -21,9 +22,10 @@ class QueuePlanner(Planner):
         for role, w in window.roles.items():
             if not w.engines:
                 continue
-            if w.waiting / w.engines >= self.high or w.kv_usage >= self.kv_high:
+            queued = w.waiting + w.parked  # NOTE: parked: requests the router holds for want of the role's KV
+            if queued / w.engines >= self.high or w.kv_usage >= self.kv_high:
                 want[role], self.quiet[role] = w.engines + 1, 0
-            elif w.engines > 1 and w.waiting == 0 and w.running / w.engines < self.low:
+            elif w.engines > 1 and queued == 0 and w.running / w.engines < self.low:
                 self.quiet[role] = self.quiet.get(role, 0) + 1
                 if self.quiet[role] >= self.calm:
                     want[role], self.quiet[role] = w.engines - 1, 0

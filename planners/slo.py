@@ -6,7 +6,8 @@ out of blocks refuses the next request's KV). The demand is smoothed over
 intervals (an exponential average) and projected `lookahead` seconds ahead along its recent rise (a new
 engine takes a minute or more to serve), a role grows at once and shrinks only after `calm` intervals
 in a row that want fewer, and a missed target or a refused KV receive (an engine out of blocks) adds at
-least one engine; the bounds and the cooldown do the rest against flapping."""
+least one engine (none more while engines asked for earlier still start: the signal lags them); the
+bounds and the cooldown do the rest against flapping."""
 
 import math
 
@@ -42,28 +43,30 @@ class SLOPlanner(Planner):
         for role, w in window.roles.items():
             if not w.engines:
                 continue
+            have = w.engines + w.starting  # NOTE: engines asked for earlier count; a late signal adds one at most
+            more = w.engines + max(1, w.starting)
             if role == "prefill":
                 per_engine = w.capacity_tokens_per_s * self.headroom
-                need = max(1, math.ceil(ahead / per_engine)) if per_engine > 0 else w.engines
+                need = max(1, math.ceil(ahead / per_engine)) if per_engine > 0 else have
                 if slow_first:
-                    need = max(need, w.engines + 1)
+                    need = max(need, more)
                 if not w.capacity_measured:  # NOTE: a lower bound until an engine was seen saturated
-                    need = max(need, w.engines)
+                    need = max(need, have)
             else:
                 streams, per = w.running + w.waiting + w.parked, w.running / w.engines  # parked: refused KV
                 if window.itl_p90 > 0 and per > 0:  # streams one engine holds at the target, by the measurement
                     holds = max(1.0, per * self.itl_ms / (window.itl_p90 * 1e3)) * self.headroom
                     need = math.ceil(streams / holds)
                 else:
-                    need = w.engines if streams else 1  # nothing measured: keep, or shrink when idle
+                    need = have if streams else 1  # nothing measured: keep, or shrink when idle
                 growth = ahead / self.demand if self.demand else 1.0  # NOTE: more streams, more KV, as load rises
                 need = max(need, math.ceil(w.engines * w.kv_usage * max(1.0, growth) / self.kv_target))
                 if slow_next or (slow_first and "prefill" not in window.roles) or (
                         window.failed and w.kv_usage > self.kv_target):
-                    need = max(need, w.engines + 1)
+                    need = max(need, more)
             if w.refused or w.parked:  # NOTE: out of KV blocks (a long prompt), whatever the mean use says
-                need = max(need, w.engines + 1)
-            self.fewer[role] = self.fewer.get(role, 0) + 1 if need < w.engines else 0
-            if need > w.engines or self.fewer[role] >= self.calm:
+                need = max(need, more)
+            self.fewer[role] = self.fewer.get(role, 0) + 1 if need < have else 0
+            if need > have or self.fewer[role] >= self.calm:
                 want[role], self.fewer[role] = need, 0
         return want

@@ -59,6 +59,26 @@ def test_constant_overload_gets_the_prefill_engines_the_formula_predicts():
     assert plan.gpu_hours == pytest.approx(want, rel=0.02)
 
 
+def test_the_planner_decides_on_while_engines_start(tmp_path):
+    """A change runs in the background: the planner is asked again every interval while engines start
+    (they count as `starting`, and a plan's count is serving + starting). Asked for 3 decode engines at the
+    first interval and 4 at the second, the second start begins at once, not after the first (start latency
+    CostModel.start_seconds(), several intervals); shrinking waits for what is in flight."""
+    path = tmp_path / "steps.py"
+    path.write_text("from microserve import Planner\n\nclass Steps(Planner):\n    interval = 5.0\n    cooldown = 0.0\n"
+                    "    def __init__(self):\n        self.calls = 0\n"
+                    "    async def plan(self, cluster, window):\n        self.calls += 1\n"
+                    "        return {1: {'decode': 3}, 2: {'decode': 4}, 3: {'decode': 1}}.get(self.calls, {})\n")
+    trace = [traces.TraceRequest(i * 1.0, 256, 8) for i in range(int(COST.start_seconds()) + 30)]
+    _, _, plan, _ = _run(trace, str(path), {}, "prefill=1:1,decode=1:4")
+    first, second, third = plan.decisions[:3]
+    assert (first["applied"], second["applied"], third["applied"]) == ({"decode": 3}, {"decode": 4}, {})
+    assert second["window"]["roles"]["decode"]["starting"] == 2 and second["engines"]["decode"] == 1
+    assert any("waits for the change in flight" in n for n in third["notes"]), third
+    starts = sorted(at for at, role, _ in plan.started)
+    assert len(starts) == 3 and starts[2] - starts[0] == pytest.approx(5.0, abs=0.1), plan.started
+
+
 def test_a_planned_run_is_deterministic_and_conserves_every_request():
     """A bursty trace under planners/queue.py, twice with one seed: the same decisions at the same virtual
     times and the same results. Every request ends (ok, or counted as failed), and after the run no

@@ -7,7 +7,7 @@ starts engines, scale down drains them by migration, so no request fails):
 
     router ─ each request's end ─> Recorder ─┐
     cluster's polled engine stats ───────────┴─> Window ─> planner.plan ─> {role: n}
-        ─> clamped to --scale-bounds, unknown roles and garbage dropped, cooldown ─> provision.scale
+        ─> clamped to --scale-bounds, unknown roles and garbage dropped, cooldown ─> provision.grow / shrink
 
 A planner that raises, hangs past its interval or answers garbage is logged and ignored: the
 cluster keeps its shape and serves on.
@@ -52,6 +52,8 @@ class RoleWindow:
     # failed or moved on: the role is short of KV even when its mean use looks fine)
     parked: int = 0  # requests the router holds now because every engine of the role refused them for want of KV
     # blocks (router/kv_wait.py): they wait for blocks, demand the role's engines could not take
+    starting: int = 0  # engines asked for (a planner's earlier decision) that do not serve yet: `engines` does not
+    # count them; a plan's count for the role is serving + starting
 
 
 @dataclass

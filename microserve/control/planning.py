@@ -2,7 +2,12 @@
 `PUT /admin/planner`) or, with the same code, in the simulator's virtual time (sim/planning.py).
 
     every `interval`: measure() ─> Window ─> planner.plan(cluster, window) ─> check() (bounds, unknown
-    roles, garbage) ─> cooldown ─> provision.scale (start engines; drain by migration)
+    roles, garbage) ─> cooldown ─> a change per role, in the background:
+        more:  provision.grow (start engines; they count as `starting` until they serve)
+        fewer: provision.shrink (drain by migration, then stop), once no change of the role is in flight
+
+The planner keeps deciding every interval while engines start (a minute or more) or drain: a role may
+grow again while its last engines start; it shrinks only when nothing of it is in flight.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ class Planning:
         self._busy: dict[str, deque[tuple[float, float]]] = {}  # role -> (tokens, busy s) of the last intervals
         self._last = 0.0
         self._task: asyncio.Task | None = None
+        self._changes: dict[str, set[asyncio.Task]] = {}  # role -> its changes in flight
+        self._starting: dict[str, int] = {}  # role -> engines asked for that do not serve yet
 
     def start(self) -> None:
         self._last = _now()
@@ -58,9 +65,15 @@ class Planning:
         self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, *(t for ts in self._changes.values() for t in ts)) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def settle(self) -> None:
+        """Wait for the changes in flight (tests, the simulator's end)."""
+        while tasks := [t for ts in self._changes.values() for t in ts]:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def swap(self, planner: Planner, source: str, args: Mapping[str, Any]) -> None:
         """A new planner from the next interval on (`PUT /admin/planner`)."""
@@ -119,7 +132,7 @@ class Planning:
                 sum((s.kv_blocks_used - s.kv_blocks_cached) / max(1, s.kv_blocks_total) for s in stats)
                 / max(1, len(stats)),
                 sum(rates), capacity, sum(1 for e in ended if role in e[0]) / seconds, bool(measured), refused,
-                cluster.kv_waiters.parked(role))
+                cluster.kv_waiters.parked(role), self._starting.get(role, 0))
         return window
 
     def check(self, want: Any) -> tuple[dict[str, int], list[str]]:
@@ -159,38 +172,51 @@ class Planning:
         targets, notes = self.check(want)
         now, changes = _now(), {}
         for role, n in targets.items():
-            have = len(cluster.engines(role)) if role in cluster.roles else 0
+            have = (len(cluster.engines(role)) if role in cluster.roles else 0) + self._starting.get(role, 0)
             if n == have:
+                continue
+            if n < have and self._changes.get(role):
+                notes.append(f"{role}: {have} -> {n} waits for the change in flight")
                 continue
             if now - self._changed.get(role, -math.inf) < planner.cooldown:
                 notes.append(f"{role}: {have} -> {n} waits for the cooldown ({planner.cooldown:g}s)")
                 continue
             changes[role] = (have, n)
         record.update(want={str(k): v for k, v in want.items()} if isinstance(want, Mapping) else repr(want),
-                      notes=notes, applied={})
+                      notes=notes, applied={role: n for role, (_, n) in changes.items()})
         for note in notes:
             log.warning("planner %s: %s", type(planner).__name__, note)
-        if changes:
-            await self._apply(changes, record)
+        for role, (have, n) in changes.items():
+            self._changed[role] = now
+            self.router.metrics.planner_decisions.labels(role, "up" if n > have else "down").inc()
+            log.info("planner %s: %s %d -> %d engines", type(planner).__name__, role, have, n)
+            task = asyncio.ensure_future(self._change(role, have, n, record))
+            self._changes.setdefault(role, set()).add(task)
+            task.add_done_callback(self._changes[role].discard)
         record["engines"] = {role: len(cluster.engines(role)) for role in cluster.roles}
         self.decisions.append(record)
         return record
 
-    async def _apply(self, changes: dict[str, tuple[int, int]], record: dict) -> None:
-        from microserve.control.provision import scale
+    async def _change(self, role: str, have: int, n: int, record: dict) -> None:
+        """One role's change, in the background: grow by `n - have` (they count as starting until they
+        serve), or shrink to `n` serving engines. A failure is logged and noted in the decision's record;
+        the cluster keeps the engines it has."""
+        from microserve.control.provision import grow, shrink
 
         try:
-            await scale(self.router, self.engines, {role: n for role, (_, n) in changes.items()})
+            if n > have:
+                self._starting[role] = self._starting.get(role, 0) + n - have
+                try:
+                    await grow(self.router, self.engines, role, n - have)
+                finally:
+                    self._starting[role] -= n - have
+            else:
+                await shrink(self.router, self.engines, role, n)
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:  # NOTE: a start that failed, a role the strategy needs: logged, shape kept
-            log.warning("planner: scaling %s failed: %s", changes, exc)
-            record["error"] = f"scale: {exc}"
-            return
-        now = _now()
-        for role, (have, n) in changes.items():
-            self._changed[role] = now
-            self.router.metrics.planner_decisions.labels(role, "up" if n > have else "down").inc()
-            log.info("planner %s: %s %d -> %d engines", type(self.planner).__name__, role, have, n)
-        record["applied"] = {role: n for role, (_, n) in changes.items()}
+            log.warning("planner: scaling %s to %d failed: %s", role, n, exc)
+            record["error"] = f"scale {role}: {exc}"
 
     def describe(self) -> dict:
         p = self.planner

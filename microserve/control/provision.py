@@ -84,26 +84,41 @@ async def scale(router, engines: Provisioner | None, want: Mapping[str, int]) ->
     for role, n in want.items():
         serving = [h for h in cluster.roles.get(role, []) if h not in cluster.draining]
         if n > len(serving):
-            started = await engines.start(role, n - len(serving))
-            for s in started:
-                try:
-                    await _load_adapters(router, s.rpc)
-                    await cluster.check(await cluster.add_engine(s.rpc, role))  # NOTE: its stats, polled now
-                except BaseException:
-                    await asyncio.gather(*(engines.stop(x.engine_id) for x in started), return_exceptions=True)
-                    raise
-                log.warning("scale: engine %s started as %s%s", s.engine_id, role, f" on node {s.node}" if s.node
-                            else "")
+            await grow(router, engines, role, n - len(serving))
         elif n < len(serving):
-            owned = [h for h in serving if engines.owns(h.name)]
-            if len(serving) - len(owned) > n:
-                raise ScaleError(f"{role} has {len(serving) - len(owned)} engines this deployment did not start; "
-                                 f"remove those with `ctl remove` to go below that")
-            victims = sorted(owned, key=_order, reverse=True)[:len(serving) - n]
-            await asyncio.gather(*(cluster.remove_engine(h) for h in victims))
-            await asyncio.gather(*(engines.stop(h.name) for h in victims))
-            log.warning("scale: %s drained and stopped", ", ".join(h.name for h in victims))
+            await shrink(router, engines, role, n)
     return {role: [h.name for h in hs if h not in cluster.draining] for role, hs in cluster.roles.items()}
+
+
+async def grow(router, engines: Provisioner, role: str, k: int) -> None:
+    """Start `k` more engines for `role` and add each to the cluster once it serves (all stopped if one
+    fails). Several may run at once (a planner grows a role again while its last engines start)."""
+    cluster = router.cluster
+    started = await engines.start(role, k)
+    for s in started:
+        try:
+            await _load_adapters(router, s.rpc)
+            await cluster.check(await cluster.add_engine(s.rpc, role))  # NOTE: its stats, polled now
+        except BaseException:
+            await asyncio.gather(*(engines.stop(x.engine_id) for x in started), return_exceptions=True)
+            raise
+        log.warning("scale: engine %s started as %s%s", s.engine_id, role, f" on node {s.node}" if s.node else "")
+
+
+async def shrink(router, engines: Provisioner, role: str, n: int) -> None:
+    """Bring `role` down to `n` serving engines: drain the newest this deployment owns by migration (their
+    requests move or finish), then stop them."""
+    cluster = router.cluster
+    serving = [h for h in cluster.roles.get(role, []) if h not in cluster.draining]
+    owned = [h for h in serving if engines.owns(h.name)]
+    if len(serving) - len(owned) > n:
+        raise ScaleError(f"{role} has {len(serving) - len(owned)} engines this deployment did not start; "
+                         f"remove those with `ctl remove` to go below that")
+    victims = sorted(owned, key=_order, reverse=True)[:max(0, len(serving) - n)]
+    await asyncio.gather(*(cluster.remove_engine(h) for h in victims))
+    await asyncio.gather(*(engines.stop(h.name) for h in victims))
+    if victims:
+        log.warning("scale: %s drained and stopped", ", ".join(h.name for h in victims))
 
 
 async def _load_adapters(router, rpc: str) -> None:

@@ -1,8 +1,8 @@
 """Planners in virtual time: `microserve sim --planner FILE` runs the same file `launch --planner` runs
-(control/planner.py: the same window, checks, bounds and cooldown, the same `provision.scale`), over
+(control/planner.py: the same window, checks, bounds and cooldown, the same `provision.grow` and `shrink`), over
 simulated engines that a provisioner starts and stops:
 
-    Planning ─> provision.scale ─> SimEngines.start(role, n): GPUs paid from now; after the role's start
+    Planning ─> provision.grow   ─> SimEngines.start(role, n): GPUs paid from now; after the role's start
                                    latency (boot + weights, CostModel.start_seconds) cluster.make(...) serves
                                 ─> cluster.remove_engine (drain by migration) ─> SimEngines.stop(id)
 

@@ -5,11 +5,14 @@ at the ITL target (its measured streams scaled by target / measured ITL), and by
 out of blocks refuses the next request's KV). The demand is smoothed over
 intervals (an exponential average) and projected `lookahead` seconds ahead along its recent rise (a new
 engine takes a minute or more to serve), a role grows at once and shrinks only after `calm` intervals
-in a row that want fewer, and a missed target or a refused KV receive (an engine out of blocks) adds at
-least one engine (none more while engines asked for earlier still start: the signal lags them); the
-bounds and the cooldown do the rest against flapping."""
+in a row that want fewer, to the most any of them wanted (Kubernetes' scale-down stabilization window:
+decode's KV use swings with the streams' lengths) and to engines that would run at most `low` of their
+capacity and `kv_low` of their KV (hysteresis), and a missed target or a refused KV receive (an
+engine out of blocks) adds at least one engine (none more while engines asked for earlier still start:
+the signal lags them); the bounds and the cooldown do the rest against flapping."""
 
 import math
+from collections import deque
 
 from microserve import Planner
 
@@ -21,6 +24,8 @@ class SLOPlanner(Planner):
     itl_ms = 50.0  # target: 90th percentile of the requests' mean time between tokens
     headroom = 0.8  # plan for this share of the measured capacity
     kv_target = 0.8  # plan for decode engines to hold at most this share of their KV blocks
+    low = 0.6  # shrink only to engines that would run at most this share of capacity (hysteresis)
+    kv_low = 0.5  # ... and hold at most this share of their KV blocks
     smoothing = 0.3  # weight of the newest interval in the demand's average
     lookahead = 90.0  # seconds ahead to size for (about one engine start)
     calm = 6  # intervals in a row wanting fewer engines before a role shrinks
@@ -28,7 +33,7 @@ class SLOPlanner(Planner):
     def __init__(self):
         self.demand = None  # prompt tokens per second, averaged
         self.history = []  # the averaged demand of the last intervals
-        self.fewer = {}  # role -> intervals in a row that wanted fewer engines
+        self.recent = {}  # role -> what the last `calm` intervals wanted
 
     async def plan(self, cluster, window):
         now = window.prompt_tokens_per_s
@@ -48,6 +53,8 @@ class SLOPlanner(Planner):
             if role == "prefill":
                 per_engine = w.capacity_tokens_per_s * self.headroom
                 need = max(1, math.ceil(ahead / per_engine)) if per_engine > 0 else have
+                if need < have and per_engine > 0:  # NOTE: fewer engines only with room for the swings
+                    need = max(need, math.ceil(ahead / (w.capacity_tokens_per_s * self.low)))
                 if slow_first:
                     need = max(need, more)
                 if not w.capacity_measured:  # NOTE: a lower bound until an engine was seen saturated
@@ -60,13 +67,20 @@ class SLOPlanner(Planner):
                 else:
                     need = have if streams else 1  # nothing measured: keep, or shrink when idle
                 growth = ahead / self.demand if self.demand else 1.0  # NOTE: more streams, more KV, as load rises
-                need = max(need, math.ceil(w.engines * w.kv_usage * max(1.0, growth) / self.kv_target))
+                kv_load = w.engines * w.kv_usage * max(1.0, growth)  # engines' worth of KV the streams hold
+                need = max(need, math.ceil(kv_load / self.kv_target))
+                if need < have:  # NOTE: the streams' KV swings with their lengths: shrink only with room for it
+                    need = max(need, math.ceil(kv_load / self.kv_low))
                 if slow_next or (slow_first and "prefill" not in window.roles) or (
                         window.failed and w.kv_usage > self.kv_target):
                     need = max(need, more)
             if w.refused or w.parked:  # NOTE: out of KV blocks (a long prompt), whatever the mean use says
                 need = max(need, more)
-            self.fewer[role] = self.fewer.get(role, 0) + 1 if need < have else 0
-            if need > have or self.fewer[role] >= self.calm:
-                want[role], self.fewer[role] = need, 0
+            recent = self.recent.setdefault(role, deque(maxlen=self.calm))
+            recent.append(need)
+            if need > have:
+                want[role] = need
+            elif len(recent) == self.calm and max(recent) < have:
+                want[role] = max(recent)
+                recent.clear()
         return want

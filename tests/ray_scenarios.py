@@ -31,31 +31,39 @@ PROMPTS = [f"Request {i}: the quick brown fox jumps over the lazy dog and" for i
 TOKENS = 12
 
 
-def engine_pids() -> dict[str, int]:
-    """`microserve engine` processes on this machine by engine id."""
-    out = {}
+def _ours() -> dict[int, bytes]:
+    """Command lines of this script's processes: its descendants, and (it is their subreaper, main()) the
+    orphans of those, leaked ones included; not the processes of tests running beside it."""
+    parents, argv = {}, {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
+            stat = (entry / "stat").read_text()
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+            argv[int(entry.name)] = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
             continue
+    mine, grew = {os.getpid()}, True
+    while grew:
+        more = {pid for pid, ppid in parents.items() if ppid in mine} - mine
+        mine |= more
+        grew = bool(more)
+    return {pid: argv[pid] for pid in mine if pid != os.getpid() and pid in argv}
+
+
+def engine_pids() -> dict[str, int]:
+    """`microserve engine` processes of this script by engine id."""
+    out = {}
+    for pid, cmdline in _ours().items():
+        argv = cmdline.split(b"\0")
         if b"engine" in argv and b"--engine-id" in argv and b"microserve" in argv:
-            out[argv[argv.index(b"--engine-id") + 1].decode()] = int(entry.name)
+            out[argv[argv.index(b"--engine-id") + 1].decode()] = pid
     return out
 
 
 def actor_procs() -> list[str]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if b"EngineActor" in (entry / "cmdline").read_bytes():
-                    out.append(entry.name)
-            except OSError:
-                pass
-    return out
+    return [str(pid) for pid, cmdline in _ours().items() if b"EngineActor" in cmdline]
 
 
 def port_open(address: str) -> bool:
@@ -114,17 +122,24 @@ def drain(dep) -> None:
 def stop_and_check(dep, facts: dict, tag: str) -> None:
     addresses = list(dep.engines.values()) + [e["address"] for e in admin(dep.url)["engines"]]
     facts[f"{tag}_exit"] = dep.stop(signal.SIGINT, timeout=90)
-    time.sleep(1.0)
+    deadline = time.time() + 30  # NOTE: actors and their engines go after the launch process exits
+    while time.time() < deadline and (engine_pids() or actor_procs() or any(port_open(a) for a in set(addresses))):
+        time.sleep(0.2)
     facts[f"{tag}_engines_left"] = sorted(engine_pids())
     facts[f"{tag}_actors_left"] = actor_procs()
     facts[f"{tag}_ports_left"] = [a for a in set(addresses) if port_open(a)]
 
 
 def main(model: str, out: str) -> None:
+    import ctypes
+
     from ray.cluster_utils import Cluster
 
     from microserve import LLM, SamplingParams
 
+    # NOTE: orphans of this script's processes (an engine whose actor died) come to it, not to init, so
+    # the checks of what is left see them, and only them (PR_SET_CHILD_SUBREAPER)
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
     facts: dict = {}
     t0 = time.time()
     llm = LLM(model)

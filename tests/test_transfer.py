@@ -87,11 +87,13 @@ def test_spec_mismatch_names_the_field(pair):
 
 def _held_send(rx, tx, mode: str):
     """A send into ticket "t" (blocks 6, 7) that holds before layer 1 until `gate` is set; returns once
-    the receiver has claimed the ticket: (gate, thread, errors raised by the send)."""
-    gate, errors = threading.Event(), []
+    the receiver has claimed the ticket and the sender waits at the gate (on a loaded machine the sender
+    may still be setting up when the ticket is claimed): (gate, thread, errors raised by the send)."""
+    gate, parked, errors = threading.Event(), threading.Event(), []
 
     def layer_ready(layer):
         if layer == 1:
+            parked.set()
             gate.wait(10)
 
     def run():
@@ -102,7 +104,7 @@ def _held_send(rx, tx, mode: str):
 
     t = threading.Thread(target=run)
     t.start()
-    _wait_for(lambda: rx.is_active("t"))
+    _wait_for(lambda: rx.is_active("t") and parked.is_set())
     return gate, t, errors
 
 

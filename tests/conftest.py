@@ -6,7 +6,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# NOTE: with files in parallel (pytest-xdist, pyproject's addopts) each worker gets its share of the cores:
+# more threads than cores make OpenMP's waiting threads spin against the other workers
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 from checkpoints import make_checkpoint  # noqa: E402
 from engines import ensure_cluster_key  # noqa: E402
@@ -35,7 +37,16 @@ def demo_path(tmp_path_factory):
     return demo_model(tmp_path_factory.mktemp("demo"))
 
 
+# The files that take longest (each a minute or more of real processes), first: run in parallel, one file per
+# worker at a time, the suite ends with short files instead of waiting on one long one
+LONG_FIRST = ("test_chaos", "test_vllm_backend", "test_microserving", "test_security", "test_launch", "test_lora",
+              "test_sim_planning", "test_kv_store", "test_nixl", "test_ray", "test_vllm_bench", "test_admin",
+              "test_dist_attention_engines", "test_migration", "test_sim_vs_real", "test_native")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # NOTE: stable: a file's order is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

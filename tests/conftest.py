@@ -44,6 +44,36 @@ LONG_FIRST = ("test_chaos", "test_vllm_backend", "test_microserving", "test_secu
               "test_dist_attention_engines", "test_migration", "test_sim_vs_real", "test_native")
 
 
+@pytest.fixture(autouse=True)
+def _quiet_turn(request, tmp_path_factory):
+    """A test marked `quiet` (it compares timings measured on this machine) runs alone: with the files in
+    parallel (pytest-xdist), every test holds a shared lock while it runs and a quiet one the exclusive lock,
+    taken through a turnstile so that tests starting meanwhile wait behind it. One process: no-op."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp().parent  # NOTE: shared by the workers of one run
+    quiet = request.node.get_closest_marker("quiet") is not None
+    with open(root / "turnstile.lock", "a") as gate, open(root / "quiet.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            if quiet:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # NOTE: waits for the running tests; new ones wait at the gate
+            else:
+                fcntl.flock(lock, fcntl.LOCK_SH)
+        finally:
+            if not quiet:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        if quiet:
+            fcntl.flock(gate, fcntl.LOCK_UN)  # NOTE: others queue on `lock` now, behind this test
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # NOTE: stable: a file's order is kept

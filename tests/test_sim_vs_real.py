@@ -29,6 +29,7 @@ def microserve(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.quiet  # NOTE: timings of this machine, calibrated then compared: runs alone (conftest)
 def test_calibrated_sim_matches_a_real_run(tmp_path):
     # heavier than the demo model, so the engines' work (what the simulator models) dominates the
     # router's and gateway's per-token work (which it does not) on this 2-core machine

@@ -70,11 +70,6 @@ class Planning:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def settle(self) -> None:
-        """Wait for the changes in flight (tests, the simulator's end)."""
-        while tasks := [t for ts in self._changes.values() for t in ts]:
-            await asyncio.gather(*tasks, return_exceptions=True)
-
     def swap(self, planner: Planner, source: str, args: Mapping[str, Any]) -> None:
         """A new planner from the next interval on (`PUT /admin/planner`)."""
         self.planner, self.source, self.args = planner, source, dict(args)

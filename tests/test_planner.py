@@ -162,11 +162,12 @@ async def test_a_load_step_grows_decode_and_it_shrinks_back_after(planned, demo_
         text = await r.text()
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(("microserve_planner_decisions_total", "microserve_engines{",
-                                   "microserve_requests_total"))}
+                                   "microserve_requests_total", "microserve_requests_parked"))}
     model = 'model_name="demo"'
     assert samples[f'microserve_planner_decisions_total{{direction="up",{model},role="decode"}}'] == 1, samples
     assert samples[f'microserve_planner_decisions_total{{direction="down",{model},role="decode"}}'] == 1, samples
     assert samples[f'microserve_engines{{{model},role="decode"}}'] == 1, samples
+    assert samples[f'microserve_requests_parked{{{model},role="decode"}}'] == 0, samples  # none refused KV here
     assert samples[f'microserve_requests_total{{{model},status="error"}}'] == 0, samples
     await client.close()
 

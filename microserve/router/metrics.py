@@ -205,7 +205,8 @@ class _VLLMNames:
             key = [self.model_name, h.name]
             running.add_metric(key, s.running)
             waiting.add_metric(key, s.waiting)
-            usage.add_metric(key, s.kv_blocks_used / max(1, s.kv_blocks_total))
+            # NOTE: as vLLM's: blocks only the prefix cache holds count as free
+            usage.add_metric(key, (s.kv_blocks_used - s.kv_blocks_cached) / max(1, s.kv_blocks_total))
             preempted.add_metric(key, s.num_preemptions)
             hits.add_metric(key, s.prefix_cache_hit_tokens)
             queries.add_metric(key, s.prefix_cache_query_tokens)
@@ -257,8 +258,11 @@ class _EngineCollector:
                                      "a lender (DistAttention)", labels=["engine"])
         engines = GaugeMetricFamily("microserve_engines", "Engines serving each role (live, not draining)",
                                     labels=["role"])
+        parked = GaugeMetricFamily("microserve_requests_parked", "Requests the router holds because every engine "
+                                   "of the role refused them for want of KV blocks", labels=["role"])
         for role in self.cluster.roles:
             engines.add_metric([role], len(self.cluster.engines(role)))
+            parked.add_metric([role], self.cluster.kv_waiters.parked(role))
         for h in self.cluster.handles:
             up.add_metric([h.name, h.role or ""], 1.0 if h.alive else 0.0)
             s = self.cluster.load(h).stats
@@ -282,5 +286,5 @@ class _EngineCollector:
                 store_errors.add_metric([h.name, t.tier], t.errors)
             if s.kv_store:
                 store_dropped.add_metric([h.name], s.kv_store[0].dropped_writes)
-        yield from (engines, up, running, waiting, used, total, hits, computed, info, lent, borrowed, attends, served,
-                    store_hits, store_bytes, store_errors, store_dropped)
+        yield from (engines, parked, up, running, waiting, used, total, hits, computed, info, lent, borrowed, attends,
+                    served, store_hits, store_bytes, store_errors, store_dropped)

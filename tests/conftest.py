@@ -57,17 +57,11 @@ def _quiet_turn(request, tmp_path_factory):
     root = tmp_path_factory.getbasetemp().parent  # NOTE: shared by the workers of one run
     quiet = request.node.get_closest_marker("quiet") is not None
     with open(root / "turnstile.lock", "a") as gate, open(root / "quiet.lock", "a") as lock:
-        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(gate, fcntl.LOCK_EX)  # NOTE: a quiet test waiting for the running ones holds new ones here
         try:
-            if quiet:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # NOTE: waits for the running tests; new ones wait at the gate
-            else:
-                fcntl.flock(lock, fcntl.LOCK_SH)
+            fcntl.flock(lock, fcntl.LOCK_EX if quiet else fcntl.LOCK_SH)
         finally:
-            if not quiet:
-                fcntl.flock(gate, fcntl.LOCK_UN)
-        if quiet:
-            fcntl.flock(gate, fcntl.LOCK_UN)  # NOTE: others queue on `lock` now, behind this test
+            fcntl.flock(gate, fcntl.LOCK_UN)
         try:
             yield
         finally:

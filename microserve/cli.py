@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from microserve.engine_knobs import check_knobs, engine_knobs
+from microserve.engine_knobs import check_knobs, engine_knobs, prefill_tokens
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -58,7 +58,8 @@ def _engine(args: argparse.Namespace) -> int:
     config = EngineConfig(block_size=block_size, num_kv_blocks=args.num_kv_blocks,
                           kv_cache_memory_gb=args.kv_cache_memory_gb, max_model_len=args.max_model_len,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                          enable_prefix_caching=not args.no_prefix_caching, cuda_graphs=not args.enforce_eager,
+                          max_prefill_tokens=prefill_tokens(args), enable_prefix_caching=not args.no_prefix_caching,
+                          cuda_graphs=not args.enforce_eager,
                           skip_tokenizer_init=args.skip_tokenizer_init, stream_interval=args.stream_interval,
                           mixed_batches=not args.no_mixed_batches, enable_lora=args.enable_lora,
                           lora_modules=tuple(args.lora_modules), max_loras=args.max_loras,

@@ -32,6 +32,9 @@ def engine_knobs() -> argparse.ArgumentParser:
     g.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-prefill-tokens", type=positive_int, default=None, metavar="N",
+                   help="most prompt tokens one step starts (one prompt may go past; default: 512 on CPU, none "
+                        "on CUDA): prompts that arrive together get their first tokens one after another")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--enforce-eager", action="store_true", help="on CUDA, no CUDA graphs for decode steps")
@@ -95,6 +98,17 @@ def forwarded_knobs(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def prefill_tokens(args: argparse.Namespace) -> int | None:
+    """`--max-prefill-tokens`, or its default for the device: 512 on CPU, where a step's time grows with
+    its prompt tokens from the first one (docs/engine.md measures it); no limit elsewhere (not measured)."""
+    if args.max_prefill_tokens is not None or getattr(args, "backend", "builtin") == "vllm":
+        return args.max_prefill_tokens
+    return CPU_MAX_PREFILL_TOKENS if args.device == "cpu" else None
+
+
+CPU_MAX_PREFILL_TOKENS = 512
+
+
 def check_knobs(args: argparse.Namespace) -> str | None:
     """Why these engine options cannot work together (one line), or None."""
     if args.lora_modules and not args.enable_lora:
@@ -102,6 +116,8 @@ def check_knobs(args: argparse.Namespace) -> str | None:
     if args.tensor_parallel_size > 1 and getattr(args, "backend", "builtin") != "vllm":
         return ("--tensor-parallel-size > 1 needs --backend vllm: the built-in engine runs on one device "
                 "(run more engines instead)")
+    if args.max_prefill_tokens is not None and getattr(args, "backend", "builtin") == "vllm":
+        return "--max-prefill-tokens is a built-in engine option: vLLM schedules prompts with its own scheduler"
     if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
         return f"--tokenizer {args.tokenizer}: no such folder"
     return None

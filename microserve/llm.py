@@ -41,7 +41,8 @@ class LLM:
         device: "cpu" or "cuda".
         dtype: None takes the checkpoint's dtype (float16 becomes float32 on CPU).
         **engine_kwargs: fields of `EngineConfig` (block_size, num_kv_blocks,
-            max_num_batched_tokens, max_num_seqs, max_model_len, enable_prefix_caching,
+            max_num_batched_tokens, max_prefill_tokens (None here: no limit, for throughput), max_num_seqs,
+            max_model_len, enable_prefix_caching,
             skip_tokenizer_init: token-id prompts, outputs as token ids with empty text...).
     """
 

@@ -68,6 +68,8 @@ def test_engine_reports_bad_setup(demo_path, tmp_path, cli):
     (["engine", "--model", "demo", "--tensor-parallel-size", "2"], "needs --backend vllm"),
     (["launch", "--strategy", "round_robin", "--model", "demo", "-tp", "2"], "needs --backend vllm"),
     (["engine", "--model", "demo", "--tokenizer", "/nonexistent/tok"], "no such folder"),
+    (["engine", "--model", "demo", "--backend", "vllm", "--max-prefill-tokens", "256"], "built-in engine option"),
+    (["engine", "--model", "demo", "--max-prefill-tokens", "0"], "expected a whole number >= 1"),
     (["launch", "--strategy", "round_robin", "--model", "demo", "--chat-template", "/nonexistent.jinja"],
      "no such file"),
     (["launch", "--strategy", "round_robin", "--model", "demo", "--generation-config", "/nonexistent"],
@@ -112,3 +114,14 @@ def test_an_engine_seed_makes_unseeded_sampling_repeat(demo_path):
     runs = [LLM(demo_path, seed=s).generate(["seeded engine"] * 2, sp) for s in (7, 7, 8)]
     tokens = [[o.token_ids for o in run] for run in runs]
     assert tokens[0] == tokens[1] and tokens[0] != tokens[2]
+
+
+def test_max_prefill_tokens_defaults_to_512_on_cpu_and_no_limit_on_cuda():
+    import argparse
+
+    from microserve.engine_knobs import engine_knobs, prefill_tokens
+
+    parser = argparse.ArgumentParser(parents=[engine_knobs()])
+    assert prefill_tokens(parser.parse_args([])) == 512
+    assert prefill_tokens(parser.parse_args(["--device", "cuda"])) is None
+    assert prefill_tokens(parser.parse_args(["--device", "cuda", "--max-prefill-tokens", "1024"])) == 1024

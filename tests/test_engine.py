@@ -69,6 +69,31 @@ def test_prefill_steps_apart_from_decodes_give_the_same_tokens(llama_ckpt, refer
     assert_no_leak(llm)
 
 
+@pytest.mark.parametrize("mixed", [True, False])
+def test_max_prefill_tokens_starts_prompts_one_step_after_another(llama_ckpt, reference, mixed):
+    """`max_prefill_tokens` (SGLang's): a waiting prompt joins a step only while the step's prompt tokens are
+    below it; the one that joins may take it past. Same tokens as each prompt alone."""
+    prompts, alone = reference
+    llm = LLM(llama_ckpt[0], max_prefill_tokens=40, mixed_batches=mixed)
+    schedule = llm.engine.scheduler.schedule
+    steps = []
+
+    def watched():
+        batch = schedule()
+        steps.append([n for s, n in zip(batch.seqs, batch.num_new_tokens)
+                      if n > 1 or s.num_computed_tokens < s.num_prompt_tokens])
+        return batch
+
+    llm.engine.scheduler.schedule = watched
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == alone
+    assert all(sum(chunks[:-1]) < 40 for chunks in steps), steps
+    assert steps[0] == [3, 50], "the prompt that takes the step past the limit still starts whole"
+    assert sum(1 for chunks in steps if chunks) >= 4
+    assert_no_leak(llm)
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        LLM(llama_ckpt[0], max_prefill_tokens=0)
+
+
 def test_prefix_cache_hit(llama_ckpt):
     path, hf = llama_ckpt
     llm = LLM(path, block_size=16)
@@ -315,15 +340,16 @@ _solo_cache: dict = {}
     prompts=st.lists(st.lists(st.integers(5, 8), min_size=1, max_size=40), min_size=1, max_size=6),
     abort_at=st.lists(st.integers(0, 30), max_size=3),
     budget=st.sampled_from([5, 16, 64]),
+    prefill=st.sampled_from([None, 3, 20]),
 )
-def test_random_workload_never_leaks(demo_path, prompts, abort_at, budget):
+def test_random_workload_never_leaks(demo_path, prompts, abort_at, budget, prefill):
     """Tiny pool, shared prefixes, aborts at random steps: finished requests match their solo
     output and, once all end, the only used blocks are the prefix cache's."""
     sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     if "solo" not in _solo_cache:
         _solo_cache["solo"] = LLM(demo_path, enable_prefix_caching=False)
     solo = _solo_cache["solo"]
-    llm = LLM(demo_path, block_size=4, num_kv_blocks=20, max_num_batched_tokens=budget)
+    llm = LLM(demo_path, block_size=4, num_kv_blocks=20, max_num_batched_tokens=budget, max_prefill_tokens=prefill)
     eng = llm.engine
     for i, p in enumerate(prompts):
         eng.add_request(str(i), p, sp)

@@ -52,7 +52,8 @@ def test_calibrated_sim_matches_a_real_run(tmp_path):
     assert abs(calibrated["simulated_fitted"]["tpot_ms"] / calibrated["real"]["tpot_ms"] - 1) < 0.05
     assert abs(calibrated["simulated_fitted"]["ttft_ms"] / calibrated["real"]["ttft_ms"] - 1) < 0.05
     sim = microserve("sim", "--strategy", "round_robin", "--roles", "engine=2", "--model", str(model),
-                     "--gpu", str(profile), "--max-num-batched-tokens", "2048", "--max-num-seqs", "64", *WORKLOAD,
+                     "--gpu", str(profile), "--max-num-batched-tokens", "2048", "--max-num-seqs", "64",
+                     "--max-prefill-tokens", "512", *WORKLOAD,
                      "--out", str(tmp_path / "sim.json"))
     print("real:\n" + real.stdout + "\nsimulated:\n" + sim.stdout)
     got = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("real", "sim")}

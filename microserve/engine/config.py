@@ -162,6 +162,13 @@ class EngineConfig:
         num_kv_blocks: size of the KV pool; None sizes it from `kv_cache_memory_gb`.
         kv_cache_memory_gb: memory for the KV pool when `num_kv_blocks` is None.
         max_num_batched_tokens: token budget of one step (prefill chunks + decodes).
+        max_prefill_tokens: most prompt tokens one step starts or continues (SGLang's
+            `--max-prefill-tokens`): waiting prompts join a step only while its prompt tokens are
+            below it, and one prompt may take it past (up to the budget; longer prompts are chunked).
+            Prompts that arrive together then get their first tokens one after another rather than
+            all at the end of one long step, and running streams wait shorter steps. None: no
+            limit but the budget (the `LLM` class's default, for throughput; `microserve engine`
+            uses 512 on CPU, docs/engine.md).
         max_num_seqs: most requests running at once.
         max_model_len: context limit; None takes the model's.
         enable_prefix_caching: reuse KV of shared prefixes through the radix cache.
@@ -191,6 +198,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     kv_cache_memory_gb: float = 1.0
     max_num_batched_tokens: int = 2048
+    max_prefill_tokens: int | None = None
     max_num_seqs: int = 64
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
@@ -210,6 +218,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_num_batched_tokens <= 0 or self.max_num_seqs <= 0:
             raise ValueError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if isinstance(self.lora_modules, dict):  # NOTE: {name: path} is accepted too
             object.__setattr__(self, "lora_modules", tuple(self.lora_modules.items()))
         if self.lora_modules and not self.enable_lora:

@@ -115,13 +115,15 @@ class ZMQFrontend:
         if not cfg.mixed_batches:
             raise ValueError("--no-mixed-batches: vLLM always batches prompt chunks with decodes (chunked prefill)")
         self.backend = VLLMBackend(opts.model, self.engine_id, opts.dtype, block_size=cfg.block_size,
-                                   num_kv_blocks=cfg.num_kv_blocks, enable_prefix_caching=cfg.enable_prefix_caching,
+                                   num_kv_blocks=cfg.num_kv_blocks, max_model_len=cfg.max_model_len,
+                                   enable_prefix_caching=cfg.enable_prefix_caching,
                                    kv_host=opts.kv_host, kv_port=opts.kv_port, transfer_timeout=opts.transfer_timeout,
                                    transports=transports, best_effort=opts.transport == "auto",
                                    enable_lora=cfg.enable_lora, lora_modules=cfg.lora_modules, max_loras=cfg.max_loras,
                                    max_lora_rank=cfg.max_lora_rank, seed=cfg.seed or 0, engine_args={
                                        "tensor_parallel_size": cfg.tensor_parallel_size,
-                                       **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {})})
+                                       **({"tokenizer": cfg.tokenizer} if cfg.tokenizer else {}),
+                                       **_given_limits(cfg)})
         self.service = EngineService(self.backend, opts.lease_s, opts.transfer_timeout, opts.max_lease_s)
         self.service.hold.interval = cfg.stream_interval
         self.transports = self.service.transports
@@ -237,6 +239,14 @@ class ZMQFrontend:
             reply = protocol.RPCError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         await self._send(ident, call_id, reply)
         return reply
+
+
+def _given_limits(cfg: EngineConfig) -> dict[str, int]:
+    """`--max-num-batched-tokens` and `--max-num-seqs` for vLLM's scheduler where they differ from ours
+    by default (otherwise vLLM keeps its own defaults for its platform)."""
+    default = EngineConfig()
+    return {name: getattr(cfg, name) for name in ("max_num_batched_tokens", "max_num_seqs")
+            if getattr(cfg, name) != getattr(default, name)}
 
 
 def run_engine(opts: EngineOptions) -> int:

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from microserve.engine.config import EngineConfig
 from microserve.engine.core.scheduler import ScheduledBatch
+from microserve.engine_knobs import CPU_MAX_PREFILL_TOKENS
 from microserve.sampling_params import SamplingParams
 from microserve.sim.costs import GPU, CostModel, ModelShape, load_model
 from microserve.sim.engine import batch_shape
@@ -235,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
     config = EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                           max_num_batched_tokens=args.max_num_batched_tokens or default.max_num_batched_tokens,
                           max_num_seqs=args.max_num_seqs or default.max_num_seqs,
+                          max_prefill_tokens=args.max_prefill_tokens or (
+                              CPU_MAX_PREFILL_TOKENS if args.device == "cpu" else None),  # `microserve engine`'s
                           enable_prefix_caching=not args.no_prefix_caching)
     model = load_model(str(path))
     t0 = time.perf_counter()
@@ -253,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{time.strftime('%Y-%m-%d')}: {len(points)} timed steps",
         "fit": {"points": len(points), "mean_abs_rel_error": err},
         "engine": {"block_size": config.block_size, "num_kv_blocks": num_blocks,
-                   "max_num_batched_tokens": config.max_num_batched_tokens, "max_num_seqs": config.max_num_seqs},
+                   "max_num_batched_tokens": config.max_num_batched_tokens, "max_num_seqs": config.max_num_seqs,
+                   "max_prefill_tokens": config.max_prefill_tokens},
     }
     if deployment is not None:
         profile["deployment"] = deployment
@@ -272,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
             m = deployment[key]
             print(f"    {label:<18}{m['ttft_ms']:>8.1f}{m['tpot_ms']:>9.2f}{m['e2e_ms']:>9.1f}")
     print(f"  wrote {args.out}; use it with: microserve sim --gpu {args.out} --model {args.model} "
-          f"--max-num-batched-tokens {config.max_num_batched_tokens} --max-num-seqs {config.max_num_seqs} ...")
+          f"--max-num-batched-tokens {config.max_num_batched_tokens} --max-num-seqs {config.max_num_seqs}"
+          + (f" --max-prefill-tokens {config.max_prefill_tokens}" if config.max_prefill_tokens else "") + " ...")
     return 0
 

@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="token budget of one step (default: 8192 to simulate, the engine's 2048 to calibrate)")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="running requests per engine (default: 256 to simulate, the engine's 64 to calibrate)")
+    p.add_argument("--max-prefill-tokens", type=int, default=None, metavar="N",
+                   help="most prompt tokens one step starts, one prompt may go past (default: no limit)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool per engine (default: what fits)")
     from microserve.engine_knobs import positive_int
 

@@ -63,6 +63,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                         max_num_batched_tokens=args.max_num_batched_tokens or GPU_MAX_BATCHED_TOKENS,
                         max_num_seqs=args.max_num_seqs or GPU_MAX_NUM_SEQS,
+                        max_prefill_tokens=getattr(args, "max_prefill_tokens", None),
                         enable_prefix_caching=not args.no_prefix_caching, native_kernels=False,
                         stream_interval=getattr(args, "stream_interval", 1),
                         mixed_batches=not getattr(args, "no_mixed_batches", False))

@@ -75,8 +75,15 @@ class Scheduler:
         preempted = self._schedule_running(batch, budget)
         budget -= sum(batch.num_new_tokens)
         if not preempted:
-            self._schedule_waiting(batch, budget)
+            self._schedule_waiting(batch, budget, self._prompt_room(batch))
         return batch
+
+    def _prompt_room(self, batch: ScheduledBatch) -> int | None:
+        """What `max_prefill_tokens` leaves after the prompt chunks already in `batch` (None: no limit)."""
+        if (cap := self.config.max_prefill_tokens) is None:
+            return None
+        return cap - sum(n for seq, n in zip(batch.seqs, batch.num_new_tokens)
+                         if n > 1 or seq.num_computed_tokens < seq.num_prompt_tokens)
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> bool:
         preempted, i = False, 0
@@ -113,17 +120,20 @@ class Scheduler:
                 return ScheduledBatch()
             batch.add(seq, n)
             budget -= n
-        self._schedule_waiting(batch, budget)
+        self._schedule_waiting(batch, budget, self._prompt_room(batch))
         return batch
 
-    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int, room: int | None = None) -> None:
+        """Start waiting requests while the budget lasts; with `room` (what `max_prefill_tokens` leaves
+        after the running prompts' chunks), also only while it does: the one that starts may take it past."""
         if not self.waiting:
             return
         caching = self.kv.enable_prefix_caching
         computing = self._computing() if caching else None
         producing = self._producing(batch) if caching else None
         deferred: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        room = budget if room is None else room
+        while self.waiting and budget > 0 and room > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting.popleft()
             if self.admit is not None and not self.admit(seq):
                 deferred.append(seq)  # NOTE: its LoRA adapter has no slot yet (engine/model/lora.py)
@@ -148,6 +158,7 @@ class Scheduler:
             self.running.append(seq)
             batch.add(seq, n)
             budget -= n
+            room -= n
             if computing is not None:
                 computing.update(self._uncomputed_hashes(seq))
                 producing.update(self._completed_blocks(seq, n))

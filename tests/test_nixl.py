@@ -115,8 +115,8 @@ async def test_sender_killed_mid_transfer_of_4k_tokens(model, pair):
             t0 = time.monotonic()
             with pytest.raises(EngineCallError):
                 await send
-            while (await hd.stats()).open_tickets:
-                assert time.monotonic() - t0 < 10, "the receiver kept the dead sender's ticket"
+            while (await hd.stats()).open_tickets:  # NOTE: a deadline for the poll, not a speed check
+                assert time.monotonic() - t0 < 60, "the receiver kept the dead sender's ticket"
                 await asyncio.sleep(0.05)
             assert d.proc.poll() is None
             assert await by_stream == by_ref

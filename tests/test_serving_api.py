@@ -127,6 +127,29 @@ def test_dispatch_is_the_one_entry_and_errors_cross_the_in_process_transport():
     clock.run(go())
 
 
+def test_a_ticket_whose_kv_never_comes_is_closed_at_the_transfer_timeout_and_the_prompt_computed_here():
+    """A sender that died before it connected looks like a transfer that never ends: at the transfer
+    timeout the receiver closes the ticket and computes the prompt itself, as after a failed transfer."""
+    async def go():
+        cluster, service = one_engine()
+        await cluster.start()
+        try:
+            (h,) = cluster.handles
+            req = protocol.Request("late", list(range(64)), SamplingParams(max_tokens=3, ignore_eos=True))
+            await h.prep_recv(req, 64)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            chunks = [c async for c in h.start_generate(req, begin=64)]
+            assert loop.time() - t0 >= service.transfer_timeout  # NOTE: virtual time: it waited for the KV first
+            assert sum(len(c.token_ids) for c in chunks) == 3 and chunks[-1].finish_reason == "length"
+            stats = await h.stats()
+            assert stats.open_tickets == 0 and stats.kv_blocks_used == stats.kv_blocks_cached
+        finally:
+            await cluster.close()
+
+    clock.run(go())
+
+
 class FailsFirst(Strategy):
     """Every first attempt fails as an overloaded engine would; the retry succeeds."""
 

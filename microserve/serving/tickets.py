@@ -272,17 +272,26 @@ class Aborted:
             raise EngineError(ErrorCode.ABORTED, f"request {request_id!r} was aborted")
 
 
+STOP_WAIT_S = 5.0  # how long a timed-out ticket's writer gets to stop
+
+
 async def wait_for_kv(ticket: Ticket, timeout: float, close: Callable[[Ticket, str], Awaitable[None]]) -> None:
-    """Before `start_generate` runs on a ticket: wait for the KV in flight into it (closing it after
-    `timeout` seconds: a TIMEOUT error); a transfer that failed means the prompt is computed here."""
+    """Before `start_generate` runs on a ticket: wait for the KV in flight into it. A transfer that failed,
+    or that has not ended after `timeout` seconds (a sender that died before it connected looks the same),
+    closes the ticket and the prompt is computed here; a TIMEOUT error only when its writer does not stop
+    within `STOP_WAIT_S` (its blocks are not ours to reuse until it does)."""
     if ticket.state is TicketState.OPEN:
         try:
             async with asyncio.timeout(timeout):  # NOTE: not wait_for, which may swallow a cancel (router/attempts.py)
                 await ticket.done.wait()
         except TimeoutError:
-            await close(ticket, "timed out waiting for the KV transfer")
-            raise EngineError(ErrorCode.TIMEOUT, f"KV for {ticket.request_id!r} did not arrive within "
-                              f"{timeout}s") from None
+            await close(ticket, f"the KV transfer did not end within {timeout}s")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STOP_WAIT_S):
+                    await ticket.done.wait()
+            if ticket.state is TicketState.OPEN:
+                raise EngineError(ErrorCode.TIMEOUT, f"KV for {ticket.request_id!r} did not arrive within "
+                                  f"{timeout}s and its transfer did not stop") from None
     if ticket.state is not TicketState.COMPLETE and ticket.error != "aborted":
         log.warning("request %s: KV transfer failed (%s); computing the prompt here", ticket.request_id,
                     ticket.error)

@@ -259,41 +259,6 @@ def test_mixed_vllm_and_builtin_engines_are_refused_clearly(cluster):
     run(go())
 
 
-def test_launch_backend_vllm_serves_pd_through_the_openai_gateway(cluster, model):
-    from openai import OpenAI
-
-    from microserve.engine.model.tokenizer import Tokenizer
-
-    prompt = rand_prompt(120, 41)
-
-    async def reference():
-        async with EngineHandle(cluster["A"].rpc, name="A", timeout=60) as a:
-            return await alone(a, prompt)
-
-    ref = run(reference())
-    want = Tokenizer(model).decode(ref)
-    # NOTE: --stream-interval 5 on vLLM engines: the text is the same, streamed in fewer events
-    dep = start_launch("--backend", "vllm", "--strategy", "pd", "--model", model, "--dtype", "float32",
-                       "--num-kv-blocks", "256", "--stream-interval", "5", python=VLLM_PYTHON, timeout=300)
-    try:
-        client = OpenAI(base_url=dep.base_url, api_key="none")
-        out = client.completions.create(model="m", prompt=prompt, max_tokens=GREEDY.max_tokens, temperature=0,
-                                        extra_body={"ignore_eos": True})
-        assert out.choices[0].text == want
-        assert out.usage.completion_tokens == GREEDY.max_tokens
-
-        async def chunks():  # the decode engine's own stream: the first token, then 5 at a time
-            async with EngineHandle(dep.engines["decode-0"], name="d", timeout=60) as d:
-                return [c.token_ids async for c in d.start_generate(req(prompt))]
-
-        got = run(chunks())
-        assert [t for c in got for t in c] == ref
-        # (more per chunk only when this reader fell behind)
-        assert len(got[0]) == 1 and all(len(c) >= 5 for c in got[1:-1]) and 2 <= len(got) <= 4, got
-    finally:
-        assert dep.stop() == 0
-
-
 def test_live_migration_between_vllm_engines(cluster):
     """`router/migration.migrate` over vLLM engines: a request stopped on A after k tokens continues on B
     with its KV (A's prefix cache sends it); the tokens equal A's unmigrated run. The drain by migration
@@ -366,12 +331,17 @@ async def test_lora_adapters_on_a_vllm_engine_equal_the_builtin_engine(model, tm
         assert eng.proc.wait(60) == 0
 
 
-def test_launch_config_serves_a_vllm_model_beside_a_built_in_one(cluster, model, tmp_path):
-    """`launch --config`: a vLLM-backed model and the built-in demo model behind one gateway; each name
-    gets its own model's tokens, and the vLLM engine's tickets name its checkpoint's fingerprint."""
+def test_launch_serves_vllm_pd_beside_a_built_in_model_through_the_openai_gateway(cluster, model, tmp_path):
+    """`launch --config`: a vLLM-backed model served 1P1D and the built-in demo model behind one gateway
+    (one deployment for both checks: each vLLM engine start costs ~15 s of CPU). Each name gets its own
+    model's tokens, PD over vLLM engines gives the text of one engine alone, the vLLM engines stream
+    5 tokens at a time (`stream_interval`), and their tickets name the checkpoint's fingerprint."""
     from openai import OpenAI
 
-    prompt = rand_prompt(60, 43)
+    from microserve.engine.model.loader import checkpoint_fingerprint
+    from microserve.engine.model.tokenizer import Tokenizer
+
+    prompt = rand_prompt(120, 41)
 
     async def reference():
         async with EngineHandle(cluster["A"].rpc, name="A", timeout=60) as a:
@@ -381,12 +351,11 @@ def test_launch_config_serves_a_vllm_model_beside_a_built_in_one(cluster, model,
             return await alone(a, prompt), ticket.kv.model
 
     ref, fingerprint = run(reference())
-    from microserve.engine.model.loader import checkpoint_fingerprint
-
     assert fingerprint == checkpoint_fingerprint(model)  # what remote_send checks against its own
+    want = Tokenizer(model).decode(ref)
     config = tmp_path / "models.yaml"
-    config.write_text(f"models:\n  - {{model: {model}, served_model_name: big, strategy: round_robin, engines: 1,\n"
-                      "     backend: vllm, dtype: float32, num_kv_blocks: 256}\n"
+    config.write_text(f"models:\n  - {{model: {model}, served_model_name: big, strategy: pd, backend: vllm,\n"
+                      "     dtype: float32, num_kv_blocks: 256, stream_interval: 5}\n"
                       "  - {model: demo, served_model_name: small, strategy: round_robin, engines: 1}\n")
     dep = start_launch("--config", str(config), "--log-level", "warning", python=VLLM_PYTHON, timeout=300)
     try:
@@ -394,9 +363,20 @@ def test_launch_config_serves_a_vllm_model_beside_a_built_in_one(cluster, model,
         assert {m.id for m in client.models.list().data} == {"big", "small"}
         big = client.completions.create(model="big", prompt=prompt, max_tokens=GREEDY.max_tokens, temperature=0,
                                         extra_body={"ignore_eos": True, "return_token_ids": True})
-        assert big.choices[0].model_extra["token_ids"] == ref
+        assert big.choices[0].model_extra["token_ids"] == ref and big.choices[0].text == want
+        assert big.usage.completion_tokens == GREEDY.max_tokens
         small = client.completions.create(model="small", prompt=prompt, max_tokens=GREEDY.max_tokens,
                                           temperature=0, extra_body={"ignore_eos": True, "return_token_ids": True})
         assert small.model == "small" and small.choices[0].model_extra["token_ids"] != ref
+        (decode,) = [rpc for name, rpc in dep.engines.items() if name.startswith("big") and "decode" in name]
+
+        async def chunks():  # the decode engine's own stream: the first token, then 5 at a time
+            async with EngineHandle(decode, name="d", timeout=60) as d:
+                return [c.token_ids async for c in d.start_generate(req(prompt))]
+
+        got = run(chunks())
+        assert [t for c in got for t in c] == ref
+        # (more per chunk only when this reader fell behind)
+        assert len(got[0]) == 1 and all(len(c) >= 5 for c in got[1:-1]) and 2 <= len(got) <= 4, got
     finally:
         assert dep.stop() == 0

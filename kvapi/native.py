@@ -2,7 +2,7 @@
 kernels, microserve/csrc/; the store's AEGIS-128L, kvapi/csrc/). The sources ship inside the
 packages, so every install (wheel, sdist, editable) can build them; the build lands in torch's
 extension cache (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), once per machine,
-source version and flag set, and concurrent processes wait on torch's file lock instead of
+torch install, source version and flag set, and concurrent processes wait on torch's file lock instead of
 building twice. Callers keep a fallback: a build fails without a C++ compiler and ninja."""
 
 from __future__ import annotations
@@ -34,11 +34,21 @@ def _clear_stale_lock(name: str) -> None:
         lock.unlink(missing_ok=True)
 
 
+def build_name(prefix: str, source: Path, cflags: list[str], install: str | None = None) -> str:
+    """`<prefix>_<hash of source, flags and the torch install>`: a changed source or flag set is a new
+    build, and two environments sharing the extension cache each keep their own (with one name they
+    rebuilt it over each other on every switch: torch's include paths differ). `install`: this one's."""
+    if install is None:
+        import torch
+
+        install = f"{torch.__version__} {Path(torch.__file__).resolve().parent}"
+    return f"{prefix}_{hashlib.sha1((source.read_text() + ' '.join(cflags) + install).encode()).hexdigest()[:10]}"
+
+
 def build(prefix: str, source: Path, cflags: list[str], ldflags: list[str] | None = None) -> ModuleType:
-    """The extension module built from `source` with `cflags`, named `<prefix>_<hash of source and
-    flags>` (so a changed source or flag set is a new build). Raises whatever the build raises."""
-    tag = hashlib.sha1((source.read_text() + " ".join(cflags)).encode()).hexdigest()[:10]
-    name = f"{prefix}_{tag}"
+    """The extension module built from `source` with `cflags`, named by `build_name`. Raises whatever
+    the build raises."""
+    name = build_name(prefix, source, cflags)
     _clear_stale_lock(name)
     from torch.utils import cpp_extension
 

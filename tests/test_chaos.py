@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_a_chaos_run_with_every_fault_keeps_every_invariant(tmp_path):
     out = tmp_path / "chaos.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "chaos.py"), "--segments", "6", "--segment", "8",
-                          "--seed", "7", "--clients", "2", "--json", str(out)], capture_output=True, text=True, timeout=540, cwd=ROOT)
+                          "--seed", "7", "--clients", "2", "--json", str(out)],
+                         capture_output=True, text=True, timeout=540, cwd=ROOT)
     summary = json.loads(out.read_text()) if out.exists() else {}
     assert run.returncode == 0, (summary.get("violations"), run.stdout[-3000:], run.stderr[-3000:])
     assert summary["violations"] == [] and summary["segments"] == 6

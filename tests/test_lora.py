@@ -250,7 +250,7 @@ torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 path, folders = sys.argv[1], dict(item.split("=", 1) for item in sys.argv[2:])
 prompts = [[5, 17, 42, 9, 88, 120, 7, 3] * 2, [200, 11, 64, 64, 31, 2, 90] * 2]
 rows = [(p, name) for p in prompts for name in (None, "a8", "b16")]
-params = [SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=3, lora=n) for _, n in rows]
+params = [SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logprobs=3, lora=n) for _, n in rows]
 outs = {}
 for triton_path in (False, True):
     llm = LLM(path, enable_lora=True, lora_modules=folders)

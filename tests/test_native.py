@@ -381,3 +381,15 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_later_engines(tmp_path):
                          timeout=120)
     assert res.returncode == 0, res.stderr
     assert "removing a build lock left" in res.stderr
+
+
+def test_each_torch_install_keeps_its_own_build_of_the_kernels():
+    """Two environments sharing torch's extension cache (the vLLM one and this one, in the suite) once
+    shared one build folder and rebuilt the kernels over each other on every switch (~30 s each)."""
+    from kvapi.native import build_name
+
+    source = Path(native.__file__).parents[2] / "csrc" / "cpu_kernels.cpp"  # microserve/csrc
+    here = build_name("microserve_native", source, ["-O3"])
+    assert here == build_name("microserve_native", source, ["-O3"])
+    assert here != build_name("microserve_native", source, ["-O3"], install="2.13.0+cpu /other/venv/torch")
+    assert here != build_name("microserve_native", source, ["-O3", "-mavx2"])

@@ -192,12 +192,15 @@ def long_prompts(n: int) -> list[str]:
     return [f"{i:03d} " + "".join(chr(97 + (i * 7 + j * j) % 26) for j in range(296)) for i in range(n)]
 
 
-async def stream(client, prompt: str, max_tokens: int, **sampling) -> list[int]:
+async def stream(client, prompt: str, max_tokens: int, progress=None, **sampling) -> list[int]:
+    """The token ids of one streamed completion; `progress(n)` after each event with the count so far."""
     ids = []
     async for event in await client.completions.create(
             model="demo", prompt=prompt, max_tokens=max_tokens, stream=True, **(sampling or {"temperature": 0}),
             extra_body={"ignore_eos": True, "return_token_ids": True}):
         ids += event.choices[0].model_extra.get("token_ids") or [] if event.choices else []
+        if progress is not None:
+            progress(len(ids))
     return ids
 
 
@@ -258,13 +261,24 @@ async def test_kill_9_with_streams_in_flight_every_stream_completes_exactly(demo
         client = openai.AsyncOpenAI(base_url=dep.base_url, api_key="k", max_retries=0, timeout=120)
         prompts = [p.replace(" ", "!", 1) for p in long_prompts(12)]
         sampled = [dict(SEEDED, seed=100 + i) if i % 2 else {} for i in range(12)]
-        ref = await asyncio.gather(*(stream(client, p, 512, **s) for p, s in zip(prompts, sampled)))
+        ref = await asyncio.gather(*(stream(client, p, 128, **s) for p, s in zip(prompts, sampled)))
         victim = next(pid for pid in dep.children() if b"engine-1" in Path(f"/proc/{pid}/cmdline").read_bytes())
-        load = asyncio.gather(*(stream(client, p, 512, **s) for p, s in zip(prompts, sampled)))
-        await asyncio.sleep(0.8)
+        counts, streaming = [0] * 12, asyncio.Event()
+
+        def seen(i: int):
+            def update(n: int) -> None:
+                counts[i] = n
+                if min(counts) >= 16:
+                    streaming.set()
+            return update
+
+        load = asyncio.gather(*(stream(client, p, 128, progress=seen(i), **s)
+                                for i, (p, s) in enumerate(zip(prompts, sampled))))
+        async with asyncio.timeout(120):
+            await streaming.wait()  # NOTE: every stream under way, none near its end (the kill lands mid-stream)
         os.kill(victim, signal.SIGKILL)
         got = await load
-        assert [len(ids) for ids in got] == [512] * 12
+        assert [len(ids) for ids in got] == [128] * 12
         assert got == ref
         async with aiohttp.ClientSession() as s, s.get(dep.url + "/metrics") as r:
             retries = [line for line in (await r.text()).splitlines()

@@ -17,9 +17,10 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from microserve.bench.loadgen import RequestResult
+if TYPE_CHECKING:  # NOTE: loadgen imports aiohttp's client, which the CLI parser of every process need not
+    from microserve.bench.loadgen import RequestResult
 
 SCHEMA_VERSION = 1
 METRICS = ("ttft_s", "tpot_s", "itl_s", "e2e_s")

@@ -52,17 +52,19 @@ def prompt_encoder(model: str, vocab: int, tokens_per_word: float) -> Callable[[
         from microserve.engine.model.tokenizer import Tokenizer
 
         return Tokenizer(path).encode
-    cache: dict[tuple[str, int], int] = {}
+    counts: list[int] = []  # tokens of word i
+    cache: dict[tuple[str, int], tuple[int, ...]] = {}  # (word, its token count) -> its ids
 
     def encode(text: str) -> list[int]:
+        words = text.split()
+        for i in range(len(counts), len(words)):
+            counts.append(math.floor((i + 1) * tokens_per_word) - math.floor(i * tokens_per_word))
         ids: list[int] = []
-        for i, word in enumerate(text.split()):
-            for k in range(math.floor((i + 1) * tokens_per_word) - math.floor(i * tokens_per_word)):
-                key = (word, k)
-                tid = cache.get(key)
-                if tid is None:
-                    tid = cache[key] = zlib.crc32(f"{word}#{k}".encode()) % vocab
-                ids.append(tid)
+        for word, n in zip(words, counts):
+            part = cache.get((word, n))
+            if part is None:
+                part = cache[(word, n)] = tuple(zlib.crc32(f"{word}#{k}".encode()) % vocab for k in range(n))
+            ids += part
         return ids or [0]
 
     return encode

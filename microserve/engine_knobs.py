@@ -98,15 +98,15 @@ def forwarded_knobs(args: argparse.Namespace) -> list[str]:
     return out
 
 
+CPU_MAX_PREFILL_TOKENS = 512  # `--max-prefill-tokens` on CPU (docs/engine.md, "Prompts per step")
+
+
 def prefill_tokens(args: argparse.Namespace) -> int | None:
     """`--max-prefill-tokens`, or its default for the device: 512 on CPU, where a step's time grows with
     its prompt tokens from the first one (docs/engine.md measures it); no limit elsewhere (not measured)."""
     if args.max_prefill_tokens is not None or getattr(args, "backend", "builtin") == "vllm":
         return args.max_prefill_tokens
     return CPU_MAX_PREFILL_TOKENS if args.device == "cpu" else None
-
-
-CPU_MAX_PREFILL_TOKENS = 512
 
 
 def check_knobs(args: argparse.Namespace) -> str | None:

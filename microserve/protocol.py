@@ -227,6 +227,11 @@ class StatsReply(msgspec.Struct, tag="stats_reply", forbid_unknown_fields=True):
     loras: list[str] = []  # LoRA adapters loaded (`--lora-modules`), by name
     lora_loads: int = 0  # adapters written into one of the engine's slots so far (a slot miss costs one)
 
+    @property
+    def kv_usage(self) -> float:
+        """Share of the KV blocks in use, as vLLM counts it: blocks only the prefix cache holds are free."""
+        return (self.kv_blocks_used - self.kv_blocks_cached) / max(1, self.kv_blocks_total)
+
 
 class HealthReply(msgspec.Struct, tag="health_reply", forbid_unknown_fields=True):
     ok: bool

@@ -124,8 +124,7 @@ class Planning:
             window.roles[role] = RoleWindow(
                 len(handles), sum(s.running for s in stats), sum(s.waiting for s in stats),
                 sum(s.queued_tokens for s in stats),
-                sum((s.kv_blocks_used - s.kv_blocks_cached) / max(1, s.kv_blocks_total) for s in stats)
-                / max(1, len(stats)),
+                sum(s.kv_usage for s in stats) / max(1, len(stats)),
                 sum(rates), capacity, sum(1 for e in ended if role in e[0]) / seconds, bool(measured), refused,
                 cluster.kv_waiters.parked(role), self._starting.get(role, 0))
         return window

@@ -206,7 +206,7 @@ class _VLLMNames:
             running.add_metric(key, s.running)
             waiting.add_metric(key, s.waiting)
             # NOTE: as vLLM's: blocks only the prefix cache holds count as free
-            usage.add_metric(key, (s.kv_blocks_used - s.kv_blocks_cached) / max(1, s.kv_blocks_total))
+            usage.add_metric(key, s.kv_usage)
             preempted.add_metric(key, s.num_preemptions)
             hits.add_metric(key, s.prefix_cache_hit_tokens)
             queries.add_metric(key, s.prefix_cache_query_tokens)

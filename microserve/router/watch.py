@@ -107,7 +107,7 @@ class Watch:
         load.missed = 0
         load.stats, load.running, load.waiting, load.asked = stats, stats.running, stats.waiting, asked
         # NOTE: blocks only the prefix cache holds are free to take: not in use
-        load.kv_usage = (stats.kv_blocks_used - stats.kv_blocks_cached) / max(1, stats.kv_blocks_total)
+        load.kv_usage = stats.kv_usage
 
     def _maybe_evict(self, h: EngineHandle) -> None:
         """A joined engine down for `evict_after` seconds leaves the cluster (it re-joins when back)."""

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from microserve.engine.config import ModelConfig
-from microserve.engine.model.models.llama import LlamaForCausalLM, RotaryEmbedding
+from microserve.engine.model.models.llama import LlamaForCausalLM
 
 _FUSED = {  # our name -> the Hugging Face names concatenated (dim 0) into it
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -106,7 +106,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype |
     model.load_state_dict(state, assign=True, strict=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings).to(device)
+    model.rotary.to(device)
     if torch.device(device).type == "cpu":
         model.transpose_weights_()
     return model.eval()

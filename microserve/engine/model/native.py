@@ -4,7 +4,7 @@ editable install alike), so every install can build them.
 
 Every kernel here has a pure-torch twin that stays the reference; the native one is used
 only when it builds and loads. `MICROSERVE_NATIVE=0` turns it off (the plain path), e.g.
-to compare the two. The build (~30 s, once per machine and source version) lands in
+to compare the two. The build (~15 s, once per machine and source version) lands in
 torch's extension cache (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`);
 concurrent processes wait on torch's file lock instead of building twice.
 

@@ -146,7 +146,7 @@ class RadixCache:
         self.pool.free(block_ids)
 
     def insert(self, tokens: Sequence[int], block_ids: Sequence[int], cursor: RadixCursor | None = None,
-               seed: int = 0) -> int:
+               seed: int = 0, hashes: Sequence[int] = ()) -> int:
         """Cache the full blocks of `tokens` whose KV sits in `block_ids` (in order).
 
         A block whose prefix is already cached keeps the cached copy; the caller's
@@ -154,6 +154,8 @@ class RadixCache:
 
         `cursor` (one per sequence) resumes the walk where that sequence's last insert ended, when
         its node is still in the tree and still spells these tokens; the result is the same.
+        `hashes`: the chain hashes of the first blocks under `seed` (`prefix_hashes`), when the caller
+        has them (a sequence keeps its prompt's): those blocks are not hashed again.
         """
         now, node, start, bs = next(self._clock), self._root(seed), 0, self.block_size
         n = min(len(tokens) // bs, len(block_ids))
@@ -163,20 +165,22 @@ class RadixCache:
             while at.parent is not None:  # NOTE: the path is touched as a walk from the root touches it
                 at.last_access = now
                 at = at.parent
-        stored, blocks = [], []
+        stored, blocks, known = [], [], len(hashes)
         for i in range(start, n):
-            key, block = tuple(tokens[i * bs:(i + 1) * bs]), block_ids[i]
+            key = tuple(tokens[i * bs:(i + 1) * bs])
             child = node.children.get(key)
             if child is None:
-                child = _Node(key, block, chain_hash(node.hash, key), node)
+                block = block_ids[i]
+                child = _Node(key, block, hashes[i] if i < known else chain_hash(node.hash, key), node)
                 node.children[key] = child
                 heapq.heappush(self._heap, (now, id(child), child))
-                self.pool.incref([block], cache=True)
-                self._num_nodes += 1
                 stored.append(child.hash)
                 blocks.append(block)
             child.last_access = now
             node = child
+        if blocks:
+            self.pool.incref(blocks, cache=True)
+            self._num_nodes += len(blocks)
         if cursor is not None and n > start:
             cursor.node, cursor.depth = node, n
         if stored and self.on_event:

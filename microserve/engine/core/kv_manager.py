@@ -192,7 +192,8 @@ class KVCacheManager:
         full = min(seq.num_computed_tokens, seq.local_limit) // self.block_size
         if not self.enable_prefix_caching or full <= seq.num_cached_blocks:
             return
-        self.radix.insert(seq.token_ids, seq.block_table[:full], seq.radix_cursor, seq.cache_seed)
+        self.radix.insert(seq.token_ids, seq.block_table[:full], seq.radix_cursor, seq.cache_seed,
+                          seq.prompt_block_hashes(self.block_size))
         seq.num_cached_blocks = full
 
     def offload(self, seq: Sequence, begin: int, end: int) -> None:

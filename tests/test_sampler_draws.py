@@ -36,12 +36,12 @@ def _expected(row: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
     """The distribution a sampled token must follow, computed plainly: softmax(row / T) restricted to
     the top-k logits (ties at the k-th kept), then to the tokens whose strictly-more-likely mass is at
     most top_p, then to those at least min_p x the largest probability."""
-    logits = row.double() / sp.temperature
-    if 0 < sp.top_k < VOCAB:
+    logits, vocab = row.double() / sp.temperature, row.numel()
+    if 0 < sp.top_k < vocab:
         kth = sorted(logits.tolist(), reverse=True)[sp.top_k - 1]
         logits = torch.where(logits >= kth, logits, torch.tensor(float("-inf"), dtype=torch.double))
     p = logits.softmax(-1)
-    keep = torch.tensor([float(p[p > p[i]].sum()) <= sp.top_p + 1e-9 for i in range(VOCAB)])
+    keep = torch.tensor([float(p[p > p[i]].sum()) <= sp.top_p + 1e-9 for i in range(vocab)])
     keep &= p >= sp.min_p * p.max()
     q = torch.where(keep, p, torch.zeros_like(p))
     return q / q.sum()
@@ -67,9 +67,20 @@ SETTINGS = [
 ]
 
 
+@pytest.fixture(params=["native", "torch"])
+def draw_path(request, monkeypatch):
+    """Which batched draw runs on CPU: the native kernel (`sample_rows`, rows without top-k) or torch ops."""
+    if request.param == "native":
+        if sampler._kernels() is None:
+            pytest.skip("the native CPU kernels are not built with AVX2 here")
+    else:
+        monkeypatch.setattr(sampler, "_kernels", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("sp", SETTINGS, ids=lambda sp: f"T{sp.temperature}-k{sp.top_k}-p{sp.top_p}-m{sp.min_p}")
-def test_draws_follow_the_exact_truncated_softmax(sp, device):
+def test_draws_follow_the_exact_truncated_softmax(sp, device, draw_path):
     """On CUDA (`.ci/gpu-check`) the same torch ops draw on the device, with the device's generator."""
     row, n = _row(), 20_000
     want = _expected(row, sp)
@@ -89,7 +100,7 @@ def test_draws_follow_the_exact_truncated_softmax(sp, device):
         assert chi2 < _chi2_critical(df), (chi2, df, counts[inside].tolist(), expected.tolist())
 
 
-def test_truncation_keeps_every_tie_at_the_cut():
+def test_truncation_keeps_every_tie_at_the_cut(draw_path):
     """Draw many times: exactly the set comes out. top-k 3 and 4 cut inside the tied triple, so all
     five most likely tokens stay; top-p 0.05 is covered by the first of the tied pair, so both stay."""
     row = _row()
@@ -165,3 +176,20 @@ def test_the_seeded_fast_path_draws_the_full_paths_tokens_and_leaves_the_same_ge
                     for a, b in zip(fast, ref):
                         assert torch.equal(a.generator.get_state(), b.generator.get_state())
     assert sum(calls) < 0.6 * rows, (sum(calls), rows)  # NOTE: counts the fast path's fallbacks only
+
+
+@pytest.mark.parametrize("sp", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_p=0.9),
+                                SamplingParams(temperature=2.0, min_p=0.3)], ids=["T", "T-p", "T-m"])
+def test_masked_logits_are_never_drawn_and_a_lone_survivor_always_is(sp, draw_path):
+    """-inf (a grammar's mask, a banned token) has no weight, in a row whose length is no multiple of 8 (the
+    kernel's scalar tail); a row with one finite logit always gives that token."""
+    gen = torch.Generator().manual_seed(5)
+    row = torch.linspace(-2.0, 2.0, 37)
+    row[[0, 9, 17, 36]] = float("-inf")
+    batch = row.unsqueeze(0).repeat(3_000, 1)
+    drawn = sampler._draw(batch, [_Seq(sp)] * 3_000, gen)
+    assert not set(drawn.tolist()) & {0, 9, 17, 36}
+    assert set(drawn.tolist()) == set((_expected(row, sp) > 0).nonzero().flatten().tolist())
+    lone = torch.full((4, 37), float("-inf"))
+    lone[:, 23] = -50.0
+    assert sampler._draw(lone, [_Seq(sp)] * 4, gen).tolist() == [23] * 4

@@ -6,10 +6,12 @@
             as OpenAI), the grammar's token mask (structured outputs) ──> greedy argmax, or
             temperature, top-k, top-p, min-p and a seeded draw ──> the grammar consumes the token
 
-Sampling uses the exponential-race trick (argmax of probs / Exp(1) noise), with noise drawn
+Seeded rows use the exponential-race trick (argmax of probs / Exp(1) noise), with noise drawn
 from the request's own generator, so a seeded request gives the same tokens whatever else
-shares its batch. Rows that ask for nothing special take the fast path (one argmax), so a batch
-of greedy requests pays nothing for the others' processors.
+shares its batch. The other sampled rows share one batched draw: on CPU the native kernel
+`sample_rows` (temperature, min-p, top-p and the draw in ~3 passes over each row, rows in
+parallel) where it is built with AVX2, else torch ops. Rows that ask for nothing special take
+the fast path (one argmax), so a batch of greedy requests pays nothing for the others' processors.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from microserve.engine.core.sequence import Sequence
+from microserve.engine.model import native
 from microserve.engine.model.seeded import draw_seeded
 from microserve.engine.model.structured import apply_masks
 
@@ -130,8 +133,12 @@ def _draw_batched(sub: torch.Tensor, seqs: list[Sequence], gen: torch.Generator)
     distribution."""
     vocab, dev = sub.shape[-1], sub.device
     sp = [s.sampling for s in seqs]
-    logits = sub / torch.tensor([p.temperature for p in sp], device=dev, dtype=sub.dtype).unsqueeze(1)
     ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in sp]
+    if not any(ks) and dev.type == "cpu" and sub.dtype == torch.float32 and (kernels := _kernels()) is not None:
+        seeds = torch.randint(-2**63, 2**63 - 1, (len(sp),), generator=gen, dtype=torch.long)
+        return kernels.sample_rows(sub, torch.tensor([p.temperature for p in sp]), torch.tensor([p.top_p for p in sp]),
+                                   torch.tensor([p.min_p for p in sp]), seeds)
+    logits = sub / torch.tensor([p.temperature for p in sp], device=dev, dtype=sub.dtype).unsqueeze(1)
     if all(ks):
         vals, ids = logits.topk(max(ks), dim=-1)  # descending
         kth = vals.gather(1, torch.tensor([[k - 1] for k in ks], device=dev))
@@ -144,6 +151,12 @@ def _draw_batched(sub: torch.Tensor, seqs: list[Sequence], gen: torch.Generator)
         kth[torch.tensor([k == 0 for k in ks], device=dev)] = float("-inf")
         logits.masked_fill_(logits < kth, float("-inf"))
     return _truncated_draw(logits, sp, gen)
+
+
+def _kernels():
+    """The native CPU kernels when built with AVX2 (the scalar build's `exp` is slower than torch's softmax)."""
+    kernels = native.load()
+    return kernels if kernels is not None and kernels.simd() else None
 
 
 def _truncated_draw(logits: torch.Tensor, sp: list, gen: torch.Generator) -> torch.Tensor:

@@ -14,7 +14,7 @@
 // float32, softmax is exact (max-subtracted), accumulation in float32.
 //
 // Headers: ATen's tensor and the two ops used, plus torch's pybind11 casters, not <torch/extension.h>
-// (the whole C++ frontend): the first-use build takes ~9 s of compiler time instead of ~30.
+// (the whole C++ frontend): the first-use build takes ~16 s of compiler time instead of ~30.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -562,7 +562,8 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torc
 
 
 // -- Sampling: one token per row from softmax(logits / T) under min-p and top-p, exactly the distribution
-// of sampler._truncated_draw (torch ops), in ~3 passes over a row instead of ~12 full-batch tensor ops.
+// of sampler._truncated_draw (torch ops), in a few passes over a row held in L2 (max, exponentials, zeroing,
+// sum, scan; each top-p round one more sum and scan) instead of ~12 full-batch tensor ops.
 //   e_i = exp((l_i - max) / T), zeroed below min_p (e_max = 1, so that is min_p x the largest probability);
 //   a draw by inverse CDF (a running sum against u x sum(e)); top-p by rejection with pivots (FlashInfer's):
 //   the token stands when the mass strictly more likely than it is <= top_p x sum(e), else the row draws

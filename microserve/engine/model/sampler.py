@@ -9,7 +9,7 @@
 Seeded rows use the exponential-race trick (argmax of probs / Exp(1) noise), with noise drawn
 from the request's own generator, so a seeded request gives the same tokens whatever else
 shares its batch. The other sampled rows share one batched draw: on CPU the native kernel
-`sample_rows` (temperature, min-p, top-p and the draw in ~3 passes over each row, rows in
+`sample_rows` (temperature, min-p, top-p and the draw in a few passes over each row, rows in
 parallel) where it is built with AVX2, else torch ops. Rows that ask for nothing special take
 the fast path (one argmax), so a batch of greedy requests pays nothing for the others' processors.
 """

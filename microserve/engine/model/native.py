@@ -81,6 +81,12 @@ def load() -> ModuleType | None:
     return _module
 
 
+def loaded() -> ModuleType | None:
+    """The kernels `load()` gave this process, if it ran: never builds (a caller on the serving path, such
+    as the sampler, must not start a build mid-request; the engine loads them when it starts)."""
+    return _module
+
+
 def path(module: ModuleType | None) -> str:
     """Which kernels a CPU engine runs: "native" (AVX2 build), "native-scalar" (portable
     build, CPUs without AVX2) or "torch" (no kernels)."""

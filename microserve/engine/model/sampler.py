@@ -154,8 +154,9 @@ def _draw_batched(sub: torch.Tensor, seqs: list[Sequence], gen: torch.Generator)
 
 
 def _kernels():
-    """The native CPU kernels when built with AVX2 (the scalar build's `exp` is slower than torch's softmax)."""
-    kernels = native.load()
+    """The native CPU kernels this process loaded (the engine does at start), when built with AVX2 (the scalar
+    build's `exp` is slower than torch's softmax)."""
+    kernels = native.loaded()
     return kernels if kernels is not None and kernels.simd() else None
 
 

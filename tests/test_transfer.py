@@ -180,6 +180,21 @@ def test_idle_connections_take_no_transfer_slot_but_real_transfers_are_capped():
         shared.close()
 
 
+def test_back_to_back_transfers_never_find_their_own_last_slot_taken():
+    """With one slot, a sender that starts its next transfer as soon as the last one's reply came is served:
+    the receiver frees the slot before it sends the final reply (it freed it after, a race: "overloaded")."""
+    shared = SharedPool(SPEC, 8)
+    rx = KVReceiver(shared.tensor, SPEC, shm_path=shared.path, max_connections=1)
+    tx = KVSender(torch.randn(SPEC.cache_shape(8)), SPEC)
+    try:
+        for i in range(200):
+            rx.open_ticket(f"t{i}", "s3cret", [1 + i % 4], lambda o: None)
+            assert tx.send(addr(rx, [1 + i % 4], 0, 4, ticket=f"t{i}"), 0, 4, lambda: [0], "tcp").nbytes > 0
+    finally:
+        rx.close()
+        shared.close()
+
+
 def test_a_flood_of_idle_connections_and_a_trickled_hello_never_stop_a_transfer():
     """A keyless flooder holds 300 connections to the KV port and opens a new one for every one
     closed, and a trickler sends a hello a byte at a time: 20 transfers still succeed one after

@@ -365,11 +365,16 @@ class KVReceiver:
                     send_msg(conn, Reply(True, shm_path=self.shm_path))
                 conn.settimeout(self.stall_timeout)
                 tune(conn)
-                self._receive(conn, hello, ticket)
+                done = self._receive(conn, hello, ticket)
             finally:
+                # NOTE: the slot is free before the sender reads the final reply: a sender that starts its next
+                # transfer at once must not find its own last one still counted ("overloaded")
                 self._slots.release()
+            with contextlib.suppress(OSError):
+                send_msg(conn, done)
 
-    def _receive(self, conn: socket.socket, hello: Hello, ticket: _Ticket) -> None:
+    def _receive(self, conn: socket.socket, hello: Hello, ticket: _Ticket) -> Reply:
+        """Receive the transfer's pages, end the ticket (its hook told the outcome); returns the final reply."""
         t0, nbytes = time.perf_counter(), 0
         expected = len(hello.block_ids) * self.spec.page_bytes * 2 * self.spec.num_layers
         outcome = TransferOutcome(hello.ticket_id, False, hello.begin, hello.end)
@@ -394,5 +399,4 @@ class KVReceiver:
             ticket.on_done(outcome)
         except Exception:  # the engine's hook must not kill the receiver
             log.exception("kv receiver: on_done hook failed")
-        with contextlib.suppress(OSError):
-            send_msg(conn, Reply(outcome.ok, "" if outcome.ok else "transfer_failed", outcome.error))
+        return Reply(outcome.ok, "" if outcome.ok else "transfer_failed", outcome.error)

@@ -12,7 +12,6 @@ import sys
 
 import aiohttp
 import openai
-import peft
 import pytest
 import torch
 from checkpoints import hf_greedy, make_checkpoint
@@ -31,6 +30,9 @@ ADAPTERS = {"a8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    import peft  # NOTE: here, not at the top: it imports transformers and torch._dynamo (4 s of CPU) in every
+    # worker that collects this file, and only the one that runs it needs it
+
     root = tmp_path_factory.mktemp("lora")
     path, base = make_checkpoint(root / "base", "llama", seed=3)
     refs = {}

@@ -1,15 +1,17 @@
 """Sizes roles to latency targets, as Dynamo's SLA planner does: prefill by the prompt tokens to compute
-over what one engine was measured to compute, decode by the streams to hold over what one engine holds
-at the ITL target (its measured streams scaled by target / measured ITL), and by the KV its streams hold
-(at most `kv_target` of every decode engine's blocks, projected along the demand's rise: a decode engine
-out of blocks refuses the next request's KV). The demand is smoothed over
-intervals (an exponential average) and projected `lookahead` seconds ahead along its recent rise (a new
-engine takes a minute or more to serve), a role grows at once and shrinks only after `calm` intervals
-in a row that want fewer, to the most any of them wanted (Kubernetes' scale-down stabilization window:
-decode's KV use swings with the streams' lengths) and to engines that would run at most `low` of their
-capacity and `kv_low` of their KV (hysteresis), and a missed target or a refused KV receive (an
-engine out of blocks) adds at least one engine (none more while engines asked for earlier still start:
-the signal lags them); the bounds and the cooldown do the rest against flapping."""
+over what one engine was measured to compute, as a queue (M/M/c, Erlang C: the fewest engines at which at
+most `ttft_miss` of the prompts would wait past the TTFT target, none more than `headroom` busy; few engines
+need more room than many), decode by the streams to hold over what one engine holds at the ITL target (its
+measured streams scaled by target / measured ITL), and by the KV its streams hold (at most `kv_target` of
+every decode engine's blocks, projected along the demand's rise: a decode engine out of blocks refuses the
+next request's KV). The demand is smoothed over intervals (an exponential average) and projected
+`lookahead` seconds ahead along its recent rise (a new engine takes a minute or more to serve), a role
+grows at once and shrinks only after `calm` intervals in a row that want fewer, to the most any of them
+wanted (Kubernetes' scale-down stabilization window: decode's KV use swings with the streams' lengths) and
+to engines that would run at most `low` of their capacity and `kv_low` of their KV, and for prefill keep
+`shrink_miss` (hysteresis), and a missed target or a refused KV receive (an engine out of blocks) adds at
+least one engine (none more while engines asked for earlier still start: the signal lags them); the bounds
+and the cooldown do the rest against flapping."""
 
 import math
 from collections import deque
@@ -29,14 +31,20 @@ class SLOPlanner(Planner):
     smoothing = 0.3  # weight of the newest interval in the demand's average
     lookahead = 90.0  # seconds ahead to size for (about one engine start)
     calm = 6  # intervals in a row wanting fewer engines before a role shrinks
+    ttft_miss = 0.02  # prefill: the share of prompts the queue model lets wait past the TTFT target
+    shrink_miss = 0.005  # ... and when shrinking (hysteresis)
 
     def __init__(self):
         self.demand = None  # prompt tokens per second, averaged
+        self.prompt = None  # prompt tokens per request, averaged
         self.history = []  # the averaged demand of the last intervals
         self.recent = {}  # role -> what the last `calm` intervals wanted
 
     async def plan(self, cluster, window):
         now = window.prompt_tokens_per_s
+        if window.arrivals_per_s > 0:
+            size = now / window.arrivals_per_s
+            self.prompt = size if self.prompt is None else self.smoothing * size + (1 - self.smoothing) * self.prompt
         self.demand = now if self.demand is None else self.smoothing * now + (1 - self.smoothing) * self.demand
         self.history = (self.history + [self.demand])[-6:]
         rise = max(0.0, (self.history[-1] - self.history[0]) / (window.seconds * (len(self.history) - 1))) \
@@ -51,10 +59,11 @@ class SLOPlanner(Planner):
             have = w.engines + w.starting  # NOTE: engines asked for earlier count; a late signal adds one at most
             more = w.engines + max(1, w.starting)
             if role == "prefill":
-                per_engine = w.capacity_tokens_per_s * self.headroom
-                need = max(1, math.ceil(ahead / per_engine)) if per_engine > 0 else have
+                per_engine = w.capacity_tokens_per_s
+                need = self._queue(ahead, per_engine, self.ttft_miss) if per_engine > 0 else have
                 if need < have and per_engine > 0:  # NOTE: fewer engines only with room for the swings
-                    need = max(need, math.ceil(ahead / (w.capacity_tokens_per_s * self.low)))
+                    need = max(need, math.ceil(ahead / (per_engine * self.low)),
+                               self._queue(ahead, per_engine, self.shrink_miss))
                 if slow_first:
                     need = max(need, more)
                 if not w.capacity_measured:  # NOTE: a lower bound until an engine was seen saturated
@@ -84,3 +93,24 @@ class SLOPlanner(Planner):
                 want[role] = max(recent)
                 recent.clear()
         return want
+
+    def _queue(self, demand: float, capacity: float, miss: float) -> int:
+        """Prefill engines for `demand` prompt tokens per second, `capacity` each: at most `headroom` busy,
+        and (M/M/c) at most `miss` of the prompts waiting longer than the TTFT target less their own compute."""
+        load = demand / capacity  # engines' worth of work (Erlang's offered load)
+        c = max(1, math.ceil(load / self.headroom))
+        if not self.prompt or load <= 0:
+            return c
+        rate, service = demand / self.prompt, self.prompt / capacity  # prompts per second, seconds each
+        budget = self.ttft_ms / 1e3 - service
+        while budget > 0 and erlang_c(c, load) * math.exp(-(c / service - rate) * budget) > miss:
+            c += 1
+        return c
+
+
+def erlang_c(c: int, load: float) -> float:
+    """The probability that a request waits, c servers at offered load `load` (< c): Erlang B's recursion."""
+    b = 1.0
+    for k in range(1, c + 1):
+        b = load * b / (k + load * b)
+    return c * b / (c - load * (1 - b))

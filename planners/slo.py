@@ -49,7 +49,7 @@ class SLOPlanner(Planner):
         self.history = (self.history + [self.demand])[-6:]
         rise = max(0.0, (self.history[-1] - self.history[0]) / (window.seconds * (len(self.history) - 1))) \
             if len(self.history) > 1 else 0.0
-        ahead = max(self.demand + rise * self.lookahead, now)
+        ahead = self.demand + rise * self.lookahead  # NOTE: not the last interval's: a burst is over before a start
         slow_first = window.ttft_p90 * 1e3 > self.ttft_ms
         slow_next = window.itl_p90 * 1e3 > self.itl_ms
         want = {}

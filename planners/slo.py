@@ -5,7 +5,8 @@ need more room than many), decode by the streams to hold over what one engine ho
 measured streams scaled by target / measured ITL), and by the KV its streams hold (at most `kv_target` of
 every decode engine's blocks, projected along the demand's rise: a decode engine out of blocks refuses the
 next request's KV). The demand is smoothed over intervals (an exponential average) and projected
-`lookahead` seconds ahead along its recent rise (a new engine takes a minute or more to serve), a role
+`lookahead` seconds ahead along its rise (a least-squares slope over the last `trend` intervals: a short
+window's slope swings with the arrivals; a new engine takes a minute or more to serve), a role
 grows at once and shrinks only after `calm` intervals in a row that want fewer, to the most any of them
 wanted (Kubernetes' scale-down stabilization window: decode's KV use swings with the streams' lengths) and
 to engines that would run at most `low` of their capacity and `kv_low` of their KV, and for prefill keep
@@ -30,6 +31,7 @@ class SLOPlanner(Planner):
     kv_low = 0.5  # ... and hold at most this share of their KV blocks
     smoothing = 0.3  # weight of the newest interval in the demand's average
     lookahead = 90.0  # seconds ahead to size for (about one engine start)
+    trend = 12  # intervals of demand the rise is fitted to (least squares)
     calm = 6  # intervals in a row wanting fewer engines before a role shrinks
     ttft_miss = 0.02  # prefill: the share of prompts the queue model lets wait past the TTFT target
     shrink_miss = 0.005  # ... and when shrinking (hysteresis)
@@ -37,7 +39,7 @@ class SLOPlanner(Planner):
     def __init__(self):
         self.demand = None  # prompt tokens per second, averaged
         self.prompt = None  # prompt tokens per request, averaged
-        self.history = []  # the averaged demand of the last intervals
+        self.history = []  # the demand of the last `trend` intervals
         self.recent = {}  # role -> what the last `calm` intervals wanted
 
     async def plan(self, cluster, window):
@@ -46,9 +48,8 @@ class SLOPlanner(Planner):
             size = now / window.arrivals_per_s
             self.prompt = size if self.prompt is None else self.smoothing * size + (1 - self.smoothing) * self.prompt
         self.demand = now if self.demand is None else self.smoothing * now + (1 - self.smoothing) * self.demand
-        self.history = (self.history + [self.demand])[-6:]
-        rise = max(0.0, (self.history[-1] - self.history[0]) / (window.seconds * (len(self.history) - 1))) \
-            if len(self.history) > 1 else 0.0
+        self.history = (self.history + [now])[-self.trend:]
+        rise = max(0.0, slope(self.history) / window.seconds)
         ahead = self.demand + rise * self.lookahead  # NOTE: not the last interval's: a burst is over before a start
         slow_first = window.ttft_p90 * 1e3 > self.ttft_ms
         slow_next = window.itl_p90 * 1e3 > self.itl_ms
@@ -114,3 +115,12 @@ def erlang_c(c: int, load: float) -> float:
     for k in range(1, c + 1):
         b = load * b / (k + load * b)
     return c * b / (c - load * (1 - b))
+
+
+def slope(ys: list[float]) -> float:
+    """Least-squares slope of `ys` per step (0 for fewer than two)."""
+    n = len(ys)
+    if n < 2:
+        return 0.0
+    mx, my = (n - 1) / 2, sum(ys) / n
+    return sum((i - mx) * (y - my) for i, y in enumerate(ys)) / sum((i - mx) ** 2 for i in range(n))

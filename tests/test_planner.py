@@ -46,9 +46,10 @@ def test_bounds_and_planner_files_are_checked(tmp_path):
 
 async def test_the_slo_planner_sizes_roles_by_the_formula():
     """planners/slo.py on measured windows: prefill = the fewest engines at most 80% busy at which (M/M/c,
-    Erlang C) at most 2% of the prompts wait past the TTFT target less their own compute; decode = streams over what one engine holds at the ITL target (its streams scaled by
-    target / measured ITL, 80% of it), and at least the engines whose KV the streams fill to 80%. Growing
-    is at once; shrinking waits for `calm` intervals."""
+    Erlang C) at most 2% of the prompts wait past the TTFT target less their own compute, for the demand
+    projected along its rise; decode = streams over what one engine holds at the ITL target (its streams
+    scaled by target / measured ITL, 80% of it), and at least the engines whose KV the streams fill to 80%.
+    Growing is at once; shrinking waits for `calm` intervals."""
     from microserve.control.planner import RoleWindow, Window
 
     def window(itl_p90: float, decode_running: int, prompt_rate: float = 2400.0, prefill: int = 1,
@@ -67,6 +68,12 @@ async def test_the_slo_planner_sizes_roles_by_the_formula():
     # a TTFT target no queue reaches: the 80% alone, ceil(2400 / 800) = 3
     lax = load_planner("slo", {"itl_ms": "50", "ttft_ms": "1e9"})
     assert (await lax.plan(None, window(0.100, 16)))["prefill"] == 3
+    # a rising demand is sized ahead: +100 tokens/s an interval (10 s) for 12 intervals, the least-squares
+    # slope (10 tokens/s per second) x 100 s ahead: 2100 + 1000 -> ceil(3100 / 800) = 4; without it 3
+    for lookahead, want in (("100", {"prefill": 4}), ("0", {})):
+        rising = load_planner("slo", {"ttft_ms": "1e9", "smoothing": "1", "lookahead": lookahead})
+        wants = [await rising.plan(None, window(0.010, 2, 1000.0 + 100 * k, prefill=3)) for k in range(12)]
+        assert wants[-1] == want, (lookahead, wants)
     # under the target: 8 per engine at 25 ms -> 16 at 50 ms, x0.8 = 12.8 -> 2 decode engines, as now
     assert await planner.plan(None, window(0.025, 16, prefill=4)) == {}
     idle = load_planner("slo", {"calm": "3"})

@@ -9,8 +9,8 @@ next request's KV). The demand is smoothed over intervals (an exponential averag
 window's slope swings with the arrivals; a new engine takes a minute or more to serve), a role
 grows at once and shrinks only after `calm` intervals in a row that want fewer, to the most any of them
 wanted (Kubernetes' scale-down stabilization window: decode's KV use swings with the streams' lengths) and
-to engines that would run at most `low` of their capacity and `kv_low` of their KV, and for prefill keep
-`shrink_miss` (hysteresis), and a missed target or a refused KV receive (an engine out of blocks) adds at
+to prefill engines that keep `shrink_miss` and decode engines that would hold at most `kv_low` of their KV
+(hysteresis), and a missed target or a refused KV receive (an engine out of blocks) adds at
 least one engine (none more while engines asked for earlier still start: the signal lags them); the bounds
 and the cooldown do the rest against flapping."""
 
@@ -27,14 +27,13 @@ class SLOPlanner(Planner):
     itl_ms = 50.0  # target: 90th percentile of the requests' mean time between tokens
     headroom = 0.8  # plan for this share of the measured capacity
     kv_target = 0.8  # plan for decode engines to hold at most this share of their KV blocks
-    low = 0.6  # shrink only to engines that would run at most this share of capacity (hysteresis)
-    kv_low = 0.5  # ... and hold at most this share of their KV blocks
+    kv_low = 0.5  # shrink decode only to engines that would hold at most this share of their KV (hysteresis)
     smoothing = 0.3  # weight of the newest interval in the demand's average
     lookahead = 90.0  # seconds ahead to size for (about one engine start)
     trend = 12  # intervals of demand the rise is fitted to (least squares)
     calm = 6  # intervals in a row wanting fewer engines before a role shrinks
-    ttft_miss = 0.02  # prefill: the share of prompts the queue model lets wait past the TTFT target
-    shrink_miss = 0.005  # ... and when shrinking (hysteresis)
+    ttft_miss = 0.01  # prefill: the share of prompts the queue model lets wait past the TTFT target
+    shrink_miss = 0.0025  # ... and when shrinking (hysteresis)
 
     def __init__(self):
         self.demand = None  # prompt tokens per second, averaged
@@ -63,8 +62,7 @@ class SLOPlanner(Planner):
                 per_engine = w.capacity_tokens_per_s
                 need = self._queue(ahead, per_engine, self.ttft_miss) if per_engine > 0 else have
                 if need < have and per_engine > 0:  # NOTE: fewer engines only with room for the swings
-                    need = max(need, math.ceil(ahead / (per_engine * self.low)),
-                               self._queue(ahead, per_engine, self.shrink_miss))
+                    need = max(need, self._queue(ahead, per_engine, self.shrink_miss))
                 if slow_first:
                     need = max(need, more)
                 if not w.capacity_measured:  # NOTE: a lower bound until an engine was seen saturated

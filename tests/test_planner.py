@@ -46,7 +46,7 @@ def test_bounds_and_planner_files_are_checked(tmp_path):
 
 async def test_the_slo_planner_sizes_roles_by_the_formula():
     """planners/slo.py on measured windows: prefill = the fewest engines at most 80% busy at which (M/M/c,
-    Erlang C) at most 2% of the prompts wait past the TTFT target less their own compute, for the demand
+    Erlang C) at most 1% of the prompts wait past the TTFT target less their own compute, for the demand
     projected along its rise; decode = streams over what one engine holds at the ITL target (its streams
     scaled by target / measured ITL, 80% of it), and at least the engines whose KV the streams fill to 80%.
     Growing is at once; shrinking waits for `calm` intervals."""
@@ -62,7 +62,7 @@ async def test_the_slo_planner_sizes_roles_by_the_formula():
     planner = load_planner("slo", {"itl_ms": "50", "ttft_ms": "2000"})
     # prefill: 5 prompts/s of 480 tokens, 0.48 s each on an engine of 1000 tokens/s (load 2.4): 80% busy at
     # most -> 3 engines; there P(wait > 2 - 0.48 s) = C(3, 2.4) e^(-(3/0.48 - 5) 1.52) = 0.647 x 0.150 = 0.097,
-    # over 2%; with 4: 0.287 x 0.0063 = 0.0018 -> 4. decode: 8 streams per engine at 100 ms -> 4 at 50 ms, x0.8
+    # over 1%; with 4: 0.287 x 0.0063 = 0.0018 -> 4. decode: 8 streams per engine at 100 ms -> 4 at 50 ms, x0.8
     # = 3.2 -> ceil(16/3.2) = 5
     assert await planner.plan(None, window(0.100, 16)) == {"prefill": 4, "decode": 5}
     # a TTFT target no queue reaches: the 80% alone, ceil(2400 / 800) = 3

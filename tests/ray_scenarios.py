@@ -157,6 +157,9 @@ def main(model: str, out: str) -> None:
         facts["pd_ready_s"] = round(time.time() - t0, 1)
         drain(dep)
         facts["pd_nodes"] = dict(item.split("@") for item in dep.ready["nodes"].split(","))
+        # the engines run at this script's priority, not at the nice 15 of Ray's workers
+        facts["engine_nice"] = sorted({os.getpriority(os.PRIO_PROCESS, pid) for pid in engine_pids().values()})
+        facts["own_nice"] = os.getpriority(os.PRIO_PROCESS, 0)
         client = openai.OpenAI(base_url=dep.base_url, api_key=KEY, max_retries=0, timeout=120)
         facts["pd_equal"] = complete(client, PROMPTS) == ref
         facts["pd_kv_bytes"] = metric(dep.url, "microserve_kv_transfer_bytes_total")
@@ -177,6 +180,7 @@ def main(model: str, out: str) -> None:
                                       if line.startswith('microserve_engine_requests_total{engine="decode-1"'))
         engines = {e["id"]: e for e in admin(dep.url)["engines"]}
         facts["engines_after_scale"] = sorted(engines)
+        facts["scaled_s"] = round(time.time() - t0, 1)
 
         old = engines["decode-0"]["address"]
         streams: list = []
@@ -194,7 +198,9 @@ def main(model: str, out: str) -> None:
             time.sleep(0.5)
         facts["rejoin_s"] = rejoined
         facts["after_rejoin_equal"] = complete(client, PROMPTS) == ref
+        facts["rejoined_s"] = round(time.time() - t0, 1)
         stop_and_check(dep, facts, "pd")
+        facts["pd_stopped_s"] = round(time.time() - t0, 1)
 
         # 2. round robin, two engines spread over the nodes; the queue planner gives one back once idle
         dep = start_launch("--ray", cluster.address, "--strategy", str(ROOT / "strategies/round_robin.py"),
@@ -203,6 +209,7 @@ def main(model: str, out: str) -> None:
                            "--planner", "queue", "--planner-arg", "interval=1", "--planner-arg", "calm=5",
                            "--planner-arg", "cooldown=0", "--scale-bounds", "engine=1:2", timeout=240)
         drain(dep)
+        facts["rr_ready_s"] = round(time.time() - t0, 1)
         facts["rr_nodes"] = dict(item.split("@") for item in dep.ready["nodes"].split(","))
         client = openai.OpenAI(base_url=dep.base_url, api_key=KEY, max_retries=0, timeout=120)
         facts["rr_equal"] = complete(client, PROMPTS) == ref
@@ -216,6 +223,7 @@ def main(model: str, out: str) -> None:
         facts["rr_planned_engines"] = sorted(e["id"] for e in admin(dep.url)["engines"])
         facts["rr_planner_applied"] = applied()
         facts["rr_after_plan_equal"] = complete(client, PROMPTS) == ref
+        facts["rr_planned_s"] = round(time.time() - t0, 1)
         stop_and_check(dep, facts, "rr")
     finally:
         cluster.shutdown()

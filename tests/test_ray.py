@@ -43,11 +43,13 @@ def test_launch_on_a_three_node_ray_cluster(demo_path, tmp_path):
     assert out.exists(), f"the scenario wrote nothing (exit {run.returncode}):\n{run.stderr[-4000:]}"
     f = json.loads(out.read_text())
     log = run.stderr[-4000:]
+    print("seconds from the start:", {k: v for k, v in f.items() if k.endswith("_s")})  # NOTE: where the time goes
     assert f["ray_nodes"] == 3
     # pd: two nodes, exact output, KV between them
     assert len(set(f["pd_nodes"].values())) == 2, f["pd_nodes"]
     assert f["pd_equal"], log
     assert f["pd_kv_bytes"] > 0
+    assert f["engine_nice"] == [f["own_nice"]], f["engine_nice"]  # NOTE: Ray's workers run at nice 15
     # scale under load
     assert f["scale_rc"] == 0, f["scale_err"]
     assert f["scale_load_equal"], log

@@ -69,8 +69,6 @@ def import_ray():
     return ray
 
 
-def _rpc_host(ip: str) -> str:
-    return f"[{ip}]" if ":" in ip else ip
 
 
 class EngineActor:
@@ -90,7 +88,7 @@ class EngineActor:
         fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(spec.key_text)
-        host = _rpc_host(self.ip)
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
         cmd = [sys.executable, "-m", "microserve", "engine", "--model", spec.model, "--engine-id", spec.engine_id,
                "--rpc", f"tcp://{host}:*", "--events", f"tcp://{host}:*", "--kv-host", self.ip,
                "--cluster-key", str(key), *spec.engine_args]
@@ -184,8 +182,10 @@ class RayEngines:
         env = {k: v for k, v in os.environ.items() if k.startswith("MICROSERVE_")
                and k not in ("MICROSERVE_CLUSTER_KEY", "MICROSERVE_KV_HOST_DIR")}  # NOTE: paths of this host
         spec = EngineSpec(self.model, engine_id, role, self.engine_args, self.key_text, self.threads, env)
+        # NOTE: Ray runs workers at nice 15 and the engine inherited it: a busy node's scraps (80 s starts, not 8)
         actor = self._cls.options(num_cpus=self.opts.engine_cpus, num_gpus=gpus, max_restarts=self.opts.restarts,
-                            max_task_retries=0, **scheduling).remote(spec, self.registry_name)
+                                  runtime_env={"env_vars": {"RAY_worker_niceness": "0"}},
+                                  max_task_retries=0, **scheduling).remote(spec, self.registry_name)
         self.actors[engine_id] = actor
         return actor
 

@@ -1,18 +1,18 @@
-"""Sizes roles to latency targets, as Dynamo's SLA planner does: prefill by the prompt tokens to compute
-over what one engine was measured to compute, as a queue (M/M/c, Erlang C: the fewest engines at which at
-most `ttft_miss` of the prompts would wait past the TTFT target, none more than `headroom` busy; few engines
-need more room than many), decode by the streams to hold over what one engine holds at the ITL target (its
-measured streams scaled by target / measured ITL), and by the KV its streams hold (at most `kv_target` of
-every decode engine's blocks, projected along the demand's rise: a decode engine out of blocks refuses the
-next request's KV). The demand is smoothed over intervals (an exponential average) and projected
-`lookahead` seconds ahead along its rise (a least-squares slope over the last `trend` intervals: a short
-window's slope swings with the arrivals; a new engine takes a minute or more to serve), a role
-grows at once and shrinks only after `calm` intervals in a row that want fewer, to the most any of them
-wanted (Kubernetes' scale-down stabilization window: decode's KV use swings with the streams' lengths) and
-to prefill engines that keep `shrink_miss` and decode engines that would hold at most `kv_low` of their KV
-(hysteresis), and a missed target or a refused KV receive (an engine out of blocks) adds at
-least one engine (none more while engines asked for earlier still start: the signal lags them); the bounds
-and the cooldown do the rest against flapping."""
+"""Sizes roles to latency targets, as Dynamo's SLA planner does: prefill by the prompt tokens to compute over
+what one engine was measured to compute, as a queue (M/M/c, Erlang C: the fewest engines at which at most
+`ttft_miss` of the prompts would wait past the TTFT target, none more than `headroom` busy; few engines need
+more room than many), decode by the streams to hold over what one engine holds at the ITL target (its
+measured streams scaled by target / measured ITL; with a queue, no more than they run), and by the KV its
+streams hold (at most `kv_target` of every decode engine's blocks, projected along the demand's rise: a
+decode engine out of blocks refuses the next request's KV). The demand is smoothed over intervals (an
+exponential average) and projected `lookahead` seconds ahead along its rise (a least-squares slope over the
+last `trend` intervals: a short window's slope swings with the arrivals; a new engine takes a minute or more
+to serve), a role grows at once and shrinks only after `calm` intervals in a row that want fewer, to the
+most any of them wanted (Kubernetes' scale-down stabilization window: decode's KV use swings with the
+streams' lengths) and to prefill engines that keep `shrink_miss` and decode engines that would hold at most
+`kv_low` of their KV (hysteresis), and a missed target or a refused KV receive (an engine out of blocks)
+adds at least one engine (none more while engines asked for earlier still start: the signal lags them); the
+bounds and the cooldown do the rest against flapping."""
 
 import math
 from collections import deque
@@ -71,6 +71,8 @@ class SLOPlanner(Planner):
                 streams, per = w.running + w.waiting + w.parked, w.running / w.engines  # parked: refused KV
                 if window.itl_p90 > 0 and per > 0:  # streams one engine holds at the target, by the measurement
                     holds = max(1.0, per * self.itl_ms / (window.itl_p90 * 1e3)) * self.headroom
+                    if w.waiting:  # NOTE: a queue: its engines run all their slots let them, whatever the ITL
+                        holds = min(holds, per)
                     need = math.ceil(streams / holds)
                 else:
                     need = have if streams else 1  # nothing measured: keep, or shrink when idle

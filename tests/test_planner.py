@@ -53,11 +53,11 @@ async def test_the_slo_planner_sizes_roles_by_the_formula():
     from microserve.control.planner import RoleWindow, Window
 
     def window(itl_p90: float, decode_running: int, prompt_rate: float = 2400.0, prefill: int = 1,
-               kv: float | None = None) -> Window:
+               kv: float | None = None, waiting: int = 0) -> Window:
         kv = (0.5 if decode_running else 0.0) if kv is None else kv
         return Window(10.0, 5.0, 50, 0, prompt_rate, 400.0, 0.5, 1.0, 1.5, 0.08, itl_p90, 0.12, roles={
             "prefill": RoleWindow(prefill, 1, 0, 0, 0.2, 900.0, 1000.0, 5.0, True),
-            "decode": RoleWindow(2, decode_running, 0, 0, kv, 400.0, 300.0, 5.0, True)})
+            "decode": RoleWindow(2, decode_running, waiting, 0, kv, 400.0, 300.0, 5.0, True)})
 
     planner = load_planner("slo", {"itl_ms": "50", "ttft_ms": "2000"})
     # prefill: 5 prompts/s of 480 tokens, 0.48 s each on an engine of 1000 tokens/s (load 2.4): 80% busy at
@@ -74,6 +74,11 @@ async def test_the_slo_planner_sizes_roles_by_the_formula():
         rising = load_planner("slo", {"ttft_ms": "1e9", "smoothing": "1", "lookahead": lookahead})
         wants = [await rising.plan(None, window(0.010, 2, 1000.0 + 100 * k, prefill=3)) for k in range(12)]
         assert wants[-1] == want, (lookahead, wants)
+    # a queue on decode: its engines run all their slots (2 each), whatever the ITL says they could hold
+    # (2 x 50 / 10 x 0.8 = 8): 4 running + 6 waiting over 2 per engine -> 5
+    queued = load_planner("slo", {"itl_ms": "50", "ttft_ms": "2000"})
+    assert (await queued.plan(None, window(0.010, 4, prefill=4, waiting=6)))["decode"] == 5
+    assert "decode" not in await queued.plan(None, window(0.010, 4, prefill=4))  # no queue: 4 / 8 -> 1
     # under the target: 8 per engine at 25 ms -> 16 at 50 ms, x0.8 = 12.8 -> 2 decode engines, as now
     assert await planner.plan(None, window(0.025, 16, prefill=4)) == {}
     idle = load_planner("slo", {"calm": "3"})

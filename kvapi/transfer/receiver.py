@@ -366,15 +366,12 @@ class KVReceiver:
                 conn.settimeout(self.stall_timeout)
                 tune(conn)
                 done = self._receive(conn, hello, ticket)
-            finally:
-                # NOTE: the slot is free before the sender reads the final reply: a sender that starts its next
-                # transfer at once must not find its own last one still counted ("overloaded")
+            finally:  # NOTE: free before the final reply, or a sender's next transfer finds this one's slot taken
                 self._slots.release()
             with contextlib.suppress(OSError):
                 send_msg(conn, done)
 
-    def _receive(self, conn: socket.socket, hello: Hello, ticket: _Ticket) -> Reply:
-        """Receive the transfer's pages, end the ticket (its hook told the outcome); returns the final reply."""
+    def _receive(self, conn: socket.socket, hello: Hello, ticket: _Ticket) -> Reply:  # the final reply
         t0, nbytes = time.perf_counter(), 0
         expected = len(hello.block_ids) * self.spec.page_bytes * 2 * self.spec.num_layers
         outcome = TransferOutcome(hello.ticket_id, False, hello.begin, hello.end)

@@ -73,7 +73,7 @@ async def step(dep, args) -> dict:
     stop.set()
     await asyncio.gather(base, *clients)
     ended = time.time()
-    while len(await decode_engines(dep)) > 1 and time.time() - ended < 120:
+    while not (shrunk := len(await decode_engines(dep)) == 1) and time.time() - ended < 120:
         await asyncio.sleep(0.2)
     back = time.time()
     decisions = (await get(dep, "/admin/planner"))["decisions"][::-1]  # oldest first
@@ -81,7 +81,7 @@ async def step(dep, args) -> dict:
     await client.close()
     since = lambda t: None if t is None else round(t - t0, 1)
     return {"decision": since(grew), "listed": since(listed), "first": since(first), **counts,
-            "shrunk": round(back - ended, 1) if len(await decode_engines(dep)) == 1 else None}
+            "shrunk": round(back - ended, 1) if shrunk else None}
 
 
 def main() -> None:
